@@ -1,0 +1,471 @@
+"""Streaming layer-input Hessians for Linear and ConvNd layers.
+
+For a layer with weight matrix ``W`` of shape ``(out, d)`` (a convolution filter
+is flattened as ``weight.reshape(out, -1)``, i.e. columns ordered
+``(channel, k1, k2, ...)``), the layer-wise OBS objective needs
+
+.. math::  H = \\frac{1}{n} \\sum_i \\tilde x_i \\tilde x_i^T,
+
+where ``x_i`` runs over every row the weight multiplies (every sample for a
+Linear layer, every ``(sample, output position)`` patch for a convolution) and
+``x~ = [x; 1]`` is bias-augmented only when the layer has a bias.  Grouped
+convolutions get one Hessian per group, so Hessians always have shape
+``(groups, d, d)``.
+
+The Hessian is accumulated from forward pre-hooks in bounded-size chunks; raw
+activations are never stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "is_supported",
+    "num_groups",
+    "has_bias",
+    "weight_matrix",
+    "set_weight_matrix",
+    "unfold_input",
+    "HessianAccumulator",
+    "HessianCollector",
+]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+# --------------------------------------------------------------------------- #
+# Layer helpers
+# --------------------------------------------------------------------------- #
+def is_supported(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer whose input Hessian can be collected (Linear, Conv1d/2d/3d)."""
+    return isinstance(module, SUPPORTED_TYPES)
+
+
+def _check_supported(module: nn.Module) -> None:
+    if not is_supported(module):
+        raise TypeError(
+            f"unsupported layer type {type(module).__name__}; supported: "
+            + ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+        )
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def num_groups(module: nn.Module) -> int:
+    """Number of independent Hessians of the layer: ``groups`` for convs, 1 for Linear."""
+    _check_supported(module)
+    return int(module.groups) if _is_conv(module) else 1
+
+
+def has_bias(module: nn.Module) -> bool:
+    """Whether the layer has a bias (and hence a bias-augmented input)."""
+    return getattr(module, "bias", None) is not None
+
+
+def _weight_cols(module: nn.Module) -> int:
+    """Number of weight columns per output row, without the bias column."""
+    _check_supported(module)
+    w = module.weight
+    return int(w[0].numel()) if w.shape[0] > 0 else int(math.prod(w.shape[1:]))
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """Detached copy of the layer weight as an ``(out, d)`` matrix, bias appended as last column if present."""
+    _check_supported(module)
+    w = module.weight.detach()
+    mat = w.reshape(w.shape[0], -1)
+    if has_bias(module):
+        mat = torch.cat([mat, module.bias.detach().reshape(-1, 1).to(mat.dtype)], dim=1)
+    return mat.clone()
+
+
+def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
+    """Write an ``(out, d)`` matrix (layout of :func:`weight_matrix`) back into the layer in place."""
+    _check_supported(module)
+    w = module.weight
+    out = w.shape[0]
+    k = _weight_cols(module)
+    d = k + (1 if has_bias(module) else 0)
+    if tuple(matrix.shape) != (out, d):
+        raise ValueError(f"expected a matrix of shape {(out, d)} for {type(module).__name__}, got {tuple(matrix.shape)}")
+    with torch.no_grad():
+        w.data.copy_(matrix[:, :k].reshape(w.shape).to(device=w.device, dtype=w.dtype))
+        if has_bias(module):
+            b = module.bias
+            b.data.copy_(matrix[:, k].to(device=b.device, dtype=b.dtype))
+
+
+# --------------------------------------------------------------------------- #
+# Patch extraction
+# --------------------------------------------------------------------------- #
+def _conv_padding(module: nn.Module, spatial: int) -> list[tuple[int, int]]:
+    """(left, right) padding per spatial dim, exactly as PyTorch applies it."""
+    ks, dil = module.kernel_size, module.dilation
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return [(0, 0)] * spatial
+        if module.padding == "same":
+            pads = []
+            for k, dl in zip(ks, dil):
+                total = dl * (k - 1)
+                left = total // 2
+                pads.append((left, total - left))
+            return pads
+        raise ValueError(f"unknown padding string {module.padding!r}")
+    return [(int(p), int(p)) for p in module.padding]
+
+
+def _batched_conv_input(module: nn.Module, x: Tensor) -> Tensor:
+    spatial = len(module.kernel_size)
+    if x.dim() == spatial + 1:  # unbatched (C, L...)
+        x = x.unsqueeze(0)
+    if x.dim() != spatial + 2:
+        raise ValueError(
+            f"{type(module).__name__} expects a {spatial + 1}-d or {spatial + 2}-d input, got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != module.in_channels:
+        raise ValueError(f"{type(module).__name__} expects {module.in_channels} input channels, got {x.shape[1]}")
+    return x
+
+
+def _pad(module: nn.Module, x: Tensor) -> Tensor:
+    """Pad a batched input ``(B, C, S...)`` with the layer's padding and padding mode."""
+    spatial = x.dim() - 2
+    pads = _conv_padding(module, spatial)
+    if all(p == (0, 0) for p in pads):
+        return x
+    flat: list[int] = []
+    for left, right in reversed(pads):  # F.pad wants the last dim first
+        flat += [left, right]
+    mode = _PAD_MODES[module.padding_mode]
+    if mode == "constant":
+        return F.pad(x, flat, mode="constant", value=0.0)
+    return F.pad(x, flat, mode=mode)
+
+
+def _patch_view(module: nn.Module, xp: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Strided view ``(B, O1..ON, G, C/G, K1..KN)`` of patches of an already padded input."""
+    spatial = xp.dim() - 2
+    u = xp
+    for i, (k, s, dl) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        span = (k - 1) * dl + 1
+        if u.shape[2 + i] < span:
+            raise ValueError(
+                f"input spatial size {u.shape[2 + i]} (after padding) is smaller than the kernel span {span}"
+            )
+        u = u.unfold(2 + i, span, s)
+        if dl > 1:
+            u = u[..., ::dl]
+    # u: (B, C, O1..ON, K1..KN)
+    out_shape = tuple(u.shape[2 : 2 + spatial])
+    g = module.groups
+    u = u.unflatten(1, (g, module.in_channels // g))  # (B, G, Cg, O..., K...)
+    perm = [0] + list(range(3, 3 + spatial)) + [1, 2] + list(range(3 + spatial, 3 + 2 * spatial))
+    return u.permute(perm), out_shape
+
+
+def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
+    """Rows ``(n_rows, groups, d_w)`` the layer weight multiplies (not bias-augmented).
+
+    ``d_w`` is ``in_features`` for Linear (``groups == 1``) and ``C_in/groups * prod(kernel)``
+    for convolutions, with columns ordered as ``weight.reshape(out, -1)``.  Conv rows are
+    ordered ``(sample, output position)`` with positions in row-major order, so
+    ``unfold_input(m, x)[:, j] @ W_j.T + b_j`` reproduces the output of group ``j``.
+    """
+    _check_supported(module)
+    if isinstance(module, nn.Linear):
+        if x.shape[-1] != module.in_features:
+            raise ValueError(f"Linear expects last dim {module.in_features}, got shape {tuple(x.shape)}")
+        return x.reshape(-1, 1, module.in_features)
+    xb = _pad(module, _batched_conv_input(module, x))
+    view, out_shape = _patch_view(module, xb)
+    n = xb.shape[0] * math.prod(out_shape)
+    return view.reshape(n, module.groups, -1)
+
+
+# --------------------------------------------------------------------------- #
+# Accumulator
+# --------------------------------------------------------------------------- #
+class HessianAccumulator:
+    """Running sum of ``x~ x~^T`` for one layer (all groups) plus the row count.
+
+    Args:
+        module: a supported layer (see :data:`SUPPORTED_TYPES`).
+        dtype: accumulation dtype (``torch.float64`` by default; ``torch.float32`` allowed).
+        max_chunk_elements: upper bound on the number of elements of any patch chunk
+            materialised at once; batches are processed in chunks over samples and, if a
+            single sample is too large, over output positions.
+        position_stride: for convolutions, keep only every ``k``-th output position of
+            each sample (flattened row-major) to cut the cost on very large maps.
+        name: optional layer name used in error messages.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        dtype: torch.dtype = torch.float64,
+        max_chunk_elements: int = 2**24,
+        position_stride: int = 1,
+        name: str | None = None,
+    ) -> None:
+        _check_supported(module)
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"accumulation dtype must be float64 or float32, got {dtype}")
+        if max_chunk_elements < 1:
+            raise ValueError("max_chunk_elements must be >= 1")
+        if position_stride < 1:
+            raise ValueError("position_stride must be >= 1")
+        self.module = module
+        self.name = name if name is not None else type(module).__name__
+        self.dtype = dtype
+        self.max_chunk_elements = int(max_chunk_elements)
+        self.position_stride = int(position_stride)
+        self._bias = has_bias(module)
+        self._dw = _weight_cols(module)
+        self._groups = num_groups(module)
+        device = module.weight.device
+        self.sum: Tensor = torch.zeros(self._groups, self.d, self.d, dtype=dtype, device=device)
+        self.count: int = 0
+
+    @property
+    def d(self) -> int:
+        """Hessian side length: weight columns (+1 if the layer has a bias)."""
+        return self._dw + (1 if self._bias else 0)
+
+    @property
+    def groups(self) -> int:
+        """Number of per-group Hessians."""
+        return self._groups
+
+    # ---------------------------------------------------------------- private
+    def _accumulate(self, rows: Tensor) -> None:
+        """Add rows ``(n, G, d_w)`` (any dtype/device) to the running sum."""
+        n = rows.shape[0]
+        if n == 0:
+            return
+        rows = rows.to(device=self.sum.device, dtype=self.dtype)
+        xg = rows.transpose(0, 1)  # (G, n, d_w)
+        k = self._dw
+        if self._bias:
+            self.sum[:, :k, :k].baddbmm_(xg.transpose(1, 2), xg)
+            col = xg.sum(dim=1)  # (G, d_w)
+            self.sum[:, :k, k] += col
+            self.sum[:, k, :k] += col
+            self.sum[:, k, k] += n
+        else:
+            self.sum.baddbmm_(xg.transpose(1, 2), xg)
+        self.count += n
+
+    def _add_linear(self, x: Tensor) -> None:
+        rows = x.reshape(-1, self._dw)
+        step = max(1, self.max_chunk_elements // max(1, self._dw))
+        for start in range(0, rows.shape[0], step):
+            self._accumulate(rows[start : start + step].unsqueeze(1))
+
+    def _add_conv(self, x: Tensor) -> None:
+        m = self.module
+        xb = _batched_conv_input(m, x)
+        batch = xb.shape[0]
+        if batch == 0:
+            return
+        spatial = xb.dim() - 2
+        pads = _conv_padding(m, spatial)
+        padded_sizes = [s + l + r for s, (l, r) in zip(xb.shape[2:], pads)]
+        out_shape = []
+        for size, k, s, dl in zip(padded_sizes, m.kernel_size, m.stride, m.dilation):
+            out_shape.append((size - (k - 1) * dl - 1) // s + 1 if size >= (k - 1) * dl + 1 else 0)
+        positions = math.prod(out_shape)
+        if positions == 0:
+            raise ValueError(f"input of shape {tuple(x.shape)} is too small for layer {self.name!r}")
+        ps = self.position_stride
+        kept = -(-positions // ps)
+        row_elems = self._groups * self._dw  # = C_in * prod(kernel)
+        per_sample = max(kept * row_elems, m.in_channels * math.prod(padded_sizes))
+        cap = self.max_chunk_elements
+
+        if per_sample <= cap:
+            step = max(1, cap // per_sample)
+            for start in range(0, batch, step):
+                chunk = _pad(m, xb[start : start + step].to(self.dtype))
+                view, oshape = _patch_view(m, chunk)
+                b = chunk.shape[0]
+                if ps == 1:
+                    rows = view.reshape(b * positions, self._groups, self._dw)
+                else:
+                    idx = torch.arange(0, positions, ps, device=view.device)
+                    sel = view[(slice(None),) + tuple(torch.unravel_index(idx, oshape))]
+                    rows = sel.reshape(b * idx.numel(), self._groups, self._dw)
+                self._accumulate(rows)
+            return
+
+        # A single sample is too large: chunk over (kept) output positions.
+        pos_step = max(1, cap // max(1, row_elems)) * ps
+        for s_idx in range(batch):
+            sample = _pad(m, xb[s_idx : s_idx + 1].to(self.dtype))
+            view, oshape = _patch_view(m, sample)
+            for start in range(0, positions, pos_step):
+                idx = torch.arange(start, min(start + pos_step, positions), ps, device=view.device)
+                sel = view[(slice(None),) + tuple(torch.unravel_index(idx, oshape))]
+                self._accumulate(sel.reshape(idx.numel(), self._groups, self._dw))
+
+    # ----------------------------------------------------------------- public
+    def add(self, x: Tensor) -> None:
+        """Accumulate one layer input (as the forward hook sees it) into the running sum."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"layer {self.name!r}: expected a Tensor input, got {type(x).__name__}")
+        with torch.no_grad():
+            x = x.detach()
+            if not x.is_floating_point():
+                x = x.to(self.dtype)
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"input to layer {self.name!r} contains non-finite values (NaN or inf); "
+                    "check the calibration data (and the model's earlier layers)"
+                )
+            if isinstance(self.module, nn.Linear):
+                if x.shape[-1] != self._dw:
+                    raise ValueError(
+                        f"layer {self.name!r} expects last input dim {self._dw}, got shape {tuple(x.shape)}"
+                    )
+                self._add_linear(x)
+            else:
+                self._add_conv(x)
+
+    def hessian(self) -> Tensor:
+        """Averaged Hessian ``sum / count`` of shape ``(groups, d, d)`` (exactly symmetrised)."""
+        if self.count == 0:
+            raise RuntimeError(
+                f"no calibration rows reached layer {self.name!r}; was it called during calibration?"
+            )
+        h = self.sum / self.count
+        return (h + h.transpose(1, 2)) * 0.5
+
+    def reduce(self, group: Any = None) -> None:
+        """Sum ``sum`` and ``count`` over all ranks if ``torch.distributed`` is initialised; no-op otherwise."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        dist.all_reduce(self.sum, op=dist.ReduceOp.SUM, group=group)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.sum.device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        self.count = int(count.item())
+
+    def reset(self) -> None:
+        """Zero the running sum and count."""
+        self.sum.zero_()
+        self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serializable state: a copy of ``sum`` and ``count``."""
+        return {"sum": self.sum.detach().clone(), "count": int(self.count)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        s = state["sum"]
+        if tuple(s.shape) != tuple(self.sum.shape):
+            raise ValueError(f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}")
+        self.sum.copy_(s.to(device=self.sum.device, dtype=self.dtype))
+        self.count = int(state["count"])
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the running sum."""
+        return self.sum.numel() * self.sum.element_size()
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianAccumulator(name={self.name!r}, groups={self.groups}, d={self.d}, "
+            f"count={self.count}, dtype={self.dtype})"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Collector
+# --------------------------------------------------------------------------- #
+class HessianCollector:
+    """Context manager streaming the inputs of named layers into :class:`HessianAccumulator` s.
+
+    Registers a forward pre-hook on every module on ``__enter__``; every call of a module
+    (including repeated calls of a weight-shared layer) is accumulated.  All hooks are
+    removed on ``__exit__``, also when an exception propagates.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        dtype: torch.dtype = torch.float64,
+        max_chunk_elements: int = 2**24,
+        position_stride: int = 1,
+    ) -> None:
+        self.modules: dict[str, nn.Module] = dict(modules)
+        for name, mod in self.modules.items():
+            if not is_supported(mod):
+                raise TypeError(f"layer {name!r} of type {type(mod).__name__} is not supported")
+        self.accumulators: dict[str, HessianAccumulator] = {
+            name: HessianAccumulator(
+                mod,
+                dtype=dtype,
+                max_chunk_elements=max_chunk_elements,
+                position_stride=position_stride,
+                name=name,
+            )
+            for name, mod in self.modules.items()
+        }
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _make_hook(self, name: str):
+        acc = self.accumulators[name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if args:
+                x = args[0]
+            elif "input" in kwargs:
+                x = kwargs["input"]
+            else:
+                raise RuntimeError(f"could not find the input of layer {name!r} in its forward call")
+            acc.add(x)
+
+        return hook
+
+    def __enter__(self) -> "HessianCollector":
+        self.remove()
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))
+        logger.debug("collecting Hessians for %d layers", len(self._handles))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove all hooks (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def reduce(self, group: Any = None) -> None:
+        """All-reduce every accumulator across ranks (no-op without ``torch.distributed``)."""
+        for acc in self.accumulators.values():
+            acc.reduce(group)
+
+    def hessians(self) -> dict[str, Tensor]:
+        """Averaged Hessians ``{name: (groups, d, d)}``."""
+        return {name: acc.hessian() for name, acc in self.accumulators.items()}
+
+    def memory_bytes(self) -> int:
+        """Total bytes held by all running sums."""
+        return sum(acc.memory_bytes() for acc in self.accumulators.values())

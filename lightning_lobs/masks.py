@@ -1,0 +1,393 @@
+"""Weight masks for pruned layers and their enforcement during (re)training.
+
+A mask is a boolean tensor with the shape of a module's ``weight``: ``True`` marks a
+kept weight, ``False`` a pruned one. Masks are deliberately *not* torch
+parametrizations: the model stays a plain module whose ``state_dict`` loads into the
+original architecture (no ``weight_orig``, no ``parametrizations.*`` keys). Instead a
+:class:`MaskSet` holds the masks outside the model and enforces them with hooks:
+
+1. a gradient hook on every masked weight zeroes the pruned entries of each incoming
+   gradient, so gradient clipping and optimizer statistics only see kept weights;
+2. a step post-hook on every optimizer re-applies the masks right after each step,
+   which catches momentum / Adam state carried over from before pruning and
+   decoupled weight decay;
+3. at attach time the optimizer state at pruned positions and any existing ``.grad``
+   at pruned positions are zeroed and the masks are applied to the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["MaskSet", "export_sparse", "model_sparsity"]
+
+log = logging.getLogger(__name__)
+
+_PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _resolve_weight(model: nn.Module, name: str) -> Tensor:
+    """Return ``model.<name>.weight``, raising ``KeyError`` with a clear message if absent."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise KeyError(
+            f"mask refers to module {name!r}, but the model ({type(model).__name__}) has no "
+            f"such submodule ({err})"
+        ) from None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise KeyError(
+            f"mask refers to module {name!r} ({type(module).__name__}), which has no 'weight' tensor"
+        )
+    return weight
+
+
+def _check_shape(name: str, mask: Tensor, weight: Tensor) -> None:
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"mask for module {name!r} has shape {tuple(mask.shape)}, but its weight has shape "
+            f"{tuple(weight.shape)}"
+        )
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """Strip wrappers such as Lightning's ``LightningOptimizer`` (which keep ``_optimizer``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+class MaskSet:
+    """Named weight masks for modules of one model, with enforcement through optimizer steps.
+
+    ``masks`` maps a qualified module name (as in ``model.named_modules()``) to a bool
+    tensor with the shape of that module's ``weight``. Masks are moved to the weight's
+    device by :meth:`apply` / :meth:`attach`; :meth:`state_dict` returns CPU copies.
+    Prefer :meth:`set` / :meth:`update` over editing ``masks`` directly: they re-enforce
+    the masks when the set is attached.
+    """
+
+    def __init__(self) -> None:
+        self.masks: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self._model: nn.Module | None = None
+        self._optimizers: list[torch.optim.Optimizer] = []
+
+    # ------------------------------------------------------------------ mapping API
+    def set(self, name: str, mask: Tensor) -> None:
+        """Store (a copy of) ``mask`` for module ``name``, replacing any existing mask.
+
+        Non-bool masks are converted with ``mask != 0``. If the set is attached, the new
+        mask is enforced immediately (weights, gradients and optimizer state).
+        """
+        self._set_no_reattach(name, mask)
+        if self.attached:
+            self._reattach()
+
+    def update(self, other: Mapping[str, Tensor] | MaskSet) -> None:
+        """Merge masks from ``other``; a mask for an existing name *replaces* the old one.
+
+        Masks are not ANDed: for iterative pruning pass the final (cumulative) mask.
+        If the set is attached, the merged masks are enforced immediately.
+        """
+        items = other.masks if isinstance(other, MaskSet) else other
+        for name, mask in items.items():
+            self._set_no_reattach(name, mask)
+        if self.attached and len(items) > 0:
+            self._reattach()
+
+    def get(self, name: str, default: Tensor | None = None) -> Tensor | None:
+        """Return the mask for ``name`` or ``default``."""
+        return self.masks.get(name, default)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.masks[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.masks
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.masks))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_masks={len(self)}, total_sparsity={self.total_sparsity():.4f}, "
+            f"attached={self.attached})"
+        )
+
+    def _set_no_reattach(self, name: str, mask: Tensor) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"mask names must be str, got {type(name).__name__}")
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}")
+        mask = mask.detach()
+        mask = mask.clone() if mask.dtype == torch.bool else mask != 0
+        self.masks[name] = mask
+
+    def _mask_on(self, name: str, device: torch.device) -> Tensor:
+        """Return the mask for ``name`` on ``device``, moving the stored copy if needed."""
+        mask = self.masks[name]
+        if mask.device != device:
+            mask = mask.to(device)
+            self.masks[name] = mask
+        return mask
+
+    # ------------------------------------------------------------------ enforcement
+    def apply(self, model: nn.Module) -> None:
+        """Zero pruned weights of ``model`` in place (under ``no_grad``).
+
+        Raises ``KeyError`` if a masked module (or its weight) is missing from ``model`` and
+        ``ValueError`` on a shape mismatch; all names are checked before anything is changed.
+        """
+        weights = self._resolve_all(model)
+        with torch.no_grad():
+            for name, weight in weights.items():
+                weight.masked_fill_(~self._mask_on(name, weight.device), 0.0)
+
+    def _resolve_all(self, model: nn.Module) -> dict[str, Tensor]:
+        weights: dict[str, Tensor] = {}
+        for name, mask in self.masks.items():
+            weight = _resolve_weight(model, name)
+            _check_shape(name, mask, weight)
+            weights[name] = weight
+        return weights
+
+    def attach(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer] | torch.optim.Optimizer = (),
+    ) -> None:
+        """Enforce the masks on ``model`` through training with ``optimizers``.
+
+        Registers a gradient hook on each masked weight (zeroes pruned gradient entries
+        before they are accumulated into ``.grad``) and a step post-hook on each optimizer
+        (re-applies the masks after every step); zeroes optimizer state tensors with the
+        weight's shape (momentum, ``exp_avg``, ``exp_avg_sq``, ...) and existing ``.grad``
+        at pruned positions; applies the masks to the weights.
+
+        Attaching while attached first detaches, so hooks are never registered twice;
+        re-attach after e.g. a checkpoint resume that created new optimizers.
+        """
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        opts: list[torch.optim.Optimizer] = []
+        for opt in optimizers:
+            opt = _unwrap_optimizer(opt)
+            if all(opt is not o for o in opts):
+                opts.append(opt)
+        weights = self._resolve_all(model)  # validate before touching anything
+        if self.attached:
+            self.detach()
+
+        handles: list[RemovableHandle] = []
+        try:
+            for name, weight in weights.items():
+                if weight.requires_grad:
+                    handles.append(weight.register_hook(self._make_grad_hook(name)))
+                else:
+                    log.debug("weight of %r does not require grad; no gradient hook registered", name)
+            for opt in opts:
+                handles.append(opt.register_step_post_hook(self._step_post_hook))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        self._handles = handles
+        self._model = model
+        self._optimizers = opts
+
+        with torch.no_grad():
+            for name, weight in weights.items():
+                pruned = ~self._mask_on(name, weight.device)
+                weight.masked_fill_(pruned, 0.0)
+                if weight.grad is not None and weight.grad.layout == torch.strided:
+                    weight.grad.masked_fill_(pruned, 0.0)
+            n_state = self._zero_optimizer_state(weights)
+        log.debug(
+            "MaskSet attached: %d masks, %d optimizers, %d optimizer state tensors masked",
+            len(weights),
+            len(opts),
+            n_state,
+        )
+
+    def _zero_optimizer_state(self, weights: Mapping[str, Tensor]) -> int:
+        """Zero state tensors shaped like a masked weight at pruned positions; return the count."""
+        count = 0
+        for opt in self._optimizers:
+            for name, weight in weights.items():
+                state = opt.state.get(weight)
+                if not state:
+                    continue
+                for value in state.values():
+                    if (
+                        isinstance(value, Tensor)
+                        and value.layout == torch.strided
+                        and tuple(value.shape) == tuple(weight.shape)
+                    ):
+                        mask = self.masks[name]
+                        if mask.device != value.device:
+                            mask = mask.to(value.device)
+                        value.masked_fill_(~mask, 0)
+                        count += 1
+        return count
+
+    def _make_grad_hook(self, name: str):  # noqa: ANN202 - closure
+        def hook(grad: Tensor) -> Tensor:
+            mask = self._mask_on(name, grad.device)
+            return torch.where(mask, grad, 0.0)
+
+        return hook
+
+    def _step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        model = self._model
+        if model is None:  # pragma: no cover - handles are removed on detach
+            return
+        with torch.no_grad():
+            for name in self.masks:
+                weight = _resolve_weight(model, name)
+                weight.masked_fill_(~self._mask_on(name, weight.device), 0.0)
+
+    def _reattach(self) -> None:
+        assert self._model is not None
+        self.attach(self._model, list(self._optimizers))
+
+    def detach(self) -> None:
+        """Remove every hook registered by :meth:`attach`; idempotent. Masks are kept."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._model = None
+        self._optimizers = []
+
+    @property
+    def attached(self) -> bool:
+        """Whether hooks are currently registered on a model."""
+        return self._model is not None
+
+    @property
+    def num_hooks(self) -> int:
+        """Number of hook handles currently registered (grad hooks + optimizer hooks)."""
+        return len(self._handles)
+
+    # ------------------------------------------------------------------ (de)serialization
+    def state_dict(self) -> dict[str, Tensor]:
+        """Return ``{name: bool CPU tensor}`` copies of all masks."""
+        return {name: mask.detach().to("cpu", copy=True) for name, mask in self.masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Replace all masks with those in ``state`` (re-enforcing them if attached)."""
+        new: dict[str, Tensor] = {}
+        for name, mask in state.items():
+            if not isinstance(name, str) or not isinstance(mask, Tensor):
+                raise TypeError(f"invalid mask state entry {name!r}: expected str -> Tensor")
+            new[name] = mask.detach().clone() if mask.dtype == torch.bool else mask.detach() != 0
+        self.masks = new
+        if self.attached:
+            self._reattach()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save the masks (``state_dict``) with ``torch.save``."""
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MaskSet:
+        """Load masks written by :meth:`save` (``weights_only=True``, onto CPU)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{os.fspath(path)!r} does not contain a mask state dict")
+        masks = cls()
+        masks.load_state_dict(state)
+        return masks
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled / deep-copied mask sets are detached copies: hooks do not travel.
+        return {"masks": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        self.masks = dict(state["masks"])
+
+    # ------------------------------------------------------------------ statistics
+    def sparsity(self) -> dict[str, float]:
+        """Return ``{name: fraction of pruned (False) entries}``."""
+        return {
+            name: (1.0 - mask.sum().item() / mask.numel()) if mask.numel() else 0.0
+            for name, mask in self.masks.items()
+        }
+
+    def total_sparsity(self) -> float:
+        """Fraction of pruned entries over all masked elements (0.0 when empty)."""
+        total = sum(mask.numel() for mask in self.masks.values())
+        if total == 0:
+            return 0.0
+        kept = sum(int(mask.sum().item()) for mask in self.masks.values())
+        return 1.0 - kept / total
+
+    @classmethod
+    def from_model(cls, model: nn.Module, names: Iterable[str] | None = None) -> MaskSet:
+        """Build masks ``weight != 0`` for ``names`` (default: every Linear / Conv module)."""
+        if names is None:
+            names = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE_TYPES)]
+        masks = cls()
+        for name in names:
+            masks.set(name, _resolve_weight(model, name).detach() != 0)
+        return masks
+
+
+def export_sparse(model: nn.Module, masks: MaskSet, layout: str = "csr") -> dict[str, Tensor]:
+    """Export masked weights as torch sparse tensors for deployment.
+
+    Returns ``{"<module>.weight": sparse tensor}`` for every masked module only. Each
+    weight is viewed as 2-D ``(shape[0], rest)`` (e.g. ``out x in*kh*kw`` for Conv2d);
+    the sparsity structure is the mask (kept weights that happen to be 0 are stored
+    explicitly). ``layout`` is ``"csr"`` or ``"coo"`` (coalesced). Tensors are detached
+    and stay on the weight's device.
+    """
+    if layout not in ("csr", "coo"):
+        raise ValueError(f"layout must be 'csr' or 'coo', got {layout!r}")
+    out: dict[str, Tensor] = {}
+    for name, weight in masks._resolve_all(model).items():
+        w2d = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
+        m2d = masks.masks[name].to(weight.device).reshape(w2d.shape)
+        indices = m2d.nonzero().t()
+        coo = torch.sparse_coo_tensor(
+            indices,
+            w2d[m2d],
+            size=tuple(w2d.shape),
+            dtype=w2d.dtype,
+            device=w2d.device,
+            check_invariants=False,  # indices come from nonzero(): valid and sorted by construction
+        ).coalesce()
+        if layout == "csr":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                out[f"{name}.weight"] = coo.to_sparse_csr()
+        else:
+            out[f"{name}.weight"] = coo
+    return out
+
+
+def model_sparsity(model: nn.Module, names: Iterable[str]) -> dict[str, float]:
+    """Return the fraction of exact zeros in each named module's weight."""
+    result: dict[str, float] = {}
+    for name in names:
+        weight = _resolve_weight(model, name).detach()
+        result[name] = (weight == 0).sum().item() / weight.numel() if weight.numel() else 0.0
+    return result

@@ -1,0 +1,602 @@
+"""Optimal Brain Surgeon solvers for one layer: pure tensor functions.
+
+Every solver works on a weight matrix ``W`` (rows x d) and the layer-input Hessian
+``H = (1/n) sum x~ x~^T`` (d x d, or groups x d x d for grouped convolutions, whose
+output rows split into ``groups`` contiguous blocks). Pruning a row ``w`` to ``w^``
+costs ``1/2 (w^ - w) H (w^ - w)^T``; a layer's error ``dE`` is the sum over rows.
+
+Methods
+-------
+``lobs``   The L-OBS paper's rule (Dong et al. 2017): one damped ``H^-1`` per layer,
+           every weight ranked once, layer-wide, by ``L_q = w_q^2 / (2 [H^-1]_qq)``;
+           the lowest-ranked are removed one after another in rank order, each
+           applying the single-weight OBS correction ``-(w_q / [H^-1]_qq) H^-1 e_q``
+           with that same ``H^-1`` and the current ``w_q``; finally the mask is applied.
+``exact``  Greedy OBS with exact downdates (OBC, Frantar & Alistarh 2022): every
+           row removes its cheapest weight, downdates its own ``H^-1`` and repeats.
+           Downdates are accumulated lazily as a low-rank factor and flushed every
+           ``lazy_steps`` removals with one batched matmul, so the greedy choice stays
+           exact while the memory traffic is matmul-shaped. The OBS loss of every
+           removal is recorded; per-row budgets are then chosen from those losses so
+           that the layer's summed error is smallest for the requested count, and the
+           kept weights are refitted to the least-squares optimum for the final mask.
+``fast``   SparseGPT (Frantar & Alistarh 2023): Cholesky factor of ``H^-1``, columns
+           processed left to right in blocks with lazy updates, mask chosen per block.
+
+All three support N:M patterns (keep N of every M consecutive input columns).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METHODS",
+    "NMPattern",
+    "SolveResult",
+    "SolverOptions",
+    "damped_hessian",
+    "layer_error",
+    "magnitude_mask",
+    "parse_pattern",
+    "refit",
+    "solve_layer",
+]
+
+METHODS = ("lobs", "exact", "fast")
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep ``n`` of every ``m`` consecutive input columns of each row."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Numerical options shared by the solvers.
+
+    Attributes:
+        damp: damping added to H's diagonal, relative to its mean diagonal.
+        dtype: precision of the solve (float64 for reference-quality results).
+        block_size: ``fast``: columns per lazy-update block.
+        lazy_steps: ``exact``: removals between batched downdates of ``H^-1``.
+        max_memory_bytes: ``exact``/refit: bound on the per-row matrices held at once.
+        max_damp_tries: how many times damping is multiplied by 10 when H is singular.
+    """
+
+    damp: float = 0.01
+    dtype: torch.dtype = torch.float32
+    block_size: int = 128
+    lazy_steps: int = 32
+    max_memory_bytes: int = 1 << 30
+    max_damp_tries: int = 6
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
+            raise ValueError(f"SolverOptions.damp must be a finite number >= 0, got {self.damp!r}; 0.01 is typical.")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"SolverOptions.dtype must be torch.float32 or torch.float64, got {self.dtype}.")
+        for name in ("block_size", "lazy_steps", "max_memory_bytes", "max_damp_tries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SolverOptions.{name} must be a positive int, got {value!r}.")
+
+
+@dataclass
+class SolveResult:
+    """Outcome of :func:`solve_layer`.
+
+    Attributes:
+        weight: the pruned weight, same shape and dtype as the input weight.
+        mask: bool tensor of the weight's shape, True where a weight is kept.
+        bias: the updated bias when a bias was given (OBS moves it too), else None.
+        error: layer-wise error ``dE = 1/2 sum_rows (w^-w) H (w^-w)^T`` with the undamped H.
+        damp: relative damping finally used (higher than asked when H was singular).
+        method: the method that produced the result.
+    """
+
+    weight: Tensor
+    mask: Tensor
+    bias: Optional[Tensor]
+    error: float
+    damp: float
+    method: str
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.mask.float().mean().item()
+
+
+def parse_pattern(pattern: Union[str, Tuple[int, int], NMPattern, None]) -> Optional[NMPattern]:
+    """Parse ``"2:4"`` / ``(2, 4)`` / :class:`NMPattern` / None into an :class:`NMPattern` or None."""
+    if pattern is None or isinstance(pattern, NMPattern):
+        return pattern
+    try:
+        if isinstance(pattern, str):
+            n_str, m_str = pattern.split(":")
+            n, m = int(n_str), int(m_str)
+        else:
+            n, m = (int(v) for v in pattern)
+    except (ValueError, TypeError):
+        raise ValueError(f"pattern must look like '2:4' (keep N of every M), got {pattern!r}.") from None
+    if not (0 < n < m):
+        raise ValueError(f"pattern '{n}:{m}' must keep N of every M with 0 < N < M, e.g. '2:4'.")
+    return NMPattern(n, m)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_groups(hessian: Tensor) -> Tensor:
+    if hessian.dim() == 2:
+        return hessian.unsqueeze(0)
+    if hessian.dim() == 3:
+        return hessian
+    raise ValueError(f"hessian must be (d, d) or (groups, d, d), got shape {tuple(hessian.shape)}.")
+
+
+def _row_groups(rows: int, groups: int, device: torch.device) -> Tensor:
+    return torch.arange(rows, device=device) // (rows // groups)
+
+
+def damped_hessian(hessian: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor]:
+    """Return ``(H + damp * mean(diag H) * I, dead)`` per group with dead inputs repaired.
+
+    A dead input (zero diagonal: the input was always 0 on the calibration data) gets
+    a unit diagonal so that H stays invertible; its weights cost nothing to remove.
+    """
+    H = _as_groups(hessian).to(dtype).clone()
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = diag.mean(dim=-1, keepdim=True)
+    diag += damp * mean
+    return H, dead
+
+
+def _inverse_with_damping(hessian: Tensor, options: SolverOptions) -> Tuple[Tensor, Tensor, float, Tensor]:
+    """Damp H, escalating tenfold while it is not positive definite.
+
+    Returns ``(H_damped, H_damped^-1, damp, dead)`` in the solver dtype.
+    """
+    damp = options.damp
+    for attempt in range(options.max_damp_tries + 1):
+        H, dead = damped_hessian(hessian, damp, options.dtype)
+        L, info = torch.linalg.cholesky_ex(H)
+        if not bool((info != 0).any()):
+            return H, torch.cholesky_inverse(L).contiguous(), damp, dead
+        if attempt == options.max_damp_tries:
+            break
+        new_damp = max(damp * 10.0, 1e-6)
+        warnings.warn(
+            f"Hessian is not positive definite with relative damping {damp:g}; retrying with {new_damp:g}. "
+            "More calibration batches usually fix this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        damp = new_damp
+    raise torch.linalg.LinAlgError(
+        f"Hessian stayed singular after raising the relative damping to {damp:g}; "
+        "check the calibration data for constant or NaN inputs, or raise SolverOptions.damp."
+    )
+
+
+def layer_error(weight_old: Tensor, weight_new: Tensor, hessian: Tensor) -> float:
+    """``dE = 1/2 sum_rows (w^-w) H (w^-w)^T`` in float64 (rows split over groups when H is 3-D)."""
+    H = _as_groups(hessian).double()
+    delta = (weight_new.double() - weight_old.double()).reshape(H.shape[0], -1, H.shape[-1])
+    return 0.5 * float(torch.einsum("gri,gij,grj->", delta, H, delta))
+
+
+def magnitude_mask(weight: Tensor, sparsity: float, pattern: Optional[NMPattern] = None, frozen: int = 0) -> Tensor:
+    """Keep-mask of the largest-magnitude weights (layer-wide, or N:M per group of columns)."""
+    scores = weight.abs().float().clone()
+    if frozen:
+        scores[:, -frozen:] = math.inf
+    return _mask_from_scores(scores, sparsity, pattern, frozen)
+
+
+def _mask_from_scores(scores: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int) -> Tensor:
+    """Prune the lowest scores: ``sparsity`` of the prunable entries layer-wide, or N:M per row."""
+    rows, d = scores.shape
+    dp = d - frozen
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if pattern is not None:
+        grouped = scores[:, :dp].reshape(rows, dp // pattern.m, pattern.m)
+        drop = grouped.topk(pattern.m - pattern.n, dim=-1, largest=False).indices
+        sub = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, drop, False)
+        mask[:, :dp] = sub.reshape(rows, dp)
+        return mask
+    k = int(round(sparsity * rows * dp))
+    if k > 0:
+        flat = scores[:, :dp].reshape(-1)
+        drop = flat.topk(k, largest=False).indices
+        sub = torch.ones_like(flat, dtype=torch.bool)
+        sub[drop] = False
+        mask[:, :dp] = sub.reshape(rows, dp)
+    return mask
+
+
+def _row_chunk(rows: int, d: int, element_size: int, max_bytes: int, copies: int = 1) -> int:
+    return max(1, min(rows, max_bytes // max(1, copies * d * d * element_size)))
+
+
+def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[SolverOptions] = None) -> Tensor:
+    """Least-squares optimum of the kept weights for a fixed mask (the joint OBS update).
+
+    For each row solves ``min (w^ - w) H (w^ - w)^T`` subject to ``w^ = 0`` where the
+    mask is False, i.e. ``H_KK w^_K = (H w)_K``. Columns kept in every row (a bias
+    column, say) simply take part in the solve. H is damped as in the solvers.
+    """
+    options = options or SolverOptions()
+    H, _ = damped_hessian(hessian, options.damp, options.dtype)
+    rows, d = weight.shape
+    groups = H.shape[0]
+    gidx = _row_groups(rows, groups, weight.device)
+    W = weight.to(options.dtype)
+    keep = mask.to(options.dtype)
+    out = torch.empty_like(W)
+    chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes, copies=2)
+    for start in range(0, rows, chunk):
+        sl = slice(start, start + chunk)
+        Hr = H[gidx[sl]]
+        k = keep[sl]
+        A = Hr * (k.unsqueeze(2) * k.unsqueeze(1)) + torch.diag_embed(1.0 - k)
+        b = k * torch.bmm(Hr, W[sl].unsqueeze(2)).squeeze(2)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            # Masked damped H is PD in exact arithmetic; fall back to a least-squares solve.
+            sol = torch.linalg.lstsq(A, b.unsqueeze(2)).solution.squeeze(2)
+        else:
+            sol = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
+        out[sl] = sol * k
+    return out.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------- lobs
+
+
+def _solve_lobs(W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int) -> Tuple[Tensor, Tensor]:
+    rows, d = W.shape
+    gidx = _row_groups(rows, Hinv.shape[0], W.device)
+    hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx]  # (rows, d)
+    scores = W.pow(2) / (2 * hdiag)
+    scores = scores.masked_fill(dead[gidx], 0.0)
+    if frozen:
+        scores[:, -frozen:] = math.inf
+    mask = _mask_from_scores(scores, sparsity, pattern, frozen)
+    pruned = ~mask
+    # Per-row removal order: that row's pruned weights by ascending L_q (the global rank order).
+    order_key = torch.where(pruned, scores, torch.full_like(scores, math.inf))
+    order = order_key.argsort(dim=1)
+    counts = pruned.sum(dim=1)
+    arange = torch.arange(rows, device=W.device)
+    W = W.clone()
+    for t in range(int(counts.max().item()) if rows else 0):
+        q = order[:, t]
+        active = (t < counts).to(W.dtype)
+        hqq = Hinv[gidx, q, q]
+        coef = active * W[arange, q] / hqq
+        W -= coef.unsqueeze(1) * Hinv[gidx, q, :]
+    W = W * mask
+    return W, mask
+
+
+# --------------------------------------------------------------------------- exact
+
+
+def _greedy_trace(
+    W: Tensor,
+    Hinv: Tensor,
+    dead: Tensor,
+    steps: int,
+    pattern: Optional[NMPattern],
+    frozen: int,
+    lazy: int,
+) -> Tuple[Tensor, Tensor]:
+    """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy, downdated in place.
+
+    Returns ``(order, increments)``: the column removed at each step and the OBS loss
+    ``w_q^2 / (2 [H^-1]_qq)`` of that removal (with dead inputs costing 0).
+    """
+    R, d = W.shape
+    dtype, device = W.dtype, W.device
+    W = W.clone()
+    flat_rows = Hinv.view(R * d, d)
+    base = torch.arange(R, device=device) * d
+    diag = torch.diagonal(Hinv, dim1=1, dim2=2).clone()
+    blocked = torch.zeros(R, d, dtype=torch.bool, device=device)
+    if frozen:
+        blocked[:, d - frozen :] = True
+    cost_scale = (~dead).to(dtype)  # (R, d): removing a dead input costs nothing
+    order = torch.empty(R, steps, dtype=torch.long, device=device)
+    increments = torch.empty(R, steps, dtype=dtype, device=device)
+    if pattern is not None:
+        dp = d - frozen
+        per_group = pattern.m - pattern.n
+        n_groups = dp // pattern.m
+        group_of_col = torch.arange(dp, device=device) // pattern.m
+        group_count = torch.zeros(R * n_groups, dtype=torch.long, device=device)
+        group_base = torch.arange(R, device=device) * n_groups
+    U = torch.zeros(R, lazy, d, dtype=dtype, device=device)  # pending downdates, one row vector per removal
+    flat_W = W.view(-1)
+    flat_diag = diag.view(-1)
+    flat_blocked = blocked.view(-1)
+    flat_cost = cost_scale.view(-1)
+    j = 0
+    for step in range(steps):
+        loss = W.square().div_(diag).mul_(cost_scale).masked_fill_(blocked, math.inf)
+        q = loss.argmin(dim=1)
+        fq = base + q
+        row = flat_rows.index_select(0, fq)  # current H^-1 row q (symmetric) before pending downdates
+        if j:
+            coeff = U[:, :j, :].gather(2, q.view(R, 1, 1).expand(R, j, 1))  # (R, j, 1)
+            row.sub_(torch.bmm(coeff.transpose(1, 2), U[:, :j, :]).squeeze(1))
+        hqq = row.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min_(torch.finfo(dtype).tiny)
+        wq = flat_W.index_select(0, fq)
+        order[:, step] = q
+        increments[:, step] = wq.square() / (2 * hqq) * flat_cost.index_select(0, fq)
+        W.sub_((wq / hqq).unsqueeze(1) * row)
+        flat_W.index_fill_(0, fq, 0.0)
+        u = row.div_(hqq.sqrt().unsqueeze(1))
+        U[:, j, :] = u
+        diag.sub_(u.square())
+        flat_blocked.index_fill_(0, fq, True)
+        flat_diag.index_fill_(0, fq, 1.0)  # keeps the loss finite; the column is blocked from now on
+        if pattern is not None:
+            gq = group_base + group_of_col[q]
+            group_count.index_add_(0, gq, torch.ones_like(gq))
+            full = gq[group_count.index_select(0, gq) >= per_group]
+            if full.numel():
+                # block the rest of every group that just reached its quota
+                rows_full = full // n_groups
+                cols = (full % n_groups).unsqueeze(1) * pattern.m + torch.arange(pattern.m, device=device)
+                blocked[rows_full.unsqueeze(1), cols] = True
+        j += 1
+        if j == lazy or step == steps - 1:
+            Hinv.baddbmm_(U[:, :j, :].transpose(1, 2), U[:, :j, :], alpha=-1)
+            U.zero_()
+            j = 0
+    return order, increments
+
+
+def _allocate(increments: Tensor, total: int) -> Tensor:
+    """Per-row removal counts c_r with sum c_r = total minimising sum_r C_r(c_r).
+
+    ``C_r(c)`` is the cumulative OBS loss of the first c greedy removals of row r. A
+    Lagrangian search finds the points of every row's lower convex hull that share one
+    slope; the remaining few removals go to the cheapest next steps between the two
+    bracketing slopes.
+    """
+    R, S = increments.shape
+    inc = increments.double().clamp_min(0)
+    C = torch.cat([inc.new_zeros(R, 1), inc.cumsum(dim=1)], dim=1)  # (R, S+1)
+    c_axis = torch.arange(S + 1, device=inc.device, dtype=torch.float64)
+
+    def counts(lam: float) -> Tensor:
+        obj = C - lam * c_axis
+        # argmin taking the largest c among ties: flip, argmin (first occurrence), unflip
+        return S - obj.flip(1).argmin(dim=1)
+
+    if total <= 0:
+        return torch.zeros(R, dtype=torch.long, device=inc.device)
+    if total >= R * S:
+        return torch.full((R,), S, dtype=torch.long, device=inc.device)
+    lo, hi = -1.0, float(inc.max().item()) + 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if int(counts(mid).sum()) >= total:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-15 * max(1.0, abs(hi)):
+            break
+    c_lo, c_hi = counts(lo), counts(hi)
+    gap = total - int(c_lo.sum())
+    if gap > 0:
+        steps = torch.arange(S, device=inc.device).unsqueeze(0)
+        seg = inc.clone()
+        seg[steps < c_lo.unsqueeze(1)] = -math.inf
+        seg[steps >= c_hi.unsqueeze(1)] = math.inf
+        seg = seg.cummax(dim=1).values  # monotone within the segment, so picks are prefixes
+        seg[steps < c_lo.unsqueeze(1)] = math.inf
+        pick = seg.reshape(-1).topk(gap, largest=False).indices
+        c_lo = c_lo + torch.bincount(pick // S, minlength=R)
+    return c_lo
+
+
+def _solve_exact(
+    W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int, options: SolverOptions
+) -> Tensor:
+    rows, d = W.shape
+    dp = d - frozen
+    gidx = _row_groups(rows, Hinv.shape[0], W.device)
+    if pattern is not None:
+        steps = dp // pattern.m * (pattern.m - pattern.n)
+    else:
+        steps = dp  # run every row to the end so that per-row budgets can be chosen freely
+    if steps == 0:
+        return torch.ones_like(W, dtype=torch.bool)
+    chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes)
+    orders, incs = [], []
+    for start in range(0, rows, chunk):
+        sl = slice(start, start + chunk)
+        Hrows = Hinv[gidx[sl]].contiguous()  # a fresh (R, d, d) copy that the trace downdates in place
+        order, inc = _greedy_trace(W[sl], Hrows, dead[gidx[sl]], steps, pattern, frozen, options.lazy_steps)
+        del Hrows
+        orders.append(order)
+        incs.append(inc)
+    order = torch.cat(orders)
+    inc = torch.cat(incs)
+    if pattern is not None:
+        counts = torch.full((rows,), steps, dtype=torch.long, device=W.device)
+    else:
+        counts = _allocate(inc, int(round(sparsity * rows * dp)))
+    taken = torch.arange(steps, device=W.device).unsqueeze(0) < counts.unsqueeze(1)
+    mask = torch.ones(rows, d, dtype=torch.bool, device=W.device)
+    mask.scatter_(1, order, ~taken)
+    return mask
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def _solve_fast_group(
+    W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int, block: int
+) -> Tuple[Tensor, Tensor]:
+    rows, d = W.shape
+    dp = d - frozen
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    W = W.clone()
+    mask = torch.ones(rows, d, dtype=torch.bool, device=W.device)
+    udiag = torch.diagonal(U)
+    live = (~dead).to(W.dtype)
+    target = lambda cols: int(round(sparsity * rows * min(cols, dp)))  # noqa: E731 - cumulative quota
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        prunable = max(0, min(i2, dp) - i1)
+        if pattern is None and prunable > 0:
+            scores = (W1.pow(2) / udiag[i1:i2].pow(2) * live[i1:i2])[:, :prunable]
+            k = target(i2) - target(i1)
+            if k > 0:
+                drop = scores.reshape(-1).topk(k, largest=False).indices
+                sub = torch.ones(rows * prunable, dtype=torch.bool, device=W.device)
+                sub[drop] = False
+                mask[:, i1 : i1 + prunable] = sub.reshape(rows, prunable)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if pattern is not None and col < dp and col % pattern.m == 0:
+                m = pattern.m
+                scores = W1[:, i : i + m].pow(2) / udiag[col : col + m].pow(2) * live[col : col + m]
+                drop = scores.topk(m - pattern.n, dim=1, largest=False).indices
+                mask[:, col : col + m].scatter_(1, drop, False)
+            w = W1[:, i]
+            q = w * mask[:, col]
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W * mask, mask
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def solve_layer(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: Optional[float] = None,
+    method: str = "exact",
+    *,
+    bias: Optional[Tensor] = None,
+    pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
+    options: Optional[SolverOptions] = None,
+) -> SolveResult:
+    """Prune one layer's weight with Optimal Brain Surgeon.
+
+    Args:
+        weight: ``(out, ...)`` weight; trailing dims are flattened into the d input columns
+            (a conv filter ``(out, C_in/groups, *k)`` becomes ``out x C_in/groups*prod(k)``).
+        hessian: ``(D, D)`` or ``(groups, D, D)`` layer-input Hessian, ``D = d + 1`` when a
+            bias is given (the constant input is the last column), else ``D = d``.
+        sparsity: fraction in [0, 1) of the weights to remove; implied by ``pattern`` if None.
+        method: ``"lobs"``, ``"exact"`` or ``"fast"`` (see the module docstring).
+        bias: optional ``(out,)`` bias; it is never pruned but OBS moves it to compensate.
+        pattern: N:M pattern such as ``"2:4"`` along the input columns.
+        options: numerical options, :class:`SolverOptions` defaults when None.
+
+    Returns:
+        A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
+    """
+    options = options or SolverOptions()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"sparsity={sparsity} contradicts pattern '{nm}' (which removes {nm.sparsity:.3g}); pass only one."
+            )
+        sparsity = nm.sparsity
+    if sparsity is None:
+        raise ValueError("sparsity is required (a float in [0, 1)) unless an N:M pattern is given.")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}.")
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have at least 2 dims (out, in, ...), got shape {tuple(weight.shape)}.")
+    shape = weight.shape
+    W2 = weight.detach().reshape(shape[0], -1)
+    rows, d_w = W2.shape
+    frozen = 0
+    if bias is not None:
+        if bias.shape != (rows,):
+            raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}.")
+        W2 = torch.cat([W2, bias.detach().reshape(rows, 1).to(W2.dtype)], dim=1)
+        frozen = 1
+    H = _as_groups(hessian.detach())
+    groups, D = H.shape[0], H.shape[-1]
+    if H.shape[-2] != D or D != W2.shape[1]:
+        raise ValueError(
+            f"hessian must be ({W2.shape[1]}, {W2.shape[1]}) for a weight with {d_w} input columns"
+            f"{' plus a bias' if frozen else ''}, got {tuple(hessian.shape)}."
+        )
+    if rows % groups:
+        raise ValueError(f"{rows} output rows cannot be split evenly into {groups} Hessian groups.")
+    if not torch.isfinite(H).all():
+        raise ValueError("hessian contains NaN or inf; check the calibration data.")
+    if not torch.isfinite(W2).all():
+        raise ValueError("weight (or bias) contains NaN or inf.")
+    if nm is not None and d_w % nm.m:
+        raise ValueError(f"pattern '{nm}' needs the input columns ({d_w}) to be a multiple of {nm.m}.")
+
+    work = W2.to(options.dtype)
+    damp = options.damp
+    if sparsity == 0.0:
+        mask2 = torch.ones_like(W2, dtype=torch.bool)
+        new = work
+    else:
+        Hd, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)
+        if method == "lobs":
+            new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen)
+        elif method == "exact":
+            mask2 = _solve_exact(work, Hinv, dead, sparsity, nm, frozen, options)
+            new = refit(work, H, mask2, replace(options, damp=damp))
+        else:
+            per = rows // groups
+            outs, masks = [], []
+            for g in range(groups):
+                sl = slice(g * per, (g + 1) * per)
+                o, m = _solve_fast_group(work[sl], Hinv[g], dead[g], sparsity, nm, frozen, options.block_size)
+                outs.append(o)
+                masks.append(m)
+            new, mask2 = torch.cat(outs), torch.cat(masks)
+        if not torch.isfinite(new).all():
+            raise FloatingPointError(
+                f"the {method} solve produced non-finite weights; raise SolverOptions.damp or use dtype=torch.float64."
+            )
+    error = layer_error(W2, new, H)
+    new = new.to(weight.dtype)
+    new_bias = new[:, -1].clone() if frozen else None
+    new_w = new[:, :d_w].reshape(shape).clone()
+    mask = mask2[:, :d_w].reshape(shape).clone()
+    return SolveResult(weight=new_w, mask=mask, bias=new_bias, error=error, damp=damp, method=method)
