@@ -198,9 +198,23 @@ def _inverse_with_damping(hessian: Tensor, options: SolverOptions) -> Tuple[Tens
 
 
 def layer_error(weight_old: Tensor, weight_new: Tensor, hessian: Tensor) -> float:
-    """``dE = 1/2 sum_rows (w^-w) H (w^-w)^T`` in float64 (rows split over groups when H is 3-D)."""
-    H = _as_groups(hessian).double()
-    delta = (weight_new.double() - weight_old.double()).reshape(H.shape[0], -1, H.shape[-1])
+    """``dE = 1/2 sum_rows (w^ - w) H (w^ - w)^T`` in float64.
+
+    ``hessian`` is ``(d, d)`` or ``(groups, d, d)``; with groups, the ``out`` rows are split into
+    ``groups`` contiguous blocks and block ``j`` uses ``hessian[j]``.  Weights may be given as
+    ``(out, d)`` matrices or in their original (conv) shape.
+    """
+    H = _as_groups(hessian).detach().double()
+    g, d = H.shape[0], H.shape[-1]
+    if weight_old.shape != weight_new.shape:
+        raise ValueError(f"weight shapes differ: {tuple(weight_old.shape)} vs {tuple(weight_new.shape)}")
+    rows = weight_old.shape[0]
+    delta = (weight_new.detach().double() - weight_old.detach().double().to(weight_new.device)).reshape(rows, -1)
+    if delta.shape[1] != d:
+        raise ValueError(f"weight has {delta.shape[1]} columns but the hessian is {d} x {d}")
+    if rows % g:
+        raise ValueError(f"{rows} output rows cannot be split into {g} groups")
+    delta = delta.to(H.device).reshape(g, rows // g, d)
     return 0.5 * float(torch.einsum("gri,gij,grj->", delta, H, delta))
 
 
@@ -223,9 +237,9 @@ def _mask_from_scores(scores: Tensor, sparsity: float, pattern: Optional[NMPatte
         sub = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, drop, False)
         mask[:, :dp] = sub.reshape(rows, dp)
         return mask
-    k = int(round(sparsity * rows * dp))
+    flat = scores[:, :dp].reshape(-1)
+    k = max(int(round(sparsity * rows * dp)), int(torch.isneginf(flat).sum()))
     if k > 0:
-        flat = scores[:, :dp].reshape(-1)
         drop = flat.topk(k, largest=False).indices
         sub = torch.ones_like(flat, dtype=torch.bool)
         sub[drop] = False
@@ -272,12 +286,16 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[Solve
 # --------------------------------------------------------------------------- lobs
 
 
-def _solve_lobs(W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int) -> Tuple[Tensor, Tensor]:
+def _solve_lobs(
+    W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int, forced: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
     gidx = _row_groups(rows, Hinv.shape[0], W.device)
     hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx]  # (rows, d)
     scores = W.pow(2) / (2 * hdiag)
     scores = scores.masked_fill(dead[gidx], 0.0)
+    if forced is not None:
+        scores = scores.masked_fill(forced, -math.inf)
     if frozen:
         scores[:, -frozen:] = math.inf
     mask = _mask_from_scores(scores, sparsity, pattern, frozen)
@@ -309,6 +327,7 @@ def _greedy_trace(
     pattern: Optional[NMPattern],
     frozen: int,
     lazy: int,
+    forced: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy, downdated in place.
 
@@ -342,6 +361,8 @@ def _greedy_trace(
     j = 0
     for step in range(steps):
         loss = W.square().div_(diag).mul_(cost_scale).masked_fill_(blocked, math.inf)
+        if forced is not None:  # weights pruned earlier go first, at no cost to the allocation
+            loss.masked_fill_(forced & ~blocked, -1.0)
         q = loss.argmin(dim=1)
         fq = base + q
         row = flat_rows.index_select(0, fq)  # current H^-1 row q (symmetric) before pending downdates
@@ -422,7 +443,14 @@ def _allocate(increments: Tensor, total: int) -> Tensor:
 
 
 def _solve_exact(
-    W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int, options: SolverOptions
+    W: Tensor,
+    Hinv: Tensor,
+    dead: Tensor,
+    sparsity: float,
+    pattern: Optional[NMPattern],
+    frozen: int,
+    options: SolverOptions,
+    forced: Optional[Tensor],
 ) -> Tensor:
     rows, d = W.shape
     dp = d - frozen
@@ -438,7 +466,8 @@ def _solve_exact(
     for start in range(0, rows, chunk):
         sl = slice(start, start + chunk)
         Hrows = Hinv[gidx[sl]].contiguous()  # a fresh (R, d, d) copy that the trace downdates in place
-        order, inc = _greedy_trace(W[sl], Hrows, dead[gidx[sl]], steps, pattern, frozen, options.lazy_steps)
+        f = forced[sl] if forced is not None else None
+        order, inc = _greedy_trace(W[sl], Hrows, dead[gidx[sl]], steps, pattern, frozen, options.lazy_steps, f)
         del Hrows
         orders.append(order)
         incs.append(inc)
@@ -446,8 +475,15 @@ def _solve_exact(
     inc = torch.cat(incs)
     if pattern is not None:
         counts = torch.full((rows,), steps, dtype=torch.long, device=W.device)
-    else:
+    elif forced is None:
         counts = _allocate(inc, int(round(sparsity * rows * dp)))
+    else:
+        # Forced removals lead every row's trace; allocate only the steps after them.
+        prior = forced.sum(dim=1)
+        idx = (torch.arange(steps, device=W.device).unsqueeze(0) + prior.unsqueeze(1)).clamp_max(steps - 1)
+        shifted = inc.gather(1, idx).masked_fill(idx < prior.unsqueeze(1) + torch.arange(steps, device=W.device), math.inf)
+        extra = max(0, int(round(sparsity * rows * dp)) - int(prior.sum()))
+        counts = prior + _allocate(shifted, extra)
     taken = torch.arange(steps, device=W.device).unsqueeze(0) < counts.unsqueeze(1)
     mask = torch.ones(rows, d, dtype=torch.bool, device=W.device)
     mask.scatter_(1, order, ~taken)
@@ -458,7 +494,14 @@ def _solve_exact(
 
 
 def _solve_fast_group(
-    W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int, block: int
+    W: Tensor,
+    Hinv: Tensor,
+    dead: Tensor,
+    sparsity: float,
+    pattern: Optional[NMPattern],
+    frozen: int,
+    block: int,
+    forced: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
     dp = d - frozen
@@ -477,6 +520,10 @@ def _solve_fast_group(
         if pattern is None and prunable > 0:
             scores = (W1.pow(2) / udiag[i1:i2].pow(2) * live[i1:i2])[:, :prunable]
             k = target(i2) - target(i1)
+            if forced is not None:
+                f = forced[:, i1 : i1 + prunable]
+                scores = scores.masked_fill(f, -1.0)
+                k = max(k, int(f.sum()))
             if k > 0:
                 drop = scores.reshape(-1).topk(k, largest=False).indices
                 sub = torch.ones(rows * prunable, dtype=torch.bool, device=W.device)
@@ -487,6 +534,8 @@ def _solve_fast_group(
             if pattern is not None and col < dp and col % pattern.m == 0:
                 m = pattern.m
                 scores = W1[:, i : i + m].pow(2) / udiag[col : col + m].pow(2) * live[col : col + m]
+                if forced is not None:
+                    scores = scores.masked_fill(forced[:, col : col + m], -1.0)
                 drop = scores.topk(m - pattern.n, dim=1, largest=False).indices
                 mask[:, col : col + m].scatter_(1, drop, False)
             w = W1[:, i]
@@ -511,6 +560,7 @@ def solve_layer(
     bias: Optional[Tensor] = None,
     pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
     options: Optional[SolverOptions] = None,
+    prior_mask: Optional[Tensor] = None,
 ) -> SolveResult:
     """Prune one layer's weight with Optimal Brain Surgeon.
 
@@ -524,6 +574,8 @@ def solve_layer(
         bias: optional ``(out,)`` bias; it is never pruned but OBS moves it to compensate.
         pattern: N:M pattern such as ``"2:4"`` along the input columns.
         options: numerical options, :class:`SolverOptions` defaults when None.
+        prior_mask: keep-mask of an earlier pruning step (iterative pruning): weights it
+            prunes stay pruned and count towards ``sparsity``.
 
     Returns:
         A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
@@ -569,24 +621,38 @@ def solve_layer(
     if nm is not None and d_w % nm.m:
         raise ValueError(f"pattern '{nm}' needs the input columns ({d_w}) to be a multiple of {nm.m}.")
 
+    forced = None
+    if prior_mask is not None:
+        if prior_mask.shape != shape:
+            raise ValueError(f"prior_mask must have the weight's shape {tuple(shape)}, got {tuple(prior_mask.shape)}.")
+        forced = ~prior_mask.reshape(rows, d_w).to(torch.bool).to(W2.device)
+        if frozen:
+            forced = torch.cat([forced, forced.new_zeros(rows, 1)], dim=1)
+        if nm is not None:
+            per_group = forced[:, :d_w].reshape(rows, -1, nm.m).sum(-1)
+            if bool((per_group > nm.m - nm.n).any()):
+                raise ValueError(f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'.")
+        if not bool(forced.any()):
+            forced = None
     work = W2.to(options.dtype)
     damp = options.damp
-    if sparsity == 0.0:
+    if sparsity == 0.0 and forced is None:
         mask2 = torch.ones_like(W2, dtype=torch.bool)
         new = work
     else:
         Hd, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)
         if method == "lobs":
-            new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen)
+            new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced)
         elif method == "exact":
-            mask2 = _solve_exact(work, Hinv, dead, sparsity, nm, frozen, options)
+            mask2 = _solve_exact(work, Hinv, dead, sparsity, nm, frozen, options, forced)
             new = refit(work, H, mask2, replace(options, damp=damp))
         else:
             per = rows // groups
             outs, masks = [], []
             for g in range(groups):
                 sl = slice(g * per, (g + 1) * per)
-                o, m = _solve_fast_group(work[sl], Hinv[g], dead[g], sparsity, nm, frozen, options.block_size)
+                f = forced[sl] if forced is not None else None
+                o, m = _solve_fast_group(work[sl], Hinv[g], dead[g], sparsity, nm, frozen, options.block_size, f)
                 outs.append(o)
                 masks.append(m)
             new, mask2 = torch.cat(outs), torch.cat(masks)

@@ -1,0 +1,634 @@
+"""The pruning engine shared by :func:`prune_model` and the :class:`LOBSPruning` callback.
+
+One call prunes a model in place: choose layers, calibrate their Hessians on a few
+batches, solve each layer, write the pruned weights, then measure the output error
+and the error bound. Everything is validated before the first weight changes, and
+any failure restores the model's weights and train/eval modes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import bounds as _bounds
+from .hessian import HessianCollector, has_bias, is_supported, num_groups, set_weight_matrix, weight_matrix
+from .masks import MaskSet
+from .solvers import METHODS, NMPattern, SolverOptions, parse_pattern, solve_layer
+
+log = logging.getLogger(__name__)
+
+SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+ALL_METHODS = ("auto",) + METHODS
+#: ``auto`` uses ``exact`` where rows * d^3 is at most this (a few seconds on 2 CPU cores), else ``fast``.
+AUTO_EXACT_MAX_COST = 1e12
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How layer-input Hessians are gathered.
+
+    Attributes:
+        hessian_dtype: accumulation precision of H (float64 keeps long sums exact).
+        max_chunk_elements: bound on conv patches unfolded at once (bounded extra memory).
+        position_stride: keep every k-th conv output position (for very large maps).
+    """
+
+    hessian_dtype: torch.dtype = torch.float64
+    max_chunk_elements: int = 1 << 24
+    position_stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.hessian_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"hessian_dtype must be torch.float32 or torch.float64, got {self.hessian_dtype}.")
+        if not isinstance(self.max_chunk_elements, int) or self.max_chunk_elements < 1:
+            raise ValueError(f"max_chunk_elements must be a positive int, got {self.max_chunk_elements!r}.")
+        if not isinstance(self.position_stride, int) or self.position_stride < 1:
+            raise ValueError(f"position_stride must be a positive int, got {self.position_stride!r}.")
+
+
+@dataclass
+class LayerReport:
+    """What pruning did to one layer."""
+
+    name: str
+    kind: str
+    shape: Tuple[int, ...]
+    method: str
+    target_sparsity: float
+    sparsity: float
+    layer_error: float
+    """dE = 1/(2n) ||(W^ - W) X~||_F^2 on the calibration inputs."""
+    d_term: float
+    """Per-sample layer term of the bound, sqrt(2 dE * positions)."""
+    norm_frobenius: float
+    norm_spectral: float
+    damp: float
+    positions: float
+    seconds: float
+    output_error: float = float("nan")
+    """Measured RMS (per sample) error of this layer's output, pruned vs dense network."""
+
+
+@dataclass
+class PruneReport:
+    """Per-layer numbers and whole-network errors of one pruning step."""
+
+    layers: Dict[str, LayerReport]
+    sparsity: float
+    bound: float
+    bound_spectral: float
+    bound_note: str
+    output_error: float
+    model_output_error: float
+    calibration_seconds: float
+    solve_seconds: float
+    masks: MaskSet = field(repr=False)
+    sequential: bool = False
+
+    def metrics(self, prefix: str = "lobs/") -> Dict[str, float]:
+        """Flat metric dict: ``lobs/<layer>/layer_error``, ``lobs/<layer>/sparsity``, ``lobs/bound``..."""
+        out: Dict[str, float] = {}
+        for name, layer in self.layers.items():
+            out[f"{prefix}{name}/layer_error"] = layer.layer_error
+            out[f"{prefix}{name}/sparsity"] = layer.sparsity
+            if not math.isnan(layer.output_error):
+                out[f"{prefix}{name}/output_error"] = layer.output_error
+        out[f"{prefix}sparsity"] = self.sparsity
+        out[f"{prefix}bound"] = self.bound
+        out[f"{prefix}bound_spectral"] = self.bound_spectral
+        out[f"{prefix}output_error"] = self.output_error
+        if not math.isnan(self.model_output_error):
+            out[f"{prefix}model_output_error"] = self.model_output_error
+        return out
+
+    def table(self) -> str:
+        """A plain-text summary table of the pruned layers."""
+        head = f"{'layer':<28} {'method':<6} {'shape':<18} {'sparsity':>8} {'dE':>10} {'out err':>10} {'secs':>6}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers.values():
+            shape = "x".join(str(s) for s in r.shape)
+            lines.append(
+                f"{r.name[-28:]:<28} {r.method:<6} {shape:<18} {r.sparsity:>8.4f} {r.layer_error:>10.4g} "
+                f"{r.output_error:>10.4g} {r.seconds:>6.2f}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"total sparsity {self.sparsity:.4f} | output error {self.output_error:.4g} | bound (Frobenius) "
+            f"{self.bound:.4g} | bound (spectral) {self.bound_spectral:.4g}"
+            + (f" | {self.bound_note}" if self.bound_note else "")
+        )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- layer selection
+
+
+def _check_fraction(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"{what} must be a float in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def validate_sparsity(sparsity: SparsitySpec, what: str = "sparsity") -> None:
+    """Check a sparsity spec's form (values of a mapping too) without a model."""
+    if callable(sparsity) and not isinstance(sparsity, Mapping):
+        return
+    if isinstance(sparsity, Mapping):
+        if not sparsity:
+            raise ValueError(f"{what} mapping is empty; give at least one 'pattern': fraction entry.")
+        for key, value in sparsity.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{what} mapping keys must be module-name patterns (str), got {key!r}.")
+            _check_fraction(value, f"{what}[{key!r}]")
+        return
+    _check_fraction(sparsity, what)
+
+
+def _supported_msg(name: str, module: nn.Module) -> str:
+    return (
+        f"module '{name}' ({type(module).__name__}) cannot be pruned: only nn.Linear and nn.Conv1d/2d/3d are "
+        "supported; remove it from the sparsity mapping or narrow the pattern."
+    )
+
+
+def select_layers(
+    model: nn.Module,
+    sparsity: SparsitySpec,
+    exclude: Sequence[str] = (),
+    pattern: Optional[NMPattern] = None,
+) -> Dict[str, float]:
+    """Resolve a sparsity spec to ``{qualified name: target sparsity}`` for the layers to prune.
+
+    ``sparsity`` is a float for every Linear/ConvNd, a mapping from fnmatch patterns on
+    qualified module names to floats (first matching pattern wins; unmatched layers are
+    left alone), or a callable ``(name, module) -> float | None``. ``exclude`` patterns
+    remove layers. Patterns that match nothing, and unsupported modules named in a
+    mapping, are errors. Layers with a 0 target are skipped.
+    """
+    validate_sparsity(sparsity)
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    for pat in exclude:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+    excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    chosen: Dict[str, float] = {}
+    explicit: set = set()
+    if isinstance(sparsity, Mapping):
+        for pat, value in sparsity.items():
+            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ValueError(
+                    f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}."
+                )
+            supported = [(n, m) for n, m in hits if is_supported(m)]
+            if not supported:
+                n, m = hits[0]
+                raise ValueError(_supported_msg(n, m))
+            if not any(ch in pat for ch in "*?["):
+                explicit.add(pat)
+            for n, _ in supported:
+                if n not in chosen:
+                    chosen[n] = float(value)
+    elif callable(sparsity):
+        for n, m in named:
+            if not is_supported(m):
+                continue
+            value = sparsity(n, m)
+            if value is not None:
+                chosen[n] = _check_fraction(value, f"sparsity({n!r})")
+    else:
+        value = float(sparsity)
+        chosen = {n: value for n, m in named if is_supported(m)}
+    modules = dict(named)
+    result: Dict[str, float] = {}
+    for n, value in chosen.items():
+        if n in excluded or value == 0.0:
+            continue
+        if pattern is not None:
+            reason = _pattern_problem(modules[n], pattern)
+            if reason:
+                if n in explicit:
+                    raise ValueError(f"layer '{n}' cannot hold pattern '{pattern}': {reason}.")
+                warnings.warn(f"skipping layer '{n}': {reason} for pattern '{pattern}'.", UserWarning, stacklevel=3)
+                continue
+            value = pattern.sparsity
+        result[n] = value
+    if not result:
+        raise ValueError(
+            "no layer selected for pruning: the model has no nn.Linear/nn.Conv layer matching the sparsity spec "
+            "(or all were excluded)."
+        )
+    return result
+
+
+def _example_names(named: Sequence[Tuple[str, nn.Module]]) -> str:
+    names = [n for n, m in named if is_supported(m)][:4] or [n for n, _ in named][:4]
+    return ", ".join(repr(n) for n in names) or "(none)"
+
+
+def _pattern_problem(module: nn.Module, pattern: NMPattern) -> str:
+    if isinstance(module, nn.Linear):
+        cols = module.in_features
+    else:
+        cols = module.in_channels // module.groups
+    if cols % pattern.m:
+        return f"its {cols} input channels are not a multiple of {pattern.m}"
+    return ""
+
+
+def _channel_last_perm(module: nn.Module) -> Optional[Tensor]:
+    """Column permutation putting conv input channels innermost, so N:M groups run along channels."""
+    if isinstance(module, nn.Linear):
+        return None
+    k = int(math.prod(module.kernel_size))
+    if k == 1:
+        return None
+    c = module.in_channels // module.groups
+    return torch.arange(c * k).reshape(c, k).t().reshape(-1)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Feed one batch to the model: a tensor as is, the first item of a tuple/list, or a dict's input entry."""
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        for key in ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids"):
+            if key in batch:
+                return model(batch[key])
+    raise TypeError(
+        f"cannot tell the model input in a batch of type {type(batch).__name__}; pass "
+        "forward_fn=lambda model, batch: model(...) to say how to run the model on a batch."
+    )
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    target: float
+    method: str
+    perm: Optional[Tensor]
+    dense: Tensor  # weight matrix (incl. bias column) before this step
+
+
+def _resolve_method(method: str, module: nn.Module) -> str:
+    if method != "auto":
+        return method
+    rows = module.weight.shape[0] // num_groups(module)
+    d = weight_matrix(module).shape[1]
+    return "exact" if rows * d**3 <= AUTO_EXACT_MAX_COST else "fast"
+
+
+def prune(
+    model: nn.Module,
+    batches: Sequence[Any],
+    sparsity: SparsitySpec,
+    method: str = "auto",
+    *,
+    pattern: Union[str, NMPattern, None] = None,
+    exclude: Sequence[str] = (),
+    sequential: bool = False,
+    solver: Optional[SolverOptions] = None,
+    calibration: Optional[CalibrationOptions] = None,
+    forward_fn: Optional[ForwardFn] = None,
+    masks: Optional[MaskSet] = None,
+    reduce_hessians: Optional[Callable[[HessianCollector], None]] = None,
+) -> PruneReport:
+    """Prune ``model`` in place with OBS on the given calibration ``batches``.
+
+    ``masks`` (optional) holds masks of an earlier step: those weights stay pruned and
+    the new masks are written into it. ``reduce_hessians`` is called on every collector
+    before solving (distributed training sums Hessians across ranks there).
+    """
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}.")
+    nm = parse_pattern(pattern)
+    solver = solver or SolverOptions()
+    calibration = calibration or CalibrationOptions()
+    forward_fn = forward_fn or default_forward
+    if len(batches) < 1:
+        raise ValueError("no calibration batches: the dataloader is empty or calibration_batches < 1.")
+    targets = select_layers(model, sparsity, exclude, nm)
+    modules = dict(model.named_modules())
+    masks = masks if masks is not None else MaskSet()
+    device = _model_device(model)
+    layers = {
+        n: _Layer(n, modules[n], t, _resolve_method(method, modules[n]), _channel_last_perm(modules[n]) if nm else None, weight_matrix(modules[n]))
+        for n, t in targets.items()
+    }
+    snapshot = {n: (modules[n].weight.detach().clone(), None if modules[n].bias is None else modules[n].bias.detach().clone()) for n in layers}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for n, (w, b) in snapshot.items():
+                modules[n].weight.copy_(w)
+                if b is not None:
+                    modules[n].bias.copy_(b)
+
+    reports: Dict[str, LayerReport] = {}
+    new_masks: Dict[str, Tensor] = {}
+    t_cal = t_solve = 0.0
+    order: List[str] = []
+    try:
+        with _eval_no_grad(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            hessians: Dict[str, Tensor] = {}
+            samples: Dict[str, float] = {}
+            if not sequential:
+                t0 = time.perf_counter()
+                hessians, samples, order = _calibrate(model, batches, {n: l.module for n, l in layers.items()}, calibration, forward_fn, device, reduce_hessians)
+                t_cal += time.perf_counter() - t0
+            else:
+                order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, forward_fn, device)
+            for n in order:
+                layer = layers[n]
+                if sequential:
+                    t0 = time.perf_counter()
+                    h, s, _ = _calibrate(model, batches, {n: layer.module}, calibration, forward_fn, device, reduce_hessians)
+                    hessians[n], samples[n] = h[n], s[n]
+                    t_cal += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rep, mask = _solve_one(layer, hessians[n], samples[n], nm, solver, masks.get(n))
+                if sequential:
+                    set_weight_matrix(layer.module, rep.pop("matrix"))
+                dt = time.perf_counter() - t0
+                t_solve += dt
+                rep["seconds"] = dt
+                reports[n] = rep  # type: ignore[assignment]
+                new_masks[n] = mask
+            # Write every layer only once all solves succeeded (dense mode) so failures leave no trace.
+            for n in order:
+                if "matrix" in reports[n]:  # type: ignore[operator]
+                    set_weight_matrix(layers[n].module, reports[n].pop("matrix"))  # type: ignore[union-attr]
+            with torch.no_grad():
+                for n in order:
+                    layers[n].module.weight.masked_fill_(~new_masks[n].to(layers[n].module.weight.device), 0.0)
+    except BaseException:
+        restore()
+        raise
+
+    layer_reports = _finish_reports(layers, reports, order, sequential)
+    masks.update(new_masks)
+    out_err, model_err = _measure(model, batches, layers, order, snapshot, layer_reports, forward_fn, device)
+    bound, bound_spec, note = _bound(model, layers, order, layer_reports, sequential, batches[0], forward_fn, device)
+    total = sum(int(new_masks[n].numel()) for n in order)
+    pruned = sum(int((~new_masks[n]).sum()) for n in order)
+    return PruneReport(
+        layers=layer_reports,
+        sparsity=pruned / max(total, 1),
+        bound=bound,
+        bound_spectral=bound_spec,
+        bound_note=note,
+        output_error=out_err,
+        model_output_error=model_err,
+        calibration_seconds=t_cal,
+        solve_seconds=t_solve,
+        masks=masks,
+        sequential=sequential,
+    )
+
+
+def _calibrate(
+    model: nn.Module,
+    batches: Sequence[Any],
+    modules: Mapping[str, nn.Module],
+    options: CalibrationOptions,
+    forward_fn: ForwardFn,
+    device: torch.device,
+    reduce_hessians: Optional[Callable[[HessianCollector], None]],
+) -> Tuple[Dict[str, Tensor], Dict[str, float], List[str]]:
+    """Stream H for ``modules`` over ``batches``; also count samples per layer and the call order."""
+    samples = {n: 0 for n in modules}
+    order: List[str] = []
+    handles = []
+
+    def make_hook(name: str):  # noqa: ANN202 - closure
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            samples[name] += x.shape[0] if x.dim() > (1 if isinstance(module, nn.Linear) else module.weight.dim() - 1) else 1
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    collector = HessianCollector(
+        modules,
+        dtype=options.hessian_dtype,
+        max_chunk_elements=options.max_chunk_elements,
+        position_stride=options.position_stride,
+    )
+    try:
+        for n, m in modules.items():
+            handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
+        with collector:
+            for batch in batches:
+                forward_fn(model, _move(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in modules if samples[n] == 0]
+    if missing:
+        raise RuntimeError(
+            f"layers {missing} were never called during calibration, so they have no Hessian; exclude them "
+            "or check forward_fn."
+        )
+    if reduce_hessians is not None:
+        reduce_hessians(collector)
+    hessians = collector.hessians()
+    rows = {n: collector.accumulators[n].count for n in modules}
+    positions = {n: rows[n] / samples[n] for n in modules}
+    return hessians, positions, order
+
+
+def _execution_order(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module], forward_fn: ForwardFn, device: torch.device) -> List[str]:
+    order: List[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None) for n, m in modules.items()]
+    try:
+        forward_fn(model, _move(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in modules if n not in order]
+    if missing:
+        raise RuntimeError(f"layers {missing} are never called by the model's forward; exclude them or check forward_fn.")
+    return order
+
+
+def _solve_one(
+    layer: _Layer,
+    hessian: Tensor,
+    positions: float,
+    nm: Optional[NMPattern],
+    solver: SolverOptions,
+    prior: Optional[Tensor],
+) -> Tuple[Dict[str, Any], Tensor]:
+    module = layer.module
+    W = weight_matrix(module)
+    bias_col = has_bias(module)
+    weight, bias = (W[:, :-1], W[:, -1]) if bias_col else (W, None)
+    H = hessian.to(W.device)
+    prior2 = None if prior is None else prior.reshape(weight.shape[0], -1).to(W.device)
+    perm = layer.perm
+    if perm is not None:
+        perm = perm.to(W.device)
+        full = torch.cat([perm, torch.tensor([weight.shape[1]], device=W.device)]) if bias_col else perm
+        weight = weight[:, perm]
+        H = H[:, full][:, :, full]
+        if prior2 is not None:
+            prior2 = prior2[:, perm]
+    res = solve_layer(weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, options=solver, prior_mask=prior2)
+    new_w, mask2 = res.weight, res.mask
+    if perm is not None:
+        inv = torch.argsort(perm)
+        new_w, mask2 = new_w[:, inv], mask2[:, inv]
+    matrix = torch.cat([new_w, res.bias.unsqueeze(1)], dim=1) if bias_col else new_w
+    mask = mask2.reshape(module.weight.shape)
+    report = {
+        "name": layer.name,
+        "kind": type(module).__name__,
+        "shape": tuple(module.weight.shape),
+        "method": layer.method,
+        "target_sparsity": layer.target,
+        "sparsity": 1.0 - mask.float().mean().item(),
+        "layer_error": res.error,
+        "d_term": math.sqrt(max(0.0, 2.0 * res.error * positions)),
+        "damp": res.damp,
+        "positions": positions,
+        "matrix": matrix,
+    }
+    if res.damp > solver.damp:
+        log.warning("layer %s needed relative damping %.3g (asked %.3g)", layer.name, res.damp, solver.damp)
+    return report, mask
+
+
+def _finish_reports(layers: Mapping[str, _Layer], reports: Mapping[str, Any], order: Sequence[str], sequential: bool) -> Dict[str, LayerReport]:
+    out: Dict[str, LayerReport] = {}
+    for n in order:
+        layer = layers[n]
+        # Sequential calibration measures d^l on pruned inputs, so the recursion multiplies dense norms.
+        W = layer.dense if sequential else weight_matrix(layer.module)
+        rep = dict(reports[n])
+        rep.pop("matrix", None)
+        out[n] = LayerReport(
+            norm_frobenius=_bounds.operator_norm(layer.module, W, "frobenius"),
+            norm_spectral=_bounds.operator_norm(layer.module, W, "spectral"),
+            **rep,
+        )
+    return out
+
+
+def _measure(
+    model: nn.Module,
+    batches: Sequence[Any],
+    layers: Mapping[str, _Layer],
+    order: Sequence[str],
+    snapshot: Mapping[str, Tuple[Tensor, Optional[Tensor]]],
+    reports: Mapping[str, LayerReport],
+    forward_fn: ForwardFn,
+    device: torch.device,
+) -> Tuple[float, float]:
+    """RMS per-sample output errors (every pruned layer and the model output), pruned vs dense."""
+    pruned_state = {n: (layers[n].module.weight.detach().clone(), None if layers[n].module.bias is None else layers[n].module.bias.detach().clone()) for n in order}
+
+    def load(state: Mapping[str, Tuple[Tensor, Optional[Tensor]]]) -> None:
+        with torch.no_grad():
+            for n, (w, b) in state.items():
+                layers[n].module.weight.copy_(w)
+                if b is not None:
+                    layers[n].module.bias.copy_(b)
+
+    acc = {n: _bounds.RMSAccumulator() for n in order}
+    model_acc = _bounds.RMSAccumulator()
+    model_ok = True
+    captured: Dict[str, Tensor] = {}
+    handles = [
+        layers[n].module.register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, out.detach()))
+        for n in order
+    ]
+    try:
+        with _eval_no_grad(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for batch in batches:
+                batch = _move(batch, device)
+                load(snapshot)
+                captured.clear()
+                dense_out = forward_fn(model, batch)
+                dense_layers = dict(captured)
+                load(pruned_state)
+                captured.clear()
+                out = forward_fn(model, batch)
+                for n in order:
+                    acc[n].add(dense_layers[n], captured[n])
+                if model_ok and isinstance(out, Tensor) and isinstance(dense_out, Tensor) and out.shape == dense_out.shape:
+                    model_acc.add(dense_out, out)
+                else:
+                    model_ok = False
+    finally:
+        for h in handles:
+            h.remove()
+        load(pruned_state)
+    for n in order:
+        reports[n].output_error = acc[n].value()
+    return acc[order[-1]].value(), (model_acc.value() if model_ok else float("nan"))
+
+
+def _bound(
+    model: nn.Module,
+    layers: Mapping[str, _Layer],
+    order: Sequence[str],
+    reports: Mapping[str, LayerReport],
+    sequential: bool,
+    batch: Any,
+    forward_fn: ForwardFn,
+    device: torch.device,
+) -> Tuple[float, float, str]:
+    chain = _bounds.analyze_chain(model, list(order))
+    if not chain.is_chain:
+        return float("nan"), float("nan"), f"bound not applicable: {chain.reason}"
+    terms = [_bounds.LayerTerm(n, reports[n].d_term, reports[n].norm_frobenius, reports[n].norm_spectral) for n in order]
+    fro, spec = _bounds.error_bound(terms, chain)
+    return fro, spec, ""
