@@ -398,12 +398,13 @@ def _greedy_trace(
 
 
 def _allocate(increments: Tensor, total: int) -> Tensor:
-    """Per-row removal counts c_r with sum c_r = total minimising sum_r C_r(c_r).
+    """Per-row removal counts c_r with sum c_r = total and a small sum_r C_r(c_r).
 
     ``C_r(c)`` is the cumulative OBS loss of the first c greedy removals of row r. A
     Lagrangian search finds the points of every row's lower convex hull that share one
-    slope; the remaining few removals go to the cheapest next steps between the two
-    bracketing slopes.
+    slope (optimal when the curves are convex); the remaining few removals go to the
+    cheapest next steps between the two bracketing slopes, and single moves between rows
+    then repair non-convex curves. Not guaranteed optimal for strongly non-convex curves.
     """
     R, S = increments.shape
     inc = increments.double().clamp_min(0)
@@ -439,7 +440,30 @@ def _allocate(increments: Tensor, total: int) -> Tensor:
         seg[steps < c_lo.unsqueeze(1)] = math.inf
         pick = seg.reshape(-1).topk(gap, largest=False).indices
         c_lo = c_lo + torch.bincount(pick // S, minlength=R)
-    return c_lo
+    return _improve_allocation(C, c_lo)
+
+
+def _improve_allocation(C: Tensor, counts: Tensor, max_moves: Optional[int] = None) -> Tensor:
+    """Move single removals between rows while that lowers the summed cost.
+
+    The Lagrangian split is optimal when every row's cost curve is convex; greedy OBS
+    losses almost always are, and these moves repair the rare non-convex rows.
+    """
+    R, S1 = C.shape
+    counts = counts.clone()
+    rows = torch.arange(R, device=C.device)
+    for _ in range(max_moves if max_moves is not None else 4 * R):
+        up = torch.where(counts < S1 - 1, C[rows, (counts + 1).clamp_max(S1 - 1)] - C[rows, counts], torch.full_like(C[:, 0], math.inf))
+        down = torch.where(counts > 0, C[rows, counts] - C[rows, (counts - 1).clamp_min(0)], torch.full_like(C[:, 0], -math.inf))
+        r_up = int(up.argmin())
+        down_other = down.clone()
+        down_other[r_up] = -math.inf
+        r_down = int(down_other.argmax())
+        if not bool(up[r_up] < down_other[r_down] - 1e-12 * max(1.0, abs(float(down_other[r_down])))):
+            break
+        counts[r_up] += 1
+        counts[r_down] -= 1
+    return counts
 
 
 def _solve_exact(
@@ -502,15 +526,19 @@ def _solve_fast_group(
     frozen: int,
     block: int,
     forced: Optional[Tensor],
+    total: int,
 ) -> Tuple[Tensor, Tensor]:
+    """SparseGPT on one group's rows; ``total`` weights are pruned (unstructured)."""
     rows, d = W.shape
     dp = d - frozen
+    if pattern is not None:
+        block = -(-block // pattern.m) * pattern.m  # an N:M group never straddles two blocks
     U = torch.linalg.cholesky(Hinv, upper=True)
     W = W.clone()
     mask = torch.ones(rows, d, dtype=torch.bool, device=W.device)
     udiag = torch.diagonal(U)
     live = (~dead).to(W.dtype)
-    target = lambda cols: int(round(sparsity * rows * min(cols, dp)))  # noqa: E731 - cumulative quota
+    target = lambda cols: int(round(total * min(cols, dp) / max(dp, 1)))  # noqa: E731 - cumulative quota
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
         W1 = W[:, i1:i2].clone()
@@ -649,10 +677,14 @@ def solve_layer(
         else:
             per = rows // groups
             outs, masks = [], []
+            dp = d_w
+            quota = lambda g: int(round(sparsity * g * per * dp))  # noqa: E731 - layer-wide rounding
             for g in range(groups):
                 sl = slice(g * per, (g + 1) * per)
                 f = forced[sl] if forced is not None else None
-                o, m = _solve_fast_group(work[sl], Hinv[g], dead[g], sparsity, nm, frozen, options.block_size, f)
+                o, m = _solve_fast_group(
+                    work[sl], Hinv[g], dead[g], sparsity, nm, frozen, options.block_size, f, quota(g + 1) - quota(g)
+                )
                 outs.append(o)
                 masks.append(m)
             new, mask2 = torch.cat(outs), torch.cat(masks)
