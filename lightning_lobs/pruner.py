@@ -408,14 +408,15 @@ def prune(
             with torch.no_grad():
                 for n in order:
                     layers[n].module.weight.masked_fill_(~new_masks[n].to(layers[n].module.weight.device), 0.0)
+        # Measuring runs forward_fn again: a failure there must also leave the model (and masks) as they were.
+        layer_reports = _finish_reports(layers, reports, order, sequential)
+        out_err, model_err = _measure(model, batches, layers, order, snapshot, layer_reports, forward_fn, device)
+        bound, bound_spec, note = _bound(model, layers, order, layer_reports, sequential, batches[0], forward_fn, device)
     except BaseException:
         restore()
         raise
 
-    layer_reports = _finish_reports(layers, reports, order, sequential)
     masks.update(new_masks)
-    out_err, model_err = _measure(model, batches, layers, order, snapshot, layer_reports, forward_fn, device)
-    bound, bound_spec, note = _bound(model, layers, order, layer_reports, sequential, batches[0], forward_fn, device)
     total = sum(int(new_masks[n].numel()) for n in order)
     pruned = sum(int((~new_masks[n]).sum()) for n in order)
     return PruneReport(

@@ -1,0 +1,543 @@
+"""Tests for the :class:`lightning_lobs.LOBSPruning` callback inside a Lightning ``Trainer``."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lobs import LOBSPruning, prune_model
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*number of training batches.*"),
+    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
+    pytest.mark.filterwarnings("ignore:.*your dataloader is not resumable.*"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
+]
+
+LAYERS = ("net.0", "net.2", "net.4")
+
+
+# --------------------------------------------------------------------------- model, data, helpers
+
+
+def make_data(n: int = 512, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=g)
+    proj = torch.randn(32, 4, generator=g)
+    y = (x @ proj).argmax(1)
+    return TensorDataset(x, y)
+
+
+class LitMLP(pl.LightningModule):
+    def __init__(self, optimizer: str = "adam", bn: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.optimizer_name = optimizer
+        if bn:
+            self.net = nn.Sequential(
+                nn.Linear(32, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.data = make_data()
+        self.steps = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2, weight_decay=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+
+def trainer(max_epochs: int, callbacks, tmp_path=None, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path) if tmp_path is not None else None,
+        **kwargs,
+    )
+
+
+def zeros(model: pl.LightningModule, name: str) -> int:
+    return int((model.get_submodule(name).weight == 0).sum())
+
+
+def numel(model: pl.LightningModule, name: str) -> int:
+    return model.get_submodule(name).weight.numel()
+
+
+def hook_counts(model: nn.Module) -> dict:
+    out = {}
+    for name, m in model.named_modules():
+        n = (
+            len(m._forward_pre_hooks)
+            + len(m._forward_hooks)
+            + len(m._backward_hooks)
+            + len(getattr(m, "_backward_pre_hooks", {}))
+        )
+        if n:
+            out[name] = n
+    for name, p in model.named_parameters():
+        if p._backward_hooks:
+            out[name] = len(p._backward_hooks)
+    return out
+
+
+class Watcher(Callback):
+    """Placed AFTER LOBSPruning: checks masks on every batch and records states at epoch starts."""
+
+    def __init__(self, lobs: LOBSPruning) -> None:
+        self.lobs = lobs
+        self.checked_batches = 0
+        self.epoch_start_weights: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.epoch_start_masks: Dict[int, Dict[str, torch.Tensor]] = {}
+        self.epoch_start_zeros: Dict[int, Dict[str, int]] = {}
+        self.optimizers: List[torch.optim.Optimizer] = []
+        self.hooks_during_training: Optional[int] = None
+        self.epochs_seen: List[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        e = trainer.current_epoch
+        self.epochs_seen.append(e)
+        self.epoch_start_weights[e] = {n: pl_module.get_submodule(n).weight.detach().clone() for n in LAYERS}
+        self.epoch_start_masks[e] = {n: m.clone() for n, m in self.lobs.masks.masks.items()}
+        self.epoch_start_zeros[e] = {n: zeros(pl_module, n) for n in LAYERS}
+        self.optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not len(self.lobs.masks):
+            return
+        assert self.lobs.masks.attached
+        self.hooks_during_training = self.lobs.masks.num_hooks
+        for name, mask in self.lobs.masks.masks.items():
+            w = pl_module.get_submodule(name).weight
+            assert torch.all(w.detach()[~mask.to(w.device)] == 0), f"pruned weight of {name} revived"
+            if w.grad is not None:
+                assert torch.all(w.grad[~mask.to(w.device)] == 0), f"pruned grad of {name} nonzero"
+        self.checked_batches += 1
+
+
+# --------------------------------------------------------------------------- masks held through training
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_masks_hold_through_retraining(optimizer):
+    model = LitMLP(optimizer)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    watch = Watcher(lobs)
+    tr = trainer(3, [lobs, watch], accumulate_grad_batches=2, gradient_clip_val=1.0)
+    tr.fit(model)
+    assert lobs.pruned_epochs == [1]
+    assert len(lobs.reports) == 1
+    assert set(lobs.masks) == set(LAYERS)
+    # checked on every batch of epochs 1 and 2 (8 batches each)
+    assert watch.checked_batches == 16
+    # dense before the prune epoch, pruned at its start
+    assert all(v == 0 for v in watch.epoch_start_zeros[0].values())
+    for name in LAYERS:
+        target = round(0.8 * numel(model, name))
+        assert watch.epoch_start_zeros[1][name] == target
+        mask = lobs.masks[name]
+        w = model.get_submodule(name).weight.detach()
+        assert int((~mask).sum()) == target
+        assert torch.all(w[~mask] == 0)
+        assert zeros(model, name) == target  # per-layer sparsity after fit
+        # kept weights kept training after pruning
+        after_prune = watch.epoch_start_weights[1][name]
+        changed = (w[mask] != after_prune[mask]).float().mean().item()
+        assert changed > 0.9, f"{name}: only {changed:.2f} of kept weights changed"
+    # optimizer state at pruned positions is zero after fit (momentum / Adam moments)
+    opt = watch.optimizers[0]
+    for name in LAYERS:
+        w = model.get_submodule(name).weight
+        for key, value in opt.state[w].items():
+            if torch.is_tensor(value) and value.shape == w.shape:
+                assert torch.all(value[~lobs.masks[name]] == 0), (name, key)
+
+
+def test_metrics_logged(tmp_path):
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    logger = CSVLogger(str(tmp_path), name="m", version=0)
+    tr = trainer(2, [lobs], tmp_path, logger=logger, log_every_n_steps=1)
+    tr.fit(model)
+    m = tr.callback_metrics
+    for key in ("lobs/sparsity", "lobs/bound", "lobs/bound_spectral", "lobs/output_error"):
+        assert key in m, key
+    for name in LAYERS:
+        assert f"lobs/{name}/layer_error" in m
+        assert f"lobs/{name}/sparsity" in m
+        assert float(m[f"lobs/{name}/sparsity"]) == pytest.approx(round(0.8 * numel(model, name)) / numel(model, name))
+    report = lobs.last_report
+    assert float(m["lobs/bound"]) == pytest.approx(report.bound, rel=1e-6)
+    assert float(m["lobs/output_error"]) == pytest.approx(report.output_error, rel=1e-6)
+    assert float(m["lobs/bound"]) >= float(m["lobs/output_error"]) > 0
+    assert float(m["lobs/bound_spectral"]) <= float(m["lobs/bound"])
+    assert float(m["lobs/sparsity"]) == pytest.approx(0.8, abs=2e-3)
+    # and written by the logger, in the row of epoch 1
+    logger.save()
+    with open(tmp_path / "m" / "version_0" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    lobs_rows = [r for r in rows if r.get("lobs/bound")]
+    assert len(lobs_rows) == 1
+    assert int(lobs_rows[0]["epoch"]) == 1
+    for name in LAYERS:
+        assert float(lobs_rows[0][f"lobs/{name}/layer_error"]) == pytest.approx(report.layers[name].layer_error, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_after_prune_keeps_masks(tmp_path):
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
+    tr = trainer(2, [lobs, ckpt], tmp_path, enable_checkpointing=True)
+    tr.fit(model)
+    path = tmp_path / "last.ckpt"
+    assert path.exists()
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cb_state = [v for k, v in state["callbacks"].items() if "LOBSPruning" in k]
+    assert len(cb_state) == 1 and cb_state[0]["pruned_epochs"] == [1]
+    masks_before = {n: m.clone() for n, m in lobs.masks.masks.items()}
+
+    model2 = LitMLP(seed=123)  # different init: everything must come from the checkpoint
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    pruned_calls = []
+    orig = lobs2.prune_now
+    lobs2.prune_now = lambda *a, **k: pruned_calls.append(a) or orig(*a, **k)  # type: ignore[method-assign]
+    watch = Watcher(lobs2)
+    tr2 = trainer(4, [lobs2, watch], tmp_path)
+    tr2.fit(model2, ckpt_path=str(path))
+    assert watch.epochs_seen == [2, 3]
+    assert pruned_calls == [] and lobs2.reports == []
+    assert lobs2.pruned_epochs == [1]
+    assert set(lobs2.masks) == set(masks_before)
+    for name, m in masks_before.items():
+        assert torch.equal(lobs2.masks[name].cpu(), m.cpu())
+        assert zeros(model2, name) == int((~m).sum())
+    assert watch.checked_batches == 16  # held through every resumed batch
+    # training actually continued on the restored weights
+    for name in LAYERS:
+        w = model2.get_submodule(name).weight.detach()
+        assert not torch.equal(w, watch.epoch_start_weights[2][name])
+    assert lobs2.masks.num_hooks == 0
+
+
+def test_resume_mid_prune_epoch_does_not_prune_again(tmp_path):
+    """A checkpoint saved inside the prune epoch: that epoch restarts, but must not prune twice."""
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=10, save_top_k=-1, filename="{step}")
+    tr = trainer(2, [lobs, ckpt], tmp_path, enable_checkpointing=True)
+    tr.fit(model)
+    path = tmp_path / "step=10.ckpt"  # step 10 lies in epoch 1 (8 steps per epoch)
+    assert path.exists(), sorted(p.name for p in tmp_path.iterdir())
+    masks_before = {n: m.clone() for n, m in lobs.masks.masks.items()}
+
+    model2 = LitMLP(seed=5)
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    watch = Watcher(lobs2)
+    tr2 = trainer(3, [lobs2, watch], tmp_path)
+    tr2.fit(model2, ckpt_path=str(path))
+    # Lightning finishes the interrupted epoch 1 (6 batches left) without a new epoch start
+    assert watch.epochs_seen == [2]
+    assert tr2.global_step == 24
+    assert lobs2.reports == []  # not pruned a second time
+    assert lobs2.pruned_epochs == [1]
+    for name, m in masks_before.items():
+        assert torch.equal(lobs2.masks[name].cpu(), m.cpu())
+        assert torch.all(model2.get_submodule(name).weight[~m] == 0)
+    # masks were held (attached at train start) on the rest of epoch 1 and all of epoch 2
+    assert watch.checked_batches == 6 + 8
+
+
+def test_restored_pruned_epochs_block_a_second_prune():
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False)
+    lobs.load_state_dict({"masks": {"net.0": torch.ones(24, 32, dtype=torch.bool)}, "pruned_epochs": [1]})
+    assert lobs.pruned_epochs == [1] and set(lobs.masks) == {"net.0"}
+    calls = []
+    lobs.prune_now = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
+    lobs.on_train_epoch_start(SimpleNamespace(current_epoch=1), None)
+    assert calls == []
+    fresh = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False)
+    fresh.prune_now = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
+    fresh.log_report = lambda *a, **k: None  # type: ignore[method-assign]
+    fresh.on_train_epoch_start(SimpleNamespace(current_epoch=1), None)
+    assert len(calls) == 1
+
+
+def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    tr = trainer(3, [lobs, ckpt], tmp_path, enable_checkpointing=True)
+    tr.fit(model)
+    path = tmp_path / "epoch=0.ckpt"
+    assert path.exists()
+
+    model2 = LitMLP(seed=7)
+    lobs2 = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False)
+    watch = Watcher(lobs2)
+    tr2 = trainer(3, [lobs2, watch], tmp_path)
+    tr2.fit(model2, ckpt_path=str(path))
+    assert watch.epochs_seen == [1, 2]
+    assert all(v == 0 for v in watch.epoch_start_zeros[1].values())  # still dense in epoch 1
+    assert lobs2.pruned_epochs == [2] and len(lobs2.reports) == 1
+    for name in LAYERS:
+        assert watch.epoch_start_zeros[2][name] == round(0.7 * numel(model2, name))
+        assert zeros(model2, name) == round(0.7 * numel(model2, name))
+
+
+# --------------------------------------------------------------------------- plain model afterwards
+
+
+def test_final_model_is_plain_and_hooks_removed():
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False)
+    watch = Watcher(lobs)
+    trainer(2, [lobs, watch]).fit(model)
+    # hooks were there during training (grad hooks on 3 weights + 1 optimizer step hook) ...
+    assert watch.hooks_during_training == 4
+    # ... and are all gone after fit
+    assert lobs.masks.num_hooks == 0 and not lobs.masks.attached
+    assert hook_counts(model) == {}
+    assert all(len(o._optimizer_step_post_hooks) == 0 for o in watch.optimizers)
+    assert watch.optimizers
+    fresh = LitMLP(seed=3)
+    assert list(model.state_dict().keys()) == list(fresh.state_dict().keys())
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    for name in LAYERS:
+        assert zeros(fresh, name) == round(0.5 * numel(fresh, name))
+    # plain module: a new optimizer step on it is not masked anymore
+    x, y = model.data.tensors
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert (model.net[0].weight.grad[~lobs.masks["net.0"]] != 0).any()
+
+
+# --------------------------------------------------------------------------- iterative pruning
+
+
+def test_iterative_pruning():
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[1, 2], calibration_batches=4, log_table=False)
+    watch = Watcher(lobs)
+    trainer(3, [lobs, watch]).fit(model)
+    assert lobs.pruned_epochs == [1, 2] and len(lobs.reports) == 2
+    assert lobs.reports[0].sparsity == pytest.approx(0.5, abs=2e-3)
+    assert lobs.reports[1].sparsity == pytest.approx(0.8, abs=2e-3)
+    for name in LAYERS:
+        n = numel(model, name)
+        assert watch.epoch_start_zeros[1][name] == round(0.5 * n)
+        assert watch.epoch_start_zeros[2][name] == round(0.8 * n)
+        first_zeros = ~watch.epoch_start_masks[1][name]
+        assert int(first_zeros.sum()) == round(0.5 * n)
+        # every epoch-1 zero is still zero after the second prune and at the end
+        assert torch.all(watch.epoch_start_weights[2][name][first_zeros] == 0)
+        assert torch.all(model.get_submodule(name).weight[first_zeros] == 0)
+        assert not torch.any(lobs.masks[name] & first_zeros)
+        assert zeros(model, name) == round(0.8 * n)
+    assert watch.checked_batches == 16
+
+
+# --------------------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(sparsity=1.5), ValueError, r"sparsity must be a float in \[0, 1\)"),
+        (dict(sparsity=-0.1), ValueError, r"sparsity must be a float in \[0, 1\)"),
+        (dict(sparsity={}), ValueError, r"mapping is empty"),
+        (dict(prune_epoch=-1), ValueError, r"prune_epoch must be an int >= 0"),
+        (dict(prune_epoch=[2, 1], sparsity=[0.5, 0.8]), ValueError, r"strictly increasing"),
+        (dict(prune_epoch=[1, 2], sparsity=[0.5, 0.6, 0.8]), ValueError, r"sparsity has 3 entries but prune_epoch has 2"),
+        (dict(prune_epoch=[1, 2], sparsity=[0.5, 1.2]), ValueError, r"sparsity\[1\]"),
+        (dict(method="foo"), ValueError, r"method must be one of"),
+        (dict(calibration_batches=0), ValueError, r"calibration_batches must be an int >= 1"),
+        (dict(pattern="3:2"), ValueError, r"pattern '3:2'"),
+        (dict(solver={"damp": 0.1}), TypeError, r"solver must be a SolverOptions"),
+    ],
+)
+def test_construction_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LOBSPruning(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, max_epochs, match",
+    [
+        (dict(prune_epoch=3), 3, r"prune_epoch 3 is beyond the last epoch of training \(max_epochs=3"),
+        (dict(prune_epoch=[0, 5], sparsity=[0.3, 0.5]), 2, r"prune_epoch 5"),
+        (dict(sparsity={"encoder.*": 0.5}), 2, r"pattern 'encoder\.\*' matches no module"),
+        (dict(sparsity={"net.1": 0.5}), 2, r"module 'net.1' \(ReLU\) cannot be pruned"),
+        (dict(exclude=["nope"]), 2, r"exclude pattern 'nope' matches no module"),
+    ],
+)
+def test_setup_errors_before_training(kwargs, max_epochs, match):
+    model = LitMLP()
+    before = copy.deepcopy(model.state_dict())
+    lobs = LOBSPruning(calibration_batches=2, log_table=False, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer(max_epochs, [lobs]).fit(model)
+    assert model.steps == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+class CountingLoader:
+    def __init__(self, batches) -> None:
+        self.batches = batches
+        self.yielded = 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.yielded += 1
+            yield b
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def test_calibration_dataloader_is_used():
+    g = torch.Generator().manual_seed(42)
+    cal = CountingLoader([(torch.randn(32, 32, generator=g) * 3 + 1, torch.zeros(32, dtype=torch.long)) for _ in range(6)])
+    model = LitMLP()
+    reference = copy.deepcopy(model)
+    lobs = LOBSPruning(sparsity=0.6, prune_epoch=0, calibration_batches=3, calibration_dataloader=cal, log_table=False)
+    trainer(1, [lobs]).fit(model)
+    assert cal.yielded == 3
+    # same layer errors as pruning the initial model on those 3 batches (and not on the train data)
+    expected = prune_model(reference, cal.batches, 0.6, calibration_batches=3)
+    got = lobs.last_report
+    for name in LAYERS:
+        assert got.layers[name].layer_error == pytest.approx(expected.layers[name].layer_error, rel=1e-6)
+    on_train = prune_model(copy.deepcopy(LitMLP()), LitMLP().train_dataloader(), 0.6, calibration_batches=3)
+    assert on_train.layers["net.0"].layer_error != pytest.approx(got.layers["net.0"].layer_error, rel=1e-3)
+
+
+def test_forward_fn_used_by_callback():
+    calls = []
+
+    def fwd(model, batch):
+        calls.append(batch[0].shape[0])
+        return model(batch[0])
+
+    model = LitMLP()
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, forward_fn=fwd, log_table=False)
+    trainer(1, [lobs]).fit(model)
+    assert len(calls) >= 2 and all(c == 64 for c in calls)
+    assert lobs.last_report.sparsity == pytest.approx(0.5, abs=2e-3)
+
+
+# --------------------------------------------------------------------------- BN statistics and optimizer state
+
+
+class StateWatcher(Callback):
+    """Placed after LOBSPruning: compares BN buffers / optimizer state across the prune."""
+
+    def __init__(self) -> None:
+        self.end0: Dict[str, torch.Tensor] = {}
+        self.start1: Dict[str, torch.Tensor] = {}
+        self.opt_end0: Dict = {}
+        self.opt_start1: Dict = {}
+        self.training_flags: List[bool] = []
+
+    @staticmethod
+    def _opt_state(trainer, pl_module):
+        opt = trainer.optimizers[0]
+        return {
+            n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            for n, p in pl_module.named_parameters()
+        }
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            self.end0 = {k: v.clone() for k, v in pl_module.net[1].state_dict().items()}
+            self.opt_end0 = self._opt_state(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.training_flags.append(all(m.training for m in pl_module.modules()))
+        if trainer.current_epoch == 1:
+            self.start1 = {k: v.clone() for k, v in pl_module.net[1].state_dict().items()}
+            self.opt_start1 = self._opt_state(trainer, pl_module)
+
+
+def test_calibration_leaves_bn_stats_and_optimizer_state():
+    model = LitMLP(bn=True)
+    lobs = LOBSPruning(sparsity=0.6, prune_epoch=1, calibration_batches=4, log_table=False)
+    watch = StateWatcher()
+    trainer(2, [lobs, watch]).fit(model)
+    assert lobs.pruned_epochs == [1]
+    names = ("net.0", "net.3", "net.5")
+    assert set(lobs.masks) == set(names)
+    # BN running statistics are exactly those at the end of epoch 0 (calibration ran in eval mode)
+    assert watch.end0["num_batches_tracked"] == 8
+    for k, v in watch.end0.items():
+        assert torch.equal(watch.start1[k], v), k
+    assert watch.training_flags == [True, True]  # train mode restored after calibration
+    # optimizer state: unchanged except that masked weights' moments are zeroed at pruned positions
+    for pname, state in watch.opt_end0.items():
+        after = watch.opt_start1[pname]
+        assert state.keys() == after.keys()
+        layer = pname.rsplit(".", 1)[0]
+        for key, v in state.items():
+            if not torch.is_tensor(v) or v.dim() == 0:
+                assert torch.equal(torch.as_tensor(after[key]), torch.as_tensor(v)), (pname, key)
+            elif pname.endswith(".weight") and layer in lobs.masks:
+                mask = lobs.masks[layer]
+                assert torch.equal(after[key][mask], v[mask]), (pname, key)
+                assert torch.all(after[key][~mask] == 0), (pname, key)
+            else:
+                assert torch.equal(after[key], v), (pname, key)
+    report = lobs.last_report
+    assert math.isfinite(report.bound) and report.bound >= report.output_error
+
+
+def test_prune_model_on_lightning_module_in_train_mode_keeps_bn_stats():
+    model = LitMLP(bn=True)
+    model.train()
+    with torch.no_grad():
+        for x, _ in model.train_dataloader():
+            model(x)
+    bn = {k: v.clone() for k, v in model.net[1].state_dict().items()}
+    report = prune_model(model, model.train_dataloader(), 0.6, calibration_batches=4)
+    assert set(report.layers) == {"net.0", "net.3", "net.5"}
+    for k, v in model.net[1].state_dict().items():
+        assert torch.equal(v, bn[k]), k
+    assert all(m.training for m in model.modules())
