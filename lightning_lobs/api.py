@@ -35,6 +35,7 @@ def prune_model(
     calibration: Optional[CalibrationOptions] = None,
     forward_fn: Optional[ForwardFn] = None,
     masks: Optional[MaskSet] = None,
+    recalibrate_bn: bool = True,
 ) -> PruneReport:
     """Prune ``model``'s Linear/Conv layers in place with Optimal Brain Surgeon.
 
@@ -54,6 +55,8 @@ def prune_model(
         solver, calibration: numerical options (:class:`SolverOptions`, :class:`CalibrationOptions`).
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it
             receives the new masks.
+        recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches
+            after pruning.
 
     Returns:
         A :class:`PruneReport` with per-layer errors, sparsities, the bound and the masks.
@@ -71,4 +74,5 @@ def prune_model(
         calibration=calibration,
         forward_fn=forward_fn,
         masks=masks,
+        recalibrate_bn=recalibrate_bn,
     )

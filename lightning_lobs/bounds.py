@@ -64,7 +64,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -858,6 +858,12 @@ class RMSAccumulator:
         sq = _sq_norms(reference, other)
         self._sum += float(sq.sum())
         self._count += int(sq.numel())
+
+    def all_reduce(self, group: Any = None, device: Optional[torch.device] = None) -> None:
+        """Sum the squared errors and sample counts over the ranks of a torch.distributed group."""
+        buf = torch.tensor([self._sum, float(self._count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(buf, group=group)
+        self._sum, self._count = float(buf[0]), int(buf[1])
 
     def value(self) -> float:
         """RMS error over all samples added so far (nan when empty)."""

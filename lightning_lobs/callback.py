@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from .api import take_batches
-from .hessian import HessianCollector
+from .distributed import RankInfo
 from .masks import MaskSet
 from .pruner import (
     ALL_METHODS,
@@ -57,6 +57,8 @@ class LOBSPruning(Callback):
         solver: :class:`SolverOptions` (damping, precision, block sizes).
         calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking).
         forward_fn: ``(model, batch) -> output``; default feeds ``batch[0]`` (or the tensor).
+        recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches
+            after pruning (as the paper's code did).
         log_table: log a rank-zero summary table after each prune.
     """
 
@@ -74,6 +76,7 @@ class LOBSPruning(Callback):
         solver: Optional[SolverOptions] = None,
         calibration: Optional[CalibrationOptions] = None,
         forward_fn: Optional[ForwardFn] = None,
+        recalibrate_bn: bool = True,
         log_table: bool = True,
     ) -> None:
         epochs = [prune_epoch] if isinstance(prune_epoch, int) else list(prune_epoch)
@@ -115,6 +118,7 @@ class LOBSPruning(Callback):
         self.solver = solver or SolverOptions()
         self.calibration = calibration or CalibrationOptions()
         self.forward_fn = forward_fn
+        self.recalibrate_bn = bool(recalibrate_bn)
         self.log_table = log_table
         self.masks = MaskSet()
         self.pruned_epochs: List[int] = []
@@ -170,7 +174,6 @@ class LOBSPruning(Callback):
     def prune_now(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", index: int) -> PruneReport:
         """Calibrate and prune for entry ``index`` of ``prune_epoch``; then hold the masks."""
         batches = self.calibration_batches_for(trainer)
-        reduce = _all_reduce_hessians if trainer.world_size > 1 else None
         report = prune(
             pl_module,
             batches,
@@ -183,7 +186,8 @@ class LOBSPruning(Callback):
             calibration=self.calibration,
             forward_fn=self.forward_fn,
             masks=self.masks,
-            reduce_hessians=reduce,
+            recalibrate_bn=self.recalibrate_bn,
+            rank=RankInfo.current() if trainer.world_size > 1 else None,
         )
         self.masks.attach(pl_module, trainer.optimizers)
         self.pruned_epochs.append(self.prune_epochs[index])
@@ -210,7 +214,3 @@ class LOBSPruning(Callback):
         self.masks.load_state_dict(state_dict.get("masks", {}))
         self.pruned_epochs = list(state_dict.get("pruned_epochs", []))
 
-
-def _all_reduce_hessians(collector: HessianCollector) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        collector.reduce()

@@ -21,8 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from . import bounds as _bounds
+from .batchnorm import batchnorm_modules, batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
+from .distributed import RankInfo, assign_layers, broadcast_floats, broadcast_tensors
 from .hessian import HessianCollector, has_bias, is_supported, num_groups, set_weight_matrix, weight_matrix
 from .masks import MaskSet
+from .resources import check_budget, layer_memory
 from .solvers import METHODS, NMPattern, SolverOptions, parse_pattern, solve_layer
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,14 @@ class CalibrationOptions:
         hessian_dtype: accumulation precision of H (float64 keeps long sums exact).
         max_chunk_elements: bound on conv patches unfolded at once (bounded extra memory).
         position_stride: keep every k-th conv output position (for very large maps).
+        memory_budget_bytes: refuse to start (naming the layer and the remedy) when the
+            Hessians plus the largest solve would need more; None = 80% of what is free.
     """
 
     hessian_dtype: torch.dtype = torch.float64
     max_chunk_elements: int = 1 << 24
     position_stride: int = 1
+    memory_budget_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.hessian_dtype not in (torch.float32, torch.float64):
@@ -56,6 +62,10 @@ class CalibrationOptions:
             raise ValueError(f"max_chunk_elements must be a positive int, got {self.max_chunk_elements!r}.")
         if not isinstance(self.position_stride, int) or self.position_stride < 1:
             raise ValueError(f"position_stride must be a positive int, got {self.position_stride!r}.")
+        if self.memory_budget_bytes is not None and (
+            not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1
+        ):
+            raise ValueError(f"memory_budget_bytes must be a positive int or None, got {self.memory_budget_bytes!r}.")
 
 
 @dataclass
@@ -325,6 +335,14 @@ def _resolve_method(method: str, module: nn.Module) -> str:
     return "exact" if rows * d**3 <= AUTO_EXACT_MAX_COST else "fast"
 
 
+def _solve_cost(layer: "_Layer") -> float:
+    rows, d = layer.dense.shape
+    g = num_groups(layer.module)
+    if layer.method == "exact":
+        return float(rows) * d**3
+    return float(g) * d**3 + float(rows) * d**2
+
+
 def prune(
     model: nn.Module,
     batches: Sequence[Any],
@@ -338,13 +356,17 @@ def prune(
     calibration: Optional[CalibrationOptions] = None,
     forward_fn: Optional[ForwardFn] = None,
     masks: Optional[MaskSet] = None,
-    reduce_hessians: Optional[Callable[[HessianCollector], None]] = None,
+    recalibrate_bn: bool = True,
+    rank: Optional[RankInfo] = None,
 ) -> PruneReport:
     """Prune ``model`` in place with OBS on the given calibration ``batches``.
 
     ``masks`` (optional) holds masks of an earlier step: those weights stay pruned and
-    the new masks are written into it. ``reduce_hessians`` is called on every collector
-    before solving (distributed training sums Hessians across ranks there).
+    the new masks are written into it. ``recalibrate_bn`` re-estimates BatchNorm running
+    statistics on the batches after pruning. With ``rank`` in a torch.distributed group,
+    each rank calibrates on its own batches, Hessians and sample counts are summed across
+    ranks, the layer solves are spread over the ranks and their results broadcast, so all
+    ranks end with identical weights and masks.
     """
     if method not in ALL_METHODS:
         raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}.")
@@ -352,6 +374,7 @@ def prune(
     solver = solver or SolverOptions()
     calibration = calibration or CalibrationOptions()
     forward_fn = forward_fn or default_forward
+    rank = rank or RankInfo()
     if len(batches) < 1:
         raise ValueError("no calibration batches: the dataloader is empty or calibration_batches < 1.")
     targets = select_layers(model, sparsity, exclude, nm)
@@ -359,59 +382,83 @@ def prune(
     masks = masks if masks is not None else MaskSet()
     device = _model_device(model)
     layers = {
-        n: _Layer(n, modules[n], t, _resolve_method(method, modules[n]), _channel_last_perm(modules[n]) if nm else None, weight_matrix(modules[n]))
+        n: _Layer(
+            n,
+            modules[n],
+            t,
+            _resolve_method(method, modules[n]),
+            _channel_last_perm(modules[n]) if nm else None,
+            weight_matrix(modules[n]),
+        )
         for n, t in targets.items()
     }
-    snapshot = {n: (modules[n].weight.detach().clone(), None if modules[n].bias is None else modules[n].bias.detach().clone()) for n in layers}
+    estimates = {
+        n: layer_memory(n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes)
+        for n, l in layers.items()
+    }
+    check_budget(estimates, calibration.memory_budget_bytes, sequential, device)
+
+    snapshot = {n: (modules[n].weight.detach().clone(), _clone_or_none(modules[n].bias)) for n in layers}
+    bn_dense = batchnorm_state(model)
 
     def restore() -> None:
-        with torch.no_grad():
-            for n, (w, b) in snapshot.items():
-                modules[n].weight.copy_(w)
-                if b is not None:
-                    modules[n].bias.copy_(b)
+        _load_params(modules, snapshot)
+        load_batchnorm_state(model, bn_dense)
 
-    reports: Dict[str, LayerReport] = {}
+    reports: Dict[str, Dict[str, Any]] = {}
     new_masks: Dict[str, Tensor] = {}
     t_cal = t_solve = 0.0
     order: List[str] = []
+    run = lambda batch: forward_fn(model, _move(batch, device))  # noqa: E731
     try:
         with _eval_no_grad(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             hessians: Dict[str, Tensor] = {}
-            samples: Dict[str, float] = {}
+            positions: Dict[str, float] = {}
             if not sequential:
                 t0 = time.perf_counter()
-                hessians, samples, order = _calibrate(model, batches, {n: l.module for n, l in layers.items()}, calibration, forward_fn, device, reduce_hessians)
+                hessians, positions, order = _calibrate(model, batches, {n: l.module for n, l in layers.items()}, calibration, run, rank)
                 t_cal += time.perf_counter() - t0
+                owners = assign_layers({n: _solve_cost(layers[n]) for n in order}, rank.world_size)
             else:
-                order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, forward_fn, device)
+                order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, run)
+                owners = {n: i % rank.world_size for i, n in enumerate(order)}
             for n in order:
                 layer = layers[n]
                 if sequential:
                     t0 = time.perf_counter()
-                    h, s, _ = _calibrate(model, batches, {n: layer.module}, calibration, forward_fn, device, reduce_hessians)
-                    hessians[n], samples[n] = h[n], s[n]
+                    h, s, _ = _calibrate(model, batches, {n: layer.module}, calibration, run, rank)
+                    hessians[n], positions[n] = h[n], s[n]
                     t_cal += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                rep, mask = _solve_one(layer, hessians[n], samples[n], nm, solver, masks.get(n))
+                if owners[n] == rank.rank:
+                    rep, mask = _solve_one(layer, hessians[n], positions[n], nm, solver, masks.get(n))
+                    rep["seconds"] = time.perf_counter() - t0
+                else:
+                    rep, mask = _placeholder(layer, positions[n]), torch.ones_like(layer.module.weight, dtype=torch.bool)
                 if sequential:
+                    rep, mask = _share(rep, mask, owners[n], rank, device)
                     set_weight_matrix(layer.module, rep.pop("matrix"))
-                dt = time.perf_counter() - t0
-                t_solve += dt
-                rep["seconds"] = dt
-                reports[n] = rep  # type: ignore[assignment]
+                t_solve += time.perf_counter() - t0
+                reports[n] = rep
                 new_masks[n] = mask
-            # Write every layer only once all solves succeeded (dense mode) so failures leave no trace.
-            for n in order:
-                if "matrix" in reports[n]:  # type: ignore[operator]
-                    set_weight_matrix(layers[n].module, reports[n].pop("matrix"))  # type: ignore[union-attr]
+            if not sequential:
+                t0 = time.perf_counter()
+                for n in order:
+                    reports[n], new_masks[n] = _share(reports[n], new_masks[n], owners[n], rank, device)
+                t_solve += time.perf_counter() - t0
+                # Weights are written only once every solve succeeded, so a failure leaves no trace.
+                for n in order:
+                    set_weight_matrix(layers[n].module, reports[n].pop("matrix"))
             with torch.no_grad():
                 for n in order:
                     layers[n].module.weight.masked_fill_(~new_masks[n].to(layers[n].module.weight.device), 0.0)
+        bn_recalibrated = bool(recalibrate_bn and recalibrate_batchnorm(model, batches, run))
+        if bn_recalibrated:
+            _all_reduce_batchnorm(model, rank)
         # Measuring runs forward_fn again: a failure there must also leave the model (and masks) as they were.
         layer_reports = _finish_reports(layers, reports, order, sequential)
-        out_err, model_err = _measure(model, batches, layers, order, snapshot, layer_reports, forward_fn, device)
-        bound, bound_spec, note = _bound(model, layers, order, layer_reports, sequential, batches[0], forward_fn, device)
+        out_err, model_err, example = _measure(model, batches, layers, order, snapshot, bn_dense, layer_reports, run, rank)
+        bound, bound_spec, note = _bound(model, order, layer_reports, example, bn_recalibrated)
     except BaseException:
         restore()
         raise
@@ -434,16 +481,65 @@ def prune(
     )
 
 
+def _clone_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().clone()
+
+
+def _load_params(modules: Mapping[str, nn.Module], state: Mapping[str, Tuple[Tensor, Optional[Tensor]]]) -> None:
+    with torch.no_grad():
+        for n, (w, b) in state.items():
+            modules[n].weight.copy_(w)
+            if b is not None:
+                modules[n].bias.copy_(b)
+
+
+_SHARED_FLOATS = ("sparsity", "layer_error", "d_term", "damp", "seconds")
+
+
+def _placeholder(layer: "_Layer", positions: float) -> Dict[str, Any]:
+    """A report for a layer another rank solves; filled in by :func:`_share`."""
+    return {
+        "name": layer.name,
+        "kind": type(layer.module).__name__,
+        "shape": tuple(layer.module.weight.shape),
+        "method": layer.method,
+        "target_sparsity": layer.target,
+        "positions": positions,
+        "matrix": torch.zeros_like(layer.dense),
+        **{k: 0.0 for k in _SHARED_FLOATS},
+    }
+
+
+def _share(rep: Dict[str, Any], mask: Tensor, owner: int, rank: RankInfo, device: torch.device) -> Tuple[Dict[str, Any], Tensor]:
+    """Broadcast one layer's solve from its owner rank (no-op in a single process)."""
+    if not rank.active:
+        return rep, mask
+    matrix, mask = broadcast_tensors([rep["matrix"].to(device), mask.to(device)], owner, rank)
+    values = broadcast_floats([float(rep[k]) for k in _SHARED_FLOATS], owner, rank, device)
+    rep = dict(rep, matrix=matrix, **dict(zip(_SHARED_FLOATS, values)))
+    return rep, mask
+
+
+def _all_reduce_batchnorm(model: nn.Module, rank: RankInfo) -> None:
+    """Average re-estimated BatchNorm statistics over ranks (each saw its own batches)."""
+    if not rank.active:
+        return
+    for bn in batchnorm_modules(model):
+        for buf in (bn.running_mean, bn.running_var):
+            if buf is not None:
+                torch.distributed.all_reduce(buf, group=rank.group)
+                buf.div_(rank.world_size)
+
+
 def _calibrate(
     model: nn.Module,
     batches: Sequence[Any],
     modules: Mapping[str, nn.Module],
     options: CalibrationOptions,
-    forward_fn: ForwardFn,
-    device: torch.device,
-    reduce_hessians: Optional[Callable[[HessianCollector], None]],
+    run: Callable[[Any], Any],
+    rank: RankInfo,
 ) -> Tuple[Dict[str, Tensor], Dict[str, float], List[str]]:
-    """Stream H for ``modules`` over ``batches``; also count samples per layer and the call order."""
+    """Stream H for ``modules`` over ``batches`` (summed over ranks); also samples per layer and call order."""
     samples = {n: 0 for n in modules}
     order: List[str] = []
     handles = []
@@ -468,7 +564,7 @@ def _calibrate(
             handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
         with collector:
             for batch in batches:
-                forward_fn(model, _move(batch, device))
+                run(batch)
     finally:
         for h in handles:
             h.remove()
@@ -478,19 +574,22 @@ def _calibrate(
             f"layers {missing} were never called during calibration, so they have no Hessian; exclude them "
             "or check forward_fn."
         )
-    if reduce_hessians is not None:
-        reduce_hessians(collector)
+    if rank.active:
+        collector.reduce(rank.group)
+        counts = torch.tensor([float(samples[n]) for n in modules], dtype=torch.float64, device=_model_device(model))
+        torch.distributed.all_reduce(counts, group=rank.group)
+        samples = dict(zip(modules, counts.tolist()))
     hessians = collector.hessians()
     rows = {n: collector.accumulators[n].count for n in modules}
     positions = {n: rows[n] / samples[n] for n in modules}
     return hessians, positions, order
 
 
-def _execution_order(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module], forward_fn: ForwardFn, device: torch.device) -> List[str]:
+def _execution_order(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module], run: Callable[[Any], Any]) -> List[str]:
     order: List[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None) for n, m in modules.items()]
     try:
-        forward_fn(model, _move(batch, device))
+        run(batch)
     finally:
         for h in handles:
             h.remove()
@@ -569,39 +668,55 @@ def _measure(
     layers: Mapping[str, _Layer],
     order: Sequence[str],
     snapshot: Mapping[str, Tuple[Tensor, Optional[Tensor]]],
+    bn_dense: Mapping[str, Tensor],
     reports: Mapping[str, LayerReport],
-    forward_fn: ForwardFn,
-    device: torch.device,
-) -> Tuple[float, float]:
-    """RMS per-sample output errors (every pruned layer and the model output), pruned vs dense."""
-    pruned_state = {n: (layers[n].module.weight.detach().clone(), None if layers[n].module.bias is None else layers[n].module.bias.detach().clone()) for n in order}
+    run: Callable[[Any], Any],
+    rank: RankInfo,
+) -> Tuple[float, float, Any]:
+    """RMS per-sample output errors (every pruned layer and the model output), pruned vs dense.
 
-    def load(state: Mapping[str, Tuple[Tensor, Optional[Tensor]]]) -> None:
-        with torch.no_grad():
-            for n, (w, b) in state.items():
-                layers[n].module.weight.copy_(w)
-                if b is not None:
-                    layers[n].module.bias.copy_(b)
+    Dense and pruned weights (and BatchNorm statistics) are swapped in batch by batch, so
+    only one batch of layer outputs is held at a time. Errors are summed over ranks. Also
+    returns the model's positional input for the first batch (for the bound's shape analysis).
+    """
+    modules = {n: layers[n].module for n in order}
+    pruned_state = {n: (m.weight.detach().clone(), _clone_or_none(m.bias)) for n, m in modules.items()}
+    bn_pruned = batchnorm_state(model)
+
+    def load_dense() -> None:
+        _load_params(modules, snapshot)
+        load_batchnorm_state(model, bn_dense)
+
+    def load_pruned() -> None:
+        _load_params(modules, pruned_state)
+        load_batchnorm_state(model, bn_pruned)
 
     acc = {n: _bounds.RMSAccumulator() for n in order}
     model_acc = _bounds.RMSAccumulator()
     model_ok = True
     captured: Dict[str, Tensor] = {}
     handles = [
-        layers[n].module.register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, out.detach()))
+        modules[n].register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, out.detach()))
         for n in order
     ]
+    inputs: List[Any] = []
+
+    def keep_first_input(mod: nn.Module, args: tuple) -> None:
+        if not inputs and len(args) == 1:
+            inputs.append(args[0])
+
+    handles.append(model.register_forward_pre_hook(keep_first_input))
+    device = _model_device(model)
     try:
         with _eval_no_grad(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for batch in batches:
-                batch = _move(batch, device)
-                load(snapshot)
+                load_dense()
                 captured.clear()
-                dense_out = forward_fn(model, batch)
+                dense_out = run(batch)
                 dense_layers = dict(captured)
-                load(pruned_state)
+                load_pruned()
                 captured.clear()
-                out = forward_fn(model, batch)
+                out = run(batch)
                 for n in order:
                     acc[n].add(dense_layers[n], captured[n])
                 if model_ok and isinstance(out, Tensor) and isinstance(dense_out, Tensor) and out.shape == dense_out.shape:
@@ -611,23 +726,32 @@ def _measure(
     finally:
         for h in handles:
             h.remove()
-        load(pruned_state)
+        load_pruned()
+    if rank.active:
+        for a in [*acc.values(), model_acc]:
+            a.all_reduce(rank.group, device)
     for n in order:
         reports[n].output_error = acc[n].value()
-    return acc[order[-1]].value(), (model_acc.value() if model_ok else float("nan"))
+    example = inputs[0] if inputs else None
+    return acc[order[-1]].value(), (model_acc.value() if model_ok else float("nan")), example
 
 
 def _bound(
     model: nn.Module,
-    layers: Mapping[str, _Layer],
     order: Sequence[str],
     reports: Mapping[str, LayerReport],
-    sequential: bool,
-    batch: Any,
-    forward_fn: ForwardFn,
-    device: torch.device,
+    example: Any,
+    bn_recalibrated: bool,
 ) -> Tuple[float, float, str]:
-    chain = _bounds.analyze_chain(model, list(order))
+    """The paper's bound (Frobenius, spectral) from the model's traced structure, or NaN and why not."""
+    if bn_recalibrated:
+        return (
+            float("nan"),
+            float("nan"),
+            "bound not applicable: BatchNorm statistics were re-estimated after pruning (the bound assumes the "
+            "dense network's BatchNorm; pass recalibrate_bn=False to get it)",
+        )
+    chain = _bounds.analyze_chain(model, list(order), example_input=example)
     if not chain.is_chain:
         return float("nan"), float("nan"), f"bound not applicable: {chain.reason}"
     terms = [_bounds.LayerTerm(n, reports[n].d_term, reports[n].norm_frobenius, reports[n].norm_spectral) for n in order]

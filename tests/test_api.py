@@ -578,11 +578,33 @@ def test_batchnorm_running_stats_untouched(mlp_loader):
             model(x)
     bn = {k: v.clone() for k, v in model[1].state_dict().items()}
     assert bn["num_batches_tracked"] == 8
-    prune_model(model, mlp_loader, 0.5, "exact", sequential=True)
-    prune_model(model, mlp_loader, 0.7, "fast")
+    prune_model(model, mlp_loader, 0.5, "exact", sequential=True, recalibrate_bn=False)
+    prune_model(model, mlp_loader, 0.7, "fast", recalibrate_bn=False)
     for k, v in model[1].state_dict().items():
         assert torch.equal(v, bn[k]), k
     assert model.training and model[1].training
+
+
+def test_batchnorm_recalibrated_to_pruned_statistics(mlp_loader):
+    """By default BN running stats become the exact average over the calibration batches of the pruned net."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 4))
+    model.train()
+    with torch.no_grad():
+        for x, _ in mlp_loader:
+            model(x)
+    momentum = model[1].momentum
+    report = prune_model(model, mlp_loader, 0.7, "exact")
+    with torch.no_grad():
+        feats = [model[0](x) for x, _ in mlp_loader]
+    mean = torch.stack([f.mean(0) for f in feats]).mean(0)
+    var = torch.stack([f.var(0, unbiased=True) for f in feats]).mean(0)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, var, atol=1e-5)
+    assert model[1].momentum == momentum and model.training and model[1].training
+    # The bound assumes the dense network's BN, so it is withheld with the reason.
+    assert math.isnan(report.bound) and "BatchNorm" in report.bound_note
+    assert report.output_error > 0
 
 
 # --------------------------------------------------------------------------- iterative, dtypes, forward_fn

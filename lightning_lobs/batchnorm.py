@@ -1,0 +1,67 @@
+"""Re-estimating BatchNorm running statistics after pruning.
+
+Pruning shifts the distribution of every later layer's input, so the running means and
+variances learned on the dense network no longer match; the L-OBS paper's code
+re-estimated them on training batches, and so do we (``recalibrate_bn=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def batchnorm_modules(model: nn.Module) -> List[_BatchNorm]:
+    """BatchNorm modules of ``model`` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def batchnorm_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Copies of every BatchNorm buffer (running mean/var, batch count), by qualified name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats:
+            for key, buf in m.named_buffers(recurse=False):
+                if buf is not None:
+                    out[f"{name}.{key}"] = buf.detach().clone()
+    return out
+
+
+def load_batchnorm_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Write buffers saved by :func:`batchnorm_state` back in place."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for key, value in state.items():
+            buffers[key].copy_(value)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any]) -> int:
+    """Reset and re-estimate BatchNorm running statistics as exact averages over ``batches``.
+
+    Only BatchNorm modules are put in train mode (dropout and the rest stay in eval), no
+    gradients are computed, and modes and momenta are restored afterwards. ``run(batch)``
+    performs one forward pass. Returns the number of BatchNorm modules updated.
+    """
+    bns = batchnorm_modules(model)
+    if not bns:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average: every batch weighs the same
+            bn.train()
+        with torch.no_grad():
+            for batch in batches:
+                run(batch)
+    finally:
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    return len(bns)

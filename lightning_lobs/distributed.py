@@ -1,0 +1,73 @@
+"""Spreading layer solves across ranks of a torch.distributed group.
+
+Every rank holds the same all-reduced Hessians; each solves a share of the layers and
+broadcasts its results, so all ranks end with identical weights and masks.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in the group (world_size 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def current(cls, group: Any = None) -> "RankInfo":
+        """The default process group's rank and size, or a single-process RankInfo."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(torch.distributed.get_rank(group), torch.distributed.get_world_size(group), group)
+        return cls()
+
+
+def assign_layers(costs: Mapping[str, float], world_size: int) -> Dict[str, int]:
+    """Owner rank of every layer: longest-processing-time-first onto the least loaded rank.
+
+    Deterministic (ties broken by name), so every rank computes the same assignment.
+    """
+    loads = [(0.0, r) for r in range(world_size)]
+    heapq.heapify(loads)
+    owners: Dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        load, rank = heapq.heappop(loads)
+        owners[name] = rank
+        heapq.heappush(loads, (load + costs[name], rank))
+    return owners
+
+
+def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> List[Tensor]:
+    """Broadcast tensors (same shapes/dtypes on every rank) from ``src``; returns the received ones.
+
+    Bool tensors travel as uint8 (not every backend reduces bools).
+    """
+    if not info.active:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        buf = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
+        torch.distributed.broadcast(buf, src=src, group=info.group)
+        out.append(buf.to(torch.bool) if t.dtype == torch.bool else buf)
+    return out
+
+
+def broadcast_floats(values: Sequence[float], src: int, info: RankInfo, device: Optional[torch.device] = None) -> List[float]:
+    """Broadcast a few Python floats from ``src`` (float64 on ``device``)."""
+    if not info.active:
+        return list(values)
+    buf = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.broadcast(buf, src=src, group=info.group)
+    return [float(v) for v in buf.tolist()]

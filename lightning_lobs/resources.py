@@ -1,0 +1,104 @@
+"""Memory estimates made before calibration, so a too-big layer fails early with advice."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .hessian import has_bias, num_groups
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Bytes one layer needs: its Hessian while calibrating, and the solver's workspace."""
+
+    name: str
+    hessian_bytes: int
+    solve_bytes: int
+
+
+def _columns(module: nn.Module) -> int:
+    w = module.weight
+    return int(w[0].numel()) + (1 if has_bias(module) else 0)
+
+
+def layer_memory(
+    name: str,
+    module: nn.Module,
+    method: str,
+    hessian_dtype: torch.dtype,
+    solve_dtype: torch.dtype,
+    exact_max_bytes: int,
+) -> LayerMemory:
+    """Estimate the memory of calibrating and solving one layer with ``method``."""
+    g = num_groups(module)
+    d = _columns(module)
+    rows = module.weight.shape[0]
+    hbytes = torch.empty((), dtype=hessian_dtype).element_size()
+    sbytes = torch.empty((), dtype=solve_dtype).element_size()
+    hessian = g * d * d * hbytes
+    square = d * d * sbytes
+    # Damped H, its factor and inverse (a few d x d copies) in the solve dtype, per group.
+    base = 4 * g * square
+    if method == "exact":
+        # Per-row H^-1 copies (bounded by max_memory_bytes), plus the refit's batched systems.
+        chunk = max(1, min(rows, exact_max_bytes // max(1, square)))
+        extra = 3 * chunk * square
+    else:
+        extra = 4 * rows * d * sbytes
+    return LayerMemory(name, hessian, base + extra)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free memory on ``device`` in bytes, or None when it cannot be told."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+        return int(pages * size)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_budget(
+    estimates: Mapping[str, LayerMemory],
+    budget: Optional[int],
+    sequential: bool,
+    device: torch.device,
+) -> Dict[str, int]:
+    """Raise ``MemoryError`` naming the layer and the remedy when the plan will not fit.
+
+    Dense calibration holds every Hessian at once; sequential calibration one at a time.
+    The solves run one layer at a time on top of the Hessians. ``budget`` None means
+    80% of the memory available on ``device`` now. Returns the totals it checked.
+    """
+    if budget is None:
+        avail = available_memory(device)
+        if avail is None:
+            return {}
+        budget = int(0.8 * avail)
+    if not estimates:
+        return {"budget": budget, "peak": 0}
+    held = max(e.hessian_bytes for e in estimates.values()) if sequential else sum(e.hessian_bytes for e in estimates.values())
+    worst = max(estimates.values(), key=lambda e: e.solve_bytes)
+    peak = held + worst.solve_bytes
+    if peak > budget:
+        biggest = max(estimates.values(), key=lambda e: e.hessian_bytes + e.solve_bytes)
+        raise MemoryError(
+            f"pruning needs about {_gib(peak)} GiB but the memory budget is {_gib(budget)} GiB: layer "
+            f"'{biggest.name}' alone needs {_gib(biggest.hessian_bytes)} GiB for its Hessian and "
+            f"{_gib(biggest.solve_bytes)} GiB to solve. Use method='fast' for it, "
+            f"CalibrationOptions(hessian_dtype=torch.float32), sequential=True (one Hessian at a time), "
+            f"exclude=['{biggest.name}'], or raise CalibrationOptions.memory_budget_bytes."
+        )
+    return {"budget": budget, "peak": peak}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
