@@ -255,31 +255,47 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[Solve
     """Least-squares optimum of the kept weights for a fixed mask (the joint OBS update).
 
     For each row solves ``min (w^ - w) H (w^ - w)^T`` subject to ``w^ = 0`` where the
-    mask is False, i.e. ``H_KK w^_K = (H w)_K``. Columns kept in every row (a bias
-    column, say) simply take part in the solve. H is damped as in the solvers.
+    mask is False, i.e. ``H_KK w^_K = (H w)_K`` on the row's kept columns K only (so the
+    cost falls with sparsity). Columns kept in every row (a bias column, say) simply take
+    part in the solve. H is damped as in the solvers.
     """
     options = options or SolverOptions()
     H, _ = damped_hessian(hessian, options.damp, options.dtype)
-    rows, d = weight.shape
-    groups = H.shape[0]
-    gidx = _row_groups(rows, groups, weight.device)
+    G, d = H.shape[0], H.shape[-1]
+    rows = weight.shape[0]
+    gidx = _row_groups(rows, G, weight.device)
+    H = H.to(weight.device)
     W = weight.to(options.dtype)
-    keep = mask.to(options.dtype)
-    out = torch.empty_like(W)
-    chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes, copies=2)
-    for start in range(0, rows, chunk):
-        sl = slice(start, start + chunk)
-        Hr = H[gidx[sl]]
-        k = keep[sl]
-        A = Hr * (k.unsqueeze(2) * k.unsqueeze(1)) + torch.diag_embed(1.0 - k)
-        b = k * torch.bmm(Hr, W[sl].unsqueeze(2)).squeeze(2)
+    keep = mask.to(torch.bool)
+    per = rows // G
+    HW = torch.cat([W[g * per : (g + 1) * per] @ H[g] for g in range(G)])  # H symmetric: rows of (H w)^T
+    counts = keep.sum(dim=1)
+    out = torch.zeros_like(W)
+    # Rows with similar kept counts share a padded system size.
+    by_count = torch.argsort(counts, descending=True)
+    start = 0
+    while start < rows:
+        k = int(counts[by_count[start]])
+        if k == 0:
+            break
+        chunk = max(1, options.max_memory_bytes // (3 * k * k * W.element_size()))
+        sel = by_count[start : start + chunk]
+        start += chunk
+        R = sel.numel()
+        idx = torch.argsort((~keep[sel]).to(torch.int8), dim=1, stable=True)[:, :k]  # kept columns first
+        valid = torch.arange(k, device=W.device).unsqueeze(0) < counts[sel].unsqueeze(1)
+        lin = gidx[sel].view(R, 1, 1) * (d * d) + idx.unsqueeze(2) * d + idx.unsqueeze(1)
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        eye = torch.eye(k, dtype=W.dtype, device=W.device).expand(R, k, k)
+        A = torch.where(pair, H.reshape(-1)[lin], eye)
+        b = (HW[sel].gather(1, idx) * valid).unsqueeze(2)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
             # Masked damped H is PD in exact arithmetic; fall back to a least-squares solve.
-            sol = torch.linalg.lstsq(A, b.unsqueeze(2)).solution.squeeze(2)
+            sol = torch.linalg.lstsq(A, b).solution
         else:
-            sol = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)
-        out[sl] = sol * k
+            sol = torch.cholesky_solve(b, L)
+        out[sel] = torch.zeros(R, d, dtype=W.dtype, device=W.device).scatter_(1, idx, sol.squeeze(2) * valid)
     return out.to(weight.dtype)
 
 
@@ -328,72 +344,89 @@ def _greedy_trace(
     frozen: int,
     lazy: int,
     forced: Optional[Tensor] = None,
+    shrink: float = 0.75,
 ) -> Tuple[Tensor, Tensor]:
-    """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy, downdated in place.
+    """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy of H^-1.
 
-    Returns ``(order, increments)``: the column removed at each step and the OBS loss
-    ``w_q^2 / (2 [H^-1]_qq)`` of that removal (with dead inputs costing 0).
+    Every row removes one weight per step. Downdates wait in a low-rank factor ``U`` and
+    are flushed every ``lazy`` steps with one batched matmul. Only candidate columns
+    (neither removed nor blocked) matter from then on: their block of the downdated
+    inverse is self-contained, so at a flush, once the candidates have shrunk below
+    ``shrink`` of the current width, every row's state is compacted to them. That
+    makes the total work about a third of keeping full d x d matrices.
+
+    Returns ``(order, increments)``: the original column removed at each step and the
+    OBS loss ``w_q^2 / (2 [H^-1]_qq)`` of that removal (dead inputs cost 0).
     """
     R, d = W.shape
     dtype, device = W.dtype, W.device
+    rows = torch.arange(R, device=device)
     W = W.clone()
-    flat_rows = Hinv.view(R * d, d)
-    base = torch.arange(R, device=device) * d
     diag = torch.diagonal(Hinv, dim1=1, dim2=2).clone()
     blocked = torch.zeros(R, d, dtype=torch.bool, device=device)
     if frozen:
         blocked[:, d - frozen :] = True
-    cost_scale = (~dead).to(dtype)  # (R, d): removing a dead input costs nothing
+    cost = (~dead).to(dtype)  # (R, d): removing a dead input costs nothing
+    colmap = torch.arange(d, device=device).expand(R, d).contiguous()
     order = torch.empty(R, steps, dtype=torch.long, device=device)
     increments = torch.empty(R, steps, dtype=dtype, device=device)
+    groupmap = None
     if pattern is not None:
         dp = d - frozen
         per_group = pattern.m - pattern.n
-        n_groups = dp // pattern.m
-        group_of_col = torch.arange(dp, device=device) // pattern.m
-        group_count = torch.zeros(R * n_groups, dtype=torch.long, device=device)
-        group_base = torch.arange(R, device=device) * n_groups
+        group_id = torch.cat([torch.arange(dp, device=device) // pattern.m, torch.full((frozen,), -1, device=device)])
+        groupmap = group_id.expand(R, d).contiguous()
+        group_count = torch.zeros(R, dp // pattern.m, dtype=torch.long, device=device)
     U = torch.zeros(R, lazy, d, dtype=dtype, device=device)  # pending downdates, one row vector per removal
-    flat_W = W.view(-1)
-    flat_diag = diag.view(-1)
-    flat_blocked = blocked.view(-1)
-    flat_cost = cost_scale.view(-1)
+    tiny = torch.finfo(dtype).tiny
     j = 0
     for step in range(steps):
-        loss = W.square().div_(diag).mul_(cost_scale).masked_fill_(blocked, math.inf)
+        dc = W.shape[1]
+        loss = W.square().div_(diag).mul_(cost).masked_fill_(blocked, math.inf)
         if forced is not None:  # weights pruned earlier go first, at no cost to the allocation
             loss.masked_fill_(forced & ~blocked, -1.0)
         q = loss.argmin(dim=1)
-        fq = base + q
-        row = flat_rows.index_select(0, fq)  # current H^-1 row q (symmetric) before pending downdates
+        row = Hinv.view(R * dc, dc).index_select(0, rows * dc + q)  # H^-1 row q before pending downdates
         if j:
             coeff = U[:, :j, :].gather(2, q.view(R, 1, 1).expand(R, j, 1))  # (R, j, 1)
             row.sub_(torch.bmm(coeff.transpose(1, 2), U[:, :j, :]).squeeze(1))
-        hqq = row.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min_(torch.finfo(dtype).tiny)
-        wq = flat_W.index_select(0, fq)
-        order[:, step] = q
-        increments[:, step] = wq.square() / (2 * hqq) * flat_cost.index_select(0, fq)
-        W.sub_((wq / hqq).unsqueeze(1) * row)
-        flat_W.index_fill_(0, fq, 0.0)
+        hqq = row.gather(1, q.unsqueeze(1)).squeeze(1).clamp_min_(tiny)
+        wq = W.gather(1, q.unsqueeze(1)).squeeze(1)
+        order[:, step] = colmap.gather(1, q.unsqueeze(1)).squeeze(1)
+        increments[:, step] = wq.square() / (2 * hqq) * cost.gather(1, q.unsqueeze(1)).squeeze(1)
+        W.addcmul_((wq / hqq).unsqueeze(1), row, value=-1.0)
         u = row.div_(hqq.sqrt().unsqueeze(1))
         U[:, j, :] = u
-        diag.sub_(u.square())
-        flat_blocked.index_fill_(0, fq, True)
-        flat_diag.index_fill_(0, fq, 1.0)  # keeps the loss finite; the column is blocked from now on
-        if pattern is not None:
-            gq = group_base + group_of_col[q]
-            group_count.index_add_(0, gq, torch.ones_like(gq))
-            full = gq[group_count.index_select(0, gq) >= per_group]
-            if full.numel():
-                # block the rest of every group that just reached its quota
-                rows_full = full // n_groups
-                cols = (full % n_groups).unsqueeze(1) * pattern.m + torch.arange(pattern.m, device=device)
-                blocked[rows_full.unsqueeze(1), cols] = True
+        diag.addcmul_(u, u, value=-1.0)
+        q1 = q.unsqueeze(1)
+        W.scatter_(1, q1, 0.0)
+        blocked.scatter_(1, q1, True)
+        diag.scatter_(1, q1, 1.0)  # keeps the loss finite; the column is blocked from now on
+        if groupmap is not None:
+            gq = groupmap.gather(1, q1).squeeze(1)
+            group_count[rows, gq] += 1
+            full = group_count[rows, gq] >= per_group
+            if bool(full.any()):  # block the rest of every group that just reached its quota
+                blocked |= full.unsqueeze(1) & (groupmap == gq.unsqueeze(1))
         j += 1
         if j == lazy or step == steps - 1:
             Hinv.baddbmm_(U[:, :j, :].transpose(1, 2), U[:, :j, :], alpha=-1)
-            U.zero_()
             j = 0
+            candidates = (~blocked).sum(dim=1)
+            width = int(candidates.max())
+            if step < steps - 1 and width <= shrink * dc:
+                # Candidates first, then kept-but-blocked columns as padding (stable keeps order).
+                keep = torch.argsort(blocked.to(torch.int8), dim=1, stable=True)[:, :width]
+                lin = (keep.unsqueeze(2) * dc + keep.unsqueeze(1)).view(R, width * width)
+                Hinv = Hinv.view(R, dc * dc).gather(1, lin).view(R, width, width)
+                W, diag, blocked, cost, colmap = (t.gather(1, keep) for t in (W, diag, blocked, cost, colmap))
+                if forced is not None:
+                    forced = forced.gather(1, keep)
+                if groupmap is not None:
+                    groupmap = groupmap.gather(1, keep)
+                U = torch.zeros(R, lazy, width, dtype=dtype, device=device)
+            else:
+                U.zero_()
     return order, increments
 
 
