@@ -1,0 +1,159 @@
+"""What pruning costs: calibration and solve times per method, against a dense training epoch,
+a plain forward pass and the machine's GEMM rate.
+
+    python benchmarks/cost.py --out benchmarks/results/cost.json
+
+Real MNIST (see lightning_lobs.data.load_mnist); LeNet-300-100 and LeNet-5 trained briefly
+(2 epochs) so that activations are realistic; every method prunes the same weights to 90%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_lobs import prune_model  # noqa: E402
+from lightning_lobs.data import lenet5, lenet300_100, load_mnist, mnist_dataloaders  # noqa: E402
+from lightning_lobs.hessian import HessianCollector, is_supported  # noqa: E402
+
+
+def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> float:
+    """Plain training loop; returns the seconds of the LAST epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    last = 0.0
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        last = time.perf_counter() - t0
+    model.eval()
+    return last
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def nominal_flops(method: str, rows: int, d: int, kept: float) -> float:
+    """Nominal floating-point work of one layer solve (see BENCHMARKS.md for the counts)."""
+    if method == "exact":
+        # rank-1 downdates over the shrinking candidate set: 2 * rows * sum_t (d - t)^2 ~ 2/3 rows d^3,
+        # plus the refit on the kept columns (rows * (kept d)^3 / 3).
+        return 2 / 3 * rows * d**3 + rows * (kept * d) ** 3 / 3
+    if method == "fast":
+        # Cholesky (d^3/3), its inverse (~2 d^3/3), Cholesky of the inverse (d^3/3), 2 rows d^2 updates.
+        return 4 / 3 * d**3 + 2 * rows * d**2
+    # lobs: inverse (~d^3) and one rank-1 row update per pruned weight (2 d each).
+    return d**3 + 2 * rows * d * d * (1 - kept)
+
+
+def time_forward(model: nn.Module, batches, hessians: bool) -> float:
+    modules = {n: m for n, m in model.named_modules() if is_supported(m)}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if hessians:
+            with HessianCollector(modules) as col:
+                for x, _ in batches:
+                    model(x)
+            col.hessians()
+        else:
+            for x, _ in batches:
+                model(x)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--calibration-batches", type=int, default=32)
+    p.add_argument("--methods", default="lobs,exact,fast")
+    p.add_argument("--nets", default="lenet300,lenet5")
+    p.add_argument("--out", default="benchmarks/results/cost.json")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    splits = load_mnist(args.data_dir)
+    gemm = gemm_gflops()
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_avg_start": os.getloadavg(),
+            "gemm_gflops_fp32_2048": gemm,
+        },
+        "data": splits.source,
+        "sparsity": args.sparsity,
+        "nets": {},
+    }
+    for net_name in args.nets.split(","):
+        train, _ = mnist_dataloaders(splits, batch_size=128, flatten=False, seed=0)
+        model = lenet300_100() if net_name == "lenet300" else lenet5()
+        epoch_s = train_epochs(model, train, epochs=2)
+        batches = [b for _, b in zip(range(args.calibration_batches), train)]
+        fwd = min(time_forward(model, batches, False) for _ in range(3))
+        cal = min(time_forward(model, batches, True) for _ in range(2))
+        entry = {
+            "dense_epoch_seconds": epoch_s,
+            "forward_seconds": fwd,
+            "calibration_forward_seconds": cal,
+            "calibration_overhead_ratio": cal / fwd,
+            "methods": {},
+        }
+        for method in args.methods.split(","):
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            report = prune_model(m, batches, args.sparsity, method)
+            total = time.perf_counter() - t0
+            layers = {}
+            flops = 0.0
+            for name, layer in report.layers.items():
+                rows, d = layer.shape[0], int(torch.tensor(layer.shape[1:]).prod()) + 1
+                f = nominal_flops(layer.method, rows, d, 1 - layer.sparsity)
+                flops += f
+                layers[name] = {
+                    "shape": list(layer.shape),
+                    "seconds": layer.seconds,
+                    "gflops_per_s": f / max(layer.seconds, 1e-9) / 1e9,
+                    "layer_error": layer.layer_error,
+                }
+            entry["methods"][method] = {
+                "calibration_seconds": report.calibration_seconds,
+                "solve_seconds": report.solve_seconds,
+                "prune_model_seconds": total,
+                "solve_gflops_per_s": flops / max(report.solve_seconds, 1e-9) / 1e9,
+                "solve_vs_gemm": flops / max(report.solve_seconds, 1e-9) / 1e9 / gemm,
+                "solve_over_dense_epoch": report.solve_seconds / epoch_s,
+                "layers": layers,
+            }
+            print(f"{net_name:9s} {method:6s} calib {report.calibration_seconds:6.2f}s solve {report.solve_seconds:6.2f}s "
+                  f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM {gemm:.0f}) "
+                  f"dense epoch {epoch_s:.2f}s", flush=True)
+        results["nets"][net_name] = entry
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
