@@ -130,7 +130,7 @@ class LOBSPruning(Callback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED:
+        if any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__):  # subclasses shard too
             raise RuntimeError(
                 f"LOBSPruning does not support the sharded strategy {strategy}: layer weights are split across "
                 "ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
@@ -197,7 +197,8 @@ class LOBSPruning(Callback):
     def log_report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", report: PruneReport) -> None:
         """Log the report's metrics through the LightningModule and a rank-zero table."""
         metrics = {k: float(v) for k, v in report.metrics().items()}
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        # Every rank holds the same report; syncing (a mean of equal values) keeps Lightning from warning per metric.
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
         if self.log_table:
             rank_zero_info(f"L-OBS pruning at epoch {trainer.current_epoch}:\n{report.table()}")
 

@@ -396,7 +396,9 @@ def prune(
         n: layer_memory(n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes)
         for n, l in layers.items()
     }
-    check_budget(estimates, calibration.memory_budget_bytes, sequential, device)
+    with _fail_together(rank, device, "the memory check"):  # free memory differs between ranks
+        check_budget(estimates, calibration.memory_budget_bytes, sequential, device)
+    _broadcast_buffers(model, rank)
 
     snapshot = {n: (modules[n].weight.detach().clone(), _clone_or_none(modules[n].bias)) for n in layers}
     bn_dense = batchnorm_state(model)
@@ -422,25 +424,28 @@ def prune(
             else:
                 order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, run)
                 owners = {n: i % rank.world_size for i, n in enumerate(order)}
-            for n in order:
-                layer = layers[n]
-                if sequential:
+            with _fail_together(rank, device, "solving the layers", active=not sequential):
+                for n in order:
+                    layer = layers[n]
+                    if sequential:
+                        t0 = time.perf_counter()
+                        h, s, _ = _calibrate(model, batches, {n: layer.module}, calibration, run, rank)
+                        hessians[n], positions[n] = h[n], s[n]
+                        t_cal += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    h, s, _ = _calibrate(model, batches, {n: layer.module}, calibration, run, rank)
-                    hessians[n], positions[n] = h[n], s[n]
-                    t_cal += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if owners[n] == rank.rank:
-                    rep, mask = _solve_one(layer, hessians[n], positions[n], nm, solver, masks.get(n))
-                    rep["seconds"] = time.perf_counter() - t0
-                else:
-                    rep, mask = _placeholder(layer, positions[n]), torch.ones_like(layer.module.weight, dtype=torch.bool)
-                if sequential:
-                    rep, mask = _share(rep, mask, owners[n], rank, device)
-                    set_weight_matrix(layer.module, rep.pop("matrix"))
-                t_solve += time.perf_counter() - t0
-                reports[n] = rep
-                new_masks[n] = mask
+                    with _fail_together(rank, device, f"solving layer '{n}'", active=sequential):
+                        if owners[n] == rank.rank:
+                            rep, mask = _solve_one(layer, hessians[n], positions[n], nm, solver, masks.get(n))
+                            rep["seconds"] = time.perf_counter() - t0
+                        else:
+                            rep = _placeholder(layer, positions[n])
+                            mask = torch.ones_like(layer.module.weight, dtype=torch.bool)
+                    if sequential:
+                        rep, mask = _share(rep, mask, owners[n], rank, device)
+                        set_weight_matrix(layer.module, rep.pop("matrix"))
+                    t_solve += time.perf_counter() - t0
+                    reports[n] = rep
+                    new_masks[n] = mask
             if not sequential:
                 t0 = time.perf_counter()
                 for n in order:
@@ -510,6 +515,33 @@ def _placeholder(layer: "_Layer", positions: float) -> Dict[str, Any]:
     }
 
 
+@contextmanager
+def _fail_together(rank: RankInfo, device: torch.device, what: str, active: bool = True) -> Iterator[None]:
+    """Run a step that may fail on some ranks only; afterwards every rank fails if any did.
+
+    A rank raising alone would leave the others waiting in their next collective. Every rank
+    must enter the block (with the same ``active``); the block itself must not run collectives.
+    The failing rank re-raises its own error, the others a RuntimeError naming that rank.
+    """
+    if not (rank.active and active):
+        yield
+        return
+    error: Optional[Exception] = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+        error = err
+    flag = torch.tensor([float(rank.rank + 1) if error is not None else 0.0], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=rank.group)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError(
+            f"{what} failed on rank {int(flag.item()) - 1} (see that rank's error); every rank stops so that none "
+            "is left waiting for the others."
+        )
+
+
 def _share(rep: Dict[str, Any], mask: Tensor, owner: int, rank: RankInfo, device: torch.device) -> Tuple[Dict[str, Any], Tensor]:
     """Broadcast one layer's solve from its owner rank (no-op in a single process)."""
     if not rank.active:
@@ -520,15 +552,41 @@ def _share(rep: Dict[str, Any], mask: Tensor, owner: int, rank: RankInfo, device
     return rep, mask
 
 
+def _broadcast_buffers(model: nn.Module, rank: RankInfo) -> None:
+    """Give every rank rank 0's buffers before calibrating.
+
+    Under DDP each rank's BatchNorm running statistics drift apart (DDP only broadcasts
+    rank 0's at the next training forward), so without this the ranks would calibrate,
+    and sum the Hessians of, different networks.
+    """
+    if not rank.active:
+        return
+    with torch.no_grad():
+        for buf in model.buffers():
+            (received,) = broadcast_tensors([buf], 0, rank)
+            if received is not buf:
+                buf.copy_(received)
+
+
 def _all_reduce_batchnorm(model: nn.Module, rank: RankInfo) -> None:
-    """Average re-estimated BatchNorm statistics over ranks (each saw its own batches)."""
+    """Combine re-estimated BatchNorm statistics over ranks (each saw its own batches).
+
+    Each rank holds the average over its own batches; weighting by batch counts gives the
+    average over every rank's batches, as one process calibrating on all of them would.
+    """
     if not rank.active:
         return
     for bn in batchnorm_modules(model):
+        count = bn.num_batches_tracked.to(torch.float64)
+        total = count.clone()
+        torch.distributed.all_reduce(total, group=rank.group)
+        if float(total) == 0.0:  # not called on any rank: left as recalibrate_batchnorm left it
+            continue
         for buf in (bn.running_mean, bn.running_var):
             if buf is not None:
+                buf.mul_((count / total).to(buf.dtype))
                 torch.distributed.all_reduce(buf, group=rank.group)
-                buf.div_(rank.world_size)
+        bn.num_batches_tracked.copy_(total.to(bn.num_batches_tracked.dtype))
 
 
 def _calibrate(
@@ -559,21 +617,22 @@ def _calibrate(
         max_chunk_elements=options.max_chunk_elements,
         position_stride=options.position_stride,
     )
-    try:
-        for n, m in modules.items():
-            handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
-        with collector:
-            for batch in batches:
-                run(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in modules if samples[n] == 0]
-    if missing:
-        raise RuntimeError(
-            f"layers {missing} were never called during calibration, so they have no Hessian; exclude them "
-            "or check forward_fn."
-        )
+    with _fail_together(rank, _model_device(model), "calibration"):  # before the all-reduces below
+        try:
+            for n, m in modules.items():
+                handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
+            with collector:
+                for batch in batches:
+                    run(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in modules if samples[n] == 0]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing} were never called during calibration, so they have no Hessian; exclude them "
+                "or check forward_fn."
+            )
     if rank.active:
         collector.reduce(rank.group)
         counts = torch.tensor([float(samples[n]) for n in modules], dtype=torch.float64, device=_model_device(model))

@@ -91,14 +91,18 @@ def check_budget(
     if peak > budget:
         biggest = max(estimates.values(), key=lambda e: e.hessian_bytes + e.solve_bytes)
         raise MemoryError(
-            f"pruning needs about {_gib(peak)} GiB but the memory budget is {_gib(budget)} GiB: layer "
-            f"'{biggest.name}' alone needs {_gib(biggest.hessian_bytes)} GiB for its Hessian and "
-            f"{_gib(biggest.solve_bytes)} GiB to solve. Use method='fast' for it, "
+            f"pruning needs about {_size(peak)} but the memory budget is {_size(budget)}: layer "
+            f"'{biggest.name}' alone needs {_size(biggest.hessian_bytes)} for its Hessian and "
+            f"{_size(biggest.solve_bytes)} to solve. Use method='fast' for it, "
             f"CalibrationOptions(hessian_dtype=torch.float32), sequential=True (one Hessian at a time), "
             f"exclude=['{biggest.name}'], or raise CalibrationOptions.memory_budget_bytes."
         )
     return {"budget": budget, "peak": peak}
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f}"
+def _size(n: int) -> str:
+    """Bytes in a readable unit (small budgets in tests and scripts must not all read 0.00 GiB)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
