@@ -83,6 +83,7 @@ class LayerReport:
     d_term: float
     """Per-sample layer term of the bound, sqrt(2 dE * positions)."""
     norm_frobenius: float
+    """Operator-norm bounds of the layer used in the error bound (NaN where the bound does not apply)."""
     norm_spectral: float
     damp: float
     positions: float
@@ -461,9 +462,9 @@ def prune(
         if bn_recalibrated:
             _all_reduce_batchnorm(model, rank)
         # Measuring runs forward_fn again: a failure there must also leave the model (and masks) as they were.
-        layer_reports = _finish_reports(layers, reports, order, sequential)
+        layer_reports = _finish_reports(layers, reports, order)
         out_err, model_err, example = _measure(model, batches, layers, order, snapshot, bn_dense, layer_reports, run, rank)
-        bound, bound_spec, note = _bound(model, order, layer_reports, example, bn_recalibrated)
+        bound, bound_spec, note = _bound(model, layers, order, layer_reports, example, bn_recalibrated, sequential)
     except BaseException:
         restore()
         raise
@@ -705,20 +706,23 @@ def _solve_one(
     return report, mask
 
 
-def _finish_reports(layers: Mapping[str, _Layer], reports: Mapping[str, Any], order: Sequence[str], sequential: bool) -> Dict[str, LayerReport]:
+def _finish_reports(layers: Mapping[str, _Layer], reports: Mapping[str, Any], order: Sequence[str]) -> Dict[str, LayerReport]:
+    """Reports without the weight norms: those are computed only where the bound applies (SVDs are costly)."""
     out: Dict[str, LayerReport] = {}
+    for n in order:
+        rep = dict(reports[n])
+        rep.pop("matrix", None)
+        out[n] = LayerReport(norm_frobenius=float("nan"), norm_spectral=float("nan"), **rep)
+    return out
+
+
+def _fill_norms(layers: Mapping[str, _Layer], order: Sequence[str], reports: Mapping[str, LayerReport], sequential: bool) -> None:
     for n in order:
         layer = layers[n]
         # Sequential calibration measures d^l on pruned inputs, so the recursion multiplies dense norms.
         W = layer.dense if sequential else weight_matrix(layer.module)
-        rep = dict(reports[n])
-        rep.pop("matrix", None)
-        out[n] = LayerReport(
-            norm_frobenius=_bounds.operator_norm(layer.module, W, "frobenius"),
-            norm_spectral=_bounds.operator_norm(layer.module, W, "spectral"),
-            **rep,
-        )
-    return out
+        reports[n].norm_frobenius = _bounds.operator_norm(layer.module, W, "frobenius")
+        reports[n].norm_spectral = _bounds.operator_norm(layer.module, W, "spectral")
 
 
 def _measure(
@@ -797,10 +801,12 @@ def _measure(
 
 def _bound(
     model: nn.Module,
+    layers: Mapping[str, _Layer],
     order: Sequence[str],
     reports: Mapping[str, LayerReport],
     example: Any,
     bn_recalibrated: bool,
+    sequential: bool,
 ) -> Tuple[float, float, str]:
     """The paper's bound (Frobenius, spectral) from the model's traced structure, or NaN and why not."""
     if bn_recalibrated:
@@ -813,6 +819,7 @@ def _bound(
     chain = _bounds.analyze_chain(model, list(order), example_input=example)
     if not chain.is_chain:
         return float("nan"), float("nan"), f"bound not applicable: {chain.reason}"
+    _fill_norms(layers, order, reports, sequential)
     terms = [_bounds.LayerTerm(n, reports[n].d_term, reports[n].norm_frobenius, reports[n].norm_spectral) for n in order]
     fro, spec = _bounds.error_bound(terms, chain)
     return fro, spec, ""

@@ -701,7 +701,7 @@ def solve_layer(
         mask2 = torch.ones_like(W2, dtype=torch.bool)
         new = work
     else:
-        Hd, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)
+        _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)  # the damped H itself is not kept
         if method == "lobs":
             new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced)
         elif method == "exact":
