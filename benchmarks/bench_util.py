@@ -76,12 +76,15 @@ def current_rss_gib(pid: Optional[int] = None) -> float:
     return float("nan")
 
 
-def mnist_images(size: int, split_seed: int = 0):
+def mnist_images(size: int, split_seed: int = 0, limit: Optional[int] = None):
     """Real MNIST (lightning_lobs.data.load_mnist: normalised (N,1,28,28)) resized bilinearly to size x size
-    and repeated to 3 channels. Returns (train_x, train_y, test_x, test_y, source)."""
+    and repeated to 3 channels; only the first ``limit`` train/test images when given (keeps memory small at 224x224).
+    Returns (train_x, train_y, test_x, test_y, source)."""
     from lightning_lobs.data import load_mnist
 
     s = load_mnist(split_seed=split_seed)
+    if limit is not None:
+        s.train_x, s.train_y, s.test_x, s.test_y = s.train_x[:limit], s.train_y[:limit], s.test_x[:limit], s.test_y[:limit]
 
     def prep(x: torch.Tensor) -> torch.Tensor:
         if size != 28:

@@ -106,8 +106,8 @@ def child_prune(args) -> None:
                            "exclude": args.exclude, "memory_budget_gib": args.budget_gib, "torch_threads": torch.get_num_threads()}
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(weights=None, num_classes=10).eval()
-    tx, _, _, _, source = mnist_images(args.size)
     n = args.batches * args.batch_size
+    tx, _, _, _, source = mnist_images(args.size, limit=n)  # only the images used: no 224x224 copy of all 4,000
     batches = [tx[i : i + args.batch_size].clone() for i in range(0, n, args.batch_size)]
     del tx
     res["data"] = source
