@@ -6,10 +6,8 @@ import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
-from torch import nn
 
 from .api import take_batches
 from .distributed import RankInfo

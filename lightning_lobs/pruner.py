@@ -15,7 +15,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -305,10 +305,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no autograd and a forked RNG (so the training shuffle is untouched); modes restored after."""
     modes = {m: m.training for m in model.modules()}
+    device = _model_device(model)
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             yield
     finally:
         for m, mode in modes.items():
@@ -401,7 +403,7 @@ def prune(
         check_budget(estimates, calibration.memory_budget_bytes, sequential, device)
     _broadcast_buffers(model, rank)
 
-    snapshot = {n: (modules[n].weight.detach().clone(), _clone_or_none(modules[n].bias)) for n in layers}
+    snapshot = _param_state({n: modules[n] for n in layers})
     bn_dense = batchnorm_state(model)
 
     def restore() -> None:
@@ -414,7 +416,7 @@ def prune(
     order: List[str] = []
     run = lambda batch: forward_fn(model, _move(batch, device))  # noqa: E731
     try:
-        with _eval_no_grad(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with _eval_no_grad(model):
             hessians: Dict[str, Tensor] = {}
             positions: Dict[str, float] = {}
             if not sequential:
@@ -487,8 +489,9 @@ def prune(
     )
 
 
-def _clone_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.detach().clone()
+def _param_state(modules: Mapping[str, nn.Module]) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
+    """Copies of each module's weight and bias, for :func:`_load_params`."""
+    return {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()}
 
 
 def _load_params(modules: Mapping[str, nn.Module], state: Mapping[str, Tuple[Tensor, Optional[Tensor]]]) -> None:
@@ -743,7 +746,7 @@ def _measure(
     returns the model's positional input for the first batch (for the bound's shape analysis).
     """
     modules = {n: layers[n].module for n in order}
-    pruned_state = {n: (m.weight.detach().clone(), _clone_or_none(m.bias)) for n, m in modules.items()}
+    pruned_state = _param_state(modules)
     bn_pruned = batchnorm_state(model)
 
     def load_dense() -> None:
@@ -771,7 +774,7 @@ def _measure(
     handles.append(model.register_forward_pre_hook(keep_first_input))
     device = _model_device(model)
     try:
-        with _eval_no_grad(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with _eval_no_grad(model):
             for batch in batches:
                 load_dense()
                 captured.clear()
