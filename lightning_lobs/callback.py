@@ -20,6 +20,7 @@ from .pruner import (
     SparsitySpec,
     prune,
     select_layers,
+    validate_allocation,
     validate_sparsity,
 )
 from .solvers import SolverOptions, parse_pattern
@@ -39,7 +40,8 @@ class LOBSPruning(Callback):
     The epochs after the last prune are the retraining phase.
 
     Args:
-        sparsity: fraction in [0, 1) of weights to remove in every Linear/ConvNd, a mapping
+        sparsity: fraction in [0, 1) of the Linear/ConvNd weights to remove (spread over the
+            layers as ``allocation`` says), a mapping
             ``{"fnmatch pattern": fraction}`` over qualified module names, or a callable
             ``(name, module) -> fraction | None``. With a list of ``prune_epoch``s, a list of
             such specs, one per epoch (iterative pruning; sparsities should increase).
@@ -58,6 +60,11 @@ class LOBSPruning(Callback):
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches
             after pruning (as the paper's code did).
         log_table: log a rank-zero summary table after each prune.
+        allocation: for a float ``sparsity``: ``"global"`` (default) chooses per-layer
+            sparsities from the pooled one-pass OBS costs, each layer's relative to its output
+            energy, so small, sensitive layers (a 10-way classifier) keep more weights;
+            ``"uniform"`` prunes every layer to ``sparsity`` (like ``ModelPruning``'s default).
+            Mappings, callables and N:M patterns set per-layer sparsities themselves.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class LOBSPruning(Callback):
         forward_fn: Optional[ForwardFn] = None,
         recalibrate_bn: bool = True,
         log_table: bool = True,
+        allocation: str = "global",
     ) -> None:
         epochs = [prune_epoch] if isinstance(prune_epoch, int) else list(prune_epoch)
         if not epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs):
@@ -95,6 +103,7 @@ class LOBSPruning(Callback):
             validate_sparsity(spec, "sparsity" if len(specs) == 1 else f"sparsity[{i}]")
         if method not in ALL_METHODS:
             raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}.")
+        validate_allocation(allocation)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
         if isinstance(exclude, str):
@@ -118,6 +127,7 @@ class LOBSPruning(Callback):
         self.forward_fn = forward_fn
         self.recalibrate_bn = bool(recalibrate_bn)
         self.log_table = log_table
+        self.allocation = allocation
         self.masks = MaskSet()
         self.pruned_epochs: List[int] = []
         self.reports: List[PruneReport] = []
@@ -186,6 +196,7 @@ class LOBSPruning(Callback):
             masks=self.masks,
             recalibrate_bn=self.recalibrate_bn,
             rank=RankInfo.current() if trainer.world_size > 1 else None,
+            allocation=self.allocation,
         )
         self.masks.attach(pl_module, trainer.optimizers)
         self.pruned_epochs.append(self.prune_epochs[index])

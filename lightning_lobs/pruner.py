@@ -26,7 +26,18 @@ from .distributed import RankInfo, assign_layers, broadcast_floats, broadcast_te
 from .hessian import HessianCollector, has_bias, is_supported, num_groups, set_weight_matrix, weight_matrix
 from .masks import MaskSet
 from .resources import check_budget, layer_memory
-from .solvers import METHODS, NMPattern, SolverOptions, parse_pattern, solve_layer
+from .solvers import (
+    METHODS,
+    GreedyTrace,
+    NMPattern,
+    SolverOptions,
+    allocate_global,
+    greedy_trace,
+    obs_scores,
+    output_energy,
+    parse_pattern,
+    solve_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,7 @@ SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Opti
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 ALL_METHODS = ("auto",) + METHODS
+ALLOCATIONS = ("global", "uniform")
 #: ``auto`` uses ``exact`` where rows * d^3 is at most this (a few seconds on 2 CPU cores), else ``fast``.
 AUTO_EXACT_MAX_COST = 1e12
 
@@ -107,6 +119,9 @@ class PruneReport:
     solve_seconds: float
     masks: MaskSet = field(repr=False)
     sequential: bool = False
+    allocation: str = "uniform"
+    """How per-layer sparsities were set: "global" (chosen from pooled OBS costs), "uniform" (one float or an
+    N:M pattern for every layer) or "per-layer" (a mapping or callable)."""
 
     def metrics(self, prefix: str = "lobs/") -> Dict[str, float]:
         """Flat metric dict: ``lobs/<layer>/layer_error``, ``lobs/<layer>/sparsity``, ``lobs/bound``..."""
@@ -328,6 +343,86 @@ class _Layer:
     method: str
     perm: Optional[Tensor]
     dense: Tensor  # weight matrix (incl. bias column) before this step
+    trace: Optional[GreedyTrace] = None  # exact's greedy sequence, when global allocation computed it
+
+
+def validate_allocation(allocation: Any) -> str:
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"allocation must be one of {ALLOCATIONS}, got {allocation!r}: 'global' picks per-layer sparsities from "
+            "pooled OBS costs, 'uniform' prunes every layer to the same sparsity."
+        )
+    return allocation
+
+
+def _uses_global(allocation: str, sparsity: SparsitySpec, nm: Optional[NMPattern]) -> bool:
+    """Global allocation applies to one float sparsity; a mapping, callable or N:M pattern fixes each layer's own."""
+    return allocation == "global" and nm is None and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+
+
+def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior: Optional[Tensor]) -> Tuple[Tensor, Optional[GreedyTrace]]:
+    """Per-weight removal costs of a layer relative to its output energy (and the greedy trace, for ``exact``).
+
+    ``exact`` layers use their greedy OBS sequence (each removal's loss given the earlier ones),
+    which sees through redundant inputs; ``lobs``/``fast`` layers the one-pass ``L_q`` (cheaper,
+    but it counts every copy of a duplicated input as free).
+    """
+    W = layer.dense.to(torch.float64)
+    bias_col = has_bias(layer.module)
+    weight, bias = (W[:, :-1], W[:, -1]) if bias_col else (W, None)
+    H = hessian.to(W.device)
+    energy = output_energy(weight, H, bias=bias)
+    trace = None
+    if layer.method == "exact":
+        w = weight.to(solver.dtype)
+        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), options=solver, prior_mask=prior)
+        scores = trace.removal_costs()
+    else:
+        scores = obs_scores(weight, H, bias=bias, options=solver)
+    scores = scores.reshape(weight.shape[0], -1)
+    if not energy > 0:  # an all-zero layer: nothing to lose, nothing to compare against
+        return torch.zeros_like(scores), trace
+    return scores / energy, trace
+
+
+def _allocate_layers(
+    layers: Mapping[str, "_Layer"],
+    order: Sequence[str],
+    sparsity: float,
+    hessian_of: Callable[[str], Tensor],
+    solver: SolverOptions,
+    masks: MaskSet,
+    owners: Mapping[str, int],
+    rank: RankInfo,
+    device: torch.device,
+    keep_traces: bool,
+) -> None:
+    """Set every layer's target from the pooled relative removal costs (in place).
+
+    Each rank computes the costs of the layers it owns (keeping ``exact`` traces for their
+    solves when ``keep_traces``); the costs are then broadcast so every rank allocates alike.
+    ``hessian_of`` may run a collective (sequential calibration): every rank calls it per layer.
+    """
+    costs: Dict[str, Tensor] = {}
+    for n in order:
+        layer = layers[n]
+        H = hessian_of(n)
+        with _fail_together(rank, device, f"the removal costs of layer '{n}'"):
+            if owners[n] == rank.rank:
+                prior = masks.get(n)
+                prior2 = None if prior is None else prior.reshape(layer.dense.shape[0], -1).to(layer.dense.device)
+                costs[n], trace = _layer_costs(layer, H, solver, prior2)
+                if keep_traces:
+                    layer.trace = trace
+            else:
+                costs[n] = torch.zeros(layer.dense.shape[0], layer.module.weight[0].numel(), dtype=torch.float64)
+    if rank.active:
+        for n in order:
+            costs[n] = broadcast_tensors([costs[n].to(device)], owners[n], rank)[0].cpu()
+    prior_masks = {n: masks.get(n).reshape(costs[n].shape) for n in order if masks.get(n) is not None}
+    targets = allocate_global({n: costs[n] for n in order}, sparsity, prior_masks or None)
+    for n in order:
+        layers[n].target = targets[n]
 
 
 def _resolve_method(method: str, module: nn.Module) -> str:
@@ -361,8 +456,15 @@ def prune(
     masks: Optional[MaskSet] = None,
     recalibrate_bn: bool = True,
     rank: Optional[RankInfo] = None,
+    allocation: str = "global",
 ) -> PruneReport:
     """Prune ``model`` in place with OBS on the given calibration ``batches``.
+
+    ``allocation="global"`` (with one float ``sparsity`` and no N:M pattern) chooses each
+    layer's sparsity so that ``sparsity`` of all selected weights go where the one-pass
+    OBS costs, relative to each layer's output energy, are smallest; ``"uniform"`` prunes
+    every layer to ``sparsity``. A per-layer mapping, a callable or a pattern fixes the
+    per-layer sparsities and ignores ``allocation``.
 
     ``masks`` (optional) holds masks of an earlier step: those weights stay pruned and
     the new masks are written into it. ``recalibrate_bn`` re-estimates BatchNorm running
@@ -373,6 +475,7 @@ def prune(
     """
     if method not in ALL_METHODS:
         raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}.")
+    validate_allocation(allocation)
     nm = parse_pattern(pattern)
     solver = solver or SolverOptions()
     calibration = calibration or CalibrationOptions()
@@ -381,6 +484,7 @@ def prune(
     if len(batches) < 1:
         raise ValueError("no calibration batches: the dataloader is empty or calibration_batches < 1.")
     targets = select_layers(model, sparsity, exclude, nm)
+    global_alloc = _uses_global(allocation, sparsity, nm)
     modules = dict(model.named_modules())
     masks = masks if masks is not None else MaskSet()
     device = _model_device(model)
@@ -424,9 +528,24 @@ def prune(
                 hessians, positions, order = _calibrate(model, batches, {n: l.module for n, l in layers.items()}, calibration, run, rank)
                 t_cal += time.perf_counter() - t0
                 owners = assign_layers({n: _solve_cost(layers[n]) for n in order}, rank.world_size)
+                if global_alloc:
+                    t0 = time.perf_counter()
+                    _allocate_layers(layers, order, float(sparsity), hessians.__getitem__, solver, masks, owners, rank, device, True)
+                    t_solve += time.perf_counter() - t0
             else:
                 order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, run)
                 owners = {n: i % rank.world_size for i, n in enumerate(order)}
+                if global_alloc:
+                    # The costs come from the dense network, one layer's H at a time (sequential keeps
+                    # only one H in memory); the solves below then see the already pruned layers, so
+                    # the dense traces are not reused for them.
+                    def dense_hessian(n: str) -> Tensor:
+                        h, _, _ = _calibrate(model, batches, {n: layers[n].module}, calibration, run, rank)
+                        return h[n]
+
+                    t0 = time.perf_counter()
+                    _allocate_layers(layers, order, float(sparsity), dense_hessian, solver, masks, owners, rank, device, False)
+                    t_cal += time.perf_counter() - t0
             with _fail_together(rank, device, "solving the layers", active=not sequential):
                 for n in order:
                     layer = layers[n]
@@ -486,6 +605,7 @@ def prune(
         solve_seconds=t_solve,
         masks=masks,
         sequential=sequential,
+        allocation="global" if global_alloc else ("per-layer" if isinstance(sparsity, Mapping) or callable(sparsity) else "uniform"),
     )
 
 
@@ -684,7 +804,11 @@ def _solve_one(
         H = H[:, full][:, :, full]
         if prior2 is not None:
             prior2 = prior2[:, perm]
-    res = solve_layer(weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, options=solver, prior_mask=prior2)
+    trace = layer.trace if perm is None else None  # traces are computed on the unpermuted columns
+    res = solve_layer(
+        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, options=solver, prior_mask=prior2, trace=trace
+    )
+    layer.trace = None  # one use; frees the memory
     new_w, mask2 = res.weight, res.mask
     if perm is not None:
         inv = torch.argsort(perm)

@@ -8,10 +8,15 @@ costs ``1/2 (w^ - w) H (w^ - w)^T``; a layer's error ``dE`` is the sum over rows
 Methods
 -------
 ``lobs``   The L-OBS paper's rule (Dong et al. 2017): one damped ``H^-1`` per layer,
-           every weight ranked once, layer-wide, by ``L_q = w_q^2 / (2 [H^-1]_qq)``;
-           the lowest-ranked are removed one after another in rank order, each
-           applying the single-weight OBS correction ``-(w_q / [H^-1]_qq) H^-1 e_q``
-           with that same ``H^-1`` and the current ``w_q``; finally the mask is applied.
+           every weight ranked once, layer-wide, by ``L_q = w_q^2 / (2 [H^-1]_qq)``.
+           The removed set is then compensated jointly: the kept weights move to the
+           least-squares optimum for that mask (the multi-weight OBS update,
+           :func:`refit`). With ``SolverOptions(refit=False)`` the paper's literal
+           sequence is used instead: the lowest-ranked are removed one after another,
+           each applying the single-weight correction ``-(w_q / [H^-1]_qq) H^-1 e_q``
+           with that same, stale ``H^-1``. Those corrections also move weights that were
+           already removed, which the final mask then zeroes, so the literal sequence
+           can end worse than no correction at all (see BENCHMARKS.md).
 ``exact``  Greedy OBS with exact downdates (OBC, Frantar & Alistarh 2022): every
            row removes its cheapest weight, downdates its own ``H^-1`` and repeats.
            Downdates are accumulated lazily as a low-rank factor and flushed every
@@ -21,7 +26,13 @@ Methods
            that the layer's summed error is smallest for the requested count, and the
            kept weights are refitted to the least-squares optimum for the final mask.
 ``fast``   SparseGPT (Frantar & Alistarh 2023): Cholesky factor of ``H^-1``, columns
-           processed left to right in blocks with lazy updates, mask chosen per block.
+           processed left to right in blocks with lazy updates, mask chosen per block;
+           then, where affordable (``SolverOptions.refit``), the kept weights are
+           refitted to the least-squares optimum for SparseGPT's mask.
+
+Across layers, :func:`obs_scores` and :func:`allocate_global` choose per-layer
+sparsities for one overall budget from the one-pass OBS costs, each layer's costs
+divided by its output energy (so they compare relative output errors).
 
 All three support N:M patterns (keep N of every M consecutive input columns).
 """
@@ -31,25 +42,34 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "GreedyTrace",
     "METHODS",
     "NMPattern",
+    "REFIT_AUTO_MAX_FLOPS",
     "SolveResult",
     "SolverOptions",
+    "allocate_global",
     "damped_hessian",
+    "greedy_trace",
     "layer_error",
     "magnitude_mask",
+    "obs_scores",
+    "output_energy",
     "parse_pattern",
     "refit",
     "solve_layer",
 ]
 
 METHODS = ("lobs", "exact", "fast")
+#: ``SolverOptions(refit=None)`` refits ``lobs``/``fast`` masks when the batched solve of the
+#: kept submatrices costs at most this many flops (about ten seconds on 2 CPU cores).
+REFIT_AUTO_MAX_FLOPS = 2e11
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,11 @@ class SolverOptions:
         lazy_steps: ``exact``: removals between batched downdates of ``H^-1``.
         max_memory_bytes: ``exact``/refit: bound on the per-row matrices held at once.
         max_damp_tries: how many times damping is multiplied by 10 when H is singular.
+        refit: ``lobs``/``fast``: after the mask is chosen, move the kept weights to the
+            least-squares optimum for it (:func:`refit`; ``exact`` always does). True,
+            False, or None (default): when it costs at most :data:`REFIT_AUTO_MAX_FLOPS`
+            (sum over rows of k^3/3 for k kept weights), i.e. skipped on very wide layers
+            at low sparsity where it would take minutes.
     """
 
     damp: float = 0.01
@@ -86,6 +111,7 @@ class SolverOptions:
     lazy_steps: int = 32
     max_memory_bytes: int = 1 << 30
     max_damp_tries: int = 6
+    refit: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
@@ -96,6 +122,8 @@ class SolverOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SolverOptions.{name} must be a positive int, got {value!r}.")
+        if self.refit not in (None, True, False):
+            raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
 
 @dataclass
@@ -299,12 +327,110 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[Solve
     return out.to(weight.dtype)
 
 
+def _refit_flops(mask: Tensor) -> float:
+    kept = mask.sum(dim=1).double()
+    return float((kept**3).sum()) / 3.0
+
+
+def _wants_refit(options: SolverOptions, mask: Tensor) -> bool:
+    if options.refit is not None:
+        return options.refit
+    return _refit_flops(mask) <= REFIT_AUTO_MAX_FLOPS
+
+
+# --------------------------------------------------------------------------- allocation across layers
+
+
+def obs_scores(
+    weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None, options: Optional[SolverOptions] = None
+) -> Tensor:
+    """One-pass OBS cost ``L_q = w_q^2 / (2 [H^-1]_qq)`` of removing each weight alone.
+
+    Same shapes as :func:`solve_layer` (``hessian`` includes the bias column when ``bias``
+    is given); H is damped as in the solvers. Weights on dead inputs cost 0. Returns a
+    float64 tensor of the weight's shape.
+    """
+    options = options or SolverOptions()
+    W2 = weight.detach().reshape(weight.shape[0], -1)
+    d_w = W2.shape[1]
+    if bias is not None:
+        W2 = torch.cat([W2, bias.detach().reshape(-1, 1).to(W2.dtype)], dim=1)
+    H = _as_groups(hessian.detach())
+    if H.shape[-1] != W2.shape[1] or W2.shape[0] % H.shape[0]:
+        raise ValueError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {W2.shape[1]} columns.")
+    _, Hinv, _, dead = _inverse_with_damping(H.to(W2.device), options)
+    gidx = _row_groups(W2.shape[0], H.shape[0], W2.device)
+    hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx].double()
+    scores = (W2.double().square() / (2 * hdiag)).masked_fill(dead[gidx], 0.0)
+    return scores[:, :d_w].reshape(weight.shape)
+
+
+def output_energy(weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None) -> float:
+    """``1/2 sum_rows w~ H w~^T``: half the mean squared output of the layer (undamped H).
+
+    Dividing a layer's errors by it makes them relative, hence comparable across layers.
+    """
+    W2 = weight.detach().reshape(weight.shape[0], -1)
+    if bias is not None:
+        W2 = torch.cat([W2, bias.detach().reshape(-1, 1).to(W2.dtype)], dim=1)
+    H = _as_groups(hessian.detach()).double().to(W2.device)
+    W2 = W2.double()
+    G = H.shape[0]
+    per = W2.shape[0] // G
+    total = sum(float(((W2[g * per : (g + 1) * per] @ H[g]) * W2[g * per : (g + 1) * per]).sum()) for g in range(G))
+    return 0.5 * total
+
+
+def allocate_global(
+    costs: Mapping[str, Tensor], sparsity: float, forced: Optional[Mapping[str, Tensor]] = None
+) -> Dict[str, float]:
+    """Per-layer sparsities that remove ``sparsity`` of all weights at the smallest pooled cost.
+
+    ``costs`` maps each layer to a per-weight removal cost (already comparable across
+    layers, e.g. :func:`obs_scores` divided by :func:`output_energy`). The cheapest
+    ``round(sparsity * N)`` weights over all layers are chosen (ties broken in layer
+    order); ``forced`` keep-masks' pruned weights are always among them. Every layer
+    keeps at least its most expensive weight, so no layer's sparsity reaches 1.
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}.")
+    if not costs:
+        raise ValueError("costs is empty: give at least one layer.")
+    names = list(costs)
+    flat = []
+    for n in names:
+        c = costs[n].detach().reshape(-1).double().cpu()
+        if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+            raise ValueError(f"costs[{n!r}] must be finite and >= 0.")
+        c = c.clone()
+        if forced is not None and n in forced:
+            c.masked_fill_(~forced[n].reshape(-1).to(torch.bool).cpu(), -1.0)  # already pruned: first
+        c[int(c.argmax())] = math.inf  # the layer's survivor
+        flat.append(c)
+    sizes = [c.numel() for c in flat]
+    total = min(int(round(sparsity * sum(sizes))), sum(sizes) - len(sizes))
+    allc = torch.cat(flat)
+    chosen = torch.zeros(allc.numel(), dtype=torch.bool)
+    if total > 0:
+        chosen[torch.argsort(allc, stable=True)[:total]] = True  # stable: ties go in layer order
+    counts = [int(part.sum()) for part in torch.split(chosen, sizes)]
+    return {n: counts[i] / sizes[i] for i, n in enumerate(names)}
+
+
 # --------------------------------------------------------------------------- lobs
 
 
 def _solve_lobs(
-    W: Tensor, Hinv: Tensor, dead: Tensor, sparsity: float, pattern: Optional[NMPattern], frozen: int, forced: Optional[Tensor]
+    W: Tensor,
+    Hinv: Tensor,
+    dead: Tensor,
+    sparsity: float,
+    pattern: Optional[NMPattern],
+    frozen: int,
+    forced: Optional[Tensor],
+    sequential_updates: bool = True,
 ) -> Tuple[Tensor, Tensor]:
+    """The paper's ranking; with ``sequential_updates`` also its stale single-weight corrections."""
     rows, d = W.shape
     gidx = _row_groups(rows, Hinv.shape[0], W.device)
     hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx]  # (rows, d)
@@ -315,6 +441,8 @@ def _solve_lobs(
     if frozen:
         scores[:, -frozen:] = math.inf
     mask = _mask_from_scores(scores, sparsity, pattern, frozen)
+    if not sequential_updates:
+        return W * mask, mask
     pruned = ~mask
     # Per-row removal order: that row's pruned weights by ascending L_q (the global rank order).
     order_key = torch.where(pruned, scores, torch.full_like(scores, math.inf))
@@ -453,7 +581,8 @@ def _allocate(increments: Tensor, total: int) -> Tensor:
         return torch.zeros(R, dtype=torch.long, device=inc.device)
     if total >= R * S:
         return torch.full((R,), S, dtype=torch.long, device=inc.device)
-    lo, hi = -1.0, float(inc.max().item()) + 1.0
+    finite = inc[torch.isfinite(inc)]  # inf marks steps a row cannot take (after its forced removals)
+    lo, hi = -1.0, (float(finite.max().item()) if finite.numel() else 0.0) + 1.0
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         if int(counts(mid).sum()) >= total:
@@ -499,25 +628,23 @@ def _improve_allocation(C: Tensor, counts: Tensor, max_moves: Optional[int] = No
     return counts
 
 
-def _solve_exact(
+def _exact_trace(
     W: Tensor,
     Hinv: Tensor,
     dead: Tensor,
-    sparsity: float,
     pattern: Optional[NMPattern],
     frozen: int,
     options: SolverOptions,
     forced: Optional[Tensor],
-) -> Tensor:
+) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
     dp = d - frozen
     gidx = _row_groups(rows, Hinv.shape[0], W.device)
-    if pattern is not None:
-        steps = dp // pattern.m * (pattern.m - pattern.n)
-    else:
-        steps = dp  # run every row to the end so that per-row budgets can be chosen freely
+    # Unstructured rows run to the end so that per-row budgets can be chosen freely afterwards.
+    steps = dp // pattern.m * (pattern.m - pattern.n) if pattern is not None else dp
     if steps == 0:
-        return torch.ones_like(W, dtype=torch.bool)
+        empty = torch.empty(rows, 0, device=W.device)
+        return empty.long(), empty.to(W.dtype)
     chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes)
     orders, incs = [], []
     for start in range(0, rows, chunk):
@@ -528,25 +655,62 @@ def _solve_exact(
         del Hrows
         orders.append(order)
         incs.append(inc)
-    order = torch.cat(orders)
-    inc = torch.cat(incs)
+    return torch.cat(orders), torch.cat(incs)
+
+
+def _exact_mask(
+    order: Tensor, inc: Tensor, d: int, sparsity: float, pattern: Optional[NMPattern], frozen: int, forced: Optional[Tensor]
+) -> Tensor:
+    rows, steps = order.shape
+    dp = d - frozen
+    if steps == 0:
+        return torch.ones(rows, d, dtype=torch.bool, device=order.device)
     if pattern is not None:
-        counts = torch.full((rows,), steps, dtype=torch.long, device=W.device)
+        counts = torch.full((rows,), steps, dtype=torch.long, device=order.device)
     elif forced is None:
         counts = _allocate(inc, int(round(sparsity * rows * dp)))
     else:
         # Forced removals lead every row's trace; allocate only the steps after them.
         prior = forced.sum(dim=1)
-        idx = (torch.arange(steps, device=W.device).unsqueeze(0) + prior.unsqueeze(1)).clamp_max(steps - 1)
-        shifted = inc.gather(1, idx).masked_fill(idx < prior.unsqueeze(1) + torch.arange(steps, device=W.device), math.inf)
+        idx = (torch.arange(steps, device=order.device).unsqueeze(0) + prior.unsqueeze(1)).clamp_max(steps - 1)
+        shifted = inc.gather(1, idx).masked_fill(idx < prior.unsqueeze(1) + torch.arange(steps, device=order.device), math.inf)
         extra = max(0, int(round(sparsity * rows * dp)) - int(prior.sum()))
         counts = prior + _allocate(shifted, extra)
-    taken = torch.arange(steps, device=W.device).unsqueeze(0) < counts.unsqueeze(1)
-    mask = torch.ones(rows, d, dtype=torch.bool, device=W.device)
+    taken = torch.arange(steps, device=order.device).unsqueeze(0) < counts.unsqueeze(1)
+    mask = torch.ones(rows, d, dtype=torch.bool, device=order.device)
     mask.scatter_(1, order, ~taken)
     return mask
 
 
+@dataclass
+class GreedyTrace:
+    """The ``exact`` solver's greedy removal sequence of one layer, independent of the sparsity.
+
+    Attributes:
+        order: ``(rows, steps)`` input column removed at each greedy step of each row.
+        increments: ``(rows, steps)`` OBS loss of each of those removals.
+        damp: relative damping the trace was computed with.
+        pattern: the N:M pattern it was computed for (None: unstructured).
+    """
+
+    order: Tensor
+    increments: Tensor
+    damp: float
+    pattern: Optional[NMPattern] = None
+
+    def removal_costs(self) -> Tensor:
+        """Per-weight cost ``(rows, d)``: each removal's loss, made non-decreasing along its row.
+
+        The running maximum makes every row's cheapest-k set a prefix of its greedy order,
+        so pooling these costs across layers respects the greedy sequence.
+        """
+        rows, steps = self.order.shape
+        costs = torch.zeros(rows, steps, dtype=torch.float64, device=self.order.device)
+        inc = self.increments.double().clamp_min(0).cummax(dim=1).values
+        return costs.scatter_(1, self.order, inc)
+
+
+# --------------------------------------------------------------------------- fast
 # --------------------------------------------------------------------------- fast
 
 
@@ -612,38 +776,15 @@ def _solve_fast_group(
 # --------------------------------------------------------------------------- entry point
 
 
-def solve_layer(
+def _prepare(
     weight: Tensor,
     hessian: Tensor,
-    sparsity: Optional[float] = None,
-    method: str = "exact",
-    *,
-    bias: Optional[Tensor] = None,
-    pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
-    options: Optional[SolverOptions] = None,
-    prior_mask: Optional[Tensor] = None,
-) -> SolveResult:
-    """Prune one layer's weight with Optimal Brain Surgeon.
-
-    Args:
-        weight: ``(out, ...)`` weight; trailing dims are flattened into the d input columns
-            (a conv filter ``(out, C_in/groups, *k)`` becomes ``out x C_in/groups*prod(k)``).
-        hessian: ``(D, D)`` or ``(groups, D, D)`` layer-input Hessian, ``D = d + 1`` when a
-            bias is given (the constant input is the last column), else ``D = d``.
-        sparsity: fraction in [0, 1) of the weights to remove; implied by ``pattern`` if None.
-        method: ``"lobs"``, ``"exact"`` or ``"fast"`` (see the module docstring).
-        bias: optional ``(out,)`` bias; it is never pruned but OBS moves it to compensate.
-        pattern: N:M pattern such as ``"2:4"`` along the input columns.
-        options: numerical options, :class:`SolverOptions` defaults when None.
-        prior_mask: keep-mask of an earlier pruning step (iterative pruning): weights it
-            prunes stay pruned and count towards ``sparsity``.
-
-    Returns:
-        A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
-    """
-    options = options or SolverOptions()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    sparsity: Optional[float],
+    bias: Optional[Tensor],
+    pattern: Union[str, Tuple[int, int], NMPattern, None],
+    prior_mask: Optional[Tensor],
+) -> Tuple[torch.Size, Tensor, int, int, Tensor, int, Optional[NMPattern], float, Optional[Tensor]]:
+    """Validate :func:`solve_layer`'s inputs; the bias becomes a frozen last column of W."""
     nm = parse_pattern(pattern)
     if nm is not None:
         if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
@@ -695,6 +836,79 @@ def solve_layer(
                 raise ValueError(f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'.")
         if not bool(forced.any()):
             forced = None
+    return shape, W2, d_w, frozen, H, groups, nm, sparsity, forced
+
+
+def greedy_trace(
+    weight: Tensor,
+    hessian: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
+    options: Optional[SolverOptions] = None,
+    prior_mask: Optional[Tensor] = None,
+) -> GreedyTrace:
+    """Run the ``exact`` solver's greedy OBS sequence once, for reuse at any sparsity.
+
+    Arguments as in :func:`solve_layer`. Pass the result as ``solve_layer(..., trace=...)``;
+    :meth:`GreedyTrace.removal_costs` gives every weight's greedy removal cost.
+    """
+    options = options or SolverOptions()
+    nm = parse_pattern(pattern)
+    _, W2, d_w, frozen, H, _, nm, _, forced = _prepare(weight, hessian, nm.sparsity if nm else 0.0, bias, nm, prior_mask)
+    work = W2.to(options.dtype)
+    _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)
+    order, inc = _exact_trace(work, Hinv, dead, nm, frozen, options, forced)
+    return GreedyTrace(order=order, increments=inc, damp=damp, pattern=nm)
+
+
+def solve_layer(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: Optional[float] = None,
+    method: str = "exact",
+    *,
+    bias: Optional[Tensor] = None,
+    pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
+    options: Optional[SolverOptions] = None,
+    prior_mask: Optional[Tensor] = None,
+    trace: Optional[GreedyTrace] = None,
+) -> SolveResult:
+    """Prune one layer's weight with Optimal Brain Surgeon.
+
+    Args:
+        weight: ``(out, ...)`` weight; trailing dims are flattened into the d input columns
+            (a conv filter ``(out, C_in/groups, *k)`` becomes ``out x C_in/groups*prod(k)``).
+        hessian: ``(D, D)`` or ``(groups, D, D)`` layer-input Hessian, ``D = d + 1`` when a
+            bias is given (the constant input is the last column), else ``D = d``.
+        sparsity: fraction in [0, 1) of the weights to remove; implied by ``pattern`` if None.
+        method: ``"lobs"``, ``"exact"`` or ``"fast"`` (see the module docstring).
+        bias: optional ``(out,)`` bias; it is never pruned but OBS moves it to compensate.
+        pattern: N:M pattern such as ``"2:4"`` along the input columns.
+        options: numerical options, :class:`SolverOptions` defaults when None.
+        prior_mask: keep-mask of an earlier pruning step (iterative pruning): weights it
+            prunes stay pruned and count towards ``sparsity``.
+        trace: ``exact`` only: a :func:`greedy_trace` of this same weight, H, bias, pattern,
+            prior mask and options, so that solving at several sparsities runs the greedy
+            sequence once.
+
+    Returns:
+        A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
+    """
+    options = options or SolverOptions()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    shape, W2, d_w, frozen, H, groups, nm, sparsity, forced = _prepare(weight, hessian, sparsity, bias, pattern, prior_mask)
+    rows = W2.shape[0]
+    if trace is not None:
+        if method != "exact":
+            raise ValueError(f"trace= is for method='exact' only, got method={method!r}.")
+        dp = d_w // nm.m * (nm.m - nm.n) if nm is not None else d_w
+        if tuple(trace.order.shape) != (rows, dp) or trace.pattern != nm:
+            raise ValueError(
+                f"trace does not fit this layer: its order has shape {tuple(trace.order.shape)} and pattern "
+                f"{trace.pattern}, expected {(rows, dp)} and {nm}; compute it with greedy_trace() on the same inputs."
+            )
     work = W2.to(options.dtype)
     damp = options.damp
     if sparsity == 0.0 and forced is None:
@@ -703,9 +917,17 @@ def solve_layer(
     else:
         _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)  # the damped H itself is not kept
         if method == "lobs":
-            new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced)
+            new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced, sequential_updates=False)
+            if _wants_refit(options, mask2):
+                new = refit(work, H, mask2, replace(options, damp=damp))
+            else:
+                new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced)
         elif method == "exact":
-            mask2 = _solve_exact(work, Hinv, dead, sparsity, nm, frozen, options, forced)
+            if trace is None:
+                order, inc = _exact_trace(work, Hinv, dead, nm, frozen, options, forced)
+            else:
+                order, inc = trace.order.to(work.device), trace.increments.to(work.device)
+            mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced)
             new = refit(work, H, mask2, replace(options, damp=damp))
         else:
             per = rows // groups
@@ -721,6 +943,8 @@ def solve_layer(
                 outs.append(o)
                 masks.append(m)
             new, mask2 = torch.cat(outs), torch.cat(masks)
+            if _wants_refit(options, mask2):
+                new = refit(work, H, mask2, replace(options, damp=damp))
         if not torch.isfinite(new).all():
             raise FloatingPointError(
                 f"the {method} solve produced non-finite weights; raise SolverOptions.damp or use dtype=torch.float64."

@@ -8,7 +8,8 @@ report's metrics.
 
     python tests/ddp_prune_script.py --out DIR [--strategy ddp|ddp_spawn] [--runs mlp-exact,cnn-fast,...]
 
-A run is ``<mlp|cnn>-<method>[-seq][-failbudget1|-failsolve1]``: ``seq`` calibrates sequentially;
+A run is ``<mlp|cnn>-<method>[-seq][-uni][-failbudget1|-failsolve1]``: ``seq`` calibrates sequentially,
+``uni`` prunes every layer to the same sparsity (default: global allocation);
 the ``fail`` options make rank 1 alone fail (memory check / layer solves), and every rank then
 records the error it raised instead of the pruning results. ``raw-<method>`` (``ddp`` only, after
 a Trainer run) calls ``prune`` directly with ``RankInfo.current()`` on uneven per-rank batches.
@@ -210,6 +211,7 @@ def run(out: str, strategy: str, run_name: str) -> None:
         calibration_batches=CALIBRATION_BATCHES,
         sequential=sequential,
         log_table=False,
+        allocation="uniform" if "uni" in rest else "global",
     )
     trainer = pl.Trainer(
         strategy=strategy,

@@ -133,9 +133,10 @@ def linear_and_conv(model: nn.Module) -> dict:
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_float_spec_exact_count_per_layer(mlp_loader, method, sparsity):
     model = make_mlp()
-    report = prune_model(model, mlp_loader, sparsity, method)
+    report = prune_model(model, mlp_loader, sparsity, method, allocation="uniform")
     layers = linear_and_conv(model)
     assert set(report.layers) == set(layers) == {"0", "2", "4"}
+    assert report.allocation == "uniform"
     total = pruned = 0
     for name, m in layers.items():
         mask = report.masks[name]
@@ -193,7 +194,7 @@ def test_callable_spec_bad_value_raises_before_change(mlp_loader):
 def test_exclude(mlp_loader):
     model = make_mlp()
     w2 = model[2].weight.detach().clone()
-    report = prune_model(model, mlp_loader, 0.5, "lobs", exclude=["2"])
+    report = prune_model(model, mlp_loader, 0.5, "lobs", exclude=["2"], allocation="uniform")
     assert set(report.layers) == {"0", "4"}
     assert torch.equal(model[2].weight, w2)
     assert int((model[0].weight == 0).sum()) == round(0.5 * 32 * 24)
@@ -281,7 +282,11 @@ def test_methods_run_and_report(method_reports, kind, method):
         assert math.isfinite(lr.output_error) and lr.output_error >= 0
         assert lr.method in ("lobs", "exact", "fast")
         assert lr.method == (method if method != "auto" else lr.method)
-        assert int((layers[name].weight == 0).sum()) == round(0.6 * layers[name].weight.numel())
+        assert int((layers[name].weight == 0).sum()) == round(lr.target_sparsity * layers[name].weight.numel())
+    # default global allocation: the overall count is exact, the per-layer split is chosen
+    assert report.allocation == "global"
+    total = sum(m.weight.numel() for m in layers.values())
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == round(0.6 * total)
     assert math.isfinite(report.output_error) and report.output_error > 0
     assert math.isfinite(report.model_output_error) and report.model_output_error > 0
     # for a Sequential whose last module is pruned, the model output is that layer's output
@@ -299,16 +304,17 @@ def test_auto_picks_exact_for_small_layers(method_reports):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_exact_has_smallest_layer_error(method_reports, kind):
-    total = {
-        m: sum(lr.layer_error for lr in method_reports[kind, m, False][1].layers.values()) for m in ("lobs", "exact", "fast")
-    }
+def test_exact_has_smallest_layer_error(mlp_loader, cnn_loader, kind):
+    # Same per-layer sparsities for every method (global allocation would give each method its own split).
+    make, loader = (make_mlp, mlp_loader) if kind == "mlp" else (make_cnn, cnn_loader)
+    reports = {m: prune_model(make(), loader, 0.6, m, allocation="uniform") for m in ("lobs", "exact", "fast")}
+    total = {m: sum(lr.layer_error for lr in r.layers.values()) for m, r in reports.items()}
     assert total["exact"] <= total["fast"]
     assert total["exact"] <= total["lobs"]
     # per layer as well (dense calibration: every layer sees the same inputs for every method)
-    for name, lr in method_reports[kind, "exact", False][1].layers.items():
-        assert lr.layer_error <= method_reports[kind, "fast", False][1].layers[name].layer_error * (1 + 1e-6)
-        assert lr.layer_error <= method_reports[kind, "lobs", False][1].layers[name].layer_error * (1 + 1e-6)
+    for name, lr in reports["exact"].layers.items():
+        assert lr.layer_error <= reports["fast"].layers[name].layer_error * (1 + 1e-6)
+        assert lr.layer_error <= reports["lobs"].layers[name].layer_error * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -347,7 +353,7 @@ def test_bound_is_the_chain_recursion(mlp_loader, sequential):
 
 def test_residual_model_has_no_bound(mlp_loader):
     model = Residual()
-    report = prune_model(model, mlp_loader, 0.5, "fast")
+    report = prune_model(model, mlp_loader, 0.5, "fast", allocation="uniform")
     assert set(report.layers) == {"fc1", "fc2", "out"}
     assert math.isnan(report.bound) and math.isnan(report.bound_spectral)
     assert "not applicable" in report.bound_note
@@ -405,8 +411,8 @@ def test_layer_error_matches_definition_conv(cnn_loader):
 
 def test_sequential_differs_and_helps_last_layer(mlp_loader):
     dense_model, seq_model = make_mlp(), make_mlp()
-    dense = prune_model(dense_model, mlp_loader, 0.7, "exact")
-    seq = prune_model(seq_model, mlp_loader, 0.7, "exact", sequential=True)
+    dense = prune_model(dense_model, mlp_loader, 0.7, "exact", allocation="uniform")
+    seq = prune_model(seq_model, mlp_loader, 0.7, "exact", sequential=True, allocation="uniform")
     assert seq.sequential and not dense.sequential
     # first layer sees the same inputs in both modes
     assert seq.layers["0"].layer_error == pytest.approx(dense.layers["0"].layer_error, rel=1e-6)
@@ -613,9 +619,9 @@ def test_batchnorm_recalibrated_to_pruned_statistics(mlp_loader):
 @pytest.mark.parametrize("method", ["lobs", "exact", "fast"])
 def test_iterative_keeps_earlier_zeros(mlp_loader, method):
     model = make_mlp()
-    first = prune_model(model, mlp_loader, 0.5, method)
+    first = prune_model(model, mlp_loader, 0.5, method, allocation="uniform")
     old = {n: first.masks[n].clone() for n in first.masks}
-    second = prune_model(model, mlp_loader, 0.8, method, masks=first.masks)
+    second = prune_model(model, mlp_loader, 0.8, method, masks=first.masks, allocation="uniform")
     assert second.masks is first.masks
     for name, m in linear_and_conv(model).items():
         assert torch.all(m.weight[~old[name]] == 0), name
@@ -658,3 +664,60 @@ def test_dict_batches_and_forward_fn(mlp_loader):
     assert a.layers["0"].layer_error != b.layers["0"].layer_error  # 3 batches differ from 8
     c = prune_model(make_mlp(), list(mlp_loader)[:3], 0.5, "exact")
     assert c.layers["0"].layer_error == pytest.approx(b.layers["0"].layer_error, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- global allocation
+
+
+class _TwoPaths(nn.Module):
+    """``red`` sees 8 features copied 4 times (redundant inputs: pruning it is nearly free);
+    ``ind`` sees 32 independent features. Their outputs are summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.red = nn.Linear(32, 6)
+        self.ind = nn.Linear(32, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.red(x[:, :8].repeat(1, 4)) + self.ind(x)
+
+
+def test_global_allocation_prunes_redundant_layer_more_and_beats_uniform(mlp_loader):
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(9))
+    loader = DataLoader(TensorDataset(x), batch_size=64)
+    glob_model, uni_model = _TwoPaths(), _TwoPaths()
+    glob = prune_model(glob_model, loader, 0.6, "exact")
+    uni = prune_model(uni_model, loader, 0.6, "exact", allocation="uniform")
+    assert glob.allocation == "global" and uni.allocation == "uniform"
+    assert glob.layers["red"].sparsity >= 0.7 > 0.6 > glob.layers["ind"].sparsity
+    assert glob.layers["red"].target_sparsity == pytest.approx(glob.layers["red"].sparsity, abs=1e-6)
+    total = sum(int((~glob.masks[n]).sum()) for n in ("red", "ind"))
+    assert total == round(0.6 * 2 * 6 * 32)
+    # the pooled choice cuts the measured output error against the dense model by a wide margin
+    assert glob.model_output_error < 0.7 * uni.model_output_error
+
+
+def test_global_allocation_sequential_uses_dense_costs(mlp_loader):
+    plain = prune_model(make_mlp(), mlp_loader, 0.7, "exact")
+    seq = prune_model(make_mlp(), mlp_loader, 0.7, "exact", sequential=True)
+    assert seq.allocation == plain.allocation == "global"
+    for n in plain.layers:
+        assert seq.layers[n].target_sparsity == plain.layers[n].target_sparsity
+    assert len({round(r.target_sparsity, 6) for r in plain.layers.values()}) > 1  # really non-uniform
+
+
+def test_global_allocation_ignored_for_mappings_and_patterns(mlp_loader):
+    rep = prune_model(make_mlp(), mlp_loader, {"0": 0.5, "2": 0.3}, "exact")
+    assert rep.allocation == "per-layer"
+    assert rep.layers["0"].sparsity == pytest.approx(0.5, abs=1e-3) and rep.layers["2"].sparsity == pytest.approx(0.3, abs=1e-3)
+    rep = prune_model(make_mlp(), mlp_loader, method="fast", pattern="2:4")
+    assert rep.allocation == "uniform" and all(r.sparsity == 0.5 for r in rep.layers.values())
+
+
+def test_bad_allocation_raises_before_any_change(mlp_loader):
+    model = make_mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        prune_model(model, mlp_loader, 0.5, allocation="layerwise")
+    assert_same_state(model, before)

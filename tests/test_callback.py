@@ -165,8 +165,12 @@ def test_masks_hold_through_retraining(optimizer):
     assert watch.checked_batches == 16
     # dense before the prune epoch, pruned at its start
     assert all(v == 0 for v in watch.epoch_start_zeros[0].values())
+    # default global allocation: exact overall count, per-layer counts as the report chose them
+    report = lobs.last_report
+    assert report.allocation == "global"
+    assert sum(watch.epoch_start_zeros[1].values()) == round(0.8 * sum(numel(model, n) for n in LAYERS))
     for name in LAYERS:
-        target = round(0.8 * numel(model, name))
+        target = round(report.layers[name].target_sparsity * numel(model, name))
         assert watch.epoch_start_zeros[1][name] == target
         mask = lobs.masks[name]
         w = model.get_submodule(name).weight.detach()
@@ -198,8 +202,9 @@ def test_metrics_logged(tmp_path):
     for name in LAYERS:
         assert f"lobs/{name}/layer_error" in m
         assert f"lobs/{name}/sparsity" in m
-        assert float(m[f"lobs/{name}/sparsity"]) == pytest.approx(round(0.8 * numel(model, name)) / numel(model, name))
     report = lobs.last_report
+    for name in LAYERS:
+        assert float(m[f"lobs/{name}/sparsity"]) == pytest.approx(report.layers[name].sparsity)
     assert float(m["lobs/bound"]) == pytest.approx(report.bound, rel=1e-6)
     assert float(m["lobs/output_error"]) == pytest.approx(report.output_error, rel=1e-6)
     assert float(m["lobs/bound"]) >= float(m["lobs/output_error"]) > 0
@@ -300,7 +305,7 @@ def test_restored_pruned_epochs_block_a_second_prune():
 
 def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform")
     ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     tr = trainer(3, [lobs, ckpt], tmp_path, enable_checkpointing=True)
     tr.fit(model)
@@ -308,7 +313,7 @@ def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
     assert path.exists()
 
     model2 = LitMLP(seed=7)
-    lobs2 = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False)
+    lobs2 = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform")
     watch = Watcher(lobs2)
     tr2 = trainer(3, [lobs2, watch], tmp_path)
     tr2.fit(model2, ckpt_path=str(path))
@@ -325,7 +330,7 @@ def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
 
 def test_final_model_is_plain_and_hooks_removed():
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False, allocation="uniform")
     watch = Watcher(lobs)
     trainer(2, [lobs, watch]).fit(model)
     # hooks were there during training (grad hooks on 3 weights + 1 optimizer step hook) ...
@@ -358,17 +363,19 @@ def test_iterative_pruning():
     assert lobs.pruned_epochs == [1, 2] and len(lobs.reports) == 2
     assert lobs.reports[0].sparsity == pytest.approx(0.5, abs=2e-3)
     assert lobs.reports[1].sparsity == pytest.approx(0.8, abs=2e-3)
+    total = sum(numel(model, n) for n in LAYERS)
+    assert sum(watch.epoch_start_zeros[1].values()) == round(0.5 * total)  # global allocation: exact total
+    assert sum(watch.epoch_start_zeros[2].values()) == round(0.8 * total)
     for name in LAYERS:
         n = numel(model, name)
-        assert watch.epoch_start_zeros[1][name] == round(0.5 * n)
-        assert watch.epoch_start_zeros[2][name] == round(0.8 * n)
         first_zeros = ~watch.epoch_start_masks[1][name]
-        assert int(first_zeros.sum()) == round(0.5 * n)
+        assert int(first_zeros.sum()) == watch.epoch_start_zeros[1][name]
+        assert watch.epoch_start_zeros[2][name] == round(lobs.reports[1].layers[name].target_sparsity * n)
         # every epoch-1 zero is still zero after the second prune and at the end
         assert torch.all(watch.epoch_start_weights[2][name][first_zeros] == 0)
         assert torch.all(model.get_submodule(name).weight[first_zeros] == 0)
         assert not torch.any(lobs.masks[name] & first_zeros)
-        assert zeros(model, name) == round(0.8 * n)
+        assert zeros(model, name) == watch.epoch_start_zeros[2][name]
     assert watch.checked_batches == 16
 
 
@@ -386,6 +393,7 @@ def test_iterative_pruning():
         (dict(prune_epoch=[1, 2], sparsity=[0.5, 0.6, 0.8]), ValueError, r"sparsity has 3 entries but prune_epoch has 2"),
         (dict(prune_epoch=[1, 2], sparsity=[0.5, 1.2]), ValueError, r"sparsity\[1\]"),
         (dict(method="foo"), ValueError, r"method must be one of"),
+        (dict(allocation="layer"), ValueError, r"allocation must be one of \('global', 'uniform'\)"),
         (dict(calibration_batches=0), ValueError, r"calibration_batches must be an int >= 1"),
         (dict(pattern="3:2"), ValueError, r"pattern '3:2'"),
         (dict(solver={"damp": 0.1}), TypeError, r"solver must be a SolverOptions"),

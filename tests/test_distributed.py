@@ -35,7 +35,7 @@ DDP_RUNS = ("mlp-exact", "mlp-fast", "cnn-exact", "cnn-fast", "mlp-exact-seq")
 # prune() called directly with RankInfo.current() on uneven shards (1 batch of 16 vs 3 of 32).
 RAW_RUNS = ("raw-exact",)
 # Rank 1 alone fails; run first, so the runs after them also show the process group is still usable.
-FAIL_RUNS = ("mlp-exact-failbudget1", "mlp-fast-failsolve1", "cnn-exact-seq-failsolve1")
+FAIL_RUNS = ("mlp-exact-failbudget1", "mlp-fast-failsolve1", "cnn-exact-seq-uni-failsolve1")
 SPAWN_RUNS = ("cnn-exact",)
 
 needs_gloo = pytest.mark.skipif(

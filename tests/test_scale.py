@@ -308,7 +308,7 @@ def resnet18_pruned():
     saved = torch.get_num_threads()  # module-scoped: runs before the autouse one_thread fixture
     torch.set_num_threads(1)
     try:
-        report = prune_model(model, batches, 0.5, "fast", calibration_batches=2)
+        report = prune_model(model, batches, 0.5, "fast", calibration_batches=2, allocation="uniform")
     finally:
         torch.set_num_threads(saved)
     return dense, model, report, batches[:2]
@@ -393,7 +393,8 @@ def test_lobs_pruning_callback_on_resnet18():
     pytest.importorskip("torchvision")
     module = LitResNet()
     # The 4608-wide layer4 convs dominate the solve time and are covered by the prune_model test above.
-    cb = LOBSPruning(0.5, prune_epoch=1, method="fast", calibration_batches=2, exclude=["net.layer4.*"], log_table=False)
+    cb = LOBSPruning(0.5, prune_epoch=1, method="fast", calibration_batches=2, exclude=["net.layer4.*"], log_table=False,
+                      allocation="uniform")
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",

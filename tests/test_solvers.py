@@ -16,13 +16,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+import lightning_lobs.solvers as solvers_mod
 from lightning_lobs.solvers import (
     METHODS,
     NMPattern,
     SolverOptions,
+    allocate_global,
     damped_hessian,
+    greedy_trace,
     layer_error,
     magnitude_mask,
+    obs_scores,
+    output_energy,
     parse_pattern,
     refit,
     solve_layer,
@@ -30,6 +35,8 @@ from lightning_lobs.solvers import (
 
 F64 = torch.float64
 OPT64 = SolverOptions(damp=0.0, dtype=F64)
+#: The literal lobs / SparseGPT algorithms, without the final least-squares refit of the kept weights.
+LIT64 = replace(OPT64, refit=False)
 # comparisons between two float64 computations of the same quantity by different routes
 RTOL = 1e-9
 ATOL = 1e-10
@@ -492,7 +499,7 @@ def test_lobs_matches_loop_reference(bias, s, damp):
     H = hess(X)
     Wt = make_weight(rows, X.shape[1], 21)
     k = int(round(s * rows * d))
-    res, full, mask = run(Wt, H, s, "lobs", bias=bias, options=replace(OPT64, damp=damp))
+    res, full, mask = run(Wt, H, s, "lobs", bias=bias, options=replace(LIT64, damp=damp))
     ref_w, ref_m = lobs_reference(Wt, H, k, frozen=int(bias), damp=damp)
     assert torch.equal(mask, ref_m)
     assert_close(full, ref_w)
@@ -504,7 +511,7 @@ def test_lobs_nm_matches_loop_reference(pattern):
     X = make_inputs(40, 8, seed=22, bias=True)
     H = hess(X)
     Wt = make_weight(4, 9, 22)
-    res, full, mask = run(Wt, H, None, "lobs", bias=True, pattern=pattern)
+    res, full, mask = run(Wt, H, None, "lobs", bias=True, pattern=pattern, options=LIT64)
     ref_w, ref_m = lobs_reference(Wt, H, frozen=1, pattern=pattern)
     assert torch.equal(mask, ref_m)
     assert_close(full, ref_w)
@@ -536,7 +543,7 @@ def test_fast_update_matches_loop_reference_for_its_mask(bias, pattern, damp):
     Wt = make_weight(5, X.shape[1], 31)
     s = None if pattern else 0.55
     for block in (1 if pattern is None else 4, 3 if pattern is None else 8, 128):
-        res, full, mask = run(Wt, H, s, "fast", bias=bias, pattern=pattern, options=replace(OPT64, damp=damp, block_size=block))
+        res, full, mask = run(Wt, H, s, "fast", bias=bias, pattern=pattern, options=replace(LIT64, damp=damp, block_size=block))
         assert_close(full, fast_update_reference(Wt, H, mask, damp))
         assert_close(res.error, ls_err(Wt, full, X))
 
@@ -547,7 +554,7 @@ def test_fast_unstructured_matches_full_reference(bias, block):
     X = make_inputs(50, 8, seed=32, bias=bias, kind="corr")
     H = hess(X)
     Wt = make_weight(5, X.shape[1], 32)
-    res, full, mask = run(Wt, H, 0.55, "fast", bias=bias, options=replace(OPT64, block_size=block))
+    res, full, mask = run(Wt, H, 0.55, "fast", bias=bias, options=replace(LIT64, block_size=block))
     ref_w, ref_m = fast_reference(Wt, H, 0.55, block, frozen=int(bias))
     assert torch.equal(mask, ref_m)
     assert_close(full, ref_w)
@@ -559,7 +566,7 @@ def test_fast_nm_matches_full_reference(bias, pattern):
     X = make_inputs(50, 16, seed=33, bias=bias, kind="corr")
     H = hess(X)
     Wt = make_weight(4, X.shape[1], 33)
-    res, full, mask = run(Wt, H, None, "fast", bias=bias, pattern=pattern)
+    res, full, mask = run(Wt, H, None, "fast", bias=bias, pattern=pattern, options=LIT64)
     ref_w, ref_m = fast_reference(Wt, H, None, 128, frozen=int(bias), pattern=pattern)
     assert torch.equal(mask, ref_m)
     assert_close(full, ref_w)
@@ -702,7 +709,7 @@ def test_grouped_equals_separate_solves(method, pattern, bias):
 def test_grouped_lobs_matches_loop_reference(bias):
     groups, per, d = 2, 3, 6
     Xs, H3, Wt = _grouped_data(groups, per, d, 53, bias)
-    res, full, mask = run(Wt, H3, 0.5, "lobs", bias=bias)
+    res, full, mask = run(Wt, H3, 0.5, "lobs", bias=bias, options=LIT64)
     ref_w, ref_m = lobs_reference(Wt, H3, round(0.5 * groups * per * d), frozen=int(bias))
     assert torch.equal(mask, ref_m)
     assert_close(full, ref_w)
@@ -961,3 +968,162 @@ def test_allocate_repairs_non_convex_rows():
     assert _allocate(inc, 2).tolist() == [2, 0]
     assert _allocate(inc, 1).tolist() == [0, 1]
     assert _allocate(inc, 6).tolist() == [3, 3]
+
+
+# =========================================================================== refit of lobs / fast masks
+
+
+@pytest.mark.parametrize("method", ["lobs", "fast"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_default_refit_is_least_squares_on_the_literal_mask(method, bias, pattern):
+    """By default lobs/fast keep their own mask but move the kept weights to the LS optimum for it."""
+    X = make_inputs(60, 8, seed=61, bias=bias, kind="corr")
+    H = hess(X)
+    Wt = make_weight(5, X.shape[1], 61)
+    s = None if pattern else 0.6
+    lit, lit_full, lit_mask = run(Wt, H, s, method, bias=bias, pattern=pattern, options=LIT64)
+    res, full, mask = run(Wt, H, s, method, bias=bias, pattern=pattern, options=OPT64)
+    assert torch.equal(mask, lit_mask)
+    assert_close(full, ls_fit(Wt, X, mask))  # brute-force lstsq per row
+    assert_close(res.error, ls_err(Wt, full, X))
+    assert res.error <= lit.error * (1 + 1e-9)
+    # and the literal lobs sequence is measurably worse here (its stale updates leak onto removed weights)
+    if method == "lobs" and pattern is None:
+        assert lit.error > 1.01 * res.error
+
+
+def test_refit_auto_follows_the_flop_limit(monkeypatch):
+    X = make_inputs(60, 8, seed=62, kind="corr")
+    H = hess(X)
+    Wt = make_weight(5, 8, 62)
+    auto = replace(OPT64, refit=None)
+    on = run(Wt, H, 0.5, "fast", options=replace(OPT64, refit=True))[1]
+    off = run(Wt, H, 0.5, "fast", options=LIT64)[1]
+    assert not torch.allclose(on, off)
+    assert_close(run(Wt, H, 0.5, "fast", options=auto)[1], on)  # 5 rows x 4^3/3 flops: cheap
+    monkeypatch.setattr(solvers_mod, "REFIT_AUTO_MAX_FLOPS", 1.0)
+    assert_close(run(Wt, H, 0.5, "fast", options=auto)[1], off)
+    assert_close(run(Wt, H, 0.5, "fast", options=replace(OPT64, refit=True))[1], on)
+
+
+def test_refit_option_validated():
+    with pytest.raises(ValueError, match="SolverOptions.refit"):
+        SolverOptions(refit="yes")
+
+
+# =========================================================================== allocation across layers
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_obs_scores_are_single_removal_costs(bias):
+    """L_q equals the brute-force cost of removing weight q alone and refitting the rest of its row."""
+    X = make_inputs(40, 6, seed=63, bias=bias, kind="corr", dead=(2,))
+    H = hess(X)
+    Wt = make_weight(3, X.shape[1], 63)
+    d = 6
+    W, b = (Wt[:, :d], Wt[:, d]) if bias else (Wt, None)
+    scores = obs_scores(W, H, bias=b, options=OPT64)
+    assert scores.shape == W.shape and scores.dtype == F64
+    assert torch.all(scores[:, 2] == 0)  # dead input: free
+    Xl = X.clone()
+    for r in range(3):
+        for q in range(d):
+            if q == 2:
+                continue
+            brute = subset_cost(Wt[r], Xl, frozenset([q]))
+            assert_close(scores[r, q], brute, msg=f"row {r} col {q}")
+
+
+def test_obs_scores_damped_and_grouped():
+    groups, per, d = 2, 3, 5
+    Xs, H3, Wt = _grouped_data(groups, per, d, 64, False)
+    scores = obs_scores(Wt, H3, options=replace(OPT64, damp=0.1))
+    for g in range(groups):
+        Hinv = torch.linalg.inv(ref_damped(H3[g], 0.1))
+        sl = slice(g * per, (g + 1) * per)
+        assert_close(scores[sl], Wt[sl].pow(2) / (2 * torch.diagonal(Hinv)))
+
+
+def test_output_energy_brute_force():
+    X = make_inputs(40, 5, seed=65, bias=True, kind="corr")
+    Wt = make_weight(4, 6, 65)
+    got = output_energy(Wt[:, :5], hess(X), bias=Wt[:, 5])
+    assert_close(got, (Wt @ X.T).pow(2).sum() / (2 * X.shape[0]))
+    groups, per, d = 2, 3, 4
+    Xs, H3, Wg = _grouped_data(groups, per, d, 66, False)
+    expect = sum(float((Wg[g * per : (g + 1) * per] @ Xs[g].T).pow(2).sum() / (2 * Xs[g].shape[0])) for g in range(groups))
+    assert_close(output_energy(Wg, H3), expect)
+
+
+def test_allocate_global_is_the_cheapest_pooled_set():
+    g = torch.Generator().manual_seed(67)
+    costs = {"a": torch.rand(4, 5, generator=g), "b": torch.rand(3, 2, generator=g) * 0.3, "c": torch.rand(10, generator=g) * 3}
+    N = sum(c.numel() for c in costs.values())
+    for s in (0.0, 0.2, 0.5, 0.77, 0.9):
+        got = allocate_global(costs, s)
+        k = round(s * N)
+        # brute force: every layer keeps its most expensive weight; the k cheapest of the rest go
+        pool = sorted((float(v), n) for n, c in costs.items() for v in c.reshape(-1).sort().values[:-1])
+        for n, c in costs.items():
+            expect = sum(1 for _, m in pool[:k] if m == n)
+            assert round(got[n] * c.numel()) == expect, (s, n)
+        assert sum(round(got[n] * c.numel()) for n, c in costs.items()) == k
+
+
+def test_allocate_global_forced_first_and_never_a_whole_layer():
+    costs = {"a": torch.zeros(2, 3), "b": torch.ones(4, 4)}
+    got = allocate_global(costs, 0.4)  # 9 of 22: a would lose all 6, keeps 1; b takes the rest
+    assert round(got["a"] * 6) == 5 and round(got["b"] * 16) == 4
+    keep_b = torch.ones(4, 4, dtype=torch.bool)
+    keep_b[0] = False  # 4 already pruned in b
+    got = allocate_global(costs, 0.3, {"b": keep_b})
+    assert round(got["b"] * 16) >= 4 and round(got["a"] * 6) + round(got["b"] * 16) == round(0.3 * 22)
+    with pytest.raises(ValueError, match="sparsity"):
+        allocate_global(costs, 1.0)
+    with pytest.raises(ValueError, match="costs"):
+        allocate_global({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        allocate_global({}, 0.5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("prior", [False, True])
+def test_greedy_trace_reused_across_sparsities(bias, prior):
+    """solve_layer(trace=greedy_trace(...)) gives the very result of a fresh exact solve, at any sparsity."""
+    X = make_inputs(60, 10, seed=71, bias=bias, kind="corr")
+    H = hess(X)
+    Wt = make_weight(4, X.shape[1], 71)
+    W, b = (Wt[:, :10], Wt[:, 10]) if bias else (Wt, None)
+    pm = None
+    if prior:
+        pm = torch.ones(4, 10, dtype=torch.bool)
+        pm[0, :3] = False
+        pm[2, 5] = False
+        W = W * pm
+    tr = greedy_trace(W, H, bias=b, options=OPT64, prior_mask=pm)
+    assert tr.order.shape == (4, 10) and tr.pattern is None
+    costs = tr.removal_costs()
+    assert costs.shape == (4, 10)
+    # non-decreasing along each row's greedy order, so the cheapest-k of a row is a prefix of that order
+    along = costs.gather(1, tr.order)
+    assert torch.all(along[:, 1:] >= along[:, :-1])
+    for s in (0.3, 0.5, 0.8):
+        fresh = solve_layer(W, H, s, "exact", bias=b, options=OPT64, prior_mask=pm)
+        reused = solve_layer(W, H, s, "exact", bias=b, options=OPT64, prior_mask=pm, trace=tr)
+        assert torch.equal(fresh.mask, reused.mask)
+        assert_close(fresh.weight, reused.weight)
+        assert_close(fresh.error, reused.error)
+
+
+def test_trace_must_fit():
+    X = make_inputs(40, 8, seed=72, kind="corr")
+    H = hess(X)
+    W = make_weight(3, 8, 72)
+    tr = greedy_trace(W, H, options=OPT64)
+    with pytest.raises(ValueError, match="method='exact' only"):
+        solve_layer(W, H, 0.5, "fast", options=OPT64, trace=tr)
+    with pytest.raises(ValueError, match="trace does not fit"):
+        solve_layer(W[:2], H, 0.5, "exact", options=OPT64, trace=tr)
+    with pytest.raises(ValueError, match="trace does not fit"):
+        solve_layer(W, H, None, "exact", pattern="2:4", options=OPT64, trace=tr)
