@@ -37,7 +37,7 @@ The test split is only used for reporting: the recipe (epochs, learning rates, b
 batches, checkpoints) is fixed in advance and nothing is selected on test accuracy.
 
 Writes ``--out`` (JSON with every raw number, rewritten after every run so a partial run is usable),
-then the Markdown tables (``<out stem>.md``) and plots (``accuracy_<net>.png``) with
+then the Markdown tables (``<out stem>.md``) and plots (``<out stem>_<net>.png``) with
 ``benchmarks/accuracy_report.py``.
 """
 

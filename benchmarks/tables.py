@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ["exact", "fast", "fast+refit", "lobs", "magnitude+refit", "magnitude"]
+ORDER = ["exact", "fast+refit", "fast", "lobs", "lobs-literal", "magnitude+refit", "magnitude"]
 
 
 def layers_tables(path: Path) -> str:

@@ -18,14 +18,20 @@ What it does:
    ``prune_model`` at overall sparsities 0.5 ... 0.95 with the same method and allocation.
 4. Prints a results table and writes ``results.json`` and ``accuracy_vs_sparsity.png`` under ``--out``.
 
-Per-layer sparsity (``--allocation paper``, the default): the overall target is spread over the
-layers with the *shape* of Han et al. (2015)'s per-layer keep ratios for this network
-(784x300: 8%, 300x100: 9%, 100x10: 26% of weights kept; the L-OBS paper compares against the
-same 7-8% budgets), scaled by one common factor so that exactly ``1 - sparsity`` of all weights
-are kept (a layer whose scaled density would pass 100% is kept dense and the rest rescaled).
-The big first layer is pruned hardest and the small output layer least. With the default 0.93
-that is 93.15% / 92.30% / 77.75% sparsity. ``--allocation uniform`` prunes every layer by
-``--sparsity``.
+Per-layer sparsity (``--allocation``):
+
+- ``global`` (the default, the library's default): ``LOBSPruning(sparsity=0.93)`` removes 93% of
+  all Linear weights and chooses each layer's share itself, from the pooled OBS removal costs of
+  every layer relative to that layer's output energy (``exact`` layers use their greedy trace).
+  It lands near the profile below, keeping more of the small output layer.
+- ``paper``: the *shape* of Han et al. (2015)'s per-layer keep ratios for this network
+  (784x300: 8%, 300x100: 9%, 100x10: 26% of weights kept; the L-OBS paper compares against the
+  same 7-8% budgets), scaled by one common factor so that exactly ``1 - sparsity`` of all weights
+  are kept (a layer whose scaled density would pass 100% is kept dense and the rest rescaled).
+  With 0.93 that is 93.15% / 92.30% / 77.75% sparsity.
+- ``uniform``: every layer by ``--sparsity``.
+
+The test accuracy is recorded after every retraining epoch (``retrain_curve`` in results.json).
 
 The test split is only ever used for reporting; no choice here is tuned on it.
 ``examples/lenet5_mnist.py`` reuses this module's driver (``run``) for LeNet-5.
@@ -44,7 +50,7 @@ import sys
 import textwrap
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -115,6 +121,18 @@ def allocate_sparsity(
     return {prefix + name: 1.0 - min(1.0, hi * r) for (name, _), r in zip(layers, keep_profile)}
 
 
+def sparsity_spec(
+    net: nn.Module, overall: float, allocation: str, keep_profile: Optional[Sequence[float]]
+) -> Tuple[Union[float, Dict[str, float]], str]:
+    """``(sparsity spec, allocation)`` for LOBSPruning / prune_model from the example's ``--allocation``.
+
+    ``paper`` gives a per-layer mapping (named as in ``net``), which the library applies as given.
+    """
+    if allocation in ("global", "uniform"):
+        return overall, allocation
+    return allocate_sparsity(net, overall, keep_profile), "uniform"
+
+
 # --------------------------------------------------------------------------- probes
 
 
@@ -152,7 +170,12 @@ class OneShotProbe(Callback):
         self.retrain_lr = retrain_lr
         self.oneshot_acc = math.nan
         self.oneshot_sparsity = math.nan
+        self.retrain_curve: List[float] = []  # test accuracy after each retraining epoch
         self.t_pruned = self.t_retrain_start = self.t_end = math.nan
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= self.prune_epoch:
+            self.retrain_curve.append(accuracy(pl_module, self.test_loader))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch != self.prune_epoch:
@@ -194,8 +217,9 @@ def build_parser(name: str, description: str, defaults: Optional[Dict[str, Any]]
     p.add_argument("--epochs", type=int, default=20, help="dense training epochs (pruning happens at the start of the next)")
     p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of retraining with the masks held")
     p.add_argument("--sparsity", type=float, default=0.93, help="overall fraction of Linear/Conv weights to remove")
-    p.add_argument("--allocation", choices=("paper", "uniform"), default="paper",
-                   help="per-layer sparsities: Han et al.'s per-layer profile scaled to --sparsity, or the same everywhere")
+    p.add_argument("--allocation", choices=("global", "paper", "uniform"), default="global",
+                   help="per-layer sparsities: chosen by LOBSPruning from pooled OBS costs, Han et al.'s per-layer "
+                        "profile scaled to --sparsity, or the same everywhere")
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto", help="OBS solver")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches used to build the Hessians")
     p.add_argument("--batch-size", type=int, default=128)
@@ -271,12 +295,14 @@ def _sweep(
     for target in SWEEP_SPARSITIES:
         net = copy.deepcopy(dense_net)
         t0 = time.perf_counter()
+        spec, allocation = sparsity_spec(net, target, args.allocation, keep_profile)
         report = prune_model(
             net,
             calib_loader,
-            allocate_sparsity(net, target, keep_profile),
+            spec,
             args.method,
             calibration_batches=args.calibration_batches,
+            allocation=allocation,
         )
         seconds = time.perf_counter() - t0
         point = {
@@ -345,15 +371,16 @@ def run(
     net = net_factory()
     model = MNISTClassifier(net, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay)
     profile = keep_profile if args.allocation == "paper" else None
-    layer_sparsity = allocate_sparsity(model, args.sparsity, profile)  # names like "net.1"
+    spec, allocation = sparsity_spec(model, args.sparsity, args.allocation, profile)
 
     dense_probe = DenseProbe(args.epochs, test_loader)
     lobs = LOBSPruning(
-        sparsity=layer_sparsity,
+        sparsity=spec,
         prune_epoch=args.epochs,
         method=args.method,
         calibration_batches=args.calibration_batches,
         calibration_dataloader=calib_loader,
+        allocation=allocation,
     )
     oneshot_probe = OneShotProbe(args.epochs, test_loader, args.retrain_lr)
     trainer = pl.Trainer(
@@ -377,6 +404,7 @@ def run(
     report = lobs.last_report
     if report is None:
         raise RuntimeError("LOBSPruning did not prune; check --epochs / --retrain-epochs.")
+    layer_sparsity = {n: r.sparsity for n, r in report.layers.items()}  # names like "net.1"
     retrained_acc = accuracy(model, test_loader)
     final_sparsity = weight_sparsity(model)
     t_after_fit = time.perf_counter()
@@ -406,6 +434,7 @@ def run(
         "layer_sparsity": layer_sparsity,
         "dense_acc": dense_probe.dense_acc,
         "oneshot_acc": oneshot_probe.oneshot_acc,
+        "retrain_curve": oneshot_probe.retrain_curve,
         "retrained_acc": retrained_acc,
         "sparsity": oneshot_probe.oneshot_sparsity,
         "final_sparsity": final_sparsity,
@@ -432,9 +461,10 @@ def run(
     rows = [
         ("data", splits.source),
         ("method", f"{args.method} -> " + ", ".join(f"{n}: {m}" for n, m in results["methods_used"].items())),
-        ("per-layer sparsity", ", ".join(f"{n}: {s:.4f}" for n, s in layer_sparsity.items())),
+        ("per-layer sparsity", f"({args.allocation}) " + ", ".join(f"{n}: {s:.4f}" for n, s in layer_sparsity.items())),
         ("dense accuracy", _fmt(dense_probe.dense_acc)),
         ("one-shot accuracy", _fmt(oneshot_probe.oneshot_acc)),
+        ("after each retraining epoch", ", ".join(_fmt(a) for a in oneshot_probe.retrain_curve) or "n/a"),
         ("retrained accuracy", _fmt(retrained_acc)),
         ("sparsity (one-shot / final)", f"{_fmt(oneshot_probe.oneshot_sparsity)} / {_fmt(final_sparsity)}"),
         ("bound (Frobenius / spectral)", f"{_fmt(report.bound, '.4g')} / {_fmt(report.bound_spectral, '.4g')}"),

@@ -11,11 +11,11 @@ and ``accuracy_vs_sparsity.png`` under ``--out`` (default ``runs/lenet5``).
 Network: ``conv 1->20 k5, maxpool 2, conv 20->50 k5, maxpool 2, flatten, fc 800->500, ReLU,
 fc 500->10`` (430,500 weights), a plain ``nn.Sequential`` so the error bound's chain analysis applies.
 
-Per-layer sparsity (``--allocation paper``, the default): Han et al. (2015)'s keep ratios for this
-net (conv1 66%, conv2 12%, fc1 8%, fc2 19%; 8.4% overall) scaled by one common factor to keep
-exactly ``1 - sparsity`` of all weights. At the default 0.93 (7% kept) that is sparsity
-conv1 45.2%, conv2 90.0%, fc1 93.4%, fc2 84.2%: the 400k-weight fc1 is pruned hardest and the tiny
-first conv least. ``--allocation uniform`` prunes every layer by ``--sparsity``.
+Per-layer sparsity: ``--allocation global`` (the default) lets ``LOBSPruning`` choose it from the
+pooled OBS costs; ``--allocation paper`` uses Han et al. (2015)'s keep ratios for this net (conv1
+66%, conv2 12%, fc1 8%, fc2 19%; 8.4% overall) scaled by one common factor to keep exactly
+``1 - sparsity`` of all weights (at 0.93: conv1 45.2%, conv2 90.0%, fc1 93.4%, fc2 84.2%);
+``--allocation uniform`` prunes every layer by ``--sparsity``.
 
 The default ``auto`` method solves every layer with ``exact`` greedy OBS; fc1 (500 rows x 801
 inputs) dominates the run time (tens of seconds per solve on one core, and the sweep solves it

@@ -4,10 +4,11 @@ from .api import prune_model
 from .callback import LOBSPruning
 from .masks import MaskSet, export_sparse, model_sparsity
 from .pruner import CalibrationOptions, LayerReport, PruneReport
-from .solvers import SolveResult, SolverOptions, solve_layer
+from .solvers import GreedyTrace, SolveResult, SolverOptions, greedy_trace, solve_layer
 
 __all__ = [
     "CalibrationOptions",
+    "GreedyTrace",
     "LOBSPruning",
     "LayerReport",
     "MaskSet",
@@ -15,6 +16,7 @@ __all__ = [
     "SolveResult",
     "SolverOptions",
     "export_sparse",
+    "greedy_trace",
     "model_sparsity",
     "prune_model",
     "solve_layer",

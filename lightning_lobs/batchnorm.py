@@ -43,13 +43,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], run: Callabl
 
     Only BatchNorm modules are put in train mode (dropout and the rest stay in eval), no
     gradients are computed, and modes and momenta are restored afterwards. ``run(batch)``
-    performs one forward pass. Returns the number of BatchNorm modules updated.
+    performs one forward pass. A BatchNorm that the passes never call (an unused branch)
+    keeps its statistics. Returns the number of BatchNorm modules updated.
     """
     bns = batchnorm_modules(model)
     if not bns:
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in bns}
+    saved = {bn: {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False) if b is not None} for bn in bns}
+    calls = {bn: 0 for bn in bns}
+    handles = [bn.register_forward_pre_hook(lambda mod, args: calls.__setitem__(mod, calls[mod] + 1)) for bn in bns]
     try:
         model.eval()
         for bn in bns:
@@ -60,8 +64,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], run: Callabl
             for batch in batches:
                 run(batch)
     finally:
+        for h in handles:
+            h.remove()
         for bn, momentum in momenta.items():
             bn.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
-    return len(bns)
+    with torch.no_grad():
+        for bn in bns:
+            if calls[bn] == 0:  # reset above but never re-estimated: put its statistics back
+                for k, value in saved[bn].items():
+                    getattr(bn, k).copy_(value)
+    return sum(1 for bn in bns if calls[bn])

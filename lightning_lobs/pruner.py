@@ -1,9 +1,10 @@
 """The pruning engine shared by :func:`prune_model` and the :class:`LOBSPruning` callback.
 
 One call prunes a model in place: choose layers, calibrate their Hessians on a few
-batches, solve each layer, write the pruned weights, then measure the output error
-and the error bound. Everything is validated before the first weight changes, and
-any failure restores the model's weights and train/eval modes.
+batches, spread the sparsity over the layers (global allocation), solve each layer,
+write the pruned weights, then measure the output error and the error bound. Everything
+is validated before the first weight changes, and any failure restores the model's
+weights and train/eval modes.
 """
 
 from __future__ import annotations
@@ -461,10 +462,11 @@ def prune(
     """Prune ``model`` in place with OBS on the given calibration ``batches``.
 
     ``allocation="global"`` (with one float ``sparsity`` and no N:M pattern) chooses each
-    layer's sparsity so that ``sparsity`` of all selected weights go where the one-pass
-    OBS costs, relative to each layer's output energy, are smallest; ``"uniform"`` prunes
-    every layer to ``sparsity``. A per-layer mapping, a callable or a pattern fixes the
-    per-layer sparsities and ignores ``allocation``.
+    layer's sparsity so that ``sparsity`` of all selected weights go where the removal
+    costs, relative to each layer's output energy, are smallest (greedy-trace costs for
+    ``exact`` layers, whose solves then reuse the trace; one-pass ``L_q`` for the others);
+    ``"uniform"`` prunes every layer to ``sparsity``. A per-layer mapping, a callable or a
+    pattern fixes the per-layer sparsities and ignores ``allocation``.
 
     ``masks`` (optional) holds masks of an earlier step: those weights stay pruned and
     the new masks are written into it. ``recalibrate_bn`` re-estimates BatchNorm running

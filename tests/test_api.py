@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -721,3 +720,34 @@ def test_bad_allocation_raises_before_any_change(mlp_loader):
     with pytest.raises(ValueError, match="allocation must be one of"):
         prune_model(model, mlp_loader, 0.5, allocation="layerwise")
     assert_same_state(model, before)
+
+
+def test_batchnorm_never_called_keeps_its_statistics(cnn_loader):
+    """BN re-estimation resets only the BatchNorms the calibration passes reach."""
+
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(4)
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)
+            )
+            self.spare = nn.BatchNorm2d(8)  # an unused branch
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    model = WithSpare()
+    with torch.no_grad():
+        model.spare.running_mean.fill_(0.5)
+        model.spare.running_var.fill_(2.0)
+        model.spare.num_batches_tracked.fill_(7)
+        model.train()
+        model(next(iter(cnn_loader))[0])  # non-trivial statistics in the used BN
+    model.eval()
+    used_before = model.body[1].running_mean.clone()
+    prune_model(model, cnn_loader, 0.5, "fast")
+    assert torch.equal(model.spare.running_mean, torch.full((8,), 0.5))
+    assert torch.equal(model.spare.running_var, torch.full((8,), 2.0))
+    assert int(model.spare.num_batches_tracked) == 7
+    assert not torch.allclose(model.body[1].running_mean, used_before)  # the used one was re-estimated
