@@ -152,7 +152,7 @@ class PruneReport:
             )
         lines.append("-" * len(head))
         lines.append(
-            f"total sparsity {self.sparsity:.4f} | output error {self.output_error:.4g} | bound (Frobenius) "
+            f"total sparsity {self.sparsity:.4f} ({self.allocation}) | output error {self.output_error:.4g} | bound (Frobenius) "
             f"{self.bound:.4g} | bound (spectral) {self.bound_spectral:.4g}"
             + (f" | {self.bound_note}" if self.bound_note else "")
         )
