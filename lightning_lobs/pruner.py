@@ -502,7 +502,9 @@ def prune(
         for n, t in targets.items()
     }
     estimates = {
-        n: layer_memory(n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes)
+        n: layer_memory(
+            n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes, solver.refit is not False
+        )
         for n, l in layers.items()
     }
     with _fail_together(rank, device, "the memory check"):  # free memory differs between ranks

@@ -33,8 +33,12 @@ def layer_memory(
     hessian_dtype: torch.dtype,
     solve_dtype: torch.dtype,
     exact_max_bytes: int,
+    refit: bool = True,
 ) -> LayerMemory:
-    """Estimate the memory of calibrating and solving one layer with ``method``."""
+    """Estimate the memory of calibrating and solving one layer with ``method``.
+
+    ``refit``: whether ``lobs``/``fast`` may refit the kept weights (``SolverOptions.refit`` not False).
+    """
     g = num_groups(module)
     d = _columns(module)
     rows = module.weight.shape[0]
@@ -51,6 +55,10 @@ def layer_memory(
         extra = 3 * chunk * square
     else:
         extra = 4 * rows * d * sbytes
+        if refit:
+            # The refit of the kept weights: batched (kept x kept) systems and their Cholesky factors,
+            # rows chunked so that three such words per entry fit in max_memory_bytes.
+            extra += min(exact_max_bytes, 2 * rows * square)
     return LayerMemory(name, hessian, base + extra)
 
 

@@ -312,10 +312,12 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[Solve
         R = sel.numel()
         idx = torch.argsort((~keep[sel]).to(torch.int8), dim=1, stable=True)[:, :k]  # kept columns first
         valid = torch.arange(k, device=W.device).unsqueeze(0) < counts[sel].unsqueeze(1)
-        lin = gidx[sel].view(R, 1, 1) * (d * d) + idx.unsqueeze(2) * d + idx.unsqueeze(1)
-        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-        eye = torch.eye(k, dtype=W.dtype, device=W.device).expand(R, k, k)
-        A = torch.where(pair, H.reshape(-1)[lin], eye)
+        # Broadcast indices gather each row's kept block without materialising an (R, k, k) index;
+        # rows with fewer kept columns are padded with an identity block.
+        A = H[gidx[sel].view(R, 1, 1), idx.unsqueeze(2), idx.unsqueeze(1)]
+        vf = valid.to(W.dtype)
+        A.mul_(vf.unsqueeze(2)).mul_(vf.unsqueeze(1))
+        A.diagonal(dim1=1, dim2=2).add_(1.0 - vf)
         b = (HW[sel].gather(1, idx) * valid).unsqueeze(2)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
