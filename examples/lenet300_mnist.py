@@ -407,7 +407,6 @@ def run(
     layer_sparsity = {n: r.sparsity for n, r in report.layers.items()}  # names like "net.1"
     retrained_acc = accuracy(model, test_loader)
     final_sparsity = weight_sparsity(model)
-    t_after_fit = time.perf_counter()
 
     sweep: List[Dict[str, Any]] = []
     t_sweep = 0.0
