@@ -25,6 +25,7 @@ from lightning_lobs.bounds import (
     layer_error,
     make_layer_term,
     operator_norm,
+    spectral_norm,
     positions_per_sample,
     rms_error,
 )
@@ -634,3 +635,14 @@ def test_rms_error_and_accumulator():
     assert acc.count == 0
     with pytest.raises(ValueError):
         rms_error(a, b[:5])
+
+
+def test_spectral_norm_matches_svd():
+    g = torch.Generator().manual_seed(11)
+    for shape in ((7, 30), (30, 7), (12, 12), (3, 5, 9), (2, 9, 4)):
+        W = torch.randn(*shape, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(spectral_norm(W), torch.linalg.matrix_norm(W, ord=2), rtol=1e-12, atol=0)
+    low = torch.randn(20, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 40, generator=g, dtype=torch.float64)
+    assert float(spectral_norm(low)) == pytest.approx(float(torch.linalg.matrix_norm(low, ord=2)), rel=1e-12)
+    assert float(spectral_norm(torch.zeros(4, 6))) == 0.0
+    assert spectral_norm(torch.randn(5, 8, generator=g)).dtype == torch.float64  # float32 input, float64 result
