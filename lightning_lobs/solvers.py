@@ -343,6 +343,13 @@ def _wants_refit(options: SolverOptions, mask: Tensor) -> bool:
 # --------------------------------------------------------------------------- allocation across layers
 
 
+def _single_removal_costs(W: Tensor, Hinv: Tensor, dead: Tensor) -> Tensor:
+    """``L_q = w_q^2 / (2 [H^-1]_qq)`` per weight of ``W`` (rows, D), in W's dtype; dead inputs cost 0."""
+    gidx = _row_groups(W.shape[0], Hinv.shape[0], W.device)
+    hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx].to(W.dtype)
+    return (W.square() / (2 * hdiag)).masked_fill(dead[gidx], 0.0)
+
+
 def obs_scores(
     weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None, options: Optional[SolverOptions] = None
 ) -> Tensor:
@@ -353,18 +360,9 @@ def obs_scores(
     float64 tensor of the weight's shape.
     """
     options = options or SolverOptions()
-    W2 = weight.detach().reshape(weight.shape[0], -1)
-    d_w = W2.shape[1]
-    if bias is not None:
-        W2 = torch.cat([W2, bias.detach().reshape(-1, 1).to(W2.dtype)], dim=1)
-    H = _as_groups(hessian.detach())
-    if H.shape[-1] != W2.shape[1] or W2.shape[0] % H.shape[0]:
-        raise ValueError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {W2.shape[1]} columns.")
-    _, Hinv, _, dead = _inverse_with_damping(H.to(W2.device), options)
-    gidx = _row_groups(W2.shape[0], H.shape[0], W2.device)
-    hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx].double()
-    scores = (W2.double().square() / (2 * hdiag)).masked_fill(dead[gidx], 0.0)
-    return scores[:, :d_w].reshape(weight.shape)
+    x = _prepare(weight, hessian, 0.0, bias, None, None)
+    _, Hinv, _, dead = _inverse_with_damping(x.H.to(x.W.device), options)
+    return _single_removal_costs(x.W.double(), Hinv, dead)[:, : x.d].reshape(x.shape)
 
 
 def output_energy(weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None) -> float:
@@ -372,15 +370,8 @@ def output_energy(weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = N
 
     Dividing a layer's errors by it makes them relative, hence comparable across layers.
     """
-    W2 = weight.detach().reshape(weight.shape[0], -1)
-    if bias is not None:
-        W2 = torch.cat([W2, bias.detach().reshape(-1, 1).to(W2.dtype)], dim=1)
-    H = _as_groups(hessian.detach()).double().to(W2.device)
-    W2 = W2.double()
-    G = H.shape[0]
-    per = W2.shape[0] // G
-    total = sum(float(((W2[g * per : (g + 1) * per] @ H[g]) * W2[g * per : (g + 1) * per]).sum()) for g in range(G))
-    return 0.5 * total
+    x = _prepare(weight, hessian, 0.0, bias, None, None)
+    return layer_error(x.W, torch.zeros_like(x.W), x.H)  # the error of removing every weight
 
 
 def allocate_global(
@@ -422,7 +413,7 @@ def allocate_global(
 # --------------------------------------------------------------------------- lobs
 
 
-def _solve_lobs(
+def _lobs_mask(
     W: Tensor,
     Hinv: Tensor,
     dead: Tensor,
@@ -430,21 +421,20 @@ def _solve_lobs(
     pattern: Optional[NMPattern],
     frozen: int,
     forced: Optional[Tensor],
-    sequential_updates: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """The paper's ranking; with ``sequential_updates`` also its stale single-weight corrections."""
-    rows, d = W.shape
-    gidx = _row_groups(rows, Hinv.shape[0], W.device)
-    hdiag = torch.diagonal(Hinv, dim1=-2, dim2=-1)[gidx]  # (rows, d)
-    scores = W.pow(2) / (2 * hdiag)
-    scores = scores.masked_fill(dead[gidx], 0.0)
+    """The paper's one-pass ranking: ``(keep-mask, L_q scores)``, every weight ranked layer-wide."""
+    scores = _single_removal_costs(W, Hinv, dead)
     if forced is not None:
         scores = scores.masked_fill(forced, -math.inf)
     if frozen:
         scores[:, -frozen:] = math.inf
-    mask = _mask_from_scores(scores, sparsity, pattern, frozen)
-    if not sequential_updates:
-        return W * mask, mask
+    return _mask_from_scores(scores, sparsity, pattern, frozen), scores
+
+
+def _lobs_sequential(W: Tensor, Hinv: Tensor, mask: Tensor, scores: Tensor) -> Tensor:
+    """The paper's literal updates: removals in rank order, each corrected with the same, stale ``H^-1``."""
+    rows = W.shape[0]
+    gidx = _row_groups(rows, Hinv.shape[0], W.device)
     pruned = ~mask
     # Per-row removal order: that row's pruned weights by ascending L_q (the global rank order).
     order_key = torch.where(pruned, scores, torch.full_like(scores, math.inf))
@@ -458,8 +448,7 @@ def _solve_lobs(
         hqq = Hinv[gidx, q, q]
         coef = active * W[arange, q] / hqq
         W -= coef.unsqueeze(1) * Hinv[gidx, q, :]
-    W = W * mask
-    return W, mask
+    return W * mask
 
 
 # --------------------------------------------------------------------------- exact
@@ -777,6 +766,20 @@ def _solve_fast_group(
 # --------------------------------------------------------------------------- entry point
 
 
+@dataclass
+class _LayerInputs:
+    """:func:`solve_layer`'s inputs, validated: ``W`` is ``(rows, d + frozen)`` with the bias last."""
+
+    shape: torch.Size  # the weight's original shape
+    W: Tensor
+    d: int  # weight columns, without the bias
+    frozen: int  # 1 when the bias is the last column of W
+    H: Tensor  # (groups, D, D)
+    pattern: Optional[NMPattern]
+    sparsity: float
+    forced: Optional[Tensor]  # (rows, D) True where a prior mask pruned
+
+
 def _prepare(
     weight: Tensor,
     hessian: Tensor,
@@ -784,7 +787,7 @@ def _prepare(
     bias: Optional[Tensor],
     pattern: Union[str, Tuple[int, int], NMPattern, None],
     prior_mask: Optional[Tensor],
-) -> Tuple[torch.Size, Tensor, int, int, Tensor, int, Optional[NMPattern], float, Optional[Tensor]]:
+) -> _LayerInputs:
     """Validate :func:`solve_layer`'s inputs; the bias becomes a frozen last column of W."""
     nm = parse_pattern(pattern)
     if nm is not None:
@@ -837,7 +840,7 @@ def _prepare(
                 raise ValueError(f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'.")
         if not bool(forced.any()):
             forced = None
-    return shape, W2, d_w, frozen, H, groups, nm, sparsity, forced
+    return _LayerInputs(shape, W2, d_w, frozen, H, nm, float(sparsity), forced)
 
 
 def greedy_trace(
@@ -856,10 +859,10 @@ def greedy_trace(
     """
     options = options or SolverOptions()
     nm = parse_pattern(pattern)
-    _, W2, d_w, frozen, H, _, nm, _, forced = _prepare(weight, hessian, nm.sparsity if nm else 0.0, bias, nm, prior_mask)
-    work = W2.to(options.dtype)
-    _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)
-    order, inc = _exact_trace(work, Hinv, dead, nm, frozen, options, forced)
+    x = _prepare(weight, hessian, nm.sparsity if nm else 0.0, bias, nm, prior_mask)
+    work = x.W.to(options.dtype)
+    _, Hinv, damp, dead = _inverse_with_damping(x.H.to(work.device), options)
+    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, options, x.forced)
     return GreedyTrace(order=order, increments=inc, damp=damp, pattern=nm)
 
 
@@ -899,8 +902,9 @@ def solve_layer(
     options = options or SolverOptions()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    shape, W2, d_w, frozen, H, groups, nm, sparsity, forced = _prepare(weight, hessian, sparsity, bias, pattern, prior_mask)
-    rows = W2.shape[0]
+    x = _prepare(weight, hessian, sparsity, bias, pattern, prior_mask)
+    shape, W2, d_w, frozen, H, nm, sparsity, forced = x.shape, x.W, x.d, x.frozen, x.H, x.pattern, x.sparsity, x.forced
+    rows, groups = W2.shape[0], H.shape[0]
     if trace is not None:
         if method != "exact":
             raise ValueError(f"trace= is for method='exact' only, got method={method!r}.")
@@ -918,11 +922,11 @@ def solve_layer(
     else:
         _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)  # the damped H itself is not kept
         if method == "lobs":
-            new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced, sequential_updates=False)
+            mask2, scores = _lobs_mask(work, Hinv, dead, sparsity, nm, frozen, forced)
             if _wants_refit(options, mask2):
                 new = refit(work, H, mask2, replace(options, damp=damp))
             else:
-                new, mask2 = _solve_lobs(work, Hinv, dead, sparsity, nm, frozen, forced)
+                new = _lobs_sequential(work, Hinv, mask2, scores)
         elif method == "exact":
             if trace is None:
                 order, inc = _exact_trace(work, Hinv, dead, nm, frozen, options, forced)
