@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.pruner as pruner_mod
 from lightning_lobs import CalibrationOptions, MaskSet, PruneReport, SolverOptions, prune_model
+from helpers import hook_counts
 
 METHODS = ("lobs", "exact", "fast", "auto")
 
@@ -95,22 +96,6 @@ def assert_same_state(model: nn.Module, before: dict) -> None:
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert torch.equal(after[k], v), f"{k} changed"
-
-
-def hook_counts(model: nn.Module) -> dict:
-    out = {}
-    for name, m in model.named_modules():
-        n = (
-            len(m._forward_pre_hooks)
-            + len(m._forward_hooks)
-            + len(m._backward_hooks)
-            + len(getattr(m, "_backward_pre_hooks", {}))
-            + len(getattr(m, "_forward_pre_hooks_with_kwargs", {}))
-            + len(getattr(m, "_forward_hooks_with_kwargs", {}))
-        )
-        if n:
-            out[name] = n
-    return out
 
 
 def assert_no_hooks(model: nn.Module) -> None:

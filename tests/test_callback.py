@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import LOBSPruning, prune_model
+from helpers import hook_counts
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -95,23 +96,6 @@ def zeros(model: pl.LightningModule, name: str) -> int:
 
 def numel(model: pl.LightningModule, name: str) -> int:
     return model.get_submodule(name).weight.numel()
-
-
-def hook_counts(model: nn.Module) -> dict:
-    out = {}
-    for name, m in model.named_modules():
-        n = (
-            len(m._forward_pre_hooks)
-            + len(m._forward_hooks)
-            + len(m._backward_hooks)
-            + len(getattr(m, "_backward_pre_hooks", {}))
-        )
-        if n:
-            out[name] = n
-    for name, p in model.named_parameters():
-        if p._backward_hooks:
-            out[name] = len(p._backward_hooks)
-    return out
 
 
 class Watcher(Callback):

@@ -38,20 +38,11 @@ RAW_RUNS = ("raw-exact",)
 FAIL_RUNS = ("mlp-exact-failbudget1", "mlp-fast-failsolve1", "cnn-exact-seq-uni-failsolve1")
 SPAWN_RUNS = ("cnn-exact",)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references on one thread
+
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs torch.distributed gloo"
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for the in-process references (2 OpenMP threads on 2 shared cores can crawl)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _script_module():

@@ -19,6 +19,7 @@ from lightning_lobs.hessian import HessianCollector, unfold_input
 from lightning_lobs.resources import LayerMemory, check_budget, layer_memory
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
 ]
@@ -29,18 +30,6 @@ GIB = 1 << 30
 
 def _state(model: nn.Module):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for these tests. On 2 cores shared with other jobs, 2 OpenMP threads spin at
-    every barrier and these small solves and ResNet-18 BLAS calls ran 10-40x slower than on one thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _assert_state_equal(a, b) -> None:
@@ -310,7 +299,7 @@ def resnet18_pruned():
     with torch.no_grad():  # give BatchNorm non-trivial running statistics first
         model(batches[2])
     dense = copy.deepcopy(model)
-    saved = torch.get_num_threads()  # module-scoped: runs before the autouse one_thread fixture
+    saved = torch.get_num_threads()  # module-scoped: runs before the function-scoped one_thread fixture
     torch.set_num_threads(1)
     try:
         report = prune_model(model, batches, 0.5, "fast", calibration_batches=2, allocation="uniform")
