@@ -7,8 +7,9 @@ broadcasts its results, so all ranks end with identical weights and masks.
 from __future__ import annotations
 
 import heapq
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -71,3 +72,30 @@ def broadcast_floats(values: Sequence[float], src: int, info: RankInfo, device: 
     buf = torch.tensor(list(values), dtype=torch.float64, device=device)
     torch.distributed.broadcast(buf, src=src, group=info.group)
     return [float(v) for v in buf.tolist()]
+
+
+@contextmanager
+def fail_together(rank: RankInfo, device: torch.device, what: str, active: bool = True) -> Iterator[None]:
+    """Run a step that may fail on some ranks only; afterwards every rank fails if any did.
+
+    A rank raising alone would leave the others waiting in their next collective. Every rank
+    must enter the block (with the same ``active``); the block itself must not run collectives.
+    The failing rank re-raises its own error, the others a RuntimeError naming that rank.
+    """
+    if not (rank.active and active):
+        yield
+        return
+    error: Optional[Exception] = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+        error = err
+    flag = torch.tensor([float(rank.rank + 1) if error is not None else 0.0], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=rank.group)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError(
+            f"{what} failed on rank {int(flag.item()) - 1} (see that rank's error); every rank stops so that none "
+            "is left waiting for the others."
+        )

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from . import bounds as _bounds
 from .batchnorm import batchnorm_modules, batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
-from .distributed import RankInfo, assign_layers, broadcast_floats, broadcast_tensors
+from .allocation import allocate_layers
+from .distributed import RankInfo, assign_layers, broadcast_floats, broadcast_tensors, fail_together
 from .hessian import HessianCollector, has_bias, is_supported, num_groups, set_weight_matrix, weight_matrix
 from .masks import MaskSet
 from .resources import check_budget, layer_memory
@@ -32,15 +33,13 @@ from .solvers import (
     GreedyTrace,
     NMPattern,
     SolverOptions,
-    allocate_global,
-    greedy_trace,
-    obs_scores,
-    output_energy,
     parse_pattern,
     solve_layer,
 )
 
 log = logging.getLogger(__name__)
+
+_fail_together = fail_together  # the old private name, still used below
 
 SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -361,71 +360,6 @@ def _uses_global(allocation: str, sparsity: SparsitySpec, nm: Optional[NMPattern
     return allocation == "global" and nm is None and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
 
 
-def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior: Optional[Tensor]) -> Tuple[Tensor, Optional[GreedyTrace]]:
-    """Per-weight removal costs of a layer relative to its output energy (and the greedy trace, for ``exact``).
-
-    ``exact`` layers use their greedy OBS sequence (each removal's loss given the earlier ones),
-    which sees through redundant inputs; ``lobs``/``fast`` layers the one-pass ``L_q`` (cheaper,
-    but it counts every copy of a duplicated input as free).
-    """
-    W = layer.dense.to(torch.float64)
-    bias_col = has_bias(layer.module)
-    weight, bias = (W[:, :-1], W[:, -1]) if bias_col else (W, None)
-    H = hessian.to(W.device)
-    energy = output_energy(weight, H, bias=bias)
-    trace = None
-    if layer.method == "exact":
-        w = weight.to(solver.dtype)
-        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), options=solver, prior_mask=prior)
-        scores = trace.removal_costs()
-    else:
-        scores = obs_scores(weight, H, bias=bias, options=solver)
-    scores = scores.reshape(weight.shape[0], -1)
-    if not energy > 0:  # an all-zero layer: nothing to lose, nothing to compare against
-        return torch.zeros_like(scores), trace
-    return scores / energy, trace
-
-
-def _allocate_layers(
-    layers: Mapping[str, "_Layer"],
-    order: Sequence[str],
-    sparsity: float,
-    hessian_of: Callable[[str], Tensor],
-    solver: SolverOptions,
-    masks: MaskSet,
-    owners: Mapping[str, int],
-    rank: RankInfo,
-    device: torch.device,
-    keep_traces: bool,
-) -> None:
-    """Set every layer's target from the pooled relative removal costs (in place).
-
-    Each rank computes the costs of the layers it owns (keeping ``exact`` traces for their
-    solves when ``keep_traces``); the costs are then broadcast so every rank allocates alike.
-    ``hessian_of`` may run a collective (sequential calibration): every rank calls it per layer.
-    """
-    costs: Dict[str, Tensor] = {}
-    for n in order:
-        layer = layers[n]
-        H = hessian_of(n)
-        with _fail_together(rank, device, f"the removal costs of layer '{n}'"):
-            if owners[n] == rank.rank:
-                prior = masks.get(n)
-                prior2 = None if prior is None else prior.reshape(layer.dense.shape[0], -1).to(layer.dense.device)
-                costs[n], trace = _layer_costs(layer, H, solver, prior2)
-                if keep_traces:
-                    layer.trace = trace
-            else:
-                costs[n] = torch.zeros(layer.dense.shape[0], layer.module.weight[0].numel(), dtype=torch.float64)
-    if rank.active:
-        for n in order:
-            costs[n] = broadcast_tensors([costs[n].to(device)], owners[n], rank)[0].cpu()
-    prior_masks = {n: masks.get(n).reshape(costs[n].shape) for n in order if masks.get(n) is not None}
-    targets = allocate_global({n: costs[n] for n in order}, sparsity, prior_masks or None)
-    for n in order:
-        layers[n].target = targets[n]
-
-
 def _resolve_method(method: str, module: nn.Module) -> str:
     if method != "auto":
         return method
@@ -534,7 +468,7 @@ def prune(
                 owners = assign_layers({n: _solve_cost(layers[n]) for n in order}, rank.world_size)
                 if global_alloc:
                     t0 = time.perf_counter()
-                    _allocate_layers(layers, order, float(sparsity), hessians.__getitem__, solver, masks, owners, rank, device, True)
+                    allocate_layers(layers, order, float(sparsity), hessians.__getitem__, solver, masks, owners, rank, device, True)
                     t_solve += time.perf_counter() - t0
             else:
                 order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, run)
@@ -548,7 +482,7 @@ def prune(
                         return h[n]
 
                     t0 = time.perf_counter()
-                    _allocate_layers(layers, order, float(sparsity), dense_hessian, solver, masks, owners, rank, device, False)
+                    allocate_layers(layers, order, float(sparsity), dense_hessian, solver, masks, owners, rank, device, False)
                     t_cal += time.perf_counter() - t0
             with _fail_together(rank, device, "solving the layers", active=not sequential):
                 for n in order:
@@ -641,33 +575,6 @@ def _placeholder(layer: "_Layer", positions: float) -> Dict[str, Any]:
         "matrix": torch.zeros_like(layer.dense),
         **{k: 0.0 for k in _SHARED_FLOATS},
     }
-
-
-@contextmanager
-def _fail_together(rank: RankInfo, device: torch.device, what: str, active: bool = True) -> Iterator[None]:
-    """Run a step that may fail on some ranks only; afterwards every rank fails if any did.
-
-    A rank raising alone would leave the others waiting in their next collective. Every rank
-    must enter the block (with the same ``active``); the block itself must not run collectives.
-    The failing rank re-raises its own error, the others a RuntimeError naming that rank.
-    """
-    if not (rank.active and active):
-        yield
-        return
-    error: Optional[Exception] = None
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
-        error = err
-    flag = torch.tensor([float(rank.rank + 1) if error is not None else 0.0], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=rank.group)
-    if error is not None:
-        raise error
-    if flag.item() > 0:
-        raise RuntimeError(
-            f"{what} failed on rank {int(flag.item()) - 1} (see that rank's error); every rank stops so that none "
-            "is left waiting for the others."
-        )
 
 
 def _share(rep: Dict[str, Any], mask: Tensor, owner: int, rank: RankInfo, device: torch.device) -> Tuple[Dict[str, Any], Tensor]:
