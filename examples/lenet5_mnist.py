@@ -30,12 +30,12 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-# The shared driver lives next to this file (and makes lightning_lobs importable from a checkout).
+# The shared driver and the demo data/models live next to this file (on sys.path when it runs as a script;
+# the insert covers loading it by path). lenet300_mnist also makes lightning_lobs importable from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lenet300_mnist import _validate, build_parser, run  # noqa: E402
-
-from lightning_lobs.data import lenet5  # noqa: E402
+from mnist_data import lenet5  # noqa: E402
 
 #: Han et al. (2015), Table 3: fraction of weights kept per layer of LeNet-5 (conv1, conv2, fc1, fc2).
 LENET5_KEEP_PROFILE = (0.66, 0.12, 0.08, 0.19)
