@@ -1,36 +1,113 @@
-"""``LOBSPruning``: the Lightning callback (thin glue over :mod:`lightning_lobs.pruner`)."""
+"""``LOBSPruning``: the Lightning callback (glue between a ``Trainer`` and :mod:`lightning_lobs.pruner`).
+
+The class is a ``Callback`` of every installed Lightning namespace (``lightning.pytorch`` and
+``pytorch_lightning``, see :mod:`lightning_lobs._lightning`), so one import works with either
+``Trainer`` and ``LightningCLI``. What it adds to the engine is the fit lifecycle: batches fed as
+the training loop feeds them (device transfer hooks, precision plugin), the prune schedule
+checked against what training can reach, monitors reset at a prune, masks held and checkpointed
+under a per-instance ``state_key``, metrics at the prune's global step and progress in the
+trainer's own progress bar.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+import math
+import numbers
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
+import torch
+from torch import nn
 
+from ._lightning import CALLBACK_BASES, callback_classes, rank_zero_warn
+from .allocation import GlobalAllocation
 from .api import take_batches
 from .distributed import RankInfo
 from .masks import MaskSet
-from .pruner import (
-    ALL_METHODS,
+from .options import (
+    AllocationName,
     CalibrationOptions,
     ForwardFn,
-    PruneReport,
+    Method,
+    PruneOptions,
     SparsitySpec,
-    prune,
-    select_layers,
-    validate_allocation,
-    validate_sparsity,
+    normalize_sparsity,
 )
-from .solvers import SolverOptions, parse_pattern
+from .progress import trainer_progress
+from .pruner import PruneReport, default_forward, prune
+from .selection import select_layers
+from .solvers import SolverOptions
+
+if TYPE_CHECKING:  # either namespace's classes; only for the annotations
+    from lightning.pytorch import LightningModule, Trainer
 
 log = logging.getLogger(__name__)
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
+# The CLI (jsonargparse) reads these annotations: floats, per-layer mappings and lists of both
+# round-trip through YAML; a callable only from Python.
+SparsityArg = Union[float, Dict[str, float], Callable[[str, nn.Module], Optional[float]]]
 
-class LOBSPruning(Callback):
+
+def _as_epoch(value: Any, what: str) -> int:
+    """An epoch number: ints (numpy's too) and integral floats such as ``1.0``; anything else is refused."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
+        out = int(value)
+    elif not isinstance(value, bool) and isinstance(value, numbers.Real) and float(value).is_integer():
+        out = int(value)
+    else:
+        raise ValueError(
+            f"{what} must be a whole epoch number >= 0 (or a list of them for iterative pruning), got {value!r} of type "
+            f"{type(value).__name__}; e.g. prune_epoch=5 or prune_epoch=[2, 4, 6]."
+        )
+    if out < 0:
+        raise ValueError(f"{what} must be an epoch number >= 0, got {out}; epochs count from 0.")
+    return out
+
+
+def _as_list(value: Any) -> Optional[list]:
+    """A list/tuple/1-d array as a list; None for anything that is one value."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if hasattr(value, "ndim") and hasattr(value, "tolist") and getattr(value, "ndim", 0) >= 1:
+        return list(value.tolist())
+    return None
+
+
+def _describe_spec(spec: SparsitySpec) -> Any:
+    """A checkpointable, comparable form of a sparsity spec (a callable by its qualified name)."""
+    if isinstance(spec, Mapping):
+        return {str(k): float(v) for k, v in spec.items()}
+    if callable(spec):
+        return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}"
+    return float(spec)
+
+
+def _check_not_decreasing(specs: Sequence[SparsitySpec]) -> None:
+    """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned)."""
+    for i in range(1, len(specs)):
+        before, after = specs[i - 1], specs[i]
+        if isinstance(before, float) and isinstance(after, float):
+            pairs = [("", before, after)]
+        elif isinstance(before, Mapping) and isinstance(after, Mapping):
+            pairs = [(f"[{k!r}]", before[k], after[k]) for k in after if k in before]
+        else:
+            continue  # a callable, or a float against a mapping: not comparable without the model
+        for key, a, b in pairs:
+            if b < a:
+                raise ValueError(
+                    f"sparsity[{i}]{key} = {b} is lower than sparsity[{i - 1}]{key} = {a}: iterative pruning cannot "
+                    "lower the sparsity, because weights pruned at an earlier step stay pruned (the masks are held). "
+                    "Give non-decreasing sparsities, e.g. sparsity=[0.5, 0.8, 0.9]."
+                )
+
+
+class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of lightning.pytorch and/or pytorch_lightning
     """Prune a LightningModule's Linear/Conv layers with Layer-wise OBS during ``fit``.
 
     At the start of each epoch in ``prune_epoch`` the callback runs ``calibration_batches``
@@ -41,37 +118,43 @@ class LOBSPruning(Callback):
 
     Args:
         sparsity: fraction in [0, 1) of the Linear/ConvNd weights to remove (spread over the
-            layers as ``allocation`` says), a mapping
-            ``{"fnmatch pattern": fraction}`` over qualified module names, or a callable
-            ``(name, module) -> fraction | None``. With a list of ``prune_epoch``s, a list of
-            such specs, one per epoch (iterative pruning; sparsities should increase).
-        prune_epoch: epoch (or increasing list of epochs) at whose start pruning happens.
-        method: ``"auto"`` (default: ``exact`` where it costs seconds, ``fast`` on very
-            large layers), ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's one-pass
-            ranking) or ``"fast"`` (SparseGPT).
+            layers as ``allocation`` says), a mapping ``{"fnmatch pattern": fraction}`` over
+            qualified module names, or a callable ``(name, module) -> fraction | None``. With a
+            list of ``prune_epoch``s, a list of such specs, one per epoch (iterative pruning;
+            they must not decrease).
+        prune_epoch: epoch (or strictly increasing list of epochs) at whose start pruning happens.
+        method: ``"auto"`` (``exact`` where it costs seconds, ``fast`` on very large layers),
+            ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's rule) or ``"fast"`` (SparseGPT).
         pattern: N:M pattern such as ``"2:4"`` instead of unstructured sparsity.
         exclude: fnmatch patterns of layers to keep dense.
         calibration_batches: batches used to build the Hessians.
         calibration_dataloader: where those batches come from (default: the train dataloader).
         sequential: calibrate layer l on inputs through the already pruned layers before it.
-        solver: :class:`SolverOptions` (damping, precision, block sizes).
-        calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking).
-        forward_fn: ``(model, batch) -> output``; default feeds ``batch[0]`` (or the tensor).
-        recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches
-            after pruning (as the paper's code did).
-        log_table: log a rank-zero summary table after each prune.
-        allocation: for a float ``sparsity``: ``"global"`` (default) chooses per-layer
-            sparsities from the pooled one-pass OBS costs, each layer's relative to its output
-            energy, so small, sensitive layers (a 10-way classifier) keep more weights;
-            ``"uniform"`` prunes every layer to ``sparsity`` (like ``ModelPruning``'s default).
-            Mappings, callables and N:M patterns set per-layer sparsities themselves.
+        solver: :class:`SolverOptions` (or a mapping of its fields).
+        calibration: :class:`CalibrationOptions` (or a mapping of its fields).
+        forward_fn: ``(model, batch) -> output``; default feeds a tensor batch, ``batch[0]`` or a
+            dict's input entry. It receives the batch after the trainer's device transfer and
+            precision conversion, and runs under the precision plugin's autocast.
+        recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches.
+        log_table: print a rank-zero summary table after each prune (through the progress bar).
+        allocation: for a float ``sparsity``: ``"global"`` (per-layer sparsities from pooled OBS
+            costs), ``"uniform"`` (every layer at ``sparsity``) or a :class:`GlobalAllocation`.
+        state_key: a name for this instance's checkpoint state; needed (and unique) when several
+            ``LOBSPruning`` run in one Trainer, e.g. one per sub-network.
+        reset_monitors: after each prune, reset the best scores of every ``ModelCheckpoint`` with a
+            ``monitor`` and of every ``EarlyStopping``, so the pruned model is not compared with
+            dense epochs (``ckpt_path="best"`` then means the best pruned epoch).
+        progress_after: seconds a prune must run before it shows progress (phase, layer i/N,
+            elapsed, ETA) in the trainer's progress bar, or as log lines without one.
+        save_sparse: a path; at the end of ``fit`` (rank zero) the pruned model is saved there
+            with :func:`lightning_lobs.export.save_sparse`.
     """
 
     def __init__(
         self,
-        sparsity: Union[SparsitySpec, Sequence[SparsitySpec]] = 0.9,
-        prune_epoch: Union[int, Sequence[int]] = 0,
-        method: str = "auto",
+        sparsity: Union[SparsityArg, List[SparsityArg]] = 0.9,
+        prune_epoch: Union[int, List[int]] = 0,
+        method: Method = "auto",
         *,
         pattern: Optional[str] = None,
         exclude: Sequence[str] = (),
@@ -83,58 +166,91 @@ class LOBSPruning(Callback):
         forward_fn: Optional[ForwardFn] = None,
         recalibrate_bn: bool = True,
         log_table: bool = True,
-        allocation: str = "global",
+        allocation: Union[AllocationName, GlobalAllocation] = "global",
+        state_key: Optional[str] = None,
+        reset_monitors: bool = True,
+        progress_after: float = 2.0,
+        save_sparse: Optional[str] = None,
     ) -> None:
-        epochs = [prune_epoch] if isinstance(prune_epoch, int) else list(prune_epoch)
-        if not epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in epochs):
-            raise ValueError(f"prune_epoch must be an int >= 0 or a list of them, got {prune_epoch!r}.")
+        listed = _as_list(prune_epoch)
+        epochs = [_as_epoch(prune_epoch, "prune_epoch")] if listed is None else [
+            _as_epoch(e, f"prune_epoch[{i}]") for i, e in enumerate(listed)
+        ]
+        if not epochs:
+            raise ValueError("prune_epoch is an empty list; give at least one epoch, e.g. prune_epoch=5.")
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
-            raise ValueError(f"prune_epoch must be strictly increasing, got {epochs}.")
-        if isinstance(sparsity, (list, tuple)):
-            specs = list(sparsity)
-            if len(specs) != len(epochs):
+            raise ValueError(f"prune_epoch must be strictly increasing, got {epochs}; e.g. prune_epoch=[2, 4, 6].")
+        spec_list = _as_list(sparsity)
+        if spec_list is not None:
+            if len(spec_list) != len(epochs):
                 raise ValueError(
-                    f"sparsity has {len(specs)} entries but prune_epoch has {len(epochs)}; give one sparsity per "
+                    f"sparsity has {len(spec_list)} entries but prune_epoch has {len(epochs)}; give one sparsity per "
                     "prune epoch, or a single sparsity."
                 )
+            specs = [normalize_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(spec_list)]
         else:
-            specs = [sparsity] * len(epochs)
-        for i, spec in enumerate(specs):
-            validate_sparsity(spec, "sparsity" if len(specs) == 1 else f"sparsity[{i}]")
-        if method not in ALL_METHODS:
-            raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}.")
-        validate_allocation(allocation)
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            specs = [normalize_sparsity(sparsity)] * len(epochs)
+        _check_not_decreasing(specs)
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
-        if isinstance(exclude, str):
-            exclude = (exclude,)
-        if not all(isinstance(p, str) for p in exclude):
-            raise ValueError(f"exclude must be a sequence of fnmatch patterns (str), got {exclude!r}.")
-        if solver is not None and not isinstance(solver, SolverOptions):
-            raise TypeError(f"solver must be a SolverOptions, got {type(solver).__name__}.")
-        if calibration is not None and not isinstance(calibration, CalibrationOptions):
-            raise TypeError(f"calibration must be a CalibrationOptions, got {type(calibration).__name__}.")
+        if state_key is not None and (not isinstance(state_key, str) or not state_key):
+            raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {state_key!r}.")
+        if isinstance(progress_after, bool) or not isinstance(progress_after, numbers.Real) or not progress_after >= 0:
+            raise ValueError(f"progress_after must be a number of seconds >= 0, got {progress_after!r}.")
+        # PruneOptions is the one place that validates the pruning options; one instance per prune step.
+        base = PruneOptions(
+            sparsity=specs[0],
+            method=method,
+            pattern=pattern,
+            allocation=allocation,
+            exclude=exclude,
+            sequential=sequential,
+            solver=solver,
+            calibration=calibration,
+            forward_fn=forward_fn,
+            recalibrate_bn=recalibrate_bn,
+        )
+        self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
         self.prune_epochs: List[int] = epochs
         self.sparsities: List[SparsitySpec] = specs
-        self.method = method
-        self.pattern = parse_pattern(pattern)
-        self.exclude = tuple(exclude)
-        self.calibration_batches = calibration_batches
+        self.calibration_batches = int(calibration_batches)
         self.calibration_dataloader = calibration_dataloader
-        self.sequential = bool(sequential)
-        self.solver = solver or SolverOptions()
-        self.calibration = calibration or CalibrationOptions()
-        self.forward_fn = forward_fn
-        self.recalibrate_bn = bool(recalibrate_bn)
-        self.log_table = log_table
-        self.allocation = allocation
+        self.log_table = bool(log_table)
+        self.reset_monitors = bool(reset_monitors)
+        self.progress_after = float(progress_after)
+        self.save_sparse = save_sparse
+        self._state_key = state_key
         self.masks = MaskSet()
         self.pruned_epochs: List[int] = []
         self.reports: List[PruneReport] = []
+        self._bound_note_logged = False
+        self._bar: Any = None  # the progress bar handle of the running prune (prints the table through it)
+
+    # ------------------------------------------------------------------ convenience views of the options
+
+    @property
+    def method(self) -> str:
+        return self.options[0].method
+
+    @property
+    def exclude(self) -> tuple:
+        return self.options[0].exclude
+
+    @property
+    def forward_fn(self) -> Optional[ForwardFn]:
+        return self.options[0].forward_fn
+
+    @property
+    def state_key(self) -> str:
+        """``"LOBSPruning"``, or ``"LOBSPruning{'state_key': ...}"`` when ``state_key`` is given."""
+        if self._state_key is None:
+            return type(self).__qualname__
+        return self._generate_state_key(state_key=self._state_key)
 
     # ------------------------------------------------------------------ hooks
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: "Trainer", pl_module: "LightningModule", stage: str) -> None:
+        """Refuse what cannot work before any training step: sharded strategies, unreachable epochs, bad layer specs."""
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
@@ -144,30 +260,116 @@ class LOBSPruning(Callback):
                 "ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
             )
         max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.prune_epochs[-1] >= max_epochs:
+        pending = [e for e in self.prune_epochs if e not in self.pruned_epochs]
+        if pending and max_epochs is not None and max_epochs >= 0 and pending[-1] >= max_epochs:
             raise ValueError(
-                f"prune_epoch {self.prune_epochs[-1]} is beyond the last epoch of training (max_epochs={max_epochs}, "
+                f"prune_epoch {pending[-1]} is beyond the last epoch of training (max_epochs={max_epochs}, "
                 f"epochs are 0..{max_epochs - 1}); lower prune_epoch or raise max_epochs."
             )
-        for spec in self.sparsities:  # fail now, not epochs into training
-            select_layers(pl_module, spec, self.exclude, self.pattern)
+        mine = set()
+        for options in self.options:  # fail now, not epochs into training
+            mine |= set(select_layers(pl_module, options.sparsity, options.exclude, options.nm, warn=False).targets)
+        for other in trainer.callbacks:
+            if isinstance(other, LOBSPruning) and other is not self:
+                theirs = set()
+                for options in other.options:
+                    theirs |= set(select_layers(pl_module, options.sparsity, options.exclude, options.nm, warn=False).targets)
+                both = sorted(mine & theirs)
+                if both:
+                    raise ValueError(
+                        f"two LOBSPruning callbacks ({self.state_key!r} and {other.state_key!r}) would both prune "
+                        f"{both}: each layer may belong to one instance only (the second would move weights the first "
+                        "pruned). Split the layers with per-layer sparsity mappings or exclude=[...]."
+                    )
 
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+        """Hold restored masks, and refuse a prune epoch that ``max_steps`` will not reach."""
         if len(self.masks):  # resumed after a prune: hold the restored masks
             self.masks.attach(pl_module, trainer.optimizers)
+        self._check_max_steps(trainer)
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _check_max_steps(self, trainer: "Trainer") -> None:
+        max_steps = getattr(trainer, "max_steps", -1)
+        batches = getattr(trainer, "num_training_batches", float("inf"))
+        if max_steps is None or max_steps < 0 or not math.isfinite(batches) or batches <= 0:
+            return  # unknown now: on_train_end warns if an epoch was never reached
+        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))  # the last partial window steps too
+        unreachable = [e for e in self.prune_epochs if e not in self.pruned_epochs and e * per_epoch >= max_steps]
+        if unreachable:
+            raise ValueError(
+                f"prune_epoch {unreachable[0]} is never reached: max_steps={max_steps} ends training after "
+                f"{max_steps} optimizer steps, and with {per_epoch} steps per epoch epoch {unreachable[0]} starts after "
+                f"{unreachable[0] * per_epoch}. Raise max_steps above {unreachable[-1] * per_epoch} or lower prune_epoch."
+            )
+
+    def on_train_epoch_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         epoch = trainer.current_epoch
         if epoch in self.prune_epochs and epoch not in self.pruned_epochs:
             report = self.prune_now(trainer, pl_module, self.prune_epochs.index(epoch))
             self.log_report(trainer, pl_module, report)
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def on_train_epoch_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+        """``lobs/sparsity`` read from the weights after every epoch with masks, so a logger shows they hold."""
+        if not len(self.masks):
+            return
+        zeros = total = 0
+        for name in self.masks:
+            weight = pl_module.get_submodule(name).weight
+            zeros += int((weight.detach() == 0).sum())
+            total += weight.numel()
+        params = list(pl_module.parameters())
+        nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
+        sync = trainer.world_size > 1  # equal on every rank; syncing keeps Lightning from warning per metric
+        pl_module.log(f"{self._prefix}sparsity", zeros / max(total, 1), on_step=False, on_epoch=True, sync_dist=sync)
+        pl_module.log(f"{self._prefix}nonzero_parameters", float(nonzero), on_step=False, on_epoch=True, sync_dist=sync)
+
+    def on_train_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+        """Warn when training ended before a prune epoch; write the sparse export if asked."""
+        pending = [e for e in self.prune_epochs if e not in self.pruned_epochs]
+        if pending:
+            state = "never pruned (dense)" if not self.pruned_epochs else f"pruned only at epochs {self.pruned_epochs}"
+            rank_zero_warn(
+                f"LOBSPruning{'' if self._state_key is None else f' ({self._state_key})'}: training ended at epoch "
+                f"{trainer.current_epoch} (global step {trainer.global_step}; {self._stop_reason(trainer)}) before prune "
+                f"epochs {pending}, so the model was {state}. Lower prune_epoch, or let training reach it (max_steps, "
+                "max_time, EarlyStopping patience or min_epochs)."
+            )
+        if self.save_sparse and trainer.is_global_zero:
+            export = importlib.import_module("lightning_lobs.export")
+            export.save_sparse(pl_module, self.save_sparse, masks=self.masks)
+
+    @staticmethod
+    def _stop_reason(trainer: "Trainer") -> str:
+        for es in trainer.callbacks:
+            if isinstance(es, callback_classes("EarlyStopping")) and getattr(es, "stopped_epoch", 0):
+                return f"EarlyStopping on {es.monitor!r} stopped it"
+        max_steps = getattr(trainer, "max_steps", -1)
+        if max_steps is not None and 0 <= max_steps <= trainer.global_step:
+            return f"max_steps={max_steps} reached"
+        for timer in trainer.callbacks:
+            if isinstance(timer, callback_classes("Timer")) and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+                return "max_time reached"
+        return "stopped early"
+
+    def on_load_checkpoint(self, trainer: "Trainer", pl_module: "LightningModule", checkpoint: Dict[str, Any]) -> None:
+        """A checkpoint with L-OBS state under other keys only means a changed ``state_key``: refuse to silently re-prune."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or type(self) in states:
+            return
+        others = sorted(str(k) for k in states if str(k).startswith("LOBSPruning"))
+        if others:
+            raise ValueError(
+                f"the checkpoint holds LOBSPruning state under {others}, but this callback's state_key is "
+                f"{self.state_key!r}, so its masks would not be restored. Construct it with the state_key it was saved "
+                "with (LOBSPruning(..., state_key=...)); a state key 'LOBSPruning' means state_key=None."
+            )
+
+    def teardown(self, trainer: "Trainer", pl_module: "LightningModule", stage: str) -> None:
         self.masks.detach()
 
     # ------------------------------------------------------------------ overridable steps
 
-    def calibration_batches_for(self, trainer: "pl.Trainer") -> list:
+    def calibration_batches_for(self, trainer: "Trainer") -> list:
         """The batches to calibrate on: from ``calibration_dataloader`` or the train dataloader."""
         loader = self.calibration_dataloader
         if loader is None:
@@ -179,37 +381,95 @@ class LOBSPruning(Callback):
             raise RuntimeError("the calibration dataloader yielded no batches.")
         return batches
 
-    def prune_now(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", index: int) -> PruneReport:
+    def training_forward(self, trainer: "Trainer", pl_module: "LightningModule") -> ForwardFn:
+        """``forward_fn`` wrapped so that each batch arrives as the training loop feeds it.
+
+        Same order as Lightning's training loop: the precision plugin's ``convert_input`` (float
+        inputs to the model's dtype under ``"bf16-true"``, ``"64-true"``, ...), the module's
+        ``on_before_batch_transfer``, the strategy's ``batch_to_device`` (which calls
+        ``transfer_batch_to_device`` and ``on_after_batch_transfer``), then the forward pass under
+        the plugin's ``forward_context()`` (autocast for ``"*-mixed"``, the default dtype for ``"*-true"``).
+        """
+        user_fn = self.forward_fn or default_forward
+        precision = trainer.precision_plugin
+        strategy = trainer.strategy
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            batch = precision.convert_input(batch)
+            before = getattr(pl_module, "_on_before_batch_transfer", None)
+            if before is not None:  # Lightning >= 2.5 split it out of batch_to_device
+                batch = before(batch, dataloader_idx=0)
+            batch = strategy.batch_to_device(batch, dataloader_idx=0)
+            with precision.forward_context():
+                return user_fn(model, batch)
+
+        return forward
+
+    def prune_now(self, trainer: "Trainer", pl_module: "LightningModule", index: int) -> PruneReport:
         """Calibrate and prune for entry ``index`` of ``prune_epoch``; then hold the masks."""
         batches = self.calibration_batches_for(trainer)
-        report = prune(
-            pl_module,
-            batches,
-            self.sparsities[index],
-            self.method,
-            pattern=self.pattern,
-            exclude=self.exclude,
-            sequential=self.sequential,
-            solver=self.solver,
-            calibration=self.calibration,
-            forward_fn=self.forward_fn,
-            masks=self.masks,
-            recalibrate_bn=self.recalibrate_bn,
-            rank=RankInfo.current() if trainer.world_size > 1 else None,
-            allocation=self.allocation,
-        )
+        options = replace(self.options[index], forward_fn=self.training_forward(trainer, pl_module))
+        progress, self._bar = trainer_progress(trainer, after=self.progress_after)
+        try:
+            report = prune(
+                pl_module,
+                batches,
+                options,
+                masks=self.masks,
+                rank=RankInfo.current() if trainer.world_size > 1 else None,
+                progress=progress,
+            )
+        finally:
+            self._bar.clear()
         self.masks.attach(pl_module, trainer.optimizers)
         self.pruned_epochs.append(self.prune_epochs[index])
         self.reports.append(report)
+        if self.reset_monitors:
+            self._reset_monitors(trainer)
         return report
 
-    def log_report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", report: PruneReport) -> None:
-        """Log the report's metrics through the LightningModule and a rank-zero table."""
-        metrics = {k: float(v) for k, v in report.metrics().items()}
-        # Every rank holds the same report; syncing (a mean of equal values) keeps Lightning from warning per metric.
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
+    def _reset_monitors(self, trainer: "Trainer") -> None:
+        """Forget the dense epochs' scores: the pruned model starts a new comparison.
+
+        ``ModelCheckpoint``: the ranking (``best_k_models``, ``kth_value``, ``best_model_path/score``) is
+        emptied, so the next monitored save becomes "best" and ``ckpt_path="best"`` means a pruned epoch;
+        the dense checkpoint files stay on disk, no longer ranked (never deleted by top-k).
+        ``EarlyStopping``: ``best_score`` and ``wait_count`` restart, so patience counts from the prune.
+        """
+        for cb in trainer.callbacks:
+            if isinstance(cb, callback_classes("ModelCheckpoint")) and cb.monitor is not None:
+                cb.best_k_models = {}
+                cb.kth_best_model_path = ""
+                cb.best_model_score = None
+                cb.best_model_path = ""
+                cb.kth_value = torch.tensor(math.inf if cb.mode == "min" else -math.inf)
+            elif isinstance(cb, callback_classes("EarlyStopping")):
+                cb.wait_count = 0
+                cb.best_score = torch.tensor(math.inf if cb.monitor_op == torch.lt else -math.inf)
+
+    @property
+    def _prefix(self) -> str:
+        return "lobs/" if self._state_key is None else f"lobs/{self._state_key}/"
+
+    def log_report(self, trainer: "Trainer", pl_module: "LightningModule", report: PruneReport) -> None:
+        """Log the report's metrics at the prune's global step; print the table through the progress bar."""
+        metrics = report.metrics(prefix=self._prefix)  # NaN values (a bound that does not apply) are left out
+        metrics[f"{self._prefix}total_parameters"] = float(report.total_parameters)
+        if math.isnan(report.bound) and not self._bound_note_logged and trainer.is_global_zero:
+            self._bound_note_logged = True
+            log.info("L-OBS error bound not logged: %s", report.bound_note or "it does not apply to this model")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                # straight to the loggers: pl_module.log from an epoch-start hook is only flushed at the epoch's end
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.log_table:
-            rank_zero_info(f"L-OBS pruning at epoch {trainer.current_epoch}:\n{report.table()}")
+            bar = self._bar
+            text = f"L-OBS pruning{'' if self._state_key is None else f' ({self._state_key})'} at epoch {trainer.current_epoch} (step {trainer.global_step}):\n{report.table()}"
+            if bar is not None:
+                bar.print(text)
+            elif trainer.is_global_zero:
+                log.info(text)
 
     @property
     def last_report(self) -> Optional[PruneReport]:
@@ -217,10 +477,37 @@ class LOBSPruning(Callback):
 
     # ------------------------------------------------------------------ state
 
+    def _schedule(self) -> List[Dict[str, Any]]:
+        return [{"epoch": e, "sparsity": _describe_spec(s)} for e, s in zip(self.prune_epochs, self.sparsities)]
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": self.masks.state_dict(), "pruned_epochs": list(self.pruned_epochs)}
+        return {"masks": self.masks.state_dict(), "pruned_epochs": list(self.pruned_epochs), "schedule": self._schedule()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        saved = state_dict.get("schedule")
+        pruned = [int(e) for e in state_dict.get("pruned_epochs", [])]
+        if saved is not None:
+            self._check_schedule(list(saved), pruned)
         self.masks.load_state_dict(state_dict.get("masks", {}))
-        self.pruned_epochs = list(state_dict.get("pruned_epochs", []))
+        self.pruned_epochs = pruned
 
+    def _check_schedule(self, saved: List[Dict[str, Any]], pruned: List[int]) -> None:
+        """Steps already run must be in this schedule unchanged; later steps may change (with a warning)."""
+        now = {d["epoch"]: d["sparsity"] for d in self._schedule()}
+        before = {int(d["epoch"]): d["sparsity"] for d in saved}
+        done_changed = [e for e in pruned if now.get(e, None) != before.get(e, None)]
+        if done_changed:
+            raise ValueError(
+                f"resuming with a different prune schedule: the checkpoint was pruned at epochs {pruned} with "
+                f"{[before.get(e) for e in pruned]}, but this LOBSPruning prunes at {self.prune_epochs} with "
+                f"{[now[e] for e in self.prune_epochs]}. Resume with the schedule it was trained with "
+                f"(prune_epoch={[d['epoch'] for d in saved]}, sparsity={[d['sparsity'] for d in saved]}), "
+                "or start a new fit without ckpt_path."
+            )
+        later_before = {e: s for e, s in before.items() if e not in pruned}
+        later_now = {e: s for e, s in now.items() if e not in pruned}
+        if later_before != later_now:
+            rank_zero_warn(
+                f"LOBSPruning: the prune steps not yet run changed since the checkpoint ({later_before} -> {later_now}); "
+                "the new ones apply."
+            )

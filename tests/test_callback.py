@@ -12,10 +12,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import LOBSPruning, prune_model
 from helpers import hook_counts
@@ -28,77 +27,21 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
 ]
 
-LAYERS = ("net.0", "net.2", "net.4")
+from lightning_helpers import LAYERS, BothCallback, lit_mlp, make_trainer, ns, numel, zeros  # noqa: F401 - ns is a fixture
 
 
 # --------------------------------------------------------------------------- model, data, helpers
 
 
-def make_data(n: int = 512, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 32, generator=g)
-    proj = torch.randn(32, 4, generator=g)
-    y = (x @ proj).argmax(1)
-    return TensorDataset(x, y)
+def LitMLP(optimizer: str = "adam", bn: bool = False, seed: int = 0, ns=pl):  # noqa: N802 - reads as the class
+    return lit_mlp(ns, optimizer=optimizer, bn=bn, seed=seed)
 
 
-class LitMLP(pl.LightningModule):
-    def __init__(self, optimizer: str = "adam", bn: bool = False, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.optimizer_name = optimizer
-        if bn:
-            self.net = nn.Sequential(
-                nn.Linear(32, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)
-            )
-        else:
-            self.net = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
-        self.data = make_data()
-        self.steps = 0
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        self.steps += 1
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self):
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=1e-2, weight_decay=1e-2)
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
-
-    def train_dataloader(self):
-        return DataLoader(self.data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1))
+def trainer(max_epochs: int, callbacks, tmp_path=None, ns=pl, **kwargs):
+    return make_trainer(ns, max_epochs, callbacks, tmp_path, **kwargs)
 
 
-def trainer(max_epochs: int, callbacks, tmp_path=None, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path) if tmp_path is not None else None,
-        **kwargs,
-    )
-
-
-def zeros(model: pl.LightningModule, name: str) -> int:
-    return int((model.get_submodule(name).weight == 0).sum())
-
-
-def numel(model: pl.LightningModule, name: str) -> int:
-    return model.get_submodule(name).weight.numel()
-
-
-class Watcher(Callback):
+class Watcher(BothCallback):
     """Placed AFTER LOBSPruning: checks masks on every batch and records states at epoch starts."""
 
     def __init__(self, lobs: LOBSPruning) -> None:
@@ -136,11 +79,12 @@ class Watcher(Callback):
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_masks_hold_through_retraining(optimizer):
-    model = LitMLP(optimizer)
+def test_masks_hold_through_retraining(optimizer, ns):
+    model = LitMLP(optimizer, ns=ns)
     lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    assert isinstance(lobs, ns.Callback)
     watch = Watcher(lobs)
-    tr = trainer(3, [lobs, watch], accumulate_grad_batches=2, gradient_clip_val=1.0)
+    tr = trainer(3, [lobs, watch], accumulate_grad_batches=2, gradient_clip_val=1.0, ns=ns)
     tr.fit(model)
     assert lobs.pruned_epochs == [1]
     assert len(lobs.reports) == 1
@@ -208,11 +152,11 @@ def test_metrics_logged(tmp_path):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_resume_after_prune_keeps_masks(tmp_path):
-    model = LitMLP()
+def test_resume_after_prune_keeps_masks(tmp_path, ns):
+    model = LitMLP(ns=ns)
     lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
-    tr = trainer(2, [lobs, ckpt], tmp_path, enable_checkpointing=True)
+    ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
+    tr = trainer(2, [lobs, ckpt], tmp_path, enable_checkpointing=True, ns=ns)
     tr.fit(model)
     path = tmp_path / "last.ckpt"
     assert path.exists()
@@ -221,13 +165,13 @@ def test_resume_after_prune_keeps_masks(tmp_path):
     assert len(cb_state) == 1 and cb_state[0]["pruned_epochs"] == [1]
     masks_before = {n: m.clone() for n, m in lobs.masks.masks.items()}
 
-    model2 = LitMLP(seed=123)  # different init: everything must come from the checkpoint
+    model2 = LitMLP(seed=123, ns=ns)  # different init: everything must come from the checkpoint
     lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
     pruned_calls = []
     orig = lobs2.prune_now
     lobs2.prune_now = lambda *a, **k: pruned_calls.append(a) or orig(*a, **k)  # type: ignore[method-assign]
     watch = Watcher(lobs2)
-    tr2 = trainer(4, [lobs2, watch], tmp_path)
+    tr2 = trainer(4, [lobs2, watch], tmp_path, ns=ns)
     tr2.fit(model2, ckpt_path=str(path))
     assert watch.epochs_seen == [2, 3]
     assert pruned_calls == [] and lobs2.reports == []
@@ -339,11 +283,11 @@ def test_final_model_is_plain_and_hooks_removed():
 # --------------------------------------------------------------------------- iterative pruning
 
 
-def test_iterative_pruning():
-    model = LitMLP()
+def test_iterative_pruning(ns):
+    model = LitMLP(ns=ns)
     lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[1, 2], calibration_batches=4, log_table=False)
     watch = Watcher(lobs)
-    trainer(3, [lobs, watch]).fit(model)
+    trainer(3, [lobs, watch], ns=ns).fit(model)
     assert lobs.pruned_epochs == [1, 2] and len(lobs.reports) == 2
     assert lobs.reports[0].sparsity == pytest.approx(0.5, abs=2e-3)
     assert lobs.reports[1].sparsity == pytest.approx(0.8, abs=2e-3)
@@ -369,23 +313,46 @@ def test_iterative_pruning():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(sparsity=1.5), ValueError, r"sparsity must be a float in \[0, 1\)"),
-        (dict(sparsity=-0.1), ValueError, r"sparsity must be a float in \[0, 1\)"),
+        (dict(sparsity=1.5), ValueError, r"sparsity must be in \[0, 1\)"),
+        (dict(sparsity=-0.1), ValueError, r"sparsity must be in \[0, 1\)"),
         (dict(sparsity={}), ValueError, r"mapping is empty"),
-        (dict(prune_epoch=-1), ValueError, r"prune_epoch must be an int >= 0"),
+        (dict(prune_epoch=-1), ValueError, r"prune_epoch must be an epoch number >= 0"),
+        (dict(prune_epoch=1.5), ValueError, r"prune_epoch must be a whole epoch number >= 0 .*got 1\.5.*e\.g\. prune_epoch=5"),
+        (dict(prune_epoch="1"), ValueError, r"prune_epoch must be a whole epoch number"),
+        (dict(prune_epoch=[]), ValueError, r"prune_epoch is an empty list"),
         (dict(prune_epoch=[2, 1], sparsity=[0.5, 0.8]), ValueError, r"strictly increasing"),
         (dict(prune_epoch=[1, 2], sparsity=[0.5, 0.6, 0.8]), ValueError, r"sparsity has 3 entries but prune_epoch has 2"),
         (dict(prune_epoch=[1, 2], sparsity=[0.5, 1.2]), ValueError, r"sparsity\[1\]"),
+        (dict(prune_epoch=[1, 2], sparsity=[0.8, 0.5]), ValueError, r"sparsity\[1\] = 0.5 is lower than sparsity\[0\] = 0.8.*stay pruned"),
+        (
+            dict(prune_epoch=[1, 2], sparsity=[{"net.*": 0.8}, {"net.*": 0.6}]),
+            ValueError,
+            r"sparsity\[1\]\['net.\*'\] = 0.6 is lower",
+        ),
         (dict(method="foo"), ValueError, r"method must be one of"),
-        (dict(allocation="layer"), ValueError, r"allocation must be one of \('global', 'uniform'\)"),
+        (dict(allocation="layer"), ValueError, r"allocation"),
         (dict(calibration_batches=0), ValueError, r"calibration_batches must be an int >= 1"),
         (dict(pattern="3:2"), ValueError, r"pattern '3:2'"),
-        (dict(solver={"damp": 0.1}), TypeError, r"solver must be a SolverOptions"),
+        (dict(solver=3), TypeError, r"solver must be a SolverOptions"),
+        (dict(solver={"damp_x": 0.1}), ValueError, r"solver has unknown keys \['damp_x'\]"),
+        (dict(state_key=""), ValueError, r"state_key must be a non-empty str"),
+        (dict(progress_after=-1), ValueError, r"progress_after must be a number of seconds >= 0"),
     ],
 )
 def test_construction_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LOBSPruning(**kwargs)
+
+
+def test_integral_epochs_and_numpy_values_accepted():
+    np = pytest.importorskip("numpy")
+    lobs = LOBSPruning(sparsity=np.float32(0.5), prune_epoch=1.0)
+    assert lobs.prune_epochs == [1] and type(lobs.prune_epochs[0]) is int
+    lobs = LOBSPruning(sparsity=np.array([0.5, 0.5, 0.8]), prune_epoch=np.array([1, 2, 4]))
+    assert lobs.prune_epochs == [1, 2, 4] and lobs.sparsities == [0.5, 0.5, 0.8]
+    assert [o.sparsity for o in lobs.options] == [0.5, 0.5, 0.8]
+    lobs = LOBSPruning(solver={"damp": 0.1}, calibration={"position_stride": 2})
+    assert lobs.options[0].solver.damp == 0.1 and lobs.options[0].calibration.position_stride == 2
 
 
 @pytest.mark.parametrize(
@@ -460,7 +427,7 @@ def test_forward_fn_used_by_callback():
 # --------------------------------------------------------------------------- BN statistics and optimizer state
 
 
-class StateWatcher(Callback):
+class StateWatcher(BothCallback):
     """Placed after LOBSPruning: compares BN buffers / optimizer state across the prune."""
 
     def __init__(self) -> None:

@@ -1,0 +1,74 @@
+"""Which Lightning is installed: ``lightning`` (``lightning.pytorch``), ``pytorch_lightning``, or both.
+
+Lightning ships the same trainer under two package names. A callback is only accepted by a
+``Trainer`` (and by ``LightningCLI``'s ``--trainer.callbacks``) if it is an instance of *that*
+namespace's ``Callback`` class, so :class:`~lightning_lobs.LOBSPruning` derives from the
+``Callback`` class of every installed namespace (:data:`CALLBACK_BASES`). Everything else the
+callback needs from Lightning (progress bars, checkpoint and early-stopping classes) is looked
+up in the namespace of the trainer at hand (:func:`namespace_of`), never assumed.
+
+This module only imports; it changes no global state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Any, Tuple
+
+
+def _find(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or half-installed package counts as absent
+        return False
+
+
+def _load_namespaces() -> Tuple[ModuleType, ...]:
+    found = []
+    for name in ("lightning.pytorch", "pytorch_lightning"):  # the unified package first: most new code uses it
+        if _find(name.split(".")[0]):
+            found.append(importlib.import_module(name))
+    if not found:
+        raise ImportError(
+            "lightning-lobs needs PyTorch Lightning, in either of its packages: install one with "
+            "`pip install lightning` (imported as `lightning.pytorch`) or `pip install pytorch-lightning` "
+            "(imported as `pytorch_lightning`); or `pip install \"lightning-lobs[lightning]\"` / "
+            "`pip install \"lightning-lobs[pl]\"`."
+        )
+    return tuple(found)
+
+
+NAMESPACES: Tuple[ModuleType, ...] = _load_namespaces()
+"""The installed Lightning namespaces: ``lightning.pytorch`` and/or ``pytorch_lightning``."""
+
+CALLBACK_BASES: Tuple[type, ...] = tuple(ns.Callback for ns in NAMESPACES)
+"""Every installed namespace's ``Callback`` class (the bases of ``LOBSPruning``)."""
+
+_primary = NAMESPACES[0]
+rank_zero_info = _primary.utilities.rank_zero_info
+rank_zero_warn = _primary.utilities.rank_zero_warn
+rank_zero_only = _primary.utilities.rank_zero_only
+
+
+def namespace_of(trainer: Any) -> ModuleType:
+    """The namespace (``lightning.pytorch`` or ``pytorch_lightning``) whose ``Trainer`` ``trainer`` is."""
+    for ns in NAMESPACES:
+        if isinstance(trainer, ns.Trainer):
+            return ns
+    return _primary  # a stand-in object in a unit test: the primary namespace's classes apply
+
+
+def callback_classes(name: str) -> Tuple[type, ...]:
+    """``<ns>.callbacks.<name>`` of every installed namespace (for ``isinstance`` across both)."""
+    return tuple(getattr(ns.callbacks, name) for ns in NAMESPACES if hasattr(ns.callbacks, name))
+
+
+def move_data_to_device(batch: Any, device: Any) -> Any:
+    """Fabric's ``move_data_to_device`` from whichever package provides it."""
+    try:
+        from lightning.fabric.utilities.apply_func import move_data_to_device as move
+    except ImportError:
+        from lightning_fabric.utilities.apply_func import move_data_to_device as move
+    return move(batch, device)

@@ -1,0 +1,123 @@
+"""Showing a running prune: a console renderer for ``prune_model(progress=True)`` and one that draws
+through a Lightning trainer's own progress bar (TQDM or Rich), or logs lines when it has none.
+
+Both take the engine's :class:`~lightning_lobs.options.PruneProgress` steps. Short prunes show
+nothing (``after`` seconds must pass first) and updates are throttled to one every ``interval``
+seconds, except the last step of each phase, so a fast loop over small layers costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
+
+if TYPE_CHECKING:
+    from .options import ProgressFn, PruneProgress
+
+__all__ = ["Throttle", "console_progress", "trainer_progress"]
+
+log = logging.getLogger("lightning_lobs")
+
+
+class Throttle:
+    """Pass on a progress step when ``after`` seconds have passed since the prune started and
+    ``interval`` since the last one passed on (the last step of a phase always passes)."""
+
+    def __init__(self, emit: Callable[["PruneProgress"], None], after: float = 0.0, interval: float = 0.5) -> None:
+        if after < 0 or interval < 0:
+            raise ValueError(f"after and interval must be >= 0 seconds, got after={after!r}, interval={interval!r}.")
+        self.emit = emit
+        self.after = after
+        self.interval = interval
+        self._last: Optional[float] = None
+        self.shown = 0  # steps passed on (tests and callers can tell whether anything was shown)
+
+    def __call__(self, step: "PruneProgress") -> None:
+        if step.elapsed < self.after:
+            return
+        now = time.monotonic()
+        last_of_phase = step.done >= step.total
+        if self._last is not None and now - self._last < self.interval and not last_of_phase:
+            return
+        self._last = now
+        self.shown += 1
+        self.emit(step)
+
+
+def console_progress(interval: float = 0.5, stream: Optional[TextIO] = None, after: float = 0.0) -> "ProgressFn":
+    """A progress function printing ``PruneProgress.describe()`` lines to ``stream`` (default stderr),
+    at most one every ``interval`` seconds plus the last step of each phase."""
+
+    def emit(step: "PruneProgress") -> None:
+        out = stream if stream is not None else sys.stderr
+        print(step.describe(), file=out, flush=True)
+
+    return Throttle(emit, after=after, interval=interval)
+
+
+class _BarStatus:
+    """Writes a status text into the trainer's progress bar (TQDM postfix, Rich task description), or
+    into the log when the trainer has no bar it can draw into; :meth:`clear` restores the bar."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.bar = getattr(trainer, "progress_bar_callback", None)
+        self._rich_description: Optional[str] = None
+        self._tqdm = None
+
+    def _tqdm_bar(self) -> Any:
+        # TQDMProgressBar: the train bar exists from on_train_start on (the private attribute, because the
+        # public property raises before that).
+        bar = getattr(self.bar, "_train_progress_bar", None)
+        return bar if bar is not None and hasattr(bar, "set_postfix_str") and not getattr(bar, "disable", False) else None
+
+    def _rich(self) -> Any:
+        progress = getattr(self.bar, "progress", None)
+        task = getattr(self.bar, "train_progress_bar_id", None)
+        return (progress, task) if progress is not None and task is not None and hasattr(progress, "update") else None
+
+    def show(self, text: str) -> None:
+        if not getattr(self.trainer, "is_global_zero", True):
+            return
+        tqdm_bar = self._tqdm_bar()
+        if tqdm_bar is not None:
+            self._tqdm = tqdm_bar
+            tqdm_bar.set_postfix_str(text, refresh=True)
+            return
+        rich = self._rich()
+        if rich is not None:
+            progress, task = rich
+            if self._rich_description is None:
+                self._rich_description = progress.tasks[task].description if task < len(progress.tasks) else ""
+            progress.update(task, description=f"{self._rich_description} {text}".strip())
+            progress.refresh()
+            return
+        log.info(text)
+
+    def clear(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str("", refresh=True)
+        rich = self._rich()
+        if rich is not None and self._rich_description is not None:
+            progress, task = rich
+            progress.update(task, description=self._rich_description)
+            progress.refresh()
+
+    def print(self, text: str) -> None:
+        """Print a block of text through the bar (so it does not collide with the bar's line), else log it."""
+        if not getattr(self.trainer, "is_global_zero", True):
+            return
+        printer = getattr(self.bar, "print", None)
+        if self.bar is not None and callable(printer) and getattr(self.bar, "is_enabled", True):
+            printer(text)
+        else:
+            log.info(text)
+
+
+def trainer_progress(trainer: Any, after: float = 2.0, interval: float = 0.5) -> "tuple[ProgressFn, _BarStatus]":
+    """A throttled progress function drawing into ``trainer``'s progress bar, and the bar handle
+    (call ``.clear()`` when the prune is done, ``.print(text)`` for a block of text)."""
+    status = _BarStatus(trainer)
+    return Throttle(lambda step: status.show(step.describe()), after=after, interval=interval), status
