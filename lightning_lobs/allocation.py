@@ -1,14 +1,33 @@
 """Spreading one overall sparsity over the layers (global allocation).
 
-The pruner calls :func:`allocate_layers` once, before the solves: every layer's removal
-costs, relative to its output energy, are pooled and each layer's target sparsity is set
-so that the requested fraction of all selected weights goes where the pooled costs are
-smallest.
+The pruner calls :func:`allocate_layers` once, before the solves, and it sets every layer's
+target sparsity so that the requested fraction of all selected weights is removed where the
+summed *relative* layer error (each layer's error divided by its output energy
+``1/2 sum_rows w~ H w~^T``) is smallest. How a layer's error at a given sparsity is predicted
+depends on its method and on :class:`GlobalAllocation`:
+
+* ``exact`` layers: their greedy OBS trace (each removal's loss given the earlier ones), which
+  their solve then reuses. With only such layers (or ``costs="one-pass"``) the allocation is
+  the pooled ranking of per-weight costs.
+* ``lobs``/``fast`` layers with ``costs="curve"`` (default): an error curve measured by
+  running SparseGPT at a grid of sparsities on a sample of the layer's rows (one Cholesky
+  factor and one batched column sweep for all levels, :func:`~lightning_lobs.solvers.error_curve`).
+  The split is then the exact minimum of the summed curves over the grid (a dynamic programme
+  over the levels, see :func:`split_budget`), the excess over the budget handed back along
+  the steepest curve segments.
+* ``costs="one-pass"``: the one-pass ``L_q = w_q^2 / (2 [H^-1]_qq)`` pooled as for ``exact``.
+  Cheap, but each cost assumes every other weight stays, so a layer with many small,
+  redundant weights looks nearly free and is over-pruned (BENCHMARKS.md, issue 13).
+
+Floors hold in every mode: no layer beyond ``max_layer_sparsity``, and (unless
+``allow_dead_rows``) every output row keeps ``SolverOptions.min_kept_per_row`` weights.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Sequence, Tuple
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -16,12 +35,199 @@ from torch import Tensor
 from .distributed import RankInfo, broadcast_tensors, fail_together
 from .hessian import has_bias
 from .masks import MaskSet
-from .solvers import GreedyTrace, SolverOptions, allocate_global, greedy_trace, obs_scores, output_energy
+from .solvers import GreedyTrace, SolverOptions, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
 
 if TYPE_CHECKING:  # the pruner imports this module
     from .pruner import _Layer
 
-__all__ = ["allocate_layers"]
+__all__ = ["GlobalAllocation", "allocate_layers", "resolve_allocation", "split_budget"]
+
+ALLOCATION_CHOICES = ("global", "uniform")
+#: States kept per step of :func:`split_budget`'s dynamic programme: removal counts are merged
+#: in buckets of ``ceil(budget / DP_RESOLUTION)`` weights, so the split is exact whenever the
+#: budget is at most this many weights and otherwise within one bucket of the optimum's count.
+DP_RESOLUTION = 1 << 15
+
+
+@dataclass(frozen=True)
+class GlobalAllocation:
+    """Options of ``allocation="global"``: how one overall sparsity is spread over the layers.
+
+    Attributes:
+        max_layer_sparsity: no layer is pruned beyond this fraction (in (0, 1]; 1 = no cap).
+            Default 0.99: a layer keeps at least 1% of its weights. On LeNet-300-100 at 93%
+            the best split (``exact``'s) puts at most ~95-96% on any layer (BENCHMARKS.md), so
+            0.99 does not bind where the allocation is sound; it stops the collapse seen with
+            one-pass costs (a 1024x2048 layer at sparsity 1.0000 with under 100 weights left).
+        allow_dead_rows: False (default): every output row (a conv's output channel) keeps
+            ``SolverOptions.min_kept_per_row >= 1`` weights, in the allocation and in the
+            solves. True lets the allocation count on rows emptying (set
+            ``SolverOptions(min_kept_per_row=0)`` too, or the solves still keep them).
+        costs: ``"curve"`` (default): ``lobs``/``fast`` layers get a measured error curve
+            (SparseGPT at every grid level on ``curve_rows`` sampled rows); ``"one-pass"``:
+            the cheaper one-pass ``L_q``, blind to redundancy. ``exact`` layers always use
+            their greedy trace.
+        levels: number of grid sparsities for the curves (``grid=None``): ``1 - (1 -
+            max_layer_sparsity) ** (i / (levels - 1))``, i.e. spaced evenly in log density,
+            finer where the error rises fastest (a max_layer_sparsity of 1 spans down to 0.1% density).
+        grid: explicit grid sparsities instead (each in [0, 1), at most ``max_layer_sparsity``).
+        curve_rows: rows sampled per layer for its curve (evenly spaced; all when fewer).
+    """
+
+    max_layer_sparsity: float = 0.99
+    allow_dead_rows: bool = False
+    costs: Literal["curve", "one-pass"] = "curve"
+    levels: int = 24
+    grid: Optional[Tuple[float, ...]] = None
+    curve_rows: int = 64
+
+    def __post_init__(self) -> None:
+        m = self.max_layer_sparsity
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (0.0 < m <= 1.0):
+            raise ValueError(
+                f"GlobalAllocation.max_layer_sparsity must be a number in (0, 1], got {m!r}; 0.99 (default) keeps "
+                "at least 1% of every layer, 1.0 removes the cap."
+            )
+        if not isinstance(self.allow_dead_rows, bool):
+            raise ValueError(f"GlobalAllocation.allow_dead_rows must be True or False, got {self.allow_dead_rows!r}.")
+        if self.costs not in ("curve", "one-pass"):
+            raise ValueError(
+                f"GlobalAllocation.costs must be 'curve' (measured error curves, default) or 'one-pass' (L_q), "
+                f"got {self.costs!r}."
+            )
+        for name in ("levels", "curve_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "levels" else 1):
+                raise ValueError(
+                    f"GlobalAllocation.{name} must be an int >= {2 if name == 'levels' else 1}, got {value!r}."
+                )
+        if self.grid is not None:
+            try:
+                grid = tuple(float(v) for v in self.grid)
+            except (TypeError, ValueError):
+                raise ValueError(f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}.") from None
+            if not grid or any(not (0.0 <= v < 1.0) or v > m for v in grid):
+                raise ValueError(
+                    f"GlobalAllocation.grid must hold sparsities in [0, 1), none above max_layer_sparsity={m}, "
+                    f"got {self.grid!r}; or leave grid=None for the default grid of `levels` points."
+                )
+            object.__setattr__(self, "grid", tuple(sorted(set(grid))))
+
+    def sparsity_grid(self) -> Tuple[float, ...]:
+        """The grid sparsities the curves are measured at (always including 0)."""
+        if self.grid is not None:
+            return tuple(sorted({0.0, *self.grid}))
+        floor_density = max(1.0 - self.max_layer_sparsity, 1e-3)
+        n = self.levels - 1
+        return tuple(sorted({1.0 - floor_density ** (i / n) for i in range(n + 1)}))
+
+
+def resolve_allocation(value: Any) -> Optional[GlobalAllocation]:
+    """``"global"`` -> ``GlobalAllocation()``, a GlobalAllocation -> itself, ``"uniform"`` -> None."""
+    if isinstance(value, GlobalAllocation):
+        return value
+    if isinstance(value, str) and value == "global":
+        return GlobalAllocation()
+    if isinstance(value, str) and value == "uniform":
+        return None
+    raise ValueError(
+        f"allocation must be 'global', 'uniform' or a GlobalAllocation(...), got {value!r}: 'global' spreads "
+        "the sparsity over the layers where the relative layer errors are smallest, 'uniform' prunes every layer to "
+        "the same sparsity, GlobalAllocation(max_layer_sparsity=..., costs=...) is 'global' with options."
+    )
+
+
+# --------------------------------------------------------------------------- the split over a grid
+
+
+def split_budget(
+    counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], budget: int, resolution: int = DP_RESOLUTION
+) -> List[int]:
+    """One level per layer: the smallest summed error among choices removing at least ``budget`` weights.
+
+    ``counts[l][k]`` / ``errors[l][k]``: removals and error of layer ``l`` at its level ``k``.
+    A dynamic programme over the layers keeps, for every reachable total (capped at
+    ``budget``), the cheapest choice, and only the Pareto front of (total, error): exact
+    when ``budget <= resolution``; above, totals are merged in buckets of
+    ``ceil(budget / resolution)`` weights. Ties go to the earlier-found choice, so every
+    process computes the same split. Returns each layer's level index.
+    """
+    if len(counts) != len(errors) or not counts:
+        raise ValueError("counts and errors must be non-empty and of the same length (one entry per layer).")
+    q = max(1, -(-int(budget) // int(resolution)))
+    done = int(budget) // q + 1  # the bucket of totals that reach the budget
+    keys = torch.zeros(1, dtype=torch.long)
+    errs = torch.zeros(1, dtype=torch.float64)
+    back: List[Tuple[Tensor, Tensor]] = []
+    for c_l, e_l in zip(counts, errors):
+        c = torch.as_tensor(list(c_l), dtype=torch.long)
+        e = torch.as_tensor(list(e_l), dtype=torch.float64)
+        if c.numel() == 0 or c.shape != e.shape or bool((c < 0).any()) or not bool(torch.isfinite(e).all()):
+            raise ValueError("every layer needs at least one level, counts >= 0 and finite errors.")
+        F, K = keys.numel(), c.numel()
+        nk = (keys.unsqueeze(1) + c.unsqueeze(0)).clamp_max(int(budget)).reshape(-1)
+        ne = (errs.unsqueeze(1) + e.unsqueeze(0)).reshape(-1)
+        parent = torch.arange(F).repeat_interleave(K)
+        level = torch.arange(K).repeat(F)
+        bucket = torch.where(nk >= budget, torch.full_like(nk, done), nk // q)
+        # cheapest per bucket (ties: the larger total, then the first found)
+        o = torch.argsort(-nk, stable=True)
+        o = o[torch.argsort(ne[o], stable=True)]
+        o = o[torch.argsort(bucket[o], stable=True)]
+        first = torch.ones(o.numel(), dtype=torch.bool)
+        first[1:] = bucket[o][1:] != bucket[o][:-1]
+        o = o[first]
+        # Pareto front: drop a state when one with a larger total is at most as costly
+        o = o[torch.argsort(-nk[o], stable=True)]
+        e_sorted = ne[o]
+        best_above = torch.cat([e_sorted.new_full((1,), math.inf), e_sorted.cummin(0).values[:-1]])
+        o = o[e_sorted < best_above]
+        keys, errs = nk[o], ne[o]
+        back.append((parent[o], level[o]))
+    final = (keys >= budget).nonzero().flatten()
+    if final.numel() == 0:
+        raise ValueError(f"no choice of levels removes {budget} weights (the most is {int(keys.max())}).")
+    state = int(final[errs[final].argmin()])
+    chosen = [0] * len(counts)
+    for l in range(len(counts) - 1, -1, -1):
+        parents, levels = back[l]
+        chosen[l] = int(levels[state])
+        state = int(parents[state])
+    return chosen
+
+
+def _hand_back(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], excess: int) -> List[int]:
+    """Final per-layer removals: the chosen levels minus ``excess`` removals given back, each from
+    the layer whose current curve segment is steepest (the largest error saved per weight)."""
+    cur = [int(counts[l][k]) for l, k in enumerate(chosen)]
+    idx = list(chosen)
+    while excess > 0:
+        best, best_slope = -1, -math.inf
+        for l in range(len(cur)):
+            k = idx[l]
+            if k == 0:
+                continue
+            width = counts[l][k] - counts[l][k - 1]
+            slope = (errors[l][k] - errors[l][k - 1]) / width if width > 0 else math.inf
+            if slope > best_slope:
+                best, best_slope = l, slope
+        if best < 0:
+            break
+        k = idx[best]
+        t = min(excess, cur[best] - counts[best][k - 1])
+        cur[best] -= t
+        excess -= t
+        if cur[best] == counts[best][k - 1]:
+            idx[best] = k - 1
+    return cur
+
+
+# --------------------------------------------------------------------------- per-layer costs
+
+
+def _split(layer: "_Layer") -> Tuple[Tensor, Optional[Tensor]]:
+    W = layer.dense.to(torch.float64)
+    return (W[:, :-1], W[:, -1]) if has_bias(layer.module) else (W, None)
 
 
 def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior: Optional[Tensor]) -> Tuple[Tensor, Optional[GreedyTrace]]:
@@ -31,10 +237,8 @@ def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior:
     which sees through redundant inputs; ``lobs``/``fast`` layers the one-pass ``L_q`` (cheaper,
     but it counts every copy of a duplicated input as free).
     """
-    W = layer.dense.to(torch.float64)
-    bias_col = has_bias(layer.module)
-    weight, bias = (W[:, :-1], W[:, -1]) if bias_col else (W, None)
-    H = hessian.to(W.device)
+    weight, bias = _split(layer)
+    H = hessian.to(weight.device)
     energy = output_energy(weight, H, bias=bias)
     trace = None
     if layer.method == "exact":
@@ -49,6 +253,47 @@ def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior:
     return scores / energy, trace
 
 
+def _keep_row_minimum(costs: Tensor, min_kept: int, prior: Optional[Tensor]) -> Tensor:
+    """``costs`` with each row's ``min_kept`` costliest not-yet-pruned weights set to +inf (they stay)."""
+    if min_kept <= 0:
+        return costs
+    c = costs.masked_fill(~prior, -math.inf) if prior is not None else costs
+    idx = c.topk(min(min_kept, c.shape[1]), dim=1).indices
+    stay = torch.zeros_like(costs, dtype=torch.bool).scatter_(1, idx, True)
+    if prior is not None:
+        stay &= prior
+    return costs.masked_fill(stay, math.inf)
+
+
+def _max_removed(n_weights: int, rows: int, d: int, min_kept: int, prior: Optional[Tensor], config: GlobalAllocation) -> int:
+    """Most weights the layer may lose: the sparsity cap and the per-row minimum (never below its prior removals)."""
+    cap = math.floor(config.max_layer_sparsity * n_weights + 1e-9)
+    per_row = torch.full((rows,), max(d - min_kept, 0), dtype=torch.long)
+    if prior is not None:
+        per_row = torch.maximum(per_row, (~prior).sum(dim=1).cpu())
+    cap = min(cap, int(per_row.sum()))
+    forced = 0 if prior is None else int((~prior).sum())
+    return max(cap, forced)
+
+
+def _levels(n_weights: int, lowest: int, highest: int, grid: Sequence[float]) -> List[int]:
+    """Removal counts of a layer's curve: the grid's, within [lowest, highest], plus both ends."""
+    pts = {lowest, highest}
+    pts.update(c for c in (int(round(g * n_weights)) for g in grid) if lowest <= c <= highest)
+    return sorted(pts)
+
+
+def _cumulative_curve(costs: Tensor, levels: Sequence[int]) -> List[float]:
+    """Sum of the cheapest ``c`` per-weight costs for every ``c`` in ``levels`` (prior removals are free)."""
+    flat = costs.reshape(-1).double().clamp_min(0.0)
+    finite = torch.sort(flat[torch.isfinite(flat)]).values
+    csum = torch.cat([finite.new_zeros(1), finite.cumsum(0)])
+    return [float(csum[min(c, finite.numel())]) for c in levels]
+
+
+# --------------------------------------------------------------------------- the allocation
+
+
 def allocate_layers(
     layers: Mapping[str, "_Layer"],
     order: Sequence[str],
@@ -60,30 +305,95 @@ def allocate_layers(
     rank: RankInfo,
     device: torch.device,
     keep_traces: bool,
+    config: Optional[GlobalAllocation] = None,
 ) -> None:
-    """Set every layer's target from the pooled relative removal costs (in place).
+    """Set every layer's target sparsity for one overall ``sparsity`` (in place; see the module docstring).
 
-    Each rank computes the costs of the layers it owns (keeping ``exact`` traces for their
-    solves when ``keep_traces``); the costs are then broadcast so every rank allocates alike.
-    ``hessian_of`` may run a collective (sequential calibration): every rank calls it per layer.
+    Each rank computes the costs (or curves) of the layers it owns, keeping ``exact`` traces
+    for their solves when ``keep_traces``; these are broadcast and every rank then runs the
+    same deterministic split. ``hessian_of`` may run a collective (sequential calibration):
+    every rank calls it for every layer, in ``order``.
     """
-    costs: Dict[str, Tensor] = {}
+    config = config or GlobalAllocation()
+    min_kept = solver.min_kept_per_row
+    if not config.allow_dead_rows and min_kept < 1:
+        raise ValueError(
+            "GlobalAllocation(allow_dead_rows=False) needs SolverOptions.min_kept_per_row >= 1 (got 0): set "
+            "min_kept_per_row=1, or GlobalAllocation(allow_dead_rows=True) to allow dead output rows."
+        )
+    use_curve = config.costs == "curve" and any(layers[n].method != "exact" for n in order)
+    grid = config.sparsity_grid()
+    priors: Dict[str, Optional[Tensor]] = {}
+    caps: Dict[str, int] = {}
+    levels: Dict[str, List[int]] = {}
     for n in order:
         layer = layers[n]
+        rows, d = layer.dense.shape[0], layer.module.weight[0].numel()
+        p = masks.get(n)
+        priors[n] = None if p is None else p.reshape(rows, d).to(torch.bool).cpu()
+        caps[n] = _max_removed(rows * d, rows, d, min_kept, priors[n], config)
+        forced = 0 if priors[n] is None else int((~priors[n]).sum())
+        levels[n] = _levels(rows * d, forced, caps[n], grid)
+
+    values: Dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at levels[n]
+    for n in order:
+        layer = layers[n]
+        rows, d = layer.dense.shape[0], layer.module.weight[0].numel()
+        curve = use_curve and layer.method != "exact"
         H = hessian_of(n)
         with fail_together(rank, device, f"the removal costs of layer '{n}'"):
             if owners[n] == rank.rank:
-                prior = masks.get(n)
-                prior2 = None if prior is None else prior.reshape(layer.dense.shape[0], -1).to(layer.dense.device)
-                costs[n], trace = _layer_costs(layer, H, solver, prior2)
-                if keep_traces:
-                    layer.trace = trace
+                prior = priors[n]
+                prior_dev = None if prior is None else prior.to(layer.dense.device)
+                if curve:
+                    weight, bias = _split(layer)
+                    values[n] = error_curve(
+                        weight.to(solver.dtype),
+                        H,
+                        [c / (rows * d) for c in levels[n]],
+                        bias=None if bias is None else bias.to(solver.dtype),
+                        options=solver,
+                        prior_mask=prior_dev,
+                        sample_rows=config.curve_rows,
+                    )
+                else:
+                    values[n], trace = _layer_costs(layer, H, solver, prior_dev)
+                    if keep_traces:
+                        layer.trace = trace
             else:
-                costs[n] = torch.zeros(layer.dense.shape[0], layer.module.weight[0].numel(), dtype=torch.float64)
+                shape = (len(levels[n]),) if curve else (rows, d)
+                values[n] = torch.zeros(shape, dtype=torch.float64)
     if rank.active:
         for n in order:
-            costs[n] = broadcast_tensors([costs[n].to(device)], owners[n], rank)[0].cpu()
-    prior_masks = {n: masks.get(n).reshape(costs[n].shape) for n in order if masks.get(n) is not None}
-    targets = allocate_global({n: costs[n] for n in order}, sparsity, prior_masks or None)
+            values[n] = broadcast_tensors([values[n].to(device, torch.float64)], owners[n], rank)[0]
+    values = {n: v.detach().cpu().double() for n, v in values.items()}
+
+    total_n = sum(layers[n].dense.shape[0] * layers[n].module.weight[0].numel() for n in order)
+    budget = int(round(sparsity * total_n))
+    most = sum(caps[n] for n in order)
+    if budget > most:
+        raise ValueError(
+            f"global sparsity {sparsity:.6g} needs {budget} of {total_n} weights removed, but with "
+            f"GlobalAllocation.max_layer_sparsity={config.max_layer_sparsity} and SolverOptions.min_kept_per_row="
+            f"{min_kept} at most {most} ({most / total_n:.4f}) can go: raise max_layer_sparsity (up to 1.0), lower "
+            "min_kept_per_row, or lower the sparsity."
+        )
+    if not use_curve:
+        costs = {n: _keep_row_minimum(values[n], min_kept, priors[n]) for n in order}
+        forced = {n: priors[n] for n in order if priors[n] is not None}
+        targets = allocate_global(costs, sparsity, forced or None, caps)
+        for n in order:
+            layers[n].target = targets[n]
+        return
+    errors: Dict[str, List[float]] = {}
     for n in order:
-        layers[n].target = targets[n]
+        if layers[n].method == "exact":
+            errors[n] = _cumulative_curve(_keep_row_minimum(values[n], min_kept, priors[n]), levels[n])
+        else:
+            errors[n] = [float(v) for v in values[n]]
+    cnts = [levels[n] for n in order]
+    errs = [errors[n] for n in order]
+    chosen = split_budget(cnts, errs, budget)
+    final = _hand_back(cnts, errs, chosen, sum(c[k] for c, k in zip(cnts, chosen)) - budget)
+    for n, c in zip(order, final):
+        layers[n].target = c / (layers[n].dense.shape[0] * layers[n].module.weight[0].numel())

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -56,6 +56,7 @@ __all__ = [
     "SolverOptions",
     "allocate_global",
     "damped_hessian",
+    "error_curve",
     "greedy_trace",
     "layer_error",
     "magnitude_mask",
@@ -103,6 +104,12 @@ class SolverOptions:
             False, or None (default): when it costs at most :data:`REFIT_AUTO_MAX_FLOPS`
             (sum over rows of k^3/3 for k kept weights), i.e. skipped on very wide layers
             at low sparsity where it would take minutes.
+        min_kept_per_row: unstructured sparsity: every output row (a conv's output channel)
+            keeps at least this many of its weights, so no output is cut off entirely (a
+            dead row). Default 1; 0 allows dead rows. A sparsity that cannot leave this many
+            in every row is lowered to the largest one that can, with a warning. Weights a
+            ``prior_mask`` already pruned stay pruned even where that leaves fewer. N:M
+            patterns are unaffected (they keep N of every M).
     """
 
     damp: float = 0.01
@@ -112,6 +119,7 @@ class SolverOptions:
     max_memory_bytes: int = 1 << 30
     max_damp_tries: int = 6
     refit: Optional[bool] = None
+    min_kept_per_row: int = 1
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
@@ -122,6 +130,11 @@ class SolverOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SolverOptions.{name} must be a positive int, got {value!r}.")
+        if isinstance(self.min_kept_per_row, bool) or not isinstance(self.min_kept_per_row, int) or self.min_kept_per_row < 0:
+            raise ValueError(
+                f"SolverOptions.min_kept_per_row must be an int >= 0, got {self.min_kept_per_row!r}; "
+                "1 (default) keeps one weight in every output row, 0 allows dead rows."
+            )
         if self.refit not in (None, True, False):
             raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
@@ -375,15 +388,20 @@ def output_energy(weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = N
 
 
 def allocate_global(
-    costs: Mapping[str, Tensor], sparsity: float, forced: Optional[Mapping[str, Tensor]] = None
+    costs: Mapping[str, Tensor],
+    sparsity: float,
+    forced: Optional[Mapping[str, Tensor]] = None,
+    max_removed: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, float]:
     """Per-layer sparsities that remove ``sparsity`` of all weights at the smallest pooled cost.
 
     ``costs`` maps each layer to a per-weight removal cost (already comparable across
-    layers, e.g. :func:`obs_scores` divided by :func:`output_energy`). The cheapest
-    ``round(sparsity * N)`` weights over all layers are chosen (ties broken in layer
-    order); ``forced`` keep-masks' pruned weights are always among them. Every layer
-    keeps at least its most expensive weight, so no layer's sparsity reaches 1.
+    layers, e.g. :func:`obs_scores` divided by :func:`output_energy`); ``+inf`` marks a
+    weight that must stay. The cheapest ``round(sparsity * N)`` weights over all layers are
+    chosen (ties broken in layer order); ``forced`` keep-masks' pruned weights are always
+    among them. A layer gives at most ``max_removed[name]`` weights (its cheapest ones;
+    never fewer than its forced ones) and always keeps at least its most expensive weight,
+    so no layer's sparsity reaches 1. Raises ValueError when the caps leave too few weights.
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}.")
@@ -393,16 +411,26 @@ def allocate_global(
     flat = []
     for n in names:
         c = costs[n].detach().reshape(-1).double().cpu()
-        if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
-            raise ValueError(f"costs[{n!r}] must be finite and >= 0.")
+        if bool(torch.isnan(c).any()) or bool(torch.isneginf(c).any()) or bool((c < 0).any()):
+            raise ValueError(f"costs[{n!r}] must be >= 0 (+inf: never removed), without NaN.")
         c = c.clone()
         if forced is not None and n in forced:
             c.masked_fill_(~forced[n].reshape(-1).to(torch.bool).cpu(), -1.0)  # already pruned: first
         c[int(c.argmax())] = math.inf  # the layer's survivor
+        if max_removed is not None and n in max_removed:
+            cap = max(int(max_removed[n]), int((c < 0).sum()))
+            if cap < c.numel():
+                c[torch.argsort(c, stable=True)[cap:]] = math.inf
         flat.append(c)
     sizes = [c.numel() for c in flat]
-    total = min(int(round(sparsity * sum(sizes))), sum(sizes) - len(sizes))
     allc = torch.cat(flat)
+    available = int(torch.isfinite(allc).sum())
+    total = int(round(sparsity * sum(sizes)))
+    if total > available:
+        raise ValueError(
+            f"sparsity {sparsity:.6g} asks for {total} of {sum(sizes)} weights but only {available} may go "
+            "(per-layer caps, weights that must stay, one survivor per layer); lower the sparsity or relax the caps."
+        )
     chosen = torch.zeros(allc.numel(), dtype=torch.bool)
     if total > 0:
         chosen[torch.argsort(allc, stable=True)[:total]] = True  # stable: ties go in layer order
@@ -421,14 +449,22 @@ def _lobs_mask(
     pattern: Optional[NMPattern],
     frozen: int,
     forced: Optional[Tensor],
+    protected: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """The paper's one-pass ranking: ``(keep-mask, L_q scores)``, every weight ranked layer-wide."""
+    """The paper's one-pass ranking: ``(keep-mask, L_q scores)``, every weight ranked layer-wide.
+
+    ``protected`` weights (the per-row minimum) rank last and are never pruned.
+    """
     scores = _single_removal_costs(W, Hinv, dead)
     if forced is not None:
         scores = scores.masked_fill(forced, -math.inf)
     if frozen:
         scores[:, -frozen:] = math.inf
-    return _mask_from_scores(scores, sparsity, pattern, frozen), scores
+    ranked = scores
+    if protected is not None:
+        ranked = scores.clone()
+        ranked[:, : protected.shape[1]].masked_fill_(protected, math.inf)
+    return _mask_from_scores(ranked, sparsity, pattern, frozen), scores
 
 
 def _lobs_sequential(W: Tensor, Hinv: Tensor, mask: Tensor, scores: Tensor) -> Tensor:
@@ -650,12 +686,29 @@ def _exact_trace(
 
 
 def _exact_mask(
-    order: Tensor, inc: Tensor, d: int, sparsity: float, pattern: Optional[NMPattern], frozen: int, forced: Optional[Tensor]
+    order: Tensor,
+    inc: Tensor,
+    d: int,
+    sparsity: float,
+    pattern: Optional[NMPattern],
+    frozen: int,
+    forced: Optional[Tensor],
+    min_kept: int = 0,
 ) -> Tensor:
+    """Keep-mask from the greedy trace: per-row counts split by :func:`_allocate`.
+
+    Unstructured rows stop ``min_kept`` steps before the end of their trace (their last
+    ``min_kept`` weights stay), except where a prior mask already pruned more.
+    """
     rows, steps = order.shape
     dp = d - frozen
     if steps == 0:
         return torch.ones(rows, d, dtype=torch.bool, device=order.device)
+    if pattern is None and min_kept > 0:
+        cap = torch.full((rows,), max(steps - min_kept, 0), dtype=torch.long, device=order.device)
+        if forced is not None:
+            cap = torch.maximum(cap, forced.sum(dim=1))
+        inc = inc.masked_fill(torch.arange(steps, device=order.device).unsqueeze(0) >= cap.unsqueeze(1), math.inf)
     if pattern is not None:
         counts = torch.full((rows,), steps, dtype=torch.long, device=order.device)
     elif forced is None:
@@ -708,59 +761,191 @@ def _solve_fast_group(
     W: Tensor,
     Hinv: Tensor,
     dead: Tensor,
-    sparsity: float,
+    totals: Sequence[int],
     pattern: Optional[NMPattern],
     frozen: int,
     block: int,
     forced: Optional[Tensor],
-    total: int,
+    protected: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
-    """SparseGPT on one group's rows; ``total`` weights are pruned (unstructured)."""
+    """SparseGPT on one group's rows at ``K = len(totals)`` sparsity levels at once.
+
+    Level ``k`` prunes ``totals[k]`` weights (unstructured; ignored with an N:M pattern):
+    each block of columns prunes its share of the running quota among its lowest
+    ``w^2 / [U]_qq^2`` scores. ``protected`` weights (the per-row minimum) are never
+    pruned: a block then prunes at most its unprotected weights and at least what the
+    later blocks could not take, so the quota is always met and every removal is
+    compensated; without protected weights the blocks prune exactly SparseGPT's quotas.
+    Returns ``(K, rows, d)`` pruned weights and keep-masks; the levels share one Cholesky
+    factor and one column sweep.
+    """
     rows, d = W.shape
+    K = len(totals)
     dp = d - frozen
     if pattern is not None:
         block = -(-block // pattern.m) * pattern.m  # an N:M group never straddles two blocks
     U = torch.linalg.cholesky(Hinv, upper=True)
-    W = W.clone()
-    mask = torch.ones(rows, d, dtype=torch.bool, device=W.device)
+    W = W.unsqueeze(0).repeat(K, 1, 1)
+    mask = torch.ones(K, rows, d, dtype=torch.bool, device=W.device)
     udiag = torch.diagonal(U)
     live = (~dead).to(W.dtype)
-    target = lambda cols: int(round(total * min(cols, dp) / max(dp, 1)))  # noqa: E731 - cumulative quota
+    pruned = [0] * K
+    free_col = torch.full((dp,), rows, dtype=torch.long)
+    if protected is not None:
+        free_col -= protected.sum(dim=0).cpu()
+    free_after = torch.cat([free_col.flip(0).cumsum(0).flip(0), free_col.new_zeros(1)]).tolist()  # from column c on
+
+    def target(k: int, cols: int) -> int:  # cumulative quota of level k after ``cols`` columns
+        return int(round(totals[k] * min(cols, dp) / max(dp, 1)))
+
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, :, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         prunable = max(0, min(i2, dp) - i1)
         if pattern is None and prunable > 0:
-            scores = (W1.pow(2) / udiag[i1:i2].pow(2) * live[i1:i2])[:, :prunable]
-            k = target(i2) - target(i1)
+            scores = (W1.pow(2) / udiag[i1:i2].pow(2) * live[i1:i2])[:, :, :prunable]
+            free = rows * prunable
+            if protected is not None:
+                p = protected[:, i1 : i1 + prunable]
+                scores = scores.masked_fill(p, math.inf)
+                free -= int(p.sum())
+            f_count = 0
             if forced is not None:
                 f = forced[:, i1 : i1 + prunable]
                 scores = scores.masked_fill(f, -1.0)
-                k = max(k, int(f.sum()))
-            if k > 0:
-                drop = scores.reshape(-1).topk(k, largest=False).indices
-                sub = torch.ones(rows * prunable, dtype=torch.bool, device=W.device)
-                sub[drop] = False
-                mask[:, i1 : i1 + prunable] = sub.reshape(rows, prunable)
+                f_count = int(f.sum())
+            for lv in range(K):
+                need = totals[lv] - pruned[lv] - free_after[min(i2, dp)]  # what the later blocks cannot take
+                k = min(max(target(lv, i2) - pruned[lv], f_count, need), free)
+                if k > 0:
+                    drop = scores[lv].reshape(-1).topk(k, largest=False).indices
+                    sub = torch.ones(rows * prunable, dtype=torch.bool, device=W.device)
+                    sub[drop] = False
+                    mask[lv, :, i1 : i1 + prunable] = sub.reshape(rows, prunable)
+                    pruned[lv] += k
         for i in range(i2 - i1):
             col = i1 + i
             if pattern is not None and col < dp and col % pattern.m == 0:
                 m = pattern.m
-                scores = W1[:, i : i + m].pow(2) / udiag[col : col + m].pow(2) * live[col : col + m]
+                scores = W1[:, :, i : i + m].pow(2) / udiag[col : col + m].pow(2) * live[col : col + m]
                 if forced is not None:
                     scores = scores.masked_fill(forced[:, col : col + m], -1.0)
-                drop = scores.topk(m - pattern.n, dim=1, largest=False).indices
-                mask[:, col : col + m].scatter_(1, drop, False)
-            w = W1[:, i]
-            q = w * mask[:, col]
+                drop = scores.topk(m - pattern.n, dim=-1, largest=False).indices
+                mask[:, :, col : col + m].scatter_(2, drop, False)
+            w = W1[:, :, i]
+            q = w * mask[:, :, col]
             err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            W1[:, :, i:] -= err.unsqueeze(2) * U1[i, i:]
+            Err1[:, :, i] = err
+        W[:, :, i1:i2] = W1
+        W[:, :, i2:] -= Err1 @ U[i1:i2, i2:]
+    if pattern is None:
+        for lv in range(K):
+            short = totals[lv] - pruned[lv]
+            if short > 0:  # only when totals exceed the unprotected weights: prune the cheapest of what is left
+                scores = (W[lv, :, :dp].pow(2) / udiag[:dp].pow(2) * live[:dp]).masked_fill(~mask[lv, :, :dp], math.inf)
+                if protected is not None:
+                    scores = scores.masked_fill(protected, math.inf)
+                short = min(short, int(torch.isfinite(scores).sum()))
+                drop = scores.reshape(-1).topk(short, largest=False).indices
+                sub = mask[lv, :, :dp].reshape(-1).clone()
+                sub[drop] = False
+                mask[lv, :, :dp] = sub.reshape(rows, dp)
     return W * mask, mask
+
+
+def _protected(costs: Tensor, min_kept: int, forced: Optional[Tensor]) -> Optional[Tensor]:
+    """``(rows, dp)`` True on each row's ``min_kept`` costliest weights (by single-removal cost) not pruned by a prior mask."""
+    if min_kept <= 0:
+        return None
+    rows, dp = costs.shape
+    c = costs.masked_fill(forced, -math.inf) if forced is not None else costs
+    idx = c.topk(min(min_kept, dp), dim=1).indices
+    prot = torch.zeros(rows, dp, dtype=torch.bool, device=costs.device).scatter_(1, idx, True)
+    return prot & ~forced if forced is not None else prot
+
+
+def _row_limited_sparsity(sparsity: float, rows: int, dp: int, min_kept: int, forced: Optional[Tensor], method: str) -> float:
+    """``sparsity``, lowered (with a warning) to the most that leaves ``min_kept`` weights in every row."""
+    if min_kept <= 0 or rows * dp == 0:
+        return sparsity
+    per_row = torch.full((rows,), max(dp - min_kept, 0), dtype=torch.long)
+    if forced is not None:
+        per_row = torch.maximum(per_row, forced[:, :dp].sum(dim=1).cpu())
+    most = int(per_row.sum())
+    if int(round(sparsity * rows * dp)) <= most:
+        return sparsity
+    lowered = most / (rows * dp)
+    warnings.warn(
+        f"{method}: sparsity {sparsity:.6g} would leave fewer than min_kept_per_row={min_kept} weights in some of the "
+        f"{rows} rows of {dp}; pruning {lowered:.6g} instead. SolverOptions(min_kept_per_row=0) allows dead rows.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return lowered
+
+
+def _sample_rows(rows: int, groups: int, count: int, device: torch.device) -> Tensor:
+    """``count`` evenly spaced row indices (all rows when there are fewer), the same on every call."""
+    if count >= rows:
+        return torch.arange(rows, device=device)
+    return torch.linspace(0, rows - 1, count, device=device).round().long().unique()
+
+
+def error_curve(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsities: Sequence[float],
+    *,
+    bias: Optional[Tensor] = None,
+    options: Optional[SolverOptions] = None,
+    prior_mask: Optional[Tensor] = None,
+    sample_rows: int = 64,
+) -> Tensor:
+    """Relative layer error of SparseGPT (``fast`` without the refit) at each of ``sparsities``.
+
+    Runs on ``sample_rows`` evenly spaced rows (all rows when fewer), every level in one
+    batched sweep over the columns with one Cholesky factor, and returns, per level, the
+    sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
+    ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
+    Arguments as in :func:`solve_layer`; the per-row minimum ``options.min_kept_per_row`` holds.
+    """
+    options = options or SolverOptions()
+    levels = [float(v) for v in sparsities]
+    if not levels or any(not (0.0 <= v < 1.0) for v in levels):
+        raise ValueError(f"sparsities must be a non-empty sequence of floats in [0, 1), got {sparsities!r}.")
+    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
+        raise ValueError(f"sample_rows must be a positive int, got {sample_rows!r}.")
+    x = _prepare(weight, hessian, 0.0, bias, None, prior_mask)
+    work = x.W.to(options.dtype)
+    rows, G = work.shape[0], x.H.shape[0]
+    dp = x.d
+    _, Hinv, _, dead = _inverse_with_damping(x.H.to(work.device), options)
+    sel = _sample_rows(rows, G, sample_rows, work.device)
+    gidx = _row_groups(rows, G, work.device)[sel]
+    Hd = x.H.to(device=work.device, dtype=torch.float64)
+    err = torch.zeros(len(levels), dtype=torch.float64)
+    energy = 0.0
+    for g in gidx.unique().tolist():
+        rs = sel[gidx == g]
+        Wg = work[rs]
+        f = x.forced[rs] if x.forced is not None else None
+        costs = _single_removal_costs(Wg, Hinv[g : g + 1], dead[g : g + 1])[:, :dp]
+        prot = _protected(costs, options.min_kept_per_row, None if f is None else f[:, :dp])
+        limit = rs.numel() * max(dp - options.min_kept_per_row, 0)
+        if f is not None:
+            limit = int(torch.maximum(torch.full_like(rs, max(dp - options.min_kept_per_row, 0)), f[:, :dp].sum(1)).sum())
+        totals = [min(int(round(v * rs.numel() * dp)), limit) for v in levels]
+        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, options.block_size, f, prot)
+        delta = (new - Wg.unsqueeze(0)).double()
+        err += 0.5 * torch.einsum("kri,ij,krj->k", delta, Hd[g], delta).cpu()
+        w64 = Wg.double()
+        energy += 0.5 * float(torch.einsum("ri,ij,rj->", w64, Hd[g], w64))
+    if not energy > 0:
+        return torch.zeros(len(levels), dtype=torch.float64)
+    return err / energy
 
 
 # --------------------------------------------------------------------------- entry point
@@ -916,13 +1101,19 @@ def solve_layer(
             )
     work = W2.to(options.dtype)
     damp = options.damp
+    m_row = options.min_kept_per_row if nm is None else 0
+    sparsity = _row_limited_sparsity(sparsity, rows, d_w, m_row, forced, method)
     if sparsity == 0.0 and forced is None:
         mask2 = torch.ones_like(W2, dtype=torch.bool)
         new = work
     else:
         _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)  # the damped H itself is not kept
+        protected = None
+        if m_row > 0 and method != "exact":  # each row keeps its costliest weights by single-removal cost
+            costs = _single_removal_costs(work, Hinv, dead)[:, :d_w]
+            protected = _protected(costs, m_row, None if forced is None else forced[:, :d_w])
         if method == "lobs":
-            mask2, scores = _lobs_mask(work, Hinv, dead, sparsity, nm, frozen, forced)
+            mask2, scores = _lobs_mask(work, Hinv, dead, sparsity, nm, frozen, forced, protected)
             if _wants_refit(options, mask2):
                 new = refit(work, H, mask2, replace(options, damp=damp))
             else:
@@ -932,7 +1123,7 @@ def solve_layer(
                 order, inc = _exact_trace(work, Hinv, dead, nm, frozen, options, forced)
             else:
                 order, inc = trace.order.to(work.device), trace.increments.to(work.device)
-            mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced)
+            mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced, m_row)
             new = refit(work, H, mask2, replace(options, damp=damp))
         else:
             per = rows // groups
@@ -942,11 +1133,12 @@ def solve_layer(
             for g in range(groups):
                 sl = slice(g * per, (g + 1) * per)
                 f = forced[sl] if forced is not None else None
+                p = protected[sl] if protected is not None else None
                 o, m = _solve_fast_group(
-                    work[sl], Hinv[g], dead[g], sparsity, nm, frozen, options.block_size, f, quota(g + 1) - quota(g)
+                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, options.block_size, f, p
                 )
-                outs.append(o)
-                masks.append(m)
+                outs.append(o[0])
+                masks.append(m[0])
             new, mask2 = torch.cat(outs), torch.cat(masks)
             if _wants_refit(options, mask2):
                 new = refit(work, H, mask2, replace(options, damp=damp))
