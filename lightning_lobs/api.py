@@ -3,40 +3,46 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Optional, Sequence, Union
+import numbers
+from typing import Any, Iterable, Optional, Union
 
+import torch
 from torch import nn
 
 from .masks import MaskSet
-from .pruner import CalibrationOptions, ForwardFn, PruneReport, SparsitySpec, prune
-from .solvers import NMPattern, SolverOptions
+from .options import ProgressFn, PruneOptions
+from .pruner import PruneReport, prune
 
 
 def take_batches(dataloader: Iterable[Any], calibration_batches: Optional[int]) -> list:
-    """The first ``calibration_batches`` batches of ``dataloader`` (all of them when None)."""
+    """The first ``calibration_batches`` batches of ``dataloader`` (all of them when None).
+
+    The global RNG is forked while iterating: a shuffling sampler draws its seed from it when an
+    iterator is made, and calibration must not change the training run's data order.
+    """
     if calibration_batches is not None:
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
-        return list(itertools.islice(iter(dataloader), calibration_batches))
-    return list(dataloader)
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
+            raise ValueError(
+                f"calibration_batches must be an int >= 1 (or None for the whole dataloader), got {calibration_batches!r}."
+            )
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if calibration_batches is None:
+            return list(dataloader)
+        return list(itertools.islice(iter(dataloader), int(calibration_batches)))
 
 
 def prune_model(
     model: nn.Module,
     dataloader: Iterable[Any],
-    sparsity: SparsitySpec = 0.9,
+    sparsity: Any = 0.9,
     method: str = "auto",
     *,
-    pattern: Union[str, NMPattern, None] = None,
-    exclude: Sequence[str] = (),
     calibration_batches: Optional[int] = None,
-    sequential: bool = False,
-    solver: Optional[SolverOptions] = None,
-    calibration: Optional[CalibrationOptions] = None,
-    forward_fn: Optional[ForwardFn] = None,
     masks: Optional[MaskSet] = None,
-    recalibrate_bn: bool = True,
-    allocation: str = "global",
+    progress: Union[bool, ProgressFn] = False,
+    options: Optional[PruneOptions] = None,
+    **kwargs: Any,
 ) -> PruneReport:
     """Prune ``model``'s Linear/Conv layers in place with Optimal Brain Surgeon.
 
@@ -44,41 +50,25 @@ def prune_model(
         model: any ``nn.Module`` (a LightningModule too); its device is used for calibration.
         dataloader: iterable of batches; ``forward_fn(model, batch)`` runs the model on one
             (default: a tensor batch as is, the first item of a tuple, or a dict's input).
-        sparsity: float in [0, 1): the fraction of all selected weights to remove (see
-            ``allocation``), ``{"pattern*": float}`` per layer (fnmatch on qualified names),
-            or ``callable(name, module) -> float | None``.
-        method: ``"auto"`` (``exact`` where affordable, else ``fast``), ``"exact"``,
-            ``"lobs"`` or ``"fast"``.
-        pattern: N:M semi-structured pattern such as ``"2:4"`` (implies the sparsity).
-        exclude: fnmatch patterns of layers to leave dense.
+        sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
+            ``allocation``, ``exclude``, ``sequential``, ``solver``, ``calibration``,
+            ``forward_fn``, ``recalibrate_bn``): see there. Or pass ``options=PruneOptions(...)``.
         calibration_batches: how many batches to calibrate on (all when None).
-        sequential: calibrate each layer on inputs that pass through the already pruned
-            layers before it (corrects propagated error) instead of the dense network.
-        solver, calibration: numerical options (:class:`SolverOptions`, :class:`CalibrationOptions`).
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it
             receives the new masks.
-        recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches
-            after pruning.
-        allocation: with a float ``sparsity``: ``"global"`` (default) spreads it over the
-            layers where the one-pass OBS costs, relative to each layer's output energy, are
-            smallest; ``"uniform"`` prunes every layer to ``sparsity``.
+        progress: True prints phase, layer i/N, elapsed time and an ETA to stderr while it
+            runs; or a callable receiving :class:`PruneProgress` events.
 
     Returns:
         A :class:`PruneReport` with per-layer errors, sparsities, the bound and the masks.
     """
+    if options is None:
+        options = PruneOptions.from_kwargs("prune_model()", sparsity=sparsity, method=method, **kwargs)
+    elif kwargs:
+        raise TypeError(f"prune_model() got options=PruneOptions(...) and also {sorted(kwargs)}; give one or the other.")
+    if progress is True:
+        from .progress import console_progress
+
+        progress = console_progress()
     batches = take_batches(dataloader, calibration_batches)
-    return prune(
-        model,
-        batches,
-        sparsity,
-        method,
-        pattern=pattern,
-        exclude=exclude,
-        sequential=sequential,
-        solver=solver,
-        calibration=calibration,
-        forward_fn=forward_fn,
-        masks=masks,
-        recalibrate_bn=recalibrate_bn,
-        allocation=allocation,
-    )
+    return prune(model, batches, options, masks=masks, progress=progress or None)

@@ -72,6 +72,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .hessian import has_bias, is_linear_like, output_rows, weight_columns
 from .solvers import layer_error
 
 __all__ = [
@@ -151,7 +152,7 @@ def _padding_copies(module: _ConvNd) -> int:
 
 
 def _check_layer(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
+    if is_linear_like(module):
         return
     if isinstance(module, _ConvNd) and not module.transposed:
         return
@@ -170,8 +171,8 @@ def operator_norm(module: nn.Module, weight_matrix: Tensor, kind: str = "spectra
     if kind not in ("spectral", "frobenius"):
         raise ValueError(f"kind must be 'spectral' or 'frobenius', got {kind!r}")
     _check_layer(module)
-    if isinstance(module, nn.Linear):
-        out, cols, groups, factor = module.out_features, module.in_features, 1, 1.0
+    if is_linear_like(module):  # a transformers Conv1D's (in, out) weight is given as (out, in) rows here
+        out, cols, groups, factor = output_rows(module), weight_columns(module) - has_bias(module), 1, 1.0
     else:
         out = module.out_channels
         groups = module.groups
@@ -217,7 +218,7 @@ def positions_per_sample(module: nn.Module, output_shape: Sequence[int]) -> int:
     """
     _check_layer(module)
     shape = tuple(int(s) for s in output_shape)
-    if isinstance(module, nn.Linear):
+    if is_linear_like(module):
         return int(math.prod(shape[1:-1]))
     return int(math.prod(shape[2:]))
 

@@ -30,6 +30,12 @@ from torch import Tensor, nn
 __all__ = [
     "SUPPORTED_TYPES",
     "is_supported",
+    "is_linear_like",
+    "is_hf_conv1d",
+    "weight_columns",
+    "output_rows",
+    "to_rows",
+    "from_rows",
     "num_groups",
     "has_bias",
     "weight_matrix",
@@ -49,9 +55,25 @@ _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate
 # --------------------------------------------------------------------------- #
 # Layer helpers
 # --------------------------------------------------------------------------- #
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``Conv1D`` (GPT-2's Linear with a transposed weight).
+
+    Recognised by class, without importing ``transformers`` (an optional dependency that is
+    slow to import): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``.
+    """
+    return any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__
+    ) and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or a ``transformers`` ``Conv1D``: one input row per sample (or token)."""
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
 def is_supported(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer whose input Hessian can be collected (Linear, Conv1d/2d/3d)."""
-    return isinstance(module, SUPPORTED_TYPES)
+    """Whether ``module`` is a layer whose input Hessian can be collected (Linear, Conv1d/2d/3d, HF Conv1D)."""
+    return isinstance(module, SUPPORTED_TYPES) or is_hf_conv1d(module)
 
 
 def _check_supported(module: nn.Module) -> None:
@@ -59,6 +81,7 @@ def _check_supported(module: nn.Module) -> None:
         raise TypeError(
             f"unsupported layer type {type(module).__name__}; supported: "
             + ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+            + ", transformers Conv1D"
         )
 
 
@@ -81,14 +104,36 @@ def _weight_cols(module: nn.Module) -> int:
     """Number of weight columns per output row, without the bias column."""
     _check_supported(module)
     w = module.weight
+    if is_hf_conv1d(module):
+        return int(w.shape[0])
     return int(w[0].numel()) if w.shape[0] > 0 else int(math.prod(w.shape[1:]))
+
+
+def weight_columns(module: nn.Module) -> int:
+    """Columns of the layer's ``(out, d)`` weight matrix, the bias column included."""
+    return _weight_cols(module) + (1 if has_bias(module) else 0)
+
+
+def output_rows(module: nn.Module) -> int:
+    """Rows of the layer's ``(out, d)`` weight matrix (output features or channels)."""
+    _check_supported(module)
+    return int(module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0])
+
+
+def to_rows(module: nn.Module, tensor: Tensor) -> Tensor:
+    """A tensor in the layout of ``module.weight`` (a mask, say) as ``(out, d_w)`` rows."""
+    return tensor.t() if is_hf_conv1d(module) else tensor.reshape(tensor.shape[0], -1)
+
+
+def from_rows(module: nn.Module, rows: Tensor) -> Tensor:
+    """Inverse of :func:`to_rows`: ``(out, d_w)`` rows in the layout of ``module.weight``."""
+    return rows.t() if is_hf_conv1d(module) else rows.reshape(module.weight.shape)
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
     """Detached copy of the layer weight as an ``(out, d)`` matrix, bias appended as last column if present."""
     _check_supported(module)
-    w = module.weight.detach()
-    mat = w.reshape(w.shape[0], -1)
+    mat = to_rows(module, module.weight.detach())
     if has_bias(module):
         mat = torch.cat([mat, module.bias.detach().reshape(-1, 1).to(mat.dtype)], dim=1)
     return mat.clone()
@@ -98,13 +143,13 @@ def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
     """Write an ``(out, d)`` matrix (layout of :func:`weight_matrix`) back into the layer in place."""
     _check_supported(module)
     w = module.weight
-    out = w.shape[0]
+    out = output_rows(module)
     k = _weight_cols(module)
     d = k + (1 if has_bias(module) else 0)
     if tuple(matrix.shape) != (out, d):
         raise ValueError(f"expected a matrix of shape {(out, d)} for {type(module).__name__}, got {tuple(matrix.shape)}")
     with torch.no_grad():
-        w.data.copy_(matrix[:, :k].reshape(w.shape).to(device=w.device, dtype=w.dtype))
+        w.data.copy_(from_rows(module, matrix[:, :k]).to(device=w.device, dtype=w.dtype))
         if has_bias(module):
             b = module.bias
             b.data.copy_(matrix[:, k].to(device=b.device, dtype=b.dtype))
@@ -188,10 +233,11 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
     ``unfold_input(m, x)[:, j] @ W_j.T + b_j`` reproduces the output of group ``j``.
     """
     _check_supported(module)
-    if isinstance(module, nn.Linear):
-        if x.shape[-1] != module.in_features:
-            raise ValueError(f"Linear expects last dim {module.in_features}, got shape {tuple(x.shape)}")
-        return x.reshape(-1, 1, module.in_features)
+    if is_linear_like(module):
+        k = _weight_cols(module)
+        if x.shape[-1] != k:
+            raise ValueError(f"{type(module).__name__} expects last dim {k}, got shape {tuple(x.shape)}")
+        return x.reshape(-1, 1, k)
     xb = _pad(module, _batched_conv_input(module, x))
     view, out_shape = _patch_view(module, xb)
     n = xb.shape[0] * math.prod(out_shape)
@@ -241,6 +287,7 @@ class HessianAccumulator:
         device = module.weight.device
         self.sum: Tensor = torch.zeros(self._groups, self.d, self.d, dtype=dtype, device=device)
         self.count: int = 0
+        self.max_abs: float = 0.0  # largest input magnitude seen, to explain an overflowed sum
 
     @property
     def d(self) -> int:
@@ -337,7 +384,9 @@ class HessianAccumulator:
                     f"input to layer {self.name!r} contains non-finite values (NaN or inf); "
                     "check the calibration data (and the model's earlier layers)"
                 )
-            if isinstance(self.module, nn.Linear):
+            if x.numel():
+                self.max_abs = max(self.max_abs, float(x.abs().max()))
+            if is_linear_like(self.module):
                 if x.shape[-1] != self._dw:
                     raise ValueError(
                         f"layer {self.name!r} expects last input dim {self._dw}, got shape {tuple(x.shape)}"
@@ -353,6 +402,12 @@ class HessianAccumulator:
                 f"no calibration rows reached layer {self.name!r}; was it called during calibration?"
             )
         h = self.sum / self.count
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(
+                f"the Hessian of layer {self.name!r} overflowed {self.dtype} (its inputs reach {self.max_abs:.3g}, "
+                f"squares up to {self.max_abs ** 2:.3g}); accumulate in CalibrationOptions(hessian_dtype=torch.float64) "
+                "or normalise the inputs."
+            )
         return (h + h.transpose(1, 2)) * 0.5
 
     def reduce(self, group: Any = None) -> None:

@@ -1,83 +1,70 @@
 """The pruning engine shared by :func:`prune_model` and the :class:`LOBSPruning` callback.
 
-One call prunes a model in place: choose layers, calibrate their Hessians on a few
-batches, spread the sparsity over the layers (global allocation), solve each layer,
-write the pruned weights, then measure the output error and the error bound. Everything
-is validated before the first weight changes, and any failure restores the model's
-weights and train/eval modes.
+One call prunes a model in place, in named stages (:class:`_PruneRun`):
+
+1. **plan**: select the layers (:mod:`lightning_lobs.selection`), resolve each one's method,
+   check weights, memory and cost before any work;
+2. **calibrate**: stream every layer's input Hessian over the batches;
+3. **allocate**: spread a global sparsity over the layers (:mod:`lightning_lobs.allocation`);
+4. **solve**: OBS per layer (with ``sequential``, each calibrated on the pruned layers before it);
+5. **commit**: write weights and masks (only once every solve succeeded);
+6. **measure**: re-estimate BatchNorm, measure output errors, the bound, and report what the
+   model now holds.
+
+Any failure restores the model's weights, BatchNorm statistics and train/eval modes.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import bounds as _bounds
-from .batchnorm import batchnorm_modules, batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
 from .allocation import allocate_layers
+from .batchnorm import batchnorm_modules, batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
 from .distributed import RankInfo, assign_layers, broadcast_floats, broadcast_tensors, fail_together
-from .hessian import HessianCollector, has_bias, is_supported, num_groups, set_weight_matrix, weight_matrix
-from .masks import MaskSet
-from .resources import check_budget, layer_memory
-from .solvers import (
-    METHODS,
-    GreedyTrace,
-    NMPattern,
-    SolverOptions,
-    parse_pattern,
-    solve_layer,
+from .hessian import (
+    HessianCollector,
+    from_rows,
+    has_bias,
+    is_linear_like,
+    num_groups,
+    output_rows,
+    set_weight_matrix,
+    to_rows,
+    weight_matrix,
 )
+from .masks import MaskSet
+from .options import (  # noqa: F401 - re-exported: the engine's public names
+    ALL_METHODS,
+    CalibrationOptions,
+    ForwardFn,
+    ProgressFn,
+    PruneOptions,
+    PruneProgress,
+    SparsitySpec,
+)
+from .resources import check_budget, layer_memory
+from .selection import Selection, select_layers, warn_skipped
+from .solvers import GreedyTrace, NMPattern, SolverOptions, solve_layer
 
 log = logging.getLogger(__name__)
 
-_fail_together = fail_together  # the old private name, still used below
-
-SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
-ForwardFn = Callable[[nn.Module, Any], Any]
-
-ALL_METHODS = ("auto",) + METHODS
-ALLOCATIONS = ("global", "uniform")
 #: ``auto`` uses ``exact`` where rows * d^3 is at most this (a few seconds on 2 CPU cores), else ``fast``.
 AUTO_EXACT_MAX_COST = 1e12
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """How layer-input Hessians are gathered.
-
-    Attributes:
-        hessian_dtype: accumulation precision of H (float64 keeps long sums exact).
-        max_chunk_elements: bound on conv patches unfolded at once (bounded extra memory).
-        position_stride: keep every k-th conv output position (for very large maps).
-        memory_budget_bytes: refuse to start (naming the layer and the remedy) when the
-            Hessians plus the largest solve would need more; None = 80% of what is free.
-    """
-
-    hessian_dtype: torch.dtype = torch.float64
-    max_chunk_elements: int = 1 << 24
-    position_stride: int = 1
-    memory_budget_bytes: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.hessian_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"hessian_dtype must be torch.float32 or torch.float64, got {self.hessian_dtype}.")
-        if not isinstance(self.max_chunk_elements, int) or self.max_chunk_elements < 1:
-            raise ValueError(f"max_chunk_elements must be a positive int, got {self.max_chunk_elements!r}.")
-        if not isinstance(self.position_stride, int) or self.position_stride < 1:
-            raise ValueError(f"position_stride must be a positive int, got {self.position_stride!r}.")
-        if self.memory_budget_bytes is not None and (
-            not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1
-        ):
-            raise ValueError(f"memory_budget_bytes must be a positive int or None, got {self.memory_budget_bytes!r}.")
+#: ``exact`` work (rows * d^3) done per second on one CPU core: LeNet-300-100's 300 x 785 layer
+#: (1.45e11) takes about 5 s (BENCHMARKS.md, "Cost"). Used only to warn before very long solves.
+EXACT_COST_PER_SECOND = 3e10
+#: An explicit ``method="exact"`` whose estimate exceeds this many seconds warns before starting.
+EXACT_WARN_SECONDS = 180.0
 
 
 @dataclass
@@ -90,6 +77,7 @@ class LayerReport:
     method: str
     target_sparsity: float
     sparsity: float
+    """Fraction of the layer's weight that is exactly zero in the model after the prune."""
     layer_error: float
     """dE = 1/(2n) ||(W^ - W) X~||_F^2 on the calibration inputs."""
     d_term: float
@@ -106,7 +94,14 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
-    """Per-layer numbers and whole-network errors of one pruning step."""
+    """Per-layer numbers and whole-network errors of one pruning step.
+
+    ``sparsity`` is the fraction of zeros over the pruned layers' weights, read from the model
+    after the prune; ``model_sparsity`` the same over every weight of two or more dimensions of
+    the model (embeddings and skipped layers included), and ``nonzero_parameters`` /
+    ``total_parameters`` count every parameter once (tied ones too). ``skipped`` lists the
+    weight-bearing modules left dense and why.
+    """
 
     layers: Dict[str, LayerReport]
     sparsity: float
@@ -120,24 +115,30 @@ class PruneReport:
     masks: MaskSet = field(repr=False)
     sequential: bool = False
     allocation: str = "uniform"
-    """How per-layer sparsities were set: "global" (chosen from pooled OBS costs), "uniform" (one float or an
+    """How per-layer sparsities were set: "global" (chosen from the layers' costs), "uniform" (one float or an
     N:M pattern for every layer) or "per-layer" (a mapping or callable)."""
+    skipped: Dict[str, str] = field(default_factory=dict)
+    model_sparsity: float = float("nan")
+    nonzero_parameters: int = 0
+    total_parameters: int = 0
+    empty_batches: int = 0
+    """Calibration batches with no samples, left out."""
 
     def metrics(self, prefix: str = "lobs/") -> Dict[str, float]:
-        """Flat metric dict: ``lobs/<layer>/layer_error``, ``lobs/<layer>/sparsity``, ``lobs/bound``..."""
+        """Flat metric dict (``lobs/<layer>/layer_error``, ``lobs/sparsity``, ...); NaN values are left out."""
         out: Dict[str, float] = {}
         for name, layer in self.layers.items():
             out[f"{prefix}{name}/layer_error"] = layer.layer_error
             out[f"{prefix}{name}/sparsity"] = layer.sparsity
-            if not math.isnan(layer.output_error):
-                out[f"{prefix}{name}/output_error"] = layer.output_error
+            out[f"{prefix}{name}/output_error"] = layer.output_error
         out[f"{prefix}sparsity"] = self.sparsity
+        out[f"{prefix}model_sparsity"] = self.model_sparsity
+        out[f"{prefix}nonzero_parameters"] = float(self.nonzero_parameters)
         out[f"{prefix}bound"] = self.bound
         out[f"{prefix}bound_spectral"] = self.bound_spectral
         out[f"{prefix}output_error"] = self.output_error
-        if not math.isnan(self.model_output_error):
-            out[f"{prefix}model_output_error"] = self.model_output_error
-        return out
+        out[f"{prefix}model_output_error"] = self.model_output_error
+        return {k: float(v) for k, v in out.items() if not math.isnan(v)}
 
     def table(self) -> str:
         """A plain-text summary table of the pruned layers."""
@@ -151,143 +152,21 @@ class PruneReport:
             )
         lines.append("-" * len(head))
         lines.append(
-            f"total sparsity {self.sparsity:.4f} ({self.allocation}) | output error {self.output_error:.4g} | bound (Frobenius) "
-            f"{self.bound:.4g} | bound (spectral) {self.bound_spectral:.4g}"
-            + (f" | {self.bound_note}" if self.bound_note else "")
+            f"pruned layers' sparsity {self.sparsity:.4f} ({self.allocation}) | all weights {self.model_sparsity:.4f} | "
+            f"nonzero parameters {self.nonzero_parameters:,} of {self.total_parameters:,}"
         )
+        lines.append(
+            f"output error {self.output_error:.4g} | bound (Frobenius) {self.bound:.4g} | bound (spectral) "
+            f"{self.bound_spectral:.4g}" + (f" | {self.bound_note}" if self.bound_note else "")
+        )
+        if self.skipped:
+            lines.append(f"left dense: {', '.join(self.skipped)}")
+        if self.empty_batches:
+            lines.append(f"{self.empty_batches} empty calibration batch(es) left out")
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- layer selection
-
-
-def _check_fraction(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
-        raise ValueError(f"{what} must be a float in [0, 1), got {value!r}.")
-    return float(value)
-
-
-def validate_sparsity(sparsity: SparsitySpec, what: str = "sparsity") -> None:
-    """Check a sparsity spec's form (values of a mapping too) without a model."""
-    if callable(sparsity) and not isinstance(sparsity, Mapping):
-        return
-    if isinstance(sparsity, Mapping):
-        if not sparsity:
-            raise ValueError(f"{what} mapping is empty; give at least one 'pattern': fraction entry.")
-        for key, value in sparsity.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{what} mapping keys must be module-name patterns (str), got {key!r}.")
-            _check_fraction(value, f"{what}[{key!r}]")
-        return
-    _check_fraction(sparsity, what)
-
-
-def _supported_msg(name: str, module: nn.Module) -> str:
-    return (
-        f"module '{name}' ({type(module).__name__}) cannot be pruned: only nn.Linear and nn.Conv1d/2d/3d are "
-        "supported; remove it from the sparsity mapping or narrow the pattern."
-    )
-
-
-def select_layers(
-    model: nn.Module,
-    sparsity: SparsitySpec,
-    exclude: Sequence[str] = (),
-    pattern: Optional[NMPattern] = None,
-) -> Dict[str, float]:
-    """Resolve a sparsity spec to ``{qualified name: target sparsity}`` for the layers to prune.
-
-    ``sparsity`` is a float for every Linear/ConvNd, a mapping from fnmatch patterns on
-    qualified module names to floats (first matching pattern wins; unmatched layers are
-    left alone), or a callable ``(name, module) -> float | None``. ``exclude`` patterns
-    remove layers. Patterns that match nothing, and unsupported modules named in a
-    mapping, are errors. Layers with a 0 target are skipped.
-    """
-    validate_sparsity(sparsity)
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    for pat in exclude:
-        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
-            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
-    excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
-    chosen: Dict[str, float] = {}
-    explicit: set = set()
-    if isinstance(sparsity, Mapping):
-        for pat, value in sparsity.items():
-            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pat)]
-            if not hits:
-                raise ValueError(
-                    f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}."
-                )
-            supported = [(n, m) for n, m in hits if is_supported(m)]
-            if not supported:
-                n, m = hits[0]
-                raise ValueError(_supported_msg(n, m))
-            if not any(ch in pat for ch in "*?["):
-                explicit.add(pat)
-            for n, _ in supported:
-                if n not in chosen:
-                    chosen[n] = float(value)
-    elif callable(sparsity):
-        for n, m in named:
-            if not is_supported(m):
-                continue
-            value = sparsity(n, m)
-            if value is not None:
-                chosen[n] = _check_fraction(value, f"sparsity({n!r})")
-    else:
-        value = float(sparsity)
-        chosen = {n: value for n, m in named if is_supported(m)}
-    modules = dict(named)
-    result: Dict[str, float] = {}
-    for n, value in chosen.items():
-        if n in excluded or value == 0.0:
-            continue
-        if pattern is not None:
-            reason = _pattern_problem(modules[n], pattern)
-            if reason:
-                if n in explicit:
-                    raise ValueError(f"layer '{n}' cannot hold pattern '{pattern}': {reason}.")
-                warnings.warn(f"skipping layer '{n}': {reason} for pattern '{pattern}'.", UserWarning, stacklevel=3)
-                continue
-            value = pattern.sparsity
-        result[n] = value
-    if not result:
-        raise ValueError(
-            "no layer selected for pruning: the model has no nn.Linear/nn.Conv layer matching the sparsity spec "
-            "(or all were excluded)."
-        )
-    return result
-
-
-def _example_names(named: Sequence[Tuple[str, nn.Module]]) -> str:
-    names = [n for n, m in named if is_supported(m)][:4] or [n for n, _ in named][:4]
-    return ", ".join(repr(n) for n in names) or "(none)"
-
-
-def _pattern_problem(module: nn.Module, pattern: NMPattern) -> str:
-    if isinstance(module, nn.Linear):
-        cols = module.in_features
-    else:
-        cols = module.in_channels // module.groups
-    if cols % pattern.m:
-        return f"its {cols} input channels are not a multiple of {pattern.m}"
-    return ""
-
-
-def _channel_last_perm(module: nn.Module) -> Optional[Tensor]:
-    """Column permutation putting conv input channels innermost, so N:M groups run along channels."""
-    if isinstance(module, nn.Linear):
-        return None
-    k = int(math.prod(module.kernel_size))
-    if k == 1:
-        return None
-    c = module.in_channels // module.groups
-    return torch.arange(c * k).reshape(c, k).t().reshape(-1)
-
-
-# --------------------------------------------------------------------------- batches
+# --------------------------------------------------------------------------- batches and modes
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -306,6 +185,23 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
+def _tensors(batch: Any) -> Iterator[Tensor]:
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            yield from _tensors(v)
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """A batch whose tensors all have 0 rows (the last batch of some samplers, a filtered shard)."""
+    tensors = [t for t in _tensors(batch) if t.dim() > 0]
+    return bool(tensors) and all(t.shape[0] == 0 for t in tensors)
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     from lightning_fabric.utilities.apply_func import move_data_to_device
 
@@ -320,19 +216,26 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd and a forked RNG (so the training shuffle is untouched); modes restored after."""
+    """Eval mode, no autograd, a forked RNG (so the training shuffle is untouched) and no MHA fast path.
+
+    The fused fast path of ``nn.TransformerEncoderLayer``/``nn.MultiheadAttention`` in eval mode
+    skips the Linear modules' forward calls, so their hooks would see nothing.
+    """
     modes = {m: m.training for m in model.modules()}
     device = _model_device(model)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes.items():
             m.training = mode
 
 
-# --------------------------------------------------------------------------- the engine
+# --------------------------------------------------------------------------- layers
 
 
 @dataclass
@@ -342,33 +245,33 @@ class _Layer:
     target: float
     method: str
     perm: Optional[Tensor]
-    dense: Tensor  # weight matrix (incl. bias column) before this step
-    trace: Optional[GreedyTrace] = None  # exact's greedy sequence, when global allocation computed it
+    dense: Tensor  # (out, d) weight matrix (bias column included) before this step
+    prior: Optional[Tensor] = None  # (out, d_w) keep-mask of an earlier step
+    trace: Optional[GreedyTrace] = None  # exact's greedy sequence, when the global allocation computed it
 
 
-def validate_allocation(allocation: Any) -> str:
-    if allocation not in ALLOCATIONS:
-        raise ValueError(
-            f"allocation must be one of {ALLOCATIONS}, got {allocation!r}: 'global' picks per-layer sparsities from "
-            "pooled OBS costs, 'uniform' prunes every layer to the same sparsity."
-        )
-    return allocation
+@dataclass
+class _Solved:
+    """One layer's solve: the new ``(out, d)`` matrix, the keep-mask in the weight's layout, and its numbers."""
 
+    matrix: Tensor
+    mask: Tensor
+    error: float
+    damp: float
+    seconds: float
 
-def _uses_global(allocation: str, sparsity: SparsitySpec, nm: Optional[NMPattern]) -> bool:
-    """Global allocation applies to one float sparsity; a mapping, callable or N:M pattern fixes each layer's own."""
-    return allocation == "global" and nm is None and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+    _FLOATS = ("error", "damp", "seconds")
 
 
 def _resolve_method(method: str, module: nn.Module) -> str:
     if method != "auto":
         return method
-    rows = module.weight.shape[0] // num_groups(module)
+    rows = output_rows(module) // num_groups(module)
     d = weight_matrix(module).shape[1]
     return "exact" if rows * d**3 <= AUTO_EXACT_MAX_COST else "fast"
 
 
-def _solve_cost(layer: "_Layer") -> float:
+def _solve_cost(layer: _Layer) -> float:
     rows, d = layer.dense.shape
     g = num_groups(layer.module)
     if layer.method == "exact":
@@ -376,175 +279,414 @@ def _solve_cost(layer: "_Layer") -> float:
     return float(g) * d**3 + float(rows) * d**2
 
 
+def _channel_last_perm(module: nn.Module) -> Optional[Tensor]:
+    """Column permutation putting conv input channels innermost, so N:M groups run along channels."""
+    if is_linear_like(module):
+        return None
+    k = int(math.prod(module.kernel_size))
+    if k == 1:
+        return None
+    c = module.in_channels // module.groups
+    return torch.arange(c * k).reshape(c, k).t().reshape(-1)
+
+
+def _check_finite_parameters(model: nn.Module) -> None:
+    """NaN/inf in any parameter is named here, before it shows up as some later layer's bad input."""
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(
+            f"parameters {bad} contain NaN or inf, so calibration would see non-finite activations; fix or "
+            "reload those weights before pruning."
+        )
+
+
+class _Progress:
+    """Emits :class:`PruneProgress` events, with an ETA from the work done so far in the phase."""
+
+    def __init__(self, fn: Optional[ProgressFn]) -> None:
+        self.fn = fn
+        self.start = time.perf_counter()
+        self.phase = "calibrate"
+        self.costs: Dict[str, float] = {}
+        self.total = 0
+        self.done = 0
+        self.done_cost = 0.0
+        self.phase_start = self.start
+
+    def begin(self, phase: str, costs: Mapping[str, float]) -> None:
+        self.phase, self.costs = phase, dict(costs)
+        self.total, self.done, self.done_cost = len(costs), 0, 0.0
+        self.phase_start = time.perf_counter()
+
+    def step(self, key: str, label: str = "") -> None:
+        if self.fn is None:
+            return
+        self.done += 1
+        self.done_cost += self.costs.get(key, 0.0)
+        now = time.perf_counter()
+        left = sum(self.costs.values()) - self.done_cost
+        eta = None if self.done_cost <= 0 else (now - self.phase_start) * left / self.done_cost
+        self.fn(PruneProgress(self.phase, self.done, self.total, label, now - self.start, eta))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
 def prune(
     model: nn.Module,
     batches: Sequence[Any],
-    sparsity: SparsitySpec,
-    method: str = "auto",
+    options: PruneOptions,
     *,
-    pattern: Union[str, NMPattern, None] = None,
-    exclude: Sequence[str] = (),
-    sequential: bool = False,
-    solver: Optional[SolverOptions] = None,
-    calibration: Optional[CalibrationOptions] = None,
-    forward_fn: Optional[ForwardFn] = None,
     masks: Optional[MaskSet] = None,
-    recalibrate_bn: bool = True,
     rank: Optional[RankInfo] = None,
-    allocation: str = "global",
+    progress: Optional[ProgressFn] = None,
 ) -> PruneReport:
-    """Prune ``model`` in place with OBS on the given calibration ``batches``.
+    """Prune ``model`` in place with OBS on the calibration ``batches``, as ``options`` say.
 
-    ``allocation="global"`` (with one float ``sparsity`` and no N:M pattern) chooses each
-    layer's sparsity so that ``sparsity`` of all selected weights go where the removal
-    costs, relative to each layer's output energy, are smallest (greedy-trace costs for
-    ``exact`` layers, whose solves then reuse the trace; one-pass ``L_q`` for the others);
-    ``"uniform"`` prunes every layer to ``sparsity``. A per-layer mapping, a callable or a
-    pattern fixes the per-layer sparsities and ignores ``allocation``.
-
-    ``masks`` (optional) holds masks of an earlier step: those weights stay pruned and
-    the new masks are written into it. ``recalibrate_bn`` re-estimates BatchNorm running
-    statistics on the batches after pruning. With ``rank`` in a torch.distributed group,
-    each rank calibrates on its own batches, Hessians and sample counts are summed across
-    ranks, the layer solves are spread over the ranks and their results broadcast, so all
-    ranks end with identical weights and masks.
+    ``masks`` (optional) holds masks of an earlier step: those weights stay pruned and the new
+    masks are written into it. With ``rank`` in a torch.distributed group, each rank calibrates
+    on its own batches, Hessians and sample counts are summed across ranks, the layer solves are
+    spread over the ranks and their results broadcast, so all ranks end with identical weights
+    and masks. ``progress`` receives a :class:`PruneProgress` after every layer of every phase.
     """
-    if method not in ALL_METHODS:
-        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}.")
-    validate_allocation(allocation)
-    nm = parse_pattern(pattern)
-    solver = solver or SolverOptions()
-    calibration = calibration or CalibrationOptions()
-    forward_fn = forward_fn or default_forward
-    rank = rank or RankInfo()
-    if len(batches) < 1:
-        raise ValueError("no calibration batches: the dataloader is empty or calibration_batches < 1.")
-    targets = select_layers(model, sparsity, exclude, nm)
-    global_alloc = _uses_global(allocation, sparsity, nm)
-    modules = dict(model.named_modules())
-    masks = masks if masks is not None else MaskSet()
-    device = _model_device(model)
-    layers = {
-        n: _Layer(
-            n,
-            modules[n],
-            t,
-            _resolve_method(method, modules[n]),
-            _channel_last_perm(modules[n]) if nm else None,
-            weight_matrix(modules[n]),
+    if not isinstance(options, PruneOptions):
+        raise TypeError(
+            f"options must be a PruneOptions, got {type(options).__name__}; build one with PruneOptions(sparsity=..., ...)."
         )
-        for n, t in targets.items()
-    }
-    estimates = {
-        n: layer_memory(
-            n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes, solver.refit is not False
+    return _PruneRun(model, list(batches), options, masks, rank or RankInfo(), progress).run()
+
+
+class _PruneRun:
+    """One prune, stage by stage; the state the stages share lives here instead of in long argument lists."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: List[Any],
+        options: PruneOptions,
+        masks: Optional[MaskSet],
+        rank: RankInfo,
+        progress: Optional[ProgressFn],
+    ) -> None:
+        self.model = model
+        self.options = options
+        self.solver: SolverOptions = options.solver
+        self.nm: Optional[NMPattern] = options.nm
+        self.rank = rank
+        self.masks = masks if masks is not None else MaskSet()
+        self.device = _model_device(model)
+        self.progress = _Progress(progress)
+        forward_fn = options.forward_fn or _default_forward
+        self.run_batch: Callable[[Any], Any] = lambda batch: forward_fn(model, _move(batch, self.device))
+        self.batches = [b for b in batches if not is_empty_batch(b)]
+        self.empty_batches = len(batches) - len(self.batches)
+        self.layers: Dict[str, _Layer] = {}
+        self.selection: Optional[Selection] = None
+        self.order: List[str] = []
+        self.hessians: Dict[str, Tensor] = {}
+        self.scales: Dict[str, float] = {}
+        self.positions: Dict[str, float] = {}
+        self.owners: Dict[str, int] = {}
+        self.solved: Dict[str, _Solved] = {}
+        self.t_cal = 0.0
+        self.t_solve = 0.0
+
+    # ------------------------------------------------------------------ stages
+
+    def run(self) -> PruneReport:
+        self.plan()
+        modules = {n: l.module for n, l in self.layers.items()}
+        snapshot = _param_state(modules)
+        bn_dense = batchnorm_state(self.model)
+        try:
+            with _eval_no_grad(self.model):
+                if self.options.sequential:
+                    self.order = self.execution_order()
+                    self.owners = {n: i % self.rank.world_size for i, n in enumerate(self.order)}
+                    self.allocate(self.dense_hessian, keep_traces=False)
+                else:
+                    self.calibrate(list(self.layers))
+                    self.owners = assign_layers({n: _solve_cost(self.layers[n]) for n in self.order}, self.rank.world_size)
+                    self.allocate(self.hessians.__getitem__, keep_traces=True)
+                self.solve()
+                self.commit()
+            bn_recalibrated = self.recalibrate_batchnorm()
+            return self.report(snapshot, bn_dense, bn_recalibrated)
+        except BaseException:
+            _load_params(modules, snapshot)
+            load_batchnorm_state(self.model, bn_dense)
+            raise
+
+    def plan(self) -> None:
+        """Select layers, resolve methods, check weights, memory and cost: all before any work."""
+        opts = self.options
+        if not self.batches:
+            raise ValueError(
+                "no calibration batches"
+                + (f": all {self.empty_batches} batches were empty" if self.empty_batches else "")
+                + "; give a dataloader with samples (and calibration_batches >= 1)."
+            )
+        if self.empty_batches:
+            warnings.warn(f"{self.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
+        self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm)
+        _check_finite_parameters(self.model)
+        modules = dict(self.model.named_modules())
+        for n, target in self.selection.targets.items():
+            m = modules[n]
+            prior = self.masks.get(n)
+            self.layers[n] = _Layer(
+                n,
+                m,
+                target,
+                _resolve_method(opts.method, m),
+                _channel_last_perm(m) if self.nm else None,
+                weight_matrix(m),
+                None if prior is None else to_rows(m, prior.to(m.weight.device)),
+            )
+        self.warn_cost()
+        estimates = {
+            n: layer_memory(
+                n, l.module, l.method, opts.calibration.hessian_dtype, self.solver.dtype,
+                self.solver.max_memory_bytes, self.solver.refit is not False,
+            )
+            for n, l in self.layers.items()
+        }
+        with fail_together(self.rank, self.device, "the memory check"):  # free memory differs between ranks
+            check_budget(estimates, opts.calibration.memory_budget_bytes, opts.sequential, self.device)
+        _broadcast_buffers(self.model, self.rank)
+
+    def warn_cost(self) -> None:
+        """An explicit ``exact`` that will take minutes says so, with the remedy, before starting."""
+        if self.options.method != "exact":
+            return
+        cost = sum(_solve_cost(l) for l in self.layers.values())
+        seconds = cost / EXACT_COST_PER_SECOND
+        if seconds > EXACT_WARN_SECONDS:
+            biggest = max(self.layers.values(), key=_solve_cost)
+            warnings.warn(
+                f"method='exact' will take about {seconds / 60:.0f} min on one CPU core ({len(self.layers)} layers; "
+                f"'{biggest.name}' {tuple(biggest.dense.shape)} alone about {_solve_cost(biggest) / EXACT_COST_PER_SECOND / 60:.0f} "
+                "min). method='auto' uses exact only where it takes seconds and SparseGPT ('fast') elsewhere; or "
+                "exclude the biggest layers.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def calibrate(self, names: Sequence[str]) -> Dict[str, Tensor]:
+        """Hessians (normalised, see :meth:`normalise`) and positions of ``names``; sets the call order."""
+        t0 = time.perf_counter()
+        self.progress.begin("calibrate", {str(i): 1.0 for i in range(len(self.batches))})
+        hessians, positions, order, missing = _calibrate(
+            self.model, self.batches, {n: self.layers[n].module for n in names}, self.options.calibration,
+            self.run_batch, self.rank, self.progress,
         )
-        for n, l in layers.items()
+        self.drop_uncalled(missing)
+        for n in names:
+            if n in self.layers:
+                self.hessians[n] = self.normalise(n, hessians[n])
+                self.positions[n] = positions[n]
+        if len(names) == len(self.layers) + len(missing):
+            self.order = [n for n in order if n in self.layers]
+        self.t_cal += time.perf_counter() - t0
+        return {n: self.hessians[n] for n in names if n in self.layers}
+
+    def normalise(self, name: str, hessian: Tensor) -> Tensor:
+        """H divided by its mean diagonal: the OBS solution does not change, and a float32 solve cannot overflow.
+
+        Inputs of magnitude 1e20 are finite in float32, but their squares are not; the layer
+        error is scaled back in :meth:`report`.
+        """
+        diag = torch.diagonal(hessian, dim1=-2, dim2=-1)
+        scale = float(diag.mean()) if hessian.numel() else 1.0
+        if not (scale > 0 and math.isfinite(scale)):
+            scale = 1.0
+        self.scales[name] = scale
+        return hessian / scale
+
+    def drop_uncalled(self, missing: Sequence[str]) -> None:
+        """Layers the forward never called: an error when named exactly, else left dense with a warning."""
+        if not missing:
+            return
+        named = [n for n in missing if n in self.selection.explicit]
+        if named or len(missing) == len(self.layers):
+            raise RuntimeError(
+                f"layers {list(missing)} were never called during calibration, so they have no Hessian; exclude "
+                "them or check forward_fn (the model must call these modules on the calibration batches)."
+            )
+        reasons = {n: "never called by the model's forward on the calibration batches" for n in missing}
+        warn_skipped(reasons)
+        self.selection.skipped.update(reasons)
+        for n in missing:
+            del self.layers[n]
+
+    def dense_hessian(self, name: str) -> Tensor:
+        """One layer's Hessian on the dense network (sequential mode computes allocation costs one at a time)."""
+        return self.calibrate([name])[name]
+
+    def execution_order(self) -> List[str]:
+        order: List[str] = []
+        modules = {n: l.module for n, l in self.layers.items()}
+        handles = [
+            m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+            for n, m in modules.items()
+        ]
+        try:
+            self.run_batch(self.batches[0])
+        finally:
+            for h in handles:
+                h.remove()
+        self.drop_uncalled([n for n in modules if n not in order])
+        return order
+
+    def allocate(self, hessian_of: Callable[[str], Tensor], keep_traces: bool) -> None:
+        config = self.options.global_allocation
+        if config is None:
+            return
+        t0 = time.perf_counter()
+        self.progress.begin("allocate", {n: _solve_cost(self.layers[n]) for n in self.order})
+        allocate_layers(
+            self.layers, self.order, float(self.options.sparsity), hessian_of, self.solver, _row_masks(self.layers),
+            self.owners, self.rank, self.device, keep_traces, config,
+        )
+        self.t_solve += time.perf_counter() - t0
+
+    def solve(self) -> None:
+        """Solve every layer (this rank's share); sequential mode writes each before calibrating the next."""
+        sequential = self.options.sequential
+        self.progress.begin("solve", {n: _solve_cost(self.layers[n]) for n in self.order})
+        with fail_together(self.rank, self.device, "solving the layers", active=not sequential):
+            for n in self.order:
+                layer = self.layers[n]
+                if sequential:
+                    self.calibrate([n])
+                t0 = time.perf_counter()
+                with fail_together(self.rank, self.device, f"solving layer '{n}'", active=sequential):
+                    if self.owners[n] == self.rank.rank:
+                        solved = _solve_one(layer, self.hessians[n], self.nm, self.solver)
+                    else:  # another rank solves it; _share fills it in
+                        solved = _Solved(torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0)
+                if sequential:
+                    solved = _share(solved, self.owners[n], self.rank, self.device)
+                    set_weight_matrix(layer.module, solved.matrix)
+                self.t_solve += time.perf_counter() - t0
+                self.solved[n] = solved
+                self.progress.step(n, n)
+
+    def commit(self) -> None:
+        """Write every layer's weights (only now, so a failed solve leaves no trace) and zero the pruned ones."""
+        t0 = time.perf_counter()
+        if not self.options.sequential:
+            for n in self.order:
+                self.solved[n] = _share(self.solved[n], self.owners[n], self.rank, self.device)
+            for n in self.order:
+                set_weight_matrix(self.layers[n].module, self.solved[n].matrix)
+        with torch.no_grad():
+            for n in self.order:
+                weight = self.layers[n].module.weight
+                weight.masked_fill_(~self.solved[n].mask.to(weight.device), 0.0)
+        self.t_solve += time.perf_counter() - t0
+
+    def recalibrate_batchnorm(self) -> bool:
+        if not self.options.recalibrate_bn:
+            return False
+        try:
+            done = recalibrate_batchnorm(self.model, self.batches, self.run_batch)
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(
+                f"BatchNorm re-estimation after pruning (recalibrate_bn=True) failed: {err}. A BatchNorm in training "
+                "mode needs more than one value per channel: use calibration batches of more than one sample, or "
+                "pass recalibrate_bn=False to keep the dense statistics."
+            ) from err
+        if done:
+            _all_reduce_batchnorm(self.model, self.rank)
+        return bool(done)
+
+    def report(self, snapshot: Mapping[str, Tuple[Tensor, Optional[Tensor]]], bn_dense: Mapping[str, Tensor], bn_recalibrated: bool) -> PruneReport:
+        """Measure the output errors and the bound, and report what the model now holds."""
+        self.progress.begin("measure", {"measure": 1.0})
+        reports: Dict[str, LayerReport] = {}
+        new_masks: Dict[str, Tensor] = {}
+        for n in self.order:
+            layer, solved = self.layers[n], self.solved[n]
+            weight = layer.module.weight.detach()
+            mask = solved.mask.to(weight.device)
+            if bool((weight[~mask] != 0).any()):  # the model must hold what the masks say
+                raise AssertionError(f"layer '{n}': pruned positions are not zero after the commit; please report this bug.")
+            error = solved.error * self.scales.get(n, 1.0)
+            reports[n] = LayerReport(
+                name=n,
+                kind=type(layer.module).__name__,
+                shape=tuple(weight.shape),
+                method=layer.method,
+                target_sparsity=layer.target,
+                sparsity=float((weight == 0).sum()) / max(weight.numel(), 1),
+                layer_error=error,
+                d_term=math.sqrt(max(0.0, 2.0 * error * self.positions[n])),
+                norm_frobenius=float("nan"),
+                norm_spectral=float("nan"),
+                damp=solved.damp,
+                positions=self.positions[n],
+                seconds=solved.seconds,
+            )
+            new_masks[n] = solved.mask
+            if solved.damp > self.solver.damp:
+                log.warning("layer %s needed relative damping %.3g (asked %.3g)", n, solved.damp, self.solver.damp)
+        with _eval_no_grad(self.model):
+            out_err, model_err, example = _measure(
+                self.model, self.batches, self.layers, self.order, {n: snapshot[n] for n in self.order}, bn_dense, reports,
+                self.run_batch, self.rank,
+            )
+            bound, bound_spec, note = _bound(
+                self.model, self.layers, self.order, reports, example, bn_recalibrated, self.options.sequential
+            )
+        self.progress.step("measure", "")
+        self.masks.update(new_masks)
+        total = sum(self.layers[n].module.weight.numel() for n in self.order)
+        zeros = sum(int((self.layers[n].module.weight == 0).sum()) for n in self.order)
+        counts = _parameter_counts(self.model)
+        return PruneReport(
+            layers=reports,
+            sparsity=zeros / max(total, 1),
+            bound=bound,
+            bound_spectral=bound_spec,
+            bound_note=note,
+            output_error=out_err,
+            model_output_error=model_err,
+            calibration_seconds=self.t_cal,
+            solve_seconds=self.t_solve,
+            masks=self.masks,
+            sequential=self.options.sequential,
+            allocation=self.options.allocation_name,
+            skipped=dict(self.selection.skipped),
+            empty_batches=self.empty_batches,
+            **counts,
+        )
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    return default_forward(model, batch)
+
+
+def _row_masks(layers: Mapping[str, _Layer]) -> MaskSet:
+    """Earlier steps' keep-masks in the solvers' ``(out, d_w)`` row layout."""
+    rows = MaskSet()
+    for n, layer in layers.items():
+        if layer.prior is not None:
+            rows.set(n, layer.prior)
+    return rows
+
+
+def _parameter_counts(model: nn.Module) -> Dict[str, Any]:
+    """Zeros over every weight of >= 2 dimensions, and nonzero/total parameters, each Parameter counted once."""
+    params = list(model.parameters())  # unique: tied parameters appear once
+    weights = [p for p in params if p.dim() >= 2]
+    total_w = sum(p.numel() for p in weights)
+    zeros_w = sum(int((p.detach() == 0).sum()) for p in weights)
+    return {
+        "model_sparsity": zeros_w / total_w if total_w else float("nan"),
+        "nonzero_parameters": sum(int((p.detach() != 0).sum()) for p in params),
+        "total_parameters": sum(p.numel() for p in params),
     }
-    with _fail_together(rank, device, "the memory check"):  # free memory differs between ranks
-        check_budget(estimates, calibration.memory_budget_bytes, sequential, device)
-    _broadcast_buffers(model, rank)
-
-    snapshot = _param_state({n: modules[n] for n in layers})
-    bn_dense = batchnorm_state(model)
-
-    def restore() -> None:
-        _load_params(modules, snapshot)
-        load_batchnorm_state(model, bn_dense)
-
-    reports: Dict[str, Dict[str, Any]] = {}
-    new_masks: Dict[str, Tensor] = {}
-    t_cal = t_solve = 0.0
-    order: List[str] = []
-    run = lambda batch: forward_fn(model, _move(batch, device))  # noqa: E731
-    try:
-        with _eval_no_grad(model):
-            hessians: Dict[str, Tensor] = {}
-            positions: Dict[str, float] = {}
-            if not sequential:
-                t0 = time.perf_counter()
-                hessians, positions, order = _calibrate(model, batches, {n: l.module for n, l in layers.items()}, calibration, run, rank)
-                t_cal += time.perf_counter() - t0
-                owners = assign_layers({n: _solve_cost(layers[n]) for n in order}, rank.world_size)
-                if global_alloc:
-                    t0 = time.perf_counter()
-                    allocate_layers(layers, order, float(sparsity), hessians.__getitem__, solver, masks, owners, rank, device, True)
-                    t_solve += time.perf_counter() - t0
-            else:
-                order = _execution_order(model, batches[0], {n: l.module for n, l in layers.items()}, run)
-                owners = {n: i % rank.world_size for i, n in enumerate(order)}
-                if global_alloc:
-                    # The costs come from the dense network, one layer's H at a time (sequential keeps
-                    # only one H in memory); the solves below then see the already pruned layers, so
-                    # the dense traces are not reused for them.
-                    def dense_hessian(n: str) -> Tensor:
-                        h, _, _ = _calibrate(model, batches, {n: layers[n].module}, calibration, run, rank)
-                        return h[n]
-
-                    t0 = time.perf_counter()
-                    allocate_layers(layers, order, float(sparsity), dense_hessian, solver, masks, owners, rank, device, False)
-                    t_cal += time.perf_counter() - t0
-            with _fail_together(rank, device, "solving the layers", active=not sequential):
-                for n in order:
-                    layer = layers[n]
-                    if sequential:
-                        t0 = time.perf_counter()
-                        h, s, _ = _calibrate(model, batches, {n: layer.module}, calibration, run, rank)
-                        hessians[n], positions[n] = h[n], s[n]
-                        t_cal += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    with _fail_together(rank, device, f"solving layer '{n}'", active=sequential):
-                        if owners[n] == rank.rank:
-                            rep, mask = _solve_one(layer, hessians[n], positions[n], nm, solver, masks.get(n))
-                            rep["seconds"] = time.perf_counter() - t0
-                        else:
-                            rep = _placeholder(layer, positions[n])
-                            mask = torch.ones_like(layer.module.weight, dtype=torch.bool)
-                    if sequential:
-                        rep, mask = _share(rep, mask, owners[n], rank, device)
-                        set_weight_matrix(layer.module, rep.pop("matrix"))
-                    t_solve += time.perf_counter() - t0
-                    reports[n] = rep
-                    new_masks[n] = mask
-            if not sequential:
-                t0 = time.perf_counter()
-                for n in order:
-                    reports[n], new_masks[n] = _share(reports[n], new_masks[n], owners[n], rank, device)
-                t_solve += time.perf_counter() - t0
-                # Weights are written only once every solve succeeded, so a failure leaves no trace.
-                for n in order:
-                    set_weight_matrix(layers[n].module, reports[n].pop("matrix"))
-            with torch.no_grad():
-                for n in order:
-                    layers[n].module.weight.masked_fill_(~new_masks[n].to(layers[n].module.weight.device), 0.0)
-        bn_recalibrated = bool(recalibrate_bn and recalibrate_batchnorm(model, batches, run))
-        if bn_recalibrated:
-            _all_reduce_batchnorm(model, rank)
-        # Measuring runs forward_fn again: a failure there must also leave the model (and masks) as they were.
-        layer_reports = _finish_reports(layers, reports, order)
-        out_err, model_err, example = _measure(model, batches, layers, order, snapshot, bn_dense, layer_reports, run, rank)
-        bound, bound_spec, note = _bound(model, layers, order, layer_reports, example, bn_recalibrated, sequential)
-    except BaseException:
-        restore()
-        raise
-
-    masks.update(new_masks)
-    total = sum(int(new_masks[n].numel()) for n in order)
-    pruned = sum(int((~new_masks[n]).sum()) for n in order)
-    return PruneReport(
-        layers=layer_reports,
-        sparsity=pruned / max(total, 1),
-        bound=bound,
-        bound_spectral=bound_spec,
-        bound_note=note,
-        output_error=out_err,
-        model_output_error=model_err,
-        calibration_seconds=t_cal,
-        solve_seconds=t_solve,
-        masks=masks,
-        sequential=sequential,
-        allocation="global" if global_alloc else ("per-layer" if isinstance(sparsity, Mapping) or callable(sparsity) else "uniform"),
-    )
 
 
 def _param_state(modules: Mapping[str, nn.Module]) -> Dict[str, Tuple[Tensor, Optional[Tensor]]]:
@@ -560,31 +702,13 @@ def _load_params(modules: Mapping[str, nn.Module], state: Mapping[str, Tuple[Ten
                 modules[n].bias.copy_(b)
 
 
-_SHARED_FLOATS = ("sparsity", "layer_error", "d_term", "damp", "seconds")
-
-
-def _placeholder(layer: "_Layer", positions: float) -> Dict[str, Any]:
-    """A report for a layer another rank solves; filled in by :func:`_share`."""
-    return {
-        "name": layer.name,
-        "kind": type(layer.module).__name__,
-        "shape": tuple(layer.module.weight.shape),
-        "method": layer.method,
-        "target_sparsity": layer.target,
-        "positions": positions,
-        "matrix": torch.zeros_like(layer.dense),
-        **{k: 0.0 for k in _SHARED_FLOATS},
-    }
-
-
-def _share(rep: Dict[str, Any], mask: Tensor, owner: int, rank: RankInfo, device: torch.device) -> Tuple[Dict[str, Any], Tensor]:
+def _share(solved: _Solved, owner: int, rank: RankInfo, device: torch.device) -> _Solved:
     """Broadcast one layer's solve from its owner rank (no-op in a single process)."""
     if not rank.active:
-        return rep, mask
-    matrix, mask = broadcast_tensors([rep["matrix"].to(device), mask.to(device)], owner, rank)
-    values = broadcast_floats([float(rep[k]) for k in _SHARED_FLOATS], owner, rank, device)
-    rep = dict(rep, matrix=matrix, **dict(zip(_SHARED_FLOATS, values)))
-    return rep, mask
+        return solved
+    matrix, mask = broadcast_tensors([solved.matrix.to(device), solved.mask.to(device)], owner, rank)
+    values = broadcast_floats([float(getattr(solved, k)) for k in _Solved._FLOATS], owner, rank, device)
+    return _Solved(matrix, mask, *values)
 
 
 def _broadcast_buffers(model: nn.Module, rank: RankInfo) -> None:
@@ -631,8 +755,13 @@ def _calibrate(
     options: CalibrationOptions,
     run: Callable[[Any], Any],
     rank: RankInfo,
-) -> Tuple[Dict[str, Tensor], Dict[str, float], List[str]]:
-    """Stream H for ``modules`` over ``batches`` (summed over ranks); also samples per layer and call order."""
+    progress: _Progress,
+) -> Tuple[Dict[str, Tensor], Dict[str, float], List[str], List[str]]:
+    """Stream H for ``modules`` over ``batches`` (summed over ranks).
+
+    Returns the Hessians and output positions per sample of the layers that were called, the
+    call order, and the layers never called (on any rank).
+    """
     samples = {n: 0 for n in modules}
     order: List[str] = []
     handles = []
@@ -640,7 +769,8 @@ def _calibrate(
     def make_hook(name: str):  # noqa: ANN202 - closure
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
-            samples[name] += x.shape[0] if x.dim() > (1 if isinstance(module, nn.Linear) else module.weight.dim() - 1) else 1
+            per_sample_dims = 1 if is_linear_like(module) else module.weight.dim() - 1
+            samples[name] += x.shape[0] if x.dim() > per_sample_dims else 1
             if name not in order:
                 order.append(name)
 
@@ -652,72 +782,50 @@ def _calibrate(
         max_chunk_elements=options.max_chunk_elements,
         position_stride=options.position_stride,
     )
-    with _fail_together(rank, _model_device(model), "calibration"):  # before the all-reduces below
+    with fail_together(rank, _model_device(model), "calibration"):  # before the all-reduces below
         try:
             for n, m in modules.items():
                 handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
             with collector:
-                for batch in batches:
+                for i, batch in enumerate(batches):
                     run(batch)
+                    progress.step(str(i), "")
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in modules if samples[n] == 0]
-        if missing:
-            raise RuntimeError(
-                f"layers {missing} were never called during calibration, so they have no Hessian; exclude them "
-                "or check forward_fn."
-            )
     if rank.active:
         collector.reduce(rank.group)
         counts = torch.tensor([float(samples[n]) for n in modules], dtype=torch.float64, device=_model_device(model))
         torch.distributed.all_reduce(counts, group=rank.group)
         samples = dict(zip(modules, counts.tolist()))
-    hessians = collector.hessians()
-    rows = {n: collector.accumulators[n].count for n in modules}
-    positions = {n: rows[n] / samples[n] for n in modules}
-    return hessians, positions, order
+    missing = [n for n in modules if samples[n] == 0]
+    called = [n for n in modules if samples[n] > 0]
+    hessians = {n: collector.accumulators[n].hessian() for n in called}
+    positions = {n: collector.accumulators[n].count / samples[n] for n in called}
+    return hessians, positions, order, missing
 
 
-def _execution_order(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module], run: Callable[[Any], Any]) -> List[str]:
-    order: List[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None) for n, m in modules.items()]
-    try:
-        run(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in modules if n not in order]
-    if missing:
-        raise RuntimeError(f"layers {missing} are never called by the model's forward; exclude them or check forward_fn.")
-    return order
-
-
-def _solve_one(
-    layer: _Layer,
-    hessian: Tensor,
-    positions: float,
-    nm: Optional[NMPattern],
-    solver: SolverOptions,
-    prior: Optional[Tensor],
-) -> Tuple[Dict[str, Any], Tensor]:
+def _solve_one(layer: _Layer, hessian: Tensor, nm: Optional[NMPattern], solver: SolverOptions) -> _Solved:
+    t0 = time.perf_counter()
     module = layer.module
-    W = weight_matrix(module)
+    W = layer.dense
+    if W.dtype not in (torch.float32, torch.float64):  # bf16/fp16 weights: solve in the solver's precision
+        W = W.to(solver.dtype)
     bias_col = has_bias(module)
     weight, bias = (W[:, :-1], W[:, -1]) if bias_col else (W, None)
     H = hessian.to(W.device)
-    prior2 = None if prior is None else prior.reshape(weight.shape[0], -1).to(W.device)
+    prior = layer.prior
     perm = layer.perm
     if perm is not None:
         perm = perm.to(W.device)
         full = torch.cat([perm, torch.tensor([weight.shape[1]], device=W.device)]) if bias_col else perm
         weight = weight[:, perm]
         H = H[:, full][:, :, full]
-        if prior2 is not None:
-            prior2 = prior2[:, perm]
+        if prior is not None:
+            prior = prior[:, perm]
     trace = layer.trace if perm is None else None  # traces are computed on the unpermuted columns
     res = solve_layer(
-        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, options=solver, prior_mask=prior2, trace=trace
+        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, options=solver, prior_mask=prior, trace=trace
     )
     layer.trace = None  # one use; frees the memory
     new_w, mask2 = res.weight, res.mask
@@ -725,33 +833,7 @@ def _solve_one(
         inv = torch.argsort(perm)
         new_w, mask2 = new_w[:, inv], mask2[:, inv]
     matrix = torch.cat([new_w, res.bias.unsqueeze(1)], dim=1) if bias_col else new_w
-    mask = mask2.reshape(module.weight.shape)
-    report = {
-        "name": layer.name,
-        "kind": type(module).__name__,
-        "shape": tuple(module.weight.shape),
-        "method": layer.method,
-        "target_sparsity": layer.target,
-        "sparsity": 1.0 - mask.float().mean().item(),
-        "layer_error": res.error,
-        "d_term": math.sqrt(max(0.0, 2.0 * res.error * positions)),
-        "damp": res.damp,
-        "positions": positions,
-        "matrix": matrix,
-    }
-    if res.damp > solver.damp:
-        log.warning("layer %s needed relative damping %.3g (asked %.3g)", layer.name, res.damp, solver.damp)
-    return report, mask
-
-
-def _finish_reports(layers: Mapping[str, _Layer], reports: Mapping[str, Any], order: Sequence[str]) -> Dict[str, LayerReport]:
-    """Reports without the weight norms: those are computed only where the bound applies (SVDs are costly)."""
-    out: Dict[str, LayerReport] = {}
-    for n in order:
-        rep = dict(reports[n])
-        rep.pop("matrix", None)
-        out[n] = LayerReport(norm_frobenius=float("nan"), norm_spectral=float("nan"), **rep)
-    return out
+    return _Solved(matrix, from_rows(module, mask2), res.error, res.damp, time.perf_counter() - t0)
 
 
 def _fill_norms(layers: Mapping[str, _Layer], order: Sequence[str], reports: Mapping[str, LayerReport], sequential: bool) -> None:

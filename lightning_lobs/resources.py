@@ -9,7 +9,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .hessian import has_bias, num_groups
+from .hessian import num_groups, output_rows, weight_columns
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,6 @@ class LayerMemory:
     name: str
     hessian_bytes: int
     solve_bytes: int
-
-
-def _columns(module: nn.Module) -> int:
-    w = module.weight
-    return int(w[0].numel()) + (1 if has_bias(module) else 0)
 
 
 def layer_memory(
@@ -40,8 +35,8 @@ def layer_memory(
     ``refit``: whether ``lobs``/``fast`` may refit the kept weights (``SolverOptions.refit`` not False).
     """
     g = num_groups(module)
-    d = _columns(module)
-    rows = module.weight.shape[0]
+    d = weight_columns(module)
+    rows = output_rows(module)
     hbytes = torch.empty((), dtype=hessian_dtype).element_size()
     sbytes = torch.empty((), dtype=solve_dtype).element_size()
     hessian = g * d * d * hbytes

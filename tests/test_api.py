@@ -215,7 +215,7 @@ def test_nm_linear(mlp_loader, method):
 def test_nm_conv_along_channels_and_skip_warning(cnn_loader, method):
     model = make_cnn()
     first = model[0].weight.detach().clone()
-    with pytest.warns(UserWarning, match=r"skipping layer '0'.*3 input channels"):
+    with pytest.warns(UserWarning, match=r"'0': its 3 input channels"):
         report = prune_model(model, cnn_loader, 0.5, method, pattern="2:4")
     assert set(report.layers) == {"3", "6"}
     assert torch.equal(model[0].weight, first)
@@ -434,8 +434,8 @@ def _check_untouched(model, before, before_modes):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(sparsity=1.0), r"sparsity must be a float in \[0, 1\)"),
-        (dict(sparsity=-0.1), r"sparsity must be a float in \[0, 1\)"),
+        (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+        (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
         (dict(sparsity={"nope*": 0.5}), r"pattern 'nope\*' matches no module"),
         (dict(sparsity={"0": 1.2}), r"sparsity\['0'\]"),
         (dict(sparsity=0.5, exclude=["missing"]), r"exclude pattern 'missing' matches no module"),
@@ -702,7 +702,7 @@ def test_global_allocation_ignored_for_mappings_and_patterns(mlp_loader):
 def test_bad_allocation_raises_before_any_change(mlp_loader):
     model = make_mlp()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="allocation must be one of"):
+    with pytest.raises(ValueError, match="allocation must be .global., .uniform. or a GlobalAllocation"):
         prune_model(model, mlp_loader, 0.5, allocation="layerwise")
     assert_same_state(model, before)
 

@@ -1,0 +1,219 @@
+"""Which layers a prune touches, and why the others are left alone.
+
+The rule: every pruned tensor is a real leaf weight that its layer uses as is. A layer is
+prunable when it is an ``nn.Linear``, an ``nn.Conv1d/2d/3d`` or a ``transformers`` ``Conv1D``
+whose ``weight`` is a plain ``nn.Parameter`` of that module alone: not computed by a
+parametrization or an old-style hook (``weight_norm``, ``spectral_norm``), not shared with
+another module (tied embeddings), and called as a module (not read directly by a fused
+kernel, as ``nn.MultiheadAttention`` does with its ``out_proj``). Everything else that holds a
+weight of two or more dimensions is *skipped*: a float sparsity leaves it dense and lists it in
+one warning, a mapping that names it explicitly is refused with the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .hessian import is_hf_conv1d, is_supported, weight_columns
+from .options import SparsitySpec, as_fraction, normalize_sparsity
+from .solvers import NMPattern
+
+
+@dataclass
+class Selection:
+    """The layers to prune with their target sparsities, and the weight-bearing modules left dense.
+
+    ``explicit`` holds the layers named exactly (no wildcard) in a mapping: a problem with one
+    of those later (never called, say) is an error, for the others a warning.
+    """
+
+    targets: Dict[str, float]
+    skipped: Dict[str, str] = field(default_factory=dict)
+    explicit: set = field(default_factory=set)
+
+
+_REFUSE = "zeros written to it would not hold"
+
+
+def _key(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _users(model: nn.Module) -> Dict[int, List[str]]:
+    """``id(parameter) -> ["module.param", ...]`` over every module that holds it directly."""
+    users: Dict[int, List[str]] = defaultdict(list)
+    for mname, module in model.named_modules(remove_duplicate=True):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                users[id(p)].append(_key(mname, pname))
+    return users
+
+
+def _has_weight_hook(module: nn.Module) -> Optional[str]:
+    """The name of an old-style hook (``weight_norm``/``spectral_norm``) that recomputes ``weight``, if any."""
+    for hook in list(module._forward_pre_hooks.values()):
+        if getattr(hook, "name", None) == "weight" and type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
+            return type(hook).__name__
+    return None
+
+
+def unprunable_reason(name: str, module: nn.Module, parent: Optional[nn.Module], users: Mapping[int, List[str]]) -> str:
+    """Why ``module`` cannot be pruned as is ("" when it can)."""
+    kind = type(module).__name__
+    if isinstance(parent, nn.MultiheadAttention) and module is getattr(parent, "out_proj", None):
+        return (
+            "nn.MultiheadAttention reads its out_proj weight inside a fused kernel, so no hook sees the layer's "
+            "input; exclude it (it is left dense)"
+        )
+    if not is_supported(module):
+        return f"{kind} layers are not supported (only nn.Linear, nn.Conv1d/2d/3d and transformers Conv1D)"
+    if parametrize.is_parametrized(module, "weight"):
+        names = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return (
+            f"its weight is computed by a parametrization ({names}), so {_REFUSE}; "
+            f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.{name}, 'weight')) or exclude "
+            "the layer"
+        )
+    hook = _has_weight_hook(module)
+    if hook is not None or not isinstance(module._parameters.get("weight"), nn.Parameter):
+        how = f"an old-style {hook} hook" if hook else "code outside the module"
+        fix = "torch.nn.utils.remove_weight_norm / remove_spectral_norm" if hook else "making it a plain Parameter"
+        return f"its weight is recomputed by {how} on every call, so {_REFUSE}; prune it after {fix}, or exclude the layer"
+    holders = users.get(id(module.weight), [])
+    others = [u for u in holders if u != _key(name, "weight")]
+    if others:
+        return (
+            f"its weight Parameter is shared with {', '.join(others)} (tied weights): one mask solved for this "
+            "layer's inputs would also change the other users; exclude it or untie the weights"
+        )
+    if weight_columns(module) < 1 or module.weight.numel() == 0:
+        return "its weight is empty"
+    return ""
+
+
+def _weight_bearing(module: nn.Module) -> bool:
+    """Holds a parameter of two or more dimensions directly (a weight matrix, a filter bank, an embedding)."""
+    return any(p is not None and p.dim() >= 2 for p in module._parameters.values())
+
+
+def select_layers(
+    model: nn.Module,
+    sparsity: SparsitySpec,
+    exclude: Sequence[str] = (),
+    pattern: Optional[NMPattern] = None,
+    warn: bool = True,
+) -> Selection:
+    """Resolve a sparsity spec to the layers to prune (see the module docstring for the rule).
+
+    ``sparsity`` is a float for every prunable layer, a mapping from fnmatch patterns on
+    qualified module names to floats (first matching pattern wins; unmatched layers are left
+    alone), or a callable ``(name, module) -> float | None``. ``exclude`` patterns remove
+    layers. Patterns that match nothing, and unprunable modules named exactly in a mapping, are
+    errors; unprunable modules that a float or a wildcard would have covered are skipped and
+    listed in one warning (``warn``). Layers with a 0 target are left out.
+    """
+    sparsity = normalize_sparsity(sparsity)
+    inner = {id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()}
+    named = [
+        (n, m)
+        for n, m in model.named_modules()
+        if (n or is_supported(m) or _weight_bearing(m))  # the model itself only when it is a layer
+        and not isinstance(m, parametrize.ParametrizationList)
+        and not (m._parameters and all(id(p) in inner for p in m._parameters.values() if p is not None))
+    ]
+    modules = dict(named)
+    users = _users(model)
+    parents = {n: modules.get(n.rpartition(".")[0]) for n in modules}
+    reasons = {n: unprunable_reason(n, m, parents[n], users) for n, m in named if is_supported(m) or _weight_bearing(m)}
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    for pat in exclude:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+    excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    chosen: Dict[str, float] = {}
+    covered: List[str] = []  # unprunable modules the spec would have covered
+    explicit: set = set()
+    if isinstance(sparsity, Mapping):
+        for pat, value in sparsity.items():
+            hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ValueError(f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+            literal = not any(ch in pat for ch in "*?[")
+            ok = [n for n in hits if n in reasons and not reasons[n]]
+            if not ok:
+                n = next((h for h in hits if h in reasons), hits[0])
+                why = reasons.get(n) or f"{type(modules[n]).__name__} holds no weight matrix"
+                raise ValueError(f"module '{n}' ({type(modules[n]).__name__}) cannot be pruned: {why}.")
+            if literal:
+                explicit.add(pat)
+            covered += [n for n in hits if reasons.get(n)]
+            for n in ok:
+                chosen.setdefault(n, value)
+    elif callable(sparsity):
+        for n, m in named:
+            if n in reasons and not reasons[n]:
+                value = sparsity(n, m)
+                if value is not None:
+                    chosen[n] = as_fraction(value, f"sparsity({n!r})")
+    else:
+        chosen = {n: sparsity for n in reasons if not reasons[n]}
+        covered = [n for n in reasons if reasons[n]]
+    skipped = {n: reasons[n] for n in covered if n not in excluded}
+    refused = {n: why for n, why in skipped.items() if _REFUSE in why}
+    if refused:  # zeros written to a computed weight would not hold: never leave that to a warning
+        raise ValueError(f"cannot prune as asked: {_format(refused)}.")
+    targets: Dict[str, float] = {}
+    for n, value in chosen.items():
+        if n in excluded or value == 0.0:
+            continue
+        if pattern is not None:
+            reason = _pattern_problem(modules[n], pattern)
+            if reason:
+                if n in explicit:
+                    raise ValueError(f"layer '{n}' cannot hold pattern '{pattern}': {reason}.")
+                skipped[n] = f"{reason}, so it cannot hold pattern '{pattern}'"
+                continue
+            value = pattern.sparsity
+        targets[n] = value
+    if warn:
+        warn_skipped(skipped)
+    if not targets:
+        raise ValueError(
+            "no layer selected for pruning: the model has no prunable nn.Linear/nn.Conv/Conv1D layer matching the "
+            "sparsity spec (or all were excluded)."
+            + (f" Left alone: {_format(skipped)}" if skipped else "")
+        )
+    return Selection(targets, skipped, explicit)
+
+
+def _format(skipped: Mapping[str, str]) -> str:
+    return "; ".join(f"'{n}': {why}" for n, why in skipped.items())
+
+
+def warn_skipped(skipped: Mapping[str, str], what: str = "not pruned (left dense)") -> None:
+    """One warning listing every skipped module and why (nothing when none)."""
+    if skipped:
+        warnings.warn(f"{len(skipped)} weight-bearing module(s) {what}: {_format(skipped)}.", UserWarning, stacklevel=3)
+
+
+def _example_names(named: Sequence[Tuple[str, nn.Module]]) -> str:
+    names = [n for n, m in named if is_supported(m)][:4] or [n for n, _ in named][:4]
+    return ", ".join(repr(n) for n in names) or "(none)"
+
+
+def _pattern_problem(module: nn.Module, pattern: NMPattern) -> str:
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        cols = weight_columns(module) - (module.bias is not None)
+    else:
+        cols = module.in_channels // module.groups
+    if cols % pattern.m:
+        return f"its {cols} input channels are not a multiple of {pattern.m}"
+    return ""
