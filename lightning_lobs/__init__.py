@@ -2,7 +2,8 @@
 
 from .api import prune_model
 from .callback import LOBSPruning
-from .masks import MaskSet, export_sparse, model_sparsity
+from .export import SparseFileInfo, export_sparse, load_sparse, save_sparse, to_sparse_inference
+from .masks import MaskSet, model_sparsity
 from .pruner import CalibrationOptions, LayerReport, PruneReport
 from .solvers import GreedyTrace, SolveResult, SolverOptions, greedy_trace, solve_layer
 
@@ -15,11 +16,15 @@ __all__ = [
     "PruneReport",
     "SolveResult",
     "SolverOptions",
+    "SparseFileInfo",
     "export_sparse",
     "greedy_trace",
+    "load_sparse",
     "model_sparsity",
     "prune_model",
+    "save_sparse",
     "solve_layer",
+    "to_sparse_inference",
 ]
 
 __version__ = "0.1.0"

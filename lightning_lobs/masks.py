@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["MaskSet", "export_sparse", "model_sparsity"]
+__all__ = ["MaskSet", "model_sparsity"]
 
 log = logging.getLogger(__name__)
 
@@ -349,39 +348,6 @@ class MaskSet:
         for name in names:
             masks.set(name, _resolve_weight(model, name).detach() != 0)
         return masks
-
-
-def export_sparse(model: nn.Module, masks: MaskSet, layout: str = "csr") -> dict[str, Tensor]:
-    """Export masked weights as torch sparse tensors for deployment.
-
-    Returns ``{"<module>.weight": sparse tensor}`` for every masked module only. Each
-    weight is viewed as 2-D ``(shape[0], rest)`` (e.g. ``out x in*kh*kw`` for Conv2d);
-    the sparsity structure is the mask (kept weights that happen to be 0 are stored
-    explicitly). ``layout`` is ``"csr"`` or ``"coo"`` (coalesced). Tensors are detached
-    and stay on the weight's device.
-    """
-    if layout not in ("csr", "coo"):
-        raise ValueError(f"layout must be 'csr' or 'coo', got {layout!r}")
-    out: dict[str, Tensor] = {}
-    for name, weight in masks._resolve_all(model).items():
-        w2d = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
-        m2d = masks.masks[name].to(weight.device).reshape(w2d.shape)
-        indices = m2d.nonzero().t()
-        coo = torch.sparse_coo_tensor(
-            indices,
-            w2d[m2d],
-            size=tuple(w2d.shape),
-            dtype=w2d.dtype,
-            device=w2d.device,
-            check_invariants=False,  # indices come from nonzero(): valid and sorted by construction
-        ).coalesce()
-        if layout == "csr":
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                out[f"{name}.weight"] = coo.to_sparse_csr()
-        else:
-            out[f"{name}.weight"] = coo
-    return out
 
 
 def model_sparsity(model: nn.Module, names: Iterable[str]) -> dict[str, float]:

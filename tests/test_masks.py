@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lobs.masks import MaskSet, export_sparse, model_sparsity
+from lightning_lobs.export import export_sparse
+from lightning_lobs.masks import MaskSet, model_sparsity
 
 MLP_NAMES = ("0", "2", "4")
 CONV_NAMES = ("0", "2", "5")
