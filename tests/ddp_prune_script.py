@@ -53,10 +53,10 @@ _orig_solve_one = _pruner._solve_one
 
 
 def _spy_calibrate(*args: Any, **kwargs: Any):
-    hessians, positions, order = _orig_calibrate(*args, **kwargs)
+    hessians, positions, order, missing = _orig_calibrate(*args, **kwargs)
     SPY["hessians"].update({n: h.detach().clone().cpu() for n, h in hessians.items()})
     SPY["positions"].update(positions)
-    return hessians, positions, order
+    return hessians, positions, order, missing
 
 
 def _spy_solve_one(layer: Any, *args: Any, **kwargs: Any):

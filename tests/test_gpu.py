@@ -1,7 +1,7 @@
 """CUDA: pruning on the GPU gives the CPU's result, and masks hold through optimizer steps there.
 
-Skipped without CUDA. The checks are written against a ``device`` argument so the same code
-can be exercised on CPU (``_check_*("cpu")``) when no GPU is at hand.
+Every check takes a ``device`` and runs on the CPU in every suite run (so the checks themselves
+are exercised and cannot rot); the CUDA parameters are skipped, with that reason, without a GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import nn
 
 from lightning_lobs import MaskSet, SolverOptions, prune_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
+DEVICES = ("cpu", pytest.param("cuda", marks=needs_cuda))
 
 METHODS = ("exact", "lobs", "fast", "auto")
 F64_SOLVE = SolverOptions(dtype=torch.float64)
@@ -137,24 +138,28 @@ def _check_masks_hold_through_steps(device, kind: str, optimizer: str) -> None:
         assert not torch.equal(w, before[n]), f"{n} did not train"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_cuda_prune_matches_cpu_float64(kind, method):
-    _check_matches_cpu("cuda", kind, method)
+def test_prune_matches_cpu_float64(device, kind, method):
+    _check_matches_cpu(device, kind, method)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ("exact", "fast"))
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_cuda_prune_float32_close_to_cpu(kind, method):
-    _check_float32_close_to_cpu("cuda", kind, method)
+def test_prune_float32_close_to_cpu(device, kind, method):
+    _check_float32_close_to_cpu(device, kind, method)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", ("adam", "sgd"))
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_cuda_masks_hold_through_optimizer_steps(kind, optimizer):
-    _check_masks_hold_through_steps("cuda", kind, optimizer)
+def test_masks_hold_through_optimizer_steps(device, kind, optimizer):
+    _check_masks_hold_through_steps(device, kind, optimizer)
 
 
+@needs_cuda
 def test_cuda_lobs_pruning_callback():
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
