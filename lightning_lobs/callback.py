@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 # The CLI (jsonargparse) reads these annotations: floats, per-layer mappings and lists of both
-# round-trip through YAML; a callable only from Python.
-SparsityArg = Union[float, Dict[str, float], Callable[[str, nn.Module], Optional[float]]]
+# round-trip through YAML (a callable inside the list's type made jsonargparse give up serializing
+# the whole list, "Unable to serialize instance"); callables are for Python, at the top level.
+SparsityValue = Union[float, Dict[str, float]]
+SparsityFn = Callable[[str, nn.Module], Optional[float]]
 
 
 def _as_epoch(value: Any, what: str) -> int:
@@ -152,7 +154,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     def __init__(
         self,
-        sparsity: Union[SparsityArg, List[SparsityArg]] = 0.9,
+        sparsity: Union[float, Dict[str, float], List[SparsityValue], SparsityFn] = 0.9,
         prune_epoch: Union[int, List[int]] = 0,
         method: Method = "auto",
         *,

@@ -7,7 +7,9 @@ original architecture (no ``weight_orig``, no ``parametrizations.*`` keys). Inst
 :class:`MaskSet` holds the masks outside the model and enforces them with hooks:
 
 1. a gradient hook on every masked weight zeroes the pruned entries of each incoming
-   gradient, so gradient clipping and optimizer statistics only see kept weights;
+   gradient, so gradient clipping and optimizer statistics only see kept weights (a weight
+   frozen at attach time, e.g. a backbone unfrozen later by ``BackboneFinetuning``, gets its
+   hook at its module's first forward after ``requires_grad`` turns on);
 2. a step post-hook on every optimizer re-applies the masks right after each step,
    which catches momentum / Adam state carried over from before pruning and
    decoupled weight decay;
@@ -83,6 +85,7 @@ class MaskSet:
     def __init__(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
+        self._unfreeze: dict[str, RemovableHandle] = {}  # forward pre-hooks waiting for a frozen weight to unfreeze
         self._model: nn.Module | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
 
@@ -196,12 +199,18 @@ class MaskSet:
             self.detach()
 
         handles: list[RemovableHandle] = []
+        unfreeze: dict[str, RemovableHandle] = {}
         try:
             for name, weight in weights.items():
                 if weight.requires_grad:
                     handles.append(weight.register_hook(self._make_grad_hook(name)))
                 else:
-                    log.debug("weight of %r does not require grad; no gradient hook registered", name)
+                    # Frozen now (e.g. a backbone that BackboneFinetuning unfreezes later): a tensor hook cannot be
+                    # registered yet, so a forward pre-hook registers it at the first forward after the unfreeze,
+                    # before that forward's backward, and then removes itself.
+                    handle = model.get_submodule(name).register_forward_pre_hook(self._make_unfreeze_hook(name))
+                    unfreeze[name] = handle
+                    handles.append(handle)
             for opt in opts:
                 handles.append(opt.register_step_post_hook(self._step_post_hook))
         except BaseException:
@@ -209,6 +218,7 @@ class MaskSet:
                 handle.remove()
             raise
         self._handles = handles
+        self._unfreeze = unfreeze
         self._model = model
         self._optimizers = opts
 
@@ -254,6 +264,20 @@ class MaskSet:
 
         return hook
 
+    def _make_unfreeze_hook(self, name: str):  # noqa: ANN202 - closure
+        def hook(module: nn.Module, args: Any) -> None:
+            weight = module.weight
+            if not (isinstance(weight, Tensor) and weight.requires_grad):
+                return
+            own = self._unfreeze.pop(name, None)
+            if own is None:  # pragma: no cover - removed by detach
+                return
+            self._handles.remove(own)
+            own.remove()  # safe inside the hook: Module.__call__ iterates over a copy of its hooks
+            self._handles.append(weight.register_hook(self._make_grad_hook(name)))
+
+        return hook
+
     def _step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         model = self._model
         if model is None:  # pragma: no cover - handles are removed on detach
@@ -272,6 +296,7 @@ class MaskSet:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._unfreeze = {}
         self._model = None
         self._optimizers = []
 
