@@ -160,7 +160,9 @@ class RecordingLOBS(LOBSPruning):
         SPY["solved"].clear()
         self.record["dense"] = _clone(pl_module.state_dict())
         if trainer.global_rank == self.fail_rank:  # this rank alone finds the memory budget too small
-            self.calibration = dataclasses.replace(self.calibration, memory_budget_bytes=1)
+            self.options = [
+                dataclasses.replace(o, calibration=dataclasses.replace(o.calibration, memory_budget_bytes=1)) for o in self.options
+            ]
         report = super().prune_now(trainer, pl_module, index)
         self.record.update(
             pruned=_clone(pl_module.state_dict()),

@@ -366,7 +366,7 @@ class _Tiny(nn.Module):
 
 
 def _stub_trainer(strategy) -> SimpleNamespace:
-    return SimpleNamespace(strategy=strategy, max_epochs=3, world_size=1)
+    return SimpleNamespace(strategy=strategy, max_epochs=3, max_steps=-1, world_size=1, callbacks=[])
 
 
 def test_fsdp_trainer_refused_or_not_constructible_on_cpu():
