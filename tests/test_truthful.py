@@ -344,3 +344,28 @@ def test_prune_options_is_the_one_option_list():
         PruneOptions(method="obs")
     with pytest.raises(ValueError, match="sequential must be True or False"):
         PruneOptions(sequential="yes")
+
+
+def test_prune_model_progress_reports_every_phase_with_eta():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    events = []
+    prune_model(model, _mlp_loader(), sparsity=0.5, progress=events.append)
+    phases = [e.phase for e in events]
+    assert phases[:4] == ["calibrate"] * 4  # one per batch
+    assert phases.count("solve") == 3
+    solves = [e for e in events if e.phase == "solve"]
+    assert [e.done for e in solves] == [1, 2, 3] and all(e.total == 3 for e in solves)
+    assert [e.layer for e in solves] == ["0", "2", "4"]
+    assert solves[-1].eta == pytest.approx(0.0, abs=1e-9) and all(e.eta is not None and e.eta >= 0 for e in solves)
+    assert all(b.elapsed >= a.elapsed for a, b in zip(events, events[1:]))
+    assert phases[-1] == "measure"
+    assert "L-OBS solve 3/3 4" in solves[-1].describe()
+
+
+def test_prune_model_progress_true_prints_lines(capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    prune_model(model, _mlp_loader(), sparsity=0.5, progress=True)
+    err = capsys.readouterr().err
+    assert "L-OBS solve 2/2" in err and "L-OBS measure 1/1" in err
