@@ -177,7 +177,7 @@ class IHTResult:
     weight: Tensor
     mask: Tensor
     history: List[float] = field(default_factory=list)
-    refitted: bool = False
+    refitted: bool = False  # whether the least-squares refit on the support was applied
 
 
 def layerwise_iht(
@@ -189,6 +189,7 @@ def layerwise_iht(
     group: Group = "layer",
     free_cols: int = 0,
     refit: bool = False,
+    refit_damp: float = 0.0,
     tol: float = 0.0,
 ) -> IHTResult:
     """Projected gradient (IHT) on L-OBS's layer objective under a k-sparsity constraint.
@@ -198,7 +199,10 @@ def layerwise_iht(
     ``V <- P_k(V - (V - W) H / L)`` with ``L = lambda_max(H)``. The objective is non-increasing, so the result
     is never worse than magnitude pruning ``P_k(W)``. Stops after ``iters`` steps, or when an iterate lowers
     the objective by at most ``tol`` times its value and keeps the support. With ``refit`` the kept weights
-    are then set to the least-squares optimum on the final support (which can only lower ``dE``).
+    are then set to the least-squares optimum on the final support (which can only lower ``dE``); ``refit_damp``
+    is :func:`refit_on_support`'s damping, needed when H is singular (inputs that are always 0, such as MNIST's
+    border pixels); a damped refit is optimal for the damped H only, so it is kept only if it lowers ``dE``
+    (``refitted`` says whether it was).
 
     Returns:
         :class:`IHTResult`; ``history[0]`` is magnitude pruning's objective, ``history[-1]`` the final one
@@ -226,10 +230,15 @@ def layerwise_iht(
         history.append(f_new)
         if converged:
             break
+    refitted = False
     if refit:
-        V = refit_on_support(W, H, mask)
-        history.append(layer_objective(W, V, H))
-    return IHTResult(weight=V, mask=mask, history=history, refitted=refit)
+        V_fit = refit_on_support(W, H, mask, damp=refit_damp)
+        f_fit = layer_objective(W, V_fit, H)
+        # A damped refit is optimal for the damped H only; keep it only where it helps the real objective.
+        if f_fit <= history[-1]:
+            V, refitted = V_fit, True
+        history.append(min(f_fit, history[-1]))
+    return IHTResult(weight=V, mask=mask, history=history, refitted=refitted)
 
 
 def iterative_schedule(target: float, rounds: int) -> List[float]:

@@ -157,3 +157,18 @@ def test_iterative_schedule():
     assert B.iterative_schedule(0.5, 1) == [0.5]
     with pytest.raises(ValueError):
         B.iterative_schedule(0.9, 0)
+
+
+def test_refit_with_damping_handles_a_dead_input():
+    W, H, _ = _problem(rows=4, d=6, seed=8)
+    H[2, :] = 0
+    H[:, 2] = 0  # an input that is always 0: H is singular
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 0] = False
+    with pytest.raises(RuntimeError):  # torch.linalg.LinAlgError: singular
+        B.refit_on_support(W, H, mask)
+    V = B.refit_on_support(W, H, mask, damp=0.01)
+    assert bool(torch.isfinite(V).all()) and bool((V[:, 0] == 0).all())
+    assert B.layer_objective(W, V, H) <= B.layer_objective(W, W * mask, H)  # better than not compensating
+    res = B.layerwise_iht(W, H, 0.5, iters=50, refit=True, refit_damp=0.01)
+    assert res.history[-1] <= res.history[-2] * (1 + 1e-9) + 1e-12
