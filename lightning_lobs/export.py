@@ -4,8 +4,9 @@
   ``state_dict`` (weights, biases, buffers, any dtype). Each tensor gets the smallest of three
   encodings, chosen by bytes: ``dense`` (raw), ``bitmask`` (one bit per entry + the kept values) or
   ``csr`` (int32 row pointers, int16 or int32 column indices + the kept values). Values keep the
-  tensor's own dtype and are copied as raw bits, so a load gives back every entry bit for bit
-  (``-0.0`` and NaN payloads included). The file is a small JSON header plus one raw payload
+  tensor's own dtype and are copied as raw bits, so a load gives back every entry bit for bit (NaN
+  payloads included), except that a zero loads as ``+0.0`` even where it was ``-0.0`` (equal under
+  ``torch.equal``; weights pruned by multiplication hold ``-0.0`` and must not count as kept). The file is a small JSON header plus one raw payload
   (no pickle: loading a file never runs code) with a CRC-32 of the payload.
 * :func:`to_sparse_inference` swaps pruned ``nn.Linear`` layers for ones that run on sparse
   kernels (CSR ``torch.sparse.mm``; on CUDA GPUs with 2:4 support,
@@ -223,6 +224,13 @@ def _decode(encoding: str, parts: Mapping[str, Tensor], dtype: torch.dtype, shap
     return out.view(dtype).reshape(shape) if dtype != int_dtype else out.reshape(shape)
 
 
+def _nonzero(flat: Tensor, ints: Tensor) -> Tensor:
+    """Entries that are not 0 by value. A weight pruned by multiplication holds -0.0 wherever the kept value
+    was negative: those are zeros (they load back as +0.0, equal under ``torch.equal``); storing them would
+    keep half the pruned weights. NaN is nonzero, so its payload is stored bit for bit."""
+    return flat != 0 if flat.is_floating_point() else ints != 0
+
+
 def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry]:
     state = model.state_dict()
     unknown = [name for name in masks if f"{name}.weight" not in state]
@@ -252,7 +260,7 @@ def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry
             if ints is None:
                 raise TypeError(f"cannot sparse-encode {key!r} of dtype {t.dtype}")
             structure = mask.detach().to("cpu").reshape(-1).bool()
-            stray = (ints != 0) & ~structure
+            stray = _nonzero(flat, ints) & ~structure
             if bool(stray.any()):
                 raise ValueError(
                     f"{key!r} has {int(stray.sum())} nonzero entries where its mask is False; apply the masks "
@@ -260,8 +268,7 @@ def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry
                 )
             entries.append(_Entry(key, t, structure, masked=True))
         else:
-            # Nonzero by bits, not by value: -0.0 is stored as a value, so it comes back as -0.0.
-            entries.append(_Entry(key, t, None if ints is None else ints != 0, masked=False))
+            entries.append(_Entry(key, t, None if ints is None else _nonzero(flat, ints), masked=False))
     return entries
 
 
@@ -323,7 +330,8 @@ def save_sparse(
     """Write ``model.state_dict()`` to ``path`` in the compressed sparse format; return sizes and CR.
 
     Every tensor (weights, biases, buffers) is stored with the smallest of the ``dense``, ``bitmask`` and
-    ``csr`` encodings, its nonzero entries found bitwise. ``masks`` (a :class:`MaskSet` or
+    ``csr`` encodings of its nonzero entries; loading gives back every bit, except that ``-0.0`` loads as
+    ``+0.0`` where a sparse encoding was chosen. ``masks`` (a :class:`MaskSet` or
     ``{module name: bool mask}``, e.g. ``LOBSPruning.masks``) makes a masked weight's structure its mask:
     kept weights that are 0 are stored too, and a masked weight is never stored without its mask. Its
     pruned entries must be zero (``ValueError`` otherwise). The file is written to a temporary name and

@@ -94,9 +94,13 @@ def random_masks(model: nn.Module, sparsity: float, seed: int = 0) -> MaskSet:
     return masks
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a tensor, so NaN payloads and -0.0 compare exactly."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+def bits(t: torch.Tensor, zero_sign: bool = True) -> torch.Tensor:
+    """The raw bytes of a tensor, so NaN payloads compare exactly; ``zero_sign=False`` maps -0.0 to +0.0
+    (the one difference a sparse encoding may make: zeros load as +0.0)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if not zero_sign and t.is_floating_point():
+        t = t.masked_fill(t == 0, 0.0)
+    return t.view(torch.uint8)
 
 
 def assert_state_equal(a: nn.Module, b: nn.Module) -> None:
@@ -104,8 +108,8 @@ def assert_state_equal(a: nn.Module, b: nn.Module) -> None:
     assert list(sa) == list(sb)
     for key in sa:
         assert sa[key].dtype == sb[key].dtype and sa[key].shape == sb[key].shape, key
-        assert torch.equal(bits(sa[key]), bits(sb[key])), f"{key} differs"
-        if not sa[key].is_complex() and not sa[key].is_floating_point() or not torch.isnan(sa[key]).any():
+        assert torch.equal(bits(sa[key], zero_sign=False), bits(sb[key], zero_sign=False)), f"{key} differs"
+        if sa[key].is_complex() or not (sa[key].is_floating_point() and torch.isnan(sa[key]).any()):
             assert torch.equal(sa[key], sb[key]), key
 
 
@@ -154,7 +158,7 @@ def test_round_trip_bit_exact(name, sparsity, with_masks, tmp_path):
     assert loaded.encodings == info.encodings
     plain = read_sparse(path)
     assert list(plain) == list(model.state_dict())
-    assert all(torch.equal(bits(plain[k]), bits(v)) for k, v in model.state_dict().items())
+    assert all(torch.equal(bits(plain[k], False), bits(v, False)) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -171,7 +175,8 @@ def test_round_trip_other_dtypes(dtype, tmp_path):
 
 
 def test_negative_zero_nan_payloads_and_wide_columns(tmp_path):
-    """Nonzero is decided bitwise: -0.0 and NaN payloads come back; column indices > 32767 survive int16."""
+    """NaN payloads and subnormals come back bit for bit; -0.0 is a zero (not stored, loads as +0.0);
+    column indices > 32767 survive int16."""
     model = nn.Module()
     wide = torch.zeros(3, 40_000)
     cols = torch.tensor([0, 1, 32_767, 32_768, 39_999])
@@ -195,8 +200,28 @@ def test_negative_zero_nan_payloads_and_wide_columns(tmp_path):
         other.register_buffer(key, torch.ones_like(getattr(model, key)))
     load_sparse(other, tmp_path / "x.lobs")
     for key in ("wide", "odd", "huge"):
-        assert torch.equal(bits(getattr(other, key)), bits(getattr(model, key))), key
-    assert torch.signbit(other.odd[3]) and torch.signbit(other.wide[1, 32_768])
+        assert torch.equal(bits(getattr(other, key), False), bits(getattr(model, key), False)), key
+    assert other.odd.view(torch.int32)[10] == 0x7FC0_1234 and other.odd.view(torch.int32)[11] == 1
+    assert other.odd[3] == 0 and other.wide[1, 32_768] == 0
+    assert entries["wide"]["parts"][-1]["nbytes"] == 4 * 4  # 4 values stored: -0.0 is not one of them
+
+
+def test_weights_pruned_by_multiplication(tmp_path):
+    """w * mask leaves -0.0 where w < 0: those are pruned, with or without masks, and the file stays small."""
+    torch.manual_seed(0)
+    model = lenet300()
+    masks = random_masks(model, 0.9)
+    with torch.no_grad():
+        for name in prunable(model):
+            w = model.get_submodule(name).weight
+            w.copy_(torch.randn_like(w) * masks[name])
+    assert any(torch.signbit(model[1].weight[~masks["1"]]))
+    for m in (None, masks):
+        info = save_sparse(model, tmp_path / "m.lobs", masks=m)
+        assert info.file_ratio <= 0.20 and info.kept_weights == sum(int(x.sum()) for x in masks.masks.values())
+        other = fresh_like(model)
+        load_sparse(other, tmp_path / "m.lobs")
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
 def test_load_onto_other_device_dtype_kept(tmp_path):
