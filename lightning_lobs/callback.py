@@ -12,7 +12,6 @@ trainer's own progress bar.
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 import numbers
 from dataclasses import replace
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from ._lightning import CALLBACK_BASES, callback_classes, rank_zero_warn
+from ._lightning import CALLBACK_BASES, callback_classes, namespace_of, rank_zero_warn
 from .allocation import GlobalAllocation
 from .api import take_batches
 from .distributed import RankInfo
@@ -43,7 +42,6 @@ from .solvers import SolverOptions
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
     from lightning.pytorch import LightningModule, Trainer
 
-log = logging.getLogger(__name__)
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
@@ -459,7 +457,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         metrics[f"{self._prefix}total_parameters"] = float(report.total_parameters)
         if math.isnan(report.bound) and not self._bound_note_logged and trainer.is_global_zero:
             self._bound_note_logged = True
-            log.info("L-OBS error bound not logged: %s", report.bound_note or "it does not apply to this model")
+            namespace_of(trainer).utilities.rank_zero_info(
+                f"L-OBS error bound not logged: {report.bound_note or 'it does not apply to this model'}"
+            )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 # straight to the loggers: pl_module.log from an epoch-start hook is only flushed at the epoch's end
@@ -470,8 +470,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             text = f"L-OBS pruning{'' if self._state_key is None else f' ({self._state_key})'} at epoch {trainer.current_epoch} (step {trainer.global_step}):\n{report.table()}"
             if bar is not None:
                 bar.print(text)
-            elif trainer.is_global_zero:
-                log.info(text)
+            else:
+                namespace_of(trainer).utilities.rank_zero_info(text)
 
     @property
     def last_report(self) -> Optional[PruneReport]:

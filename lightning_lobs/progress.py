@@ -8,7 +8,6 @@ seconds, except the last step of each phase, so a fast loop over small layers co
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from .options import ProgressFn, PruneProgress
 
 __all__ = ["Throttle", "console_progress", "trainer_progress"]
-
-log = logging.getLogger("lightning_lobs")
 
 
 class Throttle:
@@ -64,6 +61,10 @@ class _BarStatus:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.bar = getattr(trainer, "progress_bar_callback", None)
+        # Without a bar, lines go through the trainer's own rank-zero logger, which Lightning shows by default.
+        from ._lightning import namespace_of
+
+        self.info: Callable[[str], None] = namespace_of(trainer).utilities.rank_zero_info
         self._rich_description: Optional[str] = None
         self._tqdm = None
 
@@ -94,7 +95,7 @@ class _BarStatus:
             progress.update(task, description=f"{self._rich_description} {text}".strip())
             progress.refresh()
             return
-        log.info(text)
+        self.info(text)
 
     def clear(self) -> None:
         if self._tqdm is not None:
@@ -113,7 +114,7 @@ class _BarStatus:
         if self.bar is not None and callable(printer) and getattr(self.bar, "is_enabled", True):
             printer(text)
         else:
-            log.info(text)
+            self.info(text)
 
 
 def trainer_progress(trainer: Any, after: float = 2.0, interval: float = 0.5) -> "tuple[ProgressFn, _BarStatus]":

@@ -233,7 +233,7 @@ def test_nan_bound_not_logged_and_reason_logged_once(ns, tmp_path, caplog):
     model.net = Residual()
     cb = lobs(sparsity=[0.5, 0.6], prune_epoch=[0, 1])
     logger = ns.loggers.CSVLogger(str(tmp_path), name="m", version=0)
-    with caplog.at_level(logging.INFO, logger="lightning_lobs"):
+    with caplog.at_level(logging.INFO):
         make_trainer(ns, 2, [cb], tmp_path, logger=logger).fit(model)
     assert math.isnan(cb.last_report.bound)
     with open(tmp_path / "m" / "version_0" / "metrics.csv") as fh:
@@ -273,7 +273,7 @@ def test_progress_and_table_through_the_trainers_bar(ns, bar, capsys, caplog):
     spy = RichSpy()
     cb = lobs(sparsity=0.5, prune_epoch=1, log_table=True, progress_after=0.0)
     extra = {"tqdm": [ns.callbacks.TQDMProgressBar()], "rich": [spy, ns.callbacks.RichProgressBar()], "none": []}[bar]
-    with caplog.at_level(logging.INFO, logger="lightning_lobs"):
+    with caplog.at_level(logging.INFO):
         tr = make_trainer(ns, 2, extra[:-1] + [cb] + extra[-1:] if extra else [cb], enable_progress_bar=bar != "none")
         if bar != "none":
             orig = tr.progress_bar_callback.print
@@ -296,7 +296,7 @@ def test_progress_and_table_through_the_trainers_bar(ns, bar, capsys, caplog):
 
 def test_progress_waits_for_progress_after(ns, caplog):
     cb = lobs(sparsity=0.5, prune_epoch=0, progress_after=3600.0)
-    with caplog.at_level(logging.INFO, logger="lightning_lobs"):
+    with caplog.at_level(logging.INFO):
         make_trainer(ns, 1, [cb]).fit(small(ns))
     assert not any(r.getMessage().startswith("L-OBS ") and "|" in r.getMessage() for r in caplog.records)
 
