@@ -400,11 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-methods", type=_csv(str), default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_mnist.json"))
+    p.add_argument("--report", default=None, metavar="JSON", help="only print the tables of an earlier run's JSON")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print_tables(results)
+        return results
     if args.quick:
         args.nets, args.seeds = ["lenet300"], args.seeds[:1]
         args.epochs_lenet300 = args.epochs_lenet5 = 1
@@ -508,7 +513,10 @@ def print_tables(results: Dict[str, Any]) -> None:
     """Markdown tables of the runs and the sweep (test error in %)."""
     print(f"\ndata: {results['data_source']}")
     for d in results["dense"]:
-        print(f"dense {d['net']} seed {d['seed']}: {100 * d['dense_acc']:.2f}% ({d['recipe']}, {d['train_s']:.0f}s)")
+        print(f"dense {d['net']} seed {d['seed']}: {100 * d['dense_acc']:.2f}% ({d['recipe']}, {d['train_s']:.0f}s; "
+              f"per epoch {' '.join(f'{100 * a:.2f}' for a in d['epoch_test_acc'])})")
+    for r in results["runs"]:  # JSON turned the step keys into strings
+        r["acc_at"] = {int(k): v for k, v in r["acc_at"].items()}
     if results["runs"]:
         steps = sorted({int(k) for r in results["runs"] for k in r["acc_at"]})
         print("\n| net | seed | method | sparsity | error one-shot % | " + " | ".join(f"err @{s}" for s in steps)
@@ -516,8 +524,9 @@ def print_tables(results: Dict[str, Any]) -> None:
         print("|" + "---|" * (7 + len(steps)))
         for r in results["runs"]:
             errs = " | ".join(f"{100 * (1 - r['acc_at'][s]):.2f}" if s in r["acc_at"] else "" for s in steps)
+            pre = f" (incl. {r['pre_steps']} in earlier rounds)" if r["pre_steps"] else ""
             print(f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.4f} | {100 * (1 - r['oneshot_acc']):.2f} | {errs} | "
-                  f"{r['steps_within_0.1']} | {r['steps_within_0.5']} |")
+                  f"{r['steps_within_0.1']} | {r['steps_within_0.5']}{pre} |")
     if results["sweep"]:
         print("\n| net | seed | method | sparsity | one-shot error % |\n|---|---|---|---|---|")
         for r in results["sweep"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # baselines.py, paper_mnist.py
 
 import baselines as B  # noqa: E402
 
@@ -172,3 +172,28 @@ def test_refit_with_damping_handles_a_dead_input():
     assert B.layer_objective(W, V, H) <= B.layer_objective(W, W * mask, H)  # better than not compensating
     res = B.layerwise_iht(W, H, 0.5, iters=50, refit=True, refit_damp=0.01)
     assert res.history[-1] <= res.history[-2] * (1 + 1e-9) + 1e-12
+
+
+def test_paper_mnist_retraining_holds_masks_and_counts_steps():
+    pm = pytest.importorskip("paper_mnist")  # benchmarks/paper_mnist.py (imports lightning_lobs and examples/)
+    from mnist_data import MNISTSplits, lenet300_100
+
+    g = torch.Generator().manual_seed(0)
+    splits = MNISTSplits(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
+                         torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g), "random")
+    net = lenet300_100()
+    masks = {name: torch.rand(m.weight.shape, generator=g) > 0.9 for name, m in pm.prunable_layers(net)}
+    with torch.no_grad():
+        for name, m in pm.prunable_layers(net):
+            m.weight.mul_(masks[name])
+    before = {name: m.weight.detach().clone() for name, m in pm.prunable_layers(net)}
+    acc = pm.train_steps(net, masks, 5, pm.Batches(splits, 16, 0), 1e-2, splits, checkpoints=[2, 5, 9])
+    assert sorted(acc) == [2, 5] and all(0.0 <= a <= 1.0 for a in acc.values())
+    for name, m in pm.prunable_layers(net):
+        assert bool((m.weight[~masks[name]] == 0).all())  # pruned weights stayed exactly 0
+        assert not torch.equal(m.weight[masks[name]], before[name][masks[name]])  # kept ones trained
+    assert pm.weight_masks(net)["1"].sum() <= masks["1"].sum()
+    # steps to within delta of dense: one-shot counts as 0 retraining steps, earlier rounds are added
+    assert pm.steps_within(0.98, 0.975, {50: 0.97}, 0, 0.005) == 0
+    assert pm.steps_within(0.98, 0.90, {50: 0.97, 100: 0.9795}, 500, 0.001) == 600
+    assert pm.steps_within(0.98, 0.90, {50: 0.97}, 0, 0.001) is None
