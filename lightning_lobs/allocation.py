@@ -13,8 +13,9 @@ depends on its method and on :class:`GlobalAllocation`:
   running SparseGPT at a grid of sparsities on a sample of the layer's rows (one Cholesky
   factor and one batched column sweep for all levels, :func:`~lightning_lobs.solvers.error_curve`).
   The split is then the exact minimum of the summed curves over the grid (a dynamic programme
-  over the levels, see :func:`split_budget`), the excess over the budget handed back along
-  the steepest curve segments.
+  over the levels, see :func:`split_budget`); the excess over the budget is handed back along
+  the steepest curve segments and single exchanges between layers, linear between the measured
+  levels, lower the sum further where they can (:func:`_refine`).
 * ``costs="one-pass"``: the one-pass ``L_q = w_q^2 / (2 [H^-1]_qq)`` pooled as for ``exact``.
   Cheap, but each cost assumes every other weight stays, so a layer with many small,
   redundant weights looks nearly free and is over-pruned (BENCHMARKS.md, issue 13).
@@ -196,29 +197,58 @@ def split_budget(
     return chosen
 
 
-def _hand_back(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], excess: int) -> List[int]:
-    """Final per-layer removals: the chosen levels minus ``excess`` removals given back, each from
-    the layer whose current curve segment is steepest (the largest error saved per weight)."""
+def _refine(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], budget: int) -> List[int]:
+    """Final per-layer removals, exactly ``budget`` in all, starting from the grid split ``chosen``.
+
+    Each layer's error between its measured levels is taken as linear. First the excess over
+    the budget is handed back where the curve segment is steepest (the most error saved per
+    weight); then single exchanges move removals from the steepest segment below any layer's
+    point to the flattest segment above another's while that lowers the summed error. Every
+    step lowers the (interpolated) sum, so the result is never worse than the grid split.
+    """
     cur = [int(counts[l][k]) for l, k in enumerate(chosen)]
-    idx = list(chosen)
+    L = len(cur)
+
+    def seg_down(l: int) -> Optional[Tuple[float, int]]:  # (slope, lowest count) of the segment below cur[l]
+        c = counts[l]
+        k = max((i for i in range(len(c)) if c[i] < cur[l]), default=None)
+        if k is None:
+            return None
+        hi = min(i for i in range(len(c)) if c[i] >= cur[l])
+        return (errors[l][hi] - errors[l][k]) / (c[hi] - c[k]), c[k]
+
+    def seg_up(l: int) -> Optional[Tuple[float, int]]:  # (slope, highest count) of the segment above cur[l]
+        c = counts[l]
+        k = min((i for i in range(len(c)) if c[i] > cur[l]), default=None)
+        if k is None:
+            return None
+        lo = max(i for i in range(len(c)) if c[i] <= cur[l])
+        return (errors[l][k] - errors[l][lo]) / (c[k] - c[lo]), c[k]
+
+    excess = sum(cur) - budget
     while excess > 0:
-        best, best_slope = -1, -math.inf
-        for l in range(len(cur)):
-            k = idx[l]
-            if k == 0:
-                continue
-            width = counts[l][k] - counts[l][k - 1]
-            slope = (errors[l][k] - errors[l][k - 1]) / width if width > 0 else math.inf
-            if slope > best_slope:
-                best, best_slope = l, slope
-        if best < 0:
+        downs = [(seg_down(l), l) for l in range(L)]
+        cand = [(d[0], l, d[1]) for d, l in downs if d is not None]
+        if not cand:
             break
-        k = idx[best]
-        t = min(excess, cur[best] - counts[best][k - 1])
-        cur[best] -= t
+        _, l, low = max(cand, key=lambda t: (t[0], -t[1]))
+        t = min(excess, cur[l] - low)
+        cur[l] -= t
         excess -= t
-        if cur[best] == counts[best][k - 1]:
-            idx[best] = k - 1
+    for _ in range(4 * L * max(len(c) for c in counts)):
+        downs = [(d[0], l, d[1]) for l in range(L) for d in [seg_down(l)] if d is not None]
+        ups = [(u[0], l, u[1]) for l in range(L) for u in [seg_up(l)] if u is not None]
+        best = None
+        for sd, a, low in sorted(downs, key=lambda t: (-t[0], t[1]))[:2]:
+            for su, b, high in sorted(ups, key=lambda t: (t[0], t[1]))[:2]:
+                if a != b and sd > su * (1 + 1e-12) + 1e-300 and (best is None or sd - su > best[0]):
+                    best = (sd - su, a, low, b, high)
+        if best is None:
+            break
+        _, a, low, b, high = best
+        t = min(cur[a] - low, high - cur[b])
+        cur[a] -= t
+        cur[b] += t
     return cur
 
 
@@ -394,6 +424,6 @@ def allocate_layers(
     cnts = [levels[n] for n in order]
     errs = [errors[n] for n in order]
     chosen = split_budget(cnts, errs, budget)
-    final = _hand_back(cnts, errs, chosen, sum(c[k] for c, k in zip(cnts, chosen)) - budget)
+    final = _refine(cnts, errs, chosen, budget)
     for n, c in zip(order, final):
         layers[n].target = c / (layers[n].dense.shape[0] * layers[n].module.weight[0].numel())

@@ -914,8 +914,8 @@ def error_curve(
     """
     options = options or SolverOptions()
     levels = [float(v) for v in sparsities]
-    if not levels or any(not (0.0 <= v < 1.0) for v in levels):
-        raise ValueError(f"sparsities must be a non-empty sequence of floats in [0, 1), got {sparsities!r}.")
+    if not levels or any(not (0.0 <= v <= 1.0) for v in levels):
+        raise ValueError(f"sparsities must be a non-empty sequence of floats in [0, 1], got {sparsities!r}.")
     if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
         raise ValueError(f"sample_rows must be a positive int, got {sample_rows!r}.")
     x = _prepare(weight, hessian, 0.0, bias, None, prior_mask)

@@ -1,0 +1,218 @@
+"""Issue 13: the global allocation for `fast`/`lobs` layers, measured error curves vs one-pass costs.
+
+    python benchmarks/allocation.py --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_lenet300.json
+    python benchmarks/allocation.py --net resnet --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_resnet.json
+
+For every seed: train the net dense on the full MNIST training set (plain PyTorch loop, Adam
+lr 1e-3, batch 128, train set shuffled with the seed, ``--epochs`` epochs), then, from the SAME
+dense weights each time, prune one-shot to ``--sparsity`` with ``prune_model`` calibrated on the
+first ``--calibration`` training images (unshuffled, batches of 256), and measure test accuracy
+(10,000 images) with no retraining. Runs:
+
+* ``exact global``: ``method="exact"``, default ``allocation="global"`` (trace costs).
+* ``<m> global``: ``method=m`` (fast / lobs), default allocation: ``GlobalAllocation()`` (curve costs).
+* ``<m> one-pass``: ``allocation=GlobalAllocation(costs="one-pass")``: the pooled one-pass ``L_q``.
+* ``<m> exact split``: ``method=m`` with ``sparsity`` = the per-layer sparsities ``exact global`` chose
+  (a mapping, so the solver is the only difference).
+* ``<m> uniform``: every layer at ``--sparsity``.
+* ``global magnitude``: keep the ``(1 - s) N`` largest ``|w|`` over all Linear/Conv weights.
+
+Writes every raw number (accuracies, per-layer sparsities, prune seconds) to ``--out`` and a Markdown
+table (mean ± std over seeds) to ``<out stem>.md``. One process; set ``OMP_NUM_THREADS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+from lightning_lobs import GlobalAllocation, prune_model  # noqa: E402
+from mnist_data import lenet300_100, load_mnist  # noqa: E402
+
+
+def small_resnet() -> nn.Module:
+    """A small ResNet for 28x28 MNIST: stem conv 3x3 (1->16), three stages of two BasicBlocks
+    (16, 32, 64 channels; stride 2 at stages 2 and 3 with 1x1 projection shortcuts), global
+    average pool, Linear(64, 10). BatchNorm after every conv; 21 prunable layers, ~175k weights."""
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.short = None
+            if stride != 1 or cin != cout:
+                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return torch.relu(y + (x if self.short is None else self.short(x)))
+
+    layers: List[nn.Module] = [nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
+
+
+def prunable(model: nn.Module) -> Dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
+    return 100.0 * correct / len(y)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
+def global_magnitude(model: nn.Module, s: float) -> None:
+    mods = prunable(model)
+    allw = torch.cat([m.weight.detach().abs().reshape(-1) for m in mods.values()])
+    k = int(round(s * allw.numel()))
+    thr = torch.kthvalue(allw, k).values if k > 0 else -1.0
+    with torch.no_grad():
+        for m in mods.values():
+            m.weight.mul_(m.weight.abs() > thr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--net", choices=["lenet300", "resnet"], default="lenet300")
+    ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="default: 8 (lenet300), 1 (resnet)")
+    ap.add_argument("--sparsity", type=float, default=0.93)
+    ap.add_argument("--calibration", type=int, default=4096)
+    ap.add_argument("--methods", nargs="+", default=["fast", "lobs"])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "allocation_lenet300.json"))
+    args = ap.parse_args()
+    epochs = args.epochs if args.epochs is not None else (8 if args.net == "lenet300" else 1)
+    warnings.filterwarnings("ignore")
+    splits = load_mnist(data_dir=args.data_dir)
+    flat = args.net == "lenet300"
+    prep = (lambda t: t.reshape(t.shape[0], -1)) if flat else (lambda t: t)  # noqa: E731
+    xtr, ytr, xte, yte = prep(splits.train_x), splits.train_y, prep(splits.test_x), splits.test_y
+    calib = DataLoader(TensorDataset(xtr[: args.calibration], ytr[: args.calibration]), batch_size=256, shuffle=False)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    meta = {
+        "net": args.net, "epochs": epochs, "sparsity": args.sparsity, "calibration": args.calibration,
+        "data": splits.source, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "commit": commit, "cmd": " ".join(sys.argv),
+    }
+    results: Dict[str, Any] = {"meta": meta, "runs": []}
+    s = args.sparsity
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        dense = lenet300_100() if flat else small_resnet()
+        t0 = time.perf_counter()
+        train(dense, xtr, ytr, epochs, seed)
+        t_train = time.perf_counter() - t0
+        state = {k: v.clone() for k, v in dense.state_dict().items()}
+        base = test_accuracy(dense, xte, yte)
+        print(f"seed {seed}: dense {base:.2f}% ({t_train:.0f} s training)", flush=True)
+        results["runs"].append({"seed": seed, "run": "dense", "acc": base, "seconds": t_train})
+
+        def fresh() -> nn.Module:
+            m = lenet300_100() if flat else small_resnet()
+            m.load_state_dict(state)
+            return m
+
+        def record(name: str, model: nn.Module, seconds: float, report: Any = None) -> Dict[str, float]:
+            acc = test_accuracy(model, xte, yte)
+            per = {n: float((m.weight == 0).float().mean()) for n, m in prunable(model).items()}
+            total = sum(int((m.weight == 0).sum()) for m in prunable(model).values()) / sum(m.weight.numel() for m in prunable(model).values())
+            results["runs"].append({"seed": seed, "run": name, "acc": acc, "seconds": seconds, "layers": per, "sparsity": total})
+            show = ", ".join(f"{v:.3f}" for v in per.values()) if len(per) <= 6 else f"max layer {max(per.values()):.3f}"
+            print(f"  {name:<22} {acc:6.2f}%  sparsity {total:.4f}  [{show}]  {seconds:.1f} s", flush=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+            return per
+
+        def run(name: str, method: str, sparsity: Any, **kw: Any) -> Dict[str, float]:
+            m = fresh()
+            t = time.perf_counter()
+            rep = prune_model(m, calib, sparsity, method, **kw)
+            return record(name, m, time.perf_counter() - t, rep)
+
+        split = run("exact global", "exact", s)
+        for meth in args.methods:
+            run(f"{meth} global", meth, s)
+            run(f"{meth} one-pass", meth, s, allocation=GlobalAllocation(costs="one-pass"))
+            run(f"{meth} exact split", meth, split)
+            run(f"{meth} uniform", meth, s, allocation="uniform")
+        m = fresh()
+        t = time.perf_counter()
+        global_magnitude(m, s)
+        record("global magnitude", m, time.perf_counter() - t)
+    write_table(results, os.path.splitext(args.out)[0] + ".md")
+
+
+def write_table(results: Dict[str, Any], path: str) -> None:
+    runs = results["runs"]
+    names: List[str] = []
+    for r in runs:
+        if r["run"] not in names:
+            names.append(r["run"])
+    lines = [
+        f"{results['meta']['net']}, one-shot at {results['meta']['sparsity']}, seeds "
+        f"{sorted({r['seed'] for r in runs})}, test accuracy % (mean ± std) and mean per-layer sparsity",
+        "",
+        "| run | accuracy | per-layer sparsity (mean over seeds) | prune s |",
+        "|---|---|---|---|",
+    ]
+    for n in names:
+        rs = [r for r in runs if r["run"] == n]
+        accs = [r["acc"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        layers = ""
+        if rs[0].get("layers"):
+            keys = list(rs[0]["layers"])
+            means = [statistics.mean(r["layers"][k] for r in rs) for k in keys]
+            layers = ", ".join(f"{v:.3f}" for v in means) if len(keys) <= 6 else f"min {min(means):.3f}, max {max(means):.3f}"
+        secs = statistics.mean(r["seconds"] for r in rs)
+        lines.append(f"| {n} | {statistics.mean(accs):.2f} ± {sd:.2f} | {layers} | {secs:.1f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
