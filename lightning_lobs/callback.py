@@ -15,7 +15,7 @@ import importlib
 import math
 import numbers
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -52,8 +52,8 @@ SparsityValue = Union[float, Dict[str, float]]
 SparsityFn = Callable[[str, nn.Module], Optional[float]]
 
 
-def _as_epoch(value: Any, what: str) -> int:
-    """An epoch number: ints (numpy's too) and integral floats such as ``1.0``; anything else is refused."""
+def _as_epoch(value: Any, what: str, unit: str = "epoch") -> int:
+    """An epoch (or step) number: ints (numpy's too) and integral floats such as ``1.0``; anything else is refused."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if not isinstance(value, bool) and isinstance(value, numbers.Integral):
@@ -62,11 +62,11 @@ def _as_epoch(value: Any, what: str) -> int:
         out = int(value)
     else:
         raise ValueError(
-            f"{what} must be a whole epoch number >= 0 (or a list of them for iterative pruning), got {value!r} of type "
-            f"{type(value).__name__}; e.g. prune_epoch=5 or prune_epoch=[2, 4, 6]."
+            f"{what} must be a whole {unit} number >= 0 (or a list of them for iterative pruning), got {value!r} of type "
+            f"{type(value).__name__}; e.g. prune_{unit}=5 or prune_{unit}=[2, 4, 6]."
         )
     if out < 0:
-        raise ValueError(f"{what} must be an epoch number >= 0, got {out}; epochs count from 0.")
+        raise ValueError(f"{what} must be an {unit} number >= 0, got {out}; {unit}s count from 0.")
     return out
 
 
@@ -122,7 +122,10 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             qualified module names, or a callable ``(name, module) -> fraction | None``. With a
             list of ``prune_epoch``s, a list of such specs, one per epoch (iterative pruning;
             they must not decrease).
-        prune_epoch: epoch (or strictly increasing list of epochs) at whose start pruning happens.
+        prune_epoch: epoch (or strictly increasing list of epochs) at whose start pruning happens
+            (default 0 unless ``prune_step`` is given).
+        prune_step: instead of epochs, the global step(s) (optimizer steps) before which pruning
+            happens, e.g. ``prune_step=[1000, 2000]``; mid-epoch is fine.
         method: ``"auto"`` (``exact`` where it costs seconds, ``fast`` on very large layers),
             ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's rule) or ``"fast"`` (SparseGPT).
         pattern: N:M pattern such as ``"2:4"`` instead of unstructured sparsity.
@@ -153,7 +156,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     def __init__(
         self,
         sparsity: Union[float, Dict[str, float], List[SparsityValue], SparsityFn] = 0.9,
-        prune_epoch: Union[int, List[int]] = 0,
+        prune_epoch: Union[int, List[int], None] = None,
         method: Method = "auto",
         *,
         pattern: Optional[str] = None,
@@ -171,21 +174,26 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         reset_monitors: bool = True,
         progress_after: float = 2.0,
         save_sparse: Optional[str] = None,
+        prune_step: Union[int, List[int], None] = None,
     ) -> None:
-        listed = _as_list(prune_epoch)
-        epochs = [_as_epoch(prune_epoch, "prune_epoch")] if listed is None else [
-            _as_epoch(e, f"prune_epoch[{i}]") for i, e in enumerate(listed)
-        ]
+        if prune_epoch is not None and prune_step is not None:
+            raise ValueError(
+                f"give prune_epoch or prune_step, not both (got prune_epoch={prune_epoch!r}, prune_step={prune_step!r})."
+            )
+        unit, arg, value = ("step", "prune_step", prune_step) if prune_step is not None else ("epoch", "prune_epoch", prune_epoch)
+        value = 0 if value is None else value
+        listed = _as_list(value)
+        epochs = [_as_epoch(value, arg, unit)] if listed is None else [_as_epoch(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
         if not epochs:
-            raise ValueError("prune_epoch is an empty list; give at least one epoch, e.g. prune_epoch=5.")
+            raise ValueError(f"{arg} is an empty list; give at least one {unit}, e.g. {arg}=5.")
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
-            raise ValueError(f"prune_epoch must be strictly increasing, got {epochs}; e.g. prune_epoch=[2, 4, 6].")
+            raise ValueError(f"{arg} must be strictly increasing, got {epochs}; e.g. {arg}=[2, 4, 6].")
         spec_list = _as_list(sparsity)
         if spec_list is not None:
             if len(spec_list) != len(epochs):
                 raise ValueError(
-                    f"sparsity has {len(spec_list)} entries but prune_epoch has {len(epochs)}; give one sparsity per "
-                    "prune epoch, or a single sparsity."
+                    f"sparsity has {len(spec_list)} entries but {arg} has {len(epochs)}; give one sparsity per "
+                    f"prune {unit}, or a single sparsity."
                 )
             specs = [normalize_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(spec_list)]
         else:
@@ -211,7 +219,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             recalibrate_bn=recalibrate_bn,
         )
         self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
-        self.prune_epochs: List[int] = epochs
+        self.unit: Literal["epoch", "step"] = unit  # type: ignore[assignment]
+        self.prune_points: List[int] = epochs  # epochs or global steps, as ``unit`` says
         self.sparsities: List[SparsitySpec] = specs
         self.calibration_batches = int(calibration_batches)
         self.calibration_dataloader = calibration_dataloader
@@ -221,7 +230,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self.save_sparse = save_sparse
         self._state_key = state_key
         self.masks = MaskSet()
-        self.pruned_epochs: List[int] = []
+        self.pruned_points: List[int] = []
         self.reports: List[PruneReport] = []
         self._bound_note_logged = False
         self._bar: Any = None  # the progress bar handle of the running prune (prints the table through it)
@@ -239,6 +248,29 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     @property
     def forward_fn(self) -> Optional[ForwardFn]:
         return self.options[0].forward_fn
+
+    @property
+    def prune_epochs(self) -> List[int]:
+        """The epochs to prune at (empty with ``prune_step``)."""
+        return list(self.prune_points) if self.unit == "epoch" else []
+
+    @property
+    def pruned_epochs(self) -> List[int]:
+        """The epochs already pruned at (restored from a checkpoint too)."""
+        return list(self.pruned_points) if self.unit == "epoch" else []
+
+    @property
+    def prune_steps(self) -> List[int]:
+        """The global steps to prune before (empty with ``prune_epoch``)."""
+        return list(self.prune_points) if self.unit == "step" else []
+
+    @property
+    def pruned_steps(self) -> List[int]:
+        """The global steps already pruned before."""
+        return list(self.pruned_points) if self.unit == "step" else []
+
+    def _pending(self) -> List[int]:
+        return [p for p in self.prune_points if p not in self.pruned_points]
 
     @property
     def state_key(self) -> str:
@@ -260,11 +292,17 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 "ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
             )
         max_epochs = trainer.max_epochs
-        pending = [e for e in self.prune_epochs if e not in self.pruned_epochs]
-        if pending and max_epochs is not None and max_epochs >= 0 and pending[-1] >= max_epochs:
+        pending = self._pending()
+        if pending and self.unit == "epoch" and max_epochs is not None and max_epochs >= 0 and pending[-1] >= max_epochs:
             raise ValueError(
                 f"prune_epoch {pending[-1]} is beyond the last epoch of training (max_epochs={max_epochs}, "
                 f"epochs are 0..{max_epochs - 1}); lower prune_epoch or raise max_epochs."
+            )
+        max_steps = getattr(trainer, "max_steps", -1)
+        if pending and self.unit == "step" and max_steps is not None and max_steps >= 0 and pending[-1] >= max_steps:
+            raise ValueError(
+                f"prune_step {pending[-1]} is never reached: max_steps={max_steps} ends training after step "
+                f"{max_steps - 1}; lower prune_step or raise max_steps."
             )
         mine = set()
         for options in self.options:  # fail now, not epochs into training
@@ -291,10 +329,23 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     def _check_max_steps(self, trainer: "Trainer") -> None:
         max_steps = getattr(trainer, "max_steps", -1)
         batches = getattr(trainer, "num_training_batches", float("inf"))
-        if max_steps is None or max_steps < 0 or not math.isfinite(batches) or batches <= 0:
-            return  # unknown now: on_train_end warns if an epoch was never reached
+        if not math.isfinite(batches) or batches <= 0:
+            return  # unknown now: on_train_end warns if a prune point was never reached
         per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))  # the last partial window steps too
-        unreachable = [e for e in self.prune_epochs if e not in self.pruned_epochs and e * per_epoch >= max_steps]
+        if self.unit == "step":
+            max_epochs = trainer.max_epochs
+            if max_epochs is None or max_epochs < 0 or max_steps not in (None, -1):
+                return  # max_steps was checked in setup
+            late = [s for s in self._pending() if s >= max_epochs * per_epoch]
+            if late:
+                raise ValueError(
+                    f"prune_step {late[0]} is never reached: max_epochs={max_epochs} with {per_epoch} steps per epoch "
+                    f"ends training after {max_epochs * per_epoch} steps. Lower prune_step or raise max_epochs."
+                )
+            return
+        if max_steps is None or max_steps < 0:
+            return
+        unreachable = [e for e in self._pending() if e * per_epoch >= max_steps]
         if unreachable:
             raise ValueError(
                 f"prune_epoch {unreachable[0]} is never reached: max_steps={max_steps} ends training after "
@@ -304,8 +355,19 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     def on_train_epoch_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         epoch = trainer.current_epoch
-        if epoch in self.prune_epochs and epoch not in self.pruned_epochs:
-            report = self.prune_now(trainer, pl_module, self.prune_epochs.index(epoch))
+        if self.unit == "epoch" and epoch in self.prune_points and epoch not in self.pruned_points:
+            report = self.prune_now(trainer, pl_module, self.prune_points.index(epoch))
+            self.log_report(trainer, pl_module, report)
+
+    def on_train_batch_start(self, trainer: "Trainer", pl_module: "LightningModule", batch: Any, batch_idx: int) -> None:
+        """With ``prune_step``: prune before the first batch of the step (the last point reached, if several)."""
+        if self.unit != "step":
+            return
+        due = [p for p in self._pending() if p <= trainer.global_step]
+        if due:
+            for p in due[:-1]:  # passed over (e.g. a resume with a changed schedule): the latest step subsumes them
+                self.pruned_points.append(p)
+            report = self.prune_now(trainer, pl_module, self.prune_points.index(due[-1]))
             self.log_report(trainer, pl_module, report)
 
     def on_train_epoch_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
@@ -325,13 +387,14 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     def on_train_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         """Warn when training ended before a prune epoch; write the sparse export if asked."""
-        pending = [e for e in self.prune_epochs if e not in self.pruned_epochs]
+        pending = self._pending()
         if pending:
-            state = "never pruned (dense)" if not self.pruned_epochs else f"pruned only at epochs {self.pruned_epochs}"
+            unit = self.unit
+            state = "never pruned (dense)" if not self.pruned_points else f"pruned only at {unit}s {self.pruned_points}"
             rank_zero_warn(
                 f"LOBSPruning{'' if self._state_key is None else f' ({self._state_key})'}: training ended at epoch "
                 f"{trainer.current_epoch} (global step {trainer.global_step}; {self._stop_reason(trainer)}) before prune "
-                f"epochs {pending}, so the model was {state}. Lower prune_epoch, or let training reach it (max_steps, "
+                f"{unit}s {pending}, so the model was {state}. Lower prune_{unit}, or let training reach it (max_steps, "
                 "max_time, EarlyStopping patience or min_epochs)."
             )
         if self.save_sparse and trainer.is_global_zero:
@@ -406,7 +469,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return forward
 
     def prune_now(self, trainer: "Trainer", pl_module: "LightningModule", index: int) -> PruneReport:
-        """Calibrate and prune for entry ``index`` of ``prune_epoch``; then hold the masks."""
+        """Calibrate and prune for entry ``index`` of ``prune_epoch`` (or ``prune_step``); then hold the masks."""
         batches = self.calibration_batches_for(trainer)
         options = replace(self.options[index], forward_fn=self.training_forward(trainer, pl_module))
         progress, self._bar = trainer_progress(trainer, after=self.progress_after)
@@ -422,7 +485,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         finally:
             self._bar.clear()
         self.masks.attach(pl_module, trainer.optimizers)
-        self.pruned_epochs.append(self.prune_epochs[index])
+        self.pruned_points.append(self.prune_points[index])
         self.reports.append(report)
         if self.reset_monitors:
             self._reset_monitors(trainer)
@@ -480,36 +543,41 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     # ------------------------------------------------------------------ state
 
     def _schedule(self) -> List[Dict[str, Any]]:
-        return [{"epoch": e, "sparsity": _describe_spec(s)} for e, s in zip(self.prune_epochs, self.sparsities)]
+        return [{self.unit: p, "sparsity": _describe_spec(s)} for p, s in zip(self.prune_points, self.sparsities)]
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": self.masks.state_dict(), "pruned_epochs": list(self.pruned_epochs), "schedule": self._schedule()}
+        return {"masks": self.masks.state_dict(), f"pruned_{self.unit}s": list(self.pruned_points), "schedule": self._schedule()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         saved = state_dict.get("schedule")
-        pruned = [int(e) for e in state_dict.get("pruned_epochs", [])]
+        done = {u: [int(p) for p in state_dict.get(f"pruned_{u}s", [])] for u in ("epoch", "step")}
         if saved is not None:
-            self._check_schedule(list(saved), pruned)
+            self._check_schedule(list(saved), done)
         self.masks.load_state_dict(state_dict.get("masks", {}))
-        self.pruned_epochs = pruned
+        self.pruned_points = done[self.unit]
 
-    def _check_schedule(self, saved: List[Dict[str, Any]], pruned: List[int]) -> None:
+    def _check_schedule(self, saved: List[Dict[str, Any]], done: Dict[str, List[int]]) -> None:
         """Steps already run must be in this schedule unchanged; later steps may change (with a warning)."""
-        now = {d["epoch"]: d["sparsity"] for d in self._schedule()}
-        before = {int(d["epoch"]): d["sparsity"] for d in saved}
-        done_changed = [e for e in pruned if now.get(e, None) != before.get(e, None)]
-        if done_changed:
+
+        def key(entry: Mapping[str, Any]) -> tuple:
+            unit = "epoch" if "epoch" in entry else "step"
+            return unit, int(entry[unit])
+
+        now = {key(d): d["sparsity"] for d in self._schedule()}
+        before = {key(d): d["sparsity"] for d in saved}
+        ran = [(u, p) for u in ("epoch", "step") for p in done[u]]
+        fmt = lambda sched: ", ".join(f"{u} {p}: {v}" for (u, p), v in sched.items()) or "none"  # noqa: E731
+        if any(now.get(k) != before.get(k) for k in ran):
             raise ValueError(
-                f"resuming with a different prune schedule: the checkpoint was pruned at epochs {pruned} with "
-                f"{[before.get(e) for e in pruned]}, but this LOBSPruning prunes at {self.prune_epochs} with "
-                f"{[now[e] for e in self.prune_epochs]}. Resume with the schedule it was trained with "
-                f"(prune_epoch={[d['epoch'] for d in saved]}, sparsity={[d['sparsity'] for d in saved]}), "
-                "or start a new fit without ckpt_path."
+                f"resuming with a different prune schedule: the checkpoint was pruned at "
+                f"{', '.join(f'{u} {p}' for u, p in ran)} with {[before.get(k) for k in ran]}, but this LOBSPruning prunes "
+                f"at {fmt(now)}. Resume with the schedule it was trained with ({fmt(before)}), or start a new fit "
+                "without ckpt_path."
             )
-        later_before = {e: s for e, s in before.items() if e not in pruned}
-        later_now = {e: s for e, s in now.items() if e not in pruned}
+        later_before = {k: v for k, v in before.items() if k not in ran}
+        later_now = {k: v for k, v in now.items() if k not in ran}
         if later_before != later_now:
             rank_zero_warn(
-                f"LOBSPruning: the prune steps not yet run changed since the checkpoint ({later_before} -> {later_now}); "
-                "the new ones apply."
+                f"LOBSPruning: the prune steps not yet run changed since the checkpoint ({fmt(later_before)} -> "
+                f"{fmt(later_now)}); the new ones apply."
             )

@@ -149,6 +149,34 @@ def test_no_reset_keeps_the_dense_best(ns, tmp_path):
     assert ckpt.best_model_path.endswith("epoch=0.ckpt"), ckpt.best_model_path
 
 
+def test_prune_step_prunes_mid_epoch_at_that_step(ns, tmp_path):
+    model = small(ns)
+    cb = lobs(sparsity=0.6, prune_step=3)
+    logger = ns.loggers.CSVLogger(str(tmp_path), name="m", version=0)
+    seen = []
+
+    class StepWatch(BothCallback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, len(cb.masks) > 0))
+
+    make_trainer(ns, 3, [cb, StepWatch()], tmp_path, logger=logger).fit(model)
+    assert cb.pruned_steps == [3] and cb.pruned_epochs == [] and cb.prune_epochs == []
+    assert seen == [(0, False), (1, False), (2, False), (3, True), (4, True), (5, True)]  # step 3 is mid-epoch 1
+    assert_masks_hold(cb, model)
+    with open(tmp_path / "m" / "version_0" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("lobs/net.0/layer_error")]
+    assert [int(r["step"]) for r in rows] == [3]
+
+
+def test_unreachable_prune_step_is_an_error_before_training(ns):
+    with pytest.raises(ValueError, match=r"prune_step 8 is never reached: max_steps=8"):
+        make_trainer(ns, 9, [lobs(prune_step=8)], max_steps=8).fit(small(ns))
+    with pytest.raises(ValueError, match=r"prune_step 6 is never reached: max_epochs=3 with 2 steps per epoch"):
+        make_trainer(ns, 3, [lobs(prune_step=6)]).fit(small(ns))
+    with pytest.raises(ValueError, match="prune_epoch or prune_step, not both"):
+        lobs(prune_epoch=1, prune_step=6)
+
+
 # --------------------------------------------------------------------------- several instances, state
 
 
@@ -184,7 +212,7 @@ def test_resume_with_a_different_schedule_is_detected(ns, tmp_path):
     model = small(ns)
     ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
     make_trainer(ns, 2, [lobs(sparsity=0.5, prune_epoch=0), ckpt], tmp_path, enable_checkpointing=True).fit(model)
-    with pytest.raises(ValueError, match=r"different prune schedule.*pruned at epochs \[0\] with \[0.5\].*prune_epoch=\[0\], sparsity=\[0.5\]"):
+    with pytest.raises(ValueError, match=r"different prune schedule.*pruned at epoch 0 with \[0.5\].*prunes at epoch 0: 0.8.*trained with \(epoch 0: 0.5\)"):
         make_trainer(ns, 3, [lobs(sparsity=0.8, prune_epoch=0)]).fit(small(ns), ckpt_path=str(tmp_path / "last.ckpt"))
     with pytest.raises(ValueError, match=r"state_key is \"LOBSPruning\{'state_key': 'other'\}\"|state_key is 'LOBSPruning\{'state_key': 'other'\}'"):
         make_trainer(ns, 3, [lobs(sparsity=0.5, prune_epoch=0, state_key="other")]).fit(small(ns), ckpt_path=str(tmp_path / "last.ckpt"))
