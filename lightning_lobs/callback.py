@@ -52,7 +52,7 @@ SparsityValue = Union[float, Dict[str, float]]
 SparsityFn = Callable[[str, nn.Module], Optional[float]]
 
 
-def _as_epoch(value: Any, what: str, unit: str = "epoch") -> int:
+def _as_point(value: Any, what: str, unit: str = "epoch") -> int:
     """An epoch (or step) number: ints (numpy's too) and integral floats such as ``1.0``; anything else is refused."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -66,7 +66,7 @@ def _as_epoch(value: Any, what: str, unit: str = "epoch") -> int:
             f"{type(value).__name__}; e.g. prune_{unit}=5 or prune_{unit}=[2, 4, 6]."
         )
     if out < 0:
-        raise ValueError(f"{what} must be an {unit} number >= 0, got {out}; {unit}s count from 0.")
+        raise ValueError(f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0.")
     return out
 
 
@@ -183,26 +183,29 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         unit, arg, value = ("step", "prune_step", prune_step) if prune_step is not None else ("epoch", "prune_epoch", prune_epoch)
         value = 0 if value is None else value
         listed = _as_list(value)
-        epochs = [_as_epoch(value, arg, unit)] if listed is None else [_as_epoch(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
-        if not epochs:
+        points = [_as_point(value, arg, unit)] if listed is None else [_as_point(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
+        if not points:
             raise ValueError(f"{arg} is an empty list; give at least one {unit}, e.g. {arg}=5.")
-        if any(b <= a for a, b in zip(epochs, epochs[1:])):
-            raise ValueError(f"{arg} must be strictly increasing, got {epochs}; e.g. {arg}=[2, 4, 6].")
+        if any(b <= a for a, b in zip(points, points[1:])):
+            raise ValueError(f"{arg} must be strictly increasing, got {points}; e.g. {arg}=[2, 4, 6].")
         spec_list = _as_list(sparsity)
         if spec_list is not None:
-            if len(spec_list) != len(epochs):
+            if len(spec_list) != len(points):
                 raise ValueError(
-                    f"sparsity has {len(spec_list)} entries but {arg} has {len(epochs)}; give one sparsity per "
+                    f"sparsity has {len(spec_list)} entries but {arg} has {len(points)}; give one sparsity per "
                     f"prune {unit}, or a single sparsity."
                 )
             specs = [normalize_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(spec_list)]
         else:
-            specs = [normalize_sparsity(sparsity)] * len(epochs)
+            specs = [normalize_sparsity(sparsity)] * len(points)
         _check_not_decreasing(specs)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
         if state_key is not None and (not isinstance(state_key, str) or not state_key):
             raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {state_key!r}.")
+        for name, flag in (("log_table", log_table), ("reset_monitors", reset_monitors)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}.")
         if isinstance(progress_after, bool) or not isinstance(progress_after, numbers.Real) or not progress_after >= 0:
             raise ValueError(f"progress_after must be a number of seconds >= 0, got {progress_after!r}.")
         # PruneOptions is the one place that validates the pruning options; one instance per prune step.
@@ -220,7 +223,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         )
         self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
         self.unit: Literal["epoch", "step"] = unit  # type: ignore[assignment]
-        self.prune_points: List[int] = epochs  # epochs or global steps, as ``unit`` says
+        self.prune_points: List[int] = points  # epochs or global steps, as ``unit`` says
         self.sparsities: List[SparsitySpec] = specs
         self.calibration_batches = int(calibration_batches)
         self.calibration_dataloader = calibration_dataloader

@@ -337,6 +337,8 @@ def test_iterative_pruning(ns):
         (dict(solver={"damp_x": 0.1}), ValueError, r"solver has unknown keys \['damp_x'\]"),
         (dict(state_key=""), ValueError, r"state_key must be a non-empty str"),
         (dict(progress_after=-1), ValueError, r"progress_after must be a number of seconds >= 0"),
+        (dict(reset_monitors="no"), ValueError, r"reset_monitors must be True or False, got 'no'"),
+        (dict(prune_step=-2), ValueError, r"prune_step must be a step number >= 0, got -2"),
     ],
 )
 def test_construction_errors(kwargs, exc, match):
