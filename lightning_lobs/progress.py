@@ -90,8 +90,9 @@ class _BarStatus:
         rich = self._rich()
         if rich is not None:
             progress, task = rich
-            if self._rich_description is None:
-                self._rich_description = progress.tasks[task].description if task < len(progress.tasks) else ""
+            if self._rich_description is None:  # task ids are not list indices once Lightning removed a task
+                current = next((t for t in progress.tasks if t.id == task), None)
+                self._rich_description = current.description if current is not None else ""
             progress.update(task, description=f"{self._rich_description} {text}".strip())
             progress.refresh()
             return
