@@ -337,13 +337,14 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))  # the last partial window steps too
         if self.unit == "step":
             max_epochs = trainer.max_epochs
-            if max_epochs is None or max_epochs < 0 or max_steps not in (None, -1):
-                return  # max_steps was checked in setup
-            late = [s for s in self._pending() if s >= max_epochs * per_epoch]
-            if late:
+            if max_epochs is None or max_epochs < 0:
+                return  # max_steps alone was checked in setup
+            limit = max_epochs * per_epoch
+            late = [s for s in self._pending() if s >= limit]
+            if late and not (max_steps is not None and 0 <= max_steps <= limit):  # else setup already refused it
                 raise ValueError(
                     f"prune_step {late[0]} is never reached: max_epochs={max_epochs} with {per_epoch} steps per epoch "
-                    f"ends training after {max_epochs * per_epoch} steps. Lower prune_step or raise max_epochs."
+                    f"ends training after {limit} steps. Lower prune_step or raise max_epochs."
                 )
             return
         if max_steps is None or max_steps < 0:
