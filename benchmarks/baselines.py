@@ -50,6 +50,7 @@ __all__ = [
     "layerwise_iht",
     "magnitude_masks",
     "mask_from_scores",
+    "nm_mask_from_scores",
     "obd_saliency",
     "refit_on_support",
     "wanda_scores",
@@ -89,6 +90,30 @@ def mask_from_scores(scores: Tensor, sparsity: float, group: Group = "layer", fr
     else:
         raise ValueError(f"group must be 'layer' or 'row', got {group!r}.")
     mask[:, :dp] = keep
+    return mask
+
+
+def nm_mask_from_scores(scores: Tensor, n: int, m: int, free_cols: int = 0) -> Tensor:
+    """N:M keep-mask of a ``(rows, d)`` score matrix: in every group of ``m`` consecutive prunable columns of a row,
+    the ``n`` highest scores are kept (ties by ``torch.topk``); the ``free_cols`` trailing columns are always kept.
+
+    The prunable width ``d - free_cols`` must be a multiple of ``m``. Magnitude 2:4 is ``|W|`` as scores, Wanda 2:4
+    is :func:`wanda_scores` (its paper's N:M rule); a conv's columns must first be ordered so that groups run along
+    input channels (the library's convention), which is the caller's reshaping.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (rows, d), got shape {tuple(scores.shape)}.")
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m, got {n}:{m}.")
+    rows, d = scores.shape
+    dp = d - free_cols
+    if dp < m or dp % m:
+        raise ValueError(f"{dp} prunable columns are not a positive multiple of m={m}.")
+    grouped = scores[:, :dp].double().reshape(rows, dp // m, m)
+    keep = torch.zeros_like(grouped, dtype=torch.bool)
+    keep.scatter_(2, grouped.topk(n, dim=2).indices, True)
+    mask = torch.ones(rows, d, dtype=torch.bool, device=scores.device)
+    mask[:, :dp] = keep.reshape(rows, dp)
     return mask
 
 

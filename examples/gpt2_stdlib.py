@@ -1,0 +1,377 @@
+"""A small GPT-2 (``transformers`` config, no download, byte vocabulary) trained on the Python standard library's
+source, pruned block by block with ``sequential=True`` (the SparseGPT setting) against magnitude and Wanda.
+
+    python examples/gpt2_stdlib.py --quick                              # smoke run, well under a minute
+    python examples/gpt2_stdlib.py --out benchmarks/results/gpt2_stdlib  # the benchmark (BENCHMARKS.md)
+
+Data (``text_data.py``): the interpreter's ``Lib/*.py`` files, split by file (90/5/5 by a hash of the path), byte
+tokens. Training draws ``--batch-size`` random windows of ``--context`` + 1 bytes per step from the train files, for
+``--train-steps`` steps (the token budget is steps x batch x context); the validation loss on ``--val-windows``
+fixed windows of the validation files is recorded every ``--val-every`` steps. Perplexity and bits per byte are
+measured on ``--test-windows`` windows spread evenly over the test files (each window's tokens predicted from the
+window's earlier tokens only).
+
+Pruning, from the dense weights, of the 4 ``Conv1D`` layers of every block (``lm_head`` is tied to ``wte`` and
+left dense, with the library's warning; embeddings are not pruned), at 50% unstructured and 2:4:
+
+* ``exact``, ``fast``, ``lobs``: ``LOBSPruning(prune_epoch=0, sequential=True, allocation="uniform")`` in a Trainer:
+  every layer at the target sparsity, each calibrated on inputs that pass through the already pruned layers before
+  it (the library goes layer by layer, which within a block is one step finer than SparseGPT's block by block);
+* ``magnitude_global``, ``magnitude_layer`` and ``wanda`` from ``benchmarks/baselines.py``; Wanda's input norms are
+  taken block by block on the outputs of the already pruned blocks (its paper's setting), per output row;
+
+then one-shot perplexity, ``--retrain-steps`` steps of AdamW with the masks held, perplexity again.
+
+Memory and time: a no-grad forward over the calibration tokens, and ``prune_model(..., "fast")`` with
+``sequential=True`` and with ``sequential=False``, each in a fresh subprocess (peak RSS above the RSS after loading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from deep_common import (  # noqa: E402
+    BASELINES,
+    PeakRSS,
+    baseline_masks,
+    collect_input_norms,
+    machine_info,
+    run_prune_retrain,
+    strip_modules,
+)
+from text_data import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus  # noqa: E402
+
+log = logging.getLogger("lightning_lobs.examples.gpt2")
+LN2 = math.log(2.0)
+
+
+def make_gpt2(layers: int, width: int, heads: int, context: int) -> nn.Module:
+    """A randomly initialised ``GPT2LMHeadModel`` with a 256-byte vocabulary, no dropout, tied embeddings."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10, eos_token_id=10)
+    return GPT2LMHeadModel(cfg)
+
+
+class ByteLM(pl.LightningModule):
+    """Next-byte prediction; ``forward(ids)`` returns the logits, batches are ``(B, T + 1)`` windows."""
+
+    def __init__(self, model: nn.Module, lr: float, warmup: int = 0, total_steps: Optional[int] = None, weight_decay: float = 0.01) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids).logits
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        logits = self(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        self.log("train/loss", loss, on_step=True, prog_bar=False)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
+        if not self.total_steps:
+            return opt
+        total, warm = self.total_steps, max(1, self.warmup)
+
+        def factor(step: int) -> float:  # linear warmup, cosine to 10% of the peak
+            if step < warm:
+                return (step + 1) / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def lm_metrics(module: nn.Module, windows: Tensor, batch: int = 32) -> Dict[str, float]:
+    """Mean next-byte NLL (nats) over all predicted positions of ``windows``, perplexity and bits per byte."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, windows.shape[0], batch):
+            w = windows[i : i + batch]
+            logits = module(w[:, :-1])
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1), reduction="sum"))
+            count += w[:, 1:].numel()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    nll = total / count
+    return {"nll": nll, "ppl": math.exp(nll), "bpb": nll / LN2, "tokens": count}
+
+
+class ValCurve(Callback):
+    """Validation NLL every ``every`` steps and at the end of training."""
+
+    def __init__(self, windows: Tensor, every: int) -> None:
+        self.windows, self.every = windows, every
+        self.curve: List[Tuple[int, float, float]] = []  # (step, val nll, seconds since start)
+        self.t0 = time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            nll = lm_metrics(pl_module, self.windows)["nll"]
+            self.curve.append((step, nll, time.perf_counter() - self.t0))
+            log.info("step %d: validation nll %.4f (%.2f bits/byte), %.0f s", step, nll, nll / LN2, self.curve[-1][2])
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2, a few steps")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--val-windows", type=int, default=64)
+    p.add_argument("--test-windows", type=int, default=192)
+    p.add_argument("--calibration-windows", type=int, default=64, help="calibration sequences (of --context tokens)")
+    p.add_argument("--calibration-batch", type=int, default=16)
+    p.add_argument("--retrain-steps", type=int, default=16)
+    p.add_argument("--retrain-lr", type=float, default=2e-4)
+    p.add_argument("--methods", default="exact,fast,lobs," + ",".join(BASELINES))
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="run the memory/time probes")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("runs", "gpt2_stdlib"), help="writes <out>.json and <out>.png")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: "<kind>:<state file>"
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.width, args.heads, args.context, args.batch_size = 2, 64, 2, 32, 8
+        args.train_steps, args.warmup, args.val_every, args.val_windows, args.test_windows = 12, 2, 6, 8, 16
+        args.calibration_windows, args.calibration_batch, args.retrain_steps = 8, 4, 2
+        args.memory = False  # three fresh interpreters cost more than the whole smoke run
+    return args
+
+
+def _memory_probe(spec: str) -> None:
+    """Subprocess body: load the saved dense model and calibration batches, run one operation, print JSON."""
+    kind, path = spec.split(":", 1)
+    saved = torch.load(path, weights_only=False)
+    a = saved["args"]
+    torch.set_num_threads(a["threads"])
+    module = ByteLM(make_gpt2(a["layers"], a["width"], a["heads"], a["context"]), lr=1.0)
+    module.load_state_dict(saved["state"])
+    module.eval()
+    calib: List[Tensor] = saved["calib"]
+    from lightning_lobs import prune_model
+
+    with PeakRSS() as peak:
+        if kind == "forward":
+            with torch.no_grad():
+                for b in calib:
+                    module(b)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*left dense.*")
+                prune_model(module, calib, 0.5, "fast", sequential=(kind == "fast_sequential"), allocation="uniform")
+    print(json.dumps({"kind": kind, "seconds": peak.seconds, "peak_extra_mib": peak.extra_mib,
+                      "rss_start_mib": peak.start / 2**20, "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory_and_time(module: nn.Module, calib: List[Tensor], args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The three probes, each in a fresh interpreter so one's freed memory does not hide the next one's peak."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pt")
+        torch.save({"state": module.state_dict(), "calib": calib, "args": vars(args)}, path)
+        for kind in ("forward", "fast_sequential", "fast_all_at_once"):
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", f"{kind}:{path}"],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory probe {kind} failed:\n{proc.stderr[-3000:]}")
+            out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            log.info("memory probe %s", out[-1])
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.memory_probe:
+        _memory_probe(args.memory_probe)
+        return {}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    pl.seed_everything(args.seed, workers=True)
+    t_total = time.perf_counter()
+
+    corpus = load_stdlib_corpus()
+    log.info("stdlib corpus: %s", corpus.info())
+    T = args.context
+    val = eval_windows(corpus.tokens["validation"], T, args.val_windows)
+    test = eval_windows(corpus.tokens["test"], T, args.test_windows)
+    train_ds = RandomWindows(corpus.tokens["train"], T, args.train_steps * args.batch_size, seed=args.seed)
+    retrain_ds = RandomWindows(corpus.tokens["train"], T, args.retrain_steps * args.batch_size, seed=args.seed + 1)
+    # Calibration: fixed random train windows (a third seed), inputs only.
+    calib_windows = inputs_only(torch.stack([RandomWindows(corpus.tokens["train"], T, args.calibration_windows, seed=args.seed + 2)[i]
+                                             for i in range(args.calibration_windows)]))
+    calib = list(calib_windows.split(args.calibration_batch))
+
+    # ---------------------------------------------------------------- dense training
+    dense = ByteLM(make_gpt2(args.layers, args.width, args.heads, T), lr=args.lr, warmup=args.warmup, total_steps=args.train_steps)
+    curve = ValCurve(val, args.val_every)
+    trainer = pl.Trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                         num_sanity_val_steps=0, gradient_clip_val=1.0)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        trainer.fit(dense, train_dataloaders=DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
+    dense_train_s = time.perf_counter() - t0
+    dense_test = lm_metrics(dense, test)
+    log.info("dense GPT-2: test %s after %d steps (%.0f s)", dense_test, args.train_steps, dense_train_s)
+    dense_state = copy.deepcopy(dense.state_dict())
+
+    def make_module() -> ByteLM:
+        m = ByteLM(make_gpt2(args.layers, args.width, args.heads, T), lr=args.retrain_lr)
+        m.load_state_dict(dense_state)
+        return m
+
+    names = [n for n, m in dense.named_modules() if type(m).__name__ == "Conv1D"]
+
+    def evaluate(module: nn.Module) -> Dict[str, float]:
+        return lm_metrics(module, test)
+
+    def mask_fn(module: nn.Module, rule: str, sparsity: Optional[float], pattern: Optional[Tuple[int, int]]) -> Dict[str, Tensor]:
+        if rule != "wanda":
+            return baseline_masks(module, names, rule, sparsity, pattern)
+        masks: Dict[str, Tensor] = {}
+        modules = dict(module.named_modules())
+        for i in range(args.layers):  # block by block, each on the outputs of the already pruned blocks
+            block = [n for n in names if n.startswith(f"model.transformer.h.{i}.")]
+            norms = collect_input_norms(module, block, calib, lambda b: module(b))
+            block_masks = baseline_masks(module, block, "wanda", sparsity, pattern, norms)
+            with torch.no_grad():
+                for n, m in block_masks.items():
+                    modules[n].weight.mul_(m.to(modules[n].weight.dtype))
+            masks.update(block_masks)
+        return masks
+
+    retrain_loader = DataLoader(retrain_ds, batch_size=args.batch_size, shuffle=False)
+    lobs_kwargs = {"sequential": True, "allocation": "uniform"}
+    rows: List[Dict[str, Any]] = []
+    for sparsity, pattern in ((0.5, None), (None, (2, 4))):
+        for method in [m for m in args.methods.split(",") if m]:
+            row = run_prune_retrain(
+                make_module, method, names=names, evaluate=evaluate, train_loader=retrain_loader, calib_batches=calib,
+                retrain_steps=args.retrain_steps, sparsity=sparsity, pattern=pattern, lobs_kwargs=lobs_kwargs,
+                baseline_mask_fn=lambda m, rule, s=sparsity, p=pattern: mask_fn(m, rule, s, p),
+            )
+            rows.append(row)
+            log.info("%-16s %-4s one-shot ppl %.3f retrained ppl %.3f zeros %.4f prune %.1fs", method, pattern and "2:4" or "50%",
+                     row["oneshot"]["ppl"], row["retrained"]["ppl"], row["oneshot_zeros"], row["prune_seconds"])
+
+    memory = memory_and_time(dense, calib, args) if args.memory else []
+    n_conv1d = sum(dict(dense.named_modules())[n].weight.numel() for n in names)
+    results = {
+        "name": "GPT-2 on the Python stdlib",
+        "command": " ".join([os.path.basename(sys.executable), "examples/gpt2_stdlib.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "args": vars(args),
+        "corpus": corpus.info(),
+        "net": {"layers": args.layers, "width": args.width, "heads": args.heads, "context": T,
+                "parameters": sum(p.numel() for p in dense.parameters()), "conv1d_weights": n_conv1d, "pruned_layers": names},
+        "train_tokens": args.train_steps * args.batch_size * T,
+        "calibration_tokens": int(calib_windows.numel()),
+        "test_tokens": dense_test["tokens"],
+        "val_curve": curve.curve,
+        "dense_train_s": dense_train_s,
+        "dense_test": dense_test,
+        "rows": strip_modules(rows),
+        "memory": memory,
+        "machine": machine_info(),
+        "total_s": time.perf_counter() - t_total,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    _plot(args.out + ".png", results)
+    print(table(results))
+    return results
+
+
+def table(results: Dict[str, Any]) -> str:
+    """Markdown table: methods x (50%, 2:4), test perplexity and bits/byte, one-shot -> retrained."""
+    d = results["dense_test"]
+    lines = [f"dense test perplexity {d['ppl']:.3f} ({d['bpb']:.3f} bits/byte)", "",
+             "| method | 50% one-shot ppl (bpb) | 50% retrained | 2:4 one-shot | 2:4 retrained | prune s (50% / 2:4) |",
+             "|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in results["rows"]):
+        cells, secs = [], []
+        for pat in (None, "2:4"):
+            r = next((r for r in results["rows"] if r["method"] == method and r["pattern"] == pat), None)
+            if r is None:
+                cells += ["", ""]
+                continue
+            cells += [f"{r['oneshot']['ppl']:.3f} ({r['oneshot']['bpb']:.3f})", f"{r['retrained']['ppl']:.3f} ({r['retrained']['bpb']:.3f})"]
+            secs.append(f"{r['prune_seconds']:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {' / '.join(secs)} |")
+    return "\n".join(lines)
+
+
+def _plot(path: str, results: Dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    steps = [c[0] * results["args"]["batch_size"] * results["net"]["context"] / 1e3 for c in results["val_curve"]]
+    a1.plot(steps, [c[1] / LN2 for c in results["val_curve"]], "o-")
+    a1.set_xlabel("training tokens (thousands)")
+    a1.set_ylabel("validation bits per byte")
+    a1.set_title("dense training", fontsize=9)
+    a1.grid(alpha=0.3)
+    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+    for k, (pat, label) in enumerate(((None, "50%"), ("2:4", "2:4"))):
+        for j, when in enumerate(("oneshot", "retrained")):
+            vals = [next((r[when]["bpb"] for r in results["rows"] if r["method"] == m and r["pattern"] == pat), math.nan) for m in methods]
+            a2.bar([i + 0.2 * (2 * k + j) - 0.3 for i in range(len(methods))], vals, width=0.2, label=f"{label} {when}")
+    a2.axhline(results["dense_test"]["bpb"], color="gray", ls="--", label="dense")
+    a2.set_xticks(range(len(methods)))
+    a2.set_xticklabels(methods, rotation=20, fontsize=7)
+    a2.set_ylabel("test bits per byte")
+    a2.set_ylim(results["dense_test"]["bpb"] * 0.9, None)
+    a2.legend(fontsize=7)
+    a2.set_title("pruned (sequential), test", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""A ResNet-20-style network (BatchNorm, residual additions) on the full MNIST, pruned with LOBSPruning against
+magnitude (global and layer-wise) and Wanda, one-shot and after a short retraining with the masks held.
+
+    python examples/resnet_mnist.py --quick                          # smoke run, well under a minute
+    python examples/resnet_mnist.py --out benchmarks/results/resnet_mnist   # the benchmark (BENCHMARKS.md)
+
+The net: a 3x3 stem (stride 2: 28 -> 14 pixels, which cuts the cost 4x on a CPU), three stages of ``--blocks`` basic
+blocks (two 3x3 convs with BatchNorm, identity shortcut; the first block of stages 2 and 3 halves the map with
+stride 2 and its shortcut subsamples and zero-pads the channels: ResNet's "option A", no parameters), widths
+``w, 2w, 4w``, global average pooling and a Linear classifier. With 3 blocks that is ResNet-20's depth.
+
+Dense training: ``--epochs`` epochs of SGD (momentum 0.9, nesterov, weight decay 5e-4) with a one-cycle learning rate
+peaking at ``--lr``, in a Lightning ``Trainer``. Then, from the dense weights, every method at every sparsity:
+
+* ``auto``, ``exact``, ``fast``, ``lobs`` with the library's defaults (global allocation over the layers, BatchNorm
+  re-estimated on the calibration batches); at ``--retrain-at`` sparsities and 2:4 through ``LOBSPruning(prune_epoch=0)``
+  in a Trainer that then retrains ``--retrain-steps`` steps with the masks held, elsewhere with ``prune_model``;
+* ``magnitude_global`` (one threshold over all layers), ``magnitude_layer`` (every layer at the target), ``wanda``
+  (``|w| * ||x||`` per output row, input norms from the same calibration batches), from ``benchmarks/baselines.py``,
+  written as a ``MaskSet`` (held through retraining the same way), BatchNorm re-estimated the same way.
+
+The stem conv (one input channel: it cannot hold 2:4) is left dense for every method. The test set is used for
+reporting only. Results: ``<out>.json`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from deep_common import (  # noqa: E402
+    BASELINES,
+    OBS_METHODS,
+    baseline_masks,
+    collect_input_norms,
+    machine_info,
+    oneshot_point,
+    run_prune_retrain,
+    strip_modules,
+)
+from mnist_data import MNISTClassifier, accuracy, load_mnist  # noqa: E402
+
+log = logging.getLogger("lightning_lobs.examples.resnet")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm, ReLU, identity shortcut (subsampled and zero-padded when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.stride = stride
+        self.pad = cout - cin
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x[:, :, :: self.stride, :: self.stride] if self.stride != 1 else x
+        if self.pad:
+            short = F.pad(short, (0, 0, 0, 0, 0, self.pad))
+        return F.relu(out + short)
+
+
+class ResNet(nn.Module):
+    """ResNet-(6n+2) for 1x28x28 inputs, widths ``w, 2w, 4w``."""
+
+    def __init__(self, width: int = 8, blocks: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        layers: List[nn.Module] = []
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, 2 if (b == 0 and stage > 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class ResNetClassifier(MNISTClassifier):
+    """``MNISTClassifier`` with SGD (nesterov) and, for dense training, a one-cycle schedule over ``total_steps``."""
+
+    def __init__(self, net: nn.Module, lr: float, weight_decay: float = 5e-4, total_steps: Optional[int] = None) -> None:
+        super().__init__(net, lr=lr, optimizer="sgd", weight_decay=weight_decay)
+        self.total_steps = total_steps
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
+        if not self.total_steps:
+            return opt
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.total_steps, pct_start=0.25)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny net, 2,048 train / 1,000 test images, few steps")
+    p.add_argument("--data-dir", default=DEFAULT_DATA, help="the MNIST idx files (full MNIST)")
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=3, help="basic blocks per stage (3: ResNet-20)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2, help="peak of the one-cycle schedule")
+    p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
+    p.add_argument("--retrain-at", default="0.9", help="sparsities (and always 2:4) retrained after the one-shot prune")
+    p.add_argument("--retrain-steps", type=int, default=100)
+    p.add_argument("--retrain-lr", type=float, default=0.01)
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--methods", default=",".join(OBS_METHODS + BASELINES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("runs", "resnet_mnist"), help="writes <out>.json and <out>.png")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.blocks, args.epochs = 4, 1, 1
+        args.sparsities, args.retrain_at, args.retrain_steps, args.calibration_batches = "0.8", "0.8", 3, 2
+        args.batch_size = 64
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    pl.seed_everything(args.seed, workers=True)
+    t_total = time.perf_counter()
+
+    splits = load_mnist(args.data_dir)
+    train_ds = TensorDataset(splits.train_x, splits.train_y)
+    test_ds = TensorDataset(splits.test_x, splits.test_y)
+    if args.quick:
+        train_ds, test_ds = Subset(train_ds, range(2048)), Subset(test_ds, range(1000))
+    gen = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, generator=gen)
+    test_loader = DataLoader(test_ds, batch_size=1000)
+    # Fixed calibration batches (images only): the first training images in their stored order.
+    calib = [x for x, _ in DataLoader(train_ds, batch_size=args.batch_size)][: args.calibration_batches]
+    calib = [b[0] if isinstance(b, (list, tuple)) else b for b in calib]
+
+    # ---------------------------------------------------------------- dense training
+    steps_per_epoch = len(train_loader)
+    dense = ResNetClassifier(ResNet(args.width, args.blocks), lr=args.lr, total_steps=args.epochs * steps_per_epoch)
+    trainer = pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        trainer.fit(dense, train_dataloaders=train_loader)
+    dense_train_s = time.perf_counter() - t0
+    dense_acc = accuracy(dense, test_loader)
+    log.info("dense ResNet: test accuracy %.4f after %d epochs (%.0f s)", dense_acc, args.epochs, dense_train_s)
+    dense_state = copy.deepcopy(dense.state_dict())
+    n_weights = sum(p.numel() for n, p in dense.named_parameters() if n.endswith("weight") and p.dim() > 1)
+
+    def make_module() -> ResNetClassifier:
+        m = ResNetClassifier(ResNet(args.width, args.blocks), lr=args.retrain_lr)
+        m.load_state_dict(dense_state)
+        return m
+
+    names = [n for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "net.stem"]
+
+    def evaluate(module: nn.Module) -> Dict[str, float]:
+        return {"acc": accuracy(module, test_loader)}
+
+    def mask_fn(module: nn.Module, rule: str, sparsity: Optional[float], pattern: Optional[Tuple[int, int]]) -> Dict[str, Tensor]:
+        norms = collect_input_norms(module, names, calib, lambda b: module(b)) if rule == "wanda" else None
+        return baseline_masks(module, names, rule, sparsity, pattern, norms)
+
+    methods = [m for m in args.methods.split(",") if m]
+    retrain_at = {float(s) for s in args.retrain_at.split(",") if s}
+    specs: List[Tuple[Optional[float], Optional[Tuple[int, int]]]] = [(float(s), None) for s in args.sparsities.split(",")]
+    specs.append((None, (2, 4)))
+    lobs_kwargs = {"exclude": ["net.stem"]}
+    rows: List[Dict[str, Any]] = []
+    for sparsity, pattern in specs:
+        retrain = pattern is not None or sparsity in retrain_at
+        for method in methods:
+            common = dict(
+                names=names, evaluate=evaluate, calib_batches=calib, sparsity=sparsity, pattern=pattern,
+                lobs_kwargs=lobs_kwargs, bn_batches=calib,
+                baseline_mask_fn=lambda m, rule, s=sparsity, p=pattern: mask_fn(m, rule, s, p),
+            )
+            if retrain:
+                row = run_prune_retrain(make_module, method, train_loader=train_loader, retrain_steps=args.retrain_steps, **common)
+            else:
+                row = oneshot_point(make_module, method, **common)
+            rows.append(row)
+            log.info("%-16s %-5s one-shot %.4f retrained %s zeros %.4f (%.1fs)", method, pattern and "2:4" or f"{sparsity:.2f}",
+                     row["oneshot"]["acc"], row["retrained"] and f"{row['retrained']['acc']:.4f}", row["oneshot_zeros"],
+                     row["prune_seconds"])
+    results = {
+        "name": "ResNet on MNIST",
+        "command": " ".join([os.path.basename(sys.executable), "examples/resnet_mnist.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "args": vars(args),
+        "data_source": splits.source,
+        "num_train": len(train_ds),
+        "num_test": len(test_ds),
+        "net": {"width": args.width, "blocks": args.blocks, "depth": 6 * args.blocks + 2, "parameters": sum(p.numel() for p in dense.parameters()),
+                "weights": n_weights, "pruned_layers": names},
+        "dense_acc": dense_acc,
+        "dense_train_s": dense_train_s,
+        "steps_per_epoch": steps_per_epoch,
+        "rows": strip_modules(rows),
+        "machine": machine_info(),
+        "total_s": time.perf_counter() - t_total,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    _plot(args.out + ".png", results)
+    print(table(results))
+    return results
+
+
+def table(results: Dict[str, Any]) -> str:
+    """Markdown table: methods x sparsities, one-shot accuracy (retrained in parentheses where measured)."""
+    rows = results["rows"]
+    cols: List[str] = []
+    for r in rows:
+        key = r["pattern"] or f"{r['sparsity']:.0%}"
+        if key not in cols:
+            cols.append(key)
+    lines = [f"dense test accuracy {100 * results['dense_acc']:.2f}%", "",
+             "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for c in cols:
+            r = next((r for r in rows if r["method"] == method and (r["pattern"] or f"{r['sparsity']:.0%}") == c), None)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{100 * r['oneshot']['acc']:.2f}"
+            if r.get("retrained"):
+                cell += f" ({100 * r['retrained']['acc']:.2f})"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(path: str, results: Dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    for method in dict.fromkeys(r["method"] for r in results["rows"]):
+        pts = sorted((r["oneshot_zeros"], 100 * r["oneshot"]["acc"]) for r in results["rows"] if r["method"] == method and not r["pattern"])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, ms=4)
+    ax.axhline(100 * results["dense_acc"], color="gray", ls="--", label="dense")
+    ax.set_xlabel("sparsity of the pruned layers (one-shot)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(max(0.0, min(100 * r["oneshot"]["acc"] for r in results["rows"]) - 2), 100)
+    ax.set_title(f"ResNet-{results['net']['depth']} (width {results['net']['width']}) on MNIST, one-shot", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
