@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from torch import nn
 
 from lightning_lobs import LOBSPruning, prune_model
 from helpers import hook_counts
