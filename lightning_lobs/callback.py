@@ -528,9 +528,12 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 f"L-OBS error bound not logged: {report.bound_note or 'it does not apply to this model'}"
             )
         if trainer.is_global_zero:
+            # The x-axis Lightning logs training metrics on: batches that stepped, which is global_step with one
+            # optimizer (global_step counts each optimizer's steps, e.g. twice per batch for a GAN).
+            step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
             for logger in trainer.loggers:
                 # straight to the loggers: pl_module.log from an epoch-start hook is only flushed at the epoch's end
-                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step)
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.log_table:
             bar = self._bar

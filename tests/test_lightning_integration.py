@@ -12,6 +12,7 @@ from typing import List
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_lobs import LOBSPruning
@@ -241,6 +242,35 @@ def test_metrics_at_the_prune_step_and_sparsity_every_epoch(ns, tmp_path):
     assert all(float(r["lobs/sparsity"]) == pytest.approx(0.6, abs=5e-3) for r in sparsity_rows)
     total = sum(p.numel() for p in model.parameters())
     assert float(sparsity_rows[-1]["lobs/nonzero_parameters"]) == sum(int(torch.count_nonzero(p)) for p in model.parameters()) < total
+
+
+def test_metrics_step_is_lightnings_logging_step_with_two_optimizers(ns, tmp_path):
+    """Manual optimization with two optimizers: global_step counts 2 per batch; the logging axis counts batches."""
+
+    class TwoOpt(type(small(ns))):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(n=128)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for opt in self.optimizers():
+                opt.zero_grad()
+                self.manual_backward(F.cross_entropy(self(x), y))
+                opt.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.01), torch.optim.SGD(self.net[2:].parameters(), lr=0.01)]
+
+    cb = lobs(sparsity=0.5, prune_epoch=1)
+    logger = ns.loggers.CSVLogger(str(tmp_path), name="m", version=0)
+    tr = make_trainer(ns, 2, [cb], tmp_path, logger=logger)
+    tr.fit(TwoOpt())
+    assert tr.global_step == 8  # 2 epochs x 2 batches x 2 optimizers
+    with open(tmp_path / "m" / "version_0" / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("lobs/net.0/layer_error")]
+    assert [int(r["step"]) for r in rows] == [2]  # 2 batches stepped before epoch 1 (global_step was 4)
+    assert_masks_hold(cb, tr.lightning_module)
 
 
 class Residual(nn.Module):
