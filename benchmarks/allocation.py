@@ -3,8 +3,8 @@
     python benchmarks/allocation.py --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_lenet300.json
     python benchmarks/allocation.py --net resnet --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_resnet.json
 
-For every seed: train the net dense on the full MNIST training set (plain PyTorch loop, Adam
-lr 1e-3, batch 128, train set shuffled with the seed, ``--epochs`` epochs), then, from the SAME
+For every seed: train the net dense on the full MNIST training set (or its first ``--train-images``;
+plain PyTorch loop, Adam lr 1e-3, batch 128, shuffled with the seed, ``--epochs`` epochs), then, from the SAME
 dense weights each time, prune one-shot to ``--sparsity`` with ``prune_model`` calibrated on the
 first ``--calibration`` training images (unshuffled, batches of 256), and measure test accuracy
 (10,000 images) with no retraining. Runs:
@@ -15,7 +15,8 @@ first ``--calibration`` training images (unshuffled, batches of 256), and measur
 * ``<m> exact split``: ``method=m`` with ``sparsity`` = the per-layer sparsities ``exact global`` chose
   (a mapping, so the solver is the only difference).
 * ``<m> uniform``: every layer at ``--sparsity``.
-* ``global magnitude``: keep the ``(1 - s) N`` largest ``|w|`` over all Linear/Conv weights.
+* ``global magnitude``: keep the ``(1 - s) N`` largest ``|w|`` over all Linear/Conv weights (ResNet: then
+  BatchNorm statistics re-estimated on the calibration images, as ``prune_model`` does after its prune).
 
 Writes every raw number (accuracies, per-layer sparsities, prune seconds) to ``--out`` and a Markdown
 table (mean ± std over seeds) to ``<out stem>.md``. One process; set ``OMP_NUM_THREADS``.
@@ -43,13 +44,15 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 from lightning_lobs import GlobalAllocation, prune_model  # noqa: E402
+from lightning_lobs.batchnorm import recalibrate_batchnorm  # noqa: E402
 from mnist_data import lenet300_100, load_mnist  # noqa: E402
 
 
-def small_resnet() -> nn.Module:
-    """A small ResNet for 28x28 MNIST: stem conv 3x3 (1->16), three stages of two BasicBlocks
-    (16, 32, 64 channels; stride 2 at stages 2 and 3 with 1x1 projection shortcuts), global
-    average pool, Linear(64, 10). BatchNorm after every conv; 21 prunable layers, ~175k weights."""
+def small_resnet(width: int = 8) -> nn.Module:
+    """A small ResNet for 28x28 MNIST: stem conv 3x3 (1->w), three stages of two BasicBlocks
+    (w, 2w, 4w channels; stride 2 at stages 2 and 3 with 1x1 projection shortcuts), global
+    average pool, Linear(4w, 10). BatchNorm after every conv, no conv bias; 16 prunable layers
+    (stem, 12 block convs, 2 shortcuts, fc); w = 8: 44,064 weights."""
 
     class Block(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -67,12 +70,12 @@ def small_resnet() -> nn.Module:
             y = self.bn2(self.conv2(y))
             return torch.relu(y + (x if self.short is None else self.short(x)))
 
-    layers: List[nn.Module] = [nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    cin = 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+    layers: List[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
         layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10)]
     return nn.Sequential(*layers)
 
 
@@ -119,6 +122,9 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.93)
     ap.add_argument("--calibration", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["fast", "lobs"])
+    ap.add_argument("--width", type=int, default=8, help="resnet: channels of the first stage")
+    ap.add_argument("--train-images", type=int, default=None, help="train on the first N training images (default: all)")
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-allocation runs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "allocation_lenet300.json"))
     args = ap.parse_args()
     epochs = args.epochs if args.epochs is not None else (8 if args.net == "lenet300" else 1)
@@ -133,7 +139,8 @@ def main() -> None:
     except OSError:
         commit = "?"
     meta = {
-        "net": args.net, "epochs": epochs, "sparsity": args.sparsity, "calibration": args.calibration,
+        "net": args.net, "width": args.width if args.net == "resnet" else None, "epochs": epochs,
+        "train_images": args.train_images or int(len(ytr)), "sparsity": args.sparsity, "calibration": args.calibration,
         "data": splits.source, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "commit": commit, "cmd": " ".join(sys.argv),
     }
@@ -141,9 +148,10 @@ def main() -> None:
     s = args.sparsity
     for seed in args.seeds:
         torch.manual_seed(seed)
-        dense = lenet300_100() if flat else small_resnet()
+        dense = lenet300_100() if flat else small_resnet(args.width)
         t0 = time.perf_counter()
-        train(dense, xtr, ytr, epochs, seed)
+        ntr = args.train_images or len(ytr)
+        train(dense, xtr[:ntr], ytr[:ntr], epochs, seed)
         t_train = time.perf_counter() - t0
         state = {k: v.clone() for k, v in dense.state_dict().items()}
         base = test_accuracy(dense, xte, yte)
@@ -151,7 +159,7 @@ def main() -> None:
         results["runs"].append({"seed": seed, "run": "dense", "acc": base, "seconds": t_train})
 
         def fresh() -> nn.Module:
-            m = lenet300_100() if flat else small_resnet()
+            m = lenet300_100() if flat else small_resnet(args.width)
             m.load_state_dict(state)
             return m
 
@@ -177,10 +185,13 @@ def main() -> None:
             run(f"{meth} global", meth, s)
             run(f"{meth} one-pass", meth, s, allocation=GlobalAllocation(costs="one-pass"))
             run(f"{meth} exact split", meth, split)
-            run(f"{meth} uniform", meth, s, allocation="uniform")
+            if not args.no_uniform:
+                run(f"{meth} uniform", meth, s, allocation="uniform")
         m = fresh()
         t = time.perf_counter()
         global_magnitude(m, s)
+        if not flat:  # BatchNorm statistics re-estimated on the calibration images, as prune_model does
+            recalibrate_batchnorm(m, list(calib), lambda b: m(b[0]))
         record("global magnitude", m, time.perf_counter() - t)
     write_table(results, os.path.splitext(args.out)[0] + ".md")
 
