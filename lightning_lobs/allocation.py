@@ -324,6 +324,11 @@ def _cumulative_curve(costs: Tensor, levels: Sequence[int]) -> List[float]:
 # --------------------------------------------------------------------------- the allocation
 
 
+def _weight_cols(layer: "_Layer") -> int:
+    """Weight columns per row of the layer's ``(out, d)`` matrix (a transformers Conv1D's weight is stored transposed)."""
+    return layer.dense.shape[1] - int(has_bias(layer.module))
+
+
 def allocate_layers(
     layers: Mapping[str, "_Layer"],
     order: Sequence[str],
@@ -358,7 +363,7 @@ def allocate_layers(
     levels: Dict[str, List[int]] = {}
     for n in order:
         layer = layers[n]
-        rows, d = layer.dense.shape[0], layer.module.weight[0].numel()
+        rows, d = layer.dense.shape[0], _weight_cols(layer)
         p = masks.get(n)
         priors[n] = None if p is None else p.reshape(rows, d).to(torch.bool).cpu()
         caps[n] = _max_removed(rows * d, rows, d, min_kept, priors[n], config)
@@ -368,7 +373,7 @@ def allocate_layers(
     values: Dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at levels[n]
     for n in order:
         layer = layers[n]
-        rows, d = layer.dense.shape[0], layer.module.weight[0].numel()
+        rows, d = layer.dense.shape[0], _weight_cols(layer)
         curve = use_curve and layer.method != "exact"
         H = hessian_of(n)
         with fail_together(rank, device, f"the removal costs of layer '{n}'"):
@@ -398,7 +403,7 @@ def allocate_layers(
             values[n] = broadcast_tensors([values[n].to(device, torch.float64)], owners[n], rank)[0]
     values = {n: v.detach().cpu().double() for n, v in values.items()}
 
-    total_n = sum(layers[n].dense.shape[0] * layers[n].module.weight[0].numel() for n in order)
+    total_n = sum(layers[n].dense.shape[0] * _weight_cols(layers[n]) for n in order)
     budget = int(round(sparsity * total_n))
     most = sum(caps[n] for n in order)
     if budget > most:
@@ -426,4 +431,4 @@ def allocate_layers(
     chosen = split_budget(cnts, errs, budget)
     final = _refine(cnts, errs, chosen, budget)
     for n, c in zip(order, final):
-        layers[n].target = c / (layers[n].dense.shape[0] * layers[n].module.weight[0].numel())
+        layers[n].target = c / (layers[n].dense.shape[0] * _weight_cols(layers[n]))

@@ -369,3 +369,18 @@ def test_prune_model_progress_true_prints_lines(capsys):
     prune_model(model, _mlp_loader(), sparsity=0.5, progress=True)
     err = capsys.readouterr().err
     assert "L-OBS solve 2/2" in err and "L-OBS measure 1/1" in err
+
+
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_gpt2_global_allocation_counts_conv1d_columns_right(method):
+    """Conv1D's weight is (in, out): the global allocation must count rows x inputs, not weight[0]."""
+    model = _gpt2(seed=2)
+    fwd = lambda m, batch: m(input_ids=batch[0]).logits  # noqa: E731
+    with pytest.warns(UserWarning, match="not pruned"):
+        report = prune_model(model, _tokens(64), sparsity=0.6, method=method, forward_fn=fwd)
+    assert report.allocation == "global"
+    total = sum(dict(model.named_modules())[n].weight.numel() for n in report.layers)
+    zeros = sum(int((dict(model.named_modules())[n].weight == 0).sum()) for n in report.layers)
+    assert zeros == round(0.6 * total)
+    assert len({round(lr.sparsity, 3) for lr in report.layers.values()}) > 1  # really allocated per layer
+    _check_report_matches_model(model, report)
