@@ -643,19 +643,22 @@ def _candidates(weight: Tensor, sparsity: float, min_sparsity: float) -> tuple[l
     return kernels, why_not
 
 
-def _median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+def _median_ms(fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+    """Median ms per call of each fn. The fns take turns call by call, so a burst of load from other
+    processes slows all of them alike instead of whichever happened to run during it."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    return {key: 1e3 * sorted(ts)[len(ts) // 2] for key, ts in times.items()}
 
 
 def plan_sparse_inference(
@@ -672,8 +675,8 @@ def plan_sparse_inference(
 
     Candidates: ``semi_structured`` for 2:4 weights on CUDA devices of compute capability 8.0+, ``csr``
     for weights at least ``min_sparsity`` sparse (float32/float64 on CPU). ``mode="auto"`` times the dense
-    layer and each candidate on a random ``(batch_size, in_features)`` input (median of ``repeats`` after
-    ``warmup``, with the current thread count) and takes the fastest candidate if it beats dense by
+    layer and each candidate on a random ``(batch_size, in_features)`` input (median of ``repeats`` calls
+    each, taking turns, after ``warmup``, with the current thread count) and takes the fastest candidate if it beats dense by
     ``min_speedup``; ``"sparse"`` takes the first candidate unmeasured (2:4 before CSR); ``"dense"`` none.
     """
     if mode not in ("auto", "sparse", "dense"):
@@ -697,13 +700,17 @@ def plan_sparse_inference(
             continue
         x = torch.randn(batch_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
         with torch.inference_mode():
-            plan.dense_ms = _median_ms(lambda: module(x), weight.device, repeats, warmup)
+            fns: dict[str, Callable[[], Any]] = {"dense": lambda: module(x)}
             for kernel in kernels:
                 try:
                     layer = _BUILDERS[kernel](module)
-                    plan.sparse_ms[kernel] = _median_ms(lambda: layer(x), weight.device, repeats, warmup)
+                    layer(x)
+                    fns[kernel] = lambda layer=layer: layer(x)
                 except (RuntimeError, NotImplementedError) as err:  # e.g. a shape/dtype the kernel refuses
                     why_not.append(f"{kernel} failed: {str(err).splitlines()[0][:120]}")
+            times = _median_ms(fns, weight.device, repeats, warmup)
+        plan.dense_ms = times.pop("dense")
+        plan.sparse_ms = times
         if plan.sparse_ms:
             best = min(plan.sparse_ms, key=plan.sparse_ms.__getitem__)
             speedup = plan.dense_ms / plan.sparse_ms[best]
