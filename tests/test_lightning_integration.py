@@ -8,6 +8,7 @@ import csv
 import importlib
 import logging
 import math
+import warnings
 from typing import List
 
 import pytest
@@ -271,6 +272,18 @@ def test_metrics_step_is_lightnings_logging_step_with_two_optimizers(ns, tmp_pat
         rows = [r for r in csv.DictReader(fh) if r.get("lobs/net.0/layer_error")]
     assert [int(r["step"]) for r in rows] == [2]  # 2 batches stepped before epoch 1 (global_step was 4)
     assert_masks_hold(cb, tr.lightning_module)
+
+
+def test_barebones_trainer_prunes_without_logging(ns):
+    model = small(ns)
+    cb = lobs(sparsity=0.5, prune_epoch=1, log_table=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(ns, 2, [cb], barebones=True).fit(model)
+    refused = [w for w in caught if "self.log()" in str(w.message) and "barebones" in str(w.message)]
+    assert len(refused) == model.steps  # only the model's own train_loss; the callback does not try self.log
+    assert cb.pruned_epochs == [1]
+    assert_masks_hold(cb, model)
 
 
 class Residual(nn.Module):
