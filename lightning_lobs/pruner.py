@@ -203,7 +203,7 @@ def is_empty_batch(batch: Any) -> bool:
 
 
 def _move(batch: Any, device: torch.device) -> Any:
-    from lightning_fabric.utilities.apply_func import move_data_to_device
+    from ._lightning import move_data_to_device  # lightning.fabric or lightning_fabric, whichever is installed
 
     return move_data_to_device(batch, device)
 
