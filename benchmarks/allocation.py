@@ -1,7 +1,9 @@
 """Issue 13: the global allocation for `fast`/`lobs` layers, measured error curves vs one-pass costs.
 
     python benchmarks/allocation.py --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_lenet300.json
-    python benchmarks/allocation.py --net resnet --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_resnet.json
+    python benchmarks/allocation.py --net resnet --width 8 --sparsity 0.8 --calibration 1024 --train-images 20000 \
+        --no-uniform --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_resnet.json
+    python benchmarks/allocation.py --layer-times resnet50 --out benchmarks/results/allocation_layer_times_resnet50.json
 
 For every seed: train the net dense on the full MNIST training set (or its first ``--train-images``;
 plain PyTorch loop, Adam lr 1e-3, batch 128, shuffled with the seed, ``--epochs`` epochs), then, from the SAME
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -113,9 +116,64 @@ def global_magnitude(model: nn.Module, s: float) -> None:
             m.weight.mul_(m.weight.abs() > thr)
 
 
+def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int) -> None:
+    """Seconds of the allocation's per-layer costs on a torchvision ``model_name``'s layer shapes (random H).
+
+    For every distinct (rows, d) of its Conv/Linear layers (timed once, counted as often as it occurs):
+    the one-pass costs (``obs_scores`` + ``output_energy``, what ``costs="one-pass"`` computes), the
+    curve (``error_curve`` at the default grid on ``curve_rows`` rows), and the ``fast`` solve itself at
+    90% (``solve_layer``, default options, refit included where automatic). float32 solves like the
+    library's default; H = B B^T / k + 0.1 I with B (d x min(d, 256)) Gaussian (timings do not depend on
+    the values).
+    """
+    import torchvision
+
+    from lightning_lobs.solvers import SolverOptions, error_curve, obs_scores, output_energy, solve_layer
+
+    model = getattr(torchvision.models, model_name)(weights=None, num_classes=1000)
+    shapes: Dict[tuple, int] = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            key = (m.weight.shape[0] // getattr(m, "groups", 1), m.weight[0].numel() + (m.bias is not None), m.bias is not None)
+            shapes[key] = shapes.get(key, 0) + 1
+    grid = GlobalAllocation(levels=levels).sparsity_grid()
+    rows_out = []
+    tot = {"one_pass": 0.0, "curve": 0.0, "fast_solve": 0.0}
+    for (rows, D, bias), count in sorted(shapes.items(), key=lambda kv: kv[0][1]):
+        g = torch.Generator().manual_seed(rows * 7 + D)
+        k = min(D, 256)
+        B = torch.randn(D, k, generator=g)
+        H = B @ B.T / k + 0.1 * torch.eye(D)
+        W = torch.randn(rows, D, generator=g) / math.sqrt(D)
+        w, b = (W[:, :-1], W[:, -1]) if bias else (W, None)
+        t = time.perf_counter()
+        obs_scores(w, H, bias=b)
+        output_energy(w, H, bias=b)
+        t_one = time.perf_counter() - t
+        t = time.perf_counter()
+        error_curve(w, H, grid, bias=b, options=SolverOptions(), sample_rows=curve_rows)
+        t_curve = time.perf_counter() - t
+        t = time.perf_counter()
+        solve_layer(w, H, 0.9, "fast", bias=b)
+        t_fast = time.perf_counter() - t
+        rows_out.append({"rows": rows, "d": D, "count": count, "one_pass_s": t_one, "curve_s": t_curve, "fast_solve_s": t_fast})
+        tot["one_pass"] += count * t_one
+        tot["curve"] += count * t_curve
+        tot["fast_solve"] += count * t_fast
+        print(f"{rows:5d} x {D:5d} (x{count:2d}): one-pass {t_one:6.2f} s  curve {t_curve:6.2f} s  fast solve {t_fast:6.2f} s", flush=True)
+    result = {"model": model_name, "curve_rows": curve_rows, "levels": len(grid), "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "layers": rows_out, "totals_s": tot,
+              "loadavg": os.getloadavg()}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{model_name} totals: one-pass {tot['one_pass']:.1f} s, curve {tot['curve']:.1f} s, fast solves {tot['fast_solve']:.1f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--net", choices=["lenet300", "resnet"], default="lenet300")
+    ap.add_argument("--layer-times", default=None, metavar="TORCHVISION_MODEL",
+                    help="instead: time the allocation's per-layer costs on that model's layer shapes (e.g. resnet50)")
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="default: 8 (lenet300), 1 (resnet)")
@@ -127,6 +185,10 @@ def main() -> None:
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-allocation runs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "allocation_lenet300.json"))
     args = ap.parse_args()
+    if args.layer_times:
+        defaults = GlobalAllocation()
+        layer_cost_times(args.layer_times, args.out, defaults.curve_rows, defaults.levels)
+        return
     epochs = args.epochs if args.epochs is not None else (8 if args.net == "lenet300" else 1)
     warnings.filterwarnings("ignore")
     splits = load_mnist(data_dir=args.data_dir)
