@@ -30,9 +30,15 @@ Methods
            then, where affordable (``SolverOptions.refit``), the kept weights are
            refitted to the least-squares optimum for SparseGPT's mask.
 
-Across layers, :func:`obs_scores` and :func:`allocate_global` choose per-layer
-sparsities for one overall budget from the one-pass OBS costs, each layer's costs
-divided by its output energy (so they compare relative output errors).
+Across layers (``lightning_lobs.allocation``): :func:`error_curve` measures a layer's
+relative SparseGPT error at a grid of sparsities in one batched sweep; :func:`obs_scores`
+gives the one-pass OBS costs and :func:`allocate_global` pools per-weight costs; errors
+are divided by :func:`output_energy` so that layers compare relative output errors.
+
+Unstructured solves keep ``SolverOptions.min_kept_per_row`` weights in every output row
+(default 1: no dead rows): ``lobs`` ranks each row's costliest weights last, ``exact``
+stops each row's trace that many steps early, ``fast`` never prunes them and moves the
+block quotas so that every removal is still compensated.
 
 All three support N:M patterns (keep N of every M consecutive input columns).
 """

@@ -276,20 +276,17 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
     assert checked == 5
 
 
-def test_exact_and_curve_layers_mix_in_one_model():
-    """auto-style mix: an exact layer's trace curve and a fast layer's measured curve in one split."""
-    model = _MLP([10, 24, 16, 6], seed=2)
-    x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
-    mix = {"fcs.0": "exact", "fcs.1": "fast", "fcs.2": "exact"}
+def test_exact_and_curve_layers_mix_in_one_model(monkeypatch):
+    """``auto`` with a lowered threshold mixes methods: exact layers' trace curves and a fast layer's
+    measured curve share one split that removes exactly the budget."""
     import lightning_lobs.pruner as pruner_mod
 
-    orig = pruner_mod._resolve_method
-    try:
-        pruner_mod._resolve_method = lambda method, module: mix[[n for n, m in model.named_modules() if m is module][0]]
-        rep = prune_model(model, _loader(x), 0.6, "auto", solver=S64)
-    finally:
-        pruner_mod._resolve_method = orig
-    assert [rep.layers[n].method for n in mix] == list(mix.values())
+    # rows * d^3: fcs.0 = 24 * 11^3 = 31,944, fcs.1 = 16 * 25^3 = 250,000, fcs.2 = 6 * 17^3 = 29,478
+    monkeypatch.setattr(pruner_mod, "AUTO_EXACT_MAX_COST", 1e5)
+    model = _MLP([10, 24, 16, 6], seed=2)
+    x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
+    rep = prune_model(model, _loader(x), 0.6, "auto", solver=S64)
+    assert [rep.layers[n].method for n in ("fcs.0", "fcs.1", "fcs.2")] == ["exact", "fast", "exact"]
     total = sum(math.prod(r.shape) for r in rep.layers.values())
     assert sum(_targets(rep).values()) == round(0.6 * total)
     assert len({round(r.target_sparsity, 3) for r in rep.layers.values()}) == 3

@@ -839,6 +839,9 @@ def test_unknown_method_and_bad_options():
     for kw in (dict(damp=-1.0), dict(damp=float("nan")), dict(dtype=torch.float16), dict(block_size=0), dict(lazy_steps=1.5)):
         with pytest.raises(ValueError):
             SolverOptions(**kw)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="min_kept_per_row"):
+            SolverOptions(min_kept_per_row=bad)
 
 
 @pytest.mark.parametrize("method", METHODS)
