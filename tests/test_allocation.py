@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.allocation as alloc_mod
-from lightning_lobs import GlobalAllocation, SolverOptions, prune_model
+from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
 from lightning_lobs.allocation import resolve_allocation, split_budget
 from lightning_lobs.solvers import error_curve, output_energy, solve_layer
 
@@ -449,3 +449,21 @@ def test_sequential_curves_come_from_the_dense_network():
     seq = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, sequential=True)
     assert _targets(seq) == _targets(plain)
     assert len(set(_targets(plain).values())) > 1
+
+
+@pytest.mark.parametrize("method", ["fast", "lobs", "exact"])
+def test_second_step_keeps_earlier_masks_and_meets_the_budget(method):
+    """Iterative pruning: the curves start at each layer's earlier removals, which stay removed."""
+    x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
+    model = _MLP([10, 24, 16, 6], seed=2)
+    masks = MaskSet()
+    first = prune_model(model, _loader(x), 0.5, method, masks=masks, solver=S64)
+    zero1 = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    second = prune_model(model, _loader(x), 0.8, method, masks=masks, solver=S64)
+    total = sum(z.numel() for z in zero1.values())
+    assert sum(_targets(second).values()) == round(0.8 * total)
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            assert bool(((m.weight == 0) | ~zero1[n]).all()), n  # every earlier zero is still zero
+            assert second.layers[n].target_sparsity >= first.layers[n].target_sparsity
+            assert bool(((m.weight != 0).sum(1) >= 1).all())
