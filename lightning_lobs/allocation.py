@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # the pruner imports this module
 
 __all__ = ["GlobalAllocation", "allocate_layers", "resolve_allocation", "split_budget"]
 
-ALLOCATION_CHOICES = ("global", "uniform")
 #: States kept per step of :func:`split_budget`'s dynamic programme: removal counts are merged
 #: in buckets of ``ceil(budget / DP_RESOLUTION)`` weights, so the split is exact whenever the
 #: budget is at most this many weights and otherwise within one bucket of the optimum's count.
