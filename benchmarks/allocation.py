@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ def global_magnitude(model: nn.Module, s: float) -> None:
             m.weight.mul_(m.weight.abs() > thr)
 
 
-def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int) -> None:
+def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, max_d: Optional[int] = None) -> None:
     """Seconds of the allocation's per-layer costs on a torchvision ``model_name``'s layer shapes (random H).
 
     For every distinct (rows, d) of its Conv/Linear layers (timed once, counted as often as it occurs):
@@ -124,7 +124,7 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int) ->
     curve (``error_curve`` at the default grid on ``curve_rows`` rows), and the ``fast`` solve itself at
     90% (``solve_layer``, default options, refit included where automatic). float32 solves like the
     library's default; H = B B^T / k + 0.1 I with B (d x min(d, 256)) Gaussian (timings do not depend on
-    the values).
+    the values). Layers with more than ``max_d`` columns are left out (and listed).
     """
     import torchvision
 
@@ -136,6 +136,9 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int) ->
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             key = (m.weight.shape[0] // getattr(m, "groups", 1), m.weight[0].numel() + (m.bias is not None), m.bias is not None)
             shapes[key] = shapes.get(key, 0) + 1
+    skipped = [k for k in shapes if max_d is not None and k[1] > max_d]
+    for k in skipped:
+        print(f"left out: {k[0]} x {k[1]} (x{shapes.pop(k)})")
     grid = GlobalAllocation(levels=levels).sparsity_grid()
     rows_out = []
     tot = {"one_pass": 0.0, "curve": 0.0, "fast_solve": 0.0}
@@ -163,7 +166,7 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int) ->
         print(f"{rows:5d} x {D:5d} (x{count:2d}): one-pass {t_one:6.2f} s  curve {t_curve:6.2f} s  fast solve {t_fast:6.2f} s", flush=True)
     result = {"model": model_name, "curve_rows": curve_rows, "levels": len(grid), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "layers": rows_out, "totals_s": tot,
-              "loadavg": os.getloadavg()}
+              "loadavg": os.getloadavg(), "left_out": [list(k[:2]) for k in skipped]}
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{model_name} totals: one-pass {tot['one_pass']:.1f} s, curve {tot['curve']:.1f} s, fast solves {tot['fast_solve']:.1f} s")
@@ -174,6 +177,7 @@ def main() -> None:
     ap.add_argument("--net", choices=["lenet300", "resnet"], default="lenet300")
     ap.add_argument("--layer-times", default=None, metavar="TORCHVISION_MODEL",
                     help="instead: time the allocation's per-layer costs on that model's layer shapes (e.g. resnet50)")
+    ap.add_argument("--max-d", type=int, default=None, help="--layer-times: leave out layers with more columns")
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="default: 8 (lenet300), 1 (resnet)")
@@ -187,7 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.layer_times:
         defaults = GlobalAllocation()
-        layer_cost_times(args.layer_times, args.out, defaults.curve_rows, defaults.levels)
+        layer_cost_times(args.layer_times, args.out, defaults.curve_rows, defaults.levels, args.max_d)
         return
     epochs = args.epochs if args.epochs is not None else (8 if args.net == "lenet300" else 1)
     warnings.filterwarnings("ignore")
