@@ -81,7 +81,7 @@ def main() -> None:
                 }
                 for column, (method, with_refit) in VARIANTS.items():
                     t0 = time.perf_counter()
-                    res = solve_layer(W, H, s, method, bias=b, options=replace(opts, refit=with_refit))
+                    res = solve_layer(W, H, s, method, bias=b, solver=replace(opts, refit=with_refit))
                     row["seconds"][column] = time.perf_counter() - t0
                     row["dE"][column] = res.error  # with the undamped H, like layer_error
                 rows.append(row)

@@ -154,7 +154,7 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, ma
         output_energy(w, H, bias=b)
         t_one = time.perf_counter() - t
         t = time.perf_counter()
-        error_curve(w, H, grid, bias=b, options=SolverOptions(), sample_rows=curve_rows)
+        error_curve(w, H, grid, bias=b, solver=SolverOptions(), sample_rows=curve_rows)
         t_curve = time.perf_counter() - t
         t = time.perf_counter()
         solve_layer(w, H, 0.9, "fast", bias=b)

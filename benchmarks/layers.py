@@ -174,7 +174,7 @@ def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: S
             if method in VARIANTS:
                 solver_method, with_refit = VARIANTS[method]
                 t0 = time.perf_counter()
-                res = solve_layer(weight, H, s, solver_method, bias=bias, options=replace(opts, refit=with_refit))
+                res = solve_layer(weight, H, s, solver_method, bias=bias, solver=replace(opts, refit=with_refit))
                 new = torch.cat([res.weight, res.bias.unsqueeze(1)], 1) if frozen else res.weight
                 mask = torch.cat([res.mask, torch.ones(len(res.mask), 1, dtype=torch.bool)], 1) if frozen else res.mask
                 secs = time.perf_counter() - t0
@@ -186,7 +186,7 @@ def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: S
                 secs = tracer.trace_seconds + fin
                 extra["allocate_refit_seconds"] = fin
                 if check_exact:
-                    ref = solve_layer(weight, H, s, "exact", bias=bias, options=opts)
+                    ref = solve_layer(weight, H, s, "exact", bias=bias, solver=opts)
                     ref_new = torch.cat([ref.weight, ref.bias.unsqueeze(1)], 1) if frozen else ref.weight
                     same_mask = bool((ref.mask == (mask[:, :-1] if frozen else mask)).all())
                     close = bool(torch.allclose(ref_new, new.to(ref_new.dtype), rtol=1e-4, atol=1e-6))

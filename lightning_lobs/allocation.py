@@ -272,10 +272,10 @@ def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior:
     trace = None
     if layer.method == "exact":
         w = weight.to(solver.dtype)
-        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), options=solver, prior_mask=prior)
+        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior)
         scores = trace.removal_costs()
     else:
-        scores = obs_scores(weight, H, bias=bias, options=solver)
+        scores = obs_scores(weight, H, bias=bias, solver=solver)
     scores = scores.reshape(weight.shape[0], -1)
     if not energy > 0:  # an all-zero layer: nothing to lose, nothing to compare against
         return torch.zeros_like(scores), trace
@@ -386,7 +386,7 @@ def allocate_layers(
                         H,
                         [c / (rows * d) for c in levels[n]],
                         bias=None if bias is None else bias.to(solver.dtype),
-                        options=solver,
+                        solver=solver,
                         prior_mask=prior_dev,
                         sample_rows=config.curve_rows,
                     )

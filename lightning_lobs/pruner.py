@@ -825,7 +825,7 @@ def _solve_one(layer: _Layer, hessian: Tensor, nm: Optional[NMPattern], solver: 
             prior = prior[:, perm]
     trace = layer.trace if perm is None else None  # traces are computed on the unpermuted columns
     res = solve_layer(
-        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, options=solver, prior_mask=prior, trace=trace
+        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, solver=solver, prior_mask=prior, trace=trace
     )
     layer.trace = None  # one use; frees the memory
     new_w, mask2 = res.weight, res.mask

@@ -298,7 +298,7 @@ def _row_chunk(rows: int, d: int, element_size: int, max_bytes: int, copies: int
     return max(1, min(rows, max_bytes // max(1, copies * d * d * element_size)))
 
 
-def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[SolverOptions] = None) -> Tensor:
+def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[SolverOptions] = None) -> Tensor:
     """Least-squares optimum of the kept weights for a fixed mask (the joint OBS update).
 
     For each row solves ``min (w^ - w) H (w^ - w)^T`` subject to ``w^ = 0`` where the
@@ -306,13 +306,13 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[Solve
     cost falls with sparsity). Columns kept in every row (a bias column, say) simply take
     part in the solve. H is damped as in the solvers.
     """
-    options = options or SolverOptions()
-    H, _ = damped_hessian(hessian, options.damp, options.dtype)
+    solver = solver or SolverOptions()
+    H, _ = damped_hessian(hessian, solver.damp, solver.dtype)
     G, d = H.shape[0], H.shape[-1]
     rows = weight.shape[0]
     gidx = _row_groups(rows, G, weight.device)
     H = H.to(weight.device)
-    W = weight.to(options.dtype)
+    W = weight.to(solver.dtype)
     keep = mask.to(torch.bool)
     per = rows // G
     HW = torch.cat([W[g * per : (g + 1) * per] @ H[g] for g in range(G)])  # H symmetric: rows of (H w)^T
@@ -325,7 +325,7 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, options: Optional[Solve
         k = int(counts[by_count[start]])
         if k == 0:
             break
-        chunk = max(1, options.max_memory_bytes // (3 * k * k * W.element_size()))
+        chunk = max(1, solver.max_memory_bytes // (3 * k * k * W.element_size()))
         sel = by_count[start : start + chunk]
         start += chunk
         R = sel.numel()
@@ -370,7 +370,7 @@ def _single_removal_costs(W: Tensor, Hinv: Tensor, dead: Tensor) -> Tensor:
 
 
 def obs_scores(
-    weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None, options: Optional[SolverOptions] = None
+    weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None, solver: Optional[SolverOptions] = None
 ) -> Tensor:
     """One-pass OBS cost ``L_q = w_q^2 / (2 [H^-1]_qq)`` of removing each weight alone.
 
@@ -378,9 +378,9 @@ def obs_scores(
     is given); H is damped as in the solvers. Weights on dead inputs cost 0. Returns a
     float64 tensor of the weight's shape.
     """
-    options = options or SolverOptions()
+    solver = solver or SolverOptions()
     x = _prepare(weight, hessian, 0.0, bias, None, None)
-    _, Hinv, _, dead = _inverse_with_damping(x.H.to(x.W.device), options)
+    _, Hinv, _, dead = _inverse_with_damping(x.H.to(x.W.device), solver)
     return _single_removal_costs(x.W.double(), Hinv, dead)[:, : x.d].reshape(x.shape)
 
 
@@ -906,7 +906,7 @@ def error_curve(
     sparsities: Sequence[float],
     *,
     bias: Optional[Tensor] = None,
-    options: Optional[SolverOptions] = None,
+    solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
     sample_rows: int = 64,
 ) -> Tensor:
@@ -916,19 +916,19 @@ def error_curve(
     batched sweep over the columns with one Cholesky factor, and returns, per level, the
     sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
     ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
-    Arguments as in :func:`solve_layer`; the per-row minimum ``options.min_kept_per_row`` holds.
+    Arguments as in :func:`solve_layer`; the per-row minimum ``solver.min_kept_per_row`` holds.
     """
-    options = options or SolverOptions()
+    solver = solver or SolverOptions()
     levels = [float(v) for v in sparsities]
     if not levels or any(not (0.0 <= v <= 1.0) for v in levels):
         raise ValueError(f"sparsities must be a non-empty sequence of floats in [0, 1], got {sparsities!r}.")
     if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
         raise ValueError(f"sample_rows must be a positive int, got {sample_rows!r}.")
     x = _prepare(weight, hessian, 0.0, bias, None, prior_mask)
-    work = x.W.to(options.dtype)
+    work = x.W.to(solver.dtype)
     rows, G = work.shape[0], x.H.shape[0]
     dp = x.d
-    _, Hinv, _, dead = _inverse_with_damping(x.H.to(work.device), options)
+    _, Hinv, _, dead = _inverse_with_damping(x.H.to(work.device), solver)
     sel = _sample_rows(rows, G, sample_rows, work.device)
     gidx = _row_groups(rows, G, work.device)[sel]
     Hd = x.H.to(device=work.device, dtype=torch.float64)
@@ -939,12 +939,12 @@ def error_curve(
         Wg = work[rs]
         f = x.forced[rs] if x.forced is not None else None
         costs = _single_removal_costs(Wg, Hinv[g : g + 1], dead[g : g + 1])[:, :dp]
-        prot = _protected(costs, options.min_kept_per_row, None if f is None else f[:, :dp])
-        limit = rs.numel() * max(dp - options.min_kept_per_row, 0)
+        prot = _protected(costs, solver.min_kept_per_row, None if f is None else f[:, :dp])
+        limit = rs.numel() * max(dp - solver.min_kept_per_row, 0)
         if f is not None:
-            limit = int(torch.maximum(torch.full_like(rs, max(dp - options.min_kept_per_row, 0)), f[:, :dp].sum(1)).sum())
+            limit = int(torch.maximum(torch.full_like(rs, max(dp - solver.min_kept_per_row, 0)), f[:, :dp].sum(1)).sum())
         totals = [min(int(round(v * rs.numel() * dp)), limit) for v in levels]
-        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, options.block_size, f, prot)
+        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot)
         delta = (new - Wg.unsqueeze(0)).double()
         err += 0.5 * torch.einsum("kri,ij,krj->k", delta, Hd[g], delta).cpu()
         w64 = Wg.double()
@@ -1040,7 +1040,7 @@ def greedy_trace(
     *,
     bias: Optional[Tensor] = None,
     pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
-    options: Optional[SolverOptions] = None,
+    solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
 ) -> GreedyTrace:
     """Run the ``exact`` solver's greedy OBS sequence once, for reuse at any sparsity.
@@ -1048,12 +1048,12 @@ def greedy_trace(
     Arguments as in :func:`solve_layer`. Pass the result as ``solve_layer(..., trace=...)``;
     :meth:`GreedyTrace.removal_costs` gives every weight's greedy removal cost.
     """
-    options = options or SolverOptions()
+    solver = solver or SolverOptions()
     nm = parse_pattern(pattern)
     x = _prepare(weight, hessian, nm.sparsity if nm else 0.0, bias, nm, prior_mask)
-    work = x.W.to(options.dtype)
-    _, Hinv, damp, dead = _inverse_with_damping(x.H.to(work.device), options)
-    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, options, x.forced)
+    work = x.W.to(solver.dtype)
+    _, Hinv, damp, dead = _inverse_with_damping(x.H.to(work.device), solver)
+    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced)
     return GreedyTrace(order=order, increments=inc, damp=damp, pattern=nm)
 
 
@@ -1065,7 +1065,7 @@ def solve_layer(
     *,
     bias: Optional[Tensor] = None,
     pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
-    options: Optional[SolverOptions] = None,
+    solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
     trace: Optional[GreedyTrace] = None,
 ) -> SolveResult:
@@ -1080,17 +1080,17 @@ def solve_layer(
         method: ``"lobs"``, ``"exact"`` or ``"fast"`` (see the module docstring).
         bias: optional ``(out,)`` bias; it is never pruned but OBS moves it to compensate.
         pattern: N:M pattern such as ``"2:4"`` along the input columns.
-        options: numerical options, :class:`SolverOptions` defaults when None.
+        solver: numerical solver, :class:`SolverOptions` defaults when None.
         prior_mask: keep-mask of an earlier pruning step (iterative pruning): weights it
             prunes stay pruned and count towards ``sparsity``.
         trace: ``exact`` only: a :func:`greedy_trace` of this same weight, H, bias, pattern,
-            prior mask and options, so that solving at several sparsities runs the greedy
+            prior mask and solver, so that solving at several sparsities runs the greedy
             sequence once.
 
     Returns:
         A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
     """
-    options = options or SolverOptions()
+    solver = solver or SolverOptions()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     x = _prepare(weight, hessian, sparsity, bias, pattern, prior_mask)
@@ -1105,32 +1105,32 @@ def solve_layer(
                 f"trace does not fit this layer: its order has shape {tuple(trace.order.shape)} and pattern "
                 f"{trace.pattern}, expected {(rows, dp)} and {nm}; compute it with greedy_trace() on the same inputs."
             )
-    work = W2.to(options.dtype)
-    damp = options.damp
-    m_row = options.min_kept_per_row if nm is None else 0
+    work = W2.to(solver.dtype)
+    damp = solver.damp
+    m_row = solver.min_kept_per_row if nm is None else 0
     sparsity = _row_limited_sparsity(sparsity, rows, d_w, m_row, forced, method)
     if sparsity == 0.0 and forced is None:
         mask2 = torch.ones_like(W2, dtype=torch.bool)
         new = work
     else:
-        _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), options)  # the damped H itself is not kept
+        _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), solver)  # the damped H itself is not kept
         protected = None
         if m_row > 0 and method != "exact":  # each row keeps its costliest weights by single-removal cost
             costs = _single_removal_costs(work, Hinv, dead)[:, :d_w]
             protected = _protected(costs, m_row, None if forced is None else forced[:, :d_w])
         if method == "lobs":
             mask2, scores = _lobs_mask(work, Hinv, dead, sparsity, nm, frozen, forced, protected)
-            if _wants_refit(options, mask2):
-                new = refit(work, H, mask2, replace(options, damp=damp))
+            if _wants_refit(solver, mask2):
+                new = refit(work, H, mask2, replace(solver, damp=damp))
             else:
                 new = _lobs_sequential(work, Hinv, mask2, scores)
         elif method == "exact":
             if trace is None:
-                order, inc = _exact_trace(work, Hinv, dead, nm, frozen, options, forced)
+                order, inc = _exact_trace(work, Hinv, dead, nm, frozen, solver, forced)
             else:
                 order, inc = trace.order.to(work.device), trace.increments.to(work.device)
             mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced, m_row)
-            new = refit(work, H, mask2, replace(options, damp=damp))
+            new = refit(work, H, mask2, replace(solver, damp=damp))
         else:
             per = rows // groups
             outs, masks = [], []
@@ -1141,13 +1141,13 @@ def solve_layer(
                 f = forced[sl] if forced is not None else None
                 p = protected[sl] if protected is not None else None
                 o, m = _solve_fast_group(
-                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, options.block_size, f, p
+                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, solver.block_size, f, p
                 )
                 outs.append(o[0])
                 masks.append(m[0])
             new, mask2 = torch.cat(outs), torch.cat(masks)
-            if _wants_refit(options, mask2):
-                new = refit(work, H, mask2, replace(options, damp=damp))
+            if _wants_refit(solver, mask2):
+                new = refit(work, H, mask2, replace(solver, damp=damp))
         if not torch.isfinite(new).all():
             raise FloatingPointError(
                 f"the {method} solve produced non-finite weights; raise SolverOptions.damp or use dtype=torch.float64."

@@ -189,20 +189,20 @@ def test_error_curve_equals_single_level_solves():
     levels = [0.2, 0.4, 0.55, 0.7, 0.85]
     opts = SolverOptions(dtype=F64, refit=False, block_size=5)
     for pm in (None, prior):
-        curve = error_curve(W[:, :-1], H, levels, bias=W[:, -1], options=opts, prior_mask=pm, sample_rows=9)
+        curve = error_curve(W[:, :-1], H, levels, bias=W[:, -1], solver=opts, prior_mask=pm, sample_rows=9)
         energy = output_energy(W[:, :-1], H, bias=W[:, -1])
         c_max = float(curve.max())
         for s, c in zip(levels, curve.tolist()):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res = solve_layer(W[:, :-1], H, s, "fast", bias=W[:, -1], options=opts, prior_mask=pm)
+                res = solve_layer(W[:, :-1], H, s, "fast", bias=W[:, -1], solver=opts, prior_mask=pm)
             assert c == pytest.approx(res.error / energy, rel=solve_tol(H, 0.01), abs=solve_tol(H, 0.01) * c_max)
     # a row sample: the sampled rows' relative error, same rule
-    sub = error_curve(W[:, :-1], H, levels, bias=W[:, -1], options=opts, sample_rows=3)
+    sub = error_curve(W[:, :-1], H, levels, bias=W[:, -1], solver=opts, sample_rows=3)
     rows = [0, 4, 8]
     e3 = output_energy(W[rows, :-1], H, bias=W[rows, -1])
     for s, c in zip(levels, sub.tolist()):
-        res = solve_layer(W[rows, :-1], H, s, "fast", bias=W[rows, -1], options=opts)
+        res = solve_layer(W[rows, :-1], H, s, "fast", bias=W[rows, -1], solver=opts)
         assert c == pytest.approx(res.error / e3, rel=solve_tol(H), abs=solve_tol(H) * float(sub.max()))
 
 
@@ -238,7 +238,7 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
         e0 = output_energy(w, H, bias=b)
         errs = []
         for c in lv:
-            res = solve_layer(w, H, c / N, "fast", bias=b, options=SolverOptions(dtype=F64, refit=False))
+            res = solve_layer(w, H, c / N, "fast", bias=b, solver=SolverOptions(dtype=F64, refit=False))
             errs.append(res.error / e0)
         counts.append(lv)
         errors.append(errs)

@@ -100,11 +100,11 @@ def run(
 ):
     """solve_layer on an augmented weight [W | b]; returns (result, augmented W^, augmented mask)."""
     if bias:
-        res = solve_layer(Wt[:, :-1], H, sparsity, method, bias=Wt[:, -1], pattern=pattern, options=options)
+        res = solve_layer(Wt[:, :-1], H, sparsity, method, bias=Wt[:, -1], pattern=pattern, solver=options)
         full = torch.cat([res.weight, res.bias.unsqueeze(1)], dim=1)
         mask = torch.cat([res.mask, torch.ones(Wt.shape[0], 1, dtype=torch.bool)], dim=1)
     else:
-        res = solve_layer(Wt, H, sparsity, method, pattern=pattern, options=options)
+        res = solve_layer(Wt, H, sparsity, method, pattern=pattern, solver=options)
         full, mask = res.weight, res.mask
     return res, full, mask
 
@@ -676,13 +676,13 @@ def test_nm_pattern_errors(method):
     H = hess(X)
     Wt = make_weight(3, 6, 42)
     with pytest.raises(ValueError, match="multiple of 4"):
-        solve_layer(Wt, H, method=method, pattern="2:4", options=OPT64)
+        solve_layer(Wt, H, method=method, pattern="2:4", solver=OPT64)
     X = make_inputs(40, 8, seed=42)
     with pytest.raises(ValueError, match="contradicts"):
-        solve_layer(make_weight(3, 8, 42), hess(X), 0.3, method=method, pattern="2:4", options=OPT64)
+        solve_layer(make_weight(3, 8, 42), hess(X), 0.3, method=method, pattern="2:4", solver=OPT64)
     # with a bias only the weight columns have to be a multiple of M
     Xb = make_inputs(40, 8, seed=42, bias=True)
-    res = solve_layer(make_weight(3, 8, 42), hess(Xb), method=method, bias=torch.ones(3, dtype=F64), pattern="2:4", options=OPT64)
+    res = solve_layer(make_weight(3, 8, 42), hess(Xb), method=method, bias=torch.ones(3, dtype=F64), pattern="2:4", solver=OPT64)
     assert int((~res.mask).sum()) == 12
 
 
@@ -756,7 +756,7 @@ def test_grouped_lobs_matches_loop_reference(bias):
 def test_grouped_rows_must_split_evenly():
     H3 = torch.stack([hess(make_inputs(20, 4, seed=s)) for s in range(2)])
     with pytest.raises(ValueError, match="groups"):
-        solve_layer(make_weight(3, 4, 0), H3, 0.5, options=OPT64)
+        solve_layer(make_weight(3, 4, 0), H3, 0.5, solver=OPT64)
 
 
 # =========================================================================== 9. dead inputs
@@ -807,29 +807,29 @@ def test_validation_errors(method):
     W = make_weight(3, 5, 71)
     for bad in (1.0, -0.1, float("nan"), True, False, 1.5, float("inf"), "0.5"):
         with pytest.raises(ValueError):
-            solve_layer(W, H, bad, method, options=OPT64)
+            solve_layer(W, H, bad, method, solver=OPT64)
     with pytest.raises(ValueError, match="sparsity"):
-        solve_layer(W, H, None, method, options=OPT64)
+        solve_layer(W, H, None, method, solver=OPT64)
     with pytest.raises(ValueError, match=r"\(5, 5\)"):
-        solve_layer(W, hess(make_inputs(30, 4, seed=1)), 0.5, method, options=OPT64)
+        solve_layer(W, hess(make_inputs(30, 4, seed=1)), 0.5, method, solver=OPT64)
     with pytest.raises(ValueError, match=r"\(6, 6\)"):  # a bias needs the extra column
-        solve_layer(W, H, 0.5, method, bias=torch.zeros(3, dtype=F64), options=OPT64)
+        solve_layer(W, H, 0.5, method, bias=torch.zeros(3, dtype=F64), solver=OPT64)
     with pytest.raises(ValueError):
-        solve_layer(W, H[:, :4], 0.5, method, options=OPT64)
+        solve_layer(W, H[:, :4], 0.5, method, solver=OPT64)
     with pytest.raises(ValueError):
-        solve_layer(W, H.reshape(-1), 0.5, method, options=OPT64)
+        solve_layer(W, H.reshape(-1), 0.5, method, solver=OPT64)
     with pytest.raises(ValueError, match="bias"):
-        solve_layer(W, hess(make_inputs(30, 5, seed=1, bias=True)), 0.5, method, bias=torch.zeros(4, dtype=F64), options=OPT64)
+        solve_layer(W, hess(make_inputs(30, 5, seed=1, bias=True)), 0.5, method, bias=torch.zeros(4, dtype=F64), solver=OPT64)
     Hn = H.clone()
     Hn[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        solve_layer(W, Hn, 0.5, method, options=OPT64)
+        solve_layer(W, Hn, 0.5, method, solver=OPT64)
     Wn = W.clone()
     Wn[0, 0] = float("inf")
     with pytest.raises(ValueError):
-        solve_layer(Wn, H, 0.5, method, options=OPT64)
+        solve_layer(Wn, H, 0.5, method, solver=OPT64)
     with pytest.raises(ValueError):
-        solve_layer(W[0], H, 0.5, method, options=OPT64)
+        solve_layer(W[0], H, 0.5, method, solver=OPT64)
 
 
 def test_unknown_method_and_bad_options():
@@ -866,7 +866,7 @@ def test_pd_hessian_does_not_warn(method):
     X = make_inputs(30, 5, seed=74)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        res = solve_layer(make_weight(3, 5, 74), hess(X), 0.4, method, options=OPT64)
+        res = solve_layer(make_weight(3, 5, 74), hess(X), 0.4, method, solver=OPT64)
     assert res.damp == 0.0
 
 
@@ -923,7 +923,7 @@ def test_float32_exact_is_stable():
     W = make_weight(rows, d, 91).float()
     b = torch.randn(rows, generator=torch.Generator().manual_seed(92)).float()
     r32 = solve_layer(W, H.float(), 0.9, "exact", bias=b)
-    r64 = solve_layer(W.double(), H, 0.9, "exact", bias=b.double(), options=SolverOptions(dtype=F64))
+    r64 = solve_layer(W.double(), H, 0.9, "exact", bias=b.double(), solver=SolverOptions(dtype=F64))
     assert r32.weight.dtype == torch.float32 and r32.bias.dtype == torch.float32
     assert int((~r32.mask).sum()) == int((~r64.mask).sum()) == round(0.9 * rows * d)
     rel = abs(r32.error - r64.error) / r64.error
@@ -942,7 +942,7 @@ def test_float32_other_methods_track_float64(method):
     W = make_weight(rows, d, 93).float()
     b = torch.zeros(rows)
     r32 = solve_layer(W, H.float(), 0.7, method, bias=b)
-    r64 = solve_layer(W.double(), H, 0.7, method, bias=b.double(), options=SolverOptions(dtype=F64))
+    r64 = solve_layer(W.double(), H, 0.7, method, bias=b.double(), solver=SolverOptions(dtype=F64))
     assert abs(r32.error - r64.error) / r64.error < 0.02
 
 
@@ -956,8 +956,8 @@ def test_conv_shaped_weight_flattens_trailing_dims(method):
     H = hess(X)
     Wt = make_weight(out, cin * k * k + 1, 95)
     W4 = Wt[:, :-1].reshape(out, cin, k, k)
-    res4 = solve_layer(W4, H, 0.5, method, bias=Wt[:, -1], options=OPT64)
-    res2 = solve_layer(Wt[:, :-1], H, 0.5, method, bias=Wt[:, -1], options=OPT64)
+    res4 = solve_layer(W4, H, 0.5, method, bias=Wt[:, -1], solver=OPT64)
+    res2 = solve_layer(Wt[:, :-1], H, 0.5, method, bias=Wt[:, -1], solver=OPT64)
     assert res4.weight.shape == W4.shape and res4.mask.shape == W4.shape
     assert torch.equal(res4.weight.reshape(out, -1), res2.weight)
     assert torch.equal(res4.bias, res2.bias)
@@ -970,7 +970,7 @@ def test_inputs_are_not_modified():
     Wt = make_weight(3, 7, 96)
     H0, W0 = H.clone(), Wt.clone()
     for m in METHODS:
-        solve_layer(Wt[:, :-1], H, 0.5, m, bias=Wt[:, -1], options=OPT64)
+        solve_layer(Wt[:, :-1], H, 0.5, m, bias=Wt[:, -1], solver=OPT64)
         refit(Wt, H, torch.rand(3, 7) > 0.5, OPT64)
         assert torch.equal(H, H0) and torch.equal(Wt, W0)
 
@@ -1064,7 +1064,7 @@ def test_obs_scores_are_single_removal_costs(bias):
     Wt = make_weight(3, X.shape[1], 63)
     d = 6
     W, b = (Wt[:, :d], Wt[:, d]) if bias else (Wt, None)
-    scores = obs_scores(W, H, bias=b, options=OPT64)
+    scores = obs_scores(W, H, bias=b, solver=OPT64)
     assert scores.shape == W.shape and scores.dtype == F64
     assert torch.all(scores[:, 2] == 0)  # dead input: free
     Xl = X.clone()
@@ -1079,7 +1079,7 @@ def test_obs_scores_are_single_removal_costs(bias):
 def test_obs_scores_damped_and_grouped():
     groups, per, d = 2, 3, 5
     Xs, H3, Wt = _grouped_data(groups, per, d, 64, False)
-    scores = obs_scores(Wt, H3, options=replace(OPT64, damp=0.1))
+    scores = obs_scores(Wt, H3, solver=replace(OPT64, damp=0.1))
     for g in range(groups):
         Hinv = torch.linalg.inv(ref_damped(H3[g], 0.1))
         sl = slice(g * per, (g + 1) * per)
@@ -1143,7 +1143,7 @@ def test_greedy_trace_reused_across_sparsities(bias, prior):
         pm[0, :3] = False
         pm[2, 5] = False
         W = W * pm
-    tr = greedy_trace(W, H, bias=b, options=OPT64, prior_mask=pm)
+    tr = greedy_trace(W, H, bias=b, solver=OPT64, prior_mask=pm)
     assert tr.order.shape == (4, 10) and tr.pattern is None
     costs = tr.removal_costs()
     assert costs.shape == (4, 10)
@@ -1151,8 +1151,8 @@ def test_greedy_trace_reused_across_sparsities(bias, prior):
     along = costs.gather(1, tr.order)
     assert torch.all(along[:, 1:] >= along[:, :-1])
     for s in (0.3, 0.5, 0.8):
-        fresh = solve_layer(W, H, s, "exact", bias=b, options=OPT64, prior_mask=pm)
-        reused = solve_layer(W, H, s, "exact", bias=b, options=OPT64, prior_mask=pm, trace=tr)
+        fresh = solve_layer(W, H, s, "exact", bias=b, solver=OPT64, prior_mask=pm)
+        reused = solve_layer(W, H, s, "exact", bias=b, solver=OPT64, prior_mask=pm, trace=tr)
         assert torch.equal(fresh.mask, reused.mask)
         assert_close(fresh.weight, reused.weight, H=H)
         assert_close(fresh.error, reused.error, H=H)
@@ -1162,13 +1162,13 @@ def test_trace_must_fit():
     X = make_inputs(40, 8, seed=72, kind="corr")
     H = hess(X)
     W = make_weight(3, 8, 72)
-    tr = greedy_trace(W, H, options=OPT64)
+    tr = greedy_trace(W, H, solver=OPT64)
     with pytest.raises(ValueError, match="method='exact' only"):
-        solve_layer(W, H, 0.5, "fast", options=OPT64, trace=tr)
+        solve_layer(W, H, 0.5, "fast", solver=OPT64, trace=tr)
     with pytest.raises(ValueError, match="trace does not fit"):
-        solve_layer(W[:2], H, 0.5, "exact", options=OPT64, trace=tr)
+        solve_layer(W[:2], H, 0.5, "exact", solver=OPT64, trace=tr)
     with pytest.raises(ValueError, match="trace does not fit"):
-        solve_layer(W, H, None, "exact", pattern="2:4", options=OPT64, trace=tr)
+        solve_layer(W, H, None, "exact", pattern="2:4", solver=OPT64, trace=tr)
 
 
 # =========================================================================== 13. per-row minimum (no dead rows)
