@@ -877,11 +877,19 @@ def _measure(
     acc = {n: _bounds.RMSAccumulator() for n in order}
     model_acc = _bounds.RMSAccumulator()
     model_ok = True
-    captured: Dict[str, Tensor] = {}
-    handles = [
-        modules[n].register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, out.detach()))
-        for n in order
-    ]
+    dense_layers: Dict[str, Tensor] = {}
+    state = {"dense": True}
+
+    def compare(name: str, out: Tensor) -> None:
+        # Dense outputs are kept for one batch; each pruned output is compared as it appears and the dense one
+        # freed, so at most one pruned layer output is held on top of the dense ones (a layer called twice in a
+        # forward is compared on its first call).
+        if state["dense"]:
+            dense_layers.setdefault(name, out.detach())
+        elif name in dense_layers:
+            acc[name].add(dense_layers.pop(name), out.detach())
+
+    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: compare(n, out)) for n in order]
     inputs: List[Any] = []
 
     def keep_first_input(mod: nn.Module, args: tuple) -> None:
@@ -894,14 +902,12 @@ def _measure(
         with _eval_no_grad(model):
             for batch in batches:
                 load_dense()
-                captured.clear()
+                dense_layers.clear()
+                state["dense"] = True
                 dense_out = run(batch)
-                dense_layers = dict(captured)
                 load_pruned()
-                captured.clear()
+                state["dense"] = False
                 out = run(batch)
-                for n in order:
-                    acc[n].add(dense_layers[n], captured[n])
                 if model_ok and isinstance(out, Tensor) and isinstance(dense_out, Tensor) and out.shape == dense_out.shape:
                     model_acc.add(dense_out, out)
                 else:
