@@ -472,13 +472,18 @@ class _PruneRun:
                 stacklevel=4,
             )
 
-    def calibrate(self, names: Sequence[str]) -> Dict[str, Tensor]:
-        """Hessians (normalised, see :meth:`normalise`) and positions of ``names``; sets the call order."""
+    def calibrate(self, names: Sequence[str], report: bool = True) -> Dict[str, Tensor]:
+        """Hessians (normalised, see :meth:`normalise`) and positions of ``names``; sets the call order.
+
+        ``report=False`` inside another phase (sequential mode calibrates one layer at a time while allocating
+        and solving, and those phases report per layer).
+        """
         t0 = time.perf_counter()
-        self.progress.begin("calibrate", {str(i): 1.0 for i in range(len(self.batches))})
+        progress = self.progress if report else _Progress(None)
+        progress.begin("calibrate", {str(i): 1.0 for i in range(len(self.batches))})
         hessians, positions, order, missing = _calibrate(
             self.model, self.batches, {n: self.layers[n].module for n in names}, self.options.calibration,
-            self.run_batch, self.rank, self.progress,
+            self.run_batch, self.rank, progress,
         )
         self.drop_uncalled(missing)
         for n in names:
@@ -521,7 +526,7 @@ class _PruneRun:
 
     def dense_hessian(self, name: str) -> Tensor:
         """One layer's Hessian on the dense network (sequential mode computes allocation costs one at a time)."""
-        return self.calibrate([name])[name]
+        return self.calibrate([name], report=False)[name]
 
     def execution_order(self) -> List[str]:
         order: List[str] = []
@@ -558,7 +563,7 @@ class _PruneRun:
             for n in self.order:
                 layer = self.layers[n]
                 if sequential:
-                    self.calibrate([n])
+                    self.calibrate([n], report=False)
                 t0 = time.perf_counter()
                 with fail_together(self.rank, self.device, f"solving layer '{n}'", active=sequential):
                     if self.owners[n] == self.rank.rank:

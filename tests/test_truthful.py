@@ -384,3 +384,12 @@ def test_gpt2_global_allocation_counts_conv1d_columns_right(method):
     assert zeros == round(0.6 * total)
     assert len({round(lr.sparsity, 3) for lr in report.layers.values()}) > 1  # really allocated per layer
     _check_report_matches_model(model, report)
+
+
+def test_sequential_progress_counts_layers_in_the_solve_phase():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    events = []
+    prune_model(model, _mlp_loader(), sparsity=0.5, sequential=True, progress=events.append)
+    assert [e.phase for e in events] == ["solve"] * 3 + ["measure"]  # per-layer calibrations are part of the solve
+    assert [(e.done, e.total, e.layer) for e in events[:3]] == [(1, 3, "0"), (2, 3, "2"), (3, 3, "4")]
