@@ -64,8 +64,10 @@ def prune_model(
     """
     if options is None:
         options = PruneOptions.from_kwargs("prune_model()", sparsity=sparsity, method=method, **kwargs)
-    elif kwargs:
-        raise TypeError(f"prune_model() got options=PruneOptions(...) and also {sorted(kwargs)}; give one or the other.")
+    else:
+        extra = sorted(kwargs) + [k for k, v, d in (("sparsity", sparsity, 0.9), ("method", method, "auto")) if v != d]
+        if extra:
+            raise TypeError(f"prune_model() got options=PruneOptions(...) and also {extra}; give one or the other.")
     if progress is True:
         from .progress import console_progress
 

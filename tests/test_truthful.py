@@ -393,3 +393,13 @@ def test_sequential_progress_counts_layers_in_the_solve_phase():
     prune_model(model, _mlp_loader(), sparsity=0.5, sequential=True, progress=events.append)
     assert [e.phase for e in events] == ["solve"] * 3 + ["measure"]  # per-layer calibrations are part of the solve
     assert [(e.done, e.total, e.layer) for e in events[:3]] == [(1, 3, "0"), (2, 3, "2"), (3, 3, "4")]
+
+
+def test_prune_model_takes_options_whole_or_as_keywords_not_both():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 3))
+    report = prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, allocation="uniform"))
+    assert report.sparsity == pytest.approx(0.5, abs=0.05)
+    for kwargs in (dict(sparsity=0.7), dict(method="fast"), dict(exclude=["0"])):
+        with pytest.raises(TypeError, match="give one or the other"):
+            prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5), **kwargs)
