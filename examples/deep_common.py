@@ -8,6 +8,7 @@ as a :class:`lightning_lobs.MaskSet`, so retraining holds their masks exactly as
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -94,6 +95,35 @@ def collect_input_norms(model: nn.Module, names: Sequence[str], batches: Sequenc
         for m, mode in modes.items():
             m.training = mode
     return sums
+
+
+def write_results(out: str, results: Dict[str, Any], plot: Callable[[str, Dict[str, Any]], None],
+                  table: Callable[[Dict[str, Any]], str]) -> None:
+    """``<out>.json`` and ``<out>.png`` of an example's results, and its table on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    plot(out + ".png", results)
+    print(table(results))
+
+
+def report_summary(report: PruneReport) -> Dict[str, Any]:
+    """The numbers of a :class:`PruneReport` that the examples' JSON results keep."""
+    return dict(
+        prune_seconds=report.calibration_seconds + report.solve_seconds,
+        calibration_seconds=report.calibration_seconds,
+        solve_seconds=report.solve_seconds,
+        report_sparsity=report.sparsity,
+        bound=report.bound,
+        bound_spectral=report.bound_spectral,
+        bound_note=report.bound_note,
+        output_error=report.output_error,
+        model_output_error=report.model_output_error,
+        methods_used=sorted({r.method for r in report.layers.values()}),
+        layer_sparsity={n: r.sparsity for n, r in report.layers.items()},
+        layer_error={n: r.layer_error for n, r in report.layers.items()},
+        skipped=dict(report.skipped),
+    )
 
 
 def baseline_masks(
@@ -259,21 +289,7 @@ def run_prune_retrain(
     if isinstance(pruner, LOBSPruning):
         report: PruneReport = pruner.last_report  # type: ignore[assignment]
         masks = mask_dict(report.masks)
-        out.update(
-            prune_seconds=report.calibration_seconds + report.solve_seconds,
-            calibration_seconds=report.calibration_seconds,
-            solve_seconds=report.solve_seconds,
-            report_sparsity=report.sparsity,
-            bound=report.bound,
-            bound_spectral=report.bound_spectral,
-            bound_note=report.bound_note,
-            output_error=report.output_error,
-            model_output_error=report.model_output_error,
-            methods_used=sorted({r.method for r in report.layers.values()}),
-            layer_sparsity={n: r.sparsity for n, r in report.layers.items()},
-            layer_error={n: r.layer_error for n, r in report.layers.items()},
-            skipped=dict(report.skipped),
-        )
+        out.update(report_summary(report))
     else:
         masks = mask_dict(pruner.masks)
         kept = sum(int(m.sum()) for m in masks.values())
@@ -393,18 +409,7 @@ def oneshot_point(
                 **lobs_kwargs,
             )
             masks = mask_dict(report.masks)
-            out.update(
-                calibration_seconds=report.calibration_seconds,
-                solve_seconds=report.solve_seconds,
-                report_sparsity=report.sparsity,
-                bound=report.bound,
-                bound_spectral=report.bound_spectral,
-                bound_note=report.bound_note,
-                output_error=report.output_error,
-                model_output_error=report.model_output_error,
-                methods_used=sorted({r.method for r in report.layers.values()}),
-                layer_sparsity={n: r.sparsity for n, r in report.layers.items()},
-            )
+            out.update(report_summary(report))
         else:
             assert baseline_mask_fn is not None
             masks = baseline_mask_fn(module, method)

@@ -59,6 +59,7 @@ from deep_common import (  # noqa: E402
     machine_info,
     run_prune_retrain,
     strip_modules,
+    write_results,
 )
 from text_data import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus  # noqa: E402
 
@@ -316,11 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "machine": machine_info(),
         "total_s": time.perf_counter() - t_total,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    _plot(args.out + ".png", results)
-    print(table(results))
+    write_results(args.out, results, _plot, table)
     return results
 
 

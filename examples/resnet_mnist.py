@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import math
 import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -53,6 +51,7 @@ from deep_common import (  # noqa: E402
     oneshot_point,
     run_prune_retrain,
     strip_modules,
+    write_results,
 )
 from mnist_data import MNISTClassifier, accuracy, load_mnist  # noqa: E402
 
@@ -229,11 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "machine": machine_info(),
         "total_s": time.perf_counter() - t_total,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    _plot(args.out + ".png", results)
-    print(table(results))
+    write_results(args.out, results, _plot, table)
     return results
 
 

@@ -376,13 +376,14 @@ class _PruneRun:
         self.masks = masks if masks is not None else MaskSet()
         self.device = _model_device(model)
         self.progress = _Progress(progress)
-        forward_fn = options.forward_fn or _default_forward
+        forward_fn = options.forward_fn or default_forward
         self.run_batch: Callable[[Any], Any] = lambda batch: forward_fn(model, _move(batch, self.device))
         self.batches = [b for b in batches if not is_empty_batch(b)]
         self.empty_batches = len(batches) - len(self.batches)
         self.layers: Dict[str, _Layer] = {}
         self.selection: Optional[Selection] = None
         self.order: List[str] = []
+        self.call_order: List[str] = []
         self.hessians: Dict[str, Tensor] = {}
         self.scales: Dict[str, float] = {}
         self.positions: Dict[str, float] = {}
@@ -406,6 +407,7 @@ class _PruneRun:
                     self.allocate(self.dense_hessian, keep_traces=False)
                 else:
                     self.calibrate(list(self.layers))
+                    self.order = [n for n in self.call_order if n in self.layers]
                     self.owners = assign_layers({n: _solve_cost(self.layers[n]) for n in self.order}, self.rank.world_size)
                     self.allocate(self.hessians.__getitem__, keep_traces=True)
                 self.solve()
@@ -473,7 +475,7 @@ class _PruneRun:
             )
 
     def calibrate(self, names: Sequence[str], report: bool = True) -> Dict[str, Tensor]:
-        """Hessians (normalised, see :meth:`normalise`) and positions of ``names``; sets the call order.
+        """Hessians (normalised, see :meth:`normalise`) and positions of ``names``; records their call order.
 
         ``report=False`` inside another phase (sequential mode calibrates one layer at a time while allocating
         and solving, and those phases report per layer).
@@ -490,8 +492,7 @@ class _PruneRun:
             if n in self.layers:
                 self.hessians[n] = self.normalise(n, hessians[n])
                 self.positions[n] = positions[n]
-        if len(names) == len(self.layers) + len(missing):
-            self.order = [n for n in order if n in self.layers]
+        self.call_order = order
         self.t_cal += time.perf_counter() - t0
         return {n: self.hessians[n] for n in names if n in self.layers}
 
@@ -666,10 +667,6 @@ class _PruneRun:
             empty_batches=self.empty_batches,
             **counts,
         )
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    return default_forward(model, batch)
 
 
 def _row_masks(layers: Mapping[str, _Layer]) -> MaskSet:

@@ -39,9 +39,6 @@ class Selection:
     explicit: set = field(default_factory=set)
 
 
-_REFUSE = "zeros written to it would not hold"
-
-
 def _key(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
 
@@ -64,38 +61,47 @@ def _has_weight_hook(module: nn.Module) -> Optional[str]:
     return None
 
 
-def unprunable_reason(name: str, module: nn.Module, parent: Optional[nn.Module], users: Mapping[int, List[str]]) -> str:
-    """Why ``module`` cannot be pruned as is ("" when it can)."""
+def unprunable_reason(
+    name: str, module: nn.Module, parent: Optional[nn.Module], users: Mapping[int, List[str]]
+) -> Tuple[str, bool]:
+    """Why ``module`` cannot be pruned as is ("" when it can), and whether that is a refusal.
+
+    A refusal (a computed weight: zeros written to it would not hold) is an error even under a float
+    sparsity; the other reasons leave the module dense with a warning.
+    """
     kind = type(module).__name__
     if isinstance(parent, nn.MultiheadAttention) and module is getattr(parent, "out_proj", None):
         return (
             "nn.MultiheadAttention reads its out_proj weight inside a fused kernel, so no hook sees the layer's "
             "input; exclude it (it is left dense)"
-        )
+        ), False
     if not is_supported(module):
-        return f"{kind} layers are not supported (only nn.Linear, nn.Conv1d/2d/3d and transformers Conv1D)"
+        return f"{kind} layers are not supported (only nn.Linear, nn.Conv1d/2d/3d and transformers Conv1D)", False
     if parametrize.is_parametrized(module, "weight"):
         names = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
         return (
-            f"its weight is computed by a parametrization ({names}), so {_REFUSE}; "
+            f"its weight is computed by a parametrization ({names}), so zeros written to it would not hold; "
             f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.{name}, 'weight')) or exclude "
             "the layer"
-        )
+        ), True
     hook = _has_weight_hook(module)
     if hook is not None or not isinstance(module._parameters.get("weight"), nn.Parameter):
         how = f"an old-style {hook} hook" if hook else "code outside the module"
         fix = "torch.nn.utils.remove_weight_norm / remove_spectral_norm" if hook else "making it a plain Parameter"
-        return f"its weight is recomputed by {how} on every call, so {_REFUSE}; prune it after {fix}, or exclude the layer"
+        return (
+            f"its weight is recomputed by {how} on every call, so zeros written to it would not hold; prune it "
+            f"after {fix}, or exclude the layer"
+        ), True
     holders = users.get(id(module.weight), [])
     others = [u for u in holders if u != _key(name, "weight")]
     if others:
         return (
             f"its weight Parameter is shared with {', '.join(others)} (tied weights): one mask solved for this "
             "layer's inputs would also change the other users; exclude it or untie the weights"
-        )
+        ), False
     if weight_columns(module) < 1 or module.weight.numel() == 0:
-        return "its weight is empty"
-    return ""
+        return "its weight is empty", False
+    return "", False
 
 
 def _weight_bearing(module: nn.Module) -> bool:
@@ -131,7 +137,8 @@ def select_layers(
     modules = dict(named)
     users = _users(model)
     parents = {n: modules.get(n.rpartition(".")[0]) for n in modules}
-    reasons = {n: unprunable_reason(n, m, parents[n], users) for n, m in named if is_supported(m) or _weight_bearing(m)}
+    verdicts = {n: unprunable_reason(n, m, parents[n], users) for n, m in named if is_supported(m) or _weight_bearing(m)}
+    reasons = {n: why for n, (why, _) in verdicts.items()}
     if isinstance(exclude, str):
         exclude = (exclude,)
     for pat in exclude:
@@ -167,7 +174,7 @@ def select_layers(
         chosen = {n: sparsity for n in reasons if not reasons[n]}
         covered = [n for n in reasons if reasons[n]]
     skipped = {n: reasons[n] for n in covered if n not in excluded}
-    refused = {n: why for n, why in skipped.items() if _REFUSE in why}
+    refused = {n: why for n, why in skipped.items() if verdicts[n][1]}
     if refused:  # zeros written to a computed weight would not hold: never leave that to a warning
         raise ValueError(f"cannot prune as asked: {_format(refused)}.")
     targets: Dict[str, float] = {}
