@@ -97,6 +97,27 @@ def collect_input_norms(model: nn.Module, names: Sequence[str], batches: Sequenc
     return sums
 
 
+def train_or_load(path: Optional[str], key: Mapping[str, Any], module: nn.Module,
+                  train: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """Dense weights for ``module``: trained by ``train()`` (which returns what to record about the training), or
+    loaded from ``path`` when it holds weights trained with the same ``key`` (every argument the training depends on).
+
+    With ``path`` set, freshly trained weights are saved there, so the pruning part of a benchmark can be rerun
+    without retraining. The returned record says which happened (``"dense_source"``)."""
+    key = json.loads(json.dumps(dict(key), default=str))
+    if path and os.path.exists(path):
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved.get("key") == key:
+            module.load_state_dict(saved["state"])
+            return {**saved["info"], "dense_source": f"loaded from {path}"}
+        warnings.warn(f"dense_cache={path!r} was trained with other settings; training again and overwriting it")
+    info = train()
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save({"key": key, "state": module.state_dict(), "info": info}, path)
+    return {**info, "dense_source": "trained in this run"}
+
+
 def write_results(out: str, results: Dict[str, Any], plot: Callable[[str, Dict[str, Any]], None],
                   table: Callable[[Dict[str, Any]], str]) -> None:
     """``<out>.json`` and ``<out>.png`` of an example's results, and its table on stdout."""

@@ -59,6 +59,7 @@ from deep_common import (  # noqa: E402
     machine_info,
     run_prune_retrain,
     strip_modules,
+    train_or_load,
     write_results,
 )
 from text_data import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus  # noqa: E402
@@ -155,10 +156,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--train-steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-windows", type=int, default=64)
     p.add_argument("--test-windows", type=int, default=192)
     p.add_argument("--calibration-windows", type=int, default=64, help="calibration sequences (of --context tokens)")
@@ -170,6 +171,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "gpt2_stdlib"), help="writes <out>.json and <out>.png")
+    p.add_argument("--dense-cache", default=None, metavar="PT",
+                   help="save the dense weights here, or load them if this file was trained with the same settings")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: "<kind>:<state file>"
     args = p.parse_args(argv)
     if args.quick:
@@ -245,15 +248,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # ---------------------------------------------------------------- dense training
     dense = ByteLM(make_gpt2(args.layers, args.width, args.heads, T), lr=args.lr, warmup=args.warmup, total_steps=args.train_steps)
-    curve = ValCurve(val, args.val_every)
-    trainer = pl.Trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                         num_sanity_val_steps=0, gradient_clip_val=1.0)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        trainer.fit(dense, train_dataloaders=DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
-    dense_train_s = time.perf_counter() - t0
+
+    def train() -> Dict[str, Any]:
+        curve = ValCurve(val, args.val_every)
+        trainer = pl.Trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                             num_sanity_val_steps=0, gradient_clip_val=1.0)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            trainer.fit(dense, train_dataloaders=DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
+        return {"dense_train_s": time.perf_counter() - t0, "val_curve": curve.curve}
+
+    training_key = {k: getattr(args, k) for k in ("layers", "width", "heads", "context", "batch_size", "train_steps", "lr",
+                                                  "warmup", "val_every", "val_windows", "seed")}
+    training = train_or_load(args.dense_cache, {**training_key, "corpus": corpus.info()}, dense, train)
+    dense_train_s = training["dense_train_s"]
     dense_test = lm_metrics(dense, test)
     log.info("dense GPT-2: test %s after %d steps (%.0f s)", dense_test, args.train_steps, dense_train_s)
     dense_state = copy.deepcopy(dense.state_dict())
@@ -309,8 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "train_tokens": args.train_steps * args.batch_size * T,
         "calibration_tokens": int(calib_windows.numel()),
         "test_tokens": dense_test["tokens"],
-        "val_curve": curve.curve,
+        "val_curve": training["val_curve"],
         "dense_train_s": dense_train_s,
+        "dense_source": training["dense_source"],
         "dense_test": dense_test,
         "rows": strip_modules(rows),
         "memory": memory,

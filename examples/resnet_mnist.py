@@ -51,6 +51,7 @@ from deep_common import (  # noqa: E402
     oneshot_point,
     run_prune_retrain,
     strip_modules,
+    train_or_load,
     write_results,
 )
 from mnist_data import MNISTClassifier, accuracy, load_mnist  # noqa: E402
@@ -122,7 +123,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="the MNIST idx files (full MNIST)")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--blocks", type=int, default=3, help="basic blocks per stage (3: ResNet-20)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.2, help="peak of the one-cycle schedule")
     p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
@@ -134,6 +135,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "resnet_mnist"), help="writes <out>.json and <out>.png")
+    p.add_argument("--dense-cache", default=None, metavar="PT",
+                   help="save the dense weights here, or load them if this file was trained with the same settings")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.blocks, args.epochs = 4, 1, 1
@@ -164,13 +167,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # ---------------------------------------------------------------- dense training
     steps_per_epoch = len(train_loader)
     dense = ResNetClassifier(ResNet(args.width, args.blocks), lr=args.lr, total_steps=args.epochs * steps_per_epoch)
-    trainer = pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        trainer.fit(dense, train_dataloaders=train_loader)
-    dense_train_s = time.perf_counter() - t0
+
+    def train() -> Dict[str, Any]:
+        trainer = pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            trainer.fit(dense, train_dataloaders=train_loader)
+        return {"dense_train_s": time.perf_counter() - t0}
+
+    training_key = {k: getattr(args, k) for k in ("width", "blocks", "epochs", "batch_size", "lr", "seed", "quick")}
+    training = train_or_load(args.dense_cache, {**training_key, "data": splits.source}, dense, train)
+    dense_train_s = training["dense_train_s"]
     dense_acc = accuracy(dense, test_loader)
     log.info("dense ResNet: test accuracy %.4f after %d epochs (%.0f s)", dense_acc, args.epochs, dense_train_s)
     dense_state = copy.deepcopy(dense.state_dict())
@@ -223,6 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 "weights": n_weights, "pruned_layers": names},
         "dense_acc": dense_acc,
         "dense_train_s": dense_train_s,
+        "dense_source": training["dense_source"],
         "steps_per_epoch": steps_per_epoch,
         "rows": strip_modules(rows),
         "machine": machine_info(),
