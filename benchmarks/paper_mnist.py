@@ -208,6 +208,17 @@ def collect_hessians(net: nn.Module, batches: List[Tensor]) -> Dict[str, Tensor]
     return out
 
 
+def time_inverses(hessians: Dict[str, Tensor], damp: float = 0.01) -> Dict[str, float]:
+    """Seconds of one float64 Cholesky inverse of each layer's (damped) Hessian: the L-OBS paper's per-layer cost."""
+    out = {}
+    for name, H in hessians.items():
+        t0 = time.perf_counter()
+        Hd = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+        torch.cholesky_inverse(torch.linalg.cholesky(Hd))
+        out[name] = time.perf_counter() - t0
+    return out
+
+
 def _set_weight_rows(module: nn.Module, matrix: Tensor) -> None:
     """Write an ``(out, d)`` matrix in :func:`weight_matrix`'s layout (bias last) back into the layer."""
     k = module.weight[0].numel()
@@ -221,6 +232,7 @@ def prune_layerwise(net: nn.Module, method: str, layer_sparsity: Dict[str, float
     """Apply a layer-wise baseline in place; returns per-layer ``dE`` (L-OBS's objective, undamped H)."""
     info: Dict[str, Any] = {}
     for name, m in prunable_layers(net):
+        t0 = time.perf_counter()
         s = layer_sparsity[name]
         H = hessians[name]
         W = weight_matrix(m).double()  # (out, k [+ bias])
@@ -242,8 +254,9 @@ def prune_layerwise(net: nn.Module, method: str, layer_sparsity: Dict[str, float
                 raise ValueError(method)
             V = W.clone()
             V[:, :k] *= mask
-        info.setdefault(name, {})["dE"] = B.layer_objective(W, V, H)
         _set_weight_rows(m, V)
+        info.setdefault(name, {})["seconds"] = time.perf_counter() - t0
+        info[name]["dE"] = B.layer_objective(W, V, H)
     return info
 
 
@@ -283,7 +296,8 @@ def prune_oneshot(
         detail = {
             "bound": report.bound,
             "output_error": report.output_error,
-            "layers": {n: {"method": r.method, "sparsity": r.sparsity, "dE": r.layer_error} for n, r in report.layers.items()},
+            "layers": {n: {"method": r.method, "sparsity": r.sparsity, "dE": r.layer_error, "seconds": r.seconds}
+                       for n, r in report.layers.items()},
         }
     elif method in LAYERWISE:
         detail = {"layers": prune_layerwise(net, method, spec, hessians, args)}
@@ -400,15 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-methods", type=_csv(str), default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_mnist.json"))
-    p.add_argument("--report", default=None, metavar="JSON", help="only print the tables of an earlier run's JSON")
+    p.add_argument("--report", type=_csv(str), default=None, metavar="JSON[,JSON...]",
+                   help="only print the tables of earlier runs' JSON files (merged: e.g. one file per net or seed)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --report: accuracy vs sparsity and vs retraining steps")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.report:
-        results = json.loads(Path(args.report).read_text())
+        results = merge_results([json.loads(Path(f).read_text()) for f in args.report])
         print_tables(results)
+        print(summary_tables(results))
+        if args.plot:
+            plot(results, args.plot)
         return results
     if args.quick:
         args.nets, args.seeds = ["lenet300"], args.seeds[:1]
@@ -459,6 +478,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             t0 = time.perf_counter()
             hessians = collect_hessians(dense, calib)
             hess_s = time.perf_counter() - t0
+            inverse_s = time_inverses(hessians)
+            results["dense"][-1].update({"hessians_s": hess_s, "inverses_s": inverse_s})
 
             for method in args.methods:
                 net = copy.deepcopy(dense)
@@ -531,6 +552,121 @@ def print_tables(results: Dict[str, Any]) -> None:
         print("\n| net | seed | method | sparsity | one-shot error % |\n|---|---|---|---|---|")
         for r in results["sweep"]:
             print(f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.3f} | {100 * (1 - r['oneshot_acc']):.2f} |")
+
+
+def merge_results(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One results dict from several runs' (disjoint nets or seeds); the commands and machines are kept as lists."""
+    merged: Dict[str, Any] = {"data_source": parts[0]["data_source"], "dense": [], "runs": [], "sweep": [],
+                              "commands": [p["command"] for p in parts], "machines": [p["machine"] for p in parts]}
+    if len({p["data_source"] for p in parts}) > 1:
+        raise SystemExit("the reports were run on different data: " + "; ".join(p["data_source"] for p in parts))
+    for p in parts:
+        for key in ("dense", "runs", "sweep"):
+            merged[key] += p[key]
+    return merged
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def summary_tables(results: Dict[str, Any]) -> str:
+    """Per net, one row per method: test error (%) mean ± std over seeds, one-shot and after retraining, and the
+    retraining steps to within 0.1 / 0.5 points of each seed's dense accuracy (one entry per seed; ``-``: not
+    within the budget)."""
+    lines: List[str] = []
+    for net in dict.fromkeys(d["net"] for d in results["dense"]):
+        dense = [d for d in results["dense"] if d["net"] == net]
+        runs = [r for r in results["runs"] if r["net"] == net]
+        if not runs:
+            continue
+        steps = sorted({int(k) for r in runs for k in r["acc_at"]})
+        budget = steps[-1]
+        lines += ["", f"{net}: dense error {_mean_std([100 * (1 - d['dense_acc']) for d in dense])} % over seeds "
+                  f"{[d['seed'] for d in dense]}; retraining budget {budget} steps", "",
+                  f"| method | sparsity | error one-shot % | error after {budget} steps % | steps to dense+0.1 | to dense+0.5 | prune s |",
+                  "|---|---|---|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in runs):
+            rs = [r for r in runs if r["method"] == method]
+
+            def steps_of(key: str) -> str:
+                return " / ".join("-" if r[key] is None else str(r[key]) for r in rs)
+
+            lines.append(f"| {method} | {sum(r['sparsity'] for r in rs) / len(rs):.4f} | "
+                         f"{_mean_std([100 * (1 - r['oneshot_acc']) for r in rs])} | "
+                         f"{_mean_std([100 * (1 - r['acc_at'][budget]) for r in rs if budget in r['acc_at']])} | "
+                         f"{steps_of('steps_within_0.1')} | {steps_of('steps_within_0.5')} | "
+                         f"{_mean_std([r['detail']['prune_s'] for r in rs])} |")
+        sweep = [r for r in results["sweep"] if r["net"] == net]
+        if sweep:
+            levels = sorted({r["target_sparsity"] for r in sweep})
+            lines += ["", f"{net}: one-shot test error % at each sparsity (mean ± std over seeds)", "",
+                      "| method | " + " | ".join(f"{100 * t:.0f}%" for t in levels) + " |", "|---|" + "---|" * len(levels)]
+            for method in dict.fromkeys(r["method"] for r in sweep):
+                cells = [_mean_std([100 * (1 - r["oneshot_acc"]) for r in sweep if r["method"] == method and r["target_sparsity"] == t])
+                         for t in levels]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Dict[str, Any], path: str) -> None:
+    """Per net: one-shot accuracy vs sparsity (the sweep), and accuracy vs retraining steps at the paper's target;
+    mean over seeds, bars at ± one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = list(dict.fromkeys(d["net"] for d in results["dense"]))
+    palette = plt.get_cmap("tab20").colors
+    style = {m: {"color": palette[i % len(palette)], "ls": "-" if m in OBS_METHODS else "--"} for i, m in enumerate(ALL_METHODS)}
+    fig, axes = plt.subplots(len(nets), 2, figsize=(12, 4.2 * len(nets)), dpi=100, squeeze=False)
+
+    def band(values: List[float]) -> Tuple[float, float]:
+        m = sum(values) / len(values)
+        return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+    for row, net in enumerate(nets):
+        dense = band([100 * d["dense_acc"] for d in results["dense"] if d["net"] == net])[0]
+        ax = axes[row][0]
+        sweep = [r for r in results["sweep"] if r["net"] == net]
+        for method in dict.fromkeys(r["method"] for r in sweep):
+            levels = sorted({r["target_sparsity"] for r in sweep if r["method"] == method})
+            pts = [band([100 * r["oneshot_acc"] for r in sweep if r["method"] == method and r["target_sparsity"] == t]) for t in levels]
+            ax.errorbar([100 * t for t in levels], [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, label=method, **style[method])
+        ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
+        ax.set_ylim(max(0.0, dense - 30), dense + 1)
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("one-shot test accuracy (%)")
+        ax.set_title(f"{net}: one-shot, no retraining", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        ax = axes[row][1]
+        runs = [r for r in results["runs"] if r["net"] == net]
+        for method in dict.fromkeys(r["method"] for r in runs):
+            rs = [r for r in runs if r["method"] == method]
+            steps = sorted({int(k) for r in rs for k in r["acc_at"]})
+            pre = rs[0]["pre_steps"]
+            xs = [pre + 1] + [pre + s for s in steps]  # one-shot drawn at step 1 of a log axis
+            pts = [band([100 * r["oneshot_acc"] for r in rs])] + [band([100 * r["acc_at"][s] for r in rs]) for s in steps]
+            ax.errorbar(xs, [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, label=method, **style[method])
+        ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
+        ax.axhline(dense - 0.5, color="gray", ls=":", lw=1, label="dense - 0.5")
+        ax.set_xscale("log")
+        ax.set_ylim(max(0.0, dense - 10), dense + 0.5)
+        ax.set_xlabel("retraining steps (iterative methods: counted from their first round)")
+        ax.set_ylabel("test accuracy (%)")
+        target = runs[0]["target_sparsity"] if runs else float("nan")
+        ax.set_title(f"{net} at {100 * target:.0f}% sparsity: retraining with the masks held", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -496,6 +496,22 @@ def _lobs_sequential(W: Tensor, Hinv: Tensor, mask: Tensor, scores: Tensor) -> T
 # --------------------------------------------------------------------------- exact
 
 
+def _compact_in_place(Hinv: Tensor, keep: Tensor) -> Tensor:
+    """``Hinv[r][keep[r]][:, keep[r]]`` for every row r, written over the front of ``Hinv``'s own storage.
+
+    A fresh (R, w, w) tensor would cost more in page faults than the copy itself; row r's result ends
+    before row r + 1's source begins (w < dc), and each row's source is read into a buffer first.
+    """
+    R, dc, _ = Hinv.shape
+    width = keep.shape[1]
+    flat = Hinv.reshape(-1)  # a view: Hinv is contiguous
+    rows_buf = torch.empty(width, dc, dtype=Hinv.dtype, device=Hinv.device)
+    for r in range(R):
+        torch.index_select(Hinv[r], 0, keep[r], out=rows_buf)
+        torch.index_select(rows_buf, 1, keep[r], out=flat[r * width * width : (r + 1) * width * width].view(width, width))
+    return flat[: R * width * width].view(R, width, width)
+
+
 def _greedy_trace(
     W: Tensor,
     Hinv: Tensor,
@@ -571,15 +587,14 @@ def _greedy_trace(
                 blocked |= full.unsqueeze(1) & (groupmap == gq.unsqueeze(1))
         j += 1
         if j == lazy or step == steps - 1:
-            Hinv.baddbmm_(U[:, :j, :].transpose(1, 2), U[:, :j, :], alpha=-1)
-            j = 0
-            candidates = (~blocked).sum(dim=1)
-            width = int(candidates.max())
+            width = int((~blocked).sum(dim=1).max())
             if step < steps - 1 and width <= shrink * dc:
-                # Candidates first, then kept-but-blocked columns as padding (stable keeps order).
+                # Compact every row to its candidates (then kept-but-blocked columns as padding; stable keeps
+                # the order) before the flush, so the flush only updates the block that is still needed.
                 keep = torch.argsort(blocked.to(torch.int8), dim=1, stable=True)[:, :width]
-                lin = (keep.unsqueeze(2) * dc + keep.unsqueeze(1)).view(R, width * width)
-                Hinv = Hinv.view(R, dc * dc).gather(1, lin).view(R, width, width)
+                Hinv = _compact_in_place(Hinv, keep)
+                Uk = U[:, :j, :].gather(2, keep.unsqueeze(1).expand(R, j, width))
+                Hinv.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1)
                 W, diag, blocked, cost, colmap = (t.gather(1, keep) for t in (W, diag, blocked, cost, colmap))
                 if forced is not None:
                     forced = forced.gather(1, keep)
@@ -587,7 +602,9 @@ def _greedy_trace(
                     groupmap = groupmap.gather(1, keep)
                 U = torch.zeros(R, lazy, width, dtype=dtype, device=device)
             else:
+                Hinv.baddbmm_(U[:, :j, :].transpose(1, 2), U[:, :j, :], alpha=-1)
                 U.zero_()
+            j = 0
     return order, increments
 
 
@@ -680,12 +697,15 @@ def _exact_trace(
         return empty.long(), empty.to(W.dtype)
     chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes)
     orders, incs = [], []
+    # One buffer for every chunk: a fresh (R, d, d) allocation per chunk costs about as much in page faults as
+    # a flush. The trace downdates its chunk's copy in place.
+    buffer = torch.empty(min(chunk, rows), d, d, dtype=Hinv.dtype, device=Hinv.device)
     for start in range(0, rows, chunk):
         sl = slice(start, start + chunk)
-        Hrows = Hinv[gidx[sl]].contiguous()  # a fresh (R, d, d) copy that the trace downdates in place
+        idx = gidx[sl]
+        Hrows = torch.index_select(Hinv, 0, idx, out=buffer[: idx.numel()])
         f = forced[sl] if forced is not None else None
-        order, inc = _greedy_trace(W[sl], Hrows, dead[gidx[sl]], steps, pattern, frozen, options.lazy_steps, f)
-        del Hrows
+        order, inc = _greedy_trace(W[sl], Hrows, dead[idx], steps, pattern, frozen, options.lazy_steps, f)
         orders.append(order)
         incs.append(inc)
     return torch.cat(orders), torch.cat(incs)
