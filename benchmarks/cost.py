@@ -49,8 +49,8 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> flo
     return last
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -103,6 +103,7 @@ def main() -> None:
     torch.manual_seed(0)
     splits = load_mnist(args.data_dir)
     gemm = gemm_gflops()
+    gemm64 = gemm_gflops(dtype=torch.float64)  # the solvers' dtype
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -110,6 +111,7 @@ def main() -> None:
             "torch": torch.__version__,
             "load_avg_start": os.getloadavg(),
             "gemm_gflops_fp32_2048": gemm,
+            "gemm_gflops_fp64_2048": gemm64,
         },
         "data": splits.source,
         "sparsity": args.sparsity,
@@ -153,14 +155,17 @@ def main() -> None:
                 "prune_model_seconds": total,
                 "solve_gflops_per_s": flops / max(report.solve_seconds, 1e-9) / 1e9,
                 "solve_vs_gemm": flops / max(report.solve_seconds, 1e-9) / 1e9 / gemm,
+                "solve_vs_gemm_fp64": flops / max(report.solve_seconds, 1e-9) / 1e9 / gemm64,
                 "solve_over_dense_epoch": report.solve_seconds / epoch_s,
                 "layers": layers,
             }
             print(f"{net_name:9s} {method:6s} calib {report.calibration_seconds:6.2f}s solve {report.solve_seconds:6.2f}s "
-                  f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM {gemm:.0f}) "
+                  f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM fp32 {gemm:.0f} fp64 {gemm64:.0f}) "
                   f"dense epoch {epoch_s:.2f}s", flush=True)
         results["nets"][net_name] = entry
     results["machine"]["load_avg_end"] = os.getloadavg()
+    results["machine"]["gemm_gflops_fp32_2048_end"] = gemm_gflops()
+    results["machine"]["gemm_gflops_fp64_2048_end"] = gemm_gflops(dtype=torch.float64)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -426,6 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         results = merge_results([json.loads(Path(f).read_text()) for f in args.report])
         print_tables(results)
         print(summary_tables(results))
+        print(cost_table(results))
         if args.plot:
             plot(results, args.plot)
         return results
@@ -610,6 +611,33 @@ def summary_tables(results: Dict[str, Any]) -> str:
                 cells = [_mean_std([100 * (1 - r["oneshot_acc"]) for r in sweep if r["method"] == method and r["target_sparsity"] == t])
                          for t in levels]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(results: Dict[str, Any]) -> str:
+    """The reviewers' wall-clock question: per net, each method's whole-network prune time (and its slowest layer),
+    against one dense training epoch, the Hessians' collection and their inverses, from the same run (mean over
+    seeds). ``lwc_iter`` / ``iht`` include their retraining rounds."""
+    lines: List[str] = []
+    for net in dict.fromkeys(d["net"] for d in results["dense"]):
+        dense = [d for d in results["dense"] if d["net"] == net and "inverses_s" in d]
+        runs = [r for r in results["runs"] if r["net"] == net]
+        if not dense or not runs:
+            continue
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        epoch = mean([d["train_s"] / d["epochs"] for d in dense])
+        hess = mean([d["hessians_s"] for d in dense])
+        inv = mean([sum(d["inverses_s"].values()) for d in dense])
+        lines += ["", f"{net}: one dense epoch {epoch:.2f} s; Hessians of all layers (the calibration batches) {hess:.2f} s = {hess / epoch:.3f} epochs; their float64 inverses {inv:.3f} s = "
+                  f"{inv / epoch:.4f} epochs", "",
+                  "| method | prune s (whole net) | in dense epochs | slowest layer: s |", "|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in runs):
+            rs = [r for r in runs if r["method"] == method]
+            t = mean([r["detail"]["prune_s"] for r in rs])
+            layer_s = [max((v.get("seconds") or 0.0) for v in r["detail"].get("layers", {}).values()) for r in rs
+                       if r["detail"].get("layers")]
+            slow = f"{mean(layer_s):.3f}" if layer_s and any(layer_s) else ""
+            lines.append(f"| {method} | {t:.3f} | {t / epoch:.3f} | {slow} |")
     return "\n".join(lines)
 
 

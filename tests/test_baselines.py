@@ -197,3 +197,33 @@ def test_paper_mnist_retraining_holds_masks_and_counts_steps():
     assert pm.steps_within(0.98, 0.975, {50: 0.97}, 0, 0.005) == 0
     assert pm.steps_within(0.98, 0.90, {50: 0.97, 100: 0.9795}, 500, 0.001) == 600
     assert pm.steps_within(0.98, 0.90, {50: 0.97}, 0, 0.001) is None
+
+
+def test_sparsegpt_sweep_with_a_diagonal_hessian_is_obd_without_compensation():
+    """Independent inputs: no error feedback between columns, and one block ranks by w^2 H_qq layer-wide (OBD)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    H = torch.diag(torch.rand(12, generator=g, dtype=torch.float64) + 0.5)
+    V, keep = B.sparsegpt_sweep(W, H, 0.5, blocksize=128, percdamp=0.0)
+    expect = B.mask_from_scores(B.obd_saliency(W, H), 0.5, "layer")
+    assert torch.equal(keep, expect)
+    assert torch.allclose(V, W * expect, rtol=0, atol=1e-12)
+
+
+def test_sparsegpt_sweep_nm_matches_the_library_fast_solver_without_refit():
+    """The 2:4 mask and the compensated weights of the plain sweep are the library's ``fast`` without its refit."""
+    from lightning_lobs import SolverOptions
+    from lightning_lobs.solvers import solve_layer
+
+    W, H, _ = _problem(rows=5, d=16, n=80, seed=4)
+    V, keep = B.sparsegpt_sweep(W, H, nm=(2, 4), percdamp=0.01)
+    res = solve_layer(W, H, None, "fast", pattern="2:4", solver=SolverOptions(refit=False, damp=0.01, dtype=torch.float64))
+    assert torch.equal(keep, res.mask)
+    cond = float(torch.linalg.cond(H))
+    assert torch.allclose(V, res.weight.double(), rtol=0, atol=100 * cond * torch.finfo(torch.float64).eps * W.abs().max())
+    # Unstructured: exactly the quota per block, and far better than magnitude on correlated inputs.
+    V, keep = B.sparsegpt_sweep(W, H, 0.5, blocksize=8)
+    assert int((~keep).sum()) == 2 * int(5 * 8 * 0.5)
+    assert bool((V[~keep] == 0).all())
+    mag = B.mask_from_scores(W.abs(), 0.5, "layer")
+    assert B.layer_objective(W, V, H) < B.layer_objective(W, W * mag, H)

@@ -123,3 +123,29 @@ def test_stdlib_split_is_per_file_and_fixed() -> None:
     assert files == sorted(files, key=lambda p: p.as_posix()) and not any("site-packages" in p.parts for p in files)
     counts = {k: sum(text_data.split_of(p) == k for p in files) for k in text_data.SPLIT_NAMES}
     assert counts["train"] > 10 * counts["test"] > 0 and counts["validation"] > 0
+
+
+def test_dense_cache_trains_once_and_retrains_when_a_setting_changes(tmp_path: Path) -> None:
+    path = str(tmp_path / "dense.pt")
+    calls = []
+
+    def train_into(module: torch.nn.Module, value: float):
+        def train():
+            calls.append(value)
+            with torch.no_grad():
+                module.weight.fill_(value)
+            return {"seconds": value}
+        return train
+
+    a = torch.nn.Linear(3, 2)
+    info = deep_common.train_or_load(path, {"lr": 1.0}, a, train_into(a, 1.0))
+    assert info == {"seconds": 1.0, "dense_source": "trained in this run"} and calls == [1.0]
+    b = torch.nn.Linear(3, 2)
+    info = deep_common.train_or_load(path, {"lr": 1.0}, b, train_into(b, 9.0))
+    assert calls == [1.0] and info["dense_source"].startswith("loaded from") and info["seconds"] == 1.0
+    assert torch.equal(b.weight, a.weight) and torch.equal(b.bias, a.bias)
+    c = torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="other settings"):
+        info = deep_common.train_or_load(path, {"lr": 2.0}, c, train_into(c, 2.0))
+    assert calls == [1.0, 2.0] and info["dense_source"] == "trained in this run" and bool((c.weight == 2.0).all())
+    assert deep_common.train_or_load(None, {"lr": 1.0}, c, train_into(c, 3.0))["dense_source"] == "trained in this run"

@@ -1257,3 +1257,41 @@ def test_exact_min_kept_split_is_the_best_capped_greedy_split():
             res, _, mask = run(Wt, H, k / (rows * d), "exact", options=replace(OPT64, min_kept_per_row=m))
             assert pruned_count(mask) == k and bool((mask.sum(1) >= m).all())
             assert abs(res.error - best) <= solve_tol(H) * best, (seed, k, res.error, best)
+
+
+# =========================================================================== 8. the exact trace's bookkeeping
+
+
+@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
+@pytest.mark.parametrize("forced", [False, True])
+def test_greedy_trace_compaction_and_lazy_flushes_do_not_change_the_trace(pattern, forced):
+    """Compacting every row to its candidates (at every flush, or never) and the flush interval only reorder
+    floating-point sums: the greedy order is the same and the losses agree to rounding."""
+    X = make_inputs(80, 16, seed=51, kind="corr")
+    H = hess(X).double()
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H + 0.01 * H.diagonal().mean() * torch.eye(16, dtype=H.dtype)))
+    W = make_weight(7, 16, 51).double()
+    dead = torch.zeros(7, 16, dtype=torch.bool)
+    prior = None
+    if forced:
+        prior = torch.zeros(7, 16, dtype=torch.bool)
+        prior[:, ::5] = True
+    steps = 8 if pattern is not None else 16
+    runs = []
+    for lazy, shrink in ((1, 0.0), (3, 1.0), (32, 0.75), (5, 0.0)):
+        runs.append(solvers_mod._greedy_trace(W, Hinv.expand(7, 16, 16).contiguous(), dead, steps, pattern, 0, lazy, prior, shrink=shrink))
+    cond = float(torch.linalg.cond(H))
+    for order, inc in runs[1:]:
+        assert torch.equal(order, runs[0][0])
+        assert torch.allclose(inc, runs[0][1], rtol=100 * cond * torch.finfo(torch.float64).eps * 16, atol=0)
+
+
+def test_exact_trace_row_chunks_share_one_buffer_without_changing_the_result():
+    """Rows solved in chunks (a small ``max_memory_bytes``) reuse one buffer; each chunk starts from a clean H^-1."""
+    X = make_inputs(80, 12, seed=52, kind="corr")
+    H = hess(X)
+    Wt = make_weight(9, 12, 52)
+    whole = solvers_mod.greedy_trace(Wt, H, solver=replace(OPT64, max_memory_bytes=1 << 30))
+    chunked = solvers_mod.greedy_trace(Wt, H, solver=replace(OPT64, max_memory_bytes=2 * 12 * 12 * 8))
+    assert torch.equal(whole.order, chunked.order)
+    assert torch.allclose(whole.increments, chunked.increments, rtol=1e-12, atol=0)
