@@ -1,8 +1,9 @@
 """lightning-lobs: Layer-wise Optimal Brain Surgeon pruning for PyTorch Lightning."""
 
+from typing import TYPE_CHECKING, Any
+
 from .allocation import GlobalAllocation
 from .api import prune_model
-from .callback import LOBSPruning
 from .export import SparseFileInfo, export_sparse, load_sparse, save_sparse, to_sparse_inference
 from .masks import MaskSet, model_sparsity
 from .options import CalibrationOptions, PruneOptions, PruneProgress
@@ -33,3 +34,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .callback import LOBSPruning
+
+
+def __getattr__(name: str) -> Any:
+    # The callback imports Lightning (and through it torchmetrics), seconds of imports that prune_model,
+    # the solvers and the export functions do not need: it is loaded on first use of the name.
+    if name == "LOBSPruning":
+        from .callback import LOBSPruning
+
+        return LOBSPruning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

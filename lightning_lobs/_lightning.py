@@ -63,12 +63,3 @@ def namespace_of(trainer: Any) -> ModuleType:
 def callback_classes(name: str) -> Tuple[type, ...]:
     """``<ns>.callbacks.<name>`` of every installed namespace (for ``isinstance`` across both)."""
     return tuple(getattr(ns.callbacks, name) for ns in NAMESPACES if hasattr(ns.callbacks, name))
-
-
-def move_data_to_device(batch: Any, device: Any) -> Any:
-    """Fabric's ``move_data_to_device`` from whichever package provides it."""
-    try:
-        from lightning.fabric.utilities.apply_func import move_data_to_device as move
-    except ImportError:
-        from lightning_fabric.utilities.apply_func import move_data_to_device as move
-    return move(batch, device)

@@ -16,6 +16,7 @@ Any failure restores the model's weights, BatchNorm statistics and train/eval mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -203,9 +204,26 @@ def is_empty_batch(batch: Any) -> bool:
 
 
 def _move(batch: Any, device: torch.device) -> Any:
-    from ._lightning import move_data_to_device  # lightning.fabric or lightning_fabric, whichever is installed
-
-    return move_data_to_device(batch, device)
+    """``batch`` with every tensor on ``device``: through tuples, lists, named tuples, mappings and dataclasses,
+    and objects with their own ``.to`` (a transformers ``BatchEncoding``, say). Written here rather than borrowed
+    from Lightning Fabric so that ``prune_model`` needs no Lightning."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        moved = {f.name: _move(getattr(batch, f.name), device) for f in dataclasses.fields(batch) if f.init}
+        return dataclasses.replace(batch, **moved)
+    if isinstance(batch, Mapping):
+        items = {k: _move(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(_move(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    to = getattr(batch, "to", None)
+    return to(device) if callable(to) else batch
 
 
 def _model_device(model: nn.Module) -> torch.device:

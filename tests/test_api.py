@@ -737,3 +737,31 @@ def test_batchnorm_never_called_keeps_its_statistics(cnn_loader):
     assert torch.equal(model.spare.running_var, torch.full((8,), 2.0))
     assert int(model.spare.num_batches_tracked) == 7
     assert not torch.allclose(model.body[1].running_mean, used_before)  # the used one was re-estimated
+
+
+def test_batches_are_moved_through_containers_and_dataclasses():
+    """The engine's own batch mover (no Lightning Fabric): tensors inside tuples, lists, named tuples, mappings,
+    dataclasses and objects with ``.to`` all reach the target; everything else is left as it is."""
+    import collections
+    import dataclasses
+
+    from lightning_lobs.pruner import _move
+
+    Pair = collections.namedtuple("Pair", "x y")
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        tag: str = "a"
+
+    class WithTo:
+        def to(self, device):
+            return ("moved", device)
+
+    t = torch.ones(2)
+    moved = _move({"a": (t, [t]), "p": Pair(t, 3), "d": Batch(t), "w": WithTo(), "s": "text"}, torch.device("meta"))
+    assert moved["a"][0].is_meta and moved["a"][1][0].is_meta and isinstance(moved["a"], tuple)
+    assert isinstance(moved["p"], Pair) and moved["p"].x.is_meta and moved["p"].y == 3
+    assert isinstance(moved["d"], Batch) and moved["d"].x.is_meta and moved["d"].tag == "a"
+    assert moved["w"] == ("moved", torch.device("meta")) and moved["s"] == "text"
+    assert not t.is_meta

@@ -82,7 +82,24 @@ def test_only_the_unified_package_installed():
 
 
 def test_neither_installed_names_both_install_commands():
-    out = run(BLOCK.format(blocked=["lightning", "pytorch_lightning", "lightning_fabric"]) + "import lightning_lobs\n")
+    out = run(BLOCK.format(blocked=["lightning", "pytorch_lightning", "lightning_fabric"]) + "from lightning_lobs import LOBSPruning\n")
     assert out.returncode != 0
     assert "ImportError" in out.stderr
     assert "pip install lightning" in out.stderr and "pip install pytorch-lightning" in out.stderr
+
+
+def test_prune_model_works_without_lightning_and_the_import_does_not_load_it():
+    """The callback is the only part that needs Lightning: ``import lightning_lobs`` does not import it, so
+    ``prune_model`` runs with neither package installed (and a user with Lightning pays for its import only
+    when using ``LOBSPruning``)."""
+    code = BLOCK.format(blocked=["lightning", "pytorch_lightning", "lightning_fabric"]) + textwrap.dedent("""
+        import sys, torch
+        import lightning_lobs
+        assert not any(m.split(".")[0] in ("lightning", "pytorch_lightning") for m in sys.modules)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        report = lightning_lobs.prune_model(net, [torch.randn(32, 8) for _ in range(2)], 0.5, "exact")
+        assert abs(report.sparsity - 0.5) < 0.02, report.sparsity
+        print("OK")
+    """)
+    out = run(code)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
