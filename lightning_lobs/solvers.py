@@ -688,6 +688,16 @@ def _exact_trace(
     forced: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
+    if pattern is None and forced is None and Hinv.shape[0] == 1 and bool(dead.any()):
+        # A dead input (always 0 in the calibration data) is removed first, at no cost and without moving any other
+        # weight: its row and column of H^-1 are zero off the diagonal. So the greedy sequence is those removals
+        # followed by the trace of the live columns alone, which is cheaper by the cube of their share.
+        live = (~dead[0]).nonzero().squeeze(1)
+        gone = dead[0].nonzero().squeeze(1)
+        sub = Hinv[:, live][:, :, live].contiguous()
+        order, inc = _exact_trace(W[:, live], sub, dead[:, live], None, frozen, options, None)
+        order = torch.cat([gone.expand(rows, -1), live[order]], dim=1)
+        return order, torch.cat([inc.new_zeros(rows, gone.numel()), inc], dim=1)
     dp = d - frozen
     gidx = _row_groups(rows, Hinv.shape[0], W.device)
     # Unstructured rows run to the end so that per-row budgets can be chosen freely afterwards.

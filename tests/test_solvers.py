@@ -1295,3 +1295,19 @@ def test_exact_trace_row_chunks_share_one_buffer_without_changing_the_result():
     chunked = solvers_mod.greedy_trace(Wt, H, solver=replace(OPT64, max_memory_bytes=2 * 12 * 12 * 8))
     assert torch.equal(whole.order, chunked.order)
     assert torch.allclose(whole.increments, chunked.increments, rtol=1e-12, atol=0)
+
+
+def test_exact_trace_removes_dead_inputs_first_and_traces_the_live_columns_alone():
+    """Dead inputs go first at zero cost, then the live columns' trace: the same sequence as running the greedy
+    over all columns (where the dead ones win every tie at loss 0 and move nothing)."""
+    X = make_inputs(80, 12, seed=53, kind="corr", dead=(2, 7, 8), bias=True)
+    H = hess(X)
+    Wt = make_weight(6, 13, 53)
+    trace = solvers_mod.greedy_trace(Wt[:, :12], H, bias=Wt[:, 12], solver=OPT64)
+    _, Hinv, _, dead = solvers_mod._inverse_with_damping(H, OPT64)
+    order, inc = solvers_mod._greedy_trace(Wt.clone(), Hinv.expand(6, 13, 13).contiguous(), dead.expand(6, 13), 12, None, 1, 32)
+    assert torch.equal(trace.order[:, :3], torch.tensor([2, 7, 8]).expand(6, 3))
+    assert torch.equal(trace.order, order)
+    cond = float(torch.linalg.cond(H + torch.diag((H.diagonal() == 0).to(H.dtype))))
+    assert torch.allclose(trace.increments, inc, rtol=100 * cond * torch.finfo(torch.float64).eps * 13, atol=0)
+    assert bool((trace.increments[:, :3] == 0).all())
