@@ -155,7 +155,8 @@ def baseline_masks(
     pattern: Optional[Tuple[int, int]],
     norms: Optional[Mapping[str, Tensor]] = None,
 ) -> Dict[str, Tensor]:
-    """Keep-masks (weight shape) of ``rule`` for the layers ``names``: ``magnitude_global``, ``magnitude_layer``, ``wanda``.
+    """Keep-masks (weight shape) of ``rule`` for the layers ``names``: ``magnitude_global``, ``magnitude_layer``, ``wanda``,
+    or ``dense`` (all kept: the control that only retrains).
 
     Unstructured: magnitude through ``magnitude_masks`` (global threshold or every layer at ``sparsity``), Wanda per
     output row at ``sparsity`` (its paper's comparison group). With ``pattern=(n, m)`` every rule keeps the ``n``
@@ -163,6 +164,8 @@ def baseline_masks(
     """
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight.detach() for n in names}
+    if rule == "dense":  # the control: nothing pruned, retrained the same way
+        return {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
     out: Dict[str, Tensor] = {}
     for n, w in weights.items():
         mod = modules[n]
