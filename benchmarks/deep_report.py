@@ -11,43 +11,32 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 from typing import Any, Dict, List
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-def _key(r: Dict[str, Any]) -> str:
-    return r["pattern"] or f"{round(100 * r['sparsity'])}%"
+from gpt2_stdlib import perplexity_table  # noqa: E402
+from resnet_mnist import accuracy_table, method_key  # noqa: E402
 
 
 def resnet(res: Dict[str, Any]) -> str:
     rows = res["rows"]
-    cols = list(dict.fromkeys(_key(r) for r in rows))
+    cols = list(dict.fromkeys(method_key(r) for r in rows))
     out = [
         f"Dense: {100 * res['dense_acc']:.2f}% test accuracy ({res['num_train']} train / {res['num_test']} test, "
         f"{res['args']['epochs']} epochs, {res['dense_train_s']:.0f} s). Cells: one-shot test accuracy %, "
         f"(after {res['args']['retrain_steps']} retraining steps with the masks held) where retrained.",
         "",
-        "| method | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
+        *accuracy_table(rows),
     ]
-    for m in dict.fromkeys(r["method"] for r in rows):
-        cells = []
-        for c in cols:
-            r = next((r for r in rows if r["method"] == m and _key(r) == c), None)
-            if r is None:
-                cells.append("")
-                continue
-            s = f"{100 * r['oneshot']['acc']:.2f}"
-            if r.get("retrained"):
-                s += f" ({100 * r['retrained']['acc']:.2f})"
-            cells.append(s)
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
     out += ["", "Measured RMS output error of the logits (pruned vs dense, calibration batches) and the bound's note:", "",
             "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     notes = set()
     for m in dict.fromkeys(r["method"] for r in rows if "output_error" in r):
         cells = []
         for c in cols:
-            r = next((r for r in rows if r["method"] == m and _key(r) == c), None)
+            r = next((r for r in rows if r["method"] == m and method_key(r) == c), None)
             cells.append("" if r is None else f"{r['output_error']:.3g}")
             if r is not None:
                 notes.add(r["bound_note"])
@@ -63,19 +52,8 @@ def gpt2(res: Dict[str, Any]) -> str:
         f"Dense: test perplexity {d['ppl']:.3f} ({d['bpb']:.4f} bits/byte) on {d['tokens']} test tokens. "
         f"Cells: perplexity (bits/byte); retraining = {res['args']['retrain_steps']} steps with the masks held.",
         "",
-        "| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
-        "|---|---|---|---|---|---|",
+        *perplexity_table(rows, bpb_digits=4),
     ]
-    for m in dict.fromkeys(r["method"] for r in rows):
-        cells, secs = [], []
-        for pat in (None, "2:4"):
-            r = next((r for r in rows if r["method"] == m and r["pattern"] == pat), None)
-            if r is None:
-                cells += ["", ""]
-                continue
-            cells += [f"{r['oneshot']['ppl']:.3f} ({r['oneshot']['bpb']:.4f})", f"{r['retrained']['ppl']:.3f} ({r['retrained']['bpb']:.4f})"]
-            secs.append(f"{r['prune_seconds']:.1f}")
-        out.append(f"| {m} | " + " | ".join(cells) + f" | {' / '.join(secs)} |")
     out += ["", "Validation curve (step: nats/byte): " + ", ".join(f"{s}: {v:.3f}" for s, v, _ in res["val_curve"])]
     # fast vs exact, layer by layer (each in its own sequential run, so inputs differ slightly)
     for pat in (None, "2:4"):

@@ -567,11 +567,16 @@ def merge_results(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
     return merged
 
 
+def _band(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
 def _mean_std(values: Sequence[float]) -> str:
     if not values:
         return ""
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    m, sd = _band(values)
     return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
@@ -654,17 +659,13 @@ def plot(results: Dict[str, Any], path: str) -> None:
     style = {m: {"color": palette[i % len(palette)], "ls": "-" if m in OBS_METHODS else "--"} for i, m in enumerate(ALL_METHODS)}
     fig, axes = plt.subplots(len(nets), 2, figsize=(12, 4.2 * len(nets)), dpi=100, squeeze=False)
 
-    def band(values: List[float]) -> Tuple[float, float]:
-        m = sum(values) / len(values)
-        return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
-
     for row, net in enumerate(nets):
-        dense = band([100 * d["dense_acc"] for d in results["dense"] if d["net"] == net])[0]
+        dense = _band([100 * d["dense_acc"] for d in results["dense"] if d["net"] == net])[0]
         ax = axes[row][0]
         sweep = [r for r in results["sweep"] if r["net"] == net]
         for method in dict.fromkeys(r["method"] for r in sweep):
             levels = sorted({r["target_sparsity"] for r in sweep if r["method"] == method})
-            pts = [band([100 * r["oneshot_acc"] for r in sweep if r["method"] == method and r["target_sparsity"] == t]) for t in levels]
+            pts = [_band([100 * r["oneshot_acc"] for r in sweep if r["method"] == method and r["target_sparsity"] == t]) for t in levels]
             ax.errorbar([100 * t for t in levels], [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, label=method, **style[method])
         ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
         ax.set_ylim(max(0.0, dense - 30), dense + 1)
@@ -680,7 +681,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
             steps = sorted({int(k) for r in rs for k in r["acc_at"]})
             pre = rs[0]["pre_steps"]
             xs = [pre + 1] + [pre + s for s in steps]  # one-shot drawn at step 1 of a log axis
-            pts = [band([100 * r["oneshot_acc"] for r in rs])] + [band([100 * r["acc_at"][s] for r in rs]) for s in steps]
+            pts = [_band([100 * r["oneshot_acc"] for r in rs])] + [_band([100 * r["acc_at"][s] for r in rs]) for s in steps]
             ax.errorbar(xs, [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, label=method, **style[method])
         ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
         ax.axhline(dense - 0.5, color="gray", ls=":", lw=1, label="dense - 0.5")

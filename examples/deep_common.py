@@ -33,6 +33,8 @@ from baselines import magnitude_masks, mask_from_scores, nm_mask_from_scores, wa
 
 from lightning_lobs import LOBSPruning, MaskSet, PruneReport  # noqa: E402
 from lightning_lobs.batchnorm import recalibrate_batchnorm  # noqa: E402
+from lightning_lobs.hessian import from_rows as _from_rows  # noqa: E402
+from lightning_lobs.hessian import to_rows  # noqa: E402
 
 OBS_METHODS = ("auto", "exact", "fast", "lobs")
 BASELINES = ("magnitude_global", "magnitude_layer", "wanda")
@@ -40,28 +42,19 @@ BASELINES = ("magnitude_global", "magnitude_layer", "wanda")
 # --------------------------------------------------------------------------- layers and their (rows, d) view
 
 
-def is_conv1d_hf(module: nn.Module) -> bool:
-    """``transformers``' ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def rows_view(module: nn.Module, weight: Tensor) -> Tensor:
     """``weight`` (or a tensor of its shape) as ``(out, d)`` with N:M groups along inputs (conv: input channels last)."""
-    if is_conv1d_hf(module):
-        return weight.t()
     if weight.dim() > 2:  # conv (out, in, *k) -> (out, *k, in): consecutive columns are input channels
         return weight.movedim(1, -1).reshape(weight.shape[0], -1)
-    return weight
+    return to_rows(module, weight)  # Linear, or transformers' Conv1D (stored transposed)
 
 
 def from_rows(module: nn.Module, rows: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of :func:`rows_view`."""
-    if is_conv1d_hf(module):
-        return rows.t().contiguous()
     if len(shape) > 2:
         k = shape[2:]
         return rows.reshape(shape[0], *k, shape[1]).movedim(-1, 1).contiguous()
-    return rows
+    return _from_rows(module, rows).contiguous()
 
 
 def _input_sq_norms(module: nn.Module, x: Tensor) -> Tensor:

@@ -332,23 +332,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def table(results: Dict[str, Any]) -> str:
-    """Markdown table: methods x (50%, 2:4), test perplexity and bits/byte, one-shot -> retrained."""
-    d = results["dense_test"]
-    lines = [f"dense test perplexity {d['ppl']:.3f} ({d['bpb']:.3f} bits/byte)", "",
-             "| method | 50% one-shot ppl (bpb) | 50% retrained | 2:4 one-shot | 2:4 retrained | prune s (50% / 2:4) |",
+def perplexity_table(rows: Sequence[Dict[str, Any]], bpb_digits: int = 3) -> List[str]:
+    """Markdown lines: methods x (50%, 2:4), test perplexity (bits/byte), one-shot and retrained, and prune seconds."""
+    lines = ["| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
              "|---|---|---|---|---|---|"]
-    for method in dict.fromkeys(r["method"] for r in results["rows"]):
+    for method in dict.fromkeys(r["method"] for r in rows):
         cells, secs = [], []
         for pat in (None, "2:4"):
-            r = next((r for r in results["rows"] if r["method"] == method and r["pattern"] == pat), None)
+            r = next((r for r in rows if r["method"] == method and r["pattern"] == pat), None)
             if r is None:
                 cells += ["", ""]
                 continue
-            cells += [f"{r['oneshot']['ppl']:.3f} ({r['oneshot']['bpb']:.3f})", f"{r['retrained']['ppl']:.3f} ({r['retrained']['bpb']:.3f})"]
+            cells += [f"{r[k]['ppl']:.3f} ({r[k]['bpb']:.{bpb_digits}f})" for k in ("oneshot", "retrained")]
             secs.append(f"{r['prune_seconds']:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {' / '.join(secs)} |")
-    return "\n".join(lines)
+    return lines
+
+
+def table(results: Dict[str, Any]) -> str:
+    """The dense perplexity and :func:`perplexity_table`."""
+    d = results["dense_test"]
+    return "\n".join([f"dense test perplexity {d['ppl']:.3f} ({d['bpb']:.3f} bits/byte)", "", *perplexity_table(results["rows"])])
 
 
 def _plot(path: str, results: Dict[str, Any]) -> None:

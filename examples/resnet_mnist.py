@@ -242,20 +242,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def table(results: Dict[str, Any]) -> str:
-    """Markdown table: methods x sparsities, one-shot accuracy (retrained in parentheses where measured)."""
-    rows = results["rows"]
-    cols: List[str] = []
-    for r in rows:
-        key = r["pattern"] or f"{r['sparsity']:.0%}"
-        if key not in cols:
-            cols.append(key)
-    lines = [f"dense test accuracy {100 * results['dense_acc']:.2f}%", "",
-             "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+def method_key(row: Dict[str, Any]) -> str:
+    """The column of a result row: its pattern, or its sparsity in percent."""
+    return row["pattern"] or f"{row['sparsity']:.0%}"
+
+
+def accuracy_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Markdown lines: methods x sparsities, one-shot accuracy % (retrained in parentheses where measured)."""
+    cols = list(dict.fromkeys(method_key(r) for r in rows))
+    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
         for c in cols:
-            r = next((r for r in rows if r["method"] == method and (r["pattern"] or f"{r['sparsity']:.0%}") == c), None)
+            r = next((r for r in rows if r["method"] == method and method_key(r) == c), None)
             if r is None:
                 cells.append("")
                 continue
@@ -264,7 +263,12 @@ def table(results: Dict[str, Any]) -> str:
                 cell += f" ({100 * r['retrained']['acc']:.2f})"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
+
+
+def table(results: Dict[str, Any]) -> str:
+    """The dense accuracy and :func:`accuracy_table`."""
+    return "\n".join([f"dense test accuracy {100 * results['dense_acc']:.2f}%", "", *accuracy_table(results["rows"])])
 
 
 def _plot(path: str, results: Dict[str, Any]) -> None:
