@@ -574,6 +574,11 @@ class _PruneRun:
         return self.calibrate([name], report=False)[name]
 
     def execution_order(self) -> List[str]:
+        """The selected layers in the order the forward first calls them, over all calibration batches.
+
+        Batches are run until every layer has been seen (usually one), so a layer that only a later batch
+        calls (a data-dependent branch, an MoE expert) is pruned as the non-sequential path prunes it.
+        """
         order: List[str] = []
         modules = {n: l.module for n, l in self.layers.items()}
         handles = [
@@ -581,7 +586,10 @@ class _PruneRun:
             for n, m in modules.items()
         ]
         try:
-            self.run_batch(self.batches[0])
+            for batch in self.batches:
+                self.run_batch(batch)
+                if len(order) == len(modules):
+                    break
         finally:
             for h in handles:
                 h.remove()

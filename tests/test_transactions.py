@@ -469,3 +469,33 @@ def test_prune_model_says_when_an_iterator_yields_fewer_batches_than_asked():
         prune_model(bn_net(), iter(calib_batches(3)), 0.5, calibration_batches=3)
 
 
+# --------------------------------------------------------------------------- data-dependent layers
+
+
+class Branchy(nn.Module):
+    """``expert`` is called only on batches of 3 rows (a data-dependent branch, an MoE expert)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+        self.expert = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.expert(h) if x.shape[0] == 3 else self.b(h)
+
+
+@pytest.mark.parametrize("spec", ["pattern", "named"])
+def test_sequential_prunes_the_layers_the_parallel_path_prunes(spec):
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(3, 8, generator=g)]
+    sparsity = 0.5 if spec == "pattern" else {"a": 0.5, "b": 0.5, "expert": 0.5}
+    pruned = {}
+    for sequential in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no "never called" warning either
+            report = prune_model(Branchy(), batches, sparsity, allocation="uniform", sequential=sequential)
+        pruned[sequential] = set(report.layers)
+    assert pruned[False] == pruned[True] == {"a", "b", "expert"}
