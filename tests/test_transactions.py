@@ -314,6 +314,17 @@ def test_exception_checkpoint_holds_the_old_state_and_resumes_into_a_normal_prun
         assert torch.all(weight[~lobs2.masks[name].to(weight.device)] == 0)
 
 
+def test_a_failed_step_prune_does_not_mark_the_steps_it_passed_over_as_pruned(monkeypatch):
+    """A resume past two prune steps prunes once at the later one and records both; if that prune fails, neither."""
+    from types import SimpleNamespace
+
+    lobs = LOBSPruning(sparsity=[0.5, 0.7], prune_step=[2, 4], calibration_batches=2, log_table=False)
+    monkeypatch.setattr(lobs, "prune_now", lambda *a: (_ for _ in ()).throw(Injected("prune")))
+    with pytest.raises(Injected):
+        lobs.on_train_batch_start(SimpleNamespace(global_step=5), None, None, 0)
+    assert lobs.pruned_steps == []
+
+
 # --------------------------------------------------------------------------- reusing a callback
 
 
