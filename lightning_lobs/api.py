@@ -88,7 +88,8 @@ def prune_model(
         sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
             ``allocation``, ``exclude``, ``sequential``, ``solver``, ``calibration``,
             ``forward_fn``, ``recalibrate_bn``): see there. Or pass ``options=PruneOptions(...)``.
-        calibration_batches: how many batches to calibrate on (all when None).
+        calibration_batches: how many batches to calibrate on (all when None); an iterator that
+            yields fewer gives a warning with the count.
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it
             receives the new masks.
         progress: True prints phase, layer i/N, elapsed time and an ETA to stderr while it
@@ -96,6 +97,9 @@ def prune_model(
 
     Returns:
         A :class:`PruneReport` with per-layer errors, sparsities, the bound and the masks.
+
+    All or nothing: if it raises (a KeyboardInterrupt too), the model's weights, BatchNorm statistics
+    and ``masks`` are as they were before the call.
     """
     if options is None:
         options = PruneOptions.from_kwargs("prune_model()", sparsity=sparsity, method=method, **kwargs)
