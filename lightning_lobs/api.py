@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Any, Iterable, Optional, Union
+import warnings
+from typing import Any, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
@@ -14,11 +15,31 @@ from .options import ProgressFn, PruneOptions
 from .pruner import PruneReport, prune
 
 
+def is_one_shot(source: Any) -> bool:
+    """Whether ``source`` is an iterator (a generator, ``iter(loader)``): it yields its batches once, and
+    iterating it again continues where the last pass stopped instead of starting over."""
+    return isinstance(source, Iterator)
+
+
+def _loader_generators(dataloader: Any) -> List[torch.Generator]:
+    """The loader's own RNGs: its ``generator`` (a DataLoader draws its workers' base seed from it) and
+    its sampler's / batch sampler's (a shuffling sampler draws each epoch's order from it)."""
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    found: List[torch.Generator] = []
+    for owner in (dataloader, getattr(dataloader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
 def take_batches(dataloader: Iterable[Any], calibration_batches: Optional[int]) -> list:
     """The first ``calibration_batches`` batches of ``dataloader`` (all of them when None).
 
-    The global RNG is forked while iterating: a shuffling sampler draws its seed from it when an
-    iterator is made, and calibration must not change the training run's data order.
+    Every RNG that shapes the training run's data order is left as it was: the global RNGs are
+    forked (a shuffling sampler without a generator seeds itself from them when an iterator is
+    made), and the states of the loader's and its sampler's own ``generator`` are put back.
+    A one-shot iterator that yields fewer batches than asked gets a warning saying how many were used.
     """
     if calibration_batches is not None:
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
@@ -26,10 +47,24 @@ def take_batches(dataloader: Iterable[Any], calibration_batches: Optional[int]) 
                 f"calibration_batches must be an int >= 1 (or None for the whole dataloader), got {calibration_batches!r}."
             )
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        if calibration_batches is None:
-            return list(dataloader)
-        return list(itertools.islice(iter(dataloader), int(calibration_batches)))
+    generators = _loader_generators(dataloader)
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if calibration_batches is None:
+                return list(dataloader)
+            batches = list(itertools.islice(iter(dataloader), int(calibration_batches)))
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+    if is_one_shot(dataloader) and 0 < len(batches) < calibration_batches:
+        warnings.warn(
+            f"calibration_batches={calibration_batches} but the iterator yielded only {len(batches)} batch(es); "
+            f"calibrating on those {len(batches)}. Pass a DataLoader or a list to calibrate on a fixed set.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return batches
 
 
 def prune_model(
@@ -53,7 +88,8 @@ def prune_model(
         sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
             ``allocation``, ``exclude``, ``sequential``, ``solver``, ``calibration``,
             ``forward_fn``, ``recalibrate_bn``): see there. Or pass ``options=PruneOptions(...)``.
-        calibration_batches: how many batches to calibrate on (all when None).
+        calibration_batches: how many batches to calibrate on (all when None); an iterator that
+            yields fewer gives a warning with the count.
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it
             receives the new masks.
         progress: True prints phase, layer i/N, elapsed time and an ETA to stderr while it
@@ -61,6 +97,9 @@ def prune_model(
 
     Returns:
         A :class:`PruneReport` with per-layer errors, sparsities, the bound and the masks.
+
+    All or nothing: if it raises (a KeyboardInterrupt too), the model's weights, BatchNorm statistics
+    and ``masks`` are as they were before the call.
     """
     if options is None:
         options = PruneOptions.from_kwargs("prune_model()", sparsity=sparsity, method=method, **kwargs)

@@ -14,15 +14,16 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import weakref
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._lightning import CALLBACK_BASES, callback_classes, namespace_of, rank_zero_warn
+from ._lightning import CALLBACK_BASES, callback_classes, namespace_of, rank_zero_info, rank_zero_warn
 from .allocation import GlobalAllocation
-from .api import take_batches
+from .api import is_one_shot, take_batches
 from .distributed import RankInfo
 from .masks import MaskSet
 from .options import (
@@ -107,6 +108,32 @@ def _check_not_decreasing(specs: Sequence[SparsitySpec]) -> None:
                 )
 
 
+_MONITOR_FIELDS = {
+    "ModelCheckpoint": ("best_k_models", "kth_best_model_path", "best_model_score", "best_model_path", "kth_value"),
+    "EarlyStopping": ("wait_count", "best_score"),
+}
+
+
+def _monitor_state(trainer: Any) -> List[tuple]:
+    """The fields :meth:`LOBSPruning._reset_monitors` may change, per monitor, to put back after a failed prune."""
+    saved = []
+    for cb in getattr(trainer, "callbacks", []):
+        for kind, fields in _MONITOR_FIELDS.items():
+            if isinstance(cb, callback_classes(kind)):
+                values = {}
+                for f in fields:
+                    value = getattr(cb, f, None)
+                    values[f] = dict(value) if isinstance(value, dict) else value  # tensors are replaced, not edited
+                saved.append((cb, values))
+    return saved
+
+
+def _restore_monitors(saved: List[tuple]) -> None:
+    for cb, values in saved:
+        for f, value in values.items():
+            setattr(cb, f, value)
+
+
 class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of lightning.pytorch and/or pytorch_lightning
     """Prune a LightningModule's Linear/Conv layers with Layer-wise OBS during ``fit``.
 
@@ -115,6 +142,11 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     input Hessian, solves each layer with OBS, writes the pruned weights and from then
     on holds the masks: pruned weights stay exactly 0 through every optimizer step.
     The epochs after the last prune are the retraining phase.
+
+    Each prune is all or nothing (:meth:`prune_now`). An instance belongs to the model of its last
+    ``fit``: a second ``fit`` of the same model continues (no point is pruned twice); a ``fit`` on
+    another model starts over (masks, pruned points and reports of the old one dropped), and a
+    ``ckpt_path`` then restores the checkpoint's state.
 
     Args:
         sparsity: fraction in [0, 1) of the Linear/ConvNd weights to remove (spread over the
@@ -131,7 +163,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         pattern: N:M pattern such as ``"2:4"`` instead of unstructured sparsity.
         exclude: fnmatch patterns of layers to keep dense.
         calibration_batches: batches used to build the Hessians.
-        calibration_dataloader: where those batches come from (default: the train dataloader).
+        calibration_dataloader: where those batches come from (default: the train dataloader); a
+            DataLoader or a list, replayed at each prune (a one-shot iterator only with one prune).
         sequential: calibrate layer l on inputs through the already pruned layers before it.
         solver: :class:`SolverOptions` (or a mapping of its fields).
         calibration: :class:`CalibrationOptions` (or a mapping of its fields).
@@ -237,6 +270,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self.reports: List[PruneReport] = []
         self._bound_note_logged = False
         self._bar: Any = None  # the progress bar handle of the running prune (prints the table through it)
+        self._model_ref: Optional[weakref.ref] = None  # the model this instance's masks and schedule belong to
 
     # ------------------------------------------------------------------ convenience views of the options
 
@@ -288,6 +322,14 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         """Refuse what cannot work before any training step: sharded strategies, unreachable epochs, bad layer specs."""
         if stage != "fit":
             return
+        self._bind(pl_module)
+        source = self.calibration_dataloader
+        if source is not None and is_one_shot(source) and len(self._pending()) > 1:
+            raise ValueError(
+                f"calibration_dataloader is a one-shot iterator ({type(source).__name__}), but {len(self._pending())} "
+                f"prunes are scheduled ({self.unit}s {self._pending()}): the first would use up its batches and the "
+                "next would find none. Pass a DataLoader or a list of batches, which can be replayed."
+            )
         strategy = type(trainer.strategy).__name__
         if any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__):  # subclasses shard too
             raise RuntimeError(
@@ -322,6 +364,35 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                         f"{both}: each layer may belong to one instance only (the second would move weights the first "
                         "pruned). Split the layers with per-layer sparsity mappings or exclude=[...]."
                     )
+
+    def _bind(self, pl_module: nn.Module) -> None:
+        """Tie this instance's masks, schedule and reports to ``pl_module``; start over on another model.
+
+        A second ``fit`` of the same model object continues (pruned points are not pruned again). Another
+        model (a notebook building a new model and reusing the callbacks list) starts from nothing: the old
+        masks, pruned points and reports are dropped, and a ``ckpt_path`` restores the saved ones after this.
+        """
+        bound = None if self._model_ref is None else self._model_ref()
+        if bound is pl_module:
+            return
+        if self._model_ref is not None:  # bound to another model before (or to one since deleted)
+            if self.pruned_points or len(self.masks) or self.reports:
+                rank_zero_info(
+                    f"LOBSPruning{'' if self._state_key is None else f' ({self._state_key})'}: fit on a new model; "
+                    f"the masks and prune history of the previous one ({self.unit}s {self.pruned_points}) are dropped "
+                    "and this model is pruned from the start of its schedule."
+                )
+            self.masks.detach()
+            self.masks = MaskSet()  # a new set: earlier reports keep theirs
+            self.pruned_points = []
+            self.reports = []
+            self._bound_note_logged = False
+        self._model_ref = weakref.ref(pl_module)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_model_ref"] = None  # a weak reference cannot be pickled (ddp_spawn, deepcopy of a trainer)
+        return state
 
     def on_train_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         """Hold restored masks, and refuse a prune epoch that ``max_steps`` will not reach."""
@@ -360,8 +431,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     def on_train_epoch_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         epoch = trainer.current_epoch
         if self.unit == "epoch" and epoch in self.prune_points and epoch not in self.pruned_points:
-            report = self.prune_now(trainer, pl_module, self.prune_points.index(epoch))
-            self.log_report(trainer, pl_module, report)
+            self.prune_now(trainer, pl_module, self.prune_points.index(epoch))
 
     def on_train_batch_start(self, trainer: "Trainer", pl_module: "LightningModule", batch: Any, batch_idx: int) -> None:
         """With ``prune_step``: prune before the first batch of the step (the last point reached, if several)."""
@@ -369,10 +439,14 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             return
         due = [p for p in self._pending() if p <= trainer.global_step]
         if due:
-            for p in due[:-1]:  # passed over (e.g. a resume with a changed schedule): the latest step subsumes them
-                self.pruned_points.append(p)
-            report = self.prune_now(trainer, pl_module, self.prune_points.index(due[-1]))
-            self.log_report(trainer, pl_module, report)
+            before = list(self.pruned_points)
+            try:
+                for p in due[:-1]:  # passed over (e.g. a resume with a changed schedule): the latest step subsumes them
+                    self.pruned_points.append(p)
+                self.prune_now(trainer, pl_module, self.prune_points.index(due[-1]))
+            except BaseException:
+                self.pruned_points = before
+                raise
 
     def on_train_epoch_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         """``lobs/sparsity`` read from the weights after every epoch with masks, so a logger shows they hold."""
@@ -473,27 +547,48 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return forward
 
     def prune_now(self, trainer: "Trainer", pl_module: "LightningModule", index: int) -> PruneReport:
-        """Calibrate and prune for entry ``index`` of ``prune_epoch`` (or ``prune_step``); then hold the masks."""
+        """Calibrate and prune for entry ``index`` of ``prune_epoch`` (or ``prune_step``), all or nothing.
+
+        On success the masks are held, the point is recorded as pruned, the report is kept
+        (:attr:`last_report`) and logged, and the monitors are reset. On an exception anywhere (a
+        KeyboardInterrupt too), the weights, BatchNorm state, masks, this instance's schedule state and the
+        monitors are all as they were before the call, so a checkpoint written on the exception resumes cleanly.
+        """
         batches = self.calibration_batches_for(trainer)
         options = replace(self.options[index], forward_fn=self.training_forward(trainer, pl_module))
+        saved = (list(self.pruned_points), list(self.reports), self._bound_note_logged, _monitor_state(trainer))
+        was_attached = self.masks.attached
+
+        def record(report: PruneReport) -> None:  # runs inside the engine's transaction, after the masks are written
+            self.pruned_points.append(self.prune_points[index])
+            self.reports.append(report)
+            if self.reset_monitors:
+                self._reset_monitors(trainer)
+            self.log_report(trainer, pl_module, report)
+
         progress, self._bar = trainer_progress(trainer, after=self.progress_after)
         try:
-            report = prune(
+            # Attached before the prune, so the engine writes the new masks into an attached set: it then saves (and
+            # on a failure puts back) the optimizer state that enforcing them zeroes.
+            self.masks.attach(pl_module, trainer.optimizers)
+            return prune(
                 pl_module,
                 batches,
                 options,
                 masks=self.masks,
                 rank=RankInfo.current() if trainer.world_size > 1 else None,
                 progress=progress,
+                on_commit=record,
             )
+        except BaseException:
+            self.pruned_points, self.reports, self._bound_note_logged = saved[0], saved[1], saved[2]
+            _restore_monitors(saved[3])
+            if not was_attached:
+                self.masks.detach()
+            raise
         finally:
             self._bar.clear()
-        self.masks.attach(pl_module, trainer.optimizers)
-        self.pruned_points.append(self.prune_points[index])
-        self.reports.append(report)
-        if self.reset_monitors:
-            self._reset_monitors(trainer)
-        return report
+            self._bar = None  # it holds the trainer: not kept past the prune
 
     def _reset_monitors(self, trainer: "Trainer") -> None:
         """Forget the dense epochs' scores: the pruned model starts a new comparison.

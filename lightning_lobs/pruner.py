@@ -7,11 +7,12 @@ One call prunes a model in place, in named stages (:class:`_PruneRun`):
 2. **calibrate**: stream every layer's input Hessian over the batches;
 3. **allocate**: spread a global sparsity over the layers (:mod:`lightning_lobs.allocation`);
 4. **solve**: OBS per layer (with ``sequential``, each calibrated on the pruned layers before it);
-5. **commit**: write weights and masks (only once every solve succeeded);
+5. **commit**: write the weights (only once every solve succeeded);
 6. **measure**: re-estimate BatchNorm, measure output errors, the bound, and report what the
-   model now holds.
+   model now holds; then write the masks.
 
-Any failure restores the model's weights, BatchNorm statistics and train/eval modes.
+All or nothing: any failure (a KeyboardInterrupt too) restores the model's weights, BatchNorm statistics,
+train/eval modes and the MaskSet; the masks are written last, after the report is built.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .hessian import (
     to_rows,
     weight_matrix,
 )
-from .masks import MaskSet
+from .masks import MaskSet, _resolve_weight
 from .options import (  # noqa: F401 - re-exported: the engine's public names
     ALL_METHODS,
     CalibrationOptions,
@@ -358,6 +359,7 @@ def prune(
     masks: Optional[MaskSet] = None,
     rank: Optional[RankInfo] = None,
     progress: Optional[ProgressFn] = None,
+    on_commit: Optional[Callable[[PruneReport], None]] = None,
 ) -> PruneReport:
     """Prune ``model`` in place with OBS on the calibration ``batches``, as ``options`` say.
 
@@ -366,12 +368,17 @@ def prune(
     on its own batches, Hessians and sample counts are summed across ranks, the layer solves are
     spread over the ranks and their results broadcast, so all ranks end with identical weights
     and masks. ``progress`` receives a :class:`PruneProgress` after every layer of every phase.
+
+    All or nothing: weights, biases, BatchNorm buffers and ``masks`` (their contents and attachment) change
+    together; an exception anywhere (KeyboardInterrupt included) puts them back as they were before it
+    propagates. ``on_commit(report)`` runs last inside that guarantee (a caller's own bookkeeping; if it
+    raises, the prune is undone too).
     """
     if not isinstance(options, PruneOptions):
         raise TypeError(
             f"options must be a PruneOptions, got {type(options).__name__}; build one with PruneOptions(sparsity=..., ...)."
         )
-    return _PruneRun(model, list(batches), options, masks, rank or RankInfo(), progress).run()
+    return _PruneRun(model, list(batches), options, masks, rank or RankInfo(), progress).run(on_commit)
 
 
 class _PruneRun:
@@ -412,11 +419,19 @@ class _PruneRun:
 
     # ------------------------------------------------------------------ stages
 
-    def run(self) -> PruneReport:
+    def run(self, then: Optional[Callable[[PruneReport], None]] = None) -> PruneReport:
+        """All stages as one transaction: weights, BatchNorm state and masks change together or not at all.
+
+        What will change is saved first (the selected layers' weights and biases, BatchNorm buffers, the
+        MaskSet's masks and attachment); the masks are written last, after the report is built, then
+        ``then(report)`` runs (the callback records its schedule there). An exception anywhere, a
+        KeyboardInterrupt included, puts every saved piece back before it propagates.
+        """
         self.plan()
         modules = {n: l.module for n, l in self.layers.items()}
         snapshot = _param_state(modules)
         bn_dense = batchnorm_state(self.model)
+        masks_before = _MaskSetState(self.masks)
         try:
             with _eval_no_grad(self.model):
                 if self.options.sequential:
@@ -431,10 +446,21 @@ class _PruneRun:
                 self.solve()
                 self.commit()
             bn_recalibrated = self.recalibrate_batchnorm()
-            return self.report(snapshot, bn_dense, bn_recalibrated)
+            report = self.report(snapshot, bn_dense, bn_recalibrated)
+            # Last: the masks (enforcing them when the set is attached), then the caller's own bookkeeping.
+            new_masks = {n: self.solved[n].mask for n in self.order}
+            masks_before.save_enforced(new_masks)
+            self.masks.update(new_masks)
+            if then is not None:
+                then(report)
+            return report
         except BaseException:
-            _load_params(modules, snapshot)
-            load_batchnorm_state(self.model, bn_dense)
+            # Masks first: re-attaching the old ones re-applies them, and the weights below are then exact again.
+            try:
+                masks_before.restore()
+            finally:
+                _load_params(modules, snapshot)
+                load_batchnorm_state(self.model, bn_dense)
             raise
 
     def plan(self) -> None:
@@ -548,6 +574,11 @@ class _PruneRun:
         return self.calibrate([name], report=False)[name]
 
     def execution_order(self) -> List[str]:
+        """The selected layers in the order the forward first calls them, over all calibration batches.
+
+        Batches are run until every layer has been seen (usually one), so a layer that only a later batch
+        calls (a data-dependent branch, an MoE expert) is pruned as the non-sequential path prunes it.
+        """
         order: List[str] = []
         modules = {n: l.module for n, l in self.layers.items()}
         handles = [
@@ -555,7 +586,10 @@ class _PruneRun:
             for n, m in modules.items()
         ]
         try:
-            self.run_batch(self.batches[0])
+            for batch in self.batches:
+                self.run_batch(batch)
+                if len(order) == len(modules):
+                    break
         finally:
             for h in handles:
                 h.remove()
@@ -597,7 +631,10 @@ class _PruneRun:
                 self.progress.step(n, n)
 
     def commit(self) -> None:
-        """Write every layer's weights (only now, so a failed solve leaves no trace) and zero the pruned ones."""
+        """Write every layer's weights (only now, so a failed solve leaves no trace) and zero the pruned ones.
+
+        The masks are written by :meth:`run` after the report, so a failure while measuring leaves the old ones.
+        """
         t0 = time.perf_counter()
         if not self.options.sequential:
             for n in self.order:
@@ -629,7 +666,6 @@ class _PruneRun:
         """Measure the output errors and the bound, and report what the model now holds."""
         self.progress.begin("measure", {"measure": 1.0})
         reports: Dict[str, LayerReport] = {}
-        new_masks: Dict[str, Tensor] = {}
         for n in self.order:
             layer, solved = self.layers[n], self.solved[n]
             weight = layer.module.weight.detach()
@@ -652,7 +688,6 @@ class _PruneRun:
                 positions=self.positions[n],
                 seconds=solved.seconds,
             )
-            new_masks[n] = solved.mask
             if solved.damp > self.solver.damp:
                 log.warning("layer %s needed relative damping %.3g (asked %.3g)", n, solved.damp, self.solver.damp)
         with _eval_no_grad(self.model):
@@ -664,7 +699,6 @@ class _PruneRun:
                 self.model, self.layers, self.order, reports, example, bn_recalibrated, self.options.sequential
             )
         self.progress.step("measure", "")
-        self.masks.update(new_masks)
         total = sum(self.layers[n].module.weight.numel() for n in self.order)
         zeros = sum(int((self.layers[n].module.weight == 0).sum()) for n in self.order)
         counts = _parameter_counts(self.model)
@@ -685,6 +719,52 @@ class _PruneRun:
             empty_batches=self.empty_batches,
             **counts,
         )
+
+
+class _MaskSetState:
+    """A MaskSet as it was (masks, attachment) to put back after a failed prune, and, once :meth:`save_enforced`
+    ran, the optimizer state and gradients that enforcing new masks zeroes."""
+
+    def __init__(self, masks: MaskSet) -> None:
+        self.masks = masks
+        self.saved = dict(masks.masks)  # the tensors themselves: MaskSet replaces entries, never edits them
+        self.model = masks._model
+        self.optimizers = list(masks._optimizers)
+        self.written = False
+        self.zeroed: List[Tuple[Tensor, Tensor, Tensor]] = []  # (tensor, positions, their values)
+
+    def save_enforced(self, new: Mapping[str, Tensor]) -> None:
+        """Before writing ``new`` into an attached set: keep what attaching zeroes (optimizer state shaped like a
+        masked weight, and its ``.grad``, at the pruned positions)."""
+        self.written = True
+        model = self.masks._model
+        if model is None:
+            return
+        for name, mask in new.items():
+            weight = _resolve_weight(model, name)
+            pruned = ~mask.to(weight.device)
+            tensors = [weight.grad] if weight.grad is not None and weight.grad.layout == torch.strided else []
+            for opt in self.masks._optimizers:
+                tensors += [
+                    v for v in (opt.state.get(weight) or {}).values()
+                    if isinstance(v, Tensor) and v.layout == torch.strided and v.shape == weight.shape
+                ]
+            for t in tensors:
+                where = pruned.to(t.device)
+                self.zeroed.append((t, where, t[where].clone()))
+
+    def restore(self) -> None:
+        if not self.written:
+            return  # nothing written: leave the hooks and the optimizer state alone
+        m = self.masks
+        m.masks = dict(self.saved)
+        if self.model is None:
+            m.detach()
+        else:
+            m.attach(self.model, self.optimizers)
+        with torch.no_grad():
+            for t, where, values in self.zeroed:
+                t[where] = values
 
 
 def _row_masks(layers: Mapping[str, _Layer]) -> MaskSet:
