@@ -13,6 +13,7 @@ one warning, a mapping that names it explicitly is refused with the reason and t
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -269,11 +270,8 @@ def check_prior_masks(
     new target ends at its prior sparsity (the report shows that sparsity beside the target).
     With a global allocation the comparison is over all selected layers together.
     """
-    bad = {
-        n: (tuple(masks[n].shape), tuple(m.weight.shape))
-        for n, m in modules.items()
-        if n in masks and tuple(masks[n].shape) != tuple(m.weight.shape)
-    }
+    shapes = {n: tuple(m.get_parameter("weight").shape) for n, m in modules.items()}
+    bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
     if bad:
         listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())
         raise ValueError(
@@ -285,8 +283,9 @@ def check_prior_masks(
         return
     overall = options.global_allocation is not None
     if overall:
-        total = sum(m.weight.numel() for m in modules.values())
-        removed = sum(prior[n] * modules[n].weight.numel() for n in prior)
+        sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+        total = sum(sizes.values())
+        removed = sum(prior[n] * sizes[n] for n in prior)
         asked = float(options.sparsity)  # type: ignore[arg-type]
         if removed / max(total, 1) <= asked:
             return
