@@ -117,8 +117,9 @@ class PruneOptions:
     Attributes:
         sparsity: a fraction in [0, 1) of all selected weights to remove (spread over the layers
             as ``allocation`` says); or ``{"fnmatch pattern": fraction}`` over qualified module
-            names (first matching pattern wins, unmatched layers stay dense); or a callable
-            ``(name, module) -> fraction | None``.
+            names (an exactly named layer beats every wildcard, among wildcards the first match
+            wins, a pattern that sets no layer is named in a warning; unmatched layers stay
+            dense); or a callable ``(name, module) -> fraction | None``. 0 is refused.
         method: ``"auto"`` (``exact`` where it costs seconds, else ``fast``), ``"exact"`` (OBC),
             ``"lobs"`` (the paper's one-pass rule) or ``"fast"`` (SparseGPT).
         pattern: ``"N:M"`` semi-structured sparsity (keep N of every M inputs), e.g. ``"2:4"``.
