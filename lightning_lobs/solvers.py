@@ -174,7 +174,7 @@ class SolverOptions:
                 f"SolverOptions.min_kept_per_row must be an int >= 0, got {self.min_kept_per_row!r}; "
                 "1 (default) keeps one weight in every output row, 0 allows dead rows."
             )
-        if self.refit not in (None, True, False):
+        if self.refit is not None and not isinstance(self.refit, bool):  # 1 == True: compare by type, not value
             raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
 

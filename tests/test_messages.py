@@ -53,6 +53,11 @@ def test_bools_are_refused_where_numbers_are_meant(cls, name):
         cls(**{name: True})
 
 
+def test_numbers_are_refused_where_a_bool_is_meant():
+    with pytest.raises(ValueError, match=r"SolverOptions\.refit must be True, False or None .*got 1"):
+        SolverOptions(refit=1)
+
+
 def test_bools_are_refused_in_grids_sparsities_and_calibration_batches():
     with pytest.raises(ValueError, match=r"GlobalAllocation\.grid must be a sequence of sparsities"):
         GlobalAllocation(grid=(0.5, True))
