@@ -239,7 +239,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             specs = [normalize_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(spec_list)]
         else:
             specs = [normalize_sparsity(sparsity)] * len(points)
-        _check_not_decreasing(specs, uniform=allocation == "uniform" or pattern is not None)
+        _check_not_decreasing(specs, uniform=allocation == "uniform" and pattern is None)  # N:M sets its own targets
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
         if state_key is not None and (not isinstance(state_key, str) or not state_key):
