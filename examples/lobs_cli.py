@@ -5,6 +5,10 @@
     python examples/lobs_cli.py fit --config examples/lobs_cli.yaml \
         --trainer.callbacks.init_args.sparsity='[0.5, 0.8, 0.9]' --trainer.callbacks.init_args.prune_epoch='[2, 4, 6]'
 
+``--trainer.callbacks.init_args.*`` sets the *last* callback of the list (jsonargparse's rule), which is
+why ``LOBSPruning`` comes last in ``lobs_cli.yaml``; to change an earlier one, edit the YAML or give a
+second ``--config`` with the whole ``trainer.callbacks`` list.
+
 The model is a small MLP on a synthetic 10-class problem so the example runs anywhere in seconds;
 swap in your own LightningModule/DataModule. Works with `lightning` or `pytorch_lightning`.
 """

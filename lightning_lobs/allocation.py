@@ -103,6 +103,8 @@ class GlobalAllocation:
                 )
         if self.grid is not None:
             try:
+                if isinstance(self.grid, (str, bytes)) or any(isinstance(v, bool) for v in self.grid):
+                    raise TypeError  # True is not the sparsity 1.0
                 grid = tuple(float(v) for v in self.grid)
             except (TypeError, ValueError):
                 raise ValueError(f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}.") from None

@@ -44,7 +44,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], run: Callabl
     Only BatchNorm modules are put in train mode (dropout and the rest stay in eval), no
     gradients are computed, and modes and momenta are restored afterwards. ``run(batch)``
     performs one forward pass. A BatchNorm that the passes never call (an unused branch)
-    keeps its statistics. Returns the number of BatchNorm modules updated.
+    keeps its statistics. Returns the number of BatchNorm modules updated. A batch that gives a
+    BatchNorm one value per channel is refused with a ``ValueError`` naming it; an exception
+    raised by ``run`` (the user's code) propagates unchanged.
     """
     bns = batchnorm_modules(model)
     if not bns:
@@ -53,7 +55,21 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], run: Callabl
     momenta = {bn: bn.momentum for bn in bns}
     saved = {bn: {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False) if b is not None} for bn in bns}
     calls = {bn: 0 for bn in bns}
-    handles = [bn.register_forward_pre_hook(lambda mod, args: calls.__setitem__(mod, calls[mod] + 1)) for bn in bns]
+    names = {m: n for n, m in model.named_modules()}
+
+    def count(mod: _BatchNorm, args: tuple) -> None:
+        calls[mod] += 1
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1]:
+            # torch's own error would not say which BatchNorm, or that the re-estimation is what needs more samples
+            raise ValueError(
+                f"BatchNorm re-estimation after pruning (recalibrate_bn=True): '{names.get(mod, '?')}' got one value "
+                f"per channel (input shape {tuple(x.shape)}), and a BatchNorm in training mode needs more. Use "
+                "calibration batches of more than one sample, or pass recalibrate_bn=False to keep the dense "
+                "statistics."
+            )
+
+    handles = [bn.register_forward_pre_hook(count) for bn in bns]
     try:
         model.eval()
         for bn in bns:

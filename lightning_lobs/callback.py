@@ -11,9 +11,12 @@ trainer's own progress bar.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import importlib
 import math
 import numbers
+import sys
 import weakref
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
@@ -37,7 +40,7 @@ from .options import (
 )
 from .progress import trainer_progress
 from .pruner import PruneReport, default_forward, prune
-from .selection import select_layers
+from .selection import is_literal, select_layers
 from .solvers import SolverOptions
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
@@ -89,8 +92,43 @@ def _describe_spec(spec: SparsitySpec) -> Any:
     return float(spec)
 
 
-def _check_not_decreasing(specs: Sequence[SparsitySpec]) -> None:
-    """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned)."""
+def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> Optional[float]:
+    """The target a spec gives the layer called ``name``, where that is known without the model (else None).
+
+    A float is every layer's target only without a global allocation (``uniform``); a mapping
+    resolves as :func:`select_layers` does (the exact name first, then the first matching wildcard).
+    """
+    if isinstance(spec, float):
+        return spec if uniform else None
+    if isinstance(spec, Mapping):
+        if name in spec:
+            return float(spec[name])
+        for pat, value in spec.items():
+            if not is_literal(pat) and fnmatch.fnmatchcase(name, pat):
+                return float(value)
+    return None
+
+
+def _check_not_decreasing(specs: Sequence[SparsitySpec], uniform: bool = False) -> None:
+    """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned).
+
+    Besides equal keys, every layer named exactly in a later mapping is compared with what each
+    earlier step asked for it (a float with a uniform allocation, a matching pattern).
+    """
+    for j in range(1, len(specs)):
+        spec = specs[j]
+        if not isinstance(spec, Mapping):
+            continue
+        for name in (k for k in spec if is_literal(k)):
+            later = float(spec[name])
+            for i in range(j):
+                earlier = _named_target(specs[i], name, uniform)
+                if earlier is not None and later < earlier:
+                    raise ValueError(
+                        f"layer '{name}' cannot reach sparsity[{j}] = {later}: sparsity[{i}] already prunes it to "
+                        f"{earlier}, and weights pruned at an earlier step stay pruned (the masks are held). Give it at "
+                        f"least {earlier} at step {j}, or a lower target at step {i}."
+                    )
     for i in range(1, len(specs)):
         before, after = specs[i - 1], specs[i]
         if isinstance(before, float) and isinstance(after, float):
@@ -153,7 +191,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             layers as ``allocation`` says), a mapping ``{"fnmatch pattern": fraction}`` over
             qualified module names, or a callable ``(name, module) -> fraction | None``. With a
             list of ``prune_epoch``s, a list of such specs, one per epoch (iterative pruning;
-            they must not decrease).
+            they must not decrease: a later step naming a layer exactly below an earlier step's
+            known target for it is refused here; a layer that a global allocation already took
+            past a later target keeps its sparsity, with a warning at that prune).
         prune_epoch: epoch (or strictly increasing list of epochs) at whose start pruning happens
             (default 0 unless ``prune_step`` is given).
         prune_step: instead of epochs, the global step(s) (optimizer steps) before which pruning
@@ -175,8 +215,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         log_table: print a rank-zero summary table after each prune (through the progress bar).
         allocation: for a float ``sparsity``: ``"global"`` (per-layer sparsities from pooled OBS
             costs), ``"uniform"`` (every layer at ``sparsity``) or a :class:`GlobalAllocation`.
-        state_key: a name for this instance's checkpoint state; needed (and unique) when several
-            ``LOBSPruning`` run in one Trainer, e.g. one per sub-network.
+        state_key: a name for this instance's checkpoint state and metric names (``lobs/<state_key>/...``).
+            Without it the key is derived from the sparsity, prune points and method (see
+            :attr:`state_key`), so several instances with different schedules need no name.
         reset_monitors: after each prune, reset the best scores of every ``ModelCheckpoint`` with a
             ``monitor`` and of every ``EarlyStopping``, so the pruned model is not compared with
             dense epochs (``ckpt_path="best"`` then means the best pruned epoch).
@@ -231,7 +272,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             specs = [normalize_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(spec_list)]
         else:
             specs = [normalize_sparsity(sparsity)] * len(points)
-        _check_not_decreasing(specs)
+        _check_not_decreasing(specs, uniform=allocation == "uniform" and pattern is None)  # N:M sets its own targets
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
         if state_key is not None and (not isinstance(state_key, str) or not state_key):
@@ -269,6 +310,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self.pruned_points: List[int] = []
         self.reports: List[PruneReport] = []
         self._bound_note_logged = False
+        self._log_tag: Optional[str] = None  # set at fit start when other unnamed instances share the Trainer
+        self._adopted_key: Optional[str] = None  # the checkpoint key restored from, when not state_key
         self._bar: Any = None  # the progress bar handle of the running prune (prints the table through it)
         self._model_ref: Optional[weakref.ref] = None  # the model this instance's masks and schedule belong to
 
@@ -309,12 +352,89 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     def _pending(self) -> List[int]:
         return [p for p in self.prune_points if p not in self.pruned_points]
 
+    def _identity(self) -> Dict[str, Any]:
+        """What tells this instance's schedule apart: prune points, sparsities, method (pattern, exclude if set)."""
+        points: Any = self.prune_points if len(self.prune_points) > 1 else self.prune_points[0]
+        specs = [_describe_spec(s) for s in self.sparsities]
+        out: Dict[str, Any] = {
+            "sparsity": specs if len(specs) > 1 else specs[0],
+            f"prune_{self.unit}": points,
+            "method": self.method,
+        }
+        if self.options[0].pattern is not None:
+            out["pattern"] = self.options[0].pattern
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
+        return out
+
     @property
     def state_key(self) -> str:
-        """``"LOBSPruning"``, or ``"LOBSPruning{'state_key': ...}"`` when ``state_key`` is given."""
-        if self._state_key is None:
-            return type(self).__qualname__
-        return self._generate_state_key(state_key=self._state_key)
+        """``"LOBSPruning{'state_key': ...}"`` when ``state_key`` is given, else derived from the schedule.
+
+        Like ``EarlyStopping``'s key (from ``monitor`` and ``mode``), the derived key is
+        ``"LOBSPruning{'sparsity': ..., 'prune_epoch': ..., 'method': ...}"`` (plus ``pattern`` and
+        ``exclude`` when set), so instances with different schedules share a Trainer without a
+        name. Two instances with the same key are refused by ``Trainer(...)`` with a message naming
+        ``state_key``. A lone unnamed instance restores the lone unnamed state of a checkpoint saved
+        under another key: the old ``"LOBSPruning"``, or a schedule changed on resume (checked then).
+        """
+        if self._state_key is not None:
+            key = self._generate_state_key(state_key=self._state_key)
+        else:
+            key = self._generate_state_key(**self._identity())
+        self._refuse_duplicate_key(key, sys._getframe(1))
+        return key
+
+    def _refuse_duplicate_key(self, key: str, caller: Any) -> None:
+        """Our own message, instead of Lightning's generic one, when another LOBSPruning in the Trainer has ``key``.
+
+        Lightning checks the keys in ``Trainer.__init__``, before any hook of ours runs, so the check
+        reads the list it is validating from its frame; should that change, Lightning's message stays.
+        """
+        if caller.f_code.co_name != "_validate_callbacks_list":
+            return
+        seen, callbacks = caller.f_locals.get("seen_callbacks"), caller.f_locals.get("callbacks")
+        if not isinstance(seen, set) or key not in seen or not isinstance(callbacks, list):
+            return
+        if any(isinstance(cb, LOBSPruning) and cb is not self and cb.state_key == key for cb in callbacks):
+            raise ValueError(
+                f"two LOBSPruning callbacks in one Trainer have the same state_key {key!r}, so their checkpoint "
+                "states would overwrite each other. Give each a distinct name with LOBSPruning(..., state_key='...'); "
+                "without one the key comes from the sparsity, the prune points and the method, which are identical "
+                "here."
+            )
+
+    @property
+    def _legacy_state_key(self) -> Any:  # type: ignore[override]
+        """Where Lightning looks when :attr:`state_key` is not in a checkpoint: the unnamed state this instance adopted."""
+        return type(self) if self._adopted_key is None else self._adopted_key
+
+    def _adopt_unnamed_state(self, trainer: "Trainer", states: Mapping[Any, Any]) -> bool:
+        """Take over the one unnamed LOBSPruning state of a checkpoint whose key is not this schedule's.
+
+        The derived key changes with the schedule (and was ``"LOBSPruning"`` before keys were
+        derived), but resuming with a changed schedule is checked by :meth:`load_state_dict`, so a
+        lone unnamed state belongs to the lone unnamed instance that finds no state of its own.
+        """
+        if self._state_key is not None:
+            return False
+        unnamed = [cb for cb in trainer.callbacks if isinstance(cb, LOBSPruning) and cb._state_key is None]
+        taken = {cb.state_key for cb in unnamed}
+        free = [
+            k for k in states
+            if isinstance(k, str) and k not in taken
+            and (k == "LOBSPruning" or (k.startswith("LOBSPruning{") and not k.startswith("LOBSPruning{'state_key'")))
+        ]
+        mine_missing = [cb for cb in unnamed if cb.state_key not in states]
+        if len(free) != 1 or mine_missing != [self]:
+            return False
+        self._adopted_key = free[0]
+        return True
+
+    def on_fit_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+        """Tell apart in the logs several instances that have no ``state_key`` (see :attr:`_prefix`)."""
+        unnamed = [cb for cb in trainer.callbacks if isinstance(cb, LOBSPruning) and cb._state_key is None]
+        self._log_tag = hashlib.sha1(self.state_key.encode()).hexdigest()[:8] if len(unnamed) > 1 else None
 
     # ------------------------------------------------------------------ hooks
 
@@ -497,6 +617,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states or type(self) in states:
             return
+        if self._adopt_unnamed_state(trainer, states):
+            return
         others = sorted(str(k) for k in states if str(k).startswith("LOBSPruning"))
         if others:
             raise ValueError(
@@ -611,7 +733,15 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     @property
     def _prefix(self) -> str:
-        return "lobs/" if self._state_key is None else f"lobs/{self._state_key}/"
+        """``lobs/`` for a lone instance without ``state_key``; ``lobs/<state_key>/`` with one.
+
+        Several instances without ``state_key`` in one Trainer log under ``lobs/<tag>/``, the tag being
+        the first 8 hex digits of the SHA-1 of their derived :attr:`state_key` (stable across runs);
+        give ``state_key`` for readable names.
+        """
+        if self._state_key is not None:
+            return f"lobs/{self._state_key}/"
+        return "lobs/" if self._log_tag is None else f"lobs/{self._log_tag}/"
 
     def log_report(self, trainer: "Trainer", pl_module: "LightningModule", report: PruneReport) -> None:
         """Log the report's metrics at the prune's global step; print the table through the progress bar."""

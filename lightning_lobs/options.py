@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .allocation import GlobalAllocation, resolve_allocation
-from .solvers import METHODS, NMPattern, SolverOptions, parse_pattern
+from .solvers import METHODS, NMPattern, SolverOptions, as_float_dtype, is_count, parse_pattern
 
 SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -80,7 +80,8 @@ class CalibrationOptions:
     """How layer-input Hessians are gathered.
 
     Attributes:
-        hessian_dtype: accumulation precision of H (float64 keeps long sums exact).
+        hessian_dtype: accumulation precision of H (float64 keeps long sums exact); the strings
+            ``"torch.float64"``/``"float32"`` (YAML) are read as the dtypes.
         max_chunk_elements: bound on conv patches unfolded at once (bounded extra memory).
         position_stride: keep every k-th conv output position (for very large maps).
         memory_budget_bytes: refuse to start (naming the layer and the remedy) when the
@@ -93,16 +94,20 @@ class CalibrationOptions:
     memory_budget_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.hessian_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"hessian_dtype must be torch.float32 or torch.float64, got {self.hessian_dtype}.")
-        if not isinstance(self.max_chunk_elements, int) or self.max_chunk_elements < 1:
-            raise ValueError(f"max_chunk_elements must be a positive int, got {self.max_chunk_elements!r}.")
-        if not isinstance(self.position_stride, int) or self.position_stride < 1:
-            raise ValueError(f"position_stride must be a positive int, got {self.position_stride!r}.")
-        if self.memory_budget_bytes is not None and (
-            not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1
-        ):
-            raise ValueError(f"memory_budget_bytes must be a positive int or None, got {self.memory_budget_bytes!r}.")
+        object.__setattr__(self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype"))
+        for name in ("max_chunk_elements", "position_stride"):
+            value = getattr(self, name)
+            if not is_count(value):
+                raise ValueError(
+                    f"CalibrationOptions.{name} must be a positive int, got {value!r} of type {type(value).__name__}; "
+                    f"the default is {getattr(CalibrationOptions, name)}."
+                )
+        budget = self.memory_budget_bytes
+        if budget is not None and not is_count(budget):
+            raise ValueError(
+                f"CalibrationOptions.memory_budget_bytes must be a positive int (bytes) or None (80% of free memory), "
+                f"got {budget!r} of type {type(budget).__name__}."
+            )
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,9 @@ class PruneOptions:
     Attributes:
         sparsity: a fraction in [0, 1) of all selected weights to remove (spread over the layers
             as ``allocation`` says); or ``{"fnmatch pattern": fraction}`` over qualified module
-            names (first matching pattern wins, unmatched layers stay dense); or a callable
-            ``(name, module) -> fraction | None``.
+            names (an exactly named layer beats every wildcard, among wildcards the first match
+            wins, a pattern that sets no layer is named in a warning; unmatched layers stay
+            dense); or a callable ``(name, module) -> fraction | None``. 0 is refused.
         method: ``"auto"`` (``exact`` where it costs seconds, else ``fast``), ``"exact"`` (OBC),
             ``"lobs"`` (the paper's one-pass rule) or ``"fast"`` (SparseGPT).
         pattern: ``"N:M"`` semi-structured sparsity (keep N of every M inputs), e.g. ``"2:4"``.

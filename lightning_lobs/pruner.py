@@ -55,7 +55,7 @@ from .options import (  # noqa: F401 - re-exported: the engine's public names
     SparsitySpec,
 )
 from .resources import check_budget, layer_memory
-from .selection import Selection, select_layers, warn_skipped
+from .selection import Selection, check_prior_masks, select_layers, warn_skipped
 from .solvers import GreedyTrace, NMPattern, SolverOptions, solve_layer
 
 log = logging.getLogger(__name__)
@@ -477,6 +477,7 @@ class _PruneRun:
         self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm)
         _check_finite_parameters(self.model)
         modules = dict(self.model.named_modules())
+        check_prior_masks(self.masks, {n: modules[n] for n in self.selection.targets}, self.selection.targets, opts)
         for n, target in self.selection.targets.items():
             m = modules[n]
             prior = self.masks.get(n)
@@ -652,12 +653,12 @@ class _PruneRun:
             return False
         try:
             done = recalibrate_batchnorm(self.model, self.batches, self.run_batch)
-        except (ValueError, RuntimeError) as err:
-            raise type(err)(
-                f"BatchNorm re-estimation after pruning (recalibrate_bn=True) failed: {err}. A BatchNorm in training "
-                "mode needs more than one value per channel: use calibration batches of more than one sample, or "
-                "pass recalibrate_bn=False to keep the dense statistics."
-            ) from err
+        except Exception as err:  # the user's own exception, same type and arguments: only a note is added
+            err.add_note(
+                "lightning_lobs: raised during the BatchNorm re-estimation after pruning (recalibrate_bn=True); the "
+                "model's weights and BatchNorm statistics were restored."
+            )
+            raise
         if done:
             _all_reduce_batchnorm(self.model, self.rank)
         return bool(done)

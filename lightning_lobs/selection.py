@@ -13,17 +13,23 @@ one warning, a mapping that names it explicitly is refused with the reason and t
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .hessian import is_hf_conv1d, is_supported, weight_columns
 from .options import SparsitySpec, as_fraction, normalize_sparsity
+from .masks import MaskSet
 from .solvers import NMPattern
+
+if TYPE_CHECKING:
+    from .options import PruneOptions
 
 
 @dataclass
@@ -119,7 +125,9 @@ def select_layers(
     """Resolve a sparsity spec to the layers to prune (see the module docstring for the rule).
 
     ``sparsity`` is a float for every prunable layer, a mapping from fnmatch patterns on
-    qualified module names to floats (first matching pattern wins; unmatched layers are left
+    qualified module names to floats (an exactly named layer takes its own value whatever
+    wildcard also matches it; among wildcards the first match wins; a pattern that matches
+    layers but sets none of them is named in one warning; unmatched layers are left
     alone), or a callable ``(name, module) -> float | None``. ``exclude`` patterns remove
     layers. Patterns that match nothing, and unprunable modules named exactly in a mapping, are
     errors; unprunable modules that a float or a wildcard would have covered are skipped and
@@ -149,21 +157,38 @@ def select_layers(
     covered: List[str] = []  # unprunable modules the spec would have covered
     explicit: set = set()
     if isinstance(sparsity, Mapping):
-        for pat, value in sparsity.items():
+        # Exact names first, so a layer named exactly gets its own value whatever wildcard precedes it;
+        # among wildcards the first match wins.
+        ordered = sorted(sparsity.items(), key=lambda kv: not is_literal(kv[0]))
+        wins: Dict[str, List[str]] = {}
+        for pat, value in ordered:
             hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat)]
             if not hits:
                 raise ValueError(f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
-            literal = not any(ch in pat for ch in "*?[")
             ok = [n for n in hits if n in reasons and not reasons[n]]
             if not ok:
                 n = next((h for h in hits if h in reasons), hits[0])
                 why = reasons.get(n) or f"{type(modules[n]).__name__} holds no weight matrix"
                 raise ValueError(f"module '{n}' ({type(modules[n]).__name__}) cannot be pruned: {why}.")
-            if literal:
+            if is_literal(pat):
                 explicit.add(pat)
             covered += [n for n in hits if reasons.get(n)]
+            wins[pat] = [n for n in ok if n not in chosen]
             for n in ok:
                 chosen.setdefault(n, value)
+        idle = {pat: sorted({n for n in chosen if fnmatch.fnmatchcase(n, pat)}) for pat, won in wins.items() if not won}
+        if idle and warn:
+            listed = "; ".join(
+                f"{pat!r} (its layers {', '.join(names)} take {', '.join(sorted({repr(chosen[n]) for n in names}))} from "
+                "an exact name or an earlier pattern)"
+                for pat, names in idle.items()
+            )
+            warnings.warn(
+                f"sparsity pattern(s) that set no layer: {listed}. An exactly named layer beats every wildcard, and "
+                "among wildcards the first match wins; reorder the mapping or drop the pattern.",
+                UserWarning,
+                stacklevel=3,
+            )
     elif callable(sparsity):
         for n, m in named:
             if n in reasons and not reasons[n]:
@@ -192,6 +217,11 @@ def select_layers(
         targets[n] = value
     if warn:
         warn_skipped(skipped)
+    if not targets and chosen and all(v == 0.0 for n, v in chosen.items() if n not in excluded):
+        raise ValueError(
+            "sparsity 0 prunes nothing: every selected layer's target is 0.0, so there is no layer to prune. Give a "
+            "sparsity in (0, 1), e.g. 0.5, or skip pruning."
+        )
     if not targets:
         raise ValueError(
             "no layer selected for pruning: the model has no prunable nn.Linear/nn.Conv/Conv1D layer matching the "
@@ -199,6 +229,11 @@ def select_layers(
             + (f" Left alone: {_format(skipped)}" if skipped else "")
         )
     return Selection(targets, skipped, explicit)
+
+
+def is_literal(pattern: str) -> bool:
+    """A sparsity key without fnmatch wildcards: it names one layer exactly."""
+    return not any(ch in pattern for ch in "*?[")
 
 
 def _format(skipped: Mapping[str, str]) -> str:
@@ -224,3 +259,51 @@ def _pattern_problem(module: nn.Module, pattern: NMPattern) -> str:
     if cols % pattern.m:
         return f"its {cols} input channels are not a multiple of {pattern.m}"
     return ""
+
+
+def check_prior_masks(
+    masks: MaskSet, modules: Mapping[str, nn.Module], targets: Mapping[str, float], options: "PruneOptions"
+) -> None:
+    """Refuse a prior mask that does not fit its layer; warn once when prior masks are already sparser than asked.
+
+    Weights an earlier step pruned stay pruned, so a layer whose prior mask removes more than its
+    new target ends at its prior sparsity (the report shows that sparsity beside the target).
+    With a global allocation the comparison is over all selected layers together.
+    """
+    shapes = {n: tuple(m.get_parameter("weight").shape) for n, m in modules.items()}
+    bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
+    if bad:
+        listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())
+        raise ValueError(
+            f"masks= holds masks that do not fit the model's layers ({listed}): each mask must have its layer's weight "
+            "shape. Pass the MaskSet saved with this model (MaskSet.from_model(model) rebuilds one from its zeros)."
+        )
+    prior = {n: float((~masks[n].to(torch.bool)).sum()) / max(masks[n].numel(), 1) for n in modules if n in masks}
+    if not prior:
+        return
+    overall = options.global_allocation is not None
+    if overall:
+        sizes = {n: math.prod(shape) for n, shape in shapes.items()}
+        total = sum(sizes.values())
+        removed = sum(prior[n] * sizes[n] for n in prior)
+        asked = float(options.sparsity)  # type: ignore[arg-type]
+        if removed / max(total, 1) <= asked:
+            return
+        over = {n: (prior[n], asked) for n in prior if prior[n] > asked}
+        head = (
+            f"the prior masks already remove {removed / max(total, 1):.4g} of the selected weights, more than the "
+            f"asked sparsity {asked:.4g}"
+        )
+    else:
+        over = {n: (prior[n], targets[n]) for n in prior if prior[n] > targets[n]}
+        if not over:
+            return
+        head = f"{len(over)} layer(s) already sparser than asked"
+    listed = "; ".join(f"'{n}' at {now:.4g} (asked {want:.4g})" for n, (now, want) in over.items())
+    warnings.warn(
+        f"{head}: {listed}. Weights an earlier step pruned stay pruned, so these layers keep their current "
+        "sparsity (the report shows it beside the target). Ask for at least the current sparsity, or start from the "
+        "dense weights without masks=.",
+        UserWarning,
+        stacklevel=6,  # the caller of prune_model
+    )

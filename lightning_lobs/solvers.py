@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -94,13 +94,40 @@ class NMPattern:
         return f"{self.n}:{self.m}"
 
 
+_FLOAT_DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+
+
+def as_float_dtype(value: object, what: str) -> torch.dtype:
+    """``torch.float32``/``torch.float64``, also spelled as a string (``"torch.float64"``, ``"float64"``: YAML/CLI)."""
+    if isinstance(value, str):
+        key = value.strip()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key in _FLOAT_DTYPES:
+            return _FLOAT_DTYPES[key]
+        raise ValueError(
+            f"{what} must be torch.float32 or torch.float64, got the string {value!r}; write 'torch.float32' or "
+            "'torch.float64' (in Python, the dtype object itself)."
+        )
+    if value in (torch.float32, torch.float64):
+        return value  # type: ignore[return-value]
+    raise ValueError(
+        f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
+    )
+
+
+def is_count(value: object, minimum: int = 1) -> bool:
+    """A Python int >= ``minimum``; ``True``/``False`` are not counts (``block_size=True`` would mean 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclass(frozen=True)
 class SolverOptions:
     """Numerical options shared by the solvers.
 
     Attributes:
         damp: damping added to H's diagonal, relative to its mean diagonal.
-        dtype: precision of the solve (float64 for reference-quality results).
+        dtype: precision of the solve (float64 for reference-quality results); the strings
+            ``"torch.float32"``/``"float64"`` (YAML) are read as the dtypes.
         block_size: ``fast``: columns per lazy-update block.
         lazy_steps: ``exact``: removals between batched downdates of ``H^-1``.
         max_memory_bytes: ``exact``/refit: bound on the per-row matrices held at once.
@@ -128,20 +155,26 @@ class SolverOptions:
     min_kept_per_row: int = 1
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
-            raise ValueError(f"SolverOptions.damp must be a finite number >= 0, got {self.damp!r}; 0.01 is typical.")
-        if self.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"SolverOptions.dtype must be torch.float32 or torch.float64, got {self.dtype}.")
+        damp = self.damp
+        if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+            raise ValueError(
+                f"SolverOptions.damp must be a finite number >= 0 (relative to H's mean diagonal), got {damp!r} of type "
+                f"{type(damp).__name__}; 0.01 is typical."
+            )
+        object.__setattr__(self, "dtype", as_float_dtype(self.dtype, "SolverOptions.dtype"))
         for name in ("block_size", "lazy_steps", "max_memory_bytes", "max_damp_tries"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SolverOptions.{name} must be a positive int, got {value!r}.")
-        if isinstance(self.min_kept_per_row, bool) or not isinstance(self.min_kept_per_row, int) or self.min_kept_per_row < 0:
+            if not is_count(value):
+                raise ValueError(
+                    f"SolverOptions.{name} must be a positive int, got {value!r} of type {type(value).__name__}; "
+                    f"the default is {getattr(SolverOptions, name)}."
+                )
+        if not is_count(self.min_kept_per_row, 0):
             raise ValueError(
                 f"SolverOptions.min_kept_per_row must be an int >= 0, got {self.min_kept_per_row!r}; "
                 "1 (default) keeps one weight in every output row, 0 allows dead rows."
             )
-        if self.refit not in (None, True, False):
+        if self.refit is not None and not isinstance(self.refit, bool):  # 1 == True: compare by type, not value
             raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
 
@@ -304,7 +337,9 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
     For each row solves ``min (w^ - w) H (w^ - w)^T`` subject to ``w^ = 0`` where the
     mask is False, i.e. ``H_KK w^_K = (H w)_K`` on the row's kept columns K only (so the
     cost falls with sparsity). Columns kept in every row (a bias column, say) simply take
-    part in the solve. H is damped as in the solvers.
+    part in the solve. H is damped as in the solvers. The solve is for the change
+    ``w^_K - w_K = H_KK^-1 H_KR w_R``, which only the removed weights drive: a kept weight
+    of any magnitude (a bias 1e20 times the others) cannot swamp it in rounding.
     """
     solver = solver or SolverOptions()
     H, _ = damped_hessian(hessian, solver.damp, solver.dtype)
@@ -315,7 +350,8 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
     W = weight.to(solver.dtype)
     keep = mask.to(torch.bool)
     per = rows // G
-    HW = torch.cat([W[g * per : (g + 1) * per] @ H[g] for g in range(G)])  # H symmetric: rows of (H w)^T
+    removed = W.masked_fill(keep, 0)
+    HW = torch.cat([removed[g * per : (g + 1) * per] @ H[g] for g in range(G)])  # H symmetric: rows of (H w_R)^T
     counts = keep.sum(dim=1)
     out = torch.zeros_like(W)
     # Rows with similar kept counts share a padded system size.
@@ -345,7 +381,7 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
         else:
             sol = torch.cholesky_solve(b, L)
         out[sel] = torch.zeros(R, d, dtype=W.dtype, device=W.device).scatter_(1, idx, sol.squeeze(2) * valid)
-    return out.to(weight.dtype)
+    return out.add_(W.masked_fill(~keep, 0)).to(weight.dtype)
 
 
 def _refit_flops(mask: Tensor) -> float:
@@ -678,6 +714,45 @@ def _improve_allocation(C: Tensor, counts: Tensor, max_moves: Optional[int] = No
     return counts
 
 
+def _balanced(W: Tensor, H: Tensor, frozen: int) -> Tuple[Tensor, Tensor, Tensor, float, float]:
+    """``exact``'s inputs made scale-free: ``(W / t, H / s, c, s, t)``, the bias column also times ``1/c``.
+
+    The constant (bias) input does not scale with the data, so inputs of 1e23 or 1e-20 leave its
+    H diagonal 1e46 times off the others' and the float32 trace reads it as dead (or reads every
+    input as noise under the damping). Rescaling the constant input by ``c`` (per group) to the
+    mean diagonal of the other inputs, H by its mean diagonal ``s`` and W by its largest magnitude
+    ``t`` (so that ``w^2`` cannot underflow in float32), each rounded to a power of two (exact
+    in floating point), changes no OBS choice or update (the greedy
+    sequence is invariant under that reparametrisation); increments scale back by ``t^2 s``, the
+    solved weights by ``t`` and the bias by ``c``.
+    """
+    H = H.to(torch.float64)
+    c = torch.ones(H.shape[0], dtype=torch.float64, device=H.device)
+    if frozen:
+        diag = torch.diagonal(H, dim1=-2, dim2=-1)
+        inputs, const = diag[:, :-frozen].mean(dim=1), diag[:, -1]
+        ok = (inputs > 0) & (const > 0) & torch.isfinite(inputs / const)
+        c = torch.where(ok, _power_of_two((inputs / const.where(ok, torch.ones_like(const))).sqrt()), c)
+        H = H.clone()
+        H[:, -1, :] *= c.unsqueeze(1)
+        H[:, :, -1] *= c.unsqueeze(1)
+        W = W.clone()
+        W[:, -1] /= c[_row_groups(W.shape[0], H.shape[0], W.device)].to(W.dtype)
+    mean = float(torch.diagonal(H, dim1=-2, dim2=-1).mean())
+    s = _power_of_two(mean) if mean > 0 and math.isfinite(mean) else 1.0
+    weights = W[:, : W.shape[1] - frozen]  # the bias column, now in units of 1/c, is never squared in a cost
+    big = float(weights.abs().max()) if weights.numel() else 0.0
+    t = _power_of_two(big) if big > 0 and math.isfinite(big) else 1.0
+    return W / t, H / s, c, s, t
+
+
+def _power_of_two(x: Any) -> Any:
+    """The power of two nearest ``x`` (> 0): scaling by it is exact, so a problem of scale 1 is solved unchanged."""
+    if isinstance(x, Tensor):
+        return torch.exp2(torch.round(torch.log2(x)))
+    return 2.0 ** round(math.log2(x))
+
+
 def _exact_trace(
     W: Tensor,
     Hinv: Tensor,
@@ -688,6 +763,9 @@ def _exact_trace(
     forced: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
+    if frozen and bool(dead[:, d - frozen :].any()):  # the bias is never removed: it must not join the dead inputs
+        dead = dead.clone()
+        dead[:, d - frozen :] = False
     if pattern is None and forced is None and Hinv.shape[0] == 1 and bool(dead.any()):
         # A dead input (always 0 in the calibration data) is removed first, at no cost and without moving any other
         # weight: its row and column of H^-1 are zero off the diagonal. So the greedy sequence is those removals
@@ -1081,10 +1159,11 @@ def greedy_trace(
     solver = solver or SolverOptions()
     nm = parse_pattern(pattern)
     x = _prepare(weight, hessian, nm.sparsity if nm else 0.0, bias, nm, prior_mask)
-    work = x.W.to(solver.dtype)
-    _, Hinv, damp, dead = _inverse_with_damping(x.H.to(work.device), solver)
+    Wb, Hb, _, s, t = _balanced(x.W, x.H, x.frozen)
+    work = Wb.to(solver.dtype)
+    _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
     order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced)
-    return GreedyTrace(order=order, increments=inc, damp=damp, pattern=nm)
+    return GreedyTrace(order=order, increments=inc.double() * (s * t * t), damp=damp, pattern=nm)  # float64: may be 1e46
 
 
 def solve_layer(
@@ -1142,6 +1221,23 @@ def solve_layer(
     if sparsity == 0.0 and forced is None:
         mask2 = torch.ones_like(W2, dtype=torch.bool)
         new = work
+    elif method == "exact":
+        Wb, Hb, c, s, t = _balanced(W2, H, frozen)
+        wb = Wb.to(solver.dtype)
+        _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
+        if trace is None:
+            order, inc = _exact_trace(wb, Hinv, dead, nm, frozen, solver, forced)
+            inc = inc.double() * (s * t * t)  # float64: the factor may be 1e46
+        else:
+            order, inc = trace.order.to(work.device), trace.increments.to(work.device)
+        mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced, m_row)
+        new = refit(wb, Hb.to(H.dtype), mask2, replace(solver, damp=damp)).mul_(t)
+        if frozen:
+            new[:, -1] *= c[_row_groups(rows, groups, new.device)].to(new.dtype)
+        if not torch.isfinite(new).all():
+            raise FloatingPointError(
+                f"the {method} solve produced non-finite weights; raise SolverOptions.damp or use dtype=torch.float64."
+            )
     else:
         _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), solver)  # the damped H itself is not kept
         protected = None
@@ -1154,13 +1250,6 @@ def solve_layer(
                 new = refit(work, H, mask2, replace(solver, damp=damp))
             else:
                 new = _lobs_sequential(work, Hinv, mask2, scores)
-        elif method == "exact":
-            if trace is None:
-                order, inc = _exact_trace(work, Hinv, dead, nm, frozen, solver, forced)
-            else:
-                order, inc = trace.order.to(work.device), trace.increments.to(work.device)
-            mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced, m_row)
-            new = refit(work, H, mask2, replace(solver, damp=damp))
         else:
             per = rows // groups
             outs, masks = [], []

@@ -396,8 +396,10 @@ def test_layer_error_matches_definition_conv(cnn_loader):
 
 def test_sequential_differs_and_helps_last_layer(mlp_loader):
     dense_model, seq_model = make_mlp(), make_mlp()
-    dense = prune_model(dense_model, mlp_loader, 0.7, "exact", allocation="uniform")
-    seq = prune_model(seq_model, mlp_loader, 0.7, "exact", sequential=True, allocation="uniform")
+    # At 0.9 sequential calibration gains ~2% output error here; at 0.7 the two differed by 0.3% either way (a
+    # change of exact's damping of the bias input flipped it), so 0.7 did not test the gain.
+    dense = prune_model(dense_model, mlp_loader, 0.9, "exact", allocation="uniform")
+    seq = prune_model(seq_model, mlp_loader, 0.9, "exact", sequential=True, allocation="uniform")
     assert seq.sequential and not dense.sequential
     # first layer sees the same inputs in both modes
     assert seq.layers["0"].layer_error == pytest.approx(dense.layers["0"].layer_error, rel=1e-6)
@@ -407,7 +409,7 @@ def test_sequential_differs_and_helps_last_layer(mlp_loader):
     assert seq.layers["4"].layer_error != dense.layers["4"].layer_error
     assert seq.output_error <= dense.output_error
     for name, m in linear_and_conv(seq_model).items():
-        assert int((~seq.masks[name]).sum()) == round(0.7 * m.weight.numel())
+        assert int((~seq.masks[name]).sum()) == round(0.9 * m.weight.numel())
         assert torch.all(m.weight[~seq.masks[name]] == 0)
 
 

@@ -215,6 +215,52 @@ def test_resume_mid_prune_epoch_does_not_prune_again(tmp_path):
     assert watch.checked_batches == 6 + 8
 
 
+def test_checkpoint_saved_under_the_old_default_key_restores(tmp_path, ns):
+    """Before keys were derived from the schedule, ``state_key=None`` saved under ``"LOBSPruning"``."""
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=0, calibration_batches=2, log_table=False)
+    tr = trainer(1, [lobs], tmp_path, ns=ns)
+    tr.fit(LitMLP(ns=ns))
+    path = tmp_path / "old.ckpt"
+    tr.save_checkpoint(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert list(state["callbacks"]) == [lobs.state_key] and lobs.state_key != "LOBSPruning"
+    state["callbacks"] = {"LOBSPruning": state["callbacks"][lobs.state_key]}
+    torch.save(state, path)
+
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=0, calibration_batches=2, log_table=False)
+    model2 = LitMLP(seed=9, ns=ns)
+    trainer(2, [lobs2], tmp_path, ns=ns).fit(model2, ckpt_path=str(path))
+    assert lobs2.pruned_epochs == [0] and lobs2.reports == []
+    for name, m in lobs.masks.masks.items():
+        assert torch.equal(lobs2.masks[name].cpu(), m.cpu())
+        assert zeros(model2, name) == int((~m).sum())
+
+
+def test_two_unnamed_instances_share_a_trainer_and_log_apart(ns):
+    a = LOBSPruning(sparsity={"net.0": 0.5}, prune_epoch=0, calibration_batches=2, log_table=False)
+    b = LOBSPruning(sparsity={"net.[24]": 0.7}, prune_epoch=0, calibration_batches=2, log_table=False)
+    assert a.state_key == "LOBSPruning{'sparsity': {'net.0': 0.5}, 'prune_epoch': 0, 'method': 'auto'}"
+    assert a.state_key != b.state_key
+    tr = trainer(1, [a, b], ns=ns)
+    tr.fit(LitMLP(ns=ns))
+    assert a._prefix != b._prefix and {a._prefix[:5], b._prefix[:5]} == {"lobs/"}
+    keys = set(tr.callback_metrics)
+    assert f"{a._prefix}net.0/sparsity" in keys and f"{b._prefix}net.2/sparsity" in keys
+    assert "lobs/net.0/sparsity" not in keys  # neither one took the lone instance's names
+    lone = LOBSPruning(sparsity={"net.0": 0.5}, prune_epoch=0, calibration_batches=2, log_table=False)
+    tr = trainer(1, [lone], ns=ns)
+    tr.fit(LitMLP(ns=ns))
+    assert lone._prefix == "lobs/" and "lobs/net.0/sparsity" in tr.callback_metrics
+
+
+def test_identical_instances_are_refused_naming_state_key(ns):
+    with pytest.raises(ValueError, match=r"two LOBSPruning callbacks in one Trainer have the same state_key .*state_key='\.\.\.'"):
+        trainer(1, [LOBSPruning(sparsity=0.5), LOBSPruning(sparsity=0.5)], ns=ns)
+    named = [LOBSPruning(sparsity=0.5, state_key="x"), LOBSPruning(sparsity={"net.0": 0.5}, state_key="x")]
+    with pytest.raises(ValueError, match=r"same state_key \"LOBSPruning\{'state_key': 'x'\}\""):
+        trainer(1, named, ns=ns)
+
+
 def test_restored_pruned_epochs_block_a_second_prune():
     lobs = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False)
     lobs.load_state_dict({"masks": {"net.0": torch.ones(24, 32, dtype=torch.bool)}, "pruned_epochs": [1]})
@@ -327,6 +373,21 @@ def test_iterative_pruning(ns):
             dict(prune_epoch=[1, 2], sparsity=[{"net.*": 0.8}, {"net.*": 0.6}]),
             ValueError,
             r"sparsity\[1\]\['net.\*'\] = 0.6 is lower",
+        ),
+        (
+            dict(prune_epoch=[1, 2], sparsity=[{"net.*": 0.8}, {"net.0": 0.6, "net.*": 0.9}]),
+            ValueError,
+            r"layer 'net.0' cannot reach sparsity\[1\] = 0.6: sparsity\[0\] already prunes it to 0.8",
+        ),
+        (
+            dict(prune_epoch=[1, 2, 3], sparsity=[{"net.0": 0.7}, {"net.2": 0.5}, {"net.0": 0.6}]),
+            ValueError,
+            r"layer 'net.0' cannot reach sparsity\[2\] = 0.6: sparsity\[0\] already prunes it to 0.7",
+        ),
+        (
+            dict(prune_epoch=[1, 2], sparsity=[0.7, {"net.0": 0.6}], allocation="uniform"),
+            ValueError,
+            r"layer 'net.0' cannot reach sparsity\[1\] = 0.6: sparsity\[0\] already prunes it to 0.7",
         ),
         (dict(method="foo"), ValueError, r"method must be one of"),
         (dict(allocation="layer"), ValueError, r"allocation"),
@@ -501,3 +562,19 @@ def test_prune_model_on_lightning_module_in_train_mode_keeps_bn_stats():
     for k, v in model.net[1].state_dict().items():
         assert torch.equal(v, bn[k]), k
     assert all(m.training for m in model.modules())
+
+
+def test_iterative_step_below_what_the_global_allocation_took_warns_per_layer(ns):
+    """A schedule like the README's: step 1's global 0.7 takes layers past step 2's 0.7, which cannot be undone."""
+    lobs = LOBSPruning(sparsity=[0.7, {"net.0": 0.9, "net.*": 0.7}], prune_epoch=[0, 1], calibration_batches=2, log_table=False)
+    model = LitMLP(ns=ns)
+    with pytest.warns(UserWarning, match=r"already sparser than asked") as rec:
+        trainer(2, [lobs], ns=ns).fit(model)
+    first, second = lobs.reports
+    over = [n for n in ("net.2", "net.4") if first.layers[n].sparsity > 0.7]
+    assert over, "the first step must take a layer past 0.7 for this test to mean anything"
+    (msg,) = [str(w.message) for w in rec if "already sparser" in str(w.message)]
+    for n in over:
+        assert f"'{n}' at {first.layers[n].sparsity:.4g} (asked 0.7)" in msg
+        assert second.layers[n].sparsity == pytest.approx(first.layers[n].sparsity)  # the report stays true
+        assert second.layers[n].target_sparsity == 0.7

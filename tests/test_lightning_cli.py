@@ -114,3 +114,22 @@ def test_example_config_runs(tmp_path, monkeypatch):
     cb = lobs_of(run.trainer)
     assert cb.pruned_epochs == [2, 4]
     assert cb.last_report.sparsity == pytest.approx(0.8, abs=0.01)
+
+
+def test_the_override_command_in_the_example_docstring_runs(tmp_path, monkeypatch):
+    """The docstring's ``--trainer.callbacks.init_args...`` command, read from the docstring itself, with a shorter run."""
+    import shlex
+
+    example = importlib.import_module("lobs_cli")
+    text = example.__doc__.replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if "init_args" in ln and ln.strip().startswith("python")]
+    args = shlex.split(line)[2:]
+    args = [str(EXAMPLES / "lobs_cli.yaml") if a == "examples/lobs_cli.yaml" else a for a in args]
+    monkeypatch.chdir(tmp_path)
+    run = example.main(
+        [*args, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--data.n_train=512",
+         "--model.hidden=[32, 16]", "--trainer.callbacks.init_args.calibration_batches=2", *QUIET]
+    )
+    cb = lobs_of(run.trainer)
+    assert cb.prune_epochs == [2, 4, 6] and cb.pruned_epochs == [2, 4, 6]
+    assert cb.last_report.sparsity == pytest.approx(0.9, abs=0.01)
