@@ -1,0 +1,475 @@
+"""One test per checkable promise of README.md that no other test pinned tightly enough.
+
+The table maps each README promise (a few words, then its section) to the test that pins it: a test in this
+file (``::name``) or an existing one (``file::name``). When a README sentence changes, change its row and its
+test together. Areas that other test files own and pin themselves are left out here: the sparse file
+(``save_sparse``/``load_sparse``/``read_sparse`` and its format), the first-match rule of sparsity mappings,
+``state_key`` and the logged metric names, iterative schedules' reachability, BatchNorm re-estimation errors,
+bool/dtype option messages, reachability with ``accumulate_grad_batches``, ``reset_monitors`` and the global
+allocation's hand-back rule.
+
+=====================================================================  ==========================================================================
+README promise (section)                                               pinned by
+=====================================================================  ==========================================================================
+``import lightning_lobs`` does not import Lightning (intro)            test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
+torch is the only requirement; transformers not a dependency (intro)   ::test_torch_is_the_only_required_dependency
+LOBSPruning without Lightning: ImportError naming both installs        test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
+PruneOptions checks every value before any work (options)              test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
+numbers may be Python, numpy or 0-d torch scalars (options)            test_truthful.py::test_numpy_and_torch_scalars_are_accepted
+solver/calibration given as mappings of their fields (options)         test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
+sparsity in [0, 1) (options, errors before work)                       test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
+a callable sparsity (options)                                          test_api.py::test_callable_spec
+list of sparsities may not decrease (options)                          test_callback.py::test_construction_errors
+``method`` default ``"auto"``; ``allocation`` default ``"global"``,     ::test_prune_options_defaults_are_the_documented_ones
+``sequential`` default False, ``recalibrate_bn`` default True (options)
+N:M keeps N of every M, convs along input channels (options)           test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
+``uniform`` prunes every layer to ``sparsity`` (options, allocation)   test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
+mappings/callables/N:M ignore ``allocation`` (options, allocation)     test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
+``exclude`` keeps layers dense (options)                               test_api.py::test_exclude
+SolverOptions defaults (options)                                       ::test_solver_options_defaults_are_the_documented_ones
+CalibrationOptions defaults (options)                                  ::test_calibration_options_defaults_are_the_documented_ones
+forward_fn default: tensor, first item, dict x/input/image(s)/input_ids ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
+LOBSPruning: calibration_batches 32 of the train dataloader (options)  ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
+prune_model: calibration_batches=None is every batch (options)         ::test_prune_model_calibrates_on_every_batch_by_default
+prune_model(options=...) whole, not with other options (options)       test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
+progress=True prints phase, layer i/N, elapsed, ETA (options)          test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
+PruneReport fields (options)                                           ::test_prune_report_has_every_documented_field
+greedy_trace reused by solve_layer at any sparsity (options)           test_solvers.py::test_greedy_trace_reused_across_sparsities
+Linear, Conv1d/2d/3d, Conv1D pruned (what is pruned)                   test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
+parametrized weights refused naming layer and fix (what is pruned)     test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
+unprunable module named exactly in a mapping refused (what is pruned)  test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
+skipped: left dense, one warning, report.skipped (what is pruned)      ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
+tied weights never pruned silently (what is pruned)                    test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
+TransformerEncoderLayer's feed-forward Linears pruned (what is pruned) test_truthful.py::test_transformer_encoder_with_float_sparsity_skips_out_proj_and_prunes_the_rest
+never-called layers skipped, an error when named (what is pruned)      test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
+layers that cannot hold N:M skipped (what is pruned)                   test_api.py::test_nm_conv_along_channels_and_skip_warning
+report.sparsity / model_sparsity / parameter counts (what is pruned)   test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
+lobs refits jointly by default, refit=False is literal (methods)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
+exact: lazy flushes do not change the greedy choice (methods)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
+fast refit where at most 2e11 flops (methods)                          test_solvers.py::test_refit_auto_follows_the_flop_limit
+auto: exact where rows*d^3 <= 1e12, else fast (methods)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above
+the report says each layer's method (methods)                          test_api.py::test_methods_run_and_report
+split invariant to rescaling between layers (allocation)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
+GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels     ::test_global_allocation_defaults_are_the_documented_ones
+floors, dead rows only when asked, unreachable names them (allocation) test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
+pruned weights stay exactly 0 through every optimizer step (masks)     test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping
+optimizer state zeroed at pruned positions on attach (masks)           test_masks.py::test_pruned_weights_stay_exactly_zero
+model stays plain, state_dict loads into the original (masks)          test_callback.py::test_final_model_is_plain_and_hooks_removed
+masks in the callback state, fit(ckpt_path) resumes (masks)            test_callback.py::test_resume_after_prune_keeps_masks
+MaskSet.save/load (masks)                                              test_masks.py::test_state_dict_and_save_load_round_trip
+export_sparse: CSR with int32 indices or COO (masks)                   test_export.py::test_export_sparse_csr_int32_and_top_level, test_masks.py::test_export_sparse
+hooks removed at the end of fit (masks)                                test_callback.py::test_final_model_is_plain_and_hooks_removed
+to_sparse_inference: a copy, Linears >= 50% sparse, convs dense (deploy) ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
+to_sparse_inference times at batch 1 by default, swaps at >= 1.1x      ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
+swapped layers give the dense outputs up to rounding (deploy)          test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
+errors in __init__/setup before any training step (errors)             test_callback.py::test_setup_errors_before_training
+NaN/inf parameters named before calibrating (errors)                   test_truthful.py::test_nan_weights_are_named_before_any_work
+explicit exact over three minutes warns (errors)                       ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
+over the memory budget: MemoryError naming layer and remedy (errors)   test_scale.py::test_budget_too_small_fails_before_calibration
+NaN/inf inputs raise with the layer's name (errors)                    test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
+float32 Hessian overflow says so (errors)                              test_truthful.py::test_float32_hessian_overflow_is_named
+empty batches left out and counted (errors)                            test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
+inputs of magnitude 1e20 solve like any other (errors)                 test_truthful.py::test_huge_inputs_prune_like_normal_ones
+non-PD Hessian: tenfold damping with a warning until it is (errors)    ::test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is
+any failure restores weights, BN statistics, modes; no hooks (errors)  test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
+DDP result equals one process on all batches (distributed)             test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
+sharded strategies refused: use ddp or prune_model (distributed)       test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
+position_stride subsamples conv positions (distributed)                test_scale.py::test_position_stride_subsamples_conv_patches
+one class, a Callback of every namespace (Lightning)                   test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
+every CPU precision prunes and holds masks (Lightning)                 test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
+prune epoch beyond max_epochs: error in setup (Lightning)              test_callback.py::test_setup_errors_before_training
+after max_steps: error at the start of training (Lightning)            test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
+EarlyStopping before the prune warns naming the epochs (Lightning)     test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
+prune_step prunes mid-epoch; unreachable step refused (Lightning)      test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training
+resume with other done steps refused, new steps warn (Lightning)       test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
+overlapping instances refused in setup (Lightning)                     test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
+LightningCLI: --print_config writes a config that runs (Lightning)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
+progress after 2 s by default, in the bar or the log (Lightning)       ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+console progress: at most one line every 0.5 s (Lightning)             ::test_console_progress_prints_at_most_one_line_every_half_second
+frozen layer masked at its first forward after unfreezing (Lightning)  test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
+summary table with the nonzero parameter count (metrics)               test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+RMS over samples of the whole output's norm (metrics)                  test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
+bound holds for chains; NaN with a reason otherwise (bound)            test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
+=====================================================================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import lightning_lobs.export as export_mod
+import lightning_lobs.progress as progress_mod
+from lightning_lobs import (
+    CalibrationOptions,
+    GlobalAllocation,
+    PruneOptions,
+    SolverOptions,
+    prune_model,
+    solve_layer,
+    to_sparse_inference,
+)
+from lightning_lobs.export import CSRLinear
+from lightning_lobs.options import PruneProgress
+from lightning_lobs.progress import console_progress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+
+
+def _batches(n: int = 6, rows: int = 16, d: int = 12, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, d, generator=g) for _ in range(n)]
+
+
+def _errors(report) -> dict:
+    return {name: lr.layer_error for name, lr in report.layers.items()}
+
+
+# --------------------------------------------------------------------------- install
+
+
+def test_torch_is_the_only_required_dependency():
+    """Torch is the only requirement, Lightning comes with an extra, and transformers is not a dependency."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch"]
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("lightning") for d in extras["lightning"])
+    assert any(d.startswith("pytorch-lightning") for d in extras["pl"])
+
+
+# --------------------------------------------------------------------------- the options and their defaults
+
+
+def test_solver_options_defaults_are_the_documented_ones():
+    s = SolverOptions()
+    assert s.damp == 0.01
+    assert s.dtype == torch.float32
+    assert s.block_size == 128
+    assert s.lazy_steps == 32
+    assert s.max_memory_bytes == 2**30  # 1 GiB
+    assert s.refit is None
+    assert s.min_kept_per_row == 1
+
+
+def test_calibration_options_defaults_are_the_documented_ones():
+    c = CalibrationOptions()
+    assert c.hessian_dtype == torch.float64
+    assert c.max_chunk_elements == 2**24
+    assert c.position_stride == 1
+    assert c.memory_budget_bytes is None
+
+
+def test_prune_options_defaults_are_the_documented_ones():
+    """method "auto", allocation "global", dense-network inputs (sequential=False), BatchNorm re-estimation on;
+    prune_model and LOBSPruning take the same defaults."""
+    o = PruneOptions()
+    assert (o.method, o.allocation, o.sequential, o.recalibrate_bn) == ("auto", "global", False, True)
+    assert o.pattern is None and o.exclude == () and o.forward_fn is None
+    params = inspect.signature(prune_model).parameters
+    assert params["method"].default == "auto"
+    from lightning_lobs import LOBSPruning
+
+    cb = inspect.signature(LOBSPruning.__init__).parameters
+    for name in ("method", "allocation", "sequential", "recalibrate_bn"):
+        assert cb[name].default == getattr(o, name), name
+
+
+def test_global_allocation_defaults_are_the_documented_ones():
+    """Cap 0.99, no dead rows, measured curves on 64 rows at 24 sparsities; "global" means these settings."""
+    g = GlobalAllocation()
+    assert g.max_layer_sparsity == 0.99
+    assert g.allow_dead_rows is False
+    assert g.costs == "curve"
+    assert g.levels == 24 and len(g.sparsity_grid()) == 24
+    assert g.curve_rows == 64
+    assert PruneOptions(sparsity=0.5).global_allocation == g
+
+
+def test_calibration_given_as_a_mapping_of_its_fields_is_accepted():
+    o = PruneOptions(calibration={"hessian_dtype": torch.float32, "position_stride": 2})
+    assert o.calibration == CalibrationOptions(hessian_dtype=torch.float32, position_stride=2)
+    with pytest.raises(ValueError, match=r"calibration has unknown keys \['stride'\]; CalibrationOptions takes"):
+        PruneOptions(calibration={"stride": 2})
+
+
+def test_callable_sparsity_ignores_the_global_allocation():
+    """A callable fixes per-layer sparsities itself: each layer gets exactly what it returns."""
+    model = _mlp()
+    report = prune_model(model, _batches(), lambda name, m: {"0": 0.5, "2": 0.2}[name], "exact")
+    assert report.allocation == "per-layer"
+    assert int((model[0].weight == 0).sum()) == round(0.5 * 120)
+    assert int((model[2].weight == 0).sum()) == round(0.2 * 30)
+
+
+class _Echo(nn.Module):
+    """Records what it is fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+        self.seen: list = []
+
+    def forward(self, x):
+        self.seen.append(x)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda x: x,
+        lambda x: (x, torch.zeros(len(x))),
+        lambda x: [x, torch.zeros(len(x))],
+        lambda x: {"x": x, "y": torch.zeros(len(x))},
+        lambda x: {"label": torch.zeros(len(x)), "input": x},
+        lambda x: {"image": x},
+        lambda x: {"images": x},
+        lambda x: {"input_ids": x},
+    ],
+    ids=["tensor", "tuple", "list", "x", "input", "image", "images", "input_ids"],
+)
+def test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry(wrap):
+    model = _Echo()
+    xs = _batches(n=2)
+    prune_model(model, [wrap(x) for x in xs], 0.5, "exact", recalibrate_bn=False)
+    seen = [s for s in model.seen if isinstance(s, torch.Tensor)]  # not the bound analysis' torch.fx proxies
+    assert seen and all(any(torch.equal(s, x) for x in xs) for s in seen)
+
+
+def test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default():
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_helpers import lit_mlp_class, make_trainer
+
+    class Plain(lit_mlp_class("pytorch_lightning")):
+        def train_dataloader(self):  # 40 batches in a fixed order
+            return DataLoader(self.data, batch_size=8)
+
+    model = Plain(n=320)
+    reference = Plain(n=320)
+    from lightning_lobs import LOBSPruning
+
+    cb = LOBSPruning(sparsity=0.5, prune_epoch=0, allocation="uniform", method="exact", log_table=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(pl, 1, [cb], limit_train_batches=1).fit(model)
+    loader = reference.train_dataloader()
+    expected = prune_model(reference, loader, 0.5, "exact", allocation="uniform", calibration_batches=32)
+    for name, lr in cb.last_report.layers.items():
+        assert lr.layer_error == pytest.approx(expected.layers[name].layer_error, rel=1e-6), name
+    other = prune_model(Plain(n=320), loader, 0.5, "exact", allocation="uniform", calibration_batches=31)
+    assert other.layers["net.0"].layer_error != pytest.approx(expected.layers["net.0"].layer_error, rel=1e-6)
+
+
+def test_prune_model_calibrates_on_every_batch_by_default():
+    calls = []
+
+    def forward(m, x):
+        calls.append(1)
+        return m(x)
+
+    prune_model(_mlp(), _batches(n=40, rows=4), 0.5, "exact", forward_fn=forward)
+    assert len(calls) == 3 * 40  # calibration on all 40 (more than LOBSPruning's 32), then dense and pruned measurements
+
+
+def test_prune_report_has_every_documented_field():
+    report = prune_model(_mlp(), _batches(), 0.5, "exact")
+    lr = report.layers["0"]
+    for value in (lr.layer_error, lr.sparsity, lr.output_error, lr.norm_frobenius, lr.norm_spectral):
+        assert isinstance(value, float) and math.isfinite(value)
+    for value in (report.sparsity, report.model_sparsity, report.bound, report.bound_spectral, report.output_error):
+        assert isinstance(value, float) and math.isfinite(value)
+    assert report.nonzero_parameters < report.total_parameters == sum(p.numel() for p in _mlp().parameters())
+    assert report.skipped == {} and set(report.masks.masks) == {"0", "2"}
+    assert isinstance(report.table(), str) and "0" in report.table()
+    assert report.metrics()["lobs/sparsity"] == report.sparsity
+
+
+# --------------------------------------------------------------------------- what is pruned, refused, skipped
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
+def test_any_registered_parametrization_is_refused_naming_layer_and_fix():
+    model = _mlp()
+    torch.nn.utils.parametrize.register_parametrization(model[2], "weight", _Scale())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'2'.*parametrization.*would not hold.*(remove|exclude)"):
+        prune_model(model, _batches(), 0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    report = prune_model(model, _batches(), 0.5, exclude=["2"])
+    assert list(report.layers) == ["0"]
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 12)
+        self.attn = nn.MultiheadAttention(12, 2)
+        self.deconv = nn.ConvTranspose1d(12, 12, 1)
+        self.a = nn.Linear(12, 12)
+        self.b = nn.Linear(12, 12)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0]  # (length, batch, 12)
+        h = self.deconv(h.permute(1, 2, 0)).permute(2, 0, 1)
+        h = torch.relu(self.b(torch.relu(self.a(h))))
+        return self.head(h + self.emb.weight[: h.shape[-1]].mean())
+
+
+def test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped():
+    model = _Mixed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(5, 4, 12, generator=g) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        report = prune_model(model, batches, 0.5, "exact")
+    skipped = {"emb", "attn", "deconv", "a", "b"}
+    notes = [w for w in rec if "not pruned" in str(w.message)]
+    assert len(notes) == 1, [str(w.message) for w in rec]
+    assert all(f"'{name}'" in str(notes[0].message) for name in skipped)
+    assert skipped <= set(report.skipped)
+    assert list(report.layers) == ["head"]
+    for k, v in model.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, before[k]), k
+
+
+# --------------------------------------------------------------------------- errors before work
+
+
+def test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes(monkeypatch):
+    """The estimate is the engine's cost model; the threshold, three minutes, is the README's."""
+    import lightning_lobs.pruner as pruner_mod
+
+    rate = pruner_mod.EXACT_COST_PER_SECOND
+    model = nn.Sequential(nn.Linear(64, 8, bias=False))  # rows * d^3 = 8 * 64^3
+    cost = 8 * 64.0**3
+
+    def stop(m, batch):
+        raise RuntimeError("stop before calibrating")
+
+    loader = [torch.zeros(2, 64)]
+    for seconds, warns in ((170.0, False), (190.0, True)):
+        monkeypatch.setattr(pruner_mod, "EXACT_COST_PER_SECOND", cost / seconds)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            with pytest.raises(RuntimeError, match="stop"):
+                prune_model(model, loader, 0.5, "exact", forward_fn=stop)
+        said = [str(w.message) for w in rec if "method='exact' will take about" in str(w.message)]
+        assert bool(said) == warns, (seconds, said)
+        if warns:
+            assert "about 3 min" in said[0] and "method='auto'" in said[0]
+    assert rate > 0
+
+
+def test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is():
+    """H = [[1, 1+e], [1+e, 1]] has the eigenvalue -e = -5e-4: relative damping 1e-6, 1e-5 and 1e-4 leave it
+    indefinite, 1e-3 makes it positive definite."""
+    e = 5e-4
+    H = torch.tensor([[1.0, 1.0 + e], [1.0 + e, 1.0]], dtype=torch.float64)
+    W = torch.tensor([[1.0, -2.0], [0.5, 0.3]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning) as rec:
+        res = solve_layer(W, H, 0.5, "exact", solver=SolverOptions(damp=1e-6, dtype=torch.float64))
+    said = [str(w.message) for w in rec if "not positive definite" in str(w.message)]
+    assert said == [
+        f"Hessian is not positive definite with relative damping {a:g}; retrying with {b:g}. "
+        "More calibration batches usually fix this."
+        for a, b in ((1e-6, 1e-5), (1e-5, 1e-4), (1e-4, 1e-3))
+    ]
+    assert res.damp == pytest.approx(1e-3, rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # positive definite from the start: no warning, damping as given
+        assert solve_layer(W, H + 1e-2 * torch.eye(2, dtype=torch.float64), 0.5, "exact",
+                           solver=SolverOptions(dtype=torch.float64)).damp == 0.01
+
+
+def test_sharded_strategies_are_refused_naming_ddp_and_prune_model():
+    pytest.importorskip("pytorch_lightning")
+    from lightning_lobs import LOBSPruning
+
+    trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), max_epochs=3, max_steps=-1, world_size=1, callbacks=[])
+    with pytest.raises(RuntimeError, match=r"FSDPStrategy.*strategy='ddp'.*prune the gathered model with prune_model\(\)"):
+        LOBSPruning(prune_epoch=1).setup(trainer, _mlp(), "fit")
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(4, 4, 1), nn.Flatten(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2)
+    )
+    with torch.no_grad():
+        model[0].weight.zero_()  # an all-zero convolution still stays dense
+        model[2].weight.view(-1)[:80] = 0  # exactly 50%
+        model[4].weight.view(-1)[:49] = 0  # 49%
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = to_sparse_inference(model, mode="sparse")
+    assert fast is not model
+    assert [type(m) for m in model] == [nn.Conv1d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert type(fast[0]) is nn.Conv1d and isinstance(fast[2], CSRLinear)
+    assert type(fast[4]) is nn.Linear and type(fast[6]) is nn.Linear
+    x = torch.randn(3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+def test_to_sparse_inference_times_at_batch_one_by_default(monkeypatch):
+    seen = {}
+    real = export_mod.plan_sparse_inference
+
+    def spy(model, **kwargs):
+        seen.update(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(export_mod, "plan_sparse_inference", spy)
+    model = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight.view(-1)[:48] = 0
+    to_sparse_inference(model, repeats=1, warmup=0)
+    assert seen["batch_size"] == 1 and seen["mode"] == "auto"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_console_progress_prints_at_most_one_line_every_half_second(monkeypatch, capsys):
+    clock = iter([0.0, 0.4, 0.6, 0.9, 1.2])
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: next(clock))
+    fn = console_progress()
+    steps = [PruneProgress("solve", i, 9, f"l{i}", 0.1 * i, 1.0) for i in range(1, 6)]
+    for step in steps:
+        fn(step)
+    assert capsys.readouterr().err.splitlines() == [steps[i].describe() for i in (0, 2, 4)]
+
+
+def test_lobs_pruning_shows_progress_after_two_seconds_by_default():
+    pytest.importorskip("pytorch_lightning")
+    from lightning_lobs import LOBSPruning
+
+    assert LOBSPruning().progress_after == 2.0
+    assert inspect.signature(LOBSPruning.__init__).parameters["progress_after"].default == 2.0
