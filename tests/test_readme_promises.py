@@ -47,8 +47,8 @@ layers that cannot hold N:M skipped (what is pruned)                   test_api.
 report.sparsity / model_sparsity / parameter counts (what is pruned)   test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
 lobs refits jointly by default, refit=False is literal (methods)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
 exact: lazy flushes do not change the greedy choice (methods)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
-fast refit where at most 2e11 flops (methods)                          test_solvers.py::test_refit_auto_follows_the_flop_limit
-auto: exact where rows*d^3 <= 1e12, else fast (methods)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above
+fast refit where at most 2e11 flops (options, methods)                 test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
+auto: exact where rows*d^3 <= 1e12, else fast (methods)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
 the report says each layer's method (methods)                          test_api.py::test_methods_run_and_report
 split invariant to rescaling between layers (allocation)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
 GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels     ::test_global_allocation_defaults_are_the_documented_ones
@@ -67,6 +67,7 @@ errors in __init__/setup before any training step (errors)             test_call
 NaN/inf parameters named before calibrating (errors)                   test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
 explicit exact over three minutes warns (errors)                       ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
 over the memory budget: MemoryError naming layer and remedy (errors)   test_scale.py::test_budget_too_small_fails_before_calibration
+memory budget None = 80% of the device's free memory (options)        ::test_default_memory_budget_is_80_percent_of_the_free_memory
 NaN/inf inputs raise with the layer's name (errors)                    test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
 float32 Hessian overflow says so (errors)                              test_truthful.py::test_float32_hessian_overflow_is_named
 empty batches left out and counted (errors)                            test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
@@ -301,6 +302,39 @@ def test_prune_report_has_every_documented_field():
     assert report.skipped == {} and set(report.masks.masks) == {"0", "2"}
     assert isinstance(report.table(), str) and "0" in report.table()
     assert report.metrics()["lobs/sparsity"] == report.sparsity
+
+
+def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12():
+    """The README's threshold itself: 1000 rows x d = 1000 (999 inputs and the bias) costs exactly 1e12."""
+    from lightning_lobs.pruner import _resolve_method
+
+    assert _resolve_method("auto", nn.Linear(999, 1000)) == "exact"
+    assert _resolve_method("auto", nn.Linear(1000, 1000)) == "fast"  # d = 1001
+    assert _resolve_method("auto", nn.Linear(999, 1001)) == "fast"
+    assert _resolve_method("exact", nn.Linear(1000, 1000)) == "exact"  # explicit methods are kept
+
+
+def test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops():
+    """The refit costs k^3 / 3 per row for k kept weights: 600 rows keeping 1000 cost exactly 2e11."""
+    from lightning_lobs.solvers import _wants_refit
+
+    opts = SolverOptions()
+    assert _wants_refit(opts, torch.ones(600, 1000, dtype=torch.bool))
+    assert not _wants_refit(opts, torch.ones(601, 1000, dtype=torch.bool))
+    assert _wants_refit(SolverOptions(refit=True), torch.ones(601, 1000, dtype=torch.bool))
+
+
+def test_default_memory_budget_is_80_percent_of_the_free_memory(monkeypatch):
+    import lightning_lobs.resources as resources_mod
+    from lightning_lobs.resources import LayerMemory, check_budget
+
+    monkeypatch.setattr(resources_mod, "available_memory", lambda device: 1000)
+    fits = {"a": LayerMemory("a", hessian_bytes=500, solve_bytes=300)}
+    assert check_budget(fits, None, False, torch.device("cpu")) == {"budget": 800, "peak": 800}
+    over = {"a": LayerMemory("a", hessian_bytes=500, solve_bytes=301)}
+    with pytest.raises(MemoryError, match=r"'a'.*method='fast'.*float32.*sequential=True.*exclude=\['a'\]"):
+        check_budget(over, None, False, torch.device("cpu"))
+    assert CalibrationOptions().memory_budget_bytes is None  # the default is this free-memory budget
 
 
 # --------------------------------------------------------------------------- what is pruned, refused, skipped
