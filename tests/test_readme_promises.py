@@ -89,6 +89,7 @@ resume with other done steps refused, new steps warn (Lightning)       test_ligh
 overlapping instances refused in setup (Lightning)                     test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
 LightningCLI: --print_config writes a config that runs (Lightning)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
 progress after 2 s by default, in the bar or the log (Lightning)       ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+progress in TQDM's postfix, restored afterwards (Lightning)           ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
 console progress: at most one line every 0.5 s (Lightning)             ::test_console_progress_prints_at_most_one_line_every_half_second
 frozen layer masked at its first forward after unfreezing (Lightning)  test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
 summary table with the nonzero parameter count (metrics)               test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
@@ -126,6 +127,12 @@ from lightning_lobs.options import PruneProgress
 from lightning_lobs.progress import console_progress
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [  # Lightning's own notes about the tiny test runs
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*number of training batches.*"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
+]
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -564,3 +571,26 @@ def test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch():
 def test_max_time_that_ends_training_before_its_first_step_still_warns():
     with pytest.warns(UserWarning, match=_NEVER_PRUNED):
         _max_time_run({"seconds": 0}, sleep=0.0)
+
+
+def test_tqdm_train_bar_postfix_is_restored_after_the_prune(capsys):
+    """Progress shows in the TQDM train bar's postfix while pruning, and the postfix is restored afterwards."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_helpers import BothCallback, lit_mlp, make_trainer
+
+    from lightning_lobs import LOBSPruning
+
+    class After(BothCallback):  # placed after LOBSPruning: sees the bar right after the prune
+        postfix = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                After.postfix = str(trainer.progress_bar_callback.train_progress_bar.postfix)
+
+    cb = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform",
+                     progress_after=0.0)
+    tr = make_trainer(pl, 2, [pl.callbacks.TQDMProgressBar(), cb, After()], enable_progress_bar=True)
+    tr.fit(lit_mlp(pl, n=128))
+    out = capsys.readouterr()
+    assert cb.pruned_epochs == [1] and "L-OBS solve 3/3" in out.out + out.err
+    assert After.postfix is not None and "L-OBS" not in After.postfix
