@@ -61,7 +61,7 @@ the report says each layer's method (methods)                          test_api.
 split invariant to rescaling between layers (allocation)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
 GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels     ::test_global_allocation_defaults_are_the_documented_ones
 floors, dead rows only when asked, unreachable names them (allocation) test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
-pruned weights stay exactly 0 through every optimizer step (masks)     test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping
+pruned weights stay exactly 0 through every optimizer step (masks)     test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping, test_masks.py::test_step_hook_catches_state_loaded_after_attach (the step post-hook)
 optimizer state zeroed at pruned positions on attach (masks)           test_masks.py::test_pruned_weights_stay_exactly_zero
 model stays plain, state_dict loads into the original (masks)          test_callback.py::test_final_model_is_plain_and_hooks_removed
 masks in the callback state, fit(ckpt_path) resumes (masks)            test_callback.py::test_resume_after_prune_keeps_masks
@@ -111,6 +111,10 @@ summary table with the nonzero parameter count (metrics)               test_ligh
 RMS over samples of the whole output's norm (metrics)                  test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
 bound holds for chains; NaN with a reason otherwise (bound)            test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
 =====================================================================  ==========================================================================
+
+Not pinned as written: "Lightning integration" says that without either Lightning package ``import
+lightning_lobs`` raises an ImportError; the introduction (and the tests above) say that the import works and the
+first use of ``LOBSPruning`` raises it, which is what the library does.
 """
 
 from __future__ import annotations
