@@ -57,6 +57,7 @@ lobs refits jointly by default, refit=False is literal (methods)       test_solv
 exact: lazy flushes do not change the greedy choice (methods)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
 fast refit where at most 2e11 flops (options, methods)                 test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
 auto: exact where rows*d^3 <= 1e12, else fast (methods)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
+auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods)     ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
 the report says each layer's method (methods)                          test_api.py::test_methods_run_and_report
 split invariant to rescaling between layers (allocation)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
 GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels     ::test_global_allocation_defaults_are_the_documented_ones
@@ -353,6 +354,18 @@ def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12():
     assert _resolve_method("auto", nn.Linear(1000, 1000)) == "fast"  # d = 1001
     assert _resolve_method("auto", nn.Linear(999, 1001)) == "fast"
     assert _resolve_method("exact", nn.Linear(1000, 1000)) == "exact"  # explicit methods are kept
+
+
+def test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5():
+    import mnist_data
+
+    from lightning_lobs.pruner import _resolve_method
+    from lightning_lobs.selection import is_supported
+
+    for model in (mnist_data.lenet300_100(), mnist_data.lenet5()):
+        layers = [m for m in model.modules() if is_supported(m)]
+        assert len(layers) >= 3
+        assert {_resolve_method("auto", m) for m in layers} == {"exact"}
 
 
 def test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops():
