@@ -93,12 +93,12 @@ on CUDA: Hessians on the GPU, solves in float32 (GPU only)             test_gpu.
 2:4 weights timed with SemiStructuredLinear on CUDA 8.0+ (GPU only)    test_export.py::test_semi_structured_on_cuda
 one class, a Callback of every namespace (Lightning)                   test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
 every CPU precision prunes and holds masks (Lightning)                 test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
-prune epoch beyond max_epochs: error in setup (Lightning)              test_callback.py::test_setup_errors_before_training
+prune epoch beyond max_epochs: error in setup (Lightning)              test_callback.py::test_setup_errors_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup
 after max_steps: error at the start of training (Lightning)            test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
 EarlyStopping before the prune warns naming the epochs (Lightning)     test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
 max_time before the prune warns naming the epochs (Lightning)          ::test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch
 ... even when it ends training before its first step: FALSE today     ::test_max_time_that_ends_training_before_its_first_step_still_warns (xfail, strict)
-prune_step prunes mid-epoch; unreachable step refused (Lightning)      test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training
+prune_step prunes mid-epoch; unreachable step refused (Lightning)      test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
 resume with other done steps refused, new steps warn (Lightning)       test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
 overlapping instances refused in setup (Lightning)                     test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
 LightningCLI: --print_config writes a config that runs (Lightning)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
@@ -509,11 +509,31 @@ def test_inf_in_any_parameter_is_named_before_any_work():
     assert not calls
 
 
+def _stub_trainer(strategy: str = "SingleDeviceStrategy", max_epochs: int = 3, max_steps: int = -1) -> SimpleNamespace:
+    """What LOBSPruning.setup reads of a Trainer."""
+    return SimpleNamespace(
+        strategy=type(strategy, (), {})(), max_epochs=max_epochs, max_steps=max_steps, world_size=1, callbacks=[]
+    )
+
+
+def test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup():
+    """Known at setup: a prune epoch beyond max_epochs and a prune step beyond max_steps; the last reachable ones pass."""
+    pytest.importorskip("pytorch_lightning")
+    from lightning_lobs import LOBSPruning
+
+    with pytest.raises(ValueError, match=r"prune_epoch 3 is beyond the last epoch of training \(max_epochs=3"):
+        LOBSPruning(prune_epoch=3).setup(_stub_trainer(), _mlp(), "fit")
+    LOBSPruning(prune_epoch=2).setup(_stub_trainer(), _mlp(), "fit")
+    with pytest.raises(ValueError, match=r"prune_step 8 is never reached: max_steps=8"):
+        LOBSPruning(prune_step=8).setup(_stub_trainer(max_steps=8, max_epochs=-1), _mlp(), "fit")
+    LOBSPruning(prune_step=7).setup(_stub_trainer(max_steps=8, max_epochs=-1), _mlp(), "fit")
+
+
 def test_sharded_strategies_are_refused_naming_ddp_and_prune_model():
     pytest.importorskip("pytorch_lightning")
     from lightning_lobs import LOBSPruning
 
-    trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), max_epochs=3, max_steps=-1, world_size=1, callbacks=[])
+    trainer = _stub_trainer("FSDPStrategy")
     with pytest.raises(RuntimeError, match=r"FSDPStrategy.*strategy='ddp'.*prune the gathered model with prune_model\(\)"):
         LOBSPruning(prune_epoch=1).setup(trainer, _mlp(), "fit")
 
