@@ -11,6 +11,7 @@ allocation's hand-back rule.
 =====================================================================  ==========================================================================
 README promise (section)                                               pinned by
 =====================================================================  ==========================================================================
+dense epochs, prune at the start of prune_epoch, retrain (intro)      test_callback.py::test_masks_hold_through_retraining
 ``import lightning_lobs`` does not import Lightning (intro)            test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
 torch is the only requirement; transformers not a dependency (intro)   ::test_torch_is_the_only_required_dependency
 ``.[dev]`` brings both Lightning packages (intro)                      ::test_torch_is_the_only_required_dependency
@@ -72,7 +73,7 @@ masks in the callback state, fit(ckpt_path) resumes (masks)            test_call
 MaskSet.save/load (masks)                                              test_masks.py::test_state_dict_and_save_load_round_trip
 export_sparse: CSR with int32 indices or COO (masks)                   test_export.py::test_export_sparse_csr_int32_and_top_level, test_masks.py::test_export_sparse
 hooks removed at the end of fit (masks)                                test_callback.py::test_final_model_is_plain_and_hooks_removed
-to_sparse_inference: a copy, Linears >= 50% sparse, convs dense (deploy) ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
+to_sparse_inference: a copy, Linears >= 50% sparse, convs dense, mode='sparse' untimed ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
 to_sparse_inference times at batch 1 by default, swaps at >= 1.1x      ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
 swapped layers give the dense outputs up to rounding (deploy)          test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
 errors in __init__/setup before any training step (errors)             test_callback.py::test_setup_errors_before_training
@@ -613,6 +614,8 @@ def test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half
         model[2].weight.view(-1)[:80] = 0  # exactly 50%
         model[4].weight.view(-1)[:49] = 0  # 49%
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = export_mod.plan_sparse_inference(model, mode="sparse")
+    assert set(plan) == {"2", "4", "6"} and all(p.dense_ms is None and not p.sparse_ms for p in plan.values())  # untimed
     fast = to_sparse_inference(model, mode="sparse")
     assert fast is not model
     assert [type(m) for m in model] == [nn.Conv1d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
