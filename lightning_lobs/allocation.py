@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, O
 import torch
 from torch import Tensor
 
+from .checks import as_int, as_real, describe
 from .distributed import RankInfo, broadcast_tensors, fail_together
 from .hessian import has_bias
 from .masks import MaskSet
@@ -82,12 +83,13 @@ class GlobalAllocation:
     curve_rows: int = 64
 
     def __post_init__(self) -> None:
-        m = self.max_layer_sparsity
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (0.0 < m <= 1.0):
+        m = as_real(self.max_layer_sparsity)
+        if m is None or not (0.0 < m <= 1.0):
             raise ValueError(
-                f"GlobalAllocation.max_layer_sparsity must be a number in (0, 1], got {m!r}; 0.99 (default) keeps "
-                "at least 1% of every layer, 1.0 removes the cap."
+                f"GlobalAllocation.max_layer_sparsity must be a number in (0, 1], got {describe(self.max_layer_sparsity)}; "
+                "0.99 (default) keeps at least 1% of every layer, 1.0 removes the cap."
             )
+        object.__setattr__(self, "max_layer_sparsity", float(m))
         if not isinstance(self.allow_dead_rows, bool):
             raise ValueError(f"GlobalAllocation.allow_dead_rows must be True or False, got {self.allow_dead_rows!r}.")
         if self.costs not in ("curve", "one-pass"):
@@ -96,11 +98,11 @@ class GlobalAllocation:
                 f"got {self.costs!r}."
             )
         for name in ("levels", "curve_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "levels" else 1):
-                raise ValueError(
-                    f"GlobalAllocation.{name} must be an int >= {2 if name == 'levels' else 1}, got {value!r}."
-                )
+            least = 2 if name == "levels" else 1
+            value = as_int(getattr(self, name))
+            if value is None or value < least:
+                raise ValueError(f"GlobalAllocation.{name} must be an int >= {least}, got {describe(getattr(self, name))}.")
+            object.__setattr__(self, name, value)
         if self.grid is not None:
             try:
                 if isinstance(self.grid, (str, bytes)) or any(isinstance(v, bool) for v in self.grid):

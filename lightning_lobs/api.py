@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import numbers
 import warnings
 from typing import Any, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
+from .checks import as_int, describe
 from .masks import MaskSet
 from .options import ProgressFn, PruneOptions
 from .pruner import PruneReport, prune
@@ -42,10 +42,13 @@ def take_batches(dataloader: Iterable[Any], calibration_batches: Optional[int]) 
     A one-shot iterator that yields fewer batches than asked gets a warning saying how many were used.
     """
     if calibration_batches is not None:
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
+        batches = as_int(calibration_batches)
+        if batches is None or batches < 1:
             raise ValueError(
-                f"calibration_batches must be an int >= 1 (or None for the whole dataloader), got {calibration_batches!r}."
+                f"calibration_batches must be an int >= 1 (or None for the whole dataloader), got "
+                f"{describe(calibration_batches)}."
             )
+        calibration_batches = batches
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     generators = _loader_generators(dataloader)
     states = [g.get_state() for g in generators]

@@ -15,7 +15,6 @@ import fnmatch
 import hashlib
 import importlib
 import math
-import numbers
 import sys
 import weakref
 from dataclasses import replace
@@ -26,6 +25,7 @@ from torch import nn
 
 from ._lightning import CALLBACK_BASES, callback_classes, namespace_of, rank_zero_info, rank_zero_warn
 from .allocation import GlobalAllocation
+from .checks import as_int, as_real, describe
 from .api import is_one_shot, take_batches
 from .distributed import RankInfo
 from .masks import MaskSet
@@ -58,17 +58,13 @@ SparsityFn = Callable[[str, nn.Module], Optional[float]]
 
 def _as_point(value: Any, what: str, unit: str = "epoch") -> int:
     """An epoch (or step) number: ints (numpy's too) and integral floats such as ``1.0``; anything else is refused."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
-        out = int(value)
-    elif not isinstance(value, bool) and isinstance(value, numbers.Real) and float(value).is_integer():
-        out = int(value)
-    else:
+    number = as_real(value)
+    if number is None or not float(number).is_integer():
         raise ValueError(
-            f"{what} must be a whole {unit} number >= 0 (or a list of them for iterative pruning), got {value!r} of type "
-            f"{type(value).__name__}; e.g. prune_{unit}=5 or prune_{unit}=[2, 4, 6]."
+            f"{what} must be a whole {unit} number >= 0 (or a list of them for iterative pruning), got {describe(value)}; "
+            f"e.g. prune_{unit}=5 or prune_{unit}=[2, 4, 6]."
         )
+    out = int(number)
     if out < 0:
         raise ValueError(f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0.")
     return out
@@ -273,15 +269,19 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         else:
             specs = [normalize_sparsity(sparsity)] * len(points)
         _check_not_decreasing(specs, uniform=allocation == "uniform" and pattern is None)  # N:M sets its own targets
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}.")
+        batches = as_int(calibration_batches)
+        if batches is None or batches < 1:
+            raise ValueError(f"calibration_batches must be an int >= 1, got {describe(calibration_batches)}.")
+        calibration_batches = batches
         if state_key is not None and (not isinstance(state_key, str) or not state_key):
             raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {state_key!r}.")
         for name, flag in (("log_table", log_table), ("reset_monitors", reset_monitors)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}.")
-        if isinstance(progress_after, bool) or not isinstance(progress_after, numbers.Real) or not progress_after >= 0:
-            raise ValueError(f"progress_after must be a number of seconds >= 0, got {progress_after!r}.")
+        after = as_real(progress_after)
+        if after is None or not after >= 0:
+            raise ValueError(f"progress_after must be a number of seconds >= 0, got {describe(progress_after)}.")
+        progress_after = float(after)
         # PruneOptions is the one place that validates the pruning options; one instance per prune step.
         base = PruneOptions(
             sparsity=specs[0],
@@ -524,7 +524,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         max_steps = getattr(trainer, "max_steps", -1)
         batches = getattr(trainer, "num_training_batches", float("inf"))
         if not math.isfinite(batches) or batches <= 0:
-            return  # unknown now: on_train_end warns if a prune point was never reached
+            return  # unknown now: on_fit_end warns if a prune point was never reached
         per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))  # the last partial window steps too
         if self.unit == "step":
             max_epochs = trainer.max_epochs
@@ -583,8 +583,12 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         pl_module.log(f"{self._prefix}sparsity", zeros / max(total, 1), on_step=False, on_epoch=True, sync_dist=sync)
         pl_module.log(f"{self._prefix}nonzero_parameters", float(nonzero), on_step=False, on_epoch=True, sync_dist=sync)
 
-    def on_train_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
-        """Warn when training ended before a prune epoch; write the sparse export if asked."""
+    def on_fit_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+        """Warn when training ended before a prune epoch; write the sparse export if asked.
+
+        ``on_fit_end``, not ``on_train_end``: Lightning skips the whole training loop (and its end hook)
+        when ``max_time`` has run out before the first step, and a dense model must not pass silently.
+        """
         pending = self._pending()
         if pending:
             unit = self.unit

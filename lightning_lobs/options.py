@@ -7,7 +7,6 @@ sparse, which solver, how to calibrate) and the single place where those values 
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args
 
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from .allocation import GlobalAllocation, resolve_allocation
-from .solvers import METHODS, NMPattern, SolverOptions, as_float_dtype, is_count, parse_pattern
+from .checks import as_real, describe
+from .solvers import METHODS, NMPattern, SolverOptions, as_float_dtype, count_or_none, parse_pattern
 
 SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -29,14 +29,10 @@ assert set(ALL_METHODS) == {"auto", *METHODS}  # one list of methods, checked at
 
 def as_fraction(value: Any, what: str) -> float:
     """``value`` as a float in [0, 1): Python, numpy and 0-d torch scalars accepted; anything else is refused."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"{what} must be a number in [0, 1) (the fraction of weights to remove), got {value!r} "
-            f"of type {type(value).__name__}."
-        )
-    out = float(value)
+    number = as_real(value)
+    if number is None:
+        raise ValueError(f"{what} must be a number in [0, 1) (the fraction of weights to remove), got {describe(value)}.")
+    out = float(number)
     if not (0.0 <= out < 1.0):  # also refuses NaN
         raise ValueError(
             f"{what} must be in [0, 1) (the fraction of weights to remove), got {out!r}; e.g. 0.9 removes 90%."
@@ -96,18 +92,21 @@ class CalibrationOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype"))
         for name in ("max_chunk_elements", "position_stride"):
-            value = getattr(self, name)
-            if not is_count(value):
+            value = count_or_none(getattr(self, name))
+            if value is None:
                 raise ValueError(
-                    f"CalibrationOptions.{name} must be a positive int, got {value!r} of type {type(value).__name__}; "
+                    f"CalibrationOptions.{name} must be a positive int, got {describe(getattr(self, name))}; "
                     f"the default is {getattr(CalibrationOptions, name)}."
                 )
-        budget = self.memory_budget_bytes
-        if budget is not None and not is_count(budget):
-            raise ValueError(
-                f"CalibrationOptions.memory_budget_bytes must be a positive int (bytes) or None (80% of free memory), "
-                f"got {budget!r} of type {type(budget).__name__}."
-            )
+            object.__setattr__(self, name, value)
+        if self.memory_budget_bytes is not None:
+            budget = count_or_none(self.memory_budget_bytes)
+            if budget is None:
+                raise ValueError(
+                    "CalibrationOptions.memory_budget_bytes must be a positive int (bytes) or None (80% of free "
+                    f"memory), got {describe(self.memory_budget_bytes)}."
+                )
+            object.__setattr__(self, "memory_budget_bytes", budget)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .checks import as_int, as_real, describe
+
 __all__ = [
     "GreedyTrace",
     "METHODS",
@@ -115,9 +117,13 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
     )
 
 
-def is_count(value: object, minimum: int = 1) -> bool:
-    """A Python int >= ``minimum``; ``True``/``False`` are not counts (``block_size=True`` would mean 1)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def count_or_none(value: object, minimum: int = 1) -> Optional[int]:
+    """``value`` as a Python int >= ``minimum`` (Python, numpy or 0-d torch integers), else None.
+
+    ``True``/``False`` are not counts (``block_size=True`` would mean 1); nor is a float such as 64.0.
+    """
+    out = as_int(value)
+    return out if out is not None and out >= minimum else None
 
 
 @dataclass(frozen=True)
@@ -155,25 +161,29 @@ class SolverOptions:
     min_kept_per_row: int = 1
 
     def __post_init__(self) -> None:
-        damp = self.damp
-        if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        damp = as_real(self.damp)
+        if damp is None or not (math.isfinite(damp) and damp >= 0):
             raise ValueError(
-                f"SolverOptions.damp must be a finite number >= 0 (relative to H's mean diagonal), got {damp!r} of type "
-                f"{type(damp).__name__}; 0.01 is typical."
+                f"SolverOptions.damp must be a finite number >= 0 (relative to H's mean diagonal), got "
+                f"{describe(self.damp)}; 0.01 is typical."
             )
+        object.__setattr__(self, "damp", float(damp))
         object.__setattr__(self, "dtype", as_float_dtype(self.dtype, "SolverOptions.dtype"))
         for name in ("block_size", "lazy_steps", "max_memory_bytes", "max_damp_tries"):
-            value = getattr(self, name)
-            if not is_count(value):
+            value = count_or_none(getattr(self, name))
+            if value is None:
                 raise ValueError(
-                    f"SolverOptions.{name} must be a positive int, got {value!r} of type {type(value).__name__}; "
+                    f"SolverOptions.{name} must be a positive int, got {describe(getattr(self, name))}; "
                     f"the default is {getattr(SolverOptions, name)}."
                 )
-        if not is_count(self.min_kept_per_row, 0):
+            object.__setattr__(self, name, value)
+        kept = count_or_none(self.min_kept_per_row, 0)
+        if kept is None:
             raise ValueError(
-                f"SolverOptions.min_kept_per_row must be an int >= 0, got {self.min_kept_per_row!r}; "
+                f"SolverOptions.min_kept_per_row must be an int >= 0, got {describe(self.min_kept_per_row)}; "
                 "1 (default) keeps one weight in every output row, 0 allows dead rows."
             )
+        object.__setattr__(self, "min_kept_per_row", kept)
         if self.refit is not None and not isinstance(self.refit, bool):  # 1 == True: compare by type, not value
             raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
@@ -445,8 +455,10 @@ def allocate_global(
     never fewer than its forced ones) and always keeps at least its most expensive weight,
     so no layer's sparsity reaches 1. Raises ValueError when the caps leave too few weights.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}.")
+    number = as_real(sparsity)
+    if number is None or not (0.0 <= number < 1.0):
+        raise ValueError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}.")
+    sparsity = float(number)
     if not costs:
         raise ValueError("costs is empty: give at least one layer.")
     names = list(costs)
@@ -1097,8 +1109,10 @@ def _prepare(
         sparsity = nm.sparsity
     if sparsity is None:
         raise ValueError("sparsity is required (a float in [0, 1)) unless an N:M pattern is given.")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}.")
+    number = as_real(sparsity)
+    if number is None or not (0.0 <= number < 1.0):
+        raise ValueError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}.")
+    sparsity = float(number)
     if weight.dim() < 2:
         raise ValueError(f"weight must have at least 2 dims (out, in, ...), got shape {tuple(weight.shape)}.")
     shape = weight.shape

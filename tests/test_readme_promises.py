@@ -25,9 +25,8 @@ loaders, LeNets, MNISTClassifier live in examples/ (run)                  test_d
 LOBSPruning without Lightning: ImportError naming both installs           test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
 PruneOptions checks every value before any work (options)                 test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
 numbers may be Python, numpy or 0-d torch scalars (options)               test_truthful.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
-                                                                          ::test_prune_model_calibration_batches_may_be_a_numpy_scalar
-... solver/calibration/GlobalAllocation fields, calibration_batches       ::test_numbers_may_be_python_numpy_or_0d_torch_scalars (xfail cases, strict),
-and progress_after as torch scalars: FALSE today                          ::test_prune_model_calibration_batches_may_be_a_0d_torch_scalar (xfail, strict)
+                                                                          ::test_prune_model_calibration_batches_may_be_a_numpy_scalar,
+                                                                          ::test_prune_model_calibration_batches_may_be_a_0d_torch_scalar
 solver/calibration given as mappings of their fields (options)            test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
 sparsity in [0, 1) (options, errors before work)                          test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
 a callable sparsity (options)                                             test_api.py::test_callable_spec
@@ -102,7 +101,7 @@ prune epoch beyond max_epochs: error in setup (Lightning)                 test_c
 after max_steps: error at the start of training (Lightning)               test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
 EarlyStopping before the prune warns naming the epochs (Lightning)        test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
 max_time before the prune warns naming the epochs (Lightning)             ::test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch
-... even when it ends training before its first step: FALSE today         ::test_max_time_that_ends_training_before_its_first_step_still_warns (xfail, strict)
+... even when it ends training before its first step (fit end)     ::test_max_time_that_ends_training_before_its_first_step_still_warns
 prune_step prunes mid-epoch; unreachable step refused (Lightning)         test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
 resume with other done steps refused, new steps warn (Lightning)          test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
 overlapping instances refused in setup (Lightning)                        test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
@@ -260,16 +259,8 @@ def test_calibration_given_as_a_mapping_of_its_fields_is_accepted():
         PruneOptions(calibration={"stride": 2})
 
 
-_NOT_YET = pytest.mark.xfail(
-    strict=True,
-    reason="the README says numbers may be Python, numpy or 0-d torch scalars; SolverOptions, CalibrationOptions, "
-    "GlobalAllocation, calibration_batches and progress_after check isinstance(int/float) and refuse this scalar",
-)
-
-
 def _number_cases():
-    """(what, the option with a numpy or 0-d torch scalar, the option with the Python number): cases that work
-    today, then the ones the README promises but the library refuses (strict xfail, one each)."""
+    """(what, the option with a numpy or 0-d torch scalar, the option with the Python number)."""
     from lightning_lobs import LOBSPruning
 
     cases = [
@@ -279,32 +270,34 @@ def _number_cases():
         ("prune_step numpy", lambda v: LOBSPruning(prune_step=v).prune_steps, np.int64(3), 3, ()),
         ("calibration_batches numpy", lambda v: LOBSPruning(calibration_batches=v).calibration_batches, np.int64(4), 4, ()),
         ("progress_after numpy", lambda v: LOBSPruning(progress_after=v).progress_after, np.float32(1.0), 1.0, ()),
-        ("damp float32", lambda v: PruneOptions(solver={"damp": v}).solver.damp, np.float32(0.5), 0.5, _NOT_YET),
-        ("damp torch", lambda v: PruneOptions(solver={"damp": v}).solver.damp, torch.tensor(0.5), 0.5, _NOT_YET),
-        ("block_size numpy", lambda v: PruneOptions(solver={"block_size": v}).solver.block_size, np.int64(64), 64, _NOT_YET),
+        ("damp float32", lambda v: PruneOptions(solver={"damp": v}).solver.damp, np.float32(0.5), 0.5, ()),
+        ("damp torch", lambda v: PruneOptions(solver={"damp": v}).solver.damp, torch.tensor(0.5), 0.5, ()),
+        ("block_size numpy", lambda v: PruneOptions(solver={"block_size": v}).solver.block_size, np.int64(64), 64, ()),
         ("min_kept_per_row torch", lambda v: PruneOptions(solver={"min_kept_per_row": v}).solver.min_kept_per_row,
-         torch.tensor(2), 2, _NOT_YET),
+         torch.tensor(2), 2, ()),
         ("position_stride numpy", lambda v: PruneOptions(calibration={"position_stride": v}).calibration.position_stride,
-         np.int64(2), 2, _NOT_YET),
+         np.int64(2), 2, ()),
         ("memory_budget_bytes torch",
          lambda v: PruneOptions(calibration={"memory_budget_bytes": v}).calibration.memory_budget_bytes,
-         torch.tensor(10**9), 10**9, _NOT_YET),
+         torch.tensor(10**9), 10**9, ()),
         ("max_layer_sparsity float32", lambda v: GlobalAllocation(max_layer_sparsity=v).max_layer_sparsity,
-         np.float32(0.5), 0.5, _NOT_YET),
-        ("levels numpy", lambda v: GlobalAllocation(levels=v).levels, np.int64(8), 8, _NOT_YET),
+         np.float32(0.5), 0.5, ()),
+        ("levels numpy", lambda v: GlobalAllocation(levels=v).levels, np.int64(8), 8, ()),
         ("LOBSPruning calibration_batches torch", lambda v: LOBSPruning(calibration_batches=v).calibration_batches,
-         torch.tensor(4), 4, _NOT_YET),
+         torch.tensor(4), 4, ()),
         ("LOBSPruning progress_after torch", lambda v: LOBSPruning(progress_after=v).progress_after,
-         torch.tensor(1.0), 1.0, _NOT_YET),
+         torch.tensor(1.0), 1.0, ()),
     ]
     return [pytest.param(get, value, plain, id=what, marks=marks) for what, get, value, plain, marks in cases]
 
 
 @pytest.mark.parametrize("get, value, plain", _number_cases())
 def test_numbers_may_be_python_numpy_or_0d_torch_scalars(get, value, plain):
-    """The option given a numpy or 0-d torch scalar holds what the Python number gives."""
+    """The option given a numpy or 0-d torch scalar holds what the Python number gives, as a Python number."""
     pytest.importorskip("pytorch_lightning")
-    assert get(value) == get(plain)
+    got = get(value)
+    assert got == get(plain)
+    assert all(type(v) in (int, float) for v in (got if isinstance(got, list) else [got]))
 
 
 def test_prune_model_calibration_batches_may_be_a_numpy_scalar():
@@ -313,9 +306,10 @@ def test_prune_model_calibration_batches_may_be_a_numpy_scalar():
     assert len(calls) == 3 * 2
 
 
-@_NOT_YET
 def test_prune_model_calibration_batches_may_be_a_0d_torch_scalar():
-    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=torch.tensor(2))
+    calls = []
+    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=torch.tensor(2), forward_fn=lambda m, x: calls.append(1) or m(x))
+    assert len(calls) == 3 * 2
 
 
 def test_callable_sparsity_ignores_the_global_allocation():
@@ -695,11 +689,6 @@ def test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch():
     assert cb.pruned_epochs == [] and len(cb.masks) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a max_time that has run out before the first step skips training without calling on_train_end, so the "
-    "callback cannot warn: the dense model passes silently (README: 'a dense model never passes silently')",
-)
 def test_max_time_that_ends_training_before_its_first_step_still_warns():
     with pytest.warns(UserWarning, match=_NEVER_PRUNED):
         _max_time_run({"seconds": 0}, sleep=0.0)

@@ -1,0 +1,47 @@
+"""Option values as Python numbers: the one place that says what counts as a number.
+
+Every options class (``SolverOptions``, ``CalibrationOptions``, ``GlobalAllocation``, ``PruneOptions``,
+``LOBSPruning``, ``prune_model``) accepts numbers given as Python, numpy or 0-d torch scalars (a value
+read from a config, a tensor computed in a notebook) and stores them as Python ``int``/``float``.
+Booleans are never numbers here: ``damp=True`` or ``block_size=True`` would silently mean 1.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["as_int", "as_real", "describe"]
+
+
+def _unwrap(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return value
+        return value.item()
+    return value
+
+
+def as_real(value: object) -> Optional[Union[int, float]]:
+    """``value`` as a Python int or float, or None if it is not a real number (bools are not)."""
+    value = _unwrap(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None  # numpy's bool_ is not a numbers.Real either
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value)
+
+
+def as_int(value: object) -> Optional[int]:
+    """``value`` as a Python int, or None if it is not an integer type (a float 64.0 is not a count)."""
+    value = _unwrap(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def describe(value: object) -> str:
+    """``value`` and its type, for an error message."""
+    return f"{value!r} of type {type(value).__name__}"
