@@ -358,7 +358,7 @@ def _weight_counts(model: nn.Module, masks: Mapping[str, Tensor]) -> tuple[int, 
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 def _checksum(entries_json: str, tensors: Mapping[str, Any]) -> int:
@@ -785,7 +785,7 @@ def read_sparse(path: str | os.PathLike[str], max_bytes: int | None = None) -> d
         decoded = header.decoded_bytes()
         if decoded > limit:
             raise ValueError(
-                f"{path!r} decodes to {decoded:,} bytes, more than read_sparse's limit of {limit:,} "
+                f"{path!r} decodes to {decoded:,} bytes, more than read_sparse's limit of {limit:,} bytes "
                 f"({'max_bytes' if max_bytes is not None else f'{_READ_RATIO}x the file, at least 1 MiB'}); "
                 "pass read_sparse(path, max_bytes=...) for a file you trust, or load_sparse(model, path)"
             )
