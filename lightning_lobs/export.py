@@ -21,16 +21,21 @@ e.g. complex128, as raw ``uint8`` bytes); a sparse one as plain tensors ``<key>:
 masked, per ``state_dict`` entry), a CRC-32 over ``entries`` and every tensor's bytes (in name order), the
 model's class name and the sizes of :class:`SparseFileInfo`.
 
-What a file can do to the reader: nothing but be refused. No pickle, so no code runs. The header length is
-checked against the file's size (and safetensors' 100 MB cap) before the header is read; every tensor's dtype,
-shape and byte range (in bounds, contiguous, covering the data exactly) and every entry's structure (the parts
-its encoding needs with the dtypes and shapes the entry implies, CSR row pointers from 0, monotone, ending at
-the value count, column indices in range and increasing along each row, bitmask population equal to the value
-count, bool bytes 0 or 1) are validated, and the CRC compared, before anything is decoded. ``load_sparse``
-checks every key, shape and dtype against the model first, so it allocates at most the file plus one copy of
-the model's state; ``read_sparse`` refuses files that decode to more than ``max_bytes``. Any refusal is one
-``ValueError`` naming the file and what is wrong. Files of the old custom format (``b"LOBSSPRS"``, version 1)
-are refused with a note on how to convert them.
+What a file can do to the reader: be refused with one ``ValueError`` naming the file and what is wrong, or
+load the values it holds; nothing else. No pickle, so no code runs. The header length is checked against the
+file's size (and safetensors' 100 MB cap) before the header is read. Every tensor's dtype, shape and byte range
+(in bounds, contiguous, covering the data exactly) and every entry's parts (the dtypes and shapes its encoding
+implies) are validated from the header alone; ``load_sparse`` then checks every key, shape and dtype against the
+model and ``read_sparse`` the decoded size against ``max_bytes``, all before the data is read. The CRC, CSR row
+pointers (from 0, monotone, ending at the value count), column indices (in the row, increasing), bitmask
+population (the value count) and bool bytes (0 or 1) are checked as each entry is decoded into a new tensor,
+before the first value reaches the model. So ``load_sparse`` allocates about the file plus one copy of the
+model's state, and a refused file leaves the model as it was. Files of the old custom format (``b"LOBSSPRS"``,
+version 1) are refused with a note on how to convert them.
+
+:func:`save_sparse` is atomic: a temporary file created exclusively (``tempfile.mkstemp``: random name, no symlink
+followed) in the target's directory is written, fsynced and ``os.replace``-d onto the target, and removed on any
+failure.
 """
 
 from __future__ import annotations
@@ -393,7 +398,8 @@ def _write_atomic(path: str, data: bytes | memoryview) -> None:
     followed) in the target's directory, flushed and fsynced, then renamed onto ``path``; removed on failure."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # the name is cut so the temporary one stays within the file system's 255-byte limit
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)[:200]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp makes it 0600; give it the mode a plain open() would
