@@ -19,7 +19,8 @@ e.g. complex128, as raw ``uint8`` bytes); a sparse one as plain tensors ``<key>:
 (bitmask) or ``<key>:crow`` + ``<key>:col`` + ``<key>:values`` (CSR). ``__metadata__`` holds
 ``format="lightning-lobs-sparse"``, ``format_version="2"``, ``entries`` (JSON: key, dtype, shape, encoding,
 masked, per ``state_dict`` entry), a CRC-32 over ``entries`` and every tensor's bytes (in name order), the
-model's class name and the sizes of :class:`SparseFileInfo`.
+model's class name and the sizes of :class:`SparseFileInfo`. The header's keys are sorted, so one model always
+gives the same bytes.
 
 What a file can do to the reader: be refused with one ``ValueError`` naming the file and what is wrong, or
 load the values it holds; nothing else. No pickle, so no code runs. The header length is checked against the
@@ -393,8 +394,8 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomic(path: str, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` all or nothing: a temporary file created exclusively (random name, no symlink
+def _write_atomic(path: str, chunks: list[bytes | memoryview]) -> None:
+    """Write ``chunks`` to ``path`` all or nothing: a temporary file created exclusively (random name, no symlink
     followed) in the target's directory, flushed and fsynced, then renamed onto ``path``; removed on failure."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -404,7 +405,8 @@ def _write_atomic(path: str, data: bytes | memoryview) -> None:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp makes it 0600; give it the mode a plain open() would
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -482,8 +484,16 @@ def save_sparse(
         "dense_bytes": str(_torch_save_bytes(model)),
         "raw_bytes": str(sum(e.tensor.numel() * e.tensor.element_size() for e in entries)),
     }
-    blob = st_save(tensors, metadata=metadata)
-    _write_atomic(path, blob)
+    blob = memoryview(st_save(tensors, metadata=metadata))
+    # safetensors writes __metadata__ in hash-map order, which changes from call to call: the header is written
+    # again with sorted keys, so one model always gives the same bytes (same offsets, same length)
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    parsed = json.loads(bytes(blob[8 : 8 + header_len]))
+    header = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(header) > header_len:  # not expected (the same compact JSON, reordered): keep safetensors' own
+        header = bytes(blob[8 : 8 + header_len])
+    header += b" " * (header_len - len(header))
+    _write_atomic(path, [blob[:8], header, blob[8 + header_len :]])
     info = _info_from_metadata(metadata, records, path, len(blob))
     log.info("save_sparse %s: %s", path, info.summary())
     return info

@@ -407,7 +407,8 @@ def run(seed: int, mutants: int, ceiling_mib: int) -> dict[str, Any]:
     ceiling = ceiling_mib << 20
     vm = _vm_bytes()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (vm + ceiling, hard))
+    soft = vm + ceiling if hard == resource.RLIM_INFINITY else min(vm + ceiling, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     try:
         torch.empty(ceiling + (1 << 20), dtype=torch.uint8)
         probe = "not enforced: allocating more than the ceiling succeeded"

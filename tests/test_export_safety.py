@@ -424,3 +424,14 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         save_sparse(model, path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["m.lobs"]
+
+
+def test_one_model_always_gives_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in hash-map order; save_sparse sorts it, so files are reproducible
+    (also with a non-ASCII buffer name, whose escaped form would be longer)."""
+    model = small_model()
+    model.register_buffer("größe", torch.zeros(3))
+    blobs = {save_sparse(model, tmp_path / f"{i}.lobs").file_bytes for i in range(4)}
+    assert len(blobs) == 1
+    assert len({(tmp_path / f"{i}.lobs").read_bytes() for i in range(4)}) == 1
+    assert torch.equal(read_sparse(tmp_path / "0.lobs")["größe"], torch.zeros(3))
