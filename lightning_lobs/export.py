@@ -83,6 +83,8 @@ FORMAT = "lightning-lobs-sparse"
 VERSION = 2
 _OLD_MAGIC = b"LOBSSPRS"  # format version 1, lightning-lobs 0.1.0's own layout
 _MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers, so no writer makes them
+_MAX_DIMS = 1024  # dimensions of a tensor in a file (torch tensors in practice have a handful)
+_SHAPE_RULE = f"at most {_MAX_DIMS} dimensions, each below 2**63"
 # read_sparse's default bound on decoded bytes: 100x the file (float32 at 99% sparsity in CSR decodes to ~66x),
 # at least 1 MiB (small files with all-zero buffers); load_sparse is bounded by the model instead.
 _READ_RATIO = 100
@@ -524,6 +526,11 @@ def _is_count(x: Any) -> bool:
     return type(x) is int and x >= 0  # JSON true/false are Python bools: not counts
 
 
+def _is_shape(x: Any) -> bool:
+    # bounded, so a crafted shape cannot make math.prod multiply a million huge integers (CPU, not memory)
+    return isinstance(x, list) and len(x) <= _MAX_DIMS and all(_is_count(d) and d < 1 << 63 for d in x)
+
+
 @dataclass
 class _Header:
     """A validated file header: safetensors tensors ``{name: (dtype, shape, begin, end)}`` and our entries."""
@@ -579,8 +586,8 @@ def _parse_tensors(
         if dtype is None:
             raise _Invalid(f"tensor {name!r}: unknown dtype {spec['dtype']!r}")
         shape, offsets = spec["shape"], spec["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise _Invalid(f"tensor {name!r}: shape {shape!r} is not a list of counts")
+        if not _is_shape(shape):
+            raise _Invalid(f"tensor {name!r}: shape {str(shape)[:60]} is not a list of counts ({_SHAPE_RULE})")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
             raise _Invalid(f"tensor {name!r}: data_offsets {offsets!r} are not two counts")
         begin, end = offsets
@@ -639,8 +646,8 @@ def _parse_entries(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> l
         if not isinstance(entry["dtype"], str) or entry["dtype"] not in _FILE_DTYPES:
             raise _Invalid(f"{key!r}: unknown dtype {entry['dtype']!r}")
         shape = entry["shape"]
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise _Invalid(f"{key!r}: shape {shape!r} is not a list of counts")
+        if not _is_shape(shape):
+            raise _Invalid(f"{key!r}: shape {str(shape)[:60]} is not a list of counts ({_SHAPE_RULE})")
         if entry["encoding"] not in ("dense", "bitmask", "csr") or not isinstance(entry["masked"], bool):
             raise _Invalid(f"{key!r}: unknown encoding {entry['encoding']!r} or masked flag {entry['masked']!r}")
         dtype = _FILE_DTYPES[entry["dtype"]]

@@ -240,6 +240,16 @@ def _bool_in_shape(h, d):
     return h, d
 
 
+def _too_many_dims(h, d):  # a million huge dimensions would cost minutes of big-integer products
+    h["0.bias"]["shape"] = [1 << 62] * 100_000
+    return h, d
+
+
+def _dim_of_2_63(h, d):
+    h["0.bias"]["shape"] = [1 << 63]
+    return h, d
+
+
 def _missing_part(h, d):
     del h["2.weight:col"]
     return rebuild(h, d, {})  # the others packed again, without a gap
@@ -271,6 +281,8 @@ def _metadata_not_strings(h, d):
         (_overlap, "starts at byte"),
         (_unknown_dtype, "unknown dtype 'F128'"),
         (_bool_in_shape, "is not a list of counts"),
+        (_too_many_dims, r"is not a list of counts \(at most 1024 dimensions"),
+        (_dim_of_2_63, "each below 2"),
         (_missing_part, r"the csr part '2.weight:col' is missing"),
         (_part_of_another_dtype, "part '0.weight:bits' is torch.int8"),
         (_entry_not_a_record, "entry 0 is not a record"),
