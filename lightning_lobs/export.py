@@ -1,27 +1,47 @@
 """What a pruned model is worth outside training: a compressed file and sparse inference kernels.
 
-* :func:`save_sparse` / :func:`load_sparse` write and read a compressed copy of a model's whole
-  ``state_dict`` (weights, biases, buffers, any dtype). Each tensor gets the smallest of three
-  encodings, chosen by bytes: ``dense`` (raw), ``bitmask`` (one bit per entry + the kept values) or
-  ``csr`` (int32 row pointers, int16 or int32 column indices + the kept values). Values keep the
-  tensor's own dtype and are copied as raw bits, so a load gives back every entry bit for bit (NaN
-  payloads included), except that a zero loads as ``+0.0`` even where it was ``-0.0`` (equal under
-  ``torch.equal``; weights pruned by multiplication hold ``-0.0`` and must not count as kept). The file is a small JSON header plus one raw payload
-  (no pickle: loading a file never runs code) with a CRC-32 of the payload.
+* :func:`save_sparse` / :func:`load_sparse` / :func:`read_sparse` write and read a compressed copy of a
+  model's whole ``state_dict`` (weights, biases, buffers, any dtype). Each tensor gets the smallest of
+  three encodings, chosen by bytes: ``dense`` (raw), ``bitmask`` (one bit per entry + the kept values) or
+  ``csr`` (int32 row pointers, int16 or int32 column indices + the kept values). Values keep the tensor's
+  own dtype and are copied as raw bits, so a load gives back every entry bit for bit (NaN payloads
+  included), except that a zero loads as ``+0.0`` even where it was ``-0.0`` (equal under
+  ``torch.equal``; weights pruned by multiplication hold ``-0.0`` and must not count as kept).
 * :func:`to_sparse_inference` swaps pruned ``nn.Linear`` layers for ones that run on sparse
   kernels (CSR ``torch.sparse.mm``; on CUDA GPUs with 2:4 support,
   ``torch.sparse.to_sparse_semi_structured``) where a quick measurement says that is faster.
 * :func:`export_sparse` gives masked weights as torch sparse tensors (CSR with int32 indices, or COO).
 
-File layout (little-endian)::
+The file is a `safetensors <https://github.com/huggingface/safetensors>`_ file (format version 2): a
+little-endian uint64 header length, a JSON header naming every tensor's dtype, shape and byte range, then the
+raw bytes. A dense-encoded entry is stored under its ``state_dict`` key as itself (dtypes safetensors lacks,
+e.g. complex128, as raw ``uint8`` bytes); a sparse one as plain tensors ``<key>:bits`` + ``<key>:values``
+(bitmask) or ``<key>:crow`` + ``<key>:col`` + ``<key>:values`` (CSR). ``__metadata__`` holds
+``format="lightning-lobs-sparse"``, ``format_version="2"``, ``entries`` (JSON: key, dtype, shape, encoding,
+masked, per ``state_dict`` entry), a CRC-32 over ``entries`` and every tensor's bytes (in name order), the
+model's class name and the sizes of :class:`SparseFileInfo`. The header's keys are sorted, so one model always
+gives the same bytes.
 
-    b"LOBSSPRS" | uint32 version | uint32 header length | zlib(JSON header) | payload
+What a file can do to the reader: be refused with one ``ValueError`` naming the file and what is wrong, or
+load the values it holds; nothing else. No pickle, so no code runs. The header length is checked against the
+file's size (and safetensors' 100 MB cap) before the header is read. Every tensor's dtype, shape and byte range
+(in bounds, contiguous, covering the data exactly) and every entry's parts (the dtypes and shapes its encoding
+implies) are validated from the header alone; ``load_sparse`` then checks every key, shape and dtype against the
+model and ``read_sparse`` the decoded size against ``max_bytes``, all before the data is read. The CRC, CSR row
+pointers (from 0, monotone, ending at the value count), column indices (in the row, increasing), bitmask
+population (the value count) and bool bytes (0 or 1) are checked as each entry is decoded into a new tensor,
+before the first value reaches the model. So ``load_sparse`` allocates about the file plus one copy of the
+model's state, and a refused file leaves the model as it was. Files of the old custom format (``b"LOBSSPRS"``,
+version 1) are refused with a note on how to convert them.
 
-Every payload part starts at a multiple of 8 bytes, so parts are viewed in place as their dtype.
+:func:`save_sparse` is atomic: a temporary file created exclusively (``tempfile.mkstemp``: random name, no symlink
+followed) in the target's directory is written, fsynced and ``os.replace``-d onto the target, and removed on any
+failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -30,6 +50,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -58,13 +79,37 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LOBSSPRS"
-VERSION = 1
-_PREAMBLE = struct.Struct("<8sII")  # magic, version, header length
-_ALIGN = 8
+FORMAT = "lightning-lobs-sparse"
+VERSION = 2
+_OLD_MAGIC = b"LOBSSPRS"  # format version 1, lightning-lobs 0.1.0's own layout
+_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers, so no writer makes them
+_MAX_DIMS = 1024  # dimensions of a tensor in a file (torch tensors in practice have a handful)
+_SHAPE_RULE = f"at most {_MAX_DIMS} dimensions, each below 2**63"
+# read_sparse's default bound on decoded bytes: 100x the file (float32 at 99% sparsity in CSR decodes to ~66x),
+# at least 1 MiB (small files with all-zero buffers); load_sparse is bounded by the model instead.
+_READ_RATIO = 100
+_READ_FLOOR = 1 << 20
+
+# Bits set in each byte value.
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 # Integer dtype with the same item size, for bitwise nonzero tests and bit-exact copies.
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# safetensors' dtype names (its specification), for the dtypes this torch has.
+_ST_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "C64": "complex64", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+}
+_ST_DTYPES: dict[str, torch.dtype] = {
+    st: getattr(torch, name) for st, name in _ST_NAMES.items() if isinstance(getattr(torch, name, None), torch.dtype)
+}
+# The dtypes a file may hold: safetensors' own, plus those stored as raw bytes.
+_FILE_DTYPES: dict[str, torch.dtype] = {str(d): d for d in _ST_DTYPES.values()}
+for _extra in (torch.complex128, torch.complex32):
+    _FILE_DTYPES[str(_extra)] = _extra
 
 
 # --------------------------------------------------------------------------- result
@@ -109,13 +154,6 @@ class SparseFileInfo:
 # --------------------------------------------------------------------------- encoding helpers
 
 
-def _dtype_from_str(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in sparse file")
-    return dtype
-
-
 def _int_view(flat: Tensor) -> Tensor | None:
     """``flat`` (1-D, contiguous) viewed as the signed/unsigned integer dtype of its item size, or None."""
     int_dtype = _INT_VIEW.get(flat.element_size())
@@ -133,9 +171,10 @@ def _pack_bits(bits: Tensor) -> Tensor:
     return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
-def _unpack_bits(packed: Tensor, n: int) -> Tensor:
+def _unpack_bits(packed: Tensor) -> Tensor:
+    """Every bit of ``packed`` (uint8) as a bool tensor of ``8 * packed.numel()`` entries, padding included."""
     shifts = torch.arange(8, dtype=torch.uint8)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1).bool()
 
 
 def _csr_dims(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -154,15 +193,28 @@ def _col_dtype(cols: int) -> torch.dtype:
     return torch.int32 if cols <= 1 << 31 else torch.int64
 
 
+def _ptr_dtype(nnz: int) -> torch.dtype:
+    return torch.int32 if nnz < 1 << 31 else torch.int64
+
+
 def _encoding_sizes(numel: int, nnz: int, itemsize: int, shape: tuple[int, ...]) -> dict[str, int]:
-    """Bytes of each encoding (payload only, before alignment padding)."""
+    """Bytes of each encoding (tensor data only)."""
     rows, cols = _csr_dims(shape)
-    ptr_size = 4 if nnz < 1 << 31 else 8
     return {
         "dense": numel * itemsize,
         "bitmask": -(-numel // 8) + nnz * itemsize,
-        "csr": (rows + 1) * ptr_size + nnz * torch.empty((), dtype=_col_dtype(cols)).element_size() + nnz * itemsize,
+        "csr": (rows + 1) * _ptr_dtype(nnz).itemsize + nnz * _col_dtype(cols).itemsize + nnz * itemsize,
     }
+
+
+def _dense_storage(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a dense entry is stored as: its own where safetensors has it, else raw bytes."""
+    return dtype if dtype in _ST_DTYPES.values() else torch.uint8
+
+
+def _values_storage(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a sparse entry's values: its own where safetensors has it, else the same-size integer."""
+    return dtype if dtype in _ST_DTYPES.values() else _INT_VIEW[dtype.itemsize]
 
 
 @dataclass
@@ -173,55 +225,43 @@ class _Entry:
     masked: bool
 
 
-def _encode(entry: _Entry) -> tuple[str, list[tuple[str, Tensor]]]:
-    """Choose the smallest encoding of one tensor; return its name and the parts to write."""
+def _encode(entry: _Entry) -> tuple[str, dict[str, Tensor]]:
+    """Choose the smallest encoding of one tensor; return its name and its parts."""
     t = entry.tensor
     flat = t.reshape(-1)
     if entry.structure is None or flat.numel() == 0:
-        return "dense", [("data", flat)]
+        return "dense", {"data": _as_dense_part(t)}
     structure = entry.structure
     nnz = int(structure.sum())
     sizes = _encoding_sizes(flat.numel(), nnz, t.element_size(), tuple(t.shape))
     if entry.masked:
         sizes.pop("dense")  # a masked weight keeps its mask in the file (at most 1 bit per weight more)
     encoding = min(sizes, key=lambda k: (sizes[k], k != "dense"))
+    if encoding == "dense":
+        return "dense", {"data": _as_dense_part(t)}
     ints = _int_view(flat)
     assert ints is not None  # structure is only computed where an integer view exists
-    values = ints[structure]
-    if encoding == "dense":
-        return "dense", [("data", flat)]
+    values = ints[structure].view(_values_storage(t.dtype))
     if encoding == "bitmask":
-        return "bitmask", [("bits", _pack_bits(structure)), ("values", values)]
+        return "bitmask", {"bits": _pack_bits(structure), "values": values}
     rows, cols = _csr_dims(tuple(t.shape))
     s2 = structure.view(rows, cols)
-    ptr_dtype = torch.int32 if nnz < 1 << 31 else torch.int64
-    crow = torch.zeros(rows + 1, dtype=ptr_dtype)
+    crow = torch.zeros(rows + 1, dtype=_ptr_dtype(nnz))
     torch.cumsum(s2.sum(1), 0, out=crow[1:])
     col = s2.nonzero()[:, 1]
     col_dtype = _col_dtype(cols)
     col = (col.to(torch.int32) if col_dtype == torch.int16 else col).to(col_dtype)  # int16 wraps above 32767
-    return "csr", [("crow", crow), ("col", col), ("values", values)]
+    return "csr", {"crow": crow, "col": col, "values": values}
 
 
-def _decode(encoding: str, parts: Mapping[str, Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    numel = math.prod(shape)
-    if encoding == "dense":
-        return parts["data"].view(dtype).reshape(shape)
-    int_dtype = _INT_VIEW[torch.empty((), dtype=dtype).element_size()]
-    out = torch.zeros(numel, dtype=int_dtype)
-    values = parts["values"]
-    if encoding == "bitmask":
-        out[_unpack_bits(parts["bits"], numel)] = values
-    elif encoding == "csr":
-        rows, cols = _csr_dims(shape)
-        crow = parts["crow"].long()
-        col = parts["col"]
-        col = (col.to(torch.int64) & 0xFFFF) if col.dtype == torch.int16 else col.long()
-        row = torch.repeat_interleave(torch.arange(rows), crow.diff())
-        out[row * cols + col] = values
-    else:
-        raise ValueError(f"unknown encoding {encoding!r} in sparse file")
-    return out.view(dtype).reshape(shape) if dtype != int_dtype else out.reshape(shape)
+def _as_dense_part(t: Tensor) -> Tensor:
+    storage = _dense_storage(t.dtype)
+    return t if storage == t.dtype else t.reshape(-1).view(torch.uint8)
+
+
+def _part_name(key: str, encoding: str, part: str) -> str:
+    """The safetensors name of one part: a dense entry is stored under its own key, so tools see it as is."""
+    return key if encoding == "dense" else f"{key}:{part}"
 
 
 def _nonzero(flat: Tensor, ints: Tensor) -> Tensor:
@@ -240,6 +280,7 @@ def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry
         )
     mask_of = {f"{name}.weight": mask for name, mask in masks.items()}
     entries = []
+    seen_storage: set[int] = set()
     for key, value in state.items():
         if not isinstance(value, Tensor):
             raise TypeError(
@@ -250,7 +291,15 @@ def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry
                 f"state_dict entry {key!r} is a {value.layout} / quantized / meta tensor; save_sparse stores dense "
                 "strided tensors (save before to_sparse_inference)"
             )
+        if str(value.dtype) not in _FILE_DTYPES:
+            raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which save_sparse cannot store")
         t = value.detach().to("cpu").contiguous()
+        if t.numel():
+            # safetensors refuses tensors sharing memory (tied weights appear under two keys): copy the second
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen_storage:
+                t = t.clone()
+            seen_storage.add(t.untyped_storage().data_ptr())
         flat = t.reshape(-1)
         ints = _int_view(flat)
         mask = mask_of.get(key)
@@ -319,7 +368,63 @@ def _weight_counts(model: nn.Module, masks: Mapping[str, Tensor]) -> tuple[int, 
     return kept, total
 
 
-# --------------------------------------------------------------------------- save / load
+def _tensor_bytes(t: Tensor) -> memoryview:
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
+
+
+def _checksum(entries_json: str, tensors: Mapping[str, Any]) -> int:
+    """CRC-32 of the entries' JSON and every tensor's bytes in name order (independent of the file's layout)."""
+    crc = zlib.crc32(entries_json.encode())
+    for name in sorted(tensors):
+        crc = zlib.crc32(tensors[name], crc)
+    return crc
+
+
+# --------------------------------------------------------------------------- atomic write
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it (os.umask races other threads)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomic(path: str, chunks: list[bytes | memoryview]) -> None:
+    """Write ``chunks`` to ``path`` all or nothing: a temporary file created exclusively (random name, no symlink
+    followed) in the target's directory, flushed and fsynced, then renamed onto ``path``; removed on failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # the name is cut so the temporary one stays within the file system's 255-byte limit
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)[:200]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp makes it 0600; give it the mode a plain open() would
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # the rename itself survives a crash (POSIX only)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------- save
 
 
 def save_sparse(
@@ -327,166 +432,427 @@ def save_sparse(
     path: str | os.PathLike[str],
     masks: MaskSet | Mapping[str, Tensor] | None = None,
 ) -> SparseFileInfo:
-    """Write ``model.state_dict()`` to ``path`` in the compressed sparse format; return sizes and CR.
+    """Write ``model.state_dict()`` to ``path`` as a compressed sparse safetensors file; return sizes and CR.
 
     Every tensor (weights, biases, buffers) is stored with the smallest of the ``dense``, ``bitmask`` and
     ``csr`` encodings of its nonzero entries; loading gives back every bit, except that ``-0.0`` loads as
     ``+0.0`` where a sparse encoding was chosen. ``masks`` (a :class:`MaskSet` or
     ``{module name: bool mask}``, e.g. ``LOBSPruning.masks``) makes a masked weight's structure its mask:
     kept weights that are 0 are stored too, and a masked weight is never stored without its mask. Its
-    pruned entries must be zero (``ValueError`` otherwise). The file is written to a temporary name and
-    renamed, so ``path`` never holds half a file. Under DDP call it on one rank (``trainer.is_global_zero``);
-    ``LOBSPruning(save_sparse="model.lobs")`` does exactly that at the end of ``fit``.
+    pruned entries must be zero (``ValueError`` otherwise). The save is atomic: the file is written to a
+    temporary file created exclusively in ``path``'s directory, fsynced and renamed onto ``path``, so
+    ``path`` never holds half a file, concurrent saves to one path all succeed (the last rename wins), and
+    a symlink at ``path`` is replaced, not followed. Under DDP call it on one rank
+    (``trainer.is_global_zero``); ``LOBSPruning(save_sparse="model.lobs")`` does exactly that at the end of
+    ``fit``.
     """
+    from safetensors.torch import save as st_save
+
     path = os.fspath(path)
     mask_map = _masks_mapping(masks)
     entries = _state_entries(model, mask_map)
 
-    header_entries: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    offset = 0
+    records: list[dict[str, Any]] = []
+    tensors: dict[str, Tensor] = {}
     for entry in entries:
         encoding, parts = _encode(entry)
-        part_records = []
-        for part_name, part in parts:
-            data = part.contiguous().view(torch.uint8).numpy().tobytes() if part.numel() else b""
-            pad = -offset % _ALIGN
-            if pad:
-                chunks.append(b"\0" * pad)
-                offset += pad
-            part_records.append(
-                {"name": part_name, "dtype": str(part.dtype), "offset": offset, "nbytes": len(data)}
-            )
-            chunks.append(data)
-            offset += len(data)
-        header_entries.append(
+        for part, tensor in parts.items():
+            name = _part_name(entry.key, encoding, part)
+            if name in tensors:
+                raise ValueError(
+                    f"state_dict keys {entry.key!r} and {name!r} would share the tensor name {name!r} in the file; "
+                    "rename the buffer"
+                )
+            tensors[name] = tensor.contiguous()
+        records.append(
             {
                 "key": entry.key,
                 "dtype": str(entry.tensor.dtype),
                 "shape": list(entry.tensor.shape),
                 "encoding": encoding,
                 "masked": entry.masked,
-                "parts": part_records,
             }
         )
-    payload = b"".join(chunks)
+    entries_json = json.dumps(records, separators=(",", ":"))
     kept, total = _weight_counts(model, mask_map)
-    dense_bytes = _torch_save_bytes(model)
-    header = {
-        "format": "lightning-lobs-sparse",
-        "byteorder": sys.byteorder,
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(VERSION),
         "model": type(model).__name__,
-        "entries": header_entries,
-        "payload_bytes": len(payload),
-        "payload_crc32": zlib.crc32(payload),
-        "kept_weights": kept,
-        "total_weights": total,
-        "dense_bytes": dense_bytes,
-        "raw_bytes": sum(e.tensor.numel() * e.tensor.element_size() for e in entries),
+        "entries": entries_json,
+        "crc32": str(_checksum(entries_json, {n: _tensor_bytes(t) for n, t in tensors.items()})),
+        "kept_weights": str(kept),
+        "total_weights": str(total),
+        "dense_bytes": str(_torch_save_bytes(model)),
+        "raw_bytes": str(sum(e.tensor.numel() * e.tensor.element_size() for e in entries)),
     }
-    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    preamble = _PREAMBLE.pack(MAGIC, VERSION, len(header_bytes))
-    pad = -(len(preamble) + len(header_bytes)) % _ALIGN  # payload offsets are relative to an aligned start
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(preamble)
-            f.write(header_bytes)
-            f.write(b"\0" * pad)
-            f.write(payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    info = _info_from_header(header, path, os.path.getsize(path))
+    blob = memoryview(st_save(tensors, metadata=metadata))
+    # safetensors writes __metadata__ in hash-map order, which changes from call to call: the header is written
+    # again with sorted keys, so one model always gives the same bytes (same offsets, same length)
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    parsed = json.loads(bytes(blob[8 : 8 + header_len]))
+    header = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(header) > header_len:  # not expected (the same compact JSON, reordered): keep safetensors' own
+        header = bytes(blob[8 : 8 + header_len])
+    header += b" " * (header_len - len(header))
+    _write_atomic(path, [blob[:8], header, blob[8 + header_len :]])
+    info = _info_from_metadata(metadata, records, path, len(blob))
     log.info("save_sparse %s: %s", path, info.summary())
     return info
 
 
-def _info_from_header(header: Mapping[str, Any], path: str, file_bytes: int) -> SparseFileInfo:
+def _info_from_metadata(
+    metadata: Mapping[str, str], records: list[dict[str, Any]], path: str, file_bytes: int
+) -> SparseFileInfo:
     return SparseFileInfo(
         path=path,
         file_bytes=file_bytes,
-        dense_bytes=int(header["dense_bytes"]),
-        raw_bytes=int(header["raw_bytes"]),
-        kept_weights=int(header["kept_weights"]),
-        total_weights=int(header["total_weights"]),
-        encodings={e["key"]: e["encoding"] for e in header["entries"]},
+        dense_bytes=int(metadata["dense_bytes"]),
+        raw_bytes=int(metadata["raw_bytes"]),
+        kept_weights=int(metadata["kept_weights"]),
+        total_weights=int(metadata["total_weights"]),
+        encodings={e["key"]: e["encoding"] for e in records},
     )
 
 
-def _read(path: str) -> tuple[dict[str, Any], Tensor]:
-    """Header and payload (a uint8 tensor over the file's bytes) of a sparse file, checked."""
-    with open(path, "rb") as f:
-        blob = bytearray(f.read())
-    if len(blob) < _PREAMBLE.size or bytes(blob[:8]) != MAGIC:
-        raise ValueError(f"{path!r} is not a lightning-lobs sparse file (written by save_sparse)")
-    _, version, header_len = _PREAMBLE.unpack_from(blob)
-    if version != VERSION:
-        raise ValueError(f"{path!r} has sparse format version {version}; this lightning-lobs reads {VERSION}")
-    start = _PREAMBLE.size
+# --------------------------------------------------------------------------- read: validation
+
+
+class _Invalid(Exception):
+    """What is wrong with a file; turned into one ValueError naming the file."""
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0  # JSON true/false are Python bools: not counts
+
+
+def _is_shape(x: Any) -> bool:
+    # bounded, so a crafted shape cannot make math.prod multiply a million huge integers (CPU, not memory)
+    return isinstance(x, list) and len(x) <= _MAX_DIMS and all(_is_count(d) and d < 1 << 63 for d in x)
+
+
+@dataclass
+class _Header:
+    """A validated file header: safetensors tensors ``{name: (dtype, shape, begin, end)}`` and our entries."""
+
+    path: str
+    file_bytes: int
+    data_start: int
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+    metadata: dict[str, str]
+    entries: list[dict[str, Any]]
+
+    def decoded_bytes(self) -> int:
+        return sum(math.prod(e["shape"]) * _FILE_DTYPES[e["dtype"]].itemsize for e in self.entries)
+
+
+def _parse_container(path: str, f: Any, file_bytes: int) -> tuple[dict[str, Any], int]:
+    """The safetensors header of an open file, its length checked before it is read; returns (header, data start)."""
+    head = f.read(8)
+    if head == _OLD_MAGIC:
+        raise ValueError(
+            f"{path!r} is in lightning-lobs' old sparse format (version 1, 'LOBSSPRS'), which this version no "
+            "longer reads; to convert it, load it with lightning-lobs 0.1.0 (load_sparse into the model) and "
+            "save_sparse it again with this version"
+        )
+    if len(head) < 8:
+        raise _Invalid(f"{file_bytes} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > file_bytes - 8 or header_len > _MAX_HEADER:
+        raise _Invalid(f"its header claims {header_len:,} bytes, the file has {file_bytes - 8:,} after the length")
+    raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise _Invalid("the file changed while it was read")
     try:
-        header = json.loads(zlib.decompress(bytes(blob[start : start + header_len])))
-    except (zlib.error, ValueError) as err:
-        raise ValueError(f"{path!r}: corrupted header ({err})") from None
-    if header.get("byteorder") != sys.byteorder:
-        raise ValueError(f"{path!r} was written on a {header.get('byteorder')}-endian machine")
-    begin = start + header_len
-    begin += -begin % _ALIGN
-    payload = memoryview(blob)[begin:]
-    if len(payload) != header["payload_bytes"] or zlib.crc32(payload) != header["payload_crc32"]:
-        raise ValueError(f"{path!r} is truncated or corrupted (payload size or CRC-32 does not match)")
-    data = torch.frombuffer(blob, dtype=torch.uint8, offset=begin) if len(payload) else torch.empty(0, dtype=torch.uint8)
-    return header, data
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _Invalid(f"its header is not JSON ({str(err)[:80]})") from None
+    if not isinstance(header, dict):
+        raise _Invalid("its header is not a JSON object")
+    return header, 8 + header_len
 
 
-def _decode_entry(entry: Mapping[str, Any], data: Tensor) -> Tensor:
-    parts = {}
-    for part in entry["parts"]:
-        raw = data[part["offset"] : part["offset"] + part["nbytes"]]
-        parts[part["name"]] = raw.view(_dtype_from_str(part["dtype"]))
-    return _decode(entry["encoding"], parts, _dtype_from_str(entry["dtype"]), tuple(entry["shape"]))
+def _parse_tensors(
+    header: Mapping[str, Any], data_bytes: int
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """Every tensor's dtype, shape and byte range, checked: sizes agree, ranges in bounds, contiguous, no gap."""
+    tensors = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise _Invalid(f"tensor {name!r}: not a safetensors tensor record")
+        dtype = _ST_DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+        if dtype is None:
+            raise _Invalid(f"tensor {name!r}: unknown dtype {spec['dtype']!r}")
+        shape, offsets = spec["shape"], spec["data_offsets"]
+        if not _is_shape(shape):
+            raise _Invalid(f"tensor {name!r}: shape {str(shape)[:60]} is not a list of counts ({_SHAPE_RULE})")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise _Invalid(f"tensor {name!r}: data_offsets {offsets!r} are not two counts")
+        begin, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end > data_bytes:
+            raise _Invalid(f"truncated: tensor {name!r} ends at byte {end:,}, the data has {data_bytes:,} bytes")
+        if end - begin != nbytes:
+            raise _Invalid(
+                f"tensor {name!r}: bytes {begin}..{end} do not hold its {nbytes:,} bytes within the "
+                f"{data_bytes:,} bytes of data"
+            )
+        tensors[name] = (dtype, tuple(shape), begin, end)
+    cursor = 0
+    for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != cursor:
+            raise _Invalid(f"tensor {name!r} starts at byte {begin}, the previous one ends at {cursor}")
+        cursor = end
+    if cursor != data_bytes:
+        raise _Invalid(f"its tensors end at byte {cursor} of {data_bytes} bytes of data")
+    return tensors
 
 
-def read_sparse(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Decode a file written by :func:`save_sparse` into a plain (CPU) ``state_dict``, without a model."""
-    header, data = _read(os.fspath(path))
-    return {e["key"]: _decode_entry(e, data).clone() for e in header["entries"]}
+def _entry_parts(entry: Mapping[str, Any], nnz: int | None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The parts an entry's encoding needs, with the dtype and shape the entry implies (``nnz``: value count)."""
+    dtype = _FILE_DTYPES[entry["dtype"]]
+    shape = tuple(entry["shape"])
+    numel = math.prod(shape)
+    if entry["encoding"] == "dense":
+        storage = _dense_storage(dtype)
+        return {"data": (storage, shape if storage == dtype else (numel * dtype.itemsize,))}
+    assert nnz is not None
+    values = (_values_storage(dtype), (nnz,))
+    if entry["encoding"] == "bitmask":
+        return {"bits": (torch.uint8, (-(-numel // 8),)), "values": values}
+    rows, cols = _csr_dims(shape)
+    return {"crow": (_ptr_dtype(nnz), (rows + 1,)), "col": (_col_dtype(cols), (nnz,)), "values": values}
+
+
+def _parse_entries(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> list[dict[str, Any]]:
+    try:
+        records = json.loads(metadata.get("entries", ""))
+    except (ValueError, RecursionError):
+        raise _Invalid("its 'entries' metadata is not JSON") from None
+    if not isinstance(records, list):
+        raise _Invalid("its 'entries' metadata is not a list")
+    fields = {"key", "dtype", "shape", "encoding", "masked"}
+    seen: set[str] = set()
+    used: set[str] = set()
+    for i, entry in enumerate(records):
+        if not isinstance(entry, dict) or set(entry) != fields:
+            raise _Invalid(f"entry {i} is not a record of {sorted(fields)}")
+        key = entry["key"]
+        if not isinstance(key, str) or key in seen:
+            raise _Invalid(f"entry {i}: key {key!r} is not a string or repeats")
+        seen.add(key)
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in _FILE_DTYPES:
+            raise _Invalid(f"{key!r}: unknown dtype {entry['dtype']!r}")
+        shape = entry["shape"]
+        if not _is_shape(shape):
+            raise _Invalid(f"{key!r}: shape {str(shape)[:60]} is not a list of counts ({_SHAPE_RULE})")
+        if entry["encoding"] not in ("dense", "bitmask", "csr") or not isinstance(entry["masked"], bool):
+            raise _Invalid(f"{key!r}: unknown encoding {entry['encoding']!r} or masked flag {entry['masked']!r}")
+        dtype = _FILE_DTYPES[entry["dtype"]]
+        nnz = None
+        if entry["encoding"] != "dense":
+            if _int_view(torch.empty(0, dtype=dtype)) is None:
+                raise _Invalid(f"{key!r}: {entry['encoding']} encoding of {dtype}")
+            values = tensors.get(_part_name(key, entry["encoding"], "values"))
+            nnz = values[1][0] if values is not None and len(values[1]) == 1 else -1
+            if not 0 <= nnz <= math.prod(shape):
+                raise _Invalid(f"{key!r}: its values are missing or not a vector of at most {math.prod(shape)} entries")
+        for part, (want_dtype, want_shape) in _entry_parts(entry, nnz).items():
+            name = _part_name(key, entry["encoding"], part)
+            have = tensors.get(name)
+            if have is None:
+                raise _Invalid(f"{key!r}: the {entry['encoding']} part {name!r} is missing")
+            if have[0] != want_dtype or have[1] != want_shape:
+                raise _Invalid(
+                    f"{key!r}: part {name!r} is {have[0]} of shape {have[1]}, its {entry['dtype']} "
+                    f"{tuple(shape)} entry needs {want_dtype} of shape {want_shape}"
+                )
+            used.add(name)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise _Invalid(f"tensor {extra[0]!r} belongs to no entry")
+    return records
+
+
+def _read_header(path: str, f: Any) -> _Header:
+    """Parse and validate everything but the tensor data; no allocation beyond the header's own size."""
+    file_bytes = os.fstat(f.fileno()).st_size
+    try:
+        header, data_start = _parse_container(path, f, file_bytes)
+        metadata = header.get("__metadata__", {})
+        if not isinstance(metadata, dict):
+            raise _Invalid("its __metadata__ is not a mapping")
+        if metadata.get("format") != FORMAT:
+            raise ValueError(
+                f"{path!r} is not a lightning-lobs sparse file (written by save_sparse): a safetensors file "
+                "without lightning-lobs metadata"
+            )
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise _Invalid("its metadata values are not all strings")
+        if metadata.get("format_version") != str(VERSION):
+            raise ValueError(
+                f"{path!r} has sparse format version {metadata.get('format_version')}; this lightning-lobs reads "
+                f"version {VERSION}"
+            )
+        for name in ("crc32", "kept_weights", "total_weights", "dense_bytes", "raw_bytes"):
+            if not metadata.get(name, "").isdigit():
+                raise _Invalid(f"its {name!r} metadata is not a count")
+        tensors = _parse_tensors(header, file_bytes - data_start)
+        entries = _parse_entries(metadata, tensors)
+    except _Invalid as err:
+        raise ValueError(f"{path!r} is not a valid lightning-lobs sparse file: {err}") from None
+    if sys.byteorder != "little":
+        raise ValueError(f"reading {path!r}: sparse files are little-endian and this machine is not")
+    return _Header(path, file_bytes, data_start, tensors, metadata, entries)
+
+
+def _read_data(header: _Header, f: Any) -> dict[str, Tensor]:
+    """Every tensor of the file as a view of one buffer of the file's data, its CRC checked."""
+    size = header.file_bytes - header.data_start
+    buf = bytearray(size)
+    if f.readinto(buf) != size:
+        raise ValueError(f"{header.path!r} changed while it was read")
+    data = memoryview(buf)
+    crc = _checksum(header.metadata["entries"], {n: data[b:e] for n, (_, _, b, e) in header.tensors.items()})
+    if crc != int(header.metadata["crc32"]):
+        raise ValueError(
+            f"{header.path!r} is not a valid lightning-lobs sparse file: corrupted (its CRC-32 does not match)"
+        )
+    whole = torch.frombuffer(buf, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for name, (dtype, shape, begin, end) in header.tensors.items():
+        raw = whole[begin:end]
+        if begin % dtype.itemsize:  # safetensors writers align every tensor; another writer may not
+            raw = raw.clone()
+        out[name] = raw.view(dtype).reshape(shape)
+    return out
+
+
+def _decode(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str) -> Tensor:
+    """One entry as a new tensor, its structure validated first (``ValueError`` naming what is wrong)."""
+    key, encoding = entry["key"], entry["encoding"]
+    dtype = _FILE_DTYPES[entry["dtype"]]
+    shape = tuple(entry["shape"])
+    numel = math.prod(shape)
+    parts = {part: tensors[_part_name(key, encoding, part)] for part in _entry_parts(entry, 0)}
+
+    def invalid(what: str) -> ValueError:
+        return ValueError(f"{path!r} is not a valid lightning-lobs sparse file: {key!r}: {what}")
+
+    if encoding == "dense":
+        data = parts["data"]
+        if dtype == torch.bool and bool((data.view(torch.uint8) > 1).any()):
+            raise invalid("a bool byte other than 0 or 1")
+        return data.reshape(-1).clone().view(dtype).reshape(shape)  # clone first: a fresh, aligned buffer
+    values = parts["values"].view(_INT_VIEW[dtype.itemsize])
+    if dtype == torch.bool and bool((values > 1).any()):
+        raise invalid("a bool byte other than 0 or 1")
+    nnz = values.numel()
+    if encoding == "bitmask":
+        packed = parts["bits"]
+        if numel % 8 and int(packed[-1]) >> (numel % 8):  # only the last byte has padding bits
+            raise invalid("bits set beyond its entries")
+        population = int(_POPCOUNT[packed.long()].sum(dtype=torch.int64))  # ~10x faster than summing the bools
+        if population != nnz:
+            raise invalid(f"its bitmask has {population} bits set, the file holds {nnz} values")
+        out = torch.zeros(numel, dtype=values.dtype)
+        out[_unpack_bits(packed)[:numel]] = values
+    else:
+        rows, cols = _csr_dims(shape)
+        idx = torch.int32 if numel < 1 << 31 else torch.int64
+        crow = parts["crow"].to(torch.int64)
+        counts = crow.diff()
+        if int(crow[0]) != 0 or bool((counts < 0).any()) or int(crow[-1]) != nnz:
+            raise invalid(
+                f"its CSR row pointers run from {int(crow[0])} to {int(crow[-1])} (must rise from 0 to the "
+                f"{nnz} values the file holds)"
+            )
+        col = parts["col"]
+        col = (col.to(idx) & 0xFFFF) if col.dtype == torch.int16 else col.to(idx)
+        if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+            raise invalid(f"a CSR column index out of range 0..{cols - 1}")
+        flat = torch.repeat_interleave(torch.arange(rows, dtype=idx), counts.to(torch.int64)) * cols + col
+        if nnz > 1 and not bool((flat.diff() > 0).all()):
+            raise invalid("CSR column indices not increasing along a row")
+        out = torch.zeros(numel, dtype=values.dtype)
+        out[flat.long() if idx != torch.int64 else flat] = values
+    return out.view(dtype).reshape(shape) if dtype != out.dtype else out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- read / load
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The validated metadata (with ``entries`` parsed) and tensors (views of the file's data) of a sparse file."""
+    with open(path, "rb") as f:
+        header = _read_header(path, f)
+        tensors = _read_data(header, f)
+    return {**header.metadata, "entries": header.entries}, tensors
+
+
+def read_sparse(path: str | os.PathLike[str], max_bytes: int | None = None) -> dict[str, Tensor]:
+    """Decode a file written by :func:`save_sparse` into a plain (CPU) ``state_dict``, without a model.
+
+    Without a model to compare the shapes with, a small file can declare large tensors (a zero-filled
+    ``bitmask``/``csr`` entry costs a few bytes in the file). So the decoded tensors may total at most
+    ``max_bytes``: by default 100 times the file's size, at least 1 MiB (a float32 layer at 99% sparsity
+    decodes to about 66 times its bytes). A file that decodes to more is refused with ``ValueError`` before
+    anything is allocated; pass a larger ``max_bytes`` for a file you trust, or use :func:`load_sparse`,
+    which is bounded by the model.
+    """
+    path = os.fspath(path)
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
+    with open(path, "rb") as f:
+        header = _read_header(path, f)
+        limit = max(_READ_RATIO * header.file_bytes, _READ_FLOOR) if max_bytes is None else max_bytes
+        decoded = header.decoded_bytes()
+        if decoded > limit:
+            raise ValueError(
+                f"{path!r} decodes to {decoded:,} bytes, more than read_sparse's limit of {limit:,} bytes "
+                f"({'max_bytes' if max_bytes is not None else f'{_READ_RATIO}x the file, at least 1 MiB'}); "
+                "pass read_sparse(path, max_bytes=...) for a file you trust, or load_sparse(model, path)"
+            )
+        tensors = _read_data(header, f)
+    return {e["key"]: _decode(e, tensors, path) for e in header.entries}
 
 
 def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> SparseFileInfo:
     """Load a file written by :func:`save_sparse` into ``model`` in place, bit for bit; return its info.
 
     The file must have been written for the same architecture: the same ``state_dict`` keys, shapes and
-    dtypes. Otherwise ``ValueError`` names the first difference and nothing is loaded. Values are copied
-    onto the model's own devices.
+    dtypes. Otherwise ``ValueError`` names the first difference. Every check (of the file's structure
+    and against the model) happens before the first value is written, so a refused file leaves the model
+    as it was. Values are copied onto the model's own devices.
     """
     path = os.fspath(path)
-    header, data = _read(path)
     state = model.state_dict()
-    in_file = {e["key"]: e for e in header["entries"]}
-    where = f"{path!r} (saved from a {header.get('model', '?')}) does not match this {type(model).__name__}"
-    for key, value in state.items():
-        entry = in_file.get(key)
-        if entry is None:
-            raise ValueError(f"{where}: the model has {key!r}, the file does not")
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{where}: the model's {key!r} is not a tensor")
-        if list(value.shape) != list(entry["shape"]):
-            raise ValueError(
-                f"{where}: {key!r} has shape {tuple(entry['shape'])} in the file, {tuple(value.shape)} in the model"
-            )
-        if str(value.dtype) != entry["dtype"]:
-            raise ValueError(f"{where}: {key!r} is {entry['dtype']} in the file, {value.dtype} in the model")
-    extra = [key for key in in_file if key not in state]
-    if extra:
-        raise ValueError(f"{where}: the file has {extra[0]!r}, the model does not")
-    decoded = {key: _decode_entry(entry, data) for key, entry in in_file.items()}
+    with open(path, "rb") as f:
+        header = _read_header(path, f)
+        in_file = {e["key"]: e for e in header.entries}
+        where = f"{path!r} (saved from a {header.metadata.get('model', '?')}) does not match this {type(model).__name__}"
+        for key, value in state.items():
+            entry = in_file.get(key)
+            if entry is None:
+                raise ValueError(f"{where}: the model has {key!r}, the file does not")
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: the model's {key!r} is not a tensor")
+            if tuple(value.shape) != tuple(entry["shape"]):
+                raise ValueError(
+                    f"{where}: {key!r} has shape {tuple(entry['shape'])} in the file, {tuple(value.shape)} in the model"
+                )
+            if str(value.dtype) != entry["dtype"]:
+                raise ValueError(f"{where}: {key!r} is {entry['dtype']} in the file, {value.dtype} in the model")
+        extra = [key for key in in_file if key not in state]
+        if extra:
+            raise ValueError(f"{where}: the file has {extra[0]!r}, the model does not")
+        tensors = _read_data(header, f)
+    decoded = {key: _decode(entry, tensors, path) for key, entry in in_file.items()}
+    del tensors
     model.load_state_dict(decoded, strict=True)
-    return _info_from_header(header, path, os.path.getsize(path))
+    return _info_from_metadata(header.metadata, header.entries, path, header.file_bytes)
 
 
 # --------------------------------------------------------------------------- torch sparse export

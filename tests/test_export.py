@@ -103,6 +103,11 @@ def bits(t: torch.Tensor, zero_sign: bool = True) -> torch.Tensor:
     return t.view(torch.uint8)
 
 
+def entry_bytes(tensors: dict[str, torch.Tensor], key: str) -> int:
+    """Bytes of one state_dict entry in a sparse file: its tensor, or its ``<key>:<part>`` tensors."""
+    return sum(t.numel() * t.element_size() for n, t in tensors.items() if n == key or n.startswith(f"{key}:"))
+
+
 def assert_state_equal(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
@@ -190,11 +195,10 @@ def test_negative_zero_nan_payloads_and_wide_columns(tmp_path):
     model.register_buffer("odd", odd)
     model.register_buffer("huge", torch.zeros(2, 70_000).index_fill_(1, torch.tensor([5, 69_999]), 1.5))
     save_sparse(model, tmp_path / "x.lobs")
-    header, _ = _read(str(tmp_path / "x.lobs"))
-    entries = {e["key"]: e for e in header["entries"]}
+    meta, tensors = _read(str(tmp_path / "x.lobs"))
+    entries = {e["key"]: e for e in meta["entries"]}
     assert entries["wide"]["encoding"] == "csr"
-    assert {p["name"]: p["dtype"] for p in entries["wide"]["parts"]}["col"] == "torch.int16"
-    assert {p["name"]: p["dtype"] for p in entries["huge"]["parts"]}["col"] == "torch.int32"
+    assert tensors["wide:col"].dtype == torch.int16 and tensors["huge:col"].dtype == torch.int32
     other = nn.Module()
     for key in ("wide", "odd", "huge"):
         other.register_buffer(key, torch.ones_like(getattr(model, key)))
@@ -203,7 +207,7 @@ def test_negative_zero_nan_payloads_and_wide_columns(tmp_path):
         assert torch.equal(bits(getattr(other, key), False), bits(getattr(model, key), False)), key
     assert other.odd.view(torch.int32)[10] == 0x7FC0_1234 and other.odd.view(torch.int32)[11] == 1
     assert other.odd[3] == 0 and other.wide[1, 32_768] == 0
-    assert entries["wide"]["parts"][-1]["nbytes"] == 4 * 4  # 4 values stored: -0.0 is not one of them
+    assert tensors["wide:values"].numel() == 4  # 4 values stored: -0.0 is not one of them
 
 
 def test_weights_pruned_by_multiplication(tmp_path):
@@ -249,9 +253,9 @@ def test_encoding_chosen_by_bytes(tmp_path):
     info = save_sparse(model, tmp_path / "m.lobs")
     assert info.encodings == {"dense": "dense", "halfway": "bitmask", "sparse": "csr", "zeros": "csr"}
     # each choice is the smallest: bytes of the payload = the formulas (4 B values, 2 B columns, 4 B row pointers)
-    header, _ = _read(str(tmp_path / "m.lobs"))
+    _, tensors = _read(str(tmp_path / "m.lobs"))
     nnz_sparse = int((sparse != 0).sum())
-    sizes = {e["key"]: sum(p["nbytes"] for p in e["parts"]) for e in header["entries"]}
+    sizes = {key: entry_bytes(tensors, key) for key in info.encodings}
     assert sizes["dense"] == 64 * 64 * 4
     assert sizes["halfway"] == 64 * 64 // 8 + int((half != 0).sum()) * 4
     assert sizes["sparse"] == 65 * 4 + nnz_sparse * (2 + 4)
@@ -268,9 +272,8 @@ def test_masks_force_structure(tmp_path):
         model[2].weight.copy_(torch.randn(8, 16))
     info = save_sparse(model, tmp_path / "m.lobs", masks=masks)
     assert info.encodings["0.weight"] != "dense" and info.encodings["2.weight"] == "bitmask"
-    header, _ = _read(str(tmp_path / "m.lobs"))
-    values = {e["key"]: [p for p in e["parts"] if p["name"] == "values"] for e in header["entries"]}
-    assert values["0.weight"][0]["nbytes"] == 4 * int(masks["0"].sum())
+    _, tensors = _read(str(tmp_path / "m.lobs"))
+    assert tensors["0.weight:values"].numel() == int(masks["0"].sum())
     kept = sum(int(masks[n].sum()) for n in ("0", "2", "4"))
     total = sum(masks[n].numel() for n in ("0", "2", "4"))
     assert info.kept_weights == kept and info.cr == pytest.approx(kept / total)
@@ -346,7 +349,7 @@ def test_refuses_foreign_and_corrupted_files(tmp_path):
     model = mlp()
     random_masks(model, 0.9)
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(ValueError, match="not a lightning-lobs sparse file"):
+    with pytest.raises(ValueError, match="plain.pt' is not a valid lightning-lobs sparse file"):
         load_sparse(mlp(), tmp_path / "plain.pt")
     path = tmp_path / "m.lobs"
     save_sparse(model, path)
