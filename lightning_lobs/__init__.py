@@ -1,5 +1,6 @@
 """lightning-lobs: Layer-wise Optimal Brain Surgeon pruning for PyTorch Lightning."""
 
+import importlib.metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 from .allocation import GlobalAllocation
@@ -33,7 +34,10 @@ __all__ = [
     "to_sparse_inference",
 ]
 
-__version__ = "0.1.0"
+try:  # one source for the version: pyproject.toml, read from the installed metadata
+    __version__ = _metadata.version("lightning-lobs")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from .callback import LOBSPruning

@@ -13,8 +13,8 @@ README promise (section)                                                  pinned
 ========================================================================  ==========================================================================
 dense epochs, prune at the start of prune_epoch, retrain (intro)          test_callback.py::test_masks_hold_through_retraining
 ``import lightning_lobs`` does not import Lightning (intro)               test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
-torch is the only requirement; transformers not a dependency (intro)      ::test_torch_is_the_only_required_dependency
-``.[dev]`` brings both Lightning packages (intro)                         ::test_torch_is_the_only_required_dependency
+torch, safetensors the only requirements; no transformers (intro)   ::test_torch_and_safetensors_are_the_only_required_dependencies
+``.[dev]`` brings both Lightning packages (intro)                         ::test_torch_and_safetensors_are_the_only_required_dependencies
 main job: 7% kept, runs/lenet300/, data/, 3 s download timeout (run)      ::test_main_example_defaults_are_the_documented_ones
 MNIST idx files: both layouts, raw or .gz (run)                           test_data_examples.py::test_load_mnist_reads_idx_files_in_both_layouts
 checked against the published sha256 (run)                                test_data_examples.py::test_checksum_mismatch_names_the_file
@@ -177,11 +177,11 @@ def _errors(report) -> dict:
 # --------------------------------------------------------------------------- install
 
 
-def test_torch_is_the_only_required_dependency():
-    """Torch is the only requirement, Lightning comes with an extra, and transformers is not a dependency."""
+def test_torch_and_safetensors_are_the_only_required_dependencies():
+    """Torch and safetensors are the only requirements, Lightning comes with an extra, transformers is no dependency."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert [d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch"]
+    assert [d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch", "safetensors"]
     extras = project["optional-dependencies"]
     assert any(d.startswith("lightning") for d in extras["lightning"])
     assert any(d.startswith("pytorch-lightning") for d in extras["pl"])
@@ -735,3 +735,16 @@ def test_the_promise_table_names_only_tests_that_exist():
             tree = ast.parse(path.read_text())
             defined[path] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
         assert name in defined[path], f"{file or 'this file'}::{name} is not a test there"
+
+
+def test_the_version_has_one_source_the_pyproject():
+    """``lightning_lobs.__version__`` is read from the installed metadata, which pyproject.toml writes."""
+    import tomllib
+    from pathlib import Path
+
+    import lightning_lobs
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert "version" not in project.get("dynamic", [])
+    assert lightning_lobs.__version__ == project["version"]
+    assert f'"{project["version"]}"' not in Path(lightning_lobs.__file__).read_text()  # not written twice
