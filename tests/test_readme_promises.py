@@ -496,14 +496,15 @@ def test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         report = prune_model(model, batches, 0.5, "exact")
-    skipped = {"emb", "attn", "deconv", "a", "b"}
+    skipped = {"emb", "deconv", "a", "b"}
     notes = [w for w in rec if "not pruned" in str(w.message)]
     assert len(notes) == 1, [str(w.message) for w in rec]
     assert all(f"'{name}'" in str(notes[0].message) for name in skipped)
-    assert skipped <= set(report.skipped)
-    assert list(report.layers) == ["head"]
+    assert "'attn'" not in str(notes[0].message)  # attention is pruned, through its projections
+    assert skipped == set(report.skipped)
+    assert list(report.layers) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"]
     for k, v in model.state_dict().items():
-        if not k.startswith("head."):
+        if not k.startswith(("head.", "attn.")):
             assert torch.equal(v, before[k]), k
 
 
