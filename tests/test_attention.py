@@ -262,12 +262,13 @@ def test_masks_hold_on_in_proj_weight_through_adamw_steps():
     g = torch.Generator().manual_seed(6)
     batches = [torch.randn(4, 6, 16, generator=g) for _ in range(2)]
     masks = MaskSet()
-    prune_model(model, batches, 0.6, "fast", masks=masks)
+    prune_model(model, batches, 0.6, "fast", allocation="uniform", masks=masks)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     masks.attach(model, opt)
     model.train()
     weight = model.layers[0].self_attn.in_proj_weight
     keep = masks["layers.0.self_attn.in_proj_weight"]
+    assert torch.equal(keep, weight != 0) and abs(float((~keep).float().mean()) - 0.6) <= 3 * 16 / keep.numel()
     before = weight.detach().clone()
     for x in batches * 3:
         opt.zero_grad()
