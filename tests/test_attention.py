@@ -344,3 +344,17 @@ def test_lobs_pruning_callback_keeps_attention_zeros_through_adamw_training():
     weight = module.enc.layers[0].self_attn.in_proj_weight.detach()
     assert bool((weight[~lobs.masks[key]] == 0).all())
     assert abs(float((weight == 0).float().mean()) - 0.6) <= 3 * 16 / weight.numel()  # one weight per row at most
+
+
+def test_nn_transformer_prunes_every_attention_and_feed_forward_of_both_stacks():
+    torch.manual_seed(0)
+    model = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+    g = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(2, 5, 16, generator=g), torch.randn(2, 4, 16, generator=g)) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = prune_model(model, batches, 0.7, "fast", allocation="uniform", forward_fn=lambda m, b: m(b[0], b[1]))
+    attn = [f"{s}.layers.0.{a}.{p}" for s, a in (("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "multihead_attn"))
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    assert set(attn) <= set(report.layers) and len(report.layers) == len(attn) + 4  # + two feed-forward pairs
+    assert abs(_sparsity(_prunable_weights(model)) - 0.7) <= _rounding(model, report.layers)
