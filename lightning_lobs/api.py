@@ -82,7 +82,7 @@ def prune_model(
     options: Optional[PruneOptions] = None,
     **kwargs: Any,
 ) -> PruneReport:
-    """Prune ``model``'s Linear/Conv layers in place with Optimal Brain Surgeon.
+    """Prune ``model``'s Linear/Conv layers and attention projections in place with Optimal Brain Surgeon.
 
     Args:
         model: any ``nn.Module`` (a LightningModule too); its device is used for calibration.

@@ -28,7 +28,7 @@ from .allocation import GlobalAllocation
 from .checks import as_int, as_real, describe
 from .api import is_one_shot, take_batches
 from .distributed import RankInfo
-from .masks import MaskSet
+from .masks import MaskSet, _resolve_weight
 from .options import (
     AllocationName,
     CalibrationOptions,
@@ -574,7 +574,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             return
         zeros = total = 0
         for name in self.masks:
-            weight = pl_module.get_submodule(name).weight
+            weight = _resolve_weight(pl_module, name)
             zeros += int((weight.detach() == 0).sum())
             total += weight.numel()
         params = list(pl_module.parameters())

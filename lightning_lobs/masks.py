@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .attention import mask_weight_names
+
 __all__ = ["MaskSet", "model_sparsity"]
 
 log = logging.getLogger(__name__)
@@ -35,16 +37,32 @@ log = logging.getLogger(__name__)
 _PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def _resolve_weight(model: nn.Module, name: str) -> Tensor:
-    """Return ``model.<name>.weight``, raising ``KeyError`` with a clear message if absent."""
+def _weight_path(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding a mask's weight and its attribute: ``<name>.weight``, or the Parameter ``<name>`` itself
+    (an attention's ``in_proj_weight``, which no module of its own holds)."""
     try:
-        module = model.get_submodule(name)
+        return model.get_submodule(name), "weight"
+    except AttributeError:
+        owner, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            module = None
+        if module is not None and isinstance(module._parameters.get(attr), nn.Parameter):
+            return module, attr
+        raise
+
+
+def _resolve_weight(model: nn.Module, name: str) -> Tensor:
+    """Return ``model.<name>.weight`` (or the Parameter ``model.<name>``), raising ``KeyError`` if absent."""
+    try:
+        module, attr = _weight_path(model, name)
     except AttributeError as err:
         raise KeyError(
             f"mask refers to module {name!r}, but the model ({type(model).__name__}) has no "
             f"such submodule ({err})"
         ) from None
-    weight = getattr(module, "weight", None)
+    weight = getattr(module, attr, None)
     if not isinstance(weight, Tensor):
         raise KeyError(
             f"mask refers to module {name!r} ({type(module).__name__}), which has no 'weight' tensor"
@@ -208,7 +226,8 @@ class MaskSet:
                     # Frozen now (e.g. a backbone that BackboneFinetuning unfreezes later): a tensor hook cannot be
                     # registered yet, so a forward pre-hook registers it at the first forward after the unfreeze,
                     # before that forward's backward, and then removes itself.
-                    handle = model.get_submodule(name).register_forward_pre_hook(self._make_unfreeze_hook(name))
+                    owner, attr = _weight_path(model, name)
+                    handle = owner.register_forward_pre_hook(self._make_unfreeze_hook(name, attr))
                     unfreeze[name] = handle
                     handles.append(handle)
             for opt in opts:
@@ -264,9 +283,9 @@ class MaskSet:
 
         return hook
 
-    def _make_unfreeze_hook(self, name: str):  # noqa: ANN202 - closure
+    def _make_unfreeze_hook(self, name: str, attr: str = "weight"):  # noqa: ANN202 - closure
         def hook(module: nn.Module, args: Any) -> None:
-            weight = module.weight
+            weight = getattr(module, attr)
             if not (isinstance(weight, Tensor) and weight.requires_grad):
                 return
             own = self._unfreeze.pop(name, None)
@@ -366,9 +385,10 @@ class MaskSet:
 
     @classmethod
     def from_model(cls, model: nn.Module, names: Iterable[str] | None = None) -> MaskSet:
-        """Build masks ``weight != 0`` for ``names`` (default: every Linear / Conv module)."""
+        """Build masks ``weight != 0`` for ``names`` (default: every Linear / Conv module and every
+        ``nn.MultiheadAttention`` projection Parameter, such as ``attn.in_proj_weight``)."""
         if names is None:
-            names = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE_TYPES)]
+            names = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE_TYPES)] + mask_weight_names(model)
         masks = cls()
         for name in names:
             masks.set(name, _resolve_weight(model, name).detach() != 0)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
+from . import attention as _attention
 from . import bounds as _bounds
 from .allocation import allocate_layers
 from .batchnorm import batchnorm_modules, batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
@@ -429,11 +430,11 @@ class _PruneRun:
         """
         self.plan()
         modules = {n: l.module for n, l in self.layers.items()}
-        snapshot = _param_state(modules)
+        snapshot = _param_state(modules)  # attention projections: copies of their blocks
         bn_dense = batchnorm_state(self.model)
         masks_before = _MaskSetState(self.masks)
         try:
-            with _eval_no_grad(self.model):
+            with _eval_no_grad(self.model), _attention.feeding(self.model, modules):
                 if self.options.sequential:
                     self.order = self.execution_order()
                     self.owners = {n: i % self.rank.world_size for i, n in enumerate(self.order)}
@@ -448,7 +449,9 @@ class _PruneRun:
             bn_recalibrated = self.recalibrate_batchnorm()
             report = self.report(snapshot, bn_dense, bn_recalibrated)
             # Last: the masks (enforcing them when the set is attached), then the caller's own bookkeeping.
-            new_masks = {n: self.solved[n].mask for n in self.order}
+            new_masks = _attention.to_parameter_masks(
+                self.model, modules, {n: self.solved[n].mask for n in self.order}, self.masks.masks
+            )
             masks_before.save_enforced(new_masks)
             self.masks.update(new_masks)
             if then is not None:
@@ -477,10 +480,16 @@ class _PruneRun:
         self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm)
         _check_finite_parameters(self.model)
         modules = dict(self.model.named_modules())
-        check_prior_masks(self.masks, {n: modules[n] for n in self.selection.targets}, self.selection.targets, opts)
+        modules.update(_attention.projections(self.model))
+        priors = MaskSet()  # by layer name: an attention projection's block of its Parameter's mask
+        for n in self.selection.targets:
+            prior = _attention.prior_mask(modules[n], n, self.masks.masks)
+            if prior is not None:
+                priors.masks[n] = prior
+        check_prior_masks(priors, {n: modules[n] for n in self.selection.targets}, self.selection.targets, opts)
         for n, target in self.selection.targets.items():
             m = modules[n]
-            prior = self.masks.get(n)
+            prior = priors.get(n)
             self.layers[n] = _Layer(
                 n,
                 m,
@@ -691,7 +700,7 @@ class _PruneRun:
             )
             if solved.damp > self.solver.damp:
                 log.warning("layer %s needed relative damping %.3g (asked %.3g)", n, solved.damp, self.solver.damp)
-        with _eval_no_grad(self.model):
+        with _eval_no_grad(self.model), _attention.feeding(self.model, {n: self.layers[n].module for n in self.order}):
             out_err, model_err, example = _measure(
                 self.model, self.batches, self.layers, self.order, {n: snapshot[n] for n in self.order}, bn_dense, reports,
                 self.run_batch, self.rank,

@@ -5,7 +5,8 @@ prunable when it is an ``nn.Linear``, an ``nn.Conv1d/2d/3d`` or a ``transformers
 whose ``weight`` is a plain ``nn.Parameter`` of that module alone: not computed by a
 parametrization or an old-style hook (``weight_norm``, ``spectral_norm``), not shared with
 another module (tied embeddings), and called as a module (not read directly by a fused
-kernel, as ``nn.MultiheadAttention`` does with its ``out_proj``). Everything else that holds a
+kernel). ``nn.MultiheadAttention`` is pruned as four layers, ``<attn>.q_proj/k_proj/v_proj/out_proj``
+(:mod:`lightning_lobs.attention` makes their inputs visible). Everything else that holds a
 weight of two or more dimensions is *skipped*: a float sparsity leaves it dense and lists it in
 one warning, a mapping that names it explicitly is refused with the reason and the fix.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import attention as _attention
 from .hessian import is_hf_conv1d, is_supported, weight_columns
 from .options import SparsitySpec, as_fraction, normalize_sparsity
 from .masks import MaskSet
@@ -76,11 +78,15 @@ def unprunable_reason(
     sparsity; the other reasons leave the module dense with a warning.
     """
     kind = type(module).__name__
+    if isinstance(module, nn.MultiheadAttention):
+        why = _attention.attention_reason(module)
+        return (why, True) if why else (_attention.whole_module_reason(name), False)
+    if isinstance(module, _attention.AttentionProjection):
+        return "", False
     if isinstance(parent, nn.MultiheadAttention) and module is getattr(parent, "out_proj", None):
-        return (
-            "nn.MultiheadAttention reads its out_proj weight inside a fused kernel, so no hook sees the layer's "
-            "input; exclude it (it is left dense)"
-        ), False
+        why = _attention.attention_reason(parent)
+        if why:
+            return why, True
     if not is_supported(module):
         return f"{kind} layers are not supported (only nn.Linear, nn.Conv1d/2d/3d and transformers Conv1D)", False
     if parametrize.is_parametrized(module, "weight"):
@@ -142,6 +148,13 @@ def select_layers(
         and not isinstance(m, parametrize.ParametrizationList)
         and not (m._parameters and all(id(p) in inner for p in m._parameters.values() if p is not None))
     ]
+    # Attention modules are pruned through their projections: the module itself is never "skipped".
+    attentions = {n for n, m in named if isinstance(m, nn.MultiheadAttention) and not _attention.attention_reason(m)}
+    projections = _attention.projections(model)
+    named = [
+        item for n, m in named
+        for item in [(n, m)] + [(p, q) for p, q in projections.items() if q.attention == n and n in attentions]
+    ]
     modules = dict(named)
     users = _users(model)
     parents = {n: modules.get(n.rpartition(".")[0]) for n in modules}
@@ -153,6 +166,8 @@ def select_layers(
         if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
             raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
     excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    excluded |= {p for p, q in projections.items() if q.attention in excluded}  # excluding an attention excludes all of it
+    excluded |= {f"{a}.out_proj" if a else "out_proj" for a in attentions & excluded}
     chosen: Dict[str, float] = {}
     covered: List[str] = []  # unprunable modules the spec would have covered
     explicit: set = set()
@@ -198,7 +213,7 @@ def select_layers(
     else:
         chosen = {n: sparsity for n in reasons if not reasons[n]}
         covered = [n for n in reasons if reasons[n]]
-    skipped = {n: reasons[n] for n in covered if n not in excluded}
+    skipped = {n: reasons[n] for n in covered if n not in excluded and n not in attentions}
     refused = {n: why for n, why in skipped.items() if verdicts[n][1]}
     if refused:  # zeros written to a computed weight would not hold: never leave that to a warning
         raise ValueError(f"cannot prune as asked: {_format(refused)}.")
@@ -270,7 +285,7 @@ def check_prior_masks(
     new target ends at its prior sparsity (the report shows that sparsity beside the target).
     With a global allocation the comparison is over all selected layers together.
     """
-    shapes = {n: tuple(m.get_parameter("weight").shape) for n, m in modules.items()}
+    shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
     bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
     if bad:
         listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())

@@ -52,7 +52,7 @@ parametrized weights refused naming layer and fix (what is pruned)        test_t
 unprunable module named exactly in a mapping refused (what is pruned)     test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
 skipped: left dense, one warning, report.skipped (what is pruned)         ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
 tied weights never pruned silently (what is pruned)                       test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
-TransformerEncoderLayer's feed-forward Linears pruned (pruned)            test_truthful.py::test_transformer_encoder_with_float_sparsity_skips_out_proj_and_prunes_the_rest
+TransformerEncoderLayer: attention and feed-forward pruned (pruned)       test_truthful.py::test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forward
 never-called layers skipped, an error when named (what is pruned)         test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
 layers that cannot hold N:M skipped (what is pruned)                      test_api.py::test_nm_conv_along_channels_and_skip_warning
 report.sparsity / model_sparsity / parameter counts (what is pruned)      test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
@@ -496,14 +496,15 @@ def test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         report = prune_model(model, batches, 0.5, "exact")
-    skipped = {"emb", "attn", "deconv", "a", "b"}
+    skipped = {"emb", "deconv", "a", "b"}
     notes = [w for w in rec if "not pruned" in str(w.message)]
     assert len(notes) == 1, [str(w.message) for w in rec]
     assert all(f"'{name}'" in str(notes[0].message) for name in skipped)
-    assert skipped <= set(report.skipped)
-    assert list(report.layers) == ["head"]
+    assert "'attn'" not in str(notes[0].message)  # attention is pruned, through its projections
+    assert skipped == set(report.skipped)
+    assert list(report.layers) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"]
     for k, v in model.state_dict().items():
-        if not k.startswith("head."):
+        if not k.startswith(("head.", "attn.")):
             assert torch.equal(v, before[k]), k
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import PruneOptions, prune_model
 from lightning_lobs.options import as_fraction
+from lightning_lobs.attention import prior_mask, projections
 from lightning_lobs.selection import select_layers
 
 transformers = pytest.importorskip("transformers")
@@ -29,11 +30,12 @@ def _zeros(t: torch.Tensor) -> float:
 def _check_report_matches_model(model: nn.Module, report) -> None:
     """Per-layer and overall sparsity of the report equal the zeros the model holds."""
     modules = dict(model.named_modules())
+    modules.update(projections(model))  # attention's q/k/v blocks, masked on their Parameter
     zeros = total = 0
     for name, layer in report.layers.items():
         w = modules[name].weight
         assert layer.sparsity == pytest.approx(_zeros(w), abs=0.0)
-        assert bool((w.detach()[~report.masks[name].to(w.device)] == 0).all())
+        assert bool((w.detach()[~prior_mask(modules[name], name, report.masks.masks).to(w.device)] == 0).all())
         zeros += int((w.detach() == 0).sum())
         total += w.numel()
     assert report.sparsity == pytest.approx(zeros / total, abs=0.0)
@@ -184,16 +186,17 @@ def test_tiny_bert_linear_layers_pruned_embeddings_and_tied_decoder_left_dense()
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_transformer_encoder_with_float_sparsity_skips_out_proj_and_prunes_the_rest(batch_first):
+def test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forward(batch_first):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=batch_first)
     model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Linear(16, 4))
     x = torch.randn(8, 5, 16) if batch_first else torch.randn(5, 8, 16)
-    with pytest.warns(UserWarning, match=r"self_attn\.out_proj.*fused kernel"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing to warn about
         report = prune_model(model, DataLoader(TensorDataset(x), batch_size=4), sparsity=0.5, method="exact")
-    assert any(n.endswith("linear1") for n in report.layers) and any(n.endswith("linear2") for n in report.layers)
-    assert not any(n.endswith("out_proj") for n in report.layers)
-    assert any(n.endswith("self_attn") for n in report.skipped)  # in_proj_weight is a raw Parameter
+    ends = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
+    assert sorted(report.layers) == sorted(f"0.layers.{i}.{'self_attn.' if e.endswith('proj') else ''}{e}" for i in range(2) for e in ends) + ["1"]
+    assert report.skipped == {}
     _check_report_matches_model(model, report)
 
 
