@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import _PRUNABLE_TYPES, MaskSet
+from .masks import _PRUNABLE_TYPES, MaskSet, _resolve_weight
 
 __all__ = [
     "CSRLinear",
@@ -119,9 +119,10 @@ for _extra in (torch.complex128, torch.complex32):
 class SparseFileInfo:
     """What a sparse file holds and how much it saves (returned by :func:`save_sparse` and :func:`load_sparse`).
 
-    ``cr`` is the paper's compression ratio: kept weights / all weights, counted over the ``weight`` of
-    every ``nn.Linear`` / ``nn.ConvNd`` module and of every masked module (kept = the mask's ``True``
-    entries where a mask was given, else the nonzero entries). ``file_ratio`` is the real one: the file's
+    ``cr`` is the paper's compression ratio: kept weights / all weights, counted once per tensor over the
+    ``weight`` of every ``nn.Linear`` / ``nn.ConvNd`` module and every masked tensor (a module's weight, or a
+    Parameter such as an attention's ``in_proj_weight``; kept = the mask's ``True`` entries where a mask was
+    given, else the nonzero entries). ``file_ratio`` is the real one: the file's
     bytes over the bytes of ``torch.save(model.state_dict())``.
     """
 
@@ -273,12 +274,13 @@ def _nonzero(flat: Tensor, ints: Tensor) -> Tensor:
 
 def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry]:
     state = model.state_dict()
-    unknown = [name for name in masks if f"{name}.weight" not in state]
-    if unknown:
-        raise KeyError(
-            f"mask for module {unknown[0]!r}: the model's state_dict has no key {unknown[0] + '.weight'!r}"
-        )
-    mask_of = {f"{name}.weight": mask for name, mask in masks.items()}
+    mask_of: dict[str, Tensor] = {}
+    for name, mask in masks.items():
+        # a module's mask covers '<name>.weight'; a Parameter's (an attention's in_proj_weight) '<name>' itself
+        key = f"{name}.weight" if f"{name}.weight" in state else name
+        if key not in state:
+            raise KeyError(f"mask {name!r}: the model's state_dict has neither {name + '.weight'!r} nor {name!r}")
+        mask_of[key] = mask
     entries = []
     seen_storage: set[int] = set()
     for key, value in state.items():
@@ -355,16 +357,23 @@ def _torch_save_bytes(model: nn.Module) -> int:
 
 
 def _weight_counts(model: nn.Module, masks: Mapping[str, Tensor]) -> tuple[int, int]:
+    """Kept and total entries of the masked weights and of every other prunable layer's weight, each tensor once."""
     kept = total = 0
-    for name, module in model.named_modules():
-        if not (isinstance(module, _PRUNABLE_TYPES) or name in masks):
-            continue
+    counted: set[int] = set()
+    for name, mask in masks.items():
+        weight = _resolve_weight(model, name)
+        if id(weight) not in counted:
+            counted.add(id(weight))
+            total += weight.numel()
+            kept += int(mask.sum())
+    for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.layout != torch.strided:
+        if not isinstance(module, _PRUNABLE_TYPES) or not isinstance(weight, Tensor) or weight.layout != torch.strided:
             continue
-        total += weight.numel()
-        mask = masks.get(name)
-        kept += int(mask.sum()) if mask is not None else int(torch.count_nonzero(weight.detach()))
+        if id(weight) not in counted:
+            counted.add(id(weight))
+            total += weight.numel()
+            kept += int(torch.count_nonzero(weight.detach()))
     return kept, total
 
 

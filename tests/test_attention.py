@@ -358,3 +358,21 @@ def test_nn_transformer_prunes_every_attention_and_feed_forward_of_both_stacks()
             for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
     assert set(attn) <= set(report.layers) and len(report.layers) == len(attn) + 4  # + two feed-forward pairs
     assert abs(_sparsity(_prunable_weights(model)) - 0.7) <= _rounding(model, report.layers)
+
+
+def test_sparse_file_of_a_pruned_transformer_holds_the_attention_masks(tmp_path):
+    """save_sparse takes masks named after a Parameter (in_proj_weight): the file loads equal and counts each once."""
+    from lightning_lobs import load_sparse, save_sparse
+
+    model = _encoder()
+    g = torch.Generator().manual_seed(4)
+    report = prune_model(model, [torch.randn(4, 6, 16, generator=g) for _ in range(2)], 0.7, "fast", allocation="uniform")
+    info = save_sparse(model, tmp_path / "enc.lobs", masks=report.masks)
+    weights = _prunable_weights(model)
+    assert info.total_weights == sum(w.numel() for w in weights)
+    assert info.kept_weights == sum(int((w != 0).sum()) for w in weights)
+    assert info.encodings["layers.0.self_attn.in_proj_weight"] != "dense"
+    fresh = _encoder(seed=1)
+    load_sparse(fresh, tmp_path / "enc.lobs")
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
