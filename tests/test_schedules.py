@@ -44,6 +44,11 @@ def test_gradual_schedule_follows_the_cubic_ramp_and_ends_at_final():
     assert steps[0] > steps[1] > steps[2] > 0  # fast first, slow near final
 
 
+def test_gradual_example_of_the_readme():
+    g = GradualSchedule(initial=0.0, final=0.9, start=0, end=8, every=2)
+    assert g.points == (2, 4, 6, 8) and [round(s, 2) for s in g.sparsities] == [0.52, 0.79, 0.89, 0.90]
+
+
 def test_gradual_schedule_leaves_out_a_point_with_nothing_to_prune():
     g = GradualSchedule(initial=0.0, final=0.9, start=0, end=300, every=100, unit="step")
     assert g.points == (100, 200, 300) and g.unit == "step"
