@@ -336,7 +336,7 @@ class SparsitySchedule(PruneSchedule):
                 raise ValueError(f"the sparsity function raised at {unit} {p}: {type(exc).__name__}: {exc}") from exc
             specs.append(normalize_sparsity(value, f"{label} (the sparsity at {unit} {p})"))
             labels.append(label)
-        self.fn = fn
+        # fn is not kept: its values are, and a lambda would stop the callback pickling (ddp_spawn)
         self._set(pts, specs, unit, f"the schedule's {unit}", labels)
 
 

@@ -246,3 +246,11 @@ def test_step_schedule_prunes_before_each_step(ns):
     assert [step for step, _ in seen] == [0, 1, 2, 3]
     for (step, got), want in zip(seen, (0.0, 0.2, 0.2, 0.6)):
         assert abs(got - want) <= 1.0 / 32, seen  # net.0 is 24x32: whole weights per row
+
+
+def test_callback_with_a_function_schedule_pickles():
+    """ddp_spawn pickles the callbacks: a lambda schedule must not stop it (its values are kept, not the function)."""
+    import pickle
+
+    cb = pickle.loads(pickle.dumps(LOBSPruning(schedule=SparsitySchedule(lambda e: 0.25 * e, [1, 2]))))
+    assert cb.prune_epochs == [1, 2] and cb.sparsities == [0.25, 0.5] and cb.schedule.sparsities == (0.25, 0.5)
