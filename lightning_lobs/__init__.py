@@ -9,11 +9,13 @@ from .export import SparseFileInfo, export_sparse, load_sparse, save_sparse, to_
 from .masks import MaskSet, model_sparsity
 from .options import CalibrationOptions, PruneOptions, PruneProgress
 from .pruner import LayerReport, PruneReport
+from .schedules import GradualSchedule, PruneSchedule, SparsitySchedule
 from .solvers import GreedyTrace, SolveResult, SolverOptions, greedy_trace, solve_layer
 
 __all__ = [
     "CalibrationOptions",
     "GlobalAllocation",
+    "GradualSchedule",
     "GreedyTrace",
     "LOBSPruning",
     "LayerReport",
@@ -21,9 +23,11 @@ __all__ = [
     "PruneOptions",
     "PruneProgress",
     "PruneReport",
+    "PruneSchedule",
     "SolveResult",
     "SolverOptions",
     "SparseFileInfo",
+    "SparsitySchedule",
     "export_sparse",
     "greedy_trace",
     "load_sparse",

@@ -11,7 +11,6 @@ trainer's own progress bar.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import importlib
 import math
@@ -36,11 +35,11 @@ from .options import (
     Method,
     PruneOptions,
     SparsitySpec,
-    normalize_sparsity,
 )
 from .progress import trainer_progress
+from .schedules import PruneSchedule, check_not_decreasing, describe_spec
 from .pruner import PruneReport, default_forward, prune
-from .selection import is_literal, select_layers
+from .selection import select_layers
 from .solvers import SolverOptions
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
@@ -54,92 +53,6 @@ _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFS
 # the whole list, "Unable to serialize instance"); callables are for Python, at the top level.
 SparsityValue = Union[float, Dict[str, float]]
 SparsityFn = Callable[[str, nn.Module], Optional[float]]
-
-
-def _as_point(value: Any, what: str, unit: str = "epoch") -> int:
-    """An epoch (or step) number: ints (numpy's too) and integral floats such as ``1.0``; anything else is refused."""
-    number = as_real(value)
-    if number is None or not float(number).is_integer():
-        raise ValueError(
-            f"{what} must be a whole {unit} number >= 0 (or a list of them for iterative pruning), got {describe(value)}; "
-            f"e.g. prune_{unit}=5 or prune_{unit}=[2, 4, 6]."
-        )
-    out = int(number)
-    if out < 0:
-        raise ValueError(f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0.")
-    return out
-
-
-def _as_list(value: Any) -> Optional[list]:
-    """A list/tuple/1-d array as a list; None for anything that is one value."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if hasattr(value, "ndim") and hasattr(value, "tolist") and getattr(value, "ndim", 0) >= 1:
-        return list(value.tolist())
-    return None
-
-
-def _describe_spec(spec: SparsitySpec) -> Any:
-    """A checkpointable, comparable form of a sparsity spec (a callable by its qualified name)."""
-    if isinstance(spec, Mapping):
-        return {str(k): float(v) for k, v in spec.items()}
-    if callable(spec):
-        return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', type(spec).__qualname__)}"
-    return float(spec)
-
-
-def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> Optional[float]:
-    """The target a spec gives the layer called ``name``, where that is known without the model (else None).
-
-    A float is every layer's target only without a global allocation (``uniform``); a mapping
-    resolves as :func:`select_layers` does (the exact name first, then the first matching wildcard).
-    """
-    if isinstance(spec, float):
-        return spec if uniform else None
-    if isinstance(spec, Mapping):
-        if name in spec:
-            return float(spec[name])
-        for pat, value in spec.items():
-            if not is_literal(pat) and fnmatch.fnmatchcase(name, pat):
-                return float(value)
-    return None
-
-
-def _check_not_decreasing(specs: Sequence[SparsitySpec], uniform: bool = False) -> None:
-    """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned).
-
-    Besides equal keys, every layer named exactly in a later mapping is compared with what each
-    earlier step asked for it (a float with a uniform allocation, a matching pattern).
-    """
-    for j in range(1, len(specs)):
-        spec = specs[j]
-        if not isinstance(spec, Mapping):
-            continue
-        for name in (k for k in spec if is_literal(k)):
-            later = float(spec[name])
-            for i in range(j):
-                earlier = _named_target(specs[i], name, uniform)
-                if earlier is not None and later < earlier:
-                    raise ValueError(
-                        f"layer '{name}' cannot reach sparsity[{j}] = {later}: sparsity[{i}] already prunes it to "
-                        f"{earlier}, and weights pruned at an earlier step stay pruned (the masks are held). Give it at "
-                        f"least {earlier} at step {j}, or a lower target at step {i}."
-                    )
-    for i in range(1, len(specs)):
-        before, after = specs[i - 1], specs[i]
-        if isinstance(before, float) and isinstance(after, float):
-            pairs = [("", before, after)]
-        elif isinstance(before, Mapping) and isinstance(after, Mapping):
-            pairs = [(f"[{k!r}]", before[k], after[k]) for k in after if k in before]
-        else:
-            continue  # a callable, or a float against a mapping: not comparable without the model
-        for key, a, b in pairs:
-            if b < a:
-                raise ValueError(
-                    f"sparsity[{i}]{key} = {b} is lower than sparsity[{i - 1}]{key} = {a}: iterative pruning cannot "
-                    "lower the sparsity, because weights pruned at an earlier step stay pruned (the masks are held). "
-                    "Give non-decreasing sparsities, e.g. sparsity=[0.5, 0.8, 0.9]."
-                )
 
 
 _MONITOR_FIELDS = {
@@ -221,6 +134,13 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             elapsed, ETA) in the trainer's progress bar, or as log lines without one.
         save_sparse: a path; at the end of ``fit`` (rank zero) the pruned model is saved there
             with :func:`lightning_lobs.export.save_sparse`.
+        schedule: instead of ``sparsity`` and ``prune_epoch``/``prune_step``, a
+            :class:`~lightning_lobs.schedules.PruneSchedule`: ``GradualSchedule(initial=0.0, final=0.9,
+            start=0, end=9, every=3)`` (Zhu & Gupta's cubic ramp) or ``SparsitySchedule(lambda epoch: ...,
+            points=range(0, 10, 2))`` (the sparsity as a function of the epoch; ``unit="step"`` for
+            global steps). A function of the epoch goes here, never in ``sparsity``, where a callable is
+            a per-layer spec. Its values are checked when it is built, its points against
+            ``max_epochs``/``max_steps`` at ``setup``, as for lists.
     """
 
     def __init__(
@@ -245,30 +165,37 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         progress_after: float = 2.0,
         save_sparse: Optional[str] = None,
         prune_step: Union[int, List[int], None] = None,
+        schedule: Optional[PruneSchedule] = None,
     ) -> None:
-        if prune_epoch is not None and prune_step is not None:
-            raise ValueError(
-                f"give prune_epoch or prune_step, not both (got prune_epoch={prune_epoch!r}, prune_step={prune_step!r})."
-            )
-        unit, arg, value = ("step", "prune_step", prune_step) if prune_step is not None else ("epoch", "prune_epoch", prune_epoch)
-        value = 0 if value is None else value
-        listed = _as_list(value)
-        points = [_as_point(value, arg, unit)] if listed is None else [_as_point(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
-        if not points:
-            raise ValueError(f"{arg} is an empty list; give at least one {unit}, e.g. {arg}=5.")
-        if any(b <= a for a, b in zip(points, points[1:])):
-            raise ValueError(f"{arg} must be strictly increasing, got {points}; e.g. {arg}=[2, 4, 6].")
-        spec_list = _as_list(sparsity)
-        if spec_list is not None:
-            if len(spec_list) != len(points):
+        if schedule is not None:
+            if not isinstance(schedule, PruneSchedule):
                 raise ValueError(
-                    f"sparsity has {len(spec_list)} entries but {arg} has {len(points)}; give one sparsity per "
-                    f"prune {unit}, or a single sparsity."
+                    f"schedule must be a PruneSchedule, e.g. GradualSchedule(initial=0.0, final=0.9, start=0, end=10) or "
+                    f"SparsitySchedule(lambda epoch: ..., points=range(0, 10, 2)), got {describe(schedule)}."
                 )
-            specs = [normalize_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(spec_list)]
+            given = [n for n, v in (("prune_epoch", prune_epoch), ("prune_step", prune_step)) if v is not None]
+            if not (isinstance(sparsity, float) and sparsity == 0.9):  # 0.9 is the signature's default
+                given.insert(0, "sparsity")
+            if given:
+                raise ValueError(
+                    f"give schedule or {' / '.join(given)}, not both: the schedule sets the prune points and their "
+                    f"sparsities (got schedule={schedule!r})."
+                )
         else:
-            specs = [normalize_sparsity(sparsity)] * len(points)
-        _check_not_decreasing(specs, uniform=allocation == "uniform" and pattern is None)  # N:M sets its own targets
+            if isinstance(sparsity, PruneSchedule):
+                raise ValueError(
+                    f"sparsity={sparsity!r} is a schedule: pass it as LOBSPruning(schedule=...); sparsity takes a "
+                    "fraction, a {'pattern': fraction} mapping, a per-layer (name, module) -> fraction callable or a list of these."
+                )
+            if prune_epoch is not None and prune_step is not None:
+                raise ValueError(
+                    f"give prune_epoch or prune_step, not both (got prune_epoch={prune_epoch!r}, prune_step={prune_step!r})."
+                )
+            value = prune_step if prune_step is not None else prune_epoch
+            schedule = PruneSchedule(0 if value is None else value, sparsity, "step" if prune_step is not None else "epoch")
+        specs = list(schedule.sparsities)
+        if allocation == "uniform" and pattern is None:  # a float is then every layer's target (N:M sets its own)
+            check_not_decreasing(specs, uniform=True, labels=schedule.labels)
         batches = as_int(calibration_batches)
         if batches is None or batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {describe(calibration_batches)}.")
@@ -296,8 +223,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             recalibrate_bn=recalibrate_bn,
         )
         self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
-        self.unit: Literal["epoch", "step"] = unit  # type: ignore[assignment]
-        self.prune_points: List[int] = points  # epochs or global steps, as ``unit`` says
+        self.schedule: PruneSchedule = schedule
+        self.unit: Literal["epoch", "step"] = schedule.unit
+        self.prune_points: List[int] = list(schedule.points)  # epochs or global steps, as ``unit`` says
         self.sparsities: List[SparsitySpec] = specs
         self.calibration_batches = int(calibration_batches)
         self.calibration_dataloader = calibration_dataloader
@@ -350,12 +278,12 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return list(self.pruned_points) if self.unit == "step" else []
 
     def _pending(self) -> List[int]:
-        return [p for p in self.prune_points if p not in self.pruned_points]
+        return self.schedule.pending(self.pruned_points)
 
     def _identity(self) -> Dict[str, Any]:
         """What tells this instance's schedule apart: prune points, sparsities, method (pattern, exclude if set)."""
         points: Any = self.prune_points if len(self.prune_points) > 1 else self.prune_points[0]
-        specs = [_describe_spec(s) for s in self.sparsities]
+        specs = [describe_spec(s) for s in self.sparsities]
         out: Dict[str, Any] = {
             "sparsity": specs if len(specs) > 1 else specs[0],
             f"prune_{self.unit}": points,
@@ -456,19 +384,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 f"LOBSPruning does not support the sharded strategy {strategy}: layer weights are split across "
                 "ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
             )
-        max_epochs = trainer.max_epochs
-        pending = self._pending()
-        if pending and self.unit == "epoch" and max_epochs is not None and max_epochs >= 0 and pending[-1] >= max_epochs:
-            raise ValueError(
-                f"prune_epoch {pending[-1]} is beyond the last epoch of training (max_epochs={max_epochs}, "
-                f"epochs are 0..{max_epochs - 1}); lower prune_epoch or raise max_epochs."
-            )
-        max_steps = getattr(trainer, "max_steps", -1)
-        if pending and self.unit == "step" and max_steps is not None and max_steps >= 0 and pending[-1] >= max_steps:
-            raise ValueError(
-                f"prune_step {pending[-1]} is never reached: max_steps={max_steps} ends training after step "
-                f"{max_steps - 1}; lower prune_step or raise max_steps."
-            )
+        self.schedule.check_reachable(self.pruned_points, max_epochs=trainer.max_epochs, max_steps=getattr(trainer, "max_steps", -1))
         mine = set()
         for options in self.options:  # fail now, not epochs into training
             mine |= set(select_layers(pl_module, options.sparsity, options.exclude, options.nm, warn=False).targets)
@@ -521,43 +437,26 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self._check_max_steps(trainer)
 
     def _check_max_steps(self, trainer: "Trainer") -> None:
-        max_steps = getattr(trainer, "max_steps", -1)
         batches = getattr(trainer, "num_training_batches", float("inf"))
         if not math.isfinite(batches) or batches <= 0:
             return  # unknown now: on_fit_end warns if a prune point was never reached
         per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))  # the last partial window steps too
-        if self.unit == "step":
-            max_epochs = trainer.max_epochs
-            if max_epochs is None or max_epochs < 0:
-                return  # max_steps alone was checked in setup
-            limit = max_epochs * per_epoch
-            late = [s for s in self._pending() if s >= limit]
-            if late and not (max_steps is not None and 0 <= max_steps <= limit):  # else setup already refused it
-                raise ValueError(
-                    f"prune_step {late[0]} is never reached: max_epochs={max_epochs} with {per_epoch} steps per epoch "
-                    f"ends training after {limit} steps. Lower prune_step or raise max_epochs."
-                )
-            return
-        if max_steps is None or max_steps < 0:
-            return
-        unreachable = [e for e in self._pending() if e * per_epoch >= max_steps]
-        if unreachable:
-            raise ValueError(
-                f"prune_epoch {unreachable[0]} is never reached: max_steps={max_steps} ends training after "
-                f"{max_steps} optimizer steps, and with {per_epoch} steps per epoch epoch {unreachable[0]} starts after "
-                f"{unreachable[0] * per_epoch}. Raise max_steps above {unreachable[-1] * per_epoch} or lower prune_epoch."
-            )
+        self.schedule.check_reachable(
+            self.pruned_points, max_epochs=trainer.max_epochs, max_steps=getattr(trainer, "max_steps", -1), steps_per_epoch=per_epoch
+        )
 
     def on_train_epoch_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
-        epoch = trainer.current_epoch
-        if self.unit == "epoch" and epoch in self.prune_points and epoch not in self.pruned_points:
-            self.prune_now(trainer, pl_module, self.prune_points.index(epoch))
+        if self.unit == "epoch":
+            self._prune_due(trainer, pl_module, trainer.current_epoch)
 
     def on_train_batch_start(self, trainer: "Trainer", pl_module: "LightningModule", batch: Any, batch_idx: int) -> None:
-        """With ``prune_step``: prune before the first batch of the step (the last point reached, if several)."""
-        if self.unit != "step":
-            return
-        due = [p for p in self._pending() if p <= trainer.global_step]
+        """With steps: prune before the first batch of the step (the last point reached, if several)."""
+        if self.unit == "step":
+            self._prune_due(trainer, pl_module, trainer.global_step)
+
+    def _prune_due(self, trainer: "Trainer", pl_module: "LightningModule", point: int) -> None:
+        """Prune for the last point the schedule has due at ``point`` (this epoch or global step)."""
+        due = self.schedule.due(point, self.pruned_points)
         if due:
             before = list(self.pruned_points)
             try:
@@ -778,42 +677,13 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     # ------------------------------------------------------------------ state
 
-    def _schedule(self) -> List[Dict[str, Any]]:
-        return [{self.unit: p, "sparsity": _describe_spec(s)} for p, s in zip(self.prune_points, self.sparsities)]
-
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": self.masks.state_dict(), f"pruned_{self.unit}s": list(self.pruned_points), "schedule": self._schedule()}
+        return {"masks": self.masks.state_dict(), f"pruned_{self.unit}s": list(self.pruned_points), "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         saved = state_dict.get("schedule")
         done = {u: [int(p) for p in state_dict.get(f"pruned_{u}s", [])] for u in ("epoch", "step")}
         if saved is not None:
-            self._check_schedule(list(saved), done)
+            self.schedule.check_resume(list(saved), done)
         self.masks.load_state_dict(state_dict.get("masks", {}))
         self.pruned_points = done[self.unit]
-
-    def _check_schedule(self, saved: List[Dict[str, Any]], done: Dict[str, List[int]]) -> None:
-        """Steps already run must be in this schedule unchanged; later steps may change (with a warning)."""
-
-        def key(entry: Mapping[str, Any]) -> tuple:
-            unit = "epoch" if "epoch" in entry else "step"
-            return unit, int(entry[unit])
-
-        now = {key(d): d["sparsity"] for d in self._schedule()}
-        before = {key(d): d["sparsity"] for d in saved}
-        ran = [(u, p) for u in ("epoch", "step") for p in done[u]]
-        fmt = lambda sched: ", ".join(f"{u} {p}: {v}" for (u, p), v in sched.items()) or "none"  # noqa: E731
-        if any(now.get(k) != before.get(k) for k in ran):
-            raise ValueError(
-                f"resuming with a different prune schedule: the checkpoint was pruned at "
-                f"{', '.join(f'{u} {p}' for u, p in ran)} with {[before.get(k) for k in ran]}, but this LOBSPruning prunes "
-                f"at {fmt(now)}. Resume with the schedule it was trained with ({fmt(before)}), or start a new fit "
-                "without ckpt_path."
-            )
-        later_before = {k: v for k, v in before.items() if k not in ran}
-        later_now = {k: v for k, v in now.items() if k not in ran}
-        if later_before != later_now:
-            rank_zero_warn(
-                f"LOBSPruning: the prune steps not yet run changed since the checkpoint ({fmt(later_before)} -> "
-                f"{fmt(later_now)}); the new ones apply."
-            )

@@ -133,3 +133,33 @@ def test_the_override_command_in_the_example_docstring_runs(tmp_path, monkeypatc
     cb = lobs_of(run.trainer)
     assert cb.prune_epochs == [2, 4, 6] and cb.pruned_epochs == [2, 4, 6]
     assert cb.last_report.sparsity == pytest.approx(0.9, abs=0.01)
+
+
+def test_gradual_schedule_from_the_command_line_round_trips_and_prunes(ns, tmp_path, capsys):
+    args = [
+        "fit",
+        "--trainer.callbacks+=lightning_lobs.LOBSPruning",
+        "--trainer.callbacks.schedule=lightning_lobs.GradualSchedule",
+        "--trainer.callbacks.schedule.final=0.6",
+        "--trainer.callbacks.schedule.end=2",
+        "--trainer.callbacks.allocation=uniform",
+        "--trainer.callbacks.calibration_batches=2",
+        "--trainer.callbacks.log_table=false",
+        "--trainer.max_epochs=3",
+        "--trainer.limit_train_batches=2",
+        "--trainer.accelerator=cpu",
+        *QUIET,
+    ]
+    with pytest.raises(SystemExit) as exc:
+        cli(ns, [*args, "--print_config"])
+    assert exc.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    (entry,) = [c for c in config["trainer"]["callbacks"] if c["class_path"] == "lightning_lobs.LOBSPruning"]
+    schedule = entry["init_args"]["schedule"]
+    assert schedule["class_path"] == "lightning_lobs.GradualSchedule"
+    assert schedule["init_args"]["final"] == 0.6 and schedule["init_args"]["end"] == 2
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cb = lobs_of(cli(ns, ["fit", "--config", str(path)]).trainer)
+    assert cb.pruned_epochs == [1, 2] and cb.sparsities[-1] == 0.6

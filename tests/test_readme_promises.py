@@ -104,6 +104,11 @@ max_time before the prune warns naming the epochs (Lightning)             ::test
 ... even when it ends training before its first step (fit end)     ::test_max_time_that_ends_training_before_its_first_step_still_warns
 prune_step prunes mid-epoch; unreachable step refused (Lightning)         test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
 resume with other done steps refused, new steps warn (Lightning)          test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
+schedules: a function of the point, checked when built (Lightning)       test_schedules.py::test_sparsity_function_is_evaluated_at_every_point_when_built, test_schedules.py::test_bad_schedules_are_refused_when_built
+gradual (cubic) schedule: points and values (Lightning)                   test_schedules.py::test_gradual_schedule_follows_the_cubic_ramp_and_ends_at_final, test_schedules.py::test_gradual_example_of_the_readme
+schedule= not with sparsity/prune_*, nor as sparsity (Lightning)          test_schedules.py::test_schedule_with_points_or_sparsity_is_refused, test_schedules.py::test_schedule_in_the_wrong_argument_is_refused
+schedules reachable, resumed, from the CLI (Lightning)                    test_schedules.py::test_unreachable_schedule_is_refused_before_training, test_schedules.py::test_gradual_schedule_prunes_at_each_point_to_its_value_and_resumes, test_lightning_cli.py::test_gradual_schedule_from_the_command_line_round_trips_and_prunes
+save_pretrained of a pruned HF model keeps its zeros (Lightning)          test_hf_save_pretrained.py::test_save_pretrained_of_a_pruned_gpt2_keeps_every_zero
 overlapping instances refused in setup (Lightning)                        test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
 LightningCLI: --print_config writes a config that runs (Lightning)        test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
 LightningCLI: method and allocation typed as Literal choices              test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
