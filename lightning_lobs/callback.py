@@ -205,8 +205,10 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         solver: :class:`SolverOptions` (or a mapping of its fields).
         calibration: :class:`CalibrationOptions` (or a mapping of its fields).
         forward_fn: ``(model, batch) -> output``; default feeds a tensor batch, ``batch[0]`` or a
-            dict's input entry. It receives the batch after the trainer's device transfer and
-            precision conversion, and runs under the precision plugin's autocast.
+            mapping as ``model(**batch)`` (the keys the LightningModule's forward names; see
+            :func:`~lightning_lobs.pruner.default_forward`). It receives the batch after the
+            trainer's device transfer and precision conversion, and runs under the precision
+            plugin's autocast.
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches.
         log_table: print a rank-zero summary table after each prune (through the progress bar).
         allocation: for a float ``sparsity``: ``"global"`` (per-layer sparsities from pooled OBS

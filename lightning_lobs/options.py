@@ -130,7 +130,8 @@ class PruneOptions:
         solver: :class:`SolverOptions` (damping, precision, block sizes, refit).
         calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking, memory budget).
         forward_fn: ``(model, batch) -> output``; by default a tensor batch is fed as is, a
-            tuple/list by its first item, a dict by its input entry.
+            tuple/list by its first item, a mapping as ``model(**batch)`` limited to the keys the
+            forward names (see :func:`~lightning_lobs.pruner.default_forward`).
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches after
             pruning.
     """

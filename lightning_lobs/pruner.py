@@ -18,6 +18,7 @@ train/eval modes and the MaskSet; the masks are written last, after the report i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -171,20 +172,82 @@ class PruneReport:
 # --------------------------------------------------------------------------- batches and modes
 
 
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
+
+
+def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The keyword arguments ``model(**kwargs)`` takes from ``batch`` under the default rule, or None.
+
+    Keys the forward names are passed (a forward that names none of them but takes only ``**kwargs``
+    gets them all); keys it does not name, a dataset's ``idx`` say, are dropped, as HF's ``Trainer``
+    drops unused columns. None (feed one input entry instead) when the forward names none of the keys,
+    or when a parameter it requires is missing from the batch (``{"input": x}`` into ``forward(self, x)``).
+    """
+    forward = getattr(getattr(model, "_orig_mod", model), "forward")  # a torch.compile wrapper: the model's own
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: no signature to read
+        return None
+    kinds = inspect.Parameter
+    named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    required = {p.name for p in params if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+    if not required <= set(batch):
+        return None
+    passed = {k: v for k, v in batch.items() if k in named}
+    if passed:
+        return passed
+    only_kwargs = not named and not required and any(p.kind == kinds.VAR_KEYWORD for p in params)
+    only_kwargs = only_kwargs and not any(p.kind == kinds.VAR_POSITIONAL for p in params)
+    return dict(batch) if only_kwargs and all(isinstance(k, str) for k in batch) else None
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Feed one batch to the model: a tensor as is, the first item of a tuple/list, or a dict's input entry."""
+    """Feed one batch to the model: a tensor as is, the first item of a tuple/list, a mapping as keywords.
+
+    A mapping (a dict, a transformers ``BatchEncoding``) goes in as ``model(**batch)``, HF's convention,
+    limited to the keys the forward's signature names (``labels`` too when it takes them; others
+    dropped; a forward taking only ``**kwargs`` gets every key). When the forward names none of the
+    keys, or requires an argument the batch lacks, the mapping's ``x``/``input(s)``/``image(s)``/
+    ``pixel_values``/``input_ids`` entry is fed as the one input. If the model raises, the error
+    says what was fed and how to pass ``forward_fn``.
+    """
     if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        for key in ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids"):
-            if key in batch:
-                return model(batch[key])
-    raise TypeError(
-        f"cannot tell the model input in a batch of type {type(batch).__name__}; pass "
-        "forward_fn=lambda model, batch: model(...) to say how to run the model on a batch."
-    )
+        fed, call = "model(batch)", lambda: model(batch)
+    elif isinstance(batch, (list, tuple)) and batch:
+        fed, call = "model(batch[0])", lambda: model(batch[0])
+    elif isinstance(batch, Mapping):
+        kwargs = _keyword_call(model, batch)
+        key = next((k for k in _INPUT_KEYS if k in batch), None)
+        if kwargs is not None:
+            fed = f"model({', '.join(f'{k}=...' for k in kwargs)})"
+            call = lambda: model(**kwargs)  # noqa: E731
+        elif key is not None:
+            fed, call = f"model(batch[{key!r}])", lambda: model(batch[key])
+        else:
+            raise TypeError(
+                f"cannot tell the model input in a batch with keys {list(batch)}: the model's forward names none of "
+                f"them and none is one of {list(_INPUT_KEYS)}; pass forward_fn=lambda model, batch: "
+                "model(batch['...']) to say how to run the model on a batch."
+            )
+    else:
+        raise TypeError(
+            f"cannot tell the model input in a batch of type {type(batch).__name__}; pass "
+            "forward_fn=lambda model, batch: model(...) to say how to run the model on a batch."
+        )
+    try:
+        return call()
+    except Exception as error:
+        hint = (
+            f"{error}\n(lightning_lobs fed this batch as {fed}, the default forward_fn; if the model runs "
+            "otherwise, say how, e.g. forward_fn=lambda model, batch: model(batch['input_ids'], "
+            "attention_mask=batch['attention_mask']))"
+        )
+        try:
+            wrapped = type(error)(hint)
+        except Exception:  # an exception type that takes other arguments: keep it, with the hint as a note
+            error.add_note(hint)
+            raise
+        raise wrapped from error
 
 
 def _tensors(batch: Any) -> Iterator[Tensor]:
