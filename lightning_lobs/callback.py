@@ -223,6 +223,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             elapsed, ETA) in the trainer's progress bar, or as log lines without one.
         save_sparse: a path; at the end of ``fit`` (rank zero) the pruned model is saved there
             with :func:`lightning_lobs.export.save_sparse`.
+        prune_head: also prune the output heads (the layer whose output is the model's output,
+            transformers' ``get_output_embeddings()``); by default they stay dense, listed in the
+            report's ``skipped``.
     """
 
     def __init__(
@@ -247,6 +250,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         progress_after: float = 2.0,
         save_sparse: Optional[str] = None,
         prune_step: Union[int, List[int], None] = None,
+        prune_head: bool = False,
     ) -> None:
         if prune_epoch is not None and prune_step is not None:
             raise ValueError(
@@ -296,6 +300,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             calibration=calibration,
             forward_fn=forward_fn,
             recalibrate_bn=recalibrate_bn,
+            prune_head=prune_head,
         )
         self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
         self.unit: Literal["epoch", "step"] = unit  # type: ignore[assignment]

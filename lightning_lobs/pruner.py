@@ -23,6 +23,7 @@ import logging
 import math
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ from .hessian import (
     from_rows,
     has_bias,
     is_linear_like,
+    is_supported,
     num_groups,
     output_rows,
     set_weight_matrix,
@@ -317,6 +319,57 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+HEAD_REASON = (
+    "output head ({how}): the most sensitive layer, left dense by default as SparseGPT and Wanda do; "
+    "prune_head=True prunes it (or name it exactly in a sparsity mapping)"
+)
+
+
+def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
+    """The model's output heads, ``name -> why``, found on one forward pass ``run()``.
+
+    A head is a layer (not the model itself) that transformers' ``get_output_embeddings()`` returns
+    for the model or one of its submodules (an HF model inside a LightningModule), or whose output
+    tensor *is* the model's output: the returned tensor, a tensor item of a returned tuple/list, or
+    a tensor value of a returned mapping or ``ModelOutput`` (its ``logits``). A head whose output is
+    transformed before it is returned (``log_softmax(fc(x))``) is not recognised by the second rule.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n}
+    heads: Dict[str, str] = {}
+    for m in model.modules():
+        get = getattr(m, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Module) and id(head) in names:
+            heads.setdefault(names[id(head)], "the model's get_output_embeddings()")
+    outputs: Dict[str, Any] = {}
+
+    def keep(name: str):  # noqa: ANN202 - closure
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, Tensor):  # a weak reference: no activation is kept alive
+                outputs[name] = weakref.ref(out)
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and is_supported(m)]
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    if isinstance(result, Mapping):
+        returned = list(result.values())
+    elif isinstance(result, (list, tuple)):
+        returned = list(result)
+    else:
+        returned = [result, getattr(result, "logits", None)]
+    returned = [t for t in returned if isinstance(t, Tensor)]
+    for n, ref in outputs.items():
+        out = ref()
+        if out is not None and any(out is t for t in returned):
+            heads.setdefault(n, "its output is the model's output")
+    return {n: HEAD_REASON.format(how=how) for n, how in heads.items()}
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -537,7 +590,11 @@ class _PruneRun:
             )
         if self.empty_batches:
             warnings.warn(f"{self.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
-        self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm)
+        heads: Dict[str, str] = {}
+        if not opts.prune_head:
+            with _eval_no_grad(self.model):
+                heads = output_heads(self.model, lambda: self.run_batch(self.batches[0]))
+        self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm, keep_dense=heads)
         _check_finite_parameters(self.model)
         modules = dict(self.model.named_modules())
         check_prior_masks(self.masks, {n: modules[n] for n in self.selection.targets}, self.selection.targets, opts)
