@@ -94,6 +94,34 @@ def test_padded_gpt2_batch_prunes_as_with_its_attention_mask():
     assert any(not torch.equal(masks["default"][n], masks["ids_only"][n]) for n in masks["default"])
 
 
+class _Tokens(nn.Module):
+    """A plain token model whose forward names input_ids and attention_mask (not a dataset's idx)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.out(torch.relu(self.fc(h)))
+
+
+def test_keys_the_forward_does_not_name_are_dropped_the_named_ones_passed():
+    batches = [dict(b, idx=torch.arange(4)) for b in _padded_batches()]
+    explicit = lambda m, b: m(b["input_ids"], attention_mask=b["attention_mask"])  # noqa: E731
+    ref = _masks(_quiet(prune_model, _Tokens(), batches, 0.5, "fast", prune_head=True, forward_fn=explicit))
+    got = _masks(_quiet(prune_model, _Tokens(), batches, 0.5, "fast", prune_head=True))
+    assert got.keys() == ref.keys() == {"fc", "out"}
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    unmasked = _masks(_quiet(prune_model, _Tokens(), batches, 0.5, "fast", prune_head=True, forward_fn=lambda m, b: m(b["input_ids"])))
+    assert any(not torch.equal(got[n], unmasked[n]) for n in ref)  # the mask matters here
+
+
 def test_a_failing_default_forward_names_forward_fn_and_leaves_the_model_alone():
     model = _t5()
     before = copy.deepcopy(model.state_dict())

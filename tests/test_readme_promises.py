@@ -43,6 +43,7 @@ CalibrationOptions defaults (options)                                     ::test
 forward_fn default: tensor, first item, dict x/input/image(s)/input_ids   ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
 forward_fn default: a mapping as model(**batch), encoder-decoders         test_batches_and_heads.py::test_t5_prunes_with_the_default_forward_on_hf_batches
 padded batches keep their attention_mask (options)                        test_batches_and_heads.py::test_padded_gpt2_batch_prunes_as_with_its_attention_mask
+keys the forward does not name are dropped (options)                      test_batches_and_heads.py::test_keys_the_forward_does_not_name_are_dropped_the_named_ones_passed
 a forward taking only **kwargs gets every key, callback too (options)     test_batches_and_heads.py::test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning
 a failing default forward names forward_fn (options)                      test_batches_and_heads.py::test_a_failing_default_forward_names_forward_fn_and_leaves_the_model_alone
 output heads dense by default, prune_head=True prunes them (pruned)       test_batches_and_heads.py::test_mlp_classifier_last_layer_left_dense_by_default,
