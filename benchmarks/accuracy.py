@@ -276,6 +276,7 @@ def prune_and_retrain(
             calibration_dataloader=calib_loader,
             log_table=False,
             allocation=args.allocation,
+            prune_head=True,  # every layer, the output layer too (as the L-OBS paper)
         )
     elif method in ("mp_l1_layer", "mp_l1_global"):
         pruner = TimedModelPruning(

@@ -243,7 +243,7 @@ def main() -> None:
         def run(name: str, method: str, sparsity: Any, **kw: Any) -> Dict[str, float]:
             m = fresh()
             t = time.perf_counter()
-            rep = prune_model(m, calib, sparsity, method, **kw)
+            rep = prune_model(m, calib, sparsity, method, **kw, prune_head=True)
             return record(name, m, time.perf_counter() - t, rep)
 
         split = run("exact global", "exact", s)

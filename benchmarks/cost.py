@@ -135,7 +135,7 @@ def main() -> None:
         for method in args.methods.split(","):
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = prune_model(m, batches, args.sparsity, method, allocation=args.allocation)
+            report = prune_model(m, batches, args.sparsity, method, allocation=args.allocation, prune_head=True)
             total = time.perf_counter() - t0
             layers = {}
             flops = 0.0

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
             threads[trainer.global_rank] = torch.get_num_threads()
 
     cb = LOBSPruning(sparsity=args.sparsity, prune_epoch=0, method=args.method,
-                     calibration_batches=args.cal_batches_total // args.devices, log_table=False)
+                     calibration_batches=args.cal_batches_total // args.devices, log_table=False, prune_head=True)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,

@@ -304,7 +304,7 @@ def main() -> None:
         for sparsity in (0.90, 0.93, 0.95):
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            report = prune_model(model, calib, sparsity=sparsity)
+            report = prune_model(model, calib, sparsity=sparsity, prune_head=True)
             prune_s = time.perf_counter() - t0
             acc = accuracy(model, splits.test_x, splits.test_y)
             result["files"].append(

@@ -290,9 +290,9 @@ def prune_oneshot(
         solver = SolverOptions(refit=False) if method == "lobs_literal" else None
         lib_method = {"lobs_literal": "lobs", "auto_global": "auto"}.get(method, method)
         if method == "auto_global":
-            report = prune_model(net, calib, sparsity, lib_method, allocation="global", solver=solver)
+            report = prune_model(net, calib, sparsity, lib_method, allocation="global", solver=solver, prune_head=True)
         else:
-            report = prune_model(net, calib, spec, lib_method, allocation="uniform", solver=solver)
+            report = prune_model(net, calib, spec, lib_method, allocation="uniform", solver=solver, prune_head=True)
         detail = {
             "bound": report.bound,
             "output_error": report.output_error,

@@ -121,7 +121,7 @@ def child_prune(args) -> None:
     t0 = time.perf_counter()
     try:
         rep = prune_model(model, batches, sparsity=0.9, method=args.method, calibration=cal,
-                          exclude=[e for e in args.exclude.split(",") if e])
+                          exclude=[e for e in args.exclude.split(",") if e], prune_head=True)
     except MemoryError as err:
         res.update({"error": f"MemoryError: {err}", "seconds_until_error": time.perf_counter() - t0,
                     "peak_rss_gib": peak_rss_gib(), "load": [load0, loadavg()]})

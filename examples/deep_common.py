@@ -276,6 +276,7 @@ def run_prune_retrain(
             calibration_dataloader=list(calib_batches),
             log_table=False,
             **lobs_kwargs,
+            prune_head=True,  # every layer, the output layer too, as the recorded results were made
         )
     else:
         assert baseline_mask_fn is not None
@@ -424,6 +425,7 @@ def oneshot_point(
                 method,
                 pattern=f"{pattern[0]}:{pattern[1]}" if pattern is not None else None,
                 **lobs_kwargs,
+                prune_head=True,  # every layer, the output layer too, as the recorded results were made
             )
             masks = mask_dict(report.masks)
             out.update(report_summary(report))

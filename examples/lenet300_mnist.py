@@ -318,6 +318,7 @@ def _sweep(
             args.method,
             calibration_batches=args.calibration_batches,
             allocation=allocation,
+            prune_head=True,  # every layer, the output layer too (as the L-OBS paper)
         )
         seconds = time.perf_counter() - t0
         point = {
@@ -401,6 +402,7 @@ def run(
         calibration_batches=args.calibration_batches,
         calibration_dataloader=calib_loader,
         allocation=allocation,
+        prune_head=True,  # every layer, the output layer too (as the L-OBS paper)
     )
     oneshot_probe = OneShotProbe(args.epochs, test_loader, args.retrain_lr)
     trainer = pl.Trainer(

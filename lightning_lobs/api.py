@@ -87,10 +87,12 @@ def prune_model(
     Args:
         model: any ``nn.Module`` (a LightningModule too); its device is used for calibration.
         dataloader: iterable of batches; ``forward_fn(model, batch)`` runs the model on one
-            (default: a tensor batch as is, the first item of a tuple, or a dict's input).
+            (default: a tensor batch as is, the first item of a tuple, a mapping as
+            ``model(**batch)`` limited to the keys the forward names).
         sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
             ``allocation``, ``exclude``, ``sequential``, ``solver``, ``calibration``,
-            ``forward_fn``, ``recalibrate_bn``): see there. Or pass ``options=PruneOptions(...)``.
+            ``forward_fn``, ``recalibrate_bn``, ``prune_head``): see there. Or pass
+            ``options=PruneOptions(...)``.
         calibration_batches: how many batches to calibrate on (all when None); an iterator that
             yields fewer gives a warning with the count.
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it

@@ -118,8 +118,10 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         solver: :class:`SolverOptions` (or a mapping of its fields).
         calibration: :class:`CalibrationOptions` (or a mapping of its fields).
         forward_fn: ``(model, batch) -> output``; default feeds a tensor batch, ``batch[0]`` or a
-            dict's input entry. It receives the batch after the trainer's device transfer and
-            precision conversion, and runs under the precision plugin's autocast.
+            mapping as ``model(**batch)`` (the keys the LightningModule's forward names; see
+            :func:`~lightning_lobs.pruner.default_forward`). It receives the batch after the
+            trainer's device transfer and precision conversion, and runs under the precision
+            plugin's autocast.
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches.
         log_table: print a rank-zero summary table after each prune (through the progress bar).
         allocation: for a float ``sparsity``: ``"global"`` (per-layer sparsities from pooled OBS
@@ -141,6 +143,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             global steps). A function of the epoch goes here, never in ``sparsity``, where a callable is
             a per-layer spec. Its values are checked when it is built, its points against
             ``max_epochs``/``max_steps`` at ``setup``, as for lists.
+        prune_head: also prune the output heads (the layer whose output is the model's output,
+            transformers' ``get_output_embeddings()``); by default they stay dense, listed in the
+            report's ``skipped``.
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         save_sparse: Optional[str] = None,
         prune_step: Union[int, List[int], None] = None,
         schedule: Optional[PruneSchedule] = None,
+        prune_head: bool = False,
     ) -> None:
         if schedule is not None:
             if not isinstance(schedule, PruneSchedule):
@@ -221,6 +227,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             calibration=calibration,
             forward_fn=forward_fn,
             recalibrate_bn=recalibrate_bn,
+            prune_head=prune_head,
         )
         self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
         self.schedule: PruneSchedule = schedule

@@ -130,9 +130,14 @@ class PruneOptions:
         solver: :class:`SolverOptions` (damping, precision, block sizes, refit).
         calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking, memory budget).
         forward_fn: ``(model, batch) -> output``; by default a tensor batch is fed as is, a
-            tuple/list by its first item, a dict by its input entry.
+            tuple/list by its first item, a mapping as ``model(**batch)`` limited to the keys the
+            forward names (see :func:`~lightning_lobs.pruner.default_forward`).
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches after
             pruning.
+        prune_head: also prune the output heads (``lm_head``, the final classifier: the layer whose
+            output is the model's output, or transformers' ``get_output_embeddings()``). By default
+            they are left dense and listed in the report's ``skipped``; a sparsity mapping that
+            names a head exactly prunes it either way.
     """
 
     sparsity: SparsitySpec = 0.9
@@ -145,6 +150,7 @@ class PruneOptions:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     forward_fn: Optional[ForwardFn] = None
     recalibrate_bn: bool = True
+    prune_head: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -160,7 +166,7 @@ class PruneOptions:
         if not isinstance(exclude, Sequence) or not all(isinstance(p, str) for p in exclude):
             raise ValueError(f"exclude must be a list of fnmatch patterns (str), got {self.exclude!r}.")
         set_("exclude", tuple(exclude))
-        for name in ("sequential", "recalibrate_bn"):
+        for name in ("sequential", "recalibrate_bn", "prune_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         set_("solver", _as_options(self.solver, SolverOptions, "solver"))

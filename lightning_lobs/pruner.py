@@ -18,10 +18,12 @@ train/eval modes and the MaskSet; the masks are written last, after the report i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -39,6 +41,7 @@ from .hessian import (
     from_rows,
     has_bias,
     is_linear_like,
+    is_supported,
     num_groups,
     output_rows,
     set_weight_matrix,
@@ -172,20 +175,82 @@ class PruneReport:
 # --------------------------------------------------------------------------- batches and modes
 
 
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
+
+
+def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The keyword arguments ``model(**kwargs)`` takes from ``batch`` under the default rule, or None.
+
+    Keys the forward names are passed (a forward that names none of them but takes only ``**kwargs``
+    gets them all); keys it does not name, a dataset's ``idx`` say, are dropped, as HF's ``Trainer``
+    drops unused columns. None (feed one input entry instead) when the forward names none of the keys,
+    or when a parameter it requires is missing from the batch (``{"input": x}`` into ``forward(self, x)``).
+    """
+    forward = getattr(getattr(model, "_orig_mod", model), "forward")  # a torch.compile wrapper: the model's own
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: no signature to read
+        return None
+    kinds = inspect.Parameter
+    named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    required = {p.name for p in params if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+    if not required <= set(batch):
+        return None
+    passed = {k: v for k, v in batch.items() if k in named}
+    if passed:
+        return passed
+    only_kwargs = not named and not required and any(p.kind == kinds.VAR_KEYWORD for p in params)
+    only_kwargs = only_kwargs and not any(p.kind == kinds.VAR_POSITIONAL for p in params)
+    return dict(batch) if only_kwargs and all(isinstance(k, str) for k in batch) else None
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Feed one batch to the model: a tensor as is, the first item of a tuple/list, or a dict's input entry."""
+    """Feed one batch to the model: a tensor as is, the first item of a tuple/list, a mapping as keywords.
+
+    A mapping (a dict, a transformers ``BatchEncoding``) goes in as ``model(**batch)``, HF's convention,
+    limited to the keys the forward's signature names (``labels`` too when it takes them; others
+    dropped; a forward taking only ``**kwargs`` gets every key). When the forward names none of the
+    keys, or requires an argument the batch lacks, the mapping's ``x``/``input(s)``/``image(s)``/
+    ``pixel_values``/``input_ids`` entry is fed as the one input. If the model raises, the error
+    says what was fed and how to pass ``forward_fn``.
+    """
     if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        for key in ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids"):
-            if key in batch:
-                return model(batch[key])
-    raise TypeError(
-        f"cannot tell the model input in a batch of type {type(batch).__name__}; pass "
-        "forward_fn=lambda model, batch: model(...) to say how to run the model on a batch."
-    )
+        fed, call = "model(batch)", lambda: model(batch)
+    elif isinstance(batch, (list, tuple)) and batch:
+        fed, call = "model(batch[0])", lambda: model(batch[0])
+    elif isinstance(batch, Mapping):
+        kwargs = _keyword_call(model, batch)
+        key = next((k for k in _INPUT_KEYS if k in batch), None)
+        if kwargs is not None:
+            fed = f"model({', '.join(f'{k}=...' for k in kwargs)})"
+            call = lambda: model(**kwargs)  # noqa: E731
+        elif key is not None:
+            fed, call = f"model(batch[{key!r}])", lambda: model(batch[key])
+        else:
+            raise TypeError(
+                f"cannot tell the model input in a batch with keys {list(batch)}: the model's forward names none of "
+                f"them and none is one of {list(_INPUT_KEYS)}; pass forward_fn=lambda model, batch: "
+                "model(batch['...']) to say how to run the model on a batch."
+            )
+    else:
+        raise TypeError(
+            f"cannot tell the model input in a batch of type {type(batch).__name__}; pass "
+            "forward_fn=lambda model, batch: model(...) to say how to run the model on a batch."
+        )
+    try:
+        return call()
+    except Exception as error:
+        hint = (
+            f"{error}\n(lightning_lobs fed this batch as {fed}, the default forward_fn; if the model runs "
+            "otherwise, say how, e.g. forward_fn=lambda model, batch: model(batch['input_ids'], "
+            "attention_mask=batch['attention_mask']))"
+        )
+        try:
+            wrapped = type(error)(hint)
+        except Exception:  # an exception type that takes other arguments: keep it, with the hint as a note
+            error.add_note(hint)
+            raise
+        raise wrapped from error
 
 
 def _tensors(batch: Any) -> Iterator[Tensor]:
@@ -253,6 +318,57 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes.items():
             m.training = mode
+
+
+HEAD_REASON = (
+    "output head ({how}): the most sensitive layer, left dense by default as SparseGPT and Wanda do; "
+    "prune_head=True prunes it (or name it exactly in a sparsity mapping)"
+)
+
+
+def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
+    """The model's output heads, ``name -> why``, found on one forward pass ``run()``.
+
+    A head is a layer (not the model itself) that transformers' ``get_output_embeddings()`` returns
+    for the model or one of its submodules (an HF model inside a LightningModule), or whose output
+    tensor *is* the model's output: the returned tensor, a tensor item of a returned tuple/list, or
+    a tensor value of a returned mapping or ``ModelOutput`` (its ``logits``). A head whose output is
+    transformed before it is returned (``log_softmax(fc(x))``) is not recognised by the second rule.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n}
+    heads: Dict[str, str] = {}
+    for m in model.modules():
+        get = getattr(m, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Module) and id(head) in names:
+            heads.setdefault(names[id(head)], "the model's get_output_embeddings()")
+    outputs: Dict[str, Any] = {}
+
+    def keep(name: str):  # noqa: ANN202 - closure
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, Tensor):  # a weak reference: no activation is kept alive
+                outputs[name] = weakref.ref(out)
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and is_supported(m)]
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    if isinstance(result, Mapping):
+        returned = list(result.values())
+    elif isinstance(result, (list, tuple)):
+        returned = list(result)
+    else:
+        returned = [result, getattr(result, "logits", None)]
+    returned = [t for t in returned if isinstance(t, Tensor)]
+    for n, ref in outputs.items():
+        out = ref()
+        if out is not None and any(out is t for t in returned):
+            heads.setdefault(n, "its output is the model's output")
+    return {n: HEAD_REASON.format(how=how) for n, how in heads.items()}
 
 
 # --------------------------------------------------------------------------- layers
@@ -477,7 +593,11 @@ class _PruneRun:
             )
         if self.empty_batches:
             warnings.warn(f"{self.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
-        self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm)
+        heads: Dict[str, str] = {}
+        if not opts.prune_head:
+            with _eval_no_grad(self.model):
+                heads = output_heads(self.model, lambda: self.run_batch(self.batches[0]))
+        self.selection = select_layers(self.model, opts.sparsity, opts.exclude, self.nm, keep_dense=heads)
         _check_finite_parameters(self.model)
         modules = dict(self.model.named_modules())
         modules.update(_attention.projections(self.model))

@@ -127,6 +127,7 @@ def select_layers(
     exclude: Sequence[str] = (),
     pattern: Optional[NMPattern] = None,
     warn: bool = True,
+    keep_dense: Optional[Mapping[str, str]] = None,
 ) -> Selection:
     """Resolve a sparsity spec to the layers to prune (see the module docstring for the rule).
 
@@ -137,7 +138,9 @@ def select_layers(
     alone), or a callable ``(name, module) -> float | None``. ``exclude`` patterns remove
     layers. Patterns that match nothing, and unprunable modules named exactly in a mapping, are
     errors; unprunable modules that a float or a wildcard would have covered are skipped and
-    listed in one warning (``warn``). Layers with a 0 target are left out.
+    listed in one warning (``warn``). Layers with a 0 target are left out. ``keep_dense`` (name ->
+    reason: the output heads) are left dense and listed with the skipped ones, unless a mapping names
+    them exactly.
     """
     sparsity = normalize_sparsity(sparsity)
     inner = {id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()}
@@ -214,6 +217,10 @@ def select_layers(
         chosen = {n: sparsity for n in reasons if not reasons[n]}
         covered = [n for n in reasons if reasons[n]]
     skipped = {n: reasons[n] for n in covered if n not in excluded and n not in attentions}
+    for n, why in (keep_dense or {}).items():
+        if n in chosen and n not in explicit and n not in excluded:
+            del chosen[n]
+            skipped[n] = why
     refused = {n: why for n, why in skipped.items() if verdicts[n][1]}
     if refused:  # zeros written to a computed weight would not hold: never leave that to a warning
         raise ValueError(f"cannot prune as asked: {_format(refused)}.")

@@ -214,6 +214,7 @@ def run(out: str, strategy: str, run_name: str) -> None:
         sequential=sequential,
         log_table=False,
         allocation="uniform" if "uni" in rest else "global",
+        prune_head=True,
     )
     trainer = pl.Trainer(
         strategy=strategy,
@@ -264,7 +265,7 @@ def run_raw(out: str, method: str) -> None:
         model(raw_batches()[info.rank] * (1 + info.rank))
     dense = _clone(model.state_dict())
     mine = raw_batches()[:1] if info.rank == 0 else raw_batches()[1:]
-    report = _pruner.prune(model, mine, _pruner.PruneOptions(sparsity=0.6, method=method), rank=info)
+    report = _pruner.prune(model, mine, _pruner.PruneOptions(sparsity=0.6, method=method, prune_head=True), rank=info)
     record = dict(
         dense=dense,
         pruned=_clone(model.state_dict()),

@@ -257,7 +257,7 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
         )
         m2 = _MLP([10, 24, 16, 6], seed=2)
         seen.clear()
-        rep = prune_model(m2, _loader(x), s, method, allocation=cfg, solver=S64)
+        rep = prune_model(m2, _loader(x), s, method, allocation=cfg, solver=S64, prune_head=True)
         (c_seen, e_seen, b_seen, split), = seen
         assert b_seen == budget and [list(c) for c in c_seen] == counts
         for l in range(len(names)):  # the measured curves are the single-level solves' errors
@@ -285,7 +285,7 @@ def test_exact_and_curve_layers_mix_in_one_model(monkeypatch):
     monkeypatch.setattr(pruner_mod, "AUTO_EXACT_MAX_COST", 1e5)
     model = _MLP([10, 24, 16, 6], seed=2)
     x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
-    rep = prune_model(model, _loader(x), 0.6, "auto", solver=S64)
+    rep = prune_model(model, _loader(x), 0.6, "auto", solver=S64, prune_head=True)
     assert [rep.layers[n].method for n in ("fcs.0", "fcs.1", "fcs.2")] == ["exact", "fast", "exact"]
     total = sum(math.prod(r.shape) for r in rep.layers.values())
     assert sum(_targets(rep).values()) == round(0.6 * total)
@@ -320,9 +320,9 @@ def _rel_errors(rep) -> float:
 @pytest.mark.parametrize("method", ["fast", "lobs"])
 def test_one_pass_over_prunes_the_redundant_layer_and_curves_do_not(method):
     x = torch.randn(1024, 88, generator=torch.Generator().manual_seed(8))
-    one = prune_model(_Redundant(), _loader(x), 0.85, method, allocation=GlobalAllocation(costs="one-pass"), solver=S64)
-    cur = prune_model(_Redundant(), _loader(x), 0.85, method, solver=S64)
-    ref = prune_model(_Redundant(), _loader(x), 0.85, "exact", solver=S64)  # greedy-trace costs see the copies
+    one = prune_model(_Redundant(), _loader(x), 0.85, method, allocation=GlobalAllocation(costs="one-pass"), solver=S64, prune_head=True)
+    cur = prune_model(_Redundant(), _loader(x), 0.85, method, solver=S64, prune_head=True)
+    ref = prune_model(_Redundant(), _loader(x), 0.85, "exact", solver=S64, prune_head=True)  # greedy-trace costs see the copies
     red = {k: r.layers["red"].target_sparsity for k, r in (("one", one), ("cur", cur), ("exact", ref))}
     # one-pass takes nearly the whole redundant layer, well past the exact split; the curves do not
     assert red["one"] > 0.97 and red["one"] > red["exact"] + 0.03, red
@@ -371,8 +371,8 @@ def test_allocation_is_invariant_to_rescaling_between_layers(method, costs, monk
     without the output-energy normalisation, the 100x larger layer would be spared."""
     x = torch.randn(800, 12, generator=torch.Generator().manual_seed(12))
     cfg = GlobalAllocation(costs=costs)
-    base = _targets(prune_model(_Scaled(1.0), _loader(x), 0.5, method, allocation=cfg, solver=S64))
-    big = _targets(prune_model(_Scaled(100.0), _loader(x), 0.5, method, allocation=cfg, solver=S64))
+    base = _targets(prune_model(_Scaled(1.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
+    big = _targets(prune_model(_Scaled(100.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
     assert all(abs(base[n] - big[n]) <= 1 for n in base), (base, big)
     # The same check with the normalisation removed sees a different split: the test can fail.
     if costs == "curve" and method != "exact":
@@ -384,8 +384,8 @@ def test_allocation_is_invariant_to_rescaling_between_layers(method, costs, monk
         monkeypatch.setattr(alloc_mod, "error_curve", absolute)
     else:
         monkeypatch.setattr(alloc_mod, "output_energy", lambda *a, **k: 1.0)
-    b2 = _targets(prune_model(_Scaled(1.0), _loader(x), 0.5, method, allocation=cfg, solver=S64))
-    g2 = _targets(prune_model(_Scaled(100.0), _loader(x), 0.5, method, allocation=cfg, solver=S64))
+    b2 = _targets(prune_model(_Scaled(1.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
+    g2 = _targets(prune_model(_Scaled(100.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
     assert g2["a"] < b2["a"] - 20, (b2, g2)  # unnormalised, the scaled-up layer looks expensive and is spared
 
 
@@ -414,13 +414,13 @@ class _Lopsided(nn.Module):
 def test_layer_cap_and_no_dead_rows(method, costs):
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(14))
     model = _Lopsided()
-    rep = prune_model(model, _loader(x), 0.6, method, allocation=GlobalAllocation(max_layer_sparsity=0.9, costs=costs), solver=S64)
+    rep = prune_model(model, _loader(x), 0.6, method, allocation=GlobalAllocation(max_layer_sparsity=0.9, costs=costs), solver=S64, prune_head=True)
     assert rep.layers["dup"].target_sparsity == pytest.approx(0.9, abs=1 / 512)  # it wants more: the cap binds
     for m in (model.dup, model.live):
         assert bool(((m.weight != 0).sum(1) >= 1).all())
     # without the cap it goes down to the last weight of every row, but no further
     model = _Lopsided()
-    rep = prune_model(model, _loader(x), 0.6, method, allocation=GlobalAllocation(max_layer_sparsity=1.0, costs=costs), solver=S64)
+    rep = prune_model(model, _loader(x), 0.6, method, allocation=GlobalAllocation(max_layer_sparsity=1.0, costs=costs), solver=S64, prune_head=True)
     assert rep.layers["dup"].target_sparsity == pytest.approx(1 - 16 / (16 * 32))
     assert bool(((model.dup.weight != 0).sum(1) == 1).all())
 
@@ -429,10 +429,10 @@ def test_layer_cap_and_no_dead_rows(method, costs):
 def test_dead_rows_only_when_asked(method):
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(14))
     with pytest.raises(ValueError, match="allow_dead_rows"):
-        prune_model(_Lopsided(), _loader(x), 0.6, method, solver=SolverOptions(min_kept_per_row=0))
+        prune_model(_Lopsided(), _loader(x), 0.6, method, solver=SolverOptions(min_kept_per_row=0), prune_head=True)
     model = _Lopsided()
     cfg = GlobalAllocation(max_layer_sparsity=1.0, allow_dead_rows=True)
-    rep = prune_model(model, _loader(x), 0.75, method, allocation=cfg, solver=SolverOptions(dtype=F64, min_kept_per_row=0))
+    rep = prune_model(model, _loader(x), 0.75, method, allocation=cfg, solver=SolverOptions(dtype=F64, min_kept_per_row=0), prune_head=True)
     assert rep.layers["dup"].sparsity > 1 - 16 / (16 * 32)  # beyond one weight per row
     assert bool(((model.dup.weight != 0).sum(1) == 0).any())
 
@@ -440,13 +440,13 @@ def test_dead_rows_only_when_asked(method):
 def test_unreachable_sparsity_names_the_options():
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(14))
     with pytest.raises(ValueError, match="max_layer_sparsity=0.7.*min_kept_per_row"):
-        prune_model(_Lopsided(), _loader(x), 0.8, "fast", allocation=GlobalAllocation(max_layer_sparsity=0.7))
+        prune_model(_Lopsided(), _loader(x), 0.8, "fast", allocation=GlobalAllocation(max_layer_sparsity=0.7), prune_head=True)
 
 
 def test_sequential_curves_come_from_the_dense_network():
     x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
-    plain = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64)
-    seq = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, sequential=True)
+    plain = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, prune_head=True)
+    seq = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, sequential=True, prune_head=True)
     assert _targets(seq) == _targets(plain)
     assert len(set(_targets(plain).values())) > 1
 
@@ -457,9 +457,9 @@ def test_second_step_keeps_earlier_masks_and_meets_the_budget(method):
     x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
     model = _MLP([10, 24, 16, 6], seed=2)
     masks = MaskSet()
-    first = prune_model(model, _loader(x), 0.5, method, masks=masks, solver=S64)
+    first = prune_model(model, _loader(x), 0.5, method, masks=masks, solver=S64, prune_head=True)
     zero1 = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    second = prune_model(model, _loader(x), 0.8, method, masks=masks, solver=S64)
+    second = prune_model(model, _loader(x), 0.8, method, masks=masks, solver=S64, prune_head=True)
     total = sum(z.numel() for z in zero1.values())
     assert sum(_targets(second).values()) == round(0.8 * total)
     for n, m in model.named_modules():

@@ -117,7 +117,7 @@ def linear_and_conv(model: nn.Module) -> dict:
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_float_spec_exact_count_per_layer(mlp_loader, method, sparsity):
     model = make_mlp()
-    report = prune_model(model, mlp_loader, sparsity, method, allocation="uniform")
+    report = prune_model(model, mlp_loader, sparsity, method, allocation="uniform", prune_head=True)
     layers = linear_and_conv(model)
     assert set(report.layers) == set(layers) == {"0", "2", "4"}
     assert report.allocation == "uniform"
@@ -139,7 +139,7 @@ def test_mapping_spec_fnmatch_first_match_wins(mlp_loader):
     model = Nested()
     head_before = model.head.weight.detach().clone()
     head_bias = model.head.bias.detach().clone()
-    report = prune_model(model, mlp_loader, {"enc.0": 0.25, "enc.*": 0.75}, "exact")
+    report = prune_model(model, mlp_loader, {"enc.0": 0.25, "enc.*": 0.75}, "exact", prune_head=True)
     assert set(report.layers) == {"enc.0", "enc.2"}
     assert int((model.enc[0].weight == 0).sum()) == round(0.25 * 32 * 24)
     assert int((model.enc[2].weight == 0).sum()) == round(0.75 * 24 * 16)
@@ -158,7 +158,7 @@ def test_callable_spec(mlp_loader):
         return 0.6 if name.startswith("enc") else None
 
     head_before = model.head.weight.detach().clone()
-    report = prune_model(model, mlp_loader, spec, "fast")
+    report = prune_model(model, mlp_loader, spec, "fast", prune_head=True)
     # only supported layers are asked
     assert sorted(seen) == sorted([("enc.0", nn.Linear), ("enc.2", nn.Linear), ("head", nn.Linear)])
     assert set(report.layers) == {"enc.0", "enc.2"}
@@ -171,21 +171,21 @@ def test_callable_spec_bad_value_raises_before_change(mlp_loader):
     model = Nested()
     before = snapshot(model)
     with pytest.raises(ValueError, match="sparsity"):
-        prune_model(model, mlp_loader, lambda n, m: 1.5, "fast")
+        prune_model(model, mlp_loader, lambda n, m: 1.5, "fast", prune_head=True)
     assert_same_state(model, before)
 
 
 def test_exclude(mlp_loader):
     model = make_mlp()
     w2 = model[2].weight.detach().clone()
-    report = prune_model(model, mlp_loader, 0.5, "lobs", exclude=["2"], allocation="uniform")
+    report = prune_model(model, mlp_loader, 0.5, "lobs", exclude=["2"], allocation="uniform", prune_head=True)
     assert set(report.layers) == {"0", "4"}
     assert torch.equal(model[2].weight, w2)
     assert int((model[0].weight == 0).sum()) == round(0.5 * 32 * 24)
     # glob exclude
     model = Nested()
     head = model.head.weight.detach().clone()
-    report = prune_model(model, mlp_loader, 0.5, "lobs", exclude="h*")
+    report = prune_model(model, mlp_loader, 0.5, "lobs", exclude="h*", prune_head=True)
     assert set(report.layers) == {"enc.0", "enc.2"}
     assert torch.equal(model.head.weight, head)
 
@@ -202,7 +202,7 @@ def _assert_nm_rows(mask2d: torch.Tensor, n: int = 2, m: int = 4) -> None:
 @pytest.mark.parametrize("method", ["lobs", "exact", "fast"])
 def test_nm_linear(mlp_loader, method):
     model = make_mlp()
-    report = prune_model(model, mlp_loader, 0.5, method, pattern="2:4")
+    report = prune_model(model, mlp_loader, 0.5, method, pattern="2:4", prune_head=True)
     for name, m in linear_and_conv(model).items():
         mask = report.masks[name]
         _assert_nm_rows(mask)
@@ -216,7 +216,7 @@ def test_nm_conv_along_channels_and_skip_warning(cnn_loader, method):
     model = make_cnn()
     first = model[0].weight.detach().clone()
     with pytest.warns(UserWarning, match=r"'0': its 3 input channels"):
-        report = prune_model(model, cnn_loader, 0.5, method, pattern="2:4")
+        report = prune_model(model, cnn_loader, 0.5, method, pattern="2:4", prune_head=True)
     assert set(report.layers) == {"3", "6"}
     assert torch.equal(model[0].weight, first)
     conv = model[3]
@@ -235,7 +235,7 @@ def test_nm_conv_named_explicitly_raises(cnn_loader):
     model = make_cnn()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"layer '0' cannot hold pattern '2:4'"):
-        prune_model(model, cnn_loader, {"0": 0.5, "3": 0.5}, "fast", pattern="2:4")
+        prune_model(model, cnn_loader, {"0": 0.5, "3": 0.5}, "fast", pattern="2:4", prune_head=True)
     assert_same_state(model, before)
 
 
@@ -249,7 +249,7 @@ def method_reports(mlp_loader, cnn_loader):
         for method in METHODS:
             for sequential in (False, True):
                 model = make()
-                report = prune_model(model, loader, 0.6, method, sequential=sequential)
+                report = prune_model(model, loader, 0.6, method, sequential=sequential, prune_head=True)
                 out[kind, method, sequential] = (model, report)
     return out
 
@@ -292,7 +292,7 @@ def test_auto_picks_exact_for_small_layers(method_reports):
 def test_exact_has_smallest_layer_error(mlp_loader, cnn_loader, kind):
     # Same per-layer sparsities for every method (global allocation would give each method its own split).
     make, loader = (make_mlp, mlp_loader) if kind == "mlp" else (make_cnn, cnn_loader)
-    reports = {m: prune_model(make(), loader, 0.6, m, allocation="uniform") for m in ("lobs", "exact", "fast")}
+    reports = {m: prune_model(make(), loader, 0.6, m, allocation="uniform", prune_head=True) for m in ("lobs", "exact", "fast")}
     total = {m: sum(lr.layer_error for lr in r.layers.values()) for m, r in reports.items()}
     assert total["exact"] <= total["fast"]
     assert total["exact"] <= total["lobs"]
@@ -322,7 +322,7 @@ def test_bound_is_the_chain_recursion(mlp_loader, sequential):
     or ||W|| of the dense weights (sequential calibration)."""
     model = make_mlp()
     dense_w = {n: model.get_submodule(n).weight.detach().clone() for n in ("0", "2", "4")}
-    report = prune_model(model, mlp_loader, 0.6, "exact", sequential=sequential)
+    report = prune_model(model, mlp_loader, 0.6, "exact", sequential=sequential, prune_head=True)
     for n in ("0", "2", "4"):
         w = dense_w[n] if sequential else model.get_submodule(n).weight.detach()
         lr = report.layers[n]
@@ -338,7 +338,7 @@ def test_bound_is_the_chain_recursion(mlp_loader, sequential):
 
 def test_residual_model_has_no_bound(mlp_loader):
     model = Residual()
-    report = prune_model(model, mlp_loader, 0.5, "fast", allocation="uniform")
+    report = prune_model(model, mlp_loader, 0.5, "fast", allocation="uniform", prune_head=True)
     assert set(report.layers) == {"fc1", "fc2", "out"}
     assert math.isnan(report.bound) and math.isnan(report.bound_spectral)
     assert "not applicable" in report.bound_note
@@ -364,7 +364,7 @@ def test_layer_error_matches_definition_linear(mlp_loader, method):
     first = model[0]
     x = _captured_inputs(model, first, mlp_loader).double()
     w_old = torch.cat([first.weight, first.bias[:, None]], 1).detach().double()
-    report = prune_model(model, mlp_loader, 0.6, method)
+    report = prune_model(model, mlp_loader, 0.6, method, prune_head=True)
     w_new = torch.cat([first.weight, first.bias[:, None]], 1).detach().double()
     x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
     expected = ((w_new - w_old) @ x_aug.T).pow(2).sum().item() / (2 * x.shape[0])
@@ -380,7 +380,7 @@ def test_layer_error_matches_definition_conv(cnn_loader):
     conv = model[0]
     x = _captured_inputs(model, conv, cnn_loader).double()
     w_old = torch.cat([conv.weight.reshape(8, -1), conv.bias[:, None]], 1).detach().double()
-    report = prune_model(model, cnn_loader, 0.6, "exact")
+    report = prune_model(model, cnn_loader, 0.6, "exact", prune_head=True)
     w_new = torch.cat([conv.weight.reshape(8, -1), conv.bias[:, None]], 1).detach().double()
     cols = F.unfold(x, 3, padding=1)  # (N, C*9, L)
     n_rows = cols.shape[0] * cols.shape[2]
@@ -398,8 +398,8 @@ def test_sequential_differs_and_helps_last_layer(mlp_loader):
     dense_model, seq_model = make_mlp(), make_mlp()
     # At 0.9 sequential calibration gains ~2% output error here; at 0.7 the two differed by 0.3% either way (a
     # change of exact's damping of the bias input flipped it), so 0.7 did not test the gain.
-    dense = prune_model(dense_model, mlp_loader, 0.9, "exact", allocation="uniform")
-    seq = prune_model(seq_model, mlp_loader, 0.9, "exact", sequential=True, allocation="uniform")
+    dense = prune_model(dense_model, mlp_loader, 0.9, "exact", allocation="uniform", prune_head=True)
+    seq = prune_model(seq_model, mlp_loader, 0.9, "exact", sequential=True, allocation="uniform", prune_head=True)
     assert seq.sequential and not dense.sequential
     # first layer sees the same inputs in both modes
     assert seq.layers["0"].layer_error == pytest.approx(dense.layers["0"].layer_error, rel=1e-6)
@@ -417,7 +417,7 @@ def test_sequential_layer_error_uses_pruned_inputs(mlp_loader):
     """In sequential mode layer 2's dE is measured on inputs through pruned layer 0."""
     model = make_mlp()
     w2_old = torch.cat([model[2].weight, model[2].bias[:, None]], 1).detach().double()
-    report = prune_model(model, mlp_loader, 0.6, "fast", sequential=True)
+    report = prune_model(model, mlp_loader, 0.6, "fast", sequential=True, prune_head=True)
     x = _captured_inputs(model, model[2], mlp_loader).double()  # through the (now pruned) layer 0
     w2_new = torch.cat([model[2].weight, model[2].bias[:, None]], 1).detach().double()
     x_aug = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
@@ -454,7 +454,7 @@ def test_invalid_arguments_change_nothing(mlp_loader, kwargs, match):
     model[2].eval()
     before, before_modes = snapshot(model), modes(model)
     with pytest.raises(ValueError, match=match):
-        prune_model(model, mlp_loader, **kwargs)
+        prune_model(model, mlp_loader, **kwargs, prune_head=True)
     _check_untouched(model, before, before_modes)
 
 
@@ -463,7 +463,7 @@ def test_unsupported_batchnorm_named_explicitly(mlp_loader):
     model = nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) cannot be pruned"):
-        prune_model(model, mlp_loader, {"0": 0.5, "1": 0.5})
+        prune_model(model, mlp_loader, {"0": 0.5, "1": 0.5}, prune_head=True)
     assert_same_state(model, before)
 
 
@@ -471,7 +471,7 @@ def test_empty_loader_raises(mlp_loader):
     model = make_mlp()
     before = snapshot(model)
     with pytest.raises(ValueError, match="no calibration batches"):
-        prune_model(model, [], 0.5)
+        prune_model(model, [], 0.5, prune_head=True)
     assert_same_state(model, before)
 
 
@@ -483,7 +483,7 @@ def test_nan_inputs_raise_and_change_nothing(mlp_loader, sequential):
     model = make_mlp()
     before, before_modes = snapshot(model), modes(model)
     with pytest.raises(ValueError, match="NaN"):
-        prune_model(model, loader, 0.5, "fast", sequential=sequential)
+        prune_model(model, loader, 0.5, "fast", sequential=sequential, prune_head=True)
     _check_untouched(model, before, before_modes)
 
 
@@ -506,13 +506,13 @@ def test_failure_mid_pruning_restores_everything(monkeypatch, mlp_loader, cnn_lo
     monkeypatch.setattr(pruner_mod, "solve_layer", failing)
     masks = MaskSet()
     with pytest.raises(RuntimeError, match="injected failure"):
-        prune_model(model, loader, 0.5, "fast", sequential=sequential, masks=masks)
+        prune_model(model, loader, 0.5, "fast", sequential=sequential, masks=masks, prune_head=True)
     assert len(calls) == 2
     _check_untouched(model, before, before_modes)
     assert len(masks) == 0  # no half-written masks
     # and the model is still prunable afterwards
     monkeypatch.setattr(pruner_mod, "solve_layer", real)
-    report = prune_model(model, loader, 0.5, "fast", sequential=sequential)
+    report = prune_model(model, loader, 0.5, "fast", sequential=sequential, prune_head=True)
     assert report.sparsity == pytest.approx(0.5, abs=1e-3)
 
 
@@ -531,7 +531,7 @@ def test_failure_while_measuring_restores_weights(mlp_loader, sequential):
 
     masks = MaskSet()
     with pytest.raises(RuntimeError, match="forward failed late"):
-        prune_model(model, mlp_loader, 0.5, "fast", sequential=sequential, forward_fn=fwd, masks=masks)
+        prune_model(model, mlp_loader, 0.5, "fast", sequential=sequential, forward_fn=fwd, masks=masks, prune_head=True)
     assert failed
     _check_untouched(model, before, before_modes)
     assert len(masks) == 0
@@ -545,7 +545,7 @@ def test_success_restores_modes_and_leaves_no_hooks(mlp_loader):
     model.train()
     model[2].eval()
     before_modes = modes(model)
-    report = prune_model(model, mlp_loader, 0.5, "exact")
+    report = prune_model(model, mlp_loader, 0.5, "exact", prune_head=True)
     assert modes(model) == before_modes
     assert_no_hooks(model)
     assert not any(p.grad is not None for p in model.parameters())
@@ -571,8 +571,8 @@ def test_batchnorm_running_stats_untouched(mlp_loader):
             model(x)
     bn = {k: v.clone() for k, v in model[1].state_dict().items()}
     assert bn["num_batches_tracked"] == 8
-    prune_model(model, mlp_loader, 0.5, "exact", sequential=True, recalibrate_bn=False)
-    prune_model(model, mlp_loader, 0.7, "fast", recalibrate_bn=False)
+    prune_model(model, mlp_loader, 0.5, "exact", sequential=True, recalibrate_bn=False, prune_head=True)
+    prune_model(model, mlp_loader, 0.7, "fast", recalibrate_bn=False, prune_head=True)
     for k, v in model[1].state_dict().items():
         assert torch.equal(v, bn[k]), k
     assert model.training and model[1].training
@@ -587,7 +587,7 @@ def test_batchnorm_recalibrated_to_pruned_statistics(mlp_loader):
         for x, _ in mlp_loader:
             model(x)
     momentum = model[1].momentum
-    report = prune_model(model, mlp_loader, 0.7, "exact")
+    report = prune_model(model, mlp_loader, 0.7, "exact", prune_head=True)
     with torch.no_grad():
         feats = [model[0](x) for x, _ in mlp_loader]
     mean = torch.stack([f.mean(0) for f in feats]).mean(0)
@@ -606,9 +606,9 @@ def test_batchnorm_recalibrated_to_pruned_statistics(mlp_loader):
 @pytest.mark.parametrize("method", ["lobs", "exact", "fast"])
 def test_iterative_keeps_earlier_zeros(mlp_loader, method):
     model = make_mlp()
-    first = prune_model(model, mlp_loader, 0.5, method, allocation="uniform")
+    first = prune_model(model, mlp_loader, 0.5, method, allocation="uniform", prune_head=True)
     old = {n: first.masks[n].clone() for n in first.masks}
-    second = prune_model(model, mlp_loader, 0.8, method, masks=first.masks, allocation="uniform")
+    second = prune_model(model, mlp_loader, 0.8, method, masks=first.masks, allocation="uniform", prune_head=True)
     assert second.masks is first.masks
     for name, m in linear_and_conv(model).items():
         assert torch.all(m.weight[~old[name]] == 0), name
@@ -619,14 +619,14 @@ def test_iterative_keeps_earlier_zeros(mlp_loader, method):
 
 def test_float64_solver_and_float32_hessian(mlp_loader, cnn_loader):
     for make, loader in ((make_mlp, mlp_loader), (make_cnn, cnn_loader)):
-        ref = prune_model(make(), loader, 0.5, "fast")
+        ref = prune_model(make(), loader, 0.5, "fast", prune_head=True)
         for solver, cal in (
             (SolverOptions(dtype=torch.float64), None),
             (None, CalibrationOptions(hessian_dtype=torch.float32)),
             (SolverOptions(dtype=torch.float64), CalibrationOptions(hessian_dtype=torch.float32)),
         ):
             model = make()
-            report = prune_model(model, loader, 0.5, "fast", solver=solver, calibration=cal)
+            report = prune_model(model, loader, 0.5, "fast", solver=solver, calibration=cal, prune_head=True)
             assert all(p.dtype == torch.float32 for p in model.parameters())
             for name, lr in report.layers.items():
                 assert math.isfinite(lr.layer_error)
@@ -636,7 +636,7 @@ def test_float64_solver_and_float32_hessian(mlp_loader, cnn_loader):
 
 def test_dict_batches_and_forward_fn(mlp_loader):
     batches = [{"x": x, "y": y} for x, y in mlp_loader]
-    a = prune_model(make_mlp(), batches, 0.5, "exact")
+    a = prune_model(make_mlp(), batches, 0.5, "exact", prune_head=True)
     calls = []
 
     def fwd(model, batch):
@@ -644,12 +644,12 @@ def test_dict_batches_and_forward_fn(mlp_loader):
         return model(batch["x"])
 
     model_b = make_mlp().train()
-    b = prune_model(model_b, batches, 0.5, "exact", forward_fn=fwd, calibration_batches=3)
+    b = prune_model(model_b, batches, 0.5, "exact", forward_fn=fwd, calibration_batches=3, prune_head=True)
     assert model_b.training
     assert len(calls) == 3 + 2 * 3  # calibration, then dense + pruned measurement passes
     assert set(calls) == {(False, False)}  # no autograd graph, eval mode
     assert a.layers["0"].layer_error != b.layers["0"].layer_error  # 3 batches differ from 8
-    c = prune_model(make_mlp(), list(mlp_loader)[:3], 0.5, "exact")
+    c = prune_model(make_mlp(), list(mlp_loader)[:3], 0.5, "exact", prune_head=True)
     assert c.layers["0"].layer_error == pytest.approx(b.layers["0"].layer_error, rel=1e-9)
 
 
@@ -674,8 +674,8 @@ def test_global_allocation_prunes_redundant_layer_more_and_beats_uniform(mlp_loa
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(9))
     loader = DataLoader(TensorDataset(x), batch_size=64)
     glob_model, uni_model = _TwoPaths(), _TwoPaths()
-    glob = prune_model(glob_model, loader, 0.6, "exact")
-    uni = prune_model(uni_model, loader, 0.6, "exact", allocation="uniform")
+    glob = prune_model(glob_model, loader, 0.6, "exact", prune_head=True)
+    uni = prune_model(uni_model, loader, 0.6, "exact", allocation="uniform", prune_head=True)
     assert glob.allocation == "global" and uni.allocation == "uniform"
     assert glob.layers["red"].sparsity >= 0.7 > 0.6 > glob.layers["ind"].sparsity
     assert glob.layers["red"].target_sparsity == pytest.approx(glob.layers["red"].sparsity, abs=1e-6)
@@ -686,8 +686,8 @@ def test_global_allocation_prunes_redundant_layer_more_and_beats_uniform(mlp_loa
 
 
 def test_global_allocation_sequential_uses_dense_costs(mlp_loader):
-    plain = prune_model(make_mlp(), mlp_loader, 0.7, "exact")
-    seq = prune_model(make_mlp(), mlp_loader, 0.7, "exact", sequential=True)
+    plain = prune_model(make_mlp(), mlp_loader, 0.7, "exact", prune_head=True)
+    seq = prune_model(make_mlp(), mlp_loader, 0.7, "exact", sequential=True, prune_head=True)
     assert seq.allocation == plain.allocation == "global"
     for n in plain.layers:
         assert seq.layers[n].target_sparsity == plain.layers[n].target_sparsity
@@ -695,10 +695,10 @@ def test_global_allocation_sequential_uses_dense_costs(mlp_loader):
 
 
 def test_global_allocation_ignored_for_mappings_and_patterns(mlp_loader):
-    rep = prune_model(make_mlp(), mlp_loader, {"0": 0.5, "2": 0.3}, "exact")
+    rep = prune_model(make_mlp(), mlp_loader, {"0": 0.5, "2": 0.3}, "exact", prune_head=True)
     assert rep.allocation == "per-layer"
     assert rep.layers["0"].sparsity == pytest.approx(0.5, abs=1e-3) and rep.layers["2"].sparsity == pytest.approx(0.3, abs=1e-3)
-    rep = prune_model(make_mlp(), mlp_loader, method="fast", pattern="2:4")
+    rep = prune_model(make_mlp(), mlp_loader, method="fast", pattern="2:4", prune_head=True)
     assert rep.allocation == "uniform" and all(r.sparsity == 0.5 for r in rep.layers.values())
 
 
@@ -706,7 +706,7 @@ def test_bad_allocation_raises_before_any_change(mlp_loader):
     model = make_mlp()
     before = snapshot(model)
     with pytest.raises(ValueError, match="allocation must be .global., .uniform. or a GlobalAllocation"):
-        prune_model(model, mlp_loader, 0.5, allocation="layerwise")
+        prune_model(model, mlp_loader, 0.5, allocation="layerwise", prune_head=True)
     assert_same_state(model, before)
 
 
@@ -734,7 +734,7 @@ def test_batchnorm_never_called_keeps_its_statistics(cnn_loader):
         model(next(iter(cnn_loader))[0])  # non-trivial statistics in the used BN
     model.eval()
     used_before = model.body[1].running_mean.clone()
-    prune_model(model, cnn_loader, 0.5, "fast")
+    prune_model(model, cnn_loader, 0.5, "fast", prune_head=True)
     assert torch.equal(model.spare.running_mean, torch.full((8,), 0.5))
     assert torch.equal(model.spare.running_var, torch.full((8,), 2.0))
     assert int(model.spare.num_batches_tracked) == 7

@@ -80,7 +80,7 @@ class Watcher(BothCallback):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_masks_hold_through_retraining(optimizer, ns):
     model = LitMLP(optimizer, ns=ns)
-    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     assert isinstance(lobs, ns.Callback)
     watch = Watcher(lobs)
     tr = trainer(3, [lobs, watch], accumulate_grad_batches=2, gradient_clip_val=1.0, ns=ns)
@@ -119,7 +119,7 @@ def test_masks_hold_through_retraining(optimizer, ns):
 
 def test_metrics_logged(tmp_path):
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     logger = CSVLogger(str(tmp_path), name="m", version=0)
     tr = trainer(2, [lobs], tmp_path, logger=logger, log_every_n_steps=1)
     tr.fit(model)
@@ -153,7 +153,7 @@ def test_metrics_logged(tmp_path):
 
 def test_resume_after_prune_keeps_masks(tmp_path, ns):
     model = LitMLP(ns=ns)
-    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
     tr = trainer(2, [lobs, ckpt], tmp_path, enable_checkpointing=True, ns=ns)
     tr.fit(model)
@@ -165,7 +165,7 @@ def test_resume_after_prune_keeps_masks(tmp_path, ns):
     masks_before = {n: m.clone() for n, m in lobs.masks.masks.items()}
 
     model2 = LitMLP(seed=123, ns=ns)  # different init: everything must come from the checkpoint
-    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     pruned_calls = []
     orig = lobs2.prune_now
     lobs2.prune_now = lambda *a, **k: pruned_calls.append(a) or orig(*a, **k)  # type: ignore[method-assign]
@@ -190,7 +190,7 @@ def test_resume_after_prune_keeps_masks(tmp_path, ns):
 def test_resume_mid_prune_epoch_does_not_prune_again(tmp_path):
     """A checkpoint saved inside the prune epoch: that epoch restarts, but must not prune twice."""
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=10, save_top_k=-1, filename="{step}")
     tr = trainer(2, [lobs, ckpt], tmp_path, enable_checkpointing=True)
     tr.fit(model)
@@ -199,7 +199,7 @@ def test_resume_mid_prune_epoch_does_not_prune_again(tmp_path):
     masks_before = {n: m.clone() for n, m in lobs.masks.masks.items()}
 
     model2 = LitMLP(seed=5)
-    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     watch = Watcher(lobs2)
     tr2 = trainer(3, [lobs2, watch], tmp_path)
     tr2.fit(model2, ckpt_path=str(path))
@@ -217,7 +217,7 @@ def test_resume_mid_prune_epoch_does_not_prune_again(tmp_path):
 
 def test_checkpoint_saved_under_the_old_default_key_restores(tmp_path, ns):
     """Before keys were derived from the schedule, ``state_key=None`` saved under ``"LOBSPruning"``."""
-    lobs = LOBSPruning(sparsity=0.8, prune_epoch=0, calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     tr = trainer(1, [lobs], tmp_path, ns=ns)
     tr.fit(LitMLP(ns=ns))
     path = tmp_path / "old.ckpt"
@@ -227,7 +227,7 @@ def test_checkpoint_saved_under_the_old_default_key_restores(tmp_path, ns):
     state["callbacks"] = {"LOBSPruning": state["callbacks"][lobs.state_key]}
     torch.save(state, path)
 
-    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=0, calibration_batches=2, log_table=False)
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     model2 = LitMLP(seed=9, ns=ns)
     trainer(2, [lobs2], tmp_path, ns=ns).fit(model2, ckpt_path=str(path))
     assert lobs2.pruned_epochs == [0] and lobs2.reports == []
@@ -237,8 +237,8 @@ def test_checkpoint_saved_under_the_old_default_key_restores(tmp_path, ns):
 
 
 def test_two_unnamed_instances_share_a_trainer_and_log_apart(ns):
-    a = LOBSPruning(sparsity={"net.0": 0.5}, prune_epoch=0, calibration_batches=2, log_table=False)
-    b = LOBSPruning(sparsity={"net.[24]": 0.7}, prune_epoch=0, calibration_batches=2, log_table=False)
+    a = LOBSPruning(sparsity={"net.0": 0.5}, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
+    b = LOBSPruning(sparsity={"net.[24]": 0.7}, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     assert a.state_key == "LOBSPruning{'sparsity': {'net.0': 0.5}, 'prune_epoch': 0, 'method': 'auto'}"
     assert a.state_key != b.state_key
     tr = trainer(1, [a, b], ns=ns)
@@ -247,7 +247,7 @@ def test_two_unnamed_instances_share_a_trainer_and_log_apart(ns):
     keys = set(tr.callback_metrics)
     assert f"{a._prefix}net.0/sparsity" in keys and f"{b._prefix}net.2/sparsity" in keys
     assert "lobs/net.0/sparsity" not in keys  # neither one took the lone instance's names
-    lone = LOBSPruning(sparsity={"net.0": 0.5}, prune_epoch=0, calibration_batches=2, log_table=False)
+    lone = LOBSPruning(sparsity={"net.0": 0.5}, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     tr = trainer(1, [lone], ns=ns)
     tr.fit(LitMLP(ns=ns))
     assert lone._prefix == "lobs/" and "lobs/net.0/sparsity" in tr.callback_metrics
@@ -255,21 +255,21 @@ def test_two_unnamed_instances_share_a_trainer_and_log_apart(ns):
 
 def test_identical_instances_are_refused_naming_state_key(ns):
     with pytest.raises(ValueError, match=r"two LOBSPruning callbacks in one Trainer have the same state_key .*state_key='\.\.\.'"):
-        trainer(1, [LOBSPruning(sparsity=0.5), LOBSPruning(sparsity=0.5)], ns=ns)
-    named = [LOBSPruning(sparsity=0.5, state_key="x"), LOBSPruning(sparsity={"net.0": 0.5}, state_key="x")]
+        trainer(1, [LOBSPruning(sparsity=0.5, prune_head=True), LOBSPruning(sparsity=0.5, prune_head=True)], ns=ns)
+    named = [LOBSPruning(sparsity=0.5, state_key="x", prune_head=True), LOBSPruning(sparsity={"net.0": 0.5}, state_key="x", prune_head=True)]
     with pytest.raises(ValueError, match=r"same state_key \"LOBSPruning\{'state_key': 'x'\}\""):
         trainer(1, named, ns=ns)
 
 
 def test_restored_pruned_epochs_block_a_second_prune():
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False, prune_head=True)
     lobs.load_state_dict({"masks": {"net.0": torch.ones(24, 32, dtype=torch.bool)}, "pruned_epochs": [1]})
     assert lobs.pruned_epochs == [1] and set(lobs.masks) == {"net.0"}
     calls = []
     lobs.prune_now = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
     lobs.on_train_epoch_start(SimpleNamespace(current_epoch=1), None)
     assert calls == []
-    fresh = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False)
+    fresh = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False, prune_head=True)
     fresh.prune_now = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]
     fresh.log_report = lambda *a, **k: None  # type: ignore[method-assign]
     fresh.on_train_epoch_start(SimpleNamespace(current_epoch=1), None)
@@ -278,7 +278,7 @@ def test_restored_pruned_epochs_block_a_second_prune():
 
 def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform")
+    lobs = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform", prune_head=True)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     tr = trainer(3, [lobs, ckpt], tmp_path, enable_checkpointing=True)
     tr.fit(model)
@@ -286,7 +286,7 @@ def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
     assert path.exists()
 
     model2 = LitMLP(seed=7)
-    lobs2 = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform")
+    lobs2 = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform", prune_head=True)
     watch = Watcher(lobs2)
     tr2 = trainer(3, [lobs2, watch], tmp_path)
     tr2.fit(model2, ckpt_path=str(path))
@@ -303,7 +303,7 @@ def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
 
 def test_final_model_is_plain_and_hooks_removed():
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False, allocation="uniform")
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
     watch = Watcher(lobs)
     trainer(2, [lobs, watch]).fit(model)
     # hooks were there during training (grad hooks on 3 weights + 1 optimizer step hook) ...
@@ -330,7 +330,7 @@ def test_final_model_is_plain_and_hooks_removed():
 
 def test_iterative_pruning(ns):
     model = LitMLP(ns=ns)
-    lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[1, 2], calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[1, 2], calibration_batches=4, log_table=False, prune_head=True)
     watch = Watcher(lobs)
     trainer(3, [lobs, watch], ns=ns).fit(model)
     assert lobs.pruned_epochs == [1, 2] and len(lobs.reports) == 2
@@ -403,17 +403,17 @@ def test_iterative_pruning(ns):
 )
 def test_construction_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        LOBSPruning(**kwargs)
+        LOBSPruning(**kwargs, prune_head=True)
 
 
 def test_integral_epochs_and_numpy_values_accepted():
     np = pytest.importorskip("numpy")
-    lobs = LOBSPruning(sparsity=np.float32(0.5), prune_epoch=1.0)
+    lobs = LOBSPruning(sparsity=np.float32(0.5), prune_epoch=1.0, prune_head=True)
     assert lobs.prune_epochs == [1] and type(lobs.prune_epochs[0]) is int
-    lobs = LOBSPruning(sparsity=np.array([0.5, 0.5, 0.8]), prune_epoch=np.array([1, 2, 4]))
+    lobs = LOBSPruning(sparsity=np.array([0.5, 0.5, 0.8]), prune_epoch=np.array([1, 2, 4]), prune_head=True)
     assert lobs.prune_epochs == [1, 2, 4] and lobs.sparsities == [0.5, 0.5, 0.8]
     assert [o.sparsity for o in lobs.options] == [0.5, 0.5, 0.8]
-    lobs = LOBSPruning(solver={"damp": 0.1}, calibration={"position_stride": 2})
+    lobs = LOBSPruning(solver={"damp": 0.1}, calibration={"position_stride": 2}, prune_head=True)
     assert lobs.options[0].solver.damp == 0.1 and lobs.options[0].calibration.position_stride == 2
 
 
@@ -430,7 +430,7 @@ def test_integral_epochs_and_numpy_values_accepted():
 def test_setup_errors_before_training(kwargs, max_epochs, match):
     model = LitMLP()
     before = copy.deepcopy(model.state_dict())
-    lobs = LOBSPruning(calibration_batches=2, log_table=False, **kwargs)
+    lobs = LOBSPruning(calibration_batches=2, log_table=False, **kwargs, prune_head=True)
     with pytest.raises(ValueError, match=match):
         trainer(max_epochs, [lobs]).fit(model)
     assert model.steps == 0
@@ -460,15 +460,15 @@ def test_calibration_dataloader_is_used():
     cal = CountingLoader([(torch.randn(32, 32, generator=g) * 3 + 1, torch.zeros(32, dtype=torch.long)) for _ in range(6)])
     model = LitMLP()
     reference = copy.deepcopy(model)
-    lobs = LOBSPruning(sparsity=0.6, prune_epoch=0, calibration_batches=3, calibration_dataloader=cal, log_table=False)
+    lobs = LOBSPruning(sparsity=0.6, prune_epoch=0, calibration_batches=3, calibration_dataloader=cal, log_table=False, prune_head=True)
     trainer(1, [lobs]).fit(model)
     assert cal.yielded == 3
     # same layer errors as pruning the initial model on those 3 batches (and not on the train data)
-    expected = prune_model(reference, cal.batches, 0.6, calibration_batches=3)
+    expected = prune_model(reference, cal.batches, 0.6, calibration_batches=3, prune_head=True)
     got = lobs.last_report
     for name in LAYERS:
         assert got.layers[name].layer_error == pytest.approx(expected.layers[name].layer_error, rel=1e-6)
-    on_train = prune_model(copy.deepcopy(LitMLP()), LitMLP().train_dataloader(), 0.6, calibration_batches=3)
+    on_train = prune_model(copy.deepcopy(LitMLP()), LitMLP().train_dataloader(), 0.6, calibration_batches=3, prune_head=True)
     assert on_train.layers["net.0"].layer_error != pytest.approx(got.layers["net.0"].layer_error, rel=1e-3)
 
 
@@ -480,7 +480,7 @@ def test_forward_fn_used_by_callback():
         return model(batch[0])
 
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, forward_fn=fwd, log_table=False)
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, forward_fn=fwd, log_table=False, prune_head=True)
     trainer(1, [lobs]).fit(model)
     assert len(calls) >= 2 and all(c == 64 for c in calls)
     assert lobs.last_report.sparsity == pytest.approx(0.5, abs=2e-3)
@@ -521,7 +521,7 @@ class StateWatcher(BothCallback):
 
 def test_calibration_leaves_bn_stats_and_optimizer_state():
     model = LitMLP(bn=True)
-    lobs = LOBSPruning(sparsity=0.6, prune_epoch=1, calibration_batches=4, log_table=False, recalibrate_bn=False)
+    lobs = LOBSPruning(sparsity=0.6, prune_epoch=1, calibration_batches=4, log_table=False, recalibrate_bn=False, prune_head=True)
     watch = StateWatcher()
     trainer(2, [lobs, watch]).fit(model)
     assert lobs.pruned_epochs == [1]
@@ -557,7 +557,7 @@ def test_prune_model_on_lightning_module_in_train_mode_keeps_bn_stats():
         for x, _ in model.train_dataloader():
             model(x)
     bn = {k: v.clone() for k, v in model.net[1].state_dict().items()}
-    report = prune_model(model, model.train_dataloader(), 0.6, calibration_batches=4, recalibrate_bn=False)
+    report = prune_model(model, model.train_dataloader(), 0.6, calibration_batches=4, recalibrate_bn=False, prune_head=True)
     assert set(report.layers) == {"net.0", "net.3", "net.5"}
     for k, v in model.net[1].state_dict().items():
         assert torch.equal(v, bn[k]), k
@@ -566,7 +566,7 @@ def test_prune_model_on_lightning_module_in_train_mode_keeps_bn_stats():
 
 def test_iterative_step_below_what_the_global_allocation_took_warns_per_layer(ns):
     """A schedule like the README's: step 1's global 0.7 takes layers past step 2's 0.7, which cannot be undone."""
-    lobs = LOBSPruning(sparsity=[0.7, {"net.0": 0.9, "net.*": 0.7}], prune_epoch=[0, 1], calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=[0.7, {"net.0": 0.9, "net.*": 0.7}], prune_epoch=[0, 1], calibration_batches=2, log_table=False, prune_head=True)
     model = LitMLP(ns=ns)
     with pytest.warns(UserWarning, match=r"already sparser than asked") as rec:
         trainer(2, [lobs], ns=ns).fit(model)

@@ -425,7 +425,7 @@ def test_after_fit_with_lobs_pruning(tmp_path):
     has_option = "save_sparse" in inspect.signature(LOBSPruning).parameters
     if has_option:
         kwargs["save_sparse"] = str(tmp_path / "callback.lobs")
-    lobs = LOBSPruning(sparsity=0.9, prune_epoch=1, calibration_batches=2, **kwargs)
+    lobs = LOBSPruning(sparsity=0.9, prune_epoch=1, calibration_batches=2, **kwargs, prune_head=True)
     model = Lit()
     trainer = pl.Trainer(
         max_epochs=2, callbacks=[lobs], logger=False, enable_checkpointing=False, enable_progress_bar=False,

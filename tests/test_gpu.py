@@ -65,7 +65,7 @@ def _prune_on(device, kind: str, method: str, dtype=torch.float64, solver=F64_SO
     factory, shape = MODELS[kind]
     model = factory().to(device=device, dtype=dtype)
     batches = [(x.to(dtype), y) for x, y in make_batches(shape)]
-    report = prune_model(model, batches, 0.6, method, solver=solver)  # batches are moved to the model's device
+    report = prune_model(model, batches, 0.6, method, solver=solver, prune_head=True)  # batches are moved to the model's device
     return model, report
 
 
@@ -187,7 +187,7 @@ def test_cuda_lobs_pruning_callback():
             return DataLoader(TensorDataset(x, y), batch_size=16)
 
     module = Lit()
-    cb = LOBSPruning(0.6, prune_epoch=1, calibration_batches=2, log_table=False)
+    cb = LOBSPruning(0.6, prune_epoch=1, calibration_batches=2, log_table=False, prune_head=True)
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cuda", devices=1, callbacks=[cb], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,

@@ -40,7 +40,7 @@ def lobs(**kwargs) -> LOBSPruning:
     kwargs.setdefault("calibration_batches", 2)
     kwargs.setdefault("log_table", False)
     kwargs.setdefault("allocation", "uniform")
-    return LOBSPruning(**kwargs)
+    return LOBSPruning(**kwargs, prune_head=True)
 
 
 def assert_masks_hold(cb: LOBSPruning, model: nn.Module) -> None:

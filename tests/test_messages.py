@@ -62,7 +62,7 @@ def test_bools_are_refused_in_grids_sparsities_and_calibration_batches():
     with pytest.raises(ValueError, match=r"GlobalAllocation\.grid must be a sequence of sparsities"):
         GlobalAllocation(grid=(0.5, True))
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\).*got True"):
-        PruneOptions(sparsity=True)
+        PruneOptions(sparsity=True, prune_head=True)
     from lightning_lobs import LOBSPruning
 
     for kwargs, match in (
@@ -72,7 +72,7 @@ def test_bools_are_refused_in_grids_sparsities_and_calibration_batches():
         (dict(solver={"damp": True}), r"SolverOptions\.damp must be .*got True"),
     ):
         with pytest.raises(ValueError, match=match):
-            LOBSPruning(**kwargs)
+            LOBSPruning(**kwargs, prune_head=True)
 
 
 # --------------------------------------------------------------------------- dtypes spelled as strings (YAML)
@@ -82,7 +82,7 @@ def test_dtype_strings_from_yaml_are_read_as_dtypes():
     assert SolverOptions(dtype="torch.float64").dtype is torch.float64
     assert SolverOptions(dtype="float32").dtype is torch.float32
     assert CalibrationOptions(hessian_dtype="torch.float32").hessian_dtype is torch.float32
-    assert PruneOptions(solver={"dtype": "torch.float64"}).solver.dtype is torch.float64
+    assert PruneOptions(solver={"dtype": "torch.float64"}, prune_head=True).solver.dtype is torch.float64
     with pytest.raises(ValueError, match=r"SolverOptions\.dtype must be torch\.float32 or torch\.float64, got the string 'torch\.float16'"):
         SolverOptions(dtype="torch.float16")
     with pytest.raises(ValueError, match=r"hessian_dtype must be .*got torch\.bfloat16 of type dtype"):
@@ -95,16 +95,16 @@ def test_dtype_strings_from_yaml_are_read_as_dtypes():
 def test_zero_sparsity_says_it_prunes_nothing():
     model = _mlp()
     with pytest.raises(ValueError, match=r"sparsity 0 prunes nothing.*sparsity in \(0, 1\)"):
-        prune_model(model, _batches(), sparsity=0.0)
+        prune_model(model, _batches(), sparsity=0.0, prune_head=True)
     with pytest.raises(ValueError, match=r"sparsity 0 prunes nothing"):
-        prune_model(model, _batches(), sparsity={"*": 0.0})
+        prune_model(model, _batches(), sparsity={"*": 0.0}, prune_head=True)
 
 
 def test_exactly_named_layer_beats_an_earlier_wildcard():
     model = _mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every pattern sets some layer: no warning
-        report = prune_model(model, _batches(), sparsity={"*": 0.5, "2": 0.75}, method="fast")
+        report = prune_model(model, _batches(), sparsity={"*": 0.5, "2": 0.75}, method="fast", prune_head=True)
     assert report.layers["2"].target_sparsity == 0.75
     assert _sparsity(model, "2") == pytest.approx(0.75, abs=1 / 128)
     assert _sparsity(model, "0") == pytest.approx(0.5, abs=1 / 192)
@@ -113,7 +113,7 @@ def test_exactly_named_layer_beats_an_earlier_wildcard():
 def test_pattern_that_sets_no_layer_is_named_once():
     model = _mlp()
     with pytest.warns(UserWarning, match=r"pattern\(s\) that set no layer: '\[02\]' \(its layers 0, 2 take 0\.5") as rec:
-        prune_model(model, _batches(), sparsity={"*": 0.5, "[02]": 0.75}, method="fast")
+        prune_model(model, _batches(), sparsity={"*": 0.5, "[02]": 0.75}, method="fast", prune_head=True)
     assert sum("set no layer" in str(w.message) for w in rec) == 1
     assert _sparsity(model, "0") == pytest.approx(0.5, abs=1 / 192)
 
@@ -123,14 +123,14 @@ def test_pattern_that_sets_no_layer_is_named_once():
 
 def test_prior_masks_sparser_than_asked_warn_with_each_layer():
     model = _mlp()
-    first = prune_model(model, _batches(), sparsity=0.8, method="fast", allocation="uniform")
+    first = prune_model(model, _batches(), sparsity=0.8, method="fast", allocation="uniform", prune_head=True)
     masks = first.masks
     with pytest.warns(UserWarning, match=r"remove 0\.79\d* of the selected weights, more than the asked sparsity 0\.5: "
                       r"'0' at 0\.80\d* \(asked 0\.5\); '2' at 0\.79\d* \(asked 0\.5\); '4' at 0\.79\d* .*without masks="):
-        report = prune_model(model, _batches(), sparsity=0.5, method="fast", masks=masks)
+        report = prune_model(model, _batches(), sparsity=0.5, method="fast", masks=masks, prune_head=True)
     assert report.sparsity == pytest.approx(first.sparsity)  # the report says what the model holds
     with pytest.warns(UserWarning, match=r"^1 layer\(s\) already sparser than asked: '2' at 0\.79\d* \(asked 0\.6\)\. "):
-        report = prune_model(model, _batches(), sparsity={"0": 0.9, "2": 0.6}, method="fast", masks=masks)
+        report = prune_model(model, _batches(), sparsity={"0": 0.9, "2": 0.6}, method="fast", masks=masks, prune_head=True)
     assert report.layers["2"].target_sparsity == 0.6
     assert report.layers["2"].sparsity == pytest.approx(first.layers["2"].sparsity)
     assert report.layers["0"].sparsity == pytest.approx(0.9, abs=1 / 192)
@@ -142,7 +142,7 @@ def test_prior_mask_of_the_wrong_shape_is_named_before_any_work():
     masks.set("2", torch.ones(16, 8, dtype=torch.bool))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"'2': mask \(16, 8\), weight \(8, 16\).*MaskSet\.from_model"):
-        prune_model(model, _batches(), sparsity=0.5, masks=masks)
+        prune_model(model, _batches(), sparsity=0.5, masks=masks, prune_head=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -175,7 +175,7 @@ def test_user_exception_during_batchnorm_reestimation_propagates_unchanged(error
         return m(batch[0])
 
     with pytest.raises(type(error)) as info:
-        prune_model(model, _batches(), sparsity=0.5, forward_fn=forward)
+        prune_model(model, _batches(), sparsity=0.5, forward_fn=forward, prune_head=True)
     assert info.value is error and info.value.args == error.args
     assert "more than one sample" not in str(info.value)  # no BatchNorm advice for someone else's error
     assert any("BatchNorm re-estimation" in n for n in getattr(info.value, "__notes__", []))
@@ -185,7 +185,7 @@ def test_user_exception_during_batchnorm_reestimation_propagates_unchanged(error
 def test_batch_of_one_names_the_batchnorm_and_the_fix():
     model = _bn_model()
     with pytest.raises(ValueError, match=r"'1' got one value per channel \(input shape \(1, 8\)\).*recalibrate_bn=False"):
-        prune_model(model, [(torch.randn(1, 12),) for _ in range(3)], sparsity=0.5)
+        prune_model(model, [(torch.randn(1, 12),) for _ in range(3)], sparsity=0.5, prune_head=True)
 
 
 # --------------------------------------------------------------------------- exact at any input scale
@@ -201,7 +201,7 @@ def test_exact_masks_do_not_depend_on_the_input_scale(solver_dtype):
         model = nn.Sequential(nn.Linear(12, 8)).double()
         report = prune_model(
             model, _batches(scale=scale, dtype=torch.float64), sparsity=0.5, method="exact", allocation="uniform",
-            solver=SolverOptions(dtype=solver_dtype),
+            solver=SolverOptions(dtype=solver_dtype), prune_head=True,
         )
         masks.append(report.masks["0"])
         assert report.layers["0"].sparsity == 0.5

@@ -36,7 +36,7 @@ def test_conv_d_term_uses_output_positions_per_sample():
     """d^l = sqrt(2 dE P_l) with P_l the conv's output positions per sample (4x4 = 16 and 2x2 = 4 here)."""
     model = _cnn()
     loader = _images()
-    report = prune_model(model, loader, 0.5, "exact", allocation="uniform", recalibrate_bn=False)
+    report = prune_model(model, loader, 0.5, "exact", allocation="uniform", recalibrate_bn=False, prune_head=True)
     outs = {}
     hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.shape)) for i in (0, 3)]
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation():
         return m(batch[0])
 
     with pytest.raises(RuntimeError, match="measurement failed"):
-        prune_model(model, batches, 0.5, "fast", forward_fn=forward)
+        prune_model(model, batches, 0.5, "fast", forward_fn=forward, prune_head=True)
     assert calls["n"] == 2 * len(batches) + 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -87,7 +87,7 @@ def test_output_error_of_a_batchnorm_model_matches_an_independent_measurement():
     dense.load_state_dict(model.state_dict())
     dense.eval()
     loader = _images()
-    report = prune_model(model, loader, 0.6, "exact")  # BN re-estimated after the prune
+    report = prune_model(model, loader, 0.6, "exact", prune_head=True)  # BN re-estimated after the prune
     sq = n = 0.0
     with torch.no_grad():
         for (x,) in loader:
@@ -104,7 +104,7 @@ def test_auto_picks_exact_below_the_threshold_and_fast_above():
     model = nn.Sequential(nn.Linear(32, 40), nn.ReLU(), nn.Linear(40, 2048), nn.ReLU(), nn.Linear(2048, 300))
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64, 32, generator=g)), batch_size=32)
-    report = prune_model(model, loader, 0.5, "auto", allocation="uniform", recalibrate_bn=False)
+    report = prune_model(model, loader, 0.5, "auto", allocation="uniform", recalibrate_bn=False, prune_head=True)
     for name, lr in report.layers.items():
         rows, d = lr.shape[0], lr.shape[1] + 1
         expected = "exact" if rows * d**3 <= AUTO_EXACT_MAX_COST else "fast"
@@ -115,7 +115,7 @@ def test_auto_picks_exact_below_the_threshold_and_fast_above():
 def test_uniform_allocation_prunes_each_layer_to_the_target_count():
     """Independent of the report: every layer holds round(s * numel) zeros (and its masks' zeros are those)."""
     model = _cnn()
-    report = prune_model(model, _images(), 0.6, "fast", allocation="uniform")
+    report = prune_model(model, _images(), 0.6, "fast", allocation="uniform", prune_head=True)
     for name in ("0", "3", "6"):
         w = model.get_submodule(name).weight
         assert int((w == 0).sum()) == round(0.6 * w.numel()), name

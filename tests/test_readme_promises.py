@@ -32,7 +32,8 @@ sparsity in [0, 1) (options, errors before work)                          test_a
 a callable sparsity (options)                                             test_api.py::test_callable_spec
 list of sparsities may not decrease (options)                             test_callback.py::test_construction_errors
 ``method`` default ``"auto"``; ``allocation`` default ``"global"``,       ::test_prune_options_defaults_are_the_documented_ones
-``sequential`` default False, ``recalibrate_bn`` True (options)
+``sequential`` default False, ``recalibrate_bn`` True, ``prune_head``
+False (options)
 N:M keeps N of every M, convs along input channels (options)              test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
 ``uniform`` prunes every layer to ``sparsity`` (options, allocation)      test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
 mappings/callables/N:M ignore ``allocation`` (options, allocation)        test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
@@ -40,6 +41,15 @@ mappings/callables/N:M ignore ``allocation`` (options, allocation)        test_a
 SolverOptions defaults (options)                                          ::test_solver_options_defaults_are_the_documented_ones
 CalibrationOptions defaults (options)                                     ::test_calibration_options_defaults_are_the_documented_ones
 forward_fn default: tensor, first item, dict x/input/image(s)/input_ids   ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
+forward_fn default: a mapping as model(**batch), encoder-decoders         test_batches_and_heads.py::test_t5_prunes_with_the_default_forward_on_hf_batches
+padded batches keep their attention_mask (options)                        test_batches_and_heads.py::test_padded_gpt2_batch_prunes_as_with_its_attention_mask
+keys the forward does not name are dropped (options)                      test_batches_and_heads.py::test_keys_the_forward_does_not_name_are_dropped_the_named_ones_passed
+a forward taking only **kwargs gets every key, callback too (options)     test_batches_and_heads.py::test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning
+a failing default forward names forward_fn (options)                      test_batches_and_heads.py::test_a_failing_default_forward_names_forward_fn_and_leaves_the_model_alone
+output heads dense by default, prune_head=True prunes them (pruned)       test_batches_and_heads.py::test_mlp_classifier_last_layer_left_dense_by_default,
+                                                                          test_batches_and_heads.py::test_llama_lm_head_left_dense_by_default,
+                                                                          test_batches_and_heads.py::test_an_hf_head_inside_a_wrapper_transforming_its_logits_left_dense_by_default
+a mapping naming a head exactly prunes it (what is pruned)                test_batches_and_heads.py::test_a_sparsity_mapping_naming_the_head_exactly_prunes_it_a_wildcard_does_not
 LOBSPruning: calibration_batches 32 of the train dataloader (options)     ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
 prune_model: calibration_batches=None is every batch (options)            ::test_prune_model_calibrates_on_every_batch_by_default
 prune_model(options=...) whole, not with other options (options)          test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
@@ -233,16 +243,16 @@ def test_calibration_options_defaults_are_the_documented_ones():
 
 def test_prune_options_defaults_are_the_documented_ones():
     """method "auto", allocation "global", dense-network inputs (sequential=False), BatchNorm re-estimation on;
-    prune_model and LOBSPruning take the same defaults."""
+    output heads left dense (prune_head=False); prune_model and LOBSPruning take the same defaults."""
     o = PruneOptions()
-    assert (o.method, o.allocation, o.sequential, o.recalibrate_bn) == ("auto", "global", False, True)
+    assert (o.method, o.allocation, o.sequential, o.recalibrate_bn, o.prune_head) == ("auto", "global", False, True, False)
     assert o.pattern is None and o.exclude == () and o.forward_fn is None
     params = inspect.signature(prune_model).parameters
     assert params["method"].default == "auto"
     from lightning_lobs import LOBSPruning
 
     cb = inspect.signature(LOBSPruning.__init__).parameters
-    for name in ("method", "allocation", "sequential", "recalibrate_bn"):
+    for name in ("method", "allocation", "sequential", "recalibrate_bn", "prune_head"):
         assert cb[name].default == getattr(o, name), name
 
 
@@ -254,14 +264,14 @@ def test_global_allocation_defaults_are_the_documented_ones():
     assert g.costs == "curve"
     assert g.levels == 24 and len(g.sparsity_grid()) == 24
     assert g.curve_rows == 64
-    assert PruneOptions(sparsity=0.5).global_allocation == g
+    assert PruneOptions(sparsity=0.5, prune_head=True).global_allocation == g
 
 
 def test_calibration_given_as_a_mapping_of_its_fields_is_accepted():
-    o = PruneOptions(calibration={"hessian_dtype": torch.float32, "position_stride": 2})
+    o = PruneOptions(calibration={"hessian_dtype": torch.float32, "position_stride": 2}, prune_head=True)
     assert o.calibration == CalibrationOptions(hessian_dtype=torch.float32, position_stride=2)
     with pytest.raises(ValueError, match=r"calibration has unknown keys \['stride'\]; CalibrationOptions takes"):
-        PruneOptions(calibration={"stride": 2})
+        PruneOptions(calibration={"stride": 2}, prune_head=True)
 
 
 def _number_cases():
@@ -269,28 +279,28 @@ def _number_cases():
     from lightning_lobs import LOBSPruning
 
     cases = [
-        ("sparsity torch", lambda v: PruneOptions(sparsity=v).sparsity, torch.tensor(0.5), 0.5, ()),
-        ("sparsity mapping numpy", lambda v: PruneOptions(sparsity={"a": v}).sparsity["a"], np.float32(0.5), 0.5, ()),
-        ("prune_epoch torch", lambda v: LOBSPruning(prune_epoch=v).prune_epochs, torch.tensor(2), 2, ()),
-        ("prune_step numpy", lambda v: LOBSPruning(prune_step=v).prune_steps, np.int64(3), 3, ()),
-        ("calibration_batches numpy", lambda v: LOBSPruning(calibration_batches=v).calibration_batches, np.int64(4), 4, ()),
-        ("progress_after numpy", lambda v: LOBSPruning(progress_after=v).progress_after, np.float32(1.0), 1.0, ()),
-        ("damp float32", lambda v: PruneOptions(solver={"damp": v}).solver.damp, np.float32(0.5), 0.5, ()),
-        ("damp torch", lambda v: PruneOptions(solver={"damp": v}).solver.damp, torch.tensor(0.5), 0.5, ()),
-        ("block_size numpy", lambda v: PruneOptions(solver={"block_size": v}).solver.block_size, np.int64(64), 64, ()),
-        ("min_kept_per_row torch", lambda v: PruneOptions(solver={"min_kept_per_row": v}).solver.min_kept_per_row,
+        ("sparsity torch", lambda v: PruneOptions(sparsity=v, prune_head=True).sparsity, torch.tensor(0.5), 0.5, ()),
+        ("sparsity mapping numpy", lambda v: PruneOptions(sparsity={"a": v}, prune_head=True).sparsity["a"], np.float32(0.5), 0.5, ()),
+        ("prune_epoch torch", lambda v: LOBSPruning(prune_epoch=v, prune_head=True).prune_epochs, torch.tensor(2), 2, ()),
+        ("prune_step numpy", lambda v: LOBSPruning(prune_step=v, prune_head=True).prune_steps, np.int64(3), 3, ()),
+        ("calibration_batches numpy", lambda v: LOBSPruning(calibration_batches=v, prune_head=True).calibration_batches, np.int64(4), 4, ()),
+        ("progress_after numpy", lambda v: LOBSPruning(progress_after=v, prune_head=True).progress_after, np.float32(1.0), 1.0, ()),
+        ("damp float32", lambda v: PruneOptions(solver={"damp": v}, prune_head=True).solver.damp, np.float32(0.5), 0.5, ()),
+        ("damp torch", lambda v: PruneOptions(solver={"damp": v}, prune_head=True).solver.damp, torch.tensor(0.5), 0.5, ()),
+        ("block_size numpy", lambda v: PruneOptions(solver={"block_size": v}, prune_head=True).solver.block_size, np.int64(64), 64, ()),
+        ("min_kept_per_row torch", lambda v: PruneOptions(solver={"min_kept_per_row": v}, prune_head=True).solver.min_kept_per_row,
          torch.tensor(2), 2, ()),
-        ("position_stride numpy", lambda v: PruneOptions(calibration={"position_stride": v}).calibration.position_stride,
+        ("position_stride numpy", lambda v: PruneOptions(calibration={"position_stride": v}, prune_head=True).calibration.position_stride,
          np.int64(2), 2, ()),
         ("memory_budget_bytes torch",
-         lambda v: PruneOptions(calibration={"memory_budget_bytes": v}).calibration.memory_budget_bytes,
+         lambda v: PruneOptions(calibration={"memory_budget_bytes": v}, prune_head=True).calibration.memory_budget_bytes,
          torch.tensor(10**9), 10**9, ()),
         ("max_layer_sparsity float32", lambda v: GlobalAllocation(max_layer_sparsity=v).max_layer_sparsity,
          np.float32(0.5), 0.5, ()),
         ("levels numpy", lambda v: GlobalAllocation(levels=v).levels, np.int64(8), 8, ()),
-        ("LOBSPruning calibration_batches torch", lambda v: LOBSPruning(calibration_batches=v).calibration_batches,
+        ("LOBSPruning calibration_batches torch", lambda v: LOBSPruning(calibration_batches=v, prune_head=True).calibration_batches,
          torch.tensor(4), 4, ()),
-        ("LOBSPruning progress_after torch", lambda v: LOBSPruning(progress_after=v).progress_after,
+        ("LOBSPruning progress_after torch", lambda v: LOBSPruning(progress_after=v, prune_head=True).progress_after,
          torch.tensor(1.0), 1.0, ()),
     ]
     return [pytest.param(get, value, plain, id=what, marks=marks) for what, get, value, plain, marks in cases]
@@ -307,20 +317,20 @@ def test_numbers_may_be_python_numpy_or_0d_torch_scalars(get, value, plain):
 
 def test_prune_model_calibration_batches_may_be_a_numpy_scalar():
     calls = []
-    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=np.int64(2), forward_fn=lambda m, x: calls.append(1) or m(x))
+    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=np.int64(2), forward_fn=lambda m, x: calls.append(1) or m(x), prune_head=True)
     assert len(calls) == 3 * 2
 
 
 def test_prune_model_calibration_batches_may_be_a_0d_torch_scalar():
     calls = []
-    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=torch.tensor(2), forward_fn=lambda m, x: calls.append(1) or m(x))
+    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=torch.tensor(2), forward_fn=lambda m, x: calls.append(1) or m(x), prune_head=True)
     assert len(calls) == 3 * 2
 
 
 def test_callable_sparsity_ignores_the_global_allocation():
     """A callable fixes per-layer sparsities itself: each layer gets exactly what it returns."""
     model = _mlp()
-    report = prune_model(model, _batches(), lambda name, m: {"0": 0.5, "2": 0.2}[name], "exact")
+    report = prune_model(model, _batches(), lambda name, m: {"0": 0.5, "2": 0.2}[name], "exact", prune_head=True)
     assert report.allocation == "per-layer"
     assert int((model[0].weight == 0).sum()) == round(0.5 * 120)
     assert int((model[2].weight == 0).sum()) == round(0.2 * 30)
@@ -356,7 +366,7 @@ class _Echo(nn.Module):
 def test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry(wrap):
     model = _Echo()
     xs = _batches(n=2)
-    prune_model(model, [wrap(x) for x in xs], 0.5, "exact", recalibrate_bn=False)
+    prune_model(model, [wrap(x) for x in xs], 0.5, "exact", recalibrate_bn=False, prune_head=True)
     seen = [s for s in model.seen if isinstance(s, torch.Tensor)]  # not the bound analysis' torch.fx proxies
     assert seen and all(any(torch.equal(s, x) for x in xs) for s in seen)
 
@@ -373,15 +383,15 @@ def test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default():
     reference = Plain(n=320)
     from lightning_lobs import LOBSPruning
 
-    cb = LOBSPruning(sparsity=0.5, prune_epoch=0, allocation="uniform", method="exact", log_table=False)
+    cb = LOBSPruning(sparsity=0.5, prune_epoch=0, allocation="uniform", method="exact", log_table=False, prune_head=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(pl, 1, [cb], limit_train_batches=1).fit(model)
     loader = reference.train_dataloader()
-    expected = prune_model(reference, loader, 0.5, "exact", allocation="uniform", calibration_batches=32)
+    expected = prune_model(reference, loader, 0.5, "exact", allocation="uniform", calibration_batches=32, prune_head=True)
     for name, lr in cb.last_report.layers.items():
         assert lr.layer_error == pytest.approx(expected.layers[name].layer_error, rel=1e-6), name
-    other = prune_model(Plain(n=320), loader, 0.5, "exact", allocation="uniform", calibration_batches=31)
+    other = prune_model(Plain(n=320), loader, 0.5, "exact", allocation="uniform", calibration_batches=31, prune_head=True)
     assert other.layers["net.0"].layer_error != pytest.approx(expected.layers["net.0"].layer_error, rel=1e-6)
 
 
@@ -392,12 +402,12 @@ def test_prune_model_calibrates_on_every_batch_by_default():
         calls.append(1)
         return m(x)
 
-    prune_model(_mlp(), _batches(n=40, rows=4), 0.5, "exact", forward_fn=forward)
+    prune_model(_mlp(), _batches(n=40, rows=4), 0.5, "exact", forward_fn=forward, prune_head=True)
     assert len(calls) == 3 * 40  # calibration on all 40 (more than LOBSPruning's 32), then dense and pruned measurements
 
 
 def test_prune_report_has_every_documented_field():
-    report = prune_model(_mlp(), _batches(), 0.5, "exact")
+    report = prune_model(_mlp(), _batches(), 0.5, "exact", prune_head=True)
     lr = report.layers["0"]
     for value in (lr.layer_error, lr.sparsity, lr.output_error, lr.norm_frobenius, lr.norm_spectral):
         assert isinstance(value, float) and math.isfinite(value)
@@ -467,10 +477,10 @@ def test_any_registered_parametrization_is_refused_naming_layer_and_fix():
     torch.nn.utils.parametrize.register_parametrization(model[2], "weight", _Scale())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"'2'.*parametrization.*would not hold.*(remove|exclude)"):
-        prune_model(model, _batches(), 0.5)
+        prune_model(model, _batches(), 0.5, prune_head=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    report = prune_model(model, _batches(), 0.5, exclude=["2"])
+    report = prune_model(model, _batches(), 0.5, exclude=["2"], prune_head=True)
     assert list(report.layers) == ["0"]
 
 
@@ -500,7 +510,7 @@ def test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_
     batches = [torch.randn(5, 4, 12, generator=g) for _ in range(3)]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        report = prune_model(model, batches, 0.5, "exact")
+        report = prune_model(model, batches, 0.5, "exact", prune_head=True)
     skipped = {"emb", "deconv", "a", "b"}
     notes = [w for w in rec if "not pruned" in str(w.message)]
     assert len(notes) == 1, [str(w.message) for w in rec]
@@ -533,7 +543,7 @@ def test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes(monke
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             with pytest.raises(RuntimeError, match="stop"):
-                prune_model(model, loader, 0.5, "exact", forward_fn=stop)
+                prune_model(model, loader, 0.5, "exact", forward_fn=stop, prune_head=True)
         said = [str(w.message) for w in rec if "method='exact' will take about" in str(w.message)]
         assert bool(said) == warns, (seconds, said)
         if warns:
@@ -568,7 +578,7 @@ def test_inf_in_any_parameter_is_named_before_any_work():
         model[2].bias[1] = float("inf")
     calls = []
     with pytest.raises(ValueError, match=r"\['2\.bias'\] contain NaN or inf"):
-        prune_model(model, _batches(), 0.5, exclude=["2"], forward_fn=lambda m, b: calls.append(1))
+        prune_model(model, _batches(), 0.5, exclude=["2"], forward_fn=lambda m, b: calls.append(1), prune_head=True)
     assert not calls
 
 
@@ -585,11 +595,11 @@ def test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup():
     from lightning_lobs import LOBSPruning
 
     with pytest.raises(ValueError, match=r"prune_epoch 3 is beyond the last epoch of training \(max_epochs=3"):
-        LOBSPruning(prune_epoch=3).setup(_stub_trainer(), _mlp(), "fit")
-    LOBSPruning(prune_epoch=2).setup(_stub_trainer(), _mlp(), "fit")
+        LOBSPruning(prune_epoch=3, prune_head=True).setup(_stub_trainer(), _mlp(), "fit")
+    LOBSPruning(prune_epoch=2, prune_head=True).setup(_stub_trainer(), _mlp(), "fit")
     with pytest.raises(ValueError, match=r"prune_step 8 is never reached: max_steps=8"):
-        LOBSPruning(prune_step=8).setup(_stub_trainer(max_steps=8, max_epochs=-1), _mlp(), "fit")
-    LOBSPruning(prune_step=7).setup(_stub_trainer(max_steps=8, max_epochs=-1), _mlp(), "fit")
+        LOBSPruning(prune_step=8, prune_head=True).setup(_stub_trainer(max_steps=8, max_epochs=-1), _mlp(), "fit")
+    LOBSPruning(prune_step=7, prune_head=True).setup(_stub_trainer(max_steps=8, max_epochs=-1), _mlp(), "fit")
 
 
 def test_sharded_strategies_are_refused_naming_ddp_and_prune_model():
@@ -598,7 +608,7 @@ def test_sharded_strategies_are_refused_naming_ddp_and_prune_model():
 
     trainer = _stub_trainer("FSDPStrategy")
     with pytest.raises(RuntimeError, match=r"FSDPStrategy.*strategy='ddp'.*prune the gathered model with prune_model\(\)"):
-        LOBSPruning(prune_epoch=1).setup(trainer, _mlp(), "fit")
+        LOBSPruning(prune_epoch=1, prune_head=True).setup(trainer, _mlp(), "fit")
 
 
 # --------------------------------------------------------------------------- deploy
@@ -680,7 +690,7 @@ def _max_time_run(max_time: dict, sleep: float):
         def on_train_batch_end(self, *args):
             time.sleep(sleep)
 
-    cb = LOBSPruning(sparsity=0.5, prune_epoch=3, calibration_batches=2, log_table=False, allocation="uniform")
+    cb = LOBSPruning(sparsity=0.5, prune_epoch=3, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
     make_trainer(pl, 5, [cb, Slow()], max_time=max_time).fit(lit_mlp(pl, n=128))
     return cb
 
@@ -715,7 +725,7 @@ def test_tqdm_train_bar_postfix_is_restored_after_the_prune(capsys):
                 After.postfix = str(trainer.progress_bar_callback.train_progress_bar.postfix)
 
     cb = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform",
-                     progress_after=0.0)
+                     progress_after=0.0, prune_head=True)
     tr = make_trainer(pl, 2, [pl.callbacks.TQDMProgressBar(), cb, After()], enable_progress_bar=True)
     tr.fit(lit_mlp(pl, n=128))
     out = capsys.readouterr()

@@ -112,7 +112,7 @@ def test_budget_too_small_fails_before_calibration():
             0.5,
             "exact",
             calibration=CalibrationOptions(memory_budget_bytes=100_000),
-            forward_fn=forward_fn,
+            forward_fn=forward_fn, prune_head=True,
         )
     msg = str(info.value)
     assert "'out'" in msg  # the biggest layer (d = 257) is named
@@ -121,7 +121,7 @@ def test_budget_too_small_fails_before_calibration():
     _assert_state_equal(before, _state(model))
     assert model.training
     # The same job within a generous budget runs (and calls forward_fn).
-    report = prune_model(model, batches, 0.5, "exact", calibration=CalibrationOptions(memory_budget_bytes=1 << 30), forward_fn=forward_fn)
+    report = prune_model(model, batches, 0.5, "exact", calibration=CalibrationOptions(memory_budget_bytes=1 << 30), forward_fn=forward_fn, prune_head=True)
     assert calls and report.sparsity == pytest.approx(0.5, abs=0.01)
 
 
@@ -132,11 +132,11 @@ def test_fast_fits_a_budget_exact_does_not():
     batches = [torch.randn(64, 512) for _ in range(4)]
     budget = CalibrationOptions(memory_budget_bytes=100 << 20)
     with pytest.raises(MemoryError, match="'wide'"):
-        prune_model(model, batches, 0.5, "exact", calibration=budget)
+        prune_model(model, batches, 0.5, "exact", calibration=budget, prune_head=True)
     _assert_state_equal(before, _state(model))
     with pytest.raises(MemoryError, match="'wide'"):  # the refit of fast's mask does not fit either...
-        prune_model(model, batches, 0.5, "fast", calibration=budget)
-    report = prune_model(model, batches, 0.5, "fast", calibration=budget, solver=SolverOptions(refit=False))  # ...SparseGPT alone does
+        prune_model(model, batches, 0.5, "fast", calibration=budget, prune_head=True)
+    report = prune_model(model, batches, 0.5, "fast", calibration=budget, solver=SolverOptions(refit=False), prune_head=True)  # ...SparseGPT alone does
     assert report.layers["wide"].method == "fast"
     assert report.layers["wide"].sparsity == pytest.approx(0.5, abs=0.01)
 
@@ -154,8 +154,8 @@ def test_sequential_fits_a_budget_that_dense_calibration_does_not():
     batches = [torch.randn(64, 128) for _ in range(3)]
     m = model()
     with pytest.raises(MemoryError, match="sequential=True"):
-        prune_model(m, batches, 0.5, "fast", calibration=budget)
-    report = prune_model(m, batches, 0.5, "fast", calibration=budget, sequential=True)
+        prune_model(m, batches, 0.5, "fast", calibration=budget, prune_head=True)
+    report = prune_model(m, batches, 0.5, "fast", calibration=budget, sequential=True, prune_head=True)
     assert report.sequential and len(report.layers) == 3
 
 
@@ -170,9 +170,9 @@ def test_float32_hessians_halve_the_estimate_and_fit():
     batches = [torch.randn(32, 256) for _ in range(2)]
     budget = (p32 + p64) // 2
     with pytest.raises(MemoryError):
-        prune_model(model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget))
+        prune_model(model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget), prune_head=True)
     report = prune_model(
-        model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget, hessian_dtype=F32)
+        model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget, hessian_dtype=F32), prune_head=True
     )
     assert report.sparsity == pytest.approx(0.5, abs=0.01)
 
@@ -208,11 +208,11 @@ def test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning(monkeypa
 
     batches = _cnn_batches()
     ref_model = SmallCNN()
-    ref = prune_model(ref_model, batches, 0.6, "exact")
+    ref = prune_model(ref_model, batches, 0.6, "exact", prune_head=True)
 
     monkeypatch.setattr(hessian_mod.HessianAccumulator, "_accumulate", spy)
     model = SmallCNN()
-    rep = prune_model(model, batches, 0.6, "exact", calibration=CalibrationOptions(max_chunk_elements=cap))
+    rep = prune_model(model, batches, 0.6, "exact", calibration=CalibrationOptions(max_chunk_elements=cap), prune_head=True)
     monkeypatch.undo()
     # Every chunk materialised stayed within the bound, and the convs really were split up.
     assert seen and max(n for _, n in seen) <= cap
@@ -251,8 +251,8 @@ def test_position_stride_subsamples_conv_patches():
         # Random inputs: the subsample's statistics are close to the full ones.
         assert (hs - hf).norm() / hf.norm() < 0.2
     # Pruning with strided calibration runs and reports half the positions.
-    ref = prune_model(SmallCNN(), batches, 0.6, "exact")
-    rep = prune_model(model, batches, 0.6, "exact", calibration=CalibrationOptions(position_stride=2))
+    ref = prune_model(SmallCNN(), batches, 0.6, "exact", prune_head=True)
+    rep = prune_model(model, batches, 0.6, "exact", calibration=CalibrationOptions(position_stride=2), prune_head=True)
     assert rep.layers["c1"].positions == ref.layers["c1"].positions / 2 == 128
     assert rep.layers["c2"].positions == ref.layers["c2"].positions / 2 == 32
     assert rep.layers["fc"].positions == ref.layers["fc"].positions == 1
@@ -281,7 +281,7 @@ class TinyResidual(nn.Module):
 
 def test_residual_net_bound_is_nan_with_a_reason():
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
-    rep = prune_model(TinyResidual(), batches, 0.5, "exact", recalibrate_bn=False)
+    rep = prune_model(TinyResidual(), batches, 0.5, "exact", recalibrate_bn=False, prune_head=True)
     assert math.isnan(rep.bound) and math.isnan(rep.bound_spectral)
     assert rep.bound_note.startswith("bound not applicable") and "BatchNorm" not in rep.bound_note
     assert math.isfinite(rep.output_error) and math.isfinite(rep.model_output_error)
@@ -302,7 +302,7 @@ def resnet18_pruned():
     saved = torch.get_num_threads()  # module-scoped: runs before the function-scoped one_thread fixture
     torch.set_num_threads(1)
     try:
-        report = prune_model(model, batches, 0.5, "fast", calibration_batches=2, allocation="uniform")
+        report = prune_model(model, batches, 0.5, "fast", calibration_batches=2, allocation="uniform", prune_head=True)
     finally:
         torch.set_num_threads(saved)
     return dense, model, report, batches[:2]
@@ -388,7 +388,7 @@ def test_lobs_pruning_callback_on_resnet18():
     module = LitResNet()
     # The 4608-wide layer4 convs dominate the solve time and are covered by the prune_model test above.
     cb = LOBSPruning(0.5, prune_epoch=1, method="fast", calibration_batches=2, exclude=["net.layer4.*"], log_table=False,
-                      allocation="uniform")
+                      allocation="uniform", prune_head=True)
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",

@@ -77,7 +77,7 @@ def pruned_once(sequential: bool = False):
     """A model pruned at 0.5 whose MaskSet is attached to it and to an SGD with momentum state, as in training."""
     model = bn_net()
     masks = MaskSet()
-    prune_model(model, calib_batches(), 0.5, masks=masks, allocation="uniform", sequential=sequential)
+    prune_model(model, calib_batches(), 0.5, masks=masks, allocation="uniform", sequential=sequential, prune_head=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     masks.attach(model, opt)
     model.train()
@@ -156,11 +156,11 @@ def test_a_failed_prune_leaves_weights_bn_masks_and_optimizer_as_they_were(monke
     before = everything(model, masks, opt)
     FAILURES[where](monkeypatch)
     with pytest.raises((Injected, KeyboardInterrupt)):
-        prune_model(model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential)
+        prune_model(model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential, prune_head=True)
     assert_same(before, everything(model, masks, opt))
     monkeypatch.undo()
     # the same prune without the failure changes all of it: the comparison above could fail
-    report = prune_model(model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential)
+    report = prune_model(model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential, prune_head=True)
     assert report.sparsity > 0.79 and masks.total_sparsity() > 0.79
     after = everything(model, masks, opt)
     assert not torch.equal(before["model"]["0.weight"], after["model"]["0.weight"])
@@ -174,7 +174,7 @@ def test_a_failed_first_prune_leaves_an_empty_detached_maskset(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _fail_after(monkeypatch, pruner_mod, "_parameter_counts", Injected("report"))
     with pytest.raises(Injected):
-        prune_model(model, calib_batches(), 0.8, masks=masks)
+        prune_model(model, calib_batches(), 0.8, masks=masks, prune_head=True)
     assert len(masks) == 0 and not masks.attached
     for k, v in before.items():
         assert torch.equal(v, model.state_dict()[k]), k
@@ -187,7 +187,7 @@ def test_a_failing_on_commit_undoes_the_prune():
     def on_commit(report):
         raise Injected("the caller's bookkeeping")
 
-    options = pruner_mod.PruneOptions(sparsity=0.8, allocation="uniform")
+    options = pruner_mod.PruneOptions(sparsity=0.8, allocation="uniform", prune_head=True)
     with pytest.raises(Injected):
         pruner_mod.prune(model, calib_batches(), options, masks=masks, on_commit=on_commit)
     assert_same(before, everything(model, masks, opt))
@@ -258,9 +258,9 @@ def test_a_failed_prune_leaves_the_callback_state_as_it_was(monkeypatch, where, 
 
     model = lit_mlp("lightning.pytorch", bn=True)
     if which == "first":  # fails at epoch 1, the only prune: the MaskSet was empty and detached
-        lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform")
+        lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
     else:  # epoch 0 pruned, epoch 1 fails
-        lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[0, 1], calibration_batches=2, log_table=False, allocation="uniform")
+        lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[0, 1], calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
     snap = Snapshot(lobs, epoch=1)
     es = EarlyStopping("train_loss", patience=5)
     es_before = {}
@@ -287,7 +287,7 @@ def test_exception_checkpoint_holds_the_old_state_and_resumes_into_a_normal_prun
     """An out-of-memory error while the report is built: OnExceptionCheckpoint writes the dense weights beside no
     masks and no pruned epoch (not new masks beside dense weights), and resuming from it prunes at epoch 1."""
     model = lit_mlp(ns)
-    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     snap = Snapshot(lobs, epoch=1)
     on_exc = ns.callbacks.OnExceptionCheckpoint(dirpath=str(tmp_path))
     armer = Armer(lambda: _fail_after(monkeypatch, pruner_mod, "_parameter_counts", Injected("out of memory")))
@@ -302,7 +302,7 @@ def test_exception_checkpoint_holds_the_old_state_and_resumes_into_a_normal_prun
     monkeypatch.undo()
 
     model2 = lit_mlp(ns, seed=7)
-    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False)
+    lobs2 = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     record = RecordOrder()
     make_trainer(ns, 2, [record, lobs2], tmp_path).fit(model2, ckpt_path=str(tmp_path / "on_exception.ckpt"))
     assert {epoch for epoch, _ in record.seen} == {1}  # resumed at the interrupted epoch
@@ -318,7 +318,7 @@ def test_a_failed_step_prune_does_not_mark_the_steps_it_passed_over_as_pruned(mo
     """A resume past two prune steps prunes once at the later one and records both; if that prune fails, neither."""
     from types import SimpleNamespace
 
-    lobs = LOBSPruning(sparsity=[0.5, 0.7], prune_step=[2, 4], calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=[0.5, 0.7], prune_step=[2, 4], calibration_batches=2, log_table=False, prune_head=True)
     monkeypatch.setattr(lobs, "prune_now", lambda *a: (_ for _ in ()).throw(Injected("prune")))
     with pytest.raises(Injected):
         lobs.on_train_batch_start(SimpleNamespace(global_step=5), None, None, 0)
@@ -341,7 +341,7 @@ class CountPrunes(BothCallback):
 
 
 def test_a_callback_reused_on_another_model_starts_over(tmp_path, ns):
-    lobs = LOBSPruning(sparsity=0.7, prune_epoch=0, calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=0.7, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     counter = CountPrunes(lobs)
     first = lit_mlp(ns, seed=1)
     make_trainer(ns, 1, [lobs], tmp_path).fit(first)
@@ -361,7 +361,7 @@ def test_a_callback_reused_on_another_model_starts_over(tmp_path, ns):
 
 
 def test_a_second_fit_of_the_same_model_continues(tmp_path, ns):
-    lobs = LOBSPruning(sparsity=0.7, prune_epoch=0, calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=0.7, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     counter = CountPrunes(lobs)
     model = lit_mlp(ns)
     make_trainer(ns, 1, [lobs], tmp_path).fit(model)
@@ -375,7 +375,7 @@ def test_a_second_fit_of_the_same_model_continues(tmp_path, ns):
 
 def test_a_callback_bound_to_a_model_still_pickles():
     """ddp_spawn pickles the callbacks: one reused from an earlier fit holds a (weak) reference to that model."""
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0)
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, prune_head=True)
     model = bn_net()
     lobs._bind(model)
     lobs.masks.set("0", torch.ones(16, 12, dtype=torch.bool))
@@ -386,7 +386,7 @@ def test_a_callback_bound_to_a_model_still_pickles():
 
 
 def test_a_reused_callback_resuming_a_new_model_from_a_checkpoint_restores_the_saved_masks(tmp_path, ns):
-    lobs = LOBSPruning(sparsity=0.7, prune_epoch=0, calibration_batches=2, log_table=False)
+    lobs = LOBSPruning(sparsity=0.7, prune_epoch=0, calibration_batches=2, log_table=False, prune_head=True)
     counter = CountPrunes(lobs)
     ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
     make_trainer(ns, 1, [lobs, ckpt], tmp_path, enable_checkpointing=True).fit(lit_mlp(ns, seed=1))
@@ -438,7 +438,7 @@ def test_calibrating_from_the_training_loader_keeps_the_data_order_of_later_epoc
     orders = []
     for prune in (False, True):
         record = RecordOrder()
-        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False)] if prune else [])
+        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)] if prune else [])
         make_trainer(ns, 3, callbacks, tmp_path).fit(lit_mlp(ns))
         orders.append(record.seen)
     assert orders[0] == orders[1]
@@ -454,7 +454,7 @@ def mlp_batches(n: int) -> list:
 
 def test_a_one_shot_iterator_with_two_scheduled_prunes_is_refused_at_setup(tmp_path, ns):
     lobs = LOBSPruning(
-        sparsity=[0.5, 0.7], prune_epoch=[0, 1], calibration_batches=2, calibration_dataloader=iter(mlp_batches(4))
+        sparsity=[0.5, 0.7], prune_epoch=[0, 1], calibration_batches=2, calibration_dataloader=iter(mlp_batches(4)), prune_head=True
     )
     model = lit_mlp(ns)
     with pytest.raises(ValueError, match="one-shot iterator.*DataLoader or a list"):
@@ -464,7 +464,7 @@ def test_a_one_shot_iterator_with_two_scheduled_prunes_is_refused_at_setup(tmp_p
 
 def test_a_short_one_shot_iterator_with_one_prune_warns_how_many_batches_were_used(tmp_path, ns):
     source = (b for b in mlp_batches(2))
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=5, calibration_dataloader=source, log_table=False)
+    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=5, calibration_dataloader=source, log_table=False, prune_head=True)
     with pytest.warns(UserWarning, match=r"calibration_batches=5 but the iterator yielded only 2"):
         make_trainer(ns, 1, [lobs], tmp_path).fit(lit_mlp(ns))
     assert lobs.pruned_epochs == [0]
@@ -473,11 +473,11 @@ def test_a_short_one_shot_iterator_with_one_prune_warns_how_many_batches_were_us
 def test_prune_model_says_when_an_iterator_yields_fewer_batches_than_asked():
     model = bn_net()
     with pytest.warns(UserWarning, match=r"calibration_batches=6 but the iterator yielded only 3 batch"):
-        prune_model(model, iter(calib_batches(3)), 0.5, calibration_batches=6)
+        prune_model(model, iter(calib_batches(3)), 0.5, calibration_batches=6, prune_head=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a list gives what it holds, and a full iterator what was asked: no warning
-        prune_model(bn_net(), calib_batches(3), 0.5, calibration_batches=6)
-        prune_model(bn_net(), iter(calib_batches(3)), 0.5, calibration_batches=3)
+        prune_model(bn_net(), calib_batches(3), 0.5, calibration_batches=6, prune_head=True)
+        prune_model(bn_net(), iter(calib_batches(3)), 0.5, calibration_batches=3, prune_head=True)
 
 
 # --------------------------------------------------------------------------- data-dependent layers
@@ -507,6 +507,6 @@ def test_sequential_prunes_the_layers_the_parallel_path_prunes(spec):
     for sequential in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # no "never called" warning either
-            report = prune_model(Branchy(), batches, sparsity, allocation="uniform", sequential=sequential)
+            report = prune_model(Branchy(), batches, sparsity, allocation="uniform", sequential=sequential, prune_head=True)
         pruned[sequential] = set(report.layers)
     assert pruned[False] == pruned[True] == {"a", "b", "expert"}

@@ -73,10 +73,10 @@ def test_parametrized_weight_is_refused_naming_layer_and_fix(wrap):
         model = nn.Sequential(wrap(nn.Linear(12, 8)), nn.ReLU(), nn.Linear(8, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"'0'.*(parametrization|hook).*would not hold.*(remove|exclude)"):
-        prune_model(model, _mlp_loader(), sparsity=0.5)
+        prune_model(model, _mlp_loader(), sparsity=0.5, prune_head=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    report = prune_model(model, _mlp_loader(), sparsity=0.5, exclude=["0"])  # the fix the message names
+    report = prune_model(model, _mlp_loader(), sparsity=0.5, exclude=["0"], prune_head=True)  # the fix the message names
     assert list(report.layers) == ["2"]
     _check_report_matches_model(model, report)
 
@@ -98,7 +98,7 @@ def test_tied_weights_are_left_dense_with_one_warning_and_report_is_true():
     model = _Tied()
     shared = model.a.weight.detach().clone()
     with pytest.warns(UserWarning, match=r"2 weight-bearing module\(s\) not pruned.*'a'.*shared with b\.weight.*'b'.*shared with a\.weight"):
-        report = prune_model(model, _mlp_loader(), sparsity=0.5)
+        report = prune_model(model, _mlp_loader(), sparsity=0.5, prune_head=True)
     assert list(report.layers) == ["head"]
     assert set(report.skipped) == {"a", "b"}
     assert torch.equal(model.a.weight, shared)  # the shared tensor is untouched
@@ -108,7 +108,7 @@ def test_tied_weights_are_left_dense_with_one_warning_and_report_is_true():
 def test_tied_weight_named_explicitly_is_an_error():
     model = _Tied()
     with pytest.raises(ValueError, match=r"module 'a'.*shared with b\.weight.*untie"):
-        prune_model(model, _mlp_loader(), sparsity={"a": 0.5})
+        prune_model(model, _mlp_loader(), sparsity={"a": 0.5}, prune_head=True)
 
 
 # --------------------------------------------------------------------------- transformers
@@ -135,7 +135,7 @@ def test_gpt2_conv1d_layers_pruned_tied_head_left_dense():
     embedding = model.transformer.wte.weight.detach().clone()
     fwd = lambda m, batch: m(input_ids=batch[0]).logits  # noqa: E731
     with pytest.warns(UserWarning, match=r"not pruned.*'transformer\.wte'.*'lm_head'.*shared with transformer\.wte\.weight"):
-        report = prune_model(model, _tokens(64), sparsity=0.5, method="exact", allocation="uniform", forward_fn=fwd)
+        report = prune_model(model, _tokens(64), sparsity=0.5, method="exact", allocation="uniform", forward_fn=fwd, prune_head=True)
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     assert sorted(report.layers) == sorted(conv1d) and len(conv1d) == 8
     assert "lm_head" in report.skipped and "transformer.wte" in report.skipped and "transformer.wpe" in report.skipped
@@ -157,8 +157,8 @@ def test_gpt2_conv1d_solve_equals_linear_with_transposed_weight():
         lin.weight.copy_(conv.weight.t())
         lin.bias.copy_(conv.bias)
     loader = _mlp_loader(d=10)
-    r1 = prune_model(conv, loader, sparsity=0.5, method="exact", recalibrate_bn=False)
-    r2 = prune_model(lin, loader, sparsity=0.5, method="exact", recalibrate_bn=False)
+    r1 = prune_model(conv, loader, sparsity=0.5, method="exact", recalibrate_bn=False, prune_head=True)
+    r2 = prune_model(lin, loader, sparsity=0.5, method="exact", recalibrate_bn=False, prune_head=True)
     assert torch.equal(conv.weight.t() == 0, lin.weight == 0)
     tol = 64 * torch.finfo(torch.float32).eps * float(lin.weight.detach().abs().max())
     torch.testing.assert_close(conv.weight.t(), lin.weight, atol=tol, rtol=0)
@@ -174,7 +174,7 @@ def test_tiny_bert_linear_layers_pruned_embeddings_and_tied_decoder_left_dense()
     model = transformers.BertForMaskedLM(cfg)
     fwd = lambda m, batch: m(input_ids=batch[0]).logits  # noqa: E731
     with pytest.warns(UserWarning, match="not pruned"):
-        report = prune_model(model, _tokens(64), sparsity=0.6, method="fast", forward_fn=fwd)
+        report = prune_model(model, _tokens(64), sparsity=0.6, method="fast", forward_fn=fwd, prune_head=True)
     names = set(report.layers)
     assert any(n.endswith("attention.self.query") for n in names)
     assert any(n.endswith("intermediate.dense") for n in names)
@@ -193,7 +193,7 @@ def test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forwa
     x = torch.randn(8, 5, 16) if batch_first else torch.randn(5, 8, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped, nothing to warn about
-        report = prune_model(model, DataLoader(TensorDataset(x), batch_size=4), sparsity=0.5, method="exact")
+        report = prune_model(model, DataLoader(TensorDataset(x), batch_size=4), sparsity=0.5, method="exact", prune_head=True)
     ends = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
     assert sorted(report.layers) == sorted(f"0.layers.{i}.{'self_attn.' if e.endswith('proj') else ''}{e}" for i in range(2) for e in ends) + ["1"]
     assert report.skipped == {}
@@ -214,12 +214,12 @@ def test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work():
     loader = DataLoader(TensorDataset(torch.zeros(2, 4096)), batch_size=2)
     with pytest.warns(UserWarning, match=r"method='exact' will take about \d+ min.*method='auto'"):
         with pytest.raises(RuntimeError, match="stop"):
-            prune_model(model, loader, sparsity=0.5, method="exact", forward_fn=forward, calibration=dict(memory_budget_bytes=1 << 40))
+            prune_model(model, loader, sparsity=0.5, method="exact", forward_fn=forward, calibration=dict(memory_budget_bytes=1 << 40), prune_head=True)
     assert len(calls) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto picks fast there: no warning
         with pytest.raises(RuntimeError, match="stop"):
-            prune_model(model, loader, sparsity=0.5, method="auto", forward_fn=forward, calibration=dict(memory_budget_bytes=1 << 40))
+            prune_model(model, loader, sparsity=0.5, method="auto", forward_fn=forward, calibration=dict(memory_budget_bytes=1 << 40), prune_head=True)
 
 
 def test_empty_calibration_batches_are_left_out_and_counted():
@@ -228,19 +228,19 @@ def test_empty_calibration_batches_are_left_out_and_counted():
     x = torch.randn(32, 12)
     batches = [(x[:16],), (x[:0],), (x[16:],), (x[:0],)]
     with pytest.warns(UserWarning, match="2 calibration batch"):
-        report = prune_model(model, batches, sparsity=0.5)
+        report = prune_model(model, batches, sparsity=0.5, prune_head=True)
     assert report.empty_batches == 2
     assert math.isfinite(report.output_error)
     _check_report_matches_model(model, report)
     with pytest.raises(ValueError, match="all 2 batches were empty"):
-        prune_model(nn.Linear(12, 3), [(x[:0],), (x[:0],)], sparsity=0.5)
+        prune_model(nn.Linear(12, 3), [(x[:0],), (x[:0],)], sparsity=0.5, prune_head=True)
 
 
 @pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 0.5])
 def test_numpy_and_torch_scalars_are_accepted(value):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
-    report = prune_model(model, _mlp_loader(), sparsity=value, allocation="uniform")
+    report = prune_model(model, _mlp_loader(), sparsity=value, allocation="uniform", prune_head=True)
     assert report.sparsity == pytest.approx(0.5, abs=0.02)
     assert as_fraction(value, "sparsity") == 0.5
 
@@ -248,14 +248,14 @@ def test_numpy_and_torch_scalars_are_accepted(value):
 def test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 3))
-    report = prune_model(model, _mlp_loader(), sparsity=0.5, solver={"damp": 0.1})
+    report = prune_model(model, _mlp_loader(), sparsity=0.5, solver={"damp": 0.1}, prune_head=True)
     assert report.layers["0"].damp >= 0.1
     with pytest.raises(ValueError, match=r"solver has unknown keys \['dampening'\]; SolverOptions takes"):
-        prune_model(model, _mlp_loader(), sparsity=0.5, solver={"dampening": 0.1})
+        prune_model(model, _mlp_loader(), sparsity=0.5, solver={"dampening": 0.1}, prune_head=True)
     with pytest.raises(TypeError, match="solver must be a SolverOptions"):
-        prune_model(model, _mlp_loader(), sparsity=0.5, solver=0.1)
+        prune_model(model, _mlp_loader(), sparsity=0.5, solver=0.1, prune_head=True)
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['sparsty'\]; the options are"):
-        prune_model(model, _mlp_loader(), sparsty=0.5)
+        prune_model(model, _mlp_loader(), sparsty=0.5, prune_head=True)
 
 
 def test_batchnorm_with_one_sample_batches_names_recalibrate_bn():
@@ -265,10 +265,10 @@ def test_batchnorm_with_one_sample_batches_names_recalibrate_bn():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [(torch.randn(1, 12),) for _ in range(4)]
     with pytest.raises(ValueError, match=r"recalibrate_bn=True.*more than one sample.*recalibrate_bn=False"):
-        prune_model(model, batches, sparsity=0.5)
+        prune_model(model, batches, sparsity=0.5, prune_head=True)
     for k, v in model.state_dict().items():  # weights and BN statistics restored after a failure past the BN reset
         assert torch.equal(v, before[k]), k
-    report = prune_model(model, batches, sparsity=0.5, recalibrate_bn=False)
+    report = prune_model(model, batches, sparsity=0.5, recalibrate_bn=False, prune_head=True)
     _check_report_matches_model(model, report)
 
 
@@ -278,8 +278,8 @@ def test_huge_inputs_prune_like_normal_ones():
     base = nn.Sequential(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
     small, big = base, type(base)(*[type(m)(m.in_features, m.out_features, bias=False) if isinstance(m, nn.Linear) else m for m in base])
     big.load_state_dict(small.state_dict())
-    r1 = prune_model(small, _mlp_loader(scale=1.0), sparsity=0.5, method="exact", allocation="uniform")
-    r2 = prune_model(big, _mlp_loader(scale=1e20), sparsity=0.5, method="exact", allocation="uniform")
+    r1 = prune_model(small, _mlp_loader(scale=1.0), sparsity=0.5, method="exact", allocation="uniform", prune_head=True)
+    r2 = prune_model(big, _mlp_loader(scale=1e20), sparsity=0.5, method="exact", allocation="uniform", prune_head=True)
     for name in r1.layers:
         agree = float((r1.masks[name] == r2.masks[name]).float().mean())
         assert agree >= 0.95, name  # scale-free up to rounding of near-ties
@@ -290,7 +290,7 @@ def test_huge_inputs_prune_like_normal_ones():
 def test_float32_hessian_overflow_is_named():
     model = nn.Sequential(nn.Linear(12, 3))
     with pytest.raises(ValueError, match=r"Hessian of layer '0' overflowed torch\.float32.*hessian_dtype=torch\.float64"):
-        prune_model(model, _mlp_loader(scale=1e25), sparsity=0.5, calibration=dict(hessian_dtype=torch.float32))
+        prune_model(model, _mlp_loader(scale=1e25), sparsity=0.5, calibration=dict(hessian_dtype=torch.float32), prune_head=True)
 
 
 def test_nan_weights_are_named_before_any_work():
@@ -299,7 +299,7 @@ def test_nan_weights_are_named_before_any_work():
         model[0].weight[0, 0] = float("nan")
     calls = []
     with pytest.raises(ValueError, match=r"\['0\.weight'\] contain NaN or inf"):
-        prune_model(model, _mlp_loader(), sparsity=0.5, exclude=["0"], forward_fn=lambda m, b: calls.append(1))
+        prune_model(model, _mlp_loader(), sparsity=0.5, exclude=["0"], forward_fn=lambda m, b: calls.append(1), prune_head=True)
     assert not calls
 
 
@@ -308,7 +308,7 @@ def test_calibration_does_not_advance_the_global_rng():
     model = nn.Sequential(nn.Linear(12, 3))
     loader = DataLoader(TensorDataset(torch.randn(64, 12)), batch_size=8, shuffle=True)
     state = torch.get_rng_state()
-    prune_model(model, loader, sparsity=0.5, calibration_batches=3)
+    prune_model(model, loader, sparsity=0.5, calibration_batches=3, prune_head=True)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -324,10 +324,10 @@ def test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_na
 
     model = Unused()
     with pytest.warns(UserWarning, match=r"'spare': never called"):
-        report = prune_model(model, _mlp_loader(), sparsity=0.5)
+        report = prune_model(model, _mlp_loader(), sparsity=0.5, prune_head=True)
     assert list(report.layers) == ["used"] and "spare" in report.skipped
     with pytest.raises(RuntimeError, match=r"\['spare'\] were never called"):
-        prune_model(Unused(), _mlp_loader(), sparsity={"spare": 0.5, "used": 0.5})
+        prune_model(Unused(), _mlp_loader(), sparsity={"spare": 0.5, "used": 0.5}, prune_head=True)
 
 
 def test_select_layers_lists_every_weight_bearing_module_it_leaves_alone():
@@ -339,21 +339,21 @@ def test_select_layers_lists_every_weight_bearing_module_it_leaves_alone():
 
 
 def test_prune_options_is_the_one_option_list():
-    opts = PruneOptions(sparsity=np.float32(0.25), pattern=(2, 4), exclude="head*", solver={"damp": 0.05})
+    opts = PruneOptions(sparsity=np.float32(0.25), pattern=(2, 4), exclude="head*", solver={"damp": 0.05}, prune_head=True)
     assert opts.sparsity == 0.25 and isinstance(opts.sparsity, float)
     assert opts.pattern == "2:4" and opts.nm.n == 2 and opts.exclude == ("head*",)
     assert opts.solver.damp == 0.05 and opts.allocation_name == "uniform"  # a pattern fixes per-layer sparsities
     with pytest.raises(ValueError, match=r"method must be one of \('auto', 'exact', 'lobs', 'fast'\)"):
-        PruneOptions(method="obs")
+        PruneOptions(method="obs", prune_head=True)
     with pytest.raises(ValueError, match="sequential must be True or False"):
-        PruneOptions(sequential="yes")
+        PruneOptions(sequential="yes", prune_head=True)
 
 
 def test_prune_model_progress_reports_every_phase_with_eta():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     events = []
-    prune_model(model, _mlp_loader(), sparsity=0.5, progress=events.append)
+    prune_model(model, _mlp_loader(), sparsity=0.5, progress=events.append, prune_head=True)
     phases = [e.phase for e in events]
     assert phases[:4] == ["calibrate"] * 4  # one per batch
     assert phases.count("solve") == 3
@@ -369,7 +369,7 @@ def test_prune_model_progress_reports_every_phase_with_eta():
 def test_prune_model_progress_true_prints_lines(capsys):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
-    prune_model(model, _mlp_loader(), sparsity=0.5, progress=True)
+    prune_model(model, _mlp_loader(), sparsity=0.5, progress=True, prune_head=True)
     err = capsys.readouterr().err
     assert "L-OBS solve 2/2" in err and "L-OBS measure 1/1" in err
 
@@ -380,7 +380,7 @@ def test_gpt2_global_allocation_counts_conv1d_columns_right(method):
     model = _gpt2(seed=2)
     fwd = lambda m, batch: m(input_ids=batch[0]).logits  # noqa: E731
     with pytest.warns(UserWarning, match="not pruned"):
-        report = prune_model(model, _tokens(64), sparsity=0.6, method=method, forward_fn=fwd)
+        report = prune_model(model, _tokens(64), sparsity=0.6, method=method, forward_fn=fwd, prune_head=True)
     assert report.allocation == "global"
     total = sum(dict(model.named_modules())[n].weight.numel() for n in report.layers)
     zeros = sum(int((dict(model.named_modules())[n].weight == 0).sum()) for n in report.layers)
@@ -393,7 +393,7 @@ def test_sequential_progress_counts_layers_in_the_solve_phase():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     events = []
-    prune_model(model, _mlp_loader(), sparsity=0.5, sequential=True, progress=events.append)
+    prune_model(model, _mlp_loader(), sparsity=0.5, sequential=True, progress=events.append, prune_head=True)
     assert [e.phase for e in events] == ["solve"] * 3 + ["measure"]  # per-layer calibrations are part of the solve
     assert [(e.done, e.total, e.layer) for e in events[:3]] == [(1, 3, "0"), (2, 3, "2"), (3, 3, "4")]
 
@@ -401,8 +401,8 @@ def test_sequential_progress_counts_layers_in_the_solve_phase():
 def test_prune_model_takes_options_whole_or_as_keywords_not_both():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 3))
-    report = prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, allocation="uniform"))
+    report = prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, allocation="uniform", prune_head=True))
     assert report.sparsity == pytest.approx(0.5, abs=0.05)
     for kwargs in (dict(sparsity=0.7), dict(method="fast"), dict(exclude=["0"])):
         with pytest.raises(TypeError, match="give one or the other"):
-            prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5), **kwargs)
+            prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, prune_head=True), **kwargs)
