@@ -250,7 +250,7 @@ def test_small_torchvision_vit_reaches_the_asked_sparsity_over_every_linear_conv
     batches = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the class token and position embedding: left dense, listed
-        report = prune_model(vit, batches, 0.7, "fast", allocation="uniform")
+        report = prune_model(vit, batches, 0.7, "fast", allocation="uniform", prune_head=True)  # every Linear
     assert set(report.skipped) == {"", "encoder"}  # the modules holding class_token and pos_embedding
     assert sum(n.endswith("_proj") and "attention" in n for n in report.layers) == 2 * 4
     weights = _prunable_weights(vit)

@@ -175,7 +175,7 @@ def test_uniform_allocation_checks_a_schedules_mappings_against_its_floats():
 
 
 def lobs(**kwargs) -> LOBSPruning:
-    return LOBSPruning(calibration_batches=2, log_table=False, allocation="uniform", **kwargs)
+    return LOBSPruning(calibration_batches=2, log_table=False, allocation="uniform", prune_head=True, **kwargs)
 
 
 def assert_masks_hold_all(cb: LOBSPruning, model) -> None:
