@@ -132,6 +132,17 @@ def test_split_budget_infeasible_and_bucketed():
     assert sum(errors[l][k] for l, k in enumerate(exact)) == pytest.approx(_brute(counts, errors, budget), rel=1e-12)
 
 
+def test_removals_over_the_budget_go_back_along_the_steepest_segment():
+    """Non-convex curves: the grid split (236 + 305 = 541) overshoots the budget of 346 by 195. Handed back along
+    the steepest segment (the second layer's, 108.4 error over 305 weights) and then exchanged, the split ends at
+    [322, 24] (summed error about 68.6); handed to the flattest first it ends near [18, 328] (about 113, 1.65x)."""
+    counts = [[0, 236, 322], [0, 305, 328]]
+    errors = [[0.0, 60.0, 60.07], [0.0, 108.4, 108.5]]
+    chosen = split_budget(counts, errors, 346)  # as allocate_layers calls them
+    assert [counts[l][k] for l, k in enumerate(chosen)] == [236, 305]
+    assert alloc_mod._refine(counts, errors, chosen, 346) == [322, 24]
+
+
 # --------------------------------------------------------------------------- small models
 
 
