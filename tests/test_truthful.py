@@ -456,3 +456,11 @@ def test_refusal_names_the_parametrization_and_a_weight_set_from_outside():
     outside.weight = weight  # a plain tensor attribute that code outside the module sets before each call
     with pytest.raises(ValueError, match=r"'0'.*recomputed by code outside the module.*plain Parameter"):
         select_layers(nn.Sequential(outside, nn.ReLU(), nn.Linear(4, 2)), 0.5, warn=False)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_an_empty_layer_is_skipped_and_a_one_column_layer_is_not():
+    model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False), nn.Linear(1, 2, bias=False))
+    sel = select_layers(model, 0.5, warn=False)
+    assert sel.skipped == {"0": "its weight is empty"}
+    assert list(sel.targets) == ["2", "3", "4"]  # one input column is still a weight to choose from per row
