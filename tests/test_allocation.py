@@ -141,6 +141,8 @@ def test_removals_over_the_budget_go_back_along_the_steepest_segment():
     chosen = split_budget(counts, errors, 346)  # as allocate_layers calls them
     assert [counts[l][k] for l, k in enumerate(chosen)] == [236, 305]
     assert alloc_mod._refine(counts, errors, chosen, 346) == [322, 24]
+    # the same layers in the other order: the steepest segment decides, not the position
+    assert alloc_mod._refine(counts[::-1], errors[::-1], chosen[::-1], 346) == [24, 322]
 
 
 
@@ -198,6 +200,14 @@ def test_final_split_never_goes_below_a_layers_lowest_level():
     errors = [[0.0, 1.0], [0.0, 2.0]]
     assert alloc_mod._refine(counts, errors, [0, 0], 4) == [5, 3]
     assert alloc_mod._refine(counts, errors, [1, 0], 9) == [6, 3]
+
+
+def test_an_excess_of_one_weight_is_handed_back_too():
+    counts = [[0, 4], [0, 4]]
+    errors = [[0.0, 1.0], [0.0, 2.0]]
+    chosen = split_budget(counts, errors, 7)
+    assert [counts[l][k] for l, k in enumerate(chosen)] == [4, 4]  # the grid overshoots by one
+    assert alloc_mod._refine(counts, errors, chosen, 7) == [4, 3]  # from the steeper layer
 
 
 def test_row_minimum_keeps_each_rows_costliest_weights_that_are_still_there():
