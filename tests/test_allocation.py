@@ -132,6 +132,113 @@ def test_split_budget_infeasible_and_bucketed():
     assert sum(errors[l][k] for l, k in enumerate(exact)) == pytest.approx(_brute(counts, errors, budget), rel=1e-12)
 
 
+def test_removals_over_the_budget_go_back_along_the_steepest_segment():
+    """Non-convex curves: the grid split (236 + 305 = 541) overshoots the budget of 346 by 195. Handed back along
+    the steepest segment (the second layer's, 108.4 error over 305 weights) and then exchanged, the split ends at
+    [322, 24] (summed error about 68.6); handed to the flattest first it ends near [18, 328] (about 113, 1.65x)."""
+    counts = [[0, 236, 322], [0, 305, 328]]
+    errors = [[0.0, 60.0, 60.07], [0.0, 108.4, 108.5]]
+    chosen = split_budget(counts, errors, 346)  # as allocate_layers calls them
+    assert [counts[l][k] for l, k in enumerate(chosen)] == [236, 305]
+    assert alloc_mod._refine(counts, errors, chosen, 346) == [322, 24]
+    # the same layers in the other order: the steepest segment decides, not the position
+    assert alloc_mod._refine(counts[::-1], errors[::-1], chosen[::-1], 346) == [24, 322]
+
+
+
+def _interp(c, e, x):
+    """A layer's error at ``x`` removals, linear between its measured levels (as the hand-back and exchanges take it)."""
+    return float(np.interp(x, c, e))
+
+
+def _random_curves(g, convex):
+    L = int(torch.randint(2, 5, (1,), generator=g))
+    counts, errors = [], []
+    for _ in range(L):  # few weights and levels, so that kinks and ties between layers are common
+        c = [0] + sorted(set(torch.randint(1, 13, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()))
+        steps = torch.rand(len(c) - 1, generator=g, dtype=F64)
+        if convex:  # slopes that grow along the curve
+            slopes = steps.sort().values
+            e = [0.0] + torch.cumsum(slopes * torch.tensor(np.diff(c), dtype=F64), 0).tolist()
+        else:  # increasing but with any slopes
+            e = [0.0] + torch.cumsum(steps, 0).tolist()
+        counts.append(c)
+        errors.append(e)
+    budget = int(torch.randint(1, sum(c[-1] for c in counts) + 1, (1,), generator=g))
+    return counts, errors, budget
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_final_split_meets_the_budget_exactly_and_never_loses_to_the_grid_split(seed):
+    """Any increasing curves: exactly ``budget`` removals, each layer within its measured range, a summed
+    (interpolated) error at most the grid split's, and no single exchange between two layers left that lowers it."""
+    g = torch.Generator().manual_seed(100 + seed)
+    for _ in range(30):
+        counts, errors, budget = _random_curves(g, convex=False)
+        chosen = split_budget(counts, errors, budget)
+        cur = alloc_mod._refine(counts, errors, chosen, budget)
+        assert sum(cur) == budget, (counts, budget, cur)
+        assert all(0 <= x <= c[-1] for x, c in zip(cur, counts))
+        total = sum(_interp(c, e, x) for c, e, x in zip(counts, errors, cur))
+        grid = sum(errors[l][k] for l, k in enumerate(chosen))
+        tol = 64 * torch.finfo(F64).eps * max(1.0, grid)
+        assert total <= grid + tol
+        for a in range(len(cur)):  # moving one removal from a to b may not help (curves are linear per unit)
+            for b in range(len(cur)):
+                if a != b and cur[a] > 0 and cur[b] < counts[b][-1]:
+                    moved = list(cur)
+                    moved[a] -= 1
+                    moved[b] += 1
+                    assert sum(_interp(c, e, x) for c, e, x in zip(counts, errors, moved)) >= total - tol
+
+
+
+def test_final_split_never_goes_below_a_layers_lowest_level():
+    """A layer's lowest level is what earlier masks already removed: with nothing left to hand back, the split
+    stays there, over the budget, rather than returning removals that are not there."""
+    counts = [[5, 10], [3, 8]]
+    errors = [[0.0, 1.0], [0.0, 2.0]]
+    assert alloc_mod._refine(counts, errors, [0, 0], 4) == [5, 3]
+    assert alloc_mod._refine(counts, errors, [1, 0], 9) == [6, 3]
+
+
+def test_an_excess_of_one_weight_is_handed_back_too():
+    counts = [[0, 4], [0, 4]]
+    errors = [[0.0, 1.0], [0.0, 2.0]]
+    chosen = split_budget(counts, errors, 7)
+    assert [counts[l][k] for l, k in enumerate(chosen)] == [4, 4]  # the grid overshoots by one
+    assert alloc_mod._refine(counts, errors, chosen, 7) == [4, 3]  # from the steeper layer
+
+
+def test_row_minimum_keeps_each_rows_costliest_weights_that_are_still_there():
+    """Every output row keeps ``min_kept_per_row`` weights: its costliest ones get an infinite cost. With earlier
+    masks, only weights still kept count (a row's costliest weight may be one that is already gone)."""
+    inf = math.inf
+    costs = torch.tensor([[1.0, 5.0, 3.0], [4.0, 2.0, 6.0]], dtype=F64)
+    assert alloc_mod._keep_row_minimum(costs, 0, None).tolist() == costs.tolist()
+    assert alloc_mod._keep_row_minimum(costs, 1, None).tolist() == [[1.0, inf, 3.0], [4.0, 2.0, inf]]
+    assert alloc_mod._keep_row_minimum(costs, 2, None).tolist() == [[1.0, inf, inf], [inf, 2.0, inf]]
+    kept = torch.tensor([[True, False, True], [True, True, False]])
+    assert alloc_mod._keep_row_minimum(costs, 1, kept).tolist() == [[1.0, 5.0, inf], [inf, 2.0, 6.0]]
+    assert alloc_mod._keep_row_minimum(costs, 5, kept).tolist() == [[inf, 5.0, inf], [inf, inf, 6.0]]
+
+@pytest.mark.parametrize("seed", range(3))
+def test_final_split_on_convex_curves_is_the_exact_optimum(seed):
+    """Convex curves: the exchanges reach the best integer split of the interpolated curves (brute force)."""
+    g = torch.Generator().manual_seed(200 + seed)
+    for _ in range(25):
+        counts, errors, budget = _random_curves(g, convex=True)
+        cur = alloc_mod._refine(counts, errors, split_budget(counts, errors, budget), budget)
+        best = {0: 0.0}  # every integer split, layer by layer: the least summed error for each total
+        for c, e in zip(counts, errors):
+            nxt: Dict[int, float] = {}
+            for t, v in best.items():
+                for x in range(c[-1] + 1):
+                    nxt[t + x] = min(nxt.get(t + x, math.inf), v + _interp(c, e, x))
+            best = nxt
+        total = sum(_interp(c, e, x) for c, e, x in zip(counts, errors, cur))
+        assert total == pytest.approx(best[budget], rel=64 * torch.finfo(F64).eps, abs=64 * torch.finfo(F64).eps)
+
 # --------------------------------------------------------------------------- small models
 
 

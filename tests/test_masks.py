@@ -174,6 +174,69 @@ def test_existing_grad_masked_on_attach() -> None:
         assert (model.get_submodule(name).weight.grad[~masks[name]] == 0).all()
 
 
+
+def test_weight_frozen_at_attach_gets_its_gradient_masked_after_unfreezing() -> None:
+    """A frozen weight cannot take a gradient hook yet: its first forward after being unfrozen registers it (once),
+    so the pruned positions' gradients are zero from that backward on; detach removes the pending hook too."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    masks = random_masks(model, MLP_NAMES)
+    frozen = model.get_submodule("0").weight
+    frozen.requires_grad_(False)
+    masks.attach(model, [])
+    assert masks.num_hooks == len(MLP_NAMES)  # two gradient hooks and one forward pre-hook
+    assert (frozen.detach()[~masks["0"]] == 0).all()  # the masks apply to a frozen weight as well
+    gen = torch.Generator().manual_seed(0)
+    x, y = mlp_batch(gen)
+    F.cross_entropy(model(x), y).backward()  # still frozen: the pre-hook waits
+    assert frozen.grad is None and masks.num_hooks == len(MLP_NAMES)
+    frozen.requires_grad_(True)
+    for _ in range(2):  # the first forward after unfreezing swaps the pre-hook for a gradient hook, once
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        assert masks.num_hooks == len(MLP_NAMES)
+        assert len(frozen._backward_hooks or {}) == 1
+        assert (frozen.grad[~masks["0"]] == 0).all() and (frozen.grad[masks["0"]] != 0).any()
+    masks.detach()
+    assert masks.num_hooks == 0 and len(frozen._backward_hooks or {}) == 0
+
+    pending = make_mlp()
+    pending.get_submodule("0").weight.requires_grad_(False)
+    masks.attach(pending, [])
+    masks.detach()  # the forward pre-hook goes as well: unfreezing later registers nothing
+    pending.get_submodule("0").weight.requires_grad_(True)
+    pending(x).sum().backward()
+    assert len(pending.get_submodule("0").weight._backward_hooks or {}) == 0
+
+
+def test_optimizer_state_zeroed_for_every_masked_weight_even_when_one_has_none() -> None:
+    """A weight the optimizer has not stepped yet (no state) does not stop the others' state being masked."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.get_submodule("0").weight.requires_grad_(False)  # no gradient, so no momentum buffer for it
+    train_step(model, opt, mlp_batch, torch.Generator().manual_seed(0))
+    model.get_submodule("0").weight.requires_grad_(True)
+    assert not opt.state.get(model.get_submodule("0").weight)
+    masks = random_masks(model, MLP_NAMES)
+    masks.attach(model, [opt])
+    for name in ("2", "4"):
+        buf = opt.state[model.get_submodule(name).weight]["momentum_buffer"]
+        assert (buf[~masks[name]] == 0).all() and (buf[masks[name]] != 0).any(), name
+
+
+def test_attach_takes_one_optimizer_as_well_as_a_list() -> None:
+    torch.manual_seed(0)
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    masks = random_masks(model, MLP_NAMES)
+    masks.attach(model, opt)
+    assert masks.num_hooks == len(MLP_NAMES) + 1 and len(opt._optimizer_step_post_hooks) == 1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        train_step(model, opt, mlp_batch, gen)
+        assert_pruned_zero(model, masks)
+
 def test_detach_removes_hooks_and_model_trains_freely() -> None:
     torch.manual_seed(0)
     model = make_mlp()

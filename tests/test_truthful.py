@@ -406,3 +406,64 @@ def test_prune_model_takes_options_whole_or_as_keywords_not_both():
     for kwargs in (dict(sparsity=0.7), dict(method="fast"), dict(exclude=["0"])):
         with pytest.raises(TypeError, match="give one or the other"):
             prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, prune_head=True), **kwargs)
+
+
+def test_only_hooks_that_recompute_the_weight_refuse_a_layer():
+    """A forward pre-hook that does not recompute ``weight`` (a user's hook, weight_norm on the bias) leaves the
+    layer prunable; weight_norm on the weight refuses it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    model[0].register_forward_pre_hook(lambda module, args: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated, still supported
+        torch.nn.utils.weight_norm(model[2], name="bias", dim=0)
+        sel = select_layers(model, 0.5, warn=False)
+        assert set(sel.targets) == {"0", "2", "4"} and not sel.skipped
+        torch.nn.utils.weight_norm(model[4])
+        with pytest.raises(ValueError, match=r"'4'.*recomputed by an old-style WeightNorm hook.*after torch\.nn\.utils\.remove_weight_norm"):
+            select_layers(model, 0.5, warn=False)
+
+
+def test_a_module_used_twice_is_one_layer_not_a_tied_weight():
+    """The same Linear registered at two places of the model is one module (hooks see both calls' inputs), not a
+    weight shared by two modules: it is pruned, under its first name."""
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(6, 2))
+    sel = select_layers(model, 0.5, warn=False)
+    assert set(sel.targets) == {"0", "4"} and not sel.skipped
+
+
+def test_a_plain_layer_named_out_proj_is_one_layer_beside_an_attentions_projections():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out_proj = nn.Linear(8, 8)  # a plain layer that only shares the name
+
+        def forward(self, x):
+            return self.out_proj(self.attn(x, x, x, need_weights=False)[0])
+
+    model = nn.Sequential(Block(), nn.Linear(8, 2))
+    sel = select_layers(model, 0.5, warn=False)
+    attn = [f"0.attn.{p}_proj" for p in ("q", "k", "v", "out")]
+    assert sorted(sel.targets) == sorted(attn + ["0.out_proj", "1"]) and not sel.skipped
+
+
+def test_refusal_names_the_parametrization_and_a_weight_set_from_outside():
+    model = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(6, 4)), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'0'.*computed by a parametrization \(_WeightNorm\)"):
+        select_layers(model, 0.5, warn=False)
+    outside = nn.Linear(6, 4)
+    weight = outside.weight.detach().clone()
+    del outside.weight
+    outside.weight = weight  # a plain tensor attribute that code outside the module sets before each call
+    with pytest.raises(ValueError, match=r"'0'.*recomputed by code outside the module.*plain Parameter"):
+        select_layers(nn.Sequential(outside, nn.ReLU(), nn.Linear(4, 2)), 0.5, warn=False)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_an_empty_layer_is_skipped_and_a_one_column_layer_is_not():
+    model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False), nn.Linear(1, 2, bias=False))
+    sel = select_layers(model, 0.5, warn=False)
+    assert sel.skipped == {"0": "its weight is empty"}
+    assert list(sel.targets) == ["2", "3", "4"]  # one input column is still a weight to choose from per row
