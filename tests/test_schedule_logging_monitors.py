@@ -92,7 +92,7 @@ def memory_logger(ns):
 def test_two_instances_log_under_their_own_state_key(ns):
     model = lit_mlp(ns, n=128)
     first = lobs(sparsity={"net.0": 0.5}, prune_epoch=0, state_key="first")
-    second = lobs(sparsity={"net.[24]": 0.7}, prune_epoch=1, state_key="second")
+    second = lobs(sparsity={"net.[24]": 0.7}, prune_epoch=1, state_key="second", prune_head=True)  # net.4 is the head
     logger = memory_logger(ns)
     trainer = make_trainer(ns, 2, [first, second], logger=logger, log_every_n_steps=1)
     trainer.fit(model)
