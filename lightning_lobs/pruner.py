@@ -211,8 +211,8 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     limited to the keys the forward's signature names (``labels`` too when it takes them; others
     dropped; a forward taking only ``**kwargs`` gets every key). When the forward names none of the
     keys, or requires an argument the batch lacks, the mapping's ``x``/``input(s)``/``image(s)``/
-    ``pixel_values``/``input_ids`` entry is fed as the one input. If the model raises, the error
-    says what was fed and how to pass ``forward_fn``.
+    ``pixel_values``/``input_ids`` entry is fed as the one input. If the model raises, its own exception
+    propagates unchanged, with a note saying what was fed and how to pass ``forward_fn``.
     """
     if isinstance(batch, Tensor):
         fed, call = "model(batch)", lambda: model(batch)
@@ -240,17 +240,12 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     try:
         return call()
     except Exception as error:
-        hint = (
-            f"{error}\n(lightning_lobs fed this batch as {fed}, the default forward_fn; if the model runs "
-            "otherwise, say how, e.g. forward_fn=lambda model, batch: model(batch['input_ids'], "
-            "attention_mask=batch['attention_mask']))"
+        # the model's own exception propagates unchanged (same object, type and arguments), with a note
+        error.add_note(
+            f"lightning_lobs fed this batch as {fed}, the default forward_fn; if the model runs otherwise, say how, "
+            "e.g. forward_fn=lambda model, batch: model(batch['input_ids'], attention_mask=batch['attention_mask'])"
         )
-        try:
-            wrapped = type(error)(hint)
-        except Exception:  # an exception type that takes other arguments: keep it, with the hint as a note
-            error.add_note(hint)
-            raise
-        raise wrapped from error
+        raise
 
 
 def _tensors(batch: Any) -> Iterator[Tensor]:

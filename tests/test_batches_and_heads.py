@@ -129,7 +129,29 @@ def test_a_failing_default_forward_names_forward_fn_and_leaves_the_model_alone()
     with pytest.raises(ValueError, match=r"model\(input_ids=\.\.\.\).*forward_fn=lambda model, batch: model\(") as info:
         _quiet(prune_model, model, batches, 0.5, "fast")
     assert str(info.value).startswith("You must specify exactly one of input_ids")  # HF's own message first
+    assert "forward_fn" not in str(info.value) and info.value.__cause__ is None  # HF's exception itself, a note added
+    assert any("forward_fn=lambda model, batch" in note for note in info.value.__notes__)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_exception_whose_constructor_takes_other_arguments_propagates_unchanged():
+    class ShapeError(Exception):
+        def __init__(self, got: int, want: int) -> None:
+            super().__init__(f"got {got}, want {want}")
+            self.got, self.want = got, want
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            raise ShapeError(3, 4)
+
+    with pytest.raises(ShapeError) as info:
+        _quiet(prune_model, Model(), [torch.randn(2, 4)], 0.5, "fast")
+    assert (info.value.got, info.value.want) == (3, 4) and info.value.args == ("got 3, want 4",)
+    assert any("default forward_fn" in note for note in info.value.__notes__)
 
 
 def test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning():
