@@ -135,7 +135,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         progress_after: seconds a prune must run before it shows progress (phase, layer i/N,
             elapsed, ETA) in the trainer's progress bar, or as log lines without one.
         save_sparse: a path; at the end of ``fit`` (rank zero) the pruned model is saved there
-            with :func:`lightning_lobs.export.save_sparse`.
+            with :func:`lightning_lobs.export.save_sparse`. The file holds the LightningModule's keys;
+            ``load_sparse`` loads it into the LightningModule or into the bare inner model (``self.model``:
+            the ``model.`` prefix is found), e.g. the Hugging Face model you ship.
         schedule: instead of ``sparsity`` and ``prune_epoch``/``prune_step``, a
             :class:`~lightning_lobs.schedules.PruneSchedule`: ``GradualSchedule(initial=0.0, final=0.9,
             start=0, end=9, every=3)`` (Zhu & Gupta's cubic ramp) or ``SparsitySchedule(lambda epoch: ...,

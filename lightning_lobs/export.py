@@ -7,9 +7,10 @@
   own dtype and are copied as raw bits, so a load gives back every entry bit for bit (NaN payloads
   included), except that a zero loads as ``+0.0`` even where it was ``-0.0`` (equal under
   ``torch.equal``; weights pruned by multiplication hold ``-0.0`` and must not count as kept).
-* :func:`to_sparse_inference` swaps pruned ``nn.Linear`` layers for ones that run on sparse
-  kernels (CSR ``torch.sparse.mm``; on CUDA GPUs with 2:4 support,
-  ``torch.sparse.to_sparse_semi_structured``) where a quick measurement says that is faster.
+* :func:`to_sparse_inference` swaps pruned ``nn.Linear`` and ``transformers`` ``Conv1D`` layers for ones that
+  run on sparse kernels (CSR ``torch.sparse.mm``; on CUDA GPUs with 2:4 support,
+  ``torch.sparse.to_sparse_semi_structured``) where a quick measurement says that is faster, and says which
+  layers it kept dense and why.
 * :func:`export_sparse` gives masked weights as torch sparse tensors (CSR with int32 indices, or COO).
 
 The file is a `safetensors <https://github.com/huggingface/safetensors>`_ file (format version 2): a
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -62,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hessian import is_hf_conv1d
 from .masks import _PRUNABLE_TYPES, MaskSet, _resolve_weight
 
 __all__ = [
@@ -828,20 +831,63 @@ def read_sparse(path: str | os.PathLike[str], max_bytes: int | None = None) -> d
     return {e["key"]: _decode(e, tensors, path) for e in header.entries}
 
 
-def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> SparseFileInfo:
+def _find_prefixes(state_keys: list[str], file_keys: Mapping[str, Any]) -> list[str]:
+    """Every ``p`` under which the file holds all of the model's keys (``<p>.<key>``), shortest first."""
+    if not state_keys:
+        return []
+    first = "." + state_keys[0]
+    candidates = {f[: -len(first)] for f in file_keys if f.endswith(first) and len(f) > len(first)}
+    return sorted(
+        (p for p in candidates if all(f"{p}.{key}" in file_keys for key in state_keys)), key=lambda p: (len(p), p)
+    )
+
+
+def load_sparse(model: nn.Module, path: str | os.PathLike[str], prefix: str | None = None) -> SparseFileInfo:
     """Load a file written by :func:`save_sparse` into ``model`` in place, bit for bit; return its info.
 
     The file must have been written for the same architecture: the same ``state_dict`` keys, shapes and
-    dtypes. Otherwise ``ValueError`` names the first difference. Every check (of the file's structure
-    and against the model) happens before the first value is written, so a refused file leaves the model
-    as it was. Values are copied onto the model's own devices.
+    dtypes. A file saved from a wrapper, e.g. a ``LightningModule`` holding the model as ``self.model``
+    (what ``LOBSPruning(save_sparse=...)`` writes), loads into the bare inner model too: ``prefix=None``
+    (default) takes the file's keys as they are when they are the model's, else as ``<prefix>.<key of the
+    model>`` when every key of the file has that form for exactly one prefix. ``prefix="model"`` loads the
+    entries under ``model.`` and ignores the rest (a teacher, a loss's buffers); ``prefix=""`` means the keys
+    as they are. Otherwise ``ValueError`` names the first difference, or the prefixes to choose from. Every
+    check (of the whole file's structure and CRC, and of the loaded entries against the model) happens
+    before the first value is written, so a refused file leaves the model as it was. Values are copied onto
+    the model's own devices.
     """
     path = os.fspath(path)
+    if prefix is not None and not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a str (e.g. 'model' for a LightningModule's self.model) or None, got {prefix!r}")
     state = model.state_dict()
     with open(path, "rb") as f:
         header = _read_header(path, f)
         in_file = {e["key"]: e for e in header.entries}
         where = f"{path!r} (saved from a {header.metadata.get('model', '?')}) does not match this {type(model).__name__}"
+        if prefix is None and set(in_file) != set(state):
+            found = _find_prefixes(list(state), in_file)
+            if len(found) > 1:
+                raise ValueError(
+                    f"{where} as it is, and holds its entries under each of "
+                    f"{', '.join(repr(p + '.') for p in found)}: pass load_sparse(model, path, prefix=...) with one of "
+                    f"{', '.join(repr(p) for p in found)}"
+                )
+            if found:
+                under = {f"{found[0]}.{key}" for key in state}
+                others = sorted(key for key in in_file if key not in under)
+                if others:
+                    raise ValueError(
+                        f"{where} as it is; it holds the model's entries under {found[0] + '.'!r} and {len(others)} "
+                        f"other(s) ({others[0]!r}...): pass load_sparse(model, path, prefix={found[0]!r}) to load those "
+                        "and ignore the rest"
+                    )
+                prefix = found[0]
+        if prefix:
+            lead = prefix.rstrip(".") + "."
+            in_file = {key[len(lead) :]: entry for key, entry in in_file.items() if key.startswith(lead)}
+            where += f" under the prefix {lead!r}"
+            if prefix is not None and not in_file:
+                raise ValueError(f"{where}: the file has no key starting with {lead!r}")
         for key, value in state.items():
             entry = in_file.get(key)
             if entry is None:
@@ -861,7 +907,9 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str]) -> SparseFileInf
     decoded = {key: _decode(entry, tensors, path) for key, entry in in_file.items()}
     del tensors
     model.load_state_dict(decoded, strict=True)
-    return _info_from_metadata(header.metadata, header.entries, path, header.file_bytes)
+    if prefix:
+        log.info("load_sparse %s: loaded the entries under %r into the %s", path, prefix, type(model).__name__)
+    return _info_from_metadata(header.metadata, list(in_file.values()), path, header.file_bytes)
 
 
 # --------------------------------------------------------------------------- torch sparse export
@@ -906,6 +954,24 @@ def export_sparse(model: nn.Module, masks: MaskSet, layout: str = "csr") -> dict
 # --------------------------------------------------------------------------- sparse inference
 
 
+def _linear_weight(module: nn.Module) -> Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear``, or of a ``transformers`` ``Conv1D`` (stored ``(in, out)``)."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight.t() if is_hf_conv1d(module) else weight
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
+
+
+def _swappable(module: nn.Module) -> bool:
+    # subclasses of nn.Linear are left alone: attention's out_proj has its weight read by its parent directly
+    return type(module) is nn.Linear or is_hf_conv1d(module)
+
+
 class CSRLinear(nn.Module):
     """Inference-only ``nn.Linear`` whose weight is a CSR tensor (int32 indices) multiplied with
     ``torch.sparse.mm``: ``y = (W_csr @ x^T)^T + b``. Not trainable."""
@@ -925,8 +991,9 @@ class CSRLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> CSRLinear:
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Module) -> CSRLinear:
+        """From an ``nn.Linear`` or a ``transformers`` ``Conv1D`` (whose ``(in, out)`` weight is transposed)."""
+        return cls(_linear_weight(linear), _bias(linear))
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -960,8 +1027,9 @@ class SemiStructuredLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> SemiStructuredLinear:
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Module) -> SemiStructuredLinear:
+        """From an ``nn.Linear`` or a ``transformers`` ``Conv1D`` (whose ``(in, out)`` weight is transposed)."""
+        return cls(_linear_weight(linear), _bias(linear))
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
@@ -972,7 +1040,7 @@ class SemiStructuredLinear(nn.Module):
 
 
 Kernel = Literal["dense", "csr", "semi_structured"]
-_BUILDERS: dict[str, Callable[[nn.Linear], nn.Module]] = {
+_BUILDERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "csr": CSRLinear.from_linear,
     "semi_structured": SemiStructuredLinear.from_linear,
 }
@@ -980,10 +1048,13 @@ _BUILDERS: dict[str, Callable[[nn.Linear], nn.Module]] = {
 
 @dataclass
 class LayerPlan:
-    """The kernel chosen for one ``nn.Linear`` and why (times: median ms per forward at the planned batch)."""
+    """The kernel chosen for one layer and why (times: median ms per forward at the planned batch).
+
+    ``shape`` is ``(out, in)`` for a Linear or HF ``Conv1D``, the weight's shape for a layer that has no
+    sparse kernel here (``kernel="dense"``, ``reason`` naming its type)."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     sparsity: float
     kernel: Kernel
     reason: str
@@ -1036,6 +1107,24 @@ def _median_ms(fns: Mapping[str, Callable[[], Any]], device: torch.device, repea
     return {key: 1e3 * sorted(ts)[len(ts) // 2] for key, ts in times.items()}
 
 
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a weight-bearing layer that is not swapped has no sparse kernel here (None: not such a layer)."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return f"unsupported type {kind} (a Linear subclass: its parent may read its weight directly)"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"unsupported type {kind} (no sparse convolution kernel)"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"unsupported type {kind} (its projections are applied functionally)"
+    return None
+
+
+def _sparsity(weight: Tensor | None) -> float:
+    if not isinstance(weight, Tensor):
+        return 0.0
+    return 1.0 - int(torch.count_nonzero(weight.detach())) / max(weight.numel(), 1)
+
+
 def plan_sparse_inference(
     model: nn.Module,
     batch_size: int = 1,
@@ -1045,14 +1134,16 @@ def plan_sparse_inference(
     repeats: int = 20,
     warmup: int = 3,
 ) -> dict[str, LayerPlan]:
-    """Choose a kernel for every plain ``nn.Linear`` of ``model`` (subclasses, e.g. attention's out_proj
-    whose weight is read directly, are left alone).
+    """Choose a kernel for every plain ``nn.Linear`` and ``transformers`` ``Conv1D`` (GPT-2's transposed
+    Linear) of ``model``, and say why each other weight-bearing layer stays dense.
 
     Candidates: ``semi_structured`` for 2:4 weights on CUDA devices of compute capability 8.0+, ``csr``
     for weights at least ``min_sparsity`` sparse (float32/float64 on CPU). ``mode="auto"`` times the dense
     layer and each candidate on a random ``(batch_size, in_features)`` input (median of ``repeats`` calls
     each, taking turns, after ``warmup``, with the current thread count) and takes the fastest candidate if it beats dense by
     ``min_speedup``; ``"sparse"`` takes the first candidate unmeasured (2:4 before CSR); ``"dense"`` none.
+    Convolutions, ``nn.MultiheadAttention`` and subclasses of ``nn.Linear`` (attention's ``out_proj``, whose
+    weight its parent reads directly) get a ``"dense"`` plan whose ``reason`` names the unsupported type.
     """
     if mode not in ("auto", "sparse", "dense"):
         raise ValueError(f"mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
@@ -1060,10 +1151,15 @@ def plan_sparse_inference(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plans: dict[str, LayerPlan] = {}
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if not _swappable(module):
+            reason = _unsupported_reason(module)
+            if reason is not None:
+                weight = getattr(module, "weight", getattr(module, "in_proj_weight", None))
+                shape = tuple(weight.shape) if isinstance(weight, Tensor) else ()
+                plans[name] = LayerPlan(name, shape, _sparsity(weight), "dense", reason)
             continue
-        weight = module.weight.detach()
-        sparsity = 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+        weight = _linear_weight(module).detach()
+        sparsity = _sparsity(weight)
         plan = LayerPlan(name, tuple(weight.shape), sparsity, "dense", "")
         plans[name] = plan
         kernels, why_not = _candidates(weight, sparsity, min_sparsity)
@@ -1075,12 +1171,12 @@ def plan_sparse_inference(
             continue
         x = torch.randn(batch_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
         with torch.inference_mode():
-            fns: dict[str, Callable[[], Any]] = {"dense": lambda: module(x)}
+            fns: dict[str, Callable[[], Any]] = {"dense": functools.partial(module, x)}
             for kernel in kernels:
                 try:
                     layer = _BUILDERS[kernel](module)
                     layer(x)
-                    fns[kernel] = lambda layer=layer: layer(x)
+                    fns[kernel] = functools.partial(layer, x)
                 except (RuntimeError, NotImplementedError) as err:  # e.g. a shape/dtype the kernel refuses
                     why_not.append(f"{kernel} failed: {str(err).splitlines()[0][:120]}")
             times = _median_ms(fns, weight.device, repeats, warmup)
@@ -1107,7 +1203,8 @@ def to_sparse_inference(
     plan: Mapping[str, LayerPlan] | None = None,
     **plan_kwargs: Any,
 ) -> nn.Module:
-    """Return ``model`` for inference with its pruned ``nn.Linear`` layers on sparse kernels where faster.
+    """Return ``model`` for inference with its pruned ``nn.Linear`` and ``transformers`` ``Conv1D`` layers on
+    sparse kernels where faster.
 
     By default a deep copy is changed and returned (the original stays trainable and untouched);
     ``inplace=True`` swaps the layers of ``model`` itself. The choice per layer is
@@ -1115,18 +1212,38 @@ def to_sparse_inference(
     given. The swapped layers compute the same function up to float rounding (sums in another order);
     they are inference-only and hold no trainable weight, so save the model with :func:`save_sparse`
     before swapping. Apply the masks first (the sparsity is read from the zeros of the weights).
+
+    What was done is the returned model's ``sparse_inference_plan`` (``{layer name: LayerPlan}``: kernel
+    and reason for every layer, swapped or not), one log line (INFO) says how many layers were swapped, and
+    one ``UserWarning`` lists every layer kept dense and why (too dense, slower when timed, an unsupported
+    type), unless ``mode="dense"`` asked for none.
     """
     if plan is None:
         plan = plan_sparse_inference(model, batch_size=batch_size, mode=mode, **plan_kwargs)
     target = model if inplace else copy.deepcopy(model)
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for name, layer_plan in plan.items():
         if layer_plan.kernel == "dense":
             continue
         parent_name, _, child = name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target
-        linear = getattr(parent, child)
-        if type(linear) is not nn.Linear:
-            raise TypeError(f"plan names {name!r}, which is a {type(linear).__name__}, not an nn.Linear")
-        setattr(parent, child, _BUILDERS[layer_plan.kernel](linear))
-        log.info("to_sparse_inference: %s -> %s (%s)", name, layer_plan.kernel, layer_plan.reason)
+        layer = getattr(parent, child)
+        if not _swappable(layer):
+            raise TypeError(
+                f"plan names {name!r}, which is a {type(layer).__name__}, not an nn.Linear or a transformers Conv1D"
+            )
+        swaps.append((parent, child, _BUILDERS[layer_plan.kernel](layer)))
+    for parent, child, layer in swaps:  # every layer built before the first is swapped: a failure changes nothing
+        setattr(parent, child, layer)
+    swapped = [f"{n} -> {p.kernel}" for n, p in plan.items() if p.kernel != "dense"]
+    dense = [f"{n} ({p.reason})" for n, p in plan.items() if p.kernel == "dense" and p.reason != "mode='dense'"]
+    log.info(
+        "to_sparse_inference: swapped %d of %d layers%s", len(swapped), len(plan), f": {', '.join(swapped)}" if swapped else ""
+    )
+    if dense and mode != "dense":
+        warnings.warn(
+            f"to_sparse_inference: swapped {len(swapped)} of {len(plan)} layers; kept dense: {'; '.join(dense)}",
+            stacklevel=2,
+        )
+    target.sparse_inference_plan = dict(plan)  # type: ignore[assignment]  # a plain attribute, not a Parameter
     return target

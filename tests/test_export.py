@@ -564,7 +564,12 @@ def test_linear_subclasses_left_alone():
     with torch.no_grad():
         mha.out_proj.weight.zero_()
     plan = plan_sparse_inference(mha, mode="sparse")
-    assert plan == {}
+    assert set(plan) == {"", "out_proj"} and all(p.kernel == "dense" for p in plan.values())
+    assert "unsupported type NonDynamicallyQuantizableLinear" in plan["out_proj"].reason
+    assert "unsupported type MultiheadAttention" in plan[""].reason
+    with pytest.warns(UserWarning, match=r"swapped 0 of 2 layers; kept dense: .*out_proj \(unsupported type"):
+        same = to_sparse_inference(mha, mode="sparse")
+    assert type(same.out_proj) is type(mha.out_proj)
 
 
 def test_two_four_rule():

@@ -86,6 +86,9 @@ to_sparse_inference: a copy, Linears >= 50% sparse, convs dense (deploy)  ::test
 mode='sparse' swaps without timing (deploy)                               ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
 to_sparse_inference times at batch 1 by default, swaps at >= 1.1x         ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
 swapped layers give the dense outputs up to rounding (deploy)             test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
+HF Conv1D swapped too, outputs within rounding (deploy)                   test_hf_takehome.py::test_to_sparse_inference_swaps_gpt2_conv1d_and_keeps_the_outputs
+plan, one log line and one warning say what was swapped and why not       test_hf_takehome.py::test_to_sparse_inference_reports_what_it_swapped_and_why_not
+the callback's file loads into the bare inner model (deploy)              test_hf_takehome.py::test_callback_file_of_a_lightning_module_loads_into_the_bare_hf_model
 errors in __init__/setup before any training step (errors)                test_callback.py::test_setup_errors_before_training
 NaN/inf parameters named before calibrating (errors)                      test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
 explicit exact over three minutes warns (errors)                          ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
@@ -625,8 +628,10 @@ def test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half
         model[4].weight.view(-1)[:49] = 0  # 49%
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = export_mod.plan_sparse_inference(model, mode="sparse")
-    assert set(plan) == {"2", "4", "6"} and all(p.dense_ms is None and not p.sparse_ms for p in plan.values())  # untimed
-    fast = to_sparse_inference(model, mode="sparse")
+    assert set(plan) == {"0", "2", "4", "6"} and all(p.dense_ms is None and not p.sparse_ms for p in plan.values())  # untimed
+    assert plan["0"].kernel == "dense" and "unsupported type Conv1d" in plan["0"].reason
+    with pytest.warns(UserWarning, match=r"swapped 1 of 4 layers; kept dense: 0 \(unsupported type Conv1d"):
+        fast = to_sparse_inference(model, mode="sparse")
     assert fast is not model
     assert [type(m) for m in model] == [nn.Conv1d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
