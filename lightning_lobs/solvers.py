@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -59,6 +59,7 @@ __all__ = [
     "GreedyTrace",
     "METHODS",
     "NMPattern",
+    "PROGRESS_TICK_FLOPS",
     "REFIT_AUTO_MAX_FLOPS",
     "SolveResult",
     "SolverOptions",
@@ -73,12 +74,33 @@ __all__ = [
     "parse_pattern",
     "refit",
     "solve_layer",
+    "Tick",
 ]
 
 METHODS = ("lobs", "exact", "fast")
 #: ``SolverOptions(refit=None)`` refits ``lobs``/``fast`` masks when the batched solve of the
 #: kept submatrices costs at most this many flops (about ten seconds on 2 CPU cores).
 REFIT_AUTO_MAX_FLOPS = 2e11
+#: The long kernels (``exact``'s greedy trace, the refit, SparseGPT's column sweep, the error
+#: curves) call their ``tick`` at least once per this many estimated floating-point operations:
+#: about 0.1 s at the 2e10 flop/s one core does in the trace's batched matmuls, so even a core
+#: ten times slower reports well within 2 s. Row chunks are sized for it, not only for memory.
+PROGRESS_TICK_FLOPS = 2e9
+
+#: A progress callback of the kernels: called with the fraction in [0, 1] of the call's work done.
+Tick = Callable[[float], None]
+
+
+def _sub_tick(tick: Optional[Tick], start: float, share: float) -> Optional[Tick]:
+    """``tick`` for a part of the work that starts at fraction ``start`` and makes up ``share`` of it."""
+    if tick is None:
+        return None
+    return lambda f: tick(start + share * min(max(f, 0.0), 1.0))
+
+
+def _tick_rows(rows: int, flops_per_row: float) -> int:
+    """Rows per chunk so that one chunk's work between two ticks stays within :data:`PROGRESS_TICK_FLOPS`."""
+    return max(1, min(rows, int(PROGRESS_TICK_FLOPS // max(flops_per_row, 1.0))))
 
 
 @dataclass(frozen=True)
@@ -341,7 +363,9 @@ def _row_chunk(rows: int, d: int, element_size: int, max_bytes: int, copies: int
     return max(1, min(rows, max_bytes // max(1, copies * d * d * element_size)))
 
 
-def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[SolverOptions] = None) -> Tensor:
+def refit(
+    weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[SolverOptions] = None, tick: Optional[Tick] = None
+) -> Tensor:
     """Least-squares optimum of the kept weights for a fixed mask (the joint OBS update).
 
     For each row solves ``min (w^ - w) H (w^ - w)^T`` subject to ``w^ = 0`` where the
@@ -349,7 +373,8 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
     cost falls with sparsity). Columns kept in every row (a bias column, say) simply take
     part in the solve. H is damped as in the solvers. The solve is for the change
     ``w^_K - w_K = H_KK^-1 H_KR w_R``, which only the removed weights drive: a kept weight
-    of any magnitude (a bias 1e20 times the others) cannot swamp it in rounding.
+    of any magnitude (a bias 1e20 times the others) cannot swamp it in rounding. ``tick``
+    (optional) is called with the fraction of the work done after each chunk of rows.
     """
     solver = solver or SolverOptions()
     H, _ = damped_hessian(hessian, solver.damp, solver.dtype)
@@ -366,12 +391,15 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
     out = torch.zeros_like(W)
     # Rows with similar kept counts share a padded system size.
     by_count = torch.argsort(counts, descending=True)
+    # The work done so far, for the ticks: each row's Cholesky costs about k^3.
+    done_work = torch.cat([counts.new_zeros(1, dtype=torch.float64), counts[by_count].double().pow(3).cumsum(0)])
     start = 0
     while start < rows:
         k = int(counts[by_count[start]])
         if k == 0:
             break
         chunk = max(1, solver.max_memory_bytes // (3 * k * k * W.element_size()))
+        chunk = min(chunk, _tick_rows(rows, k**3 / 3 + 2 * k * k))  # Cholesky and the gather, per row
         sel = by_count[start : start + chunk]
         start += chunk
         R = sel.numel()
@@ -391,6 +419,8 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
         else:
             sol = torch.cholesky_solve(b, L)
         out[sel] = torch.zeros(R, d, dtype=W.dtype, device=W.device).scatter_(1, idx, sol.squeeze(2) * valid)
+        if tick is not None and start < rows:
+            tick(float(done_work[start] / done_work[-1]))
     return out.add_(W.masked_fill(~keep, 0)).to(weight.dtype)
 
 
@@ -560,6 +590,20 @@ def _compact_in_place(Hinv: Tensor, keep: Tensor) -> Tensor:
     return flat[: R * width * width].view(R, width, width)
 
 
+def _trace_work(d: int, steps: int, lazy: int, frozen: int, shrink: float) -> float:
+    """Sum over the steps of :func:`_greedy_trace` of the squared width held, for unstructured rows."""
+    dc, work, j = d, 0.0, 0
+    for step in range(steps):
+        work += float(dc) ** 2
+        j += 1
+        if j == lazy or step == steps - 1:
+            width = d - frozen - (step + 1)
+            if step < steps - 1 and width <= shrink * dc:
+                dc = width
+            j = 0
+    return max(work, 1.0)
+
+
 def _greedy_trace(
     W: Tensor,
     Hinv: Tensor,
@@ -570,6 +614,7 @@ def _greedy_trace(
     lazy: int,
     forced: Optional[Tensor] = None,
     shrink: float = 0.75,
+    tick: Optional[Tick] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy of H^-1.
 
@@ -581,7 +626,9 @@ def _greedy_trace(
     makes the total work about a third of keeping full d x d matrices.
 
     Returns ``(order, increments)``: the original column removed at each step and the
-    OBS loss ``w_q^2 / (2 [H^-1]_qq)`` of that removal (dead inputs cost 0).
+    OBS loss ``w_q^2 / (2 [H^-1]_qq)`` of that removal (dead inputs cost 0). ``tick`` is called
+    after every flush but the last with the estimated fraction of the work done (a flush costs
+    the square of the current width).
     """
     R, d = W.shape
     dtype, device = W.dtype, W.device
@@ -604,6 +651,10 @@ def _greedy_trace(
         group_count = torch.zeros(R, dp // pattern.m, dtype=torch.long, device=device)
     U = torch.zeros(R, lazy, d, dtype=dtype, device=device)  # pending downdates, one row vector per removal
     tiny = torch.finfo(dtype).tiny
+    # Work is counted as the square of the columns held per step (a flush's cost); the total follows the
+    # compaction schedule of unstructured rows (N:M rows compact sooner, so their fraction ends below 1).
+    total_work = _trace_work(d, steps, lazy, frozen, shrink)
+    work = 0.0
     j = 0
     for step in range(steps):
         dc = W.shape[1]
@@ -634,6 +685,7 @@ def _greedy_trace(
             if bool(full.any()):  # block the rest of every group that just reached its quota
                 blocked |= full.unsqueeze(1) & (groupmap == gq.unsqueeze(1))
         j += 1
+        work += float(dc) ** 2
         if j == lazy or step == steps - 1:
             width = int((~blocked).sum(dim=1).max())
             if step < steps - 1 and width <= shrink * dc:
@@ -653,6 +705,8 @@ def _greedy_trace(
                 Hinv.baddbmm_(U[:, :j, :].transpose(1, 2), U[:, :j, :], alpha=-1)
                 U.zero_()
             j = 0
+            if tick is not None and step < steps - 1:
+                tick(min(work / total_work, 1.0))
     return order, increments
 
 
@@ -773,6 +827,7 @@ def _exact_trace(
     frozen: int,
     options: SolverOptions,
     forced: Optional[Tensor],
+    tick: Optional[Tick] = None,
 ) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
     if frozen and bool(dead[:, d - frozen :].any()):  # the bias is never removed: it must not join the dead inputs
@@ -785,7 +840,7 @@ def _exact_trace(
         live = (~dead[0]).nonzero().squeeze(1)
         gone = dead[0].nonzero().squeeze(1)
         sub = Hinv[:, live][:, :, live].contiguous()
-        order, inc = _exact_trace(W[:, live], sub, dead[:, live], None, frozen, options, None)
+        order, inc = _exact_trace(W[:, live], sub, dead[:, live], None, frozen, options, None, tick)
         order = torch.cat([gone.expand(rows, -1), live[order]], dim=1)
         return order, torch.cat([inc.new_zeros(rows, gone.numel()), inc], dim=1)
     dp = d - frozen
@@ -796,6 +851,8 @@ def _exact_trace(
         empty = torch.empty(rows, 0, device=W.device)
         return empty.long(), empty.to(W.dtype)
     chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes)
+    # One flush of R rows costs 2 R lazy d^2 flops: bounded so that the ticks between flushes come often enough.
+    chunk = min(chunk, _tick_rows(rows, 2.0 * options.lazy_steps * d * d))
     orders, incs = [], []
     # One buffer for every chunk: a fresh (R, d, d) allocation per chunk costs about as much in page faults as
     # a flush. The trace downdates its chunk's copy in place.
@@ -805,9 +862,12 @@ def _exact_trace(
         idx = gidx[sl]
         Hrows = torch.index_select(Hinv, 0, idx, out=buffer[: idx.numel()])
         f = forced[sl] if forced is not None else None
-        order, inc = _greedy_trace(W[sl], Hrows, dead[idx], steps, pattern, frozen, options.lazy_steps, f)
+        part = _sub_tick(tick, start / rows, idx.numel() / rows)
+        order, inc = _greedy_trace(W[sl], Hrows, dead[idx], steps, pattern, frozen, options.lazy_steps, f, tick=part)
         orders.append(order)
         incs.append(inc)
+        if tick is not None and start + idx.numel() < rows:
+            tick((start + idx.numel()) / rows)
     return torch.cat(orders), torch.cat(incs)
 
 
@@ -893,6 +953,7 @@ def _solve_fast_group(
     block: int,
     forced: Optional[Tensor],
     protected: Optional[Tensor],
+    tick: Optional[Tick] = None,
 ) -> Tuple[Tensor, Tensor]:
     """SparseGPT on one group's rows at ``K = len(totals)`` sparsity levels at once.
 
@@ -903,7 +964,7 @@ def _solve_fast_group(
     later blocks could not take, so the quota is always met and every removal is
     compensated; without protected weights the blocks prune exactly SparseGPT's quotas.
     Returns ``(K, rows, d)`` pruned weights and keep-masks; the levels share one Cholesky
-    factor and one column sweep.
+    factor and one column sweep. ``tick`` gets the fraction of columns done after each block.
     """
     rows, d = W.shape
     K = len(totals)
@@ -967,6 +1028,8 @@ def _solve_fast_group(
             Err1[:, :, i] = err
         W[:, :, i1:i2] = W1
         W[:, :, i2:] -= Err1 @ U[i1:i2, i2:]
+        if tick is not None and i2 < d:
+            tick(i2 / d)
     if pattern is None:
         for lv in range(K):
             short = totals[lv] - pruned[lv]
@@ -1029,6 +1092,7 @@ def error_curve(
     solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
     sample_rows: int = 64,
+    tick: Optional[Tick] = None,
 ) -> Tensor:
     """Relative layer error of SparseGPT (``fast`` without the refit) at each of ``sparsities``.
 
@@ -1037,6 +1101,7 @@ def error_curve(
     sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
     ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
     Arguments as in :func:`solve_layer`; the per-row minimum ``solver.min_kept_per_row`` holds.
+    ``tick`` (optional) is called with the fraction of the sweep done, per block of columns.
     """
     solver = solver or SolverOptions()
     levels = [float(v) for v in sparsities]
@@ -1054,7 +1119,8 @@ def error_curve(
     Hd = x.H.to(device=work.device, dtype=torch.float64)
     err = torch.zeros(len(levels), dtype=torch.float64)
     energy = 0.0
-    for g in gidx.unique().tolist():
+    group_list = gidx.unique().tolist()
+    for i, g in enumerate(group_list):
         rs = sel[gidx == g]
         Wg = work[rs]
         f = x.forced[rs] if x.forced is not None else None
@@ -1064,11 +1130,14 @@ def error_curve(
         if f is not None:
             limit = int(torch.maximum(torch.full_like(rs, max(dp - solver.min_kept_per_row, 0)), f[:, :dp].sum(1)).sum())
         totals = [min(int(round(v * rs.numel() * dp)), limit) for v in levels]
-        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot)
+        part = _sub_tick(tick, i / len(group_list), 1 / len(group_list))
+        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot, part)
         delta = (new - Wg.unsqueeze(0)).double()
         err += 0.5 * torch.einsum("kri,ij,krj->k", delta, Hd[g], delta).cpu()
         w64 = Wg.double()
         energy += 0.5 * float(torch.einsum("ri,ij,rj->", w64, Hd[g], w64))
+        if tick is not None and i + 1 < len(group_list):
+            tick((i + 1) / len(group_list))
     if not energy > 0:
         return torch.zeros(len(levels), dtype=torch.float64)
     return err / energy
@@ -1164,10 +1233,12 @@ def greedy_trace(
     pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
     solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
+    tick: Optional[Tick] = None,
 ) -> GreedyTrace:
     """Run the ``exact`` solver's greedy OBS sequence once, for reuse at any sparsity.
 
-    Arguments as in :func:`solve_layer`. Pass the result as ``solve_layer(..., trace=...)``;
+    Arguments as in :func:`solve_layer`; ``tick`` (optional) is called with the fraction done
+    at least every :data:`PROGRESS_TICK_FLOPS` of work. Pass the result as ``solve_layer(..., trace=...)``;
     :meth:`GreedyTrace.removal_costs` gives every weight's greedy removal cost.
     """
     solver = solver or SolverOptions()
@@ -1176,7 +1247,7 @@ def greedy_trace(
     Wb, Hb, _, s, t = _balanced(x.W, x.H, x.frozen)
     work = Wb.to(solver.dtype)
     _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
-    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced)
+    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced, tick)
     return GreedyTrace(order=order, increments=inc.double() * (s * t * t), damp=damp, pattern=nm)  # float64: may be 1e46
 
 
@@ -1191,6 +1262,7 @@ def solve_layer(
     solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
     trace: Optional[GreedyTrace] = None,
+    tick: Optional[Tick] = None,
 ) -> SolveResult:
     """Prune one layer's weight with Optimal Brain Surgeon.
 
@@ -1209,6 +1281,10 @@ def solve_layer(
         trace: ``exact`` only: a :func:`greedy_trace` of this same weight, H, bias, pattern,
             prior mask and solver, so that solving at several sparsities runs the greedy
             sequence once.
+        tick: optional progress callback, called with the fraction of the work done (an
+            estimate) at least every :data:`PROGRESS_TICK_FLOPS` of work in the long loops
+            (the greedy trace, the column sweep, the refit). It must not raise, or the solve
+            is abandoned with that exception.
 
     Returns:
         A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
@@ -1239,13 +1315,21 @@ def solve_layer(
         Wb, Hb, c, s, t = _balanced(W2, H, frozen)
         wb = Wb.to(solver.dtype)
         _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
+        refit_share = 1.0
         if trace is None:
-            order, inc = _exact_trace(wb, Hinv, dead, nm, frozen, solver, forced)
+            D = W2.shape[1]
+            trace_flops = 2.0 * rows * _trace_work(D, D - frozen, solver.lazy_steps, frozen, 0.75)
+            refit_flops = rows * (D * (1.0 - sparsity)) ** 3 / 3
+            refit_share = refit_flops / (trace_flops + refit_flops)
+            order, inc = _exact_trace(wb, Hinv, dead, nm, frozen, solver, forced, _sub_tick(tick, 0.0, 1.0 - refit_share))
             inc = inc.double() * (s * t * t)  # float64: the factor may be 1e46
         else:
             order, inc = trace.order.to(work.device), trace.increments.to(work.device)
         mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced, m_row)
-        new = refit(wb, Hb.to(H.dtype), mask2, replace(solver, damp=damp)).mul_(t)
+        if tick is not None and refit_share < 1.0:
+            tick(1.0 - refit_share)
+        new = refit(wb, Hb.to(H.dtype), mask2, replace(solver, damp=damp), _sub_tick(tick, 1.0 - refit_share, refit_share))
+        new.mul_(t)
         if frozen:
             new[:, -1] *= c[_row_groups(rows, groups, new.device)].to(new.dtype)
         if not torch.isfinite(new).all():
@@ -1261,7 +1345,7 @@ def solve_layer(
         if method == "lobs":
             mask2, scores = _lobs_mask(work, Hinv, dead, sparsity, nm, frozen, forced, protected)
             if _wants_refit(solver, mask2):
-                new = refit(work, H, mask2, replace(solver, damp=damp))
+                new = refit(work, H, mask2, replace(solver, damp=damp), tick)
             else:
                 new = _lobs_sequential(work, Hinv, mask2, scores)
         else:
@@ -1269,18 +1353,29 @@ def solve_layer(
             outs, masks = [], []
             dp = d_w
             quota = lambda g: int(round(sparsity * g * per * dp))  # noqa: E731 - layer-wide rounding
+            D = W2.shape[1]
+            sweep_flops = 2.0 * rows * D * D  # the lazy block updates
+            refit_flops = rows * (D * (1.0 - sparsity)) ** 3 / 3
+            if not (solver.refit is True or (solver.refit is None and refit_flops <= REFIT_AUTO_MAX_FLOPS)):
+                refit_flops = 0.0
+            sweep_share = sweep_flops / (sweep_flops + refit_flops)
             for g in range(groups):
                 sl = slice(g * per, (g + 1) * per)
                 f = forced[sl] if forced is not None else None
                 p = protected[sl] if protected is not None else None
+                part = _sub_tick(tick, sweep_share * g / groups, sweep_share / groups)
                 o, m = _solve_fast_group(
-                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, solver.block_size, f, p
+                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, solver.block_size, f, p, part
                 )
                 outs.append(o[0])
                 masks.append(m[0])
+                if tick is not None and g + 1 < groups:
+                    tick(sweep_share * (g + 1) / groups)
             new, mask2 = torch.cat(outs), torch.cat(masks)
             if _wants_refit(solver, mask2):
-                new = refit(work, H, mask2, replace(solver, damp=damp))
+                if tick is not None:
+                    tick(sweep_share)
+                new = refit(work, H, mask2, replace(solver, damp=damp), _sub_tick(tick, sweep_share, 1.0 - sweep_share))
         if not torch.isfinite(new).all():
             raise FloatingPointError(
                 f"the {method} solve produced non-finite weights; raise SolverOptions.damp or use dtype=torch.float64."
