@@ -56,7 +56,16 @@ from .options import (  # noqa: F401 - re-exported: the engine's public names
 )
 from .resources import check_budget, layer_memory
 from .selection import Selection, check_prior_masks, select_layers, warn_skipped
-from .solvers import REFIT_AUTO_MAX_FLOPS, GreedyTrace, NMPattern, SolverOptions, Tick, _trace_work, solve_layer
+from .solvers import (
+    _REFIT_WORK_FACTOR,
+    REFIT_AUTO_MAX_FLOPS,
+    GreedyTrace,
+    NMPattern,
+    SolverOptions,
+    Tick,
+    _trace_work,
+    solve_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +315,11 @@ def _trace_flops(rows: int, d: int, solver: SolverOptions) -> float:
 
 
 def _refit_flops(rows: int, d: int, sparsity: float, solver: SolverOptions, method: str) -> float:
-    """Estimated flops of the refit (a k x k Cholesky per row, k kept), 0 where ``lobs``/``fast`` skip it."""
+    """Estimated work of the refit (a k x k Cholesky per row, k kept), 0 where ``lobs``/``fast`` skip it."""
     flops = rows * (d * (1.0 - sparsity)) ** 3 / 3
     if method != "exact" and not (solver.refit is True or (solver.refit is None and flops <= REFIT_AUTO_MAX_FLOPS)):
         return 0.0
-    return flops
+    return _REFIT_WORK_FACTOR * flops
 
 
 def _allocation_work(layer: _Layer, solver: SolverOptions, curve_rows: int, levels: int, curve: bool) -> float:
@@ -675,7 +684,7 @@ class _PruneRun:
 
         def on_layer(name: str, fraction: float) -> None:
             # The layer's time (its trace or curve, and its calibration in sequential mode) joins its `secs`.
-            if fraction <= 0.0:
+            if name not in started:  # the layer starts: nothing to report yet
                 started[name] = time.perf_counter()
             elif fraction >= 1.0:
                 self.layer_seconds[name] = self.layer_seconds.get(name, 0.0) + time.perf_counter() - started[name]
