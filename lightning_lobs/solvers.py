@@ -102,6 +102,12 @@ def _sub_tick(tick: Optional[Tick], start: float, share: float) -> Optional[Tick
     return lambda f: tick(start + share * min(max(f, 0.0), 1.0))
 
 
+def _alive(tick: Optional[Tick], flops: float) -> None:
+    """After a factorisation with no ticks inside: tick (no share of work done) when it was a tick's worth of work."""
+    if tick is not None and flops >= PROGRESS_TICK_FLOPS:
+        tick(0.0)
+
+
 def _tick_rows(rows: int, flops_per_row: float) -> int:
     """Rows per chunk so that one chunk's work between two ticks stays within :data:`PROGRESS_TICK_FLOPS`."""
     return max(1, min(rows, int(PROGRESS_TICK_FLOPS // max(flops_per_row, 1.0))))
@@ -976,8 +982,7 @@ def _solve_fast_group(
     if pattern is not None:
         block = -(-block // pattern.m) * pattern.m  # an N:M group never straddles two blocks
     U = torch.linalg.cholesky(Hinv, upper=True)
-    if tick is not None:  # a d^3/3 factorisation without ticks inside: at least say it is done
-        tick(0.0)
+    _alive(tick, d**3 / 3)
     W = W.unsqueeze(0).repeat(K, 1, 1)
     mask = torch.ones(K, rows, d, dtype=torch.bool, device=W.device)
     udiag = torch.diagonal(U)
@@ -1120,8 +1125,7 @@ def error_curve(
     rows, G = work.shape[0], x.H.shape[0]
     dp = x.d
     _, Hinv, _, dead = _inverse_with_damping(x.H.to(work.device), solver)
-    if tick is not None:  # the inverse has no ticks inside: at least say it is done
-        tick(0.0)
+    _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
     sel = _sample_rows(rows, G, sample_rows, work.device)
     gidx = _row_groups(rows, G, work.device)[sel]
     Hd = x.H.to(device=work.device, dtype=torch.float64)
@@ -1255,8 +1259,7 @@ def greedy_trace(
     Wb, Hb, _, s, t = _balanced(x.W, x.H, x.frozen)
     work = Wb.to(solver.dtype)
     _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
-    if tick is not None:  # the inverse has no ticks inside: at least say it is done
-        tick(0.0)
+    _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
     order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced, tick)
     return GreedyTrace(order=order, increments=inc.double() * (s * t * t), damp=damp, pattern=nm)  # float64: may be 1e46
 
@@ -1325,8 +1328,7 @@ def solve_layer(
         Wb, Hb, c, s, t = _balanced(W2, H, frozen)
         wb = Wb.to(solver.dtype)
         _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
-        if tick is not None:  # the inverse has no ticks inside: at least say it is done
-            tick(0.0)
+        _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
         refit_share = 1.0
         if trace is None:
             D = W2.shape[1]
@@ -1350,8 +1352,7 @@ def solve_layer(
             )
     else:
         _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), solver)  # the damped H itself is not kept
-        if tick is not None:  # the inverse has no ticks inside: at least say it is done
-            tick(0.0)
+        _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
         protected = None
         if m_row > 0 and method != "exact":  # each row keeps its costliest weights by single-removal cost
             costs = _single_removal_costs(work, Hinv, dead)[:, :d_w]

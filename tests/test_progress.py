@@ -81,7 +81,7 @@ def test_error_curve_ticks_per_block_of_columns():
     W, H = _problem(32, 256, seed=2)
     fractions: List[float] = []
     curve = error_curve(W, H, [0.0, 0.5, 0.9], solver=SolverOptions(block_size=32), tick=fractions.append)
-    assert len([f for f in fractions if f > 0]) == 256 // 32 - 1  # and a 0.0 after each factorisation
+    assert len([f for f in fractions if f > 0]) == 256 // 32 - 1  # (a 0.0 follows a factorisation of a tick's work)
     _check_fractions(fractions)
     assert torch.equal(curve, error_curve(W, H, [0.0, 0.5, 0.9], solver=SolverOptions(block_size=32)))
 
