@@ -171,3 +171,16 @@ def test_table_seconds_count_the_time_spent_in_the_allocation(monkeypatch, metho
     for (layer, lr), t in zip(report.layers.items(), spent):
         assert lr.seconds >= t, (layer, lr.seconds, t)
     assert report.solve_seconds >= sum(spent)
+
+
+def test_calibration_reports_while_it_finishes_each_layers_hessian():
+    """After the last batch every layer's Hessian is finished (d^2 work each, seconds for wide convolutions)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    events: List[PruneProgress] = []
+    prune_model(model, _loader(16, batches=2), sparsity=0.5, progress=events.append)
+    calibrate = [e for e in events if e.phase == "calibrate"]
+    after_batches = [e for e in calibrate if e.done == 2]
+    assert len(after_batches) >= 3  # at least one per layer
+    assert [e.fraction for e in calibrate] == sorted(e.fraction for e in calibrate)
+    assert calibrate[-1].done == calibrate[-1].total == 3 and calibrate[-1].eta == 0.0
