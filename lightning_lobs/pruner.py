@@ -333,13 +333,16 @@ def _allocation_work(layer: _Layer, solver: SolverOptions, curve_rows: int, leve
     return g * d**3 + float(rows) * d
 
 
-def _solve_work(layer: _Layer, solver: SolverOptions) -> float:
+def _solve_work(layer: _Layer, solver: SolverOptions, pattern: bool) -> float:
     """Estimated flops of one layer's solve at its target: what the progress ETA of the solve phase counts.
 
-    An ``exact`` layer with a trace from the allocation only chooses its mask and refits.
+    An ``exact`` layer with a trace from the allocation only chooses its mask and refits; a layer the
+    allocation left dense (target 0, no earlier mask, no N:M ``pattern``) costs next to nothing.
     """
     rows, d = layer.dense.shape
     g = num_groups(layer.module)
+    if layer.target == 0 and layer.prior is None and not pattern:
+        return float(rows) * d
     work = g * d**3 + _refit_flops(rows, d, layer.target, solver, layer.method)
     if layer.method == "exact":
         return work + (0.0 if layer.trace is not None and layer.perm is None else _trace_flops(rows, d, solver))
@@ -704,7 +707,7 @@ class _PruneRun:
     def solve(self) -> None:
         """Solve every layer (this rank's share); sequential mode writes each before calibrating the next."""
         sequential = self.options.sequential
-        self.progress.begin("solve", {n: _solve_work(self.layers[n], self.solver) for n in self.order})
+        self.progress.begin("solve", {n: _solve_work(self.layers[n], self.solver, self.nm is not None) for n in self.order})
         with fail_together(self.rank, self.device, "solving the layers", active=not sequential):
             for n in self.order:
                 layer = self.layers[n]

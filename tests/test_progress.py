@@ -184,3 +184,18 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
     assert len(after_batches) >= 3  # at least one per layer
     assert [e.fraction for e in calibrate] == sorted(e.fraction for e in calibrate)
     assert calibrate[-1].done == calibrate[-1].total == 3 and calibrate[-1].eta == 0.0
+
+
+def test_solve_eta_counts_no_work_for_a_layer_the_allocation_left_dense():
+    from lightning_lobs.pruner import _Layer, _solve_work
+
+    m = nn.Linear(576, 64)
+    dense = torch.cat([m.weight, m.bias[:, None]], 1).detach()
+    solver = SolverOptions()
+
+    def work(target: float, pattern: bool = False) -> float:
+        return _solve_work(_Layer("l", m, target, "exact", None, dense), solver, pattern)
+
+    assert work(0.0) <= 64 * 577  # nothing to solve: the ETA must not wait for a full refit
+    assert work(0.5) >= 64 * (577 * 0.5) ** 3 / 3  # the refit of the kept half
+    assert work(0.0, pattern=True) >= 64 * (577 * 0.5) ** 3 / 3  # an N:M pattern prunes whatever the target
