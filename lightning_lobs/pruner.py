@@ -63,6 +63,7 @@ from .solvers import (
     NMPattern,
     SolverOptions,
     Tick,
+    _tick_rows,
     _trace_work,
     solve_layer,
 )
@@ -310,8 +311,9 @@ def _solve_cost(layer: _Layer) -> float:
 
 
 def _trace_flops(rows: int, d: int, solver: SolverOptions) -> float:
-    """Estimated flops of ``exact``'s greedy trace: every step's share of a flush, 2 x width^2 per row."""
-    return 2.0 * rows * _trace_work(d, d, solver.lazy_steps, 0, 0.75)
+    """Estimated flops of ``exact``'s greedy trace: every step's share of a flush, 2 x width^2 per row, and more."""
+    chunk = min(rows, _tick_rows(rows, 2.0 * solver.lazy_steps * d * d))
+    return 2.0 * rows * _trace_work(d, d, solver.lazy_steps, 0, 0.75, chunk)
 
 
 def _refit_flops(rows: int, d: int, sparsity: float, solver: SolverOptions, method: str) -> float:

@@ -600,11 +600,22 @@ def _compact_in_place(Hinv: Tensor, keep: Tensor) -> Tensor:
     return flat[: R * width * width].view(R, width, width)
 
 
-def _trace_work(d: int, steps: int, lazy: int, frozen: int, shrink: float) -> float:
-    """Sum over the steps of :func:`_greedy_trace` of the squared width held, for unstructured rows."""
+#: One greedy step's fixed cost (Python and small kernels, about 100 us) in flops of the trace's matmuls; shared
+#: by the chunk's rows, it is what makes the narrow last steps of a trace slower than their width suggests.
+_STEP_OVERHEAD_FLOPS = 2e6
+
+
+def _step_work(width: int, rows: int) -> float:
+    """Estimated work per row of one greedy step at ``width`` columns, in units of half a flop (a flush's share is
+    ``width^2``, the pending-downdate reads about ``16 width``)."""
+    return float(width) ** 2 + 16.0 * width + _STEP_OVERHEAD_FLOPS / (2.0 * rows)
+
+
+def _trace_work(d: int, steps: int, lazy: int, frozen: int, shrink: float, rows: int = 1) -> float:
+    """Sum over the steps of :func:`_greedy_trace` of :func:`_step_work`, for unstructured chunks of ``rows`` rows."""
     dc, work, j = d, 0.0, 0
     for step in range(steps):
-        work += float(dc) ** 2
+        work += _step_work(dc, rows)
         j += 1
         if j == lazy or step == steps - 1:
             width = d - frozen - (step + 1)
@@ -663,7 +674,7 @@ def _greedy_trace(
     tiny = torch.finfo(dtype).tiny
     # Work is counted as the square of the columns held per step (a flush's cost); the total follows the
     # compaction schedule of unstructured rows (N:M rows compact sooner, so their fraction ends below 1).
-    total_work = _trace_work(d, steps, lazy, frozen, shrink)
+    total_work = _trace_work(d, steps, lazy, frozen, shrink, R)
     work = 0.0
     j = 0
     for step in range(steps):
@@ -695,7 +706,7 @@ def _greedy_trace(
             if bool(full.any()):  # block the rest of every group that just reached its quota
                 blocked |= full.unsqueeze(1) & (groupmap == gq.unsqueeze(1))
         j += 1
-        work += float(dc) ** 2
+        work += _step_work(dc, R)
         if j == lazy or step == steps - 1:
             width = int((~blocked).sum(dim=1).max())
             if step < steps - 1 and width <= shrink * dc:
@@ -1332,7 +1343,8 @@ def solve_layer(
         refit_share = 1.0
         if trace is None:
             D = W2.shape[1]
-            trace_flops = 2.0 * rows * _trace_work(D, D - frozen, solver.lazy_steps, frozen, 0.75)
+            chunk = min(rows, _tick_rows(rows, 2.0 * solver.lazy_steps * D * D))
+            trace_flops = 2.0 * rows * _trace_work(D, D - frozen, solver.lazy_steps, frozen, 0.75, chunk)
             refit_flops = _REFIT_WORK_FACTOR * rows * (D * (1.0 - sparsity)) ** 3 / 3
             refit_share = refit_flops / (trace_flops + refit_flops)
             order, inc = _exact_trace(wb, Hinv, dead, nm, frozen, solver, forced, _sub_tick(tick, 0.0, 1.0 - refit_share))
