@@ -604,19 +604,17 @@ class _PruneRun:
         """
         t0 = time.perf_counter()
         progress = self.progress if report else _Progress(None)
-        # Every batch, then finishing the Hessians (about as long as a batch) under the key "hessians".
-        progress.begin("calibrate", {**{str(i): 1.0 for i in range(len(self.batches))}, "hessians": 1.0})
+        progress.begin("calibrate", {str(i): 1.0 for i in range(len(self.batches))})
         hessians, positions, order, missing = _calibrate(
             self.model, self.batches, {n: self.layers[n].module for n in names}, self.options.calibration,
             self.run_batch, self.rank, progress,
         )
         self.drop_uncalled(missing)
-        for i, n in enumerate(names):
+        for n in names:
             if n in self.layers:
                 self.hessians[n] = self.normalise(n, hessians[n])
                 self.positions[n] = positions[n]
-            progress.advance("hessians", 0.5 + 0.5 * (i + 1) / len(names))
-        progress.step("hessians")
+                progress.step(n, n)
         self.call_order = order
         self.t_cal += time.perf_counter() - t0
         return {n: self.hessians[n] for n in names if n in self.layers}
@@ -1000,10 +998,13 @@ def _calibrate(
         samples = dict(zip(modules, counts.tolist()))
     missing = [n for n in modules if samples[n] == 0]
     called = [n for n in modules if samples[n] > 0]
+    # Finishing the Hessians is d^2 work per layer (seconds in all for wide convolutions): counted per layer, as
+    # a second stretch of the phase (the caller normalises them and finishes each layer's step).
+    progress.begin("calibrate", {n: float(collector.accumulators[n].sum.numel()) for n in called})
     hessians = {}
-    for i, n in enumerate(called):  # d^2 work per layer: seconds in all for wide convolutions
+    for n in called:
         hessians[n] = collector.accumulators[n].hessian()
-        progress.advance("hessians", 0.5 * (i + 1) / len(called))
+        progress.advance(n, 0.5, n)
     positions = {n: collector.accumulators[n].count / samples[n] for n in called}
     return hessians, positions, order, missing
 

@@ -1123,7 +1123,7 @@ def error_curve(
     sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
     ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
     Arguments as in :func:`solve_layer`; the per-row minimum ``solver.min_kept_per_row`` holds.
-    ``tick`` (optional) is called with the fraction of the sweep done, per block of columns.
+    ``tick`` (optional) is called with the fraction done, per block of columns and per level's error.
     """
     solver = solver or SolverOptions()
     levels = [float(v) for v in sparsities]
@@ -1153,14 +1153,18 @@ def error_curve(
         if f is not None:
             limit = int(torch.maximum(torch.full_like(rs, max(dp - solver.min_kept_per_row, 0)), f[:, :dp].sum(1)).sum())
         totals = [min(int(round(v * rs.numel() * dp)), limit) for v in levels]
-        part = _sub_tick(tick, i / len(group_list), 1 / len(group_list))
-        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot, part)
+        # The sweep and the float64 errors (2 K r d^2 flops each) take about equal shares of the group's time.
+        start, share = i / len(group_list), 1 / len(group_list)
+        new, _ = _solve_fast_group(
+            Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot, _sub_tick(tick, start, share / 2)
+        )
         delta = (new - Wg.unsqueeze(0)).double()
-        err += 0.5 * torch.einsum("kri,ij,krj->k", delta, Hd[g], delta).cpu()
+        for k in range(len(levels)):  # one level at a time: a tick between levels
+            err[k] += 0.5 * float(torch.einsum("ri,ij,rj->", delta[k], Hd[g], delta[k]))
+            if tick is not None:
+                tick(start + share * (0.5 + 0.5 * (k + 1) / len(levels)))
         w64 = Wg.double()
         energy += 0.5 * float(torch.einsum("ri,ij,rj->", w64, Hd[g], w64))
-        if tick is not None and i + 1 < len(group_list):
-            tick((i + 1) / len(group_list))
     if not energy > 0:
         return torch.zeros(len(levels), dtype=torch.float64)
     return err / energy

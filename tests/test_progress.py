@@ -81,7 +81,8 @@ def test_error_curve_ticks_per_block_of_columns():
     W, H = _problem(32, 256, seed=2)
     fractions: List[float] = []
     curve = error_curve(W, H, [0.0, 0.5, 0.9], solver=SolverOptions(block_size=32), tick=fractions.append)
-    assert len([f for f in fractions if f > 0]) == 256 // 32 - 1  # (a 0.0 follows a factorisation of a tick's work)
+    sweep, errors = [f for f in fractions if 0 < f < 0.5], [f for f in fractions if f >= 0.5]
+    assert len(sweep) == 256 // 32 - 1 and len(errors) == 3  # per block of columns, then per level's error
     _check_fractions(fractions)
     assert torch.equal(curve, error_curve(W, H, [0.0, 0.5, 0.9], solver=SolverOptions(block_size=32)))
 
@@ -180,10 +181,13 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
     events: List[PruneProgress] = []
     prune_model(model, _loader(16, batches=2), sparsity=0.5, progress=events.append)
     calibrate = [e for e in events if e.phase == "calibrate"]
-    after_batches = [e for e in calibrate if e.done == 2]
-    assert len(after_batches) >= 3  # at least one per layer
-    assert [e.fraction for e in calibrate] == sorted(e.fraction for e in calibrate)
-    assert calibrate[-1].done == calibrate[-1].total == 3 and calibrate[-1].eta == 0.0
+    assert [(e.done, e.total) for e in calibrate[:2]] == [(1, 2), (2, 2)]  # the batches
+    layers = calibrate[2:]  # then each layer's Hessian, halfway (averaged) and done (normalised)
+    assert [(e.done, e.total, e.layer) for e in layers if e.fraction is not None and e.done] == [
+        (1, 3, "0"), (2, 3, "2"), (3, 3, "4")
+    ]
+    assert len(layers) == 6 and [e.fraction for e in layers] == sorted(e.fraction for e in layers)
+    assert layers[-1].eta == 0.0
 
 
 def test_solve_eta_counts_no_work_for_a_layer_the_allocation_left_dense():
