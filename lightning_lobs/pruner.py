@@ -57,6 +57,7 @@ from .options import (  # noqa: F401 - re-exported: the engine's public names
 from .resources import check_budget, layer_memory
 from .selection import Selection, check_prior_masks, select_layers, warn_skipped
 from .solvers import (
+    _MASK_WORK_PER_WEIGHT,
     _REFIT_WORK_FACTOR,
     REFIT_AUTO_MAX_FLOPS,
     GreedyTrace,
@@ -347,6 +348,7 @@ def _solve_work(layer: _Layer, solver: SolverOptions, pattern: bool) -> float:
         return float(rows) * d
     work = g * d**3 + _refit_flops(rows, d, layer.target, solver, layer.method)
     if layer.method == "exact":
+        work += _MASK_WORK_PER_WEIGHT * rows * d
         return work + (0.0 if layer.trace is not None and layer.perm is None else _trace_flops(rows, d, solver))
     return work + 2.0 * rows * d * d
 
