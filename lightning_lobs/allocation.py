@@ -37,7 +37,7 @@ from .checks import as_int, as_real, describe
 from .distributed import RankInfo, broadcast_tensors, fail_together
 from .hessian import has_bias
 from .masks import MaskSet
-from .solvers import GreedyTrace, SolverOptions, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
+from .solvers import GreedyTrace, SolverOptions, Tick, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
 
 if TYPE_CHECKING:  # the pruner imports this module
     from .pruner import _Layer
@@ -263,7 +263,9 @@ def _split(layer: "_Layer") -> Tuple[Tensor, Optional[Tensor]]:
     return (W[:, :-1], W[:, -1]) if has_bias(layer.module) else (W, None)
 
 
-def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior: Optional[Tensor]) -> Tuple[Tensor, Optional[GreedyTrace]]:
+def _layer_costs(
+    layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior: Optional[Tensor], tick: Optional[Tick] = None
+) -> Tuple[Tensor, Optional[GreedyTrace]]:
     """Per-weight removal costs of a layer relative to its output energy (and the greedy trace, for ``exact``).
 
     ``exact`` layers use their greedy OBS sequence (each removal's loss given the earlier ones),
@@ -276,7 +278,7 @@ def _layer_costs(layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior:
     trace = None
     if layer.method == "exact":
         w = weight.to(solver.dtype)
-        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior)
+        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior, tick=tick)
         scores = trace.removal_costs()
     else:
         scores = obs_scores(weight, H, bias=bias, solver=solver)
@@ -344,13 +346,16 @@ def allocate_layers(
     device: torch.device,
     keep_traces: bool,
     config: Optional[GlobalAllocation] = None,
+    progress: Optional[Callable[[str, float], None]] = None,
 ) -> None:
     """Set every layer's target sparsity for one overall ``sparsity`` (in place; see the module docstring).
 
     Each rank computes the costs (or curves) of the layers it owns, keeping ``exact`` traces
     for their solves when ``keep_traces``; these are broadcast and every rank then runs the
     same deterministic split. ``hessian_of`` may run a collective (sequential calibration):
-    every rank calls it for every layer, in ``order``.
+    every rank calls it for every layer, in ``order``. ``progress(name, fraction)`` (optional)
+    hears when each layer's costs start (0.0), how far they are while the trace or curve runs,
+    and when they are done (1.0).
     """
     config = config or GlobalAllocation()
     min_kept = solver.min_kept_per_row
@@ -378,6 +383,9 @@ def allocate_layers(
         layer = layers[n]
         rows, d = layer.dense.shape[0], _weight_cols(layer)
         curve = use_curve and layer.method != "exact"
+        tick = None if progress is None else (lambda f, n=n: progress(n, min(f, 1.0 - 1e-9)))  # 1.0: only when done
+        if progress is not None:
+            progress(n, 0.0)
         H = hessian_of(n)
         with fail_together(rank, device, f"the removal costs of layer '{n}'"):
             if owners[n] == rank.rank:
@@ -393,14 +401,17 @@ def allocate_layers(
                         solver=solver,
                         prior_mask=prior_dev,
                         sample_rows=config.curve_rows,
+                        tick=tick,
                     )
                 else:
-                    values[n], trace = _layer_costs(layer, H, solver, prior_dev)
+                    values[n], trace = _layer_costs(layer, H, solver, prior_dev, tick)
                     if keep_traces:
                         layer.trace = trace
             else:
                 shape = (len(levels[n]),) if curve else (rows, d)
                 values[n] = torch.zeros(shape, dtype=torch.float64)
+        if progress is not None:
+            progress(n, 1.0)
     if rank.active:
         for n in order:
             values[n] = broadcast_tensors([values[n].to(device, torch.float64)], owners[n], rank)[0]

@@ -214,9 +214,12 @@ class PruneProgress:
     """One step of a running prune, for progress bars and log lines.
 
     ``phase`` is what is running, ``done``/``total`` count layers (or batches while
-    calibrating), ``layer`` is the layer just finished (empty while calibrating), ``elapsed``
-    the seconds since the prune started and ``eta`` the estimated seconds left in this phase
-    (None until it can be estimated).
+    calibrating), ``layer`` is the layer just finished, or the one still running when the
+    step reports progress inside a layer (empty while calibrating), ``elapsed`` the seconds
+    since the prune started and ``eta`` the estimated seconds left in this phase (None until
+    it can be estimated): the phase's work left (estimated floating-point operations per
+    layer) at the rate measured so far in the phase. ``fraction`` is the share of the
+    phase's estimated work done (None where the step does not say).
     """
 
     phase: ProgressPhase
@@ -225,12 +228,14 @@ class PruneProgress:
     layer: str
     elapsed: float
     eta: Optional[float]
+    fraction: Optional[float] = None
 
     def describe(self) -> str:
-        """``"L-OBS solve 3/12 fc2 | 4.1 s, ~9 s left"``."""
+        """``"L-OBS solve 3/12 fc2 | 4.1 s, ~9 s left"``; inside a layer ``"L-OBS allocate 0/2 fc1 37% | ..."``."""
         left = "" if self.eta is None else f", ~{self.eta:.0f} s left"
         what = f" {self.layer}" if self.layer else ""
-        return f"L-OBS {self.phase} {self.done}/{self.total}{what} | {self.elapsed:.1f} s{left}"
+        share = f" {100 * self.fraction:.0f}%" if self.fraction is not None and self.done < self.total else ""
+        return f"L-OBS {self.phase} {self.done}/{self.total}{what}{share} | {self.elapsed:.1f} s{left}"
 
 
 ProgressFn = Callable[[PruneProgress], None]

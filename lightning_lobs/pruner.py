@@ -60,7 +60,18 @@ from .options import (  # noqa: F401 - re-exported: the engine's public names
 )
 from .resources import check_budget, layer_memory
 from .selection import Selection, check_prior_masks, select_layers, warn_skipped
-from .solvers import GreedyTrace, NMPattern, SolverOptions, solve_layer
+from .solvers import (
+    _MASK_WORK_PER_WEIGHT,
+    _REFIT_WORK_FACTOR,
+    REFIT_AUTO_MAX_FLOPS,
+    GreedyTrace,
+    NMPattern,
+    SolverOptions,
+    Tick,
+    _tick_rows,
+    _trace_work,
+    solve_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +105,8 @@ class LayerReport:
     damp: float
     positions: float
     seconds: float
+    """Every second the layer took: its greedy trace or error curve in the allocation (and its calibration in
+    sequential mode) plus its solve."""
     output_error: float = float("nan")
     """Measured RMS (per sample) error of this layer's output, pruned vs dense network."""
 
@@ -410,6 +423,48 @@ def _solve_cost(layer: _Layer) -> float:
     return float(g) * d**3 + float(rows) * d**2
 
 
+def _trace_flops(rows: int, d: int, solver: SolverOptions) -> float:
+    """Estimated flops of ``exact``'s greedy trace: every step's share of a flush, 2 x width^2 per row, and more."""
+    chunk = min(rows, _tick_rows(rows, 2.0 * solver.lazy_steps * d * d))
+    return 2.0 * rows * _trace_work(d, d, solver.lazy_steps, 0, 0.75, chunk)
+
+
+def _refit_flops(rows: int, d: int, sparsity: float, solver: SolverOptions, method: str) -> float:
+    """Estimated work of the refit (a k x k Cholesky per row, k kept), 0 where ``lobs``/``fast`` skip it."""
+    flops = rows * (d * (1.0 - sparsity)) ** 3 / 3
+    if method != "exact" and not (solver.refit is True or (solver.refit is None and flops <= REFIT_AUTO_MAX_FLOPS)):
+        return 0.0
+    return _REFIT_WORK_FACTOR * flops
+
+
+def _allocation_work(layer: _Layer, solver: SolverOptions, curve_rows: int, levels: int, curve: bool) -> float:
+    """Estimated flops of one layer's allocation costs: the trace (``exact``), the curve or the one-pass scores."""
+    rows, d = layer.dense.shape
+    g = num_groups(layer.module)
+    if layer.method == "exact":
+        return _trace_flops(rows, d, solver)
+    if curve:
+        return g * d**3 + 2.0 * min(rows, curve_rows) * levels * d * d
+    return g * d**3 + float(rows) * d
+
+
+def _solve_work(layer: _Layer, solver: SolverOptions, pattern: bool) -> float:
+    """Estimated flops of one layer's solve at its target: what the progress ETA of the solve phase counts.
+
+    An ``exact`` layer with a trace from the allocation only chooses its mask and refits; a layer the
+    allocation left dense (target 0, no earlier mask, no N:M ``pattern``) costs next to nothing.
+    """
+    rows, d = layer.dense.shape
+    g = num_groups(layer.module)
+    if layer.target == 0 and layer.prior is None and not pattern:
+        return float(rows) * d
+    work = g * d**3 + _refit_flops(rows, d, layer.target, solver, layer.method)
+    if layer.method == "exact":
+        work += _MASK_WORK_PER_WEIGHT * rows * d
+        return work + (0.0 if layer.trace is not None and layer.perm is None else _trace_flops(rows, d, solver))
+    return work + 2.0 * rows * d * d
+
+
 def _channel_last_perm(module: nn.Module) -> Optional[Tensor]:
     """Column permutation putting conv input channels innermost, so N:M groups run along channels."""
     if is_linear_like(module):
@@ -432,32 +487,55 @@ def _check_finite_parameters(model: nn.Module) -> None:
 
 
 class _Progress:
-    """Emits :class:`PruneProgress` events, with an ETA from the work done so far in the phase."""
+    """Emits :class:`PruneProgress` events, with an ETA from the phase's measured rate.
 
-    def __init__(self, fn: Optional[ProgressFn]) -> None:
+    Each phase's units (layers, batches) carry an estimated cost (floating-point operations for the
+    solver phases); :meth:`step` finishes a unit, :meth:`advance` reports part of one (a kernel's tick).
+    The ETA is the cost left divided by the cost done per second so far in the phase. ``clock`` is
+    injectable so the arithmetic can be checked against simulated time.
+    """
+
+    def __init__(self, fn: Optional[ProgressFn], clock: Callable[[], float] = time.perf_counter) -> None:
         self.fn = fn
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
         self.phase = "calibrate"
         self.costs: Dict[str, float] = {}
         self.total = 0
         self.done = 0
         self.done_cost = 0.0
+        self.partial: Dict[str, float] = {}  # unfinished units' fractions done
         self.phase_start = self.start
 
     def begin(self, phase: str, costs: Mapping[str, float]) -> None:
-        self.phase, self.costs = phase, dict(costs)
-        self.total, self.done, self.done_cost = len(costs), 0, 0.0
-        self.phase_start = time.perf_counter()
+        self.phase, self.costs = phase, {k: max(float(c), 0.0) for k, c in costs.items()}
+        self.total, self.done, self.done_cost, self.partial = len(costs), 0, 0.0, {}
+        self.phase_start = self.clock()
+
+    def advance(self, key: str, fraction: float, label: str = "") -> None:
+        """Unit ``key`` is ``fraction`` done (it is finished only by :meth:`step`)."""
+        if self.fn is None:
+            return
+        self.partial[key] = max(self.partial.get(key, 0.0), min(max(float(fraction), 0.0), 1.0))
+        self._emit(label)
 
     def step(self, key: str, label: str = "") -> None:
         if self.fn is None:
             return
+        self.partial.pop(key, None)
         self.done += 1
         self.done_cost += self.costs.get(key, 0.0)
-        now = time.perf_counter()
-        left = sum(self.costs.values()) - self.done_cost
-        eta = None if self.done_cost <= 0 else (now - self.phase_start) * left / self.done_cost
-        self.fn(PruneProgress(self.phase, self.done, self.total, label, now - self.start, eta))  # type: ignore[arg-type]
+        self._emit(label)
+
+    def _emit(self, label: str) -> None:
+        if self.fn is None:
+            return
+        now = self.clock()
+        total = sum(self.costs.values())
+        work = self.done_cost + sum(self.costs.get(k, 0.0) * f for k, f in self.partial.items())
+        eta = None if work <= 0 else (now - self.phase_start) * max(total - work, 0.0) / work
+        fraction = min(work / total, 1.0) if total > 0 else None
+        self.fn(PruneProgress(self.phase, self.done, self.total, label, now - self.start, eta, fraction))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- the engine
@@ -528,6 +606,7 @@ class _PruneRun:
         self.solved: Dict[str, _Solved] = {}
         self.t_cal = 0.0
         self.t_solve = 0.0
+        self.layer_seconds: Dict[str, float] = {}  # time spent on a layer before its solve (trace or curve)
 
     # ------------------------------------------------------------------ stages
 
@@ -661,6 +740,7 @@ class _PruneRun:
             if n in self.layers:
                 self.hessians[n] = self.normalise(n, hessians[n])
                 self.positions[n] = positions[n]
+                progress.step(n, n)
         self.call_order = order
         self.t_cal += time.perf_counter() - t0
         return {n: self.hessians[n] for n in names if n in self.layers}
@@ -726,17 +806,34 @@ class _PruneRun:
         if config is None:
             return
         t0 = time.perf_counter()
-        self.progress.begin("allocate", {n: _solve_cost(self.layers[n]) for n in self.order})
+        curve = config.costs == "curve" and any(self.layers[n].method != "exact" for n in self.order)
+        levels = len(config.sparsity_grid())
+        self.progress.begin(
+            "allocate",
+            {n: _allocation_work(self.layers[n], self.solver, config.curve_rows, levels, curve) for n in self.order},
+        )
+        started: Dict[str, float] = {}
+
+        def on_layer(name: str, fraction: float) -> None:
+            # The layer's time (its trace or curve, and its calibration in sequential mode) joins its `secs`.
+            if name not in started:  # the layer starts: nothing to report yet
+                started[name] = time.perf_counter()
+            elif fraction >= 1.0:
+                self.layer_seconds[name] = self.layer_seconds.get(name, 0.0) + time.perf_counter() - started[name]
+                self.progress.step(name, name)
+            else:
+                self.progress.advance(name, fraction, name)
+
         allocate_layers(
             self.layers, self.order, float(self.options.sparsity), hessian_of, self.solver, _row_masks(self.layers),
-            self.owners, self.rank, self.device, keep_traces, config,
+            self.owners, self.rank, self.device, keep_traces, config, progress=on_layer,
         )
         self.t_solve += time.perf_counter() - t0
 
     def solve(self) -> None:
         """Solve every layer (this rank's share); sequential mode writes each before calibrating the next."""
         sequential = self.options.sequential
-        self.progress.begin("solve", {n: _solve_cost(self.layers[n]) for n in self.order})
+        self.progress.begin("solve", {n: _solve_work(self.layers[n], self.solver, self.nm is not None) for n in self.order})
         with fail_together(self.rank, self.device, "solving the layers", active=not sequential):
             for n in self.order:
                 layer = self.layers[n]
@@ -745,7 +842,9 @@ class _PruneRun:
                 t0 = time.perf_counter()
                 with fail_together(self.rank, self.device, f"solving layer '{n}'", active=sequential):
                     if self.owners[n] == self.rank.rank:
-                        solved = _solve_one(layer, self.hessians[n], self.nm, self.solver)
+                        tick = lambda f, n=n: self.progress.advance(n, min(f, 1.0 - 1e-9), n)  # noqa: E731
+                        solved = _solve_one(layer, self.hessians[n], self.nm, self.solver, tick)
+                        solved.seconds += self.layer_seconds.get(n, 0.0)  # before sharing: every rank reports it
                     else:  # another rank solves it; _share fills it in
                         solved = _Solved(torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0)
                 if sequential:
@@ -818,7 +917,7 @@ class _PruneRun:
         with _eval_no_grad(self.model), _attention.feeding(self.model, {n: self.layers[n].module for n in self.order}):
             out_err, model_err, example = _measure(
                 self.model, self.batches, self.layers, self.order, {n: snapshot[n] for n in self.order}, bn_dense, reports,
-                self.run_batch, self.rank,
+                self.run_batch, self.rank, lambda f: self.progress.advance("measure", f),
             )
             bound, bound_spec, note = _bound(
                 self.model, self.layers, self.order, reports, example, bn_recalibrated, self.options.sequential
@@ -1025,12 +1124,20 @@ def _calibrate(
         samples = dict(zip(modules, counts.tolist()))
     missing = [n for n in modules if samples[n] == 0]
     called = [n for n in modules if samples[n] > 0]
-    hessians = {n: collector.accumulators[n].hessian() for n in called}
+    # Finishing the Hessians is d^2 work per layer (seconds in all for wide convolutions): counted per layer, as
+    # a second stretch of the phase (the caller normalises them and finishes each layer's step).
+    progress.begin("calibrate", {n: float(collector.accumulators[n].sum.numel()) for n in called})
+    hessians = {}
+    for n in called:
+        hessians[n] = collector.accumulators[n].hessian()
+        progress.advance(n, 0.5, n)
     positions = {n: collector.accumulators[n].count / samples[n] for n in called}
     return hessians, positions, order, missing
 
 
-def _solve_one(layer: _Layer, hessian: Tensor, nm: Optional[NMPattern], solver: SolverOptions) -> _Solved:
+def _solve_one(
+    layer: _Layer, hessian: Tensor, nm: Optional[NMPattern], solver: SolverOptions, tick: Optional[Tick] = None
+) -> _Solved:
     t0 = time.perf_counter()
     module = layer.module
     W = layer.dense
@@ -1050,7 +1157,8 @@ def _solve_one(layer: _Layer, hessian: Tensor, nm: Optional[NMPattern], solver: 
             prior = prior[:, perm]
     trace = layer.trace if perm is None else None  # traces are computed on the unpermuted columns
     res = solve_layer(
-        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, solver=solver, prior_mask=prior, trace=trace
+        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, solver=solver, prior_mask=prior, trace=trace,
+        tick=tick,
     )
     layer.trace = None  # one use; frees the memory
     new_w, mask2 = res.weight, res.mask
@@ -1080,12 +1188,14 @@ def _measure(
     reports: Mapping[str, LayerReport],
     run: Callable[[Any], Any],
     rank: RankInfo,
+    tick: Optional[Tick] = None,
 ) -> Tuple[float, float, Any]:
     """RMS per-sample output errors (every pruned layer and the model output), pruned vs dense.
 
     Dense and pruned weights (and BatchNorm statistics) are swapped in batch by batch, so
     only one batch of layer outputs is held at a time. Errors are summed over ranks. Also
     returns the model's positional input for the first batch (for the bound's shape analysis).
+    ``tick`` hears the fraction of batches done after each batch but the last.
     """
     modules = {n: layers[n].module for n in order}
     pruned_state = _param_state(modules)
@@ -1125,7 +1235,9 @@ def _measure(
     device = _model_device(model)
     try:
         with _eval_no_grad(model):
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if tick is not None and i:
+                    tick(i / len(batches))
                 load_dense()
                 dense_layers.clear()
                 state["dense"] = True

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -59,6 +59,7 @@ __all__ = [
     "GreedyTrace",
     "METHODS",
     "NMPattern",
+    "PROGRESS_TICK_FLOPS",
     "REFIT_AUTO_MAX_FLOPS",
     "SolveResult",
     "SolverOptions",
@@ -73,12 +74,47 @@ __all__ = [
     "parse_pattern",
     "refit",
     "solve_layer",
+    "Tick",
 ]
 
 METHODS = ("lobs", "exact", "fast")
 #: ``SolverOptions(refit=None)`` refits ``lobs``/``fast`` masks when the batched solve of the
 #: kept submatrices costs at most this many flops (about ten seconds on 2 CPU cores).
 REFIT_AUTO_MAX_FLOPS = 2e11
+#: The long kernels (``exact``'s greedy trace, the refit, SparseGPT's column sweep, the error
+#: curves) call their ``tick`` at least once per this many estimated floating-point operations:
+#: about 0.1 s at the 2e10 flop/s one core does in the trace's batched matmuls, so even a core
+#: ten times slower reports well within 2 s. Row chunks are sized for it, not only for memory.
+PROGRESS_TICK_FLOPS = 2e9
+
+#: Progress counts the refit's flops this many times: its batched k x k Cholesky solves and gathers run at about
+#: a third of the flop rate of the trace's matmuls on one core (measured on 128x1152 and 256x2304 layers).
+_REFIT_WORK_FACTOR = 3.0
+
+#: Progress counts choosing ``exact``'s mask from its trace (a bisection over every row's cost curve, then single
+#: moves between rows) as this much work per weight: about 0.5 s for a 512x1024 layer on one core.
+_MASK_WORK_PER_WEIGHT = 2e4
+
+#: A progress callback of the kernels: called with the fraction in [0, 1] of the call's work done.
+Tick = Callable[[float], None]
+
+
+def _sub_tick(tick: Optional[Tick], start: float, share: float) -> Optional[Tick]:
+    """``tick`` for a part of the work that starts at fraction ``start`` and makes up ``share`` of it."""
+    if tick is None:
+        return None
+    return lambda f: tick(start + share * min(max(f, 0.0), 1.0))
+
+
+def _alive(tick: Optional[Tick], flops: float) -> None:
+    """After a factorisation with no ticks inside: tick (no share of work done) when it was a tick's worth of work."""
+    if tick is not None and flops >= PROGRESS_TICK_FLOPS:
+        tick(0.0)
+
+
+def _tick_rows(rows: int, flops_per_row: float) -> int:
+    """Rows per chunk so that one chunk's work between two ticks stays within :data:`PROGRESS_TICK_FLOPS`."""
+    return max(1, min(rows, int(PROGRESS_TICK_FLOPS // max(flops_per_row, 1.0))))
 
 
 @dataclass(frozen=True)
@@ -341,7 +377,9 @@ def _row_chunk(rows: int, d: int, element_size: int, max_bytes: int, copies: int
     return max(1, min(rows, max_bytes // max(1, copies * d * d * element_size)))
 
 
-def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[SolverOptions] = None) -> Tensor:
+def refit(
+    weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[SolverOptions] = None, tick: Optional[Tick] = None
+) -> Tensor:
     """Least-squares optimum of the kept weights for a fixed mask (the joint OBS update).
 
     For each row solves ``min (w^ - w) H (w^ - w)^T`` subject to ``w^ = 0`` where the
@@ -349,7 +387,8 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
     cost falls with sparsity). Columns kept in every row (a bias column, say) simply take
     part in the solve. H is damped as in the solvers. The solve is for the change
     ``w^_K - w_K = H_KK^-1 H_KR w_R``, which only the removed weights drive: a kept weight
-    of any magnitude (a bias 1e20 times the others) cannot swamp it in rounding.
+    of any magnitude (a bias 1e20 times the others) cannot swamp it in rounding. ``tick``
+    (optional) is called with the fraction of the work done after each chunk of rows.
     """
     solver = solver or SolverOptions()
     H, _ = damped_hessian(hessian, solver.damp, solver.dtype)
@@ -366,12 +405,15 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
     out = torch.zeros_like(W)
     # Rows with similar kept counts share a padded system size.
     by_count = torch.argsort(counts, descending=True)
+    # The work done so far, for the ticks: each row's Cholesky costs about k^3.
+    done_work = torch.cat([counts.new_zeros(1, dtype=torch.float64), counts[by_count].double().pow(3).cumsum(0)])
     start = 0
     while start < rows:
         k = int(counts[by_count[start]])
         if k == 0:
             break
         chunk = max(1, solver.max_memory_bytes // (3 * k * k * W.element_size()))
+        chunk = min(chunk, _tick_rows(rows, k**3 / 3 + 2 * k * k))  # Cholesky and the gather, per row
         sel = by_count[start : start + chunk]
         start += chunk
         R = sel.numel()
@@ -391,6 +433,8 @@ def refit(weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[Solver
         else:
             sol = torch.cholesky_solve(b, L)
         out[sel] = torch.zeros(R, d, dtype=W.dtype, device=W.device).scatter_(1, idx, sol.squeeze(2) * valid)
+        if tick is not None and start < rows:
+            tick(float(done_work[start] / done_work[-1]))
     return out.add_(W.masked_fill(~keep, 0)).to(weight.dtype)
 
 
@@ -560,6 +604,31 @@ def _compact_in_place(Hinv: Tensor, keep: Tensor) -> Tensor:
     return flat[: R * width * width].view(R, width, width)
 
 
+#: One greedy step's fixed cost (Python and small kernels, about 100 us) in flops of the trace's matmuls; shared
+#: by the chunk's rows, it is what makes the narrow last steps of a trace slower than their width suggests.
+_STEP_OVERHEAD_FLOPS = 2e6
+
+
+def _step_work(width: int, rows: int) -> float:
+    """Estimated work per row of one greedy step at ``width`` columns, in units of half a flop (a flush's share is
+    ``width^2``, the pending-downdate reads about ``16 width``)."""
+    return float(width) ** 2 + 16.0 * width + _STEP_OVERHEAD_FLOPS / (2.0 * rows)
+
+
+def _trace_work(d: int, steps: int, lazy: int, frozen: int, shrink: float, rows: int = 1) -> float:
+    """Sum over the steps of :func:`_greedy_trace` of :func:`_step_work`, for unstructured chunks of ``rows`` rows."""
+    dc, work, j = d, 0.0, 0
+    for step in range(steps):
+        work += _step_work(dc, rows)
+        j += 1
+        if j == lazy or step == steps - 1:
+            width = d - frozen - (step + 1)
+            if step < steps - 1 and width <= shrink * dc:
+                dc = width
+            j = 0
+    return max(work, 1.0)
+
+
 def _greedy_trace(
     W: Tensor,
     Hinv: Tensor,
@@ -570,6 +639,7 @@ def _greedy_trace(
     lazy: int,
     forced: Optional[Tensor] = None,
     shrink: float = 0.75,
+    tick: Optional[Tick] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy of H^-1.
 
@@ -581,7 +651,9 @@ def _greedy_trace(
     makes the total work about a third of keeping full d x d matrices.
 
     Returns ``(order, increments)``: the original column removed at each step and the
-    OBS loss ``w_q^2 / (2 [H^-1]_qq)`` of that removal (dead inputs cost 0).
+    OBS loss ``w_q^2 / (2 [H^-1]_qq)`` of that removal (dead inputs cost 0). ``tick`` is called
+    after every flush but the last with the estimated fraction of the work done (a flush costs
+    the square of the current width).
     """
     R, d = W.shape
     dtype, device = W.dtype, W.device
@@ -604,6 +676,10 @@ def _greedy_trace(
         group_count = torch.zeros(R, dp // pattern.m, dtype=torch.long, device=device)
     U = torch.zeros(R, lazy, d, dtype=dtype, device=device)  # pending downdates, one row vector per removal
     tiny = torch.finfo(dtype).tiny
+    # Work is counted as the square of the columns held per step (a flush's cost); the total follows the
+    # compaction schedule of unstructured rows (N:M rows compact sooner, so their fraction ends below 1).
+    total_work = _trace_work(d, steps, lazy, frozen, shrink, R)
+    work = 0.0
     j = 0
     for step in range(steps):
         dc = W.shape[1]
@@ -634,6 +710,7 @@ def _greedy_trace(
             if bool(full.any()):  # block the rest of every group that just reached its quota
                 blocked |= full.unsqueeze(1) & (groupmap == gq.unsqueeze(1))
         j += 1
+        work += _step_work(dc, R)
         if j == lazy or step == steps - 1:
             width = int((~blocked).sum(dim=1).max())
             if step < steps - 1 and width <= shrink * dc:
@@ -653,6 +730,8 @@ def _greedy_trace(
                 Hinv.baddbmm_(U[:, :j, :].transpose(1, 2), U[:, :j, :], alpha=-1)
                 U.zero_()
             j = 0
+            if tick is not None and step < steps - 1:
+                tick(min(work / total_work, 1.0))
     return order, increments
 
 
@@ -773,6 +852,7 @@ def _exact_trace(
     frozen: int,
     options: SolverOptions,
     forced: Optional[Tensor],
+    tick: Optional[Tick] = None,
 ) -> Tuple[Tensor, Tensor]:
     rows, d = W.shape
     if frozen and bool(dead[:, d - frozen :].any()):  # the bias is never removed: it must not join the dead inputs
@@ -785,7 +865,7 @@ def _exact_trace(
         live = (~dead[0]).nonzero().squeeze(1)
         gone = dead[0].nonzero().squeeze(1)
         sub = Hinv[:, live][:, :, live].contiguous()
-        order, inc = _exact_trace(W[:, live], sub, dead[:, live], None, frozen, options, None)
+        order, inc = _exact_trace(W[:, live], sub, dead[:, live], None, frozen, options, None, tick)
         order = torch.cat([gone.expand(rows, -1), live[order]], dim=1)
         return order, torch.cat([inc.new_zeros(rows, gone.numel()), inc], dim=1)
     dp = d - frozen
@@ -796,6 +876,8 @@ def _exact_trace(
         empty = torch.empty(rows, 0, device=W.device)
         return empty.long(), empty.to(W.dtype)
     chunk = _row_chunk(rows, d, W.element_size(), options.max_memory_bytes)
+    # One flush of R rows costs 2 R lazy d^2 flops: bounded so that the ticks between flushes come often enough.
+    chunk = min(chunk, _tick_rows(rows, 2.0 * options.lazy_steps * d * d))
     orders, incs = [], []
     # One buffer for every chunk: a fresh (R, d, d) allocation per chunk costs about as much in page faults as
     # a flush. The trace downdates its chunk's copy in place.
@@ -805,9 +887,12 @@ def _exact_trace(
         idx = gidx[sl]
         Hrows = torch.index_select(Hinv, 0, idx, out=buffer[: idx.numel()])
         f = forced[sl] if forced is not None else None
-        order, inc = _greedy_trace(W[sl], Hrows, dead[idx], steps, pattern, frozen, options.lazy_steps, f)
+        part = _sub_tick(tick, start / rows, idx.numel() / rows)
+        order, inc = _greedy_trace(W[sl], Hrows, dead[idx], steps, pattern, frozen, options.lazy_steps, f, tick=part)
         orders.append(order)
         incs.append(inc)
+        if tick is not None and start + idx.numel() < rows:
+            tick((start + idx.numel()) / rows)
     return torch.cat(orders), torch.cat(incs)
 
 
@@ -893,6 +978,7 @@ def _solve_fast_group(
     block: int,
     forced: Optional[Tensor],
     protected: Optional[Tensor],
+    tick: Optional[Tick] = None,
 ) -> Tuple[Tensor, Tensor]:
     """SparseGPT on one group's rows at ``K = len(totals)`` sparsity levels at once.
 
@@ -903,7 +989,7 @@ def _solve_fast_group(
     later blocks could not take, so the quota is always met and every removal is
     compensated; without protected weights the blocks prune exactly SparseGPT's quotas.
     Returns ``(K, rows, d)`` pruned weights and keep-masks; the levels share one Cholesky
-    factor and one column sweep.
+    factor and one column sweep. ``tick`` gets the fraction of columns done after each block.
     """
     rows, d = W.shape
     K = len(totals)
@@ -911,6 +997,7 @@ def _solve_fast_group(
     if pattern is not None:
         block = -(-block // pattern.m) * pattern.m  # an N:M group never straddles two blocks
     U = torch.linalg.cholesky(Hinv, upper=True)
+    _alive(tick, d**3 / 3)
     W = W.unsqueeze(0).repeat(K, 1, 1)
     mask = torch.ones(K, rows, d, dtype=torch.bool, device=W.device)
     udiag = torch.diagonal(U)
@@ -967,6 +1054,8 @@ def _solve_fast_group(
             Err1[:, :, i] = err
         W[:, :, i1:i2] = W1
         W[:, :, i2:] -= Err1 @ U[i1:i2, i2:]
+        if tick is not None and i2 < d:
+            tick(i2 / d)
     if pattern is None:
         for lv in range(K):
             short = totals[lv] - pruned[lv]
@@ -1029,6 +1118,7 @@ def error_curve(
     solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
     sample_rows: int = 64,
+    tick: Optional[Tick] = None,
 ) -> Tensor:
     """Relative layer error of SparseGPT (``fast`` without the refit) at each of ``sparsities``.
 
@@ -1037,6 +1127,7 @@ def error_curve(
     sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
     ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
     Arguments as in :func:`solve_layer`; the per-row minimum ``solver.min_kept_per_row`` holds.
+    ``tick`` (optional) is called with the fraction done, per block of columns and per level's error.
     """
     solver = solver or SolverOptions()
     levels = [float(v) for v in sparsities]
@@ -1049,12 +1140,14 @@ def error_curve(
     rows, G = work.shape[0], x.H.shape[0]
     dp = x.d
     _, Hinv, _, dead = _inverse_with_damping(x.H.to(work.device), solver)
+    _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
     sel = _sample_rows(rows, G, sample_rows, work.device)
     gidx = _row_groups(rows, G, work.device)[sel]
     Hd = x.H.to(device=work.device, dtype=torch.float64)
     err = torch.zeros(len(levels), dtype=torch.float64)
     energy = 0.0
-    for g in gidx.unique().tolist():
+    group_list = gidx.unique().tolist()
+    for i, g in enumerate(group_list):
         rs = sel[gidx == g]
         Wg = work[rs]
         f = x.forced[rs] if x.forced is not None else None
@@ -1064,9 +1157,16 @@ def error_curve(
         if f is not None:
             limit = int(torch.maximum(torch.full_like(rs, max(dp - solver.min_kept_per_row, 0)), f[:, :dp].sum(1)).sum())
         totals = [min(int(round(v * rs.numel() * dp)), limit) for v in levels]
-        new, _ = _solve_fast_group(Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot)
+        # The sweep and the float64 errors (2 K r d^2 flops each) take about equal shares of the group's time.
+        start, share = i / len(group_list), 1 / len(group_list)
+        new, _ = _solve_fast_group(
+            Wg, Hinv[g], dead[g], totals, None, x.frozen, solver.block_size, f, prot, _sub_tick(tick, start, share / 2)
+        )
         delta = (new - Wg.unsqueeze(0)).double()
-        err += 0.5 * torch.einsum("kri,ij,krj->k", delta, Hd[g], delta).cpu()
+        for k in range(len(levels)):  # one level at a time: a tick between levels
+            err[k] += 0.5 * float(torch.einsum("ri,ij,rj->", delta[k], Hd[g], delta[k]))
+            if tick is not None:
+                tick(start + share * (0.5 + 0.5 * (k + 1) / len(levels)))
         w64 = Wg.double()
         energy += 0.5 * float(torch.einsum("ri,ij,rj->", w64, Hd[g], w64))
     if not energy > 0:
@@ -1164,10 +1264,12 @@ def greedy_trace(
     pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
     solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
+    tick: Optional[Tick] = None,
 ) -> GreedyTrace:
     """Run the ``exact`` solver's greedy OBS sequence once, for reuse at any sparsity.
 
-    Arguments as in :func:`solve_layer`. Pass the result as ``solve_layer(..., trace=...)``;
+    Arguments as in :func:`solve_layer`; ``tick`` (optional) is called with the fraction done
+    at least every :data:`PROGRESS_TICK_FLOPS` of work. Pass the result as ``solve_layer(..., trace=...)``;
     :meth:`GreedyTrace.removal_costs` gives every weight's greedy removal cost.
     """
     solver = solver or SolverOptions()
@@ -1176,7 +1278,8 @@ def greedy_trace(
     Wb, Hb, _, s, t = _balanced(x.W, x.H, x.frozen)
     work = Wb.to(solver.dtype)
     _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
-    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced)
+    _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
+    order, inc = _exact_trace(work, Hinv, dead, nm, x.frozen, solver, x.forced, tick)
     return GreedyTrace(order=order, increments=inc.double() * (s * t * t), damp=damp, pattern=nm)  # float64: may be 1e46
 
 
@@ -1191,6 +1294,7 @@ def solve_layer(
     solver: Optional[SolverOptions] = None,
     prior_mask: Optional[Tensor] = None,
     trace: Optional[GreedyTrace] = None,
+    tick: Optional[Tick] = None,
 ) -> SolveResult:
     """Prune one layer's weight with Optimal Brain Surgeon.
 
@@ -1209,6 +1313,10 @@ def solve_layer(
         trace: ``exact`` only: a :func:`greedy_trace` of this same weight, H, bias, pattern,
             prior mask and solver, so that solving at several sparsities runs the greedy
             sequence once.
+        tick: optional progress callback, called with the fraction of the work done (an
+            estimate) at least every :data:`PROGRESS_TICK_FLOPS` of work in the long loops
+            (the greedy trace, the column sweep, the refit). It must not raise, or the solve
+            is abandoned with that exception.
 
     Returns:
         A :class:`SolveResult` with the pruned weight, its keep-mask and the layer error.
@@ -1239,13 +1347,24 @@ def solve_layer(
         Wb, Hb, c, s, t = _balanced(W2, H, frozen)
         wb = Wb.to(solver.dtype)
         _, Hinv, damp, dead = _inverse_with_damping(Hb.to(work.device), solver)
+        _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
+        D = W2.shape[1]
+        chunk = min(rows, _tick_rows(rows, 2.0 * solver.lazy_steps * D * D))
+        trace_flops = 0.0 if trace is not None else 2.0 * rows * _trace_work(D, D - frozen, solver.lazy_steps, frozen, 0.75, chunk)
+        mask_flops = _MASK_WORK_PER_WEIGHT * rows * D
+        refit_flops = _REFIT_WORK_FACTOR * rows * (D * (1.0 - sparsity)) ** 3 / 3
+        total = trace_flops + mask_flops + refit_flops
         if trace is None:
-            order, inc = _exact_trace(wb, Hinv, dead, nm, frozen, solver, forced)
+            order, inc = _exact_trace(wb, Hinv, dead, nm, frozen, solver, forced, _sub_tick(tick, 0.0, trace_flops / total))
             inc = inc.double() * (s * t * t)  # float64: the factor may be 1e46
         else:
             order, inc = trace.order.to(work.device), trace.increments.to(work.device)
         mask2 = _exact_mask(order, inc, W2.shape[1], sparsity, nm, frozen, forced, m_row)
-        new = refit(wb, Hb.to(H.dtype), mask2, replace(solver, damp=damp)).mul_(t)
+        done = (trace_flops + mask_flops) / total
+        if tick is not None and (trace is None or mask_flops >= PROGRESS_TICK_FLOPS):  # small masks: no extra event
+            tick(done)
+        new = refit(wb, Hb.to(H.dtype), mask2, replace(solver, damp=damp), _sub_tick(tick, done, 1.0 - done))
+        new.mul_(t)
         if frozen:
             new[:, -1] *= c[_row_groups(rows, groups, new.device)].to(new.dtype)
         if not torch.isfinite(new).all():
@@ -1254,6 +1373,7 @@ def solve_layer(
             )
     else:
         _, Hinv, damp, dead = _inverse_with_damping(H.to(work.device), solver)  # the damped H itself is not kept
+        _alive(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
         protected = None
         if m_row > 0 and method != "exact":  # each row keeps its costliest weights by single-removal cost
             costs = _single_removal_costs(work, Hinv, dead)[:, :d_w]
@@ -1261,7 +1381,7 @@ def solve_layer(
         if method == "lobs":
             mask2, scores = _lobs_mask(work, Hinv, dead, sparsity, nm, frozen, forced, protected)
             if _wants_refit(solver, mask2):
-                new = refit(work, H, mask2, replace(solver, damp=damp))
+                new = refit(work, H, mask2, replace(solver, damp=damp), tick)
             else:
                 new = _lobs_sequential(work, Hinv, mask2, scores)
         else:
@@ -1269,18 +1389,30 @@ def solve_layer(
             outs, masks = [], []
             dp = d_w
             quota = lambda g: int(round(sparsity * g * per * dp))  # noqa: E731 - layer-wide rounding
+            D = W2.shape[1]
+            sweep_flops = 2.0 * rows * D * D  # the lazy block updates
+            refit_flops = rows * (D * (1.0 - sparsity)) ** 3 / 3
+            if not (solver.refit is True or (solver.refit is None and refit_flops <= REFIT_AUTO_MAX_FLOPS)):
+                refit_flops = 0.0
+            refit_flops *= _REFIT_WORK_FACTOR
+            sweep_share = sweep_flops / (sweep_flops + refit_flops)
             for g in range(groups):
                 sl = slice(g * per, (g + 1) * per)
                 f = forced[sl] if forced is not None else None
                 p = protected[sl] if protected is not None else None
+                part = _sub_tick(tick, sweep_share * g / groups, sweep_share / groups)
                 o, m = _solve_fast_group(
-                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, solver.block_size, f, p
+                    work[sl], Hinv[g], dead[g], [quota(g + 1) - quota(g)], nm, frozen, solver.block_size, f, p, part
                 )
                 outs.append(o[0])
                 masks.append(m[0])
+                if tick is not None and g + 1 < groups:
+                    tick(sweep_share * (g + 1) / groups)
             new, mask2 = torch.cat(outs), torch.cat(masks)
             if _wants_refit(solver, mask2):
-                new = refit(work, H, mask2, replace(solver, damp=damp))
+                if tick is not None:
+                    tick(sweep_share)
+                new = refit(work, H, mask2, replace(solver, damp=damp), _sub_tick(tick, sweep_share, 1.0 - sweep_share))
         if not torch.isfinite(new).all():
             raise FloatingPointError(
                 f"the {method} solve produced non-finite weights; raise SolverOptions.damp or use dtype=torch.float64."

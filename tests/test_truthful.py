@@ -394,8 +394,13 @@ def test_sequential_progress_counts_layers_in_the_solve_phase():
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     events = []
     prune_model(model, _mlp_loader(), sparsity=0.5, sequential=True, progress=events.append, prune_head=True)
-    assert [e.phase for e in events] == ["solve"] * 3 + ["measure"]  # per-layer calibrations are part of the solve
-    assert [(e.done, e.total, e.layer) for e in events[:3]] == [(1, 3, "0"), (2, 3, "2"), (3, 3, "4")]
+    assert "calibrate" not in {e.phase for e in events}  # per-layer calibrations are part of allocate and solve
+    finished = {}  # the step that finishes each layer (progress inside a layer keeps `done` at the layers before it)
+    for e in events:
+        if e.phase == "solve" and e.done:
+            finished.setdefault(e.done, (e.done, e.total, e.layer))
+    assert list(finished.values()) == [(1, 3, "0"), (2, 3, "2"), (3, 3, "4")]
+    assert events[-1].phase == "measure"
 
 
 def test_prune_model_takes_options_whole_or_as_keywords_not_both():
