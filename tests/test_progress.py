@@ -101,7 +101,7 @@ def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, rows, bias=False))
     events: List[PruneProgress] = []
-    prune_model(model, _loader(d), sparsity=0.5, method="exact", allocation=allocation, progress=events.append)
+    prune_model(model, _loader(d), sparsity=0.5, method="exact", allocation=allocation, progress=events.append, prune_head=True)
     traced = "allocate" if allocation == "global" else "solve"
     inside = [e for e in events if e.phase == traced and e.done == 0]
     assert len(inside) >= _trace_work_lower_bound(rows, d) / BUDGET
@@ -168,7 +168,7 @@ def test_table_seconds_count_the_time_spent_in_the_allocation(monkeypatch, metho
     monkeypatch.setattr(allocation_mod, name, slow)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8))
-    report = prune_model(model, _loader(24), sparsity=0.5, method=method, allocation="global")
+    report = prune_model(model, _loader(24), sparsity=0.5, method=method, allocation="global", prune_head=True)
     assert len(spent) == 2
     for (layer, lr), t in zip(report.layers.items(), spent):
         assert lr.seconds >= t, (layer, lr.seconds, t)
@@ -180,7 +180,7 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
     events: List[PruneProgress] = []
-    prune_model(model, _loader(16, batches=2), sparsity=0.5, progress=events.append)
+    prune_model(model, _loader(16, batches=2), sparsity=0.5, progress=events.append, prune_head=True)
     calibrate = [e for e in events if e.phase == "calibrate"]
     assert [(e.done, e.total) for e in calibrate[:2]] == [(1, 2), (2, 2)]  # the batches
     layers = calibrate[2:]  # then each layer's Hessian, halfway (averaged) and done (normalised)
