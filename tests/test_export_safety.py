@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -146,8 +147,8 @@ def test_csr_structure_that_does_not_add_up_is_refused_and_the_model_kept(crow, 
     model = nn.Linear(8, 4, bias=False)
     before = state_copy(model)
     path = write(tmp_path, csr_file(crow, col, [2.0]))
-    with pytest.raises(ValueError, match=rf"{INVALID}: 'weight': .*{why}"):
-        load_sparse(model, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(repr(str(path)))} {INVALID}: 'weight': .*{why}"):
+        load_sparse(model, path)  # the message names the file
     assert unchanged(model, before)
     with pytest.raises(ValueError, match=why):
         read_sparse(path)
@@ -346,9 +347,35 @@ def test_same_element_count_other_shape_is_refused_before_anything_is_written(tm
     save_sparse(source, tmp_path / "m.lobs")
     target = nn.Sequential(nn.Linear(3, 3), nn.Linear(4, 6, bias=False))
     before = state_copy(target)
-    with pytest.raises(ValueError, match=r"'1.weight' has shape \(4, 6\) in the file, \(6, 4\) in the model"):
+    with pytest.raises(ValueError, match=r"\(saved from a Sequential\) does not match this Sequential: "
+                       r"'1.weight' has shape \(4, 6\) in the file, \(6, 4\) in the model"):
         load_sparse(target, tmp_path / "m.lobs")
     assert unchanged(target, before)
+
+
+class ExtraState(nn.Module):
+    """A module whose ``state_dict`` holds a non-tensor (``get_extra_state``) beside its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def get_extra_state(self):
+        return {"step": 3}
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+def test_model_state_that_is_not_a_tensor_is_refused_by_name(tmp_path):
+    """A file with an entry for every key of a model whose state holds a non-tensor: refused naming that key."""
+    entries = [{"key": k, "dtype": "torch.float32", "shape": [2], "encoding": "dense", "masked": False}
+               for k in ("weight", "_extra_state")]
+    path = write(tmp_path, craft(entries, {"weight": torch.full((2,), 5.0), "_extra_state": torch.zeros(2)}))
+    model = ExtraState()
+    with pytest.raises(ValueError, match=r"does not match this ExtraState: the model's '_extra_state' is not a tensor"):
+        load_sparse(model, path)
+    assert torch.equal(model.weight.detach(), torch.ones(2))
 
 
 # --------------------------------------------------------------------------- atomic saves
