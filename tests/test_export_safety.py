@@ -353,6 +353,16 @@ def test_same_element_count_other_shape_is_refused_before_anything_is_written(tm
     assert unchanged(target, before)
 
 
+def test_a_shape_of_1024_dimensions_is_read_and_one_of_1025_refused(tmp_path):
+    """The documented bound on dimensions (at most 1024) is inclusive."""
+    entries = [{"key": "x", "dtype": "torch.float32", "shape": [1] * 1024, "encoding": "dense", "masked": False}]
+    x = read_sparse(write(tmp_path, craft(entries, {"x": torch.full([1] * 1024, 2.5)})))["x"]
+    assert x.dim() == 1024 and x.item() == 2.5
+    entries[0]["shape"] = [1] * 1025
+    with pytest.raises(ValueError, match=r"'x': shape .* is not a list of counts \(at most 1024 dimensions"):
+        read_sparse(write(tmp_path, craft(entries, {"x": torch.full([1] * 1024, 2.5)})))
+
+
 class ExtraState(nn.Module):
     """A module whose ``state_dict`` holds a non-tensor (``get_extra_state``) beside its weight."""
 
