@@ -231,6 +231,21 @@ def _overlap(h, d):
     return h, d
 
 
+def _record_without_offsets(h, d):
+    del h["0.bias"]["data_offsets"]
+    return h, d
+
+
+def _record_with_an_extra_field(h, d):
+    h["0.bias"]["offsets"] = [0, 0]
+    return h, d
+
+
+def _record_not_a_mapping(h, d):
+    h["0.bias"] = ["dtype", "shape", "data_offsets"]
+    return h, d
+
+
 def _unknown_dtype(h, d):
     h["0.bias"]["dtype"] = "F128"
     return h, d
@@ -280,6 +295,9 @@ def _metadata_not_strings(h, d):
         (_no_entries, "'entries' metadata is not JSON"),
         (_gap, "belongs to no entry"),
         (_overlap, "starts at byte"),
+        (_record_without_offsets, "tensor '0.bias': not a safetensors tensor record"),
+        (_record_with_an_extra_field, "tensor '0.bias': not a safetensors tensor record"),
+        (_record_not_a_mapping, "tensor '0.bias': not a safetensors tensor record"),
         (_unknown_dtype, "unknown dtype 'F128'"),
         (_bool_in_shape, "is not a list of counts"),
         (_too_many_dims, r"is not a list of counts \(at most 1024 dimensions"),
