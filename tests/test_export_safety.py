@@ -246,6 +246,11 @@ def _record_not_a_mapping(h, d):
     return h, d
 
 
+def _dtype_not_a_string(h, d):  # a list cannot even be looked up in a dict
+    h["0.bias"]["dtype"] = ["F32"]
+    return h, d
+
+
 def _unknown_dtype(h, d):
     h["0.bias"]["dtype"] = "F128"
     return h, d
@@ -298,6 +303,7 @@ def _metadata_not_strings(h, d):
         (_record_without_offsets, "tensor '0.bias': not a safetensors tensor record"),
         (_record_with_an_extra_field, "tensor '0.bias': not a safetensors tensor record"),
         (_record_not_a_mapping, "tensor '0.bias': not a safetensors tensor record"),
+        (_dtype_not_a_string, r"unknown dtype \['F32'\]"),
         (_unknown_dtype, "unknown dtype 'F128'"),
         (_bool_in_shape, "is not a list of counts"),
         (_too_many_dims, r"is not a list of counts \(at most 1024 dimensions"),
