@@ -305,7 +305,7 @@ def _metadata_not_strings(h, d):
         (_record_not_a_mapping, "tensor '0.bias': not a safetensors tensor record"),
         (_dtype_not_a_string, r"unknown dtype \['F32'\]"),
         (_unknown_dtype, "unknown dtype 'F128'"),
-        (_bool_in_shape, "is not a list of counts"),
+        (_bool_in_shape, r"tensor '0.bias': shape \[True, True, True, True, True, True\] is not a list of counts"),
         (_too_many_dims, r"is not a list of counts \(at most 1024 dimensions"),
         (_dim_of_2_63, "each below 2"),
         (_missing_part, r"the csr part '2.weight:col' is missing"),
