@@ -251,6 +251,10 @@ def _dtype_not_a_string(h, d):  # a list cannot even be looked up in a dict
     return h, d
 
 
+def _bytes_after_the_last_tensor(h, d):
+    return h, d + b"\0" * 8
+
+
 def _unknown_dtype(h, d):
     h["0.bias"]["dtype"] = "F128"
     return h, d
@@ -303,6 +307,7 @@ def _metadata_not_strings(h, d):
         (_record_without_offsets, "tensor '0.bias': not a safetensors tensor record"),
         (_record_with_an_extra_field, "tensor '0.bias': not a safetensors tensor record"),
         (_record_not_a_mapping, "tensor '0.bias': not a safetensors tensor record"),
+        (_bytes_after_the_last_tensor, r"its tensors end at byte (\d+) of (?!\1)\d+ bytes of data"),
         (_dtype_not_a_string, r"unknown dtype \['F32'\]"),
         (_unknown_dtype, "unknown dtype 'F128'"),
         (_bool_in_shape, r"tensor '0.bias': shape \[True, True, True, True, True, True\] is not a list of counts"),
