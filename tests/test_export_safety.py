@@ -98,6 +98,30 @@ def test_header_length_beyond_the_file_is_refused_before_reading_it(tmp_path):
         read_sparse(write(tmp_path, b"abc"))
 
 
+def test_header_length_is_checked_exactly_against_the_file_and_the_cap(tmp_path):
+    """One byte past the file, a length with the top bit set, one byte past safetensors' 100 MB cap: each
+    refused by its length, naming both sizes. A header of exactly the cap is read (and refused as not JSON)."""
+    _, blob = saved(tmp_path)
+    rest = len(blob) - 8
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    one_past = struct.pack("<Q", rest + 1) + blob[8:]
+    with pytest.raises(ValueError, match=rf"{INVALID}: its header claims {rest + 1:,} bytes, the file has {rest:,} after"):
+        read_sparse(write(tmp_path, one_past))
+    assert header_len < rest  # the saved file: header, then data
+    top_bit = struct.pack("<Q", (1 << 64) - 1) + blob[8:]
+    with pytest.raises(ValueError, match=rf"its header claims {(1 << 64) - 1:,} bytes"):
+        read_sparse(write(tmp_path, top_bit))
+    cap = 100_000_000
+    for claimed, why in ((cap + 1, f"its header claims {cap + 1:,} bytes"), (cap, "its header is not JSON")):
+        path = tmp_path / "big.lobs"
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", claimed))
+            f.truncate(8 + cap + 8)  # sparse on disk: zeros
+        with pytest.raises(ValueError, match=rf"{INVALID}: {why}"):
+            read_sparse(path)
+        path.unlink()
+
+
 def test_small_file_declaring_a_huge_tensor_is_refused_by_read_sparse(tmp_path):
     """A few hundred bytes declaring an all-zero 1 GiB CSR tensor (and 4 TiB): refused before allocating."""
     for cols, col_dtype in ((1 << 28, torch.int32), (1 << 40, torch.int64)):
