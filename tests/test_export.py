@@ -160,6 +160,7 @@ def test_round_trip_bit_exact(name, sparsity, with_masks, tmp_path):
     loaded = load_sparse(other, path)
     assert_state_equal(model, other)
     assert loaded.file_bytes == info.file_bytes == path.stat().st_size
+    assert loaded.path == info.path == str(path)
     assert loaded.encodings == info.encodings
     plain = read_sparse(path)
     assert list(plain) == list(model.state_dict())

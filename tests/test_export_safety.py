@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -97,6 +98,30 @@ def test_header_length_beyond_the_file_is_refused_before_reading_it(tmp_path):
         read_sparse(write(tmp_path, b"abc"))
 
 
+def test_header_length_is_checked_exactly_against_the_file_and_the_cap(tmp_path):
+    """One byte past the file, a length with the top bit set, one byte past safetensors' 100 MB cap: each
+    refused by its length, naming both sizes. A header of exactly the cap is read (and refused as not JSON)."""
+    _, blob = saved(tmp_path)
+    rest = len(blob) - 8
+    header_len = struct.unpack("<Q", blob[:8])[0]
+    one_past = struct.pack("<Q", rest + 1) + blob[8:]
+    with pytest.raises(ValueError, match=rf"{INVALID}: its header claims {rest + 1:,} bytes, the file has {rest:,} after"):
+        read_sparse(write(tmp_path, one_past))
+    assert header_len < rest  # the saved file: header, then data
+    top_bit = struct.pack("<Q", (1 << 64) - 1) + blob[8:]
+    with pytest.raises(ValueError, match=rf"its header claims {(1 << 64) - 1:,} bytes"):
+        read_sparse(write(tmp_path, top_bit))
+    cap = 100_000_000
+    for claimed, why in ((cap + 1, f"its header claims {cap + 1:,} bytes"), (cap, "its header is not JSON")):
+        path = tmp_path / "big.lobs"
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", claimed))
+            f.truncate(8 + cap + 8)  # sparse on disk: zeros
+        with pytest.raises(ValueError, match=rf"{INVALID}: {why}"):
+            read_sparse(path)
+        path.unlink()
+
+
 def test_small_file_declaring_a_huge_tensor_is_refused_by_read_sparse(tmp_path):
     """A few hundred bytes declaring an all-zero 1 GiB CSR tensor (and 4 TiB): refused before allocating."""
     for cols, col_dtype in ((1 << 28, torch.int32), (1 << 40, torch.int64)):
@@ -146,8 +171,8 @@ def test_csr_structure_that_does_not_add_up_is_refused_and_the_model_kept(crow, 
     model = nn.Linear(8, 4, bias=False)
     before = state_copy(model)
     path = write(tmp_path, csr_file(crow, col, [2.0]))
-    with pytest.raises(ValueError, match=rf"{INVALID}: 'weight': .*{why}"):
-        load_sparse(model, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(repr(str(path)))} {INVALID}: 'weight': .*{why}"):
+        load_sparse(model, path)  # the message names the file
     assert unchanged(model, before)
     with pytest.raises(ValueError, match=why):
         read_sparse(path)
@@ -230,6 +255,30 @@ def _overlap(h, d):
     return h, d
 
 
+def _record_without_offsets(h, d):
+    del h["0.bias"]["data_offsets"]
+    return h, d
+
+
+def _record_with_an_extra_field(h, d):
+    h["0.bias"]["offsets"] = [0, 0]
+    return h, d
+
+
+def _record_not_a_mapping(h, d):
+    h["0.bias"] = ["dtype", "shape", "data_offsets"]
+    return h, d
+
+
+def _dtype_not_a_string(h, d):  # a list cannot even be looked up in a dict
+    h["0.bias"]["dtype"] = ["F32"]
+    return h, d
+
+
+def _bytes_after_the_last_tensor(h, d):
+    return h, d + b"\0" * 8
+
+
 def _unknown_dtype(h, d):
     h["0.bias"]["dtype"] = "F128"
     return h, d
@@ -279,8 +328,13 @@ def _metadata_not_strings(h, d):
         (_no_entries, "'entries' metadata is not JSON"),
         (_gap, "belongs to no entry"),
         (_overlap, "starts at byte"),
+        (_record_without_offsets, "tensor '0.bias': not a safetensors tensor record"),
+        (_record_with_an_extra_field, "tensor '0.bias': not a safetensors tensor record"),
+        (_record_not_a_mapping, "tensor '0.bias': not a safetensors tensor record"),
+        (_bytes_after_the_last_tensor, r"its tensors end at byte (\d+) of (?!\1)\d+ bytes of data"),
+        (_dtype_not_a_string, r"unknown dtype \['F32'\]"),
         (_unknown_dtype, "unknown dtype 'F128'"),
-        (_bool_in_shape, "is not a list of counts"),
+        (_bool_in_shape, r"tensor '0.bias': shape \[True, True, True, True, True, True\] is not a list of counts"),
         (_too_many_dims, r"is not a list of counts \(at most 1024 dimensions"),
         (_dim_of_2_63, "each below 2"),
         (_missing_part, r"the csr part '2.weight:col' is missing"),
@@ -346,9 +400,45 @@ def test_same_element_count_other_shape_is_refused_before_anything_is_written(tm
     save_sparse(source, tmp_path / "m.lobs")
     target = nn.Sequential(nn.Linear(3, 3), nn.Linear(4, 6, bias=False))
     before = state_copy(target)
-    with pytest.raises(ValueError, match=r"'1.weight' has shape \(4, 6\) in the file, \(6, 4\) in the model"):
+    with pytest.raises(ValueError, match=r"\(saved from a Sequential\) does not match this Sequential: "
+                       r"'1.weight' has shape \(4, 6\) in the file, \(6, 4\) in the model"):
         load_sparse(target, tmp_path / "m.lobs")
     assert unchanged(target, before)
+
+
+def test_a_shape_of_1024_dimensions_is_read_and_one_of_1025_refused(tmp_path):
+    """The documented bound on dimensions (at most 1024) is inclusive."""
+    entries = [{"key": "x", "dtype": "torch.float32", "shape": [1] * 1024, "encoding": "dense", "masked": False}]
+    x = read_sparse(write(tmp_path, craft(entries, {"x": torch.full([1] * 1024, 2.5)})))["x"]
+    assert x.dim() == 1024 and x.item() == 2.5
+    entries[0]["shape"] = [1] * 1025
+    with pytest.raises(ValueError, match=r"'x': shape .* is not a list of counts \(at most 1024 dimensions"):
+        read_sparse(write(tmp_path, craft(entries, {"x": torch.full([1] * 1024, 2.5)})))
+
+
+class ExtraState(nn.Module):
+    """A module whose ``state_dict`` holds a non-tensor (``get_extra_state``) beside its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def get_extra_state(self):
+        return {"step": 3}
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+def test_model_state_that_is_not_a_tensor_is_refused_by_name(tmp_path):
+    """A file with an entry for every key of a model whose state holds a non-tensor: refused naming that key."""
+    entries = [{"key": k, "dtype": "torch.float32", "shape": [2], "encoding": "dense", "masked": False}
+               for k in ("weight", "_extra_state")]
+    path = write(tmp_path, craft(entries, {"weight": torch.full((2,), 5.0), "_extra_state": torch.zeros(2)}))
+    model = ExtraState()
+    with pytest.raises(ValueError, match=r"does not match this ExtraState: the model's '_extra_state' is not a tensor"):
+        load_sparse(model, path)
+    assert torch.equal(model.weight.detach(), torch.ones(2))
 
 
 # --------------------------------------------------------------------------- atomic saves

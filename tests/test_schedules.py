@@ -111,18 +111,38 @@ def test_reachability_against_max_epochs_and_max_steps():
     g = GradualSchedule(0.0, 0.8, start=0, end=6, every=2)  # epochs 2, 4, 6
     g.check_reachable(max_epochs=7)
     g.check_reachable(max_epochs=-1, max_steps=None)  # no limit
-    with pytest.raises(ValueError, match=r"the schedule's epoch 6 is beyond the last epoch of training \(max_epochs=6.*lower the schedule's last epoch"):
+    with pytest.raises(ValueError, match=r"the schedule's epoch 6 is beyond the last epoch of training \(max_epochs=6, epochs are 0\.\.5\); lower the schedule's last epoch"):
         g.check_reachable(max_epochs=6)
     g.check_reachable(done=[2, 4, 6], max_epochs=6)  # every point already pruned
-    with pytest.raises(ValueError, match=r"epoch 4 is never reached: max_steps=20 .* 5 steps per epoch"):
+    with pytest.raises(ValueError, match=r"epoch 4 is never reached: max_steps=20 ends training after 20 optimizer steps, "
+                       r"and with 5 steps per epoch epoch 4 starts after 20\. Raise max_steps above 30 or lower"):
         g.check_reachable(max_epochs=7, max_steps=20, steps_per_epoch=5)
+    with pytest.raises(ValueError, match=r"epoch 2 is never reached: .* epoch 2 starts after 10\. Raise max_steps above 30 "):
+        g.check_reachable(max_steps=10, steps_per_epoch=5)  # the fix names the last point out of reach
     g.check_reachable(max_epochs=7, max_steps=31, steps_per_epoch=5)
     steps = GradualSchedule(0.0, 0.8, start=0, end=30, every=10, unit="step")
-    with pytest.raises(ValueError, match=r"the schedule's step 30 is never reached: max_steps=30"):
+    with pytest.raises(ValueError, match=r"the schedule's step 30 is never reached: max_steps=30 ends training after step 29;"):
         steps.check_reachable(max_steps=30)
     with pytest.raises(ValueError, match=r"step 30 is never reached: max_epochs=3 with 10 steps per epoch"):
         steps.check_reachable(max_epochs=3, steps_per_epoch=10)
     steps.check_reachable(max_epochs=4, steps_per_epoch=10)
+
+
+def test_a_limit_of_zero_is_a_limit_not_no_limit():
+    """Only None and negative limits mean "no limit": max_epochs=0 or max_steps=0 trains nothing, so a
+    schedule's first point is never reached and is refused before training."""
+    epochs = PruneSchedule([0], 0.5)
+    with pytest.raises(ValueError, match=r"epoch 0 is beyond the last epoch of training \(max_epochs=0"):
+        epochs.check_reachable(max_epochs=0)
+    with pytest.raises(ValueError, match=r"epoch 0 is never reached: max_steps=0"):
+        epochs.check_reachable(max_steps=0, steps_per_epoch=5)
+    steps = PruneSchedule([0], 0.5, unit="step")
+    with pytest.raises(ValueError, match=r"step 0 is never reached: max_steps=0"):
+        steps.check_reachable(max_steps=0)
+    with pytest.raises(ValueError, match=r"step 0 is never reached: max_epochs=0"):
+        steps.check_reachable(max_epochs=0, steps_per_epoch=5)
+    epochs.check_reachable(max_epochs=1, max_steps=1, steps_per_epoch=5)
+    steps.check_reachable(max_epochs=1, max_steps=1, steps_per_epoch=5)
 
 
 def test_checkpoint_form_is_the_table_and_resume_checks_the_points_run():
