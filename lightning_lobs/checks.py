@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["as_int", "as_real", "describe"]
+__all__ = ["as_int", "as_real", "describe", "set_positive_ints"]
 
 
 def _unwrap(value: object) -> object:
@@ -45,3 +45,19 @@ def as_int(value: object) -> Optional[int]:
 def describe(value: object) -> str:
     """``value`` and its type, for an error message."""
     return f"{value!r} of type {type(value).__name__}"
+
+
+def set_positive_ints(options: object, names: tuple[str, ...]) -> None:
+    """Check that each field ``names`` of a frozen options dataclass is an int >= 1 and store it as a Python int.
+
+    The error names the class, the field, the value and the field's default.
+    """
+    cls = type(options)
+    for name in names:
+        given = getattr(options, name)
+        value = as_int(given)
+        if value is None or value < 1:
+            raise ValueError(
+                f"{cls.__name__}.{name} must be a positive int, got {describe(given)}; the default is {getattr(cls, name)}."
+            )
+        object.__setattr__(options, name, value)

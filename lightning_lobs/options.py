@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .allocation import GlobalAllocation, resolve_allocation
-from .checks import as_real, describe
+from .checks import as_real, describe, set_positive_ints
 from .solvers import METHODS, NMPattern, SolverOptions, as_float_dtype, count_or_none, parse_pattern
 
 SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
@@ -91,14 +91,7 @@ class CalibrationOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype"))
-        for name in ("max_chunk_elements", "position_stride"):
-            value = count_or_none(getattr(self, name))
-            if value is None:
-                raise ValueError(
-                    f"CalibrationOptions.{name} must be a positive int, got {describe(getattr(self, name))}; "
-                    f"the default is {getattr(CalibrationOptions, name)}."
-                )
-            object.__setattr__(self, name, value)
+        set_positive_ints(self, ("max_chunk_elements", "position_stride"))
         if self.memory_budget_bytes is not None:
             budget = count_or_none(self.memory_budget_bytes)
             if budget is None:

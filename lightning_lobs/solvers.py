@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import Tensor
 
-from .checks import as_int, as_real, describe
+from .checks import as_int, as_real, describe, set_positive_ints
 
 __all__ = [
     "GreedyTrace",
@@ -205,14 +205,7 @@ class SolverOptions:
             )
         object.__setattr__(self, "damp", float(damp))
         object.__setattr__(self, "dtype", as_float_dtype(self.dtype, "SolverOptions.dtype"))
-        for name in ("block_size", "lazy_steps", "max_memory_bytes", "max_damp_tries"):
-            value = count_or_none(getattr(self, name))
-            if value is None:
-                raise ValueError(
-                    f"SolverOptions.{name} must be a positive int, got {describe(getattr(self, name))}; "
-                    f"the default is {getattr(SolverOptions, name)}."
-                )
-            object.__setattr__(self, name, value)
+        set_positive_ints(self, ("block_size", "lazy_steps", "max_memory_bytes", "max_damp_tries"))
         kept = count_or_none(self.min_kept_per_row, 0)
         if kept is None:
             raise ValueError(
