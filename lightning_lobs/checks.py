@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["as_int", "as_real", "describe", "set_positive_ints"]
+__all__ = ["as_int", "as_real", "count_or_none", "describe", "set_positive_ints"]
 
 
 def _unwrap(value: object) -> object:
@@ -42,6 +42,15 @@ def as_int(value: object) -> Optional[int]:
     return int(value)
 
 
+def count_or_none(value: object, minimum: int = 1) -> Optional[int]:
+    """``value`` as a Python int >= ``minimum`` (Python, numpy or 0-d torch integers), else None.
+
+    ``True``/``False`` are not counts (``block_size=True`` would mean 1); nor is a float such as 64.0.
+    """
+    out = as_int(value)
+    return out if out is not None and out >= minimum else None
+
+
 def describe(value: object) -> str:
     """``value`` and its type, for an error message."""
     return f"{value!r} of type {type(value).__name__}"
@@ -55,8 +64,8 @@ def set_positive_ints(options: object, names: tuple[str, ...]) -> None:
     cls = type(options)
     for name in names:
         given = getattr(options, name)
-        value = as_int(given)
-        if value is None or value < 1:
+        value = count_or_none(given)
+        if value is None:
             raise ValueError(
                 f"{cls.__name__}.{name} must be a positive int, got {describe(given)}; the default is {getattr(cls, name)}."
             )

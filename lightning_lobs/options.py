@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .allocation import GlobalAllocation, resolve_allocation
-from .checks import as_real, describe, set_positive_ints
-from .solvers import METHODS, NMPattern, SolverOptions, as_float_dtype, count_or_none, parse_pattern
+from .checks import as_real, count_or_none, describe, set_positive_ints
+from .solvers import METHODS, NMPattern, SolverOptions, as_float_dtype, parse_pattern
 
 SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
 ForwardFn = Callable[[nn.Module, Any], Any]

@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import Tensor
 
-from .checks import as_int, as_real, describe, set_positive_ints
+from .checks import as_real, count_or_none, describe, set_positive_ints
 
 __all__ = [
     "GreedyTrace",
@@ -151,15 +151,6 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
     raise ValueError(
         f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
     )
-
-
-def count_or_none(value: object, minimum: int = 1) -> Optional[int]:
-    """``value`` as a Python int >= ``minimum`` (Python, numpy or 0-d torch integers), else None.
-
-    ``True``/``False`` are not counts (``block_size=True`` would mean 1); nor is a float such as 64.0.
-    """
-    out = as_int(value)
-    return out if out is not None and out >= minimum else None
 
 
 @dataclass(frozen=True)
