@@ -3,14 +3,13 @@
 import importlib.metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-from .allocation import GlobalAllocation
 from .api import prune_model
 from .export import SparseFileInfo, export_sparse, load_sparse, save_sparse, to_sparse_inference
 from .masks import MaskSet, model_sparsity
-from .options import CalibrationOptions, PruneOptions, PruneProgress
+from .config import CalibrationOptions, GlobalAllocation, PruneOptions, PruneProgress, SolverOptions
 from .pruner import LayerReport, PruneReport
 from .schedules import GradualSchedule, PruneSchedule, SparsitySchedule
-from .solvers import GreedyTrace, SolveResult, SolverOptions, greedy_trace, solve_layer
+from .solvers import GreedyTrace, SolveResult, greedy_trace, solve_layer
 
 __all__ = [
     "CalibrationOptions",

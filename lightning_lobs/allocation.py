@@ -27,118 +27,26 @@ Floors hold in every mode: no layer beyond ``max_layer_sparsity``, and (unless
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .checks import as_int, as_real, describe
+from .config import GlobalAllocation, SolverOptions
 from .distributed import RankInfo, broadcast_tensors, fail_together
 from .hessian import has_bias
 from .masks import MaskSet
-from .solvers import GreedyTrace, SolverOptions, Tick, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
+from .solvers import GreedyTrace, Tick, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
 
 if TYPE_CHECKING:  # the pruner imports this module
     from .pruner import _Layer
 
-__all__ = ["GlobalAllocation", "allocate_layers", "resolve_allocation", "split_budget"]
+__all__ = ["allocate_layers", "split_budget"]
 
 #: States kept per step of :func:`split_budget`'s dynamic programme: removal counts are merged
 #: in buckets of ``ceil(budget / DP_RESOLUTION)`` weights, so the split is exact whenever the
 #: budget is at most this many weights and otherwise within one bucket of the optimum's count.
 DP_RESOLUTION = 1 << 15
-
-
-@dataclass(frozen=True)
-class GlobalAllocation:
-    """Options of ``allocation="global"``: how one overall sparsity is spread over the layers.
-
-    Attributes:
-        max_layer_sparsity: no layer is pruned beyond this fraction (in (0, 1]; 1 = no cap).
-            Default 0.99: a layer keeps at least 1% of its weights. On LeNet-300-100 at 93%
-            the best split (``exact``'s) puts at most ~95-96% on any layer (BENCHMARKS.md), so
-            0.99 does not bind where the allocation is sound; it stops the collapse seen with
-            one-pass costs (a 1024x2048 layer at sparsity 1.0000 with under 100 weights left).
-        allow_dead_rows: False (default): every output row (a conv's output channel) keeps
-            ``SolverOptions.min_kept_per_row >= 1`` weights, in the allocation and in the
-            solves. True lets the allocation count on rows emptying (set
-            ``SolverOptions(min_kept_per_row=0)`` too, or the solves still keep them).
-        costs: ``"curve"`` (default): ``lobs``/``fast`` layers get a measured error curve
-            (SparseGPT at every grid level on ``curve_rows`` sampled rows); ``"one-pass"``:
-            the cheaper one-pass ``L_q``, blind to redundancy. ``exact`` layers always use
-            their greedy trace.
-        levels: number of grid sparsities for the curves (``grid=None``): ``1 - (1 -
-            max_layer_sparsity) ** (i / (levels - 1))``, i.e. spaced evenly in log density,
-            finer where the error rises fastest (a max_layer_sparsity of 1 spans down to 0.1% density).
-        grid: explicit grid sparsities instead (each in [0, 1), at most ``max_layer_sparsity``).
-        curve_rows: rows sampled per layer for its curve (evenly spaced; all when fewer).
-    """
-
-    max_layer_sparsity: float = 0.99
-    allow_dead_rows: bool = False
-    costs: Literal["curve", "one-pass"] = "curve"
-    levels: int = 24
-    grid: Optional[Tuple[float, ...]] = None
-    curve_rows: int = 64
-
-    def __post_init__(self) -> None:
-        m = as_real(self.max_layer_sparsity)
-        if m is None or not (0.0 < m <= 1.0):
-            raise ValueError(
-                f"GlobalAllocation.max_layer_sparsity must be a number in (0, 1], got {describe(self.max_layer_sparsity)}; "
-                "0.99 (default) keeps at least 1% of every layer, 1.0 removes the cap."
-            )
-        object.__setattr__(self, "max_layer_sparsity", float(m))
-        if not isinstance(self.allow_dead_rows, bool):
-            raise ValueError(f"GlobalAllocation.allow_dead_rows must be True or False, got {self.allow_dead_rows!r}.")
-        if self.costs not in ("curve", "one-pass"):
-            raise ValueError(
-                f"GlobalAllocation.costs must be 'curve' (measured error curves, default) or 'one-pass' (L_q), "
-                f"got {self.costs!r}."
-            )
-        for name in ("levels", "curve_rows"):
-            least = 2 if name == "levels" else 1
-            value = as_int(getattr(self, name))
-            if value is None or value < least:
-                raise ValueError(f"GlobalAllocation.{name} must be an int >= {least}, got {describe(getattr(self, name))}.")
-            object.__setattr__(self, name, value)
-        if self.grid is not None:
-            try:
-                if isinstance(self.grid, (str, bytes)) or any(isinstance(v, bool) for v in self.grid):
-                    raise TypeError  # True is not the sparsity 1.0
-                grid = tuple(float(v) for v in self.grid)
-            except (TypeError, ValueError):
-                raise ValueError(f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}.") from None
-            if not grid or any(not (0.0 <= v < 1.0) or v > m for v in grid):
-                raise ValueError(
-                    f"GlobalAllocation.grid must hold sparsities in [0, 1), none above max_layer_sparsity={m}, "
-                    f"got {self.grid!r}; or leave grid=None for the default grid of `levels` points."
-                )
-            object.__setattr__(self, "grid", tuple(sorted(set(grid))))
-
-    def sparsity_grid(self) -> Tuple[float, ...]:
-        """The grid sparsities the curves are measured at (always including 0)."""
-        if self.grid is not None:
-            return tuple(sorted({0.0, *self.grid}))
-        floor_density = max(1.0 - self.max_layer_sparsity, 1e-3)
-        n = self.levels - 1
-        return tuple(sorted({1.0 - floor_density ** (i / n) for i in range(n + 1)}))
-
-
-def resolve_allocation(value: Any) -> Optional[GlobalAllocation]:
-    """``"global"`` -> ``GlobalAllocation()``, a GlobalAllocation -> itself, ``"uniform"`` -> None."""
-    if isinstance(value, GlobalAllocation):
-        return value
-    if isinstance(value, str) and value == "global":
-        return GlobalAllocation()
-    if isinstance(value, str) and value == "uniform":
-        return None
-    raise ValueError(
-        f"allocation must be 'global', 'uniform' or a GlobalAllocation(...), got {value!r}: 'global' spreads "
-        "the sparsity over the layers where the relative layer errors are smallest, 'uniform' prunes every layer to "
-        "the same sparsity, GlobalAllocation(max_layer_sparsity=..., costs=...) is 'global' with options."
-    )
 
 
 # --------------------------------------------------------------------------- the split over a grid

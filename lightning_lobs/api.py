@@ -11,7 +11,7 @@ from torch import nn
 
 from .checks import as_int, describe
 from .masks import MaskSet
-from .options import ProgressFn, PruneOptions
+from .config import ProgressFn, PruneOptions
 from .pruner import PruneReport, prune
 
 

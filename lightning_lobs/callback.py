@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from ._lightning import CALLBACK_BASES, callback_classes, namespace_of, rank_zero_info, rank_zero_warn
-from .allocation import GlobalAllocation
 from .checks import as_int, as_real, describe
 from .api import is_one_shot, take_batches
 from .distributed import RankInfo
 from .masks import MaskSet, _resolve_weight
-from .options import (
+from .config import (
+    GlobalAllocation,
+    SolverOptions,
     AllocationName,
     CalibrationOptions,
     ForwardFn,
@@ -40,7 +41,6 @@ from .progress import trainer_progress
 from .schedules import PruneSchedule, check_not_decreasing, describe_spec
 from .pruner import PruneReport, default_forward, prune
 from .selection import select_layers
-from .solvers import SolverOptions
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
     from lightning.pytorch import LightningModule, Trainer

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
 if TYPE_CHECKING:
-    from .options import ProgressFn, PruneProgress
+    from .config import ProgressFn, PruneProgress
 
 __all__ = ["Throttle", "console_progress", "trainer_progress"]
 

@@ -49,9 +49,11 @@ from .hessian import (
     weight_matrix,
 )
 from .masks import MaskSet, _resolve_weight
-from .options import (  # noqa: F401 - re-exported: the engine's public names
+from .config import (  # noqa: F401 - re-exported: the engine's public names
     ALL_METHODS,
     CalibrationOptions,
+    NMPattern,
+    SolverOptions,
     ForwardFn,
     ProgressFn,
     PruneOptions,
@@ -65,8 +67,6 @@ from .solvers import (
     _REFIT_WORK_FACTOR,
     REFIT_AUTO_MAX_FLOPS,
     GreedyTrace,
-    NMPattern,
-    SolverOptions,
     Tick,
     _tick_rows,
     _trace_work,

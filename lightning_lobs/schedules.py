@@ -17,7 +17,7 @@ import fnmatch
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from .checks import as_real, describe
-from .options import SparsitySpec, as_fraction, normalize_sparsity
+from .config import SparsitySpec, as_fraction, normalize_sparsity
 from .selection import is_literal
 
 __all__ = ["GradualSchedule", "PruneSchedule", "SparsitySchedule", "Unit"]

@@ -26,12 +26,11 @@ from torch.nn.utils import parametrize
 
 from . import attention as _attention
 from .hessian import is_hf_conv1d, is_supported, weight_columns
-from .options import SparsitySpec, as_fraction, normalize_sparsity
+from .config import NMPattern, SparsitySpec, as_fraction, normalize_sparsity
 from .masks import MaskSet
-from .solvers import NMPattern
 
 if TYPE_CHECKING:
-    from .options import PruneOptions
+    from .config import PruneOptions
 
 
 @dataclass

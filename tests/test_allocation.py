@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.allocation as alloc_mod
 from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
-from lightning_lobs.allocation import resolve_allocation, split_budget
+from lightning_lobs.allocation import split_budget
+from lightning_lobs.config import resolve_allocation
 from lightning_lobs.solvers import error_curve, output_energy, solve_layer
 
 F64 = torch.float64

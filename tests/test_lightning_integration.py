@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_lobs import LOBSPruning
 from lightning_lobs.progress import console_progress
-from lightning_lobs.options import PruneProgress
+from lightning_lobs.config import PruneProgress
 from lightning_helpers import LAYERS, NAMESPACES, BothCallback, lit_mlp, make_trainer, ns, zeros  # noqa: F401 - ns is a fixture
 
 pytestmark = [

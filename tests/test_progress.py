@@ -18,7 +18,7 @@ from torch import nn
 import lightning_lobs.allocation as allocation_mod
 import lightning_lobs.solvers as solvers_mod
 from lightning_lobs import prune_model
-from lightning_lobs.options import PruneProgress
+from lightning_lobs.config import PruneProgress
 from lightning_lobs.pruner import _Progress
 from lightning_lobs.solvers import SolverOptions, error_curve, greedy_trace, solve_layer
 

@@ -166,7 +166,7 @@ from lightning_lobs import (
     to_sparse_inference,
 )
 from lightning_lobs.export import CSRLinear
-from lightning_lobs.options import PruneProgress
+from lightning_lobs.config import PruneProgress
 from lightning_lobs.progress import console_progress
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,16 +53,14 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import Tensor
 
-from .checks import as_real, count_or_none, describe, set_positive_ints
+from ..checks import as_real, describe
+from ..config import METHODS, NMPattern, SolverOptions, parse_pattern
 
 __all__ = [
     "GreedyTrace",
-    "METHODS",
-    "NMPattern",
     "PROGRESS_TICK_FLOPS",
     "REFIT_AUTO_MAX_FLOPS",
     "SolveResult",
-    "SolverOptions",
     "allocate_global",
     "damped_hessian",
     "error_curve",
@@ -71,13 +69,11 @@ __all__ = [
     "magnitude_mask",
     "obs_scores",
     "output_energy",
-    "parse_pattern",
     "refit",
     "solve_layer",
     "Tick",
 ]
 
-METHODS = ("lobs", "exact", "fast")
 #: ``SolverOptions(refit=None)`` refits ``lobs``/``fast`` masks when the batched solve of the
 #: kept submatrices costs at most this many flops (about ten seconds on 2 CPU cores).
 REFIT_AUTO_MAX_FLOPS = 2e11
@@ -117,97 +113,6 @@ def _tick_rows(rows: int, flops_per_row: float) -> int:
     return max(1, min(rows, int(PROGRESS_TICK_FLOPS // max(flops_per_row, 1.0))))
 
 
-@dataclass(frozen=True)
-class NMPattern:
-    """Keep ``n`` of every ``m`` consecutive input columns of each row."""
-
-    n: int
-    m: int
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.n / self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
-
-
-_FLOAT_DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
-
-
-def as_float_dtype(value: object, what: str) -> torch.dtype:
-    """``torch.float32``/``torch.float64``, also spelled as a string (``"torch.float64"``, ``"float64"``: YAML/CLI)."""
-    if isinstance(value, str):
-        key = value.strip()
-        key = key[len("torch."):] if key.startswith("torch.") else key
-        if key in _FLOAT_DTYPES:
-            return _FLOAT_DTYPES[key]
-        raise ValueError(
-            f"{what} must be torch.float32 or torch.float64, got the string {value!r}; write 'torch.float32' or "
-            "'torch.float64' (in Python, the dtype object itself)."
-        )
-    if value in (torch.float32, torch.float64):
-        return value  # type: ignore[return-value]
-    raise ValueError(
-        f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
-    )
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    """Numerical options shared by the solvers.
-
-    Attributes:
-        damp: damping added to H's diagonal, relative to its mean diagonal.
-        dtype: precision of the solve (float64 for reference-quality results); the strings
-            ``"torch.float32"``/``"float64"`` (YAML) are read as the dtypes.
-        block_size: ``fast``: columns per lazy-update block.
-        lazy_steps: ``exact``: removals between batched downdates of ``H^-1``.
-        max_memory_bytes: ``exact``/refit: bound on the per-row matrices held at once.
-        max_damp_tries: how many times damping is multiplied by 10 when H is singular.
-        refit: ``lobs``/``fast``: after the mask is chosen, move the kept weights to the
-            least-squares optimum for it (:func:`refit`; ``exact`` always does). True,
-            False, or None (default): when it costs at most :data:`REFIT_AUTO_MAX_FLOPS`
-            (sum over rows of k^3/3 for k kept weights), i.e. skipped on very wide layers
-            at low sparsity where it would take minutes.
-        min_kept_per_row: unstructured sparsity: every output row (a conv's output channel)
-            keeps at least this many of its weights, so no output is cut off entirely (a
-            dead row). Default 1; 0 allows dead rows. A sparsity that cannot leave this many
-            in every row is lowered to the largest one that can, with a warning. Weights a
-            ``prior_mask`` already pruned stay pruned even where that leaves fewer. N:M
-            patterns are unaffected (they keep N of every M).
-    """
-
-    damp: float = 0.01
-    dtype: torch.dtype = torch.float32
-    block_size: int = 128
-    lazy_steps: int = 32
-    max_memory_bytes: int = 1 << 30
-    max_damp_tries: int = 6
-    refit: Optional[bool] = None
-    min_kept_per_row: int = 1
-
-    def __post_init__(self) -> None:
-        damp = as_real(self.damp)
-        if damp is None or not (math.isfinite(damp) and damp >= 0):
-            raise ValueError(
-                f"SolverOptions.damp must be a finite number >= 0 (relative to H's mean diagonal), got "
-                f"{describe(self.damp)}; 0.01 is typical."
-            )
-        object.__setattr__(self, "damp", float(damp))
-        object.__setattr__(self, "dtype", as_float_dtype(self.dtype, "SolverOptions.dtype"))
-        set_positive_ints(self, ("block_size", "lazy_steps", "max_memory_bytes", "max_damp_tries"))
-        kept = count_or_none(self.min_kept_per_row, 0)
-        if kept is None:
-            raise ValueError(
-                f"SolverOptions.min_kept_per_row must be an int >= 0, got {describe(self.min_kept_per_row)}; "
-                "1 (default) keeps one weight in every output row, 0 allows dead rows."
-            )
-        object.__setattr__(self, "min_kept_per_row", kept)
-        if self.refit is not None and not isinstance(self.refit, bool):  # 1 == True: compare by type, not value
-            raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
-
-
 @dataclass
 class SolveResult:
     """Outcome of :func:`solve_layer`.
@@ -231,23 +136,6 @@ class SolveResult:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.mask.float().mean().item()
-
-
-def parse_pattern(pattern: Union[str, Tuple[int, int], NMPattern, None]) -> Optional[NMPattern]:
-    """Parse ``"2:4"`` / ``(2, 4)`` / :class:`NMPattern` / None into an :class:`NMPattern` or None."""
-    if pattern is None or isinstance(pattern, NMPattern):
-        return pattern
-    try:
-        if isinstance(pattern, str):
-            n_str, m_str = pattern.split(":")
-            n, m = int(n_str), int(m_str)
-        else:
-            n, m = (int(v) for v in pattern)
-    except (ValueError, TypeError):
-        raise ValueError(f"pattern must look like '2:4' (keep N of every M), got {pattern!r}.") from None
-    if not (0 < n < m):
-        raise ValueError(f"pattern '{n}:{m}' must keep N of every M with 0 < N < M, e.g. '2:4'.")
-    return NMPattern(n, m)
 
 
 # --------------------------------------------------------------------------- helpers
