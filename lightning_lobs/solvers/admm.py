@@ -40,11 +40,13 @@ if TYPE_CHECKING:
 __all__ = ["ADMM_ITERATIONS", "admm_prune"]
 
 #: Most ADMM iterations (each: two ``rows x d x d`` products and a projection).
-ADMM_ITERATIONS = 60
+ADMM_ITERATIONS = 120
 #: ``rho`` at the start, relative to the unit diagonal of the scaled H.
-RHO_START = 0.3
+RHO_START = 0.15
 #: Iterations between two updates of ``rho``.
 RHO_EVERY = 3
+#: The loop stops after two updates of ``rho`` in a row in which at most this fraction of the kept entries changed.
+SETTLED_CHANGE = 1e-5
 #: Most conjugate-gradient iterations of the final refit, and the residual at which a row stops.
 REFIT_ITERATIONS = 20
 REFIT_RTOL = 1e-4
@@ -135,17 +137,20 @@ def _removal_count(x: _Inputs, min_kept: int) -> int:
 class _Projector:
     """Keep-mask of the pattern that keeps the largest ``|v| * weight_j`` (the Euclidean projection's support)."""
 
-    def __init__(self, x: _Inputs, column_weight: Tensor, min_kept: int) -> None:
-        self.x, self.column_weight = x, column_weight  # (rows, d): 0 on dead inputs, so they go first
+    def __init__(self, x: _Inputs, column_weight: Optional[Tensor], min_kept: int) -> None:
+        self.x, self.column_weight = x, column_weight  # (rows, d): 0 on dead inputs, so they go first; None: all live
+        self.threshold: Optional[float] = None
         self.min_kept = min_kept if x.pattern is None else 0
         self.keep = x.W.shape[0] * x.d - _removal_count(x, self.min_kept)
 
     def __call__(self, V: Tensor) -> Tensor:
         x = self.x
         rows, d = V.shape[0], x.d
-        scores = V[:, :d].abs() * self.column_weight
+        scores = V[:, :d].abs()
+        if self.column_weight is not None:
+            scores.mul_(self.column_weight)
         if x.forced is not None:
-            scores = scores.masked_fill(x.forced, -math.inf)
+            scores.masked_fill_(x.forced, -math.inf)
         mask = torch.ones_like(V, dtype=torch.bool)
         if x.pattern is not None:
             m = x.pattern.m
@@ -156,13 +161,40 @@ class _Projector:
         if self.min_kept > 0:  # each row's largest (allowed) entries rank above everything
             top = scores.topk(min(self.min_kept, d), dim=1).indices
             best = scores.gather(1, top)
-            scores = scores.scatter(1, top, torch.where(best > -math.inf, math.inf, best))  # never a prior-pruned one
-        flat = scores.reshape(-1)
-        sub = torch.zeros_like(flat, dtype=torch.bool)
-        if self.keep > 0:
-            sub[flat.topk(self.keep).indices] = True
+            scores.scatter_(1, top, torch.where(best > -math.inf, math.inf, best))  # never a prior-pruned one
+        sub, self.threshold = _largest(scores.reshape(-1), self.keep, self.threshold)
         mask[:, :d] = sub.reshape(rows, d)
         return mask
+
+
+def _largest(flat: Tensor, keep: int, hint: Optional[float]) -> Tuple[Tensor, Optional[float]]:
+    """Mask of ``keep`` largest entries of ``flat`` and the threshold, found near ``hint`` when possible.
+
+    A full selection (``topk``/``kthvalue``) over millions of scores costs as much as the ADMM iteration's two
+    matrix products; the threshold moves little between iterations, so counting against a narrow band around the
+    last one and selecting only inside the band is a few linear passes. Ties at the threshold go to the lowest index.
+    """
+    n = flat.numel()
+    if keep <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool), hint
+    if keep >= n:
+        return torch.ones_like(flat, dtype=torch.bool), hint
+    thr = None
+    if hint is not None and math.isfinite(hint) and hint > 0:
+        for width in (1e-3, 1e-2, 1e-1):
+            lo, hi = hint * (1 - width), hint * (1 + width)
+            above = int(torch.count_nonzero(flat > hi))
+            if above < keep <= int(torch.count_nonzero(flat > lo)):
+                band = flat[(flat > lo) & (flat <= hi)]
+                thr = float(band.kthvalue(band.numel() - (keep - above) + 1).values)
+                break
+    if thr is None:
+        thr = float(flat.kthvalue(n - keep + 1).values)
+    mask = flat > thr
+    missing = keep - int(torch.count_nonzero(mask))
+    if missing > 0:
+        mask[(flat == thr).nonzero().squeeze(1)[:missing]] = True
+    return mask, thr
 
 
 def _rho_factor(changed: float) -> float:
@@ -206,8 +238,10 @@ def admm_prune(
     scale = torch.diagonal(Hd, dim1=-2, dim2=-1).sqrt()  # (G, D)
     Hs = Hd / scale.unsqueeze(-1) / scale.unsqueeze(-2)
     W0 = x.W.to(solver.dtype).reshape(G, rows // G, D) * scale.unsqueeze(1)
-    live = (~dead).to(solver.dtype).to(x.W.device)
-    column_weight = live.unsqueeze(1).expand(G, rows // G, D).reshape(rows, D)[:, : x.d]
+    column_weight = None
+    if bool(dead.any()):
+        live = (~dead).to(solver.dtype).to(x.W.device)
+        column_weight = live.unsqueeze(1).expand(G, rows // G, D).reshape(rows, D)[:, : x.d]
     project = _Projector(x, column_weight, solver.min_kept_per_row)
 
     mask, W = _admm_loop(W0, Hs, project, iterations, tick)
@@ -238,16 +272,17 @@ def _admm_loop(W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tic
     lam, Q = torch.linalg.eigh(Hs)
     lam = lam.clamp_min(0).unsqueeze(1)  # (G, 1, D)
     B0 = (W0 @ Q) * lam
+    Qt = Q.transpose(-1, -2).contiguous()
     mask = project(W0.reshape(G * R, D)).reshape(G, R, D)
     Z = W0 * mask
     U = torch.zeros_like(W0)
     rho, settled, changed_total = RHO_START, 0, 0
     kept = max(int(mask.sum()), 1)
     for it in range(iterations):
-        W = ((B0 + rho * ((Z - U) @ Q)) / (lam + rho)) @ Q.transpose(-1, -2)
+        W = ((Z - U) @ Q).mul_(rho).add_(B0).div_(lam + rho) @ Qt
         V = W + U
         new_mask = project(V.reshape(G * R, D)).reshape(G, R, D)
-        changed_total += int((new_mask != mask).sum())
+        changed_total += int(torch.count_nonzero(new_mask != mask))
         mask = new_mask
         Z = V * mask
         U = V - Z
@@ -255,9 +290,9 @@ def _admm_loop(W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tic
             tick(0.9 * (it + 1) / iterations)
         if (it + 1) % RHO_EVERY == 0:
             fraction = changed_total / kept
-            settled = settled + 1 if changed_total == 0 else 0
+            settled = settled + 1 if fraction <= SETTLED_CHANGE else 0
             changed_total = 0
             rho *= _rho_factor(fraction)
-            if settled >= 3 and rho >= 10.0:
+            if settled >= 2:  # the refit that follows makes W = Z exactly: no need to drive rho up further
                 break
     return mask, Z
