@@ -102,3 +102,112 @@ def test_invalid_arguments() -> None:
         admm_prune(W, H)
     with pytest.raises(ValueError, match="hessian must be"):
         admm_prune(W, H[:4, :4], 0.5)
+
+
+# --------------------------------------------------------------------------- CG refit against the direct solve
+
+
+def _damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    return H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("warm", [False, True])
+def test_cg_refit_within_condition_bound_of_direct(seed: int, warm: bool) -> None:
+    """Per row, |x_cg - x*| <= cond(H_KK) * rtol * |x* - w_K|: a residual of rtol |b| moves x by at most that."""
+    W, H = llm_like(10, 24, seed=10 + seed)
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed)) > 0.6
+    rtol = 1e-5
+    direct = refit(W, H, mask, F64)
+    x0 = W + 0.1 * torch.randn(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(99)) if warm else None
+    cg = cg_refit(W, H, mask, F64, x0=x0, rtol=rtol, maxiter=10 * W.shape[1])
+    assert bool((cg[~mask] == 0).all())
+    Hd = _damped(H, F64.damp)
+    for r in range(W.shape[0]):
+        K = mask[r].nonzero().squeeze(1)
+        if K.numel() == 0:
+            continue
+        ev = torch.linalg.eigvalsh(Hd[K][:, K])
+        cond = float(ev[-1] / ev[0])
+        change = (direct[r, K] - W[r, K]).norm()
+        assert (cg[r, K] - direct[r, K]).norm() <= cond * rtol * change * (1 + 1e-6) + 1e-14, f"row {r}"
+
+
+def test_cg_refit_tight_tolerance_equals_direct_with_groups() -> None:
+    W, H1 = llm_like(8, 16, seed=20)
+    _, H2 = llm_like(8, 16, seed=21)
+    Hg = torch.stack([H1, H2])
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    torch.testing.assert_close(cg_refit(W, Hg, mask, F64, rtol=1e-13, maxiter=200), refit(W, Hg, mask, F64), rtol=1e-9, atol=1e-11)
+    # warm-started from the answer, every row's residual is already below rtol: no step moves it
+    direct = refit(W, Hg, mask, F64)
+    torch.testing.assert_close(cg_refit(W, Hg, mask, F64, x0=direct, rtol=1e-6, maxiter=50), direct, rtol=1e-13, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- ADMM against brute force on tiny layers
+
+
+def _row_optimum(w: torch.Tensor, H: torch.Tensor, allowed) -> dict:
+    """Least-squares error of the best kept set of each size (or of the pattern), over every subset of one row."""
+    d = w.numel()
+    best: dict = {}
+    for k in range(d + 1):
+        for K in itertools.combinations(range(d), k):
+            if not allowed(K):
+                continue
+            R = [j for j in range(d) if j not in K]
+            S = H[R][:, R]
+            if K and R:
+                S = S - H[R][:, list(K)] @ torch.linalg.solve(H[list(K)][:, list(K)], H[list(K)][:, R])
+            cost = 0.5 * float(w[R] @ S @ w[R]) if R else 0.0
+            best[k] = min(best.get(k, math.inf), cost)
+    return best
+
+
+def _optimum(W: torch.Tensor, H: torch.Tensor, sparsity: Optional[float], pattern: Optional[str]) -> float:
+    rows, d = W.shape
+    if pattern is not None:
+        nm = parse_pattern(pattern)
+        ok = lambda K: all(sum(1 for j in K if g * nm.m <= j < (g + 1) * nm.m) == nm.n for g in range(d // nm.m))  # noqa: E731
+        return sum(min(_row_optimum(W[r], H, ok).values()) for r in range(rows))
+    per = [_row_optimum(W[r], H, lambda K: True) for r in range(rows)]
+    keep = rows * d - round(sparsity * rows * d)
+    splits = (ks for ks in itertools.product(range(1, d + 1), repeat=rows) if sum(ks) == keep)  # one kept per row
+    return min(sum(per[r][k] for r, k in enumerate(ks)) for ks in splits)
+
+
+@pytest.mark.parametrize(
+    "rows, sparsity, pattern", [(1, 0.5, None), (2, 0.5, None), (2, 0.7, None), (1, None, "2:4"), (2, None, "2:4")]
+)
+def test_admm_near_brute_force_optimum_and_beats_sparsegpt(rows: int, sparsity: Optional[float], pattern: Optional[str]) -> None:
+    """30 seeded 1x8 / 2x8 layers (correlated inputs, one 20x channel), no damping, float64.
+
+    Asserted: never below the optimum (it is one); exactly optimal on at least half of the seeds; within 2x of it on
+    at least 85%; no worse than SparseGPT (``fast``) on at least 85%. (Measured when written: optimal on 18-22 of
+    30, within 2x on 28-30, no worse than ``fast`` on 28-30; ``fast`` was up to 190x the optimum.)
+    """
+    opts = SolverOptions(dtype=torch.float64, damp=0.0)
+    ratios: List[float] = []
+    wins = 0
+    for seed in range(30):
+        W, H = llm_like(rows, 8, seed)
+        best = _optimum(W, H, sparsity, pattern)
+        got = admm_prune(W, H, sparsity, pattern=pattern, solver=opts).error
+        sgpt = solve_layer(W, H, sparsity, method="fast", pattern=pattern, solver=opts).error
+        assert got >= best * (1 - 1e-9) - 1e-15, f"seed {seed}: below the brute-force optimum"
+        ratios.append(got / best if best > 0 else (1.0 if got <= 1e-15 else math.inf))
+        wins += got <= sgpt * (1 + 1e-9) + 1e-15
+    assert sum(r <= 1 + 1e-6 for r in ratios) >= 15, ratios
+    assert sum(r <= 2.0 for r in ratios) >= 26, ratios
+    assert wins >= 26
+
+
+def test_zero_sparsity_returns_the_dense_weights_and_ticks() -> None:
+    W, H = llm_like(4, 8, seed=9)
+    res = admm_prune(W, H, 0.0, solver=F64)
+    assert bool(res.mask.all()) and torch.allclose(res.weight, W, rtol=0, atol=1e-15) and res.error < 1e-25
+    seen: List[float] = []
+    admm_prune(W, H, 0.5, solver=F64, tick=seen.append)
+    assert seen and seen[-1] == 1.0 and all(0.0 <= a <= b <= 1.0 for a, b in zip(seen, seen[1:]))
+    with pytest.raises(ValueError, match="iterations must be an int"):
+        admm_prune(W, H, 0.5, iterations=-1)

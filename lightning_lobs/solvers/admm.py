@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from . import SolveResult
 
 __all__ = ["ADMM_ITERATIONS", "admm_prune"]
+
+#: A progress callback: called with the fraction in [0, 1] of the call's work done.
+Tick = Callable[[float], None]
 
 #: Most ADMM iterations (each: two ``rows x d x d`` products and a projection).
 ADMM_ITERATIONS = 120
@@ -128,7 +131,7 @@ def _removal_count(x: _Inputs, min_kept: int) -> int:
                 f"of the {rows} rows of {x.d}; pruning {most / (rows * x.d):.6g} instead. "
                 "SolverOptions(min_kept_per_row=0) allows dead rows.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # admm_prune's caller
             )
             total = most
     return max(total, int(forced.sum()))
@@ -217,7 +220,7 @@ def admm_prune(
     solver: Optional[SolverOptions] = None,
     iterations: int = ADMM_ITERATIONS,
     refit_iterations: int = REFIT_ITERATIONS,
-    tick: Optional[callable] = None,  # type: ignore[valid-type]
+    tick: Optional[Tick] = None,
 ) -> "SolveResult":
     """Prune one layer by ADMM with mask reselection, then refit the kept weights by conjugate gradients.
 
@@ -230,6 +233,9 @@ def admm_prune(
     from . import SolveResult, damped_hessian, layer_error  # deferred: solvers/__init__ may import this module
 
     solver = solver or SolverOptions()
+    for name, value in (("iterations", iterations), ("refit_iterations", refit_iterations)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
     x = _inputs(weight, hessian, sparsity, bias, pattern, prior_mask)
     rows, D = x.W.shape
     G = x.H.shape[0]
@@ -244,9 +250,12 @@ def admm_prune(
         column_weight = live.unsqueeze(1).expand(G, rows // G, D).reshape(rows, D)[:, : x.d]
     project = _Projector(x, column_weight, solver.min_kept_per_row)
 
-    mask, W = _admm_loop(W0, Hs, project, iterations, tick)
+    if x.pattern is None and project.keep == rows * x.d:  # nothing to prune: the dense weights are the optimum
+        mask, W = torch.ones_like(W0, dtype=torch.bool), W0
+    else:
+        mask, W = _admm_loop(W0, Hs, project, iterations, tick)
     mask = mask.reshape(G, rows // G, D)
-    if refit_iterations > 0:
+    if refit_iterations > 0 and not bool(mask.all()):
         W = masked_cg(Hs, W0, mask, x0=W, rtol=REFIT_RTOL, maxiter=refit_iterations)
     new = (W * mask / scale.unsqueeze(1)).reshape(rows, D)
     if not torch.isfinite(new).all():
@@ -266,10 +275,12 @@ def admm_prune(
     )
 
 
-def _admm_loop(W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tick: Optional[callable]) -> Tuple[Tensor, Tensor]:  # type: ignore[valid-type]
+def _admm_loop(W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tick: Optional[Tick]) -> Tuple[Tensor, Tensor]:
     """The ADMM iterations on ``(G, R, D)`` scaled weights; returns the final keep-mask and the sparse copy ``Z``."""
     G, R, D = W0.shape
     lam, Q = torch.linalg.eigh(Hs)
+    if tick is not None:  # the eigendecomposition (seconds on wide layers) has no ticks inside
+        tick(0.0)
     lam = lam.clamp_min(0).unsqueeze(1)  # (G, 1, D)
     B0 = (W0 @ Q) * lam
     Qt = Q.transpose(-1, -2).contiguous()
