@@ -21,7 +21,9 @@ executed as modules; nothing of theirs is copied into this repository. Their ``i
 Layers are LLM-like: ``n`` calibration tokens ``x = z (0.3 I + G / sqrt(d))`` with ``z``, ``G`` standard Gaussian
 (correlated inputs), then 1% of the input channels multiplied by 20 (outlier channels); ``W`` Gaussian with
 variance ``1/d``. The error is the relative layer error ``tr(D H D^T) / tr(W H W^T)`` with ``D = W^ - W`` and the
-undamped ``H = X^T X / n``, in float64 for every method.
+undamped ``H = X^T X / n``, in float64 for every method (the solves are deterministic: every repeat gives the same
+error). Times are the median of ``--repeats`` interleaved runs; ``admm_over_alps_time`` is the median of the
+per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,12 +52,18 @@ if str(ROOT) not in sys.path:
 from lightning_lobs.solvers import layer_error, solve_layer  # noqa: E402
 from lightning_lobs.solvers.admm import admm_prune  # noqa: E402
 
-TARGETS: Dict[str, Tuple[Optional[float], Optional[str]]] = {"50%": (0.5, None), "70%": (0.7, None), "2:4": (None, "2:4")}
+TARGETS: Dict[str, Tuple[Optional[float], Optional[str]]] = {
+    "50%": (0.5, None),
+    "70%": (0.7, None),
+    "2:4": (None, "2:4"),
+}
 
 
 def git_show(repo: str, path: str) -> str:
     """A file of the snapshot's HEAD commit (the mirrors are bare git directories, no work tree)."""
-    return subprocess.run(["git", "--git-dir", repo, "show", f"HEAD:{path}"], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "--git-dir", repo, "show", f"HEAD:{path}"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def load_module(name: str, source: str) -> types.ModuleType:
@@ -68,7 +77,9 @@ def load_module(name: str, source: str) -> types.ModuleType:
 def load_peers(alps_repo: str, sparsegpt_repo: str) -> Tuple[types.ModuleType, types.ModuleType]:
     """ALPS's ``alps.py`` and SparseGPT's ``sparsegpt.py`` (with its ``quant.py``), patched to run on the CPU."""
     alps_src = git_show(alps_repo, "alps.py")
-    alps_src = alps_src.replace("'cuda:0'", "'cpu'").replace('"cuda:0"', '"cpu"').replace("torch.cuda.synchronize()", "None")
+    alps_src = (
+        alps_src.replace("'cuda:0'", "'cpu'").replace('"cuda:0"', '"cpu"').replace("torch.cuda.synchronize()", "None")
+    )
     alps = load_module("alps_peer", alps_src)
     load_module("quant", git_show(sparsegpt_repo, "quant.py"))
     sparsegpt_src = git_show(sparsegpt_repo, "sparsegpt.py").replace("torch.cuda.synchronize()", "None")
@@ -94,7 +105,9 @@ def run_sparsegpt(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: Optiona
     pruner.H = (2 * H).float()  # their add_batch accumulates 2/n X^T X
     n, m = (int(v) for v in nm.split(":")) if nm else (0, 0)
     with contextlib.redirect_stdout(io.StringIO()):
-        pruner.fasterprune(sparsity if sparsity is not None else n / m, prunen=n, prunem=m, blocksize=128, percdamp=0.01)
+        pruner.fasterprune(
+            sparsity if sparsity is not None else n / m, prunen=n, prunem=m, blocksize=128, percdamp=0.01
+        )
     return layer.weight.data.clone()
 
 
@@ -129,16 +142,32 @@ def measure(peers: Tuple[Any, Any], shape: Tuple[int, int], target: str, args: a
     }
     if shape[0] * shape[1] <= args.exact_max:
         runs["exact"] = lambda: solve_layer(W, H.float(), method="exact", **kw).weight
-    row: Dict[str, Any] = {"shape": list(shape), "target": target, "seconds": {}, "error": {}, "sparsity": {}}
-    for name in args.methods:
-        if name not in runs:
-            continue
-        seconds, new = timed(runs[name])
-        row["seconds"][name] = seconds
-        row["error"][name] = 2 * layer_error(W, new, H) / energy
-        row["sparsity"][name] = float((new == 0).double().mean())
-        print(f"{shape[0]}x{shape[1]} {target:4s} {name:9s} {seconds:8.2f} s  rel. error {row['error'][name]:.4f}  "
-              f"sparsity {row['sparsity'][name]:.4f}", flush=True)
+    row: Dict[str, Any] = {
+        "shape": list(shape),
+        "target": target,
+        "seconds": {},
+        "error": {},
+        "sparsity": {},
+        "all_seconds": {},
+    }
+    names = [name for name in args.methods if name in runs]
+    for _ in range(args.repeats):  # interleaved, so that load from other processes hits every method alike
+        for name in names:
+            seconds, new = timed(runs[name])
+            row["all_seconds"].setdefault(name, []).append(seconds)
+            row["error"][name] = 2 * layer_error(W, new, H) / energy
+            row["sparsity"][name] = float((new == 0).double().mean())
+    for name in names:
+        row["seconds"][name] = statistics.median(row["all_seconds"][name])
+        print(
+            f"{shape[0]}x{shape[1]} {target:4s} {name:9s} {row['seconds'][name]:8.2f} s  rel. error "
+            f"{row['error'][name]:.4f}  sparsity {row['sparsity'][name]:.4f}",
+            flush=True,
+        )
+    if "admm" in names and "alps" in names:
+        row["admm_over_alps_time"] = statistics.median(
+            a / b for a, b in zip(row["all_seconds"]["admm"], row["all_seconds"]["alps"])
+        )
     return row
 
 
@@ -162,6 +191,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exact-max", type=int, default=768 * 768, help="largest layer (weights) that 'exact' runs on")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs per method; the median time is reported")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
     args.methods = args.methods.split(",")
@@ -169,8 +199,13 @@ def main() -> None:
     peers = load_peers(args.alps_repo, args.sparsegpt_repo)
     results: Dict[str, Any] = {
         "command": "python benchmarks/admm_vs_peers.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
-                    "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+        },
         "rows": [],
     }
     for layer in args.layers.split(","):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from typing import List, Optional, Tuple
 
 import pytest
@@ -138,10 +137,14 @@ def test_cg_refit_tight_tolerance_equals_direct_with_groups() -> None:
     _, H2 = llm_like(8, 16, seed=21)
     Hg = torch.stack([H1, H2])
     mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.5
-    torch.testing.assert_close(cg_refit(W, Hg, mask, F64, rtol=1e-13, maxiter=200), refit(W, Hg, mask, F64), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        cg_refit(W, Hg, mask, F64, rtol=1e-13, maxiter=200), refit(W, Hg, mask, F64), rtol=1e-9, atol=1e-11
+    )
     # warm-started from the answer, every row's residual is already below rtol: no step moves it
     direct = refit(W, Hg, mask, F64)
-    torch.testing.assert_close(cg_refit(W, Hg, mask, F64, x0=direct, rtol=1e-6, maxiter=50), direct, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        cg_refit(W, Hg, mask, F64, x0=direct, rtol=1e-6, maxiter=50), direct, rtol=1e-13, atol=1e-15
+    )
 
 
 # --------------------------------------------------------------------------- ADMM against brute force on tiny layers
@@ -179,7 +182,9 @@ def _optimum(W: torch.Tensor, H: torch.Tensor, sparsity: Optional[float], patter
 @pytest.mark.parametrize(
     "rows, sparsity, pattern", [(1, 0.5, None), (2, 0.5, None), (2, 0.7, None), (1, None, "2:4"), (2, None, "2:4")]
 )
-def test_admm_near_brute_force_optimum_and_beats_sparsegpt(rows: int, sparsity: Optional[float], pattern: Optional[str]) -> None:
+def test_admm_near_brute_force_optimum_and_beats_sparsegpt(
+    rows: int, sparsity: Optional[float], pattern: Optional[str]
+) -> None:
     """30 seeded 1x8 / 2x8 layers (correlated inputs, one 20x channel), no damping, float64.
 
     Asserted: never below the optimum (it is one); exactly optimal on at least half of the seeds; within 2x of it on

@@ -81,7 +81,9 @@ def _inputs(
     nm = parse_pattern(pattern)
     if nm is not None:
         if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
-            raise ValueError(f"sparsity={sparsity} contradicts pattern '{nm}' (which removes {nm.sparsity:.3g}); pass only one.")
+            raise ValueError(
+                f"sparsity={sparsity} contradicts pattern '{nm}' (which removes {nm.sparsity:.3g}); pass only one."
+            )
         sparsity = nm.sparsity
     if sparsity is None:
         raise ValueError("sparsity is required (a float in [0, 1)) unless an N:M pattern is given.")
@@ -101,7 +103,9 @@ def _inputs(
     H = hessian.detach()
     H = H.unsqueeze(0) if H.dim() == 2 else H
     if H.dim() != 3 or H.shape[-1] != H.shape[-2] or H.shape[-1] != W.shape[1]:
-        raise ValueError(f"hessian must be ({W.shape[1]}, {W.shape[1]}) or (groups, {W.shape[1]}, {W.shape[1]}), got {tuple(hessian.shape)}.")
+        raise ValueError(
+            f"hessian must be ({W.shape[1]}, {W.shape[1]}) or (groups, {W.shape[1]}, {W.shape[1]}), got {tuple(hessian.shape)}."
+        )
     if rows % H.shape[0]:
         raise ValueError(f"{rows} output rows cannot be split evenly into {H.shape[0]} Hessian groups.")
     if not (torch.isfinite(H).all() and torch.isfinite(W).all()):
@@ -114,7 +118,9 @@ def _inputs(
             raise ValueError(f"prior_mask must have the weight's shape {tuple(shape)}, got {tuple(prior_mask.shape)}.")
         forced = ~prior_mask.reshape(rows, d).to(device=W.device, dtype=torch.bool)
         if nm is not None and bool((forced.reshape(rows, -1, nm.m).sum(-1) > nm.m - nm.n).any()):
-            raise ValueError(f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'.")
+            raise ValueError(
+                f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'."
+            )
     return _Inputs(shape, W, d, frozen, H, nm, float(sparsity), forced)
 
 
@@ -275,7 +281,9 @@ def admm_prune(
     )
 
 
-def _admm_loop(W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tick: Optional[Tick]) -> Tuple[Tensor, Tensor]:
+def _admm_loop(
+    W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tick: Optional[Tick]
+) -> Tuple[Tensor, Tensor]:
     """The ADMM iterations on ``(G, R, D)`` scaled weights; returns the final keep-mask and the sparse copy ``Z``."""
     G, R, D = W0.shape
     lam, Q = torch.linalg.eigh(Hs)
