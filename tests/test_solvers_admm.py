@@ -216,3 +216,24 @@ def test_zero_sparsity_returns_the_dense_weights_and_ticks() -> None:
     assert seen and seen[-1] == 1.0 and all(0.0 <= a <= b <= 1.0 for a, b in zip(seen, seen[1:]))
     with pytest.raises(ValueError, match="iterations must be an int"):
         admm_prune(W, H, 0.5, iterations=-1)
+
+
+def test_dead_inputs_go_first_and_conv_shapes_round_trip() -> None:
+    W, H = llm_like(6, 12, seed=30)
+    H[3, :] = 0.0  # input 3 was always zero: its weights cost nothing to remove
+    H[:, 3] = 0.0
+    res = admm_prune(W, H, 1 / 12, solver=SolverOptions(dtype=torch.float64, min_kept_per_row=0))
+    assert not bool(res.mask[:, 3].any()) and int((~res.mask).sum()) == 6
+    conv = torch.randn(4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, Hc = llm_like(4, 18, seed=31)
+    out = admm_prune(conv, Hc, 0.5, solver=F64)
+    assert out.weight.shape == conv.shape and out.mask.shape == conv.shape and int((~out.mask).sum()) == 36
+
+
+def test_default_float32_beats_sparsegpt_on_a_wider_layer() -> None:
+    """The library's default precision (float32 solve) on a 64x128 LLM-like layer, against ``fast`` there."""
+    W, H = llm_like(64, 128, seed=40, tokens=512)
+    for kw in ({"sparsity": 0.7}, {"pattern": "2:4"}):
+        got = admm_prune(W.float(), H.float(), **kw)
+        assert got.weight.dtype == torch.float32
+        assert got.error < solve_layer(W.float(), H.float(), method="fast", **kw).error
