@@ -64,7 +64,7 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +168,8 @@ def operator_norm(module: nn.Module, weight_matrix: Tensor, kind: str = "spectra
     out, cols, groups = shape.rows, shape.weight_cols, shape.groups
     factor = 1.0
     if not is_linear_like(module):
-        factor = math.sqrt(conv_overlap(module.kernel_size, module.stride, module.dilation) * _padding_copies(module))
+        conv = cast(_ConvNd, module)
+        factor = math.sqrt(conv_overlap(conv.kernel_size, conv.stride, conv.dilation) * _padding_copies(conv))
     W = weight_matrix.detach()
     if W.dim() != 2:
         W = W.reshape(W.shape[0], -1)
@@ -288,7 +289,7 @@ _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv
 
 
 # positional index of the ``inplace`` argument of functional ops
-_INPLACE_ARG_INDEX = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.elu: 2, F.selu: 1, F.celu: 2,
+_INPLACE_ARG_INDEX: dict[Any, int] = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.elu: 2, F.selu: 1, F.celu: 2,
                       F.dropout: 3, F.dropout1d: 3, F.dropout2d: 3, F.dropout3d: 3, F.alpha_dropout: 3,
                       F.feature_alpha_dropout: 3, F.hardswish: 1, F.hardsigmoid: 1, F.silu: 1, F.mish: 1}
 
@@ -299,7 +300,7 @@ class _Unsupported(Exception):
 
 def _describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
     if node.op == "call_module":
-        kind = type(gm.get_submodule(node.target)).__name__ if gm is not None else "module"
+        kind = type(gm.get_submodule(str(node.target))).__name__ if gm is not None else "module"
         return f"module '{node.target}' ({kind})"
     if node.op == "call_method":
         return f"method '.{node.target}()'"
@@ -455,7 +456,7 @@ def _module_factor(node: fx.Node, module: nn.Module) -> float:
         return float(scale.max()) if scale.numel() else 1.0
     if isinstance(module, nn.Linear) or is_conv(module):
         # an unpruned layer: identical in both networks, Lipschitz = its operator norm
-        return operator_norm(module, module.weight, "spectral")
+        return operator_norm(module, cast(Tensor, module.weight), "spectral")
     raise _Unsupported(f"unknown op {type(module).__name__}")
 
 
@@ -582,7 +583,7 @@ def _node_factor(node: fx.Node, gm: fx.GraphModule, data: fx.Node) -> float:
     """Lipschitz constant of ``node`` as a function of its single data argument ``data``."""
     data_first = bool(node.args) and node.args[0] is data
     if node.op == "call_module":
-        return _module_factor(node, gm.get_submodule(node.target))
+        return _module_factor(node, gm.get_submodule(str(node.target)))
     if node.op == "call_method":
         return _method_factor(node, gm, data_first)
     if node.op != "call_function":
@@ -610,7 +611,7 @@ def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
         index = _INPLACE_ARG_INDEX.get(node.target)
         return index is not None and len(node.args) > index and node.args[index] is True
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     return False
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 # The layer helpers below moved to ``layers``; they are re-exported here while the engine and the
 # solvers still import them from this module (the lead removes these re-exports after the merge).
@@ -115,7 +116,7 @@ class HessianAccumulator:
         self._bias = shape.bias
         self._dw = shape.weight_cols
         self._groups = shape.groups
-        device = module.weight.device
+        device = cast(Tensor, module.weight).device
         self.sum: Tensor = torch.zeros(self._groups, self.d, self.d, dtype=dtype, device=device)
         self.count: int = 0
         self.max_abs: float = 0.0  # largest input magnitude seen, to explain an overflowed sum
@@ -156,7 +157,7 @@ class HessianAccumulator:
             self._accumulate(rows[start : start + step].unsqueeze(1))
 
     def _add_conv(self, x: Tensor) -> None:
-        m = self.module
+        m = cast(_ConvNd, self.module)
         xb = batched_conv_input(m, x)
         batch = xb.shape[0]
         if batch == 0:

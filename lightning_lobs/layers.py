@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,11 @@ def is_maskable(module: nn.Module) -> bool:
     return isinstance(module, MASKABLE_TYPES)
 
 
+def _weight(module: nn.Module) -> Tensor:
+    # nn.Module types its attributes as Tensor | Module; a layer's weight is a tensor (checked by the callers)
+    return cast(Tensor, module.weight)
+
+
 def _check_prunable(module: nn.Module) -> None:
     if not is_prunable(module):
         raise TypeError(
@@ -154,13 +159,14 @@ class LayerShape:
 def describe_layer(module: nn.Module) -> LayerShape:
     """The matrix geometry of a prunable layer; ``TypeError`` for any other module."""
     _check_prunable(module)
-    w = module.weight
+    w = _weight(module)
     if is_hf_conv1d(module):
         return LayerShape(int(w.shape[1]), int(w.shape[0]), has_bias(module), 1, ())
     cols = int(w[0].numel()) if w.shape[0] > 0 else int(math.prod(w.shape[1:]))
     if is_conv(module):
-        kernel = tuple(int(k) for k in module.kernel_size)
-        return LayerShape(int(w.shape[0]), cols, has_bias(module), int(module.groups), kernel)
+        conv = cast(_ConvNd, module)
+        kernel = tuple(int(k) for k in conv.kernel_size)
+        return LayerShape(int(w.shape[0]), cols, has_bias(module), int(conv.groups), kernel)
     return LayerShape(int(w.shape[0]), cols, has_bias(module), 1, ())
 
 
@@ -194,22 +200,22 @@ def to_rows(module: nn.Module, tensor: Tensor) -> Tensor:
 
 def from_rows(module: nn.Module, rows: Tensor) -> Tensor:
     """Inverse of :func:`to_rows`: ``(rows, weight_cols)`` in the layout of ``module.weight``."""
-    return rows.t() if is_hf_conv1d(module) else rows.reshape(module.weight.shape)
+    return rows.t() if is_hf_conv1d(module) else rows.reshape(_weight(module).shape)
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
     """Detached copy of the layer's matrix: ``(rows, matrix_cols)``, the bias as last column if present."""
     _check_prunable(module)
-    mat = to_rows(module, module.weight.detach())
+    mat = to_rows(module, _weight(module).detach())
     if has_bias(module):
-        mat = torch.cat([mat, module.bias.detach().reshape(-1, 1).to(mat.dtype)], dim=1)
+        mat = torch.cat([mat, cast(Tensor, module.bias).detach().reshape(-1, 1).to(mat.dtype)], dim=1)
     return mat.clone()
 
 
 def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
     """Write a ``(rows, matrix_cols)`` matrix (layout of :func:`weight_matrix`) back into the layer in place."""
     shape = describe_layer(module)
-    w = module.weight
+    w = _weight(module)
     k = shape.weight_cols
     if tuple(matrix.shape) != (shape.rows, shape.matrix_cols):
         raise ValueError(
@@ -219,14 +225,14 @@ def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
     with torch.no_grad():
         w.data.copy_(from_rows(module, matrix[:, :k]).to(device=w.device, dtype=w.dtype))
         if shape.bias:
-            b = module.bias
+            b = cast(Tensor, module.bias)
             b.data.copy_(matrix[:, k].to(device=b.device, dtype=b.dtype))
 
 
 # --------------------------------------------------------------------------- #
 # The input as rows the weight multiplies (convolution patches)
 # --------------------------------------------------------------------------- #
-def conv_padding(module: nn.Module, spatial: int) -> list[tuple[int, int]]:
+def conv_padding(module: _ConvNd, spatial: int) -> list[tuple[int, int]]:
     """(left, right) padding per spatial dim, exactly as PyTorch applies it."""
     ks, dil = module.kernel_size, module.dilation
     if isinstance(module.padding, str):
@@ -243,7 +249,7 @@ def conv_padding(module: nn.Module, spatial: int) -> list[tuple[int, int]]:
     return [(int(p), int(p)) for p in module.padding]
 
 
-def batched_conv_input(module: nn.Module, x: Tensor) -> Tensor:
+def batched_conv_input(module: _ConvNd, x: Tensor) -> Tensor:
     """A conv input as ``(B, C, S...)`` (an unbatched one gains the batch dim), checked against the layer."""
     spatial = len(module.kernel_size)
     if x.dim() == spatial + 1:  # unbatched (C, L...)
@@ -257,7 +263,7 @@ def batched_conv_input(module: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def pad_input(module: nn.Module, x: Tensor) -> Tensor:
+def pad_input(module: _ConvNd, x: Tensor) -> Tensor:
     """Pad a batched input ``(B, C, S...)`` with the layer's padding and padding mode."""
     spatial = x.dim() - 2
     pads = conv_padding(module, spatial)
@@ -272,7 +278,7 @@ def pad_input(module: nn.Module, x: Tensor) -> Tensor:
     return F.pad(x, flat, mode=mode)
 
 
-def patch_view(module: nn.Module, xp: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def patch_view(module: _ConvNd, xp: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """Strided view ``(B, O1..ON, G, C/G, K1..KN)`` of patches of an already padded input, and ``(O1..ON)``."""
     spatial = xp.dim() - 2
     u = xp
@@ -306,10 +312,11 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
         if x.shape[-1] != k:
             raise ValueError(f"{type(module).__name__} expects last dim {k}, got shape {tuple(x.shape)}")
         return x.reshape(-1, 1, k)
-    xb = pad_input(module, batched_conv_input(module, x))
-    view, out_shape = patch_view(module, xb)
+    conv = cast(_ConvNd, module)
+    xb = pad_input(conv, batched_conv_input(conv, x))
+    view, out_shape = patch_view(conv, xb)
     n = xb.shape[0] * math.prod(out_shape)
-    return view.reshape(n, module.groups, -1)
+    return view.reshape(n, conv.groups, -1)
 
 
 # --------------------------------------------------------------------------- #
@@ -368,7 +375,8 @@ def weight_refusal(module: nn.Module, name: str) -> Optional[str]:
     if isinstance(module, AttentionProjection):  # its weight is a view of the attention's Parameter by design
         return None
     if parametrize.is_parametrized(module, "weight"):
-        names = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        parametrizations: Any = module.parametrizations
+        names = ", ".join(type(p).__name__ for p in parametrizations["weight"])
         return (
             f"its weight is computed by a parametrization ({names}), so zeros written to it would not hold; "
             f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.{name}, 'weight')) or exclude "
@@ -404,6 +412,6 @@ def why_not_prunable(module: nn.Module, name: str = "", tied_to: Sequence[str] =
             f"its weight Parameter is shared with {', '.join(tied_to)} (tied weights): one mask solved for this "
             "layer's inputs would also change the other users; exclude it or untie the weights"
         )
-    if matrix_cols(module) < 1 or module.weight.numel() == 0:
+    if matrix_cols(module) < 1 or _weight(module).numel() == 0:
         return "its weight is empty"
     return None

@@ -18,7 +18,7 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -83,10 +83,10 @@ def unprunable_reason(
     weight = module._parameters.get("weight")
     holders = users.get(id(weight), []) if weight is not None else []
     tied_to = [u for u in holders if u != _key(name, "weight")]
-    why = why_not_prunable(module, name, tied_to)
-    if why is None:
+    reason = why_not_prunable(module, name, tied_to)
+    if reason is None:
         return "", False
-    return why, is_prunable(module) and weight_refusal(module, name) is not None
+    return reason, is_prunable(module) and weight_refusal(module, name) is not None
 
 
 def _weight_bearing(module: nn.Module) -> bool:
@@ -307,7 +307,7 @@ def check_prior_masks(
     new target ends at its prior sparsity (the report shows that sparsity beside the target).
     With a global allocation the comparison is over all selected layers together.
     """
-    shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
+    shapes = {n: tuple(cast(torch.Tensor, m.weight).shape) for n, m in modules.items()}
     bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
     if bad:
         listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())
