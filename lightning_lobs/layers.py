@@ -101,7 +101,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_conv(module: nn.Module) -> bool:
-    """A forward (not transposed) torch convolution: ``nn.Conv1d/2d/3d`` and their subclasses."""
+    """A forward (not transposed) convolution: any ``_ConvNd`` with ``transposed`` False, which in torch means
+    ``nn.Conv1d/2d/3d`` and their subclasses (the lazy ones included)."""
     return isinstance(module, _ConvNd) and not module.transposed
 
 
