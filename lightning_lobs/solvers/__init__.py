@@ -97,6 +97,24 @@ __all__ = [
     "refit",
     "solve_layer",
     "Tick",
+    # the layout of the package (see the module docstring)
+    "DampedInverse",
+    "LayerInputs",
+    "MASK_WORK_PER_WEIGHT",
+    "REFIT_WORK_FACTOR",
+    "RowFloor",
+    "SOLVERS",
+    "Solution",
+    "Solver",
+    "inverse_with_damping",
+    "prepare_inputs",
+    "tick_rows",
+    "trace_work",
+    # re-exported from lightning_lobs.config, where they live
+    "METHODS",
+    "NMPattern",
+    "SolverOptions",
+    "parse_pattern",
 ]
 
 # The private names other modules, benchmarks and tests imported before the split (one version; the public
@@ -118,7 +136,7 @@ def __getattr__(name: str) -> Any:
     if name == "allocate_global":
         warnings.warn(
             "lightning_lobs.solvers.allocate_global moved to lightning_lobs.allocation.allocate_global; "
-            "the old path will be removed in the next version.",
+            "the old path stops working in the next minor version.",
             DeprecationWarning,
             stacklevel=2,
         )

@@ -358,7 +358,13 @@ class RowFloor:
         return int(self.removable_per_row(rows, columns, pruned_before).sum())
 
     def limit_sparsity(
-        self, sparsity: float, rows: int, columns: int, pruned_before: Optional[Tensor], method: str, stacklevel: int = 3
+        self,
+        sparsity: float,
+        rows: int,
+        columns: int,
+        pruned_before: Optional[Tensor],
+        method: str,
+        stacklevel: int = 3,
     ) -> float:
         """``sparsity``, lowered (with a warning) to the most that leaves the minimum in every row."""
         if self.per_row <= 0 or rows * columns == 0:
@@ -512,5 +518,7 @@ def _pruned_before(
     if nm is not None:
         per_group = pruned[:, :columns].reshape(rows, -1, nm.m).sum(-1)
         if bool((per_group > nm.m - nm.n).any()):
-            raise ValueError(f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'.")
+            raise ValueError(
+                f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'."
+            )
     return pruned if bool(pruned.any()) else None

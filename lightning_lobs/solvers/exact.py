@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from ..config import NMPattern, SolverOptions, parse_pattern
+from . import core
 from .core import (
     MASK_WORK_PER_WEIGHT,
-    PROGRESS_TICK_FLOPS,
     REFIT_WORK_FACTOR,
     LayerInputs,
     PatternLike,
@@ -87,14 +87,18 @@ class ExactSolver:
         total = trace_flops + mask_flops + refit_flops
         if self.trace is None:
             trace_tick = sub_tick(tick, 0.0, trace_flops / total)
-            order, inc = exact_trace(wb, Hinv, dead, inputs.pattern, inputs.bias_cols, options, inputs.pruned_before, trace_tick)
+            order, inc = exact_trace(
+                wb, Hinv, dead, inputs.pattern, inputs.bias_cols, options, inputs.pruned_before, trace_tick
+            )
             inc = inc.double() * (s * t * t)  # float64: the factor may be 1e46
         else:
             order, inc = self.trace.order.to(work.device), self.trace.increments.to(work.device)
         floor = RowFloor.for_solve(options, inputs.pattern)
         kept = exact_mask(order, inc, inputs, floor)
         done = (trace_flops + mask_flops) / total
-        if tick is not None and (self.trace is None or mask_flops >= PROGRESS_TICK_FLOPS):  # small masks: no extra event
+        if tick is not None and (
+            self.trace is None or mask_flops >= core.PROGRESS_TICK_FLOPS
+        ):  # small masks: no extra event
             tick(done)
         new = refit(wb, Hb.to(inputs.H.dtype), kept, replace(options, damp=damp), sub_tick(tick, done, 1.0 - done))
         new.mul_(t)
@@ -151,7 +155,9 @@ def greedy_trace(
     _, Hinv, damp, dead = inverse_with_damping(Hb.to(work.device), solver)
     tick_if_long(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
     order, inc = exact_trace(work, Hinv, dead, nm, x.bias_cols, solver, x.pruned_before, tick)
-    return GreedyTrace(order=order, increments=inc.double() * (s * t * t), damp=damp, pattern=nm)  # float64: may be 1e46
+    return GreedyTrace(
+        order=order, increments=inc.double() * (s * t * t), damp=damp, pattern=nm
+    )  # float64: may be 1e46
 
 
 # --------------------------------------------------------------------------- scale
@@ -362,8 +368,14 @@ def improve_allocation(C: Tensor, counts: Tensor, max_moves: Optional[int] = Non
     counts = counts.clone()
     rows = torch.arange(R, device=C.device)
     for _ in range(max_moves if max_moves is not None else 4 * R):
-        up = torch.where(counts < S1 - 1, C[rows, (counts + 1).clamp_max(S1 - 1)] - C[rows, counts], torch.full_like(C[:, 0], math.inf))
-        down = torch.where(counts > 0, C[rows, counts] - C[rows, (counts - 1).clamp_min(0)], torch.full_like(C[:, 0], -math.inf))
+        up = torch.where(
+            counts < S1 - 1,
+            C[rows, (counts + 1).clamp_max(S1 - 1)] - C[rows, counts],
+            torch.full_like(C[:, 0], math.inf),
+        )
+        down = torch.where(
+            counts > 0, C[rows, counts] - C[rows, (counts - 1).clamp_min(0)], torch.full_like(C[:, 0], -math.inf)
+        )
         r_up = int(up.argmin())
         down_other = down.clone()
         down_other[r_up] = -math.inf

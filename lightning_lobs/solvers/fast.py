@@ -67,7 +67,9 @@ class FastSolver:
         if wants_refit(options, kept):
             if tick is not None:
                 tick(sweep_share)
-            new = refit(work, inputs.H, kept, replace(options, damp=damp), sub_tick(tick, sweep_share, 1.0 - sweep_share))
+            new = refit(
+                work, inputs.H, kept, replace(options, damp=damp), sub_tick(tick, sweep_share, 1.0 - sweep_share)
+            )
         return Solution(new, kept, damp)
 
 
@@ -145,7 +147,15 @@ class ColumnSweep:
         return torch.cat([free_col.flip(0).cumsum(0).flip(0), free_col.new_zeros(1)]).tolist()
 
     def _block_mask(
-        self, W1: Tensor, udiag: Tensor, live: Tensor, kept: Tensor, i1: int, i2: int, totals: Sequence[int], free_after: List[int]
+        self,
+        W1: Tensor,
+        udiag: Tensor,
+        live: Tensor,
+        kept: Tensor,
+        i1: int,
+        i2: int,
+        totals: Sequence[int],
+        free_after: List[int],
     ) -> None:
         """Unstructured: each level prunes its quota's share of the block ``[i1, i2)`` (in ``kept``, in place)."""
         rows = W1.shape[1]

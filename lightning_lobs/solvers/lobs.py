@@ -51,9 +51,7 @@ class LobsSolver:
         return Solution(new, kept, damp)
 
 
-def floor_of(
-    inputs: LayerInputs, options: SolverOptions, work: Tensor, Hinv: Tensor, dead: Tensor
-) -> Optional[Tensor]:
+def floor_of(inputs: LayerInputs, options: SolverOptions, work: Tensor, Hinv: Tensor, dead: Tensor) -> Optional[Tensor]:
     """The per-row minimum of a one-pass solve: each row keeps its costliest weights by single-removal cost."""
     floor = RowFloor.for_solve(options, inputs.pattern)
     if floor.per_row <= 0:

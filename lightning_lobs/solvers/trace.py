@@ -55,7 +55,9 @@ def compact_in_place(Hinv: Tensor, keep: Tensor) -> Tensor:
     rows_buf = torch.empty(width, dc, dtype=Hinv.dtype, device=Hinv.device)
     for r in range(R):
         torch.index_select(Hinv[r], 0, keep[r], out=rows_buf)
-        torch.index_select(rows_buf, 1, keep[r], out=flat[r * width * width : (r + 1) * width * width].view(width, width))
+        torch.index_select(
+            rows_buf, 1, keep[r], out=flat[r * width * width : (r + 1) * width * width].view(width, width)
+        )
     return flat[: R * width * width].view(R, width, width)
 
 
@@ -92,7 +94,9 @@ class _GreedyState:
         self.groupmap: Optional[Tensor] = None
         if pattern is not None:
             columns = d - bias_cols
-            group_id = torch.cat([torch.arange(columns, device=device) // pattern.m, torch.full((bias_cols,), -1, device=device)])
+            group_id = torch.cat(
+                [torch.arange(columns, device=device) // pattern.m, torch.full((bias_cols,), -1, device=device)]
+            )
             self.groupmap = group_id.expand(R, d).contiguous()
             self.group_count = torch.zeros(R, columns // pattern.m, dtype=torch.long, device=device)
         self.lazy = lazy
