@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lightning_lobs.solvers import METHODS
+from lightning_lobs.solvers import METHODS, RowFloor
 from solver_refs import (
     LIT64,
     OPT64,
@@ -132,4 +132,70 @@ def test_exact_min_kept_split_is_the_best_capped_greedy_split():
                 k,
                 res.error,
                 best,
+            )
+
+
+# --------------------------------------------------------------------------- RowFloor itself
+
+
+def _floor_case(seed, rows=5, cols=7):
+    g = torch.Generator().manual_seed(seed)
+    costs = torch.rand(rows, cols, generator=g, dtype=torch.float64)
+    pruned_before = torch.rand(rows, cols, generator=g) < 0.3
+    pruned_before[0] = True  # a row an earlier mask emptied: it stays empty
+    return costs, pruned_before
+
+
+@pytest.mark.parametrize("per_row", [0, 1, 3, 9])
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_row_floor_keeps_each_rows_costliest_weights_not_pruned_before(per_row, with_prior):
+    costs, pruned_before = _floor_case(70 + per_row)
+    prior = pruned_before if with_prior else None
+    kept = RowFloor(per_row).kept_by_floor(costs, prior)
+    if per_row == 0:
+        assert kept is None
+        return
+    for r in range(costs.shape[0]):
+        alive = [c for c in range(costs.shape[1]) if prior is None or not bool(prior[r, c])]
+        expect = sorted(alive, key=lambda c: -float(costs[r, c]))[:per_row]
+        assert sorted(kept[r].nonzero().flatten().tolist()) == sorted(expect), r
+    pinned = RowFloor(per_row).pin(costs, prior)
+    assert torch.equal(torch.isinf(pinned), kept) and torch.equal(pinned[~kept], costs[~kept])
+
+
+@pytest.mark.parametrize("per_row", [0, 2, 9])
+def test_row_floor_counts_and_lowers_the_sparsity_only_where_it_must(per_row):
+    costs, pruned_before = _floor_case(80)
+    rows, cols = costs.shape
+    floor = RowFloor(per_row)
+    expect = [max(cols - per_row, int(pruned_before[r].sum())) for r in range(rows)]
+    assert floor.removable_per_row(rows, cols, pruned_before).tolist() == expect
+    assert floor.most_removable(rows, cols, None) == rows * max(cols - per_row, 0)
+    most = sum(expect)
+    reachable = most / (rows * cols)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert floor.limit_sparsity(reachable, rows, cols, pruned_before, "fast") == reachable
+    if per_row == 0:
+        assert floor.limit_sparsity(0.99, rows, cols, pruned_before, "fast") == 0.99
+        return
+    with pytest.warns(RuntimeWarning, match=f"fast: sparsity 0.99 would leave fewer than min_kept_per_row={per_row}"):
+        assert floor.limit_sparsity(0.99, rows, cols, pruned_before, "fast") == most / (rows * cols)
+
+
+def test_row_floor_is_the_allocations_row_minimum():
+    """allocation.py still has its own copies (its owner switches them to RowFloor); until then they must agree."""
+    import lightning_lobs.allocation as allocation
+    from lightning_lobs import GlobalAllocation
+
+    costs, pruned_before = _floor_case(81)
+    rows, cols = costs.shape
+    everything = GlobalAllocation(max_layer_sparsity=1.0)
+    for per_row in (0, 1, 3):
+        for prior in (None, ~pruned_before):  # allocation takes keep-masks
+            floor = RowFloor(per_row)
+            pruned = None if prior is None else ~prior
+            assert torch.equal(floor.pin(costs, pruned), allocation._keep_row_minimum(costs, per_row, prior))
+            assert floor.most_removable(rows, cols, pruned) == allocation._max_removed(
+                rows * cols, rows, cols, per_row, prior, everything
             )
