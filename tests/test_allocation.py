@@ -609,3 +609,11 @@ def test_allocate_global_forced_first_and_never_a_whole_layer():
         allocate_global({"a": torch.tensor([1.0, float("nan")])}, 0.5)
     with pytest.raises(ValueError, match="empty"):
         allocate_global({}, 0.5)
+
+
+def test_allocate_global_old_path_warns_naming_the_new_one():
+    import lightning_lobs.solvers as solvers
+
+    with pytest.warns(DeprecationWarning, match="lightning_lobs.allocation.allocate_global"):
+        old = solvers.allocate_global
+    assert old is allocate_global

@@ -50,6 +50,7 @@ the allocation) and ``registry`` (:data:`SOLVERS` and :func:`solve_layer`).
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any
 
@@ -132,7 +133,9 @@ _wants_refit = wants_refit
 
 
 def __getattr__(name: str) -> Any:
-    # allocate_global pools costs across layers: allocation, not a solver. Kept here one version.
+    # allocate_global pools costs across layers: allocation (a level above), not a solver. The old path works one
+    # version; the module is looked up by name at call time because it is a link of the deprecated alias only,
+    # not a dependency of the solvers (a static import would make allocation <-> solvers a cycle).
     if name == "allocate_global":
         warnings.warn(
             "lightning_lobs.solvers.allocate_global moved to lightning_lobs.allocation.allocate_global; "
@@ -140,7 +143,5 @@ def __getattr__(name: str) -> Any:
             DeprecationWarning,
             stacklevel=2,
         )
-        from ..allocation import allocate_global
-
-        return allocate_global
+        return importlib.import_module("lightning_lobs.allocation").allocate_global
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
