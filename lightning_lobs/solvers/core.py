@@ -398,6 +398,18 @@ class RowFloor:
         return costs if kept is None else costs.masked_fill(kept, math.inf)
 
 
+def one_pass_floor(
+    inputs: LayerInputs, options: SolverOptions, work: Tensor, Hinv: Tensor, dead: Tensor
+) -> Optional[Tensor]:
+    """The per-row minimum of ``lobs``/``fast``: each row keeps its costliest weights by single-removal cost."""
+    floor = RowFloor.for_solve(options, inputs.pattern)
+    if floor.per_row <= 0:
+        return None
+    costs = single_removal_costs(work, Hinv, dead)[:, : inputs.columns]
+    pruned = inputs.pruned_before
+    return floor.kept_by_floor(costs, None if pruned is None else pruned[:, : inputs.columns])
+
+
 # --------------------------------------------------------------------------- the inputs of a solve
 
 PatternLike = Union[str, Tuple[int, int], NMPattern, None]

@@ -22,13 +22,13 @@ from .core import (
     Solution,
     Tick,
     inverse_with_damping,
+    one_pass_floor,
     refit,
     refit_planned,
     sub_tick,
     tick_if_long,
     wants_refit,
 )
-from .lobs import floor_of
 
 
 class FastSolver:
@@ -41,7 +41,7 @@ class FastSolver:
         work = inputs.W.to(options.dtype)
         _, Hinv, damp, dead = inverse_with_damping(inputs.H.to(work.device), options, stacklevel=4)
         tick_if_long(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
-        kept_by_floor = floor_of(inputs, options, work, Hinv, dead)
+        kept_by_floor = one_pass_floor(inputs, options, work, Hinv, dead)
         sweep_share = _sweep_share(inputs, options)
         rows, groups = inputs.rows, inputs.groups
         per = rows // groups

@@ -19,11 +19,11 @@ from torch import Tensor
 from ..config import SolverOptions
 from .core import (
     LayerInputs,
-    RowFloor,
     Solution,
     Tick,
     inverse_with_damping,
     mask_from_scores,
+    one_pass_floor,
     refit,
     row_groups,
     single_removal_costs,
@@ -42,23 +42,13 @@ class LobsSolver:
         work = inputs.W.to(options.dtype)
         _, Hinv, damp, dead = inverse_with_damping(inputs.H.to(work.device), options, stacklevel=4)
         tick_if_long(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
-        kept_by_floor = floor_of(inputs, options, work, Hinv, dead)
+        kept_by_floor = one_pass_floor(inputs, options, work, Hinv, dead)
         kept, scores = lobs_mask(work, Hinv, dead, inputs, kept_by_floor)
         if wants_refit(options, kept):
             new = refit(work, inputs.H, kept, replace(options, damp=damp), tick)
         else:
             new = lobs_sequential(work, Hinv, kept, scores)
         return Solution(new, kept, damp)
-
-
-def floor_of(inputs: LayerInputs, options: SolverOptions, work: Tensor, Hinv: Tensor, dead: Tensor) -> Optional[Tensor]:
-    """The per-row minimum of a one-pass solve: each row keeps its costliest weights by single-removal cost."""
-    floor = RowFloor.for_solve(options, inputs.pattern)
-    if floor.per_row <= 0:
-        return None
-    costs = single_removal_costs(work, Hinv, dead)[:, : inputs.columns]
-    pruned = inputs.pruned_before
-    return floor.kept_by_floor(costs, None if pruned is None else pruned[:, : inputs.columns])
 
 
 def lobs_mask(
