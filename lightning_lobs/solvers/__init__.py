@@ -45,7 +45,11 @@ All three support N:M patterns (keep N of every M consecutive input columns).
 Layout: ``core`` (inputs, damping and the inverse, layer error, refit, masks from scores, the
 per-row minimum :class:`~lightning_lobs.solvers.core.RowFloor`, progress ticks), one module per
 method (``lobs``, ``exact`` with its kernel in ``trace``, ``fast``), ``costs`` (the curves for
-the allocation) and ``registry`` (:data:`SOLVERS` and :func:`solve_layer`).
+the allocation) and ``registry`` (:data:`SOLVERS` and :func:`solve_layer`). A new method is
+one module (a class with a ``name`` and ``solve(inputs, options, tick) -> Solution``), one entry
+in ``registry.SOLVERS`` and in ``config.METHODS``, and a brute-force test of its mask choice
+(tests/test_solvers_registry.py already checks every registered solver's refit and count).
+The kernels read :data:`PROGRESS_TICK_FLOPS` and :data:`REFIT_AUTO_MAX_FLOPS` from ``core``.
 """
 
 from __future__ import annotations
