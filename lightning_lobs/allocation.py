@@ -32,16 +32,17 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor
 
+from .checks import as_real, describe
 from .config import GlobalAllocation, SolverOptions
 from .distributed import RankInfo, broadcast_tensors, fail_together
 from .hessian import has_bias
 from .masks import MaskSet
-from .solvers import GreedyTrace, Tick, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
+from .solvers import GreedyTrace, Tick, error_curve, greedy_trace, obs_scores, output_energy
 
 if TYPE_CHECKING:  # the pruner imports this module
     from .pruner import _Layer
 
-__all__ = ["allocate_layers", "split_budget"]
+__all__ = ["allocate_global", "allocate_layers", "split_budget"]
 
 #: States kept per step of :func:`split_budget`'s dynamic programme: removal counts are merged
 #: in buckets of ``ceil(budget / DP_RESOLUTION)`` weights, so the split is exact whenever the
@@ -354,3 +355,59 @@ def allocate_layers(
     final = _refine(cnts, errs, chosen, budget)
     for n, c in zip(order, final):
         layers[n].target = c / (layers[n].dense.shape[0] * _weight_cols(layers[n]))
+
+
+# --------------------------------------------------------------------------- pooled per-weight costs
+
+
+def allocate_global(
+    costs: Mapping[str, Tensor],
+    sparsity: float,
+    forced: Optional[Mapping[str, Tensor]] = None,
+    max_removed: Optional[Mapping[str, int]] = None,
+) -> Dict[str, float]:
+    """Per-layer sparsities that remove ``sparsity`` of all weights at the smallest pooled cost.
+
+    ``costs`` maps each layer to a per-weight removal cost (already comparable across
+    layers, e.g. :func:`obs_scores` divided by :func:`output_energy`); ``+inf`` marks a
+    weight that must stay. The cheapest ``round(sparsity * N)`` weights over all layers are
+    chosen (ties broken in layer order); ``forced`` keep-masks' pruned weights are always
+    among them. A layer gives at most ``max_removed[name]`` weights (its cheapest ones;
+    never fewer than its forced ones) and always keeps at least its most expensive weight,
+    so no layer's sparsity reaches 1. Raises ValueError when the caps leave too few weights.
+    """
+    number = as_real(sparsity)
+    if number is None or not (0.0 <= number < 1.0):
+        raise ValueError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}.")
+    sparsity = float(number)
+    if not costs:
+        raise ValueError("costs is empty: give at least one layer.")
+    names = list(costs)
+    flat = []
+    for n in names:
+        c = costs[n].detach().reshape(-1).double().cpu()
+        if bool(torch.isnan(c).any()) or bool(torch.isneginf(c).any()) or bool((c < 0).any()):
+            raise ValueError(f"costs[{n!r}] must be >= 0 (+inf: never removed), without NaN.")
+        c = c.clone()
+        if forced is not None and n in forced:
+            c.masked_fill_(~forced[n].reshape(-1).to(torch.bool).cpu(), -1.0)  # already pruned: first
+        c[int(c.argmax())] = math.inf  # the layer's survivor
+        if max_removed is not None and n in max_removed:
+            cap = max(int(max_removed[n]), int((c < 0).sum()))
+            if cap < c.numel():
+                c[torch.argsort(c, stable=True)[cap:]] = math.inf
+        flat.append(c)
+    sizes = [c.numel() for c in flat]
+    allc = torch.cat(flat)
+    available = int(torch.isfinite(allc).sum())
+    total = int(round(sparsity * sum(sizes)))
+    if total > available:
+        raise ValueError(
+            f"sparsity {sparsity:.6g} asks for {total} of {sum(sizes)} weights but only {available} may go "
+            "(per-layer caps, weights that must stay, one survivor per layer); lower the sparsity or relax the caps."
+        )
+    chosen = torch.zeros(allc.numel(), dtype=torch.bool)
+    if total > 0:
+        chosen[torch.argsort(allc, stable=True)[:total]] = True  # stable: ties go in layer order
+    counts = [int(part.sum()) for part in torch.split(chosen, sizes)]
+    return {n: counts[i] / sizes[i] for i, n in enumerate(names)}

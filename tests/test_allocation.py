@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.allocation as alloc_mod
 from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
-from lightning_lobs.allocation import split_budget
+from lightning_lobs.allocation import allocate_global, split_budget
 from lightning_lobs.config import resolve_allocation
 from lightning_lobs.solvers import error_curve, output_energy, solve_layer
 
@@ -575,3 +575,45 @@ def test_second_step_keeps_earlier_masks_and_meets_the_budget(method):
             assert bool(((m.weight == 0) | ~zero1[n]).all()), n  # every earlier zero is still zero
             assert second.layers[n].target_sparsity >= first.layers[n].target_sparsity
             assert bool(((m.weight != 0).sum(1) >= 1).all())
+
+
+# --------------------------------------------------------------------------- allocate_global: pooled per-weight costs
+
+
+def test_allocate_global_is_the_cheapest_pooled_set():
+    g = torch.Generator().manual_seed(67)
+    costs = {"a": torch.rand(4, 5, generator=g), "b": torch.rand(3, 2, generator=g) * 0.3, "c": torch.rand(10, generator=g) * 3}
+    N = sum(c.numel() for c in costs.values())
+    for s in (0.0, 0.2, 0.5, 0.77, 0.9):
+        got = allocate_global(costs, s)
+        k = round(s * N)
+        # brute force: every layer keeps its most expensive weight; the k cheapest of the rest go
+        pool = sorted((float(v), n) for n, c in costs.items() for v in c.reshape(-1).sort().values[:-1])
+        for n, c in costs.items():
+            expect = sum(1 for _, m in pool[:k] if m == n)
+            assert round(got[n] * c.numel()) == expect, (s, n)
+        assert sum(round(got[n] * c.numel()) for n, c in costs.items()) == k
+
+
+def test_allocate_global_forced_first_and_never_a_whole_layer():
+    costs = {"a": torch.zeros(2, 3), "b": torch.ones(4, 4)}
+    got = allocate_global(costs, 0.4)  # 9 of 22: a would lose all 6, keeps 1; b takes the rest
+    assert round(got["a"] * 6) == 5 and round(got["b"] * 16) == 4
+    keep_b = torch.ones(4, 4, dtype=torch.bool)
+    keep_b[0] = False  # 4 already pruned in b
+    got = allocate_global(costs, 0.3, {"b": keep_b})
+    assert round(got["b"] * 16) >= 4 and round(got["a"] * 6) + round(got["b"] * 16) == round(0.3 * 22)
+    with pytest.raises(ValueError, match="sparsity"):
+        allocate_global(costs, 1.0)
+    with pytest.raises(ValueError, match="costs"):
+        allocate_global({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        allocate_global({}, 0.5)
+
+
+def test_allocate_global_old_path_warns_naming_the_new_one():
+    import lightning_lobs.solvers as solvers
+
+    with pytest.warns(DeprecationWarning, match="lightning_lobs.allocation.allocate_global"):
+        old = solvers.allocate_global
+    assert old is allocate_global

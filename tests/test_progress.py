@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lightning_lobs.allocation as allocation_mod
-import lightning_lobs.solvers as solvers_mod
+import lightning_lobs.solvers.core as solvers_core  # the constants the kernels read at call time
 from lightning_lobs import prune_model
 from lightning_lobs.config import PruneProgress
 from lightning_lobs.pruner import _Progress
@@ -46,7 +46,7 @@ def _check_fractions(fractions: List[float]) -> None:
 
 
 def test_greedy_trace_ticks_at_least_once_per_flop_budget(monkeypatch):
-    monkeypatch.setattr(solvers_mod, "PROGRESS_TICK_FLOPS", BUDGET)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", BUDGET)
     rows, d = 24, 192
     W, H = _problem(rows, d)
     solver = SolverOptions(dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_greedy_trace_ticks_at_least_once_per_flop_budget(monkeypatch):
 
 @pytest.mark.parametrize("method", ["exact", "fast", "lobs"])
 def test_solve_layer_ticks_inside_the_solve_and_stays_pure(monkeypatch, method):
-    monkeypatch.setattr(solvers_mod, "PROGRESS_TICK_FLOPS", BUDGET)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", BUDGET)
     rows, d = 24, 192
     W, H = _problem(rows, d, seed=1)
     solver = SolverOptions(dtype=torch.float64, block_size=32, refit=True)
@@ -96,7 +96,7 @@ def _loader(d: int, batches: int = 3):
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation):
     """The trace runs in the allocation (global) or in the solve (uniform): either phase reports from inside it."""
-    monkeypatch.setattr(solvers_mod, "PROGRESS_TICK_FLOPS", BUDGET)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", BUDGET)
     rows, d = 48, 192
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, rows, bias=False))
