@@ -48,7 +48,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -57,14 +56,23 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
 
 import lightning_lobs
-from lightning_lobs import GlobalAllocation, MaskSet, PruneReport, SolverOptions, greedy_trace, prune_model, solve_layer
+from lightning_lobs import (
+    GlobalAllocation,
+    MaskSet,
+    PruneReport,
+    SolverOptions,
+    greedy_trace,
+    prune_model,
+    solve_layer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FORMAT_VERSION = 1
@@ -98,7 +106,7 @@ def exact(value: Any) -> Any:
     return repr(value)
 
 
-def captured(fn: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+def captured(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``fn()``'s record plus the warnings it gave (category: message, in order); an exception is the record."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -127,7 +135,7 @@ def correlated_hessian(d: int, n: int, gen: torch.Generator, bias: bool = False)
     return x.T @ x / n
 
 
-def prior_mask(shape: Tuple[int, ...], pattern: bool, gen: torch.Generator) -> torch.Tensor:
+def prior_mask(shape: tuple[int, ...], pattern: bool, gen: torch.Generator) -> torch.Tensor:
     """An earlier step's keep-mask: for 2:4, one pruned weight in every other group of 4; else 25% pruned at random."""
     rows, d = shape[0], int(torch.tensor(shape[1:]).prod())
     if pattern:
@@ -139,10 +147,10 @@ def prior_mask(shape: Tuple[int, ...], pattern: bool, gen: torch.Generator) -> t
     return (torch.rand(rows, d, generator=gen) >= 0.25).reshape(shape)
 
 
-def solve_layers() -> Dict[str, Dict[str, Any]]:
+def solve_layers() -> dict[str, dict[str, Any]]:
     """The random layers the solves run on: weight, Hessian, bias, solver overrides."""
     gen = seeded(1)
-    layers: Dict[str, Dict[str, Any]] = {}
+    layers: dict[str, dict[str, Any]] = {}
     w = torch.randn(16, 24, generator=gen)
     h = correlated_hessian(24, 200, gen)
     for name, refit in (("linear", None), ("linear_refit_on", True), ("linear_refit_off", False)):
@@ -166,10 +174,10 @@ def solve_layers() -> Dict[str, Dict[str, Any]]:
     return layers
 
 
-def one_solve(layer: Dict[str, Any], method: str, target: str, prior: Optional[torch.Tensor], dtype: torch.dtype,
-              use_trace: bool) -> Dict[str, Any]:
+def one_solve(layer: dict[str, Any], method: str, target: str, prior: torch.Tensor | None, dtype: torch.dtype,
+              use_trace: bool) -> dict[str, Any]:
     solver = SolverOptions(dtype=dtype, **layer["solver"])
-    kw: Dict[str, Any] = {"bias": layer["bias"], "solver": solver, "prior_mask": prior}
+    kw: dict[str, Any] = {"bias": layer["bias"], "solver": solver, "prior_mask": prior}
     if target == "2:4":
         kw["pattern"] = "2:4"
     else:
@@ -190,8 +198,8 @@ def one_solve(layer: Dict[str, Any], method: str, target: str, prior: Optional[t
     return out
 
 
-def snapshot_solves() -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def snapshot_solves() -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for lname, layer in solve_layers().items():
         for target in ("0.5", "0.7", "2:4"):
             prior = prior_mask(tuple(layer["weight"].shape), target == "2:4", seeded(2))
@@ -201,8 +209,8 @@ def snapshot_solves() -> Dict[str, Any]:
                     for method, use_trace in variants:
                         key = f"{lname}/{method}{'+trace' if use_trace else ''}/{target}/" \
                               f"{'prior' if with_prior else 'noprior'}/{str(dtype)[6:]}"
-                        out[key] = captured(lambda: one_solve(layer, method, target, prior if with_prior else None,
-                                                              dtype, use_trace))
+                        args = (layer, method, target, prior if with_prior else None, dtype, use_trace)
+                        out[key] = captured(lambda args=args: one_solve(*args))
     return out
 
 
@@ -263,7 +271,7 @@ def gpt2() -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def build(model_name: str) -> Tuple[nn.Module, List[torch.Tensor]]:
+def build(model_name: str) -> tuple[nn.Module, list[torch.Tensor]]:
     """A freshly seeded model and its seeded calibration batches (4 batches)."""
     gen = seeded(10)
     if model_name == "gpt2":
@@ -282,7 +290,7 @@ def build(model_name: str) -> Tuple[nn.Module, List[torch.Tensor]]:
     return model, batches
 
 
-PRUNE_CASES: Dict[str, List[Dict[str, Any]]] = {
+PRUNE_CASES: dict[str, list[dict[str, Any]]] = {
     **{f"{m}/{a}": [{"sparsity": 0.6, "method": m, "allocation": a}]
        for m in ("auto", "exact", "fast", "lobs") for a in ("global", "uniform")},
     "auto/global/sequential": [{"sparsity": 0.6, "method": "auto", "sequential": True}],
@@ -306,11 +314,11 @@ PRUNE_CASES: Dict[str, List[Dict[str, Any]]] = {
                                            "recalibrate_bn": False}],
 }
 #: The README main job's prune (93%, global allocation, head pruned) on the real-size LeNet-300-100.
-FULL_CASES: Dict[str, List[Dict[str, Any]]] = {
+FULL_CASES: dict[str, list[dict[str, Any]]] = {
     f"{m}/global/prune_head": [{"sparsity": 0.93, "method": m, "prune_head": True}] for m in ("auto", "fast", "lobs")}
 
 
-def report_record(report: PruneReport, model: nn.Module) -> Dict[str, Any]:
+def report_record(report: PruneReport, model: nn.Module) -> dict[str, Any]:
     """Everything of a report but wall-clock times, the model's state after the prune, and the masks."""
     layers = {name: {f.name: exact(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name != "seconds"}
               for name, r in report.layers.items()}
@@ -324,24 +332,24 @@ def report_record(report: PruneReport, model: nn.Module) -> Dict[str, Any]:
             "table_lines": len(report.table().splitlines())}
 
 
-def one_prune(model_name: str, steps: List[Dict[str, Any]]) -> Dict[str, Any]:
+def one_prune(model_name: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
     model, batches = build(model_name)
     masks = MaskSet()
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for i, kwargs in enumerate(steps):
         kw = dict(kwargs)
         if isinstance(kw.get("solver"), dict):
             kw["solver"] = SolverOptions(**kw["solver"])
         seeded(100 + i)
-        rec = captured(lambda: report_record(prune_model(model, batches, masks=masks, **kw), model))
+        rec = captured(lambda kw=kw: report_record(prune_model(model, batches, masks=masks, **kw), model))
         out[f"step{i}"] = rec
         if "error" in rec:
             break
     return out
 
 
-def snapshot_prunes(log: Callable[[str], None]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def snapshot_prunes(log: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for model_name in ("lenet300", "lenet5", "resnet", "gpt2", "lenet300_full"):
         t0 = time.perf_counter()
         for case, steps in (FULL_CASES if model_name == "lenet300_full" else PRUNE_CASES).items():
@@ -353,9 +361,12 @@ def snapshot_prunes(log: Callable[[str], None]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- c) the examples
 
 
-def example_commands(out: Path) -> Dict[str, List[str]]:
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+def example_commands(out: Path) -> dict[str, list[str]]:
     """The quickest runs of the examples (the flags tests/test_data_examples.py and test_examples_deep.py use)."""
-    py, ex, mnist = sys.executable, REPO / "examples", str(REPO.parent / "shared" / "data" / "mnist")
+    py, ex, mnist = sys.executable, REPO / "examples", str(MNIST_DIR)
     quick_lenet = ["--epochs", "1", "--retrain-epochs", "1", "--no-sweep", "--calibration-batches", "2",
                    "--limit-train-batches", "5", "--data-dir", mnist, "--no-download", "--threads", "1"]
     return {
@@ -370,29 +381,55 @@ def example_commands(out: Path) -> Dict[str, List[str]]:
 
 
 _DURATION = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?\s?(?:s|ms|min)\b")
-_TIMING_KEY = re.compile(r"(^|_)(s|seconds|secs|time|times|t)$|seconds|wall|elapsed|^versions$|^args$|^dense_source$")
+# Keys of the examples' results JSON that hold durations, the machine, versions, or the command with its paths.
+_TIMING_KEY = re.compile(r"(^|_)(s|seconds|secs|time|times|t)$|seconds|wall|elapsed"
+                         r"|^(versions|args|command|machine|memory|dense_source)$")
+
+
+def strip_timings(lines: list[str]) -> list[str]:
+    """Printed lines with durations (``12.3s``) and the cells of table columns named for a time replaced by <t>."""
+    out: list[str] = []
+    timed: list[int] = []  # columns of the current markdown table whose header names a time
+    for line in lines:
+        line = _DURATION.sub("<t>", line).rstrip()
+        if line.startswith("|"):
+            cells = line.split("|")
+            if not timed:  # the header row: kept as printed
+                timed = [i for i, c in enumerate(cells) if re.search(r"\btime\b|seconds|\bs\b", c)] or [-1]
+            else:
+                line = "|".join("<t>" if i in timed and not set(c) <= set("-: ") else c for i, c in enumerate(cells))
+        else:
+            timed = []
+        if line:
+            out.append(line)
+    return out
+
+
+def placeholders(text: str, out_dir: str) -> str:
+    """``text`` with the run's folders replaced, so checkouts at other paths compare equal."""
+    return text.replace(out_dir, "<out>").replace(str(MNIST_DIR), "<mnist>").replace(str(REPO), "<repo>")
 
 
 def without_timings(value: Any, out_dir: str) -> Any:
-    """A results JSON with timing, version and argument entries removed and the output folder replaced."""
+    """A results JSON with timing, machine, version and command entries removed and the folders replaced."""
     if isinstance(value, dict):
         return {k: without_timings(v, out_dir) for k, v in value.items() if not _TIMING_KEY.search(str(k))}
     if isinstance(value, list):
         return [without_timings(v, out_dir) for v in value]
     if isinstance(value, str):
-        return value.replace(out_dir, "<out>")
+        return placeholders(value, out_dir)
     return exact(value)
 
 
-def run_example(name: str, cmd: List[str], out: Path, log: Callable[[str], None]) -> Dict[str, Any]:
+def run_example(name: str, cmd: list[str], out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                MPLBACKEND="Agg")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
     log(f"example {name}: rc {proc.returncode}, {time.perf_counter() - t0:.1f}s")
-    lines = [_DURATION.sub("<t>", line.replace(str(out), "<out>")).rstrip() for line in proc.stdout.splitlines()]
-    rec: Dict[str, Any] = {"command": [c.replace(str(out), "<out>").replace(str(REPO), "<repo>") for c in cmd],
-                           "returncode": proc.returncode, "stdout": [x for x in lines if x]}
+    lines = strip_timings([placeholders(line, str(out)) for line in proc.stdout.splitlines()])
+    rec: dict[str, Any] = {"command": [placeholders(c, str(out)) for c in cmd],
+                           "returncode": proc.returncode, "stdout": lines}
     if proc.returncode != 0:
         rec["stderr_tail"] = proc.stderr[-3000:]
     target = out / name
@@ -402,7 +439,7 @@ def run_example(name: str, cmd: List[str], out: Path, log: Callable[[str], None]
     return rec
 
 
-def snapshot_examples(log: Callable[[str], None], only: Optional[List[str]]) -> Dict[str, Any]:
+def snapshot_examples(log: Callable[[str], None], only: list[str] | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lobs_snapshot_") as tmp:
         out = Path(tmp)
         cmds = example_commands(out)
@@ -412,7 +449,7 @@ def snapshot_examples(log: Callable[[str], None], only: Optional[List[str]]) -> 
 # --------------------------------------------------------------------------- compare
 
 
-def flatten(value: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(value, dict):
         for k, v in value.items():
             yield from flatten(v, f"{prefix}/{k}" if prefix else str(k))
@@ -423,7 +460,7 @@ def flatten(value: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
         yield prefix, value
 
 
-def compare(a: Dict[str, Any], b: Dict[str, Any], ignore: List[str]) -> int:
+def compare(a: dict[str, Any], b: dict[str, Any], ignore: list[str]) -> int:
     """Print every difference between two snapshots; returns the count (``meta`` differences are notes only)."""
     for key in sorted(set(a.get("meta", {})) | set(b.get("meta", {}))):
         va, vb = a.get("meta", {}).get(key), b.get("meta", {}).get(key)
@@ -449,9 +486,9 @@ def compare(a: Dict[str, Any], b: Dict[str, Any], ignore: List[str]) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def meta(threads: int, seconds: Dict[str, float]) -> Dict[str, Any]:
+def meta(threads: int, seconds: dict[str, float]) -> dict[str, Any]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(lightning_lobs.__file__).parent,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=Path(lightning_lobs.__file__).parent,
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
@@ -460,7 +497,7 @@ def meta(threads: int, seconds: Dict[str, float]) -> Dict[str, Any]:
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("write", "examples"):
@@ -479,10 +516,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1 if compare(a, b, args.ignore) else 0
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    snap: Dict[str, Any] = {}
-    seconds: Dict[str, float] = {}
-    parts: Dict[str, Callable[[], Dict[str, Any]]] = (
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    snap: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    parts: dict[str, Callable[[], dict[str, Any]]] = (
         {"examples": lambda: snapshot_examples(log, args.only)} if args.cmd == "examples"
         else {"solves": snapshot_solves, "prunes": lambda: snapshot_prunes(log)})
     for part, fn in parts.items():
