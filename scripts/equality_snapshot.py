@@ -415,7 +415,10 @@ def placeholders(text: str, out_dir: str) -> str:
 def without_timings(value: Any, out_dir: str) -> Any:
     """A results JSON with timing, machine, version and command entries removed and the folders replaced."""
     if isinstance(value, dict):
-        return {k: without_timings(v, out_dir) for k, v in value.items() if not _TIMING_KEY.search(str(k))}
+        out = {k: without_timings(v, out_dir) for k, v in value.items() if not _TIMING_KEY.search(str(k))}
+        if "val_curve" in out:  # GPT-2's (step, nll, elapsed seconds) points: the seconds go
+            out["val_curve"] = [point[:2] for point in out["val_curve"]]
+        return out
     if isinstance(value, list):
         return [without_timings(v, out_dir) for v in value]
     if isinstance(value, str):
