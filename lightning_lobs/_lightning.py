@@ -62,7 +62,7 @@ def namespace_of(trainer: Any) -> ModuleType:
     return _primary  # a stand-in object in a unit test: the primary namespace's classes apply
 
 
-def callback_classes(name: str) -> Tuple[type, ...]:
+def callback_classes(name: str) -> Tuple[Any, ...]:  # Any: isinstance then leaves the Lightning fields typed Any
     """``<ns>.callbacks.<name>`` of every installed namespace (for ``isinstance`` across both)."""
     return tuple(getattr(ns.callbacks, name) for ns in NAMESPACES if hasattr(ns.callbacks, name))
 
@@ -78,7 +78,7 @@ def is_sharded(strategy: Any) -> bool:
 def stop_reason(trainer: Any) -> str:
     """Why ``fit`` ended, as a message says it: EarlyStopping, ``max_steps``, ``max_time`` or "stopped early"."""
     for es in trainer.callbacks:
-        if isinstance(es, callback_classes("EarlyStopping")) and getattr(es, "stopped_epoch", 0):
+        if isinstance(es, callback_classes("EarlyStopping")) and getattr(es, "stopped_epoch", None):
             return f"EarlyStopping on {es.monitor!r} stopped it"
     max_steps = getattr(trainer, "max_steps", -1)
     if max_steps is not None and 0 <= max_steps <= trainer.global_step:
