@@ -316,7 +316,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return out
 
     @property
-    def _legacy_state_key(self) -> Any:  # type: ignore[override]
+    def _legacy_state_key(self) -> Any:
         """Where Lightning looks when :attr:`state_key` is not in a checkpoint: the unnamed state this instance adopted."""
         return type(self) if self._adopted_key is None else self._adopted_key
 

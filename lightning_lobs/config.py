@@ -53,7 +53,7 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
             "'torch.float64' (in Python, the dtype object itself)."
         )
     if value in (torch.float32, torch.float64):
-        return value  # type: ignore[return-value]
+        return value
     raise ValueError(
         f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
     )
