@@ -261,6 +261,17 @@ def test_identical_instances_are_refused_naming_state_key(ns):
         trainer(1, named, ns=ns)
 
 
+def test_a_callback_pickled_with_the_schedule_as_lists_still_unpickles():
+    """0.2.0 pickled the schedule's lists (prune_points, sparsities, unit, pruned_points) as attributes."""
+    lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[1, 2], prune_head=True)
+    old = {k: v for k, v in lobs.__getstate__().items() if k != "_run"}
+    old.update(prune_points=[1, 2], sparsities=[0.5, 0.8], unit="epoch", pruned_points=[1])
+    copy = LOBSPruning.__new__(LOBSPruning)
+    copy.__setstate__(old)
+    assert copy.pruned_epochs == [1] and copy.prune_epochs == [1, 2] and copy.state_key == lobs.state_key
+    assert copy.state_dict()["pruned_epochs"] == [1] and not {"pruned_points", "unit"} & set(vars(copy))
+
+
 def test_restored_pruned_epochs_block_a_second_prune():
     lobs = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False, prune_head=True)
     lobs.load_state_dict({"masks": {"net.0": torch.ones(24, 32, dtype=torch.bool)}, "pruned_epochs": [1]})
