@@ -39,7 +39,7 @@ from .config import (
 )
 from .progress import trainer_progress
 from .schedules import PruneSchedule, check_not_decreasing, describe_spec
-from .pruner import PruneReport, default_forward, prune
+from .engine import PruneReport, default_forward, prune
 from .selection import select_layers
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
