@@ -29,7 +29,7 @@ def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> Optional[Dict[s
     drops unused columns. None (feed one input entry instead) when the forward names none of the keys,
     or when a parameter it requires is missing from the batch (``{"input": x}`` into ``forward(self, x)``).
     """
-    forward = getattr(getattr(model, "_orig_mod", model), "forward")  # a torch.compile wrapper: the model's own
+    forward = getattr(model, "_orig_mod", model).forward  # a torch.compile wrapper: the model's own
     try:
         params = inspect.signature(forward).parameters.values()
     except (TypeError, ValueError):  # a builtin or C forward: no signature to read

@@ -6,7 +6,6 @@ import logging
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .. import attention as _attention
@@ -128,6 +127,40 @@ def parameter_counts(model: nn.Module) -> Dict[str, Any]:
     }
 
 
+class _Comparison:
+    """Pruned-vs-dense RMS errors of every pruned layer's output and of the model's, one batch at a time.
+
+    Dense outputs are kept for one batch; each pruned output is compared as it appears and the dense one
+    freed, so at most one pruned layer output is held on top of the dense ones (a layer called twice in a
+    forward is compared on its first call).
+    """
+
+    def __init__(self, order: Sequence[str]) -> None:
+        self.layers = {n: _bounds.RMSAccumulator() for n in order}
+        self.model = _bounds.RMSAccumulator()
+        self.model_ok = True
+        self.dense_outputs: Dict[str, Tensor] = {}
+        self.dense = True
+
+    def start(self, dense: bool) -> None:
+        """The next forward runs the dense (True) or the pruned network."""
+        if dense:
+            self.dense_outputs.clear()
+        self.dense = dense
+
+    def layer_output(self, name: str, out: Tensor) -> None:
+        if self.dense:
+            self.dense_outputs.setdefault(name, out.detach())
+        elif name in self.dense_outputs:
+            self.layers[name].add(self.dense_outputs.pop(name), out.detach())
+
+    def model_output(self, dense_out: Any, out: Any) -> None:
+        if self.model_ok and isinstance(out, Tensor) and isinstance(dense_out, Tensor) and out.shape == dense_out.shape:
+            self.model.add(dense_out, out)
+        else:
+            self.model_ok = False
+
+
 def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     model: nn.Module,
     batches: Sequence[Any],
@@ -148,22 +181,8 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     order = list(modules)
     pruned_state = param_state(modules)
     bn_pruned = batchnorm_state(model)
-    acc = {n: _bounds.RMSAccumulator() for n in order}
-    model_acc = _bounds.RMSAccumulator()
-    model_ok = True
-    dense_layers: Dict[str, Tensor] = {}
-    state = {"dense": True}
-
-    def compare(name: str, out: Tensor) -> None:
-        # Dense outputs are kept for one batch; each pruned output is compared as it appears and the dense one
-        # freed, so at most one pruned layer output is held on top of the dense ones (a layer called twice in a
-        # forward is compared on its first call).
-        if state["dense"]:
-            dense_layers.setdefault(name, out.detach())
-        elif name in dense_layers:
-            acc[name].add(dense_layers.pop(name), out.detach())
-
-    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: compare(n, out)) for n in order]
+    compare = _Comparison(order)
+    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order]
     inputs: List[Any] = []
 
     def keep_first_input(mod: nn.Module, args: tuple) -> None:
@@ -171,7 +190,6 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
             inputs.append(args[0])
 
     handles.append(model.register_forward_pre_hook(keep_first_input))
-    device = model_device(model)
     try:
         with eval_no_grad(model):
             for i, batch in enumerate(batches):
@@ -179,26 +197,21 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
                     tick(i / len(batches))
                 load_params(modules, snapshot)
                 load_batchnorm_state(model, bn_dense)
-                dense_layers.clear()
-                state["dense"] = True
+                compare.start(dense=True)
                 dense_out = run(batch)
                 load_params(modules, pruned_state)
                 load_batchnorm_state(model, bn_pruned)
-                state["dense"] = False
-                out = run(batch)
-                if model_ok and isinstance(out, Tensor) and isinstance(dense_out, Tensor) and out.shape == dense_out.shape:
-                    model_acc.add(dense_out, out)
-                else:
-                    model_ok = False
+                compare.start(dense=False)
+                compare.model_output(dense_out, run(batch))
     finally:
         for h in handles:
             h.remove()
         load_params(modules, pruned_state)
         load_batchnorm_state(model, bn_pruned)
-    reduce_errors([*acc.values(), model_acc], rank, device)
-    errors = {n: acc[n].value() for n in order}
+    reduce_errors([*compare.layers.values(), compare.model], rank, model_device(model))
+    errors = {n: compare.layers[n].value() for n in order}
     example = inputs[0] if inputs else None
-    return errors, errors[order[-1]], (model_acc.value() if model_ok else float("nan")), example
+    return errors, errors[order[-1]], (compare.model.value() if compare.model_ok else float("nan")), example
 
 
 def bound(
