@@ -261,7 +261,7 @@ def allocate_targets(
         )
     if not any(costs[n].curve for n in order):
         pooled = {n: _keep_row_minimum(costs[n].values, min_kept, costs[n].prior) for n in order}
-        forced = {n: costs[n].prior for n in order if costs[n].prior is not None}
+        forced = {n: p for n in order if (p := costs[n].prior) is not None}
         return allocate_global(pooled, sparsity, forced or None, {n: costs[n].cap for n in order})
     errors: Dict[str, List[float]] = {}
     for n in order:

@@ -99,7 +99,7 @@ def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, eac
     Returns the Hessians and output positions per sample of the layers that were called, the
     call order, and the layers never called (on any rank).
     """
-    samples = {n: 0 for n in modules}
+    samples: Dict[str, float] = {n: 0 for n in modules}
     order: List[str] = []
     handles = []
 

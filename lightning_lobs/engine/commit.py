@@ -58,10 +58,9 @@ class Transaction:
 
     def __exit__(
         self, kind: Optional[Type[BaseException]], error: Optional[BaseException], tb: Optional[TracebackType]
-    ) -> bool:
-        if error is not None:
+    ) -> None:
+        if error is not None:  # the exception then propagates
             self.restore()
-        return False
 
     def write_masks(self, new: Mapping[str, Tensor]) -> None:
         """Write the new masks (enforcing them when the set is attached), keeping what enforcing zeroes."""

@@ -166,7 +166,7 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     batches: Sequence[Any],
     modules: Mapping[str, nn.Module],
     snapshot: ParamState,
-    bn_dense: Mapping[str, Tensor],
+    bn_dense: Dict[str, Tensor],
     run: Callable[[Any], Any],
     rank: RankInfo,
     tick: Optional[Tick] = None,
