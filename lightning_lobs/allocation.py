@@ -18,7 +18,7 @@ depends on its method and on :class:`GlobalAllocation`:
   levels, lower the sum further where they can (:func:`_refine`).
 * ``costs="one-pass"``: the one-pass ``L_q = w_q^2 / (2 [H^-1]_qq)`` pooled as for ``exact``.
   Cheap, but each cost assumes every other weight stays, so a layer with many small,
-  redundant weights looks nearly free and is over-pruned (BENCHMARKS.md, issue 13).
+  redundant weights looks nearly free and is over-pruned (BENCHMARKS.md, "Allocation").
 
 Floors hold in every mode: no layer beyond ``max_layer_sparsity``, and (unless
 ``allow_dead_rows``) every output row keeps ``SolverOptions.min_kept_per_row`` weights.

