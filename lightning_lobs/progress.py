@@ -1,7 +1,8 @@
-"""Showing a running prune: a console renderer for ``prune_model(progress=True)`` and one that draws
-through a Lightning trainer's own progress bar (TQDM or Rich), or logs lines when it has none.
+"""A running prune's progress: :class:`PhaseProgress` emits the engine's steps with ETAs, and two renderers show
+them: a console one for ``prune_model(progress=True)`` and one that draws through a Lightning trainer's own
+progress bar (TQDM or Rich), or logs lines when it has none.
 
-Both take the :class:`~lightning_lobs.config.PruneProgress` steps that the engine's :class:`PhaseProgress` emits. Short prunes show
+Both renderers take :class:`~lightning_lobs.config.PruneProgress` steps. Short prunes show
 nothing (``after`` seconds must pass first) and updates are throttled to one every ``interval``
 seconds, except the last step of each phase, so a fast loop over small layers costs nothing.
 """
