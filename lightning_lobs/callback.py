@@ -52,7 +52,7 @@ from .config import (
 )
 from .progress import trainer_progress
 from .schedules import PruneSchedule, ScheduleRun, schedule_from_args, steps_per_epoch
-from .pruner import PruneReport, default_forward, prune
+from .engine import PruneReport, default_forward, prune
 from .selection import select_layers
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.allocation as alloc_mod
+import lightning_lobs.engine.allocate as engine_allocate
 from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
 from lightning_lobs.allocation import allocate_global, split_budget
 from lightning_lobs.config import resolve_allocation
@@ -387,10 +388,10 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
 def test_exact_and_curve_layers_mix_in_one_model(monkeypatch):
     """``auto`` with a lowered threshold mixes methods: exact layers' trace curves and a fast layer's
     measured curve share one split that removes exactly the budget."""
-    import lightning_lobs.pruner as pruner_mod
+    import lightning_lobs.engine.plan as plan_mod
 
     # rows * d^3: fcs.0 = 24 * 11^3 = 31,944, fcs.1 = 16 * 25^3 = 250,000, fcs.2 = 6 * 17^3 = 29,478
-    monkeypatch.setattr(pruner_mod, "AUTO_EXACT_MAX_COST", 1e5)
+    monkeypatch.setattr(plan_mod, "AUTO_EXACT_MAX_COST", 1e5)
     model = _MLP([10, 24, 16, 6], seed=2)
     x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
     rep = prune_model(model, _loader(x), 0.6, "auto", solver=S64, prune_head=True)
@@ -484,14 +485,14 @@ def test_allocation_is_invariant_to_rescaling_between_layers(method, costs, monk
     assert all(abs(base[n] - big[n]) <= 1 for n in base), (base, big)
     # The same check with the normalisation removed sees a different split: the test can fail.
     if costs == "curve" and method != "exact":
-        real = alloc_mod.error_curve
+        real = engine_allocate.error_curve
 
         def absolute(weight, hessian, sparsities, *, bias=None, **kw):
             return real(weight, hessian, sparsities, bias=bias, **kw) * output_energy(weight.double(), hessian, bias=None if bias is None else bias.double())
 
-        monkeypatch.setattr(alloc_mod, "error_curve", absolute)
+        monkeypatch.setattr(engine_allocate, "error_curve", absolute)
     else:
-        monkeypatch.setattr(alloc_mod, "output_energy", lambda *a, **k: 1.0)
+        monkeypatch.setattr(engine_allocate, "output_energy", lambda *a, **k: 1.0)
     b2 = _targets(prune_model(_Scaled(1.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
     g2 = _targets(prune_model(_Scaled(100.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
     assert g2["a"] < b2["a"] - 20, (b2, g2)  # unnormalised, the scaled-up layer looks expensive and is spared

@@ -292,7 +292,7 @@ def test_naming_an_attention_module_names_its_projections_and_excluding_it_leave
 
 
 def test_a_failure_mid_prune_leaves_the_attention_weights_as_they_were(monkeypatch):
-    import lightning_lobs.pruner as pruner_mod
+    import lightning_lobs.engine.report as report_mod
 
     model = _encoder()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -301,7 +301,7 @@ def test_a_failure_mid_prune_leaves_the_attention_weights_as_they_were(monkeypat
     def fail(*args, **kwargs):
         raise RuntimeError("measure failed")
 
-    monkeypatch.setattr(pruner_mod, "_measure", fail)
+    monkeypatch.setattr(report_mod, "measure", fail)
     with pytest.raises(RuntimeError, match="measure failed"):
         prune_model(model, [torch.randn(2, 3, 16)], 0.5, "fast", masks=masks)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import prune_model
-from lightning_lobs.pruner import AUTO_EXACT_MAX_COST
+from lightning_lobs.engine import AUTO_EXACT_MAX_COST
 
 
 def _cnn() -> nn.Module:

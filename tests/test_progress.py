@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_lobs.allocation as allocation_mod
+import lightning_lobs.engine.allocate as allocation_mod
 import lightning_lobs.solvers.core as solvers_core  # the constants the kernels read at call time
 from lightning_lobs import prune_model
 from lightning_lobs.config import PruneProgress
-from lightning_lobs.pruner import _Progress
+from lightning_lobs.progress import PhaseProgress
 from lightning_lobs.solvers import SolverOptions, error_curve, greedy_trace, solve_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +130,7 @@ def test_eta_from_measured_rate_is_within_2x_after_a_tenth_of_the_phase():
         events.append(step)
         truth.append(end - now[0])
 
-    progress = _Progress(record, clock=lambda: now[0])
+    progress = PhaseProgress(record, clock=lambda: now[0])
     progress.begin("solve", costs)
     for key, true in true_costs.items():
         done = 0.0
@@ -192,14 +192,14 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
 
 
 def test_solve_eta_counts_no_work_for_a_layer_the_allocation_left_dense():
-    from lightning_lobs.pruner import _Layer, _solve_work
+    from lightning_lobs.engine.estimates import solve_work
+    from lightning_lobs.engine.plan import layer_plan
 
     m = nn.Linear(576, 64)
-    dense = torch.cat([m.weight, m.bias[:, None]], 1).detach()
     solver = SolverOptions()
 
     def work(target: float, pattern: bool = False) -> float:
-        return _solve_work(_Layer("l", m, target, "exact", None, dense), solver, pattern)
+        return solve_work(layer_plan("l", m, target, "exact", None, None), solver, pattern, has_trace=False)
 
     assert work(0.0) <= 64 * 577  # nothing to solve: the ETA must not wait for a full refit
     assert work(0.5) >= 64 * (577 * 0.5) ** 3 / 3  # the refit of the kept half

@@ -422,7 +422,7 @@ def test_prune_report_has_every_documented_field():
 
 def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12():
     """The README's threshold itself: 1000 rows x d = 1000 (999 inputs and the bias) costs exactly 1e12."""
-    from lightning_lobs.pruner import _resolve_method
+    from lightning_lobs.engine.plan import resolve_method as _resolve_method
 
     assert _resolve_method("auto", nn.Linear(999, 1000)) == "exact"
     assert _resolve_method("auto", nn.Linear(1000, 1000)) == "fast"  # d = 1001
@@ -433,7 +433,7 @@ def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12():
 def test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5():
     import mnist_data
 
-    from lightning_lobs.pruner import _resolve_method
+    from lightning_lobs.engine.plan import resolve_method as _resolve_method
     from lightning_lobs.selection import is_supported
 
     for model in (mnist_data.lenet300_100(), mnist_data.lenet5()):
@@ -529,9 +529,9 @@ def test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_
 
 def test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes(monkeypatch):
     """The estimate is the engine's cost model; the threshold, three minutes, is the README's."""
-    import lightning_lobs.pruner as pruner_mod
+    import lightning_lobs.engine.plan as plan_mod
 
-    rate = pruner_mod.EXACT_COST_PER_SECOND
+    rate = plan_mod.EXACT_COST_PER_SECOND
     model = nn.Sequential(nn.Linear(64, 8, bias=False))  # rows * d^3 = 8 * 64^3
     cost = 8 * 64.0**3
 
@@ -540,7 +540,7 @@ def test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes(monke
 
     loader = [torch.zeros(2, 64)]
     for seconds, warns in ((170.0, False), (190.0, True)):
-        monkeypatch.setattr(pruner_mod, "EXACT_COST_PER_SECOND", cost / seconds)
+        monkeypatch.setattr(plan_mod, "EXACT_COST_PER_SECOND", cost / seconds)
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             with pytest.raises(RuntimeError, match="stop"):
