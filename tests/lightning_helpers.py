@@ -1,7 +1,7 @@
 """A tiny LightningModule and Trainer for either Lightning namespace (not a test module).
 
 ``NAMESPACES`` lists the installed ones; tests parametrize over them with the ``ns`` fixture
-(import it into the test module) so every Trainer flow runs under ``lightning.pytorch`` and
+(tests/conftest.py provides it to every test module) so every Trainer flow runs under ``lightning.pytorch`` and
 ``pytorch_lightning``. Helper callbacks derive from ``CALLBACK_BASES`` (both namespaces' Callback).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 from typing import Any
 
@@ -40,7 +40,7 @@ def make_data(n: int = 512, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-@lru_cache(maxsize=None)
+@cache
 def lit_mlp_class(ns_name: str) -> type:
     """``LitMLP`` subclassing ``<ns>.LightningModule`` (one class per namespace)."""
     ns = importlib.import_module(ns_name)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_helpers import lit_mlp_class, zeros
 from lightning_lobs import LOBSPruning
-from lightning_helpers import lit_mlp_class, ns, zeros  # noqa: F401 - ns is a fixture
 
 pytest.importorskip("jsonargparse")
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_helpers import LAYERS, NAMESPACES, BothCallback, lit_mlp, make_trainer, zeros
 from lightning_lobs import LOBSPruning
-from lightning_lobs.progress import console_progress
 from lightning_lobs.options import PruneProgress
-from lightning_helpers import LAYERS, NAMESPACES, BothCallback, lit_mlp, make_trainer, ns, zeros  # noqa: F401 - ns is a fixture
+from lightning_lobs.progress import console_progress
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

@@ -14,10 +14,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_helpers import BothCallback, lit_mlp, make_trainer, ns  # noqa: F401 - ns is a fixture
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from lightning_helpers import BothCallback, lit_mlp, make_trainer
 from lightning_lobs import LOBSPruning, MaskSet, prune_model
 from lightning_lobs import pruner as pruner_mod
 from lightning_lobs.api import take_batches

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import PruneOptions, prune_model
-from lightning_lobs.options import as_fraction
 from lightning_lobs.attention import prior_mask, projections
+from lightning_lobs.options import as_fraction
 from lightning_lobs.selection import select_layers
 
 transformers = pytest.importorskip("transformers")
