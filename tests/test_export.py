@@ -595,6 +595,7 @@ def _cuda_two_four_reason() -> str | None:
     return None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(_cuda_two_four_reason() is not None, reason=str(_cuda_two_four_reason()))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_semi_structured_on_cuda(dtype):
