@@ -1,6 +1,7 @@
-"""Issue 8: what the report says is what the model holds, or a clear refusal.
+"""What the report says is what the model holds, or a clear refusal.
 
-Every case quoted in the issue is reproduced here; each checks the report against the model's
+Which layers are pruned, left dense or refused (parametrized and tied weights, transformers, layers never called),
+and the checks made before any work (numbers, costs, batches); each checks the report against the model's
 actual zeros (never against the report's own targets).
 """
 
