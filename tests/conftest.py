@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# `ns` (the Lightning namespace a test runs under) is defined beside the helpers it parametrizes; a fixture in
-# conftest is visible to every test module without an import that the linter reads as unused.
-from lightning_helpers import ns  # noqa: F401
+# `ns` (the Lightning namespace a test runs under): a fixture in conftest reaches every test module without an
+# import the linter reads as unused. namespaces.py imports no Lightning package (its docstring says why).
+from namespaces import ns  # noqa: F401
 
 # The demo data and models (examples/mnist_data.py) and the example scripts are not part of the package;
 # tests import them as top-level modules (`import mnist_data`, `import lenet300_mnist`).

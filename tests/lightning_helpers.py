@@ -10,26 +10,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from functools import cache
-from types import ModuleType
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import namespaces
 from lightning_lobs._lightning import CALLBACK_BASES
 
-NAMESPACES = [n for n in ("lightning.pytorch", "pytorch_lightning") if importlib.util.find_spec(n.split(".")[0])]
+NAMESPACES = namespaces.NAMESPACES
+ns = namespaces.ns  # still importable from here, for test modules written before conftest provided it
 
 LAYERS = ("net.0", "net.2", "net.4")
-
-
-@pytest.fixture(params=NAMESPACES)
-def ns(request) -> ModuleType:
-    """The Lightning namespace a test runs under (every installed one)."""
-    return importlib.import_module(request.param)
 
 
 def make_data(n: int = 512, seed: int = 0) -> TensorDataset:
