@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import accuracy as A  # noqa: E402
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from dataclasses import replace
 
-from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer  # noqa: E402
+import accuracy as A  # benchmarks/accuracy.py, beside this script (its folder is on sys.path when run as one)
+from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix
+from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
 
 #: column -> (solve_layer method, SolverOptions.refit)
 VARIANTS = {"lobs": ("lobs", True), "lobs-literal": ("lobs", False), "exact": ("exact", None),

@@ -42,13 +42,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+from lightning_lobs import GlobalAllocation, prune_model
+from lightning_lobs.batchnorm import recalibrate_batchnorm
+from lobs_lab.harness import train_epochs
+from lobs_lab.metrics import tensor_accuracy
+from lobs_lab.mnist import load_mnist
+from lobs_lab.models import lenet300_100
 
-from lightning_lobs import GlobalAllocation, prune_model  # noqa: E402
-from lightning_lobs.batchnorm import recalibrate_batchnorm  # noqa: E402
-from mnist_data import lenet300_100, load_mnist  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_resnet(width: int = 8) -> nn.Module:
@@ -86,24 +87,9 @@ def prunable(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-@torch.no_grad()
 def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
-    return 100.0 * correct / len(y)
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    """Test accuracy in percent (the model is left in eval mode, as the prunes that follow expect)."""
+    return 100.0 * tensor_accuracy(model, x, y, batch=1000)
 
 
 def global_magnitude(model: nn.Module, s: float) -> None:
@@ -217,7 +203,7 @@ def main() -> None:
         dense = lenet300_100() if flat else small_resnet(args.width)
         t0 = time.perf_counter()
         ntr = args.train_images or len(ytr)
-        train(dense, xtr[:ntr], ytr[:ntr], epochs, seed)
+        train_epochs(dense, xtr[:ntr], ytr[:ntr], epochs, seed, batch=128)
         t_train = time.perf_counter() - t0
         state = {k: v.clone() for k, v in dense.state_dict().items()}
         base = test_accuracy(dense, xte, yte)

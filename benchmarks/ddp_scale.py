@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> None:
@@ -41,9 +40,10 @@ def main(argv=None) -> None:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bench_util import loadavg, machine_info, peak_rss_gib, write_json
     from lightning_lobs import LOBSPruning
-    from mnist_data import MNISTClassifier, load_mnist  # examples/, put on sys.path by bench_util
+    from lobs_lab.harness import loadavg, machine_info, peak_rss_gib, write_json
+    from lobs_lab.mnist import load_mnist
+    from lobs_lab.models import MNISTClassifier
 
     if args.cal_batches_total % args.devices:
         raise SystemExit("--cal-batches-total must be divisible by --devices")

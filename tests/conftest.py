@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-# The demo data and models (examples/mnist_data.py) and the example scripts are not part of the package;
-# tests import them as top-level modules (`import mnist_data`, `import lenet300_mnist`).
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 
 
 @pytest.fixture
