@@ -47,7 +47,7 @@ from lightning_lobs.batchnorm import recalibrate_batchnorm
 from lobs_lab.harness import train_epochs
 from lobs_lab.metrics import tensor_accuracy
 from lobs_lab.mnist import load_mnist
-from lobs_lab.models import lenet300_100
+from lobs_lab.models import BasicBlock, lenet300_100
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,26 +58,10 @@ def small_resnet(width: int = 8) -> nn.Module:
     average pool, Linear(4w, 10). BatchNorm after every conv, no conv bias; 16 prunable layers
     (stem, 12 block convs, 2 shortcuts, fc); w = 8: 44,064 weights."""
 
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.short = None
-            if stride != 1 or cin != cout:
-                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return torch.relu(y + (x if self.short is None else self.short(x)))
-
     layers: List[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     cin = width
     for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        layers += [BasicBlock(cin, cout, stride, project=True), BasicBlock(cout, cout, 1, project=True)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10)]
     return nn.Sequential(*layers)

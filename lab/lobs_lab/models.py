@@ -129,19 +129,25 @@ class MNISTClassifier(pl.LightningModule):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv + BatchNorm, ReLU, identity shortcut (subsampled and zero-padded when the shape changes)."""
+    """Two 3x3 conv + BatchNorm, ReLU, and a shortcut for a change of shape: subsampled and zero-padded (ResNet's
+    option A, no parameters), or with ``project=True`` a strided 1x1 conv + BatchNorm (option B)."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, project: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.short: Optional[nn.Module] = None
+        if project and (stride != 1 or cin != cout):
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         self.stride = stride
-        self.pad = cout - cin
+        self.pad = 0 if project else cout - cin
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.short is not None:
+            return F.relu(out + self.short(x))
         short = x[:, :, :: self.stride, :: self.stride] if self.stride != 1 else x
         if self.pad:
             short = F.pad(short, (0, 0, 0, 0, 0, self.pad))
