@@ -3,7 +3,7 @@ a plain forward pass and the machine's GEMM rate.
 
     python benchmarks/cost.py --out benchmarks/results/cost.json
 
-Real MNIST (see examples/mnist_data.py load_mnist); LeNet-300-100 and LeNet-5 trained briefly
+Real MNIST (lobs_lab.mnist.load_mnist); LeNet-300-100 and LeNet-5 trained briefly
 (2 epochs) so that activations are realistic; every method prunes every layer to 90%
 (``--allocation uniform``, the default here, so per-layer times are one solve each); with
 ``--allocation global`` the per-layer split is chosen first (exact's trace is then computed during the

@@ -5,7 +5,7 @@
 
 Lightning relaunches this script for rank 1 (``_SubprocessScriptLauncher``), so it must stay a plain script
 with all work under ``main()``. The model is an MLP 784-H-H-10 (default H=1024) on real MNIST digits
-(``load_mnist`` of ``examples/mnist_data.py``, flattened); the callback prunes every Linear layer to ``--sparsity`` with
+(``lobs_lab.mnist.load_mnist``, flattened); the callback prunes every Linear layer to ``--sparsity`` with
 ``--method`` at the start of epoch 0 from ``--cal-batches-total`` calibration batches of ``--batch`` images in
 total (each rank takes its share from its DistributedSampler shard), then trains ``--train-batches`` steps.
 Rank 0 writes ``calibration_seconds`` / ``solve_seconds`` of ``LOBSPruning.last_report`` (and each layer's

@@ -5,7 +5,7 @@
 
 For each chosen Linear/Conv layer of torchvision ``resnet18(num_classes=10)`` and ``vgg16(num_classes=10)``
 (``weights=None``: nothing pretrained exists offline) the nets are first trained briefly on real MNIST
-(``load_mnist()`` of ``examples/mnist_data.py``: the 4,000 train digits, resized bilinearly to SxS and repeated to 3
+(``lobs_lab.mnist.load_mnist()``: the 4,000 train digits, resized bilinearly to SxS and repeated to 3
 channels; ResNet-18 at S=64, VGG-16 at S=32), then the layer-input Hessians ``H = 1/n sum x~ x~^T`` are
 collected in float64 with ``HessianCollector`` from real calibration images through the trained nets.
 Every method prunes the same weights and is scored by the relative output error

@@ -11,7 +11,7 @@ Plain PyTorch loops (no Trainer), one thread by default. For every net and seed:
    ``prune_model``; the layer-wise baselines get the dense network's layer-input Hessians from ``HessianCollector``
    on the same batches (inputs of the dense network, as in the paper).
 3. Every method prunes a copy of the SAME dense net to the net's target. Per-layer sparsities: Han et al. (2015)'s
-   keep profile scaled to the target (``allocate_sparsity`` of ``examples/lenet300_mnist.py``, the paper's
+   keep profile scaled to the target (``lobs_lab.mnist_job.allocate_sparsity``, the paper's
    protocol: every layer-wise method gets the same per-layer budgets), except ``auto_global`` (the library's
    default: one float, ``allocation="global"``), ``mp_l1_layer`` (every layer at the target: what
    ``ModelPruning(amount=s)`` does) and ``mp_l1_global`` (one magnitude threshold over all layers).

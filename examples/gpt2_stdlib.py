@@ -4,7 +4,7 @@ source, pruned block by block with ``sequential=True`` (the SparseGPT setting) a
     python examples/gpt2_stdlib.py --quick                              # smoke run, well under a minute
     python examples/gpt2_stdlib.py --out benchmarks/results/gpt2_stdlib  # the benchmark (BENCHMARKS.md)
 
-Data (``text_data.py``): the interpreter's ``Lib/*.py`` files, split by file (90/5/5 by a hash of the path), byte
+Data (``lobs_lab.text``): the interpreter's ``Lib/*.py`` files, split by file (90/5/5 by a hash of the path), byte
 tokens. Training draws ``--batch-size`` random windows of ``--context`` + 1 bytes per step from the train files, for
 ``--train-steps`` steps (the token budget is steps x batch x context); the validation loss on ``--val-windows``
 fixed windows of the validation files is recorded every ``--val-every`` steps. Perplexity and bits per byte are
@@ -17,7 +17,7 @@ left dense, with the library's warning; embeddings are not pruned), at 50% unstr
 * ``exact``, ``fast``, ``lobs``: ``LOBSPruning(prune_epoch=0, sequential=True, allocation="uniform")`` in a Trainer:
   every layer at the target sparsity, each calibrated on inputs that pass through the already pruned layers before
   it (the library goes layer by layer, which within a block is one step finer than SparseGPT's block by block);
-* ``magnitude_global``, ``magnitude_layer`` and ``wanda`` from ``benchmarks/baselines.py``; Wanda's input norms are
+* ``magnitude_global``, ``magnitude_layer`` and ``wanda`` from ``lobs_lab.baselines``; Wanda's input norms are
   taken block by block on the outputs of the already pruned blocks (its paper's setting), per output row;
 
 then one-shot perplexity, ``--retrain-steps`` steps of AdamW with the masks held, perplexity again.

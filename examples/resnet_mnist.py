@@ -16,7 +16,7 @@ peaking at ``--lr``, in a Lightning ``Trainer``. Then, from the dense weights, e
   re-estimated on the calibration batches); at ``--retrain-at`` sparsities and 2:4 through ``LOBSPruning(prune_epoch=0)``
   in a Trainer that then retrains ``--retrain-steps`` steps with the masks held, elsewhere with ``prune_model``;
 * ``magnitude_global`` (one threshold over all layers), ``magnitude_layer`` (every layer at the target), ``wanda``
-  (``|w| * ||x||`` per output row, input norms from the same calibration batches), from ``benchmarks/baselines.py``,
+  (``|w| * ||x||`` per output row, input norms from the same calibration batches), from ``lobs_lab.baselines``,
   written as a ``MaskSet`` (held through retraining the same way), BatchNorm re-estimated the same way.
 
 The stem conv (one input channel: it cannot hold 2:4) is left dense for every method. The test set is used for
