@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lobs import GlobalAllocation, prune_model
 from lightning_lobs.batchnorm import recalibrate_batchnorm
 from lobs_lab.harness import train_epochs
-from lobs_lab.metrics import tensor_accuracy
+from lobs_lab.metrics import correct_count
 from lobs_lab.mnist import load_mnist
 from lobs_lab.models import BasicBlock, lenet300_100
 
@@ -73,7 +73,7 @@ def prunable(model: nn.Module) -> Dict[str, nn.Module]:
 
 def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Test accuracy in percent (the model is left in eval mode, as the prunes that follow expect)."""
-    return 100.0 * tensor_accuracy(model, x, y, batch=1000)
+    return 100.0 * correct_count(model, x, y, batch=1000) / len(y)
 
 
 def global_magnitude(model: nn.Module, s: float) -> None:

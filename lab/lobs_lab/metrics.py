@@ -69,8 +69,8 @@ def accuracy(model: nn.Module, loader: Iterable, device: Optional[torch.device] 
 
 
 @torch.no_grad()
-def tensor_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int] = None) -> float:
-    """Top-1 accuracy on in-memory tensors, ``batch`` images per forward (None: all at once).
+def correct_count(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int] = None) -> int:
+    """Top-1 hits on in-memory tensors, ``batch`` images per forward (None: all at once).
 
     Leaves the model in eval mode: the benchmarks that call it prune the evaluated model next, and BatchNorm must
     not update its statistics on the calibration batches. The batch size is the caller's, because a forward's
@@ -78,8 +78,12 @@ def tensor_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int]
     """
     model.eval()
     step = len(y) if batch is None else batch
-    hits = sum(int((model(x[i : i + step]).argmax(1) == y[i : i + step]).sum()) for i in range(0, len(y), step))
-    return hits / len(y)
+    return sum(int((model(x[i : i + step]).argmax(1) == y[i : i + step]).sum()) for i in range(0, len(y), step))
+
+
+def tensor_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int] = None) -> float:
+    """Top-1 accuracy on in-memory tensors: :func:`correct_count` over the number of samples."""
+    return correct_count(model, x, y, batch) / len(y)
 
 
 @torch.no_grad()
