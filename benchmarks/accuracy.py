@@ -56,15 +56,15 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from lobs_lab.harness import csv_list, machine_info, quiet_trainer
+from lobs_lab.metrics import accuracy, prunable_layers, weight_sparsity
+from lobs_lab.mnist import load_mnist, mnist_dataloaders
+from lobs_lab.models import MNISTClassifier, lenet5, lenet300_100
 from pytorch_lightning.callbacks import Callback, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_lobs import LOBSPruning, MaskSet
-from lobs_lab.harness import csv_list, machine_info, quiet_trainer
-from lobs_lab.metrics import accuracy, prunable_layers, weight_sparsity
-from lobs_lab.mnist import load_mnist, mnist_dataloaders
-from lobs_lab.models import MNISTClassifier, lenet5, lenet300_100
 
 log = logging.getLogger("benchmarks.accuracy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -39,15 +39,15 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
+from lobs_lab.harness import train_epochs
+from lobs_lab.metrics import correct_count
+from lobs_lab.mnist import load_mnist
+from lobs_lab.models import BasicBlock, lenet300_100
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import GlobalAllocation, prune_model
 from lightning_lobs.batchnorm import recalibrate_batchnorm
-from lobs_lab.harness import train_epochs
-from lobs_lab.metrics import correct_count
-from lobs_lab.mnist import load_mnist
-from lobs_lab.models import BasicBlock, lenet300_100
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=1)
@@ -37,13 +36,13 @@ def main(argv=None) -> None:
     t_script = time.perf_counter()
     import pytorch_lightning as pl
     import torch
+    from lobs_lab.harness import loadavg, machine_info, peak_rss_gib, write_json
+    from lobs_lab.mnist import load_mnist
+    from lobs_lab.models import MNISTClassifier
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_lobs import LOBSPruning
-    from lobs_lab.harness import loadavg, machine_info, peak_rss_gib, write_json
-    from lobs_lab.mnist import load_mnist
-    from lobs_lab.models import MNISTClassifier
 
     if args.cal_batches_total % args.devices:
         raise SystemExit("--cal-batches-total must be divisible by --devices")

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from lobs_lab import baselines as B
 from torch import Tensor
 
 from lightning_lobs import SolverOptions
 from lightning_lobs.solvers import solve_layer
-from lobs_lab import baselines as B
 
 ROOT = Path(__file__).resolve().parents[1]
 

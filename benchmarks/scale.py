@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-
 from lobs_lab.harness import Stopwatch, current_rss_gib, gemm_gflops, loadavg, machine_info, peak_rss_gib, write_json
 from lobs_lab.mnist import mnist_images
 

@@ -44,16 +44,22 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from lobs_lab.harness import PeakRSS, figure, fit_quietly, machine_info, quiet_trainer, train_or_load, write_results
 from lobs_lab.metrics import LN2, lm_metrics
 from lobs_lab.models import ByteLM, make_gpt2
-from lobs_lab.prune_retrain import BASELINES, Setup, baseline_masks, collect_input_norms, run_prune_retrain, strip_modules
+from lobs_lab.prune_retrain import (
+    BASELINES,
+    Setup,
+    baseline_masks,
+    collect_input_norms,
+    run_prune_retrain,
+    strip_modules,
+)
 from lobs_lab.tables import perplexity_table
 from lobs_lab.text import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 log = logging.getLogger("lightning_lobs.examples.gpt2")
 

@@ -16,12 +16,12 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-
-from lightning_lobs import load_sparse, prune_model, save_sparse, to_sparse_inference
 from lobs_lab.harness import train_epochs
 from lobs_lab.metrics import tensor_accuracy, weight_sparsity
 from lobs_lab.mnist import load_mnist
 from lobs_lab.models import lenet300_100
+
+from lightning_lobs import load_sparse, prune_model, save_sparse, to_sparse_inference
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -14,11 +14,11 @@ import argparse
 from typing import Optional, Sequence
 
 import pytorch_lightning as pl
-
-from lightning_lobs import LOBSPruning, PruneReport
 from lobs_lab.metrics import accuracy, weight_sparsity
 from lobs_lab.mnist import load_mnist, mnist_dataloaders
 from lobs_lab.models import MNISTClassifier, lenet300_100
+
+from lightning_lobs import LOBSPruning, PruneReport
 
 
 def main(argv: Optional[Sequence[str]] = None) -> PruneReport:

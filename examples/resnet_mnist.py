@@ -35,9 +35,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
-
 from lobs_lab.harness import figure, fit_quietly, machine_info, quiet_trainer, train_or_load, write_results
 from lobs_lab.metrics import accuracy
 from lobs_lab.mnist import load_mnist
@@ -53,6 +50,8 @@ from lobs_lab.prune_retrain import (
     strip_modules,
 )
 from lobs_lab.tables import accuracy_table
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 log = logging.getLogger("lightning_lobs.examples.resnet")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -268,7 +268,7 @@ def train_or_load(path: Optional[str], key: Mapping[str, Any], module: nn.Module
         if saved.get("key") == key:
             module.load_state_dict(saved["state"])
             return {**saved["info"], "dense_source": f"loaded from {path}"}
-        warnings.warn(f"dense_cache={path!r} was trained with other settings; training again and overwriting it")
+        warnings.warn(f"dense_cache={path!r} was trained with other settings; training again and overwriting it", stacklevel=2)
     info = train()
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
