@@ -4,10 +4,10 @@ import importlib.metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 from .api import prune_model
+from .config import CalibrationOptions, GlobalAllocation, PruneOptions, PruneProgress, SolverOptions
+from .engine import LayerReport, PruneReport
 from .export import SparseFileInfo, export_sparse, load_sparse, save_sparse, to_sparse_inference
 from .masks import MaskSet, model_sparsity
-from .config import CalibrationOptions, GlobalAllocation, PruneOptions, PruneProgress, SolverOptions
-from .pruner import LayerReport, PruneReport
 from .schedules import GradualSchedule, PruneSchedule, SparsitySchedule
 from .solvers import GreedyTrace, SolveResult, greedy_trace, solve_layer
 

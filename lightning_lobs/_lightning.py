@@ -5,7 +5,9 @@ Lightning ships the same trainer under two package names. A callback is only acc
 namespace's ``Callback`` class, so :class:`~lightning_lobs.LOBSPruning` derives from the
 ``Callback`` class of every installed namespace (:data:`CALLBACK_BASES`). Everything else the
 callback needs from Lightning (progress bars, checkpoint and early-stopping classes) is looked
-up in the namespace of the trainer at hand (:func:`namespace_of`), never assumed.
+up in the namespace of the trainer at hand (:func:`namespace_of`), never assumed. The questions the
+callback asks a ``Trainer`` (why training stopped, whether its strategy shards the weights, which
+step the loggers are at) are answered here, reading it and changing nothing.
 
 This module only imports; it changes no global state.
 """
@@ -60,6 +62,37 @@ def namespace_of(trainer: Any) -> ModuleType:
     return _primary  # a stand-in object in a unit test: the primary namespace's classes apply
 
 
-def callback_classes(name: str) -> Tuple[type, ...]:
+def callback_classes(name: str) -> Tuple[Any, ...]:  # Any: isinstance then leaves the Lightning fields typed Any
     """``<ns>.callbacks.<name>`` of every installed namespace (for ``isinstance`` across both)."""
     return tuple(getattr(ns.callbacks, name) for ns in NAMESPACES if hasattr(ns.callbacks, name))
+
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether ``strategy`` splits layer weights across ranks (a subclass of a sharded strategy does too)."""
+    return any(cls.__name__ in _SHARDED for cls in type(strategy).__mro__)
+
+
+def stop_reason(trainer: Any) -> str:
+    """Why ``fit`` ended, as a message says it: EarlyStopping, ``max_steps``, ``max_time`` or "stopped early"."""
+    for es in trainer.callbacks:
+        if isinstance(es, callback_classes("EarlyStopping")) and getattr(es, "stopped_epoch", None):
+            return f"EarlyStopping on {es.monitor!r} stopped it"
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and 0 <= max_steps <= trainer.global_step:
+        return f"max_steps={max_steps} reached"
+    for timer in trainer.callbacks:
+        if isinstance(timer, callback_classes("Timer")) and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+            return "max_time reached"
+    return "stopped early"
+
+
+def logged_step(trainer: Any) -> int:
+    """The x-axis Lightning logs training metrics on: batches that stepped.
+
+    That is ``global_step`` with one optimizer; ``global_step`` counts each optimizer's steps (twice
+    per batch for a GAN).
+    """
+    return getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)

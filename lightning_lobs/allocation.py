@@ -1,8 +1,8 @@
 """Spreading one overall sparsity over the layers (global allocation).
 
-The pruner calls :func:`allocate_layers` once, before the solves, and it sets every layer's
-target sparsity so that the requested fraction of all selected weights is removed where the
-summed *relative* layer error (each layer's error divided by its output energy
+A pure function from costs to targets: the engine computes every layer's costs (its allocation stage,
+:mod:`lightning_lobs.engine.allocate`) and :func:`allocate_targets` sets every layer's target sparsity
+so that the requested fraction of all selected weights is removed where the summed *relative* layer error (each layer's error divided by its output energy
 ``1/2 sum_rows w~ H w~^T``) is smallest. How a layer's error at a given sparsity is predicted
 depends on its method and on :class:`GlobalAllocation`:
 
@@ -27,21 +27,16 @@ Floors hold in every mode: no layer beyond ``max_layer_sparsity``, and (unless
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .config import GlobalAllocation, SolverOptions
-from .distributed import RankInfo, broadcast_tensors, fail_together
-from .hessian import has_bias
-from .masks import MaskSet
-from .solvers import GreedyTrace, Tick, allocate_global, error_curve, greedy_trace, obs_scores, output_energy
+from .checks import as_real, describe
+from .config import GlobalAllocation
 
-if TYPE_CHECKING:  # the pruner imports this module
-    from .pruner import _Layer
-
-__all__ = ["allocate_layers", "split_budget"]
+__all__ = ["LayerCosts", "allocate_global", "allocate_targets", "check_floors", "removal_levels", "split_budget"]
 
 #: States kept per step of :func:`split_budget`'s dynamic programme: removal counts are merged
 #: in buckets of ``ceil(budget / DP_RESOLUTION)`` weights, so the split is exact whenever the
@@ -166,34 +161,41 @@ def _refine(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], 
 # --------------------------------------------------------------------------- per-layer costs
 
 
-def _split(layer: "_Layer") -> Tuple[Tensor, Optional[Tensor]]:
-    W = layer.dense.to(torch.float64)
-    return (W[:, :-1], W[:, -1]) if has_bias(layer.module) else (W, None)
+@dataclass(frozen=True, eq=False)
+class LayerCosts:
+    """One layer's removal costs, as the split needs them (plain tensors and numbers, no module).
 
-
-def _layer_costs(
-    layer: "_Layer", hessian: Tensor, solver: SolverOptions, prior: Optional[Tensor], tick: Optional[Tick] = None
-) -> Tuple[Tensor, Optional[GreedyTrace]]:
-    """Per-weight removal costs of a layer relative to its output energy (and the greedy trace, for ``exact``).
-
-    ``exact`` layers use their greedy OBS sequence (each removal's loss given the earlier ones),
-    which sees through redundant inputs; ``lobs``/``fast`` layers the one-pass ``L_q`` (cheaper,
-    but it counts every copy of a duplicated input as free).
+    ``values`` holds, when ``curve``, the layer's relative error at each of ``levels`` (removal counts); otherwise
+    every weight's relative removal cost, shaped ``(rows, cols)``. ``prior`` is the ``(rows, cols)`` keep-mask of
+    an earlier step (on the CPU), ``cap`` the most weights the layer may lose (:func:`removal_levels`).
     """
-    weight, bias = _split(layer)
-    H = hessian.to(weight.device)
-    energy = output_energy(weight, H, bias=bias)
-    trace = None
-    if layer.method == "exact":
-        w = weight.to(solver.dtype)
-        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior, tick=tick)
-        scores = trace.removal_costs()
-    else:
-        scores = obs_scores(weight, H, bias=bias, solver=solver)
-    scores = scores.reshape(weight.shape[0], -1)
-    if not energy > 0:  # an all-zero layer: nothing to lose, nothing to compare against
-        return torch.zeros_like(scores), trace
-    return scores / energy, trace
+
+    rows: int
+    cols: int
+    """Weight columns, the bias column left out."""
+    prior: Optional[Tensor]
+    cap: int
+    levels: Sequence[int]
+    values: Tensor
+    curve: bool
+
+
+def check_floors(config: GlobalAllocation, min_kept: int) -> None:
+    """Refuse a configuration whose floors contradict each other (before any cost is computed)."""
+    if not config.allow_dead_rows and min_kept < 1:
+        raise ValueError(
+            "GlobalAllocation(allow_dead_rows=False) needs SolverOptions.min_kept_per_row >= 1 (got 0): set "
+            "min_kept_per_row=1, or GlobalAllocation(allow_dead_rows=True) to allow dead output rows."
+        )
+
+
+def removal_levels(
+    rows: int, cols: int, prior: Optional[Tensor], min_kept: int, config: GlobalAllocation
+) -> Tuple[int, List[int]]:
+    """The most weights a layer may lose, and the removal counts its error curve is measured at."""
+    cap = _max_removed(rows * cols, rows, cols, min_kept, prior, config)
+    forced = 0 if prior is None else int((~prior).sum())
+    return cap, _levels(rows * cols, forced, cap, config.sparsity_grid())
 
 
 def _keep_row_minimum(costs: Tensor, min_kept: int, prior: Optional[Tensor]) -> Tensor:
@@ -237,97 +239,19 @@ def _cumulative_curve(costs: Tensor, levels: Sequence[int]) -> List[float]:
 # --------------------------------------------------------------------------- the allocation
 
 
-def _weight_cols(layer: "_Layer") -> int:
-    """Weight columns per row of the layer's ``(out, d)`` matrix (a transformers Conv1D's weight is stored transposed)."""
-    return layer.dense.shape[1] - int(has_bias(layer.module))
+def allocate_targets(
+    costs: Mapping[str, LayerCosts], sparsity: float, config: GlobalAllocation, min_kept: int
+) -> Dict[str, float]:
+    """Every layer's target sparsity for one overall ``sparsity`` (see the module docstring), in ``costs``' order.
 
-
-def allocate_layers(
-    layers: Mapping[str, "_Layer"],
-    order: Sequence[str],
-    sparsity: float,
-    hessian_of: Callable[[str], Tensor],
-    solver: SolverOptions,
-    masks: MaskSet,
-    owners: Mapping[str, int],
-    rank: RankInfo,
-    device: torch.device,
-    keep_traces: bool,
-    config: Optional[GlobalAllocation] = None,
-    progress: Optional[Callable[[str, float], None]] = None,
-) -> None:
-    """Set every layer's target sparsity for one overall ``sparsity`` (in place; see the module docstring).
-
-    Each rank computes the costs (or curves) of the layers it owns, keeping ``exact`` traces
-    for their solves when ``keep_traces``; these are broadcast and every rank then runs the
-    same deterministic split. ``hessian_of`` may run a collective (sequential calibration):
-    every rank calls it for every layer, in ``order``. ``progress(name, fraction)`` (optional)
-    hears when each layer's costs start (0.0), how far they are while the trace or curve runs,
-    and when they are done (1.0).
+    With per-weight costs only (``exact`` layers, or ``costs="one-pass"``) the cheapest weights are pooled
+    over the layers; with any error curve, :func:`split_budget` over the curves (per-weight costs summed into
+    one), then :func:`_refine`. Floors: ``cap`` per layer and, through +inf costs, ``min_kept`` per row.
     """
-    config = config or GlobalAllocation()
-    min_kept = solver.min_kept_per_row
-    if not config.allow_dead_rows and min_kept < 1:
-        raise ValueError(
-            "GlobalAllocation(allow_dead_rows=False) needs SolverOptions.min_kept_per_row >= 1 (got 0): set "
-            "min_kept_per_row=1, or GlobalAllocation(allow_dead_rows=True) to allow dead output rows."
-        )
-    use_curve = config.costs == "curve" and any(layers[n].method != "exact" for n in order)
-    grid = config.sparsity_grid()
-    priors: Dict[str, Optional[Tensor]] = {}
-    caps: Dict[str, int] = {}
-    levels: Dict[str, List[int]] = {}
-    for n in order:
-        layer = layers[n]
-        rows, d = layer.dense.shape[0], _weight_cols(layer)
-        p = masks.get(n)
-        priors[n] = None if p is None else p.reshape(rows, d).to(torch.bool).cpu()
-        caps[n] = _max_removed(rows * d, rows, d, min_kept, priors[n], config)
-        forced = 0 if priors[n] is None else int((~priors[n]).sum())
-        levels[n] = _levels(rows * d, forced, caps[n], grid)
-
-    values: Dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at levels[n]
-    for n in order:
-        layer = layers[n]
-        rows, d = layer.dense.shape[0], _weight_cols(layer)
-        curve = use_curve and layer.method != "exact"
-        tick = None if progress is None else (lambda f, n=n: progress(n, min(f, 1.0 - 1e-9)))  # 1.0: only when done
-        if progress is not None:
-            progress(n, 0.0)
-        H = hessian_of(n)
-        with fail_together(rank, device, f"the removal costs of layer '{n}'"):
-            if owners[n] == rank.rank:
-                prior = priors[n]
-                prior_dev = None if prior is None else prior.to(layer.dense.device)
-                if curve:
-                    weight, bias = _split(layer)
-                    values[n] = error_curve(
-                        weight.to(solver.dtype),
-                        H,
-                        [c / (rows * d) for c in levels[n]],
-                        bias=None if bias is None else bias.to(solver.dtype),
-                        solver=solver,
-                        prior_mask=prior_dev,
-                        sample_rows=config.curve_rows,
-                        tick=tick,
-                    )
-                else:
-                    values[n], trace = _layer_costs(layer, H, solver, prior_dev, tick)
-                    if keep_traces:
-                        layer.trace = trace
-            else:
-                shape = (len(levels[n]),) if curve else (rows, d)
-                values[n] = torch.zeros(shape, dtype=torch.float64)
-        if progress is not None:
-            progress(n, 1.0)
-    if rank.active:
-        for n in order:
-            values[n] = broadcast_tensors([values[n].to(device, torch.float64)], owners[n], rank)[0]
-    values = {n: v.detach().cpu().double() for n, v in values.items()}
-
-    total_n = sum(layers[n].dense.shape[0] * _weight_cols(layers[n]) for n in order)
+    order = list(costs)
+    total_n = sum(costs[n].rows * costs[n].cols for n in order)
     budget = int(round(sparsity * total_n))
-    most = sum(caps[n] for n in order)
+    most = sum(costs[n].cap for n in order)
     if budget > most:
         raise ValueError(
             f"global sparsity {sparsity:.6g} needs {budget} of {total_n} weights removed, but with "
@@ -335,22 +259,75 @@ def allocate_layers(
             f"{min_kept} at most {most} ({most / total_n:.4f}) can go: raise max_layer_sparsity (up to 1.0), lower "
             "min_kept_per_row, or lower the sparsity."
         )
-    if not use_curve:
-        costs = {n: _keep_row_minimum(values[n], min_kept, priors[n]) for n in order}
-        forced = {n: priors[n] for n in order if priors[n] is not None}
-        targets = allocate_global(costs, sparsity, forced or None, caps)
-        for n in order:
-            layers[n].target = targets[n]
-        return
+    if not any(costs[n].curve for n in order):
+        pooled = {n: _keep_row_minimum(costs[n].values, min_kept, costs[n].prior) for n in order}
+        forced = {n: p for n in order if (p := costs[n].prior) is not None}
+        return allocate_global(pooled, sparsity, forced or None, {n: costs[n].cap for n in order})
     errors: Dict[str, List[float]] = {}
     for n in order:
-        if layers[n].method == "exact":
-            errors[n] = _cumulative_curve(_keep_row_minimum(values[n], min_kept, priors[n]), levels[n])
+        c = costs[n]
+        if c.curve:
+            errors[n] = [float(v) for v in c.values]
         else:
-            errors[n] = [float(v) for v in values[n]]
-    cnts = [levels[n] for n in order]
+            errors[n] = _cumulative_curve(_keep_row_minimum(c.values, min_kept, c.prior), c.levels)
+    cnts = [list(costs[n].levels) for n in order]
     errs = [errors[n] for n in order]
     chosen = split_budget(cnts, errs, budget)
     final = _refine(cnts, errs, chosen, budget)
-    for n, c in zip(order, final):
-        layers[n].target = c / (layers[n].dense.shape[0] * _weight_cols(layers[n]))
+    return {n: c / (costs[n].rows * costs[n].cols) for n, c in zip(order, final)}
+
+
+# --------------------------------------------------------------------------- pooled per-weight costs
+
+
+def allocate_global(
+    costs: Mapping[str, Tensor],
+    sparsity: float,
+    forced: Optional[Mapping[str, Tensor]] = None,
+    max_removed: Optional[Mapping[str, int]] = None,
+) -> Dict[str, float]:
+    """Per-layer sparsities that remove ``sparsity`` of all weights at the smallest pooled cost.
+
+    ``costs`` maps each layer to a per-weight removal cost (already comparable across
+    layers, e.g. :func:`obs_scores` divided by :func:`output_energy`); ``+inf`` marks a
+    weight that must stay. The cheapest ``round(sparsity * N)`` weights over all layers are
+    chosen (ties broken in layer order); ``forced`` keep-masks' pruned weights are always
+    among them. A layer gives at most ``max_removed[name]`` weights (its cheapest ones;
+    never fewer than its forced ones) and always keeps at least its most expensive weight,
+    so no layer's sparsity reaches 1. Raises ValueError when the caps leave too few weights.
+    """
+    number = as_real(sparsity)
+    if number is None or not (0.0 <= number < 1.0):
+        raise ValueError(f"sparsity must be a float in [0, 1), got {describe(sparsity)}.")
+    sparsity = float(number)
+    if not costs:
+        raise ValueError("costs is empty: give at least one layer.")
+    names = list(costs)
+    flat = []
+    for n in names:
+        c = costs[n].detach().reshape(-1).double().cpu()
+        if bool(torch.isnan(c).any()) or bool(torch.isneginf(c).any()) or bool((c < 0).any()):
+            raise ValueError(f"costs[{n!r}] must be >= 0 (+inf: never removed), without NaN.")
+        c = c.clone()
+        if forced is not None and n in forced:
+            c.masked_fill_(~forced[n].reshape(-1).to(torch.bool).cpu(), -1.0)  # already pruned: first
+        c[int(c.argmax())] = math.inf  # the layer's survivor
+        if max_removed is not None and n in max_removed:
+            cap = max(int(max_removed[n]), int((c < 0).sum()))
+            if cap < c.numel():
+                c[torch.argsort(c, stable=True)[cap:]] = math.inf
+        flat.append(c)
+    sizes = [c.numel() for c in flat]
+    allc = torch.cat(flat)
+    available = int(torch.isfinite(allc).sum())
+    total = int(round(sparsity * sum(sizes)))
+    if total > available:
+        raise ValueError(
+            f"sparsity {sparsity:.6g} asks for {total} of {sum(sizes)} weights but only {available} may go "
+            "(per-layer caps, weights that must stay, one survivor per layer); lower the sparsity or relax the caps."
+        )
+    chosen = torch.zeros(allc.numel(), dtype=torch.bool)
+    if total > 0:
+        chosen[torch.argsort(allc, stable=True)[:total]] = True  # stable: ties go in layer order
+    counts = [int(part.sum()) for part in torch.split(chosen, sizes)]
+    return {n: counts[i] / sizes[i] for i, n in enumerate(names)}

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .checks import as_int, describe
-from .masks import MaskSet
 from .config import ProgressFn, PruneOptions
-from .pruner import PruneReport, prune
+from .engine import PruneReport, prune
+from .masks import MaskSet
 
 
 def is_one_shot(source: Any) -> bool:

@@ -62,9 +62,9 @@ import inspect
 import logging
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .hessian import has_bias, is_linear_like, output_rows, weight_columns
+from .layers import conv_padding, describe_layer, is_conv, is_linear_like
 from .solvers import layer_error
 
 __all__ = [
@@ -138,12 +138,7 @@ def _padding_copies(module: _ConvNd) -> int:
     if module.padding_mode == "zeros":
         return 1
     copies = 1
-    for i, (k, dl) in enumerate(zip(module.kernel_size, module.dilation)):
-        if isinstance(module.padding, str):
-            total = 0 if module.padding == "valid" else dl * (k - 1)
-            left, right = total // 2, total - total // 2
-        else:
-            left = right = int(module.padding[i])
+    for left, right in conv_padding(module, len(module.kernel_size)):
         if module.padding_mode == "replicate":
             copies *= 1 + left + right
         else:  # reflect / circular: each side copies an element at most once
@@ -152,9 +147,7 @@ def _padding_copies(module: _ConvNd) -> int:
 
 
 def _check_layer(module: nn.Module) -> None:
-    if is_linear_like(module):
-        return
-    if isinstance(module, _ConvNd) and not module.transposed:
+    if is_linear_like(module) or is_conv(module):
         return
     raise TypeError(f"operator_norm supports nn.Linear and nn.ConvNd layers, got {type(module).__name__}")
 
@@ -171,13 +164,12 @@ def operator_norm(module: nn.Module, weight_matrix: Tensor, kind: str = "spectra
     if kind not in ("spectral", "frobenius"):
         raise ValueError(f"kind must be 'spectral' or 'frobenius', got {kind!r}")
     _check_layer(module)
-    if is_linear_like(module):  # a transformers Conv1D's (in, out) weight is given as (out, in) rows here
-        out, cols, groups, factor = output_rows(module), weight_columns(module) - has_bias(module), 1, 1.0
-    else:
-        out = module.out_channels
-        groups = module.groups
-        cols = module.in_channels // groups * math.prod(module.kernel_size)
-        factor = math.sqrt(conv_overlap(module.kernel_size, module.stride, module.dilation) * _padding_copies(module))
+    shape = describe_layer(module)  # a transformers Conv1D's (in, out) weight is given as (out, in) rows here
+    out, cols, groups = shape.rows, shape.weight_cols, shape.groups
+    factor = 1.0
+    if not is_linear_like(module):
+        conv = cast(_ConvNd, module)
+        factor = math.sqrt(conv_overlap(conv.kernel_size, conv.stride, conv.dilation) * _padding_copies(conv))
     W = weight_matrix.detach()
     if W.dim() != 2:
         W = W.reshape(W.shape[0], -1)
@@ -297,7 +289,7 @@ _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv
 
 
 # positional index of the ``inplace`` argument of functional ops
-_INPLACE_ARG_INDEX = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.elu: 2, F.selu: 1, F.celu: 2,
+_INPLACE_ARG_INDEX: dict[Any, int] = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.elu: 2, F.selu: 1, F.celu: 2,
                       F.dropout: 3, F.dropout1d: 3, F.dropout2d: 3, F.dropout3d: 3, F.alpha_dropout: 3,
                       F.feature_alpha_dropout: 3, F.hardswish: 1, F.hardsigmoid: 1, F.silu: 1, F.mish: 1}
 
@@ -308,7 +300,7 @@ class _Unsupported(Exception):
 
 def _describe(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
     if node.op == "call_module":
-        kind = type(gm.get_submodule(node.target)).__name__ if gm is not None else "module"
+        kind = type(gm.get_submodule(str(node.target))).__name__ if gm is not None else "module"
         return f"module '{node.target}' ({kind})"
     if node.op == "call_method":
         return f"method '.{node.target}()'"
@@ -462,9 +454,9 @@ def _module_factor(node: fx.Node, module: nn.Module) -> float:
         if module.weight is not None:
             scale = scale * module.weight.detach().double().abs()
         return float(scale.max()) if scale.numel() else 1.0
-    if isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and not module.transposed):
+    if isinstance(module, nn.Linear) or is_conv(module):
         # an unpruned layer: identical in both networks, Lipschitz = its operator norm
-        return operator_norm(module, module.weight, "spectral")
+        return operator_norm(module, cast(Tensor, module.weight), "spectral")
     raise _Unsupported(f"unknown op {type(module).__name__}")
 
 
@@ -490,69 +482,29 @@ def _binary_operands(node: fx.Node, data: fx.Node) -> tuple[Any, bool]:
     raise _Unsupported("the data tensor is not an operand")
 
 
-def _node_factor(node: fx.Node, gm: fx.GraphModule, data: fx.Node) -> float:
-    """Lipschitz constant of ``node`` as a function of its single data argument ``data``."""
+def _method_factor(node: fx.Node, gm: fx.GraphModule, data_first: bool) -> float:
+    """Lipschitz constant of a tensor method call on the data tensor."""
     target = node.target
-    data_first = bool(node.args) and node.args[0] is data
-    if node.op == "call_module":
-        return _module_factor(node, gm.get_submodule(target))
-    if node.op == "call_method":
-        if not data_first:
-            raise _Unsupported("method not called on the data tensor")
-        if target in _ONE_METHODS:
-            return 1.0
-        if target in _CONST_METHODS:
-            return _CONST_METHODS[target]
-        if target in _ADD_METHODS:
-            return 1.0  # x + alpha * const
-        if target in _MUL_METHODS:
-            return _scalar_factor(_arg(node, 1, "other"), gm, invert=False)
-        if target in _DIV_METHODS:
-            if node.kwargs.get("rounding_mode") is not None:
-                raise _Unsupported("division with rounding")
-            return _scalar_factor(_arg(node, 1, "other"), gm, invert=True)
-        raise _Unsupported("unknown op")
-    if node.op != "call_function":
-        raise _Unsupported("unknown op")
-    if target in _ONE_FUNCS:
+    if not data_first:
+        raise _Unsupported("method not called on the data tensor")
+    if target in _ONE_METHODS:
         return 1.0
-    if target in _CONST_FUNCS:
-        return _CONST_FUNCS[target]
-    if target in (F.leaky_relu, F.leaky_relu_):
-        return max(1.0, abs(float(_const(_arg(node, 1, "negative_slope", 0.01), gm, "slope"))))
-    if target in (F.elu, F.elu_):
-        return max(1.0, abs(float(_const(_arg(node, 1, "alpha", 1.0), gm, "alpha"))))
-    if target is F.prelu:
-        weight = _const(_arg(node, 1, "weight"), gm, "weight")
-        return max(1.0, float(torch.as_tensor(weight).detach().abs().max()))
-    if target is getattr:
-        raise _Unsupported("attribute access")
-    if target is operator.getitem:
-        index = node.args[1]
-        items = index if isinstance(index, tuple) else (index,)
-        if data_first and all(isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool)
-                              for i in items):
-            if all(not isinstance(i, slice) or not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
-                   for i in items):
-                return 1.0  # basic indexing selects distinct elements
-        raise _Unsupported("indexing other than plain slicing")
-    if target in _ADD_FUNCS:
-        alpha = node.kwargs.get("alpha", 1)
-        if not data_first and alpha != 1:
-            return abs(float(_const(alpha, gm, "alpha")))
-        return 1.0
-    if target in _MUL_FUNCS:
-        other, _ = _binary_operands(node, data)
-        return _scalar_factor(other, gm, invert=False)
-    if target in _DIV_FUNCS:
-        other, first = _binary_operands(node, data)
-        if not first:
-            raise _Unsupported("division by the data tensor")
+    if target in _CONST_METHODS:
+        return _CONST_METHODS[target]
+    if target in _ADD_METHODS:
+        return 1.0  # x + alpha * const
+    if target in _MUL_METHODS:
+        return _scalar_factor(_arg(node, 1, "other"), gm, invert=False)
+    if target in _DIV_METHODS:
         if node.kwargs.get("rounding_mode") is not None:
             raise _Unsupported("division with rounding")
-        return _scalar_factor(other, gm, invert=True)
-    if not data_first:
-        raise _Unsupported("unknown op")
+        return _scalar_factor(_arg(node, 1, "other"), gm, invert=True)
+    raise _Unsupported("unknown op")
+
+
+def _pool_function_factor(node: fx.Node, gm: fx.GraphModule) -> float:
+    """Lipschitz constant of a functional pooling call on the data tensor (its first argument)."""
+    target = node.target
     if target in _MAXPOOL_FUNCS:
         n = _MAXPOOL_FUNCS[target]
         if _const(_arg(node, 6, "return_indices", False), gm, "return_indices"):
@@ -577,6 +529,68 @@ def _node_factor(node: fx.Node, gm: fx.GraphModule, data: fx.Node) -> float:
     raise _Unsupported("unknown op")
 
 
+def _getitem_factor(node: fx.Node, data_first: bool) -> float:
+    """Plain slicing of the data tensor selects distinct elements: 1; any other indexing is unsupported."""
+    index = node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    if data_first and all(isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool)
+                          for i in items):
+        if all(not isinstance(i, slice) or not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+               for i in items):
+            return 1.0  # basic indexing selects distinct elements
+    raise _Unsupported("indexing other than plain slicing")
+
+
+def _function_factor(node: fx.Node, gm: fx.GraphModule, data: fx.Node, data_first: bool) -> float:
+    """Lipschitz constant of a free function call as a function of its data argument ``data``."""
+    target = node.target
+    if target in _ONE_FUNCS:
+        return 1.0
+    if target in _CONST_FUNCS:
+        return _CONST_FUNCS[target]
+    if target in (F.leaky_relu, F.leaky_relu_):
+        return max(1.0, abs(float(_const(_arg(node, 1, "negative_slope", 0.01), gm, "slope"))))
+    if target in (F.elu, F.elu_):
+        return max(1.0, abs(float(_const(_arg(node, 1, "alpha", 1.0), gm, "alpha"))))
+    if target is F.prelu:
+        weight = _const(_arg(node, 1, "weight"), gm, "weight")
+        return max(1.0, float(torch.as_tensor(weight).detach().abs().max()))
+    if target is getattr:
+        raise _Unsupported("attribute access")
+    if target is operator.getitem:
+        return _getitem_factor(node, data_first)
+    if target in _ADD_FUNCS:
+        alpha = node.kwargs.get("alpha", 1)
+        if not data_first and alpha != 1:
+            return abs(float(_const(alpha, gm, "alpha")))
+        return 1.0
+    if target in _MUL_FUNCS:
+        other, _ = _binary_operands(node, data)
+        return _scalar_factor(other, gm, invert=False)
+    if target in _DIV_FUNCS:
+        other, first = _binary_operands(node, data)
+        if not first:
+            raise _Unsupported("division by the data tensor")
+        if node.kwargs.get("rounding_mode") is not None:
+            raise _Unsupported("division with rounding")
+        return _scalar_factor(other, gm, invert=True)
+    if not data_first:
+        raise _Unsupported("unknown op")
+    return _pool_function_factor(node, gm)
+
+
+def _node_factor(node: fx.Node, gm: fx.GraphModule, data: fx.Node) -> float:
+    """Lipschitz constant of ``node`` as a function of its single data argument ``data``."""
+    data_first = bool(node.args) and node.args[0] is data
+    if node.op == "call_module":
+        return _module_factor(node, gm.get_submodule(str(node.target)))
+    if node.op == "call_method":
+        return _method_factor(node, gm, data_first)
+    if node.op != "call_function":
+        raise _Unsupported("unknown op")
+    return _function_factor(node, gm, data, data_first)
+
+
 def _is_meta_op(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _META_METHODS
@@ -597,7 +611,7 @@ def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
         index = _INPLACE_ARG_INDEX.get(node.target)
         return index is not None and len(node.args) > index and node.args[index] is True
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     return False
 
 
@@ -642,6 +656,125 @@ def _not_chain(reason: str) -> ChainInfo:
     return ChainInfo(links=(), is_chain=False, reason=reason)
 
 
+class _NotAChain(Exception):
+    """Raised by a step of :func:`analyze_chain` with the reason the layers do not form a chain."""
+
+
+def _classify(graph_nodes: Sequence[fx.Node], source: fx.Node) -> dict[fx.Node, str]:
+    """Each node's kind: data (depends on the input tensor), meta (shape queries), const, other input."""
+    kind: dict[fx.Node, str] = {}
+    for node in graph_nodes:
+        if node.op == "placeholder":
+            kind[node] = _DATA if node is source else _OTHER
+        elif node.op == "get_attr":
+            kind[node] = _CONST
+        elif node.op != "output":
+            kinds = {kind[a] for a in _flat_nodes(node)}
+            if _is_meta_op(node) or (kinds <= {_META, _CONST} and _META in kinds):
+                kind[node] = _META
+            elif _DATA in kinds:
+                kind[node] = _DATA
+            elif _OTHER in kinds:
+                kind[node] = _OTHER
+            else:
+                kind[node] = _CONST
+    return kind
+
+
+def _locate_pruned(
+    model: nn.Module, gm: fx.GraphModule, names: Sequence[str], kind: Mapping[fx.Node, str]
+) -> dict[fx.Node, str]:
+    """The one call node of each pruned layer, which must be a Linear/ConvNd on the data path."""
+    graph_nodes = list(gm.graph.nodes)
+    fx_modules = {id(m): name for name, m in gm.named_modules()}
+    pruned: dict[fx.Node, str] = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise _NotAChain(f"layer '{name}' is not a submodule of the model") from None
+        if not (isinstance(module, nn.Linear) or is_conv(module)):
+            raise _NotAChain(f"layer '{name}' is a {type(module).__name__}, not a Linear/ConvNd layer")
+        target = fx_modules.get(id(module))
+        calls = [n for n in graph_nodes if n.op == "call_module" and target is not None
+                 and gm.get_submodule(n.target) is module]
+        if not calls:
+            raise _NotAChain(f"layer '{name}' is not called in the traced forward")
+        if len(calls) > 1:
+            raise _NotAChain(f"layer '{name}' is called {len(calls)} times")
+        if target is not None and any(n.op == "get_attr" and str(n.target).startswith(target + ".")
+                                      for n in graph_nodes):
+            raise _NotAChain(f"the parameters of layer '{name}' are also used outside the layer")
+        if kind[calls[0]] != _DATA:
+            raise _NotAChain(f"layer '{name}' does not depend on the model input")
+        pruned[calls[0]] = name
+    return pruned
+
+
+def _walk_back(
+    gm: fx.GraphModule, pruned: Mapping[fx.Node, str], kind: Mapping[fx.Node, str], position: Mapping[fx.Node, int]
+) -> tuple[tuple[ChainLink, ...], dict[fx.Node, fx.Node]]:
+    """Walk the single data path back from the last pruned layer to the first, multiplying Lipschitz factors.
+
+    Returns the links in data-path order and, for each node on the path, the next node on it.
+    """
+    last = max(pruned, key=position.__getitem__)
+    remaining = set(pruned) - {last}
+    links_rev: list[ChainLink] = []
+    current_layer, factor = last, 1.0
+    next_on_path: dict[fx.Node, fx.Node] = {}
+    node = last
+    while True:
+        if node is not last and node in pruned:
+            links_rev.append(ChainLink(pruned[current_layer], factor))
+            current_layer, factor = node, 1.0
+            remaining.discard(node)
+        if not remaining:
+            break
+        inputs = [a for a in _flat_nodes(node) if kind[a] in (_DATA, _OTHER)]
+        if len(inputs) != 1:
+            raise _NotAChain(
+                f"{_describe(node, gm)} combines {len(inputs)} tensors on the data path to layer "
+                f"'{pruned[current_layer]}' (residual connection / concatenation / branch merge)"
+            )
+        prev = inputs[0]
+        if kind[prev] == _OTHER:
+            raise _NotAChain(f"{_describe(node, gm)} depends on a second model input")
+        if node not in pruned:
+            try:
+                factor *= _node_factor(node, gm, data=prev)
+            except _Unsupported as exc:
+                raise _NotAChain(
+                    f"{_describe(node, gm)} on the data path to layer '{pruned[current_layer]}': {exc}"
+                ) from None
+        next_on_path[prev] = node
+        if prev.op == "placeholder":
+            missing = ", ".join(f"'{pruned[n]}'" for n in sorted(remaining, key=position.__getitem__))
+            raise _NotAChain(f"layer(s) {missing} are not on the data path to layer '{pruned[last]}'")
+        node = prev
+    links_rev.append(ChainLink(pruned[current_layer], 1.0))
+    return tuple(reversed(links_rev)), next_on_path
+
+
+def _check_side_branches(
+    gm: fx.GraphModule, next_on_path: Mapping[fx.Node, fx.Node], kind: Mapping[fx.Node, str]
+) -> None:
+    """Side branches leaving the data path must not modify it in place."""
+    for on_path, nxt in next_on_path.items():
+        for user in on_path.users:
+            if user is nxt or kind.get(user) == _META:
+                continue
+            stack, seen = [user], set()
+            while stack:
+                u = stack.pop()
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.op != "output" and _is_inplace(u, gm):
+                    raise _NotAChain(f"in-place {_describe(u, gm)} in a side branch of the data path")
+                stack.extend(u.users)
+
+
 def analyze_chain(model: nn.Module, layer_names: Sequence[str], example_input: Any | None = None) -> ChainInfo:
     """Check that the pruned layers form a chain and compute the Lipschitz factor between them.
 
@@ -670,101 +803,14 @@ def analyze_chain(model: nn.Module, layer_names: Sequence[str], example_input: A
     placeholders = [n for n in graph_nodes if n.op == "placeholder"]
     if not placeholders:
         return _not_chain("the traced forward has no input")
-    source = placeholders[0]
-
-    # classify nodes: data (depends on the input tensor), meta (shape queries), const, other input
-    kind: dict[fx.Node, str] = {}
-    for node in graph_nodes:
-        if node.op == "placeholder":
-            kind[node] = _DATA if node is source else _OTHER
-        elif node.op == "get_attr":
-            kind[node] = _CONST
-        elif node.op != "output":
-            kinds = {kind[a] for a in _flat_nodes(node)}
-            if _is_meta_op(node) or (kinds <= {_META, _CONST} and _META in kinds):
-                kind[node] = _META
-            elif _DATA in kinds:
-                kind[node] = _DATA
-            elif _OTHER in kinds:
-                kind[node] = _OTHER
-            else:
-                kind[node] = _CONST
-
-    # locate the pruned layers
-    fx_modules = {id(m): name for name, m in gm.named_modules()}
-    pruned: dict[fx.Node, str] = {}
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            return _not_chain(f"layer '{name}' is not a submodule of the model")
-        if not (isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and not module.transposed)):
-            return _not_chain(f"layer '{name}' is a {type(module).__name__}, not a Linear/ConvNd layer")
-        target = fx_modules.get(id(module))
-        calls = [n for n in graph_nodes if n.op == "call_module" and target is not None
-                 and gm.get_submodule(n.target) is module]
-        if not calls:
-            return _not_chain(f"layer '{name}' is not called in the traced forward")
-        if len(calls) > 1:
-            return _not_chain(f"layer '{name}' is called {len(calls)} times")
-        if target is not None and any(n.op == "get_attr" and str(n.target).startswith(target + ".")
-                                      for n in graph_nodes):
-            return _not_chain(f"the parameters of layer '{name}' are also used outside the layer")
-        if kind[calls[0]] != _DATA:
-            return _not_chain(f"layer '{name}' does not depend on the model input")
-        pruned[calls[0]] = name
+    kind = _classify(graph_nodes, placeholders[0])
     position = {n: i for i, n in enumerate(graph_nodes)}
-    last = max(pruned, key=position.__getitem__)
-
-    # walk back from the last pruned layer
-    remaining = set(pruned) - {last}
-    links_rev: list[ChainLink] = []
-    current_layer, factor = last, 1.0
-    next_on_path: dict[fx.Node, fx.Node] = {}
-    node = last
-    while True:
-        if node is not last and node in pruned:
-            links_rev.append(ChainLink(pruned[current_layer], factor))
-            current_layer, factor = node, 1.0
-            remaining.discard(node)
-        if not remaining:
-            break
-        inputs = [a for a in _flat_nodes(node) if kind[a] in (_DATA, _OTHER)]
-        if len(inputs) != 1:
-            return _not_chain(
-                f"{_describe(node, gm)} combines {len(inputs)} tensors on the data path to layer "
-                f"'{pruned[current_layer]}' (residual connection / concatenation / branch merge)"
-            )
-        prev = inputs[0]
-        if kind[prev] == _OTHER:
-            return _not_chain(f"{_describe(node, gm)} depends on a second model input")
-        if node not in pruned:
-            try:
-                factor *= _node_factor(node, gm, data=prev)
-            except _Unsupported as exc:
-                return _not_chain(f"{_describe(node, gm)} on the data path to layer '{pruned[current_layer]}': {exc}")
-        next_on_path[prev] = node
-        if prev.op == "placeholder":
-            missing = ", ".join(f"'{pruned[n]}'" for n in sorted(remaining, key=position.__getitem__))
-            return _not_chain(f"layer(s) {missing} are not on the data path to layer '{pruned[last]}'")
-        node = prev
-    links_rev.append(ChainLink(pruned[current_layer], 1.0))
-
-    # side branches leaving the path must not modify it in place
-    for on_path, nxt in next_on_path.items():
-        for user in on_path.users:
-            if user is nxt or kind.get(user) == _META:
-                continue
-            stack, seen = [user], set()
-            while stack:
-                u = stack.pop()
-                if u in seen:
-                    continue
-                seen.add(u)
-                if u.op != "output" and _is_inplace(u, gm):
-                    return _not_chain(f"in-place {_describe(u, gm)} in a side branch of the data path")
-                stack.extend(u.users)
-    links = tuple(reversed(links_rev))
+    try:
+        pruned = _locate_pruned(model, gm, names, kind)
+        links, next_on_path = _walk_back(gm, pruned, kind, position)
+        _check_side_branches(gm, next_on_path, kind)
+    except _NotAChain as exc:
+        return _not_chain(str(exc))
     logger.debug("chain: %s", links)
     return ChainInfo(links=links, is_chain=True, reason="")
 

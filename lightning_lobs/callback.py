@@ -7,6 +7,10 @@ the training loop feeds them (device transfer hooks, precision plugin), the prun
 checked against what training can reach, monitors reset at a prune, masks held and checkpointed
 under a per-instance ``state_key``, metrics at the prune's global step and progress in the
 trainer's own progress bar.
+
+The decisions about the schedule (is a prune due, is the rest reachable, what a checkpoint holds)
+are a :class:`~lightning_lobs.schedules.ScheduleRun`'s; the option checks are
+:mod:`lightning_lobs.config`'s. The hooks here carry them out: prune, log, reset the monitors.
 """
 
 from __future__ import annotations
@@ -22,8 +26,16 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, O
 import torch
 from torch import nn
 
-from ._lightning import CALLBACK_BASES, callback_classes, namespace_of, rank_zero_info, rank_zero_warn
-from .checks import as_int, as_real, describe
+from ._lightning import (
+    CALLBACK_BASES,
+    callback_classes,
+    is_sharded,
+    logged_step,
+    namespace_of,
+    rank_zero_info,
+    rank_zero_warn,
+    stop_reason,
+)
 from .api import is_one_shot, take_batches
 from .distributed import RankInfo
 from .masks import MaskSet, _resolve_weight
@@ -32,21 +44,20 @@ from .config import (
     SolverOptions,
     AllocationName,
     CalibrationOptions,
+    CallbackOptions,
     ForwardFn,
     Method,
     PruneOptions,
     SparsitySpec,
 )
 from .progress import trainer_progress
-from .schedules import PruneSchedule, check_not_decreasing, describe_spec
-from .pruner import PruneReport, default_forward, prune
+from .schedules import PruneSchedule, ScheduleRun, schedule_from_args, steps_per_epoch
+from .engine import PruneReport, default_forward, prune
 from .selection import select_layers
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
     from lightning.pytorch import LightningModule, Trainer
 
-
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 # The CLI (jsonargparse) reads these annotations: floats, per-layer mappings and lists of both
 # round-trip through YAML (a callable inside the list's type made jsonargparse give up serializing
@@ -79,6 +90,22 @@ def _restore_monitors(saved: List[tuple]) -> None:
     for cb, values in saved:
         for f, value in values.items():
             setattr(cb, f, value)
+
+
+def _held_sparsity(pl_module: nn.Module, masks: MaskSet) -> tuple:
+    """The fraction of zeros in the masked weights, as the weights hold them, and the model's nonzero parameters."""
+    zeros = total = 0
+    for name in masks:
+        weight = _resolve_weight(pl_module, name)
+        zeros += int((weight.detach() == 0).sum())
+        total += weight.numel()
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in pl_module.parameters())
+    return zeros / max(total, 1), nonzero
+
+
+def _points_in(points: str, unit: str, doc: str) -> property:
+    """A read-only view of the list attribute ``points`` that is empty unless the schedule counts in ``unit``."""
+    return property(lambda self: getattr(self, points) if self.unit == unit else [], doc=doc)
 
 
 class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of lightning.pytorch and/or pytorch_lightning
@@ -150,6 +177,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             report's ``skipped``.
     """
 
+    # LightningCLI builds its options from this signature (names, defaults, annotations): it stays as it is,
+    # with more than 8 parameters on purpose; the checks live in schedules, config.CallbackOptions and PruneOptions.
     def __init__(
         self,
         sparsity: Union[float, Dict[str, float], List[SparsityValue], SparsityFn] = 0.9,
@@ -175,51 +204,13 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         schedule: Optional[PruneSchedule] = None,
         prune_head: bool = False,
     ) -> None:
-        if schedule is not None:
-            if not isinstance(schedule, PruneSchedule):
-                raise ValueError(
-                    f"schedule must be a PruneSchedule, e.g. GradualSchedule(initial=0.0, final=0.9, start=0, end=10) or "
-                    f"SparsitySchedule(lambda epoch: ..., points=range(0, 10, 2)), got {describe(schedule)}."
-                )
-            given = [n for n, v in (("prune_epoch", prune_epoch), ("prune_step", prune_step)) if v is not None]
-            if not (isinstance(sparsity, float) and sparsity == 0.9):  # 0.9 is the signature's default
-                given.insert(0, "sparsity")
-            if given:
-                raise ValueError(
-                    f"give schedule or {' / '.join(given)}, not both: the schedule sets the prune points and their "
-                    f"sparsities (got schedule={schedule!r})."
-                )
-        else:
-            if isinstance(sparsity, PruneSchedule):
-                raise ValueError(
-                    f"sparsity={sparsity!r} is a schedule: pass it as LOBSPruning(schedule=...); sparsity takes a "
-                    "fraction, a {'pattern': fraction} mapping, a per-layer (name, module) -> fraction callable or a list of these."
-                )
-            if prune_epoch is not None and prune_step is not None:
-                raise ValueError(
-                    f"give prune_epoch or prune_step, not both (got prune_epoch={prune_epoch!r}, prune_step={prune_step!r})."
-                )
-            value = prune_step if prune_step is not None else prune_epoch
-            schedule = PruneSchedule(0 if value is None else value, sparsity, "step" if prune_step is not None else "epoch")
-        specs = list(schedule.sparsities)
-        if allocation == "uniform" and pattern is None:  # a float is then every layer's target (N:M sets its own)
-            check_not_decreasing(specs, uniform=True, labels=schedule.labels)
-        batches = as_int(calibration_batches)
-        if batches is None or batches < 1:
-            raise ValueError(f"calibration_batches must be an int >= 1, got {describe(calibration_batches)}.")
-        calibration_batches = batches
-        if state_key is not None and (not isinstance(state_key, str) or not state_key):
-            raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {state_key!r}.")
-        for name, flag in (("log_table", log_table), ("reset_monitors", reset_monitors)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}.")
-        after = as_real(progress_after)
-        if after is None or not after >= 0:
-            raise ValueError(f"progress_after must be a number of seconds >= 0, got {describe(progress_after)}.")
-        progress_after = float(after)
+        sparsity_given = not (isinstance(sparsity, float) and sparsity == 0.9)  # 0.9 is the signature's default
+        uniform = allocation == "uniform" and pattern is None  # a float is then every layer's target (N:M sets its own)
+        schedule = schedule_from_args(sparsity, prune_epoch, prune_step, schedule, sparsity_given=sparsity_given, uniform=uniform)
+        settings = CallbackOptions(calibration_batches, state_key, log_table, reset_monitors, progress_after)
         # PruneOptions is the one place that validates the pruning options; one instance per prune step.
         base = PruneOptions(
-            sparsity=specs[0],
+            sparsity=schedule.sparsities[0],
             method=method,
             pattern=pattern,
             allocation=allocation,
@@ -231,20 +222,17 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             recalibrate_bn=recalibrate_bn,
             prune_head=prune_head,
         )
-        self.options: List[PruneOptions] = [base.with_sparsity(s) for s in specs]
+        self.options: List[PruneOptions] = [base.with_sparsity(s) for s in schedule.sparsities]
         self.schedule: PruneSchedule = schedule
-        self.unit: Literal["epoch", "step"] = schedule.unit
-        self.prune_points: List[int] = list(schedule.points)  # epochs or global steps, as ``unit`` says
-        self.sparsities: List[SparsitySpec] = specs
-        self.calibration_batches = int(calibration_batches)
+        self.calibration_batches = settings.calibration_batches
         self.calibration_dataloader = calibration_dataloader
-        self.log_table = bool(log_table)
-        self.reset_monitors = bool(reset_monitors)
-        self.progress_after = float(progress_after)
+        self.log_table = settings.log_table
+        self.reset_monitors = settings.reset_monitors
+        self.progress_after = settings.progress_after
         self.save_sparse = save_sparse
-        self._state_key = state_key
+        self._state_key = settings.state_key
         self.masks = MaskSet()
-        self.pruned_points: List[int] = []
+        self._run = ScheduleRun(schedule)  # the points pruned at: replaced, never edited, so a failed prune rolls back
         self.reports: List[PruneReport] = []
         self._bound_note_logged = False
         self._log_tag: Optional[str] = None  # set at fit start when other unnamed instances share the Trainer
@@ -252,7 +240,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self._bar: Any = None  # the progress bar handle of the running prune (prints the table through it)
         self._model_ref: Optional[weakref.ref] = None  # the model this instance's masks and schedule belong to
 
-    # ------------------------------------------------------------------ convenience views of the options
+    # ------------------------------------------------------------------ views of the options and the schedule
 
     @property
     def method(self) -> str:
@@ -267,42 +255,38 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return self.options[0].forward_fn
 
     @property
-    def prune_epochs(self) -> List[int]:
-        """The epochs to prune at (empty with ``prune_step``)."""
-        return list(self.prune_points) if self.unit == "epoch" else []
+    def unit(self) -> Literal["epoch", "step"]:
+        return self.schedule.unit
 
     @property
-    def pruned_epochs(self) -> List[int]:
-        """The epochs already pruned at (restored from a checkpoint too)."""
-        return list(self.pruned_points) if self.unit == "epoch" else []
+    def prune_points(self) -> List[int]:
+        """The epochs or global steps to prune at, as :attr:`unit` says."""
+        return list(self.schedule.points)
 
     @property
-    def prune_steps(self) -> List[int]:
-        """The global steps to prune before (empty with ``prune_epoch``)."""
-        return list(self.prune_points) if self.unit == "step" else []
+    def sparsities(self) -> List[SparsitySpec]:
+        """The sparsity spec of each prune point."""
+        return list(self.schedule.sparsities)
 
     @property
-    def pruned_steps(self) -> List[int]:
-        """The global steps already pruned before."""
-        return list(self.pruned_points) if self.unit == "step" else []
+    def pruned_points(self) -> List[int]:
+        """The points already pruned at, in pruning order (restored from a checkpoint too)."""
+        return list(self._run.done)
 
-    def _pending(self) -> List[int]:
-        return self.schedule.pending(self.pruned_points)
+    @pruned_points.setter
+    def pruned_points(self, points: Sequence[int]) -> None:
+        self._run = ScheduleRun(self.schedule, tuple(points))
 
-    def _identity(self) -> Dict[str, Any]:
-        """What tells this instance's schedule apart: prune points, sparsities, method (pattern, exclude if set)."""
-        points: Any = self.prune_points if len(self.prune_points) > 1 else self.prune_points[0]
-        specs = [describe_spec(s) for s in self.sparsities]
-        out: Dict[str, Any] = {
-            "sparsity": specs if len(specs) > 1 else specs[0],
-            f"prune_{self.unit}": points,
-            "method": self.method,
-        }
-        if self.options[0].pattern is not None:
-            out["pattern"] = self.options[0].pattern
-        if self.exclude:
-            out["exclude"] = list(self.exclude)
-        return out
+    prune_epochs = _points_in("prune_points", "epoch", "The epochs to prune at (empty with ``prune_step``).")
+    pruned_epochs = _points_in("pruned_points", "epoch", "The epochs already pruned at (restored from a checkpoint too).")
+    prune_steps = _points_in("prune_points", "step", "The global steps to prune before (empty with ``prune_epoch``).")
+    pruned_steps = _points_in("pruned_points", "step", "The global steps already pruned before.")
+
+    @property
+    def last_report(self) -> Optional[PruneReport]:
+        return self.reports[-1] if self.reports else None
+
+    # ------------------------------------------------------------------ the state key
 
     @property
     def state_key(self) -> str:
@@ -319,96 +303,60 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             key = self._generate_state_key(state_key=self._state_key)
         else:
             key = self._generate_state_key(**self._identity())
-        self._refuse_duplicate_key(key, sys._getframe(1))
+        _refuse_duplicate_key(self, key, sys._getframe(1))
         return key
 
-    def _refuse_duplicate_key(self, key: str, caller: Any) -> None:
-        """Our own message, instead of Lightning's generic one, when another LOBSPruning in the Trainer has ``key``.
-
-        Lightning checks the keys in ``Trainer.__init__``, before any hook of ours runs, so the check
-        reads the list it is validating from its frame; should that change, Lightning's message stays.
-        """
-        if caller.f_code.co_name != "_validate_callbacks_list":
-            return
-        seen, callbacks = caller.f_locals.get("seen_callbacks"), caller.f_locals.get("callbacks")
-        if not isinstance(seen, set) or key not in seen or not isinstance(callbacks, list):
-            return
-        if any(isinstance(cb, LOBSPruning) and cb is not self and cb.state_key == key for cb in callbacks):
-            raise ValueError(
-                f"two LOBSPruning callbacks in one Trainer have the same state_key {key!r}, so their checkpoint "
-                "states would overwrite each other. Give each a distinct name with LOBSPruning(..., state_key='...'); "
-                "without one the key comes from the sparsity, the prune points and the method, which are identical "
-                "here."
-            )
+    def _identity(self) -> Dict[str, Any]:
+        """What tells this instance's schedule apart: prune points, sparsities, method (pattern, exclude if set)."""
+        out = {**self.schedule.key_fields(), "method": self.method}
+        if self.options[0].pattern is not None:
+            out["pattern"] = self.options[0].pattern
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
+        return out
 
     @property
-    def _legacy_state_key(self) -> Any:  # type: ignore[override]
+    def _legacy_state_key(self) -> Any:
         """Where Lightning looks when :attr:`state_key` is not in a checkpoint: the unnamed state this instance adopted."""
         return type(self) if self._adopted_key is None else self._adopted_key
 
-    def _adopt_unnamed_state(self, trainer: "Trainer", states: Mapping[Any, Any]) -> bool:
-        """Take over the one unnamed LOBSPruning state of a checkpoint whose key is not this schedule's.
+    @property
+    def _prefix(self) -> str:
+        """``lobs/`` for a lone instance without ``state_key``; ``lobs/<state_key>/`` with one.
 
-        The derived key changes with the schedule (and was ``"LOBSPruning"`` before keys were
-        derived), but resuming with a changed schedule is checked by :meth:`load_state_dict`, so a
-        lone unnamed state belongs to the lone unnamed instance that finds no state of its own.
+        Several instances without ``state_key`` in one Trainer log under ``lobs/<tag>/``, the tag being
+        the first 8 hex digits of the SHA-1 of their derived :attr:`state_key` (stable across runs);
+        give ``state_key`` for readable names.
         """
         if self._state_key is not None:
-            return False
-        unnamed = [cb for cb in trainer.callbacks if isinstance(cb, LOBSPruning) and cb._state_key is None]
-        taken = {cb.state_key for cb in unnamed}
-        free = [
-            k for k in states
-            if isinstance(k, str) and k not in taken
-            and (k == "LOBSPruning" or (k.startswith("LOBSPruning{") and not k.startswith("LOBSPruning{'state_key'")))
-        ]
-        mine_missing = [cb for cb in unnamed if cb.state_key not in states]
-        if len(free) != 1 or mine_missing != [self]:
-            return False
-        self._adopted_key = free[0]
-        return True
+            return f"lobs/{self._state_key}/"
+        return "lobs/" if self._log_tag is None else f"lobs/{self._log_tag}/"
+
+    @property
+    def _named(self) -> str:
+        """`` (<state_key>)`` after "LOBSPruning" in messages, when the instance has a name."""
+        return "" if self._state_key is None else f" ({self._state_key})"
+
+    # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         """Tell apart in the logs several instances that have no ``state_key`` (see :attr:`_prefix`)."""
         unnamed = [cb for cb in trainer.callbacks if isinstance(cb, LOBSPruning) and cb._state_key is None]
         self._log_tag = hashlib.sha1(self.state_key.encode()).hexdigest()[:8] if len(unnamed) > 1 else None
 
-    # ------------------------------------------------------------------ hooks
-
     def setup(self, trainer: "Trainer", pl_module: "LightningModule", stage: str) -> None:
         """Refuse what cannot work before any training step: sharded strategies, unreachable epochs, bad layer specs."""
         if stage != "fit":
             return
         self._bind(pl_module)
-        source = self.calibration_dataloader
-        if source is not None and is_one_shot(source) and len(self._pending()) > 1:
-            raise ValueError(
-                f"calibration_dataloader is a one-shot iterator ({type(source).__name__}), but {len(self._pending())} "
-                f"prunes are scheduled ({self.unit}s {self._pending()}): the first would use up its batches and the "
-                "next would find none. Pass a DataLoader or a list of batches, which can be replayed."
-            )
-        strategy = type(trainer.strategy).__name__
-        if any(cls.__name__ in _SHARDED for cls in type(trainer.strategy).__mro__):  # subclasses shard too
+        _refuse_one_shot_replay(self.calibration_dataloader, self._run)
+        if is_sharded(trainer.strategy):
             raise RuntimeError(
-                f"LOBSPruning does not support the sharded strategy {strategy}: layer weights are split across "
-                "ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
+                f"LOBSPruning does not support the sharded strategy {type(trainer.strategy).__name__}: layer weights are "
+                "split across ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
             )
-        self.schedule.check_reachable(self.pruned_points, max_epochs=trainer.max_epochs, max_steps=getattr(trainer, "max_steps", -1))
-        mine = set()
-        for options in self.options:  # fail now, not epochs into training
-            mine |= set(select_layers(pl_module, options.sparsity, options.exclude, options.nm, warn=False).targets)
-        for other in trainer.callbacks:
-            if isinstance(other, LOBSPruning) and other is not self:
-                theirs = set()
-                for options in other.options:
-                    theirs |= set(select_layers(pl_module, options.sparsity, options.exclude, options.nm, warn=False).targets)
-                both = sorted(mine & theirs)
-                if both:
-                    raise ValueError(
-                        f"two LOBSPruning callbacks ({self.state_key!r} and {other.state_key!r}) would both prune "
-                        f"{both}: each layer may belong to one instance only (the second would move weights the first "
-                        "pruned). Split the layers with per-layer sparsity mappings or exclude=[...]."
-                    )
+        self._run.check_reachable(max_epochs=trainer.max_epochs, max_steps=getattr(trainer, "max_steps", -1))
+        _refuse_shared_layers(self, trainer, pl_module)
 
     def _bind(self, pl_module: nn.Module) -> None:
         """Tie this instance's masks, schedule and reports to ``pl_module``; start over on another model.
@@ -421,15 +369,14 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         if bound is pl_module:
             return
         if self._model_ref is not None:  # bound to another model before (or to one since deleted)
-            if self.pruned_points or len(self.masks) or self.reports:
+            if self._run.done or len(self.masks) or self.reports:
                 rank_zero_info(
-                    f"LOBSPruning{'' if self._state_key is None else f' ({self._state_key})'}: fit on a new model; "
-                    f"the masks and prune history of the previous one ({self.unit}s {self.pruned_points}) are dropped "
-                    "and this model is pruned from the start of its schedule."
+                    f"LOBSPruning{self._named}: fit on a new model; the masks and prune history of the previous one "
+                    f"({self.unit}s {self.pruned_points}) are dropped and this model is pruned from the start of its schedule."
                 )
             self.masks.detach()
             self.masks = MaskSet()  # a new set: earlier reports keep theirs
-            self.pruned_points = []
+            self._run = ScheduleRun(self.schedule)
             self.reports = []
             self._bound_note_logged = False
         self._model_ref = weakref.ref(pl_module)
@@ -439,20 +386,21 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         state["_model_ref"] = None  # a weak reference cannot be pickled (ddp_spawn, deepcopy of a trainer)
         return state
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        if "_run" not in state:  # pickled by 0.2.0, which kept the schedule's lists as attributes
+            done = tuple(state.get("pruned_points", ()))
+            state = {k: v for k, v in state.items() if k not in ("prune_points", "sparsities", "unit", "pruned_points")}
+            state["_run"] = ScheduleRun(state["schedule"], done)
+        self.__dict__.update(state)
+
     def on_train_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         """Hold restored masks, and refuse a prune epoch that ``max_steps`` will not reach."""
         if len(self.masks):  # resumed after a prune: hold the restored masks
             self.masks.attach(pl_module, trainer.optimizers)
-        self._check_max_steps(trainer)
-
-    def _check_max_steps(self, trainer: "Trainer") -> None:
-        batches = getattr(trainer, "num_training_batches", float("inf"))
-        if not math.isfinite(batches) or batches <= 0:
-            return  # unknown now: on_fit_end warns if a prune point was never reached
-        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))  # the last partial window steps too
-        self.schedule.check_reachable(
-            self.pruned_points, max_epochs=trainer.max_epochs, max_steps=getattr(trainer, "max_steps", -1), steps_per_epoch=per_epoch
-        )
+        per_epoch = steps_per_epoch(getattr(trainer, "num_training_batches", float("inf")), trainer.accumulate_grad_batches)
+        if per_epoch is not None:  # unknown now: on_fit_end warns if a prune point was never reached
+            max_steps = getattr(trainer, "max_steps", -1)
+            self._run.check_reachable(max_epochs=trainer.max_epochs, max_steps=max_steps, steps_per_epoch=per_epoch)
 
     def on_train_epoch_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         if self.unit == "epoch":
@@ -465,30 +413,24 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     def _prune_due(self, trainer: "Trainer", pl_module: "LightningModule", point: int) -> None:
         """Prune for the last point the schedule has due at ``point`` (this epoch or global step)."""
-        due = self.schedule.due(point, self.pruned_points)
-        if due:
-            before = list(self.pruned_points)
-            try:
-                for p in due[:-1]:  # passed over (e.g. a resume with a changed schedule): the latest step subsumes them
-                    self.pruned_points.append(p)
-                self.prune_now(trainer, pl_module, self.prune_points.index(due[-1]))
-            except BaseException:
-                self.pruned_points = before
-                raise
+        due = self._run.due(point)
+        if due is None:
+            return
+        before = self._run
+        try:
+            self._run = before.with_done(*due.passed)  # passed over (a resume with a changed schedule): subsumed
+            self.prune_now(trainer, pl_module, due.index)
+        except BaseException:
+            self._run = before
+            raise
 
     def on_train_epoch_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         """``lobs/sparsity`` read from the weights after every epoch with masks, so a logger shows they hold."""
         if not len(self.masks) or getattr(trainer, "barebones", False):  # barebones trainers refuse self.log
             return
-        zeros = total = 0
-        for name in self.masks:
-            weight = _resolve_weight(pl_module, name)
-            zeros += int((weight.detach() == 0).sum())
-            total += weight.numel()
-        params = list(pl_module.parameters())
-        nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
         sync = trainer.world_size > 1  # equal on every rank; syncing keeps Lightning from warning per metric
-        pl_module.log(f"{self._prefix}sparsity", zeros / max(total, 1), on_step=False, on_epoch=True, sync_dist=sync)
+        sparsity, nonzero = _held_sparsity(pl_module, self.masks)
+        pl_module.log(f"{self._prefix}sparsity", sparsity, on_step=False, on_epoch=True, sync_dist=sync)
         pl_module.log(f"{self._prefix}nonzero_parameters", float(nonzero), on_step=False, on_epoch=True, sync_dist=sync)
 
     def on_fit_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
@@ -497,39 +439,25 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         ``on_fit_end``, not ``on_train_end``: Lightning skips the whole training loop (and its end hook)
         when ``max_time`` has run out before the first step, and a dense model must not pass silently.
         """
-        pending = self._pending()
+        pending = self._run.pending()
         if pending:
-            unit = self.unit
-            state = "never pruned (dense)" if not self.pruned_points else f"pruned only at {unit}s {self.pruned_points}"
-            rank_zero_warn(
-                f"LOBSPruning{'' if self._state_key is None else f' ({self._state_key})'}: training ended at epoch "
-                f"{trainer.current_epoch} (global step {trainer.global_step}; {self._stop_reason(trainer)}) before prune "
-                f"{unit}s {pending}, so the model was {state}. Lower prune_{unit}, or let training reach it (max_steps, "
-                "max_time, EarlyStopping patience or min_epochs)."
-            )
+            rank_zero_warn(_unreached_message(self, trainer, pending))
         if self.save_sparse and trainer.is_global_zero:
             export = importlib.import_module("lightning_lobs.export")
             export.save_sparse(pl_module, self.save_sparse, masks=self.masks)
 
-    @staticmethod
-    def _stop_reason(trainer: "Trainer") -> str:
-        for es in trainer.callbacks:
-            if isinstance(es, callback_classes("EarlyStopping")) and getattr(es, "stopped_epoch", 0):
-                return f"EarlyStopping on {es.monitor!r} stopped it"
-        max_steps = getattr(trainer, "max_steps", -1)
-        if max_steps is not None and 0 <= max_steps <= trainer.global_step:
-            return f"max_steps={max_steps} reached"
-        for timer in trainer.callbacks:
-            if isinstance(timer, callback_classes("Timer")) and timer.time_remaining() is not None and timer.time_remaining() <= 0:
-                return "max_time reached"
-        return "stopped early"
-
     def on_load_checkpoint(self, trainer: "Trainer", pl_module: "LightningModule", checkpoint: Dict[str, Any]) -> None:
-        """A checkpoint with L-OBS state under other keys only means a changed ``state_key``: refuse to silently re-prune."""
+        """A checkpoint with L-OBS state under other keys only means a changed ``state_key``: refuse to silently re-prune.
+
+        A lone unnamed instance that finds no state of its own takes over the one unnamed state saved under
+        another key (see :func:`_unnamed_state_key`).
+        """
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states or type(self) in states:
             return
-        if self._adopt_unnamed_state(trainer, states):
+        adopted = None if self._state_key is not None else _unnamed_state_key(self, trainer, states)
+        if adopted is not None:
+            self._adopted_key = adopted
             return
         others = sorted(str(k) for k in states if str(k).startswith("LOBSPruning"))
         if others:
@@ -590,11 +518,11 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         """
         batches = self.calibration_batches_for(trainer)
         options = replace(self.options[index], forward_fn=self.training_forward(trainer, pl_module))
-        saved = (list(self.pruned_points), list(self.reports), self._bound_note_logged, _monitor_state(trainer))
+        saved = (self._run, list(self.reports), self._bound_note_logged, _monitor_state(trainer))
         was_attached = self.masks.attached
 
         def record(report: PruneReport) -> None:  # runs inside the engine's transaction, after the masks are written
-            self.pruned_points.append(self.prune_points[index])
+            self._run = self._run.with_done(self.schedule.points[index])
             self.reports.append(report)
             if self.reset_monitors:
                 self._reset_monitors(trainer)
@@ -605,17 +533,10 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             # Attached before the prune, so the engine writes the new masks into an attached set: it then saves (and
             # on a failure puts back) the optimizer state that enforcing them zeroes.
             self.masks.attach(pl_module, trainer.optimizers)
-            return prune(
-                pl_module,
-                batches,
-                options,
-                masks=self.masks,
-                rank=RankInfo.current() if trainer.world_size > 1 else None,
-                progress=progress,
-                on_commit=record,
-            )
+            rank = RankInfo.current() if trainer.world_size > 1 else None
+            return prune(pl_module, batches, options, masks=self.masks, rank=rank, progress=progress, on_commit=record)
         except BaseException:
-            self.pruned_points, self.reports, self._bound_note_logged = saved[0], saved[1], saved[2]
+            self._run, self.reports, self._bound_note_logged = saved[0], saved[1], saved[2]
             _restore_monitors(saved[3])
             if not was_attached:
                 self.masks.detach()
@@ -643,18 +564,6 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 cb.wait_count = 0
                 cb.best_score = torch.tensor(math.inf if cb.monitor_op == torch.lt else -math.inf)
 
-    @property
-    def _prefix(self) -> str:
-        """``lobs/`` for a lone instance without ``state_key``; ``lobs/<state_key>/`` with one.
-
-        Several instances without ``state_key`` in one Trainer log under ``lobs/<tag>/``, the tag being
-        the first 8 hex digits of the SHA-1 of their derived :attr:`state_key` (stable across runs);
-        give ``state_key`` for readable names.
-        """
-        if self._state_key is not None:
-            return f"lobs/{self._state_key}/"
-        return "lobs/" if self._log_tag is None else f"lobs/{self._log_tag}/"
-
     def log_report(self, trainer: "Trainer", pl_module: "LightningModule", report: PruneReport) -> None:
         """Log the report's metrics at the prune's global step; print the table through the progress bar."""
         metrics = report.metrics(prefix=self._prefix)  # NaN values (a bound that does not apply) are left out
@@ -665,34 +574,115 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 f"L-OBS error bound not logged: {report.bound_note or 'it does not apply to this model'}"
             )
         if trainer.is_global_zero:
-            # The x-axis Lightning logs training metrics on: batches that stepped, which is global_step with one
-            # optimizer (global_step counts each optimizer's steps, e.g. twice per batch for a GAN).
-            step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
+            step = logged_step(trainer)
             for logger in trainer.loggers:
                 # straight to the loggers: pl_module.log from an epoch-start hook is only flushed at the epoch's end
                 logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.log_table:
-            bar = self._bar
-            text = f"L-OBS pruning{'' if self._state_key is None else f' ({self._state_key})'} at epoch {trainer.current_epoch} (step {trainer.global_step}):\n{report.table()}"
-            if bar is not None:
-                bar.print(text)
+            text = f"L-OBS pruning{self._named} at epoch {trainer.current_epoch} (step {trainer.global_step}):\n{report.table()}"
+            if self._bar is not None:
+                self._bar.print(text)
             else:
                 namespace_of(trainer).utilities.rank_zero_info(text)
-
-    @property
-    def last_report(self) -> Optional[PruneReport]:
-        return self.reports[-1] if self.reports else None
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": self.masks.state_dict(), f"pruned_{self.unit}s": list(self.pruned_points), "schedule": self.schedule.state_dict()}
+        return {"masks": self.masks.state_dict(), **self._run.to_state()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        saved = state_dict.get("schedule")
-        done = {u: [int(p) for p in state_dict.get(f"pruned_{u}s", [])] for u in ("epoch", "step")}
-        if saved is not None:
-            self.schedule.check_resume(list(saved), done)
+        run = self._run.from_state(state_dict)  # refuses a schedule changed at points already pruned
         self.masks.load_state_dict(state_dict.get("masks", {}))
-        self.pruned_points = done[self.unit]
+        self._run = run
+
+
+# ---------------------------------------------------------------------- checks the hooks make
+
+
+def _refuse_duplicate_key(cb: LOBSPruning, key: str, caller: Any) -> None:
+    """Our own message, instead of Lightning's generic one, when another LOBSPruning in the Trainer has ``key``.
+
+    Why a frame is read: Lightning refuses duplicate keys in ``Trainer.__init__`` (``_validate_callbacks_list``),
+    before any hook of ours runs, and the callback is never told which list or trainer it is in; the
+    only place that list is visible is that function's frame. Without it the duplicate is still refused,
+    by Lightning's own RuntimeError, which does not name ``state_key``. Keys that raised from ``__eq__``
+    would break comparing two keys (equal keys are legitimate outside one Trainer), and keys made unique
+    per instance would change the checkpoint keys. So the check stays narrow: only that function's frame,
+    only its two locals, and should either change it does nothing and Lightning's message stays.
+    """
+    if caller.f_code.co_name != "_validate_callbacks_list":
+        return
+    seen, callbacks = caller.f_locals.get("seen_callbacks"), caller.f_locals.get("callbacks")
+    if not isinstance(seen, set) or key not in seen or not isinstance(callbacks, list):
+        return
+    if any(isinstance(other, LOBSPruning) and other is not cb and other.state_key == key for other in callbacks):
+        raise ValueError(
+            f"two LOBSPruning callbacks in one Trainer have the same state_key {key!r}, so their checkpoint "
+            "states would overwrite each other. Give each a distinct name with LOBSPruning(..., state_key='...'); "
+            "without one the key comes from the sparsity, the prune points and the method, which are identical "
+            "here."
+        )
+
+
+def _unnamed_state_key(cb: LOBSPruning, trainer: "Trainer", states: Mapping[Any, Any]) -> Optional[str]:
+    """The one unnamed LOBSPruning state of a checkpoint that the unnamed ``cb`` takes over, if there is one.
+
+    The derived key changes with the schedule (and was ``"LOBSPruning"`` before keys were derived), but
+    resuming with a changed schedule is checked by :meth:`ScheduleRun.from_state`, so a lone unnamed state
+    belongs to the lone unnamed instance that finds no state of its own.
+    """
+    unnamed = [other for other in trainer.callbacks if isinstance(other, LOBSPruning) and other._state_key is None]
+    taken = {other.state_key for other in unnamed}
+    free = [
+        k for k in states
+        if isinstance(k, str) and k not in taken
+        and (k == "LOBSPruning" or (k.startswith("LOBSPruning{") and not k.startswith("LOBSPruning{'state_key'")))
+    ]
+    mine_missing = [other for other in unnamed if other.state_key not in states]
+    return free[0] if len(free) == 1 and mine_missing == [cb] else None
+
+
+def _unreached_message(cb: LOBSPruning, trainer: "Trainer", pending: List[int]) -> str:
+    """The warning when ``fit`` ended before the ``pending`` prune points."""
+    unit, done = cb.unit, cb.pruned_points
+    state = "never pruned (dense)" if not done else f"pruned only at {unit}s {done}"
+    return (
+        f"LOBSPruning{cb._named}: training ended at epoch {trainer.current_epoch} (global step "
+        f"{trainer.global_step}; {stop_reason(trainer)}) before prune {unit}s {pending}, so the model was "
+        f"{state}. Lower prune_{unit}, or let training reach it (max_steps, max_time, EarlyStopping patience "
+        "or min_epochs)."
+    )
+
+
+def _refuse_one_shot_replay(source: Any, run: ScheduleRun) -> None:
+    """A one-shot iterator calibrates one prune only: refuse it when more are pending."""
+    pending = run.pending()
+    if source is not None and is_one_shot(source) and len(pending) > 1:
+        raise ValueError(
+            f"calibration_dataloader is a one-shot iterator ({type(source).__name__}), but {len(pending)} "
+            f"prunes are scheduled ({run.unit}s {pending}): the first would use up its batches and the "
+            "next would find none. Pass a DataLoader or a list of batches, which can be replayed."
+        )
+
+
+def _targets(cb: LOBSPruning, pl_module: nn.Module) -> set:
+    """Every layer one of ``cb``'s prune steps selects (its layer specs checked against the model on the way)."""
+    names: set = set()
+    for options in cb.options:
+        names |= set(select_layers(pl_module, options.sparsity, options.exclude, options.nm, warn=False).targets)
+    return names
+
+
+def _refuse_shared_layers(cb: LOBSPruning, trainer: "Trainer", pl_module: nn.Module) -> None:
+    """Each layer belongs to one LOBSPruning of the Trainer: refuse two that would prune the same one."""
+    mine = _targets(cb, pl_module)
+    for other in trainer.callbacks:
+        if isinstance(other, LOBSPruning) and other is not cb:
+            both = sorted(mine & _targets(other, pl_module))
+            if both:
+                raise ValueError(
+                    f"two LOBSPruning callbacks ({cb.state_key!r} and {other.state_key!r}) would both prune "
+                    f"{both}: each layer may belong to one instance only (the second would move weights the first "
+                    "pruned). Split the layers with per-layer sparsity mappings or exclude=[...]."
+                )

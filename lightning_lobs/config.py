@@ -4,7 +4,8 @@
 sparse, which solver, how to calibrate) and the single place where those values are checked;
 :class:`SolverOptions`, :class:`CalibrationOptions` and :class:`GlobalAllocation` are its parts,
 :class:`NMPattern` an N:M pattern. :class:`PruneProgress` is what a long prune reports while it runs.
-Shared by :func:`~lightning_lobs.prune_model`, ``LOBSPruning`` and the engine.
+Shared by :func:`~lightning_lobs.prune_model`, ``LOBSPruning`` and the engine. :class:`CallbackOptions`
+holds what ``LOBSPruning`` adds to a prune step (how many batches, its name, what it logs).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
             "'torch.float64' (in Python, the dtype object itself)."
         )
     if value in (torch.float32, torch.float64):
-        return value  # type: ignore[return-value]
+        return value
     raise ValueError(
         f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
     )
@@ -405,6 +406,41 @@ class PruneOptions:
         if unknown:
             raise TypeError(f"{what} got unexpected keyword arguments {unknown}; the options are {sorted(known)}.")
         return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class CallbackOptions:
+    """The options ``LOBSPruning`` takes besides a prune step's (:class:`PruneOptions`); validated on construction.
+
+    Attributes:
+        calibration_batches: batches calibrated on at each prune (an int >= 1).
+        state_key: a name for the callback's checkpoint state and metrics, or None (derived).
+        log_table: print a summary table after each prune.
+        reset_monitors: reset ``ModelCheckpoint``/``EarlyStopping`` scores after each prune.
+        progress_after: seconds a prune runs before it shows progress (a number >= 0).
+    """
+
+    calibration_batches: int = 32
+    state_key: Optional[str] = None
+    log_table: bool = True
+    reset_monitors: bool = True
+    progress_after: float = 2.0
+
+    def __post_init__(self) -> None:
+        batches = as_int(self.calibration_batches)
+        if batches is None or batches < 1:
+            raise ValueError(f"calibration_batches must be an int >= 1, got {describe(self.calibration_batches)}.")
+        object.__setattr__(self, "calibration_batches", batches)
+        key = self.state_key
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {key!r}.")
+        for name in ("log_table", "reset_monitors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        after = as_real(self.progress_after)
+        if after is None or not after >= 0:  # NaN too
+            raise ValueError(f"progress_after must be a number of seconds >= 0, got {describe(self.progress_after)}.")
+        object.__setattr__(self, "progress_after", float(after))
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hessian import is_hf_conv1d
-from .masks import _PRUNABLE_TYPES, MaskSet, _resolve_weight
+from .layers import is_hf_conv1d, is_maskable
+from .masks import MaskSet, resolve_weight
 
 __all__ = [
     "CSRLinear",
@@ -364,14 +364,14 @@ def _weight_counts(model: nn.Module, masks: Mapping[str, Tensor]) -> tuple[int, 
     kept = total = 0
     counted: set[int] = set()
     for name, mask in masks.items():
-        weight = _resolve_weight(model, name)
+        weight = resolve_weight(model, name)
         if id(weight) not in counted:
             counted.add(id(weight))
             total += weight.numel()
             kept += int(mask.sum())
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, _PRUNABLE_TYPES) or not isinstance(weight, Tensor) or weight.layout != torch.strided:
+        if not is_maskable(module) or not isinstance(weight, Tensor) or weight.layout != torch.strided:
             continue
         if id(weight) not in counted:
             counted.add(id(weight))
@@ -439,6 +439,47 @@ def _write_atomic(path: str, chunks: list[bytes | memoryview]) -> None:
 # --------------------------------------------------------------------------- save
 
 
+def _encode_entries(entries: list[_Entry]) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Each state entry's record for the file's ``entries`` metadata, and every tensor part by its name in the file."""
+    records: list[dict[str, Any]] = []
+    tensors: dict[str, Tensor] = {}
+    for entry in entries:
+        encoding, parts = _encode(entry)
+        for part, tensor in parts.items():
+            name = _part_name(entry.key, encoding, part)
+            if name in tensors:
+                raise ValueError(
+                    f"state_dict keys {entry.key!r} and {name!r} would share the tensor name {name!r} in the file; "
+                    "rename the buffer"
+                )
+            tensors[name] = tensor.contiguous()
+        records.append(
+            {
+                "key": entry.key,
+                "dtype": str(entry.tensor.dtype),
+                "shape": list(entry.tensor.shape),
+                "encoding": encoding,
+                "masked": entry.masked,
+            }
+        )
+    return records, tensors
+
+
+def _sorted_header(blob: memoryview) -> list[bytes | memoryview]:
+    """The safetensors file ``blob`` as parts to write, its JSON header rewritten with sorted keys.
+
+    safetensors writes ``__metadata__`` in hash-map order, which changes from call to call: the header is written
+    again with sorted keys, so one model always gives the same bytes (same offsets, same length).
+    """
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    parsed = json.loads(bytes(blob[8 : 8 + header_len]))
+    header = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(header) > header_len:  # not expected (the same compact JSON, reordered): keep safetensors' own
+        header = bytes(blob[8 : 8 + header_len])
+    header += b" " * (header_len - len(header))
+    return [blob[:8], header, blob[8 + header_len :]]
+
+
 def save_sparse(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -464,27 +505,7 @@ def save_sparse(
     mask_map = _masks_mapping(masks)
     entries = _state_entries(model, mask_map)
 
-    records: list[dict[str, Any]] = []
-    tensors: dict[str, Tensor] = {}
-    for entry in entries:
-        encoding, parts = _encode(entry)
-        for part, tensor in parts.items():
-            name = _part_name(entry.key, encoding, part)
-            if name in tensors:
-                raise ValueError(
-                    f"state_dict keys {entry.key!r} and {name!r} would share the tensor name {name!r} in the file; "
-                    "rename the buffer"
-                )
-            tensors[name] = tensor.contiguous()
-        records.append(
-            {
-                "key": entry.key,
-                "dtype": str(entry.tensor.dtype),
-                "shape": list(entry.tensor.shape),
-                "encoding": encoding,
-                "masked": entry.masked,
-            }
-        )
+    records, tensors = _encode_entries(entries)
     entries_json = json.dumps(records, separators=(",", ":"))
     kept, total = _weight_counts(model, mask_map)
     metadata = {
@@ -499,15 +520,7 @@ def save_sparse(
         "raw_bytes": str(sum(e.tensor.numel() * e.tensor.element_size() for e in entries)),
     }
     blob = memoryview(st_save(tensors, metadata=metadata))
-    # safetensors writes __metadata__ in hash-map order, which changes from call to call: the header is written
-    # again with sorted keys, so one model always gives the same bytes (same offsets, same length)
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    parsed = json.loads(bytes(blob[8 : 8 + header_len]))
-    header = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(header) > header_len:  # not expected (the same compact JSON, reordered): keep safetensors' own
-        header = bytes(blob[8 : 8 + header_len])
-    header += b" " * (header_len - len(header))
-    _write_atomic(path, [blob[:8], header, blob[8 + header_len :]])
+    _write_atomic(path, _sorted_header(blob))
     info = _info_from_metadata(metadata, records, path, len(blob))
     log.info("save_sparse %s: %s", path, info.summary())
     return info
@@ -842,6 +855,51 @@ def _find_prefixes(state_keys: list[str], file_keys: Mapping[str, Any]) -> list[
     )
 
 
+def _guess_prefix(keys: list[str], in_file: Mapping[str, Any], where: str) -> str | None:
+    """The one prefix under which the file holds the model's ``keys`` (None: none), for ``load_sparse(prefix=None)``.
+
+    ``ValueError`` when several prefixes fit, or when the file holds entries besides the model's under the prefix.
+    """
+    found = _find_prefixes(keys, in_file)
+    if len(found) > 1:
+        raise ValueError(
+            f"{where} as it is, and holds its entries under each of "
+            f"{', '.join(repr(p + '.') for p in found)}: pass load_sparse(model, path, prefix=...) with one of "
+            f"{', '.join(repr(p) for p in found)}"
+        )
+    if not found:
+        return None
+    under = {f"{found[0]}.{key}" for key in keys}
+    others = sorted(key for key in in_file if key not in under)
+    if others:
+        raise ValueError(
+            f"{where} as it is; it holds the model's entries under {found[0] + '.'!r} and {len(others)} "
+            f"other(s) ({others[0]!r}...): pass load_sparse(model, path, prefix={found[0]!r}) to load those "
+            "and ignore the rest"
+        )
+    return found[0]
+
+
+def _check_entries(state: Mapping[str, Any], in_file: Mapping[str, Any], where: str) -> None:
+    """``ValueError`` naming the first difference between the model's state and the file's entries (keys, shapes,
+    dtypes)."""
+    for key, value in state.items():
+        entry = in_file.get(key)
+        if entry is None:
+            raise ValueError(f"{where}: the model has {key!r}, the file does not")
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where}: the model's {key!r} is not a tensor")
+        if tuple(value.shape) != tuple(entry["shape"]):
+            raise ValueError(
+                f"{where}: {key!r} has shape {tuple(entry['shape'])} in the file, {tuple(value.shape)} in the model"
+            )
+        if str(value.dtype) != entry["dtype"]:
+            raise ValueError(f"{where}: {key!r} is {entry['dtype']} in the file, {value.dtype} in the model")
+    extra = [key for key in in_file if key not in state]
+    if extra:
+        raise ValueError(f"{where}: the file has {extra[0]!r}, the model does not")
+
+
 def load_sparse(model: nn.Module, path: str | os.PathLike[str], prefix: str | None = None) -> SparseFileInfo:
     """Load a file written by :func:`save_sparse` into ``model`` in place, bit for bit; return its info.
 
@@ -865,44 +923,14 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str], prefix: str | No
         in_file = {e["key"]: e for e in header.entries}
         where = f"{path!r} (saved from a {header.metadata.get('model', '?')}) does not match this {type(model).__name__}"
         if prefix is None and set(in_file) != set(state):
-            found = _find_prefixes(list(state), in_file)
-            if len(found) > 1:
-                raise ValueError(
-                    f"{where} as it is, and holds its entries under each of "
-                    f"{', '.join(repr(p + '.') for p in found)}: pass load_sparse(model, path, prefix=...) with one of "
-                    f"{', '.join(repr(p) for p in found)}"
-                )
-            if found:
-                under = {f"{found[0]}.{key}" for key in state}
-                others = sorted(key for key in in_file if key not in under)
-                if others:
-                    raise ValueError(
-                        f"{where} as it is; it holds the model's entries under {found[0] + '.'!r} and {len(others)} "
-                        f"other(s) ({others[0]!r}...): pass load_sparse(model, path, prefix={found[0]!r}) to load those "
-                        "and ignore the rest"
-                    )
-                prefix = found[0]
+            prefix = _guess_prefix(list(state), in_file, where)
         if prefix:
             lead = prefix.rstrip(".") + "."
             in_file = {key[len(lead) :]: entry for key, entry in in_file.items() if key.startswith(lead)}
             where += f" under the prefix {lead!r}"
-            if prefix is not None and not in_file:
+            if not in_file:
                 raise ValueError(f"{where}: the file has no key starting with {lead!r}")
-        for key, value in state.items():
-            entry = in_file.get(key)
-            if entry is None:
-                raise ValueError(f"{where}: the model has {key!r}, the file does not")
-            if not isinstance(value, Tensor):
-                raise ValueError(f"{where}: the model's {key!r} is not a tensor")
-            if tuple(value.shape) != tuple(entry["shape"]):
-                raise ValueError(
-                    f"{where}: {key!r} has shape {tuple(entry['shape'])} in the file, {tuple(value.shape)} in the model"
-                )
-            if str(value.dtype) != entry["dtype"]:
-                raise ValueError(f"{where}: {key!r} is {entry['dtype']} in the file, {value.dtype} in the model")
-        extra = [key for key in in_file if key not in state]
-        if extra:
-            raise ValueError(f"{where}: the file has {extra[0]!r}, the model does not")
+        _check_entries(state, in_file, where)
         tensors = _read_data(header, f)
     decoded = {key: _decode(entry, tensors, path) for key, entry in in_file.items()}
     del tensors
@@ -1125,6 +1153,35 @@ def _sparsity(weight: Tensor | None) -> float:
     return 1.0 - int(torch.count_nonzero(weight.detach())) / max(weight.numel(), 1)
 
 
+def _unsupported_plan(name: str, module: nn.Module) -> LayerPlan | None:
+    """A ``"dense"`` plan naming why a weight-bearing layer has no sparse kernel here (None: not such a layer)."""
+    reason = _unsupported_reason(module)
+    if reason is None:
+        return None
+    weight = getattr(module, "weight", getattr(module, "in_proj_weight", None))
+    shape = tuple(weight.shape) if isinstance(weight, Tensor) else ()
+    return LayerPlan(name, shape, _sparsity(weight), "dense", reason)
+
+
+def _time_kernels(
+    module: nn.Module, x: Tensor, kernels: list[str], why_not: list[str], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median milliseconds of the dense layer (``"dense"``) and of each kernel that builds and runs on ``x``.
+
+    A kernel that fails is left out and its error appended to ``why_not``.
+    """
+    with torch.inference_mode():
+        fns: dict[str, Callable[[], Any]] = {"dense": functools.partial(module, x)}
+        for kernel in kernels:
+            try:
+                layer = _BUILDERS[kernel](module)
+                layer(x)
+                fns[kernel] = functools.partial(layer, x)
+            except (RuntimeError, NotImplementedError) as err:  # e.g. a shape/dtype the kernel refuses
+                why_not.append(f"{kernel} failed: {str(err).splitlines()[0][:120]}")
+        return _median_ms(fns, x.device, repeats, warmup)
+
+
 def plan_sparse_inference(
     model: nn.Module,
     batch_size: int = 1,
@@ -1152,11 +1209,9 @@ def plan_sparse_inference(
     plans: dict[str, LayerPlan] = {}
     for name, module in model.named_modules():
         if not _swappable(module):
-            reason = _unsupported_reason(module)
-            if reason is not None:
-                weight = getattr(module, "weight", getattr(module, "in_proj_weight", None))
-                shape = tuple(weight.shape) if isinstance(weight, Tensor) else ()
-                plans[name] = LayerPlan(name, shape, _sparsity(weight), "dense", reason)
+            unsupported = _unsupported_plan(name, module)
+            if unsupported is not None:
+                plans[name] = unsupported
             continue
         weight = _linear_weight(module).detach()
         sparsity = _sparsity(weight)
@@ -1170,16 +1225,7 @@ def plan_sparse_inference(
             plan.kernel, plan.reason = kernels[0], "mode='sparse'"
             continue
         x = torch.randn(batch_size, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        with torch.inference_mode():
-            fns: dict[str, Callable[[], Any]] = {"dense": functools.partial(module, x)}
-            for kernel in kernels:
-                try:
-                    layer = _BUILDERS[kernel](module)
-                    layer(x)
-                    fns[kernel] = functools.partial(layer, x)
-                except (RuntimeError, NotImplementedError) as err:  # e.g. a shape/dtype the kernel refuses
-                    why_not.append(f"{kernel} failed: {str(err).splitlines()[0][:120]}")
-            times = _median_ms(fns, weight.device, repeats, warmup)
+        times = _time_kernels(module, x, kernels, why_not, repeats, warmup)
         plan.dense_ms = times.pop("dense")
         plan.sparse_ms = times
         if plan.sparse_ms:

@@ -21,11 +21,34 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+# The layer helpers below moved to ``layers``; they are re-exported here while the engine and the
+# solvers still import them from this module (the lead removes these re-exports after the merge).
+from .layers import (
+    PRUNABLE_TYPES,
+    batched_conv_input,
+    conv_padding,
+    describe_layer,
+    from_rows,
+    has_bias,
+    is_hf_conv1d,
+    is_linear_like,
+    is_prunable,
+    matrix_cols,
+    num_groups,
+    output_rows,
+    pad_input,
+    patch_view,
+    set_weight_matrix,
+    to_rows,
+    unfold_input,
+    weight_matrix,
+)
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -47,201 +70,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-# --------------------------------------------------------------------------- #
-# Layer helpers
-# --------------------------------------------------------------------------- #
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``transformers`` ``Conv1D`` (GPT-2's Linear with a transposed weight).
-
-    Recognised by class, without importing ``transformers`` (an optional dependency that is
-    slow to import): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``.
-    """
-    return any(
-        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__
-    ) and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` or a ``transformers`` ``Conv1D``: one input row per sample (or token)."""
-    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
-
-
-def is_supported(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer whose input Hessian can be collected (Linear, Conv1d/2d/3d, HF Conv1D)."""
-    return isinstance(module, SUPPORTED_TYPES) or is_hf_conv1d(module)
-
-
-def _check_supported(module: nn.Module) -> None:
-    if not is_supported(module):
-        raise TypeError(
-            f"unsupported layer type {type(module).__name__}; supported: "
-            + ", ".join(t.__name__ for t in SUPPORTED_TYPES)
-            + ", transformers Conv1D"
-        )
-
-
-def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-
-
-def num_groups(module: nn.Module) -> int:
-    """Number of independent Hessians of the layer: ``groups`` for convs, 1 for Linear."""
-    _check_supported(module)
-    return int(module.groups) if _is_conv(module) else 1
-
-
-def has_bias(module: nn.Module) -> bool:
-    """Whether the layer has a bias (and hence a bias-augmented input)."""
-    return getattr(module, "bias", None) is not None
-
-
-def _weight_cols(module: nn.Module) -> int:
-    """Number of weight columns per output row, without the bias column."""
-    _check_supported(module)
-    w = module.weight
-    if is_hf_conv1d(module):
-        return int(w.shape[0])
-    return int(w[0].numel()) if w.shape[0] > 0 else int(math.prod(w.shape[1:]))
-
-
-def weight_columns(module: nn.Module) -> int:
-    """Columns of the layer's ``(out, d)`` weight matrix, the bias column included."""
-    return _weight_cols(module) + (1 if has_bias(module) else 0)
-
-
-def output_rows(module: nn.Module) -> int:
-    """Rows of the layer's ``(out, d)`` weight matrix (output features or channels)."""
-    _check_supported(module)
-    return int(module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0])
-
-
-def to_rows(module: nn.Module, tensor: Tensor) -> Tensor:
-    """A tensor in the layout of ``module.weight`` (a mask, say) as ``(out, d_w)`` rows."""
-    return tensor.t() if is_hf_conv1d(module) else tensor.reshape(tensor.shape[0], -1)
-
-
-def from_rows(module: nn.Module, rows: Tensor) -> Tensor:
-    """Inverse of :func:`to_rows`: ``(out, d_w)`` rows in the layout of ``module.weight``."""
-    return rows.t() if is_hf_conv1d(module) else rows.reshape(module.weight.shape)
-
-
-def weight_matrix(module: nn.Module) -> Tensor:
-    """Detached copy of the layer weight as an ``(out, d)`` matrix, bias appended as last column if present."""
-    _check_supported(module)
-    mat = to_rows(module, module.weight.detach())
-    if has_bias(module):
-        mat = torch.cat([mat, module.bias.detach().reshape(-1, 1).to(mat.dtype)], dim=1)
-    return mat.clone()
-
-
-def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
-    """Write an ``(out, d)`` matrix (layout of :func:`weight_matrix`) back into the layer in place."""
-    _check_supported(module)
-    w = module.weight
-    out = output_rows(module)
-    k = _weight_cols(module)
-    d = k + (1 if has_bias(module) else 0)
-    if tuple(matrix.shape) != (out, d):
-        raise ValueError(f"expected a matrix of shape {(out, d)} for {type(module).__name__}, got {tuple(matrix.shape)}")
-    with torch.no_grad():
-        w.data.copy_(from_rows(module, matrix[:, :k]).to(device=w.device, dtype=w.dtype))
-        if has_bias(module):
-            b = module.bias
-            b.data.copy_(matrix[:, k].to(device=b.device, dtype=b.dtype))
-
-
-# --------------------------------------------------------------------------- #
-# Patch extraction
-# --------------------------------------------------------------------------- #
-def _conv_padding(module: nn.Module, spatial: int) -> list[tuple[int, int]]:
-    """(left, right) padding per spatial dim, exactly as PyTorch applies it."""
-    ks, dil = module.kernel_size, module.dilation
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return [(0, 0)] * spatial
-        if module.padding == "same":
-            pads = []
-            for k, dl in zip(ks, dil):
-                total = dl * (k - 1)
-                left = total // 2
-                pads.append((left, total - left))
-            return pads
-        raise ValueError(f"unknown padding string {module.padding!r}")
-    return [(int(p), int(p)) for p in module.padding]
-
-
-def _batched_conv_input(module: nn.Module, x: Tensor) -> Tensor:
-    spatial = len(module.kernel_size)
-    if x.dim() == spatial + 1:  # unbatched (C, L...)
-        x = x.unsqueeze(0)
-    if x.dim() != spatial + 2:
-        raise ValueError(
-            f"{type(module).__name__} expects a {spatial + 1}-d or {spatial + 2}-d input, got shape {tuple(x.shape)}"
-        )
-    if x.shape[1] != module.in_channels:
-        raise ValueError(f"{type(module).__name__} expects {module.in_channels} input channels, got {x.shape[1]}")
-    return x
-
-
-def _pad(module: nn.Module, x: Tensor) -> Tensor:
-    """Pad a batched input ``(B, C, S...)`` with the layer's padding and padding mode."""
-    spatial = x.dim() - 2
-    pads = _conv_padding(module, spatial)
-    if all(p == (0, 0) for p in pads):
-        return x
-    flat: list[int] = []
-    for left, right in reversed(pads):  # F.pad wants the last dim first
-        flat += [left, right]
-    mode = _PAD_MODES[module.padding_mode]
-    if mode == "constant":
-        return F.pad(x, flat, mode="constant", value=0.0)
-    return F.pad(x, flat, mode=mode)
-
-
-def _patch_view(module: nn.Module, xp: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """Strided view ``(B, O1..ON, G, C/G, K1..KN)`` of patches of an already padded input."""
-    spatial = xp.dim() - 2
-    u = xp
-    for i, (k, s, dl) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        span = (k - 1) * dl + 1
-        if u.shape[2 + i] < span:
-            raise ValueError(
-                f"input spatial size {u.shape[2 + i]} (after padding) is smaller than the kernel span {span}"
-            )
-        u = u.unfold(2 + i, span, s)
-        if dl > 1:
-            u = u[..., ::dl]
-    # u: (B, C, O1..ON, K1..KN)
-    out_shape = tuple(u.shape[2 : 2 + spatial])
-    g = module.groups
-    u = u.unflatten(1, (g, module.in_channels // g))  # (B, G, Cg, O..., K...)
-    perm = [0] + list(range(3, 3 + spatial)) + [1, 2] + list(range(3 + spatial, 3 + 2 * spatial))
-    return u.permute(perm), out_shape
-
-
-def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
-    """Rows ``(n_rows, groups, d_w)`` the layer weight multiplies (not bias-augmented).
-
-    ``d_w`` is ``in_features`` for Linear (``groups == 1``) and ``C_in/groups * prod(kernel)``
-    for convolutions, with columns ordered as ``weight.reshape(out, -1)``.  Conv rows are
-    ordered ``(sample, output position)`` with positions in row-major order, so
-    ``unfold_input(m, x)[:, j] @ W_j.T + b_j`` reproduces the output of group ``j``.
-    """
-    _check_supported(module)
-    if is_linear_like(module):
-        k = _weight_cols(module)
-        if x.shape[-1] != k:
-            raise ValueError(f"{type(module).__name__} expects last dim {k}, got shape {tuple(x.shape)}")
-        return x.reshape(-1, 1, k)
-    xb = _pad(module, _batched_conv_input(module, x))
-    view, out_shape = _patch_view(module, xb)
-    n = xb.shape[0] * math.prod(out_shape)
-    return view.reshape(n, module.groups, -1)
+# Old names of ``layers`` helpers (re-exported for the transition; see the import above).
+SUPPORTED_TYPES = PRUNABLE_TYPES
+is_supported = is_prunable
+weight_columns = matrix_cols
 
 
 # --------------------------------------------------------------------------- #
@@ -251,7 +83,7 @@ class HessianAccumulator:
     """Running sum of ``x~ x~^T`` for one layer (all groups) plus the row count.
 
     Args:
-        module: a supported layer (see :data:`SUPPORTED_TYPES`).
+        module: a prunable layer (see :func:`lightning_lobs.layers.is_prunable`).
         dtype: accumulation dtype (``torch.float64`` by default; ``torch.float32`` allowed).
         max_chunk_elements: upper bound on the number of elements of any patch chunk
             materialised at once; batches are processed in chunks over samples and, if a
@@ -269,7 +101,7 @@ class HessianAccumulator:
         position_stride: int = 1,
         name: str | None = None,
     ) -> None:
-        _check_supported(module)
+        shape = describe_layer(module)  # TypeError for a module that is not a prunable layer
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"accumulation dtype must be float64 or float32, got {dtype}")
         if max_chunk_elements < 1:
@@ -281,17 +113,17 @@ class HessianAccumulator:
         self.dtype = dtype
         self.max_chunk_elements = int(max_chunk_elements)
         self.position_stride = int(position_stride)
-        self._bias = has_bias(module)
-        self._dw = _weight_cols(module)
-        self._groups = num_groups(module)
-        device = module.weight.device
+        self._bias = shape.bias
+        self._dw = shape.weight_cols
+        self._groups = shape.groups
+        device = cast(Tensor, module.weight).device
         self.sum: Tensor = torch.zeros(self._groups, self.d, self.d, dtype=dtype, device=device)
         self.count: int = 0
         self.max_abs: float = 0.0  # largest input magnitude seen, to explain an overflowed sum
 
     @property
     def d(self) -> int:
-        """Hessian side length: weight columns (+1 if the layer has a bias)."""
+        """Hessian side length: the layer's ``matrix_cols`` (weight columns, +1 if the layer has a bias)."""
         return self._dw + (1 if self._bias else 0)
 
     @property
@@ -325,13 +157,13 @@ class HessianAccumulator:
             self._accumulate(rows[start : start + step].unsqueeze(1))
 
     def _add_conv(self, x: Tensor) -> None:
-        m = self.module
-        xb = _batched_conv_input(m, x)
+        m = cast(_ConvNd, self.module)
+        xb = batched_conv_input(m, x)
         batch = xb.shape[0]
         if batch == 0:
             return
         spatial = xb.dim() - 2
-        pads = _conv_padding(m, spatial)
+        pads = conv_padding(m, spatial)
         padded_sizes = [s + l + r for s, (l, r) in zip(xb.shape[2:], pads)]
         out_shape = []
         for size, k, s, dl in zip(padded_sizes, m.kernel_size, m.stride, m.dilation):
@@ -348,8 +180,8 @@ class HessianAccumulator:
         if per_sample <= cap:
             step = max(1, cap // per_sample)
             for start in range(0, batch, step):
-                chunk = _pad(m, xb[start : start + step].to(self.dtype))
-                view, oshape = _patch_view(m, chunk)
+                chunk = pad_input(m, xb[start : start + step].to(self.dtype))
+                view, oshape = patch_view(m, chunk)
                 b = chunk.shape[0]
                 if ps == 1:
                     rows = view.reshape(b * positions, self._groups, self._dw)
@@ -363,8 +195,8 @@ class HessianAccumulator:
         # A single sample is too large: chunk over (kept) output positions.
         pos_step = max(1, cap // max(1, row_elems)) * ps
         for s_idx in range(batch):
-            sample = _pad(m, xb[s_idx : s_idx + 1].to(self.dtype))
-            view, oshape = _patch_view(m, sample)
+            sample = pad_input(m, xb[s_idx : s_idx + 1].to(self.dtype))
+            view, oshape = patch_view(m, sample)
             for start in range(0, positions, pos_step):
                 idx = torch.arange(start, min(start + pos_step, positions), ps, device=view.device)
                 sel = view[(slice(None),) + tuple(torch.unravel_index(idx, oshape))]
@@ -469,7 +301,7 @@ class HessianCollector:
     ) -> None:
         self.modules: dict[str, nn.Module] = dict(modules)
         for name, mod in self.modules.items():
-            if not is_supported(mod):
+            if not is_prunable(mod):
                 raise TypeError(f"layer {name!r} of type {type(mod).__name__} is not supported")
         self.accumulators: dict[str, HessianAccumulator] = {
             name: HessianAccumulator(

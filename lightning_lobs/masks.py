@@ -29,12 +29,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention import mask_weight_names
+from .layers import is_maskable
 
-__all__ = ["MaskSet", "model_sparsity"]
+__all__ = ["MaskSet", "model_sparsity", "resolve_weight"]
 
 log = logging.getLogger(__name__)
-
-_PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 def _weight_path(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -53,7 +52,7 @@ def _weight_path(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         raise
 
 
-def _resolve_weight(model: nn.Module, name: str) -> Tensor:
+def resolve_weight(model: nn.Module, name: str) -> Tensor:
     """Return ``model.<name>.weight`` (or the Parameter ``model.<name>``), raising ``KeyError`` if absent."""
     try:
         module, attr = _weight_path(model, name)
@@ -68,6 +67,10 @@ def _resolve_weight(model: nn.Module, name: str) -> Tensor:
             f"mask refers to module {name!r} ({type(module).__name__}), which has no 'weight' tensor"
         )
     return weight
+
+
+# The old private name, still imported by the engine and the callback (the lead removes it after the merge).
+_resolve_weight = resolve_weight
 
 
 def _check_shape(name: str, mask: Tensor, weight: Tensor) -> None:
@@ -184,7 +187,7 @@ class MaskSet:
     def _resolve_all(self, model: nn.Module) -> dict[str, Tensor]:
         weights: dict[str, Tensor] = {}
         for name, mask in self.masks.items():
-            weight = _resolve_weight(model, name)
+            weight = resolve_weight(model, name)
             _check_shape(name, mask, weight)
             weights[name] = weight
         return weights
@@ -215,7 +218,31 @@ class MaskSet:
         weights = self._resolve_all(model)  # validate before touching anything
         if self.attached:
             self.detach()
+        self._handles, self._unfreeze = self._register_hooks(model, weights, opts)
+        self._model = model
+        self._optimizers = opts
 
+        with torch.no_grad():
+            for name, weight in weights.items():
+                pruned = ~self._mask_on(name, weight.device)
+                weight.masked_fill_(pruned, 0.0)
+                if weight.grad is not None and weight.grad.layout == torch.strided:
+                    weight.grad.masked_fill_(pruned, 0.0)
+            n_state = self._zero_optimizer_state(weights)
+        log.debug(
+            "MaskSet attached: %d masks, %d optimizers, %d optimizer state tensors masked",
+            len(weights),
+            len(opts),
+            n_state,
+        )
+
+    def _register_hooks(
+        self, model: nn.Module, weights: Mapping[str, Tensor], opts: Sequence[torch.optim.Optimizer]
+    ) -> tuple[list[RemovableHandle], dict[str, RemovableHandle]]:
+        """Gradient hooks (or, for a frozen weight, a hook that adds one once it unfreezes) and step post-hooks.
+
+        All or nothing: on any error the hooks registered so far are removed again.
+        """
         handles: list[RemovableHandle] = []
         unfreeze: dict[str, RemovableHandle] = {}
         try:
@@ -236,24 +263,7 @@ class MaskSet:
             for handle in handles:
                 handle.remove()
             raise
-        self._handles = handles
-        self._unfreeze = unfreeze
-        self._model = model
-        self._optimizers = opts
-
-        with torch.no_grad():
-            for name, weight in weights.items():
-                pruned = ~self._mask_on(name, weight.device)
-                weight.masked_fill_(pruned, 0.0)
-                if weight.grad is not None and weight.grad.layout == torch.strided:
-                    weight.grad.masked_fill_(pruned, 0.0)
-            n_state = self._zero_optimizer_state(weights)
-        log.debug(
-            "MaskSet attached: %d masks, %d optimizers, %d optimizer state tensors masked",
-            len(weights),
-            len(opts),
-            n_state,
-        )
+        return handles, unfreeze
 
     def _zero_optimizer_state(self, weights: Mapping[str, Tensor]) -> int:
         """Zero state tensors shaped like a masked weight at pruned positions; return the count."""
@@ -303,7 +313,7 @@ class MaskSet:
             return
         with torch.no_grad():
             for name in self.masks:
-                weight = _resolve_weight(model, name)
+                weight = resolve_weight(model, name)
                 weight.masked_fill_(~self._mask_on(name, weight.device), 0.0)
 
     def _reattach(self) -> None:
@@ -388,10 +398,10 @@ class MaskSet:
         """Build masks ``weight != 0`` for ``names`` (default: every Linear / Conv module and every
         ``nn.MultiheadAttention`` projection Parameter, such as ``attn.in_proj_weight``)."""
         if names is None:
-            names = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE_TYPES)] + mask_weight_names(model)
+            names = [n for n, m in model.named_modules() if is_maskable(m)] + mask_weight_names(model)
         masks = cls()
         for name in names:
-            masks.set(name, _resolve_weight(model, name).detach() != 0)
+            masks.set(name, resolve_weight(model, name).detach() != 0)
         return masks
 
 
@@ -399,6 +409,6 @@ def model_sparsity(model: nn.Module, names: Iterable[str]) -> dict[str, float]:
     """Return the fraction of exact zeros in each named module's weight."""
     result: dict[str, float] = {}
     for name in names:
-        weight = _resolve_weight(model, name).detach()
+        weight = resolve_weight(model, name).detach()
         result[name] = (weight == 0).sum().item() / weight.numel() if weight.numel() else 0.0
     return result

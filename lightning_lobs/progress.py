@@ -1,7 +1,8 @@
-"""Showing a running prune: a console renderer for ``prune_model(progress=True)`` and one that draws
-through a Lightning trainer's own progress bar (TQDM or Rich), or logs lines when it has none.
+"""A running prune's progress: :class:`PhaseProgress` emits the engine's steps with ETAs, and two renderers show
+them: a console one for ``prune_model(progress=True)`` and one that draws through a Lightning trainer's own
+progress bar (TQDM or Rich), or logs lines when it has none.
 
-Both take the engine's :class:`~lightning_lobs.options.PruneProgress` steps. Short prunes show
+Both renderers take :class:`~lightning_lobs.config.PruneProgress` steps. Short prunes show
 nothing (``after`` seconds must pass first) and updates are throttled to one every ``interval``
 seconds, except the last step of each phase, so a fast loop over small layers costs nothing.
 """
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
+from typing import Any, Callable, Dict, Mapping, Optional, TextIO
 
-if TYPE_CHECKING:
-    from .config import ProgressFn, PruneProgress
+from .config import ProgressFn, PruneProgress
 
-__all__ = ["Throttle", "console_progress", "trainer_progress"]
+__all__ = ["PhaseProgress", "Throttle", "console_progress", "trainer_progress"]
 
 
 class Throttle:
@@ -123,3 +123,55 @@ def trainer_progress(trainer: Any, after: float = 2.0, interval: float = 0.5) ->
     (call ``.clear()`` when the prune is done, ``.print(text)`` for a block of text)."""
     status = _BarStatus(trainer)
     return Throttle(lambda step: status.show(step.describe()), after=after, interval=interval), status
+
+
+class PhaseProgress:
+    """Emits :class:`PruneProgress` events, with an ETA from the phase's measured rate.
+
+    Each phase's units (layers, batches) carry an estimated cost (floating-point operations for the
+    solver phases); :meth:`step` finishes a unit, :meth:`advance` reports part of one (a kernel's tick).
+    The ETA is the cost left divided by the cost done per second so far in the phase. ``clock`` is
+    injectable so the arithmetic can be checked against simulated time.
+    """
+
+    def __init__(self, fn: Optional[ProgressFn], clock: Callable[[], float] = time.perf_counter) -> None:
+        self.fn = fn
+        self.clock = clock
+        self.start = clock()
+        self.phase = "calibrate"
+        self.costs: Dict[str, float] = {}
+        self.total = 0
+        self.done = 0
+        self.done_cost = 0.0
+        self.partial: Dict[str, float] = {}  # unfinished units' fractions done
+        self.phase_start = self.start
+
+    def begin(self, phase: str, costs: Mapping[str, float]) -> None:
+        self.phase, self.costs = phase, {k: max(float(c), 0.0) for k, c in costs.items()}
+        self.total, self.done, self.done_cost, self.partial = len(costs), 0, 0.0, {}
+        self.phase_start = self.clock()
+
+    def advance(self, key: str, fraction: float, label: str = "") -> None:
+        """Unit ``key`` is ``fraction`` done (it is finished only by :meth:`step`)."""
+        if self.fn is None:
+            return
+        self.partial[key] = max(self.partial.get(key, 0.0), min(max(float(fraction), 0.0), 1.0))
+        self._emit(label)
+
+    def step(self, key: str, label: str = "") -> None:
+        if self.fn is None:
+            return
+        self.partial.pop(key, None)
+        self.done += 1
+        self.done_cost += self.costs.get(key, 0.0)
+        self._emit(label)
+
+    def _emit(self, label: str) -> None:
+        if self.fn is None:
+            return
+        now = self.clock()
+        total = sum(self.costs.values())
+        work = self.done_cost + sum(self.costs.get(k, 0.0) * f for k, f in self.partial.items())
+        eta = None if work <= 0 else (now - self.phase_start) * max(total - work, 0.0) / work
+        fraction = min(work / total, 1.0) if total > 0 else None
+        self.fn(PruneProgress(self.phase, self.done, self.total, label, now - self.start, eta, fraction))  # type: ignore[arg-type]

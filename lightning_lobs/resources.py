@@ -9,7 +9,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .hessian import num_groups, output_rows, weight_columns
+from .layers import describe_layer
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,8 @@ def layer_memory(
 
     ``refit``: whether ``lobs``/``fast`` may refit the kept weights (``SolverOptions.refit`` not False).
     """
-    g = num_groups(module)
-    d = weight_columns(module)
-    rows = output_rows(module)
+    shape = describe_layer(module)
+    g, d, rows = shape.groups, shape.matrix_cols, shape.rows
     hbytes = torch.empty((), dtype=hessian_dtype).element_size()
     sbytes = torch.empty((), dtype=solve_dtype).element_size()
     hessian = g * d * d * hbytes

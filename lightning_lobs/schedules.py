@@ -9,18 +9,25 @@ epoch or step) or a :class:`GradualSchedule` (Zhu & Gupta's cubic ramp).
 
 A function of the epoch is never passed as ``sparsity``: there a callable means a per-layer spec
 ``(name, module) -> fraction``, so the two cannot be confused.
+
+:class:`ScheduleRun` is a schedule being followed: the schedule and the points already pruned at.
+It holds every decision the callback makes about the schedule (is a prune due here and to which
+step, is the rest reachable, what goes into a checkpoint and what a checkpoint restores), so those
+are tested without a ``Trainer``; the callback only carries them out.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 from .checks import as_real, describe
 from .config import SparsitySpec, as_fraction, normalize_sparsity
 from .selection import is_literal
 
-__all__ = ["GradualSchedule", "PruneSchedule", "SparsitySchedule", "Unit"]
+__all__ = ["Due", "GradualSchedule", "PruneSchedule", "ScheduleRun", "SparsitySchedule", "Unit", "schedule_from_args", "steps_per_epoch"]
 
 Unit = Literal["epoch", "step"]
 
@@ -185,6 +192,12 @@ class PruneSchedule:
         table = ", ".join(f"{p}: {describe_spec(s)}" for p, s in zip(self.points, self.sparsities))
         return f"{type(self).__name__}({self.unit}s {{{table}}})"
 
+    def key_fields(self) -> Dict[str, Any]:
+        """The schedule in a derived ``state_key``: its sparsities and points (one value each for a single point)."""
+        specs = [describe_spec(s) for s in self.sparsities]
+        points: Any = list(self.points) if len(self.points) > 1 else self.points[0]
+        return {"sparsity": specs if len(specs) > 1 else specs[0], f"prune_{self.unit}": points}
+
     def sparsity_at(self, point: int) -> SparsitySpec:
         """The spec to prune to at ``point`` (a scheduled point; anything else is a ``KeyError``)."""
         if point not in self.points:
@@ -301,6 +314,118 @@ class PruneSchedule:
 
 
 SparsityValue = Union[float, Dict[str, float]]
+
+
+def schedule_from_args(
+    sparsity: Any, prune_epoch: Any, prune_step: Any, schedule: Any, *, sparsity_given: bool, uniform: bool
+) -> PruneSchedule:
+    """The schedule ``LOBSPruning``'s arguments describe: ``schedule`` itself, or one built from the lists.
+
+    ``sparsity_given``: ``sparsity`` is not the constructor's default (so it conflicts with ``schedule``).
+    ``uniform``: every float is every layer's target (a uniform allocation without an N:M pattern), so
+    a later mapping is also checked against the earlier floats.
+    """
+    if schedule is not None:
+        if not isinstance(schedule, PruneSchedule):
+            raise ValueError(
+                f"schedule must be a PruneSchedule, e.g. GradualSchedule(initial=0.0, final=0.9, start=0, end=10) or "
+                f"SparsitySchedule(lambda epoch: ..., points=range(0, 10, 2)), got {describe(schedule)}."
+            )
+        given = [n for n, v in (("prune_epoch", prune_epoch), ("prune_step", prune_step)) if v is not None]
+        if sparsity_given:
+            given.insert(0, "sparsity")
+        if given:
+            raise ValueError(
+                f"give schedule or {' / '.join(given)}, not both: the schedule sets the prune points and their "
+                f"sparsities (got schedule={schedule!r})."
+            )
+    else:
+        if isinstance(sparsity, PruneSchedule):
+            raise ValueError(
+                f"sparsity={sparsity!r} is a schedule: pass it as LOBSPruning(schedule=...); sparsity takes a "
+                "fraction, a {'pattern': fraction} mapping, a per-layer (name, module) -> fraction callable or a list of these."
+            )
+        if prune_epoch is not None and prune_step is not None:
+            raise ValueError(
+                f"give prune_epoch or prune_step, not both (got prune_epoch={prune_epoch!r}, prune_step={prune_step!r})."
+            )
+        value = prune_step if prune_step is not None else prune_epoch
+        schedule = PruneSchedule(0 if value is None else value, sparsity, "step" if prune_step is not None else "epoch")
+    if uniform:
+        check_not_decreasing(list(schedule.sparsities), uniform=True, labels=schedule.labels)
+    return schedule
+
+
+@dataclass(frozen=True)
+class Due:
+    """A prune due now: to the schedule's ``sparsities[index]``, planned at ``point``.
+
+    ``passed``: earlier points passed over (a resume with a changed schedule); the prune at ``point``
+    subsumes them, so they count as done with it.
+    """
+
+    index: int
+    point: int
+    passed: Tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduleRun:
+    """A schedule being followed: ``schedule`` and the points already pruned at (``done``, in pruning order).
+
+    Immutable: :meth:`with_done` and :meth:`from_state` return a new run, so a caller undoes a failed
+    prune by keeping the run it had.
+    """
+
+    schedule: PruneSchedule
+    done: Tuple[int, ...] = ()
+
+    @property
+    def unit(self) -> Unit:
+        return self.schedule.unit
+
+    def pending(self) -> List[int]:
+        """The points not yet pruned at."""
+        return self.schedule.pending(self.done)
+
+    def due(self, point: int) -> Optional[Due]:
+        """The prune due when training is at ``point`` (this epoch's start, or before this global step), if any."""
+        points = self.schedule.due(point, self.done)
+        if not points:
+            return None
+        return Due(self.schedule.points.index(points[-1]), points[-1], tuple(points[:-1]))
+
+    def with_done(self, *points: int) -> "ScheduleRun":
+        """This run with ``points`` pruned at too."""
+        return replace(self, done=self.done + tuple(points))
+
+    def check_reachable(
+        self, max_epochs: Optional[int] = None, max_steps: Optional[int] = None, steps_per_epoch: Optional[int] = None
+    ) -> None:
+        """Refuse a pending point that training ends before (see :meth:`PruneSchedule.check_reachable`)."""
+        self.schedule.check_reachable(self.done, max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+
+    def to_state(self) -> Dict[str, Any]:
+        """The checkpoint form: ``{"pruned_epochs": [...], "schedule": [...]}`` (``pruned_steps`` for steps)."""
+        return {f"pruned_{self.unit}s": list(self.done), "schedule": self.schedule.state_dict()}
+
+    def from_state(self, state: Mapping[str, Any]) -> "ScheduleRun":
+        """The run a checkpoint's ``state`` resumes, once the points it ran are checked against this schedule.
+
+        A state without ``"schedule"`` (written before schedules were saved) is taken as is.
+        """
+        done = {u: [int(p) for p in state.get(f"pruned_{u}s", [])] for u in ("epoch", "step")}
+        saved = state.get("schedule")
+        if saved is not None:
+            self.schedule.check_resume(list(saved), done)
+        return replace(self, done=tuple(done[self.unit]))
+
+
+def steps_per_epoch(batches: float, accumulate_grad_batches: int) -> Optional[int]:
+    """Optimizer steps in an epoch of ``batches`` batches, or None while that is unknown (infinite or 0)."""
+    if not math.isfinite(batches) or batches <= 0:
+        return None
+    return math.ceil(batches / max(1, accumulate_grad_batches))  # the last partial window steps too
 
 
 class SparsitySchedule(PruneSchedule):

@@ -18,16 +18,19 @@ import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from . import attention as _attention
-from .hessian import is_hf_conv1d, is_supported, weight_columns
 from .config import NMPattern, SparsitySpec, as_fraction, normalize_sparsity
+from .layers import is_prunable, pattern_problem, weight_refusal, why_not_prunable
 from .masks import MaskSet
+
+# The old name, imported from here by callers of ``select_layers`` (the lead removes it after the merge).
+is_supported = is_prunable
 
 if TYPE_CHECKING:
     from .config import PruneOptions
@@ -60,14 +63,6 @@ def _users(model: nn.Module) -> Dict[int, List[str]]:
     return users
 
 
-def _has_weight_hook(module: nn.Module) -> Optional[str]:
-    """The name of an old-style hook (``weight_norm``/``spectral_norm``) that recomputes ``weight``, if any."""
-    for hook in list(module._forward_pre_hooks.values()):
-        if getattr(hook, "name", None) == "weight" and type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
-            return type(hook).__name__
-    return None
-
-
 def unprunable_reason(
     name: str, module: nn.Module, parent: Optional[nn.Module], users: Mapping[int, List[str]]
 ) -> Tuple[str, bool]:
@@ -76,7 +71,6 @@ def unprunable_reason(
     A refusal (a computed weight: zeros written to it would not hold) is an error even under a float
     sparsity; the other reasons leave the module dense with a warning.
     """
-    kind = type(module).__name__
     if isinstance(module, nn.MultiheadAttention):
         why = _attention.attention_reason(module)
         return (why, True) if why else (_attention.whole_module_reason(name), False)
@@ -86,33 +80,13 @@ def unprunable_reason(
         why = _attention.attention_reason(parent)
         if why:
             return why, True
-    if not is_supported(module):
-        return f"{kind} layers are not supported (only nn.Linear, nn.Conv1d/2d/3d and transformers Conv1D)", False
-    if parametrize.is_parametrized(module, "weight"):
-        names = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
-        return (
-            f"its weight is computed by a parametrization ({names}), so zeros written to it would not hold; "
-            f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(model.{name}, 'weight')) or exclude "
-            "the layer"
-        ), True
-    hook = _has_weight_hook(module)
-    if hook is not None or not isinstance(module._parameters.get("weight"), nn.Parameter):
-        how = f"an old-style {hook} hook" if hook else "code outside the module"
-        fix = "torch.nn.utils.remove_weight_norm / remove_spectral_norm" if hook else "making it a plain Parameter"
-        return (
-            f"its weight is recomputed by {how} on every call, so zeros written to it would not hold; prune it "
-            f"after {fix}, or exclude the layer"
-        ), True
-    holders = users.get(id(module.weight), [])
-    others = [u for u in holders if u != _key(name, "weight")]
-    if others:
-        return (
-            f"its weight Parameter is shared with {', '.join(others)} (tied weights): one mask solved for this "
-            "layer's inputs would also change the other users; exclude it or untie the weights"
-        ), False
-    if weight_columns(module) < 1 or module.weight.numel() == 0:
-        return "its weight is empty", False
-    return "", False
+    weight = module._parameters.get("weight")
+    holders = users.get(id(weight), []) if weight is not None else []
+    tied_to = [u for u in holders if u != _key(name, "weight")]
+    reason = why_not_prunable(module, name, tied_to)
+    if reason is None:
+        return "", False
+    return reason, is_prunable(module) and weight_refusal(module, name) is not None
 
 
 def _weight_bearing(module: nn.Module) -> bool:
@@ -142,70 +116,18 @@ def select_layers(
     them exactly.
     """
     sparsity = normalize_sparsity(sparsity)
-    inner = {id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()}
-    named = [
-        (n, m)
-        for n, m in model.named_modules()
-        if (n or is_supported(m) or _weight_bearing(m))  # the model itself only when it is a layer
-        and not isinstance(m, parametrize.ParametrizationList)
-        and not (m._parameters and all(id(p) in inner for p in m._parameters.values() if p is not None))
-    ]
-    # Attention modules are pruned through their projections: the module itself is never "skipped".
-    attentions = {n for n, m in named if isinstance(m, nn.MultiheadAttention) and not _attention.attention_reason(m)}
-    projections = _attention.projections(model)
-    named = [
-        item for n, m in named
-        for item in [(n, m)] + [(p, q) for p, q in projections.items() if q.attention == n and n in attentions]
-    ]
+    named, attentions, projections = _candidates(model)
     modules = dict(named)
     users = _users(model)
     parents = {n: modules.get(n.rpartition(".")[0]) for n in modules}
-    verdicts = {n: unprunable_reason(n, m, parents[n], users) for n, m in named if is_supported(m) or _weight_bearing(m)}
+    verdicts = {n: unprunable_reason(n, m, parents[n], users) for n, m in named if is_prunable(m) or _weight_bearing(m)}
     reasons = {n: why for n, (why, _) in verdicts.items()}
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    for pat in exclude:
-        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
-            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
-    excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
-    excluded |= {p for p, q in projections.items() if q.attention in excluded}  # excluding an attention excludes all of it
-    excluded |= {f"{a}.out_proj" if a else "out_proj" for a in attentions & excluded}
+    excluded = _excluded(named, exclude, projections, attentions)
     chosen: Dict[str, float] = {}
     covered: List[str] = []  # unprunable modules the spec would have covered
     explicit: set = set()
     if isinstance(sparsity, Mapping):
-        # Exact names first, so a layer named exactly gets its own value whatever wildcard precedes it;
-        # among wildcards the first match wins.
-        ordered = sorted(sparsity.items(), key=lambda kv: not is_literal(kv[0]))
-        wins: Dict[str, List[str]] = {}
-        for pat, value in ordered:
-            hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat)]
-            if not hits:
-                raise ValueError(f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
-            ok = [n for n in hits if n in reasons and not reasons[n]]
-            if not ok:
-                n = next((h for h in hits if h in reasons), hits[0])
-                why = reasons.get(n) or f"{type(modules[n]).__name__} holds no weight matrix"
-                raise ValueError(f"module '{n}' ({type(modules[n]).__name__}) cannot be pruned: {why}.")
-            if is_literal(pat):
-                explicit.add(pat)
-            covered += [n for n in hits if reasons.get(n)]
-            wins[pat] = [n for n in ok if n not in chosen]
-            for n in ok:
-                chosen.setdefault(n, value)
-        idle = {pat: sorted({n for n in chosen if fnmatch.fnmatchcase(n, pat)}) for pat, won in wins.items() if not won}
-        if idle and warn:
-            listed = "; ".join(
-                f"{pat!r} (its layers {', '.join(names)} take {', '.join(sorted({repr(chosen[n]) for n in names}))} from "
-                "an exact name or an earlier pattern)"
-                for pat, names in idle.items()
-            )
-            warnings.warn(
-                f"sparsity pattern(s) that set no layer: {listed}. An exactly named layer beats every wildcard, and "
-                "among wildcards the first match wins; reorder the mapping or drop the pattern.",
-                UserWarning,
-                stacklevel=3,
-            )
+        chosen, covered, explicit = _choose_by_mapping(sparsity, named, reasons, warn)
     elif callable(sparsity):
         for n, m in named:
             if n in reasons and not reasons[n]:
@@ -223,12 +145,112 @@ def select_layers(
     refused = {n: why for n, why in skipped.items() if verdicts[n][1]}
     if refused:  # zeros written to a computed weight would not hold: never leave that to a warning
         raise ValueError(f"cannot prune as asked: {_format(refused)}.")
+    targets = _targets(chosen, excluded, explicit, modules, pattern, skipped)
+    if warn:
+        warn_skipped(skipped)
+    _check_some_selected(targets, chosen, excluded, skipped)
+    return Selection(targets, skipped, explicit)
+
+
+def _candidates(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], set, Dict[str, _attention.AttentionProjection]]:
+    """The modules a spec can name (attention projections right after their attention), the prunable attention
+    modules' names, and their projections."""
+    inner = {id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()}
+    named = [
+        (n, m)
+        for n, m in model.named_modules()
+        if (n or is_prunable(m) or _weight_bearing(m))  # the model itself only when it is a layer
+        and not isinstance(m, parametrize.ParametrizationList)
+        and not (m._parameters and all(id(p) in inner for p in m._parameters.values() if p is not None))
+    ]
+    # Attention modules are pruned through their projections: the module itself is never "skipped".
+    attentions = {n for n, m in named if isinstance(m, nn.MultiheadAttention) and not _attention.attention_reason(m)}
+    projections = _attention.projections(model)
+    named = [
+        item for n, m in named
+        for item in [(n, m)] + [(p, q) for p, q in projections.items() if q.attention == n and n in attentions]
+    ]
+    return named, attentions, projections
+
+
+def _excluded(
+    named: Sequence[Tuple[str, nn.Module]],
+    exclude: Sequence[str],
+    projections: Mapping[str, _attention.AttentionProjection],
+    attentions: set,
+) -> set:
+    """Names the ``exclude`` patterns remove (an excluded attention takes its projections along); a pattern that
+    matches nothing is an error."""
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    for pat in exclude:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+    excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    excluded |= {p for p, q in projections.items() if q.attention in excluded}  # excluding an attention excludes all of it
+    excluded |= {f"{a}.out_proj" if a else "out_proj" for a in attentions & excluded}
+    return excluded
+
+
+def _choose_by_mapping(
+    sparsity: Mapping[str, float], named: Sequence[Tuple[str, nn.Module]], reasons: Mapping[str, str], warn: bool
+) -> Tuple[Dict[str, float], List[str], set]:
+    """A mapping spec's ``(chosen, covered, explicit)``: targets by layer, the unprunable modules it names, and its
+    exact names. Exact names first, so a layer named exactly gets its own value whatever wildcard precedes it;
+    among wildcards the first match wins. Warns (``warn``) about patterns that set no layer."""
+    modules = dict(named)
+    chosen: Dict[str, float] = {}
+    covered: List[str] = []
+    explicit: set = set()
+    ordered = sorted(sparsity.items(), key=lambda kv: not is_literal(kv[0]))
+    wins: Dict[str, List[str]] = {}
+    for pat, value in ordered:
+        hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+        ok = [n for n in hits if n in reasons and not reasons[n]]
+        if not ok:
+            n = next((h for h in hits if h in reasons), hits[0])
+            why = reasons.get(n) or f"{type(modules[n]).__name__} holds no weight matrix"
+            raise ValueError(f"module '{n}' ({type(modules[n]).__name__}) cannot be pruned: {why}.")
+        if is_literal(pat):
+            explicit.add(pat)
+        covered += [n for n in hits if reasons.get(n)]
+        wins[pat] = [n for n in ok if n not in chosen]
+        for n in ok:
+            chosen.setdefault(n, value)
+    idle = {pat: sorted({n for n in chosen if fnmatch.fnmatchcase(n, pat)}) for pat, won in wins.items() if not won}
+    if idle and warn:
+        listed = "; ".join(
+            f"{pat!r} (its layers {', '.join(names)} take {', '.join(sorted({repr(chosen[n]) for n in names}))} from "
+            "an exact name or an earlier pattern)"
+            for pat, names in idle.items()
+        )
+        warnings.warn(
+            f"sparsity pattern(s) that set no layer: {listed}. An exactly named layer beats every wildcard, and "
+            "among wildcards the first match wins; reorder the mapping or drop the pattern.",
+            UserWarning,
+            stacklevel=4,  # select_layers' caller's caller, as before this moved out of select_layers
+        )
+    return chosen, covered, explicit
+
+
+def _targets(
+    chosen: Mapping[str, float],
+    excluded: set,
+    explicit: set,
+    modules: Mapping[str, nn.Module],
+    pattern: Optional[NMPattern],
+    skipped: Dict[str, str],
+) -> Dict[str, float]:
+    """The chosen layers' targets, less the excluded and the 0 ones; with an N:M ``pattern`` the pattern's sparsity,
+    and a layer that cannot hold it is an error when named exactly, else added to ``skipped``."""
     targets: Dict[str, float] = {}
     for n, value in chosen.items():
         if n in excluded or value == 0.0:
             continue
         if pattern is not None:
-            reason = _pattern_problem(modules[n], pattern)
+            reason = pattern_problem(modules[n], pattern)
             if reason:
                 if n in explicit:
                     raise ValueError(f"layer '{n}' cannot hold pattern '{pattern}': {reason}.")
@@ -236,8 +258,13 @@ def select_layers(
                 continue
             value = pattern.sparsity
         targets[n] = value
-    if warn:
-        warn_skipped(skipped)
+    return targets
+
+
+def _check_some_selected(
+    targets: Mapping[str, float], chosen: Mapping[str, float], excluded: set, skipped: Mapping[str, str]
+) -> None:
+    """``ValueError`` when the spec selects no layer to prune, saying whether it was a 0 sparsity."""
     if not targets and chosen and all(v == 0.0 for n, v in chosen.items() if n not in excluded):
         raise ValueError(
             "sparsity 0 prunes nothing: every selected layer's target is 0.0, so there is no layer to prune. Give a "
@@ -249,7 +276,6 @@ def select_layers(
             "sparsity spec (or all were excluded)."
             + (f" Left alone: {_format(skipped)}" if skipped else "")
         )
-    return Selection(targets, skipped, explicit)
 
 
 def is_literal(pattern: str) -> bool:
@@ -268,18 +294,8 @@ def warn_skipped(skipped: Mapping[str, str], what: str = "not pruned (left dense
 
 
 def _example_names(named: Sequence[Tuple[str, nn.Module]]) -> str:
-    names = [n for n, m in named if is_supported(m)][:4] or [n for n, _ in named][:4]
+    names = [n for n, m in named if is_prunable(m)][:4] or [n for n, _ in named][:4]
     return ", ".join(repr(n) for n in names) or "(none)"
-
-
-def _pattern_problem(module: nn.Module, pattern: NMPattern) -> str:
-    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
-        cols = weight_columns(module) - (module.bias is not None)
-    else:
-        cols = module.in_channels // module.groups
-    if cols % pattern.m:
-        return f"its {cols} input channels are not a multiple of {pattern.m}"
-    return ""
 
 
 def check_prior_masks(
@@ -291,7 +307,7 @@ def check_prior_masks(
     new target ends at its prior sparsity (the report shows that sparsity beside the target).
     With a global allocation the comparison is over all selected layers together.
     """
-    shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
+    shapes = {n: tuple(cast(torch.Tensor, m.weight).shape) for n, m in modules.items()}
     bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
     if bad:
         listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())

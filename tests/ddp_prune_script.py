@@ -24,21 +24,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import lightning_lobs.pruner as _pruner  # noqa: E402
+import lightning_lobs.engine.calibrate as _calibrate_mod  # noqa: E402
+import lightning_lobs.engine.solve as _solve_mod  # noqa: E402
 from lightning_lobs import LOBSPruning  # noqa: E402
+from lightning_lobs.config import PruneOptions  # noqa: E402
+from lightning_lobs.distributed import RankInfo  # noqa: E402
+from lightning_lobs.engine import prune  # noqa: E402
 
 N_SAMPLES = 256
 BATCH = 32
@@ -48,8 +48,8 @@ CALIBRATION_BATCHES = 4  # = 256 / 2 ranks / 32: each rank's whole DistributedSa
 # Installed at import in the script and in ddp_spawn workers (which re-import this file as __mp_main__).
 
 SPY: Dict[str, Any] = {"hessians": {}, "positions": {}, "solved": []}
-_orig_calibrate = _pruner._calibrate
-_orig_solve_one = _pruner._solve_one
+_orig_calibrate = _calibrate_mod.collect_hessians
+_orig_solve_one = _solve_mod.solve_one
 
 
 def _spy_calibrate(*args: Any, **kwargs: Any):
@@ -68,8 +68,8 @@ def _spy_solve_one(layer: Any, *args: Any, **kwargs: Any):
 
 def install_spies() -> None:
     """Wrap the engine's calibration and solve steps (only in the DDP processes, never on import by tests)."""
-    _pruner._calibrate = _spy_calibrate
-    _pruner._solve_one = _spy_solve_one
+    _calibrate_mod.collect_hessians = _spy_calibrate
+    _solve_mod.solve_one = _spy_solve_one
 
 
 if __name__ in ("__main__", "__mp_main__"):  # the launched script, or a ddp_spawn worker re-importing it
@@ -177,7 +177,7 @@ class RecordingLOBS(LOBSPruning):
             solved=list(SPY["solved"]),
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            rank_info=(_pruner.RankInfo.current().rank, _pruner.RankInfo.current().world_size),
+            rank_info=(RankInfo.current().rank, RankInfo.current().world_size),
             strategy=type(trainer.strategy).__name__,
         )
         return report
@@ -255,7 +255,7 @@ def raw_batches() -> List[torch.Tensor]:
 
 def run_raw(out: str, method: str) -> None:
     """``prune`` called directly with ``RankInfo.current()`` (no Trainer) on uneven per-rank batches."""
-    info = _pruner.RankInfo.current()
+    info = RankInfo.current()
     assert info.world_size == 2, "run_raw needs the process group of an earlier DDP fit"
     for key in ("hessians", "positions", "solved"):
         SPY[key].clear()
@@ -265,7 +265,7 @@ def run_raw(out: str, method: str) -> None:
         model(raw_batches()[info.rank] * (1 + info.rank))
     dense = _clone(model.state_dict())
     mine = raw_batches()[:1] if info.rank == 0 else raw_batches()[1:]
-    report = _pruner.prune(model, mine, _pruner.PruneOptions(sparsity=0.6, method=method, prune_head=True), rank=info)
+    report = prune(model, mine, PruneOptions(sparsity=0.6, method=method, prune_head=True), rank=info)
     record = dict(
         dense=dense,
         pruned=_clone(model.state_dict()),

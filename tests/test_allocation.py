@@ -18,8 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.allocation as alloc_mod
+import lightning_lobs.engine.allocate as engine_allocate
 from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
-from lightning_lobs.allocation import split_budget
+from lightning_lobs.allocation import allocate_global, split_budget
 from lightning_lobs.config import resolve_allocation
 from lightning_lobs.solvers import error_curve, output_energy, solve_layer
 
@@ -387,10 +388,10 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
 def test_exact_and_curve_layers_mix_in_one_model(monkeypatch):
     """``auto`` with a lowered threshold mixes methods: exact layers' trace curves and a fast layer's
     measured curve share one split that removes exactly the budget."""
-    import lightning_lobs.pruner as pruner_mod
+    import lightning_lobs.engine.plan as plan_mod
 
     # rows * d^3: fcs.0 = 24 * 11^3 = 31,944, fcs.1 = 16 * 25^3 = 250,000, fcs.2 = 6 * 17^3 = 29,478
-    monkeypatch.setattr(pruner_mod, "AUTO_EXACT_MAX_COST", 1e5)
+    monkeypatch.setattr(plan_mod, "AUTO_EXACT_MAX_COST", 1e5)
     model = _MLP([10, 24, 16, 6], seed=2)
     x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
     rep = prune_model(model, _loader(x), 0.6, "auto", solver=S64, prune_head=True)
@@ -484,14 +485,14 @@ def test_allocation_is_invariant_to_rescaling_between_layers(method, costs, monk
     assert all(abs(base[n] - big[n]) <= 1 for n in base), (base, big)
     # The same check with the normalisation removed sees a different split: the test can fail.
     if costs == "curve" and method != "exact":
-        real = alloc_mod.error_curve
+        real = engine_allocate.error_curve
 
         def absolute(weight, hessian, sparsities, *, bias=None, **kw):
             return real(weight, hessian, sparsities, bias=bias, **kw) * output_energy(weight.double(), hessian, bias=None if bias is None else bias.double())
 
-        monkeypatch.setattr(alloc_mod, "error_curve", absolute)
+        monkeypatch.setattr(engine_allocate, "error_curve", absolute)
     else:
-        monkeypatch.setattr(alloc_mod, "output_energy", lambda *a, **k: 1.0)
+        monkeypatch.setattr(engine_allocate, "output_energy", lambda *a, **k: 1.0)
     b2 = _targets(prune_model(_Scaled(1.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
     g2 = _targets(prune_model(_Scaled(100.0), _loader(x), 0.5, method, allocation=cfg, solver=S64, prune_head=True))
     assert g2["a"] < b2["a"] - 20, (b2, g2)  # unnormalised, the scaled-up layer looks expensive and is spared
@@ -575,3 +576,45 @@ def test_second_step_keeps_earlier_masks_and_meets_the_budget(method):
             assert bool(((m.weight == 0) | ~zero1[n]).all()), n  # every earlier zero is still zero
             assert second.layers[n].target_sparsity >= first.layers[n].target_sparsity
             assert bool(((m.weight != 0).sum(1) >= 1).all())
+
+
+# --------------------------------------------------------------------------- allocate_global: pooled per-weight costs
+
+
+def test_allocate_global_is_the_cheapest_pooled_set():
+    g = torch.Generator().manual_seed(67)
+    costs = {"a": torch.rand(4, 5, generator=g), "b": torch.rand(3, 2, generator=g) * 0.3, "c": torch.rand(10, generator=g) * 3}
+    N = sum(c.numel() for c in costs.values())
+    for s in (0.0, 0.2, 0.5, 0.77, 0.9):
+        got = allocate_global(costs, s)
+        k = round(s * N)
+        # brute force: every layer keeps its most expensive weight; the k cheapest of the rest go
+        pool = sorted((float(v), n) for n, c in costs.items() for v in c.reshape(-1).sort().values[:-1])
+        for n, c in costs.items():
+            expect = sum(1 for _, m in pool[:k] if m == n)
+            assert round(got[n] * c.numel()) == expect, (s, n)
+        assert sum(round(got[n] * c.numel()) for n, c in costs.items()) == k
+
+
+def test_allocate_global_forced_first_and_never_a_whole_layer():
+    costs = {"a": torch.zeros(2, 3), "b": torch.ones(4, 4)}
+    got = allocate_global(costs, 0.4)  # 9 of 22: a would lose all 6, keeps 1; b takes the rest
+    assert round(got["a"] * 6) == 5 and round(got["b"] * 16) == 4
+    keep_b = torch.ones(4, 4, dtype=torch.bool)
+    keep_b[0] = False  # 4 already pruned in b
+    got = allocate_global(costs, 0.3, {"b": keep_b})
+    assert round(got["b"] * 16) >= 4 and round(got["a"] * 6) + round(got["b"] * 16) == round(0.3 * 22)
+    with pytest.raises(ValueError, match="sparsity"):
+        allocate_global(costs, 1.0)
+    with pytest.raises(ValueError, match="costs"):
+        allocate_global({"a": torch.tensor([1.0, float("nan")])}, 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        allocate_global({}, 0.5)
+
+
+def test_allocate_global_old_path_warns_naming_the_new_one():
+    import lightning_lobs.solvers as solvers
+
+    with pytest.warns(DeprecationWarning, match="lightning_lobs.allocation.allocate_global"):
+        old = solvers.allocate_global
+    assert old is allocate_global

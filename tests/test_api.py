@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_lobs.pruner as pruner_mod
-from lightning_lobs import CalibrationOptions, MaskSet, PruneReport, SolverOptions, prune_model
+import lightning_lobs.engine.solve as solve_mod
 from helpers import hook_counts
+from lightning_lobs import CalibrationOptions, MaskSet, PruneReport, SolverOptions, prune_model
 
 METHODS = ("lobs", "exact", "fast", "auto")
 
@@ -494,7 +494,7 @@ def test_failure_mid_pruning_restores_everything(monkeypatch, mlp_loader, cnn_lo
     model.train()
     model[0].eval()  # mixed modes must come back as they were
     before, before_modes = snapshot(model), modes(model)
-    real = pruner_mod.solve_layer
+    real = solve_mod.solve_layer
     calls = []
 
     def failing(*args, **kwargs):
@@ -503,7 +503,7 @@ def test_failure_mid_pruning_restores_everything(monkeypatch, mlp_loader, cnn_lo
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pruner_mod, "solve_layer", failing)
+    monkeypatch.setattr(solve_mod, "solve_layer", failing)
     masks = MaskSet()
     with pytest.raises(RuntimeError, match="injected failure"):
         prune_model(model, loader, 0.5, "fast", sequential=sequential, masks=masks, prune_head=True)
@@ -511,7 +511,7 @@ def test_failure_mid_pruning_restores_everything(monkeypatch, mlp_loader, cnn_lo
     _check_untouched(model, before, before_modes)
     assert len(masks) == 0  # no half-written masks
     # and the model is still prunable afterwards
-    monkeypatch.setattr(pruner_mod, "solve_layer", real)
+    monkeypatch.setattr(solve_mod, "solve_layer", real)
     report = prune_model(model, loader, 0.5, "fast", sequential=sequential, prune_head=True)
     assert report.sparsity == pytest.approx(0.5, abs=1e-3)
 
@@ -747,7 +747,7 @@ def test_batches_are_moved_through_containers_and_dataclasses():
     import collections
     import dataclasses
 
-    from lightning_lobs.pruner import _move
+    from lightning_lobs.engine.forward import move_batch as _move
 
     Pair = collections.namedtuple("Pair", "x y")
 

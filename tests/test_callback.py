@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_lobs import LOBSPruning, prune_model
 from helpers import hook_counts
+from lightning_helpers import LAYERS, BothCallback, lit_mlp, make_trainer, numel, zeros
+from lightning_lobs import LOBSPruning, prune_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -25,9 +26,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*your dataloader is not resumable.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
 ]
-
-from lightning_helpers import LAYERS, BothCallback, lit_mlp, make_trainer, ns, numel, zeros  # noqa: F401 - ns is a fixture
-
 
 # --------------------------------------------------------------------------- model, data, helpers
 
@@ -259,6 +257,17 @@ def test_identical_instances_are_refused_naming_state_key(ns):
     named = [LOBSPruning(sparsity=0.5, state_key="x", prune_head=True), LOBSPruning(sparsity={"net.0": 0.5}, state_key="x", prune_head=True)]
     with pytest.raises(ValueError, match=r"same state_key \"LOBSPruning\{'state_key': 'x'\}\""):
         trainer(1, named, ns=ns)
+
+
+def test_a_callback_pickled_with_the_schedule_as_lists_still_unpickles():
+    """0.2.0 pickled the schedule's lists (prune_points, sparsities, unit, pruned_points) as attributes."""
+    lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[1, 2], prune_head=True)
+    old = {k: v for k, v in lobs.__getstate__().items() if k != "_run"}
+    old.update(prune_points=[1, 2], sparsities=[0.5, 0.8], unit="epoch", pruned_points=[1])
+    copy = LOBSPruning.__new__(LOBSPruning)
+    copy.__setstate__(old)
+    assert copy.pruned_epochs == [1] and copy.prune_epochs == [1, 2] and copy.state_key == lobs.state_key
+    assert copy.state_dict()["pruned_epochs"] == [1] and not {"pruned_points", "unit"} & set(vars(copy))
 
 
 def test_restored_pruned_epochs_block_a_second_prune():

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_lobs.allocation as allocation_mod
-import lightning_lobs.solvers as solvers_mod
+import lightning_lobs.engine.allocate as allocation_mod
+import lightning_lobs.solvers.core as solvers_core  # the constants the kernels read at call time
 from lightning_lobs import prune_model
 from lightning_lobs.config import PruneProgress
-from lightning_lobs.pruner import _Progress
+from lightning_lobs.progress import PhaseProgress
 from lightning_lobs.solvers import SolverOptions, error_curve, greedy_trace, solve_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +46,7 @@ def _check_fractions(fractions: List[float]) -> None:
 
 
 def test_greedy_trace_ticks_at_least_once_per_flop_budget(monkeypatch):
-    monkeypatch.setattr(solvers_mod, "PROGRESS_TICK_FLOPS", BUDGET)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", BUDGET)
     rows, d = 24, 192
     W, H = _problem(rows, d)
     solver = SolverOptions(dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_greedy_trace_ticks_at_least_once_per_flop_budget(monkeypatch):
 
 @pytest.mark.parametrize("method", ["exact", "fast", "lobs"])
 def test_solve_layer_ticks_inside_the_solve_and_stays_pure(monkeypatch, method):
-    monkeypatch.setattr(solvers_mod, "PROGRESS_TICK_FLOPS", BUDGET)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", BUDGET)
     rows, d = 24, 192
     W, H = _problem(rows, d, seed=1)
     solver = SolverOptions(dtype=torch.float64, block_size=32, refit=True)
@@ -96,7 +96,7 @@ def _loader(d: int, batches: int = 3):
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation):
     """The trace runs in the allocation (global) or in the solve (uniform): either phase reports from inside it."""
-    monkeypatch.setattr(solvers_mod, "PROGRESS_TICK_FLOPS", BUDGET)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", BUDGET)
     rows, d = 48, 192
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, rows, bias=False))
@@ -107,7 +107,7 @@ def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation)
     assert len(inside) >= _trace_work_lower_bound(rows, d) / BUDGET
     assert all(e.layer == "0" and e.fraction is not None and (e.eta is not None or e.fraction == 0) for e in inside)
     assert [e.fraction for e in inside] == sorted(e.fraction for e in inside)
-    assert "L-OBS %s 0/1 0 " % traced in inside[len(inside) // 2].describe() and "%" in inside[-1].describe()
+    assert f"L-OBS {traced} 0/1 0 " in inside[len(inside) // 2].describe() and "%" in inside[-1].describe()
     finished = [e for e in events if e.phase == traced and e.done == 1]
     assert len(finished) == 1 and finished[0].eta == 0.0 and finished[0].fraction == 1.0
     measure = [e for e in events if e.phase == "measure"]
@@ -130,7 +130,7 @@ def test_eta_from_measured_rate_is_within_2x_after_a_tenth_of_the_phase():
         events.append(step)
         truth.append(end - now[0])
 
-    progress = _Progress(record, clock=lambda: now[0])
+    progress = PhaseProgress(record, clock=lambda: now[0])
     progress.begin("solve", costs)
     for key, true in true_costs.items():
         done = 0.0
@@ -192,14 +192,14 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
 
 
 def test_solve_eta_counts_no_work_for_a_layer_the_allocation_left_dense():
-    from lightning_lobs.pruner import _Layer, _solve_work
+    from lightning_lobs.engine.estimates import solve_work
+    from lightning_lobs.engine.plan import layer_plan
 
     m = nn.Linear(576, 64)
-    dense = torch.cat([m.weight, m.bias[:, None]], 1).detach()
     solver = SolverOptions()
 
     def work(target: float, pattern: bool = False) -> float:
-        return _solve_work(_Layer("l", m, target, "exact", None, dense), solver, pattern)
+        return solve_work(layer_plan("l", m, target, "exact", None, None), solver, pattern, has_trace=False)
 
     assert work(0.0) <= 64 * 577  # nothing to solve: the ETA must not wait for a full refit
     assert work(0.5) >= 64 * (577 * 0.5) ** 3 / 3  # the refit of the kept half

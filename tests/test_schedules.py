@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from lightning_helpers import BothCallback, lit_mlp, make_trainer, ns  # noqa: F401 - ns is a fixture
+from lightning_helpers import BothCallback, lit_mlp, make_trainer
 from lightning_lobs import GradualSchedule, LOBSPruning, PruneSchedule, SparsitySchedule
+from lightning_lobs.schedules import Due, ScheduleRun, schedule_from_args, steps_per_epoch
 
 EPS = sys.float_info.epsilon
 
@@ -156,6 +157,63 @@ def test_checkpoint_form_is_the_table_and_resume_checks_the_points_run():
         GradualSchedule(0.0, 0.8, start=0, end=3).check_resume(table, {"epoch": [1]})
 
 
+def test_a_run_says_which_prune_is_due_and_what_it_subsumes():
+    run = ScheduleRun(PruneSchedule([4, 6, 9], [0.3, 0.5, 0.7], unit="step"))
+    assert run.due(3) is None and run.due(4) == Due(index=0, point=4, passed=())
+    later = run.with_done(4)
+    assert run.done == () and later.done == (4,)  # a new run: the old one is what a failed prune rolls back to
+    assert later.due(10) == Due(index=2, point=9, passed=(6,))  # a resume past 6 and 9: 9's step, 6 subsumed
+    assert later.with_done(6, 9).due(10) is None and later.with_done(6, 9).pending() == []
+    epochs = ScheduleRun(PruneSchedule([1, 3], [0.5, 0.7]), done=(1,))
+    assert epochs.due(2) is None and epochs.due(3) == Due(index=1, point=3) and epochs.pending() == [3]
+
+
+def test_a_run_checks_only_its_pending_points_against_the_limits():
+    run = ScheduleRun(PruneSchedule([0, 5], [0.3, 0.5]))
+    with pytest.raises(ValueError, match=r"prune_epoch 5 is beyond the last epoch of training \(max_epochs=3"):
+        run.check_reachable(max_epochs=3)
+    with pytest.raises(ValueError, match=r"prune_epoch 5 is never reached: max_steps=40 .* with 8 steps per epoch"):
+        run.check_reachable(max_epochs=9, max_steps=40, steps_per_epoch=8)
+    ScheduleRun(run.schedule, done=(0, 5)).check_reachable(max_epochs=3, max_steps=1, steps_per_epoch=8)
+
+
+def test_a_runs_checkpoint_form_round_trips_and_refuses_a_changed_schedule():
+    run = ScheduleRun(PruneSchedule([1, 2], [0.5, 0.8])).with_done(1)
+    state = run.to_state()
+    assert state == {"pruned_epochs": [1], "schedule": [{"epoch": 1, "sparsity": 0.5}, {"epoch": 2, "sparsity": 0.8}]}
+    assert list(state) == ["pruned_epochs", "schedule"]  # the order the callback's checkpoints have always had
+    fresh = ScheduleRun(PruneSchedule([1, 2], [0.5, 0.8]))
+    assert fresh.from_state(state).done == (1,) and fresh.done == ()
+    assert fresh.from_state({"pruned_epochs": [1, 2]}).done == (1, 2)  # written before schedules were saved
+    steps = ScheduleRun(PruneSchedule([3], 0.5, unit="step")).with_done(3).to_state()
+    assert steps == {"pruned_steps": [3], "schedule": [{"step": 3, "sparsity": 0.5}]}
+    with pytest.raises(ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1 with \[0.5\]"):
+        ScheduleRun(PruneSchedule([1, 2], [0.6, 0.8])).from_state(state)
+
+
+def test_schedule_from_the_callbacks_arguments():
+    built = schedule_from_args([0.5, 0.8], [1, 2], None, None, sparsity_given=True, uniform=False)
+    assert built.points == (1, 2) and built.unit == "epoch" and built.sparsities == (0.5, 0.8)
+    assert schedule_from_args(0.5, None, [3, 9], None, sparsity_given=True, uniform=False).points == (3, 9)
+    assert schedule_from_args(0.9, None, None, None, sparsity_given=False, uniform=False).points == (0,)
+    g = GradualSchedule(end=4)
+    assert schedule_from_args(0.9, None, None, g, sparsity_given=False, uniform=False) is g
+    with pytest.raises(ValueError, match=r"give schedule or sparsity, not both"):
+        schedule_from_args(0.9, None, None, g, sparsity_given=True, uniform=False)
+    mixed = ([0.7, {"net.0": 0.6}], [1, 2], None, None)
+    schedule_from_args(*mixed, sparsity_given=True, uniform=False)  # a global allocation: net.0's share of 0.7 is unknown
+    with pytest.raises(ValueError, match=r"layer 'net.0' cannot reach sparsity\[1\] = 0.6"):
+        schedule_from_args(*mixed, sparsity_given=True, uniform=True)
+
+
+@pytest.mark.parametrize(
+    "batches, accumulate, want",
+    [(8, 1, 8), (8, 3, 3), (9, 3, 3), (1, 4, 1), (5, 0, 5), (float("inf"), 1, None), (0, 1, None)],
+)
+def test_steps_per_epoch_counts_the_last_partial_window(batches, accumulate, want):
+    assert steps_per_epoch(batches, accumulate) == want
+
+
 # --------------------------------------------------------------------------- LOBSPruning(schedule=...)
 
 
@@ -264,7 +322,7 @@ def test_step_schedule_prunes_before_each_step(ns):
     make_trainer(ns, 2, [cb, StepWatch()]).fit(model)
     assert cb.pruned_steps == [1, 3]
     assert [step for step, _ in seen] == [0, 1, 2, 3]
-    for (step, got), want in zip(seen, (0.0, 0.2, 0.2, 0.6)):
+    for (_step, got), want in zip(seen, (0.0, 0.2, 0.2, 0.6)):
         assert abs(got - want) <= 1.0 / 32, seen  # net.0 is 24x32: whole weights per row
 
 

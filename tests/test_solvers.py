@@ -1,9 +1,11 @@
-"""Tests for lightning_lobs.solvers against brute-force float64 references.
+"""Tests of :func:`lightning_lobs.solvers.solve_layer` against brute-force float64 references.
 
-Every reference below is written independently of the solver code: least-squares fits go
-through ``torch.linalg.lstsq`` on the calibration inputs ``X~`` themselves, the optimum
-mask comes from exhaustive enumeration, and ``lobs``/``fast`` are re-implemented as plain
-Python loops from the algorithm descriptions in the module docstring.
+The references (tests/solver_refs.py) are written independently of the solver code: least-squares fits go
+through ``torch.linalg.lstsq`` on the calibration inputs ``X~`` themselves, the optimum mask comes from
+exhaustive enumeration, and ``lobs``/``fast`` are re-implemented as plain Python loops from the algorithm
+descriptions in the package docstring. The per-row minimum is tested in test_solvers_core.py, the exact
+trace's bookkeeping in test_solvers_exact.py, the allocation's cost curves in test_solvers_costs.py and the
+registry in test_solvers_registry.py.
 """
 
 from __future__ import annotations
@@ -16,260 +18,38 @@ from dataclasses import replace
 import pytest
 import torch
 
-import lightning_lobs.solvers as solvers_mod
+import lightning_lobs.solvers.core as solvers_core
 from lightning_lobs.solvers import (
     METHODS,
     NMPattern,
     SolverOptions,
-    allocate_global,
     damped_hessian,
     greedy_trace,
     layer_error,
     magnitude_mask,
-    obs_scores,
-    output_energy,
     parse_pattern,
     refit,
     solve_layer,
 )
-
-F64 = torch.float64
-#: The references below implement the algorithms without the per-row minimum (tested on its own in section 13).
-OPT64 = SolverOptions(damp=0.0, dtype=F64, min_kept_per_row=0)
-#: The literal lobs / SparseGPT algorithms, without the final least-squares refit of the kept weights.
-LIT64 = replace(OPT64, refit=False)
-EPS = torch.finfo(F64).eps
-#: Safety factor on the forward-error estimate cond(H) * eps * D (see :func:`solve_tol`): the results
-#: compared below go through a few chained factorisations and updates, each adding its own rounding.
-TOL_FACTOR = 100.0
-
-
-# --------------------------------------------------------------------------- data helpers
-
-
-def make_inputs(
-    n: int,
-    d: int,
-    *,
-    seed: int,
-    bias: bool = False,
-    kind: str = "iid",
-    dead: tuple[int, ...] = (),
-) -> torch.Tensor:
-    """Calibration inputs X~ (n, d [+1]) in float64; a trailing ones column when ``bias``.
-
-    kind: "iid" (standard normal), "corr" (X = Z @ A plus a mean offset: correlated,
-    non-centred inputs) or "pm1" (+-1 entries, so that H has exactly representable values).
-    """
-    g = torch.Generator().manual_seed(seed)
-    if kind == "iid":
-        X = torch.randn(n, d, generator=g, dtype=F64)
-    elif kind == "corr":
-        Z = torch.randn(n, d, generator=g, dtype=F64)
-        A = torch.randn(d, d, generator=g, dtype=F64) + 1.5 * torch.ones(d, d, dtype=F64)
-        X = Z @ A + torch.randn(d, generator=g, dtype=F64)
-    elif kind == "pm1":
-        X = torch.randint(0, 2, (n, d), generator=g).to(F64) * 2 - 1
-    else:  # pragma: no cover - test helper misuse
-        raise AssertionError(kind)
-    if dead:
-        X[:, list(dead)] = 0.0
-    if bias:
-        X = torch.cat([X, torch.ones(n, 1, dtype=F64)], dim=1)
-    return X
-
-
-def hess(X: torch.Tensor) -> torch.Tensor:
-    return X.T @ X / X.shape[0]
-
-
-def make_weight(rows: int, D: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(10_000 + seed)
-    return torch.randn(rows, D, generator=g, dtype=F64)
-
-
-def run(
-    Wt: torch.Tensor,
-    H: torch.Tensor,
-    sparsity=None,
-    method: str = "exact",
-    *,
-    bias: bool = False,
-    pattern=None,
-    options: SolverOptions = OPT64,
-):
-    """solve_layer on an augmented weight [W | b]; returns (result, augmented W^, augmented mask)."""
-    if bias:
-        res = solve_layer(Wt[:, :-1], H, sparsity, method, bias=Wt[:, -1], pattern=pattern, solver=options)
-        full = torch.cat([res.weight, res.bias.unsqueeze(1)], dim=1)
-        mask = torch.cat([res.mask, torch.ones(Wt.shape[0], 1, dtype=torch.bool)], dim=1)
-    else:
-        res = solve_layer(Wt, H, sparsity, method, pattern=pattern, solver=options)
-        full, mask = res.weight, res.mask
-    return res, full, mask
-
-
-def ls_fit(Wt: torch.Tensor, X: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmin ||(w^ - w) X~^T||^2 with w^ = 0 off the mask, via lstsq on the kept columns."""
-    out = torch.zeros_like(Wt)
-    for r in range(Wt.shape[0]):
-        K = mask[r].nonzero().flatten()
-        if K.numel() == 0:
-            continue
-        y = X @ Wt[r]
-        out[r, K] = torch.linalg.lstsq(X[:, K], y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    return out
-
-
-def ls_err(Wt: torch.Tensor, What: torch.Tensor, X: torch.Tensor) -> float:
-    """1/(2n) ||(W^ - W) X~^T||_F^2."""
-    return float(((What - Wt) @ X.T).pow(2).sum() / (2 * X.shape[0]))
-
-
-def subset_cost(Wt_row: torch.Tensor, X: torch.Tensor, pruned: frozenset) -> float:
-    """Smallest 1/(2n)||(w^ - w) X~^T||^2 over w^ with w^_q = 0 for q in ``pruned``."""
-    D = X.shape[1]
-    K = [c for c in range(D) if c not in pruned]
-    y = X @ Wt_row
-    if not K:
-        return float(y.pow(2).sum() / (2 * X.shape[0]))
-    sol = torch.linalg.lstsq(X[:, K], y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    return float((X[:, K] @ sol - y).pow(2).sum() / (2 * X.shape[0]))
-
-
-def condition(H: torch.Tensor, damp: float = 0.0) -> float:
-    """Largest 2-norm condition number over the groups of H as the solvers see it: dead inputs'
-    zero diagonals set to 1 and ``damp * mean(diag)`` added (:func:`damped_hessian`'s rule)."""
-    out = 1.0
-    for h in H.reshape(-1, H.shape[-1], H.shape[-1]).double():
-        h = h.clone()
-        diag = torch.diagonal(h)
-        diag[diag <= 0] = 1.0
-        diag += damp * diag.mean()
-        ev = torch.linalg.eigvalsh(h)
-        out = max(out, float(ev[-1] / ev[0]))
-    return out
-
-
-def solve_tol(H: torch.Tensor, damp: float = 0.0) -> float:
-    """Relative tolerance for two float64 routes to the same solve with H.
-
-    A backward-stable solve has relative forward error about cond(H) * eps * D (Higham, ch. 7);
-    how close two routes land depends on the BLAS build and thread count, so bare tolerances
-    such as 1e-10 fail on some machines while this one follows the problem.
-    """
-    return TOL_FACTOR * condition(H, damp) * EPS * H.shape[-1]
-
-
-def assert_close(a, b, H=None, *, damp=0.0, scale=None, rtol=None, atol=None, msg=""):
-    """``a == b`` to a tolerance derived from H (relative ``solve_tol(H)``, absolute that times
-    ``scale``: by default the largest magnitude compared; give the inputs' magnitude where the
-    expected value is 0), or to explicit ``rtol``/``atol`` (float32 results, exact identities)."""
-    a, b = torch.as_tensor(a, dtype=F64), torch.as_tensor(b, dtype=F64)
-    if rtol is None or atol is None:
-        if H is None:
-            raise TypeError("assert_close needs H (a tolerance derived from the problem) or explicit rtol and atol")
-        r = solve_tol(H, damp)
-        if scale is None:
-            scale = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0)
-        rtol = r if rtol is None else rtol
-        atol = r * scale if atol is None else atol
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=msg or None)
-
-
-def pruned_count(mask: torch.Tensor) -> int:
-    return int((~mask).sum())
-
-
-# --------------------------------------------------------------------------- independent references
-
-
-def ref_damped(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + damp * mean(diag H) * I (no dead inputs in the data this is used with)."""
-    return H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-
-
-def lobs_reference(Wt, H, k=None, frozen=0, damp=0.0, pattern=None):
-    """The L-OBS rule as written in the module docstring, one weight at a time.
-
-    H may be (D, D) or (groups, D, D) (rows split into contiguous groups).
-    """
-    rows, D = Wt.shape
-    Hs = H if H.dim() == 3 else H.unsqueeze(0)
-    per = rows // Hs.shape[0]
-    Hinvs = [torch.linalg.inv(ref_damped(h, damp)) for h in Hs]
-    dp = D - frozen
-    L = {}
-    for r in range(rows):
-        Hinv = Hinvs[r // per]
-        for q in range(dp):
-            L[(r, q)] = float(Wt[r, q] ** 2 / (2 * Hinv[q, q]))
-    if pattern is None:
-        chosen = sorted(L, key=L.get)[:k]
-    else:
-        n, m = pattern
-        chosen = []
-        for r in range(rows):
-            for g0 in range(0, dp, m):
-                grp = sorted(range(g0, g0 + m), key=lambda q: L[(r, q)])
-                chosen += [(r, q) for q in grp[: m - n]]
-    W = Wt.clone()
-    for r, q in sorted(chosen, key=L.get):  # ascending L_q, layer-wide
-        Hinv = Hinvs[r // per]
-        W[r] -= (W[r, q] / Hinv[q, q]) * Hinv[q]
-    mask = torch.ones(rows, D, dtype=torch.bool)
-    for r, q in chosen:
-        mask[r, q] = False
-    return W * mask, mask
-
-
-def fast_update_reference(Wt, H, mask, damp=0.0):
-    """SparseGPT's column-by-column update for a given mask, no blocking, plain loops."""
-    rows, D = Wt.shape
-    U = torch.linalg.cholesky(torch.linalg.inv(ref_damped(H, damp)), upper=True)
-    W = Wt.clone()
-    for i in range(D):
-        for r in range(rows):
-            if not mask[r, i]:
-                err = W[r, i] / U[i, i]
-                W[r, i:] -= err * U[i, i:]
-    return W * mask
-
-
-def fast_reference(Wt, H, sparsity, block, frozen=0, damp=0.0, pattern=None):
-    """SparseGPT including its mask choice: unstructured masks are chosen per column block
-    from the current (already compensated) weights by w^2 / U_ii^2, with the cumulative
-    layer-wide quota round(s * rows * columns_so_far); N:M masks per group of M columns
-    when the group's first column is reached. Updates are applied immediately (no lazy
-    batching)."""
-    rows, D = Wt.shape
-    dp = D - frozen
-    U = torch.linalg.cholesky(torch.linalg.inv(ref_damped(H, damp)), upper=True)
-    W = Wt.clone()
-    mask = torch.ones(rows, D, dtype=torch.bool)
-
-    def quota(cols):
-        return int(round(sparsity * rows * min(cols, dp)))
-
-    for i1 in range(0, D, block):
-        i2 = min(i1 + block, D)
-        if pattern is None and min(i2, dp) > i1:
-            cand = [(float(W[r, c] ** 2 / U[c, c] ** 2), r, c) for r in range(rows) for c in range(i1, min(i2, dp))]
-            for _, r, c in sorted(cand)[: quota(i2) - quota(i1)]:
-                mask[r, c] = False
-        for i in range(i1, i2):
-            if pattern is not None and i < dp and i % pattern[1] == 0:
-                n, m = pattern
-                for r in range(rows):
-                    grp = sorted(range(i, i + m), key=lambda c: float(W[r, c] ** 2 / U[c, c] ** 2))
-                    for c in grp[: m - n]:
-                        mask[r, c] = False
-            for r in range(rows):
-                if not mask[r, i]:
-                    err = W[r, i] / U[i, i]
-                    W[r, i:] -= err * U[i, i:]
-    return W * mask, mask
-
+from solver_refs import (
+    F64,
+    LIT64,
+    OPT64,
+    assert_close,
+    fast_reference,
+    fast_update_reference,
+    grouped_data,
+    hess,
+    lobs_reference,
+    ls_err,
+    ls_fit,
+    make_inputs,
+    make_weight,
+    pruned_count,
+    run,
+    solve_tol,
+    subset_cost,
+)
 
 # =========================================================================== 1. refit
 
@@ -702,17 +482,10 @@ def test_parse_pattern():
 # =========================================================================== 8. grouped Hessians
 
 
-def _grouped_data(groups, per, d, seed, bias):
-    Xs = [make_inputs(40, d, seed=seed + g, bias=bias, kind="corr" if g % 2 else "iid") for g in range(groups)]
-    H3 = torch.stack([hess(X) for X in Xs])
-    Wt = make_weight(groups * per, Xs[0].shape[1], seed)
-    return Xs, H3, Wt
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_exact_refits_each_group_with_its_hessian(bias):
     groups, per, d = 3, 2, 6
-    Xs, H3, Wt = _grouped_data(groups, per, d, 51, bias)
+    Xs, H3, Wt = grouped_data(groups, per, d, 51, bias)
     res, full, mask = run(Wt, H3, 0.5, "exact", bias=bias)
     assert pruned_count(mask) == round(0.5 * groups * per * d)
     total = 0.0
@@ -730,7 +503,7 @@ def test_grouped_exact_refits_each_group_with_its_hessian(bias):
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_equals_separate_solves(method, pattern, bias):
     groups, per, d = 2, 3, 8
-    Xs, H3, Wt = _grouped_data(groups, per, d, 52, bias)
+    Xs, H3, Wt = grouped_data(groups, per, d, 52, bias)
     s = None if pattern else 0.5
     res, full, mask = run(Wt, H3, s, method, bias=bias, pattern=pattern)
     total = 0.0
@@ -746,7 +519,7 @@ def test_grouped_equals_separate_solves(method, pattern, bias):
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_lobs_matches_loop_reference(bias):
     groups, per, d = 2, 3, 6
-    Xs, H3, Wt = _grouped_data(groups, per, d, 53, bias)
+    Xs, H3, Wt = grouped_data(groups, per, d, 53, bias)
     res, full, mask = run(Wt, H3, 0.5, "lobs", bias=bias, options=LIT64)
     ref_w, ref_m = lobs_reference(Wt, H3, round(0.5 * groups * per * d), frozen=int(bias))
     assert torch.equal(mask, ref_m)
@@ -907,7 +680,7 @@ def test_pruned_count_is_rounded_target(method, bias):
 )
 def test_pruned_count_is_rounded_target_grouped(method):
     groups, per, d = 2, 2, 5
-    Xs, H3, Wt = _grouped_data(groups, per, d, 82, False)
+    Xs, H3, Wt = grouped_data(groups, per, d, 82, False)
     for s in (0.25, 0.35, 0.45):  # s * per * d = 2.5, 3.5, 4.5: per-group rounding differs from layer-wide
         res, _, mask = run(Wt, H3, s, method)
         assert pruned_count(mask) == round(s * groups * per * d), (s, pruned_count(mask))
@@ -946,7 +719,7 @@ def test_float32_other_methods_track_float64(method):
     assert abs(r32.error - r64.error) / r64.error < 0.02
 
 
-# =========================================================================== misc
+# =========================================================================== 13. misc
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -1001,17 +774,7 @@ def test_exact_lazy_steps_do_not_change_result():
     assert_close(small[1], base[1], H=H)
 
 
-def test_allocate_repairs_non_convex_rows():
-    """A row whose second removal is cheaper than its first: the split must still find the cheapest total."""
-    from lightning_lobs.solvers import _allocate
-
-    inc = torch.tensor([[3.0, 0.1, 100.0], [1.0, 100.0, 100.0]], dtype=torch.float64)
-    assert _allocate(inc, 2).tolist() == [2, 0]
-    assert _allocate(inc, 1).tolist() == [0, 1]
-    assert _allocate(inc, 6).tolist() == [3, 3]
-
-
-# =========================================================================== refit of lobs / fast masks
+# =========================================================================== 14. refit of lobs / fast masks
 
 
 @pytest.mark.parametrize("method", ["lobs", "fast"])
@@ -1043,7 +806,7 @@ def test_refit_auto_follows_the_flop_limit(monkeypatch):
     off = run(Wt, H, 0.5, "fast", options=LIT64)[1]
     assert not torch.allclose(on, off)
     assert_close(run(Wt, H, 0.5, "fast", options=auto)[1], on, H=H)  # 5 rows x 4^3/3 flops: cheap
-    monkeypatch.setattr(solvers_mod, "REFIT_AUTO_MAX_FLOPS", 1.0)
+    monkeypatch.setattr(solvers_core, "REFIT_AUTO_MAX_FLOPS", 1.0)
     assert_close(run(Wt, H, 0.5, "fast", options=auto)[1], off, H=H)
     assert_close(run(Wt, H, 0.5, "fast", options=replace(OPT64, refit=True))[1], on, H=H)
 
@@ -1053,80 +816,7 @@ def test_refit_option_validated():
         SolverOptions(refit="yes")
 
 
-# =========================================================================== allocation across layers
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_obs_scores_are_single_removal_costs(bias):
-    """L_q equals the brute-force cost of removing weight q alone and refitting the rest of its row."""
-    X = make_inputs(40, 6, seed=63, bias=bias, kind="corr", dead=(2,))
-    H = hess(X)
-    Wt = make_weight(3, X.shape[1], 63)
-    d = 6
-    W, b = (Wt[:, :d], Wt[:, d]) if bias else (Wt, None)
-    scores = obs_scores(W, H, bias=b, solver=OPT64)
-    assert scores.shape == W.shape and scores.dtype == F64
-    assert torch.all(scores[:, 2] == 0)  # dead input: free
-    Xl = X.clone()
-    for r in range(3):
-        for q in range(d):
-            if q == 2:
-                continue
-            brute = subset_cost(Wt[r], Xl, frozenset([q]))
-            assert_close(scores[r, q], brute, msg=f"row {r} col {q}", H=H)
-
-
-def test_obs_scores_damped_and_grouped():
-    groups, per, d = 2, 3, 5
-    Xs, H3, Wt = _grouped_data(groups, per, d, 64, False)
-    scores = obs_scores(Wt, H3, solver=replace(OPT64, damp=0.1))
-    for g in range(groups):
-        Hinv = torch.linalg.inv(ref_damped(H3[g], 0.1))
-        sl = slice(g * per, (g + 1) * per)
-        assert_close(scores[sl], Wt[sl].pow(2) / (2 * torch.diagonal(Hinv)), H=H3)
-
-
-def test_output_energy_brute_force():
-    X = make_inputs(40, 5, seed=65, bias=True, kind="corr")
-    Wt = make_weight(4, 6, 65)
-    H = hess(X)
-    got = output_energy(Wt[:, :5], H, bias=Wt[:, 5])
-    assert_close(got, (Wt @ X.T).pow(2).sum() / (2 * X.shape[0]), H=H)
-    groups, per, d = 2, 3, 4
-    Xs, H3, Wg = _grouped_data(groups, per, d, 66, False)
-    expect = sum(float((Wg[g * per : (g + 1) * per] @ Xs[g].T).pow(2).sum() / (2 * Xs[g].shape[0])) for g in range(groups))
-    assert_close(output_energy(Wg, H3), expect, H=H3)
-
-
-def test_allocate_global_is_the_cheapest_pooled_set():
-    g = torch.Generator().manual_seed(67)
-    costs = {"a": torch.rand(4, 5, generator=g), "b": torch.rand(3, 2, generator=g) * 0.3, "c": torch.rand(10, generator=g) * 3}
-    N = sum(c.numel() for c in costs.values())
-    for s in (0.0, 0.2, 0.5, 0.77, 0.9):
-        got = allocate_global(costs, s)
-        k = round(s * N)
-        # brute force: every layer keeps its most expensive weight; the k cheapest of the rest go
-        pool = sorted((float(v), n) for n, c in costs.items() for v in c.reshape(-1).sort().values[:-1])
-        for n, c in costs.items():
-            expect = sum(1 for _, m in pool[:k] if m == n)
-            assert round(got[n] * c.numel()) == expect, (s, n)
-        assert sum(round(got[n] * c.numel()) for n, c in costs.items()) == k
-
-
-def test_allocate_global_forced_first_and_never_a_whole_layer():
-    costs = {"a": torch.zeros(2, 3), "b": torch.ones(4, 4)}
-    got = allocate_global(costs, 0.4)  # 9 of 22: a would lose all 6, keeps 1; b takes the rest
-    assert round(got["a"] * 6) == 5 and round(got["b"] * 16) == 4
-    keep_b = torch.ones(4, 4, dtype=torch.bool)
-    keep_b[0] = False  # 4 already pruned in b
-    got = allocate_global(costs, 0.3, {"b": keep_b})
-    assert round(got["b"] * 16) >= 4 and round(got["a"] * 6) + round(got["b"] * 16) == round(0.3 * 22)
-    with pytest.raises(ValueError, match="sparsity"):
-        allocate_global(costs, 1.0)
-    with pytest.raises(ValueError, match="costs"):
-        allocate_global({"a": torch.tensor([1.0, float("nan")])}, 0.5)
-    with pytest.raises(ValueError, match="empty"):
-        allocate_global({}, 0.5)
+# =========================================================================== 15. a greedy trace reused at several sparsities
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -1169,145 +859,3 @@ def test_trace_must_fit():
         solve_layer(W[:2], H, 0.5, "exact", solver=OPT64, trace=tr)
     with pytest.raises(ValueError, match="trace does not fit"):
         solve_layer(W, H, None, "exact", pattern="2:4", solver=OPT64, trace=tr)
-
-
-# =========================================================================== 13. per-row minimum (no dead rows)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("m", [1, 2])
-def test_min_kept_per_row_holds_and_lowers_only_what_it_must(method, m):
-    rows, d = 4, 6
-    X = make_inputs(40, d, seed=141, bias=True, kind="corr")
-    H = hess(X)
-    Wt = make_weight(rows, d + 1, 141)
-    Wt[1] *= 1e-3  # a row every ranking wants to empty first
-    opts = replace(OPT64, min_kept_per_row=m)
-    for s in (0.3, 0.5, 0.7, 0.9):
-        allowed = rows * (d - m)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res, full, mask = run(Wt, H, s, method, bias=True, options=opts)
-        assert pruned_count(res.mask) == min(round(s * rows * d), allowed), (s, pruned_count(res.mask))
-        assert bool((res.mask.sum(1) >= m).all()), res.mask
-        assert any("min_kept_per_row" in str(w.message) for w in caught) == (round(s * rows * d) > allowed)
-        assert (full[~mask] == 0).all()
-
-
-@pytest.mark.parametrize("method", ["lobs", "exact"])
-def test_min_kept_per_row_changes_nothing_where_no_row_empties(method):
-    """lobs' layer-wide ranking and exact's per-row split only change where a row would empty."""
-    compared = constrained = 0
-    for seed in range(8):
-        X = make_inputs(40, 6, seed=150 + seed, bias=seed % 2 == 0, kind="corr")
-        H = hess(X)
-        Wt = make_weight(4, X.shape[1], 150 + seed)
-        Wt[seed % 4] *= 0.05 if seed >= 4 else 1.0
-        free, _, free_mask = run(Wt, H, 0.7, method, bias=seed % 2 == 0, options=OPT64)
-        kept, full, mask = run(Wt, H, 0.7, method, bias=seed % 2 == 0, options=replace(OPT64, min_kept_per_row=1))
-        assert bool((kept.mask.sum(1) >= 1).all())
-        if bool((free.mask.sum(1) >= 1).all()):
-            assert torch.equal(kept.mask, free.mask)
-            assert_close(kept.weight, free.weight, H=H)
-            compared += 1
-        else:  # the constraint binds: a feasible, hence no better, solution
-            assert kept.error >= free.error * (1 - solve_tol(H))
-            constrained += 1
-    assert compared >= 2 and constrained >= 1, (compared, constrained)
-
-
-@pytest.mark.parametrize("block", [1, 3, 128])
-def test_fast_min_kept_per_row_keeps_every_removal_compensated(block):
-    """The protected weights move quotas between blocks, never add an uncompensated removal:
-    the result is SparseGPT's update for its own mask, and the count is exact."""
-    X = make_inputs(50, 8, seed=161, kind="corr")
-    H = hess(X)
-    Wt = make_weight(5, 8, 161)
-    Wt[2] *= 1e-3
-    opts = replace(LIT64, min_kept_per_row=1, block_size=block)
-    for s in (0.6, 0.8, 0.85):
-        res, full, mask = run(Wt, H, s, "fast", options=opts)
-        assert pruned_count(mask) == round(s * 40) and bool((mask.sum(1) >= 1).all())
-        assert_close(full, fast_update_reference(Wt, H, mask), H=H)
-
-
-def test_exact_min_kept_split_is_the_best_capped_greedy_split():
-    """exact with a per-row minimum = per-row greedy traces + the best split with c_r <= d - m."""
-    for seed in range(6):
-        rows, d, m = 3, 4, 1
-        X = make_inputs(15, d, seed=170 + seed, kind="corr" if seed % 2 else "iid")
-        H = hess(X)
-        Wt = make_weight(rows, d, 170 + seed)
-        Wt[seed % rows] *= 0.01
-        curves = []
-        for r in range(rows):
-            S: list[int] = []
-            curve = [subset_cost(Wt[r], X, frozenset())]
-            for _ in range(d):
-                q = min((c for c in range(d) if c not in S), key=lambda c: subset_cost(Wt[r], X, frozenset(S + [c])))
-                S.append(q)
-                curve.append(subset_cost(Wt[r], X, frozenset(S)))
-            curves.append(curve)
-        for k in (6, 8, 9):
-            best = min(
-                sum(curves[r][c[r]] for r in range(rows))
-                for c in itertools.product(range(d - m + 1), repeat=rows)
-                if sum(c) == k
-            )
-            res, _, mask = run(Wt, H, k / (rows * d), "exact", options=replace(OPT64, min_kept_per_row=m))
-            assert pruned_count(mask) == k and bool((mask.sum(1) >= m).all())
-            assert abs(res.error - best) <= solve_tol(H) * best, (seed, k, res.error, best)
-
-
-# =========================================================================== 8. the exact trace's bookkeeping
-
-
-@pytest.mark.parametrize("pattern", [None, NMPattern(2, 4)])
-@pytest.mark.parametrize("forced", [False, True])
-def test_greedy_trace_compaction_and_lazy_flushes_do_not_change_the_trace(pattern, forced):
-    """Compacting every row to its candidates (at every flush, or never) and the flush interval only reorder
-    floating-point sums: the greedy order is the same and the losses agree to rounding."""
-    X = make_inputs(80, 16, seed=51, kind="corr")
-    H = hess(X).double()
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H + 0.01 * H.diagonal().mean() * torch.eye(16, dtype=H.dtype)))
-    W = make_weight(7, 16, 51).double()
-    dead = torch.zeros(7, 16, dtype=torch.bool)
-    prior = None
-    if forced:
-        prior = torch.zeros(7, 16, dtype=torch.bool)
-        prior[:, ::5] = True
-    steps = 8 if pattern is not None else 16
-    runs = []
-    for lazy, shrink in ((1, 0.0), (3, 1.0), (32, 0.75), (5, 0.0)):
-        runs.append(solvers_mod._greedy_trace(W, Hinv.expand(7, 16, 16).contiguous(), dead, steps, pattern, 0, lazy, prior, shrink=shrink))
-    cond = float(torch.linalg.cond(H))
-    for order, inc in runs[1:]:
-        assert torch.equal(order, runs[0][0])
-        assert torch.allclose(inc, runs[0][1], rtol=100 * cond * torch.finfo(torch.float64).eps * 16, atol=0)
-
-
-def test_exact_trace_row_chunks_share_one_buffer_without_changing_the_result():
-    """Rows solved in chunks (a small ``max_memory_bytes``) reuse one buffer; each chunk starts from a clean H^-1."""
-    X = make_inputs(80, 12, seed=52, kind="corr")
-    H = hess(X)
-    Wt = make_weight(9, 12, 52)
-    whole = solvers_mod.greedy_trace(Wt, H, solver=replace(OPT64, max_memory_bytes=1 << 30))
-    chunked = solvers_mod.greedy_trace(Wt, H, solver=replace(OPT64, max_memory_bytes=2 * 12 * 12 * 8))
-    assert torch.equal(whole.order, chunked.order)
-    assert torch.allclose(whole.increments, chunked.increments, rtol=1e-12, atol=0)
-
-
-def test_exact_trace_removes_dead_inputs_first_and_traces_the_live_columns_alone():
-    """Dead inputs go first at zero cost, then the live columns' trace: the same sequence as running the greedy
-    over all columns (where the dead ones win every tie at loss 0 and move nothing)."""
-    X = make_inputs(80, 12, seed=53, kind="corr", dead=(2, 7, 8), bias=True)
-    H = hess(X)
-    Wt = make_weight(6, 13, 53)
-    trace = solvers_mod.greedy_trace(Wt[:, :12], H, bias=Wt[:, 12], solver=OPT64)
-    _, Hinv, _, dead = solvers_mod._inverse_with_damping(H, OPT64)
-    order, inc = solvers_mod._greedy_trace(Wt.clone(), Hinv.expand(6, 13, 13).contiguous(), dead.expand(6, 13), 12, None, 1, 32)
-    assert torch.equal(trace.order[:, :3], torch.tensor([2, 7, 8]).expand(6, 3))
-    assert torch.equal(trace.order, order)
-    cond = float(torch.linalg.cond(H + torch.diag((H.diagonal() == 0).to(H.dtype))))
-    assert torch.allclose(trace.increments, inc, rtol=100 * cond * torch.finfo(torch.float64).eps * 13, atol=0)
-    assert bool((trace.increments[:, :3] == 0).all())

@@ -14,13 +14,18 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_helpers import BothCallback, lit_mlp, make_trainer, ns  # noqa: F401 - ns is a fixture
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from lightning_helpers import BothCallback, lit_mlp, make_trainer
 from lightning_lobs import LOBSPruning, MaskSet, prune_model
-from lightning_lobs import pruner as pruner_mod
 from lightning_lobs.api import take_batches
+from lightning_lobs.config import PruneOptions
+from lightning_lobs.engine import calibrate as calibrate_mod
+from lightning_lobs.engine import prune
+from lightning_lobs.engine import report as report_mod
+from lightning_lobs.engine import run as run_mod
+from lightning_lobs.engine import solve as solve_mod
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -103,7 +108,7 @@ def _fail_after(monkeypatch, owner, name: str, exc: BaseException, *, calls: int
 
 
 def _fail_in_calibration(monkeypatch):
-    original = pruner_mod._calibrate
+    original = calibrate_mod.collect_hessians
 
     def wrapped(model, batches, modules, options, run, rank, progress):
         seen = {"n": 0}
@@ -116,11 +121,11 @@ def _fail_in_calibration(monkeypatch):
 
         return original(model, batches, modules, options, run_then_fail, rank, progress)
 
-    monkeypatch.setattr(pruner_mod, "_calibrate", wrapped)
+    monkeypatch.setattr(calibrate_mod, "collect_hessians", wrapped)
 
 
 def _fail_in_bn(monkeypatch):
-    original = pruner_mod.recalibrate_batchnorm
+    original = report_mod.recalibrate_batchnorm
 
     def wrapped(model, batches, run):
         seen = {"n": 0}
@@ -133,18 +138,18 @@ def _fail_in_bn(monkeypatch):
 
         return original(model, batches, run_then_fail)
 
-    monkeypatch.setattr(pruner_mod, "recalibrate_batchnorm", wrapped)
+    monkeypatch.setattr(report_mod, "recalibrate_batchnorm", wrapped)
 
 
 FAILURES = {
     "calibration": _fail_in_calibration,
-    "after the solves (weights written)": lambda mp: _fail_after(mp, pruner_mod._PruneRun, "commit", Injected("after commit")),
+    "after the solves (weights written)": lambda mp: _fail_after(mp, run_mod, "commit", Injected("after commit")),
     "BatchNorm re-estimation": _fail_in_bn,
-    "inside the report, after measuring": lambda mp: _fail_after(mp, pruner_mod, "_parameter_counts", Injected("report")),
-    "KeyboardInterrupt in the bound": lambda mp: _fail_after(mp, pruner_mod, "_bound", KeyboardInterrupt()),
+    "inside the report, after measuring": lambda mp: _fail_after(mp, report_mod, "parameter_counts", Injected("report")),
+    "KeyboardInterrupt in the bound": lambda mp: _fail_after(mp, report_mod, "bound", KeyboardInterrupt()),
     "KeyboardInterrupt while the masks are enforced": lambda mp: _fail_after(mp, MaskSet, "attach", KeyboardInterrupt()),
     "second layer's solve (sequential writes as it goes)": lambda mp: _fail_after(
-        mp, pruner_mod, "_solve_one", Injected("solve"), calls=2
+        mp, solve_mod, "solve_one", Injected("solve"), calls=2
     ),
 }
 
@@ -172,7 +177,7 @@ def test_a_failed_first_prune_leaves_an_empty_detached_maskset(monkeypatch):
     model = bn_net()
     masks = MaskSet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _fail_after(monkeypatch, pruner_mod, "_parameter_counts", Injected("report"))
+    _fail_after(monkeypatch, report_mod, "parameter_counts", Injected("report"))
     with pytest.raises(Injected):
         prune_model(model, calib_batches(), 0.8, masks=masks, prune_head=True)
     assert len(masks) == 0 and not masks.attached
@@ -187,9 +192,9 @@ def test_a_failing_on_commit_undoes_the_prune():
     def on_commit(report):
         raise Injected("the caller's bookkeeping")
 
-    options = pruner_mod.PruneOptions(sparsity=0.8, allocation="uniform", prune_head=True)
+    options = PruneOptions(sparsity=0.8, allocation="uniform", prune_head=True)
     with pytest.raises(Injected):
-        pruner_mod.prune(model, calib_batches(), options, masks=masks, on_commit=on_commit)
+        prune(model, calib_batches(), options, masks=masks, on_commit=on_commit)
     assert_same(before, everything(model, masks, opt))
 
 
@@ -234,7 +239,7 @@ def assert_callback_state(before: dict, after: dict) -> None:
 
 
 CALLBACK_FAILURES = {
-    "inside the report": lambda mp, cb: _fail_after(mp, pruner_mod, "_parameter_counts", Injected("report")),
+    "inside the report": lambda mp, cb: _fail_after(mp, report_mod, "parameter_counts", Injected("report")),
     "logging the report": lambda mp, cb: mp.setattr(cb, "log_report", lambda *a: (_ for _ in ()).throw(Injected("log"))),
     "resetting the monitors": lambda mp, cb: _fail_after(mp, cb, "_reset_monitors", Injected("monitors")),
 }
@@ -290,7 +295,7 @@ def test_exception_checkpoint_holds_the_old_state_and_resumes_into_a_normal_prun
     lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=4, log_table=False, prune_head=True)
     snap = Snapshot(lobs, epoch=1)
     on_exc = ns.callbacks.OnExceptionCheckpoint(dirpath=str(tmp_path))
-    armer = Armer(lambda: _fail_after(monkeypatch, pruner_mod, "_parameter_counts", Injected("out of memory")))
+    armer = Armer(lambda: _fail_after(monkeypatch, report_mod, "parameter_counts", Injected("out of memory")))
     tr = make_trainer(ns, 2, [snap, lobs, armer, on_exc], tmp_path, enable_checkpointing=True)
     with pytest.raises(Injected):
         tr.fit(model)
@@ -436,9 +441,9 @@ class RecordOrder(BothCallback):
 def test_calibrating_from_the_training_loader_keeps_the_data_order_of_later_epochs(tmp_path, ns):
     """LitMLP's training loader has its own generator: the prune at epoch 1 draws from that loader."""
     orders = []
-    for prune in (False, True):
+    for with_prune in (False, True):
         record = RecordOrder()
-        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)] if prune else [])
+        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)] if with_prune else [])
         make_trainer(ns, 3, callbacks, tmp_path).fit(lit_mlp(ns))
         orders.append(record.seen)
     assert orders[0] == orders[1]

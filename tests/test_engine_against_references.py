@@ -1,4 +1,4 @@
-"""Issue 8: tests that pin behaviour a single-point change to the engine would otherwise break unnoticed.
+"""Engine results checked against independent computations: behaviour a single-point change to the engine would otherwise break unnoticed.
 
 Each compares with an independent computation (never with the report's own targets): the conv
 layers' ``d_term`` and positions, the restore of BatchNorm statistics after a failure that
@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import prune_model
-from lightning_lobs.pruner import AUTO_EXACT_MAX_COST
+from lightning_lobs.engine import AUTO_EXACT_MAX_COST
 
 
 def _cnn() -> nn.Module:

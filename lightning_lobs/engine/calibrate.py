@@ -1,0 +1,143 @@
+"""Stage 2, calibrate: stream the selected layers' input Hessians over the calibration batches."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import CalibrationOptions
+from ..distributed import RankInfo
+from ..hessian import HessianCollector
+from ..progress import PhaseProgress
+from ..selection import warn_skipped
+from .collective import fail_together, reduce_calibration
+from .context import RunContext
+from .forward import model_device
+from .plan import samples_in
+from .records import Calibration, Plan
+
+__all__ = ["calibrate", "collect_hessians", "drop_uncalled", "normalise"]
+
+
+def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = True) -> Tuple[Plan, Calibration]:
+    """Hessians (normalised, see :func:`normalise`) and positions of ``names``, and their call order.
+
+    Layers the forward never called leave the plan (see :func:`drop_uncalled`). ``report=False`` inside another
+    phase (sequential mode calibrates one layer at a time while allocating and solving, and those phases report
+    per layer).
+    """
+    t0 = time.perf_counter()
+    progress = ctx.progress if report else PhaseProgress(None)
+    progress.begin("calibrate", {str(i): 1.0 for i in range(len(ctx.batches))})
+    hessians, positions, order, missing = collect_hessians(
+        ctx.model, ctx.batches, {n: plan.layers[n].module for n in names}, ctx.options.calibration,
+        ctx.run_batch, ctx.rank, progress,
+    )
+    plan = drop_uncalled(plan, missing)
+    normalised: Dict[str, Tensor] = {}
+    scales: Dict[str, float] = {}
+    for n in names:
+        if n in plan.layers:
+            normalised[n], scales[n] = normalise(hessians[n])
+            progress.step(n, n)
+    ctx.timings.calibration += time.perf_counter() - t0
+    calibration = Calibration(
+        hessians=normalised,
+        positions={n: positions[n] for n in normalised},
+        scales=scales,
+        order=tuple(order),
+        missing=tuple(missing),
+    )
+    return plan, calibration
+
+
+def normalise(hessian: Tensor) -> Tuple[Tensor, float]:
+    """H divided by its mean diagonal, and that scale: the OBS solution does not change, and a float32 solve
+    cannot overflow.
+
+    Inputs of magnitude 1e20 are finite in float32, but their squares are not; the layer
+    error is scaled back in the report.
+    """
+    diag = torch.diagonal(hessian, dim1=-2, dim2=-1)
+    scale = float(diag.mean()) if hessian.numel() else 1.0
+    if not (scale > 0 and math.isfinite(scale)):
+        scale = 1.0
+    return hessian / scale, scale
+
+
+def drop_uncalled(plan: Plan, missing: Sequence[str]) -> Plan:
+    """Layers the forward never called: an error when named exactly (or when it is every layer), else left dense
+    with a warning."""
+    if not missing:
+        return plan
+    named = [n for n in missing if n in plan.explicit]
+    if named or len(missing) == len(plan.layers):
+        raise RuntimeError(
+            f"layers {list(missing)} were never called during calibration, so they have no Hessian; exclude "
+            "them or check forward_fn (the model must call these modules on the calibration batches)."
+        )
+    reasons = {n: "never called by the model's forward on the calibration batches" for n in missing}
+    warn_skipped(reasons)
+    return plan.without(reasons)
+
+
+def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, each used once
+    model: nn.Module,
+    batches: Sequence[Any],
+    modules: Mapping[str, nn.Module],
+    options: CalibrationOptions,
+    run: Callable[[Any], Any],
+    rank: RankInfo,
+    progress: PhaseProgress,
+) -> Tuple[Dict[str, Tensor], Dict[str, float], List[str], List[str]]:
+    """Stream H for ``modules`` over ``batches`` (summed over ranks).
+
+    Returns the Hessians and output positions per sample of the layers that were called, the
+    call order, and the layers never called (on any rank).
+    """
+    samples: Dict[str, float] = {n: 0 for n in modules}
+    order: List[str] = []
+    handles = []
+
+    def make_hook(name: str):  # noqa: ANN202 - closure
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            samples[name] += samples_in(module, x)
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    collector = HessianCollector(
+        modules,
+        dtype=options.hessian_dtype,
+        max_chunk_elements=options.max_chunk_elements,
+        position_stride=options.position_stride,
+    )
+    with fail_together(rank, model_device(model), "calibration"):  # before the all-reduces below
+        try:
+            for n, m in modules.items():
+                handles.append(m.register_forward_pre_hook(make_hook(n), with_kwargs=True))
+            with collector:
+                for i, batch in enumerate(batches):
+                    run(batch)
+                    progress.step(str(i), "")
+        finally:
+            for h in handles:
+                h.remove()
+    samples = reduce_calibration(collector, samples, rank, model_device(model))
+    missing = [n for n in modules if samples[n] == 0]
+    called = [n for n in modules if samples[n] > 0]
+    # Finishing the Hessians is d^2 work per layer (seconds in all for wide convolutions): counted per layer, as
+    # a second stretch of the phase (the caller normalises them and finishes each layer's step).
+    progress.begin("calibrate", {n: float(collector.accumulators[n].sum.numel()) for n in called})
+    hessians = {}
+    for n in called:
+        hessians[n] = collector.accumulators[n].hessian()
+        progress.advance(n, 0.5, n)
+    positions = {n: collector.accumulators[n].count / samples[n] for n in called}
+    return hessians, positions, order, missing

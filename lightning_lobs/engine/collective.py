@@ -1,0 +1,104 @@
+"""Every collective of the engine, in one place: what ranks of a torch.distributed group exchange during a prune.
+
+# ---- COLLECTIVES: the only engine module that talks to other ranks.
+Each function is a no-op in a single process. Every rank must call each one, in the same order: the stages call
+them at the same points on every rank (the rank loop of the solve is :func:`lightning_lobs.engine.solve.solve_owned`,
+whose results :func:`share_solution` broadcasts from their owner).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..batchnorm import batchnorm_modules
+from ..distributed import RankInfo, broadcast_floats, broadcast_tensors, fail_together
+from ..hessian import HessianCollector
+from .records import Solution
+
+__all__ = [
+    "all_reduce_batchnorm",
+    "broadcast_buffers",
+    "broadcast_costs",
+    "fail_together",
+    "reduce_calibration",
+    "reduce_errors",
+    "share_solution",
+]
+
+
+def share_solution(solved: Solution, owner: int, rank: RankInfo, device: torch.device) -> Solution:
+    """Broadcast one layer's solve from its owner rank (no-op in a single process)."""
+    if not rank.active:
+        return solved
+    matrix, mask = broadcast_tensors([solved.matrix.to(device), solved.mask.to(device)], owner, rank)
+    values = broadcast_floats([float(getattr(solved, k)) for k in Solution.FLOATS], owner, rank, device)
+    return Solution(matrix, mask, *values)
+
+
+def broadcast_buffers(model: nn.Module, rank: RankInfo) -> None:
+    """Give every rank rank 0's buffers before calibrating.
+
+    Under DDP each rank's BatchNorm running statistics drift apart (DDP only broadcasts
+    rank 0's at the next training forward), so without this the ranks would calibrate,
+    and sum the Hessians of, different networks.
+    """
+    if not rank.active:
+        return
+    with torch.no_grad():
+        for buf in model.buffers():
+            (received,) = broadcast_tensors([buf], 0, rank)
+            if received is not buf:
+                buf.copy_(received)
+
+
+def all_reduce_batchnorm(model: nn.Module, rank: RankInfo) -> None:
+    """Combine re-estimated BatchNorm statistics over ranks (each saw its own batches).
+
+    Each rank holds the average over its own batches; weighting by batch counts gives the
+    average over every rank's batches, as one process calibrating on all of them would.
+    """
+    if not rank.active:
+        return
+    for bn in batchnorm_modules(model):
+        count = bn.num_batches_tracked.to(torch.float64)
+        total = count.clone()
+        torch.distributed.all_reduce(total, group=rank.group)
+        if float(total) == 0.0:  # not called on any rank: left as recalibrate_batchnorm left it
+            continue
+        for buf in (bn.running_mean, bn.running_var):
+            if buf is not None:
+                buf.mul_((count / total).to(buf.dtype))
+                torch.distributed.all_reduce(buf, group=rank.group)
+        bn.num_batches_tracked.copy_(total.to(bn.num_batches_tracked.dtype))
+
+
+def reduce_calibration(
+    collector: HessianCollector, samples: Mapping[str, float], rank: RankInfo, device: torch.device
+) -> Dict[str, float]:
+    """Sum the Hessians (in ``collector``) and the per-layer sample counts over ranks; returns the summed counts."""
+    if not rank.active:
+        return dict(samples)
+    collector.reduce(rank.group)
+    counts = torch.tensor([float(samples[n]) for n in samples], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(counts, group=rank.group)
+    return dict(zip(samples, counts.tolist()))
+
+
+def broadcast_costs(
+    values: Mapping[str, Tensor], owners: Mapping[str, int], rank: RankInfo, device: torch.device
+) -> Dict[str, Tensor]:
+    """Every layer's allocation costs from the rank that computed them (in ``values``' order)."""
+    if not rank.active:
+        return dict(values)
+    return {n: broadcast_tensors([v.to(device, torch.float64)], owners[n], rank)[0] for n, v in values.items()}
+
+
+def reduce_errors(accumulators: Iterable, rank: RankInfo, device: torch.device) -> None:
+    """Sum RMS error accumulators (:class:`lightning_lobs.bounds.RMSAccumulator`) over ranks, in place."""
+    if not rank.active:
+        return
+    for a in accumulators:
+        a.all_reduce(rank.group, device)

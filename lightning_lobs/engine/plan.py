@@ -1,0 +1,172 @@
+"""Stage 1, plan: select the layers, resolve each one's method, check weights, memory and cost before any work."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import attention as _attention
+from ..config import NMPattern
+from ..hessian import has_bias, is_linear_like, num_groups, output_rows, to_rows, weight_matrix
+from ..masks import MaskSet
+from ..resources import check_budget, layer_memory
+from ..selection import check_prior_masks, select_layers
+from .collective import broadcast_buffers, fail_together
+from .context import RunContext
+from .forward import eval_no_grad, output_heads
+from .records import LayerPlan, Plan
+
+__all__ = ["AUTO_EXACT_MAX_COST", "EXACT_COST_PER_SECOND", "EXACT_WARN_SECONDS", "make_plan", "resolve_method", "solve_cost"]
+
+#: ``auto`` uses ``exact`` where rows * d^3 is at most this (a few seconds on 2 CPU cores), else ``fast``.
+AUTO_EXACT_MAX_COST = 1e12
+#: ``exact`` work (rows * d^3) done per second on one CPU core: LeNet-300-100's 300 x 785 layer
+#: (1.45e11) takes about 5 s (BENCHMARKS.md, "Cost"). Used only to warn before very long solves.
+EXACT_COST_PER_SECOND = 3e10
+#: An explicit ``method="exact"`` whose estimate exceeds this many seconds warns before starting.
+EXACT_WARN_SECONDS = 180.0
+
+
+# ---- LAYER KNOWLEDGE: what the engine needs to know about a module's kind (Linear, ConvNd, HF Conv1D,
+# attention projections). The layers.py adapter replaces this section; nothing else in the engine reads a
+# module's kind, shape or kernel.
+
+
+def resolve_method(method: str, module: nn.Module) -> str:
+    """``auto``: ``exact`` where rows * d^3 <= :data:`AUTO_EXACT_MAX_COST`, else ``fast``; other methods as given."""
+    if method != "auto":
+        return method
+    rows = output_rows(module) // num_groups(module)
+    d = weight_matrix(module).shape[1]
+    return "exact" if rows * d**3 <= AUTO_EXACT_MAX_COST else "fast"
+
+
+def channel_last_perm(module: nn.Module) -> Optional[Tensor]:
+    """Column permutation putting conv input channels innermost, so N:M groups run along channels."""
+    if is_linear_like(module):
+        return None
+    k = int(math.prod(module.kernel_size))
+    if k == 1:
+        return None
+    c = module.in_channels // module.groups
+    return torch.arange(c * k).reshape(c, k).t().reshape(-1)
+
+
+def samples_in(module: nn.Module, x: Tensor) -> int:
+    """Samples in one call's input ``x``: its first dimension, or 1 for an unbatched input."""
+    per_sample_dims = 1 if is_linear_like(module) else module.weight.dim() - 1
+    return x.shape[0] if x.dim() > per_sample_dims else 1
+
+
+def layer_plan(
+    name: str, module: nn.Module, target: float, method: str, nm: Optional[NMPattern], prior: Optional[Tensor]
+) -> LayerPlan:
+    """One layer's plan, its shape facts read from the module; ``prior`` in the weight's layout."""
+    return LayerPlan(
+        name=name,
+        module=module,
+        method=resolve_method(method, module),
+        target=target,
+        dense=weight_matrix(module),
+        perm=channel_last_perm(module) if nm else None,
+        prior=None if prior is None else to_rows(module, prior.to(module.weight.device)),
+        groups=num_groups(module),
+        bias_column=has_bias(module),
+    )
+
+
+def solve_cost(layer: LayerPlan) -> float:
+    """Relative cost of a layer's solve: rows * d^3 for ``exact``, one inverse per group plus a sweep otherwise."""
+    rows, d = layer.dense.shape
+    if layer.method == "exact":
+        return float(rows) * d**3
+    return float(layer.groups) * d**3 + float(rows) * d**2
+
+
+# ---- end of LAYER KNOWLEDGE
+
+
+def make_plan(ctx: RunContext) -> Plan:
+    """Select layers, resolve methods, check weights, memory and cost: all before any work."""
+    opts = ctx.options
+    if not ctx.batches:
+        raise ValueError(
+            "no calibration batches"
+            + (f": all {ctx.empty_batches} batches were empty" if ctx.empty_batches else "")
+            + "; give a dataloader with samples (and calibration_batches >= 1)."
+        )
+    if ctx.empty_batches:
+        warnings.warn(f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
+    heads: Dict[str, str] = {}
+    if not opts.prune_head:
+        with eval_no_grad(ctx.model):
+            heads = output_heads(ctx.model, lambda: ctx.run_batch(ctx.batches[0]))
+    selection = select_layers(ctx.model, opts.sparsity, opts.exclude, ctx.nm, keep_dense=heads)
+    check_finite_parameters(ctx.model)
+    modules = dict(ctx.model.named_modules())
+    modules.update(_attention.projections(ctx.model))
+    priors = MaskSet()  # by layer name: an attention projection's block of its Parameter's mask
+    for n in selection.targets:
+        prior = _attention.prior_mask(modules[n], n, ctx.masks.masks)
+        if prior is not None:
+            priors.masks[n] = prior
+    check_prior_masks(priors, {n: modules[n] for n in selection.targets}, selection.targets, opts)
+    layers = {
+        n: layer_plan(n, modules[n], target, opts.method, ctx.nm, priors.get(n)) for n, target in selection.targets.items()
+    }
+    warn_cost(opts.method, layers)
+    check_memory(ctx, layers)
+    broadcast_buffers(ctx.model, ctx.rank)
+    return Plan(layers=layers, explicit=frozenset(selection.explicit), skipped=dict(selection.skipped))
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """NaN/inf in any parameter is named here, before it shows up as some later layer's bad input."""
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(
+            f"parameters {bad} contain NaN or inf, so calibration would see non-finite activations; fix or "
+            "reload those weights before pruning."
+        )
+
+
+def warn_cost(method: str, layers: Mapping[str, LayerPlan]) -> None:
+    """An explicit ``exact`` that will take minutes says so, with the remedy, before starting."""
+    if method != "exact":
+        return
+    cost = sum(solve_cost(l) for l in layers.values())
+    seconds = cost / EXACT_COST_PER_SECOND
+    if seconds > EXACT_WARN_SECONDS:
+        biggest = max(layers.values(), key=solve_cost)
+        warnings.warn(
+            f"method='exact' will take about {seconds / 60:.0f} min on one CPU core ({len(layers)} layers; "
+            f"'{biggest.name}' {tuple(biggest.dense.shape)} alone about {solve_cost(biggest) / EXACT_COST_PER_SECOND / 60:.0f} "
+            "min). method='auto' uses exact only where it takes seconds and SparseGPT ('fast') elsewhere; or "
+            "exclude the biggest layers.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
+    """Refuse a prune whose Hessians and solver workspace would not fit, on any rank, before calibrating."""
+    calibration, solver = ctx.options.calibration, ctx.solver
+    estimates = {
+        n: layer_memory(
+            n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes, solver.refit is not False
+        )
+        for n, l in layers.items()
+    }
+    with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
+        check_budget(estimates, calibration.memory_budget_bytes, ctx.options.sequential, ctx.device)
+
+
+def dense_modules(plan: Plan) -> Dict[str, nn.Module]:
+    """The planned layers' modules (an attention projection's stand-in too), by name."""
+    return {n: l.module for n, l in plan.layers.items()}
+
+
