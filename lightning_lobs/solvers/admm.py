@@ -26,23 +26,27 @@ one ``rho`` fits every column, and CG's Jacobi preconditioner is the identity. O
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..config import NMPattern, SolverOptions, parse_pattern
+from ..config import SolverOptions
 from .cg import masked_cg
+from .core import (
+    LayerInputs,
+    PatternLike,
+    RowFloor,
+    Solution,
+    SolveResult,
+    Tick,
+    damped_hessian,
+    layer_error,
+    prepare_inputs,
+)
 
-if TYPE_CHECKING:
-    from . import SolveResult
-
-__all__ = ["ADMM_ITERATIONS", "admm_prune"]
-
-#: A progress callback: called with the fraction in [0, 1] of the call's work done.
-Tick = Callable[[float], None]
+__all__ = ["ADMM_ITERATIONS", "REFIT_ITERATIONS", "AdmmSolver", "admm_prune"]
 
 #: Most ADMM iterations (each: two ``rows x d x d`` products and a projection).
 ADMM_ITERATIONS = 120
@@ -57,111 +61,28 @@ REFIT_ITERATIONS = 20
 REFIT_RTOL = 1e-4
 
 
-@dataclass
-class _Inputs:
-    """The validated layer: ``W`` is ``(rows, d + frozen)`` with the bias as a frozen last column."""
-
-    shape: torch.Size
-    W: Tensor
-    d: int
-    frozen: int
-    H: Tensor  # (groups, D, D)
-    pattern: Optional[NMPattern]
-    sparsity: float
-    forced: Optional[Tensor]  # (rows, d) True where the prior mask pruned
-
-
-def _inputs(
-    weight: Tensor,
-    hessian: Tensor,
-    sparsity: Optional[float],
-    bias: Optional[Tensor],
-    pattern: Union[str, Tuple[int, int], NMPattern, None],
-    prior_mask: Optional[Tensor],
-) -> _Inputs:
-    """Check the arguments as ``solve_layer`` does (same messages); the bias becomes W's last column."""
-    nm = parse_pattern(pattern)
-    if nm is not None:
-        if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
-            raise ValueError(
-                f"sparsity={sparsity} contradicts pattern '{nm}' (which removes {nm.sparsity:.3g}); pass only one."
-            )
-        sparsity = nm.sparsity
-    if sparsity is None:
-        raise ValueError("sparsity is required (a float in [0, 1)) unless an N:M pattern is given.")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}.")
-    if weight.dim() < 2:
-        raise ValueError(f"weight must have at least 2 dims (out, in, ...), got shape {tuple(weight.shape)}.")
-    shape = weight.shape
-    W = weight.detach().reshape(shape[0], -1)
-    rows, d = W.shape
-    frozen = 0
-    if bias is not None:
-        if bias.shape != (rows,):
-            raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}.")
-        W = torch.cat([W, bias.detach().reshape(rows, 1).to(W.dtype)], dim=1)
-        frozen = 1
-    H = hessian.detach()
-    H = H.unsqueeze(0) if H.dim() == 2 else H
-    if H.dim() != 3 or H.shape[-1] != H.shape[-2] or H.shape[-1] != W.shape[1]:
-        raise ValueError(
-            f"hessian must be ({W.shape[1]}, {W.shape[1]}) or (groups, {W.shape[1]}, {W.shape[1]}), got {tuple(hessian.shape)}."
-        )
-    if rows % H.shape[0]:
-        raise ValueError(f"{rows} output rows cannot be split evenly into {H.shape[0]} Hessian groups.")
-    if not (torch.isfinite(H).all() and torch.isfinite(W).all()):
-        raise ValueError("weight, bias or hessian contains NaN or inf.")
-    if nm is not None and d % nm.m:
-        raise ValueError(f"pattern '{nm}' needs the input columns ({d}) to be a multiple of {nm.m}.")
-    forced = None
-    if prior_mask is not None:
-        if prior_mask.shape != shape:
-            raise ValueError(f"prior_mask must have the weight's shape {tuple(shape)}, got {tuple(prior_mask.shape)}.")
-        forced = ~prior_mask.reshape(rows, d).to(device=W.device, dtype=torch.bool)
-        if nm is not None and bool((forced.reshape(rows, -1, nm.m).sum(-1) > nm.m - nm.n).any()):
-            raise ValueError(
-                f"prior_mask prunes more than {nm.m - nm.n} of some group of {nm.m}; it cannot hold pattern '{nm}'."
-            )
-    return _Inputs(shape, W, d, frozen, H, nm, float(sparsity), forced)
-
-
-def _removal_count(x: _Inputs, min_kept: int) -> int:
-    """Weights to prune layer-wide: the target, lowered (with a warning) to leave ``min_kept`` in every row."""
-    rows = x.W.shape[0]
-    total = int(round(x.sparsity * rows * x.d))
-    forced = x.forced.sum(dim=1) if x.forced is not None else torch.zeros(rows, dtype=torch.long)
-    if min_kept > 0:
-        most = int(torch.clamp(forced.cpu(), min=max(x.d - min_kept, 0)).sum())
-        if total > most:
-            warnings.warn(
-                f"admm: sparsity {x.sparsity:.6g} would leave fewer than min_kept_per_row={min_kept} weights in some "
-                f"of the {rows} rows of {x.d}; pruning {most / (rows * x.d):.6g} instead. "
-                "SolverOptions(min_kept_per_row=0) allows dead rows.",
-                RuntimeWarning,
-                stacklevel=4,  # admm_prune's caller
-            )
-            total = most
-    return max(total, int(forced.sum()))
-
-
 class _Projector:
     """Keep-mask of the pattern that keeps the largest ``|v| * weight_j`` (the Euclidean projection's support)."""
 
-    def __init__(self, x: _Inputs, column_weight: Optional[Tensor], min_kept: int) -> None:
+    def __init__(self, x: LayerInputs, column_weight: Optional[Tensor], floor: RowFloor) -> None:
         self.x, self.column_weight = x, column_weight  # (rows, d): 0 on dead inputs, so they go first; None: all live
+        self.min_kept = floor.per_row
+        pruned = x.pruned_before
+        self.forced = None if pruned is None else pruned[:, : x.columns]
+        removed = int(round(x.sparsity * x.rows * x.columns))
+        if self.forced is not None:
+            removed = max(removed, int(self.forced.sum()))
+        self.keep = x.rows * x.columns - removed
         self.threshold: Optional[float] = None
-        self.min_kept = min_kept if x.pattern is None else 0
-        self.keep = x.W.shape[0] * x.d - _removal_count(x, self.min_kept)
 
     def __call__(self, V: Tensor) -> Tensor:
         x = self.x
-        rows, d = V.shape[0], x.d
+        rows, d = V.shape[0], x.columns
         scores = V[:, :d].abs()
         if self.column_weight is not None:
             scores.mul_(self.column_weight)
-        if x.forced is not None:
-            scores.masked_fill_(x.forced, -math.inf)
+        if self.forced is not None:
+            scores.masked_fill_(self.forced, -math.inf)
         mask = torch.ones_like(V, dtype=torch.bool)
         if x.pattern is not None:
             m = x.pattern.m
@@ -217,69 +138,104 @@ def _rho_factor(changed: float) -> float:
     return 1.3
 
 
+@dataclass(frozen=True)
+class AdmmSolver:
+    """The ``admm`` method: ``solve(inputs, options, tick) -> Solution`` as the registry's solvers do.
+
+    Attributes:
+        iterations: most ADMM iterations (the loop usually stops earlier, once the mask has settled).
+        refit_iterations: most CG iterations of the final refit (0: ADMM's sparse copy is returned as it is).
+    """
+
+    name = "admm"
+    iterations: int = ADMM_ITERATIONS
+    refit_iterations: int = REFIT_ITERATIONS
+
+    def __post_init__(self) -> None:
+        for field_name in ("iterations", "refit_iterations"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"AdmmSolver.{field_name} must be an int >= 0, got {value!r}.")
+
+    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Optional[Tick]) -> Solution:
+        """Prune ``inputs`` to its sparsity (already lowered to the per-row minimum)."""
+        x, G = inputs, inputs.groups
+        rows, D, per = x.rows, x.width, x.rows // x.groups
+        Hd, dead = damped_hessian(x.H, options.damp, options.dtype)
+        Hd = Hd.to(x.W.device)
+        scale = torch.diagonal(Hd, dim1=-2, dim2=-1).sqrt()  # (G, D)
+        Hs = Hd / scale.unsqueeze(-1) / scale.unsqueeze(-2)
+        W0 = x.W.to(options.dtype).reshape(G, per, D) * scale.unsqueeze(1)
+        column_weight = None
+        if bool(dead.any()):
+            live = (~dead).to(options.dtype).to(x.W.device)
+            column_weight = live.unsqueeze(1).expand(G, per, D).reshape(rows, D)[:, : x.columns]
+        project = _Projector(x, column_weight, RowFloor.for_solve(options, x.pattern))
+        if project.keep == rows * x.columns:  # nothing to prune: the dense weights are the optimum
+            mask, W = torch.ones_like(W0, dtype=torch.bool), W0
+        else:
+            mask, W = _admm_loop(W0, Hs, project, self.iterations, tick)
+        mask = mask.reshape(G, per, D)
+        if self.refit_iterations > 0 and not bool(mask.all()):
+            W = masked_cg(Hs, W0, mask, x0=W, rtol=REFIT_RTOL, maxiter=self.refit_iterations)
+        if tick is not None:
+            tick(1.0)
+        return Solution((W * mask / scale.unsqueeze(1)).reshape(rows, D), mask.reshape(rows, D), options.damp)
+
+    def prune(
+        self,
+        weight: Tensor,
+        hessian: Tensor,
+        sparsity: Optional[float] = None,
+        *,
+        pattern: PatternLike = None,
+        bias: Optional[Tensor] = None,
+        prior_mask: Optional[Tensor] = None,
+        solver: Optional[SolverOptions] = None,
+        tick: Optional[Tick] = None,
+    ) -> SolveResult:
+        """:func:`admm_prune` with this solver's iteration limits."""
+        options = solver or SolverOptions()
+        x = prepare_inputs(weight, hessian, sparsity, bias, pattern, prior_mask)
+        floor = RowFloor.for_solve(options, x.pattern)
+        x = replace(x, sparsity=floor.limit_sparsity(x.sparsity, x.rows, x.columns, x.pruned_before, "admm", 4))
+        out = self.solve(x, options, tick)
+        if not torch.isfinite(out.weight).all():
+            raise FloatingPointError(
+                "the admm solve produced non-finite weights; raise SolverOptions.damp or use float64."
+            )
+        new = out.weight.to(weight.dtype)
+        return SolveResult(
+            weight=new[:, : x.columns].reshape(x.shape).clone(),
+            mask=out.kept[:, : x.columns].reshape(x.shape).clone(),
+            bias=new[:, -1].clone() if x.bias_cols else None,
+            error=layer_error(x.W, out.weight, x.H),
+            damp=out.damp,
+            method="admm",
+        )
+
+
 def admm_prune(
     weight: Tensor,
     hessian: Tensor,
     sparsity: Optional[float] = None,
     *,
-    pattern: Union[str, Tuple[int, int], NMPattern, None] = None,
+    pattern: PatternLike = None,
     bias: Optional[Tensor] = None,
     prior_mask: Optional[Tensor] = None,
     solver: Optional[SolverOptions] = None,
-    iterations: int = ADMM_ITERATIONS,
-    refit_iterations: int = REFIT_ITERATIONS,
     tick: Optional[Tick] = None,
-) -> "SolveResult":
+) -> SolveResult:
     """Prune one layer by ADMM with mask reselection, then refit the kept weights by conjugate gradients.
 
     Arguments as in :func:`~lightning_lobs.solvers.solve_layer` (``weight`` ``(out, ...)``, ``hessian`` ``(D, D)``
     or ``(groups, D, D)`` with ``D = d + 1`` when a bias is given; the bias is never pruned but moves; weights that
     ``prior_mask`` prunes stay pruned and count towards ``sparsity``; unstructured solves keep
-    ``solver.min_kept_per_row`` weights per row). ``iterations`` bounds the ADMM loop, ``refit_iterations`` the CG
-    refit (0: no refit, ADMM's sparse copy is returned). ``tick`` is called with the fraction of the work done.
+    ``solver.min_kept_per_row`` weights per row). ``tick`` is called with the fraction of the work done. Other
+    iteration limits: ``AdmmSolver(iterations=..., refit_iterations=...).prune(...)``.
     """
-    from . import SolveResult, damped_hessian, layer_error  # deferred: solvers/__init__ may import this module
-
-    solver = solver or SolverOptions()
-    for name, value in (("iterations", iterations), ("refit_iterations", refit_iterations)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
-    x = _inputs(weight, hessian, sparsity, bias, pattern, prior_mask)
-    rows, D = x.W.shape
-    G = x.H.shape[0]
-    Hd, dead = damped_hessian(x.H, solver.damp, solver.dtype)
-    Hd = Hd.to(x.W.device)
-    scale = torch.diagonal(Hd, dim1=-2, dim2=-1).sqrt()  # (G, D)
-    Hs = Hd / scale.unsqueeze(-1) / scale.unsqueeze(-2)
-    W0 = x.W.to(solver.dtype).reshape(G, rows // G, D) * scale.unsqueeze(1)
-    column_weight = None
-    if bool(dead.any()):
-        live = (~dead).to(solver.dtype).to(x.W.device)
-        column_weight = live.unsqueeze(1).expand(G, rows // G, D).reshape(rows, D)[:, : x.d]
-    project = _Projector(x, column_weight, solver.min_kept_per_row)
-
-    if x.pattern is None and project.keep == rows * x.d:  # nothing to prune: the dense weights are the optimum
-        mask, W = torch.ones_like(W0, dtype=torch.bool), W0
-    else:
-        mask, W = _admm_loop(W0, Hs, project, iterations, tick)
-    mask = mask.reshape(G, rows // G, D)
-    if refit_iterations > 0 and not bool(mask.all()):
-        W = masked_cg(Hs, W0, mask, x0=W, rtol=REFIT_RTOL, maxiter=refit_iterations)
-    new = (W * mask / scale.unsqueeze(1)).reshape(rows, D)
-    if not torch.isfinite(new).all():
-        raise FloatingPointError("the admm solve produced non-finite weights; raise SolverOptions.damp or use float64.")
-    if tick is not None:
-        tick(1.0)
-    error = layer_error(x.W, new, x.H)
-    new = new.to(weight.dtype)
-    mask2 = mask.reshape(rows, D)
-    return SolveResult(
-        weight=new[:, : x.d].reshape(x.shape).clone(),
-        mask=mask2[:, : x.d].reshape(x.shape).clone(),
-        bias=new[:, -1].clone() if x.frozen else None,
-        error=error,
-        damp=solver.damp,
-        method="admm",
+    return AdmmSolver().prune(
+        weight, hessian, sparsity, pattern=pattern, bias=bias, prior_mask=prior_mask, solver=solver, tick=tick
     )
 
 

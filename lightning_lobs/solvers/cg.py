@@ -14,12 +14,13 @@ norm the preconditioner defines), which is what the tests check against the dire
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..config import SolverOptions
+from .core import Tick, damped_hessian
 
 __all__ = ["cg_refit", "masked_cg"]
 
@@ -35,7 +36,7 @@ def masked_cg(
     x0: Optional[Tensor] = None,
     rtol: float = CG_RTOL,
     maxiter: Optional[int] = None,
-    tick: Optional[Callable[[float], None]] = None,
+    tick: Optional[Tick] = None,
 ) -> Tensor:
     """Minimise ``(x - w) H (x - w)^T`` per row over ``x`` with ``x = 0`` where ``mask`` is False.
 
@@ -91,7 +92,7 @@ def cg_refit(
     x0: Optional[Tensor] = None,
     rtol: float = CG_RTOL,
     maxiter: Optional[int] = None,
-    tick: Optional[Callable[[float], None]] = None,
+    tick: Optional[Tick] = None,
 ) -> Tensor:
     """Iterative counterpart of :func:`~lightning_lobs.solvers.refit`: same damped system, same arguments.
 
@@ -99,7 +100,6 @@ def cg_refit(
     ``mask`` the keep-mask. H is damped by ``solver.damp`` as ``refit`` does; the solve runs in ``solver.dtype``.
     ``x0`` warm-starts it (a sweep's or ADMM's weights); see :func:`masked_cg` for ``rtol`` and ``maxiter``.
     """
-    from . import damped_hessian  # deferred: solvers/__init__ may import this module
 
     solver = solver or SolverOptions()
     H, _ = damped_hessian(hessian, solver.damp, solver.dtype)
