@@ -240,3 +240,15 @@ def test_default_float32_beats_sparsegpt_on_a_wider_layer() -> None:
         got = admm_prune(W.float(), H.float(), **kw)
         assert got.weight.dtype == torch.float32
         assert got.error < solve_layer(W.float(), H.float(), method="fast", **kw).error
+
+
+def test_two_four_fast_path_equals_topk_with_ties_and_pruned() -> None:
+    from lightning_lobs.solvers.admm import _nm_keep, _topk_keep
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(10):
+        x = torch.randn(20, 16, 4, generator=g).abs()
+        if trial % 2:
+            x = (x * 3).round()  # many ties
+        x[torch.rand(x.shape, generator=g) < 0.1] = -math.inf  # prior-pruned entries
+        assert torch.equal(_nm_keep(x, 2), _topk_keep(x.reshape(-1, 4), 2).reshape(x.shape))
