@@ -14,7 +14,7 @@ together by a penalty ``rho/2 |W - Z + U|^2`` with the scaled dual ``U``:
 ``W = Z``: the refit makes the kept weights exact). The kept weights are then refitted to the least-squares optimum
 for the final mask by preconditioned conjugate gradients on all rows at once (:mod:`.cg`), warm-started from ADMM's
 sparse copy. Measured against ALPS's own code on LLM-like 768/3072-wide layers (BENCHMARKS.md): a lower layer error
-at 50%, 70% and 2:4 in about half its time, and 60-78% less error than SparseGPT's own code at 11-19x its time.
+at 50%, 70% and 2:4 in 0.4-0.9x its time, and 60-78% less error than SparseGPT's own code at 11-14x its time.
 
 Everything runs in the Jacobi-scaled coordinates ``w_j sqrt(H_jj)``: there ``H`` has a unit diagonal, the
 projection ranks weights by ``|w_j| sqrt(H_jj)`` (so 20x outlier input channels are not pruned by raw magnitude),
