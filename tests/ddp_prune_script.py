@@ -39,10 +39,10 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_lobs.engine.calibrate as _calibrate_mod  # noqa: E402
 import lightning_lobs.engine.solve as _solve_mod  # noqa: E402
+from lightning_lobs import LOBSPruning  # noqa: E402
 from lightning_lobs.config import PruneOptions  # noqa: E402
 from lightning_lobs.distributed import RankInfo  # noqa: E402
 from lightning_lobs.engine import prune  # noqa: E402
-from lightning_lobs import LOBSPruning  # noqa: E402
 
 N_SAMPLES = 256
 BATCH = 32

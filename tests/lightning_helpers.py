@@ -1,7 +1,7 @@
 """A tiny LightningModule and Trainer for either Lightning namespace (not a test module).
 
 ``NAMESPACES`` lists the installed ones; tests parametrize over them with the ``ns`` fixture
-(import it into the test module) so every Trainer flow runs under ``lightning.pytorch`` and
+(tests/conftest.py provides it to every test module) so every Trainer flow runs under ``lightning.pytorch`` and
 ``pytorch_lightning``. Helper callbacks derive from ``CALLBACK_BASES`` (both namespaces' Callback).
 """
 
@@ -9,27 +9,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from functools import lru_cache
-from types import ModuleType
+from functools import cache
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import namespaces
 from lightning_lobs._lightning import CALLBACK_BASES
 
-NAMESPACES = [n for n in ("lightning.pytorch", "pytorch_lightning") if importlib.util.find_spec(n.split(".")[0])]
+NAMESPACES = namespaces.NAMESPACES
+ns = namespaces.ns  # still importable from here, for test modules written before conftest provided it
 
 LAYERS = ("net.0", "net.2", "net.4")
-
-
-@pytest.fixture(params=NAMESPACES)
-def ns(request) -> ModuleType:
-    """The Lightning namespace a test runs under (every installed one)."""
-    return importlib.import_module(request.param)
 
 
 def make_data(n: int = 512, seed: int = 0) -> TensorDataset:
@@ -40,7 +34,7 @@ def make_data(n: int = 512, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-@lru_cache(maxsize=None)
+@cache
 def lit_mlp_class(ns_name: str) -> type:
     """``LitMLP`` subclassing ``<ns>.LightningModule`` (one class per namespace)."""
     ns = importlib.import_module(ns_name)

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.engine.solve as solve_mod
-from lightning_lobs import CalibrationOptions, MaskSet, PruneReport, SolverOptions, prune_model
 from helpers import hook_counts
+from lightning_lobs import CalibrationOptions, MaskSet, PruneReport, SolverOptions, prune_model
 
 METHODS = ("lobs", "exact", "fast", "auto")
 

@@ -38,7 +38,8 @@ def _reference_attention(mha: nn.MultiheadAttention, query, key, value, key_padd
     bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
     q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-    split = lambda t, n: t.reshape(b, n, h, e // h).transpose(1, 2)
+    def split(t, n):
+        return t.reshape(b, n, h, e // h).transpose(1, 2)
     scores = split(q, lq) @ split(k, lk).transpose(-1, -2) / math.sqrt(e // h)
     if attn_mask is not None:
         scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
@@ -72,7 +73,8 @@ def test_recomputed_attention_output_equals_the_fused_forward(batch_first, masks
     mha = _mha(batch_first, True, kdim=6)
     g = torch.Generator().manual_seed(1)
     b, lq, lk = 3, 5, 4
-    shape = lambda n, d: (b, n, d) if batch_first else (n, b, d)
+    def shape(n, d):
+        return (b, n, d) if batch_first else (n, b, d)
     q = torch.randn(*shape(lq, 8), generator=g, dtype=torch.float64)
     kv = torch.randn(*shape(lk, 6), generator=g, dtype=torch.float64)
     kwargs = {}
@@ -111,7 +113,8 @@ def test_projection_blocks_and_out_proj_match_the_float64_reference_solve(batch_
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(2)
     kd = kdim or 8
-    shape = lambda n, d: (4, n, d) if batch_first else (n, 4, d)
+    def shape(n, d):
+        return (4, n, d) if batch_first else (n, 4, d)
     batches = [
         (torch.randn(*shape(5, 8), generator=g, dtype=torch.float64), torch.randn(*shape(7, kd), generator=g, dtype=torch.float64))
         for _ in range(3)
@@ -156,7 +159,8 @@ def test_cross_attention_in_a_decoder_takes_key_and_value_from_the_memory_with_m
     batches = [(torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 7, 8, generator=g, dtype=torch.float64)) for _ in range(2)]
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
     pad = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 6 + [True]])
-    run = lambda m, b: m(b[0], b[1], tgt_mask=tgt_mask, memory_key_padding_mask=pad)
+    def run(m, b):
+        return m(b[0], b[1], tgt_mask=tgt_mask, memory_key_padding_mask=pad)
 
     cross = dec.layers[0].multihead_attn
     seen = []

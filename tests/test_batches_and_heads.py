@@ -158,7 +158,6 @@ def test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning(
     """The callback calls the LightningModule's forward under the same rule as prune_model."""
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import make_trainer
-
     from lightning_lobs import LOBSPruning
 
     batches = _padded_batches()
@@ -263,7 +262,6 @@ def test_a_model_whose_only_layer_is_its_head_says_prune_head():
 def test_lobs_pruning_leaves_the_head_dense_unless_prune_head():
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import lit_mlp, make_trainer
-
     from lightning_lobs import LOBSPruning
 
     reports = {}

@@ -25,9 +25,9 @@ from lightning_lobs.bounds import (
     layer_error,
     make_layer_term,
     operator_norm,
-    spectral_norm,
     positions_per_sample,
     rms_error,
+    spectral_norm,
 )
 
 

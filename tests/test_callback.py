@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_lobs import LOBSPruning, prune_model
 from helpers import hook_counts
+from lightning_helpers import LAYERS, BothCallback, lit_mlp, make_trainer, numel, zeros
+from lightning_lobs import LOBSPruning, prune_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -25,9 +26,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*your dataloader is not resumable.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
 ]
-
-from lightning_helpers import LAYERS, BothCallback, lit_mlp, make_trainer, ns, numel, zeros  # noqa: F401 - ns is a fixture
-
 
 # --------------------------------------------------------------------------- model, data, helpers
 

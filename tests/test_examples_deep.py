@@ -48,6 +48,7 @@ def _check_rows(rows: list, expected_methods: set, layer_count: int) -> None:
             assert r["methods_used"], where
 
 
+@pytest.mark.examples
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="full MNIST not at ../shared/data/mnist")
 def test_resnet_mnist_quick(tmp_path: Path) -> None:
     import resnet_mnist
@@ -70,6 +71,7 @@ def test_resnet_mnist_quick(tmp_path: Path) -> None:
             assert math.isnan(r["bound"]) and r["bound_note"] and math.isfinite(r["output_error"])
 
 
+@pytest.mark.examples
 def test_gpt2_stdlib_quick(tmp_path: Path) -> None:
     import gpt2_stdlib
 

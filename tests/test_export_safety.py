@@ -12,10 +12,10 @@ import threading
 
 import pytest
 import torch
-from sparse_fuzz import craft, join, rebuild, reseal, split
 from torch import nn
 
 from lightning_lobs.export import load_sparse, read_sparse, save_sparse
+from sparse_fuzz import craft, join, rebuild, reseal, split
 
 INVALID = "is not a valid lightning-lobs sparse file"
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from lightning_lobs import MaskSet, SolverOptions, prune_model
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
+# `-m gpu` selects the CUDA cases; the "cpu" ones are their float64 references and stay in the default run
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")]
 DEVICES = ("cpu", pytest.param("cuda", marks=needs_cuda))
 
 METHODS = ("exact", "lobs", "fast", "auto")
@@ -159,7 +160,8 @@ def test_masks_hold_through_optimizer_steps(device, kind, optimizer):
     _check_masks_hold_through_steps(device, kind, optimizer)
 
 
-@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU here)")
 def test_cuda_lobs_pruning_callback():
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset

@@ -371,6 +371,7 @@ def _dist_worker(rank: int, world: int, port: int, result_path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="gloo")
 def test_reduce_sums_across_ranks(tmp_path):
     import torch.multiprocessing as mp

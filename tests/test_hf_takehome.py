@@ -9,18 +9,17 @@ from __future__ import annotations
 import copy
 import importlib
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_helpers import NAMESPACES, make_trainer
 from lightning_lobs import LOBSPruning, load_sparse, save_sparse, to_sparse_inference
 from lightning_lobs.export import CSRLinear, plan_sparse_inference
 from lightning_lobs.hessian import is_hf_conv1d
-
-from lightning_helpers import NAMESPACES, make_trainer, ns  # noqa: F401  (ns is a fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +42,7 @@ def token_data() -> TensorDataset:
     return TensorDataset(torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def lit_gpt2_class(ns_name: str) -> type:
     ns_mod = importlib.import_module(ns_name)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_helpers import lit_mlp_class, zeros
 from lightning_lobs import LOBSPruning
-from lightning_helpers import lit_mlp_class, ns, zeros  # noqa: F401 - ns is a fixture
 
 pytest.importorskip("jsonargparse")
 
@@ -95,6 +95,7 @@ def test_bad_choice_is_refused_by_the_cli(ns, capsys):
     assert "fastest" in capsys.readouterr().err
 
 
+@pytest.mark.examples
 def test_example_config_runs(tmp_path, monkeypatch):
     example = importlib.import_module("lobs_cli")
     monkeypatch.chdir(tmp_path)
@@ -116,6 +117,7 @@ def test_example_config_runs(tmp_path, monkeypatch):
     assert cb.last_report.sparsity == pytest.approx(0.8, abs=0.01)
 
 
+@pytest.mark.examples
 def test_the_override_command_in_the_example_docstring_runs(tmp_path, monkeypatch):
     """The docstring's ``--trainer.callbacks.init_args...`` command, read from the docstring itself, with a shorter run."""
     import shlex

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_helpers import LAYERS, NAMESPACES, BothCallback, lit_mlp, make_trainer, zeros
 from lightning_lobs import LOBSPruning
-from lightning_lobs.progress import console_progress
 from lightning_lobs.config import PruneProgress
-from lightning_helpers import LAYERS, NAMESPACES, BothCallback, lit_mlp, make_trainer, ns, zeros  # noqa: F401 - ns is a fixture
+from lightning_lobs.progress import console_progress
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -377,7 +377,7 @@ def test_console_progress_throttles_but_shows_each_phase_end(capsys):
     assert err == [PruneProgress("solve", 1, 5, "l1", 0.1, 1.0).describe(), PruneProgress("solve", 5, 5, "l5", 0.5, 1.0).describe()]
 
 
-# --------------------------------------------------------------------------- frozen layers (issue 8)
+# --------------------------------------------------------------------------- frozen layers
 
 
 def test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing(ns):

@@ -107,7 +107,7 @@ def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation)
     assert len(inside) >= _trace_work_lower_bound(rows, d) / BUDGET
     assert all(e.layer == "0" and e.fraction is not None and (e.eta is not None or e.fraction == 0) for e in inside)
     assert [e.fraction for e in inside] == sorted(e.fraction for e in inside)
-    assert "L-OBS %s 0/1 0 " % traced in inside[len(inside) // 2].describe() and "%" in inside[-1].describe()
+    assert f"L-OBS {traced} 0/1 0 " in inside[len(inside) // 2].describe() and "%" in inside[-1].describe()
     finished = [e for e in events if e.phase == traced and e.done == 1]
     assert len(finished) == 1 and finished[0].eta == 0.0 and finished[0].fraction == 1.0
     measure = [e for e in events if e.phase == "measure"]

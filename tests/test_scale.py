@@ -288,6 +288,7 @@ def test_residual_net_bound_is_nan_with_a_reason():
     assert rep.sparsity == pytest.approx(0.5, abs=0.01)
 
 
+# ResNet-18 at full width: about 3 minutes of the suite on 2 shared cores, so out of the default run (-m slow)
 @pytest.fixture(scope="module")
 def resnet18_pruned():
     torchvision = pytest.importorskip("torchvision")
@@ -308,6 +309,7 @@ def resnet18_pruned():
     return dense, model, report, batches[:2]
 
 
+@pytest.mark.slow
 def test_resnet18_prunes_every_conv_and_fc(resnet18_pruned):
     dense, model, report, _ = resnet18_pruned
     expected = [n for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -330,6 +332,7 @@ def test_resnet18_prunes_every_conv_and_fc(resnet18_pruned):
     assert model.training  # modes restored
 
 
+@pytest.mark.slow
 def test_resnet18_batchnorm_reestimated_on_the_pruned_net(resnet18_pruned):
     dense, model, _, batches = resnet18_pruned
     # Changed from the dense statistics...
@@ -383,6 +386,7 @@ class LitResNet(pl.LightningModule):
         return DataLoader(self.data, batch_size=8, shuffle=True)
 
 
+@pytest.mark.slow
 def test_lobs_pruning_callback_on_resnet18():
     pytest.importorskip("torchvision")
     module = LitResNet()

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 
+from lightning_helpers import BothCallback, lit_mlp, make_trainer
 from lightning_lobs import LOBSPruning
-from lightning_helpers import BothCallback, lit_mlp, make_trainer, ns  # noqa: F401 - ns is a fixture
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from lightning_helpers import BothCallback, lit_mlp, make_trainer, ns  # noqa: F401 - ns is a fixture
+from lightning_helpers import BothCallback, lit_mlp, make_trainer
 from lightning_lobs import GradualSchedule, LOBSPruning, PruneSchedule, SparsitySchedule
 from lightning_lobs.schedules import Due, ScheduleRun, schedule_from_args, steps_per_epoch
 
@@ -322,7 +322,7 @@ def test_step_schedule_prunes_before_each_step(ns):
     make_trainer(ns, 2, [cb, StepWatch()]).fit(model)
     assert cb.pruned_steps == [1, 3]
     assert [step for step, _ in seen] == [0, 1, 2, 3]
-    for (step, got), want in zip(seen, (0.0, 0.2, 0.2, 0.6)):
+    for (_step, got), want in zip(seen, (0.0, 0.2, 0.2, 0.6)):
         assert abs(got - want) <= 1.0 / 32, seen  # net.0 is 24x32: whole weights per row
 
 

@@ -14,18 +14,18 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_helpers import BothCallback, lit_mlp, make_trainer, ns  # noqa: F401 - ns is a fixture
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from lightning_helpers import BothCallback, lit_mlp, make_trainer
 from lightning_lobs import LOBSPruning, MaskSet, prune_model
+from lightning_lobs.api import take_batches
 from lightning_lobs.config import PruneOptions
 from lightning_lobs.engine import calibrate as calibrate_mod
 from lightning_lobs.engine import prune
 from lightning_lobs.engine import report as report_mod
 from lightning_lobs.engine import run as run_mod
 from lightning_lobs.engine import solve as solve_mod
-from lightning_lobs.api import take_batches
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -441,9 +441,9 @@ class RecordOrder(BothCallback):
 def test_calibrating_from_the_training_loader_keeps_the_data_order_of_later_epochs(tmp_path, ns):
     """LitMLP's training loader has its own generator: the prune at epoch 1 draws from that loader."""
     orders = []
-    for prune in (False, True):
+    for with_prune in (False, True):
         record = RecordOrder()
-        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)] if prune else [])
+        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)] if with_prune else [])
         make_trainer(ns, 3, callbacks, tmp_path).fit(lit_mlp(ns))
         orders.append(record.seen)
     assert orders[0] == orders[1]

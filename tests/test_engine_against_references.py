@@ -1,4 +1,4 @@
-"""Issue 8: tests that pin behaviour a single-point change to the engine would otherwise break unnoticed.
+"""Engine results checked against independent computations: behaviour a single-point change to the engine would otherwise break unnoticed.
 
 Each compares with an independent computation (never with the report's own targets): the conv
 layers' ``d_term`` and positions, the restore of BatchNorm statistics after a failure that
@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

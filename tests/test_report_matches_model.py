@@ -1,6 +1,7 @@
-"""Issue 8: what the report says is what the model holds, or a clear refusal.
+"""What the report says is what the model holds, or a clear refusal.
 
-Every case quoted in the issue is reproduced here; each checks the report against the model's
+Which layers are pruned, left dense or refused (parametrized and tied weights, transformers, layers never called),
+and the checks made before any work (numbers, costs, batches); each checks the report against the model's
 actual zeros (never against the report's own targets).
 """
 
@@ -16,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import PruneOptions, prune_model
-from lightning_lobs.config import as_fraction
 from lightning_lobs.attention import prior_mask, projections
+from lightning_lobs.config import as_fraction
 from lightning_lobs.selection import select_layers
 
 transformers = pytest.importorskip("transformers")
