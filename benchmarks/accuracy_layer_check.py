@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accuracy as A  # noqa: E402
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix  # noqa: E402
+from lightning_lobs.hessian import HessianCollector  # noqa: E402
+from lightning_lobs.layers import has_bias, weight_matrix  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer  # noqa: E402

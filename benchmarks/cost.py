@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # exa
 from lightning_lobs import prune_model  # noqa: E402
 from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS  # noqa: E402
 from mnist_data import lenet5, lenet300_100, load_mnist, mnist_dataloaders  # noqa: E402
-from lightning_lobs.hessian import HessianCollector, is_supported  # noqa: E402
+from lightning_lobs.hessian import HessianCollector  # noqa: E402
+from lightning_lobs.layers import is_prunable  # noqa: E402
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> float:
@@ -75,7 +76,7 @@ def nominal_flops(method: str, rows: int, d: int, kept: float) -> float:
 
 
 def time_forward(model: nn.Module, batches, hessians: bool) -> float:
-    modules = {n: m for n, m in model.named_modules() if is_supported(m)}
+    modules = {n: m for n, m in model.named_modules() if is_prunable(m)}
     t0 = time.perf_counter()
     with torch.no_grad():
         if hessians:

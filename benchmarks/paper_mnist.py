@@ -76,7 +76,8 @@ import lightning_lobs  # noqa: E402
 from lenet300_mnist import LENET300_KEEP_PROFILE, allocate_sparsity  # noqa: E402
 from lenet5_mnist import LENET5_KEEP_PROFILE  # noqa: E402
 from lightning_lobs import SolverOptions, prune_model  # noqa: E402
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix  # noqa: E402
+from lightning_lobs.hessian import HessianCollector  # noqa: E402
+from lightning_lobs.layers import has_bias, weight_matrix  # noqa: E402
 from mnist_data import MNISTSplits, lenet5, lenet300_100, load_mnist, prunable_layers  # noqa: E402
 
 log = logging.getLogger("benchmarks.paper_mnist")

@@ -33,8 +33,8 @@ from baselines import magnitude_masks, mask_from_scores, nm_mask_from_scores, wa
 
 from lightning_lobs import LOBSPruning, MaskSet, PruneReport  # noqa: E402
 from lightning_lobs.batchnorm import recalibrate_batchnorm  # noqa: E402
-from lightning_lobs.hessian import from_rows as _from_rows  # noqa: E402
-from lightning_lobs.hessian import to_rows  # noqa: E402
+from lightning_lobs.layers import from_rows as _from_rows  # noqa: E402
+from lightning_lobs.layers import to_rows  # noqa: E402
 
 OBS_METHODS = ("auto", "exact", "fast", "lobs")
 BASELINES = ("magnitude_global", "magnitude_layer", "wanda")

@@ -27,14 +27,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from . import layers
 from ._deprecated import moved_names_getattr
 from .layers import (
     batched_conv_input,
     conv_padding,
     describe_layer,
-    is_linear_like,
     is_prunable,
-    matrix_cols,
     pad_input,
     patch_view,
 )
@@ -211,7 +210,8 @@ class HessianAccumulator:
                 )
             if x.numel():
                 self.max_abs = max(self.max_abs, float(x.abs().max()))
-            if is_linear_like(self.module):
+            # qualified: a bare ``is_linear_like`` here would bypass the old name's DeprecationWarning
+            if layers.is_linear_like(self.module):
                 if x.shape[-1] != self._dw:
                     raise ValueError(
                         f"layer {self.name!r} expects last input dim {self._dw}, got shape {tuple(x.shape)}"
