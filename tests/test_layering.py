@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Names that do not exist yet are skipped. Inside a package, `package.*` is every submodule without its own entry.
 LEVELS: dict[str, int] = {
     "checks": 0,
+    "_deprecated": 0,  # the warning __getattr__ of old import paths (it imports their new homes by name at call time)
     "config": 0,
     "_lightning": 0,
     "attention": 1,
@@ -67,39 +68,14 @@ OUTSIDE = {"lab", "examples", "benchmarks", "tests", "mnist_data", "text_data", 
 # never add to them: fix the import instead.
 
 # (importer, imported): imports of a higher level.
-ALLOWED_UPWARD: set[tuple[str, str]] = {
-    # options.py (to become the shim of config) holds two option classes that import the algorithms
-    ("allocation", "pruner"),  # TYPE_CHECKING: _Layer, the record allocation writes targets into
-    ("api", "options"),
-    ("api", "pruner"),
-    ("callback", "options"),
-    ("callback", "pruner"),
-    ("progress", "options"),  # TYPE_CHECKING: ProgressFn, PruneProgress
-    ("schedules", "options"),
-    ("selection", "options"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 # Sets of modules that import each other (strongly connected components of the graph); a cycle inside a listed set
 # passes (breaking part of a cycle leaves a smaller one).
-ALLOWED_CYCLES: set[frozenset[str]] = {
-    # pruner calls allocate_layers and allocation annotates pruner._Layer; options imports allocation for
-    # GlobalAllocation; selection imports options, pruner imports selection
-    frozenset({"allocation", "options", "pruner", "selection"}),
-}
+ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 # (importer, imported, name): private names taken from another module.
-ALLOWED_PRIVATE: set[tuple[str, str, str]] = {
-    ("allocation", "pruner", "_Layer"),
-    ("callback", "masks", "_resolve_weight"),
-    ("export", "masks", "_PRUNABLE_TYPES"),
-    ("export", "masks", "_resolve_weight"),
-    ("pruner", "masks", "_resolve_weight"),
-    # the progress ticks of a solve, computed by the engine for its progress events
-    ("pruner", "solvers", "_MASK_WORK_PER_WEIGHT"),
-    ("pruner", "solvers", "_REFIT_WORK_FACTOR"),
-    ("pruner", "solvers", "_tick_rows"),
-    ("pruner", "solvers", "_trace_work"),
-}
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 # ---------------------------------------------------------------------------------------------------------------------
 
 
