@@ -49,38 +49,25 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from lobs_lab.harness import csv_list, machine_info, quiet_trainer
+from lobs_lab.metrics import accuracy, prunable_layers, weight_sparsity
+from lobs_lab.mnist import load_mnist, mnist_dataloaders
+from lobs_lab.models import MNISTClassifier, lenet5, lenet300_100
 from pytorch_lightning.callbacks import Callback, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))  # the demo data and models: examples/mnist_data.py
-
-from lightning_lobs import LOBSPruning, MaskSet  # noqa: E402
-from mnist_data import (  # noqa: E402
-    MNISTClassifier,
-    accuracy,
-    lenet5,
-    lenet300_100,
-    load_mnist,
-    mnist_dataloaders,
-    prunable_layers,
-    weight_sparsity,
-)
+from lightning_lobs import LOBSPruning, MaskSet
 
 log = logging.getLogger("benchmarks.accuracy")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NETS: Dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
 NET_TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
@@ -92,16 +79,6 @@ ALL_METHODS = OBS_METHODS + BASELINES
 # --------------------------------------------------------------------------- helpers
 
 
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], List[Any]]:
-    def parse(value: str) -> List[Any]:
-        items = [kind(v) for v in value.split(",") if v.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        return items
-
-    return parse
-
-
 def layer_sparsities(net: nn.Module) -> Dict[str, float]:
     return {
         name: float((m.weight.detach() == 0).sum()) / m.weight.numel() for name, m in prunable_layers(net)
@@ -110,19 +87,6 @@ def layer_sparsities(net: nn.Module) -> Dict[str, float]:
 
 def zero_masks(net: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: (m.weight.detach() == 0).clone() for name, m in prunable_layers(net)}
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
 
 
 class BenchClassifier(MNISTClassifier):
@@ -355,36 +319,16 @@ def prune_and_retrain(
 # --------------------------------------------------------------------------- main
 
 
-def machine_info() -> Dict[str, Any]:
-    model_name = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                model_name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {
-        "cpu_model": model_name,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pytorch_lightning": pl.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 seed, sparsities 0.8,0.93, 2/1 dense epochs, checkpoints 8,16 (overrides those options)")
-    p.add_argument("--nets", type=_csv(str), default=["lenet300", "lenet5"])
-    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="seeds for LeNet-300-100 (and LeNet-5 unless --seeds-lenet5)")
-    p.add_argument("--seeds-lenet5", type=_csv(int), default=None, help="seeds for LeNet-5 (default: --seeds)")
-    p.add_argument("--sparsities", type=_csv(float), default=[0.5, 0.8, 0.9, 0.93, 0.95])
-    p.add_argument("--methods", type=_csv(str), default=list(ALL_METHODS))
-    p.add_argument("--checkpoints", type=_csv(int), default=[32, 100, 500],
+    p.add_argument("--nets", type=csv_list(str), default=["lenet300", "lenet5"])
+    p.add_argument("--seeds", type=csv_list(int), default=[0, 1, 2], help="seeds for LeNet-300-100 (and LeNet-5 unless --seeds-lenet5)")
+    p.add_argument("--seeds-lenet5", type=csv_list(int), default=None, help="seeds for LeNet-5 (default: --seeds)")
+    p.add_argument("--sparsities", type=csv_list(float), default=[0.5, 0.8, 0.9, 0.93, 0.95])
+    p.add_argument("--methods", type=csv_list(str), default=list(ALL_METHODS))
+    p.add_argument("--checkpoints", type=csv_list(int), default=[32, 100, 500],
                    help="retraining steps at which test accuracy is measured (32 = one epoch of the 4,000-image set)")
     p.add_argument("--epochs-lenet300", type=int, default=15)
     p.add_argument("--epochs-lenet5", type=int, default=10)

@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import accuracy as A  # noqa: E402
-from lightning_lobs.hessian import HessianCollector  # noqa: E402
-from lightning_lobs.layers import has_bias, weight_matrix  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from dataclasses import replace
 
-from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer  # noqa: E402
+import accuracy as A  # benchmarks/accuracy.py, beside this script (its folder is on sys.path when run as one)
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
+from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
+from lobs_lab.harness import csv_list
 
 #: column -> (solve_layer method, SolverOptions.refit)
 VARIANTS = {"lobs": ("lobs", True), "lobs-literal": ("lobs", False), "exact": ("exact", None),
@@ -43,8 +42,8 @@ VARIANTS = {"lobs": ("lobs", True), "lobs-literal": ("lobs", False), "exact": ("
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--nets", type=A._csv(str), default=["lenet300", "lenet5"])
-    p.add_argument("--sparsities", type=A._csv(float), default=[0.8, 0.93])
+    p.add_argument("--nets", type=csv_list(str), default=["lenet300", "lenet5"])
+    p.add_argument("--sparsities", type=csv_list(float), default=[0.8, 0.93])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "accuracy_layer_check.json"))
     cli = p.parse_args()

@@ -39,16 +39,17 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
+from lobs_lab.harness import train_epochs
+from lobs_lab.metrics import correct_count
+from lobs_lab.mnist import load_mnist
+from lobs_lab.models import BasicBlock, lenet300_100
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+from lightning_lobs import GlobalAllocation, prune_model
+from lightning_lobs.batchnorm import recalibrate_batchnorm
 
-from lightning_lobs import GlobalAllocation, prune_model  # noqa: E402
-from lightning_lobs.batchnorm import recalibrate_batchnorm  # noqa: E402
-from mnist_data import lenet300_100, load_mnist  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_resnet(width: int = 8) -> nn.Module:
@@ -57,26 +58,10 @@ def small_resnet(width: int = 8) -> nn.Module:
     average pool, Linear(4w, 10). BatchNorm after every conv, no conv bias; 16 prunable layers
     (stem, 12 block convs, 2 shortcuts, fc); w = 8: 44,064 weights."""
 
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.short = None
-            if stride != 1 or cin != cout:
-                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return torch.relu(y + (x if self.short is None else self.short(x)))
-
     layers: List[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     cin = width
     for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        layers += [BasicBlock(cin, cout, stride, project=True), BasicBlock(cout, cout, 1, project=True)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10)]
     return nn.Sequential(*layers)
@@ -86,24 +71,9 @@ def prunable(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-@torch.no_grad()
 def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
-    return 100.0 * correct / len(y)
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    """Test accuracy in percent (the model is left in eval mode, as the prunes that follow expect)."""
+    return 100.0 * correct_count(model, x, y, batch=1000) / len(y)
 
 
 def global_magnitude(model: nn.Module, s: float) -> None:
@@ -217,7 +187,7 @@ def main() -> None:
         dense = lenet300_100() if flat else small_resnet(args.width)
         t0 = time.perf_counter()
         ntr = args.train_images or len(ytr)
-        train(dense, xtr[:ntr], ytr[:ntr], epochs, seed)
+        train_epochs(dense, xtr[:ntr], ytr[:ntr], epochs, seed, batch=128)
         t_train = time.perf_counter() - t0
         state = {k: v.clone() for k, v in dense.state_dict().items()}
         base = test_accuracy(dense, xte, yte)

@@ -3,7 +3,7 @@ a plain forward pass and the machine's GEMM rate.
 
     python benchmarks/cost.py --out benchmarks/results/cost.json
 
-Real MNIST (see examples/mnist_data.py load_mnist); LeNet-300-100 and LeNet-5 trained briefly
+Real MNIST (lobs_lab.mnist.load_mnist); LeNet-300-100 and LeNet-5 trained briefly
 (2 epochs) so that activations are realistic; every method prunes every layer to 90%
 (``--allocation uniform``, the default here, so per-layer times are one solve each); with
 ``--allocation global`` the per-layer split is chosen first (exact's trace is then computed during the
@@ -17,21 +17,19 @@ import copy
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # examples/mnist_data.py
-
-from lightning_lobs import prune_model  # noqa: E402
-from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS  # noqa: E402
-from mnist_data import lenet5, lenet300_100, load_mnist, mnist_dataloaders  # noqa: E402
-from lightning_lobs.hessian import HessianCollector  # noqa: E402
-from lightning_lobs.layers import is_prunable  # noqa: E402
+from lightning_lobs import prune_model
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import is_prunable
+from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS
+from lobs_lab.harness import gemm_gflops
+from lobs_lab.mnist import load_mnist, mnist_dataloaders
+from lobs_lab.models import lenet5, lenet300_100
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> float:
@@ -48,15 +46,6 @@ def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> flo
         last = time.perf_counter() - t0
     model.eval()
     return last
-
-
-def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def nominal_flops(method: str, rows: int, d: int, kept: float) -> float:

@@ -5,7 +5,7 @@
 
 Lightning relaunches this script for rank 1 (``_SubprocessScriptLauncher``), so it must stay a plain script
 with all work under ``main()``. The model is an MLP 784-H-H-10 (default H=1024) on real MNIST digits
-(``load_mnist`` of ``examples/mnist_data.py``, flattened); the callback prunes every Linear layer to ``--sparsity`` with
+(``lobs_lab.mnist.load_mnist``, flattened); the callback prunes every Linear layer to ``--sparsity`` with
 ``--method`` at the start of epoch 0 from ``--cal-batches-total`` calibration batches of ``--batch`` images in
 total (each rank takes its share from its DistributedSampler shard), then trains ``--train-batches`` steps.
 Rank 0 writes ``calibration_seconds`` / ``solve_seconds`` of ``LOBSPruning.last_report`` (and each layer's
@@ -19,8 +19,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> None:
@@ -38,12 +36,13 @@ def main(argv=None) -> None:
     t_script = time.perf_counter()
     import pytorch_lightning as pl
     import torch
+    from lobs_lab.harness import loadavg, machine_info, peak_rss_gib, write_json
+    from lobs_lab.mnist import load_mnist
+    from lobs_lab.models import MNISTClassifier
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bench_util import loadavg, machine_info, peak_rss_gib, write_json
     from lightning_lobs import LOBSPruning
-    from mnist_data import MNISTClassifier, load_mnist  # examples/, put on sys.path by bench_util
 
     if args.cal_batches_total % args.devices:
         raise SystemExit("--cal-batches-total must be divisible by --devices")

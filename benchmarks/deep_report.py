@@ -8,16 +8,11 @@ Prints only numbers read from the JSON files.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
-from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from gpt2_stdlib import perplexity_table  # noqa: E402
-from resnet_mnist import accuracy_table, method_key  # noqa: E402
+from lobs_lab.tables import accuracy_table, method_key, perplexity_table
 
 
 def resnet(res: Dict[str, Any]) -> str:

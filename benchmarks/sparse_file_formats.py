@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lightning_lobs import MaskSet
 from lightning_lobs import export as new

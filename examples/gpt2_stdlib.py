@@ -4,7 +4,7 @@ source, pruned block by block with ``sequential=True`` (the SparseGPT setting) a
     python examples/gpt2_stdlib.py --quick                              # smoke run, well under a minute
     python examples/gpt2_stdlib.py --out benchmarks/results/gpt2_stdlib  # the benchmark (BENCHMARKS.md)
 
-Data (``text_data.py``): the interpreter's ``Lib/*.py`` files, split by file (90/5/5 by a hash of the path), byte
+Data (``lobs_lab.text``): the interpreter's ``Lib/*.py`` files, split by file (90/5/5 by a hash of the path), byte
 tokens. Training draws ``--batch-size`` random windows of ``--context`` + 1 bytes per step from the train files, for
 ``--train-steps`` steps (the token budget is steps x batch x context); the validation loss on ``--val-windows``
 fixed windows of the validation files is recorded every ``--val-every`` steps. Perplexity and bits per byte are
@@ -17,7 +17,7 @@ left dense, with the library's warning; embeddings are not pruned), at 50% unstr
 * ``exact``, ``fast``, ``lobs``: ``LOBSPruning(prune_epoch=0, sequential=True, allocation="uniform")`` in a Trainer:
   every layer at the target sparsity, each calibrated on inputs that pass through the already pruned layers before
   it (the library goes layer by layer, which within a block is one step finer than SparseGPT's block by block);
-* ``magnitude_global``, ``magnitude_layer`` and ``wanda`` from ``benchmarks/baselines.py``; Wanda's input norms are
+* ``magnitude_global``, ``magnitude_layer`` and ``wanda`` from ``lobs_lab.baselines``; Wanda's input norms are
   taken block by block on the outputs of the already pruned blocks (its paper's setting), per output row;
 
 then one-shot perplexity, ``--retrain-steps`` steps of AdamW with the masks held, perplexity again.
@@ -44,89 +44,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from lobs_lab.harness import PeakRSS, figure, fit_quietly, machine_info, quiet_trainer, train_or_load, write_results
+from lobs_lab.metrics import LN2, lm_metrics
+from lobs_lab.models import ByteLM, make_gpt2
+from lobs_lab.prune_retrain import (
+    BASELINES,
+    Setup,
+    baseline_masks,
+    collect_input_norms,
+    run_prune_retrain,
+    strip_modules,
+)
+from lobs_lab.tables import perplexity_table
+from lobs_lab.text import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from deep_common import (  # noqa: E402
-    BASELINES,
-    PeakRSS,
-    baseline_masks,
-    collect_input_norms,
-    machine_info,
-    run_prune_retrain,
-    strip_modules,
-    train_or_load,
-    write_results,
-)
-from text_data import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus  # noqa: E402
-
 log = logging.getLogger("lightning_lobs.examples.gpt2")
-LN2 = math.log(2.0)
-
-
-def make_gpt2(layers: int, width: int, heads: int, context: int) -> nn.Module:
-    """A randomly initialised ``GPT2LMHeadModel`` with a 256-byte vocabulary, no dropout, tied embeddings."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10, eos_token_id=10)
-    return GPT2LMHeadModel(cfg)
-
-
-class ByteLM(pl.LightningModule):
-    """Next-byte prediction; ``forward(ids)`` returns the logits, batches are ``(B, T + 1)`` windows."""
-
-    def __init__(self, model: nn.Module, lr: float, warmup: int = 0, total_steps: Optional[int] = None, weight_decay: float = 0.01) -> None:
-        super().__init__()
-        self.model = model
-        self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.model(input_ids=ids).logits
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        logits = self(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        self.log("train/loss", loss, on_step=True, prog_bar=False)
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
-        if not self.total_steps:
-            return opt
-        total, warm = self.total_steps, max(1, self.warmup)
-
-        def factor(step: int) -> float:  # linear warmup, cosine to 10% of the peak
-            if step < warm:
-                return (step + 1) / warm
-            t = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@torch.no_grad()
-def lm_metrics(module: nn.Module, windows: Tensor, batch: int = 32) -> Dict[str, float]:
-    """Mean next-byte NLL (nats) over all predicted positions of ``windows``, perplexity and bits per byte."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, windows.shape[0], batch):
-            w = windows[i : i + batch]
-            logits = module(w[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1), reduction="sum"))
-            count += w[:, 1:].numel()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    nll = total / count
-    return {"nll": nll, "ppl": math.exp(nll), "bpb": nll / LN2, "tokens": count}
 
 
 class ValCurve(Callback):
@@ -225,6 +160,7 @@ def memory_and_time(module: nn.Module, calib: List[Tensor], args: argparse.Names
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train the dense GPT-2, compare the methods, probe memory, write ``<out>.json`` and ``<out>.png``."""
     args = parse_args(argv)
     if args.memory_probe:
         _memory_probe(args.memory_probe)
@@ -251,29 +187,53 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     def train() -> Dict[str, Any]:
         curve = ValCurve(val, args.val_every)
-        trainer = pl.Trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                             num_sanity_val_steps=0, gradient_clip_val=1.0)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            trainer.fit(dense, train_dataloaders=DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
-        return {"dense_train_s": time.perf_counter() - t0, "val_curve": curve.curve}
+        trainer = quiet_trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], gradient_clip_val=1.0)
+        seconds = fit_quietly(trainer, dense, DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
+        return {"dense_train_s": seconds, "val_curve": curve.curve}
 
     training_key = {k: getattr(args, k) for k in ("layers", "width", "heads", "context", "batch_size", "train_steps", "lr",
                                                   "warmup", "val_every", "val_windows", "seed")}
     training = train_or_load(args.dense_cache, {**training_key, "corpus": corpus.info()}, dense, train)
-    dense_train_s = training["dense_train_s"]
     dense_test = lm_metrics(dense, test)
-    log.info("dense GPT-2: test %s after %d steps (%.0f s)", dense_test, args.train_steps, dense_train_s)
+    log.info("dense GPT-2: test %s after %d steps (%.0f s)", dense_test, args.train_steps, training["dense_train_s"])
+    names = [n for n, m in dense.named_modules() if type(m).__name__ == "Conv1D"]
+    retrain_loader = DataLoader(retrain_ds, batch_size=args.batch_size, shuffle=False)
+    rows = compare(args, dense, names, calib, retrain_loader, test)
+
+    memory = memory_and_time(dense, calib, args) if args.memory else []
+    n_conv1d = sum(dict(dense.named_modules())[n].weight.numel() for n in names)
+    results = {
+        "name": "GPT-2 on the Python stdlib",
+        "command": " ".join([os.path.basename(sys.executable), "examples/gpt2_stdlib.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "args": vars(args),
+        "corpus": corpus.info(),
+        "net": {"layers": args.layers, "width": args.width, "heads": args.heads, "context": T,
+                "parameters": sum(p.numel() for p in dense.parameters()), "conv1d_weights": n_conv1d, "pruned_layers": names},
+        "train_tokens": args.train_steps * args.batch_size * T,
+        "calibration_tokens": int(calib_windows.numel()),
+        "test_tokens": dense_test["tokens"],
+        "val_curve": training["val_curve"],
+        "dense_train_s": training["dense_train_s"],
+        "dense_source": training["dense_source"],
+        "dense_test": dense_test,
+        "rows": strip_modules(rows),
+        "memory": memory,
+        "machine": machine_info(),
+        "total_s": time.perf_counter() - t_total,
+    }
+    write_results(args.out, results, _plot, table)
+    return results
+
+
+def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: List[Tensor], retrain_loader: DataLoader,
+            test: Tensor) -> List[Dict[str, Any]]:
+    """Every method at 50% and 2:4, each from the dense weights, pruned block by block and retrained."""
     dense_state = copy.deepcopy(dense.state_dict())
 
     def make_module() -> ByteLM:
-        m = ByteLM(make_gpt2(args.layers, args.width, args.heads, T), lr=args.retrain_lr)
+        m = ByteLM(make_gpt2(args.layers, args.width, args.heads, args.context), lr=args.retrain_lr)
         m.load_state_dict(dense_state)
         return m
-
-    names = [n for n, m in dense.named_modules() if type(m).__name__ == "Conv1D"]
 
     def evaluate(module: nn.Module) -> Dict[str, float]:
         return lm_metrics(module, test)
@@ -293,60 +253,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             masks.update(block_masks)
         return masks
 
-    retrain_loader = DataLoader(retrain_ds, batch_size=args.batch_size, shuffle=False)
-    lobs_kwargs = {"sequential": True, "allocation": "uniform"}
+    setup = Setup(names=names, evaluate=evaluate, calib_batches=calib, baseline_mask_fn=mask_fn,
+                  lobs_kwargs={"sequential": True, "allocation": "uniform"})
     rows: List[Dict[str, Any]] = []
     for sparsity, pattern in ((0.5, None), (None, (2, 4))):
         for method in [m for m in args.methods.split(",") if m]:
-            row = run_prune_retrain(
-                make_module, method, names=names, evaluate=evaluate, train_loader=retrain_loader, calib_batches=calib,
-                retrain_steps=args.retrain_steps, sparsity=sparsity, pattern=pattern, lobs_kwargs=lobs_kwargs,
-                baseline_mask_fn=lambda m, rule, s=sparsity, p=pattern: mask_fn(m, rule, s, p),
-            )
+            row = run_prune_retrain(make_module, method, setup, sparsity, pattern, retrain_loader, args.retrain_steps)
             rows.append(row)
             log.info("%-16s %-4s one-shot ppl %.3f retrained ppl %.3f zeros %.4f prune %.1fs", method, pattern and "2:4" or "50%",
                      row["oneshot"]["ppl"], row["retrained"]["ppl"], row["oneshot_zeros"], row["prune_seconds"])
-
-    memory = memory_and_time(dense, calib, args) if args.memory else []
-    n_conv1d = sum(dict(dense.named_modules())[n].weight.numel() for n in names)
-    results = {
-        "name": "GPT-2 on the Python stdlib",
-        "command": " ".join([os.path.basename(sys.executable), "examples/gpt2_stdlib.py"] + list(argv if argv is not None else sys.argv[1:])),
-        "args": vars(args),
-        "corpus": corpus.info(),
-        "net": {"layers": args.layers, "width": args.width, "heads": args.heads, "context": T,
-                "parameters": sum(p.numel() for p in dense.parameters()), "conv1d_weights": n_conv1d, "pruned_layers": names},
-        "train_tokens": args.train_steps * args.batch_size * T,
-        "calibration_tokens": int(calib_windows.numel()),
-        "test_tokens": dense_test["tokens"],
-        "val_curve": training["val_curve"],
-        "dense_train_s": dense_train_s,
-        "dense_source": training["dense_source"],
-        "dense_test": dense_test,
-        "rows": strip_modules(rows),
-        "memory": memory,
-        "machine": machine_info(),
-        "total_s": time.perf_counter() - t_total,
-    }
-    write_results(args.out, results, _plot, table)
-    return results
-
-
-def perplexity_table(rows: Sequence[Dict[str, Any]], bpb_digits: int = 3) -> List[str]:
-    """Markdown lines: methods x (50%, 2:4), test perplexity (bits/byte), one-shot and retrained, and prune seconds."""
-    lines = ["| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
-             "|---|---|---|---|---|---|"]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        cells, secs = [], []
-        for pat in (None, "2:4"):
-            r = next((r for r in rows if r["method"] == method and r["pattern"] == pat), None)
-            if r is None:
-                cells += ["", ""]
-                continue
-            cells += [f"{r[k]['ppl']:.3f} ({r[k]['bpb']:.{bpb_digits}f})" for k in ("oneshot", "retrained")]
-            secs.append(f"{r['prune_seconds']:.1f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {' / '.join(secs)} |")
-    return lines
+    return rows
 
 
 def table(results: Dict[str, Any]) -> str:
@@ -356,33 +272,27 @@ def table(results: Dict[str, Any]) -> str:
 
 
 def _plot(path: str, results: Dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
-    steps = [c[0] * results["args"]["batch_size"] * results["net"]["context"] / 1e3 for c in results["val_curve"]]
-    a1.plot(steps, [c[1] / LN2 for c in results["val_curve"]], "o-")
-    a1.set_xlabel("training tokens (thousands)")
-    a1.set_ylabel("validation bits per byte")
-    a1.set_title("dense training", fontsize=9)
-    a1.grid(alpha=0.3)
-    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
-    for k, (pat, label) in enumerate(((None, "50%"), ("2:4", "2:4"))):
-        for j, when in enumerate(("oneshot", "retrained")):
-            vals = [next((r[when]["bpb"] for r in results["rows"] if r["method"] == m and r["pattern"] == pat), math.nan) for m in methods]
-            a2.bar([i + 0.2 * (2 * k + j) - 0.3 for i in range(len(methods))], vals, width=0.2, label=f"{label} {when}")
-    a2.axhline(results["dense_test"]["bpb"], color="gray", ls="--", label="dense")
-    a2.set_xticks(range(len(methods)))
-    a2.set_xticklabels(methods, rotation=20, fontsize=7)
-    a2.set_ylabel("test bits per byte")
-    a2.set_ylim(results["dense_test"]["bpb"] * 0.9, None)
-    a2.legend(fontsize=7)
-    a2.set_title("pruned (sequential), test", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    """The dense training curve, and test bits per byte of every method, one-shot and retrained."""
+    with figure(path, ncols=2, figsize=(10, 3.8), dpi=110) as (a1, a2):
+        steps = [c[0] * results["args"]["batch_size"] * results["net"]["context"] / 1e3 for c in results["val_curve"]]
+        a1.plot(steps, [c[1] / LN2 for c in results["val_curve"]], "o-")
+        a1.set_xlabel("training tokens (thousands)")
+        a1.set_ylabel("validation bits per byte")
+        a1.set_title("dense training", fontsize=9)
+        a1.grid(alpha=0.3)
+        methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+        for k, (pat, label) in enumerate(((None, "50%"), ("2:4", "2:4"))):
+            for j, when in enumerate(("oneshot", "retrained")):
+                vals = [next((r[when]["bpb"] for r in results["rows"] if r["method"] == m and r["pattern"] == pat), math.nan)
+                        for m in methods]
+                a2.bar([i + 0.2 * (2 * k + j) - 0.3 for i in range(len(methods))], vals, width=0.2, label=f"{label} {when}")
+        a2.axhline(results["dense_test"]["bpb"], color="gray", ls="--", label="dense")
+        a2.set_xticks(range(len(methods)))
+        a2.set_xticklabels(methods, rotation=20, fontsize=7)
+        a2.set_ylabel("test bits per byte")
+        a2.set_ylim(results["dense_test"]["bpb"] * 0.9, None)
+        a2.legend(fontsize=7)
+        a2.set_title("pruned (sequential), test", fontsize=9)
 
 
 if __name__ == "__main__":

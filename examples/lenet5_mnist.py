@@ -3,8 +3,8 @@
     python examples/lenet5_mnist.py                 # defaults: keep 7% of the weights
     python examples/lenet5_mnist.py --conv-relu     # add a ReLU after each conv block
 
-Same pipeline, CLI and outputs as ``examples/lenet300_mnist.py`` (whose ``run`` driver this script
-reuses): dense training, L-OBS pruning at the start of epoch ``--epochs``, one-shot accuracy,
+Same pipeline, CLI and outputs as ``examples/lenet300_mnist.py`` (both run
+``lobs_lab.mnist_job.run``): dense training, L-OBS pruning at the start of epoch ``--epochs``, one-shot accuracy,
 retraining with the masks held, an optional one-shot sweep with ``prune_model``, ``results.json``
 and ``accuracy_vs_sparsity.png`` under ``--out`` (default ``runs/lenet5``).
 
@@ -24,32 +24,22 @@ six more times; ``--no-sweep`` skips that).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 from typing import Any, Dict, Optional, Sequence
 
-# The shared driver and the demo data/models live next to this file (on sys.path when it runs as a script;
-# the insert covers loading it by path). lenet300_mnist also makes lightning_lobs importable from a checkout.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from lenet300_mnist import _validate, build_parser, run  # noqa: E402
-from mnist_data import lenet5  # noqa: E402
-
-#: Han et al. (2015), Table 3: fraction of weights kept per layer of LeNet-5 (conv1, conv2, fc1, fc2).
-LENET5_KEEP_PROFILE = (0.66, 0.12, 0.08, 0.19)
+from lobs_lab.mnist_job import build_parser, parse_args, run
+from lobs_lab.models import LENET5_KEEP_PROFILE, lenet5
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse the command line, run the experiment, return what results.json holds."""
     parser = build_parser(
         "lenet5",
         "Prune LeNet-5 on MNIST with L-OBS (LOBSPruning).",
         defaults={"epochs": 15, "retrain_epochs": 5},
     )
     parser.add_argument("--conv-relu", action="store_true", help="add a ReLU after each conv+pool block")
-    args: argparse.Namespace = parser.parse_args(argv)
-    _validate(args, parser)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     return run(args, "LeNet-5", lambda: lenet5(conv_relu=args.conv_relu), LENET5_KEEP_PROFILE)
 

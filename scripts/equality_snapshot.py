@@ -521,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if compare(a, b, args.ignore) else 0
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     snap: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     parts: dict[str, Callable[[], dict[str, Any]]] = (

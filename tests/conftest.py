@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,6 @@ import torch
 # `ns` (the Lightning namespace a test runs under): a fixture in conftest reaches every test module without an
 # import the linter reads as unused. namespaces.py imports no Lightning package (its docstring says why).
 from namespaces import ns  # noqa: F401
-
-# The demo data and models (examples/mnist_data.py) and the example scripts are not part of the package;
-# tests import them as top-level modules (`import mnist_data`, `import lenet300_mnist`).
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 
 
 @pytest.fixture

@@ -24,18 +24,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.engine.calibrate as _calibrate_mod  # noqa: E402
 import lightning_lobs.engine.solve as _solve_mod  # noqa: E402

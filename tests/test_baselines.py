@@ -1,17 +1,16 @@
-"""Tests of benchmarks/baselines.py (magnitude, OBD, Wanda, IHT, layer-wise IHT) on tiny problems."""
+"""Tests of lobs_lab.baselines (magnitude, OBD, Wanda, IHT, layer-wise IHT) on tiny problems."""
 
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from lobs_lab import baselines as B
+from lobs_lab.mnist import MNISTSplits
+from lobs_lab.models import lenet300_100
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # baselines.py, paper_mnist.py
-
-import baselines as B  # noqa: E402
+from script_loader import load_benchmark
 
 
 def _problem(rows: int = 6, d: int = 9, n: int = 40, seed: int = 0, correlated: bool = True):
@@ -175,8 +174,7 @@ def test_refit_with_damping_handles_a_dead_input():
 
 
 def test_paper_mnist_retraining_holds_masks_and_counts_steps():
-    pm = pytest.importorskip("paper_mnist")  # benchmarks/paper_mnist.py (imports lightning_lobs and examples/)
-    from mnist_data import MNISTSplits, lenet300_100
+    pm = load_benchmark("paper_mnist")
 
     g = torch.Generator().manual_seed(0)
     splits = MNISTSplits(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),

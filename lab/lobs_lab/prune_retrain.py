@@ -1,40 +1,33 @@
-"""Shared pieces of ``resnet_mnist.py`` and ``gpt2_stdlib.py``: the baseline masks, one prune-then-retrain run in a
-Lightning ``Trainer`` (``LOBSPruning`` for the OBS methods, :class:`BaselinePruning` for magnitude and Wanda), peak
-memory of a block of code, and the checks both examples write into their results.
+"""Prune-then-retrain runs shared by the deep examples (ResNet, GPT-2): ``LOBSPruning`` for the OBS methods,
+:class:`BaselinePruning` for magnitude and Wanda, one-shot points with ``prune_model``, and what both record.
 
-The baselines are the pure functions of ``benchmarks/baselines.py`` (magnitude layer-wise/global, Wanda, N:M), applied
+The baselines are the pure functions of :mod:`lobs_lab.baselines` (magnitude layer-wise/global, Wanda, N:M), applied
 as a :class:`lightning_lobs.MaskSet`, so retraining holds their masks exactly as it holds ``LOBSPruning``'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import subprocess
-import sys
-import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "benchmarks")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from lightning_lobs import LOBSPruning, MaskSet, PruneReport, prune_model
+from lightning_lobs.batchnorm import recalibrate_batchnorm
+from lightning_lobs.layers import from_rows as _from_rows
+from lightning_lobs.layers import to_rows
+from lobs_lab.baselines import magnitude_masks, mask_from_scores, nm_mask_from_scores, wanda_scores
+from lobs_lab.harness import quiet_trainer
+from lobs_lab.metrics import masks_held, zero_fraction
 
-from baselines import magnitude_masks, mask_from_scores, nm_mask_from_scores, wanda_scores  # noqa: E402
-
-from lightning_lobs import LOBSPruning, MaskSet, PruneReport  # noqa: E402
-from lightning_lobs.batchnorm import recalibrate_batchnorm  # noqa: E402
-from lightning_lobs.layers import from_rows as _from_rows  # noqa: E402
-from lightning_lobs.layers import to_rows  # noqa: E402
+#: An N:M pattern as ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs.
+Pattern = Tuple[int, int]
 
 OBS_METHODS = ("auto", "exact", "fast", "lobs")
 BASELINES = ("magnitude_global", "magnitude_layer", "wanda")
@@ -88,37 +81,6 @@ def collect_input_norms(model: nn.Module, names: Sequence[str], batches: Sequenc
         for m, mode in modes.items():
             m.training = mode
     return sums
-
-
-def train_or_load(path: Optional[str], key: Mapping[str, Any], module: nn.Module,
-                  train: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    """Dense weights for ``module``: trained by ``train()`` (which returns what to record about the training), or
-    loaded from ``path`` when it holds weights trained with the same ``key`` (every argument the training depends on).
-
-    With ``path`` set, freshly trained weights are saved there, so the pruning part of a benchmark can be rerun
-    without retraining. The returned record says which happened (``"dense_source"``)."""
-    key = json.loads(json.dumps(dict(key), default=str))
-    if path and os.path.exists(path):
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("key") == key:
-            module.load_state_dict(saved["state"])
-            return {**saved["info"], "dense_source": f"loaded from {path}"}
-        warnings.warn(f"dense_cache={path!r} was trained with other settings; training again and overwriting it")
-    info = train()
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({"key": key, "state": module.state_dict(), "info": info}, path)
-    return {**info, "dense_source": "trained in this run"}
-
-
-def write_results(out: str, results: Dict[str, Any], plot: Callable[[str, Dict[str, Any]], None],
-                  table: Callable[[Dict[str, Any]], str]) -> None:
-    """``<out>.json`` and ``<out>.png`` of an example's results, and its table on stdout."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    plot(out + ".png", results)
-    print(table(results))
 
 
 def report_summary(report: PruneReport) -> Dict[str, Any]:
@@ -227,167 +189,94 @@ class Probe(Callback):
             self.oneshot_zeros = zero_fraction(pl_module, self.names)
 
 
-def zero_fraction(model: nn.Module, names: Iterable[str]) -> float:
-    """Fraction of exact zeros over the weights of the layers ``names``."""
-    modules = dict(model.named_modules())
-    zeros = total = 0
-    for n in names:
-        w = modules[n].weight.detach()
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / total if total else math.nan
-
-
-def masks_held(model: nn.Module, masks: Mapping[str, Tensor]) -> bool:
-    """Every masked-out weight of ``model`` is exactly 0."""
-    modules = dict(model.named_modules())
-    return all(bool((modules[n].weight.detach()[~m.to(torch.bool)] == 0).all()) for n, m in masks.items())
-
-
 def mask_dict(masks: MaskSet) -> Dict[str, Tensor]:
+    """A :class:`MaskSet`'s masks as a plain ``{layer name: keep-mask}``."""
     return {n: masks[n] for n in masks}
 
 
-def run_prune_retrain(
-    make_module: Callable[[], pl.LightningModule],
-    method: str,
-    *,
-    names: Sequence[str],
-    evaluate: Callable[[nn.Module], Dict[str, float]],
-    train_loader: Any,
-    calib_batches: Sequence[Any],
-    retrain_steps: int,
-    sparsity: Optional[float],
-    pattern: Optional[Tuple[int, int]],
-    lobs_kwargs: Mapping[str, Any],
-    baseline_mask_fn: Optional[Callable[[nn.Module, str], Dict[str, Tensor]]] = None,
-    bn_batches: Sequence[Any] = (),
-) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    """What every point of a method comparison shares: the layers, the metric, the calibration data, the options.
+
+    Attributes:
+        names: the layers pruned (and counted for the zeros).
+        evaluate: the metric, ``{name: value}`` of a module (test accuracy, perplexity, ...).
+        calib_batches: calibration batches of ``LOBSPruning`` / ``prune_model`` (and Wanda's input norms).
+        lobs_kwargs: further ``LOBSPruning`` / ``prune_model`` arguments (``exclude``, ``sequential``, ...).
+        baseline_mask_fn: ``(module, rule, sparsity, pattern) -> keep-masks`` for the baselines.
+        bn_batches: batches to re-estimate BatchNorm on after a baseline prune (LOBSPruning does its own).
+    """
+
+    names: Sequence[str]
+    evaluate: Callable[[nn.Module], Dict[str, float]]
+    calib_batches: Sequence[Any]
+    lobs_kwargs: Mapping[str, Any]
+    baseline_mask_fn: Optional[Callable[[nn.Module, str, Optional[float], Optional[Pattern]], Dict[str, Tensor]]] = None
+    bn_batches: Sequence[Any] = ()
+
+
+def _target(sparsity: Optional[float], pattern: Optional[Pattern]) -> Tuple[float, Optional[str]]:
+    """The library's ``(sparsity, pattern)`` arguments: an N:M pattern prunes ``1 - n / m`` of the weights."""
+    if pattern is not None:
+        return 1.0 - pattern[0] / pattern[1], f"{pattern[0]}:{pattern[1]}"
+    return float(sparsity), None  # type: ignore[arg-type]
+
+
+def _row(method: str, sparsity: Optional[float], pattern: Optional[Pattern]) -> Dict[str, Any]:
+    return {"method": method, "sparsity": sparsity, "pattern": _target(sparsity, pattern)[1]}
+
+
+def _baseline_sparsity(masks: Mapping[str, Tensor]) -> float:
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / sum(m.numel() for m in masks.values())
+
+
+def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str, setup: Setup, sparsity: Optional[float],
+                      pattern: Optional[Pattern], train_loader: Any, retrain_steps: int) -> Dict[str, Any]:
     """One method at one sparsity: prune at the start of a ``Trainer.fit``, evaluate (one-shot), retrain
     ``retrain_steps`` steps with the masks held, evaluate again. Returns metrics, zeros and checks."""
     module = make_module()
+    target, pattern_str = _target(sparsity, pattern)
     if method in OBS_METHODS:
         pruner: Callback = LOBSPruning(
-            sparsity=1.0 - pattern[0] / pattern[1] if pattern is not None else float(sparsity),
+            sparsity=target,
             prune_epoch=0,
             method=method,
-            pattern=f"{pattern[0]}:{pattern[1]}" if pattern is not None else None,
-            calibration_batches=len(calib_batches),
-            calibration_dataloader=list(calib_batches),
+            pattern=pattern_str,
+            calibration_batches=len(setup.calib_batches),
+            calibration_dataloader=list(setup.calib_batches),
             log_table=False,
-            **lobs_kwargs,
+            **setup.lobs_kwargs,
             prune_head=True,  # every layer, the output layer too, as the recorded results were made
         )
     else:
-        assert baseline_mask_fn is not None
-        pruner = BaselinePruning(lambda m: baseline_mask_fn(m, method), bn_batches=bn_batches)
-    probe = Probe(evaluate, names)
-    trainer = pl.Trainer(
-        max_steps=retrain_steps,
-        max_epochs=1,
-        limit_train_batches=retrain_steps,
-        callbacks=[pruner, probe],  # hooks run in list order: the probe sees the pruned model
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+        assert setup.baseline_mask_fn is not None
+        mask_fn = setup.baseline_mask_fn
+        pruner = BaselinePruning(lambda m: mask_fn(m, method, sparsity, pattern), bn_batches=setup.bn_batches)
+    probe = Probe(setup.evaluate, setup.names)
+    trainer = quiet_trainer(max_steps=retrain_steps, max_epochs=1, limit_train_batches=retrain_steps,
+                            callbacks=[pruner, probe],  # hooks run in list order: the probe sees the pruned model
+                            limit_val_batches=0)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*left dense.*")
         trainer.fit(module, train_dataloaders=train_loader)
     t_fit = time.perf_counter() - t0
-    retrained = evaluate(module)
-    out: Dict[str, Any] = {"method": method, "sparsity": sparsity, "pattern": None if pattern is None else f"{pattern[0]}:{pattern[1]}"}
+    retrained = setup.evaluate(module)
+    out = _row(method, sparsity, pattern)
     if isinstance(pruner, LOBSPruning):
         report: PruneReport = pruner.last_report  # type: ignore[assignment]
         masks = mask_dict(report.masks)
         out.update(report_summary(report))
     else:
         masks = mask_dict(pruner.masks)
-        kept = sum(int(m.sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
-        out.update(prune_seconds=pruner.seconds, report_sparsity=1.0 - kept / total)
-    out.update(
-        pruned_layers=sorted(masks),
-        oneshot=probe.oneshot,
-        oneshot_zeros=probe.oneshot_zeros,
-        retrained=retrained,
-        retrained_zeros=zero_fraction(module, masks),
-        masks_held=masks_held(module, masks),
-        retrain_steps=retrain_steps,
-        fit_seconds=t_fit,
-    )
+        out.update(prune_seconds=pruner.seconds, report_sparsity=_baseline_sparsity(masks))
+    out.update(pruned_layers=sorted(masks), oneshot=probe.oneshot, oneshot_zeros=probe.oneshot_zeros,
+               retrained=retrained, retrained_zeros=zero_fraction(module, masks), masks_held=masks_held(module, masks),
+               retrain_steps=retrain_steps, fit_seconds=t_fit)
     out["module"] = module  # removed by the caller before writing JSON
     return out
-
-
-# --------------------------------------------------------------------------- memory, machine
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak resident memory while the ``with`` block runs, above the RSS at its start (sampled every 2 ms by a thread;
-    torch ops release the GIL, so the sampler runs during them). Linux only (``/proc/self/statm``)."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.start = self.peak = 0
-        self.seconds = math.nan
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.peak = _rss_bytes()
-        self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.peak = max(self.peak, _rss_bytes())
-        self._stop.set()
-        self._thread.join()
-        self.seconds = time.perf_counter() - self._t0
-
-    @property
-    def extra_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
-def machine_info() -> Dict[str, Any]:
-    """CPU model, cores, load average, versions, torch threads."""
-    model = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    import transformers  # noqa: F401 - version only
-
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pytorch_lightning": pl.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def strip_modules(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -395,57 +284,39 @@ def strip_modules(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "module"} for r in rows]
 
 
-def oneshot_point(
-    make_module: Callable[[], pl.LightningModule],
-    method: str,
-    *,
-    names: Sequence[str],
-    evaluate: Callable[[nn.Module], Dict[str, float]],
-    calib_batches: Sequence[Any],
-    sparsity: Optional[float],
-    pattern: Optional[Tuple[int, int]],
-    lobs_kwargs: Mapping[str, Any],
-    baseline_mask_fn: Optional[Callable[[nn.Module, str], Dict[str, Tensor]]] = None,
-    bn_batches: Sequence[Any] = (),
-) -> Dict[str, Any]:
+def oneshot_point(make_module: Callable[[], pl.LightningModule], method: str, setup: Setup, sparsity: Optional[float],
+                  pattern: Optional[Pattern]) -> Dict[str, Any]:
     """One method at one sparsity, one-shot only (no Trainer): ``prune_model`` for the OBS methods, the baseline
     masks (plus the same BatchNorm re-estimation) otherwise."""
-    from lightning_lobs import prune_model
-
     module = make_module()
-    out: Dict[str, Any] = {"method": method, "sparsity": sparsity, "pattern": None if pattern is None else f"{pattern[0]}:{pattern[1]}"}
+    out = _row(method, sparsity, pattern)
+    target, pattern_str = _target(sparsity, pattern)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*left dense.*")
         if method in OBS_METHODS:
             report = prune_model(
                 module,
-                list(calib_batches),
-                1.0 - pattern[0] / pattern[1] if pattern is not None else float(sparsity),
+                list(setup.calib_batches),
+                target,
                 method,
-                pattern=f"{pattern[0]}:{pattern[1]}" if pattern is not None else None,
-                **lobs_kwargs,
+                pattern=pattern_str,
+                **setup.lobs_kwargs,
                 prune_head=True,  # every layer, the output layer too, as the recorded results were made
             )
             masks = mask_dict(report.masks)
             out.update(report_summary(report))
         else:
-            assert baseline_mask_fn is not None
-            masks = baseline_mask_fn(module, method)
+            assert setup.baseline_mask_fn is not None
+            masks = setup.baseline_mask_fn(module, method, sparsity, pattern)
             ms = MaskSet()
             ms.update(masks)
             ms.apply(module)
-            if bn_batches:
-                recalibrate_batchnorm(module, list(bn_batches), lambda b: module(b))
-            kept = sum(int(m.sum()) for m in masks.values())
-            out["report_sparsity"] = 1.0 - kept / sum(m.numel() for m in masks.values())
+            if setup.bn_batches:
+                recalibrate_batchnorm(module, list(setup.bn_batches), lambda b: module(b))
+            out["report_sparsity"] = _baseline_sparsity(masks)
     out["prune_seconds"] = time.perf_counter() - t0
-    out.update(
-        pruned_layers=sorted(masks),
-        oneshot=evaluate(module),
-        oneshot_zeros=zero_fraction(module, masks),
-        masks_held=masks_held(module, masks),
-        retrained=None,
-    )
+    out.update(pruned_layers=sorted(masks), oneshot=setup.evaluate(module), oneshot_zeros=zero_fraction(module, masks),
+               masks_held=masks_held(module, masks), retrained=None)
     out["module"] = module
     return out

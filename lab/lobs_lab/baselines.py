@@ -1,6 +1,7 @@
 """Baseline pruning rules the L-OBS paper (and issue 11) compares against, as small pure tensor functions.
 
-Not part of the package: ``benchmarks/paper_mnist.py`` runs them, ``tests/test_baselines.py`` checks them.
+Not part of the library: ``benchmarks/paper_mnist.py`` and the deep examples run them, ``tests/test_baselines.py``
+checks them.
 Only ``torch`` is needed. Conventions, shared with ``lightning_lobs.solvers``:
 
 * a layer is a weight matrix ``W`` of shape ``(rows, d)`` (a conv weight flattened to ``(out, in * k * k)``),
@@ -211,7 +212,7 @@ class IHTResult:
     refitted: bool = False  # whether the least-squares refit on the support was applied
 
 
-def layerwise_iht(
+def layerwise_iht(  # nine parameters: the problem (3) and the solver's keyword-only knobs, as in the paper
     weight: Tensor,
     hessian: Tensor,
     sparsity: float,
