@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from dataclasses import replace
 
 import accuracy as A  # benchmarks/accuracy.py, beside this script (its folder is on sys.path when run as one)
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
 from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
 from lobs_lab.harness import csv_list
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from lightning_lobs import prune_model
-from lightning_lobs.hessian import HessianCollector, is_supported
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import is_prunable
 from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS
 from lobs_lab.harness import gemm_gflops
 from lobs_lab.mnist import load_mnist, mnist_dataloaders
@@ -64,7 +65,7 @@ def nominal_flops(method: str, rows: int, d: int, kept: float) -> float:
 
 
 def time_forward(model: nn.Module, batches, hessians: bool) -> float:
-    modules = {n: m for n, m in model.named_modules() if is_supported(m)}
+    modules = {n: m for n, m in model.named_modules() if is_prunable(m)}
     t0 = time.perf_counter()
     with torch.no_grad():
         if hessians:

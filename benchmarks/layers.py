@@ -46,9 +46,12 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_lobs import solvers as S
-from lightning_lobs.hessian import HessianCollector, weight_matrix
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import weight_matrix
 from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
+from lightning_lobs.solvers.core import inverse_with_damping, row_chunk, row_groups
+from lightning_lobs.solvers.exact import allocate_rows
+from lightning_lobs.solvers.trace import greedy_rows
 from lobs_lab.harness import Stopwatch, loadavg, machine_info, peak_rss_gib, write_json
 from lobs_lab.metrics import tensor_accuracy
 from lobs_lab.mnist import mnist_images
@@ -125,17 +128,17 @@ class ExactTracer:
         t0 = time.perf_counter()
         self.opts, self.frozen, self.H = opts, frozen, H
         self.work = W_aug.to(opts.dtype)
-        _Hd, Hinv, self.damp, dead = S._inverse_with_damping(H, opts)
+        _Hd, Hinv, self.damp, dead = inverse_with_damping(H, opts)
         del _Hd
         rows, d = self.work.shape
         steps = d - frozen
-        gidx = S._row_groups(rows, Hinv.shape[0], self.work.device)
-        chunk = S._row_chunk(rows, d, self.work.element_size(), opts.max_memory_bytes)
+        gidx = row_groups(rows, Hinv.shape[0], self.work.device)
+        chunk = row_chunk(rows, d, self.work.element_size(), opts.max_memory_bytes)
         orders, incs = [], []
         for start in range(0, rows, chunk):
             sl = slice(start, start + chunk)
             Hrows = Hinv[gidx[sl]].contiguous()
-            o, i = S._greedy_trace(self.work[sl], Hrows, dead[gidx[sl]], steps, None, frozen, opts.lazy_steps, None)
+            o, i = greedy_rows(self.work[sl], Hrows, dead[gidx[sl]], steps, None, frozen, opts.lazy_steps, None)
             del Hrows
             orders.append(o)
             incs.append(i)
@@ -146,7 +149,7 @@ class ExactTracer:
         t0 = time.perf_counter()
         rows, d = self.work.shape
         dp = d - self.frozen
-        counts = S._allocate(self.inc, int(round(sparsity * rows * dp)))
+        counts = allocate_rows(self.inc, int(round(sparsity * rows * dp)))
         taken = torch.arange(dp).unsqueeze(0) < counts.unsqueeze(1)
         mask = torch.ones(rows, d, dtype=torch.bool)
         mask.scatter_(1, self.order, ~taken)

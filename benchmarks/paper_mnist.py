@@ -67,7 +67,8 @@ from torch import Tensor, nn
 
 import lightning_lobs
 from lightning_lobs import SolverOptions, prune_model
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
 from lobs_lab import baselines as B
 from lobs_lab.harness import csv_list, machine_info
 from lobs_lab.metrics import prunable_layers, tensor_accuracy

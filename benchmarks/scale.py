@@ -314,7 +314,7 @@ def part_sweep(args, result: Dict[str, Any]) -> None:
 
 def part_inverse(args, result: Dict[str, Any]) -> None:
     """Time of the d x d part that every solve_layer call pays once (damping + Cholesky + cholesky_inverse, the
-    library's _inverse_with_damping), to separate it from the per-row work when extrapolating row subsets; and
+    library's inverse_with_damping), to separate it from the per-row work when extrapolating row subsets; and
     cholesky_inverse against cholesky_solve(I) on the same factor."""
     from lightning_lobs import solvers as S
 
@@ -323,7 +323,7 @@ def part_inverse(args, result: Dict[str, Any]) -> None:
     for d in ([128, 256] if args.quick else args.sweep_d):
         H = sym_h(d, d)
         with Stopwatch() as sw:
-            S._inverse_with_damping(H, S.SolverOptions())
+            S.inverse_with_damping(H, S.SolverOptions())
         Hd, _ = S.damped_hessian(H, 0.01, torch.float32)
         A = Hd[0]
         with Stopwatch() as sc:
@@ -336,7 +336,7 @@ def part_inverse(args, result: Dict[str, Any]) -> None:
                "cholesky_inverse_seconds": si.seconds, "cholesky_solve_identity_seconds": ss.seconds,
                "max_abs_diff": float((inv1 - inv2).abs().max()), "load": [sw.load_before, ss.load_after]}
         out.append(rec)
-        log(f"  d={d}: _inverse_with_damping {sw.seconds:.2f}s; cholesky {sc.seconds:.2f}s, cholesky_inverse {si.seconds:.2f}s, "
+        log(f"  d={d}: inverse_with_damping {sw.seconds:.2f}s; cholesky {sc.seconds:.2f}s, cholesky_inverse {si.seconds:.2f}s, "
             f"cholesky_solve(I) {ss.seconds:.2f}s (max diff {rec['max_abs_diff']:.1e}) load {ss.load_after}")
         write_json(args.out, result)
 

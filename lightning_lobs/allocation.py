@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .checks import as_real, describe
 from .config import GlobalAllocation
+from .solvers.core import RowFloor
 
 __all__ = ["LayerCosts", "allocate_global", "allocate_targets", "check_floors", "removal_levels", "split_budget"]
 
@@ -193,32 +194,17 @@ def removal_levels(
     rows: int, cols: int, prior: Optional[Tensor], min_kept: int, config: GlobalAllocation
 ) -> Tuple[int, List[int]]:
     """The most weights a layer may lose, and the removal counts its error curve is measured at."""
-    cap = _max_removed(rows * cols, rows, cols, min_kept, prior, config)
-    forced = 0 if prior is None else int((~prior).sum())
+    pruned = None if prior is None else ~prior
+    by_sparsity = math.floor(config.max_layer_sparsity * rows * cols + 1e-9)
+    cap = min(by_sparsity, RowFloor(min_kept).most_removable(rows, cols, pruned))
+    forced = 0 if pruned is None else int(pruned.sum())
+    cap = max(cap, forced)  # never below the layer's earlier removals
     return cap, _levels(rows * cols, forced, cap, config.sparsity_grid())
 
 
-def _keep_row_minimum(costs: Tensor, min_kept: int, prior: Optional[Tensor]) -> Tensor:
-    """``costs`` with each row's ``min_kept`` costliest not-yet-pruned weights set to +inf (they stay)."""
-    if min_kept <= 0:
-        return costs
-    c = costs.masked_fill(~prior, -math.inf) if prior is not None else costs
-    idx = c.topk(min(min_kept, c.shape[1]), dim=1).indices
-    stay = torch.zeros_like(costs, dtype=torch.bool).scatter_(1, idx, True)
-    if prior is not None:
-        stay &= prior
-    return costs.masked_fill(stay, math.inf)
-
-
-def _max_removed(n_weights: int, rows: int, d: int, min_kept: int, prior: Optional[Tensor], config: GlobalAllocation) -> int:
-    """Most weights the layer may lose: the sparsity cap and the per-row minimum (never below its prior removals)."""
-    cap = math.floor(config.max_layer_sparsity * n_weights + 1e-9)
-    per_row = torch.full((rows,), max(d - min_kept, 0), dtype=torch.long)
-    if prior is not None:
-        per_row = torch.maximum(per_row, (~prior).sum(dim=1).cpu())
-    cap = min(cap, int(per_row.sum()))
-    forced = 0 if prior is None else int((~prior).sum())
-    return max(cap, forced)
+def _pin_row_minimum(costs: Tensor, min_kept: int, prior: Optional[Tensor]) -> Tensor:
+    """``costs`` with each row's ``min_kept`` costliest weights still kept (``prior`` is a keep-mask) set to +inf."""
+    return RowFloor(min_kept).pin(costs, None if prior is None else ~prior)
 
 
 def _levels(n_weights: int, lowest: int, highest: int, grid: Sequence[float]) -> List[int]:
@@ -260,7 +246,7 @@ def allocate_targets(
             "min_kept_per_row, or lower the sparsity."
         )
     if not any(costs[n].curve for n in order):
-        pooled = {n: _keep_row_minimum(costs[n].values, min_kept, costs[n].prior) for n in order}
+        pooled = {n: _pin_row_minimum(costs[n].values, min_kept, costs[n].prior) for n in order}
         forced = {n: p for n in order if (p := costs[n].prior) is not None}
         return allocate_global(pooled, sparsity, forced or None, {n: costs[n].cap for n in order})
     errors: Dict[str, List[float]] = {}
@@ -269,7 +255,7 @@ def allocate_targets(
         if c.curve:
             errors[n] = [float(v) for v in c.values]
         else:
-            errors[n] = _cumulative_curve(_keep_row_minimum(c.values, min_kept, c.prior), c.levels)
+            errors[n] = _cumulative_curve(_pin_row_minimum(c.values, min_kept, c.prior), c.levels)
     cnts = [list(costs[n].levels) for n in order]
     errs = [errors[n] for n in order]
     chosen = split_budget(cnts, errs, budget)

@@ -1,4 +1,4 @@
-"""``LOBSPruning``: the Lightning callback (glue between a ``Trainer`` and :mod:`lightning_lobs.pruner`).
+"""``LOBSPruning``: the Lightning callback (glue between a ``Trainer`` and :mod:`lightning_lobs.engine`).
 
 The class is a ``Callback`` of every installed Lightning namespace (``lightning.pytorch`` and
 ``pytorch_lightning``, see :mod:`lightning_lobs._lightning`), so one import works with either
@@ -38,7 +38,7 @@ from ._lightning import (
 )
 from .api import is_one_shot, take_batches
 from .distributed import RankInfo
-from .masks import MaskSet, _resolve_weight
+from .masks import MaskSet, resolve_weight
 from .config import (
     GlobalAllocation,
     SolverOptions,
@@ -96,7 +96,7 @@ def _held_sparsity(pl_module: nn.Module, masks: MaskSet) -> tuple:
     """The fraction of zeros in the masked weights, as the weights hold them, and the model's nonzero parameters."""
     zeros = total = 0
     for name in masks:
-        weight = _resolve_weight(pl_module, name)
+        weight = resolve_weight(pl_module, name)
         zeros += int((weight.detach() == 0).sum())
         total += weight.numel()
     nonzero = sum(int(torch.count_nonzero(p.detach())) for p in pl_module.parameters())
@@ -146,7 +146,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         calibration: :class:`CalibrationOptions` (or a mapping of its fields).
         forward_fn: ``(model, batch) -> output``; default feeds a tensor batch, ``batch[0]`` or a
             mapping as ``model(**batch)`` (the keys the LightningModule's forward names; see
-            :func:`~lightning_lobs.pruner.default_forward`). It receives the batch after the
+            :func:`~lightning_lobs.engine.default_forward`). It receives the batch after the
             trainer's device transfer and precision conversion, and runs under the precision
             plugin's autocast.
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches.

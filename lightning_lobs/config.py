@@ -330,7 +330,7 @@ class PruneOptions:
         calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking, memory budget).
         forward_fn: ``(model, batch) -> output``; by default a tensor batch is fed as is, a
             tuple/list by its first item, a mapping as ``model(**batch)`` limited to the keys the
-            forward names (see :func:`~lightning_lobs.pruner.default_forward`).
+            forward names (see :func:`~lightning_lobs.engine.default_forward`).
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches after
             pruning.
         prune_head: also prune the output heads (``lm_head``, the final classifier: the layer whose

@@ -69,10 +69,6 @@ def resolve_weight(model: nn.Module, name: str) -> Tensor:
     return weight
 
 
-# The old private name, still imported by the engine and the callback (the lead removes it after the merge).
-_resolve_weight = resolve_weight
-
-
 def _check_shape(name: str, mask: Tensor, weight: Tensor) -> None:
     if tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(

@@ -29,9 +29,6 @@ from .config import NMPattern, SparsitySpec, as_fraction, normalize_sparsity
 from .layers import is_prunable, pattern_problem, weight_refusal, why_not_prunable
 from .masks import MaskSet
 
-# The old name, imported from here by callers of ``select_layers`` (the lead removes it after the merge).
-is_supported = is_prunable
-
 if TYPE_CHECKING:
     from .config import PruneOptions
 

@@ -22,7 +22,7 @@ import lightning_lobs.engine.allocate as engine_allocate
 from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
 from lightning_lobs.allocation import allocate_global, split_budget
 from lightning_lobs.config import resolve_allocation
-from lightning_lobs.solvers import error_curve, output_energy, solve_layer
+from lightning_lobs.solvers import RowFloor, error_curve, output_energy, solve_layer
 
 F64 = torch.float64
 S64 = SolverOptions(dtype=F64)
@@ -214,15 +214,16 @@ def test_an_excess_of_one_weight_is_handed_back_too():
 
 def test_row_minimum_keeps_each_rows_costliest_weights_that_are_still_there():
     """Every output row keeps ``min_kept_per_row`` weights: its costliest ones get an infinite cost. With earlier
-    masks, only weights still kept count (a row's costliest weight may be one that is already gone)."""
+    masks, only weights still kept count (a row's costliest weight may be one that is already gone). The allocation
+    pins them with RowFloor, given keep-masks inverted to the pruned-before masks RowFloor takes."""
     inf = math.inf
     costs = torch.tensor([[1.0, 5.0, 3.0], [4.0, 2.0, 6.0]], dtype=F64)
-    assert alloc_mod._keep_row_minimum(costs, 0, None).tolist() == costs.tolist()
-    assert alloc_mod._keep_row_minimum(costs, 1, None).tolist() == [[1.0, inf, 3.0], [4.0, 2.0, inf]]
-    assert alloc_mod._keep_row_minimum(costs, 2, None).tolist() == [[1.0, inf, inf], [inf, 2.0, inf]]
+    assert RowFloor(0).pin(costs, None).tolist() == costs.tolist()
+    assert RowFloor(1).pin(costs, None).tolist() == [[1.0, inf, 3.0], [4.0, 2.0, inf]]
+    assert RowFloor(2).pin(costs, None).tolist() == [[1.0, inf, inf], [inf, 2.0, inf]]
     kept = torch.tensor([[True, False, True], [True, True, False]])
-    assert alloc_mod._keep_row_minimum(costs, 1, kept).tolist() == [[1.0, 5.0, inf], [inf, 2.0, 6.0]]
-    assert alloc_mod._keep_row_minimum(costs, 5, kept).tolist() == [[inf, 5.0, inf], [inf, inf, 6.0]]
+    assert RowFloor(1).pin(costs, ~kept).tolist() == [[1.0, 5.0, inf], [inf, 2.0, 6.0]]
+    assert RowFloor(5).pin(costs, ~kept).tolist() == [[inf, 5.0, inf], [inf, inf, 6.0]]
 
 @pytest.mark.parametrize("seed", range(3))
 def test_final_split_on_convex_curves_is_the_exact_optimum(seed):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_helpers import NAMESPACES, make_trainer
 from lightning_lobs import LOBSPruning, load_sparse, save_sparse, to_sparse_inference
 from lightning_lobs.export import CSRLinear, plan_sparse_inference
-from lightning_lobs.hessian import is_hf_conv1d
+from lightning_lobs.layers import is_hf_conv1d
 
 transformers = pytest.importorskip("transformers")
 

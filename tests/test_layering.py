@@ -75,15 +75,7 @@ ALLOWED_UPWARD: set[tuple[str, str]] = set()
 ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 # (importer, imported, name): private names taken from another module.
-ALLOWED_PRIVATE: set[tuple[str, str, str]] = {
-    ("callback", "masks", "_resolve_weight"),
-    ("engine.commit", "masks", "_resolve_weight"),
-    # the progress ticks of a solve, computed by the engine for its progress events
-    ("engine.estimates", "solvers", "_MASK_WORK_PER_WEIGHT"),
-    ("engine.estimates", "solvers", "_REFIT_WORK_FACTOR"),
-    ("engine.estimates", "solvers", "_tick_rows"),
-    ("engine.estimates", "solvers", "_trace_work"),
-}
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -434,22 +434,22 @@ def test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5():
     from lobs_lab import models as mnist_data
 
     from lightning_lobs.engine.plan import resolve_method as _resolve_method
-    from lightning_lobs.selection import is_supported
+    from lightning_lobs.layers import is_prunable
 
     for model in (mnist_data.lenet300_100(), mnist_data.lenet5()):
-        layers = [m for m in model.modules() if is_supported(m)]
+        layers = [m for m in model.modules() if is_prunable(m)]
         assert len(layers) >= 3
         assert {_resolve_method("auto", m) for m in layers} == {"exact"}
 
 
 def test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops():
     """The refit costs k^3 / 3 per row for k kept weights: 600 rows keeping 1000 cost exactly 2e11."""
-    from lightning_lobs.solvers import _wants_refit
+    from lightning_lobs.solvers.core import wants_refit
 
     opts = SolverOptions()
-    assert _wants_refit(opts, torch.ones(600, 1000, dtype=torch.bool))
-    assert not _wants_refit(opts, torch.ones(601, 1000, dtype=torch.bool))
-    assert _wants_refit(SolverOptions(refit=True), torch.ones(601, 1000, dtype=torch.bool))
+    assert wants_refit(opts, torch.ones(600, 1000, dtype=torch.bool))
+    assert not wants_refit(opts, torch.ones(601, 1000, dtype=torch.bool))
+    assert wants_refit(SolverOptions(refit=True), torch.ones(601, 1000, dtype=torch.bool))
 
 
 def test_default_memory_budget_is_80_percent_of_the_free_memory(monkeypatch):

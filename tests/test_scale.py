@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import CalibrationOptions, LOBSPruning, SolverOptions, prune_model
 from lightning_lobs import hessian as hessian_mod
-from lightning_lobs.hessian import HessianCollector, unfold_input
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import unfold_input
 from lightning_lobs.resources import LayerMemory, check_budget, layer_memory
 
 pytestmark = [

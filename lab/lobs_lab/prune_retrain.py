@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from lightning_lobs import LOBSPruning, MaskSet, PruneReport, prune_model
 from lightning_lobs.batchnorm import recalibrate_batchnorm
-from lightning_lobs.hessian import from_rows as _from_rows
-from lightning_lobs.hessian import to_rows
+from lightning_lobs.layers import from_rows as _from_rows
+from lightning_lobs.layers import to_rows
 from lobs_lab.baselines import magnitude_masks, mask_from_scores, nm_mask_from_scores, wanda_scores
 from lobs_lab.harness import quiet_trainer
 from lobs_lab.metrics import masks_held, zero_fraction

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..batchnorm import batchnorm_state, load_batchnorm_state
-from ..hessian import set_weight_matrix
-from ..masks import MaskSet, _resolve_weight
+from ..layers import set_weight_matrix
+from ..masks import MaskSet, resolve_weight
 from .context import RunContext
 from .records import Solved
 
@@ -96,7 +96,7 @@ class _MaskSetState:
         if model is None:
             return
         for name, mask in new.items():
-            weight = _resolve_weight(model, name)
+            weight = resolve_weight(model, name)
             pruned = ~mask.to(weight.device)
             tensors = [weight.grad] if weight.grad is not None and weight.grad.layout == torch.strided else []
             for opt in self.masks._optimizers:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..hessian import is_supported
+from ..layers import is_prunable
 
 __all__ = ["HEAD_REASON", "default_forward", "eval_no_grad", "is_empty_batch", "model_device", "move_batch", "output_heads"]
 
@@ -190,7 +190,7 @@ def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
 
         return hook
 
-    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and is_supported(m)]
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and is_prunable(m)]
     try:
         result = run()
     finally:

@@ -12,7 +12,7 @@ from .. import attention as _attention
 from .. import bounds as _bounds
 from ..batchnorm import batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
 from ..distributed import RankInfo
-from ..hessian import weight_matrix
+from ..layers import weight_matrix
 from ..solvers import Tick
 from .collective import all_reduce_batchnorm, reduce_errors
 from .commit import ParamState, Transaction, load_params, param_state

@@ -15,7 +15,7 @@ from .calibrate import calibrate
 from .commit import Transaction, commit
 from .context import RunContext
 from .forward import eval_no_grad
-from .plan import make_plan, solve_cost
+from .plan import make_plan, plan_cost
 from .records import Plan, PruneReport, Solved
 from .report import make_report, recalibrate_bn
 from .sequential import run_sequential
@@ -81,7 +81,7 @@ def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
     """Calibrate every layer on the dense network in one pass over the batches, allocate, solve."""
     plan, calibration = calibrate(ctx, plan, list(plan.layers))
     order = [n for n in calibration.order if n in plan.layers]
-    owners = assign_layers({n: solve_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
+    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
     plan, traces = allocate(ctx, plan, order, owners, calibration.hessians.__getitem__, keep_traces=True)
     solutions = solve_all(ctx, plan, order, owners, calibration.hessians, traces)
     return Solved(plan, tuple(order), solutions, calibration.positions, calibration.scales, written=False)

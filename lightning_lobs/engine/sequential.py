@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 from torch import Tensor
 
-from ..hessian import set_weight_matrix
+from ..layers import set_weight_matrix
 from .allocate import allocate
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, share_solution

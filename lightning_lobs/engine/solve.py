@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..config import NMPattern, SolverOptions
-from ..hessian import from_rows
+from ..layers import from_rows
 from ..solvers import GreedyTrace, Tick, solve_layer
 from .collective import fail_together, share_solution
 from .context import RunContext
