@@ -52,7 +52,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -69,7 +70,7 @@ from lightning_lobs import LOBSPruning, MaskSet
 log = logging.getLogger("benchmarks.accuracy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NETS: Dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
+NETS: dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
 NET_TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
 OBS_METHODS = ("lobs", "exact", "fast")
 BASELINES = ("mp_l1_layer", "mp_l1_global", "magnitude")
@@ -79,13 +80,13 @@ ALL_METHODS = OBS_METHODS + BASELINES
 # --------------------------------------------------------------------------- helpers
 
 
-def layer_sparsities(net: nn.Module) -> Dict[str, float]:
+def layer_sparsities(net: nn.Module) -> dict[str, float]:
     return {
         name: float((m.weight.detach() == 0).sum()) / m.weight.numel() for name, m in prunable_layers(net)
     }
 
 
-def zero_masks(net: nn.Module) -> Dict[str, torch.Tensor]:
+def zero_masks(net: nn.Module) -> dict[str, torch.Tensor]:
     return {name: (m.weight.detach() == 0).clone() for name, m in prunable_layers(net)}
 
 
@@ -94,7 +95,7 @@ class BenchClassifier(MNISTClassifier):
 
     skip_epoch0 = True
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.skip_epoch0 and self.current_epoch == 0:
             return -1  # Lightning: skip the rest of this epoch
         return None
@@ -164,10 +165,10 @@ class Probe(Callback):
         self.checkpoints = sorted(set(checkpoints))
         self.oneshot_acc = math.nan
         self.oneshot_sparsity = math.nan
-        self.oneshot_layer_sparsity: Dict[str, float] = {}
-        self.oneshot_zeros: Dict[str, torch.Tensor] = {}
-        self.acc_at: Dict[int, float] = {}
-        self.sparsity_at: Dict[int, float] = {}
+        self.oneshot_layer_sparsity: dict[str, float] = {}
+        self.oneshot_zeros: dict[str, torch.Tensor] = {}
+        self.acc_at: dict[int, float] = {}
+        self.sparsity_at: dict[int, float] = {}
         self.t_retrain0 = self.t_end = math.nan
         self.steps_in_epoch0 = -1
 
@@ -194,7 +195,7 @@ class Probe(Callback):
 # --------------------------------------------------------------------------- one (net, seed)
 
 
-def train_dense(net_name: str, seed: int, splits, args: argparse.Namespace) -> Dict[str, Any]:
+def train_dense(net_name: str, seed: int, splits, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(seed, workers=True, verbose=False)
     model = MNISTClassifier(NETS[net_name](), lr=args.lr, optimizer="adam")
     train_loader, test_loader = mnist_dataloaders(splits, batch_size=args.batch_size, seed=seed)
@@ -216,13 +217,13 @@ def train_dense(net_name: str, seed: int, splits, args: argparse.Namespace) -> D
 def prune_and_retrain(
     net_name: str,
     seed: int,
-    dense_state: Dict[str, torch.Tensor],
+    dense_state: dict[str, torch.Tensor],
     sparsity: float,
     method: str,
     splits,
     calib_loader: DataLoader,
     args: argparse.Namespace,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = NETS[net_name]()
     net.load_state_dict(dense_state)
@@ -269,7 +270,7 @@ def prune_and_retrain(
     # Masks held: every weight pruned one-shot is still exactly zero after retraining.
     final_zeros = zero_masks(model)
     mask_held = all(bool((final_zeros[n] | ~z).all()) for n, z in probe.oneshot_zeros.items())
-    row: Dict[str, Any] = {
+    row: dict[str, Any] = {
         "net": net_name,
         "seed": seed,
         "sparsity": sparsity,
@@ -366,7 +367,7 @@ def configure(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str) -> Dict[str, Any]:
+def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str) -> dict[str, Any]:
     """Dense training and every (sparsity, method) run for one net and seed; rows also saved to ``part_path``."""
     configure(args)
     splits = load_mnist(args.data_dir, split_seed=args.split_seed)
@@ -375,8 +376,8 @@ def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str)
         mnist_dataloaders(splits, batch_size=args.batch_size)[0].dataset,
         batch_size=args.batch_size, shuffle=False, num_workers=0,
     )
-    part: Dict[str, Any] = {"meta": {"net": net_name, "seed": seed, "data_source": splits.source}, "dense": [], "runs": []}
-    previous: Optional[Dict[str, Any]] = None
+    part: dict[str, Any] = {"meta": {"net": net_name, "seed": seed, "data_source": splits.source}, "dense": [], "runs": []}
+    previous: dict[str, Any] | None = None
     if args.resume and os.path.exists(part_path):
         with open(part_path) as f:
             previous = json.load(f)
@@ -424,7 +425,7 @@ def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str)
     return part
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -461,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         # Longest units first (LeNet-5 retraining costs ~6x LeNet-300-100's) so parallel workers finish together.
         units.sort(key=lambda u: (u[0] != "lenet5", u[1]))
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "meta": {
             "command": "python " + " ".join(
                 [os.path.relpath(os.path.abspath(__file__), ROOT)] + list(sys.argv[1:] if argv is None else argv)
@@ -481,7 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             json.dump(results, f, indent=1, default=str)
         os.replace(tmp, args.out)
 
-    def collect(part: Dict[str, Any]) -> None:
+    def collect(part: dict[str, Any]) -> None:
         results["dense"] += part["dense"]
         results["runs"] += part["runs"]
         results["meta"].setdefault("unit_s", {})[f"{part['meta']['net']}/seed{part['meta']['seed']}"] = part["meta"]["unit_s"]

@@ -23,17 +23,16 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
+from lobs_lab.harness import csv_list
 from torch.utils.data import DataLoader
-
-from dataclasses import replace
 
 import accuracy as A  # benchmarks/accuracy.py, beside this script (its folder is on sys.path when run as one)
 from lightning_lobs.hessian import HessianCollector
 from lightning_lobs.layers import has_bias, weight_matrix
 from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
-from lobs_lab.harness import csv_list
 
 #: column -> (solve_layer method, SolverOptions.refit)
 VARIANTS = {"lobs": ("lobs", True), "lobs-literal": ("lobs", False), "exact": ("exact", None),

@@ -16,7 +16,8 @@ import math
 import os
 import statistics
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 NET_TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
 OBS_METHODS = ("lobs", "exact", "fast")
@@ -31,8 +32,8 @@ METHOD_TITLES = {
 }
 
 
-def load(paths: Sequence[str]) -> Dict[str, Any]:
-    merged: Dict[str, Any] = {"meta": [], "dense": [], "runs": []}
+def load(paths: Sequence[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"meta": [], "dense": [], "runs": []}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -42,7 +43,7 @@ def load(paths: Sequence[str]) -> Dict[str, Any]:
     return complete_only(merged)
 
 
-def complete_only(data: Dict[str, Any]) -> Dict[str, Any]:
+def complete_only(data: dict[str, Any]) -> dict[str, Any]:
     """Keep, for every (net, sparsity), only the seeds that have a run of every method of that net.
 
     A stopped run can leave a seed with only some methods at its last sparsity; dropping those keeps
@@ -61,7 +62,7 @@ def complete_only(data: Dict[str, Any]) -> Dict[str, Any]:
     return data
 
 
-def mean_std(values: Iterable[float]) -> Tuple[float, float, int]:
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return math.nan, math.nan, 0
@@ -83,36 +84,36 @@ def epoch_note(k: int) -> str:
     return " (one epoch)" if k == math.ceil(4000 / 128) else ""
 
 
-def acc_at(run: Dict[str, Any], k: int) -> float:
+def acc_at(run: dict[str, Any], k: int) -> float:
     if k == 0:
         return run["oneshot_acc"]
     return run["acc_at"].get(str(k), math.nan)
 
 
-def index_runs(runs: List[Dict[str, Any]]) -> Dict[Tuple[str, float, str], Dict[int, Dict[str, Any]]]:
-    out: Dict[Tuple[str, float, str], Dict[int, Dict[str, Any]]] = defaultdict(dict)
+def index_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[int, dict[str, Any]]]:
+    out: dict[tuple[str, float, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in runs:
         out[(r["net"], r["sparsity"], r["method"])][r["seed"]] = r
     return out
 
 
-def checkpoints_of(runs: List[Dict[str, Any]]) -> List[int]:
+def checkpoints_of(runs: list[dict[str, Any]]) -> list[int]:
     ks = sorted({int(k) for r in runs for k in r["acc_at"]})
     return [0] + ks
 
 
-def paired(idx, net: str, s: float, a: str, b: str, k: int) -> List[float]:
+def paired(idx, net: str, s: float, a: str, b: str, k: int) -> list[float]:
     ra, rb = idx.get((net, s, a), {}), idx.get((net, s, b), {})
     return [acc_at(ra[seed], k) - acc_at(rb[seed], k) for seed in sorted(set(ra) & set(rb))]
 
 
-def tables(data: Dict[str, Any]) -> str:
+def tables(data: dict[str, Any]) -> str:
     runs, dense = data["runs"], data["dense"]
     idx = index_runs(runs)
     ks = checkpoints_of(runs)
     nets = [n for n in NET_TITLES if any(r["net"] == n for r in runs)]
     methods_present = [m for m in OBS_METHODS + BASELINES if any(r["method"] == m for r in runs)]
-    lines: List[str] = []
+    lines: list[str] = []
     for net in nets:
         d = [x for x in dense if x["net"] == net]
         seeds = sorted({x["seed"] for x in d})
@@ -181,13 +182,13 @@ def tables(data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def targets(data: Dict[str, Any]) -> str:
+def targets(data: dict[str, Any]) -> str:
     """The issue's targets, evaluated on the means."""
     runs, dense = data["runs"], data["dense"]
     idx = index_runs(runs)
     ks = checkpoints_of(runs)
     k1 = ks[1] if len(ks) > 1 else None
-    out: List[str] = []
+    out: list[str] = []
     net = "lenet300"
     d = {x["seed"]: x["dense_acc"] for x in dense if x["net"] == net}
     if d and any(key[0] == net and abs(key[1] - 0.93) < 1e-9 for key in idx):
@@ -221,7 +222,7 @@ def targets(data: Dict[str, Any]) -> str:
                 continue
             misses = []
             checked = 0
-            for (net_, s, m), rs in idx.items():
+            for net_, s, m in idx:
                 if net_ != n or m not in OBS_METHODS or s < 0.8 - 1e-9:
                     continue
                 for b in BASELINES:
@@ -245,18 +246,18 @@ def targets(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def allocation_of(data: Dict[str, Any]) -> str:
+def allocation_of(data: dict[str, Any]) -> str:
     """How the L-OBS runs spread the sparsity over layers (runs before the option existed were uniform)."""
     found = {str(m.get("args", {}).get("allocation", "uniform")) for m in data.get("meta", [])}
     return "/".join(sorted(found)) or "uniform"
 
 
-def allocation_table(data: Dict[str, Any]) -> str:
+def allocation_table(data: dict[str, Any]) -> str:
     """Per-layer one-shot sparsity of the L-OBS runs (mean over seeds), when the allocation was global."""
     if allocation_of(data) != "global":
         return ""
     runs = [r for r in data["runs"] if r["method"] in OBS_METHODS]
-    out: List[str] = []
+    out: list[str] = []
     for net in NET_TITLES:
         rs = [r for r in runs if r["net"] == net]
         if not rs:
@@ -278,7 +279,7 @@ def allocation_table(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def checks(data: Dict[str, Any]) -> str:
+def checks(data: dict[str, Any]) -> str:
     """Sparsity verification over all runs."""
     runs = data["runs"]
     if not runs:
@@ -302,7 +303,7 @@ def checks(data: Dict[str, Any]) -> str:
     )
 
 
-def plot(data: Dict[str, Any], folder: str, stem: str = "accuracy") -> List[str]:
+def plot(data: dict[str, Any], folder: str, stem: str = "accuracy") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,7 +346,7 @@ def plot(data: Dict[str, Any], folder: str, stem: str = "accuracy") -> List[str]
     return paths
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+")
     p.add_argument("--md", default=None)

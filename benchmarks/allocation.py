@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from lobs_lab.harness import train_epochs
@@ -58,7 +58,7 @@ def small_resnet(width: int = 8) -> nn.Module:
     average pool, Linear(4w, 10). BatchNorm after every conv, no conv bias; 16 prunable layers
     (stem, 12 block convs, 2 shortcuts, fc); w = 8: 44,064 weights."""
 
-    layers: List[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    layers: list[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     cin = width
     for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
         layers += [BasicBlock(cin, cout, stride, project=True), BasicBlock(cout, cout, 1, project=True)]
@@ -67,7 +67,7 @@ def small_resnet(width: int = 8) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def prunable(model: nn.Module) -> Dict[str, nn.Module]:
+def prunable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
@@ -86,7 +86,7 @@ def global_magnitude(model: nn.Module, s: float) -> None:
             m.weight.mul_(m.weight.abs() > thr)
 
 
-def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, max_d: Optional[int] = None) -> None:
+def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, max_d: int | None = None) -> None:
     """Seconds of the allocation's per-layer costs on a torchvision ``model_name``'s layer shapes (random H).
 
     For every distinct (rows, d) of its Conv/Linear layers (timed once, counted as often as it occurs):
@@ -101,7 +101,7 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, ma
     from lightning_lobs.solvers import SolverOptions, error_curve, obs_scores, output_energy, solve_layer
 
     model = getattr(torchvision.models, model_name)(weights=None, num_classes=1000)
-    shapes: Dict[tuple, int] = {}
+    shapes: dict[tuple, int] = {}
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             key = (m.weight.shape[0] // getattr(m, "groups", 1), m.weight[0].numel() + (m.bias is not None), m.bias is not None)
@@ -180,7 +180,7 @@ def main() -> None:
         "data": splits.source, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "commit": commit, "cmd": " ".join(sys.argv),
     }
-    results: Dict[str, Any] = {"meta": meta, "runs": []}
+    results: dict[str, Any] = {"meta": meta, "runs": []}
     s = args.sparsity
     for seed in args.seeds:
         torch.manual_seed(seed)
@@ -199,7 +199,7 @@ def main() -> None:
             m.load_state_dict(state)
             return m
 
-        def record(name: str, model: nn.Module, seconds: float, report: Any = None) -> Dict[str, float]:
+        def record(name: str, model: nn.Module, seconds: float, report: Any = None) -> dict[str, float]:
             acc = test_accuracy(model, xte, yte)
             per = {n: float((m.weight == 0).float().mean()) for n, m in prunable(model).items()}
             total = sum(int((m.weight == 0).sum()) for m in prunable(model).values()) / sum(m.weight.numel() for m in prunable(model).values())
@@ -210,7 +210,7 @@ def main() -> None:
                 json.dump(results, f, indent=1)
             return per
 
-        def run(name: str, method: str, sparsity: Any, **kw: Any) -> Dict[str, float]:
+        def run(name: str, method: str, sparsity: Any, **kw: Any) -> dict[str, float]:
             m = fresh()
             t = time.perf_counter()
             rep = prune_model(m, calib, sparsity, method, **kw, prune_head=True)
@@ -232,9 +232,9 @@ def main() -> None:
     write_table(results, os.path.splitext(args.out)[0] + ".md")
 
 
-def write_table(results: Dict[str, Any], path: str) -> None:
+def write_table(results: dict[str, Any], path: str) -> None:
     runs = results["runs"]
-    names: List[str] = []
+    names: list[str] = []
     for r in runs:
         if r["run"] not in names:
             names.append(r["run"])

@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+from lobs_lab.harness import gemm_gflops
+from lobs_lab.mnist import load_mnist, mnist_dataloaders
+from lobs_lab.models import lenet5, lenet300_100
 from torch import nn
 
 from lightning_lobs import prune_model
 from lightning_lobs.hessian import HessianCollector
 from lightning_lobs.layers import is_prunable
 from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS
-from lobs_lab.harness import gemm_gflops
-from lobs_lab.mnist import load_mnist, mnist_dataloaders
-from lobs_lab.models import lenet5, lenet300_100
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> float:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from typing import Any, Dict, List
+from typing import Any
 
 from lobs_lab.tables import accuracy_table, method_key, perplexity_table
 
 
-def resnet(res: Dict[str, Any]) -> str:
+def resnet(res: dict[str, Any]) -> str:
     rows = res["rows"]
     cols = list(dict.fromkeys(method_key(r) for r in rows))
     out = [
@@ -40,7 +40,7 @@ def resnet(res: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def gpt2(res: Dict[str, Any]) -> str:
+def gpt2(res: dict[str, Any]) -> str:
     rows = res["rows"]
     d = res["dense_test"]
     out = [
@@ -70,7 +70,7 @@ def gpt2(res: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
     for path in argv:
         res = json.load(open(path))
         print(f"### {res['name']} ({path})\n")

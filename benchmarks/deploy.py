@@ -33,18 +33,19 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import torch
-from torch import nn
-
-from lightning_lobs import MaskSet, load_sparse, prune_model, save_sparse, to_sparse_inference
-from lightning_lobs.export import CSRLinear, plan_sparse_inference
 from lobs_lab.harness import loadavg, machine_info, train_epochs, write_json
 from lobs_lab.metrics import tensor_accuracy
 from lobs_lab.mnist import load_mnist
 from lobs_lab.models import lenet5, lenet300_100
+from torch import nn
+
+from lightning_lobs import MaskSet, load_sparse, prune_model, save_sparse, to_sparse_inference
+from lightning_lobs.export import CSRLinear, plan_sparse_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,14 +59,14 @@ def torch_save_bytes(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> Dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each fn; the fns take turns call by call, so load from other processes
     hits all of them alike."""
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
-        times: Dict[str, List[float]] = {k: [] for k in fns}
+        times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):
             for key, fn in fns.items():
                 t0 = time.perf_counter()
@@ -74,8 +75,8 @@ def interleaved_medians(fns: Dict[str, Callable[[], Any]], repeats: int, warmup:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extra: Dict[str, Any],
-             repeats: int = 5) -> Dict[str, Any]:
+def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extra: dict[str, Any],
+             repeats: int = 5) -> dict[str, Any]:
     path = tmp / f"{name}.lobs"
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -132,8 +133,8 @@ def magnitude_linear(out_f: int, in_f: int, kind: str, seed: int = 0) -> nn.Modu
     return nn.Sequential(lin).eval()
 
 
-def speed_rows(name: str, dense: nn.Module, pruned: nn.Module, input_shape, threads: List[int], batches: List[int],
-               repeats: int) -> List[Dict[str, Any]]:
+def speed_rows(name: str, dense: nn.Module, pruned: nn.Module, input_shape, threads: list[int], batches: list[int],
+               repeats: int) -> list[dict[str, Any]]:
     rows = []
     for nthreads in threads:
         torch.set_num_threads(nthreads)
@@ -172,7 +173,7 @@ def speed_rows(name: str, dense: nn.Module, pruned: nn.Module, input_shape, thre
     return rows
 
 
-def cuda_rows(repeats: int) -> List[Dict[str, Any]]:
+def cuda_rows(repeats: int) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         log.info("no CUDA device: GPU figures skipped")
         return []
@@ -205,7 +206,7 @@ def cuda_rows(repeats: int) -> List[Dict[str, Any]]:
     return rows
 
 
-def markdown(result: Dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}; load average at start {m['loadavg']}, "
@@ -264,14 +265,14 @@ def main() -> None:
                         handlers=[logging.StreamHandler(), logging.FileHandler(f"{out}.log", mode="w")])
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    result: Dict[str, Any] = {"machine": machine_info(), "args": vars(args), "files": [], "speed": []}
+    result: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "files": [], "speed": []}
     log.info("machine %s", result["machine"])
 
     splits = load_mnist()
     log.info("data: %s", splits.source)
     tmp = Path(tempfile.mkdtemp(prefix="deploy-"))
-    pruned_models: Dict[str, nn.Module] = {}
-    dense_models: Dict[str, nn.Module] = {}
+    pruned_models: dict[str, nn.Module] = {}
+    dense_models: dict[str, nn.Module] = {}
     for name, make in (("LeNet-300-100", lenet300_100), ("LeNet-5", lenet5)):
         torch.manual_seed(0)
         dense = make()

@@ -41,9 +41,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
+from lobs_lab.harness import Stopwatch, loadavg, machine_info, peak_rss_gib, write_json
+from lobs_lab.metrics import tensor_accuracy
+from lobs_lab.mnist import mnist_images
 from torch import Tensor, nn
 
 from lightning_lobs.hessian import HessianCollector
@@ -52,9 +55,6 @@ from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, r
 from lightning_lobs.solvers.core import inverse_with_damping, row_chunk, row_groups
 from lightning_lobs.solvers.exact import allocate_rows
 from lightning_lobs.solvers.trace import greedy_rows
-from lobs_lab.harness import Stopwatch, loadavg, machine_info, peak_rss_gib, write_json
-from lobs_lab.metrics import tensor_accuracy
-from lobs_lab.mnist import mnist_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,11 +76,11 @@ def build(net: str) -> nn.Module:
     return getattr(torchvision.models, net)(weights=None, num_classes=10)
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch: int, seed: int = 0) -> Dict[str, Any]:
+def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch: int, seed: int = 0) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    losses: List[float] = []
+    losses: list[float] = []
     perm = torch.randperm(len(x), generator=gen)
     pos = 0
     with Stopwatch() as sw:
@@ -158,15 +158,15 @@ class ExactTracer:
 
 
 def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: SolverOptions, label: str,
-             check_exact: bool, log) -> List[Dict[str, Any]]:
-    out: List[Dict[str, Any]] = []
+             check_exact: bool, log) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     base = layer_error(W_aug, torch.zeros_like(W_aug), H)
     weight, bias = split(W_aug, frozen)
-    tracer: Optional[ExactTracer] = None
+    tracer: ExactTracer | None = None
     for method in methods:
         for s in sparsities:
             load0 = loadavg()
-            extra: Dict[str, Any] = {}
+            extra: dict[str, Any] = {}
             if method in VARIANTS:
                 solver_method, with_refit = VARIANTS[method]
                 t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: S
     return out
 
 
-def run_net(net: str, args, log) -> Dict[str, Any]:
+def run_net(net: str, args, log) -> dict[str, Any]:
     size, layer_names, lr = NETS[net]
     if args.quick:
         layer_names = QUICK_LAYERS[net]
@@ -250,13 +250,13 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
         ev = torch.linalg.eigvalsh(H[0])
         mean_diag = float(torch.diagonal(H[0]).mean())
         rank = {"eig_gt_1e-6_max": int((ev > 1e-6 * ev.max()).sum()), "eig_gt_damping": int((ev > opts.damp * mean_diag).sum())}
-        entry: Dict[str, Any] = {"name": name, "kind": type(mod).__name__, "weight_shape": list(mod.weight.shape),
+        entry: dict[str, Any] = {"name": name, "kind": type(mod).__name__, "weight_shape": list(mod.weight.shape),
                                  "rows": rows, "d": D, "bias": bool(frozen), "exact_cost_rows_d3": cost,
                                  "hessian_rows": counts[name], "hessian_spectrum": rank, "load_start": loadavg()}
         log(f"{net}.{name}: W {tuple(mod.weight.shape)} -> {rows} x {D} (bias col {bool(frozen)}), rows*d^3={cost:.3g}, "
             f"H from {counts[name]} rows, eigenvalues >1e-6*max: {rank['eig_gt_1e-6_max']}, "
             f"> damping (0.01*mean diag): {rank['eig_gt_damping']}")
-        evals: List[Dict[str, Any]] = []
+        evals: list[dict[str, Any]] = []
         check = cost <= args.check_exact_max
         if cost > args.exact_full_max:
             R = args.subset_rows_large if D >= args.large_d else args.subset_rows
@@ -306,7 +306,7 @@ def main(argv=None) -> None:
         args.subset_rows = min(args.subset_rows, 8)
     args.out = args.out or RESULTS / ("layers_quick.json" if args.quick else "layers.json")
     t_start = time.perf_counter()
-    result: Dict[str, Any] = {"command": " ".join(["python", "benchmarks/layers.py"] + (sys.argv[1:] if argv is None else list(argv))),
+    result: dict[str, Any] = {"command": " ".join(["python", "benchmarks/layers.py"] + (sys.argv[1:] if argv is None else list(argv))),
                               "machine": machine_info(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "result"},
                               "nets": {}}
     args.result = result

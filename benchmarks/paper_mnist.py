@@ -58,29 +58,30 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-import lightning_lobs
-from lightning_lobs import SolverOptions, prune_model
-from lightning_lobs.hessian import HessianCollector
-from lightning_lobs.layers import has_bias, weight_matrix
 from lobs_lab import baselines as B
 from lobs_lab.harness import csv_list, machine_info
 from lobs_lab.metrics import prunable_layers, tensor_accuracy
 from lobs_lab.mnist import MNISTSplits, load_mnist
 from lobs_lab.mnist_job import allocate_sparsity
 from lobs_lab.models import LENET5_KEEP_PROFILE, LENET300_KEEP_PROFILE, lenet5, lenet300_100
+from torch import Tensor, nn
+
+import lightning_lobs
+from lightning_lobs import SolverOptions, prune_model
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("benchmarks.paper_mnist")
 
-NETS: Dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
+NETS: dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
 PROFILES = {"lenet300": LENET300_KEEP_PROFILE, "lenet5": LENET5_KEEP_PROFILE}
 OBS_METHODS = ("lobs_literal", "lobs", "exact", "fast", "auto", "auto_global")
 LAYERWISE = ("obd", "wanda", "lw_iht", "lwc")
@@ -110,7 +111,7 @@ class Batches:
         self.perm = torch.randperm(splits.num_train, generator=self.gen)
         self.pos = 0
 
-    def next(self) -> Tuple[Tensor, Tensor]:
+    def next(self) -> tuple[Tensor, Tensor]:
         if self.pos >= self.perm.numel():
             self.perm, self.pos = torch.randperm(self.splits.num_train, generator=self.gen), 0
         idx = self.perm[self.pos : self.pos + self.batch_size]
@@ -118,7 +119,7 @@ class Batches:
         return self.splits.train_x[idx], self.splits.train_y[idx]
 
 
-def train_dense(net: nn.Module, splits: MNISTSplits, epochs: int, args: argparse.Namespace, seed: int) -> Dict[str, Any]:
+def train_dense(net: nn.Module, splits: MNISTSplits, epochs: int, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Adam with a per-step cosine decay of ``args.lr`` to 0 over ``epochs`` epochs; returns timings and accuracy."""
     steps_per_epoch = math.ceil(splits.num_train / args.batch_size)
     total = epochs * steps_per_epoch
@@ -141,20 +142,20 @@ def train_dense(net: nn.Module, splits: MNISTSplits, epochs: int, args: argparse
     return {"epochs": epochs, "steps": total, "train_s": time.perf_counter() - t0, "epoch_test_acc": curve}
 
 
-def weight_masks(net: nn.Module) -> Dict[str, Tensor]:
+def weight_masks(net: nn.Module) -> dict[str, Tensor]:
     """``{layer name: weight != 0}`` for every Linear/Conv layer."""
     return {name: (m.weight.detach() != 0) for name, m in prunable_layers(net)}
 
 
 def train_steps(
     net: nn.Module,
-    masks: Optional[Dict[str, Tensor]],
+    masks: dict[str, Tensor] | None,
     steps: int,
     batches: Batches,
     lr: float,
-    splits: Optional[MNISTSplits] = None,
+    splits: MNISTSplits | None = None,
     checkpoints: Sequence[int] = (),
-) -> Dict[int, float]:
+) -> dict[int, float]:
     """``steps`` Adam steps (fresh optimizer, constant ``lr``); with ``masks`` the pruned weights stay exactly 0.
 
     Returns ``{step: test accuracy}`` at every checkpoint ``<= steps``.
@@ -162,7 +163,7 @@ def train_steps(
     modules = dict(prunable_layers(net))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     marks = sorted(c for c in set(checkpoints) if 0 < c <= steps)
-    acc: Dict[int, float] = {}
+    acc: dict[int, float] = {}
     net.train()
     for step in range(1, steps + 1):
         x, y = batches.next()
@@ -187,7 +188,7 @@ def train_steps(
 # --------------------------------------------------------------------------- pruning
 
 
-def collect_hessians(net: nn.Module, batches: List[Tensor]) -> Dict[str, Tensor]:
+def collect_hessians(net: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:
     """Float64 ``H = 1/n sum x~ x~^T`` of every Linear/Conv layer's inputs in the (dense) net, ``(d, d)`` each."""
     modules = dict(prunable_layers(net))
     net.eval()
@@ -203,7 +204,7 @@ def collect_hessians(net: nn.Module, batches: List[Tensor]) -> Dict[str, Tensor]
     return out
 
 
-def time_inverses(hessians: Dict[str, Tensor], damp: float = 0.01) -> Dict[str, float]:
+def time_inverses(hessians: dict[str, Tensor], damp: float = 0.01) -> dict[str, float]:
     """Seconds of one float64 Cholesky inverse of each layer's (damped) Hessian: the L-OBS paper's per-layer cost."""
     out = {}
     for name, H in hessians.items():
@@ -223,9 +224,9 @@ def _set_weight_rows(module: nn.Module, matrix: Tensor) -> None:
             module.bias.copy_(matrix[:, k].to(module.bias.dtype))
 
 
-def prune_layerwise(net: nn.Module, method: str, layer_sparsity: Dict[str, float], hessians: Dict[str, Tensor], args) -> Dict[str, Any]:
+def prune_layerwise(net: nn.Module, method: str, layer_sparsity: dict[str, float], hessians: dict[str, Tensor], args) -> dict[str, Any]:
     """Apply a layer-wise baseline in place; returns per-layer ``dE`` (L-OBS's objective, undamped H)."""
-    info: Dict[str, Any] = {}
+    info: dict[str, Any] = {}
     for name, m in prunable_layers(net):
         t0 = time.perf_counter()
         s = layer_sparsity[name]
@@ -269,18 +270,18 @@ def prune_mp(net: nn.Module, method: str, sparsity: float) -> None:
         P.remove(m, p)
 
 
-def paper_spec(net_name: str, net: nn.Module, sparsity: float) -> Dict[str, float]:
+def paper_spec(net_name: str, net: nn.Module, sparsity: float) -> dict[str, float]:
     """Han et al.'s per-layer keep profile scaled so that exactly ``1 - sparsity`` of all weights are kept."""
     return allocate_sparsity(net, sparsity, PROFILES[net_name])
 
 
 def prune_oneshot(
-    net_name: str, net: nn.Module, method: str, sparsity: float, calib: List[Tensor], hessians: Dict[str, Tensor], args
-) -> Dict[str, Any]:
+    net_name: str, net: nn.Module, method: str, sparsity: float, calib: list[Tensor], hessians: dict[str, Tensor], args
+) -> dict[str, Any]:
     """Prune ``net`` in place with a method that needs no training; returns details for the results."""
     spec = paper_spec(net_name, net, sparsity)
     t0 = time.perf_counter()
-    detail: Dict[str, Any] = {}
+    detail: dict[str, Any] = {}
     if method in OBS_METHODS:
         solver = SolverOptions(refit=False) if method == "lobs_literal" else None
         lib_method = {"lobs_literal": "lobs", "auto_global": "auto"}.get(method, method)
@@ -306,13 +307,13 @@ def prune_oneshot(
 
 def prune_trained(
     net_name: str, net: nn.Module, method: str, sparsity: float, splits: MNISTSplits, batches: Batches, args
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """``lwc_iter`` / ``iht``: the rounds before the final prune (with their training); net ends pruned."""
     pre_steps = 0
     t0 = time.perf_counter()
-    rounds: List[Dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
 
-    def magnitude(s: float) -> Dict[str, Tensor]:
+    def magnitude(s: float) -> dict[str, Tensor]:
         spec = paper_spec(net_name, net, s)
         for name, m in prunable_layers(net):
             with torch.no_grad():
@@ -342,7 +343,7 @@ def prune_trained(
     return {"pre_steps": pre_steps, "rounds": rounds, "prune_s": time.perf_counter() - t0}
 
 
-def steps_within(dense_acc: float, oneshot: float, acc_at: Dict[int, float], pre: int, delta: float) -> Optional[int]:
+def steps_within(dense_acc: float, oneshot: float, acc_at: dict[int, float], pre: int, delta: float) -> int | None:
     """First retraining step count (plus ``pre``) at which accuracy >= dense - delta; None if never."""
     if oneshot >= dense_acc - delta - 1e-12:
         return pre
@@ -355,7 +356,7 @@ def steps_within(dense_acc: float, oneshot: float, acc_at: Dict[int, float], pre
 # --------------------------------------------------------------------------- driver
 
 
-def machine() -> Dict[str, Any]:
+def machine() -> dict[str, Any]:
     """:func:`machine_info` and which checkout of the library ran (its folder and commit)."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     return {**machine_info(), "lightning_lobs_from": os.path.dirname(lightning_lobs.__file__), "repo_commit": commit}
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.report:
         results = merge_results([json.loads(Path(f).read_text()) for f in args.report])
@@ -418,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     splits = load_mnist(args.data_dir)
     log.info("data: %s", splits.source)
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "command": "python benchmarks/paper_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
         "data_source": splits.source,
@@ -504,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def print_tables(results: Dict[str, Any]) -> None:
+def print_tables(results: dict[str, Any]) -> None:
     """Markdown tables of the runs and the sweep (test error in %)."""
     print(f"\ndata: {results['data_source']}")
     for d in results["dense"]:
@@ -528,9 +529,9 @@ def print_tables(results: Dict[str, Any]) -> None:
             print(f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.3f} | {100 * (1 - r['oneshot_acc']):.2f} |")
 
 
-def merge_results(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One results dict from several runs' (disjoint nets or seeds); the commands and machines are kept as lists."""
-    merged: Dict[str, Any] = {"data_source": parts[0]["data_source"], "dense": [], "runs": [], "sweep": [],
+    merged: dict[str, Any] = {"data_source": parts[0]["data_source"], "dense": [], "runs": [], "sweep": [],
                               "commands": [p["command"] for p in parts], "machines": [p["machine"] for p in parts]}
     if len({p["data_source"] for p in parts}) > 1:
         raise SystemExit("the reports were run on different data: " + "; ".join(p["data_source"] for p in parts))
@@ -540,7 +541,7 @@ def merge_results(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
     return merged
 
 
-def _band(values: Sequence[float]) -> Tuple[float, float]:
+def _band(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
@@ -553,11 +554,11 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
-def summary_tables(results: Dict[str, Any]) -> str:
+def summary_tables(results: dict[str, Any]) -> str:
     """Per net, one row per method: test error (%) mean ± std over seeds, one-shot and after retraining, and the
     retraining steps to within 0.1 / 0.5 points of each seed's dense accuracy (one entry per seed; ``-``: not
     within the budget)."""
-    lines: List[str] = []
+    lines: list[str] = []
     for net in dict.fromkeys(d["net"] for d in results["dense"]):
         dense = [d for d in results["dense"] if d["net"] == net]
         runs = [r for r in results["runs"] if r["net"] == net]
@@ -592,11 +593,11 @@ def summary_tables(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cost_table(results: Dict[str, Any]) -> str:
+def cost_table(results: dict[str, Any]) -> str:
     """The reviewers' wall-clock question: per net, each method's whole-network prune time (and its slowest layer),
     against one dense training epoch, the Hessians' collection and their inverses, from the same run (mean over
     seeds). ``lwc_iter`` / ``iht`` include their retraining rounds."""
-    lines: List[str] = []
+    lines: list[str] = []
     for net in dict.fromkeys(d["net"] for d in results["dense"]):
         dense = [d for d in results["dense"] if d["net"] == net and "inverses_s" in d]
         runs = [r for r in results["runs"] if r["net"] == net]
@@ -619,7 +620,7 @@ def cost_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: Dict[str, Any], path: str) -> None:
+def plot(results: dict[str, Any], path: str) -> None:
     """Per net: one-shot accuracy vs sparsity (the sweep), and accuracy vs retraining steps at the paper's target;
     mean over seeds, bars at ± one std."""
     import matplotlib

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from lobs_lab.harness import Stopwatch, current_rss_gib, gemm_gflops, loadavg, machine_info, peak_rss_gib, write_json
@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- child processes
 
 
-def run_child(cmd: List[str], out: Path, limit_gib: float, timeout: float, threads: Optional[int] = None) -> Dict[str, Any]:
+def run_child(cmd: list[str], out: Path, limit_gib: float, timeout: float, threads: int | None = None) -> dict[str, Any]:
     """Run ``cmd`` (which writes JSON to ``out``), polling its RSS; kill it above ``limit_gib`` or after ``timeout``."""
     if out.exists():
         out.unlink()
@@ -78,7 +78,7 @@ def run_child(cmd: List[str], out: Path, limit_gib: float, timeout: float, threa
             proc.wait()
             break
         time.sleep(0.2)
-    info: Dict[str, Any] = {"OMP_NUM_THREADS": threads, "returncode": proc.returncode, "wall_seconds": time.perf_counter() - t0,
+    info: dict[str, Any] = {"OMP_NUM_THREADS": threads, "returncode": proc.returncode, "wall_seconds": time.perf_counter() - t0,
                             "polled_peak_rss_gib": polled, "load": [load0, loadavg()], "killed": killed}
     if out.exists():
         info.update(json.loads(out.read_text()))
@@ -92,7 +92,7 @@ def child_prune(args) -> None:
 
     from lightning_lobs import CalibrationOptions, prune_model
 
-    res: Dict[str, Any] = {"model": args.model, "input": f"3x{args.size}x{args.size}", "batches": args.batches,
+    res: dict[str, Any] = {"model": args.model, "input": f"3x{args.size}x{args.size}", "batches": args.batches,
                            "batch_size": args.batch_size, "method": args.method, "hessian_dtype": args.hessian_dtype,
                            "exclude": args.exclude, "memory_budget_gib": args.budget_gib, "torch_threads": torch.get_num_threads()}
     torch.manual_seed(0)
@@ -164,8 +164,8 @@ def child_fc6proxy(args) -> None:
 # --------------------------------------------------------------------------- parts
 
 
-def part_prune(args, result: Dict[str, Any]) -> None:
-    out: Dict[str, Any] = {}
+def part_prune(args, result: dict[str, Any]) -> None:
+    out: dict[str, Any] = {}
     result["prune"] = out
     tmp = RESULTS / "_scale_child.json"
     py = [sys.executable, str(HERE)]
@@ -244,7 +244,7 @@ def sym_h(d: int, seed: int) -> torch.Tensor:
     return (X.T.double() @ X.double() / n).unsqueeze(0)
 
 
-def part_sweep(args, result: Dict[str, Any]) -> None:
+def part_sweep(args, result: dict[str, Any]) -> None:
     from lightning_lobs.solvers import solve_layer
 
     other = 2 if torch.get_num_threads() == 1 else 1
@@ -252,13 +252,13 @@ def part_sweep(args, result: Dict[str, Any]) -> None:
     torch.set_num_threads(other)
     gem_other = gemm_gflops()
     torch.set_num_threads(nt0)
-    out: Dict[str, Any] = {"sparsity": args.sweep_sparsity, "threads": nt0, "gemm_gflops_f32_before": gemm_gflops(),
+    out: dict[str, Any] = {"sparsity": args.sweep_sparsity, "threads": nt0, "gemm_gflops_f32_before": gemm_gflops(),
                            "gemm_gflops_f64_before": gemm_gflops(dtype=torch.float64), "other_threads": other,
                            f"gemm_gflops_f32_{other}_threads": gem_other, "runs": []}
     result["sweep"] = out
     ds = [128, 256] if args.quick else args.sweep_d
     cap = 20.0 if args.quick else args.sweep_cap_seconds
-    prev: Dict[str, tuple] = {}
+    prev: dict[str, tuple] = {}
     for d in ds:
         H = sym_h(d, d)
         W = torch.randn(d, d, generator=torch.Generator().manual_seed(d + 1))
@@ -312,13 +312,13 @@ def part_sweep(args, result: Dict[str, Any]) -> None:
     write_json(args.out, result)
 
 
-def part_inverse(args, result: Dict[str, Any]) -> None:
+def part_inverse(args, result: dict[str, Any]) -> None:
     """Time of the d x d part that every solve_layer call pays once (damping + Cholesky + cholesky_inverse, the
     library's inverse_with_damping), to separate it from the per-row work when extrapolating row subsets; and
     cholesky_inverse against cholesky_solve(I) on the same factor."""
     from lightning_lobs import solvers as S
 
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     result["inverse"] = {"threads": torch.get_num_threads(), "runs": out}
     for d in ([128, 256] if args.quick else args.sweep_d):
         H = sym_h(d, d)
@@ -341,8 +341,8 @@ def part_inverse(args, result: Dict[str, Any]) -> None:
         write_json(args.out, result)
 
 
-def part_ddp(args, result: Dict[str, Any]) -> None:
-    out: Dict[str, Any] = {}
+def part_ddp(args, result: dict[str, Any]) -> None:
+    out: dict[str, Any] = {}
     result["ddp"] = out
     # 1 rank with torch's default 2 threads, 1 rank with 1 thread, 2 DDP ranks (Lightning sets 1 thread per rank).
     for devices, threads in ((1, 2), (1, 1), (2, None)):
@@ -394,7 +394,7 @@ def main(argv=None) -> None:
     args.out = args.out or RESULTS / ("scale_quick.json" if args.quick else "scale.json")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    result: Dict[str, Any] = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    result: dict[str, Any] = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
                               "machine": machine_info(), "rss_limit_gib": args.rss_limit_gib}
     log(f"machine: {result['machine']}")
     for part in [p for p in args.parts.split(",") if p]:

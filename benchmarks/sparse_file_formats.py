@@ -23,8 +23,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lightning_lobs import MaskSet
-from lightning_lobs import export as new
+from lightning_lobs import MaskSet  # noqa: E402 - after ROOT, as the old-version loader below reads it
+from lightning_lobs import export as new  # noqa: E402
 
 
 def old_module(rev: str):

@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -69,7 +70,7 @@ class ValCurve(Callback):
 
     def __init__(self, windows: Tensor, every: int) -> None:
         self.windows, self.every = windows, every
-        self.curve: List[Tuple[int, float, float]] = []  # (step, val nll, seconds since start)
+        self.curve: list[tuple[int, float, float]] = []  # (step, val nll, seconds since start)
         self.t0 = time.perf_counter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -83,7 +84,7 @@ class ValCurve(Callback):
             log.info("step %d: validation nll %.4f (%.2f bits/byte), %.0f s", step, nll, nll / LN2, self.curve[-1][2])
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2, a few steps")
     p.add_argument("--layers", type=int, default=4)
@@ -127,7 +128,7 @@ def _memory_probe(spec: str) -> None:
     module = ByteLM(make_gpt2(a["layers"], a["width"], a["heads"], a["context"]), lr=1.0)
     module.load_state_dict(saved["state"])
     module.eval()
-    calib: List[Tensor] = saved["calib"]
+    calib: list[Tensor] = saved["calib"]
     from lightning_lobs import prune_model
 
     with PeakRSS() as peak:
@@ -143,7 +144,7 @@ def _memory_probe(spec: str) -> None:
                       "rss_start_mib": peak.start / 2**20, "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def memory_and_time(module: nn.Module, calib: List[Tensor], args: argparse.Namespace) -> List[Dict[str, Any]]:
+def memory_and_time(module: nn.Module, calib: list[Tensor], args: argparse.Namespace) -> list[dict[str, Any]]:
     """The three probes, each in a fresh interpreter so one's freed memory does not hide the next one's peak."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +160,7 @@ def memory_and_time(module: nn.Module, calib: List[Tensor], args: argparse.Names
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the dense GPT-2, compare the methods, probe memory, write ``<out>.json`` and ``<out>.png``."""
     args = parse_args(argv)
     if args.memory_probe:
@@ -185,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # ---------------------------------------------------------------- dense training
     dense = ByteLM(make_gpt2(args.layers, args.width, args.heads, T), lr=args.lr, warmup=args.warmup, total_steps=args.train_steps)
 
-    def train() -> Dict[str, Any]:
+    def train() -> dict[str, Any]:
         curve = ValCurve(val, args.val_every)
         trainer = quiet_trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], gradient_clip_val=1.0)
         seconds = fit_quietly(trainer, dense, DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
@@ -225,8 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: List[Tensor], retrain_loader: DataLoader,
-            test: Tensor) -> List[Dict[str, Any]]:
+def compare(args: argparse.Namespace, dense: ByteLM, names: list[str], calib: list[Tensor], retrain_loader: DataLoader,
+            test: Tensor) -> list[dict[str, Any]]:
     """Every method at 50% and 2:4, each from the dense weights, pruned block by block and retrained."""
     dense_state = copy.deepcopy(dense.state_dict())
 
@@ -235,13 +236,13 @@ def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: Li
         m.load_state_dict(dense_state)
         return m
 
-    def evaluate(module: nn.Module) -> Dict[str, float]:
+    def evaluate(module: nn.Module) -> dict[str, float]:
         return lm_metrics(module, test)
 
-    def mask_fn(module: nn.Module, rule: str, sparsity: Optional[float], pattern: Optional[Tuple[int, int]]) -> Dict[str, Tensor]:
+    def mask_fn(module: nn.Module, rule: str, sparsity: float | None, pattern: tuple[int, int] | None) -> dict[str, Tensor]:
         if rule != "wanda":
             return baseline_masks(module, names, rule, sparsity, pattern)
-        masks: Dict[str, Tensor] = {}
+        masks: dict[str, Tensor] = {}
         modules = dict(module.named_modules())
         for i in range(args.layers):  # block by block, each on the outputs of the already pruned blocks
             block = [n for n in names if n.startswith(f"model.transformer.h.{i}.")]
@@ -255,7 +256,7 @@ def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: Li
 
     setup = Setup(names=names, evaluate=evaluate, calib_batches=calib, baseline_mask_fn=mask_fn,
                   lobs_kwargs={"sequential": True, "allocation": "uniform"})
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for sparsity, pattern in ((0.5, None), (None, (2, 4))):
         for method in [m for m in args.methods.split(",") if m]:
             row = run_prune_retrain(make_module, method, setup, sparsity, pattern, retrain_loader, args.retrain_steps)
@@ -265,13 +266,13 @@ def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: Li
     return rows
 
 
-def table(results: Dict[str, Any]) -> str:
+def table(results: dict[str, Any]) -> str:
     """The dense perplexity and :func:`perplexity_table`."""
     d = results["dense_test"]
     return "\n".join([f"dense test perplexity {d['ppl']:.3f} ({d['bpb']:.3f} bits/byte)", "", *perplexity_table(results["rows"])])
 
 
-def _plot(path: str, results: Dict[str, Any]) -> None:
+def _plot(path: str, results: dict[str, Any]) -> None:
     """The dense training curve, and test bits per byte of every method, one-shot and retrained."""
     with figure(path, ncols=2, figsize=(10, 3.8), dpi=110) as (a1, a2):
         steps = [c[0] * results["args"]["batch_size"] * results["net"]["context"] / 1e3 for c in results["val_curve"]]

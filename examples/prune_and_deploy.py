@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lobs_lab.harness import train_epochs
@@ -24,7 +25,7 @@ from lobs_lab.models import lenet300_100
 from lightning_lobs import load_sparse, prune_model, save_sparse, to_sparse_inference
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train briefly, prune 2:4 one-shot, save, load, run sparse; print and return the accuracies and file size."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="dense training epochs")

@@ -11,7 +11,7 @@ zeros through the remaining epochs. ``last_report`` says what it did.
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from lobs_lab.metrics import accuracy, weight_sparsity
@@ -21,7 +21,7 @@ from lobs_lab.models import MNISTClassifier, lenet300_100
 from lightning_lobs import LOBSPruning, PruneReport
 
 
-def main(argv: Optional[Sequence[str]] = None) -> PruneReport:
+def main(argv: Sequence[str] | None = None) -> PruneReport:
     """Train, prune at ``--prune-epoch``, retrain; print the accuracy and sparsity and return the prune's report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the Linear weights to remove")

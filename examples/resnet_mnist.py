@@ -31,7 +31,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -58,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny net, 2,048 train / 1,000 test images, few steps")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="the MNIST idx files (full MNIST)")
@@ -86,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the dense ResNet, compare the methods, write ``<out>.json`` and ``<out>.png``, print the table."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
@@ -110,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     steps_per_epoch = len(train_loader)
     dense = ResNetClassifier(ResNet(args.width, args.blocks), lr=args.lr, total_steps=args.epochs * steps_per_epoch)
 
-    def train() -> Dict[str, Any]:
+    def train() -> dict[str, Any]:
         return {"dense_train_s": fit_quietly(quiet_trainer(max_epochs=args.epochs), dense, train_loader)}
 
     training_key = {k: getattr(args, k) for k in ("width", "blocks", "epochs", "batch_size", "lr", "seed", "quick")}
@@ -141,8 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def compare(args: argparse.Namespace, dense: ResNetClassifier, names: List[str], calib: List[Tensor],
-            train_loader: DataLoader, test_loader: DataLoader) -> List[Dict[str, Any]]:
+def compare(args: argparse.Namespace, dense: ResNetClassifier, names: list[str], calib: list[Tensor],
+            train_loader: DataLoader, test_loader: DataLoader) -> list[dict[str, Any]]:
     """Every method at every sparsity and 2:4, each from the dense weights: one-shot, or pruned and retrained."""
     dense_state = copy.deepcopy(dense.state_dict())
 
@@ -151,19 +152,19 @@ def compare(args: argparse.Namespace, dense: ResNetClassifier, names: List[str],
         m.load_state_dict(dense_state)
         return m
 
-    def evaluate(module: nn.Module) -> Dict[str, float]:
+    def evaluate(module: nn.Module) -> dict[str, float]:
         return {"acc": accuracy(module, test_loader)}
 
-    def mask_fn(module: nn.Module, rule: str, sparsity: Optional[float], pattern: Optional[Tuple[int, int]]) -> Dict[str, Tensor]:
+    def mask_fn(module: nn.Module, rule: str, sparsity: float | None, pattern: tuple[int, int] | None) -> dict[str, Tensor]:
         norms = collect_input_norms(module, names, calib, lambda b: module(b)) if rule == "wanda" else None
         return baseline_masks(module, names, rule, sparsity, pattern, norms)
 
     setup = Setup(names=names, evaluate=evaluate, calib_batches=calib, lobs_kwargs={"exclude": ["net.stem"]},
                   baseline_mask_fn=mask_fn, bn_batches=calib)
     retrain_at = {float(s) for s in args.retrain_at.split(",") if s}
-    specs: List[Tuple[Optional[float], Optional[Tuple[int, int]]]] = [(float(s), None) for s in args.sparsities.split(",")]
+    specs: list[tuple[float | None, tuple[int, int] | None]] = [(float(s), None) for s in args.sparsities.split(",")]
     specs.append((None, (2, 4)))
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for sparsity, pattern in specs:
         for method in [m for m in args.methods.split(",") if m]:
             if pattern is not None or sparsity in retrain_at:
@@ -177,12 +178,12 @@ def compare(args: argparse.Namespace, dense: ResNetClassifier, names: List[str],
     return rows
 
 
-def table(results: Dict[str, Any]) -> str:
+def table(results: dict[str, Any]) -> str:
     """The dense accuracy and :func:`accuracy_table`."""
     return "\n".join([f"dense test accuracy {100 * results['dense_acc']:.2f}%", "", *accuracy_table(results["rows"])])
 
 
-def _plot(path: str, results: Dict[str, Any]) -> None:
+def _plot(path: str, results: dict[str, Any]) -> None:
     """One-shot test accuracy against the measured sparsity, one line per method."""
     with figure(path, figsize=(6.5, 4.2), dpi=110) as ax:
         for method in dict.fromkeys(r["method"] for r in results["rows"]):

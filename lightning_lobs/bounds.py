@@ -64,7 +64,7 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -918,7 +918,7 @@ class RMSAccumulator:
         self._sum += float(sq.sum())
         self._count += int(sq.numel())
 
-    def all_reduce(self, group: Any = None, device: Optional[torch.device] = None) -> None:
+    def all_reduce(self, group: Any = None, device: torch.device | None = None) -> None:
         """Sum the squared errors and sample counts over the ranks of a torch.distributed group."""
         buf = torch.tensor([self._sum, float(self._count)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(buf, group=group)

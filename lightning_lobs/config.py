@@ -11,8 +11,9 @@ holds what ``LOBSPruning`` adds to a prune step (how many batches, its name, wha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args
+from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ class SolverOptions:
     lazy_steps: int = 32
     max_memory_bytes: int = 1 << 30
     max_damp_tries: int = 6
-    refit: Optional[bool] = None
+    refit: bool | None = None
     min_kept_per_row: int = 1
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ class SolverOptions:
             raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
 
-def parse_pattern(pattern: Union[str, Tuple[int, int], NMPattern, None]) -> Optional[NMPattern]:
+def parse_pattern(pattern: str | tuple[int, int] | NMPattern | None) -> NMPattern | None:
     """Parse ``"2:4"`` / ``(2, 4)`` / :class:`NMPattern` / None into an :class:`NMPattern` or None."""
     if pattern is None or isinstance(pattern, NMPattern):
         return pattern
@@ -161,7 +162,7 @@ class GlobalAllocation:
     allow_dead_rows: bool = False
     costs: Literal["curve", "one-pass"] = "curve"
     levels: int = 24
-    grid: Optional[Tuple[float, ...]] = None
+    grid: tuple[float, ...] | None = None
     curve_rows: int = 64
 
     def __post_init__(self) -> None:
@@ -199,7 +200,7 @@ class GlobalAllocation:
                 )
             object.__setattr__(self, "grid", tuple(sorted(set(grid))))
 
-    def sparsity_grid(self) -> Tuple[float, ...]:
+    def sparsity_grid(self) -> tuple[float, ...]:
         """The grid sparsities the curves are measured at (always including 0)."""
         if self.grid is not None:
             return tuple(sorted({0.0, *self.grid}))
@@ -208,7 +209,7 @@ class GlobalAllocation:
         return tuple(sorted({1.0 - floor_density ** (i / n) for i in range(n + 1)}))
 
 
-def resolve_allocation(value: Any) -> Optional[GlobalAllocation]:
+def resolve_allocation(value: Any) -> GlobalAllocation | None:
     """``"global"`` -> ``GlobalAllocation()``, a GlobalAllocation -> itself, ``"uniform"`` -> None."""
     if isinstance(value, GlobalAllocation):
         return value
@@ -223,13 +224,13 @@ def resolve_allocation(value: Any) -> Optional[GlobalAllocation]:
     )
 
 
-SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
+SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], float | None]]
 ForwardFn = Callable[[nn.Module, Any], Any]
 Method = Literal["auto", "exact", "lobs", "fast"]
 AllocationName = Literal["global", "uniform"]
 ProgressPhase = Literal["calibrate", "allocate", "solve", "measure"]
 
-ALL_METHODS: Tuple[str, ...] = get_args(Method)
+ALL_METHODS: tuple[str, ...] = get_args(Method)
 assert set(ALL_METHODS) == {"auto", *METHODS}  # one list of methods, checked at import
 
 
@@ -293,7 +294,7 @@ class CalibrationOptions:
     hessian_dtype: torch.dtype = torch.float64
     max_chunk_elements: int = 1 << 24
     position_stride: int = 1
-    memory_budget_bytes: Optional[int] = None
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype"))
@@ -341,13 +342,13 @@ class PruneOptions:
 
     sparsity: SparsitySpec = 0.9
     method: Method = "auto"
-    pattern: Optional[str] = None
-    allocation: Union[AllocationName, GlobalAllocation] = "global"
-    exclude: Tuple[str, ...] = ()
+    pattern: str | None = None
+    allocation: AllocationName | GlobalAllocation = "global"
+    exclude: tuple[str, ...] = ()
     sequential: bool = False
     solver: SolverOptions = field(default_factory=SolverOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
-    forward_fn: Optional[ForwardFn] = None
+    forward_fn: ForwardFn | None = None
     recalibrate_bn: bool = True
     prune_head: bool = False
 
@@ -374,12 +375,12 @@ class PruneOptions:
             raise TypeError(f"forward_fn must be a callable (model, batch) -> output, got {self.forward_fn!r}.")
 
     @property
-    def nm(self) -> Optional[NMPattern]:
+    def nm(self) -> NMPattern | None:
         """The N:M pattern, parsed."""
         return parse_pattern(self.pattern)
 
     @property
-    def global_allocation(self) -> Optional[GlobalAllocation]:
+    def global_allocation(self) -> GlobalAllocation | None:
         """The global allocation's settings when it applies (one float sparsity, no N:M pattern), else None."""
         if self.nm is not None or not isinstance(self.sparsity, float):
             return None
@@ -394,12 +395,12 @@ class PruneOptions:
             return "uniform"
         return "per-layer"
 
-    def with_sparsity(self, sparsity: SparsitySpec) -> "PruneOptions":
+    def with_sparsity(self, sparsity: SparsitySpec) -> PruneOptions:
         """A copy with another sparsity (one step of iterative pruning)."""
         return replace(self, sparsity=sparsity)
 
     @classmethod
-    def from_kwargs(cls, what: str, **kwargs: Any) -> "PruneOptions":
+    def from_kwargs(cls, what: str, **kwargs: Any) -> PruneOptions:
         """``PruneOptions(**kwargs)`` with an error naming ``what`` and the valid names for unknown keywords."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
@@ -421,7 +422,7 @@ class CallbackOptions:
     """
 
     calibration_batches: int = 32
-    state_key: Optional[str] = None
+    state_key: str | None = None
     log_table: bool = True
     reset_monitors: bool = True
     progress_after: float = 2.0
@@ -461,8 +462,8 @@ class PruneProgress:
     total: int
     layer: str
     elapsed: float
-    eta: Optional[float]
-    fraction: Optional[float] = None
+    eta: float | None
+    fraction: float | None = None
 
     def describe(self) -> str:
         """``"L-OBS solve 3/12 fc2 | 4.1 s, ~9 s left"``; inside a layer ``"L-OBS allocate 0/2 fc1 37% | ..."``."""

@@ -322,7 +322,7 @@ class HessianCollector:
 
         return hook
 
-    def __enter__(self) -> "HessianCollector":
+    def __enter__(self) -> HessianCollector:
         self.remove()
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 #: old name -> (new module, new name), for the names that moved somewhere other than ``lightning_lobs.engine``.
-_MOVED: Dict[str, Tuple[str, str]] = {
+_MOVED: dict[str, tuple[str, str]] = {
     "LayerReport": ("lightning_lobs.engine.records", "LayerReport"),
     "PruneReport": ("lightning_lobs.engine.records", "PruneReport"),
     "_Progress": ("lightning_lobs.progress", "PhaseProgress"),
@@ -64,7 +64,7 @@ _HOMES = (
 )
 
 
-def _home(name: str) -> Tuple[str, str]:
+def _home(name: str) -> tuple[str, str]:
     if name in _MOVED:
         return _MOVED[name]
     for module in _HOMES:
@@ -85,10 +85,10 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), new)
 
 
-def __dir__() -> List[str]:
+def __dir__() -> list[str]:
     from . import engine
 
     return sorted(set(engine.__all__) | set(_MOVED))
 
 
-__all__: List[str] = []
+__all__: list[str] = []

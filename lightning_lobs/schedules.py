@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Literal, Union
 
 from .checks import as_real, describe
 from .config import SparsitySpec, as_fraction, normalize_sparsity
@@ -46,7 +47,7 @@ def _as_point(value: Any, what: str, unit: str = "epoch") -> int:
     return out
 
 
-def _as_list(value: Any) -> Optional[list]:
+def _as_list(value: Any) -> list | None:
     """A list/tuple/range/1-d array as a list; None for anything that is one value."""
     if isinstance(value, (list, tuple, range)):
         return list(value)
@@ -70,7 +71,7 @@ def describe_spec(spec: SparsitySpec) -> Any:
     return float(spec)
 
 
-def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> Optional[float]:
+def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> float | None:
     """The target a spec gives the layer called ``name``, where that is known without the model (else None).
 
     A float is every layer's target only without a global allocation (``uniform``); a mapping
@@ -87,7 +88,7 @@ def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> Optional[floa
     return None
 
 
-def check_not_decreasing(specs: Sequence[SparsitySpec], uniform: bool = False, labels: Optional[Sequence[str]] = None) -> None:
+def check_not_decreasing(specs: Sequence[SparsitySpec], uniform: bool = False, labels: Sequence[str] | None = None) -> None:
     """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned).
 
     Besides equal keys, every layer named exactly in a later mapping is compared with what each
@@ -142,12 +143,12 @@ class PruneSchedule:
     #: what a message asks to lower when a point is out of reach
     fix: str
     #: how the messages name each point's sparsity (``sparsity[i]``, ``fn(epoch)``, ``s(epoch)``)
-    labels: Tuple[str, ...]
+    labels: tuple[str, ...]
 
     def __init__(
         self,
-        points: Union[int, Sequence[int]],
-        sparsity: Union[SparsitySpec, Sequence[SparsitySpec]],
+        points: int | Sequence[int],
+        sparsity: SparsitySpec | Sequence[SparsitySpec],
         unit: Unit = "epoch",
     ) -> None:
         self.unit: Unit = _as_unit(unit)
@@ -171,8 +172,8 @@ class PruneSchedule:
             specs = [normalize_sparsity(sparsity)] * len(pts)
         self.labels = tuple(f"sparsity[{i}]" for i in range(len(specs)))
         check_not_decreasing(specs, labels=self.labels)
-        self.points: Tuple[int, ...] = tuple(pts)
-        self.sparsities: Tuple[SparsitySpec, ...] = tuple(specs)
+        self.points: tuple[int, ...] = tuple(pts)
+        self.sparsities: tuple[SparsitySpec, ...] = tuple(specs)
 
     def _set(self, points: Sequence[int], specs: Sequence[SparsitySpec], unit: Unit, arg: str, labels: Sequence[str]) -> None:
         """For subclasses: points and specs already checked one by one; the order of both checked here."""
@@ -192,7 +193,7 @@ class PruneSchedule:
         table = ", ".join(f"{p}: {describe_spec(s)}" for p, s in zip(self.points, self.sparsities))
         return f"{type(self).__name__}({self.unit}s {{{table}}})"
 
-    def key_fields(self) -> Dict[str, Any]:
+    def key_fields(self) -> dict[str, Any]:
         """The schedule in a derived ``state_key``: its sparsities and points (one value each for a single point)."""
         specs = [describe_spec(s) for s in self.sparsities]
         points: Any = list(self.points) if len(self.points) > 1 else self.points[0]
@@ -204,12 +205,12 @@ class PruneSchedule:
             raise KeyError(f"{self.unit} {point} is not a prune point of this schedule ({list(self.points)}).")
         return self.sparsities[self.points.index(point)]
 
-    def pending(self, done: Iterable[int] = ()) -> List[int]:
+    def pending(self, done: Iterable[int] = ()) -> list[int]:
         """The points not yet pruned at."""
         ran = set(done)
         return [p for p in self.points if p not in ran]
 
-    def due(self, point: int, done: Iterable[int] = ()) -> List[int]:
+    def due(self, point: int, done: Iterable[int] = ()) -> list[int]:
         """The points due when training is at ``point`` (this epoch, or this global step).
 
         An epoch is due only at its own start. Steps are due once reached: every pending step
@@ -224,9 +225,9 @@ class PruneSchedule:
         self,
         done: Iterable[int] = (),
         *,
-        max_epochs: Optional[int] = None,
-        max_steps: Optional[int] = None,
-        steps_per_epoch: Optional[int] = None,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         """Refuse a pending point that training ends before (``None``/negative limits mean no limit).
 
@@ -276,7 +277,7 @@ class PruneSchedule:
 
     # ------------------------------------------------------------------ checkpoint state
 
-    def state_dict(self) -> List[Dict[str, Any]]:
+    def state_dict(self) -> list[dict[str, Any]]:
         """The schedule as a checkpoint stores it: ``[{"epoch": 2, "sparsity": 0.5}, ...]`` (callables by name)."""
         return [{self.unit: p, "sparsity": describe_spec(s)} for p, s in zip(self.points, self.sparsities)]
 
@@ -313,7 +314,7 @@ class PruneSchedule:
             )
 
 
-SparsityValue = Union[float, Dict[str, float]]
+SparsityValue = Union[float, dict[str, float]]
 
 
 def schedule_from_args(
@@ -366,7 +367,7 @@ class Due:
 
     index: int
     point: int
-    passed: Tuple[int, ...] = ()
+    passed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -378,38 +379,38 @@ class ScheduleRun:
     """
 
     schedule: PruneSchedule
-    done: Tuple[int, ...] = ()
+    done: tuple[int, ...] = ()
 
     @property
     def unit(self) -> Unit:
         return self.schedule.unit
 
-    def pending(self) -> List[int]:
+    def pending(self) -> list[int]:
         """The points not yet pruned at."""
         return self.schedule.pending(self.done)
 
-    def due(self, point: int) -> Optional[Due]:
+    def due(self, point: int) -> Due | None:
         """The prune due when training is at ``point`` (this epoch's start, or before this global step), if any."""
         points = self.schedule.due(point, self.done)
         if not points:
             return None
         return Due(self.schedule.points.index(points[-1]), points[-1], tuple(points[:-1]))
 
-    def with_done(self, *points: int) -> "ScheduleRun":
+    def with_done(self, *points: int) -> ScheduleRun:
         """This run with ``points`` pruned at too."""
         return replace(self, done=self.done + tuple(points))
 
     def check_reachable(
-        self, max_epochs: Optional[int] = None, max_steps: Optional[int] = None, steps_per_epoch: Optional[int] = None
+        self, max_epochs: int | None = None, max_steps: int | None = None, steps_per_epoch: int | None = None
     ) -> None:
         """Refuse a pending point that training ends before (see :meth:`PruneSchedule.check_reachable`)."""
         self.schedule.check_reachable(self.done, max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
 
-    def to_state(self) -> Dict[str, Any]:
+    def to_state(self) -> dict[str, Any]:
         """The checkpoint form: ``{"pruned_epochs": [...], "schedule": [...]}`` (``pruned_steps`` for steps)."""
         return {f"pruned_{self.unit}s": list(self.done), "schedule": self.schedule.state_dict()}
 
-    def from_state(self, state: Mapping[str, Any]) -> "ScheduleRun":
+    def from_state(self, state: Mapping[str, Any]) -> ScheduleRun:
         """The run a checkpoint's ``state`` resumes, once the points it ran are checked against this schedule.
 
         A state without ``"schedule"`` (written before schedules were saved) is taken as is.
@@ -421,7 +422,7 @@ class ScheduleRun:
         return replace(self, done=tuple(done[self.unit]))
 
 
-def steps_per_epoch(batches: float, accumulate_grad_batches: int) -> Optional[int]:
+def steps_per_epoch(batches: float, accumulate_grad_batches: int) -> int | None:
     """Optimizer steps in an epoch of ``batches`` batches, or None while that is unknown (infinite or 0)."""
     if not math.isfinite(batches) or batches <= 0:
         return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -234,7 +233,7 @@ def test_final_split_on_convex_curves_is_the_exact_optimum(seed):
         cur = alloc_mod._refine(counts, errors, split_budget(counts, errors, budget), budget)
         best = {0: 0.0}  # every integer split, layer by layer: the least summed error for each total
         for c, e in zip(counts, errors):
-            nxt: Dict[int, float] = {}
+            nxt: dict[int, float] = {}
             for t, v in best.items():
                 for x in range(c[-1] + 1):
                     nxt[t + x] = min(nxt.get(t + x, math.inf), v + _interp(c, e, x))
@@ -246,7 +245,7 @@ def test_final_split_on_convex_curves_is_the_exact_optimum(seed):
 
 
 class _MLP(nn.Module):
-    def __init__(self, sizes: List[int], seed: int, bias_last: bool = True) -> None:
+    def __init__(self, sizes: list[int], seed: int, bias_last: bool = True) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.fcs = nn.ModuleList(
@@ -265,9 +264,9 @@ def _loader(x: torch.Tensor) -> DataLoader:
     return DataLoader(TensorDataset(x), batch_size=128)
 
 
-def _inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each Linear's input with a ones column when it has a bias (float64), from the dense model."""
-    got: Dict[str, torch.Tensor] = {}
+    got: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda mod, a, n=n: got.__setitem__(n, a[0].detach().double()))
         for n, m in model.named_modules()
@@ -281,7 +280,7 @@ def _inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {n: torch.cat([v, torch.ones(v.shape[0], 1, dtype=F64)], 1) if mods[n].bias is not None else v for n, v in got.items()}
 
 
-def _targets(rep) -> Dict[str, int]:
+def _targets(rep) -> dict[str, int]:
     return {n: round(r.target_sparsity * math.prod(r.shape)) for n, r in rep.layers.items()}
 
 

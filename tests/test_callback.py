@@ -6,7 +6,6 @@ import copy
 import csv
 import math
 from types import SimpleNamespace
-from typing import Dict, List, Optional
 
 import pytest
 import pytorch_lightning as pl
@@ -44,12 +43,12 @@ class Watcher(BothCallback):
     def __init__(self, lobs: LOBSPruning) -> None:
         self.lobs = lobs
         self.checked_batches = 0
-        self.epoch_start_weights: Dict[int, Dict[str, torch.Tensor]] = {}
-        self.epoch_start_masks: Dict[int, Dict[str, torch.Tensor]] = {}
-        self.epoch_start_zeros: Dict[int, Dict[str, int]] = {}
-        self.optimizers: List[torch.optim.Optimizer] = []
-        self.hooks_during_training: Optional[int] = None
-        self.epochs_seen: List[int] = []
+        self.epoch_start_weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.epoch_start_masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.epoch_start_zeros: dict[int, dict[str, int]] = {}
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.hooks_during_training: int | None = None
+        self.epochs_seen: list[int] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
         e = trainer.current_epoch
@@ -502,11 +501,11 @@ class StateWatcher(BothCallback):
     """Placed after LOBSPruning: compares BN buffers / optimizer state across the prune."""
 
     def __init__(self) -> None:
-        self.end0: Dict[str, torch.Tensor] = {}
-        self.start1: Dict[str, torch.Tensor] = {}
-        self.opt_end0: Dict = {}
-        self.opt_start1: Dict = {}
-        self.training_flags: List[bool] = []
+        self.end0: dict[str, torch.Tensor] = {}
+        self.start1: dict[str, torch.Tensor] = {}
+        self.opt_end0: dict = {}
+        self.opt_start1: dict = {}
+        self.training_flags: list[bool] = []
 
     @staticmethod
     def _opt_state(trainer, pl_module):

@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lightning_lobs import prune_model
 from lobs_lab import mnist as mnist_data
 from lobs_lab.metrics import accuracy, weight_sparsity
 from lobs_lab.mnist import (
@@ -39,6 +37,8 @@ from lobs_lab.mnist import (
 )
 from lobs_lab.mnist_job import allocate_sparsity
 from lobs_lab.models import LENET5_KEEP_PROFILE, LENET300_KEEP_PROFILE, MNISTClassifier, lenet5, lenet300_100
+
+from lightning_lobs import prune_model
 from script_loader import load_example
 
 REPO = Path(__file__).resolve().parents[1]

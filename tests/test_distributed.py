@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -85,7 +84,7 @@ def _launch(out: Path, strategy: str, runs) -> Path:
     return out
 
 
-def _load(out: Path, strategy: str, run: str) -> Tuple[dict, dict]:
+def _load(out: Path, strategy: str, run: str) -> tuple[dict, dict]:
     r0, r1 = (torch.load(out / f"{strategy}_{run}_rank{r}.pt", weights_only=False) for r in (0, 1))
     return r0, r1
 
@@ -108,7 +107,7 @@ def _close_float(a: float, b: float, rel: float = 1e-4, abs_: float = 1e-7) -> b
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
-def _params_only(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _params_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
@@ -300,7 +299,7 @@ def test_prune_with_rank_info_on_uneven_shards_matches_single_process(ddp_out):
 # --------------------------------------------------------------------------- assign_layers
 
 
-def _loads(owners: Dict[str, int], costs: Dict[str, float], world: int):
+def _loads(owners: dict[str, int], costs: dict[str, float], world: int):
     loads = [0.0] * world
     for n, r in owners.items():
         loads[r] += costs[n]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lobs_lab import harness
 from lobs_lab import prune_retrain as deep_common
 from lobs_lab import text as text_data
 from lobs_lab.baselines import nm_mask_from_scores
+
 from script_loader import load_example
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight-bearing module\\(s\\) not pruned.*")  # embeddings: dense by design
 
 
-def _tiny_gpt2() -> "transformers.GPT2LMHeadModel":
+def _tiny_gpt2() -> transformers.GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0

@@ -32,7 +32,7 @@ pytestmark = [
 CONV1D = [f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
-def tiny_gpt2(seed: int = 0) -> "transformers.GPT2LMHeadModel":
+def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -157,7 +157,7 @@ def test_a_file_holding_the_model_under_two_prefixes_is_refused_until_one_is_nam
 # --------------------------------------------------------------------------- sparse inference
 
 
-def sparse_gpt2() -> "transformers.GPT2LMHeadModel":
+def sparse_gpt2() -> transformers.GPT2LMHeadModel:
     """Every Conv1D 80% zeros, except h.1's mlp.c_proj at 30% (too dense for CSR at min_sparsity 0.5);
     random biases."""
     model = tiny_gpt2()

@@ -9,7 +9,6 @@ import importlib
 import logging
 import math
 import warnings
-from typing import List
 
 import pytest
 import torch
@@ -76,7 +75,7 @@ def test_every_cpu_precision_prunes_and_holds_masks(ns, precision):
 
 def test_batches_arrive_as_the_training_loop_feeds_them(ns):
     """Calibration sees the batch after convert_input and the transfer hooks, under the plugin's forward context."""
-    seen: List[tuple] = []
+    seen: list[tuple] = []
 
     class Hooked(type(small(ns))):  # type: ignore[misc]
         def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -319,7 +318,7 @@ class RichSpy(BothCallback):
     console does not render live updates)."""
 
     def __init__(self) -> None:
-        self.descriptions: List[str] = []
+        self.descriptions: list[str] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
         progress = trainer.progress_bar_callback.progress
@@ -337,7 +336,7 @@ class RichSpy(BothCallback):
 def test_progress_and_table_through_the_trainers_bar(ns, bar, capsys, caplog):
     if bar == "rich":
         pytest.importorskip("rich")
-    printed: List[str] = []
+    printed: list[str] = []
     spy = RichSpy()
     cb = lobs(sparsity=0.5, prune_epoch=1, log_table=True, progress_after=0.0)
     extra = {"tqdm": [ns.callbacks.TQDMProgressBar()], "rich": [spy, ns.callbacks.RichProgressBar()], "none": []}[bar]
@@ -396,7 +395,7 @@ def test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing(ns)
         def configure_optimizers(self):
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
 
-    pruned_grads: List[float] = []
+    pruned_grads: list[float] = []
 
     class GradCheck(BothCallback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):

@@ -163,8 +163,8 @@ from lightning_lobs import (
     solve_layer,
     to_sparse_inference,
 )
-from lightning_lobs.export import CSRLinear
 from lightning_lobs.config import PruneProgress
+from lightning_lobs.export import CSRLinear
 from lightning_lobs.progress import console_progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -686,7 +686,6 @@ def _max_time_run(max_time: dict, sleep: float):
 
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import BothCallback, lit_mlp, make_trainer
-
     from lightning_lobs import LOBSPruning
 
     class Slow(BothCallback):
@@ -717,7 +716,6 @@ def test_tqdm_train_bar_postfix_is_restored_after_the_prune(capsys):
     """Progress shows in the TQDM train bar's postfix while pruning, and the postfix is restored afterwards."""
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import BothCallback, lit_mlp, make_trainer
-
     from lightning_lobs import LOBSPruning
 
     class After(BothCallback):  # placed after LOBSPruning: sees the bar right after the prune
@@ -758,8 +756,9 @@ def test_the_promise_table_names_only_tests_that_exist():
 
 def test_the_version_has_one_source_the_pyproject():
     """``lightning_lobs.__version__`` is read from the installed metadata, which pyproject.toml writes."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import lightning_lobs
 

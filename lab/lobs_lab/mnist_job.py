@@ -19,7 +19,8 @@ import os
 import platform
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -46,9 +47,9 @@ METHOD_CHOICES = ("auto", "exact", "lobs", "fast")
 def allocate_sparsity(
     net: nn.Module,
     overall: float,
-    keep_profile: Optional[Sequence[float]] = None,
+    keep_profile: Sequence[float] | None = None,
     prefix: str = "",
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Per-layer sparsities ``{prefix + name: fraction}`` that remove ``overall`` of all Linear/Conv weights.
 
     With ``keep_profile`` (one relative density per prunable layer, in module order) layer ``i``
@@ -79,8 +80,8 @@ def allocate_sparsity(
 
 
 def sparsity_spec(
-    net: nn.Module, overall: float, allocation: str, keep_profile: Optional[Sequence[float]]
-) -> Tuple[Union[float, Dict[str, float]], str]:
+    net: nn.Module, overall: float, allocation: str, keep_profile: Sequence[float] | None
+) -> tuple[float | dict[str, float], str]:
     """``(sparsity spec, allocation)`` for LOBSPruning / prune_model from the example's ``--allocation``.
 
     ``paper`` gives a per-layer mapping (named as in ``net``), which the library applies as given.
@@ -100,7 +101,7 @@ class DenseProbe(Callback):
         self.prune_epoch = prune_epoch
         self.test_loader = test_loader
         self.dense_acc = math.nan
-        self.dense_net: Optional[nn.Module] = None
+        self.dense_net: nn.Module | None = None
         self.t_start = self.t_dense = self.t_prune_start = math.nan
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,13 +122,13 @@ class DenseProbe(Callback):
 class OneShotProbe(Callback):
     """Placed *after* LOBSPruning: one-shot test accuracy and sparsity right after the prune; sets the retrain lr."""
 
-    def __init__(self, prune_epoch: int, test_loader: DataLoader, retrain_lr: Optional[float]) -> None:
+    def __init__(self, prune_epoch: int, test_loader: DataLoader, retrain_lr: float | None) -> None:
         self.prune_epoch = prune_epoch
         self.test_loader = test_loader
         self.retrain_lr = retrain_lr
         self.oneshot_acc = math.nan
         self.oneshot_sparsity = math.nan
-        self.retrain_curve: List[float] = []  # test accuracy after each retraining epoch
+        self.retrain_curve: list[float] = []  # test accuracy after each retraining epoch
         self.t_pruned = self.t_retrain_start = self.t_end = math.nan
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -154,7 +155,7 @@ class OneShotProbe(Callback):
 # --------------------------------------------------------------------------- CLI
 
 
-def _train_batches(value: str) -> Union[int, float]:
+def _train_batches(value: str) -> int | float:
     """``--limit-train-batches``: an int count of batches or a float fraction of them."""
     number = float(value)
     if number.is_integer() and "." not in value:
@@ -166,7 +167,7 @@ def _train_batches(value: str) -> Union[int, float]:
     return number
 
 
-def build_parser(name: str, description: str, defaults: Optional[Dict[str, Any]] = None) -> argparse.ArgumentParser:
+def build_parser(name: str, description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The CLI shared by the MNIST examples; ``defaults`` overrides per-example default values."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=None,
@@ -206,7 +207,7 @@ def build_parser(name: str, description: str, defaults: Optional[Dict[str, Any]]
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` and check the values; a bad one exits with argparse's usage message."""
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -229,7 +230,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
 # --------------------------------------------------------------------------- the experiment
 
 
-def _report_summary(report: PruneReport) -> Dict[str, Any]:
+def _report_summary(report: PruneReport) -> dict[str, Any]:
     return {
         "sparsity_of_pruned_layers": report.sparsity,
         "bound": report.bound,
@@ -258,9 +259,9 @@ def _sweep(
     dense_net: nn.Module,
     calib_loader: DataLoader,
     test_loader: DataLoader,
-    keep_profile: Optional[Sequence[float]],
+    keep_profile: Sequence[float] | None,
     args: argparse.Namespace,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     points = []
     for target in SWEEP_SPARSITIES:
         net = copy.deepcopy(dense_net)
@@ -290,13 +291,13 @@ def _sweep(
     return points
 
 
-def plot(path: str, results: Dict[str, Any], title: str) -> None:
+def plot(path: str, results: dict[str, Any], title: str) -> None:
     """Test accuracy against sparsity: the sweep, dense, one-shot and retrained."""
     with figure(path) as ax:
         _draw(ax, results, title)
 
 
-def _draw(ax: Any, results: Dict[str, Any], title: str) -> None:
+def _draw(ax: Any, results: dict[str, Any], title: str) -> None:
     sweep = results.get("sweep") or []
     if sweep:
         ax.plot([p["sparsity"] for p in sweep], [100 * p["accuracy"] for p in sweep], "o-",
@@ -319,8 +320,8 @@ def _fmt(x: float, spec: str = ".4f") -> str:
 
 
 
-def _fit(args: argparse.Namespace, net: nn.Module, loaders: Tuple[DataLoader, DataLoader, DataLoader],
-         profile: Optional[Sequence[float]]) -> Tuple[MNISTClassifier, DenseProbe, LOBSPruning, OneShotProbe]:
+def _fit(args: argparse.Namespace, net: nn.Module, loaders: tuple[DataLoader, DataLoader, DataLoader],
+         profile: Sequence[float] | None) -> tuple[MNISTClassifier, DenseProbe, LOBSPruning, OneShotProbe]:
     """Dense training, the prune at the start of epoch ``args.epochs`` and the retraining, in one ``Trainer.fit``."""
     train_loader, test_loader, calib_loader = loaders
     model = MNISTClassifier(net, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay)
@@ -357,8 +358,8 @@ def run(
     args: argparse.Namespace,
     name: str,
     net_factory: Callable[[], nn.Module],
-    keep_profile: Optional[Sequence[float]],
-) -> Dict[str, Any]:
+    keep_profile: Sequence[float] | None,
+) -> dict[str, Any]:
     """Train dense, prune with LOBSPruning, retrain, optionally sweep; write results.json and the plot, print the table."""
     t_total = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -385,7 +386,7 @@ def run(
     retrained_acc = accuracy(model, test_loader)
     final_sparsity = weight_sparsity(model)
 
-    sweep: List[Dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
     t_sweep = 0.0
     if args.sweep:
         assert dense_probe.dense_net is not None
@@ -411,7 +412,7 @@ def run(
 
 
 def _results(args: argparse.Namespace, name: str, splits: MNISTSplits, report: PruneReport, dense_probe: DenseProbe,
-             oneshot_probe: OneShotProbe) -> Dict[str, Any]:
+             oneshot_probe: OneShotProbe) -> dict[str, Any]:
     """What results.json records about the run, in its key order (the caller adds the retrained numbers)."""
     return {
         "name": name,
@@ -444,7 +445,7 @@ def _results(args: argparse.Namespace, name: str, splits: MNISTSplits, report: P
     }
 
 
-def print_table(results: Dict[str, Any], png: str) -> None:
+def print_table(results: dict[str, Any], png: str) -> None:
     """The results table the README shows: accuracies, sparsities, the bound, the measured error, the times."""
     args, times = results["args"], results["times"]
     rows = [

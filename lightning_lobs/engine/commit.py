@@ -9,8 +9,8 @@ an exception anywhere inside it, a KeyboardInterrupt included, puts every saved 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from .records import Solved
 
 __all__ = ["Transaction", "commit", "load_params", "param_state"]
 
-ParamState = Dict[str, Tuple[Tensor, Optional[Tensor]]]
+ParamState = dict[str, tuple[Tensor, Tensor | None]]
 
 
 def commit(ctx: RunContext, solved: Solved) -> None:
@@ -53,11 +53,11 @@ class Transaction:
         self.batchnorm = batchnorm_state(model)
         self.mask_state = _MaskSetState(masks)
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         return self
 
     def __exit__(
-        self, kind: Optional[Type[BaseException]], error: Optional[BaseException], tb: Optional[TracebackType]
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         if error is not None:  # the exception then propagates
             self.restore()
@@ -86,7 +86,7 @@ class _MaskSetState:
         self.model = masks._model
         self.optimizers = list(masks._optimizers)
         self.written = False
-        self.zeroed: List[Tuple[Tensor, Tensor, Tensor]] = []  # (tensor, positions, their values)
+        self.zeroed: list[tuple[Tensor, Tensor, Tensor]] = []  # (tensor, positions, their values)
 
     def save_enforced(self, new: Mapping[str, Tensor]) -> None:
         """Before writing ``new`` into an attached set: keep what attaching zeroes (optimizer state shaped like a
@@ -127,7 +127,7 @@ def param_state(modules: Mapping[str, nn.Module]) -> ParamState:
     return {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()}
 
 
-def load_params(modules: Mapping[str, nn.Module], state: Mapping[str, Tuple[Tensor, Optional[Tensor]]]) -> None:
+def load_params(modules: Mapping[str, nn.Module], state: Mapping[str, tuple[Tensor, Tensor | None]]) -> None:
     """Copy ``state`` (from :func:`param_state`) back into the modules' weights and biases."""
     with torch.no_grad():
         for n, (w, b) in state.items():

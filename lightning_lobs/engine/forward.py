@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ __all__ = ["HEAD_REASON", "default_forward", "eval_no_grad", "is_empty_batch", "
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
 
 
-def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any] | None:
     """The keyword arguments ``model(**kwargs)`` takes from ``batch`` under the default rule, or None.
 
     Keys the forward names are passed (a forward that names none of them but takes only ``**kwargs``
@@ -165,7 +166,7 @@ HEAD_REASON = (
 )
 
 
-def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
+def output_heads(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     """The model's output heads, ``name -> why``, found on one forward pass ``run()``.
 
     A head is a layer (not the model itself) that transformers' ``get_output_embeddings()`` returns
@@ -175,13 +176,13 @@ def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
     transformed before it is returned (``log_softmax(fc(x))``) is not recognised by the second rule.
     """
     names = {id(m): n for n, m in model.named_modules() if n}
-    heads: Dict[str, str] = {}
+    heads: dict[str, str] = {}
     for m in model.modules():
         get = getattr(m, "get_output_embeddings", None)
         head = get() if callable(get) else None
         if isinstance(head, nn.Module) and id(head) in names:
             heads.setdefault(names[id(head)], "the model's get_output_embeddings()")
-    outputs: Dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
 
     def keep(name: str):  # noqa: ANN202 - closure
         def hook(module: nn.Module, args: tuple, out: Any) -> None:

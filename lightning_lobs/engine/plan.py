@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ def samples_in(module: nn.Module, x: Tensor) -> int:
 
 
 def layer_plan(
-    name: str, module: nn.Module, target: float, method: str, nm: Optional[NMPattern], prior: Optional[Tensor]
+    name: str, module: nn.Module, target: float, method: str, nm: NMPattern | None, prior: Tensor | None
 ) -> LayerPlan:
     """One layer's plan, its shape facts read from the module; ``prior`` in the weight's layout."""
     return LayerPlan(
@@ -78,7 +78,7 @@ def make_plan(ctx: RunContext) -> Plan:
         )
     if ctx.empty_batches:
         warnings.warn(f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
-    heads: Dict[str, str] = {}
+    heads: dict[str, str] = {}
     if not opts.prune_head:
         with eval_no_grad(ctx.model):
             heads = output_heads(ctx.model, lambda: ctx.run_batch(ctx.batches[0]))
@@ -142,7 +142,7 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
         check_budget(estimates, calibration.memory_budget_bytes, ctx.options.sequential, ctx.device)
 
 
-def dense_modules(plan: Plan) -> Dict[str, nn.Module]:
+def dense_modules(plan: Plan) -> dict[str, nn.Module]:
     """The planned layers' modules (an attention projection's stand-in too), by name."""
     return {n: l.module for n, l in plan.layers.items()}
 

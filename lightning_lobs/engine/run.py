@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -29,10 +30,10 @@ def prune(
     batches: Sequence[Any],
     options: PruneOptions,
     *,
-    masks: Optional[MaskSet] = None,
-    rank: Optional[RankInfo] = None,
-    progress: Optional[ProgressFn] = None,
-    on_commit: Optional[Callable[[PruneReport], None]] = None,
+    masks: MaskSet | None = None,
+    rank: RankInfo | None = None,
+    progress: ProgressFn | None = None,
+    on_commit: Callable[[PruneReport], None] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with OBS on the calibration ``batches``, as ``options`` say.
 
@@ -55,7 +56,7 @@ def prune(
     return run(ctx, on_commit)
 
 
-def run(ctx: RunContext, then: Optional[Callable[[PruneReport], None]] = None) -> PruneReport:
+def run(ctx: RunContext, then: Callable[[PruneReport], None] | None = None) -> PruneReport:
     """All stages as one transaction: weights, BatchNorm state and masks change together or not at all.
 
     The masks are written last, after the report is built, then ``then(report)`` runs (the callback records its

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,14 +28,14 @@ def begin_solve(ctx: RunContext, plan: Plan, order: Sequence[str], traces: Mappi
 
 def solve_all(
     ctx: RunContext, plan: Plan, order: Sequence[str], owners: Mapping[str, int], hessians: Mapping[str, Tensor],
-    traces: Dict[str, GreedyTrace],
-) -> Dict[str, Solution]:
+    traces: dict[str, GreedyTrace],
+) -> dict[str, Solution]:
     """Every layer's solution on every rank: this rank's share solved, then every share broadcast from its owner.
 
     Nothing is written into the model (the commit does that, once every solve succeeded).
     """
     begin_solve(ctx, plan, order, traces)
-    solved: Dict[str, Solution] = {}
+    solved: dict[str, Solution] = {}
     with fail_together(ctx.rank, ctx.device, "solving the layers"):
         for n in order:
             t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def solve_all(
 
 # ---- THE RANK LOOP's body: the one place that decides who solves a layer.
 def solve_owned(
-    ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: Optional[GreedyTrace], owner: int
+    ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: GreedyTrace | None, owner: int
 ) -> Solution:
     """The layer's solution on its owner rank; elsewhere a placeholder of the right shapes that
     :func:`~lightning_lobs.engine.collective.share_solution` fills in from the owner."""
@@ -66,10 +66,10 @@ def solve_owned(
 def solve_one(
     layer: LayerPlan,
     hessian: Tensor,
-    nm: Optional[NMPattern],
+    nm: NMPattern | None,
     solver: SolverOptions,
-    trace: Optional[GreedyTrace] = None,
-    tick: Optional[Tick] = None,
+    trace: GreedyTrace | None = None,
+    tick: Tick | None = None,
 ) -> Solution:
     """OBS on one layer: the solver's input in the solve's precision and column order, its result in the layer's."""
     t0 = time.perf_counter()
