@@ -126,7 +126,11 @@ def tables(data: dict[str, Any]) -> str:
             f"{fmt_ms((x['train_s'] for x in d), 1.0, 1)} s."
         )
         lines.append("")
-        head = ["sparsity", "method"] + [("one-shot (k=0)" if k == 0 else f"k={k}") for k in ks] + ["prune s", "final sparsity", "n"]
+        head = (
+            ["sparsity", "method"]
+            + [("one-shot (k=0)" if k == 0 else f"k={k}") for k in ks]
+            + ["prune s", "final sparsity", "n"]
+        )
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for s in sparsities:
@@ -161,9 +165,11 @@ def tables(data: dict[str, Any]) -> str:
             lines.append("")
         # Report numbers of the OBS methods.
         if obs:
-            lines.append("L-OBS one-shot report (mean over seeds): RMS error of the logits vs dense on the calibration "
-                         "batches, the paper's bound (Frobenius / spectral norms), prune wall time (calibration + solve "
-                         "+ measurement):")
+            lines.append(
+                "L-OBS one-shot report (mean over seeds): RMS error of the logits vs dense on the calibration "
+                "batches, the paper's bound (Frobenius / spectral norms), prune wall time (calibration + solve "
+                "+ measurement):"
+            )
             lines.append("")
             head = ["sparsity", "method", "output error", "bound (Frobenius)", "bound (spectral)", "solve s", "prune s"]
             lines.append("| " + " | ".join(head) + " |")
@@ -193,8 +199,10 @@ def targets(data: dict[str, Any]) -> str:
     d = {x["seed"]: x["dense_acc"] for x in dense if x["net"] == net}
     if d and any(key[0] == net and abs(key[1] - 0.93) < 1e-9 for key in idx):
         alloc = allocation_of(data)
-        out.append(f"(a) LeNet-300-100 at 7% density (sparsity 0.93, L-OBS allocation: {alloc}): one-shot within 1 point of "
-                   f"dense, and after k={k1} steps{epoch_note(k1)} no lower than dense (paired per seed; mean ± std):")
+        out.append(
+            f"(a) LeNet-300-100 at 7% density (sparsity 0.93, L-OBS allocation: {alloc}): one-shot within 1 point of "
+            f"dense, and after k={k1} steps{epoch_note(k1)} no lower than dense (paired per seed; mean ± std):"
+        )
         out.append("")
         for m in OBS_METHODS:
             rs = idx.get((net, 0.93, m), {})
@@ -213,8 +221,10 @@ def targets(data: dict[str, Any]) -> str:
                 f"the mean; after k={k1} steps − dense = {fmt_ms(gap1, signed=True)} (worst seed {worst1:+.2f}) → {ok1} on the mean."
             )
         out.append("")
-    out.append("(b) Every OBS method above every magnitude baseline at every sparsity >= 0.8 (one-shot means; "
-               f"and after k={k1}):")
+    out.append(
+        "(b) Every OBS method above every magnitude baseline at every sparsity >= 0.8 (one-shot means; "
+        f"and after k={k1}):"
+    )
     out.append("")
     for n in NET_TITLES:
         for k in (0, k1):
@@ -235,14 +245,18 @@ def targets(data: dict[str, Any]) -> str:
                         misses.append(f"{m} vs {b} at {s:.2f}: {diff * 100:+.2f}")
             if checked:
                 label = "one-shot" if k == 0 else f"k={k}"
-                out.append(f"- {NET_TITLES[n]}, {label}: {checked - len(misses)}/{checked} comparisons above"
-                           + (": misses " + "; ".join(sorted(misses)) if misses else " (met)"))
+                out.append(
+                    f"- {NET_TITLES[n]}, {label}: {checked - len(misses)}/{checked} comparisons above"
+                    + (": misses " + "; ".join(sorted(misses)) if misses else " (met)")
+                )
     out.append("")
     rs = [r for r in runs if r["net"] == "lenet300" and r["method"] == "exact"]
     if rs:
-        out.append(f"(c) `exact` on LeNet-300-100: prune wall time (calibration + solve + measurement) "
-                   f"{min(r['prune_s'] for r in rs):.2f}–{max(r['prune_s'] for r in rs):.2f} s over all sparsities and "
-                   f"seeds (solve only {min(r['solve_s'] for r in rs):.2f}–{max(r['solve_s'] for r in rs):.2f} s).")
+        out.append(
+            f"(c) `exact` on LeNet-300-100: prune wall time (calibration + solve + measurement) "
+            f"{min(r['prune_s'] for r in rs):.2f}–{max(r['prune_s'] for r in rs):.2f} s over all sparsities and "
+            f"seeds (solve only {min(r['solve_s'] for r in rs):.2f}–{max(r['solve_s'] for r in rs):.2f} s)."
+        )
     return "\n".join(out)
 
 
@@ -263,8 +277,10 @@ def allocation_table(data: dict[str, Any]) -> str:
         if not rs:
             continue
         layers = list(rs[0]["oneshot_layer_sparsity"])
-        out.append(f"Per-layer sparsity chosen by the global allocation, {NET_TITLES[net]} (one-shot, mean over seeds; "
-                   "layer names as in the model):")
+        out.append(
+            f"Per-layer sparsity chosen by the global allocation, {NET_TITLES[net]} (one-shot, mean over seeds; "
+            "layer names as in the model):"
+        )
         out.append("")
         out.append("| sparsity | method | " + " | ".join(f"`{n}`" for n in layers) + " | n |")
         out.append("|---|---|" + "---|" * len(layers) + "---|")
@@ -288,12 +304,20 @@ def checks(data: dict[str, Any]) -> str:
     dev_final = max(abs(r["final_sparsity"] - r["sparsity"]) for r in runs)
     uniform_obs = allocation_of(data) == "uniform"
     layerwise = [r for r in runs if r["method"] in (OBS_METHODS if uniform_obs else ()) + ("mp_l1_layer",)]
-    dev_layer = max((abs(v - r["sparsity"]) for r in layerwise for v in r["oneshot_layer_sparsity"].values()), default=0.0)
+    dev_layer = max(
+        (abs(v - r["sparsity"]) for r in layerwise for v in r["oneshot_layer_sparsity"].values()), default=0.0
+    )
     held = sum(bool(r["mask_held"]) for r in runs)
     steps0 = {r["steps_in_prune_epoch"] for r in runs}
     dropped = data.get("dropped_incomplete", 0)
-    note = (f" ({dropped} further runs of a seed that was stopped before all methods ran at that sparsity are in the "
-            "JSON but left out of every table)") if dropped else ""
+    note = (
+        (
+            f" ({dropped} further runs of a seed that was stopped before all methods ran at that sparsity are in the "
+            "JSON but left out of every table)"
+        )
+        if dropped
+        else ""
+    )
     return (
         f"Sparsity checks over all {len(runs)} runs in the tables{note}: one-shot overall sparsity within {dev:.1e} of the target, "
         f"final (after the last retraining step) within {dev_final:.1e}; per-layer sparsity of the layer-wise methods "
@@ -321,14 +345,24 @@ def plot(data: dict[str, Any], folder: str, stem: str = "accuracy") -> list[str]
         sparsities = sorted({r["sparsity"] for r in runs if r["net"] == net})
         dm, ds, dn = mean_std(x["dense_acc"] for x in dense if x["net"] == net)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=False)
-        for ax, k, title in ((axes[0], 0, "one-shot (no retraining)"), (axes[1], k1, f"after {k1} retraining steps{epoch_note(k1)}")):
+        for ax, k, title in (
+            (axes[0], 0, "one-shot (no retraining)"),
+            (axes[1], k1, f"after {k1} retraining steps{epoch_note(k1)}"),
+        ):
             for m in OBS_METHODS + BASELINES:
                 pts = [(s, mean_std(acc_at(r, k) for r in idx.get((net, s, m), {}).values())) for s in sparsities]
                 pts = [(s, ms) for s, ms in pts if ms[2] > 0]
                 if not pts:
                     continue
-                ax.errorbar([s for s, _ in pts], [100 * ms[0] for _, ms in pts], yerr=[100 * ms[1] for _, ms in pts],
-                            fmt=styles[m], ms=5, capsize=3, label=METHOD_TITLES[m].replace("`", ""))
+                ax.errorbar(
+                    [s for s, _ in pts],
+                    [100 * ms[0] for _, ms in pts],
+                    yerr=[100 * ms[1] for _, ms in pts],
+                    fmt=styles[m],
+                    ms=5,
+                    capsize=3,
+                    label=METHOD_TITLES[m].replace("`", ""),
+                )
             ax.axhline(100 * dm, color="gray", ls="--", lw=1, label=f"dense ({100 * dm:.2f} %)")
             ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")
             ax.set_ylabel("test accuracy (%)")
@@ -357,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     with open(md, "w") as f:
         f.write(text)
     first = os.path.abspath(args.json[0])
-    pngs = plot(data, os.path.dirname(first), os.path.splitext(os.path.basename(first))[0])  # accuracy.json -> accuracy_<net>.png
+    pngs = plot(
+        data, os.path.dirname(first), os.path.splitext(os.path.basename(first))[0]
+    )  # accuracy.json -> accuracy_<net>.png
     print(text)
     print(f"wrote {md} and {', '.join(pngs)}")
     return text

@@ -104,7 +104,11 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, ma
     shapes: dict[tuple, int] = {}
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            key = (m.weight.shape[0] // getattr(m, "groups", 1), m.weight[0].numel() + (m.bias is not None), m.bias is not None)
+            key = (
+                m.weight.shape[0] // getattr(m, "groups", 1),
+                m.weight[0].numel() + (m.bias is not None),
+                m.bias is not None,
+            )
             shapes[key] = shapes.get(key, 0) + 1
     skipped = [k for k in shapes if max_d is not None and k[1] > max_d]
     for k in skipped:
@@ -129,24 +133,43 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, ma
         t = time.perf_counter()
         solve_layer(w, H, 0.9, "fast", bias=b)
         t_fast = time.perf_counter() - t
-        rows_out.append({"rows": rows, "d": D, "count": count, "one_pass_s": t_one, "curve_s": t_curve, "fast_solve_s": t_fast})
+        rows_out.append(
+            {"rows": rows, "d": D, "count": count, "one_pass_s": t_one, "curve_s": t_curve, "fast_solve_s": t_fast}
+        )
         tot["one_pass"] += count * t_one
         tot["curve"] += count * t_curve
         tot["fast_solve"] += count * t_fast
-        print(f"{rows:5d} x {D:5d} (x{count:2d}): one-pass {t_one:6.2f} s  curve {t_curve:6.2f} s  fast solve {t_fast:6.2f} s", flush=True)
-    result = {"model": model_name, "curve_rows": curve_rows, "levels": len(grid), "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "layers": rows_out, "totals_s": tot,
-              "loadavg": os.getloadavg(), "left_out": [list(k[:2]) for k in skipped]}
+        print(
+            f"{rows:5d} x {D:5d} (x{count:2d}): one-pass {t_one:6.2f} s  curve {t_curve:6.2f} s  fast solve {t_fast:6.2f} s",
+            flush=True,
+        )
+    result = {
+        "model": model_name,
+        "curve_rows": curve_rows,
+        "levels": len(grid),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "layers": rows_out,
+        "totals_s": tot,
+        "loadavg": os.getloadavg(),
+        "left_out": [list(k[:2]) for k in skipped],
+    }
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{model_name} totals: one-pass {tot['one_pass']:.1f} s, curve {tot['curve']:.1f} s, fast solves {tot['fast_solve']:.1f} s")
+    print(
+        f"{model_name} totals: one-pass {tot['one_pass']:.1f} s, curve {tot['curve']:.1f} s, fast solves {tot['fast_solve']:.1f} s"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--net", choices=["lenet300", "resnet"], default="lenet300")
-    ap.add_argument("--layer-times", default=None, metavar="TORCHVISION_MODEL",
-                    help="instead: time the allocation's per-layer costs on that model's layer shapes (e.g. resnet50)")
+    ap.add_argument(
+        "--layer-times",
+        default=None,
+        metavar="TORCHVISION_MODEL",
+        help="instead: time the allocation's per-layer costs on that model's layer shapes (e.g. resnet50)",
+    )
     ap.add_argument("--max-d", type=int, default=None, help="--layer-times: leave out layers with more columns")
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -155,7 +178,9 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["fast", "lobs"])
     ap.add_argument("--width", type=int, default=8, help="resnet: channels of the first stage")
-    ap.add_argument("--train-images", type=int, default=None, help="train on the first N training images (default: all)")
+    ap.add_argument(
+        "--train-images", type=int, default=None, help="train on the first N training images (default: all)"
+    )
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-allocation runs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "allocation_lenet300.json"))
     args = ap.parse_args()
@@ -171,14 +196,24 @@ def main() -> None:
     xtr, ytr, xte, yte = prep(splits.train_x), splits.train_y, prep(splits.test_x), splits.test_y
     calib = DataLoader(TensorDataset(xtr[: args.calibration], ytr[: args.calibration]), batch_size=256, shuffle=False)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "?"
     meta = {
-        "net": args.net, "width": args.width if args.net == "resnet" else None, "epochs": epochs,
-        "train_images": args.train_images or int(len(ytr)), "sparsity": args.sparsity, "calibration": args.calibration,
-        "data": splits.source, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "commit": commit, "cmd": " ".join(sys.argv),
+        "net": args.net,
+        "width": args.width if args.net == "resnet" else None,
+        "epochs": epochs,
+        "train_images": args.train_images or int(len(ytr)),
+        "sparsity": args.sparsity,
+        "calibration": args.calibration,
+        "data": splits.source,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "commit": commit,
+        "cmd": " ".join(sys.argv),
     }
     results: dict[str, Any] = {"meta": meta, "runs": []}
     s = args.sparsity
@@ -202,9 +237,15 @@ def main() -> None:
         def record(name: str, model: nn.Module, seconds: float, report: Any = None) -> dict[str, float]:
             acc = test_accuracy(model, xte, yte)
             per = {n: float((m.weight == 0).float().mean()) for n, m in prunable(model).items()}
-            total = sum(int((m.weight == 0).sum()) for m in prunable(model).values()) / sum(m.weight.numel() for m in prunable(model).values())
-            results["runs"].append({"seed": seed, "run": name, "acc": acc, "seconds": seconds, "layers": per, "sparsity": total})
-            show = ", ".join(f"{v:.3f}" for v in per.values()) if len(per) <= 6 else f"max layer {max(per.values()):.3f}"
+            total = sum(int((m.weight == 0).sum()) for m in prunable(model).values()) / sum(
+                m.weight.numel() for m in prunable(model).values()
+            )
+            results["runs"].append(
+                {"seed": seed, "run": name, "acc": acc, "seconds": seconds, "layers": per, "sparsity": total}
+            )
+            show = (
+                ", ".join(f"{v:.3f}" for v in per.values()) if len(per) <= 6 else f"max layer {max(per.values()):.3f}"
+            )
             print(f"  {name:<22} {acc:6.2f}%  sparsity {total:.4f}  [{show}]  {seconds:.1f} s", flush=True)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
@@ -253,7 +294,11 @@ def write_table(results: dict[str, Any], path: str) -> None:
         if rs[0].get("layers"):
             keys = list(rs[0]["layers"])
             means = [statistics.mean(r["layers"][k] for r in rs) for k in keys]
-            layers = ", ".join(f"{v:.3f}" for v in means) if len(keys) <= 6 else f"min {min(means):.3f}, max {max(means):.3f}"
+            layers = (
+                ", ".join(f"{v:.3f}" for v in means)
+                if len(keys) <= 6
+                else f"min {min(means):.3f}, max {max(means):.3f}"
+            )
         secs = statistics.mean(r["seconds"] for r in rs)
         lines.append(f"| {n} | {statistics.mean(accs):.2f} ± {sd:.2f} | {layers} | {secs:.1f} |")
     with open(path, "w") as f:

@@ -149,9 +149,12 @@ def main() -> None:
                 "solve_over_dense_epoch": report.solve_seconds / epoch_s,
                 "layers": layers,
             }
-            print(f"{net_name:9s} {method:6s} calib {report.calibration_seconds:6.2f}s solve {report.solve_seconds:6.2f}s "
-                  f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM fp32 {gemm:.0f} fp64 {gemm64:.0f}) "
-                  f"dense epoch {epoch_s:.2f}s", flush=True)
+            print(
+                f"{net_name:9s} {method:6s} calib {report.calibration_seconds:6.2f}s solve {report.solve_seconds:6.2f}s "
+                f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM fp32 {gemm:.0f} fp64 {gemm64:.0f}) "
+                f"dense epoch {epoch_s:.2f}s",
+                flush=True,
+            )
         results["nets"][net_name] = entry
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["machine"]["gemm_gflops_fp32_2048_end"] = gemm_gflops()

@@ -87,30 +87,47 @@ def measure(name: str, W: Tensor, H: Tensor, repeats: int) -> list[dict[str, Any
             runs["sparsegpt"].append(t)
             errors["sparsegpt"] = B.layer_objective(W, V.double(), H)
             for key, refit in (("fast", None), ("fast_norefit", False)):
-                t, res = timed(lambda: solve_layer(W.float(), H.float(), sparsity, "fast", pattern=pattern,
-                                                 solver=SolverOptions(refit=refit)))
+                t, res = timed(
+                    lambda: solve_layer(
+                        W.float(), H.float(), sparsity, "fast", pattern=pattern, solver=SolverOptions(refit=refit)
+                    )
+                )
                 runs[key].append(t)
                 errors[key] = B.layer_objective(W, res.weight.double(), H)
         ratio = statistics.median(f / s for f, s in zip(runs["fast"], runs["sparsegpt"]))
         ratio_nr = statistics.median(f / s for f, s in zip(runs["fast_norefit"], runs["sparsegpt"]))
-        row = {"layer": name, "shape": list(W.shape), "target": label,
-               "seconds": {k: statistics.median(v) for k, v in runs.items()}, "all_seconds": runs,
-               "fast_over_sparsegpt": ratio, "fast_norefit_over_sparsegpt": ratio_nr, "error": errors}
-        print(f"{name:18s} {label:4s} sparsegpt {row['seconds']['sparsegpt']:.3f}s  fast {row['seconds']['fast']:.3f}s "
-              f"(x{ratio:.2f})  no refit {row['seconds']['fast_norefit']:.3f}s (x{ratio_nr:.2f})  "
-              f"dE sparsegpt {errors['sparsegpt']:.4g} fast {errors['fast']:.4g} no refit {errors['fast_norefit']:.4g}", flush=True)
+        row = {
+            "layer": name,
+            "shape": list(W.shape),
+            "target": label,
+            "seconds": {k: statistics.median(v) for k, v in runs.items()},
+            "all_seconds": runs,
+            "fast_over_sparsegpt": ratio,
+            "fast_norefit_over_sparsegpt": ratio_nr,
+            "error": errors,
+        }
+        print(
+            f"{name:18s} {label:4s} sparsegpt {row['seconds']['sparsegpt']:.3f}s  fast {row['seconds']['fast']:.3f}s "
+            f"(x{ratio:.2f})  no refit {row['seconds']['fast_norefit']:.3f}s (x{ratio_nr:.2f})  "
+            f"dE sparsegpt {errors['sparsegpt']:.4g} fast {errors['fast']:.4g} no refit {errors['fast_norefit']:.4g}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| layer | target | SparseGPT s | `fast` s (ratio) | `fast`, no refit s (ratio) | dE SparseGPT | dE `fast` | dE no refit |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layer | target | SparseGPT s | `fast` s (ratio) | `fast`, no refit s (ratio) | dE SparseGPT | dE `fast` | dE no refit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
         s, e = r["seconds"], r["error"]
-        lines.append(f"| {r['layer']} {tuple(r['shape'])} | {r['target']} | {s['sparsegpt']:.3f} | {s['fast']:.3f} "
-                     f"({r['fast_over_sparsegpt']:.2f}x) | {s['fast_norefit']:.3f} ({r['fast_norefit_over_sparsegpt']:.2f}x) | "
-                     f"{e['sparsegpt']:.4g} | {e['fast']:.4g} | {e['fast_norefit']:.4g} |")
+        lines.append(
+            f"| {r['layer']} {tuple(r['shape'])} | {r['target']} | {s['sparsegpt']:.3f} | {s['fast']:.3f} "
+            f"({r['fast_over_sparsegpt']:.2f}x) | {s['fast_norefit']:.3f} ({r['fast_norefit_over_sparsegpt']:.2f}x) | "
+            f"{e['sparsegpt']:.4g} | {e['fast']:.4g} | {e['fast_norefit']:.4g} |"
+        )
     return "\n".join(lines)
 
 
@@ -125,9 +142,16 @@ def main() -> None:
     layers = [("lenet300.fc1", *mnist_layer(args.data_dir))]
     for name, rows, d, seed in (("attn.c_proj", 768, 768, 2), ("mlp.c_fc", 3072, 768, 3), ("mlp.c_proj", 768, 3072, 4)):
         layers.append((name, *synthetic_layer(rows, d, seed)))
-    results: dict[str, Any] = {"command": "python benchmarks/fast_vs_sparsegpt.py " + " ".join(sys.argv[1:]), "rows": [],
-                               "machine": {"cpu": platform.processor(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                           "loadavg_start": os.getloadavg()}}
+    results: dict[str, Any] = {
+        "command": "python benchmarks/fast_vs_sparsegpt.py " + " ".join(sys.argv[1:]),
+        "rows": [],
+        "machine": {
+            "cpu": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(),
+        },
+    }
     for name, W, H in layers:
         results["rows"] += measure(name, W, H, args.repeats)
     results["machine"]["loadavg_end"] = os.getloadavg()

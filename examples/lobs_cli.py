@@ -33,7 +33,15 @@ except ImportError:  # pragma: no cover - only pytorch_lightning installed
 class SyntheticData(L.LightningDataModule):
     """Gaussian inputs labelled by a fixed random linear map (learnable, so pruning has something to keep)."""
 
-    def __init__(self, n_train: int = 4096, n_val: int = 1024, dim: int = 64, classes: int = 10, batch_size: int = 128, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_train: int = 4096,
+        n_val: int = 1024,
+        dim: int = 64,
+        classes: int = 10,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         proj = torch.randn(dim, classes, generator=g)

@@ -52,10 +52,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         same = torch.allclose(fast(splits.test_x[:256]), model(splits.test_x[:256]), atol=1e-5)
 
-    result = {"dense_acc": dense_acc, "pruned_acc": pruned_acc, "sparsity": weight_sparsity(model),
-              "file_bytes": os.path.getsize(args.out), "loaded_model_agrees": same}
-    print(f"dense {dense_acc:.4f} -> {args.pattern} {pruned_acc:.4f} (sparsity {result['sparsity']:.3f}); "
-          f"{args.out}: {result['file_bytes']:,} bytes; sparse inference agrees with the pruned model: {same}")
+    result = {
+        "dense_acc": dense_acc,
+        "pruned_acc": pruned_acc,
+        "sparsity": weight_sparsity(model),
+        "file_bytes": os.path.getsize(args.out),
+        "loaded_model_agrees": same,
+    }
+    print(
+        f"dense {dense_acc:.4f} -> {args.pattern} {pruned_acc:.4f} (sparsity {result['sparsity']:.3f}); "
+        f"{args.out}: {result['file_bytes']:,} bytes; sparse inference agrees with the pruned model: {same}"
+    )
     return result
 
 

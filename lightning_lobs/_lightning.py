@@ -36,8 +36,8 @@ def _load_namespaces() -> tuple[ModuleType, ...]:
         raise ImportError(
             "lightning-lobs needs PyTorch Lightning, in either of its packages: install one with "
             "`pip install lightning` (imported as `lightning.pytorch`) or `pip install pytorch-lightning` "
-            "(imported as `pytorch_lightning`); or `pip install \"lightning-lobs[lightning]\"` / "
-            "`pip install \"lightning-lobs[pl]\"`."
+            '(imported as `pytorch_lightning`); or `pip install "lightning-lobs[lightning]"` / '
+            '`pip install "lightning-lobs[pl]"`.'
         )
     return tuple(found)
 
@@ -84,7 +84,11 @@ def stop_reason(trainer: Any) -> str:
     if max_steps is not None and 0 <= max_steps <= trainer.global_step:
         return f"max_steps={max_steps} reached"
     for timer in trainer.callbacks:
-        if isinstance(timer, callback_classes("Timer")) and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        if (
+            isinstance(timer, callback_classes("Timer"))
+            and timer.time_remaining() is not None
+            and timer.time_remaining() <= 0
+        ):
             return "max_time reached"
     return "stopped early"
 

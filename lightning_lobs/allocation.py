@@ -104,7 +104,9 @@ def split_budget(
     return chosen
 
 
-def _refine(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], budget: int) -> list[int]:
+def _refine(
+    counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], budget: int
+) -> list[int]:
     """Final per-layer removals, exactly ``budget`` in all, starting from the grid split ``chosen``.
 
     Each layer's error between its measured levels is taken as linear. First the excess over

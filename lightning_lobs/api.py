@@ -27,7 +27,12 @@ def _loader_generators(dataloader: Any) -> list[torch.Generator]:
     its sampler's / batch sampler's (a shuffling sampler draws each epoch's order from it)."""
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     found: list[torch.Generator] = []
-    for owner in (dataloader, getattr(dataloader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+    for owner in (
+        dataloader,
+        getattr(dataloader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    ):
         gen = getattr(owner, "generator", None)
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)

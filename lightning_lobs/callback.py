@@ -207,7 +207,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     ) -> None:
         sparsity_given = not (isinstance(sparsity, float) and sparsity == 0.9)  # 0.9 is the signature's default
         uniform = allocation == "uniform" and pattern is None  # a float is then every layer's target (N:M sets its own)
-        schedule = schedule_from_args(sparsity, prune_epoch, prune_step, schedule, sparsity_given=sparsity_given, uniform=uniform)
+        schedule = schedule_from_args(
+            sparsity, prune_epoch, prune_step, schedule, sparsity_given=sparsity_given, uniform=uniform
+        )
         settings = CallbackOptions(calibration_batches, state_key, log_table, reset_monitors, progress_after)
         # PruneOptions is the one place that validates the pruning options; one instance per prune step.
         base = PruneOptions(
@@ -279,7 +281,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self._run = ScheduleRun(self.schedule, tuple(points))
 
     prune_epochs = _points_in("prune_points", "epoch", "The epochs to prune at (empty with ``prune_step``).")
-    pruned_epochs = _points_in("pruned_points", "epoch", "The epochs already pruned at (restored from a checkpoint too).")
+    pruned_epochs = _points_in(
+        "pruned_points", "epoch", "The epochs already pruned at (restored from a checkpoint too)."
+    )
     prune_steps = _points_in("prune_points", "step", "The global steps to prune before (empty with ``prune_epoch``).")
     pruned_steps = _points_in("pruned_points", "step", "The global steps already pruned before.")
 
@@ -398,7 +402,9 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         """Hold restored masks, and refuse a prune epoch that ``max_steps`` will not reach."""
         if len(self.masks):  # resumed after a prune: hold the restored masks
             self.masks.attach(pl_module, trainer.optimizers)
-        per_epoch = steps_per_epoch(getattr(trainer, "num_training_batches", float("inf")), trainer.accumulate_grad_batches)
+        per_epoch = steps_per_epoch(
+            getattr(trainer, "num_training_batches", float("inf")), trainer.accumulate_grad_batches
+        )
         if per_epoch is not None:  # unknown now: on_fit_end warns if a prune point was never reached
             max_steps = getattr(trainer, "max_steps", -1)
             self._run.check_reachable(max_epochs=trainer.max_epochs, max_steps=max_steps, steps_per_epoch=per_epoch)
@@ -636,8 +642,10 @@ def _unnamed_state_key(cb: LOBSPruning, trainer: Trainer, states: Mapping[Any, A
     unnamed = [other for other in trainer.callbacks if isinstance(other, LOBSPruning) and other._state_key is None]
     taken = {other.state_key for other in unnamed}
     free = [
-        k for k in states
-        if isinstance(k, str) and k not in taken
+        k
+        for k in states
+        if isinstance(k, str)
+        and k not in taken
         and (k == "LOBSPruning" or (k.startswith("LOBSPruning{") and not k.startswith("LOBSPruning{'state_key'")))
     ]
     mine_missing = [other for other in unnamed if other.state_key not in states]

@@ -46,7 +46,7 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
     """``torch.float32``/``torch.float64``, also spelled as a string (``"torch.float64"``, ``"float64"``: YAML/CLI)."""
     if isinstance(value, str):
         key = value.strip()
-        key = key[len("torch."):] if key.startswith("torch.") else key
+        key = key[len("torch.") :] if key.startswith("torch.") else key
         if key in _FLOAT_DTYPES:
             return _FLOAT_DTYPES[key]
         raise ValueError(
@@ -55,9 +55,7 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
         )
     if value in (torch.float32, torch.float64):
         return value
-    raise ValueError(
-        f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
-    )
+    raise ValueError(f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}.")
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,6 @@ def parse_pattern(pattern: str | tuple[int, int] | NMPattern | None) -> NMPatter
     return NMPattern(n, m)
 
 
-
 @dataclass(frozen=True)
 class GlobalAllocation:
     """Options of ``allocation="global"``: how one overall sparsity is spread over the layers.
@@ -184,7 +181,9 @@ class GlobalAllocation:
             least = 2 if name == "levels" else 1
             value = as_int(getattr(self, name))
             if value is None or value < least:
-                raise ValueError(f"GlobalAllocation.{name} must be an int >= {least}, got {describe(getattr(self, name))}.")
+                raise ValueError(
+                    f"GlobalAllocation.{name} must be an int >= {least}, got {describe(getattr(self, name))}."
+                )
             object.__setattr__(self, name, value)
         if self.grid is not None:
             try:
@@ -192,7 +191,9 @@ class GlobalAllocation:
                     raise TypeError  # True is not the sparsity 1.0
                 grid = tuple(float(v) for v in self.grid)
             except (TypeError, ValueError):
-                raise ValueError(f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}.") from None
+                raise ValueError(
+                    f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}."
+                ) from None
             if not grid or any(not (0.0 <= v < 1.0) or v > m for v in grid):
                 raise ValueError(
                     f"GlobalAllocation.grid must hold sparsities in [0, 1), none above max_layer_sparsity={m}, "
@@ -238,7 +239,9 @@ def as_fraction(value: Any, what: str) -> float:
     """``value`` as a float in [0, 1): Python, numpy and 0-d torch scalars accepted; anything else is refused."""
     number = as_real(value)
     if number is None:
-        raise ValueError(f"{what} must be a number in [0, 1) (the fraction of weights to remove), got {describe(value)}.")
+        raise ValueError(
+            f"{what} must be a number in [0, 1) (the fraction of weights to remove), got {describe(value)}."
+        )
     out = float(number)
     if not (0.0 <= out < 1.0):  # also refuses NaN
         raise ValueError(
@@ -275,7 +278,9 @@ def _as_options(value: Any, cls: type, what: str) -> Any:
         if unknown:
             raise ValueError(f"{what} has unknown keys {unknown}; {cls.__name__} takes {sorted(known)}.")
         return cls(**value)
-    raise TypeError(f"{what} must be a {cls.__name__} (or a mapping of its fields), got {type(value).__name__}: {value!r}.")
+    raise TypeError(
+        f"{what} must be a {cls.__name__} (or a mapping of its fields), got {type(value).__name__}: {value!r}."
+    )
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,9 @@ class CalibrationOptions:
     memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype"))
+        object.__setattr__(
+            self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype")
+        )
         set_positive_ints(self, ("max_chunk_elements", "position_stride"))
         if self.memory_budget_bytes is not None:
             budget = count_or_none(self.memory_budget_bytes)
@@ -434,7 +441,9 @@ class CallbackOptions:
         object.__setattr__(self, "calibration_batches", batches)
         key = self.state_key
         if key is not None and (not isinstance(key, str) or not key):
-            raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {key!r}.")
+            raise ValueError(
+                f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {key!r}."
+            )
         for name in ("log_table", "reset_monitors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")

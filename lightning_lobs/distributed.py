@@ -66,7 +66,9 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> li
     return out
 
 
-def broadcast_floats(values: Sequence[float], src: int, info: RankInfo, device: torch.device | None = None) -> list[float]:
+def broadcast_floats(
+    values: Sequence[float], src: int, info: RankInfo, device: torch.device | None = None
+) -> list[float]:
     """Broadcast a few Python floats from ``src`` (float64 on ``device``)."""
     if not info.active:
         return list(values)

@@ -223,14 +223,12 @@ class HessianAccumulator:
     def hessian(self) -> Tensor:
         """Averaged Hessian ``sum / count`` of shape ``(groups, d, d)`` (exactly symmetrised)."""
         if self.count == 0:
-            raise RuntimeError(
-                f"no calibration rows reached layer {self.name!r}; was it called during calibration?"
-            )
+            raise RuntimeError(f"no calibration rows reached layer {self.name!r}; was it called during calibration?")
         h = self.sum / self.count
         if not bool(torch.isfinite(h).all()):
             raise ValueError(
                 f"the Hessian of layer {self.name!r} overflowed {self.dtype} (its inputs reach {self.max_abs:.3g}, "
-                f"squares up to {self.max_abs ** 2:.3g}); accumulate in CalibrationOptions(hessian_dtype=torch.float64) "
+                f"squares up to {self.max_abs**2:.3g}); accumulate in CalibrationOptions(hessian_dtype=torch.float64) "
                 "or normalise the inputs."
             )
         return (h + h.transpose(1, 2)) * 0.5
@@ -259,7 +257,9 @@ class HessianAccumulator:
         """Restore a state produced by :meth:`state_dict`."""
         s = state["sum"]
         if tuple(s.shape) != tuple(self.sum.shape):
-            raise ValueError(f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}")
+            raise ValueError(
+                f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}"
+            )
         self.sum.copy_(s.to(device=self.sum.device, dtype=self.dtype))
         self.count = int(state["count"])
 

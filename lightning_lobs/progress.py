@@ -73,7 +73,9 @@ class _BarStatus:
         # TQDMProgressBar: the train bar exists from on_train_start on (the private attribute, because the
         # public property raises before that).
         bar = getattr(self.bar, "_train_progress_bar", None)
-        return bar if bar is not None and hasattr(bar, "set_postfix_str") and not getattr(bar, "disable", False) else None
+        return (
+            bar if bar is not None and hasattr(bar, "set_postfix_str") and not getattr(bar, "disable", False) else None
+        )
 
     def _rich(self) -> Any:
         progress = getattr(self.bar, "progress", None)

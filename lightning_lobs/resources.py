@@ -88,7 +88,11 @@ def check_budget(
         budget = int(0.8 * avail)
     if not estimates:
         return {"budget": budget, "peak": 0}
-    held = max(e.hessian_bytes for e in estimates.values()) if sequential else sum(e.hessian_bytes for e in estimates.values())
+    held = (
+        max(e.hessian_bytes for e in estimates.values())
+        if sequential
+        else sum(e.hessian_bytes for e in estimates.values())
+    )
     worst = max(estimates.values(), key=lambda e: e.solve_bytes)
     peak = held + worst.solve_bytes
     if peak > budget:

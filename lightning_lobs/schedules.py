@@ -28,7 +28,16 @@ from .checks import as_real, describe
 from .config import SparsitySpec, as_fraction, normalize_sparsity
 from .selection import is_literal
 
-__all__ = ["Due", "GradualSchedule", "PruneSchedule", "ScheduleRun", "SparsitySchedule", "Unit", "schedule_from_args", "steps_per_epoch"]
+__all__ = [
+    "Due",
+    "GradualSchedule",
+    "PruneSchedule",
+    "ScheduleRun",
+    "SparsitySchedule",
+    "Unit",
+    "schedule_from_args",
+    "steps_per_epoch",
+]
 
 Unit = Literal["epoch", "step"]
 
@@ -43,7 +52,9 @@ def _as_point(value: Any, what: str, unit: str = "epoch") -> int:
         )
     out = int(number)
     if out < 0:
-        raise ValueError(f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0.")
+        raise ValueError(
+            f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0."
+        )
     return out
 
 
@@ -88,7 +99,9 @@ def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> float | None:
     return None
 
 
-def check_not_decreasing(specs: Sequence[SparsitySpec], uniform: bool = False, labels: Sequence[str] | None = None) -> None:
+def check_not_decreasing(
+    specs: Sequence[SparsitySpec], uniform: bool = False, labels: Sequence[str] | None = None
+) -> None:
     """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned).
 
     Besides equal keys, every layer named exactly in a later mapping is compared with what each
@@ -155,7 +168,11 @@ class PruneSchedule:
         self.arg = self.fix = f"prune_{self.unit}"
         arg = self.arg
         listed = _as_list(points)
-        pts = [_as_point(points, arg, unit)] if listed is None else [_as_point(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
+        pts = (
+            [_as_point(points, arg, unit)]
+            if listed is None
+            else [_as_point(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
+        )
         if not pts:
             raise ValueError(f"{arg} is an empty list; give at least one {unit}, e.g. {arg}=5.")
         if any(b <= a for a, b in zip(pts, pts[1:])):
@@ -175,7 +192,9 @@ class PruneSchedule:
         self.points: tuple[int, ...] = tuple(pts)
         self.sparsities: tuple[SparsitySpec, ...] = tuple(specs)
 
-    def _set(self, points: Sequence[int], specs: Sequence[SparsitySpec], unit: Unit, arg: str, labels: Sequence[str]) -> None:
+    def _set(
+        self, points: Sequence[int], specs: Sequence[SparsitySpec], unit: Unit, arg: str, labels: Sequence[str]
+    ) -> None:
         """For subclasses: points and specs already checked one by one; the order of both checked here."""
         if not points:
             raise ValueError(f"{arg} has no points; give at least one {unit}.")
@@ -404,7 +423,9 @@ class ScheduleRun:
         self, max_epochs: int | None = None, max_steps: int | None = None, steps_per_epoch: int | None = None
     ) -> None:
         """Refuse a pending point that training ends before (see :meth:`PruneSchedule.check_reachable`)."""
-        self.schedule.check_reachable(self.done, max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+        self.schedule.check_reachable(
+            self.done, max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch
+        )
 
     def to_state(self) -> dict[str, Any]:
         """The checkpoint form: ``{"pruned_epochs": [...], "schedule": [...]}`` (``pruned_steps`` for steps)."""
@@ -484,7 +505,13 @@ class GradualSchedule(PruneSchedule):
     """
 
     def __init__(
-        self, initial: float = 0.0, final: float = 0.9, start: int = 0, end: int = 10, every: int = 1, unit: Unit = "epoch"
+        self,
+        initial: float = 0.0,
+        final: float = 0.9,
+        start: int = 0,
+        end: int = 10,
+        every: int = 1,
+        unit: Unit = "epoch",
     ) -> None:
         unit = _as_unit(unit)
         s_i, s_f = as_fraction(initial, "initial"), as_fraction(final, "final")

@@ -165,7 +165,8 @@ def _candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set, dic
     attentions = {n for n, m in named if isinstance(m, nn.MultiheadAttention) and not _attention.attention_reason(m)}
     projections = _attention.projections(model)
     named = [
-        item for n, m in named
+        item
+        for n, m in named
         for item in [(n, m)] + [(p, q) for p, q in projections.items() if q.attention == n and n in attentions]
     ]
     return named, attentions, projections
@@ -183,9 +184,13 @@ def _excluded(
         exclude = (exclude,)
     for pat in exclude:
         if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
-            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+            raise ValueError(
+                f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}."
+            )
     excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
-    excluded |= {p for p, q in projections.items() if q.attention in excluded}  # excluding an attention excludes all of it
+    excluded |= {
+        p for p, q in projections.items() if q.attention in excluded
+    }  # excluding an attention excludes all of it
     excluded |= {f"{a}.out_proj" if a else "out_proj" for a in attentions & excluded}
     return excluded
 
@@ -205,7 +210,9 @@ def _choose_by_mapping(
     for pat, value in ordered:
         hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+            raise ValueError(
+                f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}."
+            )
         ok = [n for n in hits if n in reasons and not reasons[n]]
         if not ok:
             n = next((h for h in hits if h in reasons), hits[0])
@@ -271,8 +278,7 @@ def _check_some_selected(
     if not targets:
         raise ValueError(
             "no layer selected for pruning: the model has no prunable nn.Linear/nn.Conv/Conv1D layer matching the "
-            "sparsity spec (or all were excluded)."
-            + (f" Left alone: {_format(skipped)}" if skipped else "")
+            "sparsity spec (or all were excluded)." + (f" Left alone: {_format(skipped)}" if skipped else "")
         )
 
 
@@ -306,7 +312,11 @@ def check_prior_masks(
     With a global allocation the comparison is over all selected layers together.
     """
     shapes = {n: tuple(cast(torch.Tensor, m.weight).shape) for n, m in modules.items()}
-    bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
+    bad = {
+        n: (tuple(masks[n].shape), shape)
+        for n, shape in shapes.items()
+        if n in masks and tuple(masks[n].shape) != shape
+    }
     if bad:
         listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())
         raise ValueError(

@@ -161,7 +161,8 @@ class RecordingLOBS(LOBSPruning):
         self.record["dense"] = _clone(pl_module.state_dict())
         if trainer.global_rank == self.fail_rank:  # this rank alone finds the memory budget too small
             self.options = [
-                dataclasses.replace(o, calibration=dataclasses.replace(o.calibration, memory_budget_bytes=1)) for o in self.options
+                dataclasses.replace(o, calibration=dataclasses.replace(o.calibration, memory_budget_bytes=1))
+                for o in self.options
             ]
         report = super().prune_now(trainer, pl_module, index)
         self.record.update(

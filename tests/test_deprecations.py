@@ -49,7 +49,9 @@ HESSIAN_MOVED_TO_LAYERS = {
 def test_hessian_layer_helpers_moved_to_layers_warn_and_are_the_same_objects(old, new):
     hessian = importlib.import_module("lightning_lobs.hessian")
     layers = importlib.import_module("lightning_lobs.layers")
-    with pytest.warns(DeprecationWarning, match=rf"lightning_lobs\.hessian\.{old} moved to lightning_lobs\.layers\.{new}"):
+    with pytest.warns(
+        DeprecationWarning, match=rf"lightning_lobs\.hessian\.{old} moved to lightning_lobs\.layers\.{new}"
+    ):
         value = getattr(hessian, old)
     assert value is getattr(layers, new)
     assert old not in vars(hessian)  # only reachable through the warning __getattr__

@@ -135,6 +135,7 @@ def test_dense_cache_trains_once_and_retrains_when_a_setting_changes(tmp_path: P
             with torch.no_grad():
                 module.weight.fill_(value)
             return {"seconds": value}
+
         return train
 
     a = torch.nn.Linear(3, 2)

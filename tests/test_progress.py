@@ -100,7 +100,9 @@ def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, rows, bias=False))
     events: list[PruneProgress] = []
-    prune_model(model, _loader(d), sparsity=0.5, method="exact", allocation=allocation, progress=events.append, prune_head=True)
+    prune_model(
+        model, _loader(d), sparsity=0.5, method="exact", allocation=allocation, progress=events.append, prune_head=True
+    )
     traced = "allocate" if allocation == "global" else "solve"
     inside = [e for e in events if e.phase == traced and e.done == 0]
     assert len(inside) >= _trace_work_lower_bound(rows, d) / BUDGET
@@ -184,7 +186,9 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
     assert [(e.done, e.total) for e in calibrate[:2]] == [(1, 2), (2, 2)]  # the batches
     layers = calibrate[2:]  # then each layer's Hessian, halfway (averaged) and done (normalised)
     assert [(e.done, e.total, e.layer) for e in layers if e.fraction is not None and e.done] == [
-        (1, 3, "0"), (2, 3, "2"), (3, 3, "4")
+        (1, 3, "0"),
+        (2, 3, "2"),
+        (3, 3, "4"),
     ]
     assert len(layers) == 6 and [e.fraction for e in layers] == sorted(e.fraction for e in layers)
     assert layers[-1].eta == 0.0

@@ -173,17 +173,31 @@ def test_reset_monitors_empties_the_checkpoint_ranking_at_the_prune(ns, mode, tm
         def on_train_epoch_end(self, trainer, pl_module):
             pl_module.log("flat", 1.0)
 
-    ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), monitor="flat", mode=mode, save_top_k=1, save_on_train_epoch_end=True)
+    ckpt = ns.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path), monitor="flat", mode=mode, save_top_k=1, save_on_train_epoch_end=True
+    )
     fresh = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), monitor="flat", mode=mode, save_top_k=1)
 
     class Watch(BothCallback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:
-                seen[trainer.current_epoch] = (dict(ckpt.best_k_models), ckpt.kth_best_model_path, ckpt.best_model_path, ckpt.best_model_score, float(ckpt.kth_value))
+                seen[trainer.current_epoch] = (
+                    dict(ckpt.best_k_models),
+                    ckpt.kth_best_model_path,
+                    ckpt.best_model_path,
+                    ckpt.best_model_score,
+                    float(ckpt.kth_value),
+                )
 
     cb = lobs(sparsity=0.5, prune_epoch=2)
     make_trainer(ns, 3, [cb, Flat(), Watch(), ckpt], tmp_path, enable_checkpointing=True).fit(model)
     assert cb.pruned_epochs == [2]
     assert seen[1][0] and seen[1][2]  # the dense epoch 0 was ranked
-    assert seen[2] == ({}, fresh.kth_best_model_path, fresh.best_model_path, fresh.best_model_score, float(fresh.kth_value))
+    assert seen[2] == (
+        {},
+        fresh.kth_best_model_path,
+        fresh.best_model_path,
+        fresh.best_model_score,
+        float(fresh.kth_value),
+    )
     assert ckpt.best_model_path.endswith("epoch=2-step=6.ckpt"), ckpt.best_model_path  # the first pruned save is best

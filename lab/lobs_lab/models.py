@@ -184,7 +184,9 @@ class ResNetClassifier(MNISTClassifier):
         self.total_steps = total_steps
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+        )
         if not self.total_steps:
             return opt
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.total_steps, pct_start=0.25)
@@ -198,15 +200,27 @@ def make_gpt2(layers: int, width: int, heads: int, context: int) -> nn.Module:
     """A randomly initialised ``GPT2LMHeadModel`` with a 256-byte vocabulary, no dropout, tied embeddings."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10, eos_token_id=10)
+    cfg = GPT2Config(
+        vocab_size=256,
+        n_positions=context,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=10,
+        eos_token_id=10,
+    )
     return GPT2LMHeadModel(cfg)
 
 
 class ByteLM(pl.LightningModule):
     """Next-byte prediction; ``forward(ids)`` returns the logits, batches are ``(B, T + 1)`` windows."""
 
-    def __init__(self, model: nn.Module, lr: float, warmup: int = 0, total_steps: int | None = None, weight_decay: float = 0.01) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, warmup: int = 0, total_steps: int | None = None, weight_decay: float = 0.01
+    ) -> None:
         super().__init__()
         self.model = model
         self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay

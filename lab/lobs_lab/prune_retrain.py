@@ -60,15 +60,19 @@ def _input_sq_norms(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
 
 
-def collect_input_norms(model: nn.Module, names: Sequence[str], batches: Sequence[Any], run: Callable[[Any], Any]) -> dict[str, Tensor]:
+def collect_input_norms(
+    model: nn.Module, names: Sequence[str], batches: Sequence[Any], run: Callable[[Any], Any]
+) -> dict[str, Tensor]:
     """Wanda's ``||X_j||^2`` for every layer in ``names`` from one no-grad pass over ``batches`` (eval mode)."""
     modules = dict(model.named_modules())
     sums: dict[str, Tensor] = {}
     handles = []
     for n in names:
+
         def hook(mod: nn.Module, args: tuple[Any, ...], name: str = n) -> None:
             s = _input_sq_norms(mod, args[0])
             sums[name] = sums[name] + s if name in sums else s
+
         handles.append(modules[n].register_forward_pre_hook(hook))
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -232,8 +236,15 @@ def _baseline_sparsity(masks: Mapping[str, Tensor]) -> float:
     return 1.0 - kept / sum(m.numel() for m in masks.values())
 
 
-def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str, setup: Setup, sparsity: float | None,
-                      pattern: Pattern | None, train_loader: Any, retrain_steps: int) -> dict[str, Any]:
+def run_prune_retrain(
+    make_module: Callable[[], pl.LightningModule],
+    method: str,
+    setup: Setup,
+    sparsity: float | None,
+    pattern: Pattern | None,
+    train_loader: Any,
+    retrain_steps: int,
+) -> dict[str, Any]:
     """One method at one sparsity: prune at the start of a ``Trainer.fit``, evaluate (one-shot), retrain
     ``retrain_steps`` steps with the masks held, evaluate again. Returns metrics, zeros and checks."""
     module = make_module()
@@ -255,9 +266,13 @@ def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str
         mask_fn = setup.baseline_mask_fn
         pruner = BaselinePruning(lambda m: mask_fn(m, method, sparsity, pattern), bn_batches=setup.bn_batches)
     probe = Probe(setup.evaluate, setup.names)
-    trainer = quiet_trainer(max_steps=retrain_steps, max_epochs=1, limit_train_batches=retrain_steps,
-                            callbacks=[pruner, probe],  # hooks run in list order: the probe sees the pruned model
-                            limit_val_batches=0)
+    trainer = quiet_trainer(
+        max_steps=retrain_steps,
+        max_epochs=1,
+        limit_train_batches=retrain_steps,
+        callbacks=[pruner, probe],  # hooks run in list order: the probe sees the pruned model
+        limit_val_batches=0,
+    )
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -273,9 +288,16 @@ def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str
     else:
         masks = mask_dict(pruner.masks)
         out.update(prune_seconds=pruner.seconds, report_sparsity=_baseline_sparsity(masks))
-    out.update(pruned_layers=sorted(masks), oneshot=probe.oneshot, oneshot_zeros=probe.oneshot_zeros,
-               retrained=retrained, retrained_zeros=zero_fraction(module, masks), masks_held=masks_held(module, masks),
-               retrain_steps=retrain_steps, fit_seconds=t_fit)
+    out.update(
+        pruned_layers=sorted(masks),
+        oneshot=probe.oneshot,
+        oneshot_zeros=probe.oneshot_zeros,
+        retrained=retrained,
+        retrained_zeros=zero_fraction(module, masks),
+        masks_held=masks_held(module, masks),
+        retrain_steps=retrain_steps,
+        fit_seconds=t_fit,
+    )
     out["module"] = module  # removed by the caller before writing JSON
     return out
 
@@ -285,8 +307,13 @@ def strip_modules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "module"} for r in rows]
 
 
-def oneshot_point(make_module: Callable[[], pl.LightningModule], method: str, setup: Setup, sparsity: float | None,
-                  pattern: Pattern | None) -> dict[str, Any]:
+def oneshot_point(
+    make_module: Callable[[], pl.LightningModule],
+    method: str,
+    setup: Setup,
+    sparsity: float | None,
+    pattern: Pattern | None,
+) -> dict[str, Any]:
     """One method at one sparsity, one-shot only (no Trainer): ``prune_model`` for the OBS methods, the baseline
     masks (plus the same BatchNorm re-estimation) otherwise."""
     module = make_module()
@@ -317,7 +344,12 @@ def oneshot_point(make_module: Callable[[], pl.LightningModule], method: str, se
                 recalibrate_batchnorm(module, list(setup.bn_batches), lambda b: module(b))
             out["report_sparsity"] = _baseline_sparsity(masks)
     out["prune_seconds"] = time.perf_counter() - t0
-    out.update(pruned_layers=sorted(masks), oneshot=setup.evaluate(module), oneshot_zeros=zero_fraction(module, masks),
-               masks_held=masks_held(module, masks), retrained=None)
+    out.update(
+        pruned_layers=sorted(masks),
+        oneshot=setup.evaluate(module),
+        oneshot_zeros=zero_fraction(module, masks),
+        masks_held=masks_held(module, masks),
+        retrained=None,
+    )
     out["module"] = module
     return out

@@ -33,8 +33,10 @@ def accuracy_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def perplexity_table(rows: Sequence[dict[str, Any]], bpb_digits: int = 3) -> list[str]:
     """Markdown lines: methods x (50%, 2:4), test perplexity (bits/byte), one-shot and retrained, and prune seconds."""
-    lines = ["| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells, secs = [], []
         for pat in (None, "2:4"):

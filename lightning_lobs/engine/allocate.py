@@ -29,7 +29,12 @@ Progress = Callable[[str, float], None]
 
 
 def allocate(
-    ctx: RunContext, plan: Plan, order: Sequence[str], owners: Mapping[str, int], hessian_of: HessianOf, keep_traces: bool
+    ctx: RunContext,
+    plan: Plan,
+    order: Sequence[str],
+    owners: Mapping[str, int],
+    hessian_of: HessianOf,
+    keep_traces: bool,
 ) -> tuple[Plan, dict[str, GreedyTrace]]:
     """The plan with the global allocation's targets (unchanged without one), and the ``exact`` traces kept.
 
@@ -85,7 +90,9 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
     ranges: dict[str, tuple[int, list]] = {}
     for n in order:
         layer = plan.layers[n]
-        priors[n] = None if layer.prior is None else layer.prior.reshape(layer.rows, layer.weight_cols).to(torch.bool).cpu()
+        priors[n] = (
+            None if layer.prior is None else layer.prior.reshape(layer.rows, layer.weight_cols).to(torch.bool).cpu()
+        )
         ranges[n] = removal_levels(layer.rows, layer.weight_cols, priors[n], min_kept, config)
     values: dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at the levels
     for n in order:
@@ -102,7 +109,9 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
                 if traces is not None and trace is not None:
                     traces[n] = trace
             else:
-                values[n] = torch.zeros((len(ranges[n][1]),) if curve else (layer.rows, layer.weight_cols), dtype=torch.float64)
+                values[n] = torch.zeros(
+                    (len(ranges[n][1]),) if curve else (layer.rows, layer.weight_cols), dtype=torch.float64
+                )
         progress(n, 1.0)
     values = broadcast_costs(values, owners, ctx.rank, ctx.device)
     costs = {
@@ -160,7 +169,9 @@ def layer_costs(  # noqa: PLR0913 - one layer's inputs to the three cost kinds
     trace = None
     if layer.method == "exact":
         w = weight.to(solver.dtype)
-        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior, tick=tick)
+        trace = greedy_trace(
+            w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior, tick=tick
+        )
         scores = trace.removal_costs()
     else:
         scores = obs_scores(weight, H, bias=bias, solver=solver)

@@ -35,8 +35,13 @@ def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = 
     progress = ctx.progress if report else PhaseProgress(None)
     progress.begin("calibrate", {str(i): 1.0 for i in range(len(ctx.batches))})
     hessians, positions, order, missing = collect_hessians(
-        ctx.model, ctx.batches, {n: plan.layers[n].module for n in names}, ctx.options.calibration,
-        ctx.run_batch, ctx.rank, progress,
+        ctx.model,
+        ctx.batches,
+        {n: plan.layers[n].module for n in names},
+        ctx.options.calibration,
+        ctx.run_batch,
+        ctx.rank,
+        progress,
     )
     plan = drop_uncalled(plan, missing)
     normalised: dict[str, Tensor] = {}

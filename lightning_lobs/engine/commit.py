@@ -56,9 +56,7 @@ class Transaction:
     def __enter__(self) -> Transaction:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if error is not None:  # the exception then propagates
             self.restore()
 
@@ -101,7 +99,8 @@ class _MaskSetState:
             tensors = [weight.grad] if weight.grad is not None and weight.grad.layout == torch.strided else []
             for opt in self.masks._optimizers:
                 tensors += [
-                    v for v in (opt.state.get(weight) or {}).values()
+                    v
+                    for v in (opt.state.get(weight) or {}).values()
                     if isinstance(v, Tensor) and v.layout == torch.strided and v.shape == weight.shape
                 ]
             for t in tensors:
@@ -124,7 +123,9 @@ class _MaskSetState:
 
 def param_state(modules: Mapping[str, nn.Module]) -> ParamState:
     """Copies of each module's weight and bias, for :func:`load_params`."""
-    return {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()}
+    return {
+        n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()
+    }
 
 
 def load_params(modules: Mapping[str, nn.Module], state: Mapping[str, tuple[Tensor, Tensor | None]]) -> None:

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from ..layers import is_prunable
 
-__all__ = ["HEAD_REASON", "default_forward", "eval_no_grad", "is_empty_batch", "model_device", "move_batch", "output_heads"]
+__all__ = [
+    "HEAD_REASON",
+    "default_forward",
+    "eval_no_grad",
+    "is_empty_batch",
+    "model_device",
+    "move_batch",
+    "output_heads",
+]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
 
@@ -37,7 +45,9 @@ def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any] 
         return None
     kinds = inspect.Parameter
     named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
-    required = {p.name for p in params if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+    required = {
+        p.name for p in params if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+    }
     if not required <= set(batch):
         return None
     passed = {k: v for k, v in batch.items() if k in named}
@@ -90,7 +100,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
             "e.g. forward_fn=lambda model, batch: model(batch['input_ids'], attention_mask=batch['attention_mask'])"
         )
         raise
-
 
 
 def _tensors(batch: Any) -> Iterator[Tensor]:
@@ -209,4 +218,3 @@ def output_heads(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
         if out is not None and any(out is t for t in returned):
             heads.setdefault(n, "its output is the model's output")
     return {n: HEAD_REASON.format(how=how) for n, how in heads.items()}
-

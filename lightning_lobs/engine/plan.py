@@ -19,7 +19,14 @@ from .context import RunContext
 from .forward import eval_no_grad, output_heads
 from .records import LayerPlan, Plan
 
-__all__ = ["AUTO_EXACT_MAX_COST", "EXACT_COST_PER_SECOND", "EXACT_WARN_SECONDS", "make_plan", "resolve_method", "plan_cost"]
+__all__ = [
+    "AUTO_EXACT_MAX_COST",
+    "EXACT_COST_PER_SECOND",
+    "EXACT_WARN_SECONDS",
+    "make_plan",
+    "resolve_method",
+    "plan_cost",
+]
 
 #: ``auto`` uses ``exact`` where rows * d^3 is at most this (a few seconds on 2 CPU cores), else ``fast``.
 AUTO_EXACT_MAX_COST = 1e12
@@ -77,7 +84,9 @@ def make_plan(ctx: RunContext) -> Plan:
             + "; give a dataloader with samples (and calibration_batches >= 1)."
         )
     if ctx.empty_batches:
-        warnings.warn(f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4
+        )
     heads: dict[str, str] = {}
     if not opts.prune_head:
         with eval_no_grad(ctx.model):
@@ -93,7 +102,8 @@ def make_plan(ctx: RunContext) -> Plan:
             priors.masks[n] = prior
     check_prior_masks(priors, {n: modules[n] for n in selection.targets}, selection.targets, opts)
     layers = {
-        n: layer_plan(n, modules[n], target, opts.method, ctx.nm, priors.get(n)) for n, target in selection.targets.items()
+        n: layer_plan(n, modules[n], target, opts.method, ctx.nm, priors.get(n))
+        for n, target in selection.targets.items()
     }
     warn_cost(opts.method, layers)
     check_memory(ctx, layers)
@@ -134,7 +144,13 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
     calibration, solver = ctx.options.calibration, ctx.solver
     estimates = {
         n: layer_memory(
-            n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes, solver.refit is not False
+            n,
+            l.module,
+            l.method,
+            calibration.hessian_dtype,
+            solver.dtype,
+            solver.max_memory_bytes,
+            solver.refit is not False,
         )
         for n, l in layers.items()
     }
@@ -145,5 +161,3 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
 def dense_modules(plan: Plan) -> dict[str, nn.Module]:
     """The planned layers' modules (an attention projection's stand-in too), by name."""
     return {n: l.module for n, l in plan.layers.items()}
-
-

@@ -227,4 +227,3 @@ class PruneReport:
         if self.empty_batches:
             lines.append(f"{self.empty_batches} empty calibration batch(es) left out")
         return "\n".join(lines)
-

@@ -51,16 +51,26 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
     for n in order:
         weight = layers[n].module.weight.detach()
         if bool((weight[~solved.solutions[n].mask.to(weight.device)] != 0).any()):  # the model must hold the masks
-            raise AssertionError(f"layer '{n}': pruned positions are not zero after the commit; please report this bug.")
+            raise AssertionError(
+                f"layer '{n}': pruned positions are not zero after the commit; please report this bug."
+            )
         errors[n] = solved.solutions[n].error * solved.scales.get(n, 1.0)
         if solved.solutions[n].damp > ctx.solver.damp:
-            log.warning("layer %s needed relative damping %.3g (asked %.3g)", n, solved.solutions[n].damp, ctx.solver.damp)
+            log.warning(
+                "layer %s needed relative damping %.3g (asked %.3g)", n, solved.solutions[n].damp, ctx.solver.damp
+            )
     d_terms = {n: math.sqrt(max(0.0, 2.0 * errors[n] * solved.positions[n])) for n in order}
     modules = {n: layers[n].module for n in order}
     with eval_no_grad(ctx.model), _attention.feeding(ctx.model, modules):
         outputs, out_err, model_err, example = measure(
-            ctx.model, ctx.batches, modules, {n: tx.params[n] for n in order}, tx.batchnorm,
-            ctx.run_batch, ctx.rank, lambda f: ctx.progress.advance("measure", f),
+            ctx.model,
+            ctx.batches,
+            modules,
+            {n: tx.params[n] for n in order},
+            tx.batchnorm,
+            ctx.run_batch,
+            ctx.rank,
+            lambda f: ctx.progress.advance("measure", f),
         )
         dense = {n: layers[n].dense for n in order} if ctx.options.sequential else None
         fro, spec, note, norms = bound(ctx.model, modules, d_terms, example, bn_recalibrated, dense)
@@ -183,7 +193,9 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     pruned_state = param_state(modules)
     bn_pruned = batchnorm_state(model)
     compare = _Comparison(order)
-    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order]
+    handles = [
+        modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order
+    ]
     inputs: list[Any] = []
 
     def keep_first_input(mod: nn.Module, args: tuple) -> None:

@@ -27,7 +27,11 @@ def begin_solve(ctx: RunContext, plan: Plan, order: Sequence[str], traces: Mappi
 
 
 def solve_all(
-    ctx: RunContext, plan: Plan, order: Sequence[str], owners: Mapping[str, int], hessians: Mapping[str, Tensor],
+    ctx: RunContext,
+    plan: Plan,
+    order: Sequence[str],
+    owners: Mapping[str, int],
+    hessians: Mapping[str, Tensor],
     traces: dict[str, GreedyTrace],
 ) -> dict[str, Solution]:
     """Every layer's solution on every rank: this rank's share solved, then every share broadcast from its owner.
@@ -49,13 +53,13 @@ def solve_all(
 
 
 # ---- THE RANK LOOP's body: the one place that decides who solves a layer.
-def solve_owned(
-    ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: GreedyTrace | None, owner: int
-) -> Solution:
+def solve_owned(ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: GreedyTrace | None, owner: int) -> Solution:
     """The layer's solution on its owner rank; elsewhere a placeholder of the right shapes that
     :func:`~lightning_lobs.engine.collective.share_solution` fills in from the owner."""
     if owner != ctx.rank.rank:
-        return Solution(torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0)
+        return Solution(
+            torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0
+        )
     n = layer.name
     tick = lambda f: ctx.progress.advance(n, min(f, 1.0 - 1e-9), n)  # noqa: E731
     solved = solve_one(layer, hessian, ctx.nm, ctx.solver, trace, tick)
@@ -90,8 +94,16 @@ def solve_one(
             prior = prior[:, perm]
         trace = None  # traces are computed on the unpermuted columns
     res = solve_layer(
-        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, solver=solver, prior_mask=prior,
-        trace=trace, tick=tick,
+        weight,
+        H,
+        None if nm else layer.target,
+        layer.method,
+        bias=bias,
+        pattern=nm,
+        solver=solver,
+        prior_mask=prior,
+        trace=trace,
+        tick=tick,
     )
     new_w, mask2 = res.weight, res.mask
     if perm is not None:

@@ -118,6 +118,7 @@ __all__ = [
     "parse_pattern",
 ]
 
+
 def __getattr__(name: str) -> Any:
     # allocate_global pools costs across layers: allocation (a level above), not a solver. The old path works one
     # version; the module is looked up by name at call time because it is a link of the deprecated alias only,
