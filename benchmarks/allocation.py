@@ -1,4 +1,4 @@
-"""Issue 13: the global allocation for `fast`/`lobs` layers, measured error curves vs one-pass costs.
+"""The global allocation for `fast`/`lobs` layers, measured error curves vs one-pass costs.
 
     python benchmarks/allocation.py --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_lenet300.json
     python benchmarks/allocation.py --net resnet --width 8 --sparsity 0.8 --calibration 1024 --train-images 20000 \

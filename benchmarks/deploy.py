@@ -1,4 +1,4 @@
-"""Deploy benchmark: file size and inference speed of dense vs pruned models (issue 10).
+"""Deploy benchmark: file size and inference speed of dense vs pruned models.
 
     python benchmarks/deploy.py                    # everything, ~10 min on 2 CPU cores
     python benchmarks/deploy.py --threads 1 2 --out benchmarks/results/deploy

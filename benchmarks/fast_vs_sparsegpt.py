@@ -1,4 +1,4 @@
-"""Issue 11: the library's ``fast`` against a plain SparseGPT sweep on the same layer: time and layer error.
+"""The library's ``fast`` against a plain SparseGPT sweep on the same layer: time and layer error.
 
     OMP_NUM_THREADS=1 python benchmarks/fast_vs_sparsegpt.py --data-dir ../shared/data/mnist \
         --out benchmarks/results/fast_vs_sparsegpt.json

@@ -1,4 +1,4 @@
-"""Issue 11: the L-OBS paper's MNIST experiment (LeNet-300-100 at 7%, LeNet-5 at 8% kept) against its baselines.
+"""The L-OBS paper's MNIST experiment (LeNet-300-100 at 7%, LeNet-5 at 8% kept) against its baselines.
 
     python benchmarks/paper_mnist.py --quick                                   # smoke run, minutes
     python benchmarks/paper_mnist.py --data-dir ../shared/data/mnist --nets lenet300 --seeds 0

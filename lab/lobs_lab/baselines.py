@@ -1,4 +1,4 @@
-"""Baseline pruning rules the L-OBS paper (and issue 11) compares against, as small pure tensor functions.
+"""Baseline pruning rules the L-OBS paper compares against, as small pure tensor functions.
 
 Not part of the library: ``benchmarks/paper_mnist.py`` and the deep examples run them, ``tests/test_baselines.py``
 checks them.
