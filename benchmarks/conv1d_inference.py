@@ -19,7 +19,9 @@ def main() -> None:
         m = torch.nn.Sequential(layer)
         for b in (1, 256):
             p = plan_sparse_inference(m, batch_size=b, repeats=20, warmup=3)["0"]
-            print(f"sparsity {sp} batch {b}: dense {p.dense_ms:.3f} ms, csr {p.sparse_ms['csr']:.3f} ms -> {p.kernel} ({p.reason})")
+            print(
+                f"sparsity {sp} batch {b}: dense {p.dense_ms:.3f} ms, csr {p.sparse_ms['csr']:.3f} ms -> {p.kernel} ({p.reason})"
+            )
 
 
 if __name__ == "__main__":

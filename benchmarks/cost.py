@@ -21,14 +21,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from lightning_lobs import prune_model
-from lightning_lobs.hessian import HessianCollector, is_supported
-from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS
 from lobs_lab.harness import gemm_gflops
 from lobs_lab.mnist import load_mnist, mnist_dataloaders
 from lobs_lab.models import lenet5, lenet300_100
+from torch import nn
+
+from lightning_lobs import prune_model
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import is_prunable
+from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> float:
@@ -64,7 +65,7 @@ def nominal_flops(method: str, rows: int, d: int, kept: float) -> float:
 
 
 def time_forward(model: nn.Module, batches, hessians: bool) -> float:
-    modules = {n: m for n, m in model.named_modules() if is_supported(m)}
+    modules = {n: m for n, m in model.named_modules() if is_prunable(m)}
     t0 = time.perf_counter()
     with torch.no_grad():
         if hessians:
@@ -148,9 +149,12 @@ def main() -> None:
                 "solve_over_dense_epoch": report.solve_seconds / epoch_s,
                 "layers": layers,
             }
-            print(f"{net_name:9s} {method:6s} calib {report.calibration_seconds:6.2f}s solve {report.solve_seconds:6.2f}s "
-                  f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM fp32 {gemm:.0f} fp64 {gemm64:.0f}) "
-                  f"dense epoch {epoch_s:.2f}s", flush=True)
+            print(
+                f"{net_name:9s} {method:6s} calib {report.calibration_seconds:6.2f}s solve {report.solve_seconds:6.2f}s "
+                f"({flops / max(report.solve_seconds, 1e-9) / 1e9:6.1f} GFLOP/s nominal, GEMM fp32 {gemm:.0f} fp64 {gemm64:.0f}) "
+                f"dense epoch {epoch_s:.2f}s",
+                flush=True,
+            )
         results["nets"][net_name] = entry
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["machine"]["gemm_gflops_fp32_2048_end"] = gemm_gflops()

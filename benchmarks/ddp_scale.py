@@ -59,8 +59,14 @@ def main(argv=None) -> None:
         def on_train_epoch_start(self, trainer, pl_module):  # listed before LOBSPruning, so it runs first
             threads[trainer.global_rank] = torch.get_num_threads()
 
-    cb = LOBSPruning(sparsity=args.sparsity, prune_epoch=0, method=args.method,
-                     calibration_batches=args.cal_batches_total // args.devices, log_table=False, prune_head=True)
+    cb = LOBSPruning(
+        sparsity=args.sparsity,
+        prune_epoch=0,
+        method=args.method,
+        calibration_batches=args.cal_batches_total // args.devices,
+        log_table=False,
+        prune_head=True,
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -80,29 +86,43 @@ def main(argv=None) -> None:
     fit_seconds = time.perf_counter() - t0
     rep = cb.last_report
     if trainer.global_rank == 0:
-        write_json(args.out, {
-            "command": "python benchmarks/ddp_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": machine_info(),
-            "devices": args.devices,
-            "strategy": type(trainer.strategy).__name__,
-            "world_size": trainer.world_size,
-            "torch_threads_rank0_at_epoch_start": threads.get(0),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "model": f"MLP 784-{h}-{h}-10",
-            "method": args.method,
-            "sparsity": args.sparsity,
-            "calibration": f"{args.cal_batches_total} batches of {args.batch} in total ({args.cal_batches_total // args.devices} per rank)",
-            "calibration_seconds": rep.calibration_seconds,
-            "solve_seconds": rep.solve_seconds,
-            "layers": {n: {"method": r.method, "shape": list(r.shape), "seconds": r.seconds, "layer_error": r.layer_error,
-                           "sparsity": r.sparsity} for n, r in rep.layers.items()},
-            "fit_seconds": fit_seconds,
-            "script_seconds": time.perf_counter() - t_script,
-            "load": [load0, loadavg()],
-            "peak_rss_gib_rank0": peak_rss_gib(),
-        })
-        print(f"devices={args.devices}: calibration {rep.calibration_seconds:.2f}s solve {rep.solve_seconds:.2f}s "
-              f"threads(rank0)={threads.get(0)} load {loadavg()}", flush=True)
+        write_json(
+            args.out,
+            {
+                "command": "python benchmarks/ddp_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "machine": machine_info(),
+                "devices": args.devices,
+                "strategy": type(trainer.strategy).__name__,
+                "world_size": trainer.world_size,
+                "torch_threads_rank0_at_epoch_start": threads.get(0),
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                "model": f"MLP 784-{h}-{h}-10",
+                "method": args.method,
+                "sparsity": args.sparsity,
+                "calibration": f"{args.cal_batches_total} batches of {args.batch} in total ({args.cal_batches_total // args.devices} per rank)",
+                "calibration_seconds": rep.calibration_seconds,
+                "solve_seconds": rep.solve_seconds,
+                "layers": {
+                    n: {
+                        "method": r.method,
+                        "shape": list(r.shape),
+                        "seconds": r.seconds,
+                        "layer_error": r.layer_error,
+                        "sparsity": r.sparsity,
+                    }
+                    for n, r in rep.layers.items()
+                },
+                "fit_seconds": fit_seconds,
+                "script_seconds": time.perf_counter() - t_script,
+                "load": [load0, loadavg()],
+                "peak_rss_gib_rank0": peak_rss_gib(),
+            },
+        )
+        print(
+            f"devices={args.devices}: calibration {rep.calibration_seconds:.2f}s solve {rep.solve_seconds:.2f}s "
+            f"threads(rank0)={threads.get(0)} load {loadavg()}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from typing import Any, Dict, List
+from typing import Any
 
 from lobs_lab.tables import accuracy_table, method_key, perplexity_table
 
 
-def resnet(res: Dict[str, Any]) -> str:
+def resnet(res: dict[str, Any]) -> str:
     rows = res["rows"]
     cols = list(dict.fromkeys(method_key(r) for r in rows))
     out = [
@@ -25,8 +25,13 @@ def resnet(res: Dict[str, Any]) -> str:
         "",
         *accuracy_table(rows),
     ]
-    out += ["", "Measured RMS output error of the logits (pruned vs dense, calibration batches) and the bound's note:", "",
-            "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    out += [
+        "",
+        "Measured RMS output error of the logits (pruned vs dense, calibration batches) and the bound's note:",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     notes = set()
     for m in dict.fromkeys(r["method"] for r in rows if "output_error" in r):
         cells = []
@@ -40,7 +45,7 @@ def resnet(res: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def gpt2(res: Dict[str, Any]) -> str:
+def gpt2(res: dict[str, Any]) -> str:
     rows = res["rows"]
     d = res["dense_test"]
     out = [
@@ -56,11 +61,17 @@ def gpt2(res: Dict[str, Any]) -> str:
         fa = next((r for r in rows if r["method"] == "fast" and r["pattern"] == pat), None)
         lo = next((r for r in rows if r["method"] == "lobs" and r["pattern"] == pat), None)
         if ex and fa:
-            ratios = [fa["layer_error"][n] / ex["layer_error"][n] for n in ex["layer_error"] if ex["layer_error"][n] > 0]
-            line = (f"{pat or '50%'}: layer error fast/exact per layer: median {statistics.median(ratios):.3f}, "
-                    f"min {min(ratios):.3f}, max {max(ratios):.3f}; summed {sum(fa['layer_error'].values()) / sum(ex['layer_error'].values()):.3f}")
+            ratios = [
+                fa["layer_error"][n] / ex["layer_error"][n] for n in ex["layer_error"] if ex["layer_error"][n] > 0
+            ]
+            line = (
+                f"{pat or '50%'}: layer error fast/exact per layer: median {statistics.median(ratios):.3f}, "
+                f"min {min(ratios):.3f}, max {max(ratios):.3f}; summed {sum(fa['layer_error'].values()) / sum(ex['layer_error'].values()):.3f}"
+            )
             if lo:
-                lr = [lo["layer_error"][n] / ex["layer_error"][n] for n in ex["layer_error"] if ex["layer_error"][n] > 0]
+                lr = [
+                    lo["layer_error"][n] / ex["layer_error"][n] for n in ex["layer_error"] if ex["layer_error"][n] > 0
+                ]
                 line += f"; lobs/exact median {statistics.median(lr):.3f}"
             out += ["", line]
     if res.get("memory"):
@@ -70,14 +81,16 @@ def gpt2(res: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
     for path in argv:
         res = json.load(open(path))
         print(f"### {res['name']} ({path})\n")
         print(resnet(res) if "dense_acc" in res else gpt2(res))
         m = res["machine"]
-        print(f"\nmachine: {m['cpu_model']}, {m['cpu_count']} CPUs, load average at the end {', '.join(f'{x:.2f}' for x in m['loadavg'])}, "
-              f"torch threads {m['torch_threads']}, Python {m['python']}, torch {m['torch']}, total {res['total_s']:.0f} s\n")
+        print(
+            f"\nmachine: {m['cpu_model']}, {m['cpu_count']} CPUs, load average at the end {', '.join(f'{x:.2f}' for x in m['loadavg'])}, "
+            f"torch threads {m['torch_threads']}, Python {m['python']}, torch {m['torch']}, total {res['total_s']:.0f} s\n"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Deploy benchmark: file size and inference speed of dense vs pruned models (issue 10).
+"""Deploy benchmark: file size and inference speed of dense vs pruned models.
 
     python benchmarks/deploy.py                    # everything, ~10 min on 2 CPU cores
     python benchmarks/deploy.py --threads 1 2 --out benchmarks/results/deploy
@@ -33,18 +33,19 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import torch
-from torch import nn
-
-from lightning_lobs import MaskSet, load_sparse, prune_model, save_sparse, to_sparse_inference
-from lightning_lobs.export import CSRLinear, plan_sparse_inference
 from lobs_lab.harness import loadavg, machine_info, train_epochs, write_json
 from lobs_lab.metrics import tensor_accuracy
 from lobs_lab.mnist import load_mnist
 from lobs_lab.models import lenet5, lenet300_100
+from torch import nn
+
+from lightning_lobs import MaskSet, load_sparse, prune_model, save_sparse, to_sparse_inference
+from lightning_lobs.export import CSRLinear, plan_sparse_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,14 +59,14 @@ def torch_save_bytes(model: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> Dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each fn; the fns take turns call by call, so load from other processes
     hits all of them alike."""
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
-        times: Dict[str, List[float]] = {k: [] for k in fns}
+        times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):
             for key, fn in fns.items():
                 t0 = time.perf_counter()
@@ -74,8 +75,9 @@ def interleaved_medians(fns: Dict[str, Callable[[], Any]], repeats: int, warmup:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extra: Dict[str, Any],
-             repeats: int = 5) -> Dict[str, Any]:
+def file_row(
+    name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extra: dict[str, Any], repeats: int = 5
+) -> dict[str, Any]:
     path = tmp / f"{name}.lobs"
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -107,9 +109,18 @@ def file_row(name: str, model: nn.Module, masks: MaskSet | None, tmp: Path, extr
         **extra,
     }
     assert row["torch_save_bytes"] == info.dense_bytes
-    log.info("%-28s CR %6.2f%%  torch.save %9d B  sparse %8d B  ratio %.3f  exact=%s  save %.1f ms  load %.1f ms  %s",
-             name, 100 * info.cr, row["torch_save_bytes"], info.file_bytes, info.file_ratio, exact, row["save_ms"],
-             row["load_ms"], extra)
+    log.info(
+        "%-28s CR %6.2f%%  torch.save %9d B  sparse %8d B  ratio %.3f  exact=%s  save %.1f ms  load %.1f ms  %s",
+        name,
+        100 * info.cr,
+        row["torch_save_bytes"],
+        info.file_bytes,
+        info.file_ratio,
+        exact,
+        row["save_ms"],
+        row["load_ms"],
+        extra,
+    )
     return row
 
 
@@ -132,8 +143,9 @@ def magnitude_linear(out_f: int, in_f: int, kind: str, seed: int = 0) -> nn.Modu
     return nn.Sequential(lin).eval()
 
 
-def speed_rows(name: str, dense: nn.Module, pruned: nn.Module, input_shape, threads: List[int], batches: List[int],
-               repeats: int) -> List[Dict[str, Any]]:
+def speed_rows(
+    name: str, dense: nn.Module, pruned: nn.Module, input_shape, threads: list[int], batches: list[int], repeats: int
+) -> list[dict[str, Any]]:
     rows = []
     for nthreads in threads:
         torch.set_num_threads(nthreads)
@@ -148,8 +160,12 @@ def speed_rows(name: str, dense: nn.Module, pruned: nn.Module, input_shape, thre
                 err_forced = float((forced(x) - ref).abs().max())
             load = loadavg()
             med = interleaved_medians(
-                {"dense": lambda: dense(x), "pruned_dense_kernels": lambda: pruned(x), "auto": lambda: auto(x),
-                 "all_csr": lambda: forced(x)},
+                {
+                    "dense": lambda: dense(x),
+                    "pruned_dense_kernels": lambda: pruned(x),
+                    "auto": lambda: auto(x),
+                    "all_csr": lambda: forced(x),
+                },
                 repeats,
             )
             row = {
@@ -159,20 +175,32 @@ def speed_rows(name: str, dense: nn.Module, pruned: nn.Module, input_shape, thre
                 "ms": {k: 1e3 * v for k, v in med.items()},
                 "samples_per_s": {k: batch / v for k, v in med.items()},
                 "speedup_vs_dense": {k: med["dense"] / v for k, v in med.items()},
-                "auto_plan": {n: {"kernel": p.kernel, "reason": p.reason, "sparsity": p.sparsity} for n, p in plan.items()},
+                "auto_plan": {
+                    n: {"kernel": p.kernel, "reason": p.reason, "sparsity": p.sparsity} for n, p in plan.items()
+                },
                 "csr_layers_auto": sum(isinstance(m, CSRLinear) for m in auto.modules()),
                 "max_abs_diff_auto": err_auto,
                 "max_abs_diff_all_csr": err_forced,
                 "loadavg": load,
             }
-            log.info("%-22s thr %d B %3d  dense %.3f ms  auto %.3f ms (%.2fx, %d CSR)  all-CSR %.3f ms (%.2fx)  load %s",
-                     name, nthreads, batch, row["ms"]["dense"], row["ms"]["auto"], row["speedup_vs_dense"]["auto"],
-                     row["csr_layers_auto"], row["ms"]["all_csr"], row["speedup_vs_dense"]["all_csr"], load)
+            log.info(
+                "%-22s thr %d B %3d  dense %.3f ms  auto %.3f ms (%.2fx, %d CSR)  all-CSR %.3f ms (%.2fx)  load %s",
+                name,
+                nthreads,
+                batch,
+                row["ms"]["dense"],
+                row["ms"]["auto"],
+                row["speedup_vs_dense"]["auto"],
+                row["csr_layers_auto"],
+                row["ms"]["all_csr"],
+                row["speedup_vs_dense"]["all_csr"],
+                load,
+            )
             rows.append(row)
     return rows
 
 
-def cuda_rows(repeats: int) -> List[Dict[str, Any]]:
+def cuda_rows(repeats: int) -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         log.info("no CUDA device: GPU figures skipped")
         return []
@@ -198,14 +226,22 @@ def cuda_rows(repeats: int) -> List[Dict[str, Any]]:
                 return sorted(ts)[len(ts) // 2]
 
             d, a = timed(dense), timed(auto)
-            rows.append({"model": f"fc7 {kind} fp16 cuda", "batch": batch, "dense_ms": 1e3 * d, "auto_ms": 1e3 * a,
-                         "speedup": d / a, "plan": {n: p.kernel for n, p in plan.items()},
-                         "device": torch.cuda.get_device_name()})
+            rows.append(
+                {
+                    "model": f"fc7 {kind} fp16 cuda",
+                    "batch": batch,
+                    "dense_ms": 1e3 * d,
+                    "auto_ms": 1e3 * a,
+                    "speedup": d / a,
+                    "plan": {n: p.kernel for n, p in plan.items()},
+                    "device": torch.cuda.get_device_name(),
+                }
+            )
             log.info("%s", rows[-1])
     return rows
 
 
-def markdown(result: Dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}; load average at start {m['loadavg']}, "
@@ -237,10 +273,16 @@ def markdown(result: Dict[str, Any]) -> str:
             f"({r['speedup_vs_dense']['all_csr']:.2f}x) | {r['samples_per_s']['dense']:,.0f} / {r['samples_per_s']['auto']:,.0f} |"
         )
     if result["cuda"]:
-        lines += ["", "| CUDA | batch | dense ms | auto ms | speed-up | plan |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| CUDA | batch | dense ms | auto ms | speed-up | plan |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for r in result["cuda"]:
-            lines.append(f"| {r['model']} ({r['device']}) | {r['batch']} | {r['dense_ms']:.3f} | {r['auto_ms']:.3f} | "
-                         f"{r['speedup']:.2f}x | {r['plan']} |")
+            lines.append(
+                f"| {r['model']} ({r['device']}) | {r['batch']} | {r['dense_ms']:.3f} | {r['auto_ms']:.3f} | "
+                f"{r['speedup']:.2f}x | {r['plan']} |"
+            )
     else:
         lines += ["", "No CUDA device in this run: no GPU figures."]
     return "\n".join(lines) + "\n"
@@ -260,18 +302,21 @@ def main() -> None:
         Path(f"{out}.md").write_text(markdown(json.loads(Path(f"{out}.json").read_text())))
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(f"{out}.log", mode="w")])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        handlers=[logging.StreamHandler(), logging.FileHandler(f"{out}.log", mode="w")],
+    )
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    result: Dict[str, Any] = {"machine": machine_info(), "args": vars(args), "files": [], "speed": []}
+    result: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "files": [], "speed": []}
     log.info("machine %s", result["machine"])
 
     splits = load_mnist()
     log.info("data: %s", splits.source)
     tmp = Path(tempfile.mkdtemp(prefix="deploy-"))
-    pruned_models: Dict[str, nn.Module] = {}
-    dense_models: Dict[str, nn.Module] = {}
+    pruned_models: dict[str, nn.Module] = {}
+    dense_models: dict[str, nn.Module] = {}
     for name, make in (("LeNet-300-100", lenet300_100), ("LeNet-5", lenet5)):
         torch.manual_seed(0)
         dense = make()
@@ -279,7 +324,9 @@ def main() -> None:
         dense.eval()
         dense_models[name] = dense
         acc_dense = tensor_accuracy(dense, splits.test_x, splits.test_y)
-        result["files"].append(file_row(f"{name} dense", dense, None, tmp, {"acc_dense": acc_dense, "acc_pruned": acc_dense}))
+        result["files"].append(
+            file_row(f"{name} dense", dense, None, tmp, {"acc_dense": acc_dense, "acc_pruned": acc_dense})
+        )
         calib = [(splits.train_x[i : i + 128],) for i in range(0, 1024, 128)]
         for sparsity in (0.90, 0.93, 0.95):
             model = copy.deepcopy(dense)
@@ -288,8 +335,13 @@ def main() -> None:
             prune_s = time.perf_counter() - t0
             acc = tensor_accuracy(model, splits.test_x, splits.test_y)
             result["files"].append(
-                file_row(f"{name} L-OBS {int(100 * sparsity)}%", model, report.masks, tmp,
-                         {"acc_dense": acc_dense, "acc_pruned": acc, "prune_seconds": prune_s})
+                file_row(
+                    f"{name} L-OBS {int(100 * sparsity)}%",
+                    model,
+                    report.masks,
+                    tmp,
+                    {"acc_dense": acc_dense, "acc_pruned": acc, "prune_seconds": prune_s},
+                )
             )
             if sparsity == 0.93:
                 pruned_models[name] = model
@@ -310,7 +362,9 @@ def main() -> None:
     ]
     for name, shape in specs:
         label = f"{name} (93%)" if name.startswith("LeNet") else name
-        for row in speed_rows(name, dense_models[name], pruned_models[name], shape, args.threads, args.batches, args.repeats):
+        for row in speed_rows(
+            name, dense_models[name], pruned_models[name], shape, args.threads, args.batches, args.repeats
+        ):
             row["model"] = label
             result["speed"].append(row)
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Issue 11: the library's ``fast`` against a plain SparseGPT sweep on the same layer: time and layer error.
+"""The library's ``fast`` against a plain SparseGPT sweep on the same layer: time and layer error.
 
     OMP_NUM_THREADS=1 python benchmarks/fast_vs_sparsegpt.py --data-dir ../shared/data/mnist \
         --out benchmarks/results/fast_vs_sparsegpt.json
@@ -27,8 +27,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from lobs_lab import baselines as B
@@ -39,10 +40,10 @@ from lightning_lobs.solvers import solve_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TARGETS: List[Tuple[str, Optional[float], Optional[str]]] = [("50%", 0.5, None), ("90%", 0.9, None), ("2:4", None, "2:4")]
+TARGETS: list[tuple[str, float | None, str | None]] = [("50%", 0.5, None), ("90%", 0.9, None), ("2:4", None, "2:4")]
 
 
-def mnist_layer(data_dir: Optional[str]) -> Tuple[Tensor, Tensor]:
+def mnist_layer(data_dir: str | None) -> tuple[Tensor, Tensor]:
     """LeNet-300-100's fc1 after one epoch of Adam, and the Hessian of its inputs on 4,096 training images."""
     from lobs_lab.mnist import load_mnist
     from lobs_lab.models import lenet300_100
@@ -61,7 +62,7 @@ def mnist_layer(data_dir: Optional[str]) -> Tuple[Tensor, Tensor]:
     return first.weight.detach().double(), X.T @ X / X.shape[0]
 
 
-def synthetic_layer(rows: int, d: int, seed: int) -> Tuple[Tensor, Tensor]:
+def synthetic_layer(rows: int, d: int, seed: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     Z = torch.randn(4 * d, d, generator=g, dtype=torch.float64) * (0.97 ** torch.arange(d, dtype=torch.float64))
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
@@ -69,47 +70,64 @@ def synthetic_layer(rows: int, d: int, seed: int) -> Tuple[Tensor, Tensor]:
     return torch.randn(rows, d, generator=g, dtype=torch.float64) / d**0.5, X.T @ X / X.shape[0]
 
 
-def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
 
 
-def measure(name: str, W: Tensor, H: Tensor, repeats: int) -> List[Dict[str, Any]]:
+def measure(name: str, W: Tensor, H: Tensor, repeats: int) -> list[dict[str, Any]]:
     rows = []
     for label, sparsity, pattern in TARGETS:
         nm = (2, 4) if pattern else (0, 0)
-        runs: Dict[str, List[float]] = {"sparsegpt": [], "fast": [], "fast_norefit": []}
-        errors: Dict[str, float] = {}
+        runs: dict[str, list[float]] = {"sparsegpt": [], "fast": [], "fast_norefit": []}
+        errors: dict[str, float] = {}
         for _ in range(repeats):
             t, (V, _) = timed(lambda: B.sparsegpt_sweep(W.float(), H.float(), sparsity or 0.0, nm=nm))
             runs["sparsegpt"].append(t)
             errors["sparsegpt"] = B.layer_objective(W, V.double(), H)
             for key, refit in (("fast", None), ("fast_norefit", False)):
-                t, res = timed(lambda: solve_layer(W.float(), H.float(), sparsity, "fast", pattern=pattern,
-                                                 solver=SolverOptions(refit=refit)))
+                t, res = timed(
+                    lambda: solve_layer(
+                        W.float(), H.float(), sparsity, "fast", pattern=pattern, solver=SolverOptions(refit=refit)
+                    )
+                )
                 runs[key].append(t)
                 errors[key] = B.layer_objective(W, res.weight.double(), H)
         ratio = statistics.median(f / s for f, s in zip(runs["fast"], runs["sparsegpt"]))
         ratio_nr = statistics.median(f / s for f, s in zip(runs["fast_norefit"], runs["sparsegpt"]))
-        row = {"layer": name, "shape": list(W.shape), "target": label,
-               "seconds": {k: statistics.median(v) for k, v in runs.items()}, "all_seconds": runs,
-               "fast_over_sparsegpt": ratio, "fast_norefit_over_sparsegpt": ratio_nr, "error": errors}
-        print(f"{name:18s} {label:4s} sparsegpt {row['seconds']['sparsegpt']:.3f}s  fast {row['seconds']['fast']:.3f}s "
-              f"(x{ratio:.2f})  no refit {row['seconds']['fast_norefit']:.3f}s (x{ratio_nr:.2f})  "
-              f"dE sparsegpt {errors['sparsegpt']:.4g} fast {errors['fast']:.4g} no refit {errors['fast_norefit']:.4g}", flush=True)
+        row = {
+            "layer": name,
+            "shape": list(W.shape),
+            "target": label,
+            "seconds": {k: statistics.median(v) for k, v in runs.items()},
+            "all_seconds": runs,
+            "fast_over_sparsegpt": ratio,
+            "fast_norefit_over_sparsegpt": ratio_nr,
+            "error": errors,
+        }
+        print(
+            f"{name:18s} {label:4s} sparsegpt {row['seconds']['sparsegpt']:.3f}s  fast {row['seconds']['fast']:.3f}s "
+            f"(x{ratio:.2f})  no refit {row['seconds']['fast_norefit']:.3f}s (x{ratio_nr:.2f})  "
+            f"dE sparsegpt {errors['sparsegpt']:.4g} fast {errors['fast']:.4g} no refit {errors['fast_norefit']:.4g}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
 
-def table(results: Dict[str, Any]) -> str:
-    lines = ["| layer | target | SparseGPT s | `fast` s (ratio) | `fast`, no refit s (ratio) | dE SparseGPT | dE `fast` | dE no refit |",
-             "|---|---|---|---|---|---|---|---|"]
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| layer | target | SparseGPT s | `fast` s (ratio) | `fast`, no refit s (ratio) | dE SparseGPT | dE `fast` | dE no refit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
         s, e = r["seconds"], r["error"]
-        lines.append(f"| {r['layer']} {tuple(r['shape'])} | {r['target']} | {s['sparsegpt']:.3f} | {s['fast']:.3f} "
-                     f"({r['fast_over_sparsegpt']:.2f}x) | {s['fast_norefit']:.3f} ({r['fast_norefit_over_sparsegpt']:.2f}x) | "
-                     f"{e['sparsegpt']:.4g} | {e['fast']:.4g} | {e['fast_norefit']:.4g} |")
+        lines.append(
+            f"| {r['layer']} {tuple(r['shape'])} | {r['target']} | {s['sparsegpt']:.3f} | {s['fast']:.3f} "
+            f"({r['fast_over_sparsegpt']:.2f}x) | {s['fast_norefit']:.3f} ({r['fast_norefit_over_sparsegpt']:.2f}x) | "
+            f"{e['sparsegpt']:.4g} | {e['fast']:.4g} | {e['fast_norefit']:.4g} |"
+        )
     return "\n".join(lines)
 
 
@@ -124,9 +142,16 @@ def main() -> None:
     layers = [("lenet300.fc1", *mnist_layer(args.data_dir))]
     for name, rows, d, seed in (("attn.c_proj", 768, 768, 2), ("mlp.c_fc", 3072, 768, 3), ("mlp.c_proj", 768, 3072, 4)):
         layers.append((name, *synthetic_layer(rows, d, seed)))
-    results: Dict[str, Any] = {"command": "python benchmarks/fast_vs_sparsegpt.py " + " ".join(sys.argv[1:]), "rows": [],
-                               "machine": {"cpu": platform.processor(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                           "loadavg_start": os.getloadavg()}}
+    results: dict[str, Any] = {
+        "command": "python benchmarks/fast_vs_sparsegpt.py " + " ".join(sys.argv[1:]),
+        "rows": [],
+        "machine": {
+            "cpu": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(),
+        },
+    }
     for name, W, H in layers:
         results["rows"] += measure(name, W, H, args.repeats)
     results["machine"]["loadavg_end"] = os.getloadavg()

@@ -41,29 +41,49 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from lightning_lobs import solvers as S
-from lightning_lobs.hessian import HessianCollector, weight_matrix
-from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
 from lobs_lab.harness import Stopwatch, loadavg, machine_info, peak_rss_gib, write_json
 from lobs_lab.metrics import tensor_accuracy
 from lobs_lab.mnist import mnist_images
+from torch import Tensor, nn
+
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import weight_matrix
+from lightning_lobs.solvers import SolverOptions, layer_error, magnitude_mask, refit, solve_layer
+from lightning_lobs.solvers.core import inverse_with_damping, row_chunk, row_groups
+from lightning_lobs.solvers.exact import allocate_rows
+from lightning_lobs.solvers.trace import greedy_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 NETS = {
     # name: (input size, layers, optimizer lr)
-    "resnet18": (64, ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0", "layer3.1.conv2", "layer4.1.conv2", "fc"], 1e-3),
+    "resnet18": (
+        64,
+        [
+            "conv1",
+            "layer1.0.conv1",
+            "layer2.0.conv1",
+            "layer2.0.downsample.0",
+            "layer3.1.conv2",
+            "layer4.1.conv2",
+            "fc",
+        ],
+        1e-3,
+    ),
     "vgg16": (32, ["features.0", "features.10", "features.28", "classifier.3"], 1e-4),
 }
 QUICK_LAYERS = {"resnet18": ["conv1", "layer1.0.conv1", "fc"], "vgg16": ["features.0", "features.5"]}
 METHODS = ("lobs", "lobs-literal", "exact", "fast", "fast+refit", "magnitude", "magnitude+refit")
 #: solve_layer method and SolverOptions.refit of the OBS variants other than exact
-VARIANTS = {"lobs": ("lobs", True), "lobs-literal": ("lobs", False), "fast": ("fast", False), "fast+refit": ("fast", True)}
+VARIANTS = {
+    "lobs": ("lobs", True),
+    "lobs-literal": ("lobs", False),
+    "fast": ("fast", False),
+    "fast+refit": ("fast", True),
+}
 
 
 def build(net: str) -> nn.Module:
@@ -73,11 +93,11 @@ def build(net: str) -> nn.Module:
     return getattr(torchvision.models, net)(weights=None, num_classes=10)
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch: int, seed: int = 0) -> Dict[str, Any]:
+def train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float, batch: int, seed: int = 0) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    losses: List[float] = []
+    losses: list[float] = []
     perm = torch.randperm(len(x), generator=gen)
     pos = 0
     with Stopwatch() as sw:
@@ -125,17 +145,17 @@ class ExactTracer:
         t0 = time.perf_counter()
         self.opts, self.frozen, self.H = opts, frozen, H
         self.work = W_aug.to(opts.dtype)
-        _Hd, Hinv, self.damp, dead = S._inverse_with_damping(H, opts)
+        _Hd, Hinv, self.damp, dead = inverse_with_damping(H, opts)
         del _Hd
         rows, d = self.work.shape
         steps = d - frozen
-        gidx = S._row_groups(rows, Hinv.shape[0], self.work.device)
-        chunk = S._row_chunk(rows, d, self.work.element_size(), opts.max_memory_bytes)
+        gidx = row_groups(rows, Hinv.shape[0], self.work.device)
+        chunk = row_chunk(rows, d, self.work.element_size(), opts.max_memory_bytes)
         orders, incs = [], []
         for start in range(0, rows, chunk):
             sl = slice(start, start + chunk)
             Hrows = Hinv[gidx[sl]].contiguous()
-            o, i = S._greedy_trace(self.work[sl], Hrows, dead[gidx[sl]], steps, None, frozen, opts.lazy_steps, None)
+            o, i = greedy_rows(self.work[sl], Hrows, dead[gidx[sl]], steps, None, frozen, opts.lazy_steps, None)
             del Hrows
             orders.append(o)
             incs.append(i)
@@ -146,7 +166,7 @@ class ExactTracer:
         t0 = time.perf_counter()
         rows, d = self.work.shape
         dp = d - self.frozen
-        counts = S._allocate(self.inc, int(round(sparsity * rows * dp)))
+        counts = allocate_rows(self.inc, int(round(sparsity * rows * dp)))
         taken = torch.arange(dp).unsqueeze(0) < counts.unsqueeze(1)
         mask = torch.ones(rows, d, dtype=torch.bool)
         mask.scatter_(1, self.order, ~taken)
@@ -154,16 +174,17 @@ class ExactTracer:
         return new, mask, time.perf_counter() - t0
 
 
-def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: SolverOptions, label: str,
-             check_exact: bool, log) -> List[Dict[str, Any]]:
-    out: List[Dict[str, Any]] = []
+def evaluate(
+    W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: SolverOptions, label: str, check_exact: bool, log
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     base = layer_error(W_aug, torch.zeros_like(W_aug), H)
     weight, bias = split(W_aug, frozen)
-    tracer: Optional[ExactTracer] = None
+    tracer: ExactTracer | None = None
     for method in methods:
         for s in sparsities:
             load0 = loadavg()
-            extra: Dict[str, Any] = {}
+            extra: dict[str, Any] = {}
             if method in VARIANTS:
                 solver_method, with_refit = VARIANTS[method]
                 t0 = time.perf_counter()
@@ -185,7 +206,9 @@ def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: S
                     close = bool(torch.allclose(ref_new, new.to(ref_new.dtype), rtol=1e-4, atol=1e-6))
                     extra["matches_solve_layer"] = same_mask and close
                     if not (same_mask and close):
-                        log(f"  WARNING exact tracer differs from solve_layer at s={s} (mask equal {same_mask}, weights close {close})")
+                        log(
+                            f"  WARNING exact tracer differs from solve_layer at s={s} (mask equal {same_mask}, weights close {close})"
+                        )
             else:
                 t0 = time.perf_counter()
                 mask = magnitude_mask(W_aug, s, None, frozen)
@@ -194,14 +217,24 @@ def evaluate(W_aug: Tensor, H: Tensor, frozen: int, sparsities, methods, opts: S
                     new = refit(W_aug, H, mask, opts)
                 secs = time.perf_counter() - t0
             rel = rel_error(W_aug, new, H, base)
-            row = {"set": label, "method": method, "sparsity": s, "rel_error": rel, "seconds": secs,
-                   "achieved_sparsity": achieved(mask, frozen), "load": [load0, loadavg()], **extra}
+            row = {
+                "set": label,
+                "method": method,
+                "sparsity": s,
+                "rel_error": rel,
+                "seconds": secs,
+                "achieved_sparsity": achieved(mask, frozen),
+                "load": [load0, loadavg()],
+                **extra,
+            }
             out.append(row)
-            log(f"  [{label}] {method:<16} s={s:.2f} rel={rel:.4f} t={secs:7.2f}s sp={row['achieved_sparsity']:.4f} load={loadavg()}")
+            log(
+                f"  [{label}] {method:<16} s={s:.2f} rel={rel:.4f} t={secs:7.2f}s sp={row['achieved_sparsity']:.4f} load={loadavg()}"
+            )
     return out
 
 
-def run_net(net: str, args, log) -> Dict[str, Any]:
+def run_net(net: str, args, log) -> dict[str, Any]:
     size, layer_names, lr = NETS[net]
     if args.quick:
         layer_names = QUICK_LAYERS[net]
@@ -214,10 +247,14 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
     log(f"{net}: input 3x{size}x{size}, training {steps} steps of {args.batch} (load {loadavg()})")
     tr = train(model, tx, ty, steps, lr, args.batch)
     tr["test_accuracy_before"] = acc0
-    tr["test_accuracy_after"] = tensor_accuracy(model, vx[:200] if args.quick else vx, vy[:200] if args.quick else vy, batch=250)
+    tr["test_accuracy_after"] = tensor_accuracy(
+        model, vx[:200] if args.quick else vx, vy[:200] if args.quick else vy, batch=250
+    )
     tr["test_images"] = 200 if args.quick else len(vx)
-    log(f"{net}: trained in {tr['seconds']:.1f}s, loss {tr['loss_first10pct']:.3f} -> {tr['loss_last10pct']:.3f}, "
-        f"test acc {acc0:.3f} -> {tr['test_accuracy_after']:.3f}")
+    log(
+        f"{net}: trained in {tr['seconds']:.1f}s, loss {tr['loss_first10pct']:.3f} -> {tr['loss_last10pct']:.3f}, "
+        f"test acc {acc0:.3f} -> {tr['test_accuracy_after']:.3f}"
+    )
 
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(1)
@@ -230,8 +267,14 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
     hessians = collector.hessians()
     counts = {n: collector.accumulators[n].count for n in layer_names}
     del collector
-    cal = {"images": n_cal, "batch": args.cal_batch, "seconds": sw.seconds, "load": [sw.load_before, sw.load_after],
-           "hessian_rows": counts, "dtype": "float64"}
+    cal = {
+        "images": n_cal,
+        "batch": args.cal_batch,
+        "seconds": sw.seconds,
+        "load": [sw.load_before, sw.load_after],
+        "hessian_rows": counts,
+        "dtype": "float64",
+    }
     log(f"{net}: calibrated {len(layer_names)} layers on {n_cal} images in {sw.seconds:.1f}s")
 
     sparsities = [0.5] if args.quick else args.sparsities
@@ -246,14 +289,28 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
         cost = rows * float(D) ** 3
         ev = torch.linalg.eigvalsh(H[0])
         mean_diag = float(torch.diagonal(H[0]).mean())
-        rank = {"eig_gt_1e-6_max": int((ev > 1e-6 * ev.max()).sum()), "eig_gt_damping": int((ev > opts.damp * mean_diag).sum())}
-        entry: Dict[str, Any] = {"name": name, "kind": type(mod).__name__, "weight_shape": list(mod.weight.shape),
-                                 "rows": rows, "d": D, "bias": bool(frozen), "exact_cost_rows_d3": cost,
-                                 "hessian_rows": counts[name], "hessian_spectrum": rank, "load_start": loadavg()}
-        log(f"{net}.{name}: W {tuple(mod.weight.shape)} -> {rows} x {D} (bias col {bool(frozen)}), rows*d^3={cost:.3g}, "
+        rank = {
+            "eig_gt_1e-6_max": int((ev > 1e-6 * ev.max()).sum()),
+            "eig_gt_damping": int((ev > opts.damp * mean_diag).sum()),
+        }
+        entry: dict[str, Any] = {
+            "name": name,
+            "kind": type(mod).__name__,
+            "weight_shape": list(mod.weight.shape),
+            "rows": rows,
+            "d": D,
+            "bias": bool(frozen),
+            "exact_cost_rows_d3": cost,
+            "hessian_rows": counts[name],
+            "hessian_spectrum": rank,
+            "load_start": loadavg(),
+        }
+        log(
+            f"{net}.{name}: W {tuple(mod.weight.shape)} -> {rows} x {D} (bias col {bool(frozen)}), rows*d^3={cost:.3g}, "
             f"H from {counts[name]} rows, eigenvalues >1e-6*max: {rank['eig_gt_1e-6_max']}, "
-            f"> damping (0.01*mean diag): {rank['eig_gt_damping']}")
-        evals: List[Dict[str, Any]] = []
+            f"> damping (0.01*mean diag): {rank['eig_gt_damping']}"
+        )
+        evals: list[dict[str, Any]] = []
         check = cost <= args.check_exact_max
         if cost > args.exact_full_max:
             R = args.subset_rows_large if D >= args.large_d else args.subset_rows
@@ -263,7 +320,9 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
             entry["subset_index_first"] = idx[:8].tolist()
             log(f"  subset of {R} rows (seed 2) for all methods")
             evals += evaluate(W_aug[idx], H, frozen, sparsities, METHODS, opts, f"subset{R}", check, log)
-            full_methods = ["fast", "magnitude"] + (["lobs-literal"] if rows * float(D) ** 2 <= args.lobs_full_max else [])
+            full_methods = ["fast", "magnitude"] + (
+                ["lobs-literal"] if rows * float(D) ** 2 <= args.lobs_full_max else []
+            )
             evals += evaluate(W_aug, H, frozen, sparsities, full_methods, opts, "full", False, log)
         else:
             entry["subset_rows"] = None
@@ -271,30 +330,59 @@ def run_net(net: str, args, log) -> Dict[str, Any]:
         entry["evals"] = evals
         entry["load_end"] = loadavg()
         layers_out.append(entry)
-        args.result["nets"][net] = {"input": f"3x{size}x{size}", "data": source, "train": tr, "calibration": cal,
-                                    "layers": layers_out, "partial": True}
+        args.result["nets"][net] = {
+            "input": f"3x{size}x{size}",
+            "data": source,
+            "train": tr,
+            "calibration": cal,
+            "layers": layers_out,
+            "partial": True,
+        }
         write_json(args.out, args.result)
     return {"input": f"3x{size}x{size}", "data": source, "train": tr, "calibration": cal, "layers": layers_out}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke test: 3 training steps, 128 calibration images, 2-3 small layers, s=0.5")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 3 training steps, 128 calibration images, 2-3 small layers, s=0.5",
+    )
     p.add_argument("--nets", default="resnet18,vgg16")
     p.add_argument("--layers", default="", help="comma-separated layer names (overrides the defaults; one net only)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
-    p.add_argument("--train-steps", type=int, default=32, help="Adam steps of --batch images (32 x 64 = half an epoch of the 4,000 train digits)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=32,
+        help="Adam steps of --batch images (32 x 64 = half an epoch of the 4,000 train digits)",
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cal-images", type=int, default=2048)
     p.add_argument("--cal-batch", type=int, default=128)
-    p.add_argument("--exact-full-max", type=float, default=2e12, help="rows*d^3 above which all methods run on a row subset")
+    p.add_argument(
+        "--exact-full-max", type=float, default=2e12, help="rows*d^3 above which all methods run on a row subset"
+    )
     p.add_argument("--subset-rows", type=int, default=64)
     p.add_argument("--subset-rows-large", type=int, default=16)
     p.add_argument("--large-d", type=int, default=4000)
-    p.add_argument("--lobs-full-max", type=float, default=2e9, help="rows*d^2 up to which lobs also runs on the full layer")
-    p.add_argument("--check-exact-max", type=float, default=2e10, help="rows*d^3 up to which exact is cross-checked against solve_layer")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on this shared, oversubscribed "
-                   "2-core box 2-thread OpenMP regions stall the solvers' step loops 10-100x)")
+    p.add_argument(
+        "--lobs-full-max", type=float, default=2e9, help="rows*d^2 up to which lobs also runs on the full layer"
+    )
+    p.add_argument(
+        "--check-exact-max",
+        type=float,
+        default=2e10,
+        help="rows*d^3 up to which exact is cross-checked against solve_layer",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on this shared, oversubscribed "
+        "2-core box 2-thread OpenMP regions stall the solvers' step loops 10-100x)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -303,9 +391,12 @@ def main(argv=None) -> None:
         args.subset_rows = min(args.subset_rows, 8)
     args.out = args.out or RESULTS / ("layers_quick.json" if args.quick else "layers.json")
     t_start = time.perf_counter()
-    result: Dict[str, Any] = {"command": " ".join(["python", "benchmarks/layers.py"] + (sys.argv[1:] if argv is None else list(argv))),
-                              "machine": machine_info(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "result"},
-                              "nets": {}}
+    result: dict[str, Any] = {
+        "command": " ".join(["python", "benchmarks/layers.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "machine": machine_info(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "result"},
+        "nets": {},
+    }
     args.result = result
 
     def log(msg: str) -> None:

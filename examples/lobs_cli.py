@@ -16,7 +16,6 @@ swap in your own LightningModule/DataModule. Works with `lightning` or `pytorch_
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,15 @@ except ImportError:  # pragma: no cover - only pytorch_lightning installed
 class SyntheticData(L.LightningDataModule):
     """Gaussian inputs labelled by a fixed random linear map (learnable, so pruning has something to keep)."""
 
-    def __init__(self, n_train: int = 4096, n_val: int = 1024, dim: int = 64, classes: int = 10, batch_size: int = 128, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_train: int = 4096,
+        n_val: int = 1024,
+        dim: int = 64,
+        classes: int = 10,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         proj = torch.randn(dim, classes, generator=g)
@@ -57,10 +64,10 @@ class SyntheticData(L.LightningDataModule):
 class MLP(L.LightningModule):
     """An MLP classifier; ``hidden`` sets the layer widths."""
 
-    def __init__(self, dim: int = 64, hidden: List[int] = [256, 128], classes: int = 10, lr: float = 1e-3) -> None:  # noqa: B006 - a CLI default
+    def __init__(self, dim: int = 64, hidden: list[int] = [256, 128], classes: int = 10, lr: float = 1e-3) -> None:  # noqa: B006 - a CLI default
         super().__init__()
         self.save_hyperparameters()
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         for width in hidden:
             layers += [nn.Linear(dim, width), nn.ReLU()]
             dim = width
@@ -91,7 +98,7 @@ class MLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def main(args: Optional[List[str]] = None) -> LightningCLI:
+def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI (``args`` instead of ``sys.argv[1:]`` when given)."""
     return LightningCLI(MLP, SyntheticData, args=args, save_config_kwargs={"overwrite": True})
 

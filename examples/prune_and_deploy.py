@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lobs_lab.harness import train_epochs
@@ -24,7 +25,7 @@ from lobs_lab.models import lenet300_100
 from lightning_lobs import load_sparse, prune_model, save_sparse, to_sparse_inference
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train briefly, prune 2:4 one-shot, save, load, run sparse; print and return the accuracies and file size."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="dense training epochs")
@@ -51,10 +52,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     with torch.no_grad():
         same = torch.allclose(fast(splits.test_x[:256]), model(splits.test_x[:256]), atol=1e-5)
 
-    result = {"dense_acc": dense_acc, "pruned_acc": pruned_acc, "sparsity": weight_sparsity(model),
-              "file_bytes": os.path.getsize(args.out), "loaded_model_agrees": same}
-    print(f"dense {dense_acc:.4f} -> {args.pattern} {pruned_acc:.4f} (sparsity {result['sparsity']:.3f}); "
-          f"{args.out}: {result['file_bytes']:,} bytes; sparse inference agrees with the pruned model: {same}")
+    result = {
+        "dense_acc": dense_acc,
+        "pruned_acc": pruned_acc,
+        "sparsity": weight_sparsity(model),
+        "file_bytes": os.path.getsize(args.out),
+        "loaded_model_agrees": same,
+    }
+    print(
+        f"dense {dense_acc:.4f} -> {args.pattern} {pruned_acc:.4f} (sparsity {result['sparsity']:.3f}); "
+        f"{args.out}: {result['file_bytes']:,} bytes; sparse inference agrees with the pruned model: {same}"
+    )
     return result
 
 

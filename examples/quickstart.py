@@ -11,7 +11,7 @@ zeros through the remaining epochs. ``last_report`` says what it did.
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from lobs_lab.metrics import accuracy, weight_sparsity
@@ -21,7 +21,7 @@ from lobs_lab.models import MNISTClassifier, lenet300_100
 from lightning_lobs import LOBSPruning, PruneReport
 
 
-def main(argv: Optional[Sequence[str]] = None) -> PruneReport:
+def main(argv: Sequence[str] | None = None) -> PruneReport:
     """Train, prune at ``--prune-epoch``, retrain; print the accuracy and sparsity and return the prune's report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the Linear weights to remove")
@@ -35,15 +35,22 @@ def main(argv: Optional[Sequence[str]] = None) -> PruneReport:
     model = MNISTClassifier(lenet300_100())
 
     lobs = LOBSPruning(sparsity=args.sparsity, prune_epoch=args.prune_epoch, calibration_batches=8)  # <- 1
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[lobs],  # <- 2
-                         limit_train_batches=args.limit_train_batches, logger=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        callbacks=[lobs],  # <- 2
+        limit_train_batches=args.limit_train_batches,
+        logger=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, train_loader)  # <- 3
     report = lobs.last_report  # <- 4: per layer: method, sparsity, error; the error bound; timings
     assert report is not None, "the callback prunes at the start of --prune-epoch, which must be < --epochs"
 
     print(f"test accuracy {accuracy(model, test_loader):.4f} at sparsity {weight_sparsity(model):.4f}")
-    print(f"layers {', '.join(f'{n}: {r.sparsity:.3f}' for n, r in report.layers.items())}; "
-          f"output error {report.output_error:.3g} (bound {report.bound:.3g})")
+    print(
+        f"layers {', '.join(f'{n}: {r.sparsity:.3f}' for n, r in report.layers.items())}; "
+        f"output error {report.output_error:.3g} (bound {report.bound:.3g})"
+    )
     return report
 
 

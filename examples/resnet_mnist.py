@@ -31,7 +31,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -58,9 +59,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny net, 2,048 train / 1,000 test images, few steps")
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny net, 2,048 train / 1,000 test images, few steps"
+    )
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="the MNIST idx files (full MNIST)")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--blocks", type=int, default=3, help="basic blocks per stage (3: ResNet-20)")
@@ -76,8 +81,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "resnet_mnist"), help="writes <out>.json and <out>.png")
-    p.add_argument("--dense-cache", default=None, metavar="PT",
-                   help="save the dense weights here, or load them if this file was trained with the same settings")
+    p.add_argument(
+        "--dense-cache",
+        default=None,
+        metavar="PT",
+        help="save the dense weights here, or load them if this file was trained with the same settings",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.blocks, args.epochs = 4, 1, 1
@@ -86,7 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train the dense ResNet, compare the methods, write ``<out>.json`` and ``<out>.png``, print the table."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s")
@@ -110,25 +119,36 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     steps_per_epoch = len(train_loader)
     dense = ResNetClassifier(ResNet(args.width, args.blocks), lr=args.lr, total_steps=args.epochs * steps_per_epoch)
 
-    def train() -> Dict[str, Any]:
+    def train() -> dict[str, Any]:
         return {"dense_train_s": fit_quietly(quiet_trainer(max_epochs=args.epochs), dense, train_loader)}
 
     training_key = {k: getattr(args, k) for k in ("width", "blocks", "epochs", "batch_size", "lr", "seed", "quick")}
     training = train_or_load(args.dense_cache, {**training_key, "data": splits.source}, dense, train)
     dense_acc = accuracy(dense, test_loader)
-    log.info("dense ResNet: test accuracy %.4f after %d epochs (%.0f s)", dense_acc, args.epochs, training["dense_train_s"])
+    log.info(
+        "dense ResNet: test accuracy %.4f after %d epochs (%.0f s)", dense_acc, args.epochs, training["dense_train_s"]
+    )
     names = [n for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != "net.stem"]
     rows = compare(args, dense, names, calib, train_loader, test_loader)
     n_weights = sum(p.numel() for n, p in dense.named_parameters() if n.endswith("weight") and p.dim() > 1)
     results = {
         "name": "ResNet on MNIST",
-        "command": " ".join([os.path.basename(sys.executable), "examples/resnet_mnist.py"] + list(argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            [os.path.basename(sys.executable), "examples/resnet_mnist.py"]
+            + list(argv if argv is not None else sys.argv[1:])
+        ),
         "args": vars(args),
         "data_source": splits.source,
         "num_train": len(train_ds),
         "num_test": len(test_ds),
-        "net": {"width": args.width, "blocks": args.blocks, "depth": 6 * args.blocks + 2, "parameters": sum(p.numel() for p in dense.parameters()),
-                "weights": n_weights, "pruned_layers": names},
+        "net": {
+            "width": args.width,
+            "blocks": args.blocks,
+            "depth": 6 * args.blocks + 2,
+            "parameters": sum(p.numel() for p in dense.parameters()),
+            "weights": n_weights,
+            "pruned_layers": names,
+        },
         "dense_acc": dense_acc,
         "dense_train_s": training["dense_train_s"],
         "dense_source": training["dense_source"],
@@ -141,8 +161,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def compare(args: argparse.Namespace, dense: ResNetClassifier, names: List[str], calib: List[Tensor],
-            train_loader: DataLoader, test_loader: DataLoader) -> List[Dict[str, Any]]:
+def compare(
+    args: argparse.Namespace,
+    dense: ResNetClassifier,
+    names: list[str],
+    calib: list[Tensor],
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+) -> list[dict[str, Any]]:
     """Every method at every sparsity and 2:4, each from the dense weights: one-shot, or pruned and retrained."""
     dense_state = copy.deepcopy(dense.state_dict())
 
@@ -151,19 +177,27 @@ def compare(args: argparse.Namespace, dense: ResNetClassifier, names: List[str],
         m.load_state_dict(dense_state)
         return m
 
-    def evaluate(module: nn.Module) -> Dict[str, float]:
+    def evaluate(module: nn.Module) -> dict[str, float]:
         return {"acc": accuracy(module, test_loader)}
 
-    def mask_fn(module: nn.Module, rule: str, sparsity: Optional[float], pattern: Optional[Tuple[int, int]]) -> Dict[str, Tensor]:
+    def mask_fn(
+        module: nn.Module, rule: str, sparsity: float | None, pattern: tuple[int, int] | None
+    ) -> dict[str, Tensor]:
         norms = collect_input_norms(module, names, calib, lambda b: module(b)) if rule == "wanda" else None
         return baseline_masks(module, names, rule, sparsity, pattern, norms)
 
-    setup = Setup(names=names, evaluate=evaluate, calib_batches=calib, lobs_kwargs={"exclude": ["net.stem"]},
-                  baseline_mask_fn=mask_fn, bn_batches=calib)
+    setup = Setup(
+        names=names,
+        evaluate=evaluate,
+        calib_batches=calib,
+        lobs_kwargs={"exclude": ["net.stem"]},
+        baseline_mask_fn=mask_fn,
+        bn_batches=calib,
+    )
     retrain_at = {float(s) for s in args.retrain_at.split(",") if s}
-    specs: List[Tuple[Optional[float], Optional[Tuple[int, int]]]] = [(float(s), None) for s in args.sparsities.split(",")]
+    specs: list[tuple[float | None, tuple[int, int] | None]] = [(float(s), None) for s in args.sparsities.split(",")]
     specs.append((None, (2, 4)))
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for sparsity, pattern in specs:
         for method in [m for m in args.methods.split(",") if m]:
             if pattern is not None or sparsity in retrain_at:
@@ -171,28 +205,40 @@ def compare(args: argparse.Namespace, dense: ResNetClassifier, names: List[str],
             else:
                 row = oneshot_point(make_module, method, setup, sparsity, pattern)
             rows.append(row)
-            log.info("%-16s %-5s one-shot %.4f retrained %s zeros %.4f (%.1fs)", method, pattern and "2:4" or f"{sparsity:.2f}",
-                     row["oneshot"]["acc"], row["retrained"] and f"{row['retrained']['acc']:.4f}", row["oneshot_zeros"],
-                     row["prune_seconds"])
+            log.info(
+                "%-16s %-5s one-shot %.4f retrained %s zeros %.4f (%.1fs)",
+                method,
+                pattern and "2:4" or f"{sparsity:.2f}",
+                row["oneshot"]["acc"],
+                row["retrained"] and f"{row['retrained']['acc']:.4f}",
+                row["oneshot_zeros"],
+                row["prune_seconds"],
+            )
     return rows
 
 
-def table(results: Dict[str, Any]) -> str:
+def table(results: dict[str, Any]) -> str:
     """The dense accuracy and :func:`accuracy_table`."""
     return "\n".join([f"dense test accuracy {100 * results['dense_acc']:.2f}%", "", *accuracy_table(results["rows"])])
 
 
-def _plot(path: str, results: Dict[str, Any]) -> None:
+def _plot(path: str, results: dict[str, Any]) -> None:
     """One-shot test accuracy against the measured sparsity, one line per method."""
     with figure(path, figsize=(6.5, 4.2), dpi=110) as ax:
         for method in dict.fromkeys(r["method"] for r in results["rows"]):
-            pts = sorted((r["oneshot_zeros"], 100 * r["oneshot"]["acc"]) for r in results["rows"] if r["method"] == method and not r["pattern"])
+            pts = sorted(
+                (r["oneshot_zeros"], 100 * r["oneshot"]["acc"])
+                for r in results["rows"]
+                if r["method"] == method and not r["pattern"]
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, ms=4)
         ax.axhline(100 * results["dense_acc"], color="gray", ls="--", label="dense")
         ax.set_xlabel("sparsity of the pruned layers (one-shot)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(max(0.0, min(100 * r["oneshot"]["acc"] for r in results["rows"]) - 2), 100)
-        ax.set_title(f"ResNet-{results['net']['depth']} (width {results['net']['width']}) on MNIST, one-shot", fontsize=9)
+        ax.set_title(
+            f"ResNet-{results['net']['depth']} (width {results['net']['width']}) on MNIST, one-shot", fontsize=9
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def moved_module_getattr(old: str, new: str) -> Callable[[str], Any]:
@@ -24,5 +25,22 @@ def moved_module_getattr(old: str, new: str) -> Callable[[str], Any]:
             stacklevel=2,
         )
         return value
+
+    return __getattr__
+
+
+def moved_names_getattr(old: str, moved: Mapping[str, tuple[str, str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``old`` whose listed names moved: ``moved`` maps old name -> (module, new name)."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        module, new = moved[name]
+        warnings.warn(
+            f"{old}.{name} moved to {module}.{new}; the old path stops working in the next minor version.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), new)
 
     return __getattr__

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
-from typing import Any, Tuple
+from typing import Any
 
 
 def _find(name: str) -> bool:
@@ -27,7 +27,7 @@ def _find(name: str) -> bool:
         return False
 
 
-def _load_namespaces() -> Tuple[ModuleType, ...]:
+def _load_namespaces() -> tuple[ModuleType, ...]:
     found = []
     for name in ("lightning.pytorch", "pytorch_lightning"):  # the unified package first: most new code uses it
         if _find(name.split(".")[0]):
@@ -36,16 +36,16 @@ def _load_namespaces() -> Tuple[ModuleType, ...]:
         raise ImportError(
             "lightning-lobs needs PyTorch Lightning, in either of its packages: install one with "
             "`pip install lightning` (imported as `lightning.pytorch`) or `pip install pytorch-lightning` "
-            "(imported as `pytorch_lightning`); or `pip install \"lightning-lobs[lightning]\"` / "
-            "`pip install \"lightning-lobs[pl]\"`."
+            '(imported as `pytorch_lightning`); or `pip install "lightning-lobs[lightning]"` / '
+            '`pip install "lightning-lobs[pl]"`.'
         )
     return tuple(found)
 
 
-NAMESPACES: Tuple[ModuleType, ...] = _load_namespaces()
+NAMESPACES: tuple[ModuleType, ...] = _load_namespaces()
 """The installed Lightning namespaces: ``lightning.pytorch`` and/or ``pytorch_lightning``."""
 
-CALLBACK_BASES: Tuple[type, ...] = tuple(ns.Callback for ns in NAMESPACES)
+CALLBACK_BASES: tuple[type, ...] = tuple(ns.Callback for ns in NAMESPACES)
 """Every installed namespace's ``Callback`` class (the bases of ``LOBSPruning``)."""
 
 _primary = NAMESPACES[0]
@@ -62,7 +62,7 @@ def namespace_of(trainer: Any) -> ModuleType:
     return _primary  # a stand-in object in a unit test: the primary namespace's classes apply
 
 
-def callback_classes(name: str) -> Tuple[Any, ...]:  # Any: isinstance then leaves the Lightning fields typed Any
+def callback_classes(name: str) -> tuple[Any, ...]:  # Any: isinstance then leaves the Lightning fields typed Any
     """``<ns>.callbacks.<name>`` of every installed namespace (for ``isinstance`` across both)."""
     return tuple(getattr(ns.callbacks, name) for ns in NAMESPACES if hasattr(ns.callbacks, name))
 
@@ -84,7 +84,11 @@ def stop_reason(trainer: Any) -> str:
     if max_steps is not None and 0 <= max_steps <= trainer.global_step:
         return f"max_steps={max_steps} reached"
     for timer in trainer.callbacks:
-        if isinstance(timer, callback_classes("Timer")) and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        if (
+            isinstance(timer, callback_classes("Timer"))
+            and timer.time_remaining() is not None
+            and timer.time_remaining() <= 0
+        ):
             return "max_time reached"
     return "stopped early"
 

@@ -27,14 +27,15 @@ Floors hold in every mode: no layer beyond ``max_layer_sparsity``, and (unless
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .checks import as_real, describe
 from .config import GlobalAllocation
+from .solvers.core import RowFloor
 
 __all__ = ["LayerCosts", "allocate_global", "allocate_targets", "check_floors", "removal_levels", "split_budget"]
 
@@ -49,7 +50,7 @@ DP_RESOLUTION = 1 << 15
 
 def split_budget(
     counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], budget: int, resolution: int = DP_RESOLUTION
-) -> List[int]:
+) -> list[int]:
     """One level per layer: the smallest summed error among choices removing at least ``budget`` weights.
 
     ``counts[l][k]`` / ``errors[l][k]``: removals and error of layer ``l`` at its level ``k``.
@@ -65,7 +66,7 @@ def split_budget(
     done = int(budget) // q + 1  # the bucket of totals that reach the budget
     keys = torch.zeros(1, dtype=torch.long)
     errs = torch.zeros(1, dtype=torch.float64)
-    back: List[Tuple[Tensor, Tensor]] = []
+    back: list[tuple[Tensor, Tensor]] = []
     for c_l, e_l in zip(counts, errors):
         c = torch.as_tensor(list(c_l), dtype=torch.long)
         e = torch.as_tensor(list(e_l), dtype=torch.float64)
@@ -103,7 +104,9 @@ def split_budget(
     return chosen
 
 
-def _refine(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], budget: int) -> List[int]:
+def _refine(
+    counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], chosen: Sequence[int], budget: int
+) -> list[int]:
     """Final per-layer removals, exactly ``budget`` in all, starting from the grid split ``chosen``.
 
     Each layer's error between its measured levels is taken as linear. First the excess over
@@ -115,7 +118,7 @@ def _refine(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], 
     cur = [int(counts[l][k]) for l, k in enumerate(chosen)]
     L = len(cur)
 
-    def seg_down(l: int) -> Optional[Tuple[float, int]]:  # (slope, lowest count) of the segment below cur[l]
+    def seg_down(l: int) -> tuple[float, int] | None:  # (slope, lowest count) of the segment below cur[l]
         c = counts[l]
         k = max((i for i in range(len(c)) if c[i] < cur[l]), default=None)
         if k is None:
@@ -123,7 +126,7 @@ def _refine(counts: Sequence[Sequence[int]], errors: Sequence[Sequence[float]], 
         hi = min(i for i in range(len(c)) if c[i] >= cur[l])
         return (errors[l][hi] - errors[l][k]) / (c[hi] - c[k]), c[k]
 
-    def seg_up(l: int) -> Optional[Tuple[float, int]]:  # (slope, highest count) of the segment above cur[l]
+    def seg_up(l: int) -> tuple[float, int] | None:  # (slope, highest count) of the segment above cur[l]
         c = counts[l]
         k = min((i for i in range(len(c)) if c[i] > cur[l]), default=None)
         if k is None:
@@ -173,7 +176,7 @@ class LayerCosts:
     rows: int
     cols: int
     """Weight columns, the bias column left out."""
-    prior: Optional[Tensor]
+    prior: Tensor | None
     cap: int
     levels: Sequence[int]
     values: Tensor
@@ -190,45 +193,30 @@ def check_floors(config: GlobalAllocation, min_kept: int) -> None:
 
 
 def removal_levels(
-    rows: int, cols: int, prior: Optional[Tensor], min_kept: int, config: GlobalAllocation
-) -> Tuple[int, List[int]]:
+    rows: int, cols: int, prior: Tensor | None, min_kept: int, config: GlobalAllocation
+) -> tuple[int, list[int]]:
     """The most weights a layer may lose, and the removal counts its error curve is measured at."""
-    cap = _max_removed(rows * cols, rows, cols, min_kept, prior, config)
-    forced = 0 if prior is None else int((~prior).sum())
+    pruned = None if prior is None else ~prior
+    by_sparsity = math.floor(config.max_layer_sparsity * rows * cols + 1e-9)
+    cap = min(by_sparsity, RowFloor(min_kept).most_removable(rows, cols, pruned))
+    forced = 0 if pruned is None else int(pruned.sum())
+    cap = max(cap, forced)  # never below the layer's earlier removals
     return cap, _levels(rows * cols, forced, cap, config.sparsity_grid())
 
 
-def _keep_row_minimum(costs: Tensor, min_kept: int, prior: Optional[Tensor]) -> Tensor:
-    """``costs`` with each row's ``min_kept`` costliest not-yet-pruned weights set to +inf (they stay)."""
-    if min_kept <= 0:
-        return costs
-    c = costs.masked_fill(~prior, -math.inf) if prior is not None else costs
-    idx = c.topk(min(min_kept, c.shape[1]), dim=1).indices
-    stay = torch.zeros_like(costs, dtype=torch.bool).scatter_(1, idx, True)
-    if prior is not None:
-        stay &= prior
-    return costs.masked_fill(stay, math.inf)
+def _pin_row_minimum(costs: Tensor, min_kept: int, prior: Tensor | None) -> Tensor:
+    """``costs`` with each row's ``min_kept`` costliest weights still kept (``prior`` is a keep-mask) set to +inf."""
+    return RowFloor(min_kept).pin(costs, None if prior is None else ~prior)
 
 
-def _max_removed(n_weights: int, rows: int, d: int, min_kept: int, prior: Optional[Tensor], config: GlobalAllocation) -> int:
-    """Most weights the layer may lose: the sparsity cap and the per-row minimum (never below its prior removals)."""
-    cap = math.floor(config.max_layer_sparsity * n_weights + 1e-9)
-    per_row = torch.full((rows,), max(d - min_kept, 0), dtype=torch.long)
-    if prior is not None:
-        per_row = torch.maximum(per_row, (~prior).sum(dim=1).cpu())
-    cap = min(cap, int(per_row.sum()))
-    forced = 0 if prior is None else int((~prior).sum())
-    return max(cap, forced)
-
-
-def _levels(n_weights: int, lowest: int, highest: int, grid: Sequence[float]) -> List[int]:
+def _levels(n_weights: int, lowest: int, highest: int, grid: Sequence[float]) -> list[int]:
     """Removal counts of a layer's curve: the grid's, within [lowest, highest], plus both ends."""
     pts = {lowest, highest}
     pts.update(c for c in (int(round(g * n_weights)) for g in grid) if lowest <= c <= highest)
     return sorted(pts)
 
 
-def _cumulative_curve(costs: Tensor, levels: Sequence[int]) -> List[float]:
+def _cumulative_curve(costs: Tensor, levels: Sequence[int]) -> list[float]:
     """Sum of the cheapest ``c`` per-weight costs for every ``c`` in ``levels`` (prior removals are free)."""
     flat = costs.reshape(-1).double().clamp_min(0.0)
     finite = torch.sort(flat[torch.isfinite(flat)]).values
@@ -241,7 +229,7 @@ def _cumulative_curve(costs: Tensor, levels: Sequence[int]) -> List[float]:
 
 def allocate_targets(
     costs: Mapping[str, LayerCosts], sparsity: float, config: GlobalAllocation, min_kept: int
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Every layer's target sparsity for one overall ``sparsity`` (see the module docstring), in ``costs``' order.
 
     With per-weight costs only (``exact`` layers, or ``costs="one-pass"``) the cheapest weights are pooled
@@ -260,16 +248,16 @@ def allocate_targets(
             "min_kept_per_row, or lower the sparsity."
         )
     if not any(costs[n].curve for n in order):
-        pooled = {n: _keep_row_minimum(costs[n].values, min_kept, costs[n].prior) for n in order}
+        pooled = {n: _pin_row_minimum(costs[n].values, min_kept, costs[n].prior) for n in order}
         forced = {n: p for n in order if (p := costs[n].prior) is not None}
         return allocate_global(pooled, sparsity, forced or None, {n: costs[n].cap for n in order})
-    errors: Dict[str, List[float]] = {}
+    errors: dict[str, list[float]] = {}
     for n in order:
         c = costs[n]
         if c.curve:
             errors[n] = [float(v) for v in c.values]
         else:
-            errors[n] = _cumulative_curve(_keep_row_minimum(c.values, min_kept, c.prior), c.levels)
+            errors[n] = _cumulative_curve(_pin_row_minimum(c.values, min_kept, c.prior), c.levels)
     cnts = [list(costs[n].levels) for n in order]
     errs = [errors[n] for n in order]
     chosen = split_budget(cnts, errs, budget)
@@ -283,9 +271,9 @@ def allocate_targets(
 def allocate_global(
     costs: Mapping[str, Tensor],
     sparsity: float,
-    forced: Optional[Mapping[str, Tensor]] = None,
-    max_removed: Optional[Mapping[str, int]] = None,
-) -> Dict[str, float]:
+    forced: Mapping[str, Tensor] | None = None,
+    max_removed: Mapping[str, int] | None = None,
+) -> dict[str, float]:
     """Per-layer sparsities that remove ``sparsity`` of all weights at the smallest pooled cost.
 
     ``costs`` maps each layer to a per-weight removal cost (already comparable across

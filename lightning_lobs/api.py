@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Iterable, Iterator, List, Optional, Union
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,19 +22,24 @@ def is_one_shot(source: Any) -> bool:
     return isinstance(source, Iterator)
 
 
-def _loader_generators(dataloader: Any) -> List[torch.Generator]:
+def _loader_generators(dataloader: Any) -> list[torch.Generator]:
     """The loader's own RNGs: its ``generator`` (a DataLoader draws its workers' base seed from it) and
     its sampler's / batch sampler's (a shuffling sampler draws each epoch's order from it)."""
     batch_sampler = getattr(dataloader, "batch_sampler", None)
-    found: List[torch.Generator] = []
-    for owner in (dataloader, getattr(dataloader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+    found: list[torch.Generator] = []
+    for owner in (
+        dataloader,
+        getattr(dataloader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    ):
         gen = getattr(owner, "generator", None)
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
 
 
-def take_batches(dataloader: Iterable[Any], calibration_batches: Optional[int]) -> list:
+def take_batches(dataloader: Iterable[Any], calibration_batches: int | None) -> list:
     """The first ``calibration_batches`` batches of ``dataloader`` (all of them when None).
 
     Every RNG that shapes the training run's data order is left as it was: the global RNGs are
@@ -76,10 +82,10 @@ def prune_model(
     sparsity: Any = 0.9,
     method: str = "auto",
     *,
-    calibration_batches: Optional[int] = None,
-    masks: Optional[MaskSet] = None,
-    progress: Union[bool, ProgressFn] = False,
-    options: Optional[PruneOptions] = None,
+    calibration_batches: int | None = None,
+    masks: MaskSet | None = None,
+    progress: bool | ProgressFn = False,
+    options: PruneOptions | None = None,
     **kwargs: Any,
 ) -> PruneReport:
     """Prune ``model``'s Linear/Conv layers and attention projections in place with Optimal Brain Surgeon.

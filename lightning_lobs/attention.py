@@ -27,7 +27,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["AttentionProjection", "attention_reason", "feeding", "mask_weight_names", "projections", "to_parameter_masks"]
+__all__ = [
+    "AttentionProjection",
+    "attention_reason",
+    "feeding",
+    "mask_weight_names",
+    "projections",
+    "to_parameter_masks",
+]
 
 _BLOCKS = ("q", "k", "v")
 _FORWARD = inspect.signature(nn.MultiheadAttention.forward)
@@ -126,7 +133,11 @@ def feeding(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]
     modules = dict(model.named_modules())
     owned = {n: m for n, m in layers.items() if isinstance(m, AttentionProjection)}
     names = {m.attention for m in owned.values()}
-    names |= {n.rpartition(".")[0] for n, m in layers.items() if isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)}
+    names |= {
+        n.rpartition(".")[0]
+        for n, m in layers.items()
+        if isinstance(modules.get(n.rpartition(".")[0]), nn.MultiheadAttention)
+    }
     busy: list[bool] = [False]
 
     def make_hook(name: str, mha: nn.MultiheadAttention):

@@ -7,19 +7,20 @@ re-estimated them on training batches, and so do we (``recalibrate_bn=True``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def batchnorm_modules(model: nn.Module) -> List[_BatchNorm]:
+def batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
     """BatchNorm modules of ``model`` that keep running statistics."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
-def batchnorm_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every BatchNorm buffer (running mean/var, batch count), by qualified name."""
     out = {}
     for name, m in model.named_modules():
@@ -30,7 +31,7 @@ def batchnorm_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def load_batchnorm_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Write buffers saved by :func:`batchnorm_state` back in place."""
     buffers = dict(model.named_buffers())
     with torch.no_grad():

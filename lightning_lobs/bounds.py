@@ -64,7 +64,7 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -246,35 +246,128 @@ _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "require
 
 # Unary functions / methods with Lipschitz constant 1 (dropout: eval mode).
 _ONE_FUNCS: set[Any] = {
-    F.relu, torch.relu, torch.relu_, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, torch.tanh, F.tanh,
-    F.softsign, F.tanhshrink, F.softshrink, F.softplus, F.celu, F.logsigmoid, torch.flatten, torch.squeeze,
-    torch.unsqueeze, torch.reshape, torch.permute, torch.transpose, torch.t, torch.clone, torch.detach,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout,
-    operator.neg, operator.pos, torch.neg, torch.clamp, torch.clamp_min, torch.clamp_max, torch.clip,
+    F.relu,
+    torch.relu,
+    torch.relu_,
+    F.relu_,
+    F.relu6,
+    F.hardtanh,
+    F.hardtanh_,
+    torch.tanh,
+    F.tanh,
+    F.softsign,
+    F.tanhshrink,
+    F.softshrink,
+    F.softplus,
+    F.celu,
+    F.logsigmoid,
+    torch.flatten,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.t,
+    torch.clone,
+    torch.detach,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    operator.neg,
+    operator.pos,
+    torch.neg,
+    torch.clamp,
+    torch.clamp_min,
+    torch.clamp_max,
+    torch.clip,
 }
 _ONE_METHODS = {
-    "relu", "relu_", "tanh", "tanh_", "flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous",
-    "permute", "transpose", "t", "clone", "detach", "neg", "float", "double", "view_as", "reshape_as",
-    "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
+    "relu",
+    "relu_",
+    "tanh",
+    "tanh_",
+    "flatten",
+    "view",
+    "reshape",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "permute",
+    "transpose",
+    "t",
+    "clone",
+    "detach",
+    "neg",
+    "float",
+    "double",
+    "view_as",
+    "reshape_as",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "clamp_max",
+    "clip",
 }
 _CONST_FUNCS: dict[Any, float] = {
-    torch.sigmoid: 0.25, F.sigmoid: 0.25, F.hardsigmoid: 1.0 / 6.0, F.hardswish: 1.5,
-    F.silu: SILU_LIPSCHITZ, F.mish: MISH_LIPSCHITZ, F.selu: SELU_LIPSCHITZ, torch.selu: SELU_LIPSCHITZ,
+    torch.sigmoid: 0.25,
+    F.sigmoid: 0.25,
+    F.hardsigmoid: 1.0 / 6.0,
+    F.hardswish: 1.5,
+    F.silu: SILU_LIPSCHITZ,
+    F.mish: MISH_LIPSCHITZ,
+    F.selu: SELU_LIPSCHITZ,
+    torch.selu: SELU_LIPSCHITZ,
     F.gelu: GELU_LIPSCHITZ,
 }
 _CONST_METHODS = {"sigmoid": 0.25, "sigmoid_": 0.25}
 _ONE_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Softplus, nn.CELU,
-    nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout, nn.Flatten, nn.Unflatten, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Softplus,
+    nn.CELU,
+    nn.LogSigmoid,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
 )
 _CONST_MODULES: dict[type, float] = {
-    nn.Sigmoid: 0.25, nn.Hardsigmoid: 1.0 / 6.0, nn.Hardswish: 1.5, nn.SiLU: SILU_LIPSCHITZ,
-    nn.Mish: MISH_LIPSCHITZ, nn.SELU: SELU_LIPSCHITZ, nn.GELU: GELU_LIPSCHITZ,
+    nn.Sigmoid: 0.25,
+    nn.Hardsigmoid: 1.0 / 6.0,
+    nn.Hardswish: 1.5,
+    nn.SiLU: SILU_LIPSCHITZ,
+    nn.Mish: MISH_LIPSCHITZ,
+    nn.SELU: SELU_LIPSCHITZ,
+    nn.GELU: GELU_LIPSCHITZ,
 }
-_MAXPOOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
-                  torch.max_pool1d: 1, torch.max_pool2d: 2, torch.max_pool3d: 3}
+_MAXPOOL_FUNCS = {
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    torch.max_pool1d: 1,
+    torch.max_pool2d: 2,
+    torch.max_pool3d: 3,
+}
 _AVGPOOL_FUNCS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _ADAPTIVE_AVG_FUNCS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 _ADAPTIVE_MAX_FUNCS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
@@ -284,14 +377,39 @@ _MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
 _MUL_METHODS = {"mul", "mul_"}
 _DIV_FUNCS = {operator.truediv, operator.itruediv, torch.div}
 _DIV_METHODS = {"div", "div_"}
-_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.relu_, F.relu_,
-                  F.hardtanh_, F.leaky_relu_, F.elu_}
+_INPLACE_FUNCS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.relu_,
+    F.relu_,
+    F.hardtanh_,
+    F.leaky_relu_,
+    F.elu_,
+}
 
 
 # positional index of the ``inplace`` argument of functional ops
-_INPLACE_ARG_INDEX: dict[Any, int] = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.elu: 2, F.selu: 1, F.celu: 2,
-                      F.dropout: 3, F.dropout1d: 3, F.dropout2d: 3, F.dropout3d: 3, F.alpha_dropout: 3,
-                      F.feature_alpha_dropout: 3, F.hardswish: 1, F.hardsigmoid: 1, F.silu: 1, F.mish: 1}
+_INPLACE_ARG_INDEX: dict[Any, int] = {
+    F.relu: 1,
+    F.relu6: 1,
+    F.hardtanh: 3,
+    F.leaky_relu: 2,
+    F.elu: 2,
+    F.selu: 1,
+    F.celu: 2,
+    F.dropout: 3,
+    F.dropout1d: 3,
+    F.dropout2d: 3,
+    F.dropout3d: 3,
+    F.alpha_dropout: 3,
+    F.feature_alpha_dropout: 3,
+    F.hardswish: 1,
+    F.hardsigmoid: 1,
+    F.silu: 1,
+    F.mish: 1,
+}
 
 
 class _Unsupported(Exception):
@@ -361,8 +479,9 @@ def _max_pool_factor(n: int, kernel: Any, stride: Any, dilation: Any) -> float:
     return math.sqrt(conv_overlap(k, s, _tuple(dilation, n)))
 
 
-def _avg_pool_factor(n: int, kernel: Any, stride: Any, ceil_mode: bool, count_include_pad: bool,
-                     divisor_override: Any, padding: Any) -> float:
+def _avg_pool_factor(
+    n: int, kernel: Any, stride: Any, ceil_mode: bool, count_include_pad: bool, divisor_override: Any, padding: Any
+) -> float:
     k = _tuple(kernel, n)
     s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else _tuple(stride, n)
     count = conv_overlap(k, s)
@@ -437,8 +556,15 @@ def _module_factor(node: fx.Node, module: nn.Module) -> float:
         return _max_pool_factor(n, module.kernel_size, module.stride, module.dilation)
     if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
         n = int(type(module).__name__[-2])
-        return _avg_pool_factor(n, module.kernel_size, module.stride, module.ceil_mode, module.count_include_pad,
-                                getattr(module, "divisor_override", None), module.padding)
+        return _avg_pool_factor(
+            n,
+            module.kernel_size,
+            module.stride,
+            module.ceil_mode,
+            module.count_include_pad,
+            getattr(module, "divisor_override", None),
+            module.padding,
+        )
     if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
         n = int(type(module).__name__[-2])
         return _adaptive_factor(n, module.output_size, _input_shape(node), average=True)
@@ -509,23 +635,41 @@ def _pool_function_factor(node: fx.Node, gm: fx.GraphModule) -> float:
         n = _MAXPOOL_FUNCS[target]
         if _const(_arg(node, 6, "return_indices", False), gm, "return_indices"):
             raise _Unsupported("max pooling with return_indices")
-        return _max_pool_factor(n, _const(_arg(node, 1, "kernel_size"), gm, "kernel_size"),
-                                _const(_arg(node, 2, "stride"), gm, "stride"),
-                                _const(_arg(node, 4, "dilation", 1), gm, "dilation"))
+        return _max_pool_factor(
+            n,
+            _const(_arg(node, 1, "kernel_size"), gm, "kernel_size"),
+            _const(_arg(node, 2, "stride"), gm, "stride"),
+            _const(_arg(node, 4, "dilation", 1), gm, "dilation"),
+        )
     if target in _AVGPOOL_FUNCS:
         n = _AVGPOOL_FUNCS[target]
         get = lambda i, name, default: _const(_arg(node, i, name, default), gm, name)  # noqa: E731
         divisor = get(6, "divisor_override", None) if n > 1 else None
-        return _avg_pool_factor(n, get(1, "kernel_size", None), get(2, "stride", None), bool(get(4, "ceil_mode", False)),
-                                bool(get(5, "count_include_pad", True)), divisor, get(3, "padding", 0))
+        return _avg_pool_factor(
+            n,
+            get(1, "kernel_size", None),
+            get(2, "stride", None),
+            bool(get(4, "ceil_mode", False)),
+            bool(get(5, "count_include_pad", True)),
+            divisor,
+            get(3, "padding", 0),
+        )
     if target in _ADAPTIVE_AVG_FUNCS:
-        return _adaptive_factor(_ADAPTIVE_AVG_FUNCS[target], _const(_arg(node, 1, "output_size"), gm, "output_size"),
-                                _input_shape(node), average=True)
+        return _adaptive_factor(
+            _ADAPTIVE_AVG_FUNCS[target],
+            _const(_arg(node, 1, "output_size"), gm, "output_size"),
+            _input_shape(node),
+            average=True,
+        )
     if target in _ADAPTIVE_MAX_FUNCS:
         if _const(_arg(node, 2, "return_indices", False), gm, "return_indices"):
             raise _Unsupported("max pooling with return_indices")
-        return _adaptive_factor(_ADAPTIVE_MAX_FUNCS[target], _const(_arg(node, 1, "output_size"), gm, "output_size"),
-                                _input_shape(node), average=False)
+        return _adaptive_factor(
+            _ADAPTIVE_MAX_FUNCS[target],
+            _const(_arg(node, 1, "output_size"), gm, "output_size"),
+            _input_shape(node),
+            average=False,
+        )
     raise _Unsupported("unknown op")
 
 
@@ -533,10 +677,13 @@ def _getitem_factor(node: fx.Node, data_first: bool) -> float:
     """Plain slicing of the data tensor selects distinct elements: 1; any other indexing is unsupported."""
     index = node.args[1]
     items = index if isinstance(index, tuple) else (index,)
-    if data_first and all(isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool)
-                          for i in items):
-        if all(not isinstance(i, slice) or not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
-               for i in items):
+    if data_first and all(
+        isinstance(i, (int, slice, type(None), type(Ellipsis))) and not isinstance(i, bool) for i in items
+    ):
+        if all(
+            not isinstance(i, slice) or not any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+            for i in items
+        ):
             return 1.0  # basic indexing selects distinct elements
     raise _Unsupported("indexing other than plain slicing")
 
@@ -622,7 +769,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         params = list(inspect.signature(model.forward).parameters.values())
         for p in params[1:]:
             if p.default is not inspect.Parameter.empty and p.kind in (
-                inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.KEYWORD_ONLY,
             ):
                 concrete[p.name] = p.default
     except (TypeError, ValueError):
@@ -696,14 +844,18 @@ def _locate_pruned(
         if not (isinstance(module, nn.Linear) or is_conv(module)):
             raise _NotAChain(f"layer '{name}' is a {type(module).__name__}, not a Linear/ConvNd layer")
         target = fx_modules.get(id(module))
-        calls = [n for n in graph_nodes if n.op == "call_module" and target is not None
-                 and gm.get_submodule(n.target) is module]
+        calls = [
+            n
+            for n in graph_nodes
+            if n.op == "call_module" and target is not None and gm.get_submodule(n.target) is module
+        ]
         if not calls:
             raise _NotAChain(f"layer '{name}' is not called in the traced forward")
         if len(calls) > 1:
             raise _NotAChain(f"layer '{name}' is called {len(calls)} times")
-        if target is not None and any(n.op == "get_attr" and str(n.target).startswith(target + ".")
-                                      for n in graph_nodes):
+        if target is not None and any(
+            n.op == "get_attr" and str(n.target).startswith(target + ".") for n in graph_nodes
+        ):
             raise _NotAChain(f"the parameters of layer '{name}' are also used outside the layer")
         if kind[calls[0]] != _DATA:
             raise _NotAChain(f"layer '{name}' does not depend on the model input")
@@ -918,7 +1070,7 @@ class RMSAccumulator:
         self._sum += float(sq.sum())
         self._count += int(sq.numel())
 
-    def all_reduce(self, group: Any = None, device: Optional[torch.device] = None) -> None:
+    def all_reduce(self, group: Any = None, device: torch.device | None = None) -> None:
         """Sum the squared errors and sample counts over the ranks of a torch.distributed group."""
         buf = torch.tensor([self._sum, float(self._count)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(buf, group=group)

@@ -1,4 +1,4 @@
-"""``LOBSPruning``: the Lightning callback (glue between a ``Trainer`` and :mod:`lightning_lobs.pruner`).
+"""``LOBSPruning``: the Lightning callback (glue between a ``Trainer`` and :mod:`lightning_lobs.engine`).
 
 The class is a ``Callback`` of every installed Lightning namespace (``lightning.pytorch`` and
 ``pytorch_lightning``, see :mod:`lightning_lobs._lightning`), so one import works with either
@@ -20,8 +20,9 @@ import importlib
 import math
 import sys
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 from torch import nn
@@ -37,22 +38,22 @@ from ._lightning import (
     stop_reason,
 )
 from .api import is_one_shot, take_batches
-from .distributed import RankInfo
-from .masks import MaskSet, _resolve_weight
 from .config import (
-    GlobalAllocation,
-    SolverOptions,
     AllocationName,
     CalibrationOptions,
     CallbackOptions,
     ForwardFn,
+    GlobalAllocation,
     Method,
     PruneOptions,
+    SolverOptions,
     SparsitySpec,
 )
+from .distributed import RankInfo
+from .engine import PruneReport, default_forward, prune
+from .masks import MaskSet, resolve_weight
 from .progress import trainer_progress
 from .schedules import PruneSchedule, ScheduleRun, schedule_from_args, steps_per_epoch
-from .engine import PruneReport, default_forward, prune
 from .selection import select_layers
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
@@ -62,8 +63,8 @@ if TYPE_CHECKING:  # either namespace's classes; only for the annotations
 # The CLI (jsonargparse) reads these annotations: floats, per-layer mappings and lists of both
 # round-trip through YAML (a callable inside the list's type made jsonargparse give up serializing
 # the whole list, "Unable to serialize instance"); callables are for Python, at the top level.
-SparsityValue = Union[float, Dict[str, float]]
-SparsityFn = Callable[[str, nn.Module], Optional[float]]
+SparsityValue = Union[float, dict[str, float]]
+SparsityFn = Callable[[str, nn.Module], float | None]
 
 
 _MONITOR_FIELDS = {
@@ -72,7 +73,7 @@ _MONITOR_FIELDS = {
 }
 
 
-def _monitor_state(trainer: Any) -> List[tuple]:
+def _monitor_state(trainer: Any) -> list[tuple]:
     """The fields :meth:`LOBSPruning._reset_monitors` may change, per monitor, to put back after a failed prune."""
     saved = []
     for cb in getattr(trainer, "callbacks", []):
@@ -86,7 +87,7 @@ def _monitor_state(trainer: Any) -> List[tuple]:
     return saved
 
 
-def _restore_monitors(saved: List[tuple]) -> None:
+def _restore_monitors(saved: list[tuple]) -> None:
     for cb, values in saved:
         for f, value in values.items():
             setattr(cb, f, value)
@@ -96,7 +97,7 @@ def _held_sparsity(pl_module: nn.Module, masks: MaskSet) -> tuple:
     """The fraction of zeros in the masked weights, as the weights hold them, and the model's nonzero parameters."""
     zeros = total = 0
     for name in masks:
-        weight = _resolve_weight(pl_module, name)
+        weight = resolve_weight(pl_module, name)
         zeros += int((weight.detach() == 0).sum())
         total += weight.numel()
     nonzero = sum(int(torch.count_nonzero(p.detach())) for p in pl_module.parameters())
@@ -146,7 +147,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         calibration: :class:`CalibrationOptions` (or a mapping of its fields).
         forward_fn: ``(model, batch) -> output``; default feeds a tensor batch, ``batch[0]`` or a
             mapping as ``model(**batch)`` (the keys the LightningModule's forward names; see
-            :func:`~lightning_lobs.pruner.default_forward`). It receives the batch after the
+            :func:`~lightning_lobs.engine.default_forward`). It receives the batch after the
             trainer's device transfer and precision conversion, and runs under the precision
             plugin's autocast.
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches.
@@ -181,32 +182,34 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     # with more than 8 parameters on purpose; the checks live in schedules, config.CallbackOptions and PruneOptions.
     def __init__(
         self,
-        sparsity: Union[float, Dict[str, float], List[SparsityValue], SparsityFn] = 0.9,
-        prune_epoch: Union[int, List[int], None] = None,
+        sparsity: float | dict[str, float] | list[SparsityValue] | SparsityFn = 0.9,
+        prune_epoch: int | list[int] | None = None,
         method: Method = "auto",
         *,
-        pattern: Optional[str] = None,
+        pattern: str | None = None,
         exclude: Sequence[str] = (),
         calibration_batches: int = 32,
-        calibration_dataloader: Optional[Any] = None,
+        calibration_dataloader: Any | None = None,
         sequential: bool = False,
-        solver: Optional[SolverOptions] = None,
-        calibration: Optional[CalibrationOptions] = None,
-        forward_fn: Optional[ForwardFn] = None,
+        solver: SolverOptions | None = None,
+        calibration: CalibrationOptions | None = None,
+        forward_fn: ForwardFn | None = None,
         recalibrate_bn: bool = True,
         log_table: bool = True,
-        allocation: Union[AllocationName, GlobalAllocation] = "global",
-        state_key: Optional[str] = None,
+        allocation: AllocationName | GlobalAllocation = "global",
+        state_key: str | None = None,
         reset_monitors: bool = True,
         progress_after: float = 2.0,
-        save_sparse: Optional[str] = None,
-        prune_step: Union[int, List[int], None] = None,
-        schedule: Optional[PruneSchedule] = None,
+        save_sparse: str | None = None,
+        prune_step: int | list[int] | None = None,
+        schedule: PruneSchedule | None = None,
         prune_head: bool = False,
     ) -> None:
         sparsity_given = not (isinstance(sparsity, float) and sparsity == 0.9)  # 0.9 is the signature's default
         uniform = allocation == "uniform" and pattern is None  # a float is then every layer's target (N:M sets its own)
-        schedule = schedule_from_args(sparsity, prune_epoch, prune_step, schedule, sparsity_given=sparsity_given, uniform=uniform)
+        schedule = schedule_from_args(
+            sparsity, prune_epoch, prune_step, schedule, sparsity_given=sparsity_given, uniform=uniform
+        )
         settings = CallbackOptions(calibration_batches, state_key, log_table, reset_monitors, progress_after)
         # PruneOptions is the one place that validates the pruning options; one instance per prune step.
         base = PruneOptions(
@@ -222,7 +225,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             recalibrate_bn=recalibrate_bn,
             prune_head=prune_head,
         )
-        self.options: List[PruneOptions] = [base.with_sparsity(s) for s in schedule.sparsities]
+        self.options: list[PruneOptions] = [base.with_sparsity(s) for s in schedule.sparsities]
         self.schedule: PruneSchedule = schedule
         self.calibration_batches = settings.calibration_batches
         self.calibration_dataloader = calibration_dataloader
@@ -233,12 +236,12 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self._state_key = settings.state_key
         self.masks = MaskSet()
         self._run = ScheduleRun(schedule)  # the points pruned at: replaced, never edited, so a failed prune rolls back
-        self.reports: List[PruneReport] = []
+        self.reports: list[PruneReport] = []
         self._bound_note_logged = False
-        self._log_tag: Optional[str] = None  # set at fit start when other unnamed instances share the Trainer
-        self._adopted_key: Optional[str] = None  # the checkpoint key restored from, when not state_key
+        self._log_tag: str | None = None  # set at fit start when other unnamed instances share the Trainer
+        self._adopted_key: str | None = None  # the checkpoint key restored from, when not state_key
         self._bar: Any = None  # the progress bar handle of the running prune (prints the table through it)
-        self._model_ref: Optional[weakref.ref] = None  # the model this instance's masks and schedule belong to
+        self._model_ref: weakref.ref | None = None  # the model this instance's masks and schedule belong to
 
     # ------------------------------------------------------------------ views of the options and the schedule
 
@@ -251,7 +254,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return self.options[0].exclude
 
     @property
-    def forward_fn(self) -> Optional[ForwardFn]:
+    def forward_fn(self) -> ForwardFn | None:
         return self.options[0].forward_fn
 
     @property
@@ -259,17 +262,17 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         return self.schedule.unit
 
     @property
-    def prune_points(self) -> List[int]:
+    def prune_points(self) -> list[int]:
         """The epochs or global steps to prune at, as :attr:`unit` says."""
         return list(self.schedule.points)
 
     @property
-    def sparsities(self) -> List[SparsitySpec]:
+    def sparsities(self) -> list[SparsitySpec]:
         """The sparsity spec of each prune point."""
         return list(self.schedule.sparsities)
 
     @property
-    def pruned_points(self) -> List[int]:
+    def pruned_points(self) -> list[int]:
         """The points already pruned at, in pruning order (restored from a checkpoint too)."""
         return list(self._run.done)
 
@@ -278,12 +281,14 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         self._run = ScheduleRun(self.schedule, tuple(points))
 
     prune_epochs = _points_in("prune_points", "epoch", "The epochs to prune at (empty with ``prune_step``).")
-    pruned_epochs = _points_in("pruned_points", "epoch", "The epochs already pruned at (restored from a checkpoint too).")
+    pruned_epochs = _points_in(
+        "pruned_points", "epoch", "The epochs already pruned at (restored from a checkpoint too)."
+    )
     prune_steps = _points_in("prune_points", "step", "The global steps to prune before (empty with ``prune_epoch``).")
     pruned_steps = _points_in("pruned_points", "step", "The global steps already pruned before.")
 
     @property
-    def last_report(self) -> Optional[PruneReport]:
+    def last_report(self) -> PruneReport | None:
         return self.reports[-1] if self.reports else None
 
     # ------------------------------------------------------------------ the state key
@@ -306,7 +311,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         _refuse_duplicate_key(self, key, sys._getframe(1))
         return key
 
-    def _identity(self) -> Dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         """What tells this instance's schedule apart: prune points, sparsities, method (pattern, exclude if set)."""
         out = {**self.schedule.key_fields(), "method": self.method}
         if self.options[0].pattern is not None:
@@ -339,12 +344,12 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     # ------------------------------------------------------------------ hooks
 
-    def on_fit_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Tell apart in the logs several instances that have no ``state_key`` (see :attr:`_prefix`)."""
         unnamed = [cb for cb in trainer.callbacks if isinstance(cb, LOBSPruning) and cb._state_key is None]
         self._log_tag = hashlib.sha1(self.state_key.encode()).hexdigest()[:8] if len(unnamed) > 1 else None
 
-    def setup(self, trainer: "Trainer", pl_module: "LightningModule", stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Refuse what cannot work before any training step: sharded strategies, unreachable epochs, bad layer specs."""
         if stage != "fit":
             return
@@ -381,37 +386,39 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             self._bound_note_logged = False
         self._model_ref = weakref.ref(pl_module)
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_model_ref"] = None  # a weak reference cannot be pickled (ddp_spawn, deepcopy of a trainer)
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         if "_run" not in state:  # pickled by 0.2.0, which kept the schedule's lists as attributes
             done = tuple(state.get("pruned_points", ()))
             state = {k: v for k, v in state.items() if k not in ("prune_points", "sparsities", "unit", "pruned_points")}
             state["_run"] = ScheduleRun(state["schedule"], done)
         self.__dict__.update(state)
 
-    def on_train_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Hold restored masks, and refuse a prune epoch that ``max_steps`` will not reach."""
         if len(self.masks):  # resumed after a prune: hold the restored masks
             self.masks.attach(pl_module, trainer.optimizers)
-        per_epoch = steps_per_epoch(getattr(trainer, "num_training_batches", float("inf")), trainer.accumulate_grad_batches)
+        per_epoch = steps_per_epoch(
+            getattr(trainer, "num_training_batches", float("inf")), trainer.accumulate_grad_batches
+        )
         if per_epoch is not None:  # unknown now: on_fit_end warns if a prune point was never reached
             max_steps = getattr(trainer, "max_steps", -1)
             self._run.check_reachable(max_epochs=trainer.max_epochs, max_steps=max_steps, steps_per_epoch=per_epoch)
 
-    def on_train_epoch_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.unit == "epoch":
             self._prune_due(trainer, pl_module, trainer.current_epoch)
 
-    def on_train_batch_start(self, trainer: "Trainer", pl_module: "LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """With steps: prune before the first batch of the step (the last point reached, if several)."""
         if self.unit == "step":
             self._prune_due(trainer, pl_module, trainer.global_step)
 
-    def _prune_due(self, trainer: "Trainer", pl_module: "LightningModule", point: int) -> None:
+    def _prune_due(self, trainer: Trainer, pl_module: LightningModule, point: int) -> None:
         """Prune for the last point the schedule has due at ``point`` (this epoch or global step)."""
         due = self._run.due(point)
         if due is None:
@@ -424,7 +431,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             self._run = before
             raise
 
-    def on_train_epoch_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``lobs/sparsity`` read from the weights after every epoch with masks, so a logger shows they hold."""
         if not len(self.masks) or getattr(trainer, "barebones", False):  # barebones trainers refuse self.log
             return
@@ -433,7 +440,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         pl_module.log(f"{self._prefix}sparsity", sparsity, on_step=False, on_epoch=True, sync_dist=sync)
         pl_module.log(f"{self._prefix}nonzero_parameters", float(nonzero), on_step=False, on_epoch=True, sync_dist=sync)
 
-    def on_fit_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Warn when training ended before a prune epoch; write the sparse export if asked.
 
         ``on_fit_end``, not ``on_train_end``: Lightning skips the whole training loop (and its end hook)
@@ -446,7 +453,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             export = importlib.import_module("lightning_lobs.export")
             export.save_sparse(pl_module, self.save_sparse, masks=self.masks)
 
-    def on_load_checkpoint(self, trainer: "Trainer", pl_module: "LightningModule", checkpoint: Dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A checkpoint with L-OBS state under other keys only means a changed ``state_key``: refuse to silently re-prune.
 
         A lone unnamed instance that finds no state of its own takes over the one unnamed state saved under
@@ -467,12 +474,12 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 "with (LOBSPruning(..., state_key=...)); a state key 'LOBSPruning' means state_key=None."
             )
 
-    def teardown(self, trainer: "Trainer", pl_module: "LightningModule", stage: str) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.masks.detach()
 
     # ------------------------------------------------------------------ overridable steps
 
-    def calibration_batches_for(self, trainer: "Trainer") -> list:
+    def calibration_batches_for(self, trainer: Trainer) -> list:
         """The batches to calibrate on: from ``calibration_dataloader`` or the train dataloader."""
         loader = self.calibration_dataloader
         if loader is None:
@@ -484,7 +491,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             raise RuntimeError("the calibration dataloader yielded no batches.")
         return batches
 
-    def training_forward(self, trainer: "Trainer", pl_module: "LightningModule") -> ForwardFn:
+    def training_forward(self, trainer: Trainer, pl_module: LightningModule) -> ForwardFn:
         """``forward_fn`` wrapped so that each batch arrives as the training loop feeds it.
 
         Same order as Lightning's training loop: the precision plugin's ``convert_input`` (float
@@ -508,7 +515,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
         return forward
 
-    def prune_now(self, trainer: "Trainer", pl_module: "LightningModule", index: int) -> PruneReport:
+    def prune_now(self, trainer: Trainer, pl_module: LightningModule, index: int) -> PruneReport:
         """Calibrate and prune for entry ``index`` of ``prune_epoch`` (or ``prune_step``), all or nothing.
 
         On success the masks are held, the point is recorded as pruned, the report is kept
@@ -545,7 +552,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             self._bar.clear()
             self._bar = None  # it holds the trainer: not kept past the prune
 
-    def _reset_monitors(self, trainer: "Trainer") -> None:
+    def _reset_monitors(self, trainer: Trainer) -> None:
         """Forget the dense epochs' scores: the pruned model starts a new comparison.
 
         ``ModelCheckpoint``: the ranking (``best_k_models``, ``kth_value``, ``best_model_path/score``) is
@@ -564,7 +571,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
                 cb.wait_count = 0
                 cb.best_score = torch.tensor(math.inf if cb.monitor_op == torch.lt else -math.inf)
 
-    def log_report(self, trainer: "Trainer", pl_module: "LightningModule", report: PruneReport) -> None:
+    def log_report(self, trainer: Trainer, pl_module: LightningModule, report: PruneReport) -> None:
         """Log the report's metrics at the prune's global step; print the table through the progress bar."""
         metrics = report.metrics(prefix=self._prefix)  # NaN values (a bound that does not apply) are left out
         metrics[f"{self._prefix}total_parameters"] = float(report.total_parameters)
@@ -588,7 +595,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"masks": self.masks.state_dict(), **self._run.to_state()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -625,7 +632,7 @@ def _refuse_duplicate_key(cb: LOBSPruning, key: str, caller: Any) -> None:
         )
 
 
-def _unnamed_state_key(cb: LOBSPruning, trainer: "Trainer", states: Mapping[Any, Any]) -> Optional[str]:
+def _unnamed_state_key(cb: LOBSPruning, trainer: Trainer, states: Mapping[Any, Any]) -> str | None:
     """The one unnamed LOBSPruning state of a checkpoint that the unnamed ``cb`` takes over, if there is one.
 
     The derived key changes with the schedule (and was ``"LOBSPruning"`` before keys were derived), but
@@ -635,15 +642,17 @@ def _unnamed_state_key(cb: LOBSPruning, trainer: "Trainer", states: Mapping[Any,
     unnamed = [other for other in trainer.callbacks if isinstance(other, LOBSPruning) and other._state_key is None]
     taken = {other.state_key for other in unnamed}
     free = [
-        k for k in states
-        if isinstance(k, str) and k not in taken
+        k
+        for k in states
+        if isinstance(k, str)
+        and k not in taken
         and (k == "LOBSPruning" or (k.startswith("LOBSPruning{") and not k.startswith("LOBSPruning{'state_key'")))
     ]
     mine_missing = [other for other in unnamed if other.state_key not in states]
     return free[0] if len(free) == 1 and mine_missing == [cb] else None
 
 
-def _unreached_message(cb: LOBSPruning, trainer: "Trainer", pending: List[int]) -> str:
+def _unreached_message(cb: LOBSPruning, trainer: Trainer, pending: list[int]) -> str:
     """The warning when ``fit`` ended before the ``pending`` prune points."""
     unit, done = cb.unit, cb.pruned_points
     state = "never pruned (dense)" if not done else f"pruned only at {unit}s {done}"
@@ -674,7 +683,7 @@ def _targets(cb: LOBSPruning, pl_module: nn.Module) -> set:
     return names
 
 
-def _refuse_shared_layers(cb: LOBSPruning, trainer: "Trainer", pl_module: nn.Module) -> None:
+def _refuse_shared_layers(cb: LOBSPruning, trainer: Trainer, pl_module: nn.Module) -> None:
     """Each layer belongs to one LOBSPruning of the Trainer: refuse two that would prune the same one."""
     mine = _targets(cb, pl_module)
     for other in trainer.callbacks:

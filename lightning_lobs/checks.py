@@ -9,7 +9,6 @@ Booleans are never numbers here: ``damp=True`` or ``block_size=True`` would sile
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Union
 
 import torch
 
@@ -24,7 +23,7 @@ def _unwrap(value: object) -> object:
     return value
 
 
-def as_real(value: object) -> Optional[Union[int, float]]:
+def as_real(value: object) -> int | float | None:
     """``value`` as a Python int or float, or None if it is not a real number (bools are not)."""
     value = _unwrap(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -34,7 +33,7 @@ def as_real(value: object) -> Optional[Union[int, float]]:
     return float(value)
 
 
-def as_int(value: object) -> Optional[int]:
+def as_int(value: object) -> int | None:
     """``value`` as a Python int, or None if it is not an integer type (a float 64.0 is not a count)."""
     value = _unwrap(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -42,7 +41,7 @@ def as_int(value: object) -> Optional[int]:
     return int(value)
 
 
-def count_or_none(value: object, minimum: int = 1) -> Optional[int]:
+def count_or_none(value: object, minimum: int = 1) -> int | None:
     """``value`` as a Python int >= ``minimum`` (Python, numpy or 0-d torch integers), else None.
 
     ``True``/``False`` are not counts (``block_size=True`` would mean 1); nor is a float such as 64.0.

@@ -11,8 +11,9 @@ holds what ``LOBSPruning`` adds to a prune step (how many batches, its name, wha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args
+from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
     """``torch.float32``/``torch.float64``, also spelled as a string (``"torch.float64"``, ``"float64"``: YAML/CLI)."""
     if isinstance(value, str):
         key = value.strip()
-        key = key[len("torch."):] if key.startswith("torch.") else key
+        key = key[len("torch.") :] if key.startswith("torch.") else key
         if key in _FLOAT_DTYPES:
             return _FLOAT_DTYPES[key]
         raise ValueError(
@@ -54,9 +55,7 @@ def as_float_dtype(value: object, what: str) -> torch.dtype:
         )
     if value in (torch.float32, torch.float64):
         return value
-    raise ValueError(
-        f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}."
-    )
+    raise ValueError(f"{what} must be torch.float32 or torch.float64, got {value!r} of type {type(value).__name__}.")
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class SolverOptions:
     lazy_steps: int = 32
     max_memory_bytes: int = 1 << 30
     max_damp_tries: int = 6
-    refit: Optional[bool] = None
+    refit: bool | None = None
     min_kept_per_row: int = 1
 
     def __post_init__(self) -> None:
@@ -114,7 +113,7 @@ class SolverOptions:
             raise ValueError(f"SolverOptions.refit must be True, False or None (automatic), got {self.refit!r}.")
 
 
-def parse_pattern(pattern: Union[str, Tuple[int, int], NMPattern, None]) -> Optional[NMPattern]:
+def parse_pattern(pattern: str | tuple[int, int] | NMPattern | None) -> NMPattern | None:
     """Parse ``"2:4"`` / ``(2, 4)`` / :class:`NMPattern` / None into an :class:`NMPattern` or None."""
     if pattern is None or isinstance(pattern, NMPattern):
         return pattern
@@ -129,7 +128,6 @@ def parse_pattern(pattern: Union[str, Tuple[int, int], NMPattern, None]) -> Opti
     if not (0 < n < m):
         raise ValueError(f"pattern '{n}:{m}' must keep N of every M with 0 < N < M, e.g. '2:4'.")
     return NMPattern(n, m)
-
 
 
 @dataclass(frozen=True)
@@ -161,7 +159,7 @@ class GlobalAllocation:
     allow_dead_rows: bool = False
     costs: Literal["curve", "one-pass"] = "curve"
     levels: int = 24
-    grid: Optional[Tuple[float, ...]] = None
+    grid: tuple[float, ...] | None = None
     curve_rows: int = 64
 
     def __post_init__(self) -> None:
@@ -183,7 +181,9 @@ class GlobalAllocation:
             least = 2 if name == "levels" else 1
             value = as_int(getattr(self, name))
             if value is None or value < least:
-                raise ValueError(f"GlobalAllocation.{name} must be an int >= {least}, got {describe(getattr(self, name))}.")
+                raise ValueError(
+                    f"GlobalAllocation.{name} must be an int >= {least}, got {describe(getattr(self, name))}."
+                )
             object.__setattr__(self, name, value)
         if self.grid is not None:
             try:
@@ -191,7 +191,9 @@ class GlobalAllocation:
                     raise TypeError  # True is not the sparsity 1.0
                 grid = tuple(float(v) for v in self.grid)
             except (TypeError, ValueError):
-                raise ValueError(f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}.") from None
+                raise ValueError(
+                    f"GlobalAllocation.grid must be a sequence of sparsities, got {self.grid!r}."
+                ) from None
             if not grid or any(not (0.0 <= v < 1.0) or v > m for v in grid):
                 raise ValueError(
                     f"GlobalAllocation.grid must hold sparsities in [0, 1), none above max_layer_sparsity={m}, "
@@ -199,7 +201,7 @@ class GlobalAllocation:
                 )
             object.__setattr__(self, "grid", tuple(sorted(set(grid))))
 
-    def sparsity_grid(self) -> Tuple[float, ...]:
+    def sparsity_grid(self) -> tuple[float, ...]:
         """The grid sparsities the curves are measured at (always including 0)."""
         if self.grid is not None:
             return tuple(sorted({0.0, *self.grid}))
@@ -208,7 +210,7 @@ class GlobalAllocation:
         return tuple(sorted({1.0 - floor_density ** (i / n) for i in range(n + 1)}))
 
 
-def resolve_allocation(value: Any) -> Optional[GlobalAllocation]:
+def resolve_allocation(value: Any) -> GlobalAllocation | None:
     """``"global"`` -> ``GlobalAllocation()``, a GlobalAllocation -> itself, ``"uniform"`` -> None."""
     if isinstance(value, GlobalAllocation):
         return value
@@ -223,13 +225,13 @@ def resolve_allocation(value: Any) -> Optional[GlobalAllocation]:
     )
 
 
-SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], Optional[float]]]
+SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], float | None]]
 ForwardFn = Callable[[nn.Module, Any], Any]
 Method = Literal["auto", "exact", "lobs", "fast"]
 AllocationName = Literal["global", "uniform"]
 ProgressPhase = Literal["calibrate", "allocate", "solve", "measure"]
 
-ALL_METHODS: Tuple[str, ...] = get_args(Method)
+ALL_METHODS: tuple[str, ...] = get_args(Method)
 assert set(ALL_METHODS) == {"auto", *METHODS}  # one list of methods, checked at import
 
 
@@ -237,7 +239,9 @@ def as_fraction(value: Any, what: str) -> float:
     """``value`` as a float in [0, 1): Python, numpy and 0-d torch scalars accepted; anything else is refused."""
     number = as_real(value)
     if number is None:
-        raise ValueError(f"{what} must be a number in [0, 1) (the fraction of weights to remove), got {describe(value)}.")
+        raise ValueError(
+            f"{what} must be a number in [0, 1) (the fraction of weights to remove), got {describe(value)}."
+        )
     out = float(number)
     if not (0.0 <= out < 1.0):  # also refuses NaN
         raise ValueError(
@@ -274,7 +278,9 @@ def _as_options(value: Any, cls: type, what: str) -> Any:
         if unknown:
             raise ValueError(f"{what} has unknown keys {unknown}; {cls.__name__} takes {sorted(known)}.")
         return cls(**value)
-    raise TypeError(f"{what} must be a {cls.__name__} (or a mapping of its fields), got {type(value).__name__}: {value!r}.")
+    raise TypeError(
+        f"{what} must be a {cls.__name__} (or a mapping of its fields), got {type(value).__name__}: {value!r}."
+    )
 
 
 @dataclass(frozen=True)
@@ -293,10 +299,12 @@ class CalibrationOptions:
     hessian_dtype: torch.dtype = torch.float64
     max_chunk_elements: int = 1 << 24
     position_stride: int = 1
-    memory_budget_bytes: Optional[int] = None
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype"))
+        object.__setattr__(
+            self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype")
+        )
         set_positive_ints(self, ("max_chunk_elements", "position_stride"))
         if self.memory_budget_bytes is not None:
             budget = count_or_none(self.memory_budget_bytes)
@@ -330,7 +338,7 @@ class PruneOptions:
         calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking, memory budget).
         forward_fn: ``(model, batch) -> output``; by default a tensor batch is fed as is, a
             tuple/list by its first item, a mapping as ``model(**batch)`` limited to the keys the
-            forward names (see :func:`~lightning_lobs.pruner.default_forward`).
+            forward names (see :func:`~lightning_lobs.engine.default_forward`).
         recalibrate_bn: re-estimate BatchNorm running statistics on the calibration batches after
             pruning.
         prune_head: also prune the output heads (``lm_head``, the final classifier: the layer whose
@@ -341,13 +349,13 @@ class PruneOptions:
 
     sparsity: SparsitySpec = 0.9
     method: Method = "auto"
-    pattern: Optional[str] = None
-    allocation: Union[AllocationName, GlobalAllocation] = "global"
-    exclude: Tuple[str, ...] = ()
+    pattern: str | None = None
+    allocation: AllocationName | GlobalAllocation = "global"
+    exclude: tuple[str, ...] = ()
     sequential: bool = False
     solver: SolverOptions = field(default_factory=SolverOptions)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
-    forward_fn: Optional[ForwardFn] = None
+    forward_fn: ForwardFn | None = None
     recalibrate_bn: bool = True
     prune_head: bool = False
 
@@ -374,12 +382,12 @@ class PruneOptions:
             raise TypeError(f"forward_fn must be a callable (model, batch) -> output, got {self.forward_fn!r}.")
 
     @property
-    def nm(self) -> Optional[NMPattern]:
+    def nm(self) -> NMPattern | None:
         """The N:M pattern, parsed."""
         return parse_pattern(self.pattern)
 
     @property
-    def global_allocation(self) -> Optional[GlobalAllocation]:
+    def global_allocation(self) -> GlobalAllocation | None:
         """The global allocation's settings when it applies (one float sparsity, no N:M pattern), else None."""
         if self.nm is not None or not isinstance(self.sparsity, float):
             return None
@@ -394,12 +402,12 @@ class PruneOptions:
             return "uniform"
         return "per-layer"
 
-    def with_sparsity(self, sparsity: SparsitySpec) -> "PruneOptions":
+    def with_sparsity(self, sparsity: SparsitySpec) -> PruneOptions:
         """A copy with another sparsity (one step of iterative pruning)."""
         return replace(self, sparsity=sparsity)
 
     @classmethod
-    def from_kwargs(cls, what: str, **kwargs: Any) -> "PruneOptions":
+    def from_kwargs(cls, what: str, **kwargs: Any) -> PruneOptions:
         """``PruneOptions(**kwargs)`` with an error naming ``what`` and the valid names for unknown keywords."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
@@ -421,7 +429,7 @@ class CallbackOptions:
     """
 
     calibration_batches: int = 32
-    state_key: Optional[str] = None
+    state_key: str | None = None
     log_table: bool = True
     reset_monitors: bool = True
     progress_after: float = 2.0
@@ -433,7 +441,9 @@ class CallbackOptions:
         object.__setattr__(self, "calibration_batches", batches)
         key = self.state_key
         if key is not None and (not isinstance(key, str) or not key):
-            raise ValueError(f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {key!r}.")
+            raise ValueError(
+                f"state_key must be a non-empty str (a name for this instance's checkpoint state), got {key!r}."
+            )
         for name in ("log_table", "reset_monitors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -461,8 +471,8 @@ class PruneProgress:
     total: int
     layer: str
     elapsed: float
-    eta: Optional[float]
-    fraction: Optional[float] = None
+    eta: float | None
+    fraction: float | None = None
 
     def describe(self) -> str:
         """``"L-OBS solve 3/12 fc2 | 4.1 s, ~9 s left"``; inside a layer ``"L-OBS allocate 0/2 fc1 37% | ..."``."""

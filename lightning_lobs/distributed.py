@@ -7,9 +7,10 @@ broadcasts its results, so all ranks end with identical weights and masks.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,21 +29,21 @@ class RankInfo:
         return self.world_size > 1
 
     @classmethod
-    def current(cls, group: Any = None) -> "RankInfo":
+    def current(cls, group: Any = None) -> RankInfo:
         """The default process group's rank and size, or a single-process RankInfo."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(torch.distributed.get_rank(group), torch.distributed.get_world_size(group), group)
         return cls()
 
 
-def assign_layers(costs: Mapping[str, float], world_size: int) -> Dict[str, int]:
+def assign_layers(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
     """Owner rank of every layer: longest-processing-time-first onto the least loaded rank.
 
     Deterministic (ties broken by name), so every rank computes the same assignment.
     """
     loads = [(0.0, r) for r in range(world_size)]
     heapq.heapify(loads)
-    owners: Dict[str, int] = {}
+    owners: dict[str, int] = {}
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
         load, rank = heapq.heappop(loads)
         owners[name] = rank
@@ -50,7 +51,7 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> Dict[str, int]
     return owners
 
 
-def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> List[Tensor]:
+def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> list[Tensor]:
     """Broadcast tensors (same shapes/dtypes on every rank) from ``src``; returns the received ones.
 
     Bool tensors travel as uint8 (not every backend reduces bools).
@@ -65,7 +66,9 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> Li
     return out
 
 
-def broadcast_floats(values: Sequence[float], src: int, info: RankInfo, device: Optional[torch.device] = None) -> List[float]:
+def broadcast_floats(
+    values: Sequence[float], src: int, info: RankInfo, device: torch.device | None = None
+) -> list[float]:
     """Broadcast a few Python floats from ``src`` (float64 on ``device``)."""
     if not info.active:
         return list(values)
@@ -85,7 +88,7 @@ def fail_together(rank: RankInfo, device: torch.device, what: str, active: bool 
     if not (rank.active and active):
         yield
         return
-    error: Optional[Exception] = None
+    error: Exception | None = None
     try:
         yield
     except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows

@@ -101,10 +101,24 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # safetensors' dtype names (its specification), for the dtypes this torch has.
 _ST_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "C64": "complex64", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "C64": "complex64",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
 }
 _ST_DTYPES: dict[str, torch.dtype] = {
     st: getattr(torch, name) for st, name in _ST_NAMES.items() if isinstance(getattr(torch, name, None), torch.dtype)
@@ -916,12 +930,16 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str], prefix: str | No
     """
     path = os.fspath(path)
     if prefix is not None and not isinstance(prefix, str):
-        raise ValueError(f"prefix must be a str (e.g. 'model' for a LightningModule's self.model) or None, got {prefix!r}")
+        raise ValueError(
+            f"prefix must be a str (e.g. 'model' for a LightningModule's self.model) or None, got {prefix!r}"
+        )
     state = model.state_dict()
     with open(path, "rb") as f:
         header = _read_header(path, f)
         in_file = {e["key"]: e for e in header.entries}
-        where = f"{path!r} (saved from a {header.metadata.get('model', '?')}) does not match this {type(model).__name__}"
+        where = (
+            f"{path!r} (saved from a {header.metadata.get('model', '?')}) does not match this {type(model).__name__}"
+        )
         if prefix is None and set(in_file) != set(state):
             prefix = _guess_prefix(list(state), in_file, where)
         if prefix:
@@ -968,12 +986,21 @@ def export_sparse(model: nn.Module, masks: MaskSet, layout: str = "csr") -> dict
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 out[f"{name}.weight"] = torch.sparse_csr_tensor(
-                    crow, col, w2d[m2d], size=(rows, cols), dtype=w2d.dtype, device=w2d.device,
+                    crow,
+                    col,
+                    w2d[m2d],
+                    size=(rows, cols),
+                    dtype=w2d.dtype,
+                    device=w2d.device,
                     check_invariants=False,  # built from nonzero(): sorted, in range by construction
                 )
         else:
             out[f"{name}.weight"] = torch.sparse_coo_tensor(
-                m2d.nonzero().t(), w2d[m2d], size=tuple(w2d.shape), dtype=w2d.dtype, device=w2d.device,
+                m2d.nonzero().t(),
+                w2d[m2d],
+                size=tuple(w2d.shape),
+                dtype=w2d.dtype,
+                device=w2d.device,
                 check_invariants=False,
             ).coalesce()
     return out
@@ -1032,7 +1059,9 @@ class CSRLinear(nn.Module):
 
     def extra_repr(self) -> str:
         nnz = self.weight._nnz()
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}, bias={self.bias is not None}"
+        )
 
 
 def is_two_four(weight: Tensor) -> bool:
@@ -1117,7 +1146,9 @@ def _candidates(weight: Tensor, sparsity: float, min_sparsity: float) -> tuple[l
     return kernels, why_not
 
 
-def _median_ms(fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+def _median_ms(
+    fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
     """Median ms per call of each fn. The fns take turns call by call, so a burst of load from other
     processes slows all of them alike instead of whichever happened to run during it."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1284,7 +1315,10 @@ def to_sparse_inference(
     swapped = [f"{n} -> {p.kernel}" for n, p in plan.items() if p.kernel != "dense"]
     dense = [f"{n} ({p.reason})" for n, p in plan.items() if p.kernel == "dense" and p.reason != "mode='dense'"]
     log.info(
-        "to_sparse_inference: swapped %d of %d layers%s", len(swapped), len(plan), f": {', '.join(swapped)}" if swapped else ""
+        "to_sparse_inference: swapped %d of %d layers%s",
+        len(swapped),
+        len(plan),
+        f": {', '.join(swapped)}" if swapped else "",
     )
     if dense and mode != "dense":
         warnings.warn(

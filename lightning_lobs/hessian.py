@@ -27,53 +27,45 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-# The layer helpers below moved to ``layers``; they are re-exported here while the engine and the
-# solvers still import them from this module (the lead removes these re-exports after the merge).
+from . import layers
+from ._deprecated import moved_names_getattr
 from .layers import (
-    PRUNABLE_TYPES,
     batched_conv_input,
     conv_padding,
     describe_layer,
-    from_rows,
-    has_bias,
-    is_hf_conv1d,
-    is_linear_like,
     is_prunable,
-    matrix_cols,
-    num_groups,
-    output_rows,
     pad_input,
     patch_view,
-    set_weight_matrix,
-    to_rows,
-    unfold_input,
-    weight_matrix,
 )
 
-__all__ = [
-    "SUPPORTED_TYPES",
-    "is_supported",
-    "is_linear_like",
-    "is_hf_conv1d",
-    "weight_columns",
-    "output_rows",
-    "to_rows",
-    "from_rows",
-    "num_groups",
-    "has_bias",
-    "weight_matrix",
-    "set_weight_matrix",
-    "unfold_input",
-    "HessianAccumulator",
-    "HessianCollector",
-]
+__all__ = ["HessianAccumulator", "HessianCollector"]
+
+#: The layer helpers this module exported before 0.3.0, now in :mod:`lightning_lobs.layers` (old name -> new home).
+_MOVED_TO_LAYERS = {
+    "SUPPORTED_TYPES": "PRUNABLE_TYPES",
+    "is_supported": "is_prunable",
+    "weight_columns": "matrix_cols",
+    **{
+        name: name
+        for name in (
+            "is_linear_like",
+            "is_hf_conv1d",
+            "output_rows",
+            "to_rows",
+            "from_rows",
+            "num_groups",
+            "has_bias",
+            "weight_matrix",
+            "set_weight_matrix",
+            "unfold_input",
+        )
+    },
+}
+__getattr__ = moved_names_getattr(
+    __name__, {old: ("lightning_lobs.layers", new) for old, new in _MOVED_TO_LAYERS.items()}
+)
 
 logger = logging.getLogger(__name__)
-
-# Old names of ``layers`` helpers (re-exported for the transition; see the import above).
-SUPPORTED_TYPES = PRUNABLE_TYPES
-is_supported = is_prunable
-weight_columns = matrix_cols
 
 
 # --------------------------------------------------------------------------- #
@@ -218,7 +210,8 @@ class HessianAccumulator:
                 )
             if x.numel():
                 self.max_abs = max(self.max_abs, float(x.abs().max()))
-            if is_linear_like(self.module):
+            # qualified: a bare ``is_linear_like`` here would bypass the old name's DeprecationWarning
+            if layers.is_linear_like(self.module):
                 if x.shape[-1] != self._dw:
                     raise ValueError(
                         f"layer {self.name!r} expects last input dim {self._dw}, got shape {tuple(x.shape)}"
@@ -230,14 +223,12 @@ class HessianAccumulator:
     def hessian(self) -> Tensor:
         """Averaged Hessian ``sum / count`` of shape ``(groups, d, d)`` (exactly symmetrised)."""
         if self.count == 0:
-            raise RuntimeError(
-                f"no calibration rows reached layer {self.name!r}; was it called during calibration?"
-            )
+            raise RuntimeError(f"no calibration rows reached layer {self.name!r}; was it called during calibration?")
         h = self.sum / self.count
         if not bool(torch.isfinite(h).all()):
             raise ValueError(
                 f"the Hessian of layer {self.name!r} overflowed {self.dtype} (its inputs reach {self.max_abs:.3g}, "
-                f"squares up to {self.max_abs ** 2:.3g}); accumulate in CalibrationOptions(hessian_dtype=torch.float64) "
+                f"squares up to {self.max_abs**2:.3g}); accumulate in CalibrationOptions(hessian_dtype=torch.float64) "
                 "or normalise the inputs."
             )
         return (h + h.transpose(1, 2)) * 0.5
@@ -266,7 +257,9 @@ class HessianAccumulator:
         """Restore a state produced by :meth:`state_dict`."""
         s = state["sum"]
         if tuple(s.shape) != tuple(self.sum.shape):
-            raise ValueError(f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}")
+            raise ValueError(
+                f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}"
+            )
         self.sum.copy_(s.to(device=self.sum.device, dtype=self.dtype))
         self.count = int(state["count"])
 
@@ -329,7 +322,7 @@ class HessianCollector:
 
         return hook
 
-    def __enter__(self) -> "HessianCollector":
+    def __enter__(self) -> HessianCollector:
         self.remove()
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_pre_hook(self._make_hook(name), with_kwargs=True))

@@ -30,8 +30,9 @@ not ``transformers`` ``Conv1D`` (the default set predates it; widening it would 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -323,7 +324,7 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- #
 # Patterns and cost
 # --------------------------------------------------------------------------- #
-def channel_last_perm(module: nn.Module) -> Optional[Tensor]:
+def channel_last_perm(module: nn.Module) -> Tensor | None:
     """Column permutation putting conv input channels innermost, so N:M groups run along channels.
 
     None when the columns already are channels (a Linear-like layer, a 1x1 kernel). Applies to the
@@ -358,7 +359,7 @@ def solve_cost(module: nn.Module, method: str) -> float:
 # --------------------------------------------------------------------------- #
 # Why a module cannot be pruned
 # --------------------------------------------------------------------------- #
-def _weight_hook(module: nn.Module) -> Optional[str]:
+def _weight_hook(module: nn.Module) -> str | None:
     """The name of an old-style hook (``weight_norm``/``spectral_norm``) that recomputes ``weight``, if any."""
     for hook in list(module._forward_pre_hooks.values()):
         if getattr(hook, "name", None) == "weight" and type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
@@ -366,7 +367,7 @@ def _weight_hook(module: nn.Module) -> Optional[str]:
     return None
 
 
-def weight_refusal(module: nn.Module, name: str) -> Optional[str]:
+def weight_refusal(module: nn.Module, name: str) -> str | None:
     """Why zeros written to this prunable layer's weight would not hold (None when they would).
 
     Such a weight is computed on every call (a parametrization, an old-style ``weight_norm`` hook, code
@@ -394,7 +395,7 @@ def weight_refusal(module: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def why_not_prunable(module: nn.Module, name: str = "", tied_to: Sequence[str] = ()) -> Optional[str]:
+def why_not_prunable(module: nn.Module, name: str = "", tied_to: Sequence[str] = ()) -> str | None:
     """Why ``module`` cannot be pruned as is (None when it can), judged from the module itself.
 
     In order: an unsupported type, a computed weight (:func:`weight_refusal`), a weight Parameter

@@ -58,26 +58,18 @@ def resolve_weight(model: nn.Module, name: str) -> Tensor:
         module, attr = _weight_path(model, name)
     except AttributeError as err:
         raise KeyError(
-            f"mask refers to module {name!r}, but the model ({type(model).__name__}) has no "
-            f"such submodule ({err})"
+            f"mask refers to module {name!r}, but the model ({type(model).__name__}) has no such submodule ({err})"
         ) from None
     weight = getattr(module, attr, None)
     if not isinstance(weight, Tensor):
-        raise KeyError(
-            f"mask refers to module {name!r} ({type(module).__name__}), which has no 'weight' tensor"
-        )
+        raise KeyError(f"mask refers to module {name!r} ({type(module).__name__}), which has no 'weight' tensor")
     return weight
-
-
-# The old private name, still imported by the engine and the callback (the lead removes it after the merge).
-_resolve_weight = resolve_weight
 
 
 def _check_shape(name: str, mask: Tensor, weight: Tensor) -> None:
     if tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(
-            f"mask for module {name!r} has shape {tuple(mask.shape)}, but its weight has shape "
-            f"{tuple(weight.shape)}"
+            f"mask for module {name!r} has shape {tuple(mask.shape)}, but its weight has shape {tuple(weight.shape)}"
         )
 
 
@@ -381,8 +373,7 @@ class MaskSet:
     def sparsity(self) -> dict[str, float]:
         """Return ``{name: fraction of pruned (False) entries}``."""
         return {
-            name: (1.0 - mask.sum().item() / mask.numel()) if mask.numel() else 0.0
-            for name, mask in self.masks.items()
+            name: (1.0 - mask.sum().item() / mask.numel()) if mask.numel() else 0.0 for name, mask in self.masks.items()
         }
 
     def total_sparsity(self) -> float:

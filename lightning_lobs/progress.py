@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
 
 from .config import ProgressFn, PruneProgress
 
@@ -22,16 +23,16 @@ class Throttle:
     """Pass on a progress step when ``after`` seconds have passed since the prune started and
     ``interval`` since the last one passed on (the last step of a phase always passes)."""
 
-    def __init__(self, emit: Callable[["PruneProgress"], None], after: float = 0.0, interval: float = 0.5) -> None:
+    def __init__(self, emit: Callable[[PruneProgress], None], after: float = 0.0, interval: float = 0.5) -> None:
         if after < 0 or interval < 0:
             raise ValueError(f"after and interval must be >= 0 seconds, got after={after!r}, interval={interval!r}.")
         self.emit = emit
         self.after = after
         self.interval = interval
-        self._last: Optional[float] = None
+        self._last: float | None = None
         self.shown = 0  # steps passed on (tests and callers can tell whether anything was shown)
 
-    def __call__(self, step: "PruneProgress") -> None:
+    def __call__(self, step: PruneProgress) -> None:
         if step.elapsed < self.after:
             return
         now = time.monotonic()
@@ -43,11 +44,11 @@ class Throttle:
         self.emit(step)
 
 
-def console_progress(interval: float = 0.5, stream: Optional[TextIO] = None, after: float = 0.0) -> "ProgressFn":
+def console_progress(interval: float = 0.5, stream: TextIO | None = None, after: float = 0.0) -> ProgressFn:
     """A progress function printing ``PruneProgress.describe()`` lines to ``stream`` (default stderr),
     at most one every ``interval`` seconds plus the last step of each phase."""
 
-    def emit(step: "PruneProgress") -> None:
+    def emit(step: PruneProgress) -> None:
         out = stream if stream is not None else sys.stderr
         print(step.describe(), file=out, flush=True)
 
@@ -65,14 +66,16 @@ class _BarStatus:
         from ._lightning import namespace_of
 
         self.info: Callable[[str], None] = namespace_of(trainer).utilities.rank_zero_info
-        self._rich_description: Optional[str] = None
+        self._rich_description: str | None = None
         self._tqdm = None
 
     def _tqdm_bar(self) -> Any:
         # TQDMProgressBar: the train bar exists from on_train_start on (the private attribute, because the
         # public property raises before that).
         bar = getattr(self.bar, "_train_progress_bar", None)
-        return bar if bar is not None and hasattr(bar, "set_postfix_str") and not getattr(bar, "disable", False) else None
+        return (
+            bar if bar is not None and hasattr(bar, "set_postfix_str") and not getattr(bar, "disable", False) else None
+        )
 
     def _rich(self) -> Any:
         progress = getattr(self.bar, "progress", None)
@@ -118,7 +121,7 @@ class _BarStatus:
             self.info(text)
 
 
-def trainer_progress(trainer: Any, after: float = 2.0, interval: float = 0.5) -> "tuple[ProgressFn, _BarStatus]":
+def trainer_progress(trainer: Any, after: float = 2.0, interval: float = 0.5) -> tuple[ProgressFn, _BarStatus]:
     """A throttled progress function drawing into ``trainer``'s progress bar, and the bar handle
     (call ``.clear()`` when the prune is done, ``.print(text)`` for a block of text)."""
     status = _BarStatus(trainer)
@@ -134,16 +137,16 @@ class PhaseProgress:
     injectable so the arithmetic can be checked against simulated time.
     """
 
-    def __init__(self, fn: Optional[ProgressFn], clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, fn: ProgressFn | None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.fn = fn
         self.clock = clock
         self.start = clock()
         self.phase = "calibrate"
-        self.costs: Dict[str, float] = {}
+        self.costs: dict[str, float] = {}
         self.total = 0
         self.done = 0
         self.done_cost = 0.0
-        self.partial: Dict[str, float] = {}  # unfinished units' fractions done
+        self.partial: dict[str, float] = {}  # unfinished units' fractions done
         self.phase_start = self.start
 
     def begin(self, phase: str, costs: Mapping[str, float]) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 #: old name -> (new module, new name), for the names that moved somewhere other than ``lightning_lobs.engine``.
-_MOVED: Dict[str, Tuple[str, str]] = {
+_MOVED: dict[str, tuple[str, str]] = {
     "LayerReport": ("lightning_lobs.engine.records", "LayerReport"),
     "PruneReport": ("lightning_lobs.engine.records", "PruneReport"),
     "_Progress": ("lightning_lobs.progress", "PhaseProgress"),
@@ -23,9 +23,9 @@ _MOVED: Dict[str, Tuple[str, str]] = {
     "_tensors": ("lightning_lobs.engine.forward", "_tensors"),
     "_INPUT_KEYS": ("lightning_lobs.engine.forward", "_INPUT_KEYS"),
     "_resolve_method": ("lightning_lobs.engine.plan", "resolve_method"),
-    "_channel_last_perm": ("lightning_lobs.engine.plan", "channel_last_perm"),
+    "_channel_last_perm": ("lightning_lobs.layers", "channel_last_perm"),
     "_check_finite_parameters": ("lightning_lobs.engine.plan", "check_finite_parameters"),
-    "_solve_cost": ("lightning_lobs.engine.plan", "solve_cost"),
+    "_solve_cost": ("lightning_lobs.engine.plan", "plan_cost"),
     "_Layer": ("lightning_lobs.engine.records", "LayerPlan"),
     "_Solved": ("lightning_lobs.engine.records", "Solution"),
     "_trace_flops": ("lightning_lobs.engine.estimates", "trace_flops"),
@@ -44,6 +44,10 @@ _MOVED: Dict[str, Tuple[str, str]] = {
     "_broadcast_buffers": ("lightning_lobs.engine.collective", "broadcast_buffers"),
     "_all_reduce_batchnorm": ("lightning_lobs.engine.collective", "all_reduce_batchnorm"),
     "log": ("lightning_lobs.engine.report", "log"),
+    # old ``hessian`` names this module re-exported; ``layers`` holds them under their new names
+    "SUPPORTED_TYPES": ("lightning_lobs.layers", "PRUNABLE_TYPES"),
+    "is_supported": ("lightning_lobs.layers", "is_prunable"),
+    "weight_columns": ("lightning_lobs.layers", "matrix_cols"),
 }
 #: where a name that kept its name went: the engine first, then the modules the old one re-exported from.
 _HOMES = (
@@ -51,6 +55,7 @@ _HOMES = (
     "lightning_lobs.config",
     "lightning_lobs.distributed",
     "lightning_lobs.solvers",
+    "lightning_lobs.layers",
     "lightning_lobs.hessian",
     "lightning_lobs.masks",
     "lightning_lobs.batchnorm",
@@ -59,7 +64,7 @@ _HOMES = (
 )
 
 
-def _home(name: str) -> Tuple[str, str]:
+def _home(name: str) -> tuple[str, str]:
     if name in _MOVED:
         return _MOVED[name]
     for module in _HOMES:
@@ -80,10 +85,10 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), new)
 
 
-def __dir__() -> List[str]:
+def __dir__() -> list[str]:
     from . import engine
 
     return sorted(set(engine.__all__) | set(_MOVED))
 
 
-__all__: List[str] = []
+__all__: list[str] = []

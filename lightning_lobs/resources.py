@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ def layer_memory(
     return LayerMemory(name, hessian, base + extra)
 
 
-def available_memory(device: torch.device) -> Optional[int]:
+def available_memory(device: torch.device) -> int | None:
     """Free memory on ``device`` in bytes, or None when it cannot be told."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -71,10 +71,10 @@ def available_memory(device: torch.device) -> Optional[int]:
 
 def check_budget(
     estimates: Mapping[str, LayerMemory],
-    budget: Optional[int],
+    budget: int | None,
     sequential: bool,
     device: torch.device,
-) -> Dict[str, int]:
+) -> dict[str, int]:
     """Raise ``MemoryError`` naming the layer and the remedy when the plan will not fit.
 
     Dense calibration holds every Hessian at once; sequential calibration one at a time.
@@ -88,7 +88,11 @@ def check_budget(
         budget = int(0.8 * avail)
     if not estimates:
         return {"budget": budget, "peak": 0}
-    held = max(e.hessian_bytes for e in estimates.values()) if sequential else sum(e.hessian_bytes for e in estimates.values())
+    held = (
+        max(e.hessian_bytes for e in estimates.values())
+        if sequential
+        else sum(e.hessian_bytes for e in estimates.values())
+    )
     worst = max(estimates.values(), key=lambda e: e.solve_bytes)
     peak = held + worst.solve_bytes
     if peak > budget:

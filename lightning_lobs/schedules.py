@@ -20,14 +20,24 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Literal, Union
 
 from .checks import as_real, describe
 from .config import SparsitySpec, as_fraction, normalize_sparsity
 from .selection import is_literal
 
-__all__ = ["Due", "GradualSchedule", "PruneSchedule", "ScheduleRun", "SparsitySchedule", "Unit", "schedule_from_args", "steps_per_epoch"]
+__all__ = [
+    "Due",
+    "GradualSchedule",
+    "PruneSchedule",
+    "ScheduleRun",
+    "SparsitySchedule",
+    "Unit",
+    "schedule_from_args",
+    "steps_per_epoch",
+]
 
 Unit = Literal["epoch", "step"]
 
@@ -42,11 +52,13 @@ def _as_point(value: Any, what: str, unit: str = "epoch") -> int:
         )
     out = int(number)
     if out < 0:
-        raise ValueError(f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0.")
+        raise ValueError(
+            f"{what} must be {'an' if unit == 'epoch' else 'a'} {unit} number >= 0, got {out}; {unit}s count from 0."
+        )
     return out
 
 
-def _as_list(value: Any) -> Optional[list]:
+def _as_list(value: Any) -> list | None:
     """A list/tuple/range/1-d array as a list; None for anything that is one value."""
     if isinstance(value, (list, tuple, range)):
         return list(value)
@@ -70,7 +82,7 @@ def describe_spec(spec: SparsitySpec) -> Any:
     return float(spec)
 
 
-def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> Optional[float]:
+def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> float | None:
     """The target a spec gives the layer called ``name``, where that is known without the model (else None).
 
     A float is every layer's target only without a global allocation (``uniform``); a mapping
@@ -87,7 +99,9 @@ def _named_target(spec: SparsitySpec, name: str, uniform: bool) -> Optional[floa
     return None
 
 
-def check_not_decreasing(specs: Sequence[SparsitySpec], uniform: bool = False, labels: Optional[Sequence[str]] = None) -> None:
+def check_not_decreasing(
+    specs: Sequence[SparsitySpec], uniform: bool = False, labels: Sequence[str] | None = None
+) -> None:
     """Refuse a later step asking for less sparsity than an earlier one (pruned weights stay pruned).
 
     Besides equal keys, every layer named exactly in a later mapping is compared with what each
@@ -142,19 +156,23 @@ class PruneSchedule:
     #: what a message asks to lower when a point is out of reach
     fix: str
     #: how the messages name each point's sparsity (``sparsity[i]``, ``fn(epoch)``, ``s(epoch)``)
-    labels: Tuple[str, ...]
+    labels: tuple[str, ...]
 
     def __init__(
         self,
-        points: Union[int, Sequence[int]],
-        sparsity: Union[SparsitySpec, Sequence[SparsitySpec]],
+        points: int | Sequence[int],
+        sparsity: SparsitySpec | Sequence[SparsitySpec],
         unit: Unit = "epoch",
     ) -> None:
         self.unit: Unit = _as_unit(unit)
         self.arg = self.fix = f"prune_{self.unit}"
         arg = self.arg
         listed = _as_list(points)
-        pts = [_as_point(points, arg, unit)] if listed is None else [_as_point(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
+        pts = (
+            [_as_point(points, arg, unit)]
+            if listed is None
+            else [_as_point(e, f"{arg}[{i}]", unit) for i, e in enumerate(listed)]
+        )
         if not pts:
             raise ValueError(f"{arg} is an empty list; give at least one {unit}, e.g. {arg}=5.")
         if any(b <= a for a, b in zip(pts, pts[1:])):
@@ -171,10 +189,12 @@ class PruneSchedule:
             specs = [normalize_sparsity(sparsity)] * len(pts)
         self.labels = tuple(f"sparsity[{i}]" for i in range(len(specs)))
         check_not_decreasing(specs, labels=self.labels)
-        self.points: Tuple[int, ...] = tuple(pts)
-        self.sparsities: Tuple[SparsitySpec, ...] = tuple(specs)
+        self.points: tuple[int, ...] = tuple(pts)
+        self.sparsities: tuple[SparsitySpec, ...] = tuple(specs)
 
-    def _set(self, points: Sequence[int], specs: Sequence[SparsitySpec], unit: Unit, arg: str, labels: Sequence[str]) -> None:
+    def _set(
+        self, points: Sequence[int], specs: Sequence[SparsitySpec], unit: Unit, arg: str, labels: Sequence[str]
+    ) -> None:
         """For subclasses: points and specs already checked one by one; the order of both checked here."""
         if not points:
             raise ValueError(f"{arg} has no points; give at least one {unit}.")
@@ -192,7 +212,7 @@ class PruneSchedule:
         table = ", ".join(f"{p}: {describe_spec(s)}" for p, s in zip(self.points, self.sparsities))
         return f"{type(self).__name__}({self.unit}s {{{table}}})"
 
-    def key_fields(self) -> Dict[str, Any]:
+    def key_fields(self) -> dict[str, Any]:
         """The schedule in a derived ``state_key``: its sparsities and points (one value each for a single point)."""
         specs = [describe_spec(s) for s in self.sparsities]
         points: Any = list(self.points) if len(self.points) > 1 else self.points[0]
@@ -204,12 +224,12 @@ class PruneSchedule:
             raise KeyError(f"{self.unit} {point} is not a prune point of this schedule ({list(self.points)}).")
         return self.sparsities[self.points.index(point)]
 
-    def pending(self, done: Iterable[int] = ()) -> List[int]:
+    def pending(self, done: Iterable[int] = ()) -> list[int]:
         """The points not yet pruned at."""
         ran = set(done)
         return [p for p in self.points if p not in ran]
 
-    def due(self, point: int, done: Iterable[int] = ()) -> List[int]:
+    def due(self, point: int, done: Iterable[int] = ()) -> list[int]:
         """The points due when training is at ``point`` (this epoch, or this global step).
 
         An epoch is due only at its own start. Steps are due once reached: every pending step
@@ -224,9 +244,9 @@ class PruneSchedule:
         self,
         done: Iterable[int] = (),
         *,
-        max_epochs: Optional[int] = None,
-        max_steps: Optional[int] = None,
-        steps_per_epoch: Optional[int] = None,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         """Refuse a pending point that training ends before (``None``/negative limits mean no limit).
 
@@ -276,7 +296,7 @@ class PruneSchedule:
 
     # ------------------------------------------------------------------ checkpoint state
 
-    def state_dict(self) -> List[Dict[str, Any]]:
+    def state_dict(self) -> list[dict[str, Any]]:
         """The schedule as a checkpoint stores it: ``[{"epoch": 2, "sparsity": 0.5}, ...]`` (callables by name)."""
         return [{self.unit: p, "sparsity": describe_spec(s)} for p, s in zip(self.points, self.sparsities)]
 
@@ -313,7 +333,7 @@ class PruneSchedule:
             )
 
 
-SparsityValue = Union[float, Dict[str, float]]
+SparsityValue = Union[float, dict[str, float]]
 
 
 def schedule_from_args(
@@ -366,7 +386,7 @@ class Due:
 
     index: int
     point: int
-    passed: Tuple[int, ...] = ()
+    passed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -378,38 +398,40 @@ class ScheduleRun:
     """
 
     schedule: PruneSchedule
-    done: Tuple[int, ...] = ()
+    done: tuple[int, ...] = ()
 
     @property
     def unit(self) -> Unit:
         return self.schedule.unit
 
-    def pending(self) -> List[int]:
+    def pending(self) -> list[int]:
         """The points not yet pruned at."""
         return self.schedule.pending(self.done)
 
-    def due(self, point: int) -> Optional[Due]:
+    def due(self, point: int) -> Due | None:
         """The prune due when training is at ``point`` (this epoch's start, or before this global step), if any."""
         points = self.schedule.due(point, self.done)
         if not points:
             return None
         return Due(self.schedule.points.index(points[-1]), points[-1], tuple(points[:-1]))
 
-    def with_done(self, *points: int) -> "ScheduleRun":
+    def with_done(self, *points: int) -> ScheduleRun:
         """This run with ``points`` pruned at too."""
         return replace(self, done=self.done + tuple(points))
 
     def check_reachable(
-        self, max_epochs: Optional[int] = None, max_steps: Optional[int] = None, steps_per_epoch: Optional[int] = None
+        self, max_epochs: int | None = None, max_steps: int | None = None, steps_per_epoch: int | None = None
     ) -> None:
         """Refuse a pending point that training ends before (see :meth:`PruneSchedule.check_reachable`)."""
-        self.schedule.check_reachable(self.done, max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
+        self.schedule.check_reachable(
+            self.done, max_epochs=max_epochs, max_steps=max_steps, steps_per_epoch=steps_per_epoch
+        )
 
-    def to_state(self) -> Dict[str, Any]:
+    def to_state(self) -> dict[str, Any]:
         """The checkpoint form: ``{"pruned_epochs": [...], "schedule": [...]}`` (``pruned_steps`` for steps)."""
         return {f"pruned_{self.unit}s": list(self.done), "schedule": self.schedule.state_dict()}
 
-    def from_state(self, state: Mapping[str, Any]) -> "ScheduleRun":
+    def from_state(self, state: Mapping[str, Any]) -> ScheduleRun:
         """The run a checkpoint's ``state`` resumes, once the points it ran are checked against this schedule.
 
         A state without ``"schedule"`` (written before schedules were saved) is taken as is.
@@ -421,7 +443,7 @@ class ScheduleRun:
         return replace(self, done=tuple(done[self.unit]))
 
 
-def steps_per_epoch(batches: float, accumulate_grad_batches: int) -> Optional[int]:
+def steps_per_epoch(batches: float, accumulate_grad_batches: int) -> int | None:
     """Optimizer steps in an epoch of ``batches`` batches, or None while that is unknown (infinite or 0)."""
     if not math.isfinite(batches) or batches <= 0:
         return None
@@ -483,7 +505,13 @@ class GradualSchedule(PruneSchedule):
     """
 
     def __init__(
-        self, initial: float = 0.0, final: float = 0.9, start: int = 0, end: int = 10, every: int = 1, unit: Unit = "epoch"
+        self,
+        initial: float = 0.0,
+        final: float = 0.9,
+        start: int = 0,
+        end: int = 10,
+        every: int = 1,
+        unit: Unit = "epoch",
     ) -> None:
         unit = _as_unit(unit)
         s_i, s_f = as_fraction(initial, "initial"), as_fraction(final, "final")

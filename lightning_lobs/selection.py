@@ -17,8 +17,9 @@ import fnmatch
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -28,9 +29,6 @@ from . import attention as _attention
 from .config import NMPattern, SparsitySpec, as_fraction, normalize_sparsity
 from .layers import is_prunable, pattern_problem, weight_refusal, why_not_prunable
 from .masks import MaskSet
-
-# The old name, imported from here by callers of ``select_layers`` (the lead removes it after the merge).
-is_supported = is_prunable
 
 if TYPE_CHECKING:
     from .config import PruneOptions
@@ -44,8 +42,8 @@ class Selection:
     of those later (never called, say) is an error, for the others a warning.
     """
 
-    targets: Dict[str, float]
-    skipped: Dict[str, str] = field(default_factory=dict)
+    targets: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
     explicit: set = field(default_factory=set)
 
 
@@ -53,9 +51,9 @@ def _key(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
 
 
-def _users(model: nn.Module) -> Dict[int, List[str]]:
+def _users(model: nn.Module) -> dict[int, list[str]]:
     """``id(parameter) -> ["module.param", ...]`` over every module that holds it directly."""
-    users: Dict[int, List[str]] = defaultdict(list)
+    users: dict[int, list[str]] = defaultdict(list)
     for mname, module in model.named_modules(remove_duplicate=True):
         for pname, p in module._parameters.items():
             if p is not None:
@@ -64,8 +62,8 @@ def _users(model: nn.Module) -> Dict[int, List[str]]:
 
 
 def unprunable_reason(
-    name: str, module: nn.Module, parent: Optional[nn.Module], users: Mapping[int, List[str]]
-) -> Tuple[str, bool]:
+    name: str, module: nn.Module, parent: nn.Module | None, users: Mapping[int, list[str]]
+) -> tuple[str, bool]:
     """Why ``module`` cannot be pruned as is ("" when it can), and whether that is a refusal.
 
     A refusal (a computed weight: zeros written to it would not hold) is an error even under a float
@@ -98,9 +96,9 @@ def select_layers(
     model: nn.Module,
     sparsity: SparsitySpec,
     exclude: Sequence[str] = (),
-    pattern: Optional[NMPattern] = None,
+    pattern: NMPattern | None = None,
     warn: bool = True,
-    keep_dense: Optional[Mapping[str, str]] = None,
+    keep_dense: Mapping[str, str] | None = None,
 ) -> Selection:
     """Resolve a sparsity spec to the layers to prune (see the module docstring for the rule).
 
@@ -123,8 +121,8 @@ def select_layers(
     verdicts = {n: unprunable_reason(n, m, parents[n], users) for n, m in named if is_prunable(m) or _weight_bearing(m)}
     reasons = {n: why for n, (why, _) in verdicts.items()}
     excluded = _excluded(named, exclude, projections, attentions)
-    chosen: Dict[str, float] = {}
-    covered: List[str] = []  # unprunable modules the spec would have covered
+    chosen: dict[str, float] = {}
+    covered: list[str] = []  # unprunable modules the spec would have covered
     explicit: set = set()
     if isinstance(sparsity, Mapping):
         chosen, covered, explicit = _choose_by_mapping(sparsity, named, reasons, warn)
@@ -152,7 +150,7 @@ def select_layers(
     return Selection(targets, skipped, explicit)
 
 
-def _candidates(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], set, Dict[str, _attention.AttentionProjection]]:
+def _candidates(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set, dict[str, _attention.AttentionProjection]]:
     """The modules a spec can name (attention projections right after their attention), the prunable attention
     modules' names, and their projections."""
     inner = {id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()}
@@ -167,14 +165,15 @@ def _candidates(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], set, Dic
     attentions = {n for n, m in named if isinstance(m, nn.MultiheadAttention) and not _attention.attention_reason(m)}
     projections = _attention.projections(model)
     named = [
-        item for n, m in named
+        item
+        for n, m in named
         for item in [(n, m)] + [(p, q) for p, q in projections.items() if q.attention == n and n in attentions]
     ]
     return named, attentions, projections
 
 
 def _excluded(
-    named: Sequence[Tuple[str, nn.Module]],
+    named: Sequence[tuple[str, nn.Module]],
     exclude: Sequence[str],
     projections: Mapping[str, _attention.AttentionProjection],
     attentions: set,
@@ -185,29 +184,35 @@ def _excluded(
         exclude = (exclude,)
     for pat in exclude:
         if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
-            raise ValueError(f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+            raise ValueError(
+                f"exclude pattern {pat!r} matches no module; module names look like {_example_names(named)}."
+            )
     excluded = {n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
-    excluded |= {p for p, q in projections.items() if q.attention in excluded}  # excluding an attention excludes all of it
+    excluded |= {
+        p for p, q in projections.items() if q.attention in excluded
+    }  # excluding an attention excludes all of it
     excluded |= {f"{a}.out_proj" if a else "out_proj" for a in attentions & excluded}
     return excluded
 
 
 def _choose_by_mapping(
-    sparsity: Mapping[str, float], named: Sequence[Tuple[str, nn.Module]], reasons: Mapping[str, str], warn: bool
-) -> Tuple[Dict[str, float], List[str], set]:
+    sparsity: Mapping[str, float], named: Sequence[tuple[str, nn.Module]], reasons: Mapping[str, str], warn: bool
+) -> tuple[dict[str, float], list[str], set]:
     """A mapping spec's ``(chosen, covered, explicit)``: targets by layer, the unprunable modules it names, and its
     exact names. Exact names first, so a layer named exactly gets its own value whatever wildcard precedes it;
     among wildcards the first match wins. Warns (``warn``) about patterns that set no layer."""
     modules = dict(named)
-    chosen: Dict[str, float] = {}
-    covered: List[str] = []
+    chosen: dict[str, float] = {}
+    covered: list[str] = []
     explicit: set = set()
     ordered = sorted(sparsity.items(), key=lambda kv: not is_literal(kv[0]))
-    wins: Dict[str, List[str]] = {}
+    wins: dict[str, list[str]] = {}
     for pat, value in ordered:
         hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}.")
+            raise ValueError(
+                f"sparsity pattern {pat!r} matches no module; module names look like {_example_names(named)}."
+            )
         ok = [n for n in hits if n in reasons and not reasons[n]]
         if not ok:
             n = next((h for h in hits if h in reasons), hits[0])
@@ -240,12 +245,12 @@ def _targets(
     excluded: set,
     explicit: set,
     modules: Mapping[str, nn.Module],
-    pattern: Optional[NMPattern],
-    skipped: Dict[str, str],
-) -> Dict[str, float]:
+    pattern: NMPattern | None,
+    skipped: dict[str, str],
+) -> dict[str, float]:
     """The chosen layers' targets, less the excluded and the 0 ones; with an N:M ``pattern`` the pattern's sparsity,
     and a layer that cannot hold it is an error when named exactly, else added to ``skipped``."""
-    targets: Dict[str, float] = {}
+    targets: dict[str, float] = {}
     for n, value in chosen.items():
         if n in excluded or value == 0.0:
             continue
@@ -273,8 +278,7 @@ def _check_some_selected(
     if not targets:
         raise ValueError(
             "no layer selected for pruning: the model has no prunable nn.Linear/nn.Conv/Conv1D layer matching the "
-            "sparsity spec (or all were excluded)."
-            + (f" Left alone: {_format(skipped)}" if skipped else "")
+            "sparsity spec (or all were excluded)." + (f" Left alone: {_format(skipped)}" if skipped else "")
         )
 
 
@@ -293,13 +297,13 @@ def warn_skipped(skipped: Mapping[str, str], what: str = "not pruned (left dense
         warnings.warn(f"{len(skipped)} weight-bearing module(s) {what}: {_format(skipped)}.", UserWarning, stacklevel=3)
 
 
-def _example_names(named: Sequence[Tuple[str, nn.Module]]) -> str:
+def _example_names(named: Sequence[tuple[str, nn.Module]]) -> str:
     names = [n for n, m in named if is_prunable(m)][:4] or [n for n, _ in named][:4]
     return ", ".join(repr(n) for n in names) or "(none)"
 
 
 def check_prior_masks(
-    masks: MaskSet, modules: Mapping[str, nn.Module], targets: Mapping[str, float], options: "PruneOptions"
+    masks: MaskSet, modules: Mapping[str, nn.Module], targets: Mapping[str, float], options: PruneOptions
 ) -> None:
     """Refuse a prior mask that does not fit its layer; warn once when prior masks are already sparser than asked.
 
@@ -308,7 +312,11 @@ def check_prior_masks(
     With a global allocation the comparison is over all selected layers together.
     """
     shapes = {n: tuple(cast(torch.Tensor, m.weight).shape) for n, m in modules.items()}
-    bad = {n: (tuple(masks[n].shape), shape) for n, shape in shapes.items() if n in masks and tuple(masks[n].shape) != shape}
+    bad = {
+        n: (tuple(masks[n].shape), shape)
+        for n, shape in shapes.items()
+        if n in masks and tuple(masks[n].shape) != shape
+    }
     if bad:
         listed = "; ".join(f"'{n}': mask {a}, weight {b}" for n, (a, b) in bad.items())
         raise ValueError(

@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import os
 import warnings
-from typing import Any, Dict, List
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -47,7 +47,7 @@ CALIBRATION_BATCHES = 4  # = 256 / 2 ranks / 32: each rank's whole DistributedSa
 # --------------------------------------------------------------------------- spies on the engine
 # Installed at import in the script and in ddp_spawn workers (which re-import this file as __mp_main__).
 
-SPY: Dict[str, Any] = {"hessians": {}, "positions": {}, "solved": []}
+SPY: dict[str, Any] = {"hessians": {}, "positions": {}, "solved": []}
 _orig_calibrate = _calibrate_mod.collect_hessians
 _orig_solve_one = _solve_mod.solve_one
 
@@ -147,7 +147,7 @@ class RecordingLOBS(LOBSPruning):
         self.out = out
         self.tag = tag
         self.fail_rank = fail_rank  # this rank's memory budget is made too small
-        self.record: Dict[str, Any] = {}
+        self.record: dict[str, Any] = {}
 
     def calibration_batches_for(self, trainer: pl.Trainer) -> list:
         batches = super().calibration_batches_for(trainer)
@@ -161,7 +161,8 @@ class RecordingLOBS(LOBSPruning):
         self.record["dense"] = _clone(pl_module.state_dict())
         if trainer.global_rank == self.fail_rank:  # this rank alone finds the memory budget too small
             self.options = [
-                dataclasses.replace(o, calibration=dataclasses.replace(o.calibration, memory_budget_bytes=1)) for o in self.options
+                dataclasses.replace(o, calibration=dataclasses.replace(o.calibration, memory_budget_bytes=1))
+                for o in self.options
             ]
         report = super().prune_now(trainer, pl_module, index)
         self.record.update(
@@ -247,7 +248,7 @@ def run(out: str, strategy: str, run_name: str) -> None:
     torch.save(callback.record, os.path.join(out, f"{tag}_rank{trainer.global_rank}.pt"))
 
 
-def raw_batches() -> List[torch.Tensor]:
+def raw_batches() -> list[torch.Tensor]:
     """Uneven shards for ``run_raw``: rank 0 gets the first batch (16 samples), rank 1 the other three (32 each)."""
     g = torch.Generator().manual_seed(7)
     return [torch.randn(16, 3, 8, 8, generator=g)] + [torch.randn(32, 3, 8, 8, generator=g) for _ in range(3)]
@@ -278,7 +279,7 @@ def run_raw(out: str, method: str) -> None:
     torch.save(record, os.path.join(out, f"raw_cnn-{method}_rank{info.rank}.pt"))
 
 
-def main(argv: List[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "ddp_spawn"])

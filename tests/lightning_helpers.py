@@ -40,7 +40,9 @@ def lit_mlp_class(ns_name: str) -> type:
     ns = importlib.import_module(ns_name)
 
     class LitMLP(ns.LightningModule):
-        def __init__(self, optimizer: str = "adam", bn: bool = False, seed: int = 0, n: int = 512, batch_size: int = 64) -> None:
+        def __init__(
+            self, optimizer: str = "adam", bn: bool = False, seed: int = 0, n: int = 512, batch_size: int = 64
+        ) -> None:
             super().__init__()
             torch.manual_seed(seed)
             self.optimizer_name = optimizer
@@ -79,7 +81,9 @@ def lit_mlp_class(ns_name: str) -> type:
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
 
         def train_dataloader(self):
-            return DataLoader(self.data, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(1))
+            return DataLoader(
+                self.data, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(1)
+            )
 
         def val_dataloader(self):
             return DataLoader(self.val_data, batch_size=64)

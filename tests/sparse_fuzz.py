@@ -46,7 +46,9 @@ def tensor_bytes(header: dict[str, Any], data: bytes, name: str) -> bytes:
     return data[begin:end]
 
 
-def rebuild(header: dict[str, Any], data: bytes, replace: dict[str, tuple[str, list[int], bytes]]) -> tuple[dict, bytes]:
+def rebuild(
+    header: dict[str, Any], data: bytes, replace: dict[str, tuple[str, list[int], bytes]]
+) -> tuple[dict, bytes]:
     """The file with tensors replaced or added (``{name: (dtype, shape, bytes)}``), offsets recomputed."""
     parts = {
         n: (r["dtype"], r["shape"], tensor_bytes(header, data, n)) for n, r in header.items() if n != "__metadata__"
@@ -77,9 +79,15 @@ def craft(entries: list[dict[str, Any]], tensors: dict[str, torch.Tensor], **met
     from safetensors.torch import save
 
     meta = {
-        "format": "lightning-lobs-sparse", "format_version": "2", "model": "Crafted",
-        "entries": json.dumps(entries), "kept_weights": "0", "total_weights": "0", "dense_bytes": "1",
-        "raw_bytes": "1", "crc32": "0",
+        "format": "lightning-lobs-sparse",
+        "format_version": "2",
+        "model": "Crafted",
+        "entries": json.dumps(entries),
+        "kept_weights": "0",
+        "total_weights": "0",
+        "dense_bytes": "1",
+        "raw_bytes": "1",
+        "crc32": "0",
     }
     meta.update(metadata)
     header, data = split(save({n: t.contiguous() for n, t in tensors.items()}, metadata=meta))
@@ -101,16 +109,18 @@ class Buffers(nn.Module):
         with torch.no_grad():
             self.lin.weight[torch.rand(6, 16, generator=gen) < 0.97] = 0  # CSR
         self.register_buffer("flags", torch.rand(40, generator=gen) < 0.1)
-        self.register_buffer("counts", torch.where(torch.rand(5, 7, generator=gen) < 0.5,
-                                                   torch.randint(-9, 9, (5, 7), generator=gen), 0))
+        self.register_buffer(
+            "counts", torch.where(torch.rand(5, 7, generator=gen) < 0.5, torch.randint(-9, 9, (5, 7), generator=gen), 0)
+        )
         self.register_buffer("step", torch.tensor(7, dtype=torch.int64))
         self.register_buffer("neg_zero", torch.tensor(-0.0))
         self.register_buffer("empty", torch.empty(0, 3))
         self.register_buffer("cplx", torch.randn(3, dtype=torch.complex64, generator=gen))
         self.register_buffer("cplx128", torch.randn(2, dtype=torch.complex128, generator=gen))
         self.register_buffer("halfbuf", torch.randn(9, generator=gen).half())
-        self.register_buffer("sparse_w", torch.where(torch.rand(64, 100, generator=gen) < 0.03,
-                                                     torch.randn(64, 100, generator=gen), 0.0))  # CSR, many rows
+        self.register_buffer(
+            "sparse_w", torch.where(torch.rand(64, 100, generator=gen) < 0.03, torch.randn(64, 100, generator=gen), 0.0)
+        )  # CSR, many rows
         wide = torch.zeros(2, 40_000)
         wide[1, torch.tensor([3, 32_768, 39_999])] = torch.tensor([1.0, -2.0, 3.0])
         self.register_buffer("wide", wide)
@@ -165,14 +175,40 @@ def _pick_tensor(rng: random.Random, header: dict[str, Any], part: str | None = 
 
 
 def _inflate(rng: random.Random, value: int) -> Any:
-    return rng.choice([value * 2 ** rng.randint(1, 30), value + rng.randint(1, 9), 2**40, 2**62, 0, -1,
-                       -(2**31), True, str(value), 1.5, None])
+    return rng.choice(
+        [
+            value * 2 ** rng.randint(1, 30),
+            value + rng.randint(1, 9),
+            2**40,
+            2**62,
+            0,
+            -1,
+            -(2**31),
+            True,
+            str(value),
+            1.5,
+            None,
+        ]
+    )
 
 
 def mutate(rng: random.Random, blob: bytes, others: list[bytes]) -> tuple[str, bytes]:
     """One random mutation of a valid file: (its kind, the bytes)."""
-    kind = rng.choice(["flip", "flip_header", "truncate", "extend", "splice", "record", "entry", "meta",
-                       "content", "values_count", "big_csr"])
+    kind = rng.choice(
+        [
+            "flip",
+            "flip_header",
+            "truncate",
+            "extend",
+            "splice",
+            "record",
+            "entry",
+            "meta",
+            "content",
+            "values_count",
+            "big_csr",
+        ]
+    )
     b = bytearray(blob)
     (hlen,) = struct.unpack("<Q", blob[:8])
     if kind in ("flip", "flip_header"):
@@ -226,8 +262,18 @@ def mutate(rng: random.Random, blob: bytes, others: list[bytes]) -> tuple[str, b
             else:
                 e["shape"] = [rng.choice([2**20, 2**28, 2**40])]
         elif field == "dtype":
-            e["dtype"] = rng.choice(["torch.float32", "torch.int32", "torch.float64", "torch.bool", "torch.uint8",
-                                     "torch.qint8", "torch.Tensor", "float32"])
+            e["dtype"] = rng.choice(
+                [
+                    "torch.float32",
+                    "torch.int32",
+                    "torch.float64",
+                    "torch.bool",
+                    "torch.uint8",
+                    "torch.qint8",
+                    "torch.Tensor",
+                    "float32",
+                ]
+            )
         elif field == "encoding":
             e["encoding"] = rng.choice(["dense", "bitmask", "csr", "coo"])
         elif field == "key":
@@ -284,8 +330,7 @@ def mutate(rng: random.Random, blob: bytes, others: list[bytes]) -> tuple[str, b
             i = rng.randrange(len(cols))
             key = name.rsplit(":", 1)[0]
             entry = next(e for e in json.loads(meta["entries"]) if e["key"] == key)
-            width = entry["shape"][-1] if len(entry["shape"]) < 2 else int(
-                torch.tensor(entry["shape"][1:]).prod())
+            width = entry["shape"][-1] if len(entry["shape"]) < 2 else int(torch.tensor(entry["shape"][1:]).prod())
             # beyond the row (what used to move a value into the next row), negative, or a repeat
             choice = rng.choice([width, width + rng.randint(1, 9), 2 * width, -1, "dup"])
             if choice == "dup" and len(cols) > 1:
@@ -337,7 +382,8 @@ def mutate(rng: random.Random, blob: bytes, others: list[bytes]) -> tuple[str, b
     rec = header[name]
     raw = tensor_bytes(header, data, name)
     item = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[
-        rec["dtype"]]
+        rec["dtype"]
+    ]
     if raw and rng.random() < 0.5:
         raw, shape = raw[:-item], [rec["shape"][0] - 1]
     else:
@@ -432,8 +478,14 @@ def run(seed: int, mutants: int, ceiling_mib: int) -> dict[str, Any]:
         if failure is not None:
             failures.append({"mutant": i, "base": name, "kind": kind, "failure": failure})
     return {
-        "mutants": mutants, "seconds": time.perf_counter() - t0, "probe": probe, "ceiling_mib": ceiling_mib,
-        "outcomes": outcomes, "kinds": kinds, "failures": failures[:20], "n_failures": len(failures),
+        "mutants": mutants,
+        "seconds": time.perf_counter() - t0,
+        "probe": probe,
+        "ceiling_mib": ceiling_mib,
+        "outcomes": outcomes,
+        "kinds": kinds,
+        "failures": failures[:20],
+        "n_failures": len(failures),
         "file_bytes": {n: len(b["blob"]) for n, b in bases.items()},
     }
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ import lightning_lobs.engine.allocate as engine_allocate
 from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
 from lightning_lobs.allocation import allocate_global, split_budget
 from lightning_lobs.config import resolve_allocation
-from lightning_lobs.solvers import error_curve, output_energy, solve_layer
+from lightning_lobs.solvers import RowFloor, error_curve, output_energy, solve_layer
 
 F64 = torch.float64
 S64 = SolverOptions(dtype=F64)
@@ -112,7 +111,9 @@ def test_split_budget_equals_exhaustive_search(seed):
         budget = int(torch.randint(0, sum(max(c) for c in counts) + 1, (1,), generator=g))
         got = split_budget(counts, errors, budget)
         assert sum(counts[l][k] for l, k in enumerate(got)) >= budget
-        assert sum(errors[l][k] for l, k in enumerate(got)) == pytest.approx(_brute(counts, errors, budget), rel=1e-12, abs=1e-15)
+        assert sum(errors[l][k] for l, k in enumerate(got)) == pytest.approx(
+            _brute(counts, errors, budget), rel=1e-12, abs=1e-15
+        )
         checked += 1
     assert checked == 60
 
@@ -147,7 +148,6 @@ def test_removals_over_the_budget_go_back_along_the_steepest_segment():
     assert alloc_mod._refine(counts[::-1], errors[::-1], chosen[::-1], 346) == [24, 322]
 
 
-
 def _interp(c, e, x):
     """A layer's error at ``x`` removals, linear between its measured levels (as the hand-back and exchanges take it)."""
     return float(np.interp(x, c, e))
@@ -157,7 +157,9 @@ def _random_curves(g, convex):
     L = int(torch.randint(2, 5, (1,), generator=g))
     counts, errors = [], []
     for _ in range(L):  # few weights and levels, so that kinks and ties between layers are common
-        c = [0] + sorted(set(torch.randint(1, 13, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()))
+        c = [0] + sorted(
+            set(torch.randint(1, 13, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist())
+        )
         steps = torch.rand(len(c) - 1, generator=g, dtype=F64)
         if convex:  # slopes that grow along the curve
             slopes = steps.sort().values
@@ -194,7 +196,6 @@ def test_final_split_meets_the_budget_exactly_and_never_loses_to_the_grid_split(
                     assert sum(_interp(c, e, x) for c, e, x in zip(counts, errors, moved)) >= total - tol
 
 
-
 def test_final_split_never_goes_below_a_layers_lowest_level():
     """A layer's lowest level is what earlier masks already removed: with nothing left to hand back, the split
     stays there, over the budget, rather than returning removals that are not there."""
@@ -214,15 +215,17 @@ def test_an_excess_of_one_weight_is_handed_back_too():
 
 def test_row_minimum_keeps_each_rows_costliest_weights_that_are_still_there():
     """Every output row keeps ``min_kept_per_row`` weights: its costliest ones get an infinite cost. With earlier
-    masks, only weights still kept count (a row's costliest weight may be one that is already gone)."""
+    masks, only weights still kept count (a row's costliest weight may be one that is already gone). The allocation
+    pins them with RowFloor, given keep-masks inverted to the pruned-before masks RowFloor takes."""
     inf = math.inf
     costs = torch.tensor([[1.0, 5.0, 3.0], [4.0, 2.0, 6.0]], dtype=F64)
-    assert alloc_mod._keep_row_minimum(costs, 0, None).tolist() == costs.tolist()
-    assert alloc_mod._keep_row_minimum(costs, 1, None).tolist() == [[1.0, inf, 3.0], [4.0, 2.0, inf]]
-    assert alloc_mod._keep_row_minimum(costs, 2, None).tolist() == [[1.0, inf, inf], [inf, 2.0, inf]]
+    assert RowFloor(0).pin(costs, None).tolist() == costs.tolist()
+    assert RowFloor(1).pin(costs, None).tolist() == [[1.0, inf, 3.0], [4.0, 2.0, inf]]
+    assert RowFloor(2).pin(costs, None).tolist() == [[1.0, inf, inf], [inf, 2.0, inf]]
     kept = torch.tensor([[True, False, True], [True, True, False]])
-    assert alloc_mod._keep_row_minimum(costs, 1, kept).tolist() == [[1.0, 5.0, inf], [inf, 2.0, 6.0]]
-    assert alloc_mod._keep_row_minimum(costs, 5, kept).tolist() == [[inf, 5.0, inf], [inf, inf, 6.0]]
+    assert RowFloor(1).pin(costs, ~kept).tolist() == [[1.0, 5.0, inf], [inf, 2.0, 6.0]]
+    assert RowFloor(5).pin(costs, ~kept).tolist() == [[inf, 5.0, inf], [inf, inf, 6.0]]
+
 
 @pytest.mark.parametrize("seed", range(3))
 def test_final_split_on_convex_curves_is_the_exact_optimum(seed):
@@ -233,7 +236,7 @@ def test_final_split_on_convex_curves_is_the_exact_optimum(seed):
         cur = alloc_mod._refine(counts, errors, split_budget(counts, errors, budget), budget)
         best = {0: 0.0}  # every integer split, layer by layer: the least summed error for each total
         for c, e in zip(counts, errors):
-            nxt: Dict[int, float] = {}
+            nxt: dict[int, float] = {}
             for t, v in best.items():
                 for x in range(c[-1] + 1):
                     nxt[t + x] = min(nxt.get(t + x, math.inf), v + _interp(c, e, x))
@@ -241,15 +244,17 @@ def test_final_split_on_convex_curves_is_the_exact_optimum(seed):
         total = sum(_interp(c, e, x) for c, e, x in zip(counts, errors, cur))
         assert total == pytest.approx(best[budget], rel=64 * torch.finfo(F64).eps, abs=64 * torch.finfo(F64).eps)
 
+
 # --------------------------------------------------------------------------- small models
 
 
 class _MLP(nn.Module):
-    def __init__(self, sizes: List[int], seed: int, bias_last: bool = True) -> None:
+    def __init__(self, sizes: list[int], seed: int, bias_last: bool = True) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.fcs = nn.ModuleList(
-            nn.Linear(a, b, bias=(i < len(sizes) - 2) or bias_last) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+            nn.Linear(a, b, bias=(i < len(sizes) - 2) or bias_last)
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,9 +269,9 @@ def _loader(x: torch.Tensor) -> DataLoader:
     return DataLoader(TensorDataset(x), batch_size=128)
 
 
-def _inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each Linear's input with a ones column when it has a bias (float64), from the dense model."""
-    got: Dict[str, torch.Tensor] = {}
+    got: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda mod, a, n=n: got.__setitem__(n, a[0].detach().double()))
         for n, m in model.named_modules()
@@ -277,10 +282,13 @@ def _inputs(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     for h in hooks:
         h.remove()
     mods = dict(model.named_modules())
-    return {n: torch.cat([v, torch.ones(v.shape[0], 1, dtype=F64)], 1) if mods[n].bias is not None else v for n, v in got.items()}
+    return {
+        n: torch.cat([v, torch.ones(v.shape[0], 1, dtype=F64)], 1) if mods[n].bias is not None else v
+        for n, v in got.items()
+    }
 
 
-def _targets(rep) -> Dict[str, int]:
+def _targets(rep) -> dict[str, int]:
     return {n: round(r.target_sparsity * math.prod(r.shape)) for n, r in rep.layers.items()}
 
 
@@ -367,7 +375,7 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
         m2 = _MLP([10, 24, 16, 6], seed=2)
         seen.clear()
         rep = prune_model(m2, _loader(x), s, method, allocation=cfg, solver=S64, prune_head=True)
-        (c_seen, e_seen, b_seen, split), = seen
+        ((c_seen, e_seen, b_seen, split),) = seen
         assert b_seen == budget and [list(c) for c in c_seen] == counts
         for l in range(len(names)):  # the measured curves are the single-level solves' errors
             assert e_seen[l] == pytest.approx(errors[l], rel=tols[l], abs=tols[l] * max(errors[l]))
@@ -429,9 +437,19 @@ def _rel_errors(rep) -> float:
 @pytest.mark.parametrize("method", ["fast", "lobs"])
 def test_one_pass_over_prunes_the_redundant_layer_and_curves_do_not(method):
     x = torch.randn(1024, 88, generator=torch.Generator().manual_seed(8))
-    one = prune_model(_Redundant(), _loader(x), 0.85, method, allocation=GlobalAllocation(costs="one-pass"), solver=S64, prune_head=True)
+    one = prune_model(
+        _Redundant(),
+        _loader(x),
+        0.85,
+        method,
+        allocation=GlobalAllocation(costs="one-pass"),
+        solver=S64,
+        prune_head=True,
+    )
     cur = prune_model(_Redundant(), _loader(x), 0.85, method, solver=S64, prune_head=True)
-    ref = prune_model(_Redundant(), _loader(x), 0.85, "exact", solver=S64, prune_head=True)  # greedy-trace costs see the copies
+    ref = prune_model(
+        _Redundant(), _loader(x), 0.85, "exact", solver=S64, prune_head=True
+    )  # greedy-trace costs see the copies
     red = {k: r.layers["red"].target_sparsity for k, r in (("one", one), ("cur", cur), ("exact", ref))}
     # one-pass takes nearly the whole redundant layer, well past the exact split; the curves do not
     assert red["one"] > 0.97 and red["one"] > red["exact"] + 0.03, red
@@ -446,7 +464,9 @@ def test_one_pass_over_prunes_the_redundant_layer_and_curves_do_not(method):
         for n, r in rep.layers.items():
             A = acts[n]
             H = A.T @ A / A.shape[0]
-            out += r.layer_error / output_energy(mods[n].weight.detach().double(), H, bias=mods[n].bias.detach().double())
+            out += r.layer_error / output_energy(
+                mods[n].weight.detach().double(), H, bias=mods[n].bias.detach().double()
+            )
         return out
 
     assert rel(cur) < rel(one), (rel(cur), rel(one))
@@ -474,7 +494,9 @@ class _Scaled(nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-@pytest.mark.parametrize("method,costs", [("fast", "curve"), ("lobs", "curve"), ("fast", "one-pass"), ("exact", "curve")])
+@pytest.mark.parametrize(
+    "method,costs", [("fast", "curve"), ("lobs", "curve"), ("fast", "one-pass"), ("exact", "curve")]
+)
 def test_allocation_is_invariant_to_rescaling_between_layers(method, costs, monkeypatch):
     """Relative costs make the split independent of how the output scale is shared between layers;
     without the output-energy normalisation, the 100x larger layer would be spared."""
@@ -488,7 +510,9 @@ def test_allocation_is_invariant_to_rescaling_between_layers(method, costs, monk
         real = engine_allocate.error_curve
 
         def absolute(weight, hessian, sparsities, *, bias=None, **kw):
-            return real(weight, hessian, sparsities, bias=bias, **kw) * output_energy(weight.double(), hessian, bias=None if bias is None else bias.double())
+            return real(weight, hessian, sparsities, bias=bias, **kw) * output_energy(
+                weight.double(), hessian, bias=None if bias is None else bias.double()
+            )
 
         monkeypatch.setattr(engine_allocate, "error_curve", absolute)
     else:
@@ -519,17 +543,35 @@ class _Lopsided(nn.Module):
         return self.dup(torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], 1)) + self.live(x)
 
 
-@pytest.mark.parametrize("method,costs", [("exact", "curve"), ("fast", "curve"), ("lobs", "curve"), ("lobs", "one-pass")])
+@pytest.mark.parametrize(
+    "method,costs", [("exact", "curve"), ("fast", "curve"), ("lobs", "curve"), ("lobs", "one-pass")]
+)
 def test_layer_cap_and_no_dead_rows(method, costs):
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(14))
     model = _Lopsided()
-    rep = prune_model(model, _loader(x), 0.6, method, allocation=GlobalAllocation(max_layer_sparsity=0.9, costs=costs), solver=S64, prune_head=True)
+    rep = prune_model(
+        model,
+        _loader(x),
+        0.6,
+        method,
+        allocation=GlobalAllocation(max_layer_sparsity=0.9, costs=costs),
+        solver=S64,
+        prune_head=True,
+    )
     assert rep.layers["dup"].target_sparsity == pytest.approx(0.9, abs=1 / 512)  # it wants more: the cap binds
     for m in (model.dup, model.live):
         assert bool(((m.weight != 0).sum(1) >= 1).all())
     # without the cap it goes down to the last weight of every row, but no further
     model = _Lopsided()
-    rep = prune_model(model, _loader(x), 0.6, method, allocation=GlobalAllocation(max_layer_sparsity=1.0, costs=costs), solver=S64, prune_head=True)
+    rep = prune_model(
+        model,
+        _loader(x),
+        0.6,
+        method,
+        allocation=GlobalAllocation(max_layer_sparsity=1.0, costs=costs),
+        solver=S64,
+        prune_head=True,
+    )
     assert rep.layers["dup"].target_sparsity == pytest.approx(1 - 16 / (16 * 32))
     assert bool(((model.dup.weight != 0).sum(1) == 1).all())
 
@@ -541,7 +583,15 @@ def test_dead_rows_only_when_asked(method):
         prune_model(_Lopsided(), _loader(x), 0.6, method, solver=SolverOptions(min_kept_per_row=0), prune_head=True)
     model = _Lopsided()
     cfg = GlobalAllocation(max_layer_sparsity=1.0, allow_dead_rows=True)
-    rep = prune_model(model, _loader(x), 0.75, method, allocation=cfg, solver=SolverOptions(dtype=F64, min_kept_per_row=0), prune_head=True)
+    rep = prune_model(
+        model,
+        _loader(x),
+        0.75,
+        method,
+        allocation=cfg,
+        solver=SolverOptions(dtype=F64, min_kept_per_row=0),
+        prune_head=True,
+    )
     assert rep.layers["dup"].sparsity > 1 - 16 / (16 * 32)  # beyond one weight per row
     assert bool(((model.dup.weight != 0).sum(1) == 0).any())
 
@@ -549,13 +599,17 @@ def test_dead_rows_only_when_asked(method):
 def test_unreachable_sparsity_names_the_options():
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(14))
     with pytest.raises(ValueError, match="max_layer_sparsity=0.7.*min_kept_per_row"):
-        prune_model(_Lopsided(), _loader(x), 0.8, "fast", allocation=GlobalAllocation(max_layer_sparsity=0.7), prune_head=True)
+        prune_model(
+            _Lopsided(), _loader(x), 0.8, "fast", allocation=GlobalAllocation(max_layer_sparsity=0.7), prune_head=True
+        )
 
 
 def test_sequential_curves_come_from_the_dense_network():
     x = torch.randn(600, 10, generator=torch.Generator().manual_seed(4))
     plain = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, prune_head=True)
-    seq = prune_model(_MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, sequential=True, prune_head=True)
+    seq = prune_model(
+        _MLP([10, 24, 16, 6], seed=2), _loader(x), 0.6, "fast", solver=S64, sequential=True, prune_head=True
+    )
     assert _targets(seq) == _targets(plain)
     assert len(set(_targets(plain).values())) > 1
 
@@ -583,7 +637,11 @@ def test_second_step_keeps_earlier_masks_and_meets_the_budget(method):
 
 def test_allocate_global_is_the_cheapest_pooled_set():
     g = torch.Generator().manual_seed(67)
-    costs = {"a": torch.rand(4, 5, generator=g), "b": torch.rand(3, 2, generator=g) * 0.3, "c": torch.rand(10, generator=g) * 3}
+    costs = {
+        "a": torch.rand(4, 5, generator=g),
+        "b": torch.rand(3, 2, generator=g) * 0.3,
+        "c": torch.rand(10, generator=g) * 3,
+    }
     N = sum(c.numel() for c in costs.values())
     for s in (0.0, 0.2, 0.5, 0.77, 0.9):
         got = allocate_global(costs, s)

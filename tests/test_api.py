@@ -292,7 +292,9 @@ def test_auto_picks_exact_for_small_layers(method_reports):
 def test_exact_has_smallest_layer_error(mlp_loader, cnn_loader, kind):
     # Same per-layer sparsities for every method (global allocation would give each method its own split).
     make, loader = (make_mlp, mlp_loader) if kind == "mlp" else (make_cnn, cnn_loader)
-    reports = {m: prune_model(make(), loader, 0.6, m, allocation="uniform", prune_head=True) for m in ("lobs", "exact", "fast")}
+    reports = {
+        m: prune_model(make(), loader, 0.6, m, allocation="uniform", prune_head=True) for m in ("lobs", "exact", "fast")
+    }
     total = {m: sum(lr.layer_error for lr in r.layers.values()) for m, r in reports.items()}
     assert total["exact"] <= total["fast"]
     assert total["exact"] <= total["lobs"]
@@ -539,9 +541,7 @@ def test_failure_while_measuring_restores_weights(mlp_loader, sequential):
 
 def test_success_restores_modes_and_leaves_no_hooks(mlp_loader):
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(32, 24), nn.ReLU(), nn.Dropout(0.5), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)
-    )
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Dropout(0.5), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
     model.train()
     model[2].eval()
     before_modes = modes(model)
@@ -697,7 +697,9 @@ def test_global_allocation_sequential_uses_dense_costs(mlp_loader):
 def test_global_allocation_ignored_for_mappings_and_patterns(mlp_loader):
     rep = prune_model(make_mlp(), mlp_loader, {"0": 0.5, "2": 0.3}, "exact", prune_head=True)
     assert rep.allocation == "per-layer"
-    assert rep.layers["0"].sparsity == pytest.approx(0.5, abs=1e-3) and rep.layers["2"].sparsity == pytest.approx(0.3, abs=1e-3)
+    assert rep.layers["0"].sparsity == pytest.approx(0.5, abs=1e-3) and rep.layers["2"].sparsity == pytest.approx(
+        0.3, abs=1e-3
+    )
     rep = prune_model(make_mlp(), mlp_loader, method="fast", pattern="2:4", prune_head=True)
     assert rep.allocation == "uniform" and all(r.sparsity == 0.5 for r in rep.layers.values())
 

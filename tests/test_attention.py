@@ -38,8 +38,10 @@ def _reference_attention(mha: nn.MultiheadAttention, query, key, value, key_padd
     bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
     q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+
     def split(t, n):
         return t.reshape(b, n, h, e // h).transpose(1, 2)
+
     scores = split(q, lq) @ split(k, lk).transpose(-1, -2) / math.sqrt(e // h)
     if attn_mask is not None:
         scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
@@ -73,8 +75,10 @@ def test_recomputed_attention_output_equals_the_fused_forward(batch_first, masks
     mha = _mha(batch_first, True, kdim=6)
     g = torch.Generator().manual_seed(1)
     b, lq, lk = 3, 5, 4
+
     def shape(n, d):
         return (b, n, d) if batch_first else (n, b, d)
+
     q = torch.randn(*shape(lq, 8), generator=g, dtype=torch.float64)
     kv = torch.randn(*shape(lk, 6), generator=g, dtype=torch.float64)
     kwargs = {}
@@ -113,19 +117,33 @@ def test_projection_blocks_and_out_proj_match_the_float64_reference_solve(batch_
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(2)
     kd = kdim or 8
+
     def shape(n, d):
         return (4, n, d) if batch_first else (n, 4, d)
+
     batches = [
-        (torch.randn(*shape(5, 8), generator=g, dtype=torch.float64), torch.randn(*shape(7, kd), generator=g, dtype=torch.float64))
+        (
+            torch.randn(*shape(5, 8), generator=g, dtype=torch.float64),
+            torch.randn(*shape(7, kd), generator=g, dtype=torch.float64),
+        )
         for _ in range(3)
     ]
     if kdim is None:  # self-attention: key = value = query
         batches = [(q, q) for q, _ in batches]
-    report = prune_model(model, batches, 0.5, "exact", allocation="uniform", solver=F64, forward_fn=lambda m, b: m(b), recalibrate_bn=False)
+    report = prune_model(
+        model,
+        batches,
+        0.5,
+        "exact",
+        allocation="uniform",
+        solver=F64,
+        forward_fn=lambda m, b: m(b),
+        recalibrate_bn=False,
+    )
     assert list(report.layers) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"]
 
     ref = _mha(batch_first, bias, kdim)
-    ref.load_state_dict({k[len("attn."):]: v for k, v in dense.items()})
+    ref.load_state_dict({k[len("attn.") :]: v for k, v in dense.items()})
     qs = torch.cat([(q if batch_first else q.transpose(0, 1)).reshape(-1, 8) for q, _ in batches])
     kvs = torch.cat([(kv if batch_first else kv.transpose(0, 1)).reshape(-1, kd) for _, kv in batches])
     with torch.no_grad():
@@ -156,15 +174,21 @@ def test_cross_attention_in_a_decoder_takes_key_and_value_from_the_memory_with_m
     layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     dec = nn.TransformerDecoder(layer, 1).double()
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 7, 8, generator=g, dtype=torch.float64)) for _ in range(2)]
+    batches = [
+        (torch.randn(3, 5, 8, generator=g, dtype=torch.float64), torch.randn(3, 7, 8, generator=g, dtype=torch.float64))
+        for _ in range(2)
+    ]
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
     pad = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 6 + [True]])
+
     def run(m, b):
         return m(b[0], b[1], tgt_mask=tgt_mask, memory_key_padding_mask=pad)
 
     cross = dec.layers[0].multihead_attn
     seen = []
-    handle = cross.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(_inputs(mod, args, kwargs)), with_kwargs=True)
+    handle = cross.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(_inputs(mod, args, kwargs)), with_kwargs=True
+    )
     dense = {k: v.clone() for k, v in cross.state_dict().items()}
     with torch.no_grad():
         dec.eval()
@@ -174,7 +198,9 @@ def test_cross_attention_in_a_decoder_takes_key_and_value_from_the_memory_with_m
     assert all(torch.equal(s["key"], b[1]) for s, b in zip(seen, batches))  # the memory, as the claim needs
 
     report = prune_model(dec, batches, 0.5, "exact", allocation="uniform", solver=F64, forward_fn=run)
-    assert {f"layers.0.{a}.{p}" for a in ("self_attn", "multihead_attn") for p in ("q_proj", "k_proj", "v_proj", "out_proj")} <= set(report.layers)
+    assert {
+        f"layers.0.{a}.{p}" for a in ("self_attn", "multihead_attn") for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+    } <= set(report.layers)
     ref = nn.MultiheadAttention(8, 2, batch_first=True).double()
     ref.load_state_dict(dense)
     wq, wk, wv = ref.in_proj_weight.detach().chunk(3)
@@ -187,11 +213,22 @@ def test_cross_attention_in_a_decoder_takes_key_and_value_from_the_memory_with_m
         assert torch.equal(got[b] != 0, expect.mask), b
         assert torch.allclose(got[b], expect.weight, rtol=0, atol=_tol(expect.weight, 8)), b
     with torch.no_grad():  # out_proj: the attention output with the memory padding mask applied
-        pre = torch.cat([
-            _reference_attention(ref, s["query"], s["key"], s["value"], key_padding_mask=s["key_padding_mask"]).reshape(-1, 8)
-            for s in seen
-        ])
-    expect = solve_layer(ref.out_proj.weight.detach(), _rows_hessian(pre, True), 0.5, "exact", bias=ref.out_proj.bias.detach(), solver=F64)
+        pre = torch.cat(
+            [
+                _reference_attention(
+                    ref, s["query"], s["key"], s["value"], key_padding_mask=s["key_padding_mask"]
+                ).reshape(-1, 8)
+                for s in seen
+            ]
+        )
+    expect = solve_layer(
+        ref.out_proj.weight.detach(),
+        _rows_hessian(pre, True),
+        0.5,
+        "exact",
+        bias=ref.out_proj.bias.detach(),
+        solver=F64,
+    )
     assert torch.equal(cross.out_proj.weight != 0, expect.mask)
     assert torch.allclose(cross.out_proj.weight.detach(), expect.weight, rtol=0, atol=_tol(expect.weight, 8))
 
@@ -249,7 +286,9 @@ def test_transformer_encoder_reaches_the_asked_sparsity_and_the_report_equals_th
 def test_small_torchvision_vit_reaches_the_asked_sparsity_over_every_linear_conv_and_attention_weight():
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    vit = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    vit = tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
     g = torch.Generator().manual_seed(5)
     batches = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)]
     with warnings.catch_warnings():
@@ -339,8 +378,14 @@ def test_lobs_pruning_callback_keeps_attention_zeros_through_adamw_training():
         sparsity=0.6, prune_epoch=1, method="fast", allocation="uniform", calibration_batches=2, log_table=False
     )
     trainer = pl.Trainer(
-        max_epochs=3, callbacks=[lobs], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1,
+        max_epochs=3,
+        callbacks=[lobs],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     trainer.fit(module, loader)
     key = "enc.layers.0.self_attn.in_proj_weight"
@@ -358,8 +403,11 @@ def test_nn_transformer_prunes_every_attention_and_feed_forward_of_both_stacks()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report = prune_model(model, batches, 0.7, "fast", allocation="uniform", forward_fn=lambda m, b: m(b[0], b[1]))
-    attn = [f"{s}.layers.0.{a}.{p}" for s, a in (("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "multihead_attn"))
-            for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    attn = [
+        f"{s}.layers.0.{a}.{p}"
+        for s, a in (("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "multihead_attn"))
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+    ]
     assert set(attn) <= set(report.layers) and len(report.layers) == len(attn) + 4  # + two feed-forward pairs
     assert abs(_sparsity(_prunable_weights(model)) - 0.7) <= _rounding(model, report.layers)
 
@@ -370,7 +418,9 @@ def test_sparse_file_of_a_pruned_transformer_holds_the_attention_masks(tmp_path)
 
     model = _encoder()
     g = torch.Generator().manual_seed(4)
-    report = prune_model(model, [torch.randn(4, 6, 16, generator=g) for _ in range(2)], 0.7, "fast", allocation="uniform")
+    report = prune_model(
+        model, [torch.randn(4, 6, 16, generator=g) for _ in range(2)], 0.7, "fast", allocation="uniform"
+    )
     info = save_sparse(model, tmp_path / "enc.lobs", masks=report.masks)
     weights = _prunable_weights(model)
     assert info.total_weights == sum(w.numel() for w in weights)

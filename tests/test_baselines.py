@@ -177,8 +177,13 @@ def test_paper_mnist_retraining_holds_masks_and_counts_steps():
     pm = load_benchmark("paper_mnist")
 
     g = torch.Generator().manual_seed(0)
-    splits = MNISTSplits(torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
-                         torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g), "random")
+    splits = MNISTSplits(
+        torch.randn(64, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (64,), generator=g),
+        torch.randn(32, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (32,), generator=g),
+        "random",
+    )
     net = lenet300_100()
     masks = {name: torch.rand(m.weight.shape, generator=g) > 0.9 for name, m in pm.prunable_layers(net)}
     with torch.no_grad():
@@ -215,10 +220,14 @@ def test_sparsegpt_sweep_nm_matches_the_library_fast_solver_without_refit():
 
     W, H, _ = _problem(rows=5, d=16, n=80, seed=4)
     V, keep = B.sparsegpt_sweep(W, H, nm=(2, 4), percdamp=0.01)
-    res = solve_layer(W, H, None, "fast", pattern="2:4", solver=SolverOptions(refit=False, damp=0.01, dtype=torch.float64))
+    res = solve_layer(
+        W, H, None, "fast", pattern="2:4", solver=SolverOptions(refit=False, damp=0.01, dtype=torch.float64)
+    )
     assert torch.equal(keep, res.mask)
     cond = float(torch.linalg.cond(H))
-    assert torch.allclose(V, res.weight.double(), rtol=0, atol=100 * cond * torch.finfo(torch.float64).eps * W.abs().max())
+    assert torch.allclose(
+        V, res.weight.double(), rtol=0, atol=100 * cond * torch.finfo(torch.float64).eps * W.abs().max()
+    )
     # Unstructured: exactly the quota per block, and far better than magnitude on correlated inputs.
     V, keep = B.sparsegpt_sweep(W, H, 0.5, blocksize=8)
     assert int((~keep).sum()) == 2 * int(5 * 8 * 0.5)

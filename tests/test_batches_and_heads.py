@@ -31,8 +31,15 @@ def _gpt2(tie: bool = False) -> nn.Module:
 def _t5() -> nn.Module:
     torch.manual_seed(0)
     cfg = transformers.T5Config(
-        d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB, decoder_start_token_id=0,
-        bos_token_id=None, eos_token_id=1, pad_token_id=0,
+        d_model=32,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
@@ -62,11 +69,13 @@ def _masks(report) -> dict:
 def test_t5_prunes_with_the_default_forward_on_hf_batches(decoder):
     g = torch.Generator().manual_seed(2)
     batches = [
-        transformers.BatchEncoding({
-            "input_ids": torch.randint(2, VOCAB, (4, 8), generator=g),
-            "attention_mask": torch.ones(4, 8, dtype=torch.long),
-            decoder: torch.randint(2, VOCAB, (4, 5), generator=g),
-        })
+        transformers.BatchEncoding(
+            {
+                "input_ids": torch.randint(2, VOCAB, (4, 8), generator=g),
+                "attention_mask": torch.ones(4, 8, dtype=torch.long),
+                decoder: torch.randint(2, VOCAB, (4, 5), generator=g),
+            }
+        )
         for _ in range(2)
     ]
     model = _t5()
@@ -87,7 +96,9 @@ def test_padded_gpt2_batch_prunes_as_with_its_attention_mask():
     }
     masks = {}
     for key, fwd in forwards.items():
-        masks[key] = _masks(_quiet(prune_model, copy.deepcopy(base), batches, 0.5, "fast", allocation="uniform", forward_fn=fwd))
+        masks[key] = _masks(
+            _quiet(prune_model, copy.deepcopy(base), batches, 0.5, "fast", allocation="uniform", forward_fn=fwd)
+        )
     assert masks["default"].keys() == masks["with_mask"].keys() == masks["ids_only"].keys()
     assert all(torch.equal(masks["default"][n], masks["with_mask"][n]) for n in masks["default"])
     # Dropping the mask changes what the padded positions see, hence the Hessians and the masks.
@@ -118,7 +129,9 @@ def test_keys_the_forward_does_not_name_are_dropped_the_named_ones_passed():
     got = _masks(_quiet(prune_model, _Tokens(), batches, 0.5, "fast", prune_head=True))
     assert got.keys() == ref.keys() == {"fc", "out"}
     assert all(torch.equal(got[n], ref[n]) for n in ref)
-    unmasked = _masks(_quiet(prune_model, _Tokens(), batches, 0.5, "fast", prune_head=True, forward_fn=lambda m, b: m(b["input_ids"])))
+    unmasked = _masks(
+        _quiet(prune_model, _Tokens(), batches, 0.5, "fast", prune_head=True, forward_fn=lambda m, b: m(b["input_ids"]))
+    )
     assert any(not torch.equal(got[n], unmasked[n]) for n in ref)  # the mask matters here
 
 
@@ -181,10 +194,17 @@ def test_a_forward_taking_only_kwargs_gets_the_whole_batch_through_lobs_pruning(
 
     module = LitGPT()
     reference = _quiet(
-        prune_model, copy.deepcopy(module.gpt), batches, 0.5, "fast", allocation="uniform",
+        prune_model,
+        copy.deepcopy(module.gpt),
+        batches,
+        0.5,
+        "fast",
+        allocation="uniform",
         forward_fn=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
     )
-    cb = LOBSPruning(sparsity=0.5, prune_epoch=0, method="fast", allocation="uniform", calibration_batches=2, log_table=False)
+    cb = LOBSPruning(
+        sparsity=0.5, prune_epoch=0, method="fast", allocation="uniform", calibration_batches=2, log_table=False
+    )
     _quiet(make_trainer(pl, 1, [cb], limit_train_batches=1).fit, module)
     got = _masks(cb.last_report)
     assert got.keys() == {f"gpt.{n}" for n in reference.masks}
@@ -214,8 +234,13 @@ def test_untied_gpt2_lm_head_left_dense_by_default():
 def test_llama_lm_head_left_dense_by_default():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=VOCAB, tie_word_embeddings=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
     )
     _head_left_dense(transformers.LlamaForCausalLM(cfg).eval(), _padded_batches(), "lm_head")
 
@@ -266,7 +291,9 @@ def test_lobs_pruning_leaves_the_head_dense_unless_prune_head():
 
     reports = {}
     for flag in (False, True):
-        cb = LOBSPruning(sparsity=0.5, prune_epoch=0, method="fast", calibration_batches=2, log_table=False, prune_head=flag)
+        cb = LOBSPruning(
+            sparsity=0.5, prune_epoch=0, method="fast", calibration_batches=2, log_table=False, prune_head=flag
+        )
         _quiet(make_trainer(pl, 1, [cb], limit_train_batches=1).fit, lit_mlp(pl))
         reports[flag] = cb.last_report
     assert "net.4" not in reports[False].layers and "output head" in reports[False].skipped["net.4"]

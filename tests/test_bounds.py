@@ -85,7 +85,9 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict,
     return inputs, outputs, y
 
 
-def _prune(model: nn.Module, names: list[str], gen: torch.Generator, keep: float = 0.2, noise: float = 0.05) -> nn.Module:
+def _prune(
+    model: nn.Module, names: list[str], gen: torch.Generator, keep: float = 0.2, noise: float = 0.05
+) -> nn.Module:
     pruned = copy.deepcopy(model)
     for name in names:
         mod = pruned.get_submodule(name)
@@ -109,8 +111,9 @@ def _power_norm(fn, shape, iters: int = 300, seed: int = 0) -> float:
     return float(fn(v).detach().norm())  # ||A v|| with ||v|| = 1 never exceeds the true norm
 
 
-def _check_bound(model: nn.Module, names: list[str], x: torch.Tensor, seed: int, sequential: bool = False,
-                 example_input=None) -> tuple[float, float, float]:
+def _check_bound(
+    model: nn.Module, names: list[str], x: torch.Tensor, seed: int, sequential: bool = False, example_input=None
+) -> tuple[float, float, float]:
     model = model.double().eval()
     x = x.double()
     gen = torch.Generator().manual_seed(seed)
@@ -124,8 +127,9 @@ def _check_bound(model: nn.Module, names: list[str], x: torch.Tensor, seed: int,
         mod = model.get_submodule(name)
         H, P = _hessian(mod, pruned_in[name] if sequential else dense_in[name])
         assert P == positions_per_sample(mod, dense_out[name].shape)
-        terms.append(make_layer_term(name, mod, _matrix(mod), _matrix(pruned.get_submodule(name)), H, P,
-                                     sequential=sequential))
+        terms.append(
+            make_layer_term(name, mod, _matrix(mod), _matrix(pruned.get_submodule(name)), H, P, sequential=sequential)
+        )
     bound_f, bound_s = error_bound(terms, chain)
     last = chain.links[-1].name
     measured = rms_error(dense_out[last], pruned_out[last])
@@ -155,9 +159,16 @@ class LeNetFunctional(nn.Module):
 
 def lenet_sequential() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+        nn.Conv2d(1, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
     )
 
 
@@ -254,7 +265,9 @@ def test_layer_error_matches_direct_formula():
     X = torch.cat([torch.randn(n, d - 1, generator=gen, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
     H = X.T @ X / n
     W = torch.randn(out, d, generator=gen, dtype=torch.float64)
-    W_new = W * (torch.rand(out, d, generator=gen) > 0.5) + 0.1 * torch.randn(out, d, generator=gen, dtype=torch.float64)
+    W_new = W * (torch.rand(out, d, generator=gen) > 0.5) + 0.1 * torch.randn(
+        out, d, generator=gen, dtype=torch.float64
+    )
     direct = float(((W_new - W) @ X.T).pow(2).sum()) / (2 * n)
     assert layer_error(W, W_new, H) == pytest.approx(direct, rel=1e-12)
     assert layer_error(W.float(), W_new.float(), H.float()) == pytest.approx(direct, rel=1e-5)
@@ -268,9 +281,9 @@ def test_layer_error_grouped():
     H = X.transpose(1, 2) @ X / n
     W = torch.randn(g * rows_per, d, generator=gen, dtype=torch.float64)
     W_new = W + torch.randn(W.shape, generator=gen, dtype=torch.float64)
-    direct = sum(
-        float(((W_new - W)[j * rows_per:(j + 1) * rows_per] @ X[j].T).pow(2).sum()) for j in range(g)
-    ) / (2 * n)
+    direct = sum(float(((W_new - W)[j * rows_per : (j + 1) * rows_per] @ X[j].T).pow(2).sum()) for j in range(g)) / (
+        2 * n
+    )
     assert layer_error(W, W_new, H) == pytest.approx(direct, rel=1e-12)
     # conv-shaped weights (out, C/g, kh, kw) are flattened like weight.reshape(out, -1)
     assert layer_error(W.reshape(-1, 6, 1, 1), W_new.reshape(-1, 6, 1, 1), H) == pytest.approx(direct, rel=1e-12)
@@ -328,8 +341,15 @@ def test_operator_norm_linear():
 )
 def test_operator_norm_conv_is_upper_bound(cfg):
     torch.manual_seed(4)
-    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], dilation=cfg["dilation"],
-                     padding=cfg["padding"], groups=cfg["groups"]).double()
+    conv = nn.Conv2d(
+        cfg["cin"],
+        cfg["cout"],
+        cfg["k"],
+        stride=cfg["stride"],
+        dilation=cfg["dilation"],
+        padding=cfg["padding"],
+        groups=cfg["groups"],
+    ).double()
     w = conv.weight.detach()
 
     def A(x):
@@ -440,8 +460,16 @@ def test_pooling_and_norm_factors():
     bn.running_var.uniform_(0.5, 2.0)
     bn.weight.data.uniform_(-2.0, 2.0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.MaxPool2d(3, stride=2), nn.Conv2d(4, 4, 1), nn.AvgPool2d(3, stride=2),
-        nn.Conv2d(4, 4, 1), bn, nn.Tanh(), nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 4, 1),
+        nn.Conv2d(2, 4, 3),
+        nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(4, 4, 1),
+        nn.AvgPool2d(3, stride=2),
+        nn.Conv2d(4, 4, 1),
+        bn,
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 1),
+        nn.Sigmoid(),
+        nn.Conv2d(4, 4, 1),
     )
     chain = analyze_chain(model, ["0", "2", "4", "7", "9"])
     assert chain.is_chain, chain.reason
@@ -568,8 +596,9 @@ def test_error_bound_recursion_and_validation():
 @pytest.mark.parametrize("sequential", [False, True])
 def test_bound_holds_mlp(seed, sequential):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 16),
-                          nn.ReLU(), nn.Linear(16, 6))
+    model = nn.Sequential(
+        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 6)
+    )
     x = torch.randn(64, 12)
     measured, spec, fro = _check_bound(model, ["0", "2", "4", "6"], x, seed, sequential)
     assert spec < fro
@@ -593,9 +622,18 @@ def test_bound_holds_cnn_with_factors(seed, sequential):
     bn.running_var.uniform_(0.3, 2.0)
     bn.weight.data.uniform_(-1.5, 1.5)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), bn, nn.ReLU(), nn.MaxPool2d(3, stride=2),
-        nn.Conv2d(8, 8, 3, stride=2, dilation=2, padding=2, groups=2), nn.ELU(), nn.AvgPool2d(2),
-        nn.Conv2d(8, 6, 1), nn.Sigmoid(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        bn,
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(8, 8, 3, stride=2, dilation=2, padding=2, groups=2),
+        nn.ELU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 6, 1),
+        nn.Sigmoid(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 5),
     )
     x = torch.randn(12, 3, 17, 17)
     names = ["0", "4", "7", "11"]

@@ -6,7 +6,6 @@ import copy
 import csv
 import math
 from types import SimpleNamespace
-from typing import Dict, List, Optional
 
 import pytest
 import pytorch_lightning as pl
@@ -44,12 +43,12 @@ class Watcher(BothCallback):
     def __init__(self, lobs: LOBSPruning) -> None:
         self.lobs = lobs
         self.checked_batches = 0
-        self.epoch_start_weights: Dict[int, Dict[str, torch.Tensor]] = {}
-        self.epoch_start_masks: Dict[int, Dict[str, torch.Tensor]] = {}
-        self.epoch_start_zeros: Dict[int, Dict[str, int]] = {}
-        self.optimizers: List[torch.optim.Optimizer] = []
-        self.hooks_during_training: Optional[int] = None
-        self.epochs_seen: List[int] = []
+        self.epoch_start_weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.epoch_start_masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.epoch_start_zeros: dict[int, dict[str, int]] = {}
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.hooks_during_training: int | None = None
+        self.epochs_seen: list[int] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
         e = trainer.current_epoch
@@ -143,7 +142,9 @@ def test_metrics_logged(tmp_path):
     assert len(lobs_rows) == 1
     assert int(lobs_rows[0]["epoch"]) == 1
     for name in LAYERS:
-        assert float(lobs_rows[0][f"lobs/{name}/layer_error"]) == pytest.approx(report.layers[name].layer_error, rel=1e-5)
+        assert float(lobs_rows[0][f"lobs/{name}/layer_error"]) == pytest.approx(
+            report.layers[name].layer_error, rel=1e-5
+        )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -252,9 +253,14 @@ def test_two_unnamed_instances_share_a_trainer_and_log_apart(ns):
 
 
 def test_identical_instances_are_refused_naming_state_key(ns):
-    with pytest.raises(ValueError, match=r"two LOBSPruning callbacks in one Trainer have the same state_key .*state_key='\.\.\.'"):
+    with pytest.raises(
+        ValueError, match=r"two LOBSPruning callbacks in one Trainer have the same state_key .*state_key='\.\.\.'"
+    ):
         trainer(1, [LOBSPruning(sparsity=0.5, prune_head=True), LOBSPruning(sparsity=0.5, prune_head=True)], ns=ns)
-    named = [LOBSPruning(sparsity=0.5, state_key="x", prune_head=True), LOBSPruning(sparsity={"net.0": 0.5}, state_key="x", prune_head=True)]
+    named = [
+        LOBSPruning(sparsity=0.5, state_key="x", prune_head=True),
+        LOBSPruning(sparsity={"net.0": 0.5}, state_key="x", prune_head=True),
+    ]
     with pytest.raises(ValueError, match=r"same state_key \"LOBSPruning\{'state_key': 'x'\}\""):
         trainer(1, named, ns=ns)
 
@@ -287,7 +293,9 @@ def test_restored_pruned_epochs_block_a_second_prune():
 
 def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform", prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform", prune_head=True
+    )
     ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     tr = trainer(3, [lobs, ckpt], tmp_path, enable_checkpointing=True)
     tr.fit(model)
@@ -295,7 +303,9 @@ def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
     assert path.exists()
 
     model2 = LitMLP(seed=7)
-    lobs2 = LOBSPruning(sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform", prune_head=True)
+    lobs2 = LOBSPruning(
+        sparsity=0.7, prune_epoch=2, calibration_batches=4, log_table=False, allocation="uniform", prune_head=True
+    )
     watch = Watcher(lobs2)
     tr2 = trainer(3, [lobs2, watch], tmp_path)
     tr2.fit(model2, ckpt_path=str(path))
@@ -312,7 +322,9 @@ def test_resume_before_prune_epoch_prunes_on_time(tmp_path):
 
 def test_final_model_is_plain_and_hooks_removed():
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=0.5, prune_epoch=0, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True
+    )
     watch = Watcher(lobs)
     trainer(2, [lobs, watch]).fit(model)
     # hooks were there during training (grad hooks on 3 weights + 1 optimizer step hook) ...
@@ -371,13 +383,25 @@ def test_iterative_pruning(ns):
         (dict(sparsity=-0.1), ValueError, r"sparsity must be in \[0, 1\)"),
         (dict(sparsity={}), ValueError, r"mapping is empty"),
         (dict(prune_epoch=-1), ValueError, r"prune_epoch must be an epoch number >= 0"),
-        (dict(prune_epoch=1.5), ValueError, r"prune_epoch must be a whole epoch number >= 0 .*got 1\.5.*e\.g\. prune_epoch=5"),
+        (
+            dict(prune_epoch=1.5),
+            ValueError,
+            r"prune_epoch must be a whole epoch number >= 0 .*got 1\.5.*e\.g\. prune_epoch=5",
+        ),
         (dict(prune_epoch="1"), ValueError, r"prune_epoch must be a whole epoch number"),
         (dict(prune_epoch=[]), ValueError, r"prune_epoch is an empty list"),
         (dict(prune_epoch=[2, 1], sparsity=[0.5, 0.8]), ValueError, r"strictly increasing"),
-        (dict(prune_epoch=[1, 2], sparsity=[0.5, 0.6, 0.8]), ValueError, r"sparsity has 3 entries but prune_epoch has 2"),
+        (
+            dict(prune_epoch=[1, 2], sparsity=[0.5, 0.6, 0.8]),
+            ValueError,
+            r"sparsity has 3 entries but prune_epoch has 2",
+        ),
         (dict(prune_epoch=[1, 2], sparsity=[0.5, 1.2]), ValueError, r"sparsity\[1\]"),
-        (dict(prune_epoch=[1, 2], sparsity=[0.8, 0.5]), ValueError, r"sparsity\[1\] = 0.5 is lower than sparsity\[0\] = 0.8.*stay pruned"),
+        (
+            dict(prune_epoch=[1, 2], sparsity=[0.8, 0.5]),
+            ValueError,
+            r"sparsity\[1\] = 0.5 is lower than sparsity\[0\] = 0.8.*stay pruned",
+        ),
         (
             dict(prune_epoch=[1, 2], sparsity=[{"net.*": 0.8}, {"net.*": 0.6}]),
             ValueError,
@@ -466,10 +490,14 @@ class CountingLoader:
 
 def test_calibration_dataloader_is_used():
     g = torch.Generator().manual_seed(42)
-    cal = CountingLoader([(torch.randn(32, 32, generator=g) * 3 + 1, torch.zeros(32, dtype=torch.long)) for _ in range(6)])
+    cal = CountingLoader(
+        [(torch.randn(32, 32, generator=g) * 3 + 1, torch.zeros(32, dtype=torch.long)) for _ in range(6)]
+    )
     model = LitMLP()
     reference = copy.deepcopy(model)
-    lobs = LOBSPruning(sparsity=0.6, prune_epoch=0, calibration_batches=3, calibration_dataloader=cal, log_table=False, prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=0.6, prune_epoch=0, calibration_batches=3, calibration_dataloader=cal, log_table=False, prune_head=True
+    )
     trainer(1, [lobs]).fit(model)
     assert cal.yielded == 3
     # same layer errors as pruning the initial model on those 3 batches (and not on the train data)
@@ -477,7 +505,9 @@ def test_calibration_dataloader_is_used():
     got = lobs.last_report
     for name in LAYERS:
         assert got.layers[name].layer_error == pytest.approx(expected.layers[name].layer_error, rel=1e-6)
-    on_train = prune_model(copy.deepcopy(LitMLP()), LitMLP().train_dataloader(), 0.6, calibration_batches=3, prune_head=True)
+    on_train = prune_model(
+        copy.deepcopy(LitMLP()), LitMLP().train_dataloader(), 0.6, calibration_batches=3, prune_head=True
+    )
     assert on_train.layers["net.0"].layer_error != pytest.approx(got.layers["net.0"].layer_error, rel=1e-3)
 
 
@@ -489,7 +519,9 @@ def test_forward_fn_used_by_callback():
         return model(batch[0])
 
     model = LitMLP()
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=2, forward_fn=fwd, log_table=False, prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=0.5, prune_epoch=0, calibration_batches=2, forward_fn=fwd, log_table=False, prune_head=True
+    )
     trainer(1, [lobs]).fit(model)
     assert len(calls) >= 2 and all(c == 64 for c in calls)
     assert lobs.last_report.sparsity == pytest.approx(0.5, abs=2e-3)
@@ -502,11 +534,11 @@ class StateWatcher(BothCallback):
     """Placed after LOBSPruning: compares BN buffers / optimizer state across the prune."""
 
     def __init__(self) -> None:
-        self.end0: Dict[str, torch.Tensor] = {}
-        self.start1: Dict[str, torch.Tensor] = {}
-        self.opt_end0: Dict = {}
-        self.opt_start1: Dict = {}
-        self.training_flags: List[bool] = []
+        self.end0: dict[str, torch.Tensor] = {}
+        self.start1: dict[str, torch.Tensor] = {}
+        self.opt_end0: dict = {}
+        self.opt_start1: dict = {}
+        self.training_flags: list[bool] = []
 
     @staticmethod
     def _opt_state(trainer, pl_module):
@@ -530,7 +562,9 @@ class StateWatcher(BothCallback):
 
 def test_calibration_leaves_bn_stats_and_optimizer_state():
     model = LitMLP(bn=True)
-    lobs = LOBSPruning(sparsity=0.6, prune_epoch=1, calibration_batches=4, log_table=False, recalibrate_bn=False, prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=0.6, prune_epoch=1, calibration_batches=4, log_table=False, recalibrate_bn=False, prune_head=True
+    )
     watch = StateWatcher()
     trainer(2, [lobs, watch]).fit(model)
     assert lobs.pruned_epochs == [1]
@@ -566,7 +600,9 @@ def test_prune_model_on_lightning_module_in_train_mode_keeps_bn_stats():
         for x, _ in model.train_dataloader():
             model(x)
     bn = {k: v.clone() for k, v in model.net[1].state_dict().items()}
-    report = prune_model(model, model.train_dataloader(), 0.6, calibration_batches=4, recalibrate_bn=False, prune_head=True)
+    report = prune_model(
+        model, model.train_dataloader(), 0.6, calibration_batches=4, recalibrate_bn=False, prune_head=True
+    )
     assert set(report.layers) == {"net.0", "net.3", "net.5"}
     for k, v in model.net[1].state_dict().items():
         assert torch.equal(v, bn[k]), k
@@ -575,7 +611,13 @@ def test_prune_model_on_lightning_module_in_train_mode_keeps_bn_stats():
 
 def test_iterative_step_below_what_the_global_allocation_took_warns_per_layer(ns):
     """A schedule like the README's: step 1's global 0.7 takes layers past step 2's 0.7, which cannot be undone."""
-    lobs = LOBSPruning(sparsity=[0.7, {"net.0": 0.9, "net.*": 0.7}], prune_epoch=[0, 1], calibration_batches=2, log_table=False, prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=[0.7, {"net.0": 0.9, "net.*": 0.7}],
+        prune_epoch=[0, 1],
+        calibration_batches=2,
+        log_table=False,
+        prune_head=True,
+    )
     model = LitMLP(ns=ns)
     with pytest.warns(UserWarning, match=r"already sparser than asked") as rec:
         trainer(2, [lobs], ns=ns).fit(model)

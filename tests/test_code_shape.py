@@ -16,9 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lightning_lobs"
 MAX_LINES = 60
 MAX_PARAMS = 8
 
-# "module:Qualified.name" -> why it may be longer or take more. Entries marked "before the redesign" are the offenders
-# on main when this test was written (issue 18); the redesign splits them and the lead removes their lines. A new
-# entry needs a reason a reviewer accepts (a public signature that must not change, one algorithm that reads best on
+# "module:Qualified.name" -> why it may be longer or take more. A new entry needs a reason a reviewer accepts (a public signature that must not change, one algorithm that reads best on
 # one screen), not "it grew".
 ALLOWED: dict[str, str] = {
     "api:prune_model": "public signature (README, docs): its keyword arguments are the API",

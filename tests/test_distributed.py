@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -41,7 +40,8 @@ SPAWN_RUNS = ("cnn-exact",)
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references on one thread
 
 needs_gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs torch.distributed gloo"
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed gloo",
 )
 
 
@@ -85,7 +85,7 @@ def _launch(out: Path, strategy: str, runs) -> Path:
     return out
 
 
-def _load(out: Path, strategy: str, run: str) -> Tuple[dict, dict]:
+def _load(out: Path, strategy: str, run: str) -> tuple[dict, dict]:
     r0, r1 = (torch.load(out / f"{strategy}_{run}_rank{r}.pt", weights_only=False) for r in (0, 1))
     return r0, r1
 
@@ -108,7 +108,7 @@ def _close_float(a: float, b: float, rel: float = 1e-4, abs_: float = 1e-7) -> b
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
-def _params_only(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _params_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
 
 
@@ -148,7 +148,7 @@ def _check_ranks_agree(r0: dict, r1: dict, strategy_name: str) -> None:
     for n in r0["layers"]:
         for key, v in r0["layers"][n].items():
             w = r1["layers"][n][key]
-            assert (_same_float(v, w) if isinstance(v, float) else v == w), (n, key, v, w)
+            assert _same_float(v, w) if isinstance(v, float) else v == w, (n, key, v, w)
     # Pruning really happened, and retraining held the masks on both ranks.
     assert 0.55 < r0["metrics"]["lobs/sparsity"] < 0.65
     for n, m in r0["masks"].items():
@@ -208,7 +208,10 @@ def _check_matches_single_process(run: str, r0: dict, r1: dict) -> None:
         for n, h in hessians.items():
             torch.testing.assert_close(r0["hessians"][n], h, rtol=1e-10, atol=1e-12)
     kind = run.split("-")[0]
-    expected_positions = {"mlp": {"net.0": 1.0, "net.2": 1.0, "net.4": 1.0}, "cnn": {"net.0": 64.0, "net.4": 16.0, "net.7": 1.0}}
+    expected_positions = {
+        "mlp": {"net.0": 1.0, "net.2": 1.0, "net.4": 1.0},
+        "cnn": {"net.0": 64.0, "net.4": 16.0, "net.7": 1.0},
+    }
     assert r0["positions"] == pytest.approx(expected_positions[kind])  # sample counts summed over ranks too
     # Hessians are float64 sums in a different order: masks must still agree (no ties here).
     for n in r0["masks"]:
@@ -300,7 +303,7 @@ def test_prune_with_rank_info_on_uneven_shards_matches_single_process(ddp_out):
 # --------------------------------------------------------------------------- assign_layers
 
 
-def _loads(owners: Dict[str, int], costs: Dict[str, float], world: int):
+def _loads(owners: dict[str, int], costs: dict[str, float], world: int):
     loads = [0.0] * world
     for n, r in owners.items():
         loads[r] += costs[n]
@@ -342,7 +345,8 @@ def test_assign_layers_is_within_lpt_bound_of_optimum():
         makespan = max(_loads(owners, costs, world))
         names = list(costs)
         best = min(
-            max(_loads(dict(zip(names, combo)), costs, world)) for combo in itertools.product(range(world), repeat=len(names))
+            max(_loads(dict(zip(names, combo)), costs, world))
+            for combo in itertools.product(range(world), repeat=len(names))
         )
         assert makespan <= (4 / 3 - 1 / (3 * world)) * best + 1e-9, (costs, owners, best)
         if len(costs) >= world:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lobs_lab import harness
 from lobs_lab import prune_retrain as deep_common
 from lobs_lab import text as text_data
 from lobs_lab.baselines import nm_mask_from_scores
+
 from script_loader import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,7 @@ def test_dense_cache_trains_once_and_retrains_when_a_setting_changes(tmp_path: P
             with torch.no_grad():
                 module.weight.fill_(value)
             return {"seconds": value}
+
         return train
 
     a = torch.nn.Linear(3, 2)

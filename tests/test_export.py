@@ -34,8 +34,18 @@ def lenet300() -> nn.Module:
 
 def lenet5() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+        nn.Conv2d(1, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
     )
 
 
@@ -46,8 +56,16 @@ def mlp() -> nn.Module:  # tests/test_masks.py's MLP
 def conv_bn() -> nn.Module:
     """Conv net with BatchNorm (float running stats, int64 num_batches_tracked), as in the callback tests."""
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(6 * 4 * 4, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 3),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 24),
+        nn.BatchNorm1d(24),
+        nn.ReLU(),
+        nn.Linear(24, 3),
     )
     model.train()
     with torch.no_grad():
@@ -429,8 +447,14 @@ def test_after_fit_with_lobs_pruning(tmp_path):
     lobs = LOBSPruning(sparsity=0.9, prune_epoch=1, calibration_batches=2, **kwargs, prune_head=True)
     model = Lit()
     trainer = pl.Trainer(
-        max_epochs=2, callbacks=[lobs], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1,
+        max_epochs=2,
+        callbacks=[lobs],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     trainer.fit(model)
     info = save_sparse(model, tmp_path / "after.lobs", masks=lobs.masks)

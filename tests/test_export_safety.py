@@ -65,8 +65,15 @@ def test_file_is_a_standard_safetensors_file(tmp_path):
     assert meta["format"] == "lightning-lobs-sparse" and meta["format_version"] == "2"
     entries = {e["key"]: e for e in json.loads(meta["entries"])}
     assert entries["0.weight"]["encoding"] == "bitmask" and entries["2.weight"]["encoding"] == "csr"
-    assert names == {"0.weight:bits", "0.weight:values", "0.bias", "2.weight:crow", "2.weight:col",
-                     "2.weight:values", "2.bias"}
+    assert names == {
+        "0.weight:bits",
+        "0.weight:values",
+        "0.bias",
+        "2.weight:crow",
+        "2.weight:col",
+        "2.weight:values",
+        "2.bias",
+    }
     plain = load_file(str(tmp_path / "m.lobs"))
     assert torch.equal(plain["0.bias"], model[0].bias.detach())
     assert torch.equal(plain["2.weight:values"], torch.tensor([1.5]))
@@ -105,7 +112,9 @@ def test_header_length_is_checked_exactly_against_the_file_and_the_cap(tmp_path)
     rest = len(blob) - 8
     header_len = struct.unpack("<Q", blob[:8])[0]
     one_past = struct.pack("<Q", rest + 1) + blob[8:]
-    with pytest.raises(ValueError, match=rf"{INVALID}: its header claims {rest + 1:,} bytes, the file has {rest:,} after"):
+    with pytest.raises(
+        ValueError, match=rf"{INVALID}: its header claims {rest + 1:,} bytes, the file has {rest:,} after"
+    ):
         read_sparse(write(tmp_path, one_past))
     assert header_len < rest  # the saved file: header, then data
     top_bit = struct.pack("<Q", (1 << 64) - 1) + blob[8:]
@@ -126,8 +135,14 @@ def test_small_file_declaring_a_huge_tensor_is_refused_by_read_sparse(tmp_path):
     """A few hundred bytes declaring an all-zero 1 GiB CSR tensor (and 4 TiB): refused before allocating."""
     for cols, col_dtype in ((1 << 28, torch.int32), (1 << 40, torch.int64)):
         entries = [{"key": "w", "dtype": "torch.float32", "shape": [1, cols], "encoding": "csr", "masked": False}]
-        blob = craft(entries, {"w:crow": torch.zeros(2, dtype=torch.int32), "w:col": torch.zeros(0, dtype=col_dtype),
-                               "w:values": torch.zeros(0)})
+        blob = craft(
+            entries,
+            {
+                "w:crow": torch.zeros(2, dtype=torch.int32),
+                "w:col": torch.zeros(0, dtype=col_dtype),
+                "w:values": torch.zeros(0),
+            },
+        )
         assert len(blob) < 600
         path = write(tmp_path, blob)
         with pytest.raises(ValueError, match=rf"decodes to {4 * cols:,} bytes, more than read_sparse's limit"):
@@ -136,8 +151,14 @@ def test_small_file_declaring_a_huge_tensor_is_refused_by_read_sparse(tmp_path):
             read_sparse(path, max_bytes=1000)
     # the limit is the documented one: 100x the file, at least 1 MiB; max_bytes raises it
     entries[0]["shape"] = [1, (1 << 20) // 4 + 1]  # 4 bytes over 1 MiB
-    blob = craft(entries, {"w:crow": torch.zeros(2, dtype=torch.int32), "w:col": torch.zeros(0, dtype=torch.int32),
-                           "w:values": torch.zeros(0)})
+    blob = craft(
+        entries,
+        {
+            "w:crow": torch.zeros(2, dtype=torch.int32),
+            "w:col": torch.zeros(0, dtype=torch.int32),
+            "w:values": torch.zeros(0),
+        },
+    )
     with pytest.raises(ValueError, match="more than read_sparse's limit of 1,048,576 bytes"):
         read_sparse(write(tmp_path, blob))
     assert read_sparse(write(tmp_path, blob), max_bytes=1 << 21)["w"].count_nonzero() == 0
@@ -151,9 +172,14 @@ def test_small_file_declaring_a_huge_tensor_is_refused_by_read_sparse(tmp_path):
 def csr_file(crow: list[int], col: list[int], values: list[float], shape=(4, 8)) -> bytes:
     """A file for ``nn.Linear(8, 4, bias=False)`` whose weight is the given CSR parts (CRC valid)."""
     entries = [{"key": "weight", "dtype": "torch.float32", "shape": list(shape), "encoding": "csr", "masked": False}]
-    return craft(entries, {"weight:crow": torch.tensor(crow, dtype=torch.int32),
-                           "weight:col": torch.tensor(col, dtype=torch.int16),
-                           "weight:values": torch.tensor(values)})
+    return craft(
+        entries,
+        {
+            "weight:crow": torch.tensor(crow, dtype=torch.int32),
+            "weight:col": torch.tensor(col, dtype=torch.int16),
+            "weight:values": torch.tensor(values),
+        },
+    )
 
 
 @pytest.mark.parametrize(
@@ -196,14 +222,18 @@ def test_bitmask_population_must_equal_the_value_count(tmp_path):
     entries = [{"key": "weight", "dtype": "torch.float32", "shape": [2, 6], "encoding": "bitmask", "masked": False}]
 
     def blob(bits: list[int], n_values: int) -> bytes:
-        return craft(entries, {"weight:bits": torch.tensor(bits, dtype=torch.uint8),
-                               "weight:values": torch.arange(1.0, n_values + 1)})
+        return craft(
+            entries,
+            {"weight:bits": torch.tensor(bits, dtype=torch.uint8), "weight:values": torch.arange(1.0, n_values + 1)},
+        )
 
     model = nn.Linear(6, 2, bias=False)
     before = state_copy(model)
-    for bits, n, why in (([0b111, 0], 2, "3 bits set, the file holds 2 values"),
-                         ([0b1, 0], 2, "1 bits set, the file holds 2 values"),
-                         ([0b1, 0b10000], 1, "bits set beyond its entries")):  # bit 12 of 12 entries: padding
+    for bits, n, why in (
+        ([0b111, 0], 2, "3 bits set, the file holds 2 values"),
+        ([0b1, 0], 2, "1 bits set, the file holds 2 values"),
+        ([0b1, 0b10000], 1, "bits set beyond its entries"),
+    ):  # bit 12 of 12 entries: padding
         with pytest.raises(ValueError, match=why):
             load_sparse(model, write(tmp_path, blob(bits, n)))
         assert unchanged(model, before)
@@ -214,7 +244,9 @@ def test_bitmask_population_must_equal_the_value_count(tmp_path):
 def test_bool_bytes_other_than_0_or_1_are_refused(tmp_path):
     entries = [{"key": "flags", "dtype": "torch.bool", "shape": [3], "encoding": "dense", "masked": False}]
     with pytest.raises(ValueError, match="a bool byte other than 0 or 1"):
-        read_sparse(write(tmp_path, craft(entries, {"flags": torch.tensor([0, 7, 1], dtype=torch.uint8).view(torch.bool)})))
+        read_sparse(
+            write(tmp_path, craft(entries, {"flags": torch.tensor([0, 7, 1], dtype=torch.uint8).view(torch.bool)}))
+        )
 
 
 # --------------------------------------------------------------------------- crafted headers with a valid CRC
@@ -400,8 +432,11 @@ def test_same_element_count_other_shape_is_refused_before_anything_is_written(tm
     save_sparse(source, tmp_path / "m.lobs")
     target = nn.Sequential(nn.Linear(3, 3), nn.Linear(4, 6, bias=False))
     before = state_copy(target)
-    with pytest.raises(ValueError, match=r"\(saved from a Sequential\) does not match this Sequential: "
-                       r"'1.weight' has shape \(4, 6\) in the file, \(6, 4\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(saved from a Sequential\) does not match this Sequential: "
+        r"'1.weight' has shape \(4, 6\) in the file, \(6, 4\) in the model",
+    ):
         load_sparse(target, tmp_path / "m.lobs")
     assert unchanged(target, before)
 
@@ -432,8 +467,10 @@ class ExtraState(nn.Module):
 
 def test_model_state_that_is_not_a_tensor_is_refused_by_name(tmp_path):
     """A file with an entry for every key of a model whose state holds a non-tensor: refused naming that key."""
-    entries = [{"key": k, "dtype": "torch.float32", "shape": [2], "encoding": "dense", "masked": False}
-               for k in ("weight", "_extra_state")]
+    entries = [
+        {"key": k, "dtype": "torch.float32", "shape": [2], "encoding": "dense", "masked": False}
+        for k in ("weight", "_extra_state")
+    ]
     path = write(tmp_path, craft(entries, {"weight": torch.full((2,), 5.0), "_extra_state": torch.zeros(2)}))
     model = ExtraState()
     with pytest.raises(ValueError, match=r"does not match this ExtraState: the model's '_extra_state' is not a tensor"):
@@ -467,7 +504,8 @@ def test_planted_symlinks_are_never_followed(tmp_path, monkeypatch):
     load_sparse(other, path)
     assert torch.equal(other[0].bias, model[0].bias)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".m.lobs.planted.tmp", "m.lobs", f"m.lobs.tmp-{os.getpid()}", "victim.txt"])
+        [".m.lobs.planted.tmp", "m.lobs", f"m.lobs.tmp-{os.getpid()}", "victim.txt"]
+    )
 
 
 def test_concurrent_saves_to_one_path_all_succeed_and_the_last_wins(tmp_path):

@@ -47,7 +47,10 @@ MODELS = {"mlp": (make_mlp, (20,)), "cnn": (make_cnn, (3, 8, 8))}
 
 def make_batches(shape, n: int = 4, batch: int = 16, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch, *shape, generator=g).to(dtype), torch.randint(0, 5, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, *shape, generator=g).to(dtype), torch.randint(0, 5, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 @contextmanager
@@ -66,7 +69,9 @@ def _prune_on(device, kind: str, method: str, dtype=torch.float64, solver=F64_SO
     factory, shape = MODELS[kind]
     model = factory().to(device=device, dtype=dtype)
     batches = [(x.to(dtype), y) for x, y in make_batches(shape)]
-    report = prune_model(model, batches, 0.6, method, solver=solver, prune_head=True)  # batches are moved to the model's device
+    report = prune_model(
+        model, batches, 0.6, method, solver=solver, prune_head=True
+    )  # batches are moved to the model's device
     return model, report
 
 
@@ -191,8 +196,14 @@ def test_cuda_lobs_pruning_callback():
     module = Lit()
     cb = LOBSPruning(0.6, prune_epoch=1, calibration_batches=2, log_table=False, prune_head=True)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cuda", devices=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=2,
+        accelerator="cuda",
+        devices=1,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module)
     assert cb.last_report is not None and cb.last_report.sparsity == pytest.approx(0.6, abs=0.01)

@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lobs.hessian import (
-    SUPPORTED_TYPES,
-    HessianAccumulator,
-    HessianCollector,
+from lightning_lobs.hessian import HessianAccumulator, HessianCollector
+from lightning_lobs.layers import (
+    PRUNABLE_TYPES,
     has_bias,
-    is_supported,
+    is_prunable,
     num_groups,
     set_weight_matrix,
     unfold_input,
@@ -73,11 +72,11 @@ def _hessian_from_rows(rows: torch.Tensor, bias: bool) -> torch.Tensor:
 # Layer helpers
 # --------------------------------------------------------------------------- #
 def test_supported_types():
-    assert SUPPORTED_TYPES == (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    assert is_supported(nn.Linear(2, 3))
-    assert is_supported(nn.Conv2d(2, 3, 3))
-    assert not is_supported(nn.ConvTranspose2d(2, 3, 3))
-    assert not is_supported(nn.ReLU())
+    assert PRUNABLE_TYPES == (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    assert is_prunable(nn.Linear(2, 3))
+    assert is_prunable(nn.Conv2d(2, 3, 3))
+    assert not is_prunable(nn.ConvTranspose2d(2, 3, 3))
+    assert not is_prunable(nn.ReLU())
     with pytest.raises(TypeError):
         HessianAccumulator(nn.ConvTranspose1d(2, 2, 3))
     with pytest.raises(TypeError):

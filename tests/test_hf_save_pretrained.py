@@ -15,10 +15,12 @@ from lightning_lobs import prune_model
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*weight-bearing module\\(s\\) not pruned.*")  # embeddings: dense by design
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*weight-bearing module\\(s\\) not pruned.*"
+)  # embeddings: dense by design
 
 
-def _tiny_gpt2() -> "transformers.GPT2LMHeadModel":
+def _tiny_gpt2() -> transformers.GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
@@ -30,7 +32,11 @@ def test_save_pretrained_of_a_pruned_gpt2_keeps_every_zero(tmp_path):
     model = _tiny_gpt2()
     ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
     report = prune_model(
-        model, DataLoader(TensorDataset(ids), batch_size=4), sparsity=0.5, method="exact", allocation="uniform",
+        model,
+        DataLoader(TensorDataset(ids), batch_size=4),
+        sparsity=0.5,
+        method="exact",
+        allocation="uniform",
         forward_fn=lambda m, batch: m(input_ids=batch[0]).logits,
     )
     assert len(report.layers) == 8  # the Conv1D layers of both blocks

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_helpers import NAMESPACES, make_trainer
 from lightning_lobs import LOBSPruning, load_sparse, save_sparse, to_sparse_inference
 from lightning_lobs.export import CSRLinear, plan_sparse_inference
-from lightning_lobs.hessian import is_hf_conv1d
+from lightning_lobs.layers import is_hf_conv1d
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,9 +32,11 @@ pytestmark = [
 CONV1D = [f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
-def tiny_gpt2(seed: int = 0) -> "transformers.GPT2LMHeadModel":
+def tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
@@ -74,8 +76,15 @@ def pruned_by_callback(ns_mod, tmp_path):
     lit = lit_gpt2_class(ns_mod.__name__)()
     path = tmp_path / "gpt2.lobs"
     lobs = LOBSPruning(
-        sparsity=0.5, prune_epoch=0, method="fast", allocation="uniform", exclude=["*lm_head"],
-        calibration_batches=2, forward_fn=lambda m, batch: m(batch[0]), log_table=False, save_sparse=str(path),
+        sparsity=0.5,
+        prune_epoch=0,
+        method="fast",
+        allocation="uniform",
+        exclude=["*lm_head"],
+        calibration_batches=2,
+        forward_fn=lambda m, batch: m(batch[0]),
+        log_table=False,
+        save_sparse=str(path),
     )
     make_trainer(ns_mod, 1, [lobs]).fit(lit)
     return lit, lobs, path
@@ -116,8 +125,16 @@ def test_a_file_matching_neither_the_model_nor_a_prefix_is_refused_before_any_wr
     path = tmp_path / "lit.lobs"
     save_sparse(lit, path)
     for other in (
-        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)),
-        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=65, n_positions=32, bos_token_id=0, eos_token_id=0)),
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
+        ),
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=65, n_positions=32, bos_token_id=0, eos_token_id=0
+            )
+        ),
         nn.Linear(3, 4),
     ):
         before = copy.deepcopy(other.state_dict())
@@ -139,7 +156,9 @@ def test_a_file_holding_the_model_under_two_prefixes_is_refused_until_one_is_nam
     save_sparse(lit, path)
     bare = tiny_gpt2(seed=3)
     before = copy.deepcopy(bare.state_dict())
-    with pytest.raises(ValueError, match=r"under each of 'model\.', 'teacher\.'.*prefix=\.\.\.\) with one of 'model', 'teacher'"):
+    with pytest.raises(
+        ValueError, match=r"under each of 'model\.', 'teacher\.'.*prefix=\.\.\.\) with one of 'model', 'teacher'"
+    ):
         load_sparse(bare, path)
     assert all(torch.equal(v, before[k]) for k, v in bare.state_dict().items())
     load_sparse(bare, path, prefix="teacher")
@@ -157,7 +176,7 @@ def test_a_file_holding_the_model_under_two_prefixes_is_refused_until_one_is_nam
 # --------------------------------------------------------------------------- sparse inference
 
 
-def sparse_gpt2() -> "transformers.GPT2LMHeadModel":
+def sparse_gpt2() -> transformers.GPT2LMHeadModel:
     """Every Conv1D 80% zeros, except h.1's mlp.c_proj at 30% (too dense for CSR at min_sparsity 0.5);
     random biases."""
     model = tiny_gpt2()

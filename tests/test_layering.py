@@ -6,7 +6,7 @@ hides a cycle from the interpreter), and inside ``if TYPE_CHECKING:`` blocks. TY
 type named in a lower module's signatures ties it to the higher module all the same; a lower module that needs one
 declares a ``Protocol`` at its own level or takes the value untyped.
 
-The levels are those of ``docs/architecture.md`` (issue 18's target structure): a module may import from its own
+The levels are those of ``docs/architecture.md``: a module may import from its own
 level and the levels below. Today's known violations sit in ``ALLOWED_*`` below, each with why; the redesign removes
 them and the lead empties those lists after the merges. A listed violation that is gone fails
 ``test_allow_lists_name_only_current_violations``, so the lists only shrink.
@@ -64,8 +64,7 @@ RANKS: dict[str, int] = {"solvers.core": 0, "solvers.*": 1, "solvers": 2, "engin
 OUTSIDE = {"lab", "lobs_lab", "examples", "benchmarks", "tests", "mnist_data", "text_data", "deep_common", "bench_util"}
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Known violations on main when this test was written (issue 18). The lead empties these after the redesign's merges;
-# never add to them: fix the import instead.
+# Allowed violations: empty since the structure of 0.3.0; never add to them, fix the import instead.
 
 # (importer, imported): imports of a higher level.
 ALLOWED_UPWARD: set[tuple[str, str]] = set()
@@ -75,15 +74,7 @@ ALLOWED_UPWARD: set[tuple[str, str]] = set()
 ALLOWED_CYCLES: set[frozenset[str]] = set()
 
 # (importer, imported, name): private names taken from another module.
-ALLOWED_PRIVATE: set[tuple[str, str, str]] = {
-    ("callback", "masks", "_resolve_weight"),
-    ("engine.commit", "masks", "_resolve_weight"),
-    # the progress ticks of a solve, computed by the engine for its progress events
-    ("engine.estimates", "solvers", "_MASK_WORK_PER_WEIGHT"),
-    ("engine.estimates", "solvers", "_REFIT_WORK_FACTOR"),
-    ("engine.estimates", "solvers", "_tick_rows"),
-    ("engine.estimates", "solvers", "_trace_work"),
-}
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -84,7 +84,15 @@ def test_print_config_round_trips_and_the_saved_config_runs(ns, tmp_path, capsys
 
 def test_help_shows_the_choices_of_method_and_allocation(ns, capsys):
     with pytest.raises(SystemExit):
-        cli(ns, ["fit", "--trainer.callbacks+=lightning_lobs.LOBSPruning", "--trainer.callbacks.help", "lightning_lobs.LOBSPruning"])
+        cli(
+            ns,
+            [
+                "fit",
+                "--trainer.callbacks+=lightning_lobs.LOBSPruning",
+                "--trainer.callbacks.help",
+                "lightning_lobs.LOBSPruning",
+            ],
+        )
     text = capsys.readouterr().out
     assert "{auto,exact,lobs,fast}" in text
     assert "Literal['global', 'uniform']" in text  # a union with GlobalAllocation: shown as its type
@@ -92,7 +100,9 @@ def test_help_shows_the_choices_of_method_and_allocation(ns, capsys):
 
 def test_bad_choice_is_refused_by_the_cli(ns, capsys):
     with pytest.raises(SystemExit):
-        cli(ns, ["fit", "--trainer.callbacks+=lightning_lobs.LOBSPruning", "--trainer.callbacks.method=fastest", *QUIET])
+        cli(
+            ns, ["fit", "--trainer.callbacks+=lightning_lobs.LOBSPruning", "--trainer.callbacks.method=fastest", *QUIET]
+        )
     assert "fastest" in capsys.readouterr().err
 
 
@@ -130,8 +140,15 @@ def test_the_override_command_in_the_example_docstring_runs(tmp_path, monkeypatc
     args = [str(EXAMPLES / "lobs_cli.yaml") if a == "examples/lobs_cli.yaml" else a for a in args]
     monkeypatch.chdir(tmp_path)
     run = example.main(
-        [*args, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--data.n_train=512",
-         "--model.hidden=[32, 16]", "--trainer.callbacks.init_args.calibration_batches=2", *QUIET]
+        [
+            *args,
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--data.n_train=512",
+            "--model.hidden=[32, 16]",
+            "--trainer.callbacks.init_args.calibration_batches=2",
+            *QUIET,
+        ]
     )
     cb = lobs_of(run.trainer)
     assert cb.prune_epochs == [2, 4, 6] and cb.pruned_epochs == [2, 4, 6]

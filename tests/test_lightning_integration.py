@@ -9,7 +9,6 @@ import importlib
 import logging
 import math
 import warnings
-from typing import List
 
 import pytest
 import torch
@@ -76,7 +75,7 @@ def test_every_cpu_precision_prunes_and_holds_masks(ns, precision):
 
 def test_batches_arrive_as_the_training_loop_feeds_them(ns):
     """Calibration sees the batch after convert_input and the transfer hooks, under the plugin's forward context."""
-    seen: List[tuple] = []
+    seen: list[tuple] = []
 
     class Hooked(type(small(ns))):  # type: ignore[misc]
         def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -113,7 +112,10 @@ def test_early_stopping_before_the_prune_warns_naming_the_epochs(ns):
 
     stop = ns.callbacks.EarlyStopping(monitor="flat", patience=1, check_on_train_epoch_end=True)
     cb = lobs(sparsity=[0.5, 0.7], prune_epoch=[1, 4])
-    with pytest.warns(UserWarning, match=r"training ended at epoch .*EarlyStopping on 'flat' stopped it.*prune epochs \[4\].*pruned only at epochs \[1\]"):
+    with pytest.warns(
+        UserWarning,
+        match=r"training ended at epoch .*EarlyStopping on 'flat' stopped it.*prune epochs \[4\].*pruned only at epochs \[1\]",
+    ):
         make_trainer(ns, 6, [cb, Flat(), stop]).fit(model)
     assert cb.pruned_epochs == [1]
 
@@ -205,17 +207,27 @@ def test_two_instances_each_prune_and_restore_their_own_layers(ns, tmp_path):
 
 def test_instances_pruning_the_same_layer_are_refused(ns):
     with pytest.raises(ValueError, match=r"would both prune \['net.2'\]"):
-        make_trainer(ns, 2, [lobs(sparsity={"net.[02]": 0.5}, state_key="a"), lobs(sparsity={"net.2": 0.5}, state_key="b")]).fit(small(ns))
+        make_trainer(
+            ns, 2, [lobs(sparsity={"net.[02]": 0.5}, state_key="a"), lobs(sparsity={"net.2": 0.5}, state_key="b")]
+        ).fit(small(ns))
 
 
 def test_resume_with_a_different_schedule_is_detected(ns, tmp_path):
     model = small(ns)
     ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
     make_trainer(ns, 2, [lobs(sparsity=0.5, prune_epoch=0), ckpt], tmp_path, enable_checkpointing=True).fit(model)
-    with pytest.raises(ValueError, match=r"different prune schedule.*pruned at epoch 0 with \[0.5\].*prunes at epoch 0: 0.8.*trained with \(epoch 0: 0.5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"different prune schedule.*pruned at epoch 0 with \[0.5\].*prunes at epoch 0: 0.8.*trained with \(epoch 0: 0.5\)",
+    ):
         make_trainer(ns, 3, [lobs(sparsity=0.8, prune_epoch=0)]).fit(small(ns), ckpt_path=str(tmp_path / "last.ckpt"))
-    with pytest.raises(ValueError, match=r"state_key is \"LOBSPruning\{'state_key': 'other'\}\"|state_key is 'LOBSPruning\{'state_key': 'other'\}'"):
-        make_trainer(ns, 3, [lobs(sparsity=0.5, prune_epoch=0, state_key="other")]).fit(small(ns), ckpt_path=str(tmp_path / "last.ckpt"))
+    with pytest.raises(
+        ValueError,
+        match=r"state_key is \"LOBSPruning\{'state_key': 'other'\}\"|state_key is 'LOBSPruning\{'state_key': 'other'\}'",
+    ):
+        make_trainer(ns, 3, [lobs(sparsity=0.5, prune_epoch=0, state_key="other")]).fit(
+            small(ns), ckpt_path=str(tmp_path / "last.ckpt")
+        )
     # a later step added on resume is fine (with a warning): the done step matches
     cb = lobs(sparsity=[0.5, 0.7], prune_epoch=[0, 2])
     with pytest.warns(UserWarning, match="prune steps not yet run changed"):
@@ -242,7 +254,11 @@ def test_metrics_at_the_prune_step_and_sparsity_every_epoch(ns, tmp_path):
     assert [int(r["epoch"]) for r in sparsity_rows] == [1, 2]  # after every epoch with masks
     assert all(float(r["lobs/sparsity"]) == pytest.approx(0.6, abs=5e-3) for r in sparsity_rows)
     total = sum(p.numel() for p in model.parameters())
-    assert float(sparsity_rows[-1]["lobs/nonzero_parameters"]) == sum(int(torch.count_nonzero(p)) for p in model.parameters()) < total
+    assert (
+        float(sparsity_rows[-1]["lobs/nonzero_parameters"])
+        == sum(int(torch.count_nonzero(p)) for p in model.parameters())
+        < total
+    )
 
 
 def test_metrics_step_is_lightnings_logging_step_with_two_optimizers(ns, tmp_path):
@@ -261,7 +277,10 @@ def test_metrics_step_is_lightnings_logging_step_with_two_optimizers(ns, tmp_pat
                 opt.step()
 
         def configure_optimizers(self):
-            return [torch.optim.SGD(self.net[0].parameters(), lr=0.01), torch.optim.SGD(self.net[2:].parameters(), lr=0.01)]
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.01),
+                torch.optim.SGD(self.net[2:].parameters(), lr=0.01),
+            ]
 
     cb = lobs(sparsity=0.5, prune_epoch=1)
     logger = ns.loggers.CSVLogger(str(tmp_path), name="m", version=0)
@@ -319,7 +338,7 @@ class RichSpy(BothCallback):
     console does not render live updates)."""
 
     def __init__(self) -> None:
-        self.descriptions: List[str] = []
+        self.descriptions: list[str] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
         progress = trainer.progress_bar_callback.progress
@@ -337,7 +356,7 @@ class RichSpy(BothCallback):
 def test_progress_and_table_through_the_trainers_bar(ns, bar, capsys, caplog):
     if bar == "rich":
         pytest.importorskip("rich")
-    printed: List[str] = []
+    printed: list[str] = []
     spy = RichSpy()
     cb = lobs(sparsity=0.5, prune_epoch=1, log_table=True, progress_after=0.0)
     extra = {"tqdm": [ns.callbacks.TQDMProgressBar()], "rich": [spy, ns.callbacks.RichProgressBar()], "none": []}[bar]
@@ -359,7 +378,9 @@ def test_progress_and_table_through_the_trainers_bar(ns, bar, capsys, caplog):
     else:
         assert any("L-OBS solve 3/3" in d for d in spy.descriptions), spy.descriptions
         assert "L-OBS" not in spy.descriptions[-1]  # restored after the prune
-    assert len(printed) == 1 and "L-OBS pruning at epoch 1 (step 2)" in printed[0] and "nonzero parameters" in printed[0]
+    assert (
+        len(printed) == 1 and "L-OBS pruning at epoch 1 (step 2)" in printed[0] and "nonzero parameters" in printed[0]
+    )
 
 
 def test_progress_waits_for_progress_after(ns, caplog):
@@ -374,7 +395,10 @@ def test_console_progress_throttles_but_shows_each_phase_end(capsys):
     for i in range(1, 6):
         fn(PruneProgress("solve", i, 5, f"l{i}", 0.1 * i, 1.0))
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [PruneProgress("solve", 1, 5, "l1", 0.1, 1.0).describe(), PruneProgress("solve", 5, 5, "l5", 0.5, 1.0).describe()]
+    assert err == [
+        PruneProgress("solve", 1, 5, "l1", 0.1, 1.0).describe(),
+        PruneProgress("solve", 5, 5, "l5", 0.5, 1.0).describe(),
+    ]
 
 
 # --------------------------------------------------------------------------- frozen layers
@@ -396,7 +420,7 @@ def test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing(ns)
         def configure_optimizers(self):
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
 
-    pruned_grads: List[float] = []
+    pruned_grads: list[float] = []
 
     class GradCheck(BothCallback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):

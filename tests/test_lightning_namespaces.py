@@ -68,7 +68,9 @@ print("OK")
 
 def run(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300
+    )
 
 
 def test_only_the_unified_package_installed():
@@ -82,7 +84,10 @@ def test_only_the_unified_package_installed():
 
 
 def test_neither_installed_names_both_install_commands():
-    out = run(BLOCK.format(blocked=["lightning", "pytorch_lightning", "lightning_fabric"]) + "from lightning_lobs import LOBSPruning\n")
+    out = run(
+        BLOCK.format(blocked=["lightning", "pytorch_lightning", "lightning_fabric"])
+        + "from lightning_lobs import LOBSPruning\n"
+    )
     assert out.returncode != 0
     assert "ImportError" in out.stderr
     assert "pip install lightning" in out.stderr and "pip install pytorch-lightning" in out.stderr

@@ -174,7 +174,6 @@ def test_existing_grad_masked_on_attach() -> None:
         assert (model.get_submodule(name).weight.grad[~masks[name]] == 0).all()
 
 
-
 def test_weight_frozen_at_attach_gets_its_gradient_masked_after_unfreezing() -> None:
     """A frozen weight cannot take a gradient hook yet: its first forward after being unfrozen registers it (once),
     so the pruned positions' gradients are zero from that backward on; detach removes the pending hook too."""
@@ -236,6 +235,7 @@ def test_attach_takes_one_optimizer_as_well_as_a_list() -> None:
     for _ in range(2):
         train_step(model, opt, mlp_batch, gen)
         assert_pruned_zero(model, masks)
+
 
 def test_detach_removes_hooks_and_model_trains_freely() -> None:
     torch.manual_seed(0)

@@ -83,7 +83,10 @@ def test_dtype_strings_from_yaml_are_read_as_dtypes():
     assert SolverOptions(dtype="float32").dtype is torch.float32
     assert CalibrationOptions(hessian_dtype="torch.float32").hessian_dtype is torch.float32
     assert PruneOptions(solver={"dtype": "torch.float64"}, prune_head=True).solver.dtype is torch.float64
-    with pytest.raises(ValueError, match=r"SolverOptions\.dtype must be torch\.float32 or torch\.float64, got the string 'torch\.float16'"):
+    with pytest.raises(
+        ValueError,
+        match=r"SolverOptions\.dtype must be torch\.float32 or torch\.float64, got the string 'torch\.float16'",
+    ):
         SolverOptions(dtype="torch.float16")
     with pytest.raises(ValueError, match=r"hessian_dtype must be .*got torch\.bfloat16 of type dtype"):
         CalibrationOptions(hessian_dtype=torch.bfloat16)
@@ -112,7 +115,9 @@ def test_exactly_named_layer_beats_an_earlier_wildcard():
 
 def test_pattern_that_sets_no_layer_is_named_once():
     model = _mlp()
-    with pytest.warns(UserWarning, match=r"pattern\(s\) that set no layer: '\[02\]' \(its layers 0, 2 take 0\.5") as rec:
+    with pytest.warns(
+        UserWarning, match=r"pattern\(s\) that set no layer: '\[02\]' \(its layers 0, 2 take 0\.5"
+    ) as rec:
         prune_model(model, _batches(), sparsity={"*": 0.5, "[02]": 0.75}, method="fast", prune_head=True)
     assert sum("set no layer" in str(w.message) for w in rec) == 1
     assert _sparsity(model, "0") == pytest.approx(0.5, abs=1 / 192)
@@ -125,12 +130,19 @@ def test_prior_masks_sparser_than_asked_warn_with_each_layer():
     model = _mlp()
     first = prune_model(model, _batches(), sparsity=0.8, method="fast", allocation="uniform", prune_head=True)
     masks = first.masks
-    with pytest.warns(UserWarning, match=r"remove 0\.79\d* of the selected weights, more than the asked sparsity 0\.5: "
-                      r"'0' at 0\.80\d* \(asked 0\.5\); '2' at 0\.79\d* \(asked 0\.5\); '4' at 0\.79\d* .*without masks="):
+    with pytest.warns(
+        UserWarning,
+        match=r"remove 0\.79\d* of the selected weights, more than the asked sparsity 0\.5: "
+        r"'0' at 0\.80\d* \(asked 0\.5\); '2' at 0\.79\d* \(asked 0\.5\); '4' at 0\.79\d* .*without masks=",
+    ):
         report = prune_model(model, _batches(), sparsity=0.5, method="fast", masks=masks, prune_head=True)
     assert report.sparsity == pytest.approx(first.sparsity)  # the report says what the model holds
-    with pytest.warns(UserWarning, match=r"^1 layer\(s\) already sparser than asked: '2' at 0\.79\d* \(asked 0\.6\)\. "):
-        report = prune_model(model, _batches(), sparsity={"0": 0.9, "2": 0.6}, method="fast", masks=masks, prune_head=True)
+    with pytest.warns(
+        UserWarning, match=r"^1 layer\(s\) already sparser than asked: '2' at 0\.79\d* \(asked 0\.6\)\. "
+    ):
+        report = prune_model(
+            model, _batches(), sparsity={"0": 0.9, "2": 0.6}, method="fast", masks=masks, prune_head=True
+        )
     assert report.layers["2"].target_sparsity == 0.6
     assert report.layers["2"].sparsity == pytest.approx(first.layers["2"].sparsity)
     assert report.layers["0"].sparsity == pytest.approx(0.9, abs=1 / 192)
@@ -170,7 +182,11 @@ def test_user_exception_during_batchnorm_reestimation_propagates_unchanged(error
 
     def forward(m, batch):
         calls["n"] += 1
-        if not torch.is_grad_enabled() and all(bn.training for bn in m.modules() if isinstance(bn, nn.BatchNorm1d)) and not m.training:
+        if (
+            not torch.is_grad_enabled()
+            and all(bn.training for bn in m.modules() if isinstance(bn, nn.BatchNorm1d))
+            and not m.training
+        ):
             raise error  # only during the re-estimation: BatchNorm in train mode, the rest in eval
         return m(batch[0])
 
@@ -184,7 +200,9 @@ def test_user_exception_during_batchnorm_reestimation_propagates_unchanged(error
 
 def test_batch_of_one_names_the_batchnorm_and_the_fix():
     model = _bn_model()
-    with pytest.raises(ValueError, match=r"'1' got one value per channel \(input shape \(1, 8\)\).*recalibrate_bn=False"):
+    with pytest.raises(
+        ValueError, match=r"'1' got one value per channel \(input shape \(1, 8\)\).*recalibrate_bn=False"
+    ):
         prune_model(model, [(torch.randn(1, 12),) for _ in range(3)], sparsity=0.5, prune_head=True)
 
 
@@ -200,8 +218,13 @@ def test_exact_masks_do_not_depend_on_the_input_scale(solver_dtype):
         torch.manual_seed(3)
         model = nn.Sequential(nn.Linear(12, 8)).double()
         report = prune_model(
-            model, _batches(scale=scale, dtype=torch.float64), sparsity=0.5, method="exact", allocation="uniform",
-            solver=SolverOptions(dtype=solver_dtype), prune_head=True,
+            model,
+            _batches(scale=scale, dtype=torch.float64),
+            sparsity=0.5,
+            method="exact",
+            allocation="uniform",
+            solver=SolverOptions(dtype=solver_dtype),
+            prune_head=True,
         )
         masks.append(report.masks["0"])
         assert report.layers["0"].sparsity == 0.5

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import List
 
 import pytest
 import torch
@@ -39,7 +38,7 @@ def _trace_work_lower_bound(rows: int, d: int) -> float:
     return 2.0 * rows * sum((d - k) ** 2 for k in range(d))
 
 
-def _check_fractions(fractions: List[float]) -> None:
+def _check_fractions(fractions: list[float]) -> None:
     assert fractions, "no tick at all"
     assert all(0.0 <= f <= 1.0 for f in fractions)
     assert all(b >= a for a, b in zip(fractions, fractions[1:])), "fractions must never go back"
@@ -50,7 +49,7 @@ def test_greedy_trace_ticks_at_least_once_per_flop_budget(monkeypatch):
     rows, d = 24, 192
     W, H = _problem(rows, d)
     solver = SolverOptions(dtype=torch.float64)
-    fractions: List[float] = []
+    fractions: list[float] = []
     ticked = greedy_trace(W, H, solver=solver, tick=fractions.append)
     # Fewer ticks than this would leave more than BUDGET flops between two of them somewhere.
     assert len(fractions) >= _trace_work_lower_bound(rows, d) / BUDGET
@@ -66,7 +65,7 @@ def test_solve_layer_ticks_inside_the_solve_and_stays_pure(monkeypatch, method):
     rows, d = 24, 192
     W, H = _problem(rows, d, seed=1)
     solver = SolverOptions(dtype=torch.float64, block_size=32, refit=True)
-    fractions: List[float] = []
+    fractions: list[float] = []
     res = solve_layer(W, H, 0.5, method, solver=solver, tick=fractions.append)
     _check_fractions(fractions)
     if method == "exact":
@@ -80,7 +79,7 @@ def test_solve_layer_ticks_inside_the_solve_and_stays_pure(monkeypatch, method):
 
 def test_error_curve_ticks_per_block_of_columns():
     W, H = _problem(32, 256, seed=2)
-    fractions: List[float] = []
+    fractions: list[float] = []
     curve = error_curve(W, H, [0.0, 0.5, 0.9], solver=SolverOptions(block_size=32), tick=fractions.append)
     sweep, errors = [f for f in fractions if 0 < f < 0.5], [f for f in fractions if f >= 0.5]
     assert len(sweep) == 256 // 32 - 1 and len(errors) == 3  # per block of columns, then per level's error
@@ -100,8 +99,10 @@ def test_exact_prune_reports_progress_inside_each_layer(monkeypatch, allocation)
     rows, d = 48, 192
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, rows, bias=False))
-    events: List[PruneProgress] = []
-    prune_model(model, _loader(d), sparsity=0.5, method="exact", allocation=allocation, progress=events.append, prune_head=True)
+    events: list[PruneProgress] = []
+    prune_model(
+        model, _loader(d), sparsity=0.5, method="exact", allocation=allocation, progress=events.append, prune_head=True
+    )
     traced = "allocate" if allocation == "global" else "solve"
     inside = [e for e in events if e.phase == traced and e.done == 0]
     assert len(inside) >= _trace_work_lower_bound(rows, d) / BUDGET
@@ -120,8 +121,8 @@ def test_eta_from_measured_rate_is_within_2x_after_a_tenth_of_the_phase():
     rng = random.Random(0)
     costs = {"big": 4e11, "tiny": 1e7, "mid": 8e10, "small": 3e9, "huge": 6e11, "last": 2e10}
     now = [0.0]
-    events: List[PruneProgress] = []
-    truth: List[float] = []  # simulated time left in the phase at each event
+    events: list[PruneProgress] = []
+    truth: list[float] = []  # simulated time left in the phase at each event
 
     true_costs = {k: c * rng.uniform(0.8, 1.25) for k, c in costs.items()}
     end = sum(true_costs.values()) / 1e9
@@ -154,7 +155,7 @@ def test_eta_from_measured_rate_is_within_2x_after_a_tenth_of_the_phase():
 @pytest.mark.parametrize("method", ["exact", "fast"])
 def test_table_seconds_count_the_time_spent_in_the_allocation(monkeypatch, method):
     """`secs` is every second a layer took: the trace (exact) or error curve (fast) in the allocation too."""
-    spent: List[float] = []
+    spent: list[float] = []
     name = "greedy_trace" if method == "exact" else "error_curve"
     original = getattr(allocation_mod, name)
 
@@ -179,13 +180,15 @@ def test_calibration_reports_while_it_finishes_each_layers_hessian():
     """After the last batch every layer's Hessian is finished (d^2 work each, seconds for wide convolutions)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
-    events: List[PruneProgress] = []
+    events: list[PruneProgress] = []
     prune_model(model, _loader(16, batches=2), sparsity=0.5, progress=events.append, prune_head=True)
     calibrate = [e for e in events if e.phase == "calibrate"]
     assert [(e.done, e.total) for e in calibrate[:2]] == [(1, 2), (2, 2)]  # the batches
     layers = calibrate[2:]  # then each layer's Hessian, halfway (averaged) and done (normalised)
     assert [(e.done, e.total, e.layer) for e in layers if e.fraction is not None and e.done] == [
-        (1, 3, "0"), (2, 3, "2"), (3, 3, "4")
+        (1, 3, "0"),
+        (2, 3, "2"),
+        (3, 3, "4"),
     ]
     assert len(layers) == 6 and [e.fraction for e in layers] == sorted(e.fraction for e in layers)
     assert layers[-1].eta == 0.0

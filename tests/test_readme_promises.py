@@ -163,8 +163,8 @@ from lightning_lobs import (
     solve_layer,
     to_sparse_inference,
 )
-from lightning_lobs.export import CSRLinear
 from lightning_lobs.config import PruneProgress
+from lightning_lobs.export import CSRLinear
 from lightning_lobs.progress import console_progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,10 @@ def test_torch_and_safetensors_are_the_only_required_dependencies():
     """Torch and safetensors are the only requirements, Lightning comes with an extra, transformers is no dependency."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert [d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch", "safetensors"]
+    assert [d.split(">")[0].split("<")[0].split("=")[0].strip() for d in project["dependencies"]] == [
+        "torch",
+        "safetensors",
+    ]
     extras = project["optional-dependencies"]
     assert any(d.startswith("lightning") for d in extras["lightning"])
     assert any(d.startswith("pytorch-lightning") for d in extras["pl"])
@@ -246,7 +249,13 @@ def test_prune_options_defaults_are_the_documented_ones():
     """method "auto", allocation "global", dense-network inputs (sequential=False), BatchNorm re-estimation on;
     output heads left dense (prune_head=False); prune_model and LOBSPruning take the same defaults."""
     o = PruneOptions()
-    assert (o.method, o.allocation, o.sequential, o.recalibrate_bn, o.prune_head) == ("auto", "global", False, True, False)
+    assert (o.method, o.allocation, o.sequential, o.recalibrate_bn, o.prune_head) == (
+        "auto",
+        "global",
+        False,
+        True,
+        False,
+    )
     assert o.pattern is None and o.exclude == () and o.forward_fn is None
     params = inspect.signature(prune_model).parameters
     assert params["method"].default == "auto"
@@ -281,28 +290,101 @@ def _number_cases():
 
     cases = [
         ("sparsity torch", lambda v: PruneOptions(sparsity=v, prune_head=True).sparsity, torch.tensor(0.5), 0.5, ()),
-        ("sparsity mapping numpy", lambda v: PruneOptions(sparsity={"a": v}, prune_head=True).sparsity["a"], np.float32(0.5), 0.5, ()),
-        ("prune_epoch torch", lambda v: LOBSPruning(prune_epoch=v, prune_head=True).prune_epochs, torch.tensor(2), 2, ()),
+        (
+            "sparsity mapping numpy",
+            lambda v: PruneOptions(sparsity={"a": v}, prune_head=True).sparsity["a"],
+            np.float32(0.5),
+            0.5,
+            (),
+        ),
+        (
+            "prune_epoch torch",
+            lambda v: LOBSPruning(prune_epoch=v, prune_head=True).prune_epochs,
+            torch.tensor(2),
+            2,
+            (),
+        ),
         ("prune_step numpy", lambda v: LOBSPruning(prune_step=v, prune_head=True).prune_steps, np.int64(3), 3, ()),
-        ("calibration_batches numpy", lambda v: LOBSPruning(calibration_batches=v, prune_head=True).calibration_batches, np.int64(4), 4, ()),
-        ("progress_after numpy", lambda v: LOBSPruning(progress_after=v, prune_head=True).progress_after, np.float32(1.0), 1.0, ()),
-        ("damp float32", lambda v: PruneOptions(solver={"damp": v}, prune_head=True).solver.damp, np.float32(0.5), 0.5, ()),
-        ("damp torch", lambda v: PruneOptions(solver={"damp": v}, prune_head=True).solver.damp, torch.tensor(0.5), 0.5, ()),
-        ("block_size numpy", lambda v: PruneOptions(solver={"block_size": v}, prune_head=True).solver.block_size, np.int64(64), 64, ()),
-        ("min_kept_per_row torch", lambda v: PruneOptions(solver={"min_kept_per_row": v}, prune_head=True).solver.min_kept_per_row,
-         torch.tensor(2), 2, ()),
-        ("position_stride numpy", lambda v: PruneOptions(calibration={"position_stride": v}, prune_head=True).calibration.position_stride,
-         np.int64(2), 2, ()),
-        ("memory_budget_bytes torch",
-         lambda v: PruneOptions(calibration={"memory_budget_bytes": v}, prune_head=True).calibration.memory_budget_bytes,
-         torch.tensor(10**9), 10**9, ()),
-        ("max_layer_sparsity float32", lambda v: GlobalAllocation(max_layer_sparsity=v).max_layer_sparsity,
-         np.float32(0.5), 0.5, ()),
+        (
+            "calibration_batches numpy",
+            lambda v: LOBSPruning(calibration_batches=v, prune_head=True).calibration_batches,
+            np.int64(4),
+            4,
+            (),
+        ),
+        (
+            "progress_after numpy",
+            lambda v: LOBSPruning(progress_after=v, prune_head=True).progress_after,
+            np.float32(1.0),
+            1.0,
+            (),
+        ),
+        (
+            "damp float32",
+            lambda v: PruneOptions(solver={"damp": v}, prune_head=True).solver.damp,
+            np.float32(0.5),
+            0.5,
+            (),
+        ),
+        (
+            "damp torch",
+            lambda v: PruneOptions(solver={"damp": v}, prune_head=True).solver.damp,
+            torch.tensor(0.5),
+            0.5,
+            (),
+        ),
+        (
+            "block_size numpy",
+            lambda v: PruneOptions(solver={"block_size": v}, prune_head=True).solver.block_size,
+            np.int64(64),
+            64,
+            (),
+        ),
+        (
+            "min_kept_per_row torch",
+            lambda v: PruneOptions(solver={"min_kept_per_row": v}, prune_head=True).solver.min_kept_per_row,
+            torch.tensor(2),
+            2,
+            (),
+        ),
+        (
+            "position_stride numpy",
+            lambda v: PruneOptions(calibration={"position_stride": v}, prune_head=True).calibration.position_stride,
+            np.int64(2),
+            2,
+            (),
+        ),
+        (
+            "memory_budget_bytes torch",
+            lambda v: (
+                PruneOptions(calibration={"memory_budget_bytes": v}, prune_head=True).calibration.memory_budget_bytes
+            ),
+            torch.tensor(10**9),
+            10**9,
+            (),
+        ),
+        (
+            "max_layer_sparsity float32",
+            lambda v: GlobalAllocation(max_layer_sparsity=v).max_layer_sparsity,
+            np.float32(0.5),
+            0.5,
+            (),
+        ),
         ("levels numpy", lambda v: GlobalAllocation(levels=v).levels, np.int64(8), 8, ()),
-        ("LOBSPruning calibration_batches torch", lambda v: LOBSPruning(calibration_batches=v, prune_head=True).calibration_batches,
-         torch.tensor(4), 4, ()),
-        ("LOBSPruning progress_after torch", lambda v: LOBSPruning(progress_after=v, prune_head=True).progress_after,
-         torch.tensor(1.0), 1.0, ()),
+        (
+            "LOBSPruning calibration_batches torch",
+            lambda v: LOBSPruning(calibration_batches=v, prune_head=True).calibration_batches,
+            torch.tensor(4),
+            4,
+            (),
+        ),
+        (
+            "LOBSPruning progress_after torch",
+            lambda v: LOBSPruning(progress_after=v, prune_head=True).progress_after,
+            torch.tensor(1.0),
+            1.0,
+            (),
+        ),
     ]
     return [pytest.param(get, value, plain, id=what, marks=marks) for what, get, value, plain, marks in cases]
 
@@ -318,13 +400,29 @@ def test_numbers_may_be_python_numpy_or_0d_torch_scalars(get, value, plain):
 
 def test_prune_model_calibration_batches_may_be_a_numpy_scalar():
     calls = []
-    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=np.int64(2), forward_fn=lambda m, x: calls.append(1) or m(x), prune_head=True)
+    prune_model(
+        _mlp(),
+        _batches(n=5),
+        0.5,
+        "exact",
+        calibration_batches=np.int64(2),
+        forward_fn=lambda m, x: calls.append(1) or m(x),
+        prune_head=True,
+    )
     assert len(calls) == 3 * 2
 
 
 def test_prune_model_calibration_batches_may_be_a_0d_torch_scalar():
     calls = []
-    prune_model(_mlp(), _batches(n=5), 0.5, "exact", calibration_batches=torch.tensor(2), forward_fn=lambda m, x: calls.append(1) or m(x), prune_head=True)
+    prune_model(
+        _mlp(),
+        _batches(n=5),
+        0.5,
+        "exact",
+        calibration_batches=torch.tensor(2),
+        forward_fn=lambda m, x: calls.append(1) or m(x),
+        prune_head=True,
+    )
     assert len(calls) == 3 * 2
 
 
@@ -384,15 +482,21 @@ def test_lobs_pruning_calibrates_on_the_first_32_train_batches_by_default():
     reference = Plain(n=320)
     from lightning_lobs import LOBSPruning
 
-    cb = LOBSPruning(sparsity=0.5, prune_epoch=0, allocation="uniform", method="exact", log_table=False, prune_head=True)
+    cb = LOBSPruning(
+        sparsity=0.5, prune_epoch=0, allocation="uniform", method="exact", log_table=False, prune_head=True
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(pl, 1, [cb], limit_train_batches=1).fit(model)
     loader = reference.train_dataloader()
-    expected = prune_model(reference, loader, 0.5, "exact", allocation="uniform", calibration_batches=32, prune_head=True)
+    expected = prune_model(
+        reference, loader, 0.5, "exact", allocation="uniform", calibration_batches=32, prune_head=True
+    )
     for name, lr in cb.last_report.layers.items():
         assert lr.layer_error == pytest.approx(expected.layers[name].layer_error, rel=1e-6), name
-    other = prune_model(Plain(n=320), loader, 0.5, "exact", allocation="uniform", calibration_batches=31, prune_head=True)
+    other = prune_model(
+        Plain(n=320), loader, 0.5, "exact", allocation="uniform", calibration_batches=31, prune_head=True
+    )
     assert other.layers["net.0"].layer_error != pytest.approx(expected.layers["net.0"].layer_error, rel=1e-6)
 
 
@@ -404,7 +508,9 @@ def test_prune_model_calibrates_on_every_batch_by_default():
         return m(x)
 
     prune_model(_mlp(), _batches(n=40, rows=4), 0.5, "exact", forward_fn=forward, prune_head=True)
-    assert len(calls) == 3 * 40  # calibration on all 40 (more than LOBSPruning's 32), then dense and pruned measurements
+    assert (
+        len(calls) == 3 * 40
+    )  # calibration on all 40 (more than LOBSPruning's 32), then dense and pruned measurements
 
 
 def test_prune_report_has_every_documented_field():
@@ -434,22 +540,22 @@ def test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5():
     from lobs_lab import models as mnist_data
 
     from lightning_lobs.engine.plan import resolve_method as _resolve_method
-    from lightning_lobs.selection import is_supported
+    from lightning_lobs.layers import is_prunable
 
     for model in (mnist_data.lenet300_100(), mnist_data.lenet5()):
-        layers = [m for m in model.modules() if is_supported(m)]
+        layers = [m for m in model.modules() if is_prunable(m)]
         assert len(layers) >= 3
         assert {_resolve_method("auto", m) for m in layers} == {"exact"}
 
 
 def test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops():
     """The refit costs k^3 / 3 per row for k kept weights: 600 rows keeping 1000 cost exactly 2e11."""
-    from lightning_lobs.solvers import _wants_refit
+    from lightning_lobs.solvers.core import wants_refit
 
     opts = SolverOptions()
-    assert _wants_refit(opts, torch.ones(600, 1000, dtype=torch.bool))
-    assert not _wants_refit(opts, torch.ones(601, 1000, dtype=torch.bool))
-    assert _wants_refit(SolverOptions(refit=True), torch.ones(601, 1000, dtype=torch.bool))
+    assert wants_refit(opts, torch.ones(600, 1000, dtype=torch.bool))
+    assert not wants_refit(opts, torch.ones(601, 1000, dtype=torch.bool))
+    assert wants_refit(SolverOptions(refit=True), torch.ones(601, 1000, dtype=torch.bool))
 
 
 def test_default_memory_budget_is_80_percent_of_the_free_memory(monkeypatch):
@@ -568,8 +674,12 @@ def test_non_positive_definite_hessian_gets_tenfold_damping_with_a_warning_until
     assert res.damp == pytest.approx(1e-3, rel=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # positive definite from the start: no warning, damping as given
-        assert solve_layer(W, H + 1e-2 * torch.eye(2, dtype=torch.float64), 0.5, "exact",
-                           solver=SolverOptions(dtype=torch.float64)).damp == 0.01
+        assert (
+            solve_layer(
+                W, H + 1e-2 * torch.eye(2, dtype=torch.float64), 0.5, "exact", solver=SolverOptions(dtype=torch.float64)
+            ).damp
+            == 0.01
+        )
 
 
 def test_inf_in_any_parameter_is_named_before_any_work():
@@ -608,7 +718,9 @@ def test_sharded_strategies_are_refused_naming_ddp_and_prune_model():
     from lightning_lobs import LOBSPruning
 
     trainer = _stub_trainer("FSDPStrategy")
-    with pytest.raises(RuntimeError, match=r"FSDPStrategy.*strategy='ddp'.*prune the gathered model with prune_model\(\)"):
+    with pytest.raises(
+        RuntimeError, match=r"FSDPStrategy.*strategy='ddp'.*prune the gathered model with prune_model\(\)"
+    ):
         LOBSPruning(prune_epoch=1, prune_head=True).setup(trainer, _mlp(), "fit")
 
 
@@ -626,7 +738,9 @@ def test_to_sparse_inference_returns_a_copy_and_swaps_only_linears_at_least_half
         model[4].weight.view(-1)[:49] = 0  # 49%
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = export_mod.plan_sparse_inference(model, mode="sparse")
-    assert set(plan) == {"0", "2", "4", "6"} and all(p.dense_ms is None and not p.sparse_ms for p in plan.values())  # untimed
+    assert set(plan) == {"0", "2", "4", "6"} and all(
+        p.dense_ms is None and not p.sparse_ms for p in plan.values()
+    )  # untimed
     assert plan["0"].kernel == "dense" and "unsupported type Conv1d" in plan["0"].reason
     with pytest.warns(UserWarning, match=r"swapped 1 of 4 layers; kept dense: 0 \(unsupported type Conv1d"):
         fast = to_sparse_inference(model, mode="sparse")
@@ -686,14 +800,15 @@ def _max_time_run(max_time: dict, sleep: float):
 
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import BothCallback, lit_mlp, make_trainer
-
     from lightning_lobs import LOBSPruning
 
     class Slow(BothCallback):
         def on_train_batch_end(self, *args):
             time.sleep(sleep)
 
-    cb = LOBSPruning(sparsity=0.5, prune_epoch=3, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
+    cb = LOBSPruning(
+        sparsity=0.5, prune_epoch=3, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True
+    )
     make_trainer(pl, 5, [cb, Slow()], max_time=max_time).fit(lit_mlp(pl, n=128))
     return cb
 
@@ -717,7 +832,6 @@ def test_tqdm_train_bar_postfix_is_restored_after_the_prune(capsys):
     """Progress shows in the TQDM train bar's postfix while pruning, and the postfix is restored afterwards."""
     pl = pytest.importorskip("pytorch_lightning")
     from lightning_helpers import BothCallback, lit_mlp, make_trainer
-
     from lightning_lobs import LOBSPruning
 
     class After(BothCallback):  # placed after LOBSPruning: sees the bar right after the prune
@@ -727,8 +841,15 @@ def test_tqdm_train_bar_postfix_is_restored_after_the_prune(capsys):
             if trainer.current_epoch == 1 and batch_idx == 0:
                 After.postfix = str(trainer.progress_bar_callback.train_progress_bar.postfix)
 
-    cb = LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform",
-                     progress_after=0.0, prune_head=True)
+    cb = LOBSPruning(
+        sparsity=0.5,
+        prune_epoch=1,
+        calibration_batches=2,
+        log_table=False,
+        allocation="uniform",
+        progress_after=0.0,
+        prune_head=True,
+    )
     tr = make_trainer(pl, 2, [pl.callbacks.TQDMProgressBar(), cb, After()], enable_progress_bar=True)
     tr.fit(lit_mlp(pl, n=128))
     out = capsys.readouterr()
@@ -758,8 +879,9 @@ def test_the_promise_table_names_only_tests_that_exist():
 
 def test_the_version_has_one_source_the_pyproject():
     """``lightning_lobs.__version__`` is read from the installed metadata, which pyproject.toml writes."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import lightning_lobs
 

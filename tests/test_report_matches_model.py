@@ -77,7 +77,9 @@ def test_parametrized_weight_is_refused_naming_layer_and_fix(wrap):
         prune_model(model, _mlp_loader(), sparsity=0.5, prune_head=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    report = prune_model(model, _mlp_loader(), sparsity=0.5, exclude=["0"], prune_head=True)  # the fix the message names
+    report = prune_model(
+        model, _mlp_loader(), sparsity=0.5, exclude=["0"], prune_head=True
+    )  # the fix the message names
     assert list(report.layers) == ["2"]
     _check_report_matches_model(model, report)
 
@@ -98,7 +100,10 @@ def test_tied_weights_are_left_dense_with_one_warning_and_report_is_true():
     torch.manual_seed(0)
     model = _Tied()
     shared = model.a.weight.detach().clone()
-    with pytest.warns(UserWarning, match=r"2 weight-bearing module\(s\) not pruned.*'a'.*shared with b\.weight.*'b'.*shared with a\.weight"):
+    with pytest.warns(
+        UserWarning,
+        match=r"2 weight-bearing module\(s\) not pruned.*'a'.*shared with b\.weight.*'b'.*shared with a\.weight",
+    ):
         report = prune_model(model, _mlp_loader(), sparsity=0.5, prune_head=True)
     assert list(report.layers) == ["head"]
     assert set(report.skipped) == {"a", "b"}
@@ -124,8 +129,16 @@ def _tokens(vocab: int, n: int = 8, length: int = 16, seed: int = 0) -> DataLoad
 def _gpt2(seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(
-        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=64,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return transformers.GPT2LMHeadModel(cfg)
 
@@ -135,8 +148,12 @@ def test_gpt2_conv1d_layers_pruned_tied_head_left_dense():
     assert model.lm_head.weight is model.transformer.wte.weight
     embedding = model.transformer.wte.weight.detach().clone()
     fwd = lambda m, batch: m(input_ids=batch[0]).logits  # noqa: E731
-    with pytest.warns(UserWarning, match=r"not pruned.*'transformer\.wte'.*'lm_head'.*shared with transformer\.wte\.weight"):
-        report = prune_model(model, _tokens(64), sparsity=0.5, method="exact", allocation="uniform", forward_fn=fwd, prune_head=True)
+    with pytest.warns(
+        UserWarning, match=r"not pruned.*'transformer\.wte'.*'lm_head'.*shared with transformer\.wte\.weight"
+    ):
+        report = prune_model(
+            model, _tokens(64), sparsity=0.5, method="exact", allocation="uniform", forward_fn=fwd, prune_head=True
+        )
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     assert sorted(report.layers) == sorted(conv1d) and len(conv1d) == 8
     assert "lm_head" in report.skipped and "transformer.wte" in report.skipped and "transformer.wpe" in report.skipped
@@ -169,8 +186,14 @@ def test_gpt2_conv1d_solve_equals_linear_with_transposed_weight():
 def test_tiny_bert_linear_layers_pruned_embeddings_and_tied_decoder_left_dense():
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = transformers.BertForMaskedLM(cfg)
     fwd = lambda m, batch: m(input_ids=batch[0]).logits  # noqa: E731
@@ -194,9 +217,13 @@ def test_transformer_encoder_with_float_sparsity_prunes_attention_and_feed_forwa
     x = torch.randn(8, 5, 16) if batch_first else torch.randn(5, 8, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped, nothing to warn about
-        report = prune_model(model, DataLoader(TensorDataset(x), batch_size=4), sparsity=0.5, method="exact", prune_head=True)
+        report = prune_model(
+            model, DataLoader(TensorDataset(x), batch_size=4), sparsity=0.5, method="exact", prune_head=True
+        )
     ends = ("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2")
-    assert sorted(report.layers) == sorted(f"0.layers.{i}.{'self_attn.' if e.endswith('proj') else ''}{e}" for i in range(2) for e in ends) + ["1"]
+    assert sorted(report.layers) == sorted(
+        f"0.layers.{i}.{'self_attn.' if e.endswith('proj') else ''}{e}" for i in range(2) for e in ends
+    ) + ["1"]
     assert report.skipped == {}
     _check_report_matches_model(model, report)
 
@@ -215,12 +242,28 @@ def test_explicit_exact_on_a_huge_layer_warns_with_estimate_before_any_work():
     loader = DataLoader(TensorDataset(torch.zeros(2, 4096)), batch_size=2)
     with pytest.warns(UserWarning, match=r"method='exact' will take about \d+ min.*method='auto'"):
         with pytest.raises(RuntimeError, match="stop"):
-            prune_model(model, loader, sparsity=0.5, method="exact", forward_fn=forward, calibration=dict(memory_budget_bytes=1 << 40), prune_head=True)
+            prune_model(
+                model,
+                loader,
+                sparsity=0.5,
+                method="exact",
+                forward_fn=forward,
+                calibration=dict(memory_budget_bytes=1 << 40),
+                prune_head=True,
+            )
     assert len(calls) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto picks fast there: no warning
         with pytest.raises(RuntimeError, match="stop"):
-            prune_model(model, loader, sparsity=0.5, method="auto", forward_fn=forward, calibration=dict(memory_budget_bytes=1 << 40), prune_head=True)
+            prune_model(
+                model,
+                loader,
+                sparsity=0.5,
+                method="auto",
+                forward_fn=forward,
+                calibration=dict(memory_budget_bytes=1 << 40),
+                prune_head=True,
+            )
 
 
 def test_empty_calibration_batches_are_left_out_and_counted():
@@ -277,7 +320,12 @@ def test_huge_inputs_prune_like_normal_ones():
     """Inputs near 1e20 are finite in float32; their Hessian is normalised, so the solve is the same."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
-    small, big = base, type(base)(*[type(m)(m.in_features, m.out_features, bias=False) if isinstance(m, nn.Linear) else m for m in base])
+    small, big = (
+        base,
+        type(base)(
+            *[type(m)(m.in_features, m.out_features, bias=False) if isinstance(m, nn.Linear) else m for m in base]
+        ),
+    )
     big.load_state_dict(small.state_dict())
     r1 = prune_model(small, _mlp_loader(scale=1.0), sparsity=0.5, method="exact", allocation="uniform", prune_head=True)
     r2 = prune_model(big, _mlp_loader(scale=1e20), sparsity=0.5, method="exact", allocation="uniform", prune_head=True)
@@ -290,8 +338,12 @@ def test_huge_inputs_prune_like_normal_ones():
 
 def test_float32_hessian_overflow_is_named():
     model = nn.Sequential(nn.Linear(12, 3))
-    with pytest.raises(ValueError, match=r"Hessian of layer '0' overflowed torch\.float32.*hessian_dtype=torch\.float64"):
-        prune_model(model, _mlp_loader(scale=1e25), sparsity=0.5, calibration=dict(hessian_dtype=torch.float32), prune_head=True)
+    with pytest.raises(
+        ValueError, match=r"Hessian of layer '0' overflowed torch\.float32.*hessian_dtype=torch\.float64"
+    ):
+        prune_model(
+            model, _mlp_loader(scale=1e25), sparsity=0.5, calibration=dict(hessian_dtype=torch.float32), prune_head=True
+        )
 
 
 def test_nan_weights_are_named_before_any_work():
@@ -300,7 +352,9 @@ def test_nan_weights_are_named_before_any_work():
         model[0].weight[0, 0] = float("nan")
     calls = []
     with pytest.raises(ValueError, match=r"\['0\.weight'\] contain NaN or inf"):
-        prune_model(model, _mlp_loader(), sparsity=0.5, exclude=["0"], forward_fn=lambda m, b: calls.append(1), prune_head=True)
+        prune_model(
+            model, _mlp_loader(), sparsity=0.5, exclude=["0"], forward_fn=lambda m, b: calls.append(1), prune_head=True
+        )
     assert not calls
 
 
@@ -340,7 +394,9 @@ def test_select_layers_lists_every_weight_bearing_module_it_leaves_alone():
 
 
 def test_prune_options_is_the_one_option_list():
-    opts = PruneOptions(sparsity=np.float32(0.25), pattern=(2, 4), exclude="head*", solver={"damp": 0.05}, prune_head=True)
+    opts = PruneOptions(
+        sparsity=np.float32(0.25), pattern=(2, 4), exclude="head*", solver={"damp": 0.05}, prune_head=True
+    )
     assert opts.sparsity == 0.25 and isinstance(opts.sparsity, float)
     assert opts.pattern == "2:4" and opts.nm.n == 2 and opts.exclude == ("head*",)
     assert opts.solver.damp == 0.05 and opts.allocation_name == "uniform"  # a pattern fixes per-layer sparsities
@@ -407,7 +463,9 @@ def test_sequential_progress_counts_layers_in_the_solve_phase():
 def test_prune_model_takes_options_whole_or_as_keywords_not_both():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 3))
-    report = prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, allocation="uniform", prune_head=True))
+    report = prune_model(
+        model, _mlp_loader(), options=PruneOptions(sparsity=0.5, allocation="uniform", prune_head=True)
+    )
     assert report.sparsity == pytest.approx(0.5, abs=0.05)
     for kwargs in (dict(sparsity=0.7), dict(method="fast"), dict(exclude=["0"])):
         with pytest.raises(TypeError, match="give one or the other"):
@@ -426,7 +484,10 @@ def test_only_hooks_that_recompute_the_weight_refuse_a_layer():
         sel = select_layers(model, 0.5, warn=False)
         assert set(sel.targets) == {"0", "2", "4"} and not sel.skipped
         torch.nn.utils.weight_norm(model[4])
-        with pytest.raises(ValueError, match=r"'4'.*recomputed by an old-style WeightNorm hook.*after torch\.nn\.utils\.remove_weight_norm"):
+        with pytest.raises(
+            ValueError,
+            match=r"'4'.*recomputed by an old-style WeightNorm hook.*after torch\.nn\.utils\.remove_weight_norm",
+        ):
             select_layers(model, 0.5, warn=False)
 
 
@@ -469,7 +530,13 @@ def test_refusal_names_the_parametrization_and_a_weight_set_from_outside():
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 def test_an_empty_layer_is_skipped_and_a_one_column_layer_is_not():
-    model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 3, bias=False), nn.Linear(3, 1, bias=False), nn.Linear(1, 2, bias=False))
+    model = nn.Sequential(
+        nn.Linear(0, 4),
+        nn.ReLU(),
+        nn.Linear(4, 3, bias=False),
+        nn.Linear(3, 1, bias=False),
+        nn.Linear(1, 2, bias=False),
+    )
     sel = select_layers(model, 0.5, warn=False)
     assert sel.skipped == {"0": "its weight is empty"}
     assert list(sel.targets) == ["2", "3", "4"]  # one input column is still a weight to choose from per row

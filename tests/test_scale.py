@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import CalibrationOptions, LOBSPruning, SolverOptions, prune_model
 from lightning_lobs import hessian as hessian_mod
-from lightning_lobs.hessian import HessianCollector, unfold_input
+from lightning_lobs.hessian import HessianCollector
+from lightning_lobs.layers import unfold_input
 from lightning_lobs.resources import LayerMemory, check_budget, layer_memory
 
 pytestmark = [
@@ -79,7 +80,10 @@ def test_exact_needs_more_memory_than_fast_on_wide_layers():
 
 
 def test_check_budget_sequential_holds_one_hessian():
-    est = {n: LayerMemory(n, hessian_bytes=h, solve_bytes=s) for n, h, s in (("a", 100, 30), ("b", 300, 10), ("c", 200, 50))}
+    est = {
+        n: LayerMemory(n, hessian_bytes=h, solve_bytes=s)
+        for n, h, s in (("a", 100, 30), ("b", 300, 10), ("c", 200, 50))
+    }
     dense = check_budget(est, 10**6, sequential=False, device=torch.device("cpu"))
     seq = check_budget(est, 10**6, sequential=True, device=torch.device("cpu"))
     assert dense == {"budget": 10**6, "peak": 600 + 50}  # every Hessian + the biggest solve
@@ -92,7 +96,9 @@ def test_check_budget_sequential_holds_one_hessian():
 
 def _two_layer_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(small=nn.Linear(8, 16), act=nn.ReLU(), mid=nn.Linear(16, 256), out=nn.Linear(256, 4)))
+    return nn.Sequential(
+        OrderedDict(small=nn.Linear(8, 16), act=nn.ReLU(), mid=nn.Linear(16, 256), out=nn.Linear(256, 4))
+    )
 
 
 def test_budget_too_small_fails_before_calibration():
@@ -112,7 +118,8 @@ def test_budget_too_small_fails_before_calibration():
             0.5,
             "exact",
             calibration=CalibrationOptions(memory_budget_bytes=100_000),
-            forward_fn=forward_fn, prune_head=True,
+            forward_fn=forward_fn,
+            prune_head=True,
         )
     msg = str(info.value)
     assert "'out'" in msg  # the biggest layer (d = 257) is named
@@ -121,7 +128,15 @@ def test_budget_too_small_fails_before_calibration():
     _assert_state_equal(before, _state(model))
     assert model.training
     # The same job within a generous budget runs (and calls forward_fn).
-    report = prune_model(model, batches, 0.5, "exact", calibration=CalibrationOptions(memory_budget_bytes=1 << 30), forward_fn=forward_fn, prune_head=True)
+    report = prune_model(
+        model,
+        batches,
+        0.5,
+        "exact",
+        calibration=CalibrationOptions(memory_budget_bytes=1 << 30),
+        forward_fn=forward_fn,
+        prune_head=True,
+    )
     assert calls and report.sparsity == pytest.approx(0.5, abs=0.01)
 
 
@@ -136,7 +151,9 @@ def test_fast_fits_a_budget_exact_does_not():
     _assert_state_equal(before, _state(model))
     with pytest.raises(MemoryError, match="'wide'"):  # the refit of fast's mask does not fit either...
         prune_model(model, batches, 0.5, "fast", calibration=budget, prune_head=True)
-    report = prune_model(model, batches, 0.5, "fast", calibration=budget, solver=SolverOptions(refit=False), prune_head=True)  # ...SparseGPT alone does
+    report = prune_model(
+        model, batches, 0.5, "fast", calibration=budget, solver=SolverOptions(refit=False), prune_head=True
+    )  # ...SparseGPT alone does
     assert report.layers["wide"].method == "fast"
     assert report.layers["wide"].sparsity == pytest.approx(0.5, abs=0.01)
 
@@ -146,7 +163,9 @@ def test_sequential_fits_a_budget_that_dense_calibration_does_not():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
 
-    est = {n: layer_memory(n, m, "fast", F64, F32, GIB) for n, m in model().named_children() if isinstance(m, nn.Linear)}
+    est = {
+        n: layer_memory(n, m, "fast", F64, F32, GIB) for n, m in model().named_children() if isinstance(m, nn.Linear)
+    }
     dense_peak = check_budget(est, 1 << 40, False, torch.device("cpu"))["peak"]
     seq_peak = check_budget(est, 1 << 40, True, torch.device("cpu"))["peak"]
     assert seq_peak < dense_peak
@@ -170,9 +189,16 @@ def test_float32_hessians_halve_the_estimate_and_fit():
     batches = [torch.randn(32, 256) for _ in range(2)]
     budget = (p32 + p64) // 2
     with pytest.raises(MemoryError):
-        prune_model(model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget), prune_head=True)
+        prune_model(
+            model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget), prune_head=True
+        )
     report = prune_model(
-        model, batches, 0.5, "fast", calibration=CalibrationOptions(memory_budget_bytes=budget, hessian_dtype=F32), prune_head=True
+        model,
+        batches,
+        0.5,
+        "fast",
+        calibration=CalibrationOptions(memory_budget_bytes=budget, hessian_dtype=F32),
+        prune_head=True,
     )
     assert report.sparsity == pytest.approx(0.5, abs=0.01)
 
@@ -212,7 +238,9 @@ def test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning(monkeypa
 
     monkeypatch.setattr(hessian_mod.HessianAccumulator, "_accumulate", spy)
     model = SmallCNN()
-    rep = prune_model(model, batches, 0.6, "exact", calibration=CalibrationOptions(max_chunk_elements=cap), prune_head=True)
+    rep = prune_model(
+        model, batches, 0.6, "exact", calibration=CalibrationOptions(max_chunk_elements=cap), prune_head=True
+    )
     monkeypatch.undo()
     # Every chunk materialised stayed within the bound, and the convs really were split up.
     assert seen and max(n for _, n in seen) <= cap
@@ -358,8 +386,12 @@ def test_resnet18_batchnorm_reestimated_on_the_pruned_net(resnet18_pruned):
         for x in batches:
             again(x)
     for (name, a), b in zip(((n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)), bns):
-        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+        torch.testing.assert_close(
+            a.running_var, b.running_var, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 class LitResNet(pl.LightningModule):
@@ -391,8 +423,16 @@ def test_lobs_pruning_callback_on_resnet18():
     pytest.importorskip("torchvision")
     module = LitResNet()
     # The 4608-wide layer4 convs dominate the solve time and are covered by the prune_model test above.
-    cb = LOBSPruning(0.5, prune_epoch=1, method="fast", calibration_batches=2, exclude=["net.layer4.*"], log_table=False,
-                      allocation="uniform", prune_head=True)
+    cb = LOBSPruning(
+        0.5,
+        prune_epoch=1,
+        method="fast",
+        calibration_batches=2,
+        exclude=["net.layer4.*"],
+        log_table=False,
+        allocation="uniform",
+        prune_head=True,
+    )
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -406,12 +446,20 @@ def test_lobs_pruning_callback_on_resnet18():
     trainer.fit(module)
     report = cb.last_report
     assert cb.pruned_epochs == [1]
-    names = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not n.startswith("net.layer4.")]
+    names = [
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not n.startswith("net.layer4.")
+    ]
     assert set(report.layers) == set(names) and len(names) == 16
     for n in names:
         w = module.get_submodule(n).weight
         assert torch.all(w[~cb.masks[n]] == 0), n  # held through the retraining epoch
         assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.01), n
-    assert all((module.get_submodule(n).weight != 0).all() for n, m in module.named_modules() if n.startswith("net.layer4.") and isinstance(m, nn.Conv2d))
+    assert all(
+        (module.get_submodule(n).weight != 0).all()
+        for n, m in module.named_modules()
+        if n.startswith("net.layer4.") and isinstance(m, nn.Conv2d)
+    )
     assert math.isnan(report.bound) and math.isfinite(report.output_error)
     assert trainer.callback_metrics["lobs/sparsity"].item() == pytest.approx(0.5, abs=0.01)

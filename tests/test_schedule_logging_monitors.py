@@ -10,7 +10,7 @@ checked inside the run (not only after ``fit``), under every installed namespace
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ def five_batches(ns):
 
 
 def test_prune_step_in_the_second_epoch_is_reached_when_the_last_window_is_partial(ns):
-    steps: List[int] = []
+    steps: list[int] = []
 
     class StepWatch(BothCallback):
         def on_train_end(self, trainer, pl_module):
@@ -70,7 +70,7 @@ def memory_logger(ns):
     class Memory(ns.loggers.Logger):
         def __init__(self) -> None:
             super().__init__()
-            self.logged: List[Tuple[int, Dict[str, float]]] = []
+            self.logged: list[tuple[int, dict[str, float]]] = []
 
         @property
         def name(self) -> str:
@@ -83,7 +83,7 @@ def memory_logger(ns):
         def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
             pass
 
-        def log_metrics(self, metrics: Dict[str, float], step: Any = None) -> None:
+        def log_metrics(self, metrics: dict[str, float], step: Any = None) -> None:
             self.logged.append((step, dict(metrics)))
 
     return Memory()
@@ -121,7 +121,7 @@ def test_reset_monitors_restarts_early_stopping_patience_at_the_prune(ns, mode):
     """A monitored value that never improves after epoch 0: patience counts from epoch 1 on, and the prune at the
     start of epoch 3 restarts it (read at that epoch's first batch, before EarlyStopping's own end-of-epoch check)."""
     model = lit_mlp(ns, n=128)
-    seen: Dict[int, Tuple[int, float]] = {}
+    seen: dict[int, tuple[int, float]] = {}
 
     class Flat(BothCallback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -143,7 +143,7 @@ def test_reset_monitors_restarts_early_stopping_patience_at_the_prune(ns, mode):
 
 def test_reset_monitors_false_keeps_early_stopping_patience(ns):
     model = lit_mlp(ns, n=128)
-    seen: Dict[int, int] = {}
+    seen: dict[int, int] = {}
 
     class Flat(BothCallback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -167,23 +167,37 @@ def test_reset_monitors_false_keeps_early_stopping_patience(ns):
 def test_reset_monitors_empties_the_checkpoint_ranking_at_the_prune(ns, mode, tmp_path):
     """Read at the prune epoch's first batch: the ranking is as a new ModelCheckpoint's, so the next save is best."""
     model = lit_mlp(ns, n=128)
-    seen: Dict[int, tuple] = {}
+    seen: dict[int, tuple] = {}
 
     class Flat(BothCallback):
         def on_train_epoch_end(self, trainer, pl_module):
             pl_module.log("flat", 1.0)
 
-    ckpt = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), monitor="flat", mode=mode, save_top_k=1, save_on_train_epoch_end=True)
+    ckpt = ns.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path), monitor="flat", mode=mode, save_top_k=1, save_on_train_epoch_end=True
+    )
     fresh = ns.callbacks.ModelCheckpoint(dirpath=str(tmp_path), monitor="flat", mode=mode, save_top_k=1)
 
     class Watch(BothCallback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:
-                seen[trainer.current_epoch] = (dict(ckpt.best_k_models), ckpt.kth_best_model_path, ckpt.best_model_path, ckpt.best_model_score, float(ckpt.kth_value))
+                seen[trainer.current_epoch] = (
+                    dict(ckpt.best_k_models),
+                    ckpt.kth_best_model_path,
+                    ckpt.best_model_path,
+                    ckpt.best_model_score,
+                    float(ckpt.kth_value),
+                )
 
     cb = lobs(sparsity=0.5, prune_epoch=2)
     make_trainer(ns, 3, [cb, Flat(), Watch(), ckpt], tmp_path, enable_checkpointing=True).fit(model)
     assert cb.pruned_epochs == [2]
     assert seen[1][0] and seen[1][2]  # the dense epoch 0 was ranked
-    assert seen[2] == ({}, fresh.kth_best_model_path, fresh.best_model_path, fresh.best_model_score, float(fresh.kth_value))
+    assert seen[2] == (
+        {},
+        fresh.kth_best_model_path,
+        fresh.best_model_path,
+        fresh.best_model_score,
+        float(fresh.kth_value),
+    )
     assert ckpt.best_model_path.endswith("epoch=2-step=6.ckpt"), ckpt.best_model_path  # the first pruned save is best

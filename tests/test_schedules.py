@@ -22,7 +22,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*number of training batches.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`.*"),  # the ModelCheckpoint is not needed to resume
+    pytest.mark.filterwarnings(
+        "ignore:Be aware that when using `ckpt_path`.*"
+    ),  # the ModelCheckpoint is not needed to resume
 ]
 
 
@@ -77,8 +79,14 @@ def test_sparsity_function_is_evaluated_at_every_point_when_built():
     "build, match",
     [
         (lambda: SparsitySchedule(lambda e: 0.75 - 0.25 * e, [0, 2]), r"fn\(2\) = 0.25 is lower than fn\(0\) = 0.75"),
-        (lambda: SparsitySchedule(lambda e: {"a": 0.5} if e < 3 else {"a": 0.2}, [1, 3]), r"layer 'a' cannot reach fn\(3\) = 0.2: fn\(1\) already prunes it to 0.5"),
-        (lambda: SparsitySchedule(lambda e: 0.3 * e, [1, 2, 4]), r"fn\(4\) \(the sparsity at epoch 4\) must be in \[0, 1\).*got 1.2"),
+        (
+            lambda: SparsitySchedule(lambda e: {"a": 0.5} if e < 3 else {"a": 0.2}, [1, 3]),
+            r"layer 'a' cannot reach fn\(3\) = 0.2: fn\(1\) already prunes it to 0.5",
+        ),
+        (
+            lambda: SparsitySchedule(lambda e: 0.3 * e, [1, 2, 4]),
+            r"fn\(4\) \(the sparsity at epoch 4\) must be in \[0, 1\).*got 1.2",
+        ),
         (lambda: SparsitySchedule(lambda e: [0.1, 0.2][e], [0, 2]), r"sparsity function raised at epoch 2: IndexError"),
         (lambda: SparsitySchedule(lambda e: "0.5", [0]), r"fn\(0\) \(the sparsity at epoch 0\) must be a number"),
         (lambda: SparsitySchedule(lambda e: 0.5, [2, 2]), r"strictly increasing, got \[2, 2\]"),
@@ -86,7 +94,10 @@ def test_sparsity_function_is_evaluated_at_every_point_when_built():
         (lambda: SparsitySchedule(lambda e: 0.5, 3), r"points must be a list or range of epochs"),
         (lambda: SparsitySchedule(0.5, [1]), r"fn must be a function of the epoch"),
         (lambda: SparsitySchedule(lambda e: 0.5, [1], unit="batch"), r"unit must be 'epoch' or 'step'"),
-        (lambda: GradualSchedule(0.0, 0.9, start=0, end=10, every=3), r"end - start = 10 is not a multiple of every=3.*end=9 or end=12"),
+        (
+            lambda: GradualSchedule(0.0, 0.9, start=0, end=10, every=3),
+            r"end - start = 10 is not a multiple of every=3.*end=9 or end=12",
+        ),
         (lambda: GradualSchedule(0.5, 0.5, end=4), r"initial \(0.5\) must be below final \(0.5\)"),
         (lambda: GradualSchedule(0.0, 1.0, end=4), r"final must be in \[0, 1\)"),
         (lambda: GradualSchedule(0.0, 0.9, start=4, end=4), r"end \(4\) must be after start \(4\)"),
@@ -101,7 +112,12 @@ def test_bad_schedules_are_refused_when_built(build, match):
 
 def test_due_epochs_only_at_their_start_steps_once_reached():
     epochs = PruneSchedule([1, 3], [0.5, 0.7])
-    assert epochs.due(1) == [1] and epochs.due(2) == [] and epochs.due(3, done=[1]) == [3] and epochs.due(3, done=[1, 3]) == []
+    assert (
+        epochs.due(1) == [1]
+        and epochs.due(2) == []
+        and epochs.due(3, done=[1]) == [3]
+        and epochs.due(3, done=[1, 3]) == []
+    )
     steps = SparsitySchedule(lambda s: 0.5, [4, 6, 9], unit="step")
     assert steps.due(3) == [] and steps.due(4) == [4] and steps.due(7, done=[4]) == [6]
     assert steps.due(10, done=[4]) == [6, 9]  # passed over: the last one subsumes the others
@@ -112,17 +128,27 @@ def test_reachability_against_max_epochs_and_max_steps():
     g = GradualSchedule(0.0, 0.8, start=0, end=6, every=2)  # epochs 2, 4, 6
     g.check_reachable(max_epochs=7)
     g.check_reachable(max_epochs=-1, max_steps=None)  # no limit
-    with pytest.raises(ValueError, match=r"the schedule's epoch 6 is beyond the last epoch of training \(max_epochs=6, epochs are 0\.\.5\); lower the schedule's last epoch"):
+    with pytest.raises(
+        ValueError,
+        match=r"the schedule's epoch 6 is beyond the last epoch of training \(max_epochs=6, epochs are 0\.\.5\); lower the schedule's last epoch",
+    ):
         g.check_reachable(max_epochs=6)
     g.check_reachable(done=[2, 4, 6], max_epochs=6)  # every point already pruned
-    with pytest.raises(ValueError, match=r"epoch 4 is never reached: max_steps=20 ends training after 20 optimizer steps, "
-                       r"and with 5 steps per epoch epoch 4 starts after 20\. Raise max_steps above 30 or lower"):
+    with pytest.raises(
+        ValueError,
+        match=r"epoch 4 is never reached: max_steps=20 ends training after 20 optimizer steps, "
+        r"and with 5 steps per epoch epoch 4 starts after 20\. Raise max_steps above 30 or lower",
+    ):
         g.check_reachable(max_epochs=7, max_steps=20, steps_per_epoch=5)
-    with pytest.raises(ValueError, match=r"epoch 2 is never reached: .* epoch 2 starts after 10\. Raise max_steps above 30 "):
+    with pytest.raises(
+        ValueError, match=r"epoch 2 is never reached: .* epoch 2 starts after 10\. Raise max_steps above 30 "
+    ):
         g.check_reachable(max_steps=10, steps_per_epoch=5)  # the fix names the last point out of reach
     g.check_reachable(max_epochs=7, max_steps=31, steps_per_epoch=5)
     steps = GradualSchedule(0.0, 0.8, start=0, end=30, every=10, unit="step")
-    with pytest.raises(ValueError, match=r"the schedule's step 30 is never reached: max_steps=30 ends training after step 29;"):
+    with pytest.raises(
+        ValueError, match=r"the schedule's step 30 is never reached: max_steps=30 ends training after step 29;"
+    ):
         steps.check_reachable(max_steps=30)
     with pytest.raises(ValueError, match=r"step 30 is never reached: max_epochs=3 with 10 steps per epoch"):
         steps.check_reachable(max_epochs=3, steps_per_epoch=10)
@@ -153,7 +179,9 @@ def test_checkpoint_form_is_the_table_and_resume_checks_the_points_run():
     same = PruneSchedule([1, 2, 3], list(g.sparsities))  # the same schedule as lists: the same state
     assert same.state_dict() == table
     same.check_resume(table, {"epoch": [1, 2]})
-    with pytest.raises(ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1"):
+    with pytest.raises(
+        ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1"
+    ):
         GradualSchedule(0.0, 0.8, start=0, end=3).check_resume(table, {"epoch": [1]})
 
 
@@ -187,7 +215,9 @@ def test_a_runs_checkpoint_form_round_trips_and_refuses_a_changed_schedule():
     assert fresh.from_state({"pruned_epochs": [1, 2]}).done == (1, 2)  # written before schedules were saved
     steps = ScheduleRun(PruneSchedule([3], 0.5, unit="step")).with_done(3).to_state()
     assert steps == {"pruned_steps": [3], "schedule": [{"step": 3, "sparsity": 0.5}]}
-    with pytest.raises(ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1 with \[0.5\]"):
+    with pytest.raises(
+        ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1 with \[0.5\]"
+    ):
         ScheduleRun(PruneSchedule([1, 2], [0.6, 0.8])).from_state(state)
 
 
@@ -201,7 +231,9 @@ def test_schedule_from_the_callbacks_arguments():
     with pytest.raises(ValueError, match=r"give schedule or sparsity, not both"):
         schedule_from_args(0.9, None, None, g, sparsity_given=True, uniform=False)
     mixed = ([0.7, {"net.0": 0.6}], [1, 2], None, None)
-    schedule_from_args(*mixed, sparsity_given=True, uniform=False)  # a global allocation: net.0's share of 0.7 is unknown
+    schedule_from_args(
+        *mixed, sparsity_given=True, uniform=False
+    )  # a global allocation: net.0's share of 0.7 is unknown
     with pytest.raises(ValueError, match=r"layer 'net.0' cannot reach sparsity\[1\] = 0.6"):
         schedule_from_args(*mixed, sparsity_given=True, uniform=True)
 
@@ -293,7 +325,9 @@ def test_gradual_schedule_prunes_at_each_point_to_its_value_and_resumes(ns, tmp_
     assert cb2.pruned_epochs == [1, 2, 3] and len(cb2.reports) == 1  # 1 and 2 restored, not pruned again
     assert abs(layer_sparsity(resumed, "net.2") - 0.75) <= 1.0 / cols
     assert_masks_hold_all(cb2, resumed)
-    with pytest.raises(ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1, epoch 2"):
+    with pytest.raises(
+        ValueError, match=r"resuming with a different prune schedule: the checkpoint was pruned at epoch 1, epoch 2"
+    ):
         make_trainer(ns, 4, [lobs(schedule=GradualSchedule(0.0, 0.8, start=0, end=3))]).fit(
             lit_mlp(ns, n=128), ckpt_path=str(tmp_path / "epoch=2.ckpt")
         )
@@ -305,7 +339,9 @@ def test_unreachable_schedule_is_refused_before_training(ns):
     with pytest.raises(ValueError, match=r"the schedule's epoch 4 is beyond the last epoch of training \(max_epochs=4"):
         make_trainer(ns, 4, [lobs(schedule=GradualSchedule(0.0, 0.8, start=0, end=4, every=2))]).fit(model)
     steps = SparsitySchedule(lambda s: 0.5, [1, 4], unit="step")
-    with pytest.raises(ValueError, match=r"the schedule's step 4 is never reached: max_epochs=2 with 2 steps per epoch"):
+    with pytest.raises(
+        ValueError, match=r"the schedule's step 4 is never reached: max_epochs=2 with 2 steps per epoch"
+    ):
         make_trainer(ns, 2, [lobs(schedule=steps)]).fit(model)
     assert model.steps == 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

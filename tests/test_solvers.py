@@ -132,7 +132,12 @@ def test_layer_error_matches_definition():
     W1 = make_weight(3, 6, 5)
     assert_close(layer_error(W0, W1, H), ls_err(W0, W1, X), H=H)
     assert layer_error(W0, W0, H) == 0.0
-    assert_close(layer_error(W0.float(), W1.float(), H.float()), ls_err(W0.float().double(), W1.float().double(), X), rtol=1e-5, H=H)
+    assert_close(
+        layer_error(W0.float(), W1.float(), H.float()),
+        ls_err(W0.float().double(), W1.float().double(), X),
+        rtol=1e-5,
+        H=H,
+    )
 
 
 # =========================================================================== 3. exact vs exhaustive search
@@ -201,7 +206,9 @@ def test_exact_against_exhaustive_search(exhaustive_results):
     assert not below, f"exact beat exhaustive search (impossible: its error bookkeeping is wrong): {below}"
     hits = sum(r[0] <= r[1] * (1 + r[4]) for _, r in exhaustive_results)
     total = len(exhaustive_results)
-    assert hits >= 0.8 * total, f"exact reached the exhaustive optimum in only {hits}/{total} = {hits / total:.0%} of cases"
+    assert hits >= 0.8 * total, (
+        f"exact reached the exhaustive optimum in only {hits}/{total} = {hits / total:.0%} of cases"
+    )
 
 
 def test_exact_budget_split_is_optimal_for_greedy_traces(exhaustive_results):
@@ -361,7 +368,9 @@ def test_fast_update_matches_loop_reference_for_its_mask(bias, pattern, damp):
     Wt = make_weight(5, X.shape[1], 31)
     s = None if pattern else 0.55
     for block in (1 if pattern is None else 4, 3 if pattern is None else 8, 128):
-        res, full, mask = run(Wt, H, s, "fast", bias=bias, pattern=pattern, options=replace(LIT64, damp=damp, block_size=block))
+        res, full, mask = run(
+            Wt, H, s, "fast", bias=bias, pattern=pattern, options=replace(LIT64, damp=damp, block_size=block)
+        )
         assert_close(full, fast_update_reference(Wt, H, mask, damp), H=H)
         assert_close(res.error, ls_err(Wt, full, X), H=H)
 
@@ -462,7 +471,9 @@ def test_nm_pattern_errors(method):
         solve_layer(make_weight(3, 8, 42), hess(X), 0.3, method=method, pattern="2:4", solver=OPT64)
     # with a bias only the weight columns have to be a multiple of M
     Xb = make_inputs(40, 8, seed=42, bias=True)
-    res = solve_layer(make_weight(3, 8, 42), hess(Xb), method=method, bias=torch.ones(3, dtype=F64), pattern="2:4", solver=OPT64)
+    res = solve_layer(
+        make_weight(3, 8, 42), hess(Xb), method=method, bias=torch.ones(3, dtype=F64), pattern="2:4", solver=OPT64
+    )
     assert int((~res.mask).sum()) == 12
 
 
@@ -499,7 +510,9 @@ def test_grouped_exact_refits_each_group_with_its_hessian(bias):
     assert_close(refit(Wt, H3, mask, OPT64), full, H=H3)
 
 
-@pytest.mark.parametrize("method,pattern", [("fast", None), ("fast", "2:4"), ("exact", "2:4"), ("lobs", "2:4"), ("exact", "1:4")])
+@pytest.mark.parametrize(
+    "method,pattern", [("fast", None), ("fast", "2:4"), ("exact", "2:4"), ("lobs", "2:4"), ("exact", "1:4")]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_equals_separate_solves(method, pattern, bias):
     groups, per, d = 2, 3, 8
@@ -592,7 +605,9 @@ def test_validation_errors(method):
     with pytest.raises(ValueError):
         solve_layer(W, H.reshape(-1), 0.5, method, solver=OPT64)
     with pytest.raises(ValueError, match="bias"):
-        solve_layer(W, hess(make_inputs(30, 5, seed=1, bias=True)), 0.5, method, bias=torch.zeros(4, dtype=F64), solver=OPT64)
+        solve_layer(
+            W, hess(make_inputs(30, 5, seed=1, bias=True)), 0.5, method, bias=torch.zeros(4, dtype=F64), solver=OPT64
+        )
     Hn = H.clone()
     Hn[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -609,7 +624,13 @@ def test_unknown_method_and_bad_options():
     X = make_inputs(30, 5, seed=72)
     with pytest.raises(ValueError, match="method"):
         solve_layer(make_weight(3, 5, 72), hess(X), 0.5, "obc")
-    for kw in (dict(damp=-1.0), dict(damp=float("nan")), dict(dtype=torch.float16), dict(block_size=0), dict(lazy_steps=1.5)):
+    for kw in (
+        dict(damp=-1.0),
+        dict(damp=float("nan")),
+        dict(dtype=torch.float16),
+        dict(block_size=0),
+        dict(lazy_steps=1.5),
+    ):
         with pytest.raises(ValueError):
             SolverOptions(**kw)
     for bad in (-1, 1.5, True, "1"):

@@ -181,21 +181,3 @@ def test_row_floor_counts_and_lowers_the_sparsity_only_where_it_must(per_row):
         return
     with pytest.warns(RuntimeWarning, match=f"fast: sparsity 0.99 would leave fewer than min_kept_per_row={per_row}"):
         assert floor.limit_sparsity(0.99, rows, cols, pruned_before, "fast") == most / (rows * cols)
-
-
-def test_row_floor_is_the_allocations_row_minimum():
-    """allocation.py still has its own copies (its owner switches them to RowFloor); until then they must agree."""
-    import lightning_lobs.allocation as allocation
-    from lightning_lobs import GlobalAllocation
-
-    costs, pruned_before = _floor_case(81)
-    rows, cols = costs.shape
-    everything = GlobalAllocation(max_layer_sparsity=1.0)
-    for per_row in (0, 1, 3):
-        for prior in (None, ~pruned_before):  # allocation takes keep-masks
-            floor = RowFloor(per_row)
-            pruned = None if prior is None else ~prior
-            assert torch.equal(floor.pin(costs, pruned), allocation._keep_row_minimum(costs, per_row, prior))
-            assert floor.most_removable(rows, cols, pruned) == allocation._max_removed(
-                rows * cols, rows, cols, per_row, prior, everything
-            )

@@ -46,7 +46,9 @@ class Injected(Exception):
 
 def bn_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3)
+    )
 
 
 def calib_batches(n: int = 4, rows: int = 32) -> list:
@@ -145,9 +147,13 @@ FAILURES = {
     "calibration": _fail_in_calibration,
     "after the solves (weights written)": lambda mp: _fail_after(mp, run_mod, "commit", Injected("after commit")),
     "BatchNorm re-estimation": _fail_in_bn,
-    "inside the report, after measuring": lambda mp: _fail_after(mp, report_mod, "parameter_counts", Injected("report")),
+    "inside the report, after measuring": lambda mp: _fail_after(
+        mp, report_mod, "parameter_counts", Injected("report")
+    ),
     "KeyboardInterrupt in the bound": lambda mp: _fail_after(mp, report_mod, "bound", KeyboardInterrupt()),
-    "KeyboardInterrupt while the masks are enforced": lambda mp: _fail_after(mp, MaskSet, "attach", KeyboardInterrupt()),
+    "KeyboardInterrupt while the masks are enforced": lambda mp: _fail_after(
+        mp, MaskSet, "attach", KeyboardInterrupt()
+    ),
     "second layer's solve (sequential writes as it goes)": lambda mp: _fail_after(
         mp, solve_mod, "solve_one", Injected("solve"), calls=2
     ),
@@ -161,11 +167,15 @@ def test_a_failed_prune_leaves_weights_bn_masks_and_optimizer_as_they_were(monke
     before = everything(model, masks, opt)
     FAILURES[where](monkeypatch)
     with pytest.raises((Injected, KeyboardInterrupt)):
-        prune_model(model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential, prune_head=True)
+        prune_model(
+            model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential, prune_head=True
+        )
     assert_same(before, everything(model, masks, opt))
     monkeypatch.undo()
     # the same prune without the failure changes all of it: the comparison above could fail
-    report = prune_model(model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential, prune_head=True)
+    report = prune_model(
+        model, calib_batches(), 0.8, masks=masks, allocation="uniform", sequential=sequential, prune_head=True
+    )
     assert report.sparsity > 0.79 and masks.total_sparsity() > 0.79
     after = everything(model, masks, opt)
     assert not torch.equal(before["model"]["0.weight"], after["model"]["0.weight"])
@@ -240,7 +250,9 @@ def assert_callback_state(before: dict, after: dict) -> None:
 
 CALLBACK_FAILURES = {
     "inside the report": lambda mp, cb: _fail_after(mp, report_mod, "parameter_counts", Injected("report")),
-    "logging the report": lambda mp, cb: mp.setattr(cb, "log_report", lambda *a: (_ for _ in ()).throw(Injected("log"))),
+    "logging the report": lambda mp, cb: mp.setattr(
+        cb, "log_report", lambda *a: (_ for _ in ()).throw(Injected("log"))
+    ),
     "resetting the monitors": lambda mp, cb: _fail_after(mp, cb, "_reset_monitors", Injected("monitors")),
 }
 
@@ -263,9 +275,18 @@ def test_a_failed_prune_leaves_the_callback_state_as_it_was(monkeypatch, where, 
 
     model = lit_mlp("lightning.pytorch", bn=True)
     if which == "first":  # fails at epoch 1, the only prune: the MaskSet was empty and detached
-        lobs = LOBSPruning(sparsity=0.8, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
+        lobs = LOBSPruning(
+            sparsity=0.8, prune_epoch=1, calibration_batches=2, log_table=False, allocation="uniform", prune_head=True
+        )
     else:  # epoch 0 pruned, epoch 1 fails
-        lobs = LOBSPruning(sparsity=[0.5, 0.8], prune_epoch=[0, 1], calibration_batches=2, log_table=False, allocation="uniform", prune_head=True)
+        lobs = LOBSPruning(
+            sparsity=[0.5, 0.8],
+            prune_epoch=[0, 1],
+            calibration_batches=2,
+            log_table=False,
+            allocation="uniform",
+            prune_head=True,
+        )
     snap = Snapshot(lobs, epoch=1)
     es = EarlyStopping("train_loss", patience=5)
     es_before = {}
@@ -443,7 +464,11 @@ def test_calibrating_from_the_training_loader_keeps_the_data_order_of_later_epoc
     orders = []
     for with_prune in (False, True):
         record = RecordOrder()
-        callbacks = [record] + ([LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)] if with_prune else [])
+        callbacks = [record] + (
+            [LOBSPruning(sparsity=0.5, prune_epoch=1, calibration_batches=3, log_table=False, prune_head=True)]
+            if with_prune
+            else []
+        )
         make_trainer(ns, 3, callbacks, tmp_path).fit(lit_mlp(ns))
         orders.append(record.seen)
     assert orders[0] == orders[1]
@@ -459,7 +484,11 @@ def mlp_batches(n: int) -> list:
 
 def test_a_one_shot_iterator_with_two_scheduled_prunes_is_refused_at_setup(tmp_path, ns):
     lobs = LOBSPruning(
-        sparsity=[0.5, 0.7], prune_epoch=[0, 1], calibration_batches=2, calibration_dataloader=iter(mlp_batches(4)), prune_head=True
+        sparsity=[0.5, 0.7],
+        prune_epoch=[0, 1],
+        calibration_batches=2,
+        calibration_dataloader=iter(mlp_batches(4)),
+        prune_head=True,
     )
     model = lit_mlp(ns)
     with pytest.raises(ValueError, match="one-shot iterator.*DataLoader or a list"):
@@ -469,7 +498,14 @@ def test_a_one_shot_iterator_with_two_scheduled_prunes_is_refused_at_setup(tmp_p
 
 def test_a_short_one_shot_iterator_with_one_prune_warns_how_many_batches_were_used(tmp_path, ns):
     source = (b for b in mlp_batches(2))
-    lobs = LOBSPruning(sparsity=0.5, prune_epoch=0, calibration_batches=5, calibration_dataloader=source, log_table=False, prune_head=True)
+    lobs = LOBSPruning(
+        sparsity=0.5,
+        prune_epoch=0,
+        calibration_batches=5,
+        calibration_dataloader=source,
+        log_table=False,
+        prune_head=True,
+    )
     with pytest.warns(UserWarning, match=r"calibration_batches=5 but the iterator yielded only 2"):
         make_trainer(ns, 1, [lobs], tmp_path).fit(lit_mlp(ns))
     assert lobs.pruned_epochs == [0]
@@ -512,6 +548,8 @@ def test_sequential_prunes_the_layers_the_parallel_path_prunes(spec):
     for sequential in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # no "never called" warning either
-            report = prune_model(Branchy(), batches, sparsity, allocation="uniform", sequential=sequential, prune_head=True)
+            report = prune_model(
+                Branchy(), batches, sparsity, allocation="uniform", sequential=sequential, prune_head=True
+            )
         pruned[sequential] = set(report.layers)
     assert pruned[False] == pruned[True] == {"a", "b", "expert"}

@@ -1,4 +1,4 @@
-"""Baseline pruning rules the L-OBS paper (and issue 11) compares against, as small pure tensor functions.
+"""Baseline pruning rules the L-OBS paper compares against, as small pure tensor functions.
 
 Not part of the library: ``benchmarks/paper_mnist.py`` and the deep examples run them, ``tests/test_baselines.py``
 checks them.
@@ -39,8 +39,9 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Mapping, Tuple, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -125,8 +126,8 @@ def nm_mask_from_scores(scores: Tensor, n: int, m: int, free_cols: int = 0) -> T
 
 
 def magnitude_masks(
-    weights: Mapping[str, Tensor], sparsity: Union[float, Mapping[str, float]], scope: Literal["layer", "global"] = "layer"
-) -> Dict[str, Tensor]:
+    weights: Mapping[str, Tensor], sparsity: float | Mapping[str, float], scope: Literal["layer", "global"] = "layer"
+) -> dict[str, Tensor]:
     """Magnitude keep-masks for several layers (weights only, any shape).
 
     ``scope="layer"``: every layer keeps its own top ``1 - sparsity[name]`` by ``|w|`` (a float applies to all).
@@ -208,7 +209,7 @@ class IHTResult:
 
     weight: Tensor
     mask: Tensor
-    history: List[float] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)
     refitted: bool = False  # whether the least-squares refit on the support was applied
 
 
@@ -248,7 +249,7 @@ def layerwise_iht(  # nine parameters: the problem (3) and the solver's keyword-
         raise ValueError("H has no positive eigenvalue: the layer saw no input.")
     step = 1.0 / lipschitz
 
-    def project(V: Tensor) -> Tuple[Tensor, Tensor]:
+    def project(V: Tensor) -> tuple[Tensor, Tensor]:
         mask = mask_from_scores(V.abs(), sparsity, group, free_cols)
         return V * mask, mask
 
@@ -273,7 +274,7 @@ def layerwise_iht(  # nine parameters: the problem (3) and the solver's keyword-
     return IHTResult(weight=V, mask=mask, history=history, refitted=refitted)
 
 
-def iterative_schedule(target: float, rounds: int) -> List[float]:
+def iterative_schedule(target: float, rounds: int) -> list[float]:
     """Sparsities of ``rounds`` pruning rounds reaching ``target``, the kept fraction falling geometrically.
 
     Round ``i`` (1-based) keeps ``(1 - target) ** (i / rounds)``: e.g. 0.93 in 3 rounds -> 0.588, 0.830, 0.93.
@@ -288,9 +289,14 @@ def iterative_schedule(target: float, rounds: int) -> List[float]:
 
 
 def sparsegpt_sweep(
-    weight: Tensor, hessian: Tensor, sparsity: float = 0.0, *, nm: Tuple[int, int] = (0, 0), blocksize: int = 128,
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float = 0.0,
+    *,
+    nm: tuple[int, int] = (0, 0),
+    blocksize: int = 128,
     percdamp: float = 0.01,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """One SparseGPT sweep over ``weight`` ``(rows, d)`` with ``hessian`` ``(d, d)`` (no bias column).
 
     Unstructured at ``sparsity`` when ``nm == (0, 0)``, else ``n`` of every ``m`` consecutive inputs kept.

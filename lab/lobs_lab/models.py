@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, List, Literal, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -96,7 +97,7 @@ class MNISTClassifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def training_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = self.loss_fn(logits, y)
@@ -105,12 +106,12 @@ class MNISTClassifier(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         self.val_acc(self(x), y)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
-    def test_step(self, batch: Tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         self.test_acc(self(x), y)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
@@ -138,7 +139,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.short: Optional[nn.Module] = None
+        self.short: nn.Module | None = None
         if project and (stride != 1 or cin != cout):
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         self.stride = stride
@@ -161,7 +162,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(1, width, 3, 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(width)
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         cin = width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):
             for b in range(blocks):
@@ -178,12 +179,14 @@ class ResNet(nn.Module):
 class ResNetClassifier(MNISTClassifier):
     """``MNISTClassifier`` with SGD (nesterov) and, for dense training, a one-cycle schedule over ``total_steps``."""
 
-    def __init__(self, net: nn.Module, lr: float, weight_decay: float = 5e-4, total_steps: Optional[int] = None) -> None:
+    def __init__(self, net: nn.Module, lr: float, weight_decay: float = 5e-4, total_steps: int | None = None) -> None:
         super().__init__(net, lr=lr, optimizer="sgd", weight_decay=weight_decay)
         self.total_steps = total_steps
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+        )
         if not self.total_steps:
             return opt
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.total_steps, pct_start=0.25)
@@ -197,15 +200,27 @@ def make_gpt2(layers: int, width: int, heads: int, context: int) -> nn.Module:
     """A randomly initialised ``GPT2LMHeadModel`` with a 256-byte vocabulary, no dropout, tied embeddings."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10, eos_token_id=10)
+    cfg = GPT2Config(
+        vocab_size=256,
+        n_positions=context,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=10,
+        eos_token_id=10,
+    )
     return GPT2LMHeadModel(cfg)
 
 
 class ByteLM(pl.LightningModule):
     """Next-byte prediction; ``forward(ids)`` returns the logits, batches are ``(B, T + 1)`` windows."""
 
-    def __init__(self, model: nn.Module, lr: float, warmup: int = 0, total_steps: Optional[int] = None, weight_decay: float = 0.01) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, warmup: int = 0, total_steps: int | None = None, weight_decay: float = 0.01
+    ) -> None:
         super().__init__()
         self.model = model
         self.lr, self.warmup, self.total_steps, self.weight_decay = lr, warmup, total_steps, weight_decay

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -20,14 +21,14 @@ from torch import Tensor, nn
 
 from lightning_lobs import LOBSPruning, MaskSet, PruneReport, prune_model
 from lightning_lobs.batchnorm import recalibrate_batchnorm
-from lightning_lobs.hessian import from_rows as _from_rows
-from lightning_lobs.hessian import to_rows
+from lightning_lobs.layers import from_rows as _from_rows
+from lightning_lobs.layers import to_rows
 from lobs_lab.baselines import magnitude_masks, mask_from_scores, nm_mask_from_scores, wanda_scores
 from lobs_lab.harness import quiet_trainer
 from lobs_lab.metrics import masks_held, zero_fraction
 
 #: An N:M pattern as ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs.
-Pattern = Tuple[int, int]
+Pattern = tuple[int, int]
 
 OBS_METHODS = ("auto", "exact", "fast", "lobs")
 BASELINES = ("magnitude_global", "magnitude_layer", "wanda")
@@ -59,15 +60,19 @@ def _input_sq_norms(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
 
 
-def collect_input_norms(model: nn.Module, names: Sequence[str], batches: Sequence[Any], run: Callable[[Any], Any]) -> Dict[str, Tensor]:
+def collect_input_norms(
+    model: nn.Module, names: Sequence[str], batches: Sequence[Any], run: Callable[[Any], Any]
+) -> dict[str, Tensor]:
     """Wanda's ``||X_j||^2`` for every layer in ``names`` from one no-grad pass over ``batches`` (eval mode)."""
     modules = dict(model.named_modules())
-    sums: Dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
     handles = []
     for n in names:
-        def hook(mod: nn.Module, args: Tuple[Any, ...], name: str = n) -> None:
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], name: str = n) -> None:
             s = _input_sq_norms(mod, args[0])
             sums[name] = sums[name] + s if name in sums else s
+
         handles.append(modules[n].register_forward_pre_hook(hook))
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -83,7 +88,7 @@ def collect_input_norms(model: nn.Module, names: Sequence[str], batches: Sequenc
     return sums
 
 
-def report_summary(report: PruneReport) -> Dict[str, Any]:
+def report_summary(report: PruneReport) -> dict[str, Any]:
     """The numbers of a :class:`PruneReport` that the examples' JSON results keep."""
     return dict(
         prune_seconds=report.calibration_seconds + report.solve_seconds,
@@ -106,10 +111,10 @@ def baseline_masks(
     model: nn.Module,
     names: Sequence[str],
     rule: str,
-    sparsity: Optional[float],
-    pattern: Optional[Tuple[int, int]],
-    norms: Optional[Mapping[str, Tensor]] = None,
-) -> Dict[str, Tensor]:
+    sparsity: float | None,
+    pattern: tuple[int, int] | None,
+    norms: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Keep-masks (weight shape) of ``rule`` for the layers ``names``: ``magnitude_global``, ``magnitude_layer``, ``wanda``,
     or ``dense`` (all kept: the control that only retrains).
 
@@ -121,7 +126,7 @@ def baseline_masks(
     weights = {n: modules[n].weight.detach() for n in names}
     if rule == "dense":  # the control: nothing pruned, retrained the same way
         return {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for n, w in weights.items():
         mod = modules[n]
         rows = rows_view(mod, w)
@@ -152,7 +157,7 @@ class BaselinePruning(Callback):
     """At the start of epoch 0: compute masks with ``mask_fn(pl_module)``, write them, re-estimate BatchNorm, then hold
     them through retraining with a :class:`MaskSet` attached to the trainer's optimizers."""
 
-    def __init__(self, mask_fn: Callable[[nn.Module], Dict[str, Tensor]], bn_batches: Sequence[Any] = ()) -> None:
+    def __init__(self, mask_fn: Callable[[nn.Module], dict[str, Tensor]], bn_batches: Sequence[Any] = ()) -> None:
         self.mask_fn = mask_fn
         self.bn_batches = list(bn_batches)
         self.masks = MaskSet()
@@ -175,10 +180,10 @@ class BaselinePruning(Callback):
 class Probe(Callback):
     """Placed after the pruning callback: ``evaluate(pl_module)`` and the zeros right after the prune (one-shot)."""
 
-    def __init__(self, evaluate: Callable[[nn.Module], Dict[str, float]], names: Sequence[str]) -> None:
+    def __init__(self, evaluate: Callable[[nn.Module], dict[str, float]], names: Sequence[str]) -> None:
         self.evaluate = evaluate
         self.names = list(names)
-        self.oneshot: Optional[Dict[str, float]] = None
+        self.oneshot: dict[str, float] | None = None
         self.oneshot_zeros = math.nan
         self.t_pruned = math.nan
 
@@ -189,7 +194,7 @@ class Probe(Callback):
             self.oneshot_zeros = zero_fraction(pl_module, self.names)
 
 
-def mask_dict(masks: MaskSet) -> Dict[str, Tensor]:
+def mask_dict(masks: MaskSet) -> dict[str, Tensor]:
     """A :class:`MaskSet`'s masks as a plain ``{layer name: keep-mask}``."""
     return {n: masks[n] for n in masks}
 
@@ -208,21 +213,21 @@ class Setup:
     """
 
     names: Sequence[str]
-    evaluate: Callable[[nn.Module], Dict[str, float]]
+    evaluate: Callable[[nn.Module], dict[str, float]]
     calib_batches: Sequence[Any]
     lobs_kwargs: Mapping[str, Any]
-    baseline_mask_fn: Optional[Callable[[nn.Module, str, Optional[float], Optional[Pattern]], Dict[str, Tensor]]] = None
+    baseline_mask_fn: Callable[[nn.Module, str, float | None, Pattern | None], dict[str, Tensor]] | None = None
     bn_batches: Sequence[Any] = ()
 
 
-def _target(sparsity: Optional[float], pattern: Optional[Pattern]) -> Tuple[float, Optional[str]]:
+def _target(sparsity: float | None, pattern: Pattern | None) -> tuple[float, str | None]:
     """The library's ``(sparsity, pattern)`` arguments: an N:M pattern prunes ``1 - n / m`` of the weights."""
     if pattern is not None:
         return 1.0 - pattern[0] / pattern[1], f"{pattern[0]}:{pattern[1]}"
     return float(sparsity), None  # type: ignore[arg-type]
 
 
-def _row(method: str, sparsity: Optional[float], pattern: Optional[Pattern]) -> Dict[str, Any]:
+def _row(method: str, sparsity: float | None, pattern: Pattern | None) -> dict[str, Any]:
     return {"method": method, "sparsity": sparsity, "pattern": _target(sparsity, pattern)[1]}
 
 
@@ -231,8 +236,15 @@ def _baseline_sparsity(masks: Mapping[str, Tensor]) -> float:
     return 1.0 - kept / sum(m.numel() for m in masks.values())
 
 
-def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str, setup: Setup, sparsity: Optional[float],
-                      pattern: Optional[Pattern], train_loader: Any, retrain_steps: int) -> Dict[str, Any]:
+def run_prune_retrain(
+    make_module: Callable[[], pl.LightningModule],
+    method: str,
+    setup: Setup,
+    sparsity: float | None,
+    pattern: Pattern | None,
+    train_loader: Any,
+    retrain_steps: int,
+) -> dict[str, Any]:
     """One method at one sparsity: prune at the start of a ``Trainer.fit``, evaluate (one-shot), retrain
     ``retrain_steps`` steps with the masks held, evaluate again. Returns metrics, zeros and checks."""
     module = make_module()
@@ -254,9 +266,13 @@ def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str
         mask_fn = setup.baseline_mask_fn
         pruner = BaselinePruning(lambda m: mask_fn(m, method, sparsity, pattern), bn_batches=setup.bn_batches)
     probe = Probe(setup.evaluate, setup.names)
-    trainer = quiet_trainer(max_steps=retrain_steps, max_epochs=1, limit_train_batches=retrain_steps,
-                            callbacks=[pruner, probe],  # hooks run in list order: the probe sees the pruned model
-                            limit_val_batches=0)
+    trainer = quiet_trainer(
+        max_steps=retrain_steps,
+        max_epochs=1,
+        limit_train_batches=retrain_steps,
+        callbacks=[pruner, probe],  # hooks run in list order: the probe sees the pruned model
+        limit_val_batches=0,
+    )
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -272,20 +288,32 @@ def run_prune_retrain(make_module: Callable[[], pl.LightningModule], method: str
     else:
         masks = mask_dict(pruner.masks)
         out.update(prune_seconds=pruner.seconds, report_sparsity=_baseline_sparsity(masks))
-    out.update(pruned_layers=sorted(masks), oneshot=probe.oneshot, oneshot_zeros=probe.oneshot_zeros,
-               retrained=retrained, retrained_zeros=zero_fraction(module, masks), masks_held=masks_held(module, masks),
-               retrain_steps=retrain_steps, fit_seconds=t_fit)
+    out.update(
+        pruned_layers=sorted(masks),
+        oneshot=probe.oneshot,
+        oneshot_zeros=probe.oneshot_zeros,
+        retrained=retrained,
+        retrained_zeros=zero_fraction(module, masks),
+        masks_held=masks_held(module, masks),
+        retrain_steps=retrain_steps,
+        fit_seconds=t_fit,
+    )
     out["module"] = module  # removed by the caller before writing JSON
     return out
 
 
-def strip_modules(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def strip_modules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of result rows without the live modules."""
     return [{k: v for k, v in r.items() if k != "module"} for r in rows]
 
 
-def oneshot_point(make_module: Callable[[], pl.LightningModule], method: str, setup: Setup, sparsity: Optional[float],
-                  pattern: Optional[Pattern]) -> Dict[str, Any]:
+def oneshot_point(
+    make_module: Callable[[], pl.LightningModule],
+    method: str,
+    setup: Setup,
+    sparsity: float | None,
+    pattern: Pattern | None,
+) -> dict[str, Any]:
     """One method at one sparsity, one-shot only (no Trainer): ``prune_model`` for the OBS methods, the baseline
     masks (plus the same BatchNorm re-estimation) otherwise."""
     module = make_module()
@@ -316,7 +344,12 @@ def oneshot_point(make_module: Callable[[], pl.LightningModule], method: str, se
                 recalibrate_batchnorm(module, list(setup.bn_batches), lambda b: module(b))
             out["report_sparsity"] = _baseline_sparsity(masks)
     out["prune_seconds"] = time.perf_counter() - t0
-    out.update(pruned_layers=sorted(masks), oneshot=setup.evaluate(module), oneshot_zeros=zero_fraction(module, masks),
-               masks_held=masks_held(module, masks), retrained=None)
+    out.update(
+        pruned_layers=sorted(masks),
+        oneshot=setup.evaluate(module),
+        oneshot_zeros=zero_fraction(module, masks),
+        masks_held=masks_held(module, masks),
+        retrained=None,
+    )
     out["module"] = module
     return out

@@ -3,15 +3,16 @@ their result rows; ``benchmarks/deep_report.py`` prints them for BENCHMARKS.md."
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
-def method_key(row: Dict[str, Any]) -> str:
+def method_key(row: dict[str, Any]) -> str:
     """The column of a result row: its pattern, or its sparsity in percent."""
     return row["pattern"] or f"{row['sparsity']:.0%}"
 
 
-def accuracy_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def accuracy_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown lines: methods x sparsities, one-shot accuracy % (retrained in parentheses where measured)."""
     cols = list(dict.fromkeys(method_key(r) for r in rows))
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -30,10 +31,12 @@ def accuracy_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def perplexity_table(rows: Sequence[Dict[str, Any]], bpb_digits: int = 3) -> List[str]:
+def perplexity_table(rows: Sequence[dict[str, Any]], bpb_digits: int = 3) -> list[str]:
     """Markdown lines: methods x (50%, 2:4), test perplexity (bits/byte), one-shot and retrained, and prune seconds."""
-    lines = ["| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | 50% one-shot | 50% retrained | 2:4 one-shot | 2:4 retrained | prune time s (50% / 2:4) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells, secs = [], []
         for pat in (None, "2:4"):

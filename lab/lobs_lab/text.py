@@ -18,7 +18,6 @@ import platform
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,7 +31,7 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files(root: Optional[Path] = None) -> List[Path]:
+def stdlib_files(root: Path | None = None) -> list[Path]:
     """Sorted relative paths of the stdlib's ``*.py`` files (no ``site-packages``, no ``__pycache__``)."""
     root = stdlib_dir() if root is None else Path(root)
     out = []
@@ -54,14 +53,14 @@ def split_of(rel_path: Path) -> str:
 class StdlibCorpus:
     """Byte tokens of the three splits plus what identifies the text."""
 
-    tokens: Dict[str, Tensor] = field(repr=False)  # uint8 1-D per split
-    files: Dict[str, int]  # files per split
+    tokens: dict[str, Tensor] = field(repr=False)  # uint8 1-D per split
+    files: dict[str, int]  # files per split
     python_version: str
     root: str
     file_list_sha256: str
     content_sha256: str
 
-    def info(self) -> Dict[str, object]:
+    def info(self) -> dict[str, object]:
         """JSON-able description (no tokens)."""
         return {
             "python_version": self.python_version,
@@ -74,13 +73,13 @@ class StdlibCorpus:
         }
 
 
-def load_stdlib_corpus(root: Optional[Path] = None) -> StdlibCorpus:
+def load_stdlib_corpus(root: Path | None = None) -> StdlibCorpus:
     """Read every file of :func:`stdlib_files` and build the three splits (a few seconds, ~30 MB)."""
     root = stdlib_dir() if root is None else Path(root)
     rels = stdlib_files(root)
     if not rels:
         raise FileNotFoundError(f"no *.py files under {root}")
-    parts: Dict[str, List[bytes]] = {k: [] for k in SPLIT_NAMES}
+    parts: dict[str, list[bytes]] = {k: [] for k in SPLIT_NAMES}
     list_hash, content_hash = hashlib.sha256(), hashlib.sha256()
     for rel in rels:
         data = (root / rel).read_bytes()
@@ -133,6 +132,6 @@ def inputs_only(windows: Tensor) -> Tensor:
     return windows[:, :-1]
 
 
-def describe_split(corpus: StdlibCorpus) -> Tuple[int, int, int]:
+def describe_split(corpus: StdlibCorpus) -> tuple[int, int, int]:
     """Bytes of train, validation and test."""
     return tuple(int(corpus.tokens[k].numel()) for k in SPLIT_NAMES)  # type: ignore[return-value]

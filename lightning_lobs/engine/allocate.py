@@ -9,7 +9,7 @@ trace for their solve.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,8 +29,13 @@ Progress = Callable[[str, float], None]
 
 
 def allocate(
-    ctx: RunContext, plan: Plan, order: Sequence[str], owners: Mapping[str, int], hessian_of: HessianOf, keep_traces: bool
-) -> Tuple[Plan, Dict[str, GreedyTrace]]:
+    ctx: RunContext,
+    plan: Plan,
+    order: Sequence[str],
+    owners: Mapping[str, int],
+    hessian_of: HessianOf,
+    keep_traces: bool,
+) -> tuple[Plan, dict[str, GreedyTrace]]:
     """The plan with the global allocation's targets (unchanged without one), and the ``exact`` traces kept.
 
     ``hessian_of`` may run a collective (sequential calibration): every rank calls it for every layer, in ``order``.
@@ -45,7 +50,7 @@ def allocate(
         "allocate",
         {n: allocation_work(plan.layers[n], ctx.solver, config.curve_rows, levels, curve) for n in order},
     )
-    started: Dict[str, float] = {}
+    started: dict[str, float] = {}
 
     def on_layer(name: str, fraction: float) -> None:
         # The layer's time (its trace or curve, and its calibration in sequential mode) joins its `secs`.
@@ -58,7 +63,7 @@ def allocate(
         else:
             ctx.progress.advance(name, fraction, name)
 
-    traces: Dict[str, GreedyTrace] = {}
+    traces: dict[str, GreedyTrace] = {}
     targets = _targets(ctx, plan, order, owners, hessian_of, config, traces if keep_traces else None, on_layer)
     ctx.timings.solve += time.perf_counter() - t0
     return plan.with_targets(targets), traces
@@ -71,9 +76,9 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
     owners: Mapping[str, int],
     hessian_of: HessianOf,
     config: GlobalAllocation,
-    traces: Optional[Dict[str, GreedyTrace]],
+    traces: dict[str, GreedyTrace] | None,
     progress: Progress,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Each rank computes the costs (or curves) of the layers it owns, keeping ``exact`` traces in ``traces`` (when
     given); these are broadcast and every rank runs the same deterministic split. ``progress(name, fraction)`` hears
     when each layer's costs start (0.0), how far they are, and when they are done (1.0)."""
@@ -81,13 +86,15 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
     min_kept = solver.min_kept_per_row
     check_floors(config, min_kept)
     use_curve = config.costs == "curve" and any(plan.layers[n].method != "exact" for n in order)
-    priors: Dict[str, Optional[Tensor]] = {}
-    ranges: Dict[str, Tuple[int, list]] = {}
+    priors: dict[str, Tensor | None] = {}
+    ranges: dict[str, tuple[int, list]] = {}
     for n in order:
         layer = plan.layers[n]
-        priors[n] = None if layer.prior is None else layer.prior.reshape(layer.rows, layer.weight_cols).to(torch.bool).cpu()
+        priors[n] = (
+            None if layer.prior is None else layer.prior.reshape(layer.rows, layer.weight_cols).to(torch.bool).cpu()
+        )
         ranges[n] = removal_levels(layer.rows, layer.weight_cols, priors[n], min_kept, config)
-    values: Dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at the levels
+    values: dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at the levels
     for n in order:
         layer = plan.layers[n]
         curve = use_curve and layer.method != "exact"
@@ -102,7 +109,9 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
                 if traces is not None and trace is not None:
                     traces[n] = trace
             else:
-                values[n] = torch.zeros((len(ranges[n][1]),) if curve else (layer.rows, layer.weight_cols), dtype=torch.float64)
+                values[n] = torch.zeros(
+                    (len(ranges[n][1]),) if curve else (layer.rows, layer.weight_cols), dtype=torch.float64
+                )
         progress(n, 1.0)
     values = broadcast_costs(values, owners, ctx.rank, ctx.device)
     costs = {
@@ -120,7 +129,7 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
     return allocate_targets(costs, float(ctx.options.sparsity), config, min_kept)
 
 
-def _split(layer: LayerPlan) -> Tuple[Tensor, Optional[Tensor]]:
+def _split(layer: LayerPlan) -> tuple[Tensor, Tensor | None]:
     W = layer.dense.to(torch.float64)
     return (W[:, :-1], W[:, -1]) if layer.bias_column else (W, None)
 
@@ -129,11 +138,11 @@ def layer_costs(  # noqa: PLR0913 - one layer's inputs to the three cost kinds
     layer: LayerPlan,
     hessian: Tensor,
     solver: SolverOptions,
-    prior: Optional[Tensor],
-    levels: Optional[Sequence[int]],
+    prior: Tensor | None,
+    levels: Sequence[int] | None,
     curve_rows: int,
-    tick: Optional[Tick] = None,
-) -> Tuple[Tensor, Optional[GreedyTrace]]:
+    tick: Tick | None = None,
+) -> tuple[Tensor, GreedyTrace | None]:
     """A layer's costs relative to its output energy, and the greedy trace for ``exact``.
 
     With ``levels`` (removal counts), its error curve at them: SparseGPT on ``curve_rows`` sampled rows. Otherwise
@@ -160,7 +169,9 @@ def layer_costs(  # noqa: PLR0913 - one layer's inputs to the three cost kinds
     trace = None
     if layer.method == "exact":
         w = weight.to(solver.dtype)
-        trace = greedy_trace(w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior, tick=tick)
+        trace = greedy_trace(
+            w, H, bias=None if bias is None else bias.to(solver.dtype), solver=solver, prior_mask=prior, tick=tick
+        )
         scores = trace.removal_costs()
     else:
         scores = obs_scores(weight, H, bias=bias, solver=solver)

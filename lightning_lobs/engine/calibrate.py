@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from .records import Calibration, Plan
 __all__ = ["calibrate", "collect_hessians", "drop_uncalled", "normalise"]
 
 
-def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = True) -> Tuple[Plan, Calibration]:
+def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = True) -> tuple[Plan, Calibration]:
     """Hessians (normalised, see :func:`normalise`) and positions of ``names``, and their call order.
 
     Layers the forward never called leave the plan (see :func:`drop_uncalled`). ``report=False`` inside another
@@ -34,12 +35,17 @@ def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = 
     progress = ctx.progress if report else PhaseProgress(None)
     progress.begin("calibrate", {str(i): 1.0 for i in range(len(ctx.batches))})
     hessians, positions, order, missing = collect_hessians(
-        ctx.model, ctx.batches, {n: plan.layers[n].module for n in names}, ctx.options.calibration,
-        ctx.run_batch, ctx.rank, progress,
+        ctx.model,
+        ctx.batches,
+        {n: plan.layers[n].module for n in names},
+        ctx.options.calibration,
+        ctx.run_batch,
+        ctx.rank,
+        progress,
     )
     plan = drop_uncalled(plan, missing)
-    normalised: Dict[str, Tensor] = {}
-    scales: Dict[str, float] = {}
+    normalised: dict[str, Tensor] = {}
+    scales: dict[str, float] = {}
     for n in names:
         if n in plan.layers:
             normalised[n], scales[n] = normalise(hessians[n])
@@ -55,7 +61,7 @@ def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = 
     return plan, calibration
 
 
-def normalise(hessian: Tensor) -> Tuple[Tensor, float]:
+def normalise(hessian: Tensor) -> tuple[Tensor, float]:
     """H divided by its mean diagonal, and that scale: the OBS solution does not change, and a float32 solve
     cannot overflow.
 
@@ -93,14 +99,14 @@ def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, eac
     run: Callable[[Any], Any],
     rank: RankInfo,
     progress: PhaseProgress,
-) -> Tuple[Dict[str, Tensor], Dict[str, float], List[str], List[str]]:
+) -> tuple[dict[str, Tensor], dict[str, float], list[str], list[str]]:
     """Stream H for ``modules`` over ``batches`` (summed over ranks).
 
     Returns the Hessians and output positions per sample of the layers that were called, the
     call order, and the layers never called (on any rank).
     """
-    samples: Dict[str, float] = {n: 0 for n in modules}
-    order: List[str] = []
+    samples: dict[str, float] = {n: 0 for n in modules}
+    order: list[str] = []
     handles = []
 
     def make_hook(name: str):  # noqa: ANN202 - closure

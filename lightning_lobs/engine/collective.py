@@ -8,7 +8,7 @@ whose results :func:`share_solution` broadcasts from their owner).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +77,7 @@ def all_reduce_batchnorm(model: nn.Module, rank: RankInfo) -> None:
 
 def reduce_calibration(
     collector: HessianCollector, samples: Mapping[str, float], rank: RankInfo, device: torch.device
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Sum the Hessians (in ``collector``) and the per-layer sample counts over ranks; returns the summed counts."""
     if not rank.active:
         return dict(samples)
@@ -89,7 +89,7 @@ def reduce_calibration(
 
 def broadcast_costs(
     values: Mapping[str, Tensor], owners: Mapping[str, int], rank: RankInfo, device: torch.device
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """Every layer's allocation costs from the rank that computed them (in ``values``' order)."""
     if not rank.active:
         return dict(values)

@@ -9,21 +9,21 @@ an exception anywhere inside it, a KeyboardInterrupt included, puts every saved 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
 from ..batchnorm import batchnorm_state, load_batchnorm_state
-from ..hessian import set_weight_matrix
-from ..masks import MaskSet, _resolve_weight
+from ..layers import set_weight_matrix
+from ..masks import MaskSet, resolve_weight
 from .context import RunContext
 from .records import Solved
 
 __all__ = ["Transaction", "commit", "load_params", "param_state"]
 
-ParamState = Dict[str, Tuple[Tensor, Optional[Tensor]]]
+ParamState = dict[str, tuple[Tensor, Tensor | None]]
 
 
 def commit(ctx: RunContext, solved: Solved) -> None:
@@ -53,12 +53,10 @@ class Transaction:
         self.batchnorm = batchnorm_state(model)
         self.mask_state = _MaskSetState(masks)
 
-    def __enter__(self) -> "Transaction":
+    def __enter__(self) -> Transaction:
         return self
 
-    def __exit__(
-        self, kind: Optional[Type[BaseException]], error: Optional[BaseException], tb: Optional[TracebackType]
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if error is not None:  # the exception then propagates
             self.restore()
 
@@ -86,7 +84,7 @@ class _MaskSetState:
         self.model = masks._model
         self.optimizers = list(masks._optimizers)
         self.written = False
-        self.zeroed: List[Tuple[Tensor, Tensor, Tensor]] = []  # (tensor, positions, their values)
+        self.zeroed: list[tuple[Tensor, Tensor, Tensor]] = []  # (tensor, positions, their values)
 
     def save_enforced(self, new: Mapping[str, Tensor]) -> None:
         """Before writing ``new`` into an attached set: keep what attaching zeroes (optimizer state shaped like a
@@ -96,12 +94,13 @@ class _MaskSetState:
         if model is None:
             return
         for name, mask in new.items():
-            weight = _resolve_weight(model, name)
+            weight = resolve_weight(model, name)
             pruned = ~mask.to(weight.device)
             tensors = [weight.grad] if weight.grad is not None and weight.grad.layout == torch.strided else []
             for opt in self.masks._optimizers:
                 tensors += [
-                    v for v in (opt.state.get(weight) or {}).values()
+                    v
+                    for v in (opt.state.get(weight) or {}).values()
                     if isinstance(v, Tensor) and v.layout == torch.strided and v.shape == weight.shape
                 ]
             for t in tensors:
@@ -124,10 +123,12 @@ class _MaskSetState:
 
 def param_state(modules: Mapping[str, nn.Module]) -> ParamState:
     """Copies of each module's weight and bias, for :func:`load_params`."""
-    return {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()}
+    return {
+        n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()
+    }
 
 
-def load_params(modules: Mapping[str, nn.Module], state: Mapping[str, Tuple[Tensor, Optional[Tensor]]]) -> None:
+def load_params(modules: Mapping[str, nn.Module], state: Mapping[str, tuple[Tensor, Tensor | None]]) -> None:
     """Copy ``state`` (from :func:`param_state`) back into the modules' weights and biases."""
     with torch.no_grad():
         for n, (w, b) in state.items():

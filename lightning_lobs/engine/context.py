@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ class Timings:
 
     calibration: float = 0.0
     solve: float = 0.0
-    before_solve: Dict[str, float] = field(default_factory=dict)
+    before_solve: dict[str, float] = field(default_factory=dict)
     """Per layer: time spent on it before its solve (its trace or curve, its calibration in sequential mode)."""
 
 
@@ -34,7 +35,7 @@ class RunContext:
     masks: MaskSet
     rank: RankInfo
     device: torch.device
-    batches: List[Any]
+    batches: list[Any]
     """The calibration batches with samples (empty ones are left out and counted in ``empty_batches``)."""
     empty_batches: int
     run_batch: Callable[[Any], Any]
@@ -47,10 +48,10 @@ class RunContext:
         model: nn.Module,
         batches: Sequence[Any],
         options: PruneOptions,
-        masks: Optional[MaskSet],
+        masks: MaskSet | None,
         rank: RankInfo,
-        progress: Optional[ProgressFn],
-    ) -> "RunContext":
+        progress: ProgressFn | None,
+    ) -> RunContext:
         device = model_device(model)
         forward_fn = options.forward_fn or default_forward
         kept = [b for b in batches if not is_empty_batch(b)]
@@ -72,5 +73,5 @@ class RunContext:
         return self.options.solver
 
     @property
-    def nm(self) -> Optional[NMPattern]:
+    def nm(self) -> NMPattern | None:
         return self.options.nm

@@ -6,7 +6,8 @@ Estimates only: nothing here changes a result, and they read the plan's shape fa
 from __future__ import annotations
 
 from ..config import SolverOptions
-from ..solvers import _MASK_WORK_PER_WEIGHT, _REFIT_WORK_FACTOR, REFIT_AUTO_MAX_FLOPS, _tick_rows, _trace_work
+from ..solvers.core import MASK_WORK_PER_WEIGHT, REFIT_WORK_FACTOR, refit_planned, tick_rows
+from ..solvers.trace import trace_work
 from .records import LayerPlan
 
 __all__ = ["allocation_work", "solve_work"]
@@ -14,16 +15,16 @@ __all__ = ["allocation_work", "solve_work"]
 
 def trace_flops(rows: int, d: int, solver: SolverOptions) -> float:
     """Estimated flops of ``exact``'s greedy trace: every step's share of a flush, 2 x width^2 per row, and more."""
-    chunk = min(rows, _tick_rows(rows, 2.0 * solver.lazy_steps * d * d))
-    return 2.0 * rows * _trace_work(d, d, solver.lazy_steps, 0, 0.75, chunk)
+    chunk = min(rows, tick_rows(rows, 2.0 * solver.lazy_steps * d * d))
+    return 2.0 * rows * trace_work(d, d, solver.lazy_steps, 0, 0.75, chunk)
 
 
 def refit_flops(rows: int, d: int, sparsity: float, solver: SolverOptions, method: str) -> float:
     """Estimated work of the refit (a k x k Cholesky per row, k kept), 0 where ``lobs``/``fast`` skip it."""
     flops = rows * (d * (1.0 - sparsity)) ** 3 / 3
-    if method != "exact" and not (solver.refit is True or (solver.refit is None and flops <= REFIT_AUTO_MAX_FLOPS)):
+    if method != "exact" and not refit_planned(solver, flops):
         return 0.0
-    return _REFIT_WORK_FACTOR * flops
+    return REFIT_WORK_FACTOR * flops
 
 
 def allocation_work(layer: LayerPlan, solver: SolverOptions, curve_rows: int, levels: int, curve: bool) -> float:
@@ -49,6 +50,6 @@ def solve_work(layer: LayerPlan, solver: SolverOptions, pattern: bool, has_trace
         return float(rows) * d
     work = g * d**3 + refit_flops(rows, d, layer.target, solver, layer.method)
     if layer.method == "exact":
-        work += _MASK_WORK_PER_WEIGHT * rows * d
+        work += MASK_WORK_PER_WEIGHT * rows * d
         return work + (0.0 if has_trace and layer.perm is None else trace_flops(rows, d, solver))
     return work + 2.0 * rows * d * d

@@ -8,20 +8,29 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..hessian import is_supported
+from ..layers import is_prunable
 
-__all__ = ["HEAD_REASON", "default_forward", "eval_no_grad", "is_empty_batch", "model_device", "move_batch", "output_heads"]
+__all__ = [
+    "HEAD_REASON",
+    "default_forward",
+    "eval_no_grad",
+    "is_empty_batch",
+    "model_device",
+    "move_batch",
+    "output_heads",
+]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
 
 
-def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any] | None:
     """The keyword arguments ``model(**kwargs)`` takes from ``batch`` under the default rule, or None.
 
     Keys the forward names are passed (a forward that names none of them but takes only ``**kwargs``
@@ -36,7 +45,9 @@ def _keyword_call(model: nn.Module, batch: Mapping[str, Any]) -> Optional[Dict[s
         return None
     kinds = inspect.Parameter
     named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
-    required = {p.name for p in params if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+    required = {
+        p.name for p in params if p.default is kinds.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+    }
     if not required <= set(batch):
         return None
     passed = {k: v for k, v in batch.items() if k in named}
@@ -89,7 +100,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
             "e.g. forward_fn=lambda model, batch: model(batch['input_ids'], attention_mask=batch['attention_mask'])"
         )
         raise
-
 
 
 def _tensors(batch: Any) -> Iterator[Tensor]:
@@ -165,7 +175,7 @@ HEAD_REASON = (
 )
 
 
-def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
+def output_heads(model: nn.Module, run: Callable[[], Any]) -> dict[str, str]:
     """The model's output heads, ``name -> why``, found on one forward pass ``run()``.
 
     A head is a layer (not the model itself) that transformers' ``get_output_embeddings()`` returns
@@ -175,13 +185,13 @@ def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
     transformed before it is returned (``log_softmax(fc(x))``) is not recognised by the second rule.
     """
     names = {id(m): n for n, m in model.named_modules() if n}
-    heads: Dict[str, str] = {}
+    heads: dict[str, str] = {}
     for m in model.modules():
         get = getattr(m, "get_output_embeddings", None)
         head = get() if callable(get) else None
         if isinstance(head, nn.Module) and id(head) in names:
             heads.setdefault(names[id(head)], "the model's get_output_embeddings()")
-    outputs: Dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
 
     def keep(name: str):  # noqa: ANN202 - closure
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
@@ -190,7 +200,7 @@ def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
 
         return hook
 
-    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and is_supported(m)]
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n and is_prunable(m)]
     try:
         result = run()
     finally:
@@ -208,4 +218,3 @@ def output_heads(model: nn.Module, run: Callable[[], Any]) -> Dict[str, str]:
         if out is not None and any(out is t for t in returned):
             heads.setdefault(n, "its output is the model's output")
     return {n: HEAD_REASON.format(how=how) for n, how in heads.items()}
-

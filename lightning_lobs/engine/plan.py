@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .. import attention as _attention
 from ..config import NMPattern
-from ..hessian import has_bias, is_linear_like, num_groups, output_rows, to_rows, weight_matrix
+from ..layers import channel_last_perm, describe_layer, has_bias, num_groups, solve_cost, to_rows, weight_matrix
 from ..masks import MaskSet
 from ..resources import check_budget, layer_memory
 from ..selection import check_prior_masks, select_layers
@@ -20,7 +19,14 @@ from .context import RunContext
 from .forward import eval_no_grad, output_heads
 from .records import LayerPlan, Plan
 
-__all__ = ["AUTO_EXACT_MAX_COST", "EXACT_COST_PER_SECOND", "EXACT_WARN_SECONDS", "make_plan", "resolve_method", "solve_cost"]
+__all__ = [
+    "AUTO_EXACT_MAX_COST",
+    "EXACT_COST_PER_SECOND",
+    "EXACT_WARN_SECONDS",
+    "make_plan",
+    "resolve_method",
+    "plan_cost",
+]
 
 #: ``auto`` uses ``exact`` where rows * d^3 is at most this (a few seconds on 2 CPU cores), else ``fast``.
 AUTO_EXACT_MAX_COST = 1e12
@@ -31,39 +37,23 @@ EXACT_COST_PER_SECOND = 3e10
 EXACT_WARN_SECONDS = 180.0
 
 
-# ---- LAYER KNOWLEDGE: what the engine needs to know about a module's kind (Linear, ConvNd, HF Conv1D,
-# attention projections). The layers.py adapter replaces this section; nothing else in the engine reads a
-# module's kind, shape or kernel.
-
-
 def resolve_method(method: str, module: nn.Module) -> str:
     """``auto``: ``exact`` where rows * d^3 <= :data:`AUTO_EXACT_MAX_COST`, else ``fast``; other methods as given."""
     if method != "auto":
         return method
-    rows = output_rows(module) // num_groups(module)
-    d = weight_matrix(module).shape[1]
-    return "exact" if rows * d**3 <= AUTO_EXACT_MAX_COST else "fast"
-
-
-def channel_last_perm(module: nn.Module) -> Optional[Tensor]:
-    """Column permutation putting conv input channels innermost, so N:M groups run along channels."""
-    if is_linear_like(module):
-        return None
-    k = int(math.prod(module.kernel_size))
-    if k == 1:
-        return None
-    c = module.in_channels // module.groups
-    return torch.arange(c * k).reshape(c, k).t().reshape(-1)
+    shape = describe_layer(module)
+    rows = shape.rows // shape.groups
+    return "exact" if rows * shape.matrix_cols**3 <= AUTO_EXACT_MAX_COST else "fast"
 
 
 def samples_in(module: nn.Module, x: Tensor) -> int:
     """Samples in one call's input ``x``: its first dimension, or 1 for an unbatched input."""
-    per_sample_dims = 1 if is_linear_like(module) else module.weight.dim() - 1
+    per_sample_dims = 1 + len(describe_layer(module).kernel)  # features, then a convolution's spatial dims
     return x.shape[0] if x.dim() > per_sample_dims else 1
 
 
 def layer_plan(
-    name: str, module: nn.Module, target: float, method: str, nm: Optional[NMPattern], prior: Optional[Tensor]
+    name: str, module: nn.Module, target: float, method: str, nm: NMPattern | None, prior: Tensor | None
 ) -> LayerPlan:
     """One layer's plan, its shape facts read from the module; ``prior`` in the weight's layout."""
     return LayerPlan(
@@ -79,15 +69,9 @@ def layer_plan(
     )
 
 
-def solve_cost(layer: LayerPlan) -> float:
-    """Relative cost of a layer's solve: rows * d^3 for ``exact``, one inverse per group plus a sweep otherwise."""
-    rows, d = layer.dense.shape
-    if layer.method == "exact":
-        return float(rows) * d**3
-    return float(layer.groups) * d**3 + float(rows) * d**2
-
-
-# ---- end of LAYER KNOWLEDGE
+def plan_cost(layer: LayerPlan) -> float:
+    """:func:`lightning_lobs.layers.solve_cost` of a planned layer, with its resolved method."""
+    return solve_cost(layer.module, layer.method)
 
 
 def make_plan(ctx: RunContext) -> Plan:
@@ -100,8 +84,10 @@ def make_plan(ctx: RunContext) -> Plan:
             + "; give a dataloader with samples (and calibration_batches >= 1)."
         )
     if ctx.empty_batches:
-        warnings.warn(f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4)
-    heads: Dict[str, str] = {}
+        warnings.warn(
+            f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4
+        )
+    heads: dict[str, str] = {}
     if not opts.prune_head:
         with eval_no_grad(ctx.model):
             heads = output_heads(ctx.model, lambda: ctx.run_batch(ctx.batches[0]))
@@ -116,7 +102,8 @@ def make_plan(ctx: RunContext) -> Plan:
             priors.masks[n] = prior
     check_prior_masks(priors, {n: modules[n] for n in selection.targets}, selection.targets, opts)
     layers = {
-        n: layer_plan(n, modules[n], target, opts.method, ctx.nm, priors.get(n)) for n, target in selection.targets.items()
+        n: layer_plan(n, modules[n], target, opts.method, ctx.nm, priors.get(n))
+        for n, target in selection.targets.items()
     }
     warn_cost(opts.method, layers)
     check_memory(ctx, layers)
@@ -138,13 +125,13 @@ def warn_cost(method: str, layers: Mapping[str, LayerPlan]) -> None:
     """An explicit ``exact`` that will take minutes says so, with the remedy, before starting."""
     if method != "exact":
         return
-    cost = sum(solve_cost(l) for l in layers.values())
+    cost = sum(plan_cost(l) for l in layers.values())
     seconds = cost / EXACT_COST_PER_SECOND
     if seconds > EXACT_WARN_SECONDS:
-        biggest = max(layers.values(), key=solve_cost)
+        biggest = max(layers.values(), key=plan_cost)
         warnings.warn(
             f"method='exact' will take about {seconds / 60:.0f} min on one CPU core ({len(layers)} layers; "
-            f"'{biggest.name}' {tuple(biggest.dense.shape)} alone about {solve_cost(biggest) / EXACT_COST_PER_SECOND / 60:.0f} "
+            f"'{biggest.name}' {tuple(biggest.dense.shape)} alone about {plan_cost(biggest) / EXACT_COST_PER_SECOND / 60:.0f} "
             "min). method='auto' uses exact only where it takes seconds and SparseGPT ('fast') elsewhere; or "
             "exclude the biggest layers.",
             UserWarning,
@@ -157,7 +144,13 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
     calibration, solver = ctx.options.calibration, ctx.solver
     estimates = {
         n: layer_memory(
-            n, l.module, l.method, calibration.hessian_dtype, solver.dtype, solver.max_memory_bytes, solver.refit is not False
+            n,
+            l.module,
+            l.method,
+            calibration.hessian_dtype,
+            solver.dtype,
+            solver.max_memory_bytes,
+            solver.refit is not False,
         )
         for n, l in layers.items()
     }
@@ -165,8 +158,6 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
         check_budget(estimates, calibration.memory_budget_bytes, ctx.options.sequential, ctx.device)
 
 
-def dense_modules(plan: Plan) -> Dict[str, nn.Module]:
+def dense_modules(plan: Plan) -> dict[str, nn.Module]:
     """The planned layers' modules (an attention projection's stand-in too), by name."""
     return {n: l.module for n, l in plan.layers.items()}
-
-

@@ -9,8 +9,8 @@ A stage returns a new record instead of writing into one it was given, so each r
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Dict, FrozenSet, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -30,9 +30,9 @@ class LayerPlan:
     """Fraction of the layer's weights to remove (the selection's, or the global allocation's)."""
     dense: Tensor
     """``(out, d)`` weight matrix, the bias column included, before this step."""
-    perm: Optional[Tensor]
+    perm: Tensor | None
     """Channel-last column permutation (N:M on a convolution), or None."""
-    prior: Optional[Tensor]
+    prior: Tensor | None
     """``(out, d_w)`` keep-mask of an earlier step, or None."""
     groups: int
     bias_column: bool
@@ -57,16 +57,16 @@ class Plan:
     """The layers one prune will solve, in selection order, and the modules it leaves dense and why."""
 
     layers: Mapping[str, LayerPlan]
-    explicit: FrozenSet[str]
+    explicit: frozenset[str]
     """Layers named exactly by the user (an error, not a warning, if the forward never calls one)."""
     skipped: Mapping[str, str]
 
-    def with_targets(self, targets: Mapping[str, float]) -> "Plan":
+    def with_targets(self, targets: Mapping[str, float]) -> Plan:
         """The plan with these layers' targets replaced (the global allocation's)."""
         layers = {n: replace(l, target=targets[n]) if n in targets else l for n, l in self.layers.items()}
         return replace(self, layers=layers)
 
-    def without(self, dropped: Mapping[str, str]) -> "Plan":
+    def without(self, dropped: Mapping[str, str]) -> Plan:
         """The plan without ``dropped`` (``name -> why``), which join :attr:`skipped`."""
         layers = {n: l for n, l in self.layers.items() if n not in dropped}
         return replace(self, layers=layers, skipped={**self.skipped, **dropped})
@@ -81,9 +81,9 @@ class Calibration:
     positions: Mapping[str, float]
     """Output positions per sample (1 for a Linear on 2-d inputs)."""
     scales: Mapping[str, float]
-    order: Tuple[str, ...]
+    order: tuple[str, ...]
     """Every calibrated layer the forward called, in the order it first called them."""
-    missing: Tuple[str, ...]
+    missing: tuple[str, ...]
     """Calibrated layers the forward never called (on any rank)."""
 
 
@@ -106,7 +106,7 @@ class Solved:
     """What a pipeline (one pass, or sequential) hands the commit: every solved layer, in solve order."""
 
     plan: Plan
-    order: Tuple[str, ...]
+    order: tuple[str, ...]
     solutions: Mapping[str, Solution]
     positions: Mapping[str, float]
     scales: Mapping[str, float]
@@ -121,7 +121,7 @@ class Measurement:
     output_errors: Mapping[str, float]
     output_error: float
     model_output_error: float
-    norms: Mapping[str, Tuple[float, float]]
+    norms: Mapping[str, tuple[float, float]]
     """(Frobenius, spectral) operator norm per layer, where the bound was computed."""
     bound: float
     bound_spectral: float
@@ -134,7 +134,7 @@ class LayerReport:
 
     name: str
     kind: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     method: str
     target_sparsity: float
     sparsity: float
@@ -166,7 +166,7 @@ class PruneReport:
     weight-bearing modules left dense and why.
     """
 
-    layers: Dict[str, LayerReport]
+    layers: dict[str, LayerReport]
     sparsity: float
     bound: float
     bound_spectral: float
@@ -180,16 +180,16 @@ class PruneReport:
     allocation: str = "uniform"
     """How per-layer sparsities were set: "global" (chosen from the layers' costs), "uniform" (one float or an
     N:M pattern for every layer) or "per-layer" (a mapping or callable)."""
-    skipped: Dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
     model_sparsity: float = float("nan")
     nonzero_parameters: int = 0
     total_parameters: int = 0
     empty_batches: int = 0
     """Calibration batches with no samples, left out."""
 
-    def metrics(self, prefix: str = "lobs/") -> Dict[str, float]:
+    def metrics(self, prefix: str = "lobs/") -> dict[str, float]:
         """Flat metric dict (``lobs/<layer>/layer_error``, ``lobs/sparsity``, ...); NaN values are left out."""
-        out: Dict[str, float] = {}
+        out: dict[str, float] = {}
         for name, layer in self.layers.items():
             out[f"{prefix}{name}/layer_error"] = layer.layer_error
             out[f"{prefix}{name}/sparsity"] = layer.sparsity
@@ -227,4 +227,3 @@ class PruneReport:
         if self.empty_batches:
             lines.append(f"{self.empty_batches} empty calibration batch(es) left out")
         return "\n".join(lines)
-

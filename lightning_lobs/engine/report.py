@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -12,7 +13,7 @@ from .. import attention as _attention
 from .. import bounds as _bounds
 from ..batchnorm import batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
 from ..distributed import RankInfo
-from ..hessian import weight_matrix
+from ..layers import weight_matrix
 from ..solvers import Tick
 from .collective import all_reduce_batchnorm, reduce_errors
 from .commit import ParamState, Transaction, load_params, param_state
@@ -46,20 +47,30 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
     """Check the commit, measure the output errors and the bound, and report what the model now holds."""
     ctx.progress.begin("measure", {"measure": 1.0})
     order, layers = solved.order, solved.plan.layers
-    errors: Dict[str, float] = {}
+    errors: dict[str, float] = {}
     for n in order:
         weight = layers[n].module.weight.detach()
         if bool((weight[~solved.solutions[n].mask.to(weight.device)] != 0).any()):  # the model must hold the masks
-            raise AssertionError(f"layer '{n}': pruned positions are not zero after the commit; please report this bug.")
+            raise AssertionError(
+                f"layer '{n}': pruned positions are not zero after the commit; please report this bug."
+            )
         errors[n] = solved.solutions[n].error * solved.scales.get(n, 1.0)
         if solved.solutions[n].damp > ctx.solver.damp:
-            log.warning("layer %s needed relative damping %.3g (asked %.3g)", n, solved.solutions[n].damp, ctx.solver.damp)
+            log.warning(
+                "layer %s needed relative damping %.3g (asked %.3g)", n, solved.solutions[n].damp, ctx.solver.damp
+            )
     d_terms = {n: math.sqrt(max(0.0, 2.0 * errors[n] * solved.positions[n])) for n in order}
     modules = {n: layers[n].module for n in order}
     with eval_no_grad(ctx.model), _attention.feeding(ctx.model, modules):
         outputs, out_err, model_err, example = measure(
-            ctx.model, ctx.batches, modules, {n: tx.params[n] for n in order}, tx.batchnorm,
-            ctx.run_batch, ctx.rank, lambda f: ctx.progress.advance("measure", f),
+            ctx.model,
+            ctx.batches,
+            modules,
+            {n: tx.params[n] for n in order},
+            tx.batchnorm,
+            ctx.run_batch,
+            ctx.rank,
+            lambda f: ctx.progress.advance("measure", f),
         )
         dense = {n: layers[n].dense for n in order} if ctx.options.sequential else None
         fro, spec, note, norms = bound(ctx.model, modules, d_terms, example, bn_recalibrated, dense)
@@ -71,7 +82,7 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
 def _prune_report(
     ctx: RunContext, solved: Solved, errors: Mapping[str, float], d_terms: Mapping[str, float], measured: Measurement
 ) -> PruneReport:
-    reports: Dict[str, LayerReport] = {}
+    reports: dict[str, LayerReport] = {}
     for n in solved.order:
         layer, solution = solved.plan.layers[n], solved.solutions[n]
         weight = layer.module.weight.detach()
@@ -114,7 +125,7 @@ def _prune_report(
     )
 
 
-def parameter_counts(model: nn.Module) -> Dict[str, Any]:
+def parameter_counts(model: nn.Module) -> dict[str, Any]:
     """Zeros over every weight of >= 2 dimensions, and nonzero/total parameters, each Parameter counted once."""
     params = list(model.parameters())  # unique: tied parameters appear once
     weights = [p for p in params if p.dim() >= 2]
@@ -139,7 +150,7 @@ class _Comparison:
         self.layers = {n: _bounds.RMSAccumulator() for n in order}
         self.model = _bounds.RMSAccumulator()
         self.model_ok = True
-        self.dense_outputs: Dict[str, Tensor] = {}
+        self.dense_outputs: dict[str, Tensor] = {}
         self.dense = True
 
     def start(self, dense: bool) -> None:
@@ -166,11 +177,11 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     batches: Sequence[Any],
     modules: Mapping[str, nn.Module],
     snapshot: ParamState,
-    bn_dense: Dict[str, Tensor],
+    bn_dense: dict[str, Tensor],
     run: Callable[[Any], Any],
     rank: RankInfo,
-    tick: Optional[Tick] = None,
-) -> Tuple[Dict[str, float], float, float, Any]:
+    tick: Tick | None = None,
+) -> tuple[dict[str, float], float, float, Any]:
     """RMS per-sample output errors (every pruned layer, the last one, and the model output), pruned vs dense.
 
     Dense and pruned weights (and BatchNorm statistics) are swapped in batch by batch, so
@@ -182,8 +193,10 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     pruned_state = param_state(modules)
     bn_pruned = batchnorm_state(model)
     compare = _Comparison(order)
-    handles = [modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order]
-    inputs: List[Any] = []
+    handles = [
+        modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order
+    ]
+    inputs: list[Any] = []
 
     def keep_first_input(mod: nn.Module, args: tuple) -> None:
         if not inputs and len(args) == 1:
@@ -220,8 +233,8 @@ def bound(
     d_terms: Mapping[str, float],
     example: Any,
     bn_recalibrated: bool,
-    dense: Optional[Mapping[str, Tensor]],
-) -> Tuple[float, float, str, Dict[str, Tuple[float, float]]]:
+    dense: Mapping[str, Tensor] | None,
+) -> tuple[float, float, str, dict[str, tuple[float, float]]]:
     """The paper's bound (Frobenius, spectral) from the model's traced structure, or NaN and why not, and the
     operator norms it used.
 
@@ -241,7 +254,7 @@ def bound(
     chain = _bounds.analyze_chain(model, order, example_input=example)
     if not chain.is_chain:
         return nan, nan, f"bound not applicable: {chain.reason}", {}
-    norms: Dict[str, Tuple[float, float]] = {}
+    norms: dict[str, tuple[float, float]] = {}
     for n in order:
         W = dense[n] if dense is not None else weight_matrix(modules[n])
         norms[n] = (_bounds.operator_norm(modules[n], W, "frobenius"), _bounds.operator_norm(modules[n], W, "spectral"))

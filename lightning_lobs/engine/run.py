@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -15,7 +16,7 @@ from .calibrate import calibrate
 from .commit import Transaction, commit
 from .context import RunContext
 from .forward import eval_no_grad
-from .plan import make_plan, solve_cost
+from .plan import make_plan, plan_cost
 from .records import Plan, PruneReport, Solved
 from .report import make_report, recalibrate_bn
 from .sequential import run_sequential
@@ -29,10 +30,10 @@ def prune(
     batches: Sequence[Any],
     options: PruneOptions,
     *,
-    masks: Optional[MaskSet] = None,
-    rank: Optional[RankInfo] = None,
-    progress: Optional[ProgressFn] = None,
-    on_commit: Optional[Callable[[PruneReport], None]] = None,
+    masks: MaskSet | None = None,
+    rank: RankInfo | None = None,
+    progress: ProgressFn | None = None,
+    on_commit: Callable[[PruneReport], None] | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with OBS on the calibration ``batches``, as ``options`` say.
 
@@ -55,7 +56,7 @@ def prune(
     return run(ctx, on_commit)
 
 
-def run(ctx: RunContext, then: Optional[Callable[[PruneReport], None]] = None) -> PruneReport:
+def run(ctx: RunContext, then: Callable[[PruneReport], None] | None = None) -> PruneReport:
     """All stages as one transaction: weights, BatchNorm state and masks change together or not at all.
 
     The masks are written last, after the report is built, then ``then(report)`` runs (the callback records its
@@ -81,7 +82,7 @@ def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
     """Calibrate every layer on the dense network in one pass over the batches, allocate, solve."""
     plan, calibration = calibrate(ctx, plan, list(plan.layers))
     order = [n for n in calibration.order if n in plan.layers]
-    owners = assign_layers({n: solve_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
+    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
     plan, traces = allocate(ctx, plan, order, owners, calibration.hessians.__getitem__, keep_traces=True)
     solutions = solve_all(ctx, plan, order, owners, calibration.hessians, traces)
     return Solved(plan, tuple(order), solutions, calibration.positions, calibration.scales, written=False)

@@ -9,11 +9,10 @@ A block-by-block pipeline (calibrate a transformer block's layers together) repl
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Tuple
 
 from torch import Tensor
 
-from ..hessian import set_weight_matrix
+from ..layers import set_weight_matrix
 from .allocate import allocate
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, share_solution
@@ -28,9 +27,9 @@ def run_sequential(ctx: RunContext, plan: Plan) -> Solved:
     """Calibrate, allocate and solve the layers one after another; their new weights are written as they go."""
     plan, order = execution_order(ctx, plan)
     owners = {n: i % ctx.rank.world_size for i, n in enumerate(order)}
-    hessians: Dict[str, Tensor] = {}
-    positions: Dict[str, float] = {}
-    scales: Dict[str, float] = {}
+    hessians: dict[str, Tensor] = {}
+    positions: dict[str, float] = {}
+    scales: dict[str, float] = {}
 
     def calibrate_one(name: str) -> Tensor:
         nonlocal plan
@@ -43,7 +42,7 @@ def run_sequential(ctx: RunContext, plan: Plan) -> Solved:
     # The allocation's costs on the dense network: each layer calibrated just before its costs.
     plan, _ = allocate(ctx, plan, order, owners, calibrate_one, keep_traces=False)
     begin_solve(ctx, plan, order, {})
-    solutions: Dict[str, Solution] = {}
+    solutions: dict[str, Solution] = {}
     for n in order:
         calibrate_one(n)  # on the network pruned up to here
         t0 = time.perf_counter()
@@ -57,13 +56,13 @@ def run_sequential(ctx: RunContext, plan: Plan) -> Solved:
     return Solved(plan, tuple(order), solutions, positions, scales, written=True)
 
 
-def execution_order(ctx: RunContext, plan: Plan) -> Tuple[Plan, List[str]]:
+def execution_order(ctx: RunContext, plan: Plan) -> tuple[Plan, list[str]]:
     """The selected layers in the order the forward first calls them, over all calibration batches.
 
     Batches are run until every layer has been seen (usually one), so a layer that only a later batch
     calls (a data-dependent branch, an MoE expert) is pruned as the one-pass pipeline prunes it.
     """
-    order: List[str] = []
+    order: list[str] = []
     modules = {n: l.module for n, l in plan.layers.items()}
     handles = [
         m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)

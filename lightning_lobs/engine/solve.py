@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..config import NMPattern, SolverOptions
-from ..hessian import from_rows
+from ..layers import from_rows
 from ..solvers import GreedyTrace, Tick, solve_layer
 from .collective import fail_together, share_solution
 from .context import RunContext
@@ -27,15 +27,19 @@ def begin_solve(ctx: RunContext, plan: Plan, order: Sequence[str], traces: Mappi
 
 
 def solve_all(
-    ctx: RunContext, plan: Plan, order: Sequence[str], owners: Mapping[str, int], hessians: Mapping[str, Tensor],
-    traces: Dict[str, GreedyTrace],
-) -> Dict[str, Solution]:
+    ctx: RunContext,
+    plan: Plan,
+    order: Sequence[str],
+    owners: Mapping[str, int],
+    hessians: Mapping[str, Tensor],
+    traces: dict[str, GreedyTrace],
+) -> dict[str, Solution]:
     """Every layer's solution on every rank: this rank's share solved, then every share broadcast from its owner.
 
     Nothing is written into the model (the commit does that, once every solve succeeded).
     """
     begin_solve(ctx, plan, order, traces)
-    solved: Dict[str, Solution] = {}
+    solved: dict[str, Solution] = {}
     with fail_together(ctx.rank, ctx.device, "solving the layers"):
         for n in order:
             t0 = time.perf_counter()
@@ -49,13 +53,13 @@ def solve_all(
 
 
 # ---- THE RANK LOOP's body: the one place that decides who solves a layer.
-def solve_owned(
-    ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: Optional[GreedyTrace], owner: int
-) -> Solution:
+def solve_owned(ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: GreedyTrace | None, owner: int) -> Solution:
     """The layer's solution on its owner rank; elsewhere a placeholder of the right shapes that
     :func:`~lightning_lobs.engine.collective.share_solution` fills in from the owner."""
     if owner != ctx.rank.rank:
-        return Solution(torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0)
+        return Solution(
+            torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0
+        )
     n = layer.name
     tick = lambda f: ctx.progress.advance(n, min(f, 1.0 - 1e-9), n)  # noqa: E731
     solved = solve_one(layer, hessian, ctx.nm, ctx.solver, trace, tick)
@@ -66,10 +70,10 @@ def solve_owned(
 def solve_one(
     layer: LayerPlan,
     hessian: Tensor,
-    nm: Optional[NMPattern],
+    nm: NMPattern | None,
     solver: SolverOptions,
-    trace: Optional[GreedyTrace] = None,
-    tick: Optional[Tick] = None,
+    trace: GreedyTrace | None = None,
+    tick: Tick | None = None,
 ) -> Solution:
     """OBS on one layer: the solver's input in the solve's precision and column order, its result in the layer's."""
     t0 = time.perf_counter()
@@ -90,8 +94,16 @@ def solve_one(
             prior = prior[:, perm]
         trace = None  # traces are computed on the unpermuted columns
     res = solve_layer(
-        weight, H, None if nm else layer.target, layer.method, bias=bias, pattern=nm, solver=solver, prior_mask=prior,
-        trace=trace, tick=tick,
+        weight,
+        H,
+        None if nm else layer.target,
+        layer.method,
+        bias=bias,
+        pattern=nm,
+        solver=solver,
+        prior_mask=prior,
+        trace=trace,
+        tick=tick,
     )
     new_w, mask2 = res.weight, res.mask
     if perm is not None:

@@ -76,22 +76,18 @@ from .core import (
     magnitude_mask,
     prepare_inputs,
     refit,
-    row_chunk,
-    row_groups,
     tick_rows,
-    wants_refit,
 )
 from .costs import error_curve, obs_scores, output_energy
-from .exact import GreedyTrace, allocate_rows, greedy_trace
+from .exact import GreedyTrace, greedy_trace
 from .registry import SOLVERS, Solver, solve_layer
-from .trace import greedy_rows, trace_work
+from .trace import trace_work
 
 __all__ = [
     "GreedyTrace",
     "PROGRESS_TICK_FLOPS",
     "REFIT_AUTO_MAX_FLOPS",
     "SolveResult",
-    "allocate_global",
     "damped_hessian",
     "error_curve",
     "greedy_trace",
@@ -121,19 +117,6 @@ __all__ = [
     "SolverOptions",
     "parse_pattern",
 ]
-
-# The private names other modules, benchmarks and tests imported before the split (one version; the public
-# names are beside them): pruner, benchmarks/layers.py, benchmarks/scale.py, tests/test_readme_promises.py.
-_MASK_WORK_PER_WEIGHT = MASK_WORK_PER_WEIGHT
-_REFIT_WORK_FACTOR = REFIT_WORK_FACTOR
-_tick_rows = tick_rows
-_trace_work = trace_work
-_inverse_with_damping = inverse_with_damping
-_row_groups = row_groups
-_row_chunk = row_chunk
-_greedy_trace = greedy_rows
-_allocate = allocate_rows
-_wants_refit = wants_refit
 
 
 def __getattr__(name: str) -> Any:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -44,14 +45,14 @@ Tick = Callable[[float], None]
 # --------------------------------------------------------------------------- progress ticks
 
 
-def sub_tick(tick: Optional[Tick], start: float, share: float) -> Optional[Tick]:
+def sub_tick(tick: Tick | None, start: float, share: float) -> Tick | None:
     """``tick`` for a part of the work that starts at fraction ``start`` and makes up ``share`` of it."""
     if tick is None:
         return None
     return lambda f: tick(start + share * min(max(f, 0.0), 1.0))
 
 
-def tick_if_long(tick: Optional[Tick], flops: float) -> None:
+def tick_if_long(tick: Tick | None, flops: float) -> None:
     """After a factorisation with no ticks inside: tick (no share of work done) when it was a tick's worth of work."""
     if tick is not None and flops >= PROGRESS_TICK_FLOPS:
         tick(0.0)
@@ -80,7 +81,7 @@ class SolveResult:
 
     weight: Tensor
     mask: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
     error: float
     damp: float
     method: str
@@ -116,7 +117,7 @@ def row_groups(rows: int, groups: int, device: torch.device) -> Tensor:
     return torch.arange(rows, device=device) // (rows // groups)
 
 
-def damped_hessian(hessian: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor]:
+def damped_hessian(hessian: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Return ``(H + damp * mean(diag H) * I, dead)`` per group with dead inputs repaired.
 
     A dead input (zero diagonal: the input was always 0 on the calibration data) gets
@@ -198,7 +199,7 @@ def layer_error(weight_old: Tensor, weight_new: Tensor, hessian: Tensor) -> floa
 # --------------------------------------------------------------------------- masks from scores
 
 
-def magnitude_mask(weight: Tensor, sparsity: float, pattern: Optional[NMPattern] = None, frozen: int = 0) -> Tensor:
+def magnitude_mask(weight: Tensor, sparsity: float, pattern: NMPattern | None = None, frozen: int = 0) -> Tensor:
     """Keep-mask of the largest-magnitude weights (layer-wide, or N:M per group of columns).
 
     ``frozen``: how many trailing columns (a bias column) are always kept.
@@ -209,7 +210,7 @@ def magnitude_mask(weight: Tensor, sparsity: float, pattern: Optional[NMPattern]
     return mask_from_scores(scores, sparsity, pattern, frozen)
 
 
-def mask_from_scores(scores: Tensor, sparsity: float, pattern: Optional[NMPattern], bias_cols: int) -> Tensor:
+def mask_from_scores(scores: Tensor, sparsity: float, pattern: NMPattern | None, bias_cols: int) -> Tensor:
     """Keep-mask pruning the lowest scores: ``sparsity`` of the weight columns layer-wide, or N:M per row.
 
     The last ``bias_cols`` columns are always kept; a ``-inf`` score is always pruned.
@@ -242,7 +243,7 @@ def row_chunk(rows: int, width: int, element_size: int, max_bytes: int, copies: 
 
 
 def refit(
-    weight: Tensor, hessian: Tensor, mask: Tensor, solver: Optional[SolverOptions] = None, tick: Optional[Tick] = None
+    weight: Tensor, hessian: Tensor, mask: Tensor, solver: SolverOptions | None = None, tick: Tick | None = None
 ) -> Tensor:
     """Least-squares optimum of the kept weights for a fixed mask (the joint OBS update).
 
@@ -340,12 +341,12 @@ class RowFloor:
     per_row: int
 
     @classmethod
-    def for_solve(cls, options: SolverOptions, pattern: Optional[NMPattern]) -> "RowFloor":
+    def for_solve(cls, options: SolverOptions, pattern: NMPattern | None) -> RowFloor:
         """The floor of one solve: N:M patterns keep N of every M already, so they have none."""
         return cls(options.min_kept_per_row if pattern is None else 0)
 
     def removable_per_row(
-        self, rows: int, columns: int, pruned_before: Optional[Tensor], device: Optional[torch.device] = None
+        self, rows: int, columns: int, pruned_before: Tensor | None, device: torch.device | None = None
     ) -> Tensor:
         """``(rows,)`` long: the most weights each row may lose (never fewer than it lost before)."""
         per_row = torch.full((rows,), max(columns - self.per_row, 0), dtype=torch.long, device=device)
@@ -353,7 +354,7 @@ class RowFloor:
             per_row = torch.maximum(per_row, pruned_before[:, :columns].sum(dim=1).to(per_row.device))
         return per_row
 
-    def most_removable(self, rows: int, columns: int, pruned_before: Optional[Tensor]) -> int:
+    def most_removable(self, rows: int, columns: int, pruned_before: Tensor | None) -> int:
         """The most weights a ``rows x columns`` layer may lose."""
         return int(self.removable_per_row(rows, columns, pruned_before).sum())
 
@@ -362,7 +363,7 @@ class RowFloor:
         sparsity: float,
         rows: int,
         columns: int,
-        pruned_before: Optional[Tensor],
+        pruned_before: Tensor | None,
         method: str,
         stacklevel: int = 3,
     ) -> float:
@@ -382,7 +383,7 @@ class RowFloor:
         )
         return lowered
 
-    def kept_by_floor(self, costs: Tensor, pruned_before: Optional[Tensor]) -> Optional[Tensor]:
+    def kept_by_floor(self, costs: Tensor, pruned_before: Tensor | None) -> Tensor | None:
         """``(rows, columns)`` True on each row's ``per_row`` costliest weights not pruned before; None: no floor."""
         if self.per_row <= 0:
             return None
@@ -392,7 +393,7 @@ class RowFloor:
         kept = torch.zeros(rows, columns, dtype=torch.bool, device=costs.device).scatter_(1, idx, True)
         return kept & ~pruned_before if pruned_before is not None else kept
 
-    def pin(self, costs: Tensor, pruned_before: Optional[Tensor]) -> Tensor:
+    def pin(self, costs: Tensor, pruned_before: Tensor | None) -> Tensor:
         """``costs`` with the weights :meth:`kept_by_floor` keeps set to +inf (never removed)."""
         kept = self.kept_by_floor(costs, pruned_before)
         return costs if kept is None else costs.masked_fill(kept, math.inf)
@@ -400,7 +401,7 @@ class RowFloor:
 
 def one_pass_floor(
     inputs: LayerInputs, options: SolverOptions, work: Tensor, Hinv: Tensor, dead: Tensor
-) -> Optional[Tensor]:
+) -> Tensor | None:
     """The per-row minimum of ``lobs``/``fast``: each row keeps its costliest weights by single-removal cost."""
     floor = RowFloor.for_solve(options, inputs.pattern)
     if floor.per_row <= 0:
@@ -412,7 +413,7 @@ def one_pass_floor(
 
 # --------------------------------------------------------------------------- the inputs of a solve
 
-PatternLike = Union[str, Tuple[int, int], NMPattern, None]
+PatternLike = Union[str, tuple[int, int], NMPattern, None]
 
 
 @dataclass(frozen=True)
@@ -436,9 +437,9 @@ class LayerInputs:
     columns: int
     bias_cols: int
     H: Tensor
-    pattern: Optional[NMPattern]
+    pattern: NMPattern | None
     sparsity: float
-    pruned_before: Optional[Tensor]
+    pruned_before: Tensor | None
 
     @property
     def rows(self) -> int:
@@ -456,10 +457,10 @@ class LayerInputs:
 def prepare_inputs(
     weight: Tensor,
     hessian: Tensor,
-    sparsity: Optional[float],
-    bias: Optional[Tensor],
+    sparsity: float | None,
+    bias: Tensor | None,
     pattern: PatternLike,
-    prior_mask: Optional[Tensor],
+    prior_mask: Tensor | None,
 ) -> LayerInputs:
     """Validate :func:`~lightning_lobs.solvers.solve_layer`'s inputs; the bias becomes the last column of W."""
     nm = parse_pattern(pattern)
@@ -487,7 +488,7 @@ def prepare_inputs(
     return LayerInputs(shape, W, columns, bias_cols, H, nm, float(sparsity), pruned_before)
 
 
-def _resolve_sparsity(sparsity: Optional[float], nm: Optional[NMPattern]) -> float:
+def _resolve_sparsity(sparsity: float | None, nm: NMPattern | None) -> float:
     """The sparsity asked for, or implied by the pattern; a float in [0, 1)."""
     if nm is not None:
         if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
@@ -518,8 +519,8 @@ def _check_hessian(H: Tensor, hessian: Tensor, W: Tensor, columns: int, bias_col
 
 
 def _pruned_before(
-    prior_mask: Tensor, shape: torch.Size, W: Tensor, columns: int, bias_cols: int, nm: Optional[NMPattern]
-) -> Optional[Tensor]:
+    prior_mask: Tensor, shape: torch.Size, W: Tensor, columns: int, bias_cols: int, nm: NMPattern | None
+) -> Tensor | None:
     """``(rows, width)`` True where the keep-mask ``prior_mask`` pruned; None when it prunes nothing."""
     rows = W.shape[0]
     if prior_mask.shape != shape:

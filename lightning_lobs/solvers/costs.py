@@ -7,7 +7,7 @@ relative output errors. (``exact`` layers use :func:`~lightning_lobs.solvers.gre
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from .fast import ColumnSweep
 
 
 def obs_scores(
-    weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None, solver: Optional[SolverOptions] = None
+    weight: Tensor, hessian: Tensor, *, bias: Tensor | None = None, solver: SolverOptions | None = None
 ) -> Tensor:
     """One-pass OBS cost ``L_q = w_q^2 / (2 [H^-1]_qq)`` of removing each weight alone.
 
@@ -43,7 +43,7 @@ def obs_scores(
     return single_removal_costs(x.W.double(), Hinv, dead)[:, : x.columns].reshape(x.shape)
 
 
-def output_energy(weight: Tensor, hessian: Tensor, *, bias: Optional[Tensor] = None) -> float:
+def output_energy(weight: Tensor, hessian: Tensor, *, bias: Tensor | None = None) -> float:
     """``1/2 sum_rows w~ H w~^T``: half the mean squared output of the layer (undamped H).
 
     Dividing a layer's errors by it makes them relative, hence comparable across layers.
@@ -64,11 +64,11 @@ def error_curve(
     hessian: Tensor,
     sparsities: Sequence[float],
     *,
-    bias: Optional[Tensor] = None,
-    solver: Optional[SolverOptions] = None,
-    prior_mask: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    solver: SolverOptions | None = None,
+    prior_mask: Tensor | None = None,
     sample_rows: int = 64,
-    tick: Optional[Tick] = None,
+    tick: Tick | None = None,
 ) -> Tensor:
     """Relative layer error of SparseGPT (``fast`` without the refit) at each of ``sparsities``.
 
@@ -94,7 +94,7 @@ def error_curve(
 class _Curve:
     """:func:`error_curve` on one layer: the sampled rows of every Hessian group in turn."""
 
-    def __init__(self, x: LayerInputs, solver: SolverOptions, levels: List[float], tick: Optional[Tick]) -> None:
+    def __init__(self, x: LayerInputs, solver: SolverOptions, levels: list[float], tick: Tick | None) -> None:
         self.x, self.solver, self.levels, self.tick = x, solver, levels, tick
         self.work = x.W.to(solver.dtype)
         _, self.Hinv, _, self.dead = inverse_with_damping(x.H.to(self.work.device), solver, stacklevel=4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ class GreedyTrace:
     order: Tensor
     increments: Tensor
     damp: float
-    pattern: Optional[NMPattern] = None
+    pattern: NMPattern | None = None
 
     def removal_costs(self) -> Tensor:
         """Per-weight cost ``(rows, d)``: each removal's loss, made non-decreasing along its row.
@@ -73,10 +73,10 @@ class ExactSolver:
     ``trace``: a :func:`greedy_trace` of the same inputs, reused instead of running the trace again.
     """
 
-    trace: Optional[GreedyTrace] = None
+    trace: GreedyTrace | None = None
     name = "exact"
 
-    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Optional[Tick]) -> Solution:
+    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Tick | None) -> Solution:
         """Prune ``inputs`` to its sparsity (already lowered to the per-row minimum)."""
         work = inputs.W.to(options.dtype)
         Wb, Hb, c, s, t = balanced(inputs.W, inputs.H, inputs.bias_cols)
@@ -106,7 +106,7 @@ class ExactSolver:
             new[:, -1] *= c[row_groups(inputs.rows, inputs.groups, new.device)].to(new.dtype)
         return Solution(new, kept, damp)
 
-    def _work(self, inputs: LayerInputs, options: SolverOptions) -> Tuple[float, float, float]:
+    def _work(self, inputs: LayerInputs, options: SolverOptions) -> tuple[float, float, float]:
         """Estimated work of the trace (none when reused), the mask choice and the refit, for the ticks."""
         rows, D, bias_cols = inputs.rows, inputs.width, inputs.bias_cols
         chunk = min(rows, tick_rows(rows, 2.0 * options.lazy_steps * D * D))
@@ -135,11 +135,11 @@ def greedy_trace(
     weight: Tensor,
     hessian: Tensor,
     *,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     pattern: PatternLike = None,
-    solver: Optional[SolverOptions] = None,
-    prior_mask: Optional[Tensor] = None,
-    tick: Optional[Tick] = None,
+    solver: SolverOptions | None = None,
+    prior_mask: Tensor | None = None,
+    tick: Tick | None = None,
 ) -> GreedyTrace:
     """Run the ``exact`` solver's greedy OBS sequence once, for reuse at any sparsity.
 
@@ -163,7 +163,7 @@ def greedy_trace(
 # --------------------------------------------------------------------------- scale
 
 
-def balanced(W: Tensor, H: Tensor, bias_cols: int) -> Tuple[Tensor, Tensor, Tensor, float, float]:
+def balanced(W: Tensor, H: Tensor, bias_cols: int) -> tuple[Tensor, Tensor, Tensor, float, float]:
     """``exact``'s inputs made scale-free: ``(W / t, H / s, c, s, t)``, the bias column also times ``1/c``.
 
     The constant (bias) input does not scale with the data, so inputs of 1e23 or 1e-20 leave its
@@ -209,12 +209,12 @@ def exact_trace(
     W: Tensor,
     Hinv: Tensor,
     dead: Tensor,
-    pattern: Optional[NMPattern],
+    pattern: NMPattern | None,
     bias_cols: int,
     options: SolverOptions,
-    pruned_before: Optional[Tensor],
-    tick: Optional[Tick] = None,
-) -> Tuple[Tensor, Tensor]:
+    pruned_before: Tensor | None,
+    tick: Tick | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(order, increments)`` of the greedy trace of every row, in chunks of rows (see :func:`greedy_rows`)."""
     rows, width = W.shape
     if bias_cols and bool(dead[:, width - bias_cols :].any()):  # the bias is never removed: it must not join the dead
@@ -251,8 +251,8 @@ def exact_trace(
 
 
 def _dead_first(
-    W: Tensor, Hinv: Tensor, dead: Tensor, bias_cols: int, options: SolverOptions, tick: Optional[Tick]
-) -> Tuple[Tensor, Tensor]:
+    W: Tensor, Hinv: Tensor, dead: Tensor, bias_cols: int, options: SolverOptions, tick: Tick | None
+) -> tuple[Tensor, Tensor]:
     """The trace of a layer with dead inputs: those first, then the trace of the live columns alone.
 
     A dead input (always 0 in the calibration data) is removed first, at no cost and without moving any other
@@ -343,7 +343,7 @@ def _counts_at_slope(C: Tensor, lam: float) -> Tensor:
     return S - obj.flip(1).argmin(dim=1)
 
 
-def _bracket_slope(inc: Tensor, C: Tensor, total: int) -> Tuple[float, float]:
+def _bracket_slope(inc: Tensor, C: Tensor, total: int) -> tuple[float, float]:
     """Bisection on the slope: ``(lo, hi)`` with fewer than ``total`` removals at ``lo`` and at least at ``hi``."""
     finite = inc[torch.isfinite(inc)]  # inf marks steps a row cannot take (after its forced removals)
     lo, hi = -1.0, (float(finite.max().item()) if finite.numel() else 0.0) + 1.0
@@ -358,7 +358,7 @@ def _bracket_slope(inc: Tensor, C: Tensor, total: int) -> Tuple[float, float]:
     return lo, hi
 
 
-def improve_allocation(C: Tensor, counts: Tensor, max_moves: Optional[int] = None) -> Tensor:
+def improve_allocation(C: Tensor, counts: Tensor, max_moves: int | None = None) -> Tensor:
     """Move single removals between rows while that lowers the summed cost.
 
     The Lagrangian split is optimal when every row's cost curve is convex; greedy OBS

@@ -9,8 +9,8 @@ compensated.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ class FastSolver:
 
     name = "fast"
 
-    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Optional[Tick]) -> Solution:
+    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Tick | None) -> Solution:
         """Prune ``inputs`` to its sparsity (already lowered to the per-row minimum)."""
         work = inputs.W.to(options.dtype)
         _, Hinv, damp, dead = inverse_with_damping(inputs.H.to(work.device), options, stacklevel=4)
@@ -102,16 +102,16 @@ class ColumnSweep:
         kept_by_floor: ``(rows, columns)`` True on the weights the per-row minimum keeps, or None.
     """
 
-    pattern: Optional[NMPattern]
+    pattern: NMPattern | None
     bias_cols: int
     block: int
-    pruned_before: Optional[Tensor]
-    kept_by_floor: Optional[Tensor]
-    _pruned: List[int] = field(default_factory=list, init=False)
+    pruned_before: Tensor | None
+    kept_by_floor: Tensor | None
+    _pruned: list[int] = field(default_factory=list, init=False)
 
     def run(
-        self, W: Tensor, Hinv: Tensor, dead: Tensor, totals: Sequence[int], tick: Optional[Tick] = None
-    ) -> Tuple[Tensor, Tensor]:
+        self, W: Tensor, Hinv: Tensor, dead: Tensor, totals: Sequence[int], tick: Tick | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(K, rows, width)`` pruned weights and keep-masks; ``tick`` gets the fraction of columns done per block."""
         rows, width = W.shape
         K = len(totals)
@@ -139,7 +139,7 @@ class ColumnSweep:
             self._fill_short(W, udiag, live, kept, totals)
         return W * kept, kept
 
-    def _free_after(self, rows: int, columns: int) -> List[int]:
+    def _free_after(self, rows: int, columns: int) -> list[int]:
         """Prunable weights from column c on, for every c (and 0 after the last)."""
         free_col = torch.full((columns,), rows, dtype=torch.long)
         if self.kept_by_floor is not None:
@@ -155,7 +155,7 @@ class ColumnSweep:
         i1: int,
         i2: int,
         totals: Sequence[int],
-        free_after: List[int],
+        free_after: list[int],
     ) -> None:
         """Unstructured: each level prunes its quota's share of the block ``[i1, i2)`` (in ``kept``, in place)."""
         rows = W1.shape[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,7 +36,7 @@ class LobsSolver:
 
     name = "lobs"
 
-    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Optional[Tick]) -> Solution:
+    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Tick | None) -> Solution:
         """Prune ``inputs`` to its sparsity (already lowered to the per-row minimum)."""
         work = inputs.W.to(options.dtype)
         _, Hinv, damp, dead = inverse_with_damping(inputs.H.to(work.device), options, stacklevel=4)
@@ -52,8 +51,8 @@ class LobsSolver:
 
 
 def lobs_mask(
-    W: Tensor, Hinv: Tensor, dead: Tensor, inputs: LayerInputs, kept_by_floor: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
+    W: Tensor, Hinv: Tensor, dead: Tensor, inputs: LayerInputs, kept_by_floor: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The paper's one-pass ranking: ``(keep-mask, L_q scores)``, every weight ranked layer-wide.
 
     Weights pruned before rank first; ``kept_by_floor`` weights (the per-row minimum) rank last and stay.

@@ -9,7 +9,7 @@ module, one entry in :data:`SOLVERS` (and in ``config.METHODS``) and a brute-for
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -26,25 +26,25 @@ class Solver(Protocol):
 
     name: str
 
-    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Optional[Tick]) -> Solution: ...
+    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Tick | None) -> Solution: ...
 
 
 #: Every method by name, in ``config.METHODS`` order.
-SOLVERS: Dict[str, Solver] = {"lobs": LobsSolver(), "exact": ExactSolver(), "fast": FastSolver()}
+SOLVERS: dict[str, Solver] = {"lobs": LobsSolver(), "exact": ExactSolver(), "fast": FastSolver()}
 
 
 def solve_layer(
     weight: Tensor,
     hessian: Tensor,
-    sparsity: Optional[float] = None,
+    sparsity: float | None = None,
     method: str = "exact",
     *,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     pattern: PatternLike = None,
-    solver: Optional[SolverOptions] = None,
-    prior_mask: Optional[Tensor] = None,
-    trace: Optional[GreedyTrace] = None,
-    tick: Optional[Tick] = None,
+    solver: SolverOptions | None = None,
+    prior_mask: Tensor | None = None,
+    trace: GreedyTrace | None = None,
+    tick: Tick | None = None,
 ) -> SolveResult:
     """Prune one layer's weight with Optimal Brain Surgeon.
 

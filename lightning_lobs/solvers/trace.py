@@ -10,7 +10,6 @@ full d x d matrices.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -73,10 +72,10 @@ class _GreedyState:
         W: Tensor,
         Hinv: Tensor,
         dead: Tensor,
-        pattern: Optional[NMPattern],
+        pattern: NMPattern | None,
         bias_cols: int,
         lazy: int,
-        pruned_before: Optional[Tensor],
+        pruned_before: Tensor | None,
     ) -> None:
         R, d = W.shape
         device = W.device
@@ -91,7 +90,7 @@ class _GreedyState:
         self.colmap = torch.arange(d, device=device).expand(R, d).contiguous()
         self.pruned_before = pruned_before
         self.pattern = pattern
-        self.groupmap: Optional[Tensor] = None
+        self.groupmap: Tensor | None = None
         if pattern is not None:
             columns = d - bias_cols
             group_id = torch.cat(
@@ -103,7 +102,7 @@ class _GreedyState:
         self.U = torch.zeros(R, lazy, d, dtype=W.dtype, device=device)  # pending downdates, one row vector per removal
         self.tiny = torch.finfo(W.dtype).tiny
 
-    def step(self, j: int) -> Tuple[Tensor, Tensor]:
+    def step(self, j: int) -> tuple[Tensor, Tensor]:
         """Remove every row's cheapest weight (``j`` downdates pending): ``(original column, OBS loss)``."""
         R, dc = self.W.shape
         W, diag, cost, U = self.W, self.diag, self.cost, self.U
@@ -169,13 +168,13 @@ def greedy_rows(
     Hinv: Tensor,
     dead: Tensor,
     steps: int,
-    pattern: Optional[NMPattern],
+    pattern: NMPattern | None,
     bias_cols: int,
     lazy: int,
-    pruned_before: Optional[Tensor] = None,
+    pruned_before: Tensor | None = None,
     shrink: float = 0.75,
-    tick: Optional[Tick] = None,
-) -> Tuple[Tensor, Tensor]:  # ten parameters: the kernel's whole input, as the benchmarks and tests call it
+    tick: Tick | None = None,
+) -> tuple[Tensor, Tensor]:  # ten parameters: the kernel's whole input, as the benchmarks and tests call it
     """Run greedy OBS on a chunk of rows; ``Hinv`` (R, d, d) is each row's own copy of H^-1 (downdated in place).
 
     Returns ``(order, increments)``: the original column removed at each step and the
