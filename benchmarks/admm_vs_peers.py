@@ -1,4 +1,4 @@
-"""Issue 19, item 3: the ``admm`` solver against the peers' own code on LLM-like layers: time and layer error.
+"""The ``admm`` solver against the peers' own code on LLM-like layers: time and layer error.
 
     OMP_NUM_THREADS=1 python benchmarks/admm_vs_peers.py \
         --alps-repo /work/.mirror/mazumder-lab+ALPS/repo --sparsegpt-repo /work/.mirror/IST-DASLab+sparsegpt/repo \
@@ -39,8 +39,9 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ if str(ROOT) not in sys.path:
 from lightning_lobs.solvers import layer_error, solve_layer  # noqa: E402
 from lightning_lobs.solvers.admm import admm_prune  # noqa: E402
 
-TARGETS: Dict[str, Tuple[Optional[float], Optional[str]]] = {
+TARGETS: dict[str, tuple[float | None, str | None]] = {
     "50%": (0.5, None),
     "70%": (0.7, None),
     "2:4": (None, "2:4"),
@@ -74,7 +75,7 @@ def load_module(name: str, source: str) -> types.ModuleType:
     return module
 
 
-def load_peers(alps_repo: str, sparsegpt_repo: str) -> Tuple[types.ModuleType, types.ModuleType]:
+def load_peers(alps_repo: str, sparsegpt_repo: str) -> tuple[types.ModuleType, types.ModuleType]:
     """ALPS's ``alps.py`` and SparseGPT's ``sparsegpt.py`` (with its ``quant.py``), patched to run on the CPU."""
     alps_src = git_show(alps_repo, "alps.py")
     alps_src = (
@@ -87,7 +88,7 @@ def load_peers(alps_repo: str, sparsegpt_repo: str) -> Tuple[types.ModuleType, t
     return alps, sparsegpt
 
 
-def llm_layer(rows: int, d: int, tokens: int, seed: int) -> Tuple[Tensor, Tensor]:
+def llm_layer(rows: int, d: int, tokens: int, seed: int) -> tuple[Tensor, Tensor]:
     """A float32 weight and the float64 Hessian ``X^T X / n`` of correlated inputs with 1% outlier channels."""
     g = torch.Generator().manual_seed(seed)
     mix = 0.3 * torch.eye(d) + torch.randn(d, d, generator=g) / d**0.5
@@ -98,7 +99,7 @@ def llm_layer(rows: int, d: int, tokens: int, seed: int) -> Tuple[Tensor, Tensor
     return W, X64.T @ X64 / tokens
 
 
-def run_sparsegpt(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: Optional[float], nm: Optional[str]) -> Tensor:
+def run_sparsegpt(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: float | None, nm: str | None) -> Tensor:
     layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
     layer.weight.data = W.clone()
     pruner = mod.SparseGPT(layer)
@@ -111,7 +112,7 @@ def run_sparsegpt(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: Optiona
     return layer.weight.data.clone()
 
 
-def run_alps(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: Optional[float], nm: Optional[str]) -> Tensor:
+def run_alps(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: float | None, nm: str | None) -> Tensor:
     layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
     layer.weight.data = W.clone()
     pruner = mod.ALPS_prune(layer, nsamples=1, seqlen=1)
@@ -122,19 +123,19 @@ def run_alps(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: Optional[flo
     return layer.weight.data.clone()
 
 
-def timed(fn: Callable[[], Tensor]) -> Tuple[float, Tensor]:
+def timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
 
 
-def measure(peers: Tuple[Any, Any], shape: Tuple[int, int], target: str, args: argparse.Namespace) -> Dict[str, Any]:
+def measure(peers: tuple[Any, Any], shape: tuple[int, int], target: str, args: argparse.Namespace) -> dict[str, Any]:
     alps, sparsegpt = peers
     sparsity, nm = TARGETS[target]
     W, H = llm_layer(shape[0], shape[1], args.tokens, args.seed)
     energy = float(torch.einsum("ri,ij,rj->", W.double(), H, W.double()))
-    kw: Dict[str, Any] = {"pattern": nm} if nm else {"sparsity": sparsity}
-    runs: Dict[str, Callable[[], Tensor]] = {
+    kw: dict[str, Any] = {"pattern": nm} if nm else {"sparsity": sparsity}
+    runs: dict[str, Callable[[], Tensor]] = {
         "sparsegpt": lambda: run_sparsegpt(sparsegpt, W, H, sparsity, nm),
         "alps": lambda: run_alps(alps, W, H, sparsity, nm),
         "fast": lambda: solve_layer(W, H.float(), method="fast", **kw).weight,
@@ -142,7 +143,7 @@ def measure(peers: Tuple[Any, Any], shape: Tuple[int, int], target: str, args: a
     }
     if shape[0] * shape[1] <= args.exact_max:
         runs["exact"] = lambda: solve_layer(W, H.float(), method="exact", **kw).weight
-    row: Dict[str, Any] = {
+    row: dict[str, Any] = {
         "shape": list(shape),
         "target": target,
         "seconds": {},
@@ -171,7 +172,7 @@ def measure(peers: Tuple[Any, Any], shape: Tuple[int, int], target: str, args: a
     return row
 
 
-def table(rows: List[Dict[str, Any]], methods: List[str]) -> str:
+def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
     head = "| layer (rows x inputs) | target | " + " | ".join(methods) + " |"
     lines = [head, "|" + "---|" * (2 + len(methods))]
     for r in rows:
@@ -197,7 +198,7 @@ def main() -> None:
     args.methods = args.methods.split(",")
     torch.set_num_threads(args.threads)
     peers = load_peers(args.alps_repo, args.sparsegpt_repo)
-    results: Dict[str, Any] = {
+    results: dict[str, Any] = {
         "command": "python benchmarks/admm_vs_peers.py " + " ".join(sys.argv[1:]),
         "machine": {
             "platform": platform.platform(),

@@ -1,4 +1,4 @@
-"""The ``admm`` solver (ADMM with mask reselection) and the batched conjugate-gradient refit (issue 19, items 2-3).
+"""The ``admm`` solver (ADMM with mask reselection) and the batched conjugate-gradient refit.
 
 References: the direct per-row least-squares refit (``solvers.refit``) for CG, and brute force over every mask of
 tiny layers (1x8, 2x8) for ADMM, where the optimum of the least-squares layer error is known exactly.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from lightning_lobs.solvers.cg import cg_refit
 F64 = SolverOptions(dtype=torch.float64)
 
 
-def llm_like(rows: int, d: int, seed: int, tokens: int = 256, bias: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def llm_like(rows: int, d: int, seed: int, tokens: int = 256, bias: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and Hessian of correlated inputs with one outlier channel 20x larger (float64)."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(tokens, d, generator=g, dtype=torch.float64) @ (
@@ -64,7 +63,7 @@ def test_nm_pattern_exact(pattern: str) -> None:
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])
-def test_prior_pruned_stay_pruned_and_count(pattern: Optional[str]) -> None:
+def test_prior_pruned_stay_pruned_and_count(pattern: str | None) -> None:
     W, H = llm_like(8, 32, seed=4)
     g = torch.Generator().manual_seed(0)
     if pattern is None:
@@ -167,7 +166,7 @@ def _row_optimum(w: torch.Tensor, H: torch.Tensor, allowed) -> dict:
     return best
 
 
-def _optimum(W: torch.Tensor, H: torch.Tensor, sparsity: Optional[float], pattern: Optional[str]) -> float:
+def _optimum(W: torch.Tensor, H: torch.Tensor, sparsity: float | None, pattern: str | None) -> float:
     rows, d = W.shape
     if pattern is not None:
         nm = parse_pattern(pattern)
@@ -183,7 +182,7 @@ def _optimum(W: torch.Tensor, H: torch.Tensor, sparsity: Optional[float], patter
     "rows, sparsity, pattern", [(1, 0.5, None), (2, 0.5, None), (2, 0.7, None), (1, None, "2:4"), (2, None, "2:4")]
 )
 def test_admm_near_brute_force_optimum_and_beats_sparsegpt(
-    rows: int, sparsity: Optional[float], pattern: Optional[str]
+    rows: int, sparsity: float | None, pattern: str | None
 ) -> None:
     """30 seeded 1x8 / 2x8 layers (correlated inputs, one 20x channel), no damping, float64.
 
@@ -192,7 +191,7 @@ def test_admm_near_brute_force_optimum_and_beats_sparsegpt(
     30, within 2x on 28-30, no worse than ``fast`` on 28-30; ``fast`` was up to 190x the optimum.)
     """
     opts = SolverOptions(dtype=torch.float64, damp=0.0)
-    ratios: List[float] = []
+    ratios: list[float] = []
     wins = 0
     for seed in range(30):
         W, H = llm_like(rows, 8, seed)
@@ -211,7 +210,7 @@ def test_zero_sparsity_returns_the_dense_weights_and_ticks() -> None:
     W, H = llm_like(4, 8, seed=9)
     res = admm_prune(W, H, 0.0, solver=F64)
     assert bool(res.mask.all()) and torch.allclose(res.weight, W, rtol=0, atol=1e-15) and res.error < 1e-25
-    seen: List[float] = []
+    seen: list[float] = []
     admm_prune(W, H, 0.5, solver=F64, tick=seen.append)
     assert seen and seen[-1] == 1.0 and all(0.0 <= a <= b <= 1.0 for a, b in zip(seen, seen[1:]))
     with pytest.raises(ValueError, match="iterations must be an int"):

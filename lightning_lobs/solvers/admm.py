@@ -1,4 +1,4 @@
-"""ADMM pruning with mask reselection, then a conjugate-gradient refit (issue 19, item 3).
+"""ADMM pruning with mask reselection, then a conjugate-gradient refit.
 
 The layer problem ``min_W (W - W0) H (W - W0)^T`` subject to ``W`` having the sparsity pattern is split, as in ALPS
 (Meng et al., NeurIPS 2024) and Boza's ADMM (TMLR 2024), into a dense copy ``W`` and a sparse copy ``Z`` held
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,7 +63,7 @@ REFIT_RTOL = 1e-4
 class _Projector:
     """Keep-mask of the pattern that keeps the largest ``|v| * weight_j`` (the Euclidean projection's support)."""
 
-    def __init__(self, x: LayerInputs, column_weight: Optional[Tensor], floor: RowFloor) -> None:
+    def __init__(self, x: LayerInputs, column_weight: Tensor | None, floor: RowFloor) -> None:
         self.x, self.column_weight = x, column_weight  # (rows, d): 0 on dead inputs, so they go first; None: all live
         self.min_kept = floor.per_row
         pruned = x.pruned_before
@@ -73,7 +72,7 @@ class _Projector:
         if self.forced is not None:
             removed = max(removed, int(self.forced.sum()))
         self.keep = x.rows * x.columns - removed
-        self.threshold: Optional[float] = None
+        self.threshold: float | None = None
 
     def __call__(self, V: Tensor) -> Tensor:
         x = self.x
@@ -120,7 +119,7 @@ def _topk_keep(groups: Tensor, n: int) -> Tensor:
     return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
 
 
-def _largest(flat: Tensor, keep: int, hint: Optional[float]) -> Tuple[Tensor, Optional[float]]:
+def _largest(flat: Tensor, keep: int, hint: float | None) -> tuple[Tensor, float | None]:
     """Mask of ``keep`` largest entries of ``flat`` and the threshold, found near ``hint`` when possible.
 
     A full selection (``topk``/``kthvalue``) over millions of scores costs as much as the ADMM iteration's two
@@ -178,7 +177,7 @@ class AdmmSolver:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"AdmmSolver.{field_name} must be an int >= 0, got {value!r}.")
 
-    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Optional[Tick]) -> Solution:
+    def solve(self, inputs: LayerInputs, options: SolverOptions, tick: Tick | None) -> Solution:
         """Prune ``inputs`` to its sparsity (already lowered to the per-row minimum)."""
         x, G = inputs, inputs.groups
         rows, D, per = x.rows, x.width, x.rows // x.groups
@@ -207,13 +206,13 @@ class AdmmSolver:
         self,
         weight: Tensor,
         hessian: Tensor,
-        sparsity: Optional[float] = None,
+        sparsity: float | None = None,
         *,
         pattern: PatternLike = None,
-        bias: Optional[Tensor] = None,
-        prior_mask: Optional[Tensor] = None,
-        solver: Optional[SolverOptions] = None,
-        tick: Optional[Tick] = None,
+        bias: Tensor | None = None,
+        prior_mask: Tensor | None = None,
+        solver: SolverOptions | None = None,
+        tick: Tick | None = None,
     ) -> SolveResult:
         """:func:`admm_prune` with this solver's iteration limits."""
         options = solver or SolverOptions()
@@ -239,13 +238,13 @@ class AdmmSolver:
 def admm_prune(
     weight: Tensor,
     hessian: Tensor,
-    sparsity: Optional[float] = None,
+    sparsity: float | None = None,
     *,
     pattern: PatternLike = None,
-    bias: Optional[Tensor] = None,
-    prior_mask: Optional[Tensor] = None,
-    solver: Optional[SolverOptions] = None,
-    tick: Optional[Tick] = None,
+    bias: Tensor | None = None,
+    prior_mask: Tensor | None = None,
+    solver: SolverOptions | None = None,
+    tick: Tick | None = None,
 ) -> SolveResult:
     """Prune one layer by ADMM with mask reselection, then refit the kept weights by conjugate gradients.
 
@@ -261,8 +260,8 @@ def admm_prune(
 
 
 def _admm_loop(
-    W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tick: Optional[Tick]
-) -> Tuple[Tensor, Tensor]:
+    W0: Tensor, Hs: Tensor, project: _Projector, iterations: int, tick: Tick | None
+) -> tuple[Tensor, Tensor]:
     """The ADMM iterations on ``(G, R, D)`` scaled weights; returns the final keep-mask and the sparse copy ``Z``."""
     G, R, D = W0.shape
     lam, Q = torch.linalg.eigh(Hs)

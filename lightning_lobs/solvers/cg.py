@@ -1,4 +1,4 @@
-"""Refit of the kept weights for a fixed mask by conjugate gradients on all rows at once (issue 19, item 2).
+"""Refit of the kept weights for a fixed mask by conjugate gradients on all rows at once.
 
 :func:`~lightning_lobs.solvers.refit` solves every row's kept block ``H_KK`` with its own Cholesky factor:
 ``sum_rows k^3 / 3`` flops in batched small factorisations. Here every row runs preconditioned conjugate gradients
@@ -13,8 +13,6 @@ norm the preconditioner defines), which is what the tests check against the dire
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,10 +31,10 @@ def masked_cg(
     weight: Tensor,
     mask: Tensor,
     *,
-    x0: Optional[Tensor] = None,
+    x0: Tensor | None = None,
     rtol: float = CG_RTOL,
-    maxiter: Optional[int] = None,
-    tick: Optional[Tick] = None,
+    maxiter: int | None = None,
+    tick: Tick | None = None,
 ) -> Tensor:
     """Minimise ``(x - w) H (x - w)^T`` per row over ``x`` with ``x = 0`` where ``mask`` is False.
 
@@ -87,12 +85,12 @@ def cg_refit(
     weight: Tensor,
     hessian: Tensor,
     mask: Tensor,
-    solver: Optional[SolverOptions] = None,
+    solver: SolverOptions | None = None,
     *,
-    x0: Optional[Tensor] = None,
+    x0: Tensor | None = None,
     rtol: float = CG_RTOL,
-    maxiter: Optional[int] = None,
-    tick: Optional[Tick] = None,
+    maxiter: int | None = None,
+    tick: Tick | None = None,
 ) -> Tensor:
     """Iterative counterpart of :func:`~lightning_lobs.solvers.refit`: same damped system, same arguments.
 
