@@ -69,3 +69,19 @@ def set_positive_ints(options: object, names: tuple[str, ...]) -> None:
                 f"{cls.__name__}.{name} must be a positive int, got {describe(given)}; the default is {getattr(cls, name)}."
             )
         object.__setattr__(options, name, value)
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11+); on 3.10 the note joins ``__notes__`` as PEP 678's backports do.
+
+    The package supports Python 3.10, where ``BaseException.add_note`` does not exist: calling it there replaced the
+    user's own exception by an AttributeError.
+    """
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+        return
+    notes = getattr(error, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        error.__notes__ = notes  # type: ignore[attr-defined]
+    notes.append(note)

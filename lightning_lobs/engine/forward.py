@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import add_note
 from ..layers import is_prunable
 
 __all__ = [
@@ -95,9 +96,10 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
         return call()
     except Exception as error:
         # the model's own exception propagates unchanged (same object, type and arguments), with a note
-        error.add_note(
+        add_note(
+            error,
             f"lightning_lobs fed this batch as {fed}, the default forward_fn; if the model runs otherwise, say how, "
-            "e.g. forward_fn=lambda model, batch: model(batch['input_ids'], attention_mask=batch['attention_mask'])"
+            "e.g. forward_fn=lambda model, batch: model(batch['input_ids'], attention_mask=batch['attention_mask'])",
         )
         raise
 

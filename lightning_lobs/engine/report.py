@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import attention as _attention
 from .. import bounds as _bounds
 from ..batchnorm import batchnorm_state, load_batchnorm_state, recalibrate_batchnorm
+from ..checks import add_note
 from ..distributed import RankInfo
 from ..layers import weight_matrix
 from ..solvers import Tick
@@ -33,9 +34,10 @@ def recalibrate_bn(ctx: RunContext) -> bool:
     try:
         done = recalibrate_batchnorm(ctx.model, ctx.batches, ctx.run_batch)
     except Exception as err:  # the user's own exception, same type and arguments: only a note is added
-        err.add_note(
+        add_note(
+            err,
             "lightning_lobs: raised during the BatchNorm re-estimation after pruning (recalibrate_bn=True); the "
-            "model's weights and BatchNorm statistics were restored."
+            "model's weights and BatchNorm statistics were restored.",
         )
         raise
     if done:
