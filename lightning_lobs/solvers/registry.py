@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..config import METHODS, SolverOptions
-from .core import LayerInputs, PatternLike, RowFloor, Solution, SolveResult, Tick, layer_error, prepare_inputs
 from .admm import AdmmSolver
+from .core import LayerInputs, PatternLike, RowFloor, Solution, SolveResult, Tick, layer_error, prepare_inputs
 from .exact import ExactSolver, GreedyTrace
 from .fast import FastSolver
 from .lobs import LobsSolver
