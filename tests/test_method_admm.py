@@ -165,11 +165,23 @@ def test_admm_estimates_count_its_eigendecomposition_and_iterations():
     fast = layer_memory("l", linear, "fast", torch.float64, torch.float32, 2**30, refit=False)
     assert fp32.hessian_bytes == fast.hessian_bytes == 769 * 769 * 8
     assert fp32.solve_bytes >= 12 * 3072 * 769 * 4 + 7 * 769 * 769 * 4  # a dozen rows x d tensors, d x d copies
-    # the engine's solve estimate is admm_work at the layer's matrix shape (the bias column included)
-    model = nn.Sequential(nn.Linear(32, 24))
+
+
+def test_prune_model_admm_reports_progress_from_inside_the_solve(monkeypatch):
+    budget = 5e6
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", budget)
+    torch.manual_seed(0)
+    rows, d = 96, 192
+    model = nn.Sequential(nn.Linear(d, rows, bias=False))
+    g = torch.Generator().manual_seed(0)
     events = []
-    prune_model(model, mlp_loader(), 0.5, "admm", prune_head=True, progress=events.append)
-    assert any(e.phase == "solve" and e.done == 1 for e in events)
+    prune_model(model, [torch.randn(256, d, generator=g)], 0.5, "admm", prune_head=True, progress=events.append)
+    inside = [e for e in events if e.phase == "solve" and e.done == 0 and e.fraction]
+    # the loop ran dozens of iterations on this layer (at least 10 asserted), each in row chunks with a tick after each
+    assert len(inside) >= 10 * math.ceil(4 * rows * d * d / budget)
+    assert [e.fraction for e in inside] == sorted(e.fraction for e in inside)
+    assert all(e.layer == "0" and e.eta is not None for e in inside)
+    assert [e.fraction for e in events if e.phase == "solve" and e.done == 1] == [1.0]
 
 
 def test_solve_work_of_an_admm_layer_is_admm_work():
