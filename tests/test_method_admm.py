@@ -20,6 +20,7 @@ from lightning_lobs.layers import solve_cost
 from lightning_lobs.resources import layer_memory
 from lightning_lobs.solvers import solve_layer
 from lightning_lobs.solvers.admm import ADMM_ITERATIONS, admm_work
+from lightning_lobs.solvers.core import GEMM_TICK_FACTOR
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -168,8 +169,8 @@ def test_admm_estimates_count_its_eigendecomposition_and_iterations():
 
 
 def test_prune_model_admm_reports_progress_from_inside_the_solve(monkeypatch):
-    budget = 5e6
-    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", budget)
+    budget = 5e6  # the work between two ticks: GEMM_TICK_FACTOR x PROGRESS_TICK_FLOPS for admm's products
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", budget / GEMM_TICK_FACTOR)
     torch.manual_seed(0)
     rows, d = 96, 192
     model = nn.Sequential(nn.Linear(d, rows, bias=False))
@@ -202,7 +203,7 @@ def test_admm_ticks_within_each_iteration_and_the_ticks_change_nothing(monkeypat
     rows, d = 96, 192
     W, H = _problem(rows, d)
     unchunked = solve_layer(W, H, 0.5, "admm")
-    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", budget)
+    monkeypatch.setattr(solvers_core, "PROGRESS_TICK_FLOPS", budget / GEMM_TICK_FACTOR)
     fractions: list[float] = []
     res = solve_layer(W, H, 0.5, "admm", tick=fractions.append)
     assert all(0 <= f <= 1 for f in fractions) and fractions == sorted(fractions) and fractions[-1] == 1.0

@@ -34,6 +34,7 @@ from torch import Tensor
 from ..config import SolverOptions
 from .cg import masked_cg
 from .core import (
+    GEMM_TICK_FACTOR,
     LayerInputs,
     PatternLike,
     RowFloor,
@@ -292,9 +293,9 @@ def _admm_loop(
     U = torch.zeros_like(W0)
     rho, settled, changed_total = RHO_START, 0, 0
     kept = max(int(mask.sum()), 1)
-    # Rows per ridge solve so that a tick follows at most PROGRESS_TICK_FLOPS of work; chunked whether or not
-    # anyone listens, so that a tick never changes the result.
-    chunk = tick_rows(R, 4.0 * G * D * D)
+    # Rows per ridge solve so that a tick follows at most GEMM_TICK_FACTOR x PROGRESS_TICK_FLOPS of work; chunked
+    # whether or not anyone listens, so that a tick never changes the result.
+    chunk = tick_rows(R, 4.0 * G * D * D / GEMM_TICK_FACTOR)
     for it in range(iterations):
         step_tick = sub_tick(tick, 0.9 * it / iterations, 0.9 / iterations)
         W = _ridge(Z - U, Q, Qt, B0, lam, rho, chunk, step_tick)

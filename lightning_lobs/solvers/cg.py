@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverOptions
-from .core import Tick, damped_hessian, tick_rows
+from .core import GEMM_TICK_FACTOR, Tick, damped_hessian, tick_rows
 
 __all__ = ["cg_refit", "masked_cg"]
 
@@ -46,7 +46,8 @@ def masked_cg(
         rtol: a row stops when ``|r| <= rtol |b|`` (unpreconditioned residual of the masked system).
         maxiter: most iterations (default ``D``, where CG is exact in exact arithmetic).
         tick: optional progress callback, called with the fraction of ``maxiter`` done after each iteration and,
-            where one iteration's product exceeds ``PROGRESS_TICK_FLOPS``, after each chunk of rows of it.
+            where one iteration's product exceeds ``GEMM_TICK_FACTOR x PROGRESS_TICK_FLOPS``, after each chunk of
+            rows of it.
 
     Returns:
         ``x`` as a ``(G, R, D)`` tensor in ``weight``'s dtype.
@@ -63,7 +64,7 @@ def masked_cg(
     rz = (r * z).sum(-1, keepdim=True)
     steps = hessian.shape[-1] if maxiter is None else maxiter
     # Rows per product chunk, a tick after each: chunked whether or not anyone listens, so a tick changes nothing.
-    chunk = tick_rows(weight.shape[-2], 2.0 * hessian.shape[0] * hessian.shape[-1] ** 2)
+    chunk = tick_rows(weight.shape[-2], 2.0 * hessian.shape[0] * hessian.shape[-1] ** 2 / GEMM_TICK_FACTOR)
     for it in range(steps):
         active = (r * r).sum(-1, keepdim=True) > limit
         if not bool(active.any()):

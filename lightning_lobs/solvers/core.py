@@ -30,6 +30,12 @@ REFIT_AUTO_MAX_FLOPS = 2e11
 #: ten times slower reports well within 2 s. Row chunks are sized for it, not only for memory.
 PROGRESS_TICK_FLOPS = 2e9
 
+#: Kernels whose work between two ticks is one big GEMM (``admm``'s ridge step, the CG refit's product) tick once per
+#: this many :data:`PROGRESS_TICK_FLOPS`: such products run at about 1e11 flop/s on one core (a 768 x 3072 float32
+#: ``admm`` solve), five times the trace's rate, and splitting them into 2e9-flop row chunks made that solve 1.5x
+#: slower (the ``d x d`` operand is packed again for every chunk). 4e10 flops stay within 2 s at 2e10 flop/s.
+GEMM_TICK_FACTOR = 20.0
+
 #: Progress counts the refit's flops this many times: its batched k x k Cholesky solves and gathers run at about
 #: a third of the flop rate of the trace's matmuls on one core (measured on 128x1152 and 256x2304 layers).
 REFIT_WORK_FACTOR = 3.0
