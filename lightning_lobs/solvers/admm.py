@@ -41,7 +41,7 @@ from .core import (
     Solution,
     SolveResult,
     Tick,
-    damped_hessian,
+    damped_cholesky,
     layer_error,
     prepare_inputs,
     sub_tick,
@@ -197,8 +197,9 @@ class AdmmSolver:
         """Prune ``inputs`` to its sparsity (already lowered to the per-row minimum)."""
         x, G = inputs, inputs.groups
         rows, D, per = x.rows, x.width, x.rows // x.groups
-        Hd, dead = damped_hessian(x.H, options.damp, options.dtype)
-        Hd = Hd.to(x.W.device)
+        # The damping rule of every method: raised tenfold, with a warning, while H + damp is not positive definite
+        # (the CG refit needs it; the eigendecomposition alone would not fail).
+        Hd, _, damp, dead = damped_cholesky(x.H.to(x.W.device), options, stacklevel=4)
         scale = torch.diagonal(Hd, dim1=-2, dim2=-1).sqrt()  # (G, D)
         Hs = Hd / scale.unsqueeze(-1) / scale.unsqueeze(-2)
         W0 = x.W.to(options.dtype).reshape(G, per, D) * scale.unsqueeze(1)
@@ -218,7 +219,7 @@ class AdmmSolver:
             )
         if tick is not None:
             tick(1.0)
-        return Solution((W * mask / scale.unsqueeze(1)).reshape(rows, D), mask.reshape(rows, D), options.damp)
+        return Solution((W * mask / scale.unsqueeze(1)).reshape(rows, D), mask.reshape(rows, D), damp)
 
     def prune(
         self,

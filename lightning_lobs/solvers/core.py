@@ -147,8 +147,11 @@ class DampedInverse(NamedTuple):
     dead: Tensor  # (groups, D) True on inputs that were always 0
 
 
-def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: int = 3) -> DampedInverse:
-    """Damp H, escalating tenfold while it is not positive definite.
+def damped_cholesky(
+    hessian: Tensor, options: SolverOptions, stacklevel: int = 3
+) -> tuple[Tensor, Tensor, float, Tensor]:
+    """``(H, L, damp, dead)``: H damped (escalating tenfold, with a warning, while it is not positive definite), its
+    Cholesky factor ``L``, the relative damping finally used and the dead inputs.
 
     ``stacklevel`` of the escalation warning: the default points at the caller of this function's caller.
     """
@@ -157,7 +160,7 @@ def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: in
         H, dead = damped_hessian(hessian, damp, options.dtype)
         L, info = torch.linalg.cholesky_ex(H)
         if not bool((info != 0).any()):
-            return DampedInverse(H, torch.cholesky_inverse(L).contiguous(), damp, dead)
+            return H, L, damp, dead
         if attempt == options.max_damp_tries:
             break
         new_damp = max(damp * 10.0, 1e-6)
@@ -172,6 +175,15 @@ def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: in
         f"Hessian stayed singular after raising the relative damping to {damp:g}; "
         "check the calibration data for constant or NaN inputs, or raise SolverOptions.damp."
     )
+
+
+def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: int = 3) -> DampedInverse:
+    """Damp H, escalating tenfold while it is not positive definite (:func:`damped_cholesky`), and invert it.
+
+    ``stacklevel`` of the escalation warning: the default points at the caller of this function's caller.
+    """
+    H, L, damp, dead = damped_cholesky(hessian, options, stacklevel + 1)
+    return DampedInverse(H, torch.cholesky_inverse(L).contiguous(), damp, dead)
 
 
 def single_removal_costs(W: Tensor, Hinv: Tensor, dead: Tensor) -> Tensor:
