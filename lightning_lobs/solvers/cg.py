@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverOptions
-from .core import GEMM_TICK_FACTOR, Tick, damped_hessian, tick_rows
+from .core import GEMM_TICK_FACTOR, Tick, damped_hessian, sub_tick, tick_rows
 
 __all__ = ["cg_refit", "masked_cg"]
 
@@ -69,7 +69,8 @@ def masked_cg(
         active = (r * r).sum(-1, keepdim=True) > limit
         if not bool(active.any()):
             break
-        Ap = _product(p, hessian, chunk, None if tick is None else lambda f, it=it: tick((it + f) / steps)) * keep
+        step_tick = sub_tick(tick, it / steps, 1.0 / steps)
+        Ap = _product(p, hessian, chunk, step_tick) * keep
         pAp = (p * Ap).sum(-1, keepdim=True)
         # Converged rows (and rows with nothing left to do, pAp = 0) take no step.
         alpha = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp)), 0.0)
@@ -80,8 +81,8 @@ def masked_cg(
         beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
         p = z + beta * p
         rz = rz_new
-        if tick is not None:
-            tick((it + 1) / steps)
+        if step_tick is not None:  # the same expression as the chunks' last tick: fractions never go back
+            step_tick(1.0)
     return weight * keep + delta
 
 
