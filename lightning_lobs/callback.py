@@ -136,7 +136,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         prune_step: instead of epochs, the global step(s) (optimizer steps) before which pruning
             happens, e.g. ``prune_step=[1000, 2000]``; mid-epoch is fine.
         method: ``"auto"`` (``exact`` where it costs seconds, ``fast`` on very large layers),
-            ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's rule) or ``"fast"`` (SparseGPT).
+            ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's rule), ``"fast"`` (SparseGPT) or
+            ``"admm"`` (ADMM with mask reselection and a CG refit; never picked by ``auto``).
         pattern: N:M pattern such as ``"2:4"`` instead of unstructured sparsity.
         exclude: fnmatch patterns of layers to keep dense.
         calibration_batches: batches used to build the Hessians.

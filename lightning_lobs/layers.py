@@ -346,13 +346,21 @@ def pattern_problem(module: nn.Module, pattern: NMPattern) -> str:
     return ""
 
 
+#: ``admm``'s cost relative to ``d^3`` per group and ``rows d^2``: :func:`lightning_lobs.solvers.admm.admm_work`
+#: divided by 2 flops per multiply-add (the same count as the other methods here); a test checks they agree.
+ADMM_CUBE_FACTOR = 4.5
+ADMM_ROW_PASSES = 142.0
+
+
 def solve_cost(module: nn.Module, method: str) -> float:
-    """Relative cost of solving the layer with ``method`` (a resolved one): ``rows d^3`` for ``exact``, else
-    ``groups d^3 + rows d^2``, with ``d`` the matrix columns. Used to balance layers across ranks and to warn."""
+    """Relative cost of solving the layer with ``method`` (a resolved one): ``rows d^3`` for ``exact``, ``admm``'s
+    eigendecomposition and iterations for ``admm``, else ``groups d^3 + rows d^2``, with ``d`` the matrix columns. Used to balance layers across ranks and to warn."""
     shape = describe_layer(module)
     rows, d, g = shape.rows, shape.matrix_cols, shape.groups
     if method == "exact":
         return float(rows) * d**3
+    if method == "admm":  # an eigendecomposition, then ~60 ADMM + ~20 CG iterations of rows x d x d products
+        return ADMM_CUBE_FACTOR * g * d**3 + ADMM_ROW_PASSES * rows * d**2
     return float(g) * d**3 + float(rows) * d**2
 
 

@@ -43,7 +43,12 @@ def layer_memory(
     # Damped H, its factor and inverse (a few d x d copies) in the solve dtype, per group, plus the float64
     # copy of H that the layer-error evaluation makes (measured on a VGG-16 fc6 proxy: ~5.75 d^2 float32 words).
     base = 4 * g * square + g * d * d * 8
-    if method == "exact":
+    if method == "admm":
+        # The eigenvectors and their transpose, the eigensolver's workspace, then about a dozen rows x d tensors
+        # alive at once: the dense, projected, dual and ridge copies with their temporaries in the ADMM loop, the
+        # right-hand side, residual, direction and product in the CG refit (admm.py, cg.py).
+        extra = 3 * g * square + 12 * rows * d * sbytes
+    elif method == "exact":
         # Per-row H^-1 copies (bounded by max_memory_bytes), plus the refit's batched systems.
         chunk = max(1, min(rows, exact_max_bytes // max(1, square)))
         extra = 3 * chunk * square

@@ -30,7 +30,7 @@ from lightning_lobs.hessian import HessianCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_prune_script.py"
-DDP_RUNS = ("mlp-exact", "mlp-fast", "cnn-exact", "cnn-fast", "mlp-exact-seq")
+DDP_RUNS = ("mlp-exact", "mlp-fast", "cnn-exact", "cnn-fast", "mlp-exact-seq", "cnn-admm")
 # prune() called directly with RankInfo.current() on uneven shards (1 batch of 16 vs 3 of 32).
 RAW_RUNS = ("raw-exact",)
 # Rank 1 alone fails; run first, so the runs after them also show the process group is still usable.

@@ -94,8 +94,28 @@ def test_help_shows_the_choices_of_method_and_allocation(ns, capsys):
             ],
         )
     text = capsys.readouterr().out
-    assert "{auto,exact,lobs,fast}" in text
+    assert "{auto,exact,lobs,fast,admm}" in text
     assert "Literal['global', 'uniform']" in text  # a union with GlobalAllocation: shown as its type
+
+
+def test_the_cli_runs_method_admm(ns):
+    args = [
+        "fit",
+        "--trainer.callbacks+=lightning_lobs.LOBSPruning",
+        "--trainer.callbacks.sparsity=0.6",
+        "--trainer.callbacks.prune_epoch=1",
+        "--trainer.callbacks.method=admm",
+        "--trainer.callbacks.calibration_batches=2",
+        "--trainer.callbacks.log_table=false",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=2",
+        "--trainer.accelerator=cpu",
+        *QUIET,
+    ]
+    run = cli(ns, args)
+    cb = lobs_of(run.trainer)
+    assert cb.method == "admm" and cb.pruned_epochs == [1]
+    assert {r.method for r in cb.last_report.layers.values()} == {"admm"}
 
 
 def test_bad_choice_is_refused_by_the_cli(ns, capsys):
@@ -103,7 +123,8 @@ def test_bad_choice_is_refused_by_the_cli(ns, capsys):
         cli(
             ns, ["fit", "--trainer.callbacks+=lightning_lobs.LOBSPruning", "--trainer.callbacks.method=fastest", *QUIET]
         )
-    assert "fastest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fastest" in err and "admm" in err  # the refusal lists the choices, the new method among them
 
 
 @pytest.mark.examples

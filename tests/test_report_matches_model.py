@@ -400,7 +400,7 @@ def test_prune_options_is_the_one_option_list():
     assert opts.sparsity == 0.25 and isinstance(opts.sparsity, float)
     assert opts.pattern == "2:4" and opts.nm.n == 2 and opts.exclude == ("head*",)
     assert opts.solver.damp == 0.05 and opts.allocation_name == "uniform"  # a pattern fixes per-layer sparsities
-    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'exact', 'lobs', 'fast'\)"):
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'exact', 'lobs', 'fast', 'admm'\)"):
         PruneOptions(method="obs", prune_head=True)
     with pytest.raises(ValueError, match="sequential must be True or False"):
         PruneOptions(sequential="yes", prune_head=True)

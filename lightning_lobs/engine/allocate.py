@@ -145,10 +145,11 @@ def layer_costs(  # noqa: PLR0913 - one layer's inputs to the three cost kinds
 ) -> tuple[Tensor, GreedyTrace | None]:
     """A layer's costs relative to its output energy, and the greedy trace for ``exact``.
 
-    With ``levels`` (removal counts), its error curve at them: SparseGPT on ``curve_rows`` sampled rows. Otherwise
-    per-weight removal costs: ``exact`` layers use their greedy OBS sequence (each removal's loss given the earlier
-    ones), which sees through redundant inputs; ``lobs``/``fast`` layers the one-pass ``L_q`` (cheaper, but it
-    counts every copy of a duplicated input as free).
+    With ``levels`` (removal counts), its error curve at them: SparseGPT on ``curve_rows`` sampled rows (for every
+    method but ``exact``, ``admm`` included). Otherwise per-weight removal costs: ``exact`` layers use their greedy
+    OBS sequence (each removal's loss given the earlier ones), which sees through redundant inputs; ``lobs``,
+    ``fast`` and ``admm`` layers the one-pass ``L_q`` (cheaper, but it counts every copy of a duplicated input as
+    free).
     """
     weight, bias = _split(layer)
     if levels is not None:

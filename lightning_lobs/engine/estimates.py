@@ -6,6 +6,7 @@ Estimates only: nothing here changes a result, and they read the plan's shape fa
 from __future__ import annotations
 
 from ..config import SolverOptions
+from ..solvers.admm import admm_work
 from ..solvers.core import MASK_WORK_PER_WEIGHT, REFIT_WORK_FACTOR, refit_planned, tick_rows
 from ..solvers.trace import trace_work
 from .records import LayerPlan
@@ -48,6 +49,8 @@ def solve_work(layer: LayerPlan, solver: SolverOptions, pattern: bool, has_trace
     g = layer.groups
     if layer.target == 0 and layer.prior is None and not pattern:
         return float(rows) * d
+    if layer.method == "admm":  # its refit is the CG inside admm_work, never the Cholesky one
+        return admm_work(rows, d, g)
     work = g * d**3 + refit_flops(rows, d, layer.target, solver, layer.method)
     if layer.method == "exact":
         work += MASK_WORK_PER_WEIGHT * rows * d

@@ -38,7 +38,12 @@ EXACT_WARN_SECONDS = 180.0
 
 
 def resolve_method(method: str, module: nn.Module) -> str:
-    """``auto``: ``exact`` where rows * d^3 <= :data:`AUTO_EXACT_MAX_COST`, else ``fast``; other methods as given."""
+    """``auto``: ``exact`` where rows * d^3 <= :data:`AUTO_EXACT_MAX_COST`, else ``fast``; other methods as given.
+
+    ``auto`` never picks ``admm`` yet: it wins on single transformer layers (BENCHMARKS.md), but changing what
+    ``auto`` does needs the GPT-2 end-to-end measurement of issue 19 (time, memory and logits error of the whole
+    pipeline), which a later change makes.
+    """
     if method != "auto":
         return method
     shape = describe_layer(module)

@@ -30,6 +30,12 @@ REFIT_AUTO_MAX_FLOPS = 2e11
 #: ten times slower reports well within 2 s. Row chunks are sized for it, not only for memory.
 PROGRESS_TICK_FLOPS = 2e9
 
+#: Kernels whose work between two ticks is one big GEMM (``admm``'s ridge step, the CG refit's product) tick once per
+#: this many :data:`PROGRESS_TICK_FLOPS`: such products run at about 1e11 flop/s on one core (a 768 x 3072 float32
+#: ``admm`` solve), five times the trace's rate, and splitting them into 2e9-flop row chunks made that solve 1.5x
+#: slower (the ``d x d`` operand is packed again for every chunk). 4e10 flops stay within 2 s at 2e10 flop/s.
+GEMM_TICK_FACTOR = 20.0
+
 #: Progress counts the refit's flops this many times: its batched k x k Cholesky solves and gathers run at about
 #: a third of the flop rate of the trace's matmuls on one core (measured on 128x1152 and 256x2304 layers).
 REFIT_WORK_FACTOR = 3.0
@@ -141,8 +147,11 @@ class DampedInverse(NamedTuple):
     dead: Tensor  # (groups, D) True on inputs that were always 0
 
 
-def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: int = 3) -> DampedInverse:
-    """Damp H, escalating tenfold while it is not positive definite.
+def damped_cholesky(
+    hessian: Tensor, options: SolverOptions, stacklevel: int = 3
+) -> tuple[Tensor, Tensor, float, Tensor]:
+    """``(H, L, damp, dead)``: H damped (escalating tenfold, with a warning, while it is not positive definite), its
+    Cholesky factor ``L``, the relative damping finally used and the dead inputs.
 
     ``stacklevel`` of the escalation warning: the default points at the caller of this function's caller.
     """
@@ -151,7 +160,7 @@ def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: in
         H, dead = damped_hessian(hessian, damp, options.dtype)
         L, info = torch.linalg.cholesky_ex(H)
         if not bool((info != 0).any()):
-            return DampedInverse(H, torch.cholesky_inverse(L).contiguous(), damp, dead)
+            return H, L, damp, dead
         if attempt == options.max_damp_tries:
             break
         new_damp = max(damp * 10.0, 1e-6)
@@ -166,6 +175,15 @@ def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: in
         f"Hessian stayed singular after raising the relative damping to {damp:g}; "
         "check the calibration data for constant or NaN inputs, or raise SolverOptions.damp."
     )
+
+
+def inverse_with_damping(hessian: Tensor, options: SolverOptions, stacklevel: int = 3) -> DampedInverse:
+    """Damp H, escalating tenfold while it is not positive definite (:func:`damped_cholesky`), and invert it.
+
+    ``stacklevel`` of the escalation warning: the default points at the caller of this function's caller.
+    """
+    H, L, damp, dead = damped_cholesky(hessian, options, stacklevel + 1)
+    return DampedInverse(H, torch.cholesky_inverse(L).contiguous(), damp, dead)
 
 
 def single_removal_costs(W: Tensor, Hinv: Tensor, dead: Tensor) -> Tensor:

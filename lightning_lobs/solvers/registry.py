@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..config import METHODS, SolverOptions
+from .admm import AdmmSolver
 from .core import LayerInputs, PatternLike, RowFloor, Solution, SolveResult, Tick, layer_error, prepare_inputs
 from .exact import ExactSolver, GreedyTrace
 from .fast import FastSolver
@@ -30,7 +31,12 @@ class Solver(Protocol):
 
 
 #: Every method by name, in ``config.METHODS`` order.
-SOLVERS: dict[str, Solver] = {"lobs": LobsSolver(), "exact": ExactSolver(), "fast": FastSolver()}
+SOLVERS: dict[str, Solver] = {
+    "lobs": LobsSolver(),
+    "exact": ExactSolver(),
+    "fast": FastSolver(),
+    "admm": AdmmSolver(),
+}
 
 
 def solve_layer(
@@ -54,7 +60,7 @@ def solve_layer(
         hessian: ``(D, D)`` or ``(groups, D, D)`` layer-input Hessian, ``D = d + 1`` when a
             bias is given (the constant input is the last column), else ``D = d``.
         sparsity: fraction in [0, 1) of the weights to remove; implied by ``pattern`` if None.
-        method: ``"lobs"``, ``"exact"`` or ``"fast"`` (see the package docstring).
+        method: ``"lobs"``, ``"exact"``, ``"fast"`` or ``"admm"`` (see the package docstring).
         bias: optional ``(out,)`` bias; it is never pruned but OBS moves it to compensate.
         pattern: N:M pattern such as ``"2:4"`` along the input columns.
         solver: numerical solver, :class:`SolverOptions` defaults when None.
