@@ -11,31 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.engine.solve as solve_mod
-from helpers import hook_counts
+from helpers import hook_counts, make_cnn, make_mlp
 from lightning_lobs import CalibrationOptions, MaskSet, PruneReport, SolverOptions, prune_model
 
 METHODS = ("lobs", "exact", "fast", "auto")
 
 
 # --------------------------------------------------------------------------- fixtures / helpers
-
-
-def make_mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def make_cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 4),
-    )
 
 
 class Nested(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.solvers.core as solvers_core
+from helpers import make_cnn, make_mlp
 from lightning_helpers import lit_mlp, make_trainer, numel, zeros
 from lightning_lobs import LOBSPruning, MaskSet, PruneOptions, SolverOptions, prune_model
 from lightning_lobs.config import METHODS
@@ -28,24 +29,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*number of training batches.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"),
 ]
-
-
-def make_mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def make_cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 4),
-    )
 
 
 def mlp_loader() -> DataLoader:
