@@ -1037,7 +1037,9 @@ def _sq_norms(reference: Tensor, other: Tensor) -> Tensor:
     if reference.shape != other.shape:
         raise ValueError(f"shape mismatch: {tuple(reference.shape)} vs {tuple(other.shape)}")
     diff = other.detach().double() - reference.detach().double().to(other.device)
-    return diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1)
+    # A 0-d output (a model that returns a scalar, e.g. its loss) is one sample, not a batch.
+    rows = diff.shape[0] if diff.dim() else 1
+    return diff.reshape(rows, -1).pow(2).sum(dim=1)
 
 
 def rms_error(reference: Tensor, other: Tensor) -> float:

@@ -675,6 +675,17 @@ def test_rms_error_and_accumulator():
         rms_error(a, b[:5])
 
 
+def test_rms_error_of_a_scalar_output_is_one_sample():
+    # A model that returns a 0-d tensor (its loss, say) used to crash here; it is one sample of one value.
+    a, b = torch.tensor(1.5), torch.tensor(-0.5)
+    assert rms_error(a, b) == pytest.approx(2.0, rel=1e-15)
+    acc = RMSAccumulator()
+    acc.add(a, b)
+    acc.add(torch.tensor(0.0), torch.tensor(1.0))
+    assert acc.count == 2
+    assert acc.value() == pytest.approx(math.sqrt((4.0 + 1.0) / 2), rel=1e-15)
+
+
 def test_spectral_norm_matches_svd():
     g = torch.Generator().manual_seed(11)
     for shape in ((7, 30), (30, 7), (12, 12), (3, 5, 9), (2, 9, 4)):
