@@ -7,10 +7,11 @@ Started on 2 CPU ranks by ``torch.distributed.run`` (gloo); every rank saves wha
   attached to a :class:`~lightning_lobs.MaskSet` (one given sharded, the others whole), then masked
   AdamW steps on each rank's own batches: how the masks are laid out, the gradients, weights and
   optimizer state at pruned positions after every step, the final weights (gathered).
-- ``fit-dcp`` / ``fit-full``: ``LOBSPruning`` in a ``Trainer`` with ``ModelParallelStrategy`` (the model
+- ``fit-<dcp|full>[-hand]``: ``LOBSPruning`` in a ``Trainer`` with ``ModelParallelStrategy`` (the model
   sharded in ``configure_model``), pruning at epoch 1 of 3, a checkpoint after every epoch (a
   distributed checkpoint directory, or one full file with ``save_distributed_checkpoint=False``);
-  then ``resume`` from the epoch-1 checkpoint with a fresh model and callback.
+  ``-hand`` writes hand-made masks at the prune instead of running the engine.
+- ``resume-<dcp|full>[-hand]``: a fresh model and callback resumed from that fit's epoch-1 checkpoint.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_lightning_script.py --out DIR --runs masks,fit-dcp
 """
@@ -185,11 +186,24 @@ def lit_classes():
             return DataLoader(make_data(), batch_size=BATCH, shuffle=False)
 
     class Recording(LOBSPruning):
-        """Records, at every epoch end, the whole masks and how far the weights are from them."""
+        """Records, at every epoch end, the whole masks and how far the weights are from them.
 
-        def __init__(self, **kwargs: Any) -> None:
+        With ``hand=True`` the prune writes :func:`hand_masks` instead of calling the engine (the masks' life in
+        a sharded Trainer - enforcement, logging, checkpoints - apart from how the engine finds them).
+        """
+
+        def __init__(self, hand: bool = False, **kwargs: Any) -> None:
             super().__init__(**kwargs)
+            self.hand = hand
             self.epochs: list[dict[str, Any]] = []
+
+        def prune_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> Any:
+            if not self.hand:
+                return super().prune_now(trainer, pl_module, index)
+            self.masks.attach(pl_module, trainer.optimizers)
+            self.masks.update({f"net.{n}": m for n, m in hand_masks().items()})
+            self.pruned_points = [*self.pruned_points, self.schedule.points[index]]
+            return None
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             super().on_train_start(trainer, pl_module)
@@ -219,8 +233,9 @@ def run_fit(out: str, name: str, ckpt: str | None = None) -> None:
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     pl, LitMLP, Recording = lit_classes()
-    kind = name.split("-", 1)[1]
+    kind = name.split("-")[1]
     callback = Recording(
+        hand=name.endswith("-hand"),
         sparsity=0.5,
         prune_epoch=PRUNE_EPOCH,
         method="exact",
@@ -228,7 +243,7 @@ def run_fit(out: str, name: str, ckpt: str | None = None) -> None:
         calibration_batches=2,
         log_table=False,
     )
-    checkpoints = ModelCheckpoint(dirpath=os.path.join(out, f"ckpt-{kind}"), save_top_k=-1, filename="{epoch}")
+    checkpoints = ModelCheckpoint(dirpath=os.path.join(out, f"ckpt-{name}"), save_top_k=-1, filename="{epoch}")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -270,10 +285,9 @@ def main(argv: list[str] | None = None) -> None:
             run_masks(args.out)
         elif name.startswith("fit-"):
             run_fit(args.out, name)
-        elif name.startswith("resume-"):  # the checkpoint written after the prune epoch
-            kind = name.split("-", 1)[1]
-            suffix = "" if kind == "dcp" else ".ckpt"
-            run_fit(args.out, name, ckpt=os.path.join(args.out, f"ckpt-{kind}", f"epoch={PRUNE_EPOCH}{suffix}"))
+        elif name.startswith("resume-"):  # the checkpoint its fit run wrote after the prune epoch
+            fitted = "fit-" + name.split("-", 1)[1]
+            run_fit(args.out, name, ckpt=os.path.join(args.out, f"ckpt-{fitted}", f"epoch={PRUNE_EPOCH}.ckpt"))
         else:
             raise ValueError(f"unknown run {name!r}")
     torch.distributed.destroy_process_group()

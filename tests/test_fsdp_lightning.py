@@ -154,6 +154,58 @@ def test_sharded_masked_training_matches_one_process(masks_out):
             assert torch.all(r["final"][f"{n}.weight"][~m] == 0)
 
 
+# --------------------------------------------------------------------------- LOBSPruning under ModelParallelStrategy
+
+HAND_RUNS = ("fit-dcp-hand", "resume-dcp-hand", "fit-full-hand", "resume-full-hand")
+
+
+@pytest.fixture(scope="module")
+def fit_out(tmp_path_factory) -> Path:
+    return _launch(tmp_path_factory.mktemp("fsdp_fit"), ",".join(HAND_RUNS))
+
+
+def _held(record: dict, masks: dict) -> None:
+    """Every epoch after the prune: the whole masks, exact zeros under them, the logged sparsity from every shard."""
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    for epoch in record["epochs"]:
+        if epoch["epoch"] < 1:
+            assert epoch["masks"] == {}  # dense before the prune epoch
+            continue
+        assert epoch["masks"].keys() == masks.keys()
+        for n, m in masks.items():
+            assert torch.equal(epoch["masks"][n], m), n
+            assert epoch["at_pruned"][n] == 0.0, n
+            assert epoch["sharded"][n] == "DTensor", n
+        # The zeros the weights hold, counted on the gathered weights, are the pruned entries (AdamW moves the rest).
+        assert sum(epoch["zeros"].values()) == pruned
+        assert epoch["logged"] == pytest.approx(pruned / total, rel=1e-6)  # logged as a float32 metric
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("kind", ["dcp", "full"])
+def test_masks_held_and_checkpointed_under_model_parallel(fit_out, kind):
+    """Hand-made masks written at the prune epoch: held by AdamW, logged from every shard, saved in a distributed
+    checkpoint (``dcp``) or a full one and restored exactly by a resume, which then trains to the same weights."""
+    masks = {f"net.{n}": m for n, m in _script().hand_masks().items()}
+    fit0, fit1 = _load(fit_out, f"fit-{kind}-hand")
+    res0, res1 = _load(fit_out, f"resume-{kind}-hand")
+    for fit, res in ((fit0, res0), (fit1, res1)):
+        assert fit["pruned_points"] == res["pruned_points"] == [1]
+        _held(fit, masks)
+        _held(res, masks)
+        assert res["restored"].keys() == masks.keys()
+        for n, m in masks.items():
+            assert torch.equal(res["restored"][n], m), n
+        assert [e["epoch"] for e in res["epochs"]] == [2]  # resumed after the prune epoch: not pruned again
+        for k, v in fit["final"].items():  # same weights and AdamW state restored, same batches: same epoch 2
+            assert torch.equal(res["final"][k], v), k
+    for k, v in fit0["final"].items():
+        assert torch.equal(v, fit1["final"][k]), k
+
+
 # --------------------------------------------------------------------------- refused strategies
 
 
