@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .sharding import sharded_parameters
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,12 @@ class RankInfo:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return cls(torch.distributed.get_rank(group), torch.distributed.get_world_size(group), group)
         return cls()
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> RankInfo:
+        """The default process group's ranks when ``model`` has ``fully_shard`` (``DTensor``) parameters, which
+        every rank must then prune together; else a single process (a replicated model may be pruned alone)."""
+        return cls.current() if sharded_parameters(model) else cls()
 
 
 def assign_layers(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
