@@ -197,8 +197,13 @@ def lit_classes():
             self.hand = hand
             self.epochs: list[dict[str, Any]] = []
 
+        def calibration_batches_for(self, trainer: pl.Trainer) -> list:
+            self.batches = super().calibration_batches_for(trainer)  # this rank's DistributedSampler shard
+            return self.batches
+
         def prune_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> Any:
             if not self.hand:
+                self.dense = {k: _full(v) for k, v in pl_module.state_dict().items()}  # gathered, at the prune
                 return super().prune_now(trainer, pl_module, index)
             self.masks.attach(pl_module, trainer.optimizers)
             self.masks.update({f"net.{n}": m for n, m in hand_masks().items()})
@@ -265,6 +270,8 @@ def run_fit(out: str, name: str, ckpt: str | None = None) -> None:
         pruned_points=callback.pruned_points,
         reports=len(callback.reports),
         metrics=dict(callback.reports[0].metrics()) if callback.reports else {},
+        dense=getattr(callback, "dense", None),
+        batches=[[t.clone() for t in b] for b in getattr(callback, "batches", [])],
         final={k: _full(v) for k, v in model.state_dict().items()},
         repr=repr(callback.masks),
     )
