@@ -75,6 +75,36 @@ def _state_at_pruned(opt: torch.optim.Optimizer, net: nn.Module, masks: dict[str
     return worst
 
 
+def frozen_then_unfrozen(mesh: Any, rank: int) -> list[float]:
+    """Layer 0's weight frozen when the masks attach (a backbone ``BackboneFinetuning`` unfreezes later), then
+    unfrozen: the largest |gradient| at its pruned entries in each step after the unfreeze (gathered)."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = make_mlp()
+    net[0].weight.requires_grad_(False)
+    for m in net:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR)
+    masks = MaskSet()
+    masks.update(hand_masks())
+    masks.attach(net, opt)
+    pruned = ~hand_masks()["0"]
+    seen = []
+    for k in range(3):
+        if k == 1:
+            net[0].weight.requires_grad_(True)
+        x, y = batch(k, rank)
+        opt.zero_grad()
+        F.mse_loss(net(x), y).backward()
+        if k >= 1:
+            seen.append(float(_full(net[0].weight.grad)[pruned].abs().max()))
+        opt.step()
+    masks.detach()
+    return seen
+
+
 def run_masks(out: str) -> None:
     """Hand-made masks on a fully_shard MLP held through AdamW steps on two ranks."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -133,6 +163,7 @@ def run_masks(out: str) -> None:
     rec["sparsity"] = masks.sparsity()
     rec["model_sparsity"] = model_sparsity(net, list(full))
     rec["repr"] = repr(masks)
+    rec["frozen_grad_at_pruned"] = frozen_then_unfrozen(mesh, rank)
     reloaded = MaskSet()
     reloaded.load_state_dict(rec["state_dict"])
     reloaded.attach(net, opt)  # full masks from a checkpoint, cut into shards again on attach

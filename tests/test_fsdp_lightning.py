@@ -103,6 +103,7 @@ def test_adamw_keeps_exact_zeros_on_sharded_weights(masks_out):
         assert r["grad_at_pruned"] == [0.0] * 4  # the post-accumulate hook after FSDP2's reduce-scatter
         assert r["weight_at_pruned"] == [0.0] * 4  # exact zeros after every step, weight decay included
         assert r["state_at_pruned"] == [0.0] * 4
+        assert r["frozen_grad_at_pruned"] == [0.0] * 2  # frozen at attach: its hook comes at the unfreeze
 
 
 @pytest.mark.distributed
