@@ -52,10 +52,11 @@ from .config import (
 )
 from .distributed import RankInfo
 from .engine import PruneReport, default_forward, prune
-from .masks import MaskSet, count_true, resolve_weight
+from .masks import MaskSet, resolve_weight
 from .progress import trainer_progress
 from .schedules import PruneSchedule, ScheduleRun, schedule_from_args, steps_per_epoch
 from .selection import select_layers
+from .sharding import count
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
     from lightning.pytorch import LightningModule, Trainer
@@ -102,9 +103,9 @@ def _held_sparsity(pl_module: nn.Module, masks: MaskSet) -> tuple:
     zeros = total = 0
     for name in masks:
         weight = resolve_weight(pl_module, name)
-        zeros += count_true(weight.detach() == 0)
+        zeros += count(weight.detach() == 0)
         total += weight.numel()
-    nonzero = sum(count_true(p.detach() != 0) for p in pl_module.parameters())
+    nonzero = sum(count(p.detach() != 0) for p in pl_module.parameters())
     return zeros / max(total, 1), nonzero
 
 

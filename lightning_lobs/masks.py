@@ -40,22 +40,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import mask_weight_names
 from .layers import is_maskable
+from .sharding import count, gather, is_sharded, local, shard_like
 
-try:  # torch built without torch.distributed (some macOS wheels) has no DTensor: nothing is ever sharded there
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - every CI platform has it
-    DTensor = None  # type: ignore[assignment,misc]
-    distribute_tensor = None  # type: ignore[assignment]
-
-__all__ = [
-    "MaskSet",
-    "count_true",
-    "full_tensor",
-    "is_sharded_tensor",
-    "laid_out_like",
-    "model_sparsity",
-    "resolve_weight",
-]
+__all__ = ["MaskSet", "laid_out_like", "model_sparsity", "resolve_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -90,41 +77,21 @@ def resolve_weight(model: nn.Module, name: str) -> Tensor:
     return weight
 
 
-def is_sharded_tensor(t: Any) -> bool:
-    """Whether ``t`` is a ``DTensor`` (a parameter of a ``fully_shard`` / tensor-parallel module, or its mask)."""
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's part of ``t`` (the tensor itself when not sharded); in-place edits reach ``t``."""
-    return t.to_local() if is_sharded_tensor(t) else t
-
-
-def full_tensor(t: Tensor) -> Tensor:
-    """``t`` whole: gathered from every rank when sharded (a collective: every rank calls it), else ``t``."""
-    return t.full_tensor() if is_sharded_tensor(t) else t
-
-
-def count_true(t: Tensor) -> int:
-    """The number of ``True`` entries of a bool tensor, over every shard when sharded (then a collective)."""
-    return int(full_tensor(t.sum()))
-
-
 def laid_out_like(mask: Tensor, ref: Tensor) -> Tensor:
     """``mask`` on ``ref``'s device and, when ``ref`` is sharded, sharded like it (same mesh and placements).
 
     A full mask is cut locally (no communication: every rank holds the same full mask); a mask sharded
     otherwise is redistributed (a collective).
     """
-    if not is_sharded_tensor(ref):
-        return full_tensor(mask).to(ref.device)
-    if is_sharded_tensor(mask):
+    if not is_sharded(ref):
+        return gather(mask).to(ref.device)
+    if is_sharded(mask):
         if mask.device_mesh == ref.device_mesh and tuple(mask.placements) == tuple(ref.placements):
             return mask if mask.device == ref.device else mask.to(ref.device)
         if mask.device_mesh == ref.device_mesh:
             return mask.redistribute(ref.device_mesh, ref.placements)
         mask = mask.full_tensor()
-    return distribute_tensor(mask.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+    return shard_like(mask, ref)  # each rank keeps a copy of its slice, not a view holding the whole mask
 
 
 def _check_shape(name: str, mask: Tensor, weight: Tensor) -> None:
@@ -219,7 +186,7 @@ class MaskSet:
     def _mask_on(self, name: str, ref: Tensor) -> Tensor:
         """Return the mask for ``name`` laid out like ``ref`` (its device; its shards when sharded), keeping that copy."""
         mask = self.masks[name]
-        if mask.device != ref.device or is_sharded_tensor(mask) or is_sharded_tensor(ref):
+        if mask.device != ref.device or is_sharded(mask) or is_sharded(ref):
             mask = laid_out_like(mask, ref)
             self.masks[name] = mask
         return mask
@@ -234,7 +201,7 @@ class MaskSet:
         weights = self._resolve_all(model)
         with torch.no_grad():
             for name, weight in weights.items():
-                _local(weight).masked_fill_(~_local(self._mask_on(name, weight)), 0.0)
+                local(weight).masked_fill_(~local(self._mask_on(name, weight)), 0.0)
 
     def _resolve_all(self, model: nn.Module) -> dict[str, Tensor]:
         weights: dict[str, Tensor] = {}
@@ -276,10 +243,10 @@ class MaskSet:
 
         with torch.no_grad():
             for name, weight in weights.items():
-                pruned = ~_local(self._mask_on(name, weight))
-                _local(weight).masked_fill_(pruned, 0.0)
+                pruned = ~local(self._mask_on(name, weight))
+                local(weight).masked_fill_(pruned, 0.0)
                 if weight.grad is not None and weight.grad.layout == torch.strided:
-                    _local(weight.grad).masked_fill_(~_local(laid_out_like(self.masks[name], weight.grad)), 0.0)
+                    local(weight.grad).masked_fill_(~local(laid_out_like(self.masks[name], weight.grad)), 0.0)
             n_state = self._zero_optimizer_state(weights)
         log.debug(
             "MaskSet attached: %d masks, %d optimizers, %d optimizer state tensors masked",
@@ -307,7 +274,7 @@ class MaskSet:
                     # before that forward's backward, and then removes itself.
                     owner, attr = _weight_path(model, name)
                     # A sharded weight is swapped for its gathered copy during FSDP2's forward: hook the shard itself.
-                    shard = weight if is_sharded_tensor(weight) else None
+                    shard = weight if is_sharded(weight) else None
                     handle = owner.register_forward_pre_hook(self._make_unfreeze_hook(name, attr, shard))
                     unfreeze[name] = handle
                     handles.append(handle)
@@ -321,7 +288,7 @@ class MaskSet:
 
     def _zero_optimizer_state(self, weights: Mapping[str, Tensor]) -> int:
         """Zero state tensors shaped like a masked weight at pruned positions; return the count."""
-        count = 0
+        n_zeroed = 0
         for opt in self._optimizers:
             for name, weight in weights.items():
                 state = opt.state.get(weight)
@@ -333,9 +300,9 @@ class MaskSet:
                         and value.layout == torch.strided
                         and tuple(value.shape) == tuple(weight.shape)
                     ):  # AdamW's state of a sharded weight is sharded like it (DTensor): each rank zeroes its part
-                        _local(value).masked_fill_(~_local(laid_out_like(self.masks[name], value)), 0)
-                        count += 1
-        return count
+                        local(value).masked_fill_(~local(laid_out_like(self.masks[name], value)), 0)
+                        n_zeroed += 1
+        return n_zeroed
 
     def _make_grad_hook(self, name: str):  # noqa: ANN202 - closure
         def hook(grad: Tensor) -> Tensor:
@@ -350,14 +317,14 @@ class MaskSet:
         A sharded weight's gradient never passes through autograd (FSDP2 reduce-scatters the gathered copy's
         gradient and writes ``.grad`` of the shard), so its hook runs after the gradient lands in ``.grad``.
         """
-        if not is_sharded_tensor(weight):
+        if not is_sharded(weight):
             return weight.register_hook(self._make_grad_hook(name))
 
         def zero_pruned_grad(param: Tensor) -> None:
             grad = param.grad
             if grad is not None and grad.layout == torch.strided:
                 with torch.no_grad():
-                    _local(grad).masked_fill_(~_local(laid_out_like(self.masks[name], grad)), 0.0)
+                    local(grad).masked_fill_(~local(laid_out_like(self.masks[name], grad)), 0.0)
 
         return weight.register_post_accumulate_grad_hook(zero_pruned_grad)
 
@@ -382,7 +349,7 @@ class MaskSet:
         with torch.no_grad():
             for name in self.masks:
                 weight = resolve_weight(model, name)
-                _local(weight).masked_fill_(~_local(self._mask_on(name, weight)), 0.0)
+                local(weight).masked_fill_(~local(self._mask_on(name, weight)), 0.0)
 
     def _reattach(self) -> None:
         assert self._model is not None
@@ -411,7 +378,7 @@ class MaskSet:
     def state_dict(self) -> dict[str, Tensor]:
         """Return ``{name: bool CPU tensor}`` copies of all masks, whole: sharded masks are gathered (a collective:
         with sharded masks every rank calls it, as Lightning does when it saves a checkpoint)."""
-        return {name: full_tensor(mask.detach()).to("cpu", copy=True) for name, mask in self.masks.items()}
+        return {name: gather(mask.detach()).to("cpu", copy=True) for name, mask in self.masks.items()}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Replace all masks with those in ``state`` (re-enforcing them if attached)."""
@@ -450,22 +417,20 @@ class MaskSet:
     def sparsity(self) -> dict[str, float]:
         """Return ``{name: fraction of pruned (False) entries}`` (over every shard: with sharded masks, every rank
         calls it)."""
-        return {
-            name: (1.0 - count_true(mask) / mask.numel()) if mask.numel() else 0.0 for name, mask in self.masks.items()
-        }
+        return {name: (1.0 - count(mask) / mask.numel()) if mask.numel() else 0.0 for name, mask in self.masks.items()}
 
     def total_sparsity(self) -> float:
         """Fraction of pruned entries over all masked elements (0.0 when empty; a collective with sharded masks)."""
         total = sum(mask.numel() for mask in self.masks.values())
         if total == 0:
             return 0.0
-        kept = sum(count_true(mask) for mask in self.masks.values())
+        kept = sum(count(mask) for mask in self.masks.values())
         return 1.0 - kept / total
 
     @property
     def sharded(self) -> bool:
         """Whether any mask is held as shards (laid out like a ``fully_shard`` weight)."""
-        return any(is_sharded_tensor(mask) for mask in self.masks.values())
+        return any(is_sharded(mask) for mask in self.masks.values())
 
     @classmethod
     def from_model(cls, model: nn.Module, names: Iterable[str] | None = None) -> MaskSet:
@@ -484,5 +449,5 @@ def model_sparsity(model: nn.Module, names: Iterable[str]) -> dict[str, float]:
     result: dict[str, float] = {}
     for name in names:
         weight = resolve_weight(model, name).detach()
-        result[name] = count_true(weight == 0) / weight.numel() if weight.numel() else 0.0
+        result[name] = count(weight == 0) / weight.numel() if weight.numel() else 0.0
     return result
