@@ -62,13 +62,14 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> dict[str, int]
 def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> list[Tensor]:
     """Broadcast tensors (same shapes/dtypes on every rank) from ``src``; returns the received ones.
 
-    Bool tensors travel as uint8 (not every backend reduces bools).
+    Bool tensors travel as uint8 (not every backend reduces bools). Every buffer is made contiguous: a backend
+    sends and receives storage order, so a transposed tensor (a Conv1D layer's mask) would arrive scrambled.
     """
     if not info.active:
         return list(tensors)
     out = []
     for t in tensors:
-        buf = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
+        buf = (t.to(torch.uint8) if t.dtype == torch.bool else t).contiguous()
         torch.distributed.broadcast(buf, src=src, group=info.group)
         out.append(buf.to(torch.bool) if t.dtype == torch.bool else buf)
     return out

@@ -94,6 +94,8 @@ def shard_rows_like(full: Tensor, like: Tensor) -> Tensor:
 
 
 def _distribute(full: Tensor, mesh: object, placements: object) -> Tensor:
+    # contiguous: a transposed whole tensor (Conv1D's mask, say) would give the DTensor strides its shards lack
+    full = full.contiguous()
     sliced = distribute_tensor(full, mesh, placements, src_data_rank=None)
     # The slice may be a view of ``full``: copied so that holding the shard does not hold the whole tensor.
     return DTensor.from_local(

@@ -8,12 +8,15 @@ the prune, what it knows of its own shards and masks, the report's numbers, and 
 
     python tests/fsdp_prune_script.py --out DIR [--runs mlp-exact,cnn-fast,...]
 
-A run is ``<mlp|cnn>-<method>[-seq][-global][-failsolve1]``: ``seq`` calibrates sequentially, ``global`` uses the
-global allocation (default: every layer at 0.6), ``failsolve1`` makes rank 1's layer solves fail, and every rank
+A run is ``<mlp|cnn|gpt>-<method>[-seq][-global][-twice][-failsolve1]``: ``gpt`` is an MLP of ``transformers``
+``Conv1D`` layers (GPT-2's, weight ``(in, out)``: sharded along the input, not the rows), ``seq`` calibrates
+sequentially, ``global`` uses the global allocation (default: every layer at 0.6), ``twice`` prunes to 0.3 first and
+then to 0.6 keeping the first step's (sharded) masks, ``failsolve1`` makes rank 1's layer solves fail, and every rank
 records the error it raised and the model as it is after.
 
 The gather spy wraps ``DTensor.full_tensor`` and the engine's whole-matrix reads and follows every whole tensor they
-return until it is freed: ``max_live_layers`` is the most layers whose whole weights were alive at once.
+return until it is freed: ``max_live_layers`` is the most layers whose whole weights were alive at once (an earlier
+step's masks, which a re-prune gathers up front, are listed in ``gathers`` but not counted there).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 N_SAMPLES = 64  # per rank
 BATCH = 16
 SPARSITY = 0.6
+FIRST_SPARSITY = 0.3  # the first step of a ``twice`` run
 
 
 # --------------------------------------------------------------------------- models and data
@@ -43,6 +47,15 @@ def make_net(kind: str) -> nn.Sequential:
     torch.manual_seed(0)
     if kind == "mlp":  # three layers: with two ranks both must get a solve
         return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    if kind == "gpt":
+        from transformers.pytorch_utils import Conv1D
+
+        net = nn.Sequential(Conv1D(32, 16), nn.ReLU(), Conv1D(24, 32), nn.ReLU(), Conv1D(5, 24))
+        for m in net:  # Conv1D starts with zero biases and tiny weights: give them some spread
+            if isinstance(m, Conv1D):
+                nn.init.normal_(m.weight, std=0.3)
+                nn.init.normal_(m.bias, std=0.1)
+        return net
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
@@ -57,7 +70,7 @@ def make_net(kind: str) -> nn.Sequential:
 def rank_batches(kind: str, rank: int) -> list[torch.Tensor]:
     """This rank's calibration batches (different on each rank)."""
     g = torch.Generator().manual_seed(100 + rank)
-    shape = (BATCH, 16) if kind == "mlp" else (BATCH, 3, 8, 8)
+    shape = (BATCH, 3, 8, 8) if kind == "cnn" else (BATCH, 16)
     return [torch.randn(*shape, generator=g) for _ in range(N_SAMPLES // BATCH)]
 
 
@@ -66,7 +79,7 @@ def shard(net: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for m in net.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if m is not net and getattr(m, "weight", None) is not None:
             fully_shard(m)
     fully_shard(net)
 
@@ -89,18 +102,23 @@ class GatherSpy:
         if t.dim() == 0:  # a count summed over shards, not a weight
             return t
         label = self.labels.get(tuple(t.shape), f"unknown{tuple(t.shape)}")
+        if t.dtype == torch.bool:  # an earlier step's mask (a re-prune reads them up front): counted apart
+            label = f"mask of {label}"
         nbytes = t.numel() * t.element_size()
         self.live[label] += 1
-        self.live_bytes += nbytes
         self.calls.append(label)
-        self.max_live_layers = max(self.max_live_layers, sum(1 for v in self.live.values() if v > 0))
-        self.max_live_bytes = max(self.max_live_bytes, self.live_bytes)
+        if t.dtype != torch.bool:
+            self.live_bytes += nbytes
+            self.max_live_bytes = max(self.max_live_bytes, self.live_bytes)
+        weights = sum(1 for k, v in self.live.items() if v > 0 and not k.startswith("mask of "))
+        self.max_live_layers = max(self.max_live_layers, weights)
         weakref.finalize(t, self._free, label, nbytes)
         return t
 
     def _free(self, label: str, nbytes: int) -> None:
         self.live[label] -= 1
-        self.live_bytes -= nbytes
+        if not label.startswith("mask of "):
+            self.live_bytes -= nbytes
 
     def wrap(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -163,7 +181,7 @@ def _labels(net: nn.Module) -> dict[tuple[int, ...], str]:
 
     labels: dict[tuple[int, ...], str] = {}
     for name, m in net.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if m is not net and getattr(m, "weight", None) is not None:
             s = describe_layer(m)
             for shape in (tuple(m.weight.shape), tuple(m.bias.shape), (s.rows, s.matrix_cols)):
                 assert shape not in labels, "the models' layers must have shapes of their own for the spy"
@@ -178,7 +196,6 @@ def _whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def run(run_name: str, rank: int) -> dict[str, Any]:
-    from lightning_lobs import prune_model
     from lightning_lobs.sharding import is_sharded, local
 
     kind, method, *rest = run_name.split("-")
@@ -193,15 +210,7 @@ def run(run_name: str, rank: int) -> dict[str, Any]:
     record["local_rows"] = {n: tuple(local(p).shape) for n, p in net.named_parameters()}
     remove = install_spies(spy, record, 1 if "failsolve1" in rest else None)
     try:
-        report = prune_model(
-            net,
-            batches,
-            SPARSITY,
-            method,
-            prune_head=True,
-            sequential="seq" in rest,
-            allocation="global" if "global" in rest else "uniform",
-        )
+        report = prune_steps(net, batches, method, rest)
     except Exception as err:  # noqa: BLE001 - recorded for the test
         remove()
         record.update(error_type=type(err).__name__, error=str(err), after=_whole(net.state_dict()))
@@ -231,6 +240,17 @@ def run(run_name: str, rank: int) -> dict[str, Any]:
         still_live={k: v for k, v in spy.live.items() if v > 0},
     )
     return record
+
+
+def prune_steps(net: nn.Module, batches: list[torch.Tensor], method: str, rest: list[str]) -> Any:
+    """``prune_model`` as the run says: once, or twice with the first step's masks (``twice``)."""
+    from lightning_lobs import prune_model
+
+    kwargs = dict(prune_head=True, sequential="seq" in rest, allocation="global" if "global" in rest else "uniform")
+    masks = None
+    if "twice" in rest:
+        masks = prune_model(net, batches, FIRST_SPARSITY, method, **kwargs).masks
+    return prune_model(net, batches, SPARSITY, method, masks=masks, **kwargs)
 
 
 def worker(rank: int, port: int, out: str, runs: list[str]) -> None:
