@@ -235,6 +235,7 @@ def lit_classes():
         def prune_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> Any:
             if not self.hand:
                 self.dense = {k: _full(v) for k, v in pl_module.state_dict().items()}  # gathered, at the prune
+                getattr(self, "before_prune", lambda module: None)(pl_module)
                 return super().prune_now(trainer, pl_module, index)
             self.masks.attach(pl_module, trainer.optimizers)
             self.masks.update({f"net.{n}": m for n, m in hand_masks().items()})
@@ -261,6 +262,40 @@ def lit_classes():
             )
 
     return pl, LitMLP, Recording
+
+
+def run_failing(trainer: Any, model: nn.Module, callback: Any) -> dict[str, Any]:
+    """Rank 1 alone fails while solving its layers: what every rank raised, and its shards against those before."""
+    import lightning_lobs.engine.solve as solve_mod
+
+    original = solve_mod.solve_one
+
+    def failing(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.distributed.get_rank() == 1:
+            raise ValueError(f"injected failure solving {layer.name}")
+        return original(layer, *args, **kwargs)
+
+    before: dict[str, torch.Tensor] = {}
+    solve_mod.solve_one = failing
+    callback.before_prune = lambda module: before.update(
+        {k: v.to_local().clone() for k, v in module.state_dict().items()}
+    )
+    try:
+        trainer.fit(model)
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        error = f"{type(err).__name__}: {err}"
+    else:
+        error = ""
+    finally:
+        solve_mod.solve_one = original
+    after = {k: v.to_local().clone() for k, v in model.state_dict().items()}
+    return dict(
+        error=error,
+        masks=len(callback.masks),
+        attached=callback.masks.attached,
+        pruned_points=callback.pruned_points,
+        unchanged=bool(before) and all(torch.equal(after[k], v) for k, v in before.items()),
+    )
 
 
 def run_fit(out: str, name: str, ckpt: str | None = None) -> None:
@@ -294,6 +329,9 @@ def run_fit(out: str, name: str, ckpt: str | None = None) -> None:
         num_sanity_val_steps=0,
     )
     model = LitMLP()
+    if name.endswith("-failsolve1"):
+        torch.save(run_failing(trainer, model, callback), os.path.join(out, f"{name}_rank{trainer.global_rank}.pt"))
+        return
     trainer.fit(model, ckpt_path=ckpt)
     rec = dict(
         epochs=callback.epochs,
@@ -321,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.runs.split(","):
         if name == "masks":
             run_masks(args.out)
-        elif name.startswith("fit-"):
+        elif name.startswith(("fit-", "fail-")):
             run_fit(args.out, name)
         elif name.startswith("resume-"):  # the checkpoint its fit run wrote after the prune epoch
             fitted = "fit-" + name.split("-", 1)[1]

@@ -159,11 +159,13 @@ def test_sharded_masked_training_matches_one_process(masks_out):
 
 HAND_RUNS = ("fit-dcp-hand", "resume-dcp-hand", "fit-full-hand", "resume-full-hand")
 ENGINE_RUNS = ("fit-dcp", "resume-dcp")  # the engine's sharded prune (lightning_lobs.sharding)
+# Rank 1 alone fails mid-prune; run first, so the runs after it also show the process group is still usable.
+FAIL_RUNS = ("fail-dcp-failsolve1",)
 
 
 @pytest.fixture(scope="module")
 def fit_out(tmp_path_factory) -> Path:
-    return _launch(tmp_path_factory.mktemp("fsdp_fit"), ",".join(ENGINE_RUNS + HAND_RUNS))
+    return _launch(tmp_path_factory.mktemp("fsdp_fit"), ",".join(FAIL_RUNS + ENGINE_RUNS + HAND_RUNS))
 
 
 def _held(record: dict, masks: dict) -> None:
@@ -245,6 +247,20 @@ def test_lobs_pruning_under_model_parallel_matches_one_process(fit_out):
         assert torch.equal(res0["restored"][n], m), n
     for k, v in r0["final"].items():
         assert torch.equal(res0["final"][k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@needs_gloo
+def test_failure_on_one_rank_fails_every_rank_and_leaves_the_shards(fit_out):
+    """Rank 1's layer solve raises in the middle of a sharded prune: both ranks raise (none waits forever in a
+    collective), and on both the shards, the masks and the schedule are as they were before the prune."""
+    r0, r1 = _load(fit_out, "fail-dcp-failsolve1")
+    assert r1["error"].startswith("ValueError: injected failure solving net.0")
+    assert r0["error"].startswith("RuntimeError:") and "failed on rank 1" in r0["error"]
+    for r in (r0, r1):
+        assert r["unchanged"]  # every local shard as before the prune
+        assert (r["masks"], r["attached"], r["pruned_points"]) == (0, False, [])
 
 
 # --------------------------------------------------------------------------- refused strategies
