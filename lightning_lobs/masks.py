@@ -42,7 +42,7 @@ from .attention import mask_weight_names
 from .layers import is_maskable
 from .sharding import count, gather, is_sharded, local, shard_like
 
-__all__ = ["MaskSet", "laid_out_like", "model_sparsity", "resolve_weight"]
+__all__ = ["MaskSet", "model_sparsity", "resolve_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def resolve_weight(model: nn.Module, name: str) -> Tensor:
     return weight
 
 
-def laid_out_like(mask: Tensor, ref: Tensor) -> Tensor:
+def _laid_out_like(mask: Tensor, ref: Tensor) -> Tensor:
     """``mask`` on ``ref``'s device and, when ``ref`` is sharded, sharded like it (same mesh and placements).
 
     A full mask is cut locally (no communication: every rank holds the same full mask); a mask sharded
@@ -187,7 +187,7 @@ class MaskSet:
         """Return the mask for ``name`` laid out like ``ref`` (its device; its shards when sharded), keeping that copy."""
         mask = self.masks[name]
         if mask.device != ref.device or is_sharded(mask) or is_sharded(ref):
-            mask = laid_out_like(mask, ref)
+            mask = _laid_out_like(mask, ref)
             self.masks[name] = mask
         return mask
 
@@ -226,6 +226,9 @@ class MaskSet:
 
         Attaching while attached first detaches, so hooks are never registered twice;
         re-attach after e.g. a checkpoint resume that created new optimizers.
+
+        A sharded weight (``DTensor``) gets its mask cut like it, and a post-accumulate-grad hook instead of a
+        gradient hook (see the module docstring); every rank attaches, each enforcing its own shard.
         """
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
@@ -246,7 +249,7 @@ class MaskSet:
                 pruned = ~local(self._mask_on(name, weight))
                 local(weight).masked_fill_(pruned, 0.0)
                 if weight.grad is not None and weight.grad.layout == torch.strided:
-                    local(weight.grad).masked_fill_(~local(laid_out_like(self.masks[name], weight.grad)), 0.0)
+                    local(weight.grad).masked_fill_(~local(_laid_out_like(self.masks[name], weight.grad)), 0.0)
             n_state = self._zero_optimizer_state(weights)
         log.debug(
             "MaskSet attached: %d masks, %d optimizers, %d optimizer state tensors masked",
@@ -300,7 +303,7 @@ class MaskSet:
                         and value.layout == torch.strided
                         and tuple(value.shape) == tuple(weight.shape)
                     ):  # AdamW's state of a sharded weight is sharded like it (DTensor): each rank zeroes its part
-                        local(value).masked_fill_(~local(laid_out_like(self.masks[name], value)), 0)
+                        local(value).masked_fill_(~local(_laid_out_like(self.masks[name], value)), 0)
                         n_zeroed += 1
         return n_zeroed
 
@@ -324,7 +327,7 @@ class MaskSet:
             grad = param.grad
             if grad is not None and grad.layout == torch.strided:
                 with torch.no_grad():
-                    local(grad).masked_fill_(~local(laid_out_like(self.masks[name], grad)), 0.0)
+                    local(grad).masked_fill_(~local(_laid_out_like(self.masks[name], grad)), 0.0)
 
         return weight.register_post_accumulate_grad_hook(zero_pruned_grad)
 
