@@ -1,11 +1,13 @@
 """Memory estimates made before calibration, so a too-big layer fails early with advice.
 
-The promise for a model sharded by ``fully_shard`` (FSDP2), per rank: its shards (and the transaction's copy of the
-pruned layers' shards, to undo a failed prune), plus the Hessians, plus ONE whole layer at a time: its gathered
-weight and its solution (and the solver's workspace on the rank that solves it). The Hessians are every selected
+The promise for a model sharded by ``fully_shard`` (FSDP2), per rank: its shards (the pruned layers' up to three
+times: the model's, the transaction's copy that undoes a failed prune, and the report's copy of the pruned weights
+while it compares dense and pruned outputs), plus the Hessians, plus ONE whole layer at a time: its gathered weight
+and its solution (and the solver's workspace on the rank that solves it). The Hessians are every selected
 layer's in the one-pass pipeline (each rank accumulates its own batches' sums for all of them before they are
-reduced) and one at a time with ``sequential=True``. :func:`layer_memory` counts the gathered layer, so
-:func:`check_budget` checks exactly this.
+reduced) and one at a time with ``sequential=True``. :func:`layer_memory` counts the gathered layer; like the
+unsharded check, :func:`check_budget` counts the prune's work memory (Hessians and solve), not the copies of the
+weights.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the prune, what it knows of its own shards and masks, the report's numbers, and 
 A run is ``<mlp|cnn|gpt>-<method>[-seq][-global][-twice][-failsolve1]``: ``gpt`` is an MLP of ``transformers``
 ``Conv1D`` layers (GPT-2's, weight ``(in, out)``: sharded along the input, not the rows), ``seq`` calibrates
 sequentially, ``global`` uses the global allocation (default: every layer at 0.6), ``twice`` prunes to 0.3 first and
-then to 0.6 keeping the first step's (sharded) masks, ``failsolve1`` makes rank 1's layer solves fail, and every rank
-records the error it raised and the model as it is after.
+then to 0.6 keeping the first step's (sharded) masks, ``failsolve1`` makes rank 1's layer solves fail and ``failbudget1`` its memory check (a budget of one byte),
+and every rank records the error it raised and the model as it is after.
 
 The gather spy wraps ``DTensor.full_tensor`` and the engine's whole-matrix reads and follows every whole tensor they
 return until it is freed: ``max_live_layers`` is the most layers whose whole weights were alive at once (an earlier
@@ -56,8 +56,9 @@ def make_net(kind: str) -> nn.Sequential:
                 nn.init.normal_(m.weight, std=0.3)
                 nn.init.normal_(m.bias, std=0.1)
         return net
-    return nn.Sequential(
+    return nn.Sequential(  # BatchNorm: its parameters sharded too, its statistics re-estimated and averaged
         nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(8, 12, 3, padding=1),
@@ -79,9 +80,9 @@ def shard(net: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for m in net.modules():
-        if m is not net and getattr(m, "weight", None) is not None:
+        if m is not net and getattr(m, "weight", None) is not None and not isinstance(m, nn.BatchNorm2d):
             fully_shard(m)
-    fully_shard(net)
+    fully_shard(net)  # the rest (BatchNorm's parameters) with the root
 
 
 # --------------------------------------------------------------------------- spies
@@ -181,7 +182,7 @@ def _labels(net: nn.Module) -> dict[tuple[int, ...], str]:
 
     labels: dict[tuple[int, ...], str] = {}
     for name, m in net.named_modules():
-        if m is not net and getattr(m, "weight", None) is not None:
+        if m is not net and getattr(m, "weight", None) is not None and not isinstance(m, nn.BatchNorm2d):
             s = describe_layer(m)
             for shape in (tuple(m.weight.shape), tuple(m.bias.shape), (s.rows, s.matrix_cols)):
                 assert shape not in labels, "the models' layers must have shapes of their own for the spy"
@@ -210,7 +211,7 @@ def run(run_name: str, rank: int) -> dict[str, Any]:
     record["local_rows"] = {n: tuple(local(p).shape) for n, p in net.named_parameters()}
     remove = install_spies(spy, record, 1 if "failsolve1" in rest else None)
     try:
-        report = prune_steps(net, batches, method, rest)
+        report = prune_steps(net, batches, method, rest, budget=1 if "failbudget1" in rest and rank == 1 else None)
     except Exception as err:  # noqa: BLE001 - recorded for the test
         remove()
         record.update(error_type=type(err).__name__, error=str(err), after=_whole(net.state_dict()))
@@ -242,11 +243,15 @@ def run(run_name: str, rank: int) -> dict[str, Any]:
     return record
 
 
-def prune_steps(net: nn.Module, batches: list[torch.Tensor], method: str, rest: list[str]) -> Any:
-    """``prune_model`` as the run says: once, or twice with the first step's masks (``twice``)."""
-    from lightning_lobs import prune_model
+def prune_steps(
+    net: nn.Module, batches: list[torch.Tensor], method: str, rest: list[str], budget: int | None = None
+) -> Any:
+    """``prune_model`` as the run says: once, or twice with the first step's masks (``twice``); ``budget``: the
+    memory budget in bytes (None: 80% of the free memory)."""
+    from lightning_lobs import CalibrationOptions, prune_model
 
     kwargs = dict(prune_head=True, sequential="seq" in rest, allocation="global" if "global" in rest else "uniform")
+    kwargs["calibration"] = CalibrationOptions(memory_budget_bytes=budget)
     masks = None
     if "twice" in rest:
         masks = prune_model(net, batches, FIRST_SPARSITY, method, **kwargs).masks
