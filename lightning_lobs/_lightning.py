@@ -69,10 +69,57 @@ def callback_classes(name: str) -> tuple[Any, ...]:  # Any: isinstance then leav
 
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
+_WORKS = (
+    "Use strategy='ddp' (or 'ddp_spawn'), or ModelParallelStrategy (FSDP2) with the layers sharded by "
+    "torch.distributed.fsdp.fully_shard in configure_model(); or prune the gathered model with prune_model()."
+)
+# Why each sharded strategy is refused: the masks and the per-layer solves need every layer's weight as one tensor of
+# its own shape (whole or a DTensor of it), and the optimizer steps of the weights visible to hooks.
+_REFUSED = {
+    "FSDPStrategy": (
+        "FSDP1 flattens each wrapped module's parameters into one FlatParameter and shards that, so no rank holds a "
+        "layer's weight as a tensor of its shape (masks and per-layer solves cannot address it)"
+    ),
+    "XLAFSDPStrategy": "XLA's FSDP flattens and shards the parameters as FSDP1 does, so no rank holds a layer's weight",
+    "DeepSpeedStrategy": (
+        "DeepSpeed ZeRO partitions the parameters into flat buffers and its engine runs the optimizer step itself, "
+        "so the masks could neither be cut like the weights nor held through the steps"
+    ),
+}
+
 
 def is_sharded(strategy: Any) -> bool:
     """Whether ``strategy`` splits layer weights across ranks (a subclass of a sharded strategy does too)."""
     return any(cls.__name__ in _SHARDED for cls in type(strategy).__mro__)
+
+
+def sharded_refusal(strategy: Any) -> str | None:
+    """Why ``LOBSPruning`` cannot run under ``strategy`` (and what works instead), or ``None`` when it can.
+
+    ``ModelParallelStrategy`` runs when it only shards over data-parallel ranks (``fully_shard``, FSDP2: every
+    weight a ``DTensor`` of its shape); tensor parallelism splits a layer's inputs too, which per-layer Hessians need
+    whole.
+    """
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    name = type(strategy).__name__
+    for base, why in _REFUSED.items():
+        if base in names:
+            return f"LOBSPruning does not support {name}: {why}. {_WORKS}"
+    if "ModelParallelStrategy" in names:
+        try:
+            mesh = strategy.device_mesh
+        except (AttributeError, RuntimeError):  # before the processes start there is no mesh (setup has one)
+            mesh = None
+        dims = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        tp = mesh["tensor_parallel"].size() if "tensor_parallel" in dims else 1
+        if tp > 1:
+            return (
+                f"LOBSPruning supports {name} with tensor_parallel_size=1 only (got {tp}): tensor parallelism splits "
+                "a layer's input features over ranks, and its Hessian needs them whole. Use "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with fully_shard "
+                "in configure_model(), or strategy='ddp'."
+            )
+    return None
 
 
 def stop_reason(trainer: Any) -> str:

@@ -35,6 +35,7 @@ from ._lightning import (
     namespace_of,
     rank_zero_info,
     rank_zero_warn,
+    sharded_refusal,
     stop_reason,
 )
 from .api import is_one_shot, take_batches
@@ -55,6 +56,7 @@ from .masks import MaskSet, resolve_weight
 from .progress import trainer_progress
 from .schedules import PruneSchedule, ScheduleRun, schedule_from_args, steps_per_epoch
 from .selection import select_layers
+from .sharding import count
 
 if TYPE_CHECKING:  # either namespace's classes; only for the annotations
     from lightning.pytorch import LightningModule, Trainer
@@ -94,13 +96,16 @@ def _restore_monitors(saved: list[tuple]) -> None:
 
 
 def _held_sparsity(pl_module: nn.Module, masks: MaskSet) -> tuple:
-    """The fraction of zeros in the masked weights, as the weights hold them, and the model's nonzero parameters."""
+    """The fraction of zeros in the masked weights, as the weights hold them, and the model's nonzero parameters.
+
+    Sharded weights count every shard's zeros (a collective; this runs on every rank), never one rank's.
+    """
     zeros = total = 0
     for name in masks:
         weight = resolve_weight(pl_module, name)
-        zeros += int((weight.detach() == 0).sum())
+        zeros += count(weight.detach() == 0)
         total += weight.numel()
-    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in pl_module.parameters())
+    nonzero = sum(count(p.detach() != 0) for p in pl_module.parameters())
     return zeros / max(total, 1), nonzero
 
 
@@ -356,10 +361,15 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             return
         self._bind(pl_module)
         _refuse_one_shot_replay(self.calibration_dataloader, self._run)
-        if is_sharded(trainer.strategy):
-            raise RuntimeError(
-                f"LOBSPruning does not support the sharded strategy {type(trainer.strategy).__name__}: layer weights are "
-                "split across ranks. Use strategy='ddp' (or 'ddp_spawn'), or prune the gathered model with prune_model()."
+        refusal = sharded_refusal(trainer.strategy)
+        if refusal is not None:
+            raise RuntimeError(refusal)
+        if self.save_sparse and is_sharded(trainer.strategy):
+            raise ValueError(
+                f"LOBSPruning(save_sparse=...) under {type(trainer.strategy).__name__}: each rank holds a shard of "
+                "the weights, and the sparse file needs them whole. Drop save_sparse, save a full checkpoint "
+                "(ModelParallelStrategy(save_distributed_checkpoint=False)) and call lightning_lobs.export.save_sparse "
+                "on the model loaded from it."
             )
         self._run.check_reachable(max_epochs=trainer.max_epochs, max_steps=getattr(trainer, "max_steps", -1))
         _refuse_shared_layers(self, trainer, pl_module)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .sharding import sharded_parameters
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,12 @@ class RankInfo:
             return cls(torch.distributed.get_rank(group), torch.distributed.get_world_size(group), group)
         return cls()
 
+    @classmethod
+    def for_model(cls, model: nn.Module) -> RankInfo:
+        """The default process group's ranks when ``model`` has ``fully_shard`` (``DTensor``) parameters, which
+        every rank must then prune together; else a single process (a replicated model may be pruned alone)."""
+        return cls.current() if sharded_parameters(model) else cls()
+
 
 def assign_layers(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
     """Owner rank of every layer: longest-processing-time-first onto the least loaded rank.
@@ -54,13 +62,14 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> dict[str, int]
 def broadcast_tensors(tensors: Sequence[Tensor], src: int, info: RankInfo) -> list[Tensor]:
     """Broadcast tensors (same shapes/dtypes on every rank) from ``src``; returns the received ones.
 
-    Bool tensors travel as uint8 (not every backend reduces bools).
+    Bool tensors travel as uint8 (not every backend reduces bools). Every buffer is made contiguous: a backend
+    sends and receives storage order, so a transposed tensor (a Conv1D layer's mask) would arrive scrambled.
     """
     if not info.active:
         return list(tensors)
     out = []
     for t in tensors:
-        buf = t.to(torch.uint8) if t.dtype == torch.bool else t.contiguous()
+        buf = (t.to(torch.uint8) if t.dtype == torch.bool else t).contiguous()
         torch.distributed.broadcast(buf, src=src, group=info.group)
         out.append(buf.to(torch.bool) if t.dtype == torch.bool else buf)
     return out

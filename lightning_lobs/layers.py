@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from .attention import AttentionProjection
 from .config import NMPattern
+from .sharding import gather, is_sharded, local, write_full
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -206,16 +207,26 @@ def from_rows(module: nn.Module, rows: Tensor) -> Tensor:
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """Detached copy of the layer's matrix: ``(rows, matrix_cols)``, the bias as last column if present."""
+    """Detached copy of the layer's matrix: ``(rows, matrix_cols)``, the bias as last column if present.
+
+    A weight sharded by ``fully_shard`` (a ``DTensor``) is gathered whole: a collective, so every rank must call
+    this for the same layers in the same order.
+    """
     _check_prunable(module)
-    mat = to_rows(module, _weight(module).detach())
+    mat = to_rows(module, gather(_weight(module).detach()))
     if has_bias(module):
-        mat = torch.cat([mat, cast(Tensor, module.bias).detach().reshape(-1, 1).to(mat.dtype)], dim=1)
+        bias = gather(cast(Tensor, module.bias).detach())
+        mat = torch.cat([mat, bias.reshape(-1, 1).to(mat.dtype)], dim=1)
     return mat.clone()
 
 
 def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
-    """Write a ``(rows, matrix_cols)`` matrix (layout of :func:`weight_matrix`) back into the layer in place."""
+    """Write a ``(rows, matrix_cols)`` matrix (layout of :func:`weight_matrix`) back into the layer in place.
+
+    A sharded weight (``DTensor``) gets its own slice of a whole ``matrix``; a ``matrix`` that is itself a
+    ``DTensor`` sharded by rows as the weight and bias are (a Linear or convolution under ``fully_shard``) is
+    written shard to shard, any other sharded ``matrix`` is gathered first (a collective).
+    """
     shape = describe_layer(module)
     w = _weight(module)
     k = shape.weight_cols
@@ -224,11 +235,32 @@ def set_weight_matrix(module: nn.Module, matrix: Tensor) -> None:
             f"expected a matrix of shape {(shape.rows, shape.matrix_cols)} for {type(module).__name__}, "
             f"got {tuple(matrix.shape)}"
         )
-    with torch.no_grad():
-        w.data.copy_(from_rows(module, matrix[:, :k]).to(device=w.device, dtype=w.dtype))
-        if shape.bias:
-            b = cast(Tensor, module.bias)
-            b.data.copy_(matrix[:, k].to(device=b.device, dtype=b.dtype))
+    bias = cast(Tensor, module.bias) if shape.bias else None
+    if is_sharded(matrix) and _rows_aligned(module, matrix):
+        with torch.no_grad():
+            rows = local(matrix)
+            local(w).copy_(rows[:, :k].reshape(local(w).shape))
+            if bias is not None:
+                local(bias).copy_(rows[:, k])
+        return
+    matrix = gather(matrix)
+    write_full(w, from_rows(module, matrix[:, :k]))
+    if bias is not None:
+        write_full(bias, matrix[:, k])
+
+
+def _rows_aligned(module: nn.Module, matrix: Tensor) -> bool:
+    """Whether each rank's rows of a sharded ``matrix`` are exactly the rows of its weight (and bias) shard."""
+    tensors = [_weight(module)] + ([cast(Tensor, module.bias)] if has_bias(module) else [])
+    placements = matrix.placements  # type: ignore[attr-defined]
+    return (
+        not is_hf_conv1d(module)  # its weight's dim 0 is the input, not the rows
+        and all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in placements)
+        and all(
+            is_sharded(t) and t.device_mesh == matrix.device_mesh and t.placements == placements  # type: ignore[attr-defined]
+            for t in tensors
+        )
+    )
 
 
 # --------------------------------------------------------------------------- #

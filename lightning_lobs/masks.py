@@ -15,6 +15,16 @@ original architecture (no ``weight_orig``, no ``parametrizations.*`` keys). Inst
    decoupled weight decay;
 3. at attach time the optimizer state at pruned positions and any existing ``.grad``
    at pruned positions are zeroed and the masks are applied to the weights.
+
+Sharded weights (``torch.distributed.fsdp.fully_shard``, FSDP2: parameters are ``DTensor`` objects) get
+masks sharded like them: a full mask given for a sharded weight is cut into the same
+``DTensor`` layout (same mesh and placements) when first enforced, each rank keeping only its
+slice, so every rank must hold the same full mask (as the engine and a checkpoint give them).
+FSDP2 writes a sharded weight's gradient after the backward's reduce-scatter, never through
+autograd, so the gradient hook of a sharded weight is a post-accumulate-grad hook (FSDP2 calls
+those) that zeroes the pruned entries of ``.grad`` in place. Everything that reads a sharded mask
+as a whole (:meth:`MaskSet.state_dict`, :meth:`MaskSet.sparsity`, :func:`model_sparsity`) gathers
+it across the ranks: a collective, so it runs on every rank, in the same order.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .attention import mask_weight_names
 from .layers import is_maskable
+from .sharding import count, gather, is_sharded, local, shard_like
 
 __all__ = ["MaskSet", "model_sparsity", "resolve_weight"]
 
@@ -64,6 +75,23 @@ def resolve_weight(model: nn.Module, name: str) -> Tensor:
     if not isinstance(weight, Tensor):
         raise KeyError(f"mask refers to module {name!r} ({type(module).__name__}), which has no 'weight' tensor")
     return weight
+
+
+def _laid_out_like(mask: Tensor, ref: Tensor) -> Tensor:
+    """``mask`` on ``ref``'s device and, when ``ref`` is sharded, sharded like it (same mesh and placements).
+
+    A full mask is cut locally (no communication: every rank holds the same full mask); a mask sharded
+    otherwise is redistributed (a collective).
+    """
+    if not is_sharded(ref):
+        return gather(mask).to(ref.device)
+    if is_sharded(mask):
+        if mask.device_mesh == ref.device_mesh and tuple(mask.placements) == tuple(ref.placements):
+            return mask if mask.device == ref.device else mask.to(ref.device)
+        if mask.device_mesh == ref.device_mesh:
+            return mask.redistribute(ref.device_mesh, ref.placements)
+        mask = mask.full_tensor()
+    return shard_like(mask, ref)  # each rank keeps a copy of its slice, not a view holding the whole mask
 
 
 def _check_shape(name: str, mask: Tensor, weight: Tensor) -> None:
@@ -142,10 +170,9 @@ class MaskSet:
         return iter(list(self.masks))
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(n_masks={len(self)}, total_sparsity={self.total_sparsity():.4f}, "
-            f"attached={self.attached})"
-        )
+        # Sharded masks are counted by a collective, which a repr on one rank must not start.
+        sparsity = "sharded" if self.sharded else f"{self.total_sparsity():.4f}"
+        return f"{type(self).__name__}(n_masks={len(self)}, total_sparsity={sparsity}, attached={self.attached})"
 
     def _set_no_reattach(self, name: str, mask: Tensor) -> None:
         if not isinstance(name, str):
@@ -156,11 +183,11 @@ class MaskSet:
         mask = mask.clone() if mask.dtype == torch.bool else mask != 0
         self.masks[name] = mask
 
-    def _mask_on(self, name: str, device: torch.device) -> Tensor:
-        """Return the mask for ``name`` on ``device``, moving the stored copy if needed."""
+    def _mask_on(self, name: str, ref: Tensor) -> Tensor:
+        """Return the mask for ``name`` laid out like ``ref`` (its device; its shards when sharded), keeping that copy."""
         mask = self.masks[name]
-        if mask.device != device:
-            mask = mask.to(device)
+        if mask.device != ref.device or is_sharded(mask) or is_sharded(ref):
+            mask = _laid_out_like(mask, ref)
             self.masks[name] = mask
         return mask
 
@@ -174,7 +201,7 @@ class MaskSet:
         weights = self._resolve_all(model)
         with torch.no_grad():
             for name, weight in weights.items():
-                weight.masked_fill_(~self._mask_on(name, weight.device), 0.0)
+                local(weight).masked_fill_(~local(self._mask_on(name, weight)), 0.0)
 
     def _resolve_all(self, model: nn.Module) -> dict[str, Tensor]:
         weights: dict[str, Tensor] = {}
@@ -199,6 +226,9 @@ class MaskSet:
 
         Attaching while attached first detaches, so hooks are never registered twice;
         re-attach after e.g. a checkpoint resume that created new optimizers.
+
+        A sharded weight (``DTensor``) gets its mask cut like it, and a post-accumulate-grad hook instead of a
+        gradient hook (see the module docstring); every rank attaches, each enforcing its own shard.
         """
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
@@ -216,10 +246,10 @@ class MaskSet:
 
         with torch.no_grad():
             for name, weight in weights.items():
-                pruned = ~self._mask_on(name, weight.device)
-                weight.masked_fill_(pruned, 0.0)
+                pruned = ~local(self._mask_on(name, weight))
+                local(weight).masked_fill_(pruned, 0.0)
                 if weight.grad is not None and weight.grad.layout == torch.strided:
-                    weight.grad.masked_fill_(pruned, 0.0)
+                    local(weight.grad).masked_fill_(~local(_laid_out_like(self.masks[name], weight.grad)), 0.0)
             n_state = self._zero_optimizer_state(weights)
         log.debug(
             "MaskSet attached: %d masks, %d optimizers, %d optimizer state tensors masked",
@@ -240,13 +270,15 @@ class MaskSet:
         try:
             for name, weight in weights.items():
                 if weight.requires_grad:
-                    handles.append(weight.register_hook(self._make_grad_hook(name)))
+                    handles.append(self._grad_hook_on(name, weight))
                 else:
                     # Frozen now (e.g. a backbone that BackboneFinetuning unfreezes later): a tensor hook cannot be
                     # registered yet, so a forward pre-hook registers it at the first forward after the unfreeze,
                     # before that forward's backward, and then removes itself.
                     owner, attr = _weight_path(model, name)
-                    handle = owner.register_forward_pre_hook(self._make_unfreeze_hook(name, attr))
+                    # A sharded weight is swapped for its gathered copy during FSDP2's forward: hook the shard itself.
+                    shard = weight if is_sharded(weight) else None
+                    handle = owner.register_forward_pre_hook(self._make_unfreeze_hook(name, attr, shard))
                     unfreeze[name] = handle
                     handles.append(handle)
             for opt in opts:
@@ -259,7 +291,7 @@ class MaskSet:
 
     def _zero_optimizer_state(self, weights: Mapping[str, Tensor]) -> int:
         """Zero state tensors shaped like a masked weight at pruned positions; return the count."""
-        count = 0
+        n_zeroed = 0
         for opt in self._optimizers:
             for name, weight in weights.items():
                 state = opt.state.get(weight)
@@ -270,24 +302,38 @@ class MaskSet:
                         isinstance(value, Tensor)
                         and value.layout == torch.strided
                         and tuple(value.shape) == tuple(weight.shape)
-                    ):
-                        mask = self.masks[name]
-                        if mask.device != value.device:
-                            mask = mask.to(value.device)
-                        value.masked_fill_(~mask, 0)
-                        count += 1
-        return count
+                    ):  # AdamW's state of a sharded weight is sharded like it (DTensor): each rank zeroes its part
+                        local(value).masked_fill_(~local(_laid_out_like(self.masks[name], value)), 0)
+                        n_zeroed += 1
+        return n_zeroed
 
     def _make_grad_hook(self, name: str):  # noqa: ANN202 - closure
         def hook(grad: Tensor) -> Tensor:
-            mask = self._mask_on(name, grad.device)
+            mask = self._mask_on(name, grad)
             return torch.where(mask, grad, 0.0)
 
         return hook
 
-    def _make_unfreeze_hook(self, name: str, attr: str = "weight"):  # noqa: ANN202 - closure
+    def _grad_hook_on(self, name: str, weight: Tensor) -> RemovableHandle:
+        """The hook that zeroes the pruned entries of ``weight``'s gradients.
+
+        A sharded weight's gradient never passes through autograd (FSDP2 reduce-scatters the gathered copy's
+        gradient and writes ``.grad`` of the shard), so its hook runs after the gradient lands in ``.grad``.
+        """
+        if not is_sharded(weight):
+            return weight.register_hook(self._make_grad_hook(name))
+
+        def zero_pruned_grad(param: Tensor) -> None:
+            grad = param.grad
+            if grad is not None and grad.layout == torch.strided:
+                with torch.no_grad():
+                    local(grad).masked_fill_(~local(_laid_out_like(self.masks[name], grad)), 0.0)
+
+        return weight.register_post_accumulate_grad_hook(zero_pruned_grad)
+
+    def _make_unfreeze_hook(self, name: str, attr: str = "weight", shard: Tensor | None = None):  # noqa: ANN202
         def hook(module: nn.Module, args: Any) -> None:
-            weight = getattr(module, attr)
+            weight = getattr(module, attr) if shard is None else shard
             if not (isinstance(weight, Tensor) and weight.requires_grad):
                 return
             own = self._unfreeze.pop(name, None)
@@ -295,7 +341,7 @@ class MaskSet:
                 return
             self._handles.remove(own)
             own.remove()  # safe inside the hook: Module.__call__ iterates over a copy of its hooks
-            self._handles.append(weight.register_hook(self._make_grad_hook(name)))
+            self._handles.append(self._grad_hook_on(name, weight))
 
         return hook
 
@@ -306,7 +352,7 @@ class MaskSet:
         with torch.no_grad():
             for name in self.masks:
                 weight = resolve_weight(model, name)
-                weight.masked_fill_(~self._mask_on(name, weight.device), 0.0)
+                local(weight).masked_fill_(~local(self._mask_on(name, weight)), 0.0)
 
     def _reattach(self) -> None:
         assert self._model is not None
@@ -333,8 +379,9 @@ class MaskSet:
 
     # ------------------------------------------------------------------ (de)serialization
     def state_dict(self) -> dict[str, Tensor]:
-        """Return ``{name: bool CPU tensor}`` copies of all masks."""
-        return {name: mask.detach().to("cpu", copy=True) for name, mask in self.masks.items()}
+        """Return ``{name: bool CPU tensor}`` copies of all masks, whole: sharded masks are gathered (a collective:
+        with sharded masks every rank calls it, as Lightning does when it saves a checkpoint)."""
+        return {name: gather(mask.detach()).to("cpu", copy=True) for name, mask in self.masks.items()}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Replace all masks with those in ``state`` (re-enforcing them if attached)."""
@@ -362,7 +409,7 @@ class MaskSet:
         return masks
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled / deep-copied mask sets are detached copies: hooks do not travel.
+        # Pickled / deep-copied mask sets are detached copies of the whole masks: hooks (and shards) do not travel.
         return {"masks": self.state_dict()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -371,18 +418,22 @@ class MaskSet:
 
     # ------------------------------------------------------------------ statistics
     def sparsity(self) -> dict[str, float]:
-        """Return ``{name: fraction of pruned (False) entries}``."""
-        return {
-            name: (1.0 - mask.sum().item() / mask.numel()) if mask.numel() else 0.0 for name, mask in self.masks.items()
-        }
+        """Return ``{name: fraction of pruned (False) entries}`` (over every shard: with sharded masks, every rank
+        calls it)."""
+        return {name: (1.0 - count(mask) / mask.numel()) if mask.numel() else 0.0 for name, mask in self.masks.items()}
 
     def total_sparsity(self) -> float:
-        """Fraction of pruned entries over all masked elements (0.0 when empty)."""
+        """Fraction of pruned entries over all masked elements (0.0 when empty; a collective with sharded masks)."""
         total = sum(mask.numel() for mask in self.masks.values())
         if total == 0:
             return 0.0
-        kept = sum(int(mask.sum().item()) for mask in self.masks.values())
+        kept = sum(count(mask) for mask in self.masks.values())
         return 1.0 - kept / total
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any mask is held as shards (laid out like a ``fully_shard`` weight)."""
+        return any(is_sharded(mask) for mask in self.masks.values())
 
     @classmethod
     def from_model(cls, model: nn.Module, names: Iterable[str] | None = None) -> MaskSet:
@@ -397,9 +448,9 @@ class MaskSet:
 
 
 def model_sparsity(model: nn.Module, names: Iterable[str]) -> dict[str, float]:
-    """Return the fraction of exact zeros in each named module's weight."""
+    """Return the fraction of exact zeros in each named module's weight (every shard's: a collective when sharded)."""
     result: dict[str, float] = {}
     for name in names:
         weight = resolve_weight(model, name).detach()
-        result[name] = (weight == 0).sum().item() / weight.numel() if weight.numel() else 0.0
+        result[name] = count(weight == 0) / weight.numel() if weight.numel() else 0.0
     return result

@@ -1,4 +1,14 @@
-"""Memory estimates made before calibration, so a too-big layer fails early with advice."""
+"""Memory estimates made before calibration, so a too-big layer fails early with advice.
+
+The promise for a model sharded by ``fully_shard`` (FSDP2), per rank: its shards (the pruned layers' up to three
+times: the model's, the transaction's copy that undoes a failed prune, and the report's copy of the pruned weights
+while it compares dense and pruned outputs), plus the Hessians, plus ONE whole layer at a time: its gathered weight
+and its solution (and the solver's workspace on the rank that solves it). The Hessians are every selected
+layer's in the one-pass pipeline (each rank accumulates its own batches' sums for all of them before they are
+reduced) and one at a time with ``sequential=True``. :func:`layer_memory` counts the gathered layer; like the
+unsharded check, :func:`check_budget` counts the prune's work memory (Hessians and solve), not the copies of the
+weights.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +39,13 @@ def layer_memory(
     solve_dtype: torch.dtype,
     exact_max_bytes: int,
     refit: bool = True,
+    gathered: bool = False,
 ) -> LayerMemory:
     """Estimate the memory of calibrating and solving one layer with ``method``.
 
     ``refit``: whether ``lobs``/``fast`` may refit the kept weights (``SolverOptions.refit`` not False).
+    ``gathered``: the layer's weight is sharded (``fully_shard``), so solving it first gathers it whole and then
+    receives its whole solution on every rank: two ``rows x matrix_cols`` matrices in the weight's dtype on top.
     """
     shape = describe_layer(module)
     g, d, rows = shape.groups, shape.matrix_cols, shape.rows
@@ -58,6 +71,8 @@ def layer_memory(
             # The refit of the kept weights: batched (kept x kept) systems and their Cholesky factors,
             # rows chunked so that three such words per entry fit in max_memory_bytes.
             extra += min(exact_max_bytes, 2 * rows * square)
+    if gathered:
+        extra += 2 * rows * d * torch.empty((), dtype=module.weight.dtype).element_size()
     return LayerMemory(name, hessian, base + extra)
 
 

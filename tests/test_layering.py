@@ -32,6 +32,7 @@ LEVELS: dict[str, int] = {
     "_lightning": 0,
     "_deprecated": 0,  # the helper behind the shims' module __getattr__
     "attention": 1,
+    "sharding": 1,  # DTensor helpers (fully_shard parameters): torch only
     "layers": 2,
     "hessian": 3,
     "solvers": 3,

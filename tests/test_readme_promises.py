@@ -103,6 +103,11 @@ non-PD Hessian: tenfold damping with a warning until it is (options.md)   ::test
 any failure restores weights, BN statistics, modes; no hooks (options.md)  test_api.py::test_failure_mid_pruning_restores_everything, test_engine_against_references.py::test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation
 DDP result equals one process on all batches (lightning.md)               test_distributed.py::test_ddp_matches_single_process_on_union_of_batches
 sharded strategies refused: use ddp or prune_model (lightning.md)         test_distributed.py::test_sharded_strategies_refused_in_setup, ::test_sharded_strategies_are_refused_naming_ddp_and_prune_model
+FSDP1, XLA FSDP, DeepSpeed refused with the reason (README, lightning.md)  test_fsdp_lightning.py::test_flat_sharding_strategies_refused_with_reason_and_what_works
+FSDP2 prune equals one process; masks DTensors (README, lightning.md)      test_fsdp_lightning.py::test_lobs_pruning_under_model_parallel_matches_one_process, test_fsdp_lightning.py::test_masks_are_sharded_like_their_weights
+FSDP2: AdamW keeps exact zeros, sparsity of every shard (lightning.md)    test_fsdp_lightning.py::test_adamw_keeps_exact_zeros_on_sharded_weights, test_fsdp_lightning.py::test_state_dict_is_whole_and_round_trips
+FSDP2 checkpoints, dcp or full, resume masks exactly (README, lightning.md)  test_fsdp_lightning.py::test_masks_held_and_checkpointed_under_model_parallel
+tensor parallelism and save_sparse refused under FSDP2 (lightning.md)     test_fsdp_lightning.py::test_model_parallel_accepted_without_tensor_parallelism
 conv inputs unfolded in bounded chunks (lightning.md)                     test_scale.py::test_chunked_conv_calibration_is_bounded_and_gives_the_same_pruning, test_hessian.py::test_chunking_matches_unchunked_large_batch
 position_stride subsamples conv positions (lightning.md)                  test_scale.py::test_position_stride_subsamples_conv_patches
 solves spread largest first onto the least loaded rank (lightning.md)     test_distributed.py::test_assign_layers_lpt_example_and_determinism, test_distributed.py::test_ddp_layer_solves_are_spread_over_ranks

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..allocation import LayerCosts, allocate_targets, check_floors, removal_levels
 from ..config import GlobalAllocation, SolverOptions
 from ..solvers import GreedyTrace, Tick, error_curve, greedy_trace, obs_scores, output_energy
-from .collective import broadcast_costs, fail_together
+from .collective import broadcast_costs, fail_together, gather_layer
 from .context import RunContext
 from .estimates import allocation_work
 from .records import LayerPlan, Plan
@@ -96,7 +96,7 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
         ranges[n] = removal_levels(layer.rows, layer.weight_cols, priors[n], min_kept, config)
     values: dict[str, Tensor] = {}  # exact / one-pass: per-weight costs (rows, d); curve: errors at the levels
     for n in order:
-        layer = plan.layers[n]
+        layer = gather_layer(plan.layers[n])  # a sharded (fully_shard) layer's weights gathered: every rank, in order
         curve = use_curve and layer.method != "exact"
         tick = lambda f, n=n: progress(n, min(f, 1.0 - 1e-9))  # noqa: E731 - 1.0 only when done
         progress(n, 0.0)
@@ -112,6 +112,7 @@ def _targets(  # noqa: PLR0913 - the allocate stage's inputs, split out to keep 
                 values[n] = torch.zeros(
                     (len(ranges[n][1]),) if curve else (layer.rows, layer.weight_cols), dtype=torch.float64
                 )
+        del layer  # a gathered one, before the next layer's gather
         progress(n, 1.0)
     values = broadcast_costs(values, owners, ctx.rank, ctx.device)
     costs = {

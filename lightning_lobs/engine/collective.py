@@ -8,7 +8,8 @@ whose results :func:`share_solution` broadcasts from their owner).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -16,26 +17,79 @@ from torch import Tensor, nn
 from ..batchnorm import batchnorm_modules
 from ..distributed import RankInfo, broadcast_floats, broadcast_tensors, fail_together
 from ..hessian import HessianCollector
-from .records import Solution
+from ..layers import to_rows, weight_matrix
+from ..sharding import gather, is_sharded, shard_like, shard_rows_like
+from .records import LayerPlan, Solution
 
 __all__ = [
     "all_reduce_batchnorm",
     "broadcast_buffers",
     "broadcast_costs",
+    "dense_matrices",
     "fail_together",
+    "gather_layer",
     "reduce_calibration",
     "reduce_errors",
     "share_solution",
 ]
 
 
-def share_solution(solved: Solution, owner: int, rank: RankInfo, device: torch.device) -> Solution:
-    """Broadcast one layer's solve from its owner rank (no-op in a single process)."""
-    if not rank.active:
+def share_solution(
+    solved: Solution, owner: int, rank: RankInfo, device: torch.device, like: nn.Module | None = None
+) -> Solution:
+    """Broadcast one layer's solve from its owner rank (no-op in a single process).
+
+    With ``like`` a layer whose weight is sharded (``fully_shard``), every rank keeps only its slice: the matrix
+    sharded by rows and the mask sharded like the weight (:func:`lightning_lobs.sharding.shard_like`), so solutions
+    never add up to a whole model on any rank.
+    """
+    if rank.active:
+        matrix, mask = broadcast_tensors([solved.matrix.to(device), solved.mask.to(device)], owner, rank)
+        values = broadcast_floats([float(getattr(solved, k)) for k in Solution.FLOATS], owner, rank, device)
+        solved = Solution(matrix, mask, *values)
+    weight = None if like is None else like.weight
+    if not is_sharded(weight):
         return solved
-    matrix, mask = broadcast_tensors([solved.matrix.to(device), solved.mask.to(device)], owner, rank)
-    values = broadcast_floats([float(getattr(solved, k)) for k in Solution.FLOATS], owner, rank, device)
-    return Solution(matrix, mask, *values)
+    matrix = shard_rows_like(solved.matrix, weight)
+    return replace(solved, matrix=matrix, mask=shard_like(solved.mask.to(torch.bool), weight))
+
+
+def gather_layer(layer: LayerPlan) -> LayerPlan:
+    """The layer with its whole matrix when its weight is sharded: a collective, so every rank
+    calls it for the same layers in the same order; the plan itself holds none of them (see
+    :func:`~lightning_lobs.engine.plan.layer_plan`). An unsharded layer is returned as it is."""
+    if not is_sharded(layer.module.weight):
+        return layer
+    return replace(layer, dense=weight_matrix(layer.module))
+
+
+class _GatheredDense(Mapping):
+    """Sharded layers' matrices before the prune, each gathered from the transaction's snapshot when read."""
+
+    def __init__(self, layers: Mapping[str, LayerPlan], snapshot: Mapping[str, tuple[Tensor, Tensor | None]]) -> None:
+        self.layers, self.snapshot = layers, snapshot
+
+    def __getitem__(self, name: str) -> Tensor:
+        layer = self.layers[name]
+        if not is_sharded(layer.module.weight):
+            return layer.dense
+        weight, bias = self.snapshot[name]
+        mat = to_rows(layer.module, gather(weight))
+        return mat if bias is None else torch.cat([mat, gather(bias).reshape(-1, 1).to(mat.dtype)], dim=1)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def dense_matrices(
+    layers: Mapping[str, LayerPlan], snapshot: Mapping[str, tuple[Tensor, Tensor | None]]
+) -> Mapping[str, Tensor]:
+    """Every layer's matrix before the prune: :attr:`LayerPlan.dense`, or for a sharded layer gathered from
+    ``snapshot`` (the transaction's copy of its shards) when read, one at a time (a collective per read)."""
+    return _GatheredDense(layers, snapshot)
 
 
 def broadcast_buffers(model: nn.Module, rank: RankInfo) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..batchnorm import batchnorm_state, load_batchnorm_state
 from ..layers import set_weight_matrix
 from ..masks import MaskSet, resolve_weight
+from ..sharding import local
 from .context import RunContext
 from .records import Solved
 
@@ -103,9 +104,10 @@ class _MaskSetState:
                     for v in (opt.state.get(weight) or {}).values()
                     if isinstance(v, Tensor) and v.layout == torch.strided and v.shape == weight.shape
                 ]
-            for t in tensors:
-                where = pruned.to(t.device)
-                self.zeroed.append((t, where, t[where].clone()))
+            for t in tensors:  # sharded ones (fully_shard) shard by shard: the mask is sharded like its weight
+                t, where = local(t), local(pruned).to(t.device)
+                if where.shape == t.shape:
+                    self.zeroed.append((t, where, t[where].clone()))
 
     def restore(self) -> None:
         if not self.written:
@@ -122,7 +124,8 @@ class _MaskSetState:
 
 
 def param_state(modules: Mapping[str, nn.Module]) -> ParamState:
-    """Copies of each module's weight and bias, for :func:`load_params`."""
+    """Copies of each module's weight and bias, for :func:`load_params` (of a sharded one, this rank's shard: a
+    ``DTensor``'s clone copies its local shard only)."""
     return {
         n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for n, m in modules.items()
     }

@@ -14,6 +14,7 @@ from ..layers import channel_last_perm, describe_layer, has_bias, num_groups, so
 from ..masks import MaskSet
 from ..resources import check_budget, layer_memory
 from ..selection import check_prior_masks, select_layers
+from ..sharding import gather, is_sharded, mesh_size
 from .collective import broadcast_buffers, fail_together
 from .context import RunContext
 from .forward import eval_no_grad, output_heads
@@ -60,15 +61,25 @@ def samples_in(module: nn.Module, x: Tensor) -> int:
 def layer_plan(
     name: str, module: nn.Module, target: float, method: str, nm: NMPattern | None, prior: Tensor | None
 ) -> LayerPlan:
-    """One layer's plan, its shape facts read from the module; ``prior`` in the weight's layout."""
+    """One layer's plan, its shape facts read from the module; ``prior`` in the weight's layout.
+
+    A weight sharded by ``fully_shard`` is not copied: ``dense`` is then a meta tensor of the matrix's shape (no
+    data) and the solve gathers the weights one layer at a time (:func:`~lightning_lobs.engine.collective.gather_layer`).
+    """
+    weight = module.weight
+    if is_sharded(weight):
+        shape = describe_layer(module)
+        dense = torch.empty((shape.rows, shape.matrix_cols), dtype=weight.dtype, device="meta")
+    else:
+        dense = weight_matrix(module)
     return LayerPlan(
         name=name,
         module=module,
         method=resolve_method(method, module),
         target=target,
-        dense=weight_matrix(module),
+        dense=dense,
         perm=channel_last_perm(module) if nm else None,
-        prior=None if prior is None else to_rows(module, prior.to(module.weight.device)),
+        prior=None if prior is None else to_rows(module, prior.to(weight.device)),
         groups=num_groups(module),
         bias_column=has_bias(module),
     )
@@ -92,6 +103,7 @@ def make_plan(ctx: RunContext) -> Plan:
         warnings.warn(
             f"{ctx.empty_batches} calibration batch(es) had no samples and were left out.", UserWarning, stacklevel=4
         )
+    check_sharding(ctx)
     heads: dict[str, str] = {}
     if not opts.prune_head:
         with eval_no_grad(ctx.model):
@@ -103,8 +115,8 @@ def make_plan(ctx: RunContext) -> Plan:
     priors = MaskSet()  # by layer name: an attention projection's block of its Parameter's mask
     for n in selection.targets:
         prior = _attention.prior_mask(modules[n], n, ctx.masks.masks)
-        if prior is not None:
-            priors.masks[n] = prior
+        if prior is not None:  # a sharded one gathered (a collective): the checks and the allocation read it whole
+            priors.masks[n] = gather(prior)
     check_prior_masks(priors, {n: modules[n] for n in selection.targets}, selection.targets, opts)
     layers = {
         n: layer_plan(n, modules[n], target, opts.method, ctx.nm, priors.get(n))
@@ -114,6 +126,26 @@ def make_plan(ctx: RunContext) -> Plan:
     check_memory(ctx, layers)
     broadcast_buffers(ctx.model, ctx.rank)
     return Plan(layers=layers, explicit=frozenset(selection.explicit), skipped=dict(selection.skipped))
+
+
+def check_sharding(ctx: RunContext) -> None:
+    """A model with ``fully_shard`` (``DTensor``) weights is pruned by every rank of its group together, and has
+    no sharded ``nn.MultiheadAttention`` (its projections are row blocks of one Parameter, not gathered whole)."""
+    sharded = [(n, m) for n, m in ctx.model.named_modules() if any(is_sharded(p) for p in m.parameters(recurse=False))]
+    attention = [n for n, m in sharded if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        raise ValueError(
+            f"the nn.MultiheadAttention modules {attention} have sharded (fully_shard) parameters, whose q/k/v "
+            "projections this release does not prune; prune the model before sharding it, or use DDP."
+        )
+    if sharded and not ctx.rank.active:
+        size = max(mesh_size(p) for _, m in sharded for p in m.parameters(recurse=False))
+        if size > 1:
+            raise ValueError(
+                f"layers {[n for n, _ in sharded[:3]]} have parameters sharded over {size} ranks (fully_shard), but "
+                "this prune runs in one process: call it on every rank of the process group, with "
+                "rank=RankInfo.current() (prune_model does so by itself)."
+            )
 
 
 def check_finite_parameters(model: nn.Module) -> None:
@@ -156,6 +188,7 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
             solver.dtype,
             solver.max_memory_bytes,
             solver.refit is not False,
+            gathered=is_sharded(l.module.weight),
         )
         for n, l in layers.items()
     }

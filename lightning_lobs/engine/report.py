@@ -15,8 +15,9 @@ from ..batchnorm import batchnorm_state, load_batchnorm_state, recalibrate_batch
 from ..checks import add_note
 from ..distributed import RankInfo
 from ..layers import weight_matrix
+from ..sharding import any_sharded, count
 from ..solvers import Tick
-from .collective import all_reduce_batchnorm, reduce_errors
+from .collective import all_reduce_batchnorm, dense_matrices, reduce_errors
 from .commit import ParamState, Transaction, load_params, param_state
 from .context import RunContext
 from .forward import eval_no_grad, model_device
@@ -52,7 +53,8 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
     errors: dict[str, float] = {}
     for n in order:
         weight = layers[n].module.weight.detach()
-        if bool((weight[~solved.solutions[n].mask.to(weight.device)] != 0).any()):  # the model must hold the masks
+        pruned = weight.masked_fill(solved.solutions[n].mask.to(weight.device), 0.0)  # DTensors too (fully_shard)
+        if count(pruned != 0):  # the model must hold the masks
             raise AssertionError(
                 f"layer '{n}': pruned positions are not zero after the commit; please report this bug."
             )
@@ -74,7 +76,7 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
             ctx.rank,
             lambda f: ctx.progress.advance("measure", f),
         )
-        dense = {n: layers[n].dense for n in order} if ctx.options.sequential else None
+        dense = dense_matrices({n: layers[n] for n in order}, tx.params) if ctx.options.sequential else None
         fro, spec, note, norms = bound(ctx.model, modules, d_terms, example, bn_recalibrated, dense)
     ctx.progress.step("measure", "")
     measured = Measurement(outputs, out_err, model_err, norms, fro, spec, note)
@@ -95,7 +97,7 @@ def _prune_report(
             shape=tuple(weight.shape),
             method=layer.method,
             target_sparsity=layer.target,
-            sparsity=float((weight == 0).sum()) / max(weight.numel(), 1),
+            sparsity=count(weight == 0) / max(weight.numel(), 1),
             layer_error=errors[n],
             d_term=d_terms[n],
             norm_frobenius=norms[0],
@@ -106,7 +108,7 @@ def _prune_report(
             output_error=measured.output_errors[n],
         )
     weights = [solved.plan.layers[n].module.weight for n in solved.order]
-    zeros = sum(int((w == 0).sum()) for w in weights)
+    zeros = sum(count(w == 0) for w in weights)  # over every shard (fully_shard) too
     counts = parameter_counts(ctx.model)
     return PruneReport(
         layers=reports,
@@ -132,10 +134,10 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
     params = list(model.parameters())  # unique: tied parameters appear once
     weights = [p for p in params if p.dim() >= 2]
     total_w = sum(p.numel() for p in weights)
-    zeros_w = sum(int((p.detach() == 0).sum()) for p in weights)
+    zeros_w = sum(count(p.detach() == 0) for p in weights)
     return {
         "model_sparsity": zeros_w / total_w if total_w else float("nan"),
-        "nonzero_parameters": sum(int((p.detach() != 0).sum()) for p in params),
+        "nonzero_parameters": sum(count(p.detach() != 0) for p in params),
         "total_parameters": sum(p.numel() for p in params),
     }
 
@@ -252,6 +254,8 @@ def bound(
             "dense network's BatchNorm; pass recalibrate_bn=False to get it)",
             {},
         )
+    if any_sharded(m.weight for m in modules.values()):
+        return nan, nan, "bound not applicable: torch.fx cannot trace fully_shard (FSDP2) modules", {}
     order = list(modules)
     chain = _bounds.analyze_chain(model, order, example_input=example)
     if not chain.is_chain:
@@ -260,6 +264,7 @@ def bound(
     for n in order:
         W = dense[n] if dense is not None else weight_matrix(modules[n])
         norms[n] = (_bounds.operator_norm(modules[n], W, "frobenius"), _bounds.operator_norm(modules[n], W, "spectral"))
+        del W  # a gathered one (fully_shard), before the next layer's gather
     terms = [_bounds.LayerTerm(n, d_terms[n], *norms[n]) for n in order]
     fro, spec = _bounds.error_bound(terms, chain)
     return fro, spec, "", norms

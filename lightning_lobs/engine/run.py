@@ -52,7 +52,7 @@ def prune(
         raise TypeError(
             f"options must be a PruneOptions, got {type(options).__name__}; build one with PruneOptions(sparsity=..., ...)."
         )
-    ctx = RunContext.build(model, list(batches), options, masks, rank or RankInfo(), progress)
+    ctx = RunContext.build(model, list(batches), options, masks, rank or RankInfo.for_model(model), progress)
     return run(ctx, on_commit)
 
 

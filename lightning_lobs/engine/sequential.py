@@ -15,7 +15,7 @@ from torch import Tensor
 from ..layers import set_weight_matrix
 from .allocate import allocate
 from .calibrate import calibrate, drop_uncalled
-from .collective import fail_together, share_solution
+from .collective import fail_together, gather_layer, share_solution
 from .context import RunContext
 from .records import Plan, Solution, Solved
 from .solve import begin_solve, solve_owned
@@ -46,9 +46,11 @@ def run_sequential(ctx: RunContext, plan: Plan) -> Solved:
     for n in order:
         calibrate_one(n)  # on the network pruned up to here
         t0 = time.perf_counter()
+        layer = gather_layer(plan.layers[n])  # a sharded layer's weights gathered (fully_shard): every rank
         with fail_together(ctx.rank, ctx.device, f"solving layer '{n}'"):
-            solved = solve_owned(ctx, plan.layers[n], hessians[n], None, owners[n])
-        solved = share_solution(solved, owners[n], ctx.rank, ctx.device)
+            solved = solve_owned(ctx, layer, hessians[n], None, owners[n])
+        solved = share_solution(solved, owners[n], ctx.rank, ctx.device, like=layer.module)
+        del layer
         set_weight_matrix(plan.layers[n].module, solved.matrix)
         ctx.timings.solve += time.perf_counter() - t0
         solutions[n] = solved

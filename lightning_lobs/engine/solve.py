@@ -11,13 +11,14 @@ from torch import Tensor
 
 from ..config import NMPattern, SolverOptions
 from ..layers import from_rows
+from ..sharding import is_sharded
 from ..solvers import GreedyTrace, Tick, solve_layer
-from .collective import fail_together, share_solution
+from .collective import fail_together, gather_layer, share_solution
 from .context import RunContext
 from .estimates import solve_work
 from .records import LayerPlan, Plan, Solution
 
-__all__ = ["begin_solve", "solve_all", "solve_one", "solve_owned"]
+__all__ = ["begin_solve", "solve_all", "solve_one", "solve_owned", "solve_sharded"]
 
 
 def begin_solve(ctx: RunContext, plan: Plan, order: Sequence[str], traces: Mapping[str, GreedyTrace]) -> None:
@@ -39,6 +40,8 @@ def solve_all(
     Nothing is written into the model (the commit does that, once every solve succeeded).
     """
     begin_solve(ctx, plan, order, traces)
+    if any(is_sharded(plan.layers[n].module.weight) for n in order):
+        return solve_sharded(ctx, plan, order, owners, hessians, traces)
     solved: dict[str, Solution] = {}
     with fail_together(ctx.rank, ctx.device, "solving the layers"):
         for n in order:
@@ -52,14 +55,38 @@ def solve_all(
     return shared
 
 
+def solve_sharded(
+    ctx: RunContext,
+    plan: Plan,
+    order: Sequence[str],
+    owners: Mapping[str, int],
+    hessians: Mapping[str, Tensor],
+    traces: dict[str, GreedyTrace],
+) -> dict[str, Solution]:
+    """:func:`solve_all` for a model with ``fully_shard`` weights: one layer at a time, every rank gathers its
+    weight, the owner solves, the result is broadcast and each rank keeps only its shard of it, so no rank holds
+    more than one whole layer (and its solution) at once."""
+    shared: dict[str, Solution] = {}
+    for n in order:
+        t0 = time.perf_counter()
+        layer = gather_layer(plan.layers[n])  # a collective: every rank, in order
+        with fail_together(ctx.rank, ctx.device, f"solving layer '{n}'"):
+            solved = solve_owned(ctx, layer, hessians[n], traces.pop(n, None), owners[n])
+        shared[n] = share_solution(solved, owners[n], ctx.rank, ctx.device, like=layer.module)
+        del layer, solved  # the whole matrices, before the next layer's
+        ctx.timings.solve += time.perf_counter() - t0
+        ctx.progress.step(n, n)
+    return shared
+
+
 # ---- THE RANK LOOP's body: the one place that decides who solves a layer.
 def solve_owned(ctx: RunContext, layer: LayerPlan, hessian: Tensor, trace: GreedyTrace | None, owner: int) -> Solution:
     """The layer's solution on its owner rank; elsewhere a placeholder of the right shapes that
     :func:`~lightning_lobs.engine.collective.share_solution` fills in from the owner."""
     if owner != ctx.rank.rank:
-        return Solution(
-            torch.zeros_like(layer.dense), torch.ones_like(layer.module.weight, dtype=torch.bool), 0.0, 0.0, 0.0
-        )
+        dense = layer.dense
+        mask = torch.ones(layer.module.weight.shape, dtype=torch.bool, device=dense.device)
+        return Solution(torch.zeros_like(dense), mask, 0.0, 0.0, 0.0)
     n = layer.name
     tick = lambda f: ctx.progress.advance(n, min(f, 1.0 - 1e-9), n)  # noqa: E731
     solved = solve_one(layer, hessian, ctx.nm, ctx.solver, trace, tick)
