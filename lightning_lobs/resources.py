@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ def layer_memory(
             # rows chunked so that three such words per entry fit in max_memory_bytes.
             extra += min(exact_max_bytes, 2 * rows * square)
     if gathered:
-        extra += 2 * rows * d * torch.empty((), dtype=module.weight.dtype).element_size()
+        extra += 2 * rows * d * torch.empty((), dtype=cast(torch.Tensor, module.weight).dtype).element_size()
     return LayerMemory(name, hessian, base + extra)
 
 

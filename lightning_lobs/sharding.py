@@ -13,6 +13,7 @@ through unchanged, so callers need not tell the two apart.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +94,7 @@ def shard_rows_like(full: Tensor, like: Tensor) -> Tensor:
     return _distribute(full.to(like.device), like.device_mesh, placements)  # type: ignore[attr-defined]
 
 
-def _distribute(full: Tensor, mesh: object, placements: object) -> Tensor:
+def _distribute(full: Tensor, mesh: Any, placements: Any) -> Tensor:
     # contiguous: a transposed whole tensor (Conv1D's mask, say) would give the DTensor strides its shards lack
     full = full.contiguous()
     sliced = distribute_tensor(full, mesh, placements, src_data_rank=None)

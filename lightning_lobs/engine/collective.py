@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +48,8 @@ def share_solution(
         matrix, mask = broadcast_tensors([solved.matrix.to(device), solved.mask.to(device)], owner, rank)
         values = broadcast_floats([float(getattr(solved, k)) for k in Solution.FLOATS], owner, rank, device)
         solved = Solution(matrix, mask, *values)
-    weight = None if like is None else like.weight
-    if not is_sharded(weight):
+    weight = None if like is None else cast(Tensor, like.weight)
+    if weight is None or not is_sharded(weight):
         return solved
     matrix = shard_rows_like(solved.matrix, weight)
     return replace(solved, matrix=matrix, mask=shard_like(solved.mask.to(torch.bool), weight))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +67,7 @@ def layer_plan(
     A weight sharded by ``fully_shard`` is not copied: ``dense`` is then a meta tensor of the matrix's shape (no
     data) and the solve gathers the weights one layer at a time (:func:`~lightning_lobs.engine.collective.gather_layer`).
     """
-    weight = module.weight
+    weight = cast(Tensor, module.weight)
     if is_sharded(weight):
         shape = describe_layer(module)
         dense = torch.empty((shape.rows, shape.matrix_cols), dtype=weight.dtype, device="meta")
