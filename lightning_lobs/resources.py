@@ -77,11 +77,31 @@ def layer_memory(
     return LayerMemory(name, hessian, base + extra)
 
 
+def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """Linux's ``MemAvailable`` in bytes (free pages plus the page cache the kernel can drop), or None."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    value, unit = line.split()[1:3]
+                    return int(value) * 1024 if unit == "kB" else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def available_memory(device: torch.device) -> int | None:
-    """Free memory on ``device`` in bytes, or None when it cannot be told."""
+    """Memory on ``device`` a prune can still use, in bytes, or None when it cannot be told.
+
+    On the CPU this is Linux's ``MemAvailable``, not the free pages alone: on a machine whose page cache fills
+    the RAM the free pages are a small fraction of what can be had, and the budget check refused models that fit.
+    """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
+    available = mem_available()
+    if available is not None:
+        return available
     try:
         pages = os.sysconf("SC_AVPHYS_PAGES")
         size = os.sysconf("SC_PAGE_SIZE")

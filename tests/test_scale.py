@@ -463,3 +463,19 @@ def test_lobs_pruning_callback_on_resnet18():
     )
     assert math.isnan(report.bound) and math.isfinite(report.output_error)
     assert trainer.callback_metrics["lobs/sparsity"].item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_cpu_budget_reads_mem_available_not_free_pages(tmp_path):
+    # MemAvailable counts the page cache the kernel can drop; the free pages alone refused models that fit.
+    from lightning_lobs import resources
+
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:          150000 kB\nMemAvailable:    8300000 kB\n")
+    assert resources.mem_available(str(info)) == 8_300_000 * 1024
+    info.write_text("MemTotal:       24000000 kB\n")  # an old kernel without the field
+    assert resources.mem_available(str(info)) is None
+    assert resources.mem_available(str(tmp_path / "missing")) is None
+    real = resources.mem_available()
+    if real is not None:  # on Linux the CPU budget is MemAvailable itself
+        got = resources.available_memory(torch.device("cpu"))
+        assert got is not None and abs(got - real) <= 0.05 * real + 64 * 2**20  # the two reads are moments apart
