@@ -28,11 +28,11 @@ def layer_memory(
     hessian_dtype: torch.dtype,
     solve_dtype: torch.dtype,
     exact_max_bytes: int,
-    refit: bool = True,
+    refit: bool | None = None,
 ) -> LayerMemory:
     """Estimate the memory of calibrating and solving one layer with ``method``.
 
-    ``refit``: whether ``lobs``/``fast`` may refit the kept weights (``SolverOptions.refit`` not False).
+    ``refit``: ``SolverOptions.refit`` of ``lobs``/``fast``: True the direct refit, None the cheaper of it and CG.
     """
     shape = describe_layer(module)
     g, d, rows = shape.groups, shape.matrix_cols, shape.rows
@@ -54,10 +54,12 @@ def layer_memory(
         extra = 3 * chunk * square
     else:
         extra = 4 * rows * d * sbytes
-        if refit:
-            # The refit of the kept weights: batched (kept x kept) systems and their Cholesky factors,
-            # rows chunked so that three such words per entry fit in max_memory_bytes.
-            extra += min(exact_max_bytes, 2 * rows * square)
+        if refit is not False:
+            # The direct refit: batched (kept x kept) systems and their Cholesky factors, rows chunked so that three
+            # such words per entry fit in max_memory_bytes. refit=None uses it only on tiny layers (about 48 columns
+            # at most: under 100 rows x d words) and the CG refit's ten rows x d tensors elsewhere (solvers.core.refit_plan).
+            direct = min(exact_max_bytes, 2 * rows * square)
+            extra += direct if refit else min(direct, 100 * rows * d * sbytes)
     return LayerMemory(name, hessian, base + extra)
 
 

@@ -160,7 +160,7 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
             calibration.hessian_dtype,
             solver.dtype,
             solver.max_memory_bytes,
-            solver.refit is not False,
+            solver.refit,
         )
         for n, l in layers.items()
     }
