@@ -46,7 +46,7 @@ def resolve_method(method: str, module: nn.Module) -> str:
 
     ``auto`` never picks ``admm``: it has the lowest layer error on transformer layers, below ALPS's, but at 11-14x
     SparseGPT's time per layer (BENCHMARKS.md), and the default prune must stay within 1.5x SparseGPT's whole
-    pipeline (issue 19); ``fast`` with its CG refit takes about 2x SparseGPT's time for about half its error.
+    pipeline (issue 19); ``fast`` with its CG refit takes 1.6-2.7x SparseGPT's time for 0.5-0.8x its error.
     ``method="admm"`` is the tier for the lowest error.
     """
     if method != "auto":
