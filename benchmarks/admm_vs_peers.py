@@ -12,6 +12,9 @@ On the same weight and Hessian, one torch thread:
   ``'cuda:0'`` patched to ``'cpu'`` and its ``torch.cuda.synchronize()`` calls dropped when loading;
 * ``exact`` / ``fast``: ``solve_layer`` with the library defaults (``exact`` only on layers up to ``--exact-max``
   weights: it takes minutes beyond);
+* ``fast_sweep``: ``fast`` without the refit (``SolverOptions(refit=False)``: SparseGPT's sweep alone);
+* ``fast_before``: ``fast`` as 0.3.0 ran it, for before/after: the direct per-row refit where it cost at most 2e11
+  flops (``refit=True``), none elsewhere;
 * ``admm``: :func:`lightning_lobs.solvers.admm.admm_prune` with its defaults.
 
 The peers' files are read at run time from the fetched git snapshots (``git --git-dir=REPO show HEAD:file``) and
@@ -50,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lightning_lobs.solvers import layer_error, solve_layer  # noqa: E402
+from lightning_lobs.solvers import SolverOptions, layer_error, solve_layer  # noqa: E402
 from lightning_lobs.solvers.admm import admm_prune  # noqa: E402
 
 TARGETS: dict[str, tuple[float | None, str | None]] = {
@@ -135,10 +138,15 @@ def measure(peers: tuple[Any, Any], shape: tuple[int, int], target: str, args: a
     W, H = llm_layer(shape[0], shape[1], args.tokens, args.seed)
     energy = float(torch.einsum("ri,ij,rj->", W.double(), H, W.double()))
     kw: dict[str, Any] = {"pattern": nm} if nm else {"sparsity": sparsity}
+    # fast as it was before the CG refit (0.3.0): the direct refit where it cost at most 2e11 flops, none elsewhere
+    kept = shape[1] * (1.0 - (sparsity if sparsity is not None else 0.5))
+    before = SolverOptions(refit=shape[0] * kept**3 / 3 <= 2e11)
     runs: dict[str, Callable[[], Tensor]] = {
         "sparsegpt": lambda: run_sparsegpt(sparsegpt, W, H, sparsity, nm),
         "alps": lambda: run_alps(alps, W, H, sparsity, nm),
         "fast": lambda: solve_layer(W, H.float(), method="fast", **kw).weight,
+        "fast_sweep": lambda: solve_layer(W, H.float(), method="fast", solver=SolverOptions(refit=False), **kw).weight,
+        "fast_before": lambda: solve_layer(W, H.float(), method="fast", solver=before, **kw).weight,
         "admm": lambda: admm_prune(W, H.float(), **kw).weight,
     }
     if shape[0] * shape[1] <= args.exact_max:

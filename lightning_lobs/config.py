@@ -71,10 +71,10 @@ class SolverOptions:
         max_memory_bytes: ``exact``/refit: bound on the per-row matrices held at once.
         max_damp_tries: how many times damping is multiplied by 10 when H is singular.
         refit: ``lobs``/``fast``: after the mask is chosen, move the kept weights to the
-            least-squares optimum for it (:func:`refit`; ``exact`` always does). True,
-            False, or None (default): when it costs at most :data:`~lightning_lobs.solvers.REFIT_AUTO_MAX_FLOPS`
-            (sum over rows of k^3/3 for k kept weights), i.e. skipped on very wide layers
-            at low sparsity where it would take minutes.
+            least-squares optimum for it (``exact`` always does). None (default): by one Cholesky
+            per row (:func:`~lightning_lobs.solvers.refit`) where that is cheaper (tiny layers), else
+            by batched conjugate gradients warm-started from the sweep (``solvers.cg.refit_kept``);
+            True: always the per-row Cholesky (exact, but minutes on wide layers); False: none.
         min_kept_per_row: unstructured sparsity: every output row (a conv's output channel)
             keeps at least this many of its weights, so no output is cut off entirely (a
             dead row). Default 1; 0 allows dead rows. A sparsity that cannot leave this many

@@ -39,12 +39,12 @@ def layer_memory(
     hessian_dtype: torch.dtype,
     solve_dtype: torch.dtype,
     exact_max_bytes: int,
-    refit: bool = True,
+    refit: bool | None = None,
     gathered: bool = False,
 ) -> LayerMemory:
     """Estimate the memory of calibrating and solving one layer with ``method``.
 
-    ``refit``: whether ``lobs``/``fast`` may refit the kept weights (``SolverOptions.refit`` not False).
+    ``refit``: ``SolverOptions.refit`` of ``lobs``/``fast``: True the direct refit, None the cheaper of it and CG.
     ``gathered``: the layer's weight is sharded (``fully_shard``), so solving it first gathers it whole and then
     receives its whole solution on every rank: two ``rows x matrix_cols`` matrices in the weight's dtype on top.
     """
@@ -68,10 +68,12 @@ def layer_memory(
         extra = 3 * chunk * square
     else:
         extra = 4 * rows * d * sbytes
-        if refit:
-            # The refit of the kept weights: batched (kept x kept) systems and their Cholesky factors,
-            # rows chunked so that three such words per entry fit in max_memory_bytes.
-            extra += min(exact_max_bytes, 2 * rows * square)
+        if refit is not False:
+            # The direct refit: batched (kept x kept) systems and their Cholesky factors, rows chunked so that three
+            # such words per entry fit in max_memory_bytes. refit=None uses it only on tiny layers (about 48 columns
+            # at most: under 100 rows x d words) and the CG refit's ten rows x d tensors elsewhere (solvers.core.refit_plan).
+            direct = min(exact_max_bytes, 2 * rows * square)
+            extra += direct if refit else min(direct, 100 * rows * d * sbytes)
     if gathered:
         extra += 2 * rows * d * torch.empty((), dtype=cast(torch.Tensor, module.weight).dtype).element_size()
     return LayerMemory(name, hessian, base + extra)

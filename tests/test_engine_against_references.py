@@ -104,7 +104,7 @@ def test_output_error_of_a_batchnorm_model_matches_an_independent_measurement():
 
 
 def test_auto_picks_exact_below_the_threshold_and_fast_above():
-    # rows * d^3 <= 1e12 -> exact: 40 rows and d = 33 (with bias); a 300 x 2049 layer costs 2.6e12 -> fast
+    # rows * d^3 <= AUTO_EXACT_MAX_COST -> exact: 40 rows and d = 33 (with bias); a 300 x 2049 layer costs 2.6e12 -> fast
     model = nn.Sequential(nn.Linear(32, 40), nn.ReLU(), nn.Linear(40, 2048), nn.ReLU(), nn.Linear(2048, 300))
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64, 32, generator=g)), batch_size=32)

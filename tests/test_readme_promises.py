@@ -69,8 +69,8 @@ layers that cannot hold N:M skipped (options.md)                          test_a
 report.sparsity / model_sparsity / parameter counts (options.md)          test_report_matches_model.py::test_gpt2_conv1d_layers_pruned_tied_head_left_dense (and every _check_report_matches_model)
 lobs refits jointly by default, refit=False is literal (methods.md)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
 exact: lazy flushes do not change the greedy choice (methods.md)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
-fast refit where at most 2e11 flops (options.md, methods.md)              test_solvers.py::test_refit_auto_follows_the_flop_limit, ::test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops
-auto: exact where rows*d^3 <= 1e12, else fast (methods.md)                test_engine_against_references.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12
+fast/lobs refit: direct where cheaper, else CG (options.md, methods.md)   test_solvers.py::test_refit_auto_is_direct_where_cheaper_else_cg, ::test_lobs_and_fast_refit_by_default_direct_on_small_layers_cg_on_big_ones, test_solvers_refit.py::test_fast_and_lobs_with_the_cg_refit_match_the_direct_refit
+auto: exact where rows*d^3 <= 3e11, else fast (methods.md)                test_engine_against_references.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_3e11
 auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods.md)      ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
 the report says each layer's method (methods.md)                          test_api.py::test_methods_run_and_report
 split invariant to rescaling between layers (allocation.md)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
@@ -531,13 +531,14 @@ def test_prune_report_has_every_documented_field():
     assert report.metrics()["lobs/sparsity"] == report.sparsity
 
 
-def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_1e12():
-    """The README's threshold itself: 1000 rows x d = 1000 (999 inputs and the bias) costs exactly 1e12."""
+def test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_3e11():
+    """The README's threshold itself: 300 rows x d = 1000 (999 inputs and the bias) costs exactly 3e11."""
     from lightning_lobs.engine.plan import resolve_method as _resolve_method
 
-    assert _resolve_method("auto", nn.Linear(999, 1000)) == "exact"
-    assert _resolve_method("auto", nn.Linear(1000, 1000)) == "fast"  # d = 1001
-    assert _resolve_method("auto", nn.Linear(999, 1001)) == "fast"
+    assert _resolve_method("auto", nn.Linear(999, 300)) == "exact"
+    assert _resolve_method("auto", nn.Linear(1000, 300)) == "fast"  # d = 1001
+    assert _resolve_method("auto", nn.Linear(999, 301)) == "fast"
+    assert _resolve_method("auto", nn.Linear(768, 768)) == "fast"  # a GPT-2 projection
     assert _resolve_method("exact", nn.Linear(1000, 1000)) == "exact"  # explicit methods are kept
 
 
@@ -553,14 +554,17 @@ def test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5():
         assert {_resolve_method("auto", m) for m in layers} == {"exact"}
 
 
-def test_lobs_and_fast_refit_by_default_where_it_costs_at_most_2e11_flops():
-    """The refit costs k^3 / 3 per row for k kept weights: 600 rows keeping 1000 cost exactly 2e11."""
-    from lightning_lobs.solvers.core import wants_refit
+def test_lobs_and_fast_refit_by_default_direct_on_small_layers_cg_on_big_ones():
+    """refit=None refits every mask: one Cholesky per row where cheaper, batched CG elsewhere; True: always direct."""
+    from lightning_lobs.solvers.core import refit_plan
 
-    opts = SolverOptions()
-    assert wants_refit(opts, torch.ones(600, 1000, dtype=torch.bool))
-    assert not wants_refit(opts, torch.ones(601, 1000, dtype=torch.bool))
-    assert wants_refit(SolverOptions(refit=True), torch.ones(601, 1000, dtype=torch.bool))
+    def plan(rows, width, kept, refit=None):
+        return refit_plan(SolverOptions(refit=refit), rows, width, rows * kept**3 / 3)
+
+    assert plan(10, 16, 8) == "direct"
+    assert plan(768, 3072, 1536) == "cg"
+    assert plan(768, 3072, 1536, refit=True) == "direct"
+    assert plan(768, 3072, 1536, refit=False) == "none"
 
 
 def test_default_memory_budget_is_80_percent_of_the_free_memory(monkeypatch):

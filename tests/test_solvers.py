@@ -818,7 +818,7 @@ def test_default_refit_is_least_squares_on_the_literal_mask(method, bias, patter
         assert lit.error > 1.01 * res.error
 
 
-def test_refit_auto_follows_the_flop_limit(monkeypatch):
+def test_refit_auto_is_direct_where_cheaper_else_cg(monkeypatch):
     X = make_inputs(60, 8, seed=62, kind="corr")
     H = hess(X)
     Wt = make_weight(5, 8, 62)
@@ -826,10 +826,15 @@ def test_refit_auto_follows_the_flop_limit(monkeypatch):
     on = run(Wt, H, 0.5, "fast", options=replace(OPT64, refit=True))[1]
     off = run(Wt, H, 0.5, "fast", options=LIT64)[1]
     assert not torch.allclose(on, off)
-    assert_close(run(Wt, H, 0.5, "fast", options=auto)[1], on, H=H)  # 5 rows x 4^3/3 flops: cheap
-    monkeypatch.setattr(solvers_core, "REFIT_AUTO_MAX_FLOPS", 1.0)
-    assert_close(run(Wt, H, 0.5, "fast", options=auto)[1], off, H=H)
-    assert_close(run(Wt, H, 0.5, "fast", options=replace(OPT64, refit=True))[1], on, H=H)
+    assert torch.equal(run(Wt, H, 0.5, "fast", options=auto)[1], on)  # 5 x 8: the direct solve is cheaper
+    monkeypatch.setattr(solvers_core, "DIRECT_REFIT_ROW_WORK", 1e30)  # now CG is: the same optimum, to its tolerance
+    cg = run(Wt, H, 0.5, "fast", options=auto)[1]
+    assert not torch.equal(cg, on)
+    # a residual of rtol |b| leaves each row within cond(H_KK) <= cond(H) times rtol of its change (the CG bound)
+    ev = torch.linalg.eigvalsh(H)
+    bound = float(ev[-1] / ev[0]) * solvers_core.FAST_REFIT_RTOL * (on - Wt).norm(dim=1)
+    assert bool(((cg - on).norm(dim=1) <= bound * (1 + 1e-9)).all())
+    assert torch.equal(run(Wt, H, 0.5, "fast", options=replace(OPT64, refit=True))[1], on)
 
 
 def test_refit_option_validated():

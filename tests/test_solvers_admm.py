@@ -251,3 +251,18 @@ def test_two_four_fast_path_equals_topk_with_ties_and_pruned() -> None:
             x = (x * 3).round()  # many ties
         x[torch.rand(x.shape, generator=g) < 0.1] = -math.inf  # prior-pruned entries
         assert torch.equal(_nm_keep(x, 2), _topk_keep(x.reshape(-1, 4), 2).reshape(x.shape))
+
+
+def test_eigendecomposition_ticks_while_it_runs_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eigendecomposition runs in a worker thread while the caller ticks: same result as with no tick."""
+    import lightning_lobs.solvers.admm as admm_mod
+
+    monkeypatch.setattr(admm_mod, "EIGH_TICK_SECONDS", 1e-4)
+    W, H = llm_like(40, 64, seed=5)
+    ticks: list[float] = []
+    lam, Q = admm_mod.eigh_with_ticks(H, ticks.append)
+    ref_lam, ref_Q = torch.linalg.eigh(H)
+    assert torch.equal(lam, ref_lam) and torch.equal(Q, ref_Q)
+    assert ticks and all(t == 0.0 for t in ticks)  # alive, no share of the work claimed
+    with_ticks = admm_prune(W, H, 0.5, tick=lambda f: None)
+    assert torch.equal(with_ticks.weight, admm_prune(W, H, 0.5).weight)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..config import SolverOptions
 from ..solvers.admm import admm_work
-from ..solvers.core import MASK_WORK_PER_WEIGHT, REFIT_WORK_FACTOR, refit_planned, tick_rows
+from ..solvers.core import MASK_WORK_PER_WEIGHT, REFIT_WORK_FACTOR, refit_work, tick_rows
 from ..solvers.trace import trace_work
 from .records import LayerPlan
 
@@ -21,10 +21,10 @@ def trace_flops(rows: int, d: int, solver: SolverOptions) -> float:
 
 
 def refit_flops(rows: int, d: int, sparsity: float, solver: SolverOptions, method: str) -> float:
-    """Estimated work of the refit (a k x k Cholesky per row, k kept), 0 where ``lobs``/``fast`` skip it."""
+    """Estimated work of the refit: ``exact``'s k x k Cholesky per row (k kept), ``lobs``/``fast``'s planned one."""
     flops = rows * (d * (1.0 - sparsity)) ** 3 / 3
-    if method != "exact" and not refit_planned(solver, flops):
-        return 0.0
+    if method != "exact":
+        return refit_work(solver, rows, d, flops)
     return REFIT_WORK_FACTOR * flops
 
 

@@ -49,12 +49,14 @@ All four support N:M patterns (keep N of every M consecutive input columns).
 
 Layout: ``core`` (inputs, damping and the inverse, layer error, refit, masks from scores, the
 per-row minimum :class:`~lightning_lobs.solvers.core.RowFloor`, progress ticks), one module per
-method (``lobs``, ``exact`` with its kernel in ``trace``, ``fast``, ``admm`` with its refit in ``cg``), ``costs`` (the curves for
+method (``lobs``, ``exact`` with its kernel in ``trace``, ``fast``, ``admm``), ``cg`` (the batched conjugate-gradient
+refit of ``admm`` and, on all but tiny layers, of ``lobs``/``fast``), ``costs`` (the curves for
 the allocation) and ``registry`` (:data:`SOLVERS` and :func:`solve_layer`). A new method is
 one module (a class with a ``name`` and ``solve(inputs, options, tick) -> Solution``), one entry
 in ``registry.SOLVERS`` and in ``config.METHODS``, and a brute-force test of its mask choice
 (tests/test_solvers_registry.py already checks every registered solver's refit and count).
-The kernels read :data:`PROGRESS_TICK_FLOPS` and :data:`REFIT_AUTO_MAX_FLOPS` from ``core``.
+The kernels read :data:`PROGRESS_TICK_FLOPS` from ``core`` (:data:`REFIT_AUTO_MAX_FLOPS` decides nothing since the CG
+refit; ``core.refit_plan`` chooses between the direct and the CG refit).
 """
 
 from __future__ import annotations

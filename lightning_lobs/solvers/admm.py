@@ -26,6 +26,8 @@ one ``rho`` fits every column, and CG's Jacobi preconditioner is the identity. O
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 
 import torch
@@ -283,9 +285,7 @@ def _admm_loop(
 ) -> tuple[Tensor, Tensor]:
     """The ADMM iterations on ``(G, R, D)`` scaled weights; returns the final keep-mask and the sparse copy ``Z``."""
     G, R, D = W0.shape
-    lam, Q = torch.linalg.eigh(Hs)
-    if tick is not None:  # the eigendecomposition (seconds on wide layers) has no ticks inside
-        tick(0.0)
+    lam, Q = eigh_with_ticks(Hs, tick)
     lam = lam.clamp_min(0).unsqueeze(1)  # (G, 1, D)
     B0 = (W0 @ Q) * lam
     Qt = Q.transpose(-1, -2).contiguous()
@@ -316,6 +316,35 @@ def _admm_loop(
             if settled >= 2:  # the refit that follows makes W = Z exactly: no need to drive rho up further
                 break
     return mask, Z
+
+
+#: While the eigendecomposition runs (seconds at width 3072, no ticks inside LAPACK), ``admm`` ticks every this many
+#: seconds from the calling thread.
+EIGH_TICK_SECONDS = 0.5
+
+
+def eigh_with_ticks(H: Tensor, tick: Tick | None) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(H)``, with ``tick(0.0)`` (alive, no share of the work done) every
+    :data:`EIGH_TICK_SECONDS` while it runs and once after: it runs in a worker thread (torch releases the GIL
+    inside it), the ticks come from the caller's thread. Without ``tick`` it is a plain call."""
+    if tick is None:
+        return torch.linalg.eigh(H)
+    threads = torch.get_num_threads()
+
+    def run() -> tuple[Tensor, Tensor]:
+        torch.set_num_threads(threads)  # OpenMP's thread count is per thread: the caller's, so a tick changes nothing
+        return torch.linalg.eigh(H)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(run)
+        while True:
+            try:
+                lam, Q = job.result(timeout=EIGH_TICK_SECONDS)
+                break
+            except FutureTimeout:
+                tick(0.0)
+    tick(0.0)
+    return lam, Q
 
 
 def _ridge(

@@ -18,9 +18,21 @@ import torch
 from torch import Tensor
 
 from ..config import SolverOptions
-from .core import GEMM_TICK_FACTOR, Tick, damped_hessian, sub_tick, tick_rows
+from .core import (
+    FAST_REFIT_ITERATIONS,
+    FAST_REFIT_RTOL,
+    GEMM_TICK_FACTOR,
+    RefitKind,
+    Tick,
+    damped_hessian,
+    refit,
+    refit_flops,
+    refit_plan,
+    sub_tick,
+    tick_rows,
+)
 
-__all__ = ["cg_refit", "masked_cg"]
+__all__ = ["cg_refit", "masked_cg", "refit_kept"]
 
 #: Default relative residual at which a row's conjugate gradients stop.
 CG_RTOL = 1e-4
@@ -129,3 +141,31 @@ def cg_refit(
     start = None if x0 is None else x0.to(solver.dtype).reshape(shape)
     out = masked_cg(H, W, mask.reshape(shape).to(torch.bool), x0=start, rtol=rtol, maxiter=maxiter, tick=tick)
     return out.reshape(rows, D).to(weight.dtype)
+
+
+def refit_kept(
+    weight: Tensor,
+    hessian: Tensor,
+    mask: Tensor,
+    solver: SolverOptions,
+    *,
+    x0: Tensor | None = None,
+    tick: Tick | None = None,
+) -> tuple[Tensor, RefitKind]:
+    """``lobs``/``fast``'s refit of the keep-mask ``mask``: ``(weights, how)``, ``how`` from
+    :func:`~lightning_lobs.solvers.core.refit_plan`.
+
+    ``"direct"``: :func:`~lightning_lobs.solvers.core.refit` (one Cholesky per row, exact); ``"cg"``:
+    :func:`cg_refit` warm-started from ``x0`` (the sweep's weights), at most ``FAST_REFIT_ITERATIONS`` steps to a
+    relative residual of ``FAST_REFIT_RTOL``; ``"none"``: ``weight`` with the pruned entries zeroed.
+    """
+    kept = mask.to(torch.bool)
+    how = refit_plan(solver, weight.shape[0], weight.shape[1], refit_flops(kept))
+    if how == "direct":
+        return refit(weight, hessian, kept, solver, tick), how
+    if how == "cg":
+        out = cg_refit(
+            weight, hessian, kept, solver, x0=x0, rtol=FAST_REFIT_RTOL, maxiter=FAST_REFIT_ITERATIONS, tick=tick
+        )
+        return out, how
+    return (weight if x0 is None else x0).masked_fill(~kept, 0), how

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -21,8 +21,9 @@ from torch import Tensor
 from ..checks import as_real, describe
 from ..config import NMPattern, SolverOptions, parse_pattern
 
-#: ``SolverOptions(refit=None)`` refits ``lobs``/``fast`` masks when the batched solve of the
-#: kept submatrices costs at most this many flops (about ten seconds on 2 CPU cores).
+#: Until 0.3, ``SolverOptions(refit=None)`` skipped the refit of ``lobs``/``fast`` masks whose direct solve cost more
+#: than this many flops. Since the batched CG refit (:mod:`.cg`) it refits every mask, the direct solve only where it
+#: is the cheaper of the two (:func:`refit_plan`); the constant decides nothing now and stays for imports until 0.4.
 REFIT_AUTO_MAX_FLOPS = 2e11
 #: The long kernels (``exact``'s greedy trace, the refit, SparseGPT's column sweep, the error
 #: curves) call their ``tick`` at least once per this many estimated floating-point operations:
@@ -39,6 +40,28 @@ GEMM_TICK_FACTOR = 20.0
 #: Progress counts the refit's flops this many times: its batched k x k Cholesky solves and gathers run at about
 #: a third of the flop rate of the trace's matmuls on one core (measured on 128x1152 and 256x2304 layers).
 REFIT_WORK_FACTOR = 3.0
+
+#: Progress counts the CG refit's flops this many times: its ``rows x d x d`` products run at about five times the
+#: trace's flop rate on one core (see :data:`GEMM_TICK_FACTOR`). With :data:`REFIT_WORK_FACTOR` it also decides
+#: between the direct and the CG refit (:func:`refit_plan`): both are counted in the same units, the trace's flops.
+CG_WORK_FACTOR = 0.2
+
+#: The direct refit's work per row and weight column beyond its Cholesky factors (sorting each row's kept columns
+#: first, gathering its block, solving, scattering back), in the same units: about 0.7 us per row and column on one
+#: core, measured on 100x300 to 768x784 layers at 90% where the factors themselves are cheap.
+DIRECT_REFIT_ROW_WORK = 1.5e4
+#: The CG refit's fixed work (its iterations' small-tensor overhead, about 1 ms), in the same units.
+CG_REFIT_FIXED_WORK = 2e7
+
+#: ``lobs``/``fast``'s CG refit: a row stops at this residual relative to its right-hand side. On LLM-like 256- and
+#: 768-wide layers at 50-90% and 2:4, warm-started from the sweep, that took 7-17 iterations and left the layer
+#: error within 8e-5 (relative) of the direct solve's; the excess shrinks with the residual squared.
+FAST_REFIT_RTOL = 3e-3
+#: Most CG iterations of ``lobs``/``fast``'s refit (each one ``rows x d x d`` product): the cap, not the residual,
+#: usually ends it. 8 left the layer error within 1% of the direct solve's on 768 x 768, 3072 x 768 and 768 x 3072
+#: LLM-like layers at 50% and 2:4 (16: within 0.01%) and keeps ``fast`` near 2x SparseGPT's time on the widest
+#: (BENCHMARKS.md). CG lowers the layer error at every iteration, so a capped refit is still better than none.
+FAST_REFIT_ITERATIONS = 8
 
 #: Progress counts choosing ``exact``'s mask from its trace (a bisection over every row's cost curve, then single
 #: moves between rows) as this much work per weight: about 0.5 s for a 512x1024 layer on one core.
@@ -332,11 +355,50 @@ def refit_flops(kept: Tensor) -> float:
     return float((counts**3).sum()) / 3.0
 
 
+RefitKind = Literal["none", "direct", "cg"]
+
+
+def cg_refit_flops(rows: int, width: int, iterations: int = FAST_REFIT_ITERATIONS) -> float:
+    """Flops of a CG refit of ``iterations`` steps (and its start: the right-hand side and the first residual)."""
+    return 2.0 * rows * width * width * (iterations + 2)
+
+
+def refit_plan(options: SolverOptions, rows: int, width: int, direct_flops: float) -> RefitKind:
+    """How ``lobs``/``fast`` refit a mask whose direct solve costs ``direct_flops`` (:func:`refit_flops`).
+
+    ``refit=False``: none; ``True``: the direct per-row solve whatever it costs; None (default): the direct solve
+    where its estimated time is at most the batched CG's, CG elsewhere (measured switch: BENCHMARKS.md).
+    """
+    if options.refit is False:
+        return "none"
+    if options.refit is True:
+        return "direct"
+    return "direct" if _direct_work(rows, width, direct_flops) <= _cg_work(rows, width) else "cg"
+
+
+def _direct_work(rows: int, width: int, direct_flops: float) -> float:
+    return REFIT_WORK_FACTOR * direct_flops + DIRECT_REFIT_ROW_WORK * rows * width
+
+
+def _cg_work(rows: int, width: int) -> float:
+    return CG_WORK_FACTOR * cg_refit_flops(rows, width) + CG_REFIT_FIXED_WORK
+
+
+def refit_work(options: SolverOptions, rows: int, width: int, direct_flops: float) -> float:
+    """The planned refit's work in progress units (the trace's flops): 0 when none is planned."""
+    kind = refit_plan(options, rows, width, direct_flops)
+    if kind == "none":
+        return 0.0
+    return _direct_work(rows, width, direct_flops) if kind == "direct" else _cg_work(rows, width)
+
+
 def refit_planned(options: SolverOptions, flops: float) -> bool:
-    """Whether ``lobs``/``fast`` refit a mask whose refit costs ``flops``: as asked, or when it is cheap enough."""
-    if options.refit is not None:
-        return options.refit
-    return flops <= REFIT_AUTO_MAX_FLOPS
+    """Whether ``lobs``/``fast`` refit their mask at all: unless ``SolverOptions(refit=False)``.
+
+    ``flops`` (the direct solve's) no longer matters: where the direct solve is dear the batched CG refits instead.
+    """
+    del flops
+    return options.refit is not False
 
 
 def wants_refit(options: SolverOptions, kept: Tensor) -> bool:

@@ -1,8 +1,9 @@
 """``fast``: SparseGPT (Frantar & Alistarh 2023).
 
 Cholesky factor of ``H^-1``, columns processed left to right in blocks with lazy updates, the mask chosen per
-block; then, where affordable (``SolverOptions.refit``), the kept weights are refitted to the least-squares optimum
-for SparseGPT's mask. The per-row minimum is never pruned, and the block quotas move so that every removal is still
+block; then (unless ``SolverOptions(refit=False)``) the kept weights are refitted to the least-squares optimum for
+SparseGPT's mask: by one Cholesky per row where that is cheaper, else by batched conjugate gradients on all rows at
+once warm-started from the sweep's weights (:func:`~lightning_lobs.solvers.cg.refit_kept`). The per-row minimum is never pruned, and the block quotas move so that every removal is still
 compensated.
 """
 
@@ -16,23 +17,22 @@ import torch
 from torch import Tensor
 
 from ..config import NMPattern, SolverOptions
+from .cg import refit_kept
 from .core import (
-    REFIT_WORK_FACTOR,
     LayerInputs,
     Solution,
     Tick,
     inverse_with_damping,
     one_pass_floor,
-    refit,
     refit_planned,
+    refit_work,
     sub_tick,
     tick_if_long,
-    wants_refit,
 )
 
 
 class FastSolver:
-    """SparseGPT's column sweep per Hessian group, then (where affordable) the joint refit."""
+    """SparseGPT's column sweep per Hessian group, then the joint refit (direct or CG, whichever is cheaper)."""
 
     name = "fast"
 
@@ -64,12 +64,11 @@ class FastSolver:
             if tick is not None and g + 1 < groups:
                 tick(sweep_share * (g + 1) / groups)
         new, kept = torch.cat(outs), torch.cat(masks)
-        if wants_refit(options, kept):
+        if refit_planned(options, 0.0):
             if tick is not None:
                 tick(sweep_share)
-            new = refit(
-                work, inputs.H, kept, replace(options, damp=damp), sub_tick(tick, sweep_share, 1.0 - sweep_share)
-            )
+            part = sub_tick(tick, sweep_share, 1.0 - sweep_share)
+            new, _ = refit_kept(work, inputs.H, kept, replace(options, damp=damp), x0=new, tick=part)
         return Solution(new, kept, damp)
 
 
@@ -77,11 +76,8 @@ def _sweep_share(inputs: LayerInputs, options: SolverOptions) -> float:
     """The sweep's share of the solve's work (the rest is the refit, when one is planned)."""
     rows, width = inputs.rows, inputs.width
     sweep_flops = 2.0 * rows * width * width  # the lazy block updates
-    refit_flops = rows * (width * (1.0 - inputs.sparsity)) ** 3 / 3
-    if not refit_planned(options, refit_flops):
-        refit_flops = 0.0
-    refit_flops *= REFIT_WORK_FACTOR
-    return sweep_flops / (sweep_flops + refit_flops)
+    direct_flops = rows * (width * (1.0 - inputs.sparsity)) ** 3 / 3
+    return sweep_flops / (sweep_flops + refit_work(options, rows, width, direct_flops))
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 One damped ``H^-1`` per layer, every weight ranked once, layer-wide, by ``L_q = w_q^2 / (2 [H^-1]_qq)``. The
 removed set is then compensated jointly: the kept weights move to the least-squares optimum for that mask (the
-multi-weight OBS update, :func:`~lightning_lobs.solvers.core.refit`). With ``SolverOptions(refit=False)`` the
-paper's literal sequence is used instead: the lowest-ranked are removed one after another, each applying the
-single-weight correction ``-(w_q / [H^-1]_qq) H^-1 e_q`` with that same, stale ``H^-1``.
+multi-weight OBS update: :func:`~lightning_lobs.solvers.core.refit`, one Cholesky per row, or where that is dearer
+the batched conjugate gradients of :func:`~lightning_lobs.solvers.cg.refit_kept`). With
+``SolverOptions(refit=False)`` the paper's literal sequence is used instead: the lowest-ranked are removed one after
+another, each applying the single-weight correction ``-(w_q / [H^-1]_qq) H^-1 e_q`` with that same, stale ``H^-1``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverOptions
+from .cg import refit_kept
 from .core import (
     LayerInputs,
     Solution,
@@ -23,11 +25,10 @@ from .core import (
     inverse_with_damping,
     mask_from_scores,
     one_pass_floor,
-    refit,
+    refit_planned,
     row_groups,
     single_removal_costs,
     tick_if_long,
-    wants_refit,
 )
 
 
@@ -43,8 +44,8 @@ class LobsSolver:
         tick_if_long(tick, Hinv.shape[0] * Hinv.shape[-1] ** 3)
         kept_by_floor = one_pass_floor(inputs, options, work, Hinv, dead)
         kept, scores = lobs_mask(work, Hinv, dead, inputs, kept_by_floor)
-        if wants_refit(options, kept):
-            new = refit(work, inputs.H, kept, replace(options, damp=damp), tick)
+        if refit_planned(options, 0.0):
+            new, _ = refit_kept(work, inputs.H, kept, replace(options, damp=damp), tick=tick)
         else:
             new = lobs_sequential(work, Hinv, kept, scores)
         return Solution(new, kept, damp)
