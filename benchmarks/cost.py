@@ -26,10 +26,10 @@ from lobs_lab.mnist import load_mnist, mnist_dataloaders
 from lobs_lab.models import lenet5, lenet300_100
 from torch import nn
 
-from lightning_lobs import prune_model
+from lightning_lobs import SolverOptions, prune_model
 from lightning_lobs.hessian import HessianCollector
 from lightning_lobs.layers import is_prunable
-from lightning_lobs.solvers import REFIT_AUTO_MAX_FLOPS
+from lightning_lobs.solvers.core import cg_refit_flops, refit_plan
 
 
 def train_epochs(model: nn.Module, loader, epochs: int, lr: float = 1e-3) -> float:
@@ -54,14 +54,16 @@ def nominal_flops(method: str, rows: int, d: int, kept: float) -> float:
         # rank-1 downdates over the shrinking candidate set: 2 * rows * sum_t (d - t)^2 ~ 2/3 rows d^3,
         # plus the refit on the kept columns (rows * (kept d)^3 / 3).
         return 2 / 3 * rows * d**3 + rows * (kept * d) ** 3 / 3
-    refit = rows * (kept * d) ** 3 / 3
-    refits = refit <= REFIT_AUTO_MAX_FLOPS  # SolverOptions(refit=None): refit where it is this cheap
+    direct = rows * (kept * d) ** 3 / 3
+    # SolverOptions(refit=None): the direct per-row solve where it is the cheaper, else the batched CG refit.
+    kind = refit_plan(SolverOptions(), rows, d, direct)
+    refit = direct if kind == "direct" else cg_refit_flops(rows, d)
     if method == "fast":
         # Cholesky (d^3/3), its inverse (~2 d^3/3), Cholesky of the inverse (d^3/3), 2 rows d^2 updates,
         # then the refit of the kept weights.
-        return 4 / 3 * d**3 + 2 * rows * d**2 + (refit if refits else 0.0)
-    # lobs: inverse (~d^3), then the joint update (the refit) or one rank-1 row update per pruned weight.
-    return d**3 + (refit if refits else 2 * rows * d * d * (1 - kept))
+        return 4 / 3 * d**3 + 2 * rows * d**2 + refit
+    # lobs: inverse (~d^3), then the refit of the kept weights.
+    return d**3 + refit
 
 
 def time_forward(model: nn.Module, batches, hessians: bool) -> float:
