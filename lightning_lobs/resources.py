@@ -25,7 +25,7 @@ def layer_memory(
     name: str,
     module: nn.Module,
     method: str,
-    hessian_dtype: torch.dtype,
+    hessian_dtype: torch.dtype | str,
     solve_dtype: torch.dtype,
     exact_max_bytes: int,
     refit: bool = True,
@@ -36,7 +36,8 @@ def layer_memory(
     """
     shape = describe_layer(module)
     g, d, rows = shape.groups, shape.matrix_cols, shape.rows
-    hbytes = torch.empty((), dtype=hessian_dtype).element_size()
+    # "mixed" keeps a float64 sum (its float32 chunk product is transient, one layer at a time, below the solve's)
+    hbytes = 8 if hessian_dtype == "mixed" else torch.empty((), dtype=hessian_dtype).element_size()
     sbytes = torch.empty((), dtype=solve_dtype).element_size()
     hessian = g * d * d * hbytes
     square = d * d * sbytes
