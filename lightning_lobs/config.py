@@ -288,8 +288,8 @@ class CalibrationOptions:
     """How layer-input Hessians are gathered.
 
     Attributes:
-        hessian_dtype: accumulation precision of H. ``"mixed"`` (default): each chunk of at most 2048 rows is
-            multiplied in float32 (GEMM speed) and summed in float64, so long sums stay exact; H is float64.
+        hessian_dtype: accumulation precision of H. ``"mixed"`` (default): products in float32 (GEMM speed),
+            summed in float32 over at most 2,048 rows and then in float64, so long sums stay exact; H is float64.
             ``torch.float64``: products and sum in float64 (the reference path, about twice the GEMM time).
             ``torch.float32``: both in float32 (half the Hessians' memory; rounding grows with the row count).
             BENCHMARKS.md, "Hessian precision", measures them on real activations. The strings

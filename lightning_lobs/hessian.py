@@ -15,10 +15,11 @@ convolutions get one Hessian per group, so Hessians always have shape
 The Hessian is accumulated from forward pre-hooks in bounded-size chunks; raw
 activations are never stored.  Three precisions (:data:`HessianPrecision`):
 
-* ``"mixed"`` (the default of :class:`~lightning_lobs.config.CalibrationOptions`): each chunk of at most
-  :data:`MIXED_CHUNK_ROWS` rows is multiplied in float32 (GEMM speed) and added to a float64 running sum, so the
-  float32 rounding is that of a sum of at most ``MIXED_CHUNK_ROWS`` terms however many rows arrive (float64 inputs
-  are multiplied in float64);
+* ``"mixed"`` (the default of :class:`~lightning_lobs.config.CalibrationOptions`): rows are multiplied in float32
+  (GEMM speed) into a float32 partial sum of at most :data:`MIXED_CHUNK_ROWS` rows (across batches), which then
+  joins a float64 running sum, so the float32 rounding is that of a sum of at most ``MIXED_CHUNK_ROWS`` terms however
+  many rows arrive (float64 inputs are multiplied in float64). The partial sum, ``(groups, d, d)`` float32, is held
+  only while it fills;
 * ``torch.float64``: rows cast to float64, products and sum in float64 (the reference; about 2x the GEMM time);
 * ``torch.float32``: products and sum in float32 (half the memory; the sum's rounding grows with the row count).
 
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal, cast
 
 import torch
@@ -52,9 +54,9 @@ __all__ = ["MIXED_CHUNK_ROWS", "HessianAccumulator", "HessianCollector", "Hessia
 #: How H is accumulated: ``"mixed"`` (float32 products per chunk, float64 sum), or one dtype for both.
 HessianPrecision = Literal["mixed"] | torch.dtype
 
-#: ``"mixed"``: the most rows multiplied in one float32 product before it joins the float64 sum. Short enough that
-#: the float32 rounding stays near ``eps_32 * sqrt(rows)`` of the entries' scale, long enough that the float64 adds
-#: (``d^2`` per chunk) are under 1/1000 of the product's ``2 rows d^2`` flops.
+#: ``"mixed"``: the most rows summed in float32 before their sum joins the float64 one. Short enough that the float32
+#: rounding stays within ``2048 eps_32`` of the entries' scale (``~sqrt(2048) eps_32`` typically), long enough that
+#: the float64 adds (``d^2`` each, memory-bound) cost a few percent of the ``2 * 2048 * d^2`` flops of the products.
 MIXED_CHUNK_ROWS = 2048
 
 #: The layer helpers this module exported before 0.3.0, now in :mod:`lightning_lobs.layers` (old name -> new home).
@@ -83,6 +85,20 @@ __getattr__ = moved_names_getattr(
 )
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """Full float32 products inside: TF32 / bf16 matmuls (often allowed for training speed) keep 10 or 7 bits."""
+    saved = torch.get_float32_matmul_precision()
+    if saved == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 # --------------------------------------------------------------------------- #
@@ -131,9 +147,18 @@ class HessianAccumulator:
         self._dw = shape.weight_cols
         self._groups = shape.groups
         device = cast(Tensor, module.weight).device
-        self.sum: Tensor = torch.zeros(self._groups, self.d, self.d, dtype=self.dtype, device=device)
+        self._sum = torch.zeros(self._groups, self.d, self.d, dtype=self.dtype, device=device)
+        # "mixed": float32 sum of the latest < MIXED_CHUNK_ROWS rows, added to ``_sum`` when full (or when read)
+        self._partial: Tensor | None = None
+        self._partial_rows = 0
         self.count: int = 0
         self.max_abs: float = 0.0  # largest input magnitude seen, to explain an overflowed sum
+
+    @property
+    def sum(self) -> Tensor:
+        """The running sum of ``x~ x~^T`` (``"mixed"``: with its pending float32 part added first)."""
+        self._flush()
+        return self._sum
 
     @property
     def d(self) -> int:
@@ -152,36 +177,45 @@ class HessianAccumulator:
         if n == 0:
             return
         if self._rows_dtype != self.dtype:
-            for start in range(0, n, MIXED_CHUNK_ROWS):
-                self._accumulate_mixed(rows[start : start + MIXED_CHUNK_ROWS])
+            start = 0
+            while start < n:  # pieces that fill the pending float32 part up to MIXED_CHUNK_ROWS
+                piece = rows[start : start + MIXED_CHUNK_ROWS - self._partial_rows]
+                self._accumulate_mixed(piece)
+                start += piece.shape[0]
             return
-        rows = rows.to(device=self.sum.device, dtype=self.dtype)
+        rows = rows.to(device=self._sum.device, dtype=self.dtype)
         xg = rows.transpose(0, 1)  # (G, n, d_w)
         k = self._dw
         if self._bias:
-            self.sum[:, :k, :k].baddbmm_(xg.transpose(1, 2), xg)
+            self._sum[:, :k, :k].baddbmm_(xg.transpose(1, 2), xg)
             col = xg.sum(dim=1)  # (G, d_w)
-            self.sum[:, :k, k] += col
-            self.sum[:, k, :k] += col
-            self.sum[:, k, k] += n
+            self._sum[:, :k, k] += col
+            self._sum[:, k, :k] += col
+            self._sum[:, k, k] += n
         else:
-            self.sum.baddbmm_(xg.transpose(1, 2), xg)
+            self._sum.baddbmm_(xg.transpose(1, 2), xg)
         self.count += n
 
     def _accumulate_mixed(self, rows: Tensor) -> None:
-        """``"mixed"``: the product of at most :data:`MIXED_CHUNK_ROWS` rows in float32, added to the float64 sum."""
-        xg = rows.to(device=self.sum.device, dtype=self._rows_dtype).transpose(0, 1)  # (G, n, d_w)
-        if self._bias:  # the ones column joins the product: one contiguous add (counts <= 2048 are exact in float32)
+        """``"mixed"``: add the float32 product of at most the rows the pending part lacks; flush it when full."""
+        xg = rows.to(device=self._sum.device, dtype=self._rows_dtype).transpose(0, 1)  # (G, n, d_w)
+        if self._bias:  # the ones column joins the product (counts <= 2048 are exact in float32)
             xg = torch.cat([xg, xg.new_ones(xg.shape[0], xg.shape[1], 1)], dim=2)
-        saved = torch.get_float32_matmul_precision()
-        if saved != "highest":  # TF32 / bf16 products (set for training speed) would keep 10 or 7 bits, not 24
-            torch.set_float32_matmul_precision("highest")
-        try:
-            self.sum += torch.bmm(xg.transpose(1, 2), xg)
-        finally:
-            if saved != "highest":
-                torch.set_float32_matmul_precision(saved)
+        with _full_float32_matmul():
+            if self._partial is None:
+                self._partial = torch.bmm(xg.transpose(1, 2), xg)
+            else:
+                self._partial.baddbmm_(xg.transpose(1, 2), xg)
+        self._partial_rows += rows.shape[0]
         self.count += rows.shape[0]
+        if self._partial_rows >= MIXED_CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the pending float32 part to the float64 sum and free it."""
+        if self._partial is not None:
+            self._sum += self._partial.to(self._sum.dtype)  # converted first: ~2x faster than a mixed-dtype add
+            self._partial, self._partial_rows = None, 0
 
     def _add_linear(self, x: Tensor) -> None:
         rows = x.reshape(-1, self._dw)
@@ -284,13 +318,14 @@ class HessianAccumulator:
         if not (dist.is_available() and dist.is_initialized()):
             return
         dist.all_reduce(self.sum, op=dist.ReduceOp.SUM, group=group)
-        count = torch.tensor([self.count], dtype=torch.int64, device=self.sum.device)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self._sum.device)
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
         self.count = int(count.item())
 
     def reset(self) -> None:
         """Zero the running sum and count."""
-        self.sum.zero_()
+        self._sum.zero_()
+        self._partial, self._partial_rows = None, 0
         self.count = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -300,16 +335,18 @@ class HessianAccumulator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
         s = state["sum"]
-        if tuple(s.shape) != tuple(self.sum.shape):
+        if tuple(s.shape) != tuple(self._sum.shape):
             raise ValueError(
-                f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}"
+                f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self._sum.shape)}"
             )
-        self.sum.copy_(s.to(device=self.sum.device, dtype=self.dtype))
+        self._sum.copy_(s.to(device=self._sum.device, dtype=self.dtype))
+        self._partial, self._partial_rows = None, 0
         self.count = int(state["count"])
 
     def memory_bytes(self) -> int:
-        """Bytes held by the running sum."""
-        return self.sum.numel() * self.sum.element_size()
+        """Bytes held by the running sum (and by ``"mixed"``'s pending float32 part while there is one)."""
+        held = [self._sum] if self._partial is None else [self._sum, self._partial]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def __repr__(self) -> str:
         return (
