@@ -221,6 +221,42 @@ def width_timings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def lenet_prune(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """The README main job's one-shot prune (``prune_model`` at ``--prune-sparsity``, its defaults: ``auto``,
+    global allocation; 32 batches of 128 training images) of the same dense net with each precision: test accuracy
+    and the keep-masks' agreement with the float64 prune."""
+    import copy
+
+    from lobs_lab.mnist import load_mnist
+
+    from lightning_lobs import CalibrationOptions, prune_model
+
+    s = load_mnist(args.data_dir)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randperm(s.train_x.shape[0], generator=g)[: 32 * 128]
+    batches = [s.train_x[idx[i : i + 128]] for i in range(0, idx.numel(), 128)]
+    out: dict[str, Any] = {}
+    masks: dict[str, dict[str, Tensor]] = {}
+    for p, dt in PRECISIONS.items():
+        net = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        prune_model(
+            net, batches, args.prune_sparsity, calibration=CalibrationOptions(hessian_dtype=dt), prune_head=True
+        )
+        secs = time.perf_counter() - t0
+        with torch.no_grad():
+            acc = float((net(s.test_x).argmax(1) == s.test_y).double().mean())
+        masks[p] = {n: m.weight != 0 for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+        differ = sum(int((masks[p][n] != masks["float64"][n]).sum()) for n in masks[p])
+        out[p] = {"test_accuracy": acc, "mask_entries_differing": differ, "seconds": secs}
+        print(
+            f"prune_model({args.prune_sparsity}) hessian_dtype={p}: test accuracy {acc:.4f}, {differ} mask entries "
+            f"differ from float64's, {secs:.1f} s",
+            flush=True,
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="results prefix (writes <out>.json)")
@@ -240,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timing-widths", default="768,3072", help="input widths of the random-input timing ('' = none)")
     p.add_argument("--timing-batches", type=int, default=4)
+    p.add_argument("--prune-sparsity", type=float, default=0.93, help="LeNet one-shot prune (0 = skip)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     args.rows = [int(v) for v in args.rows.split(",")]
@@ -257,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["width_timings"] = width_timings(args)
     for net_name in [n for n in args.nets.split(",") if n]:
         model, data = lenet(args) if net_name == "lenet" else gpt2(args)
+        if net_name == "lenet" and args.prune_sparsity > 0:
+            results["lenet_prune"] = lenet_prune(model, args)
         per_row = 1 if net_name == "lenet" else args.context
         for rows in args.rows:
             samples = rows // per_row
