@@ -37,7 +37,7 @@ def layer_memory(
     shape = describe_layer(module)
     g, d, rows = shape.groups, shape.matrix_cols, shape.rows
     # "mixed": a float64 sum, plus a float32 partial sum while fewer than 2,048 rows are pending
-    hbytes = 12 if hessian_dtype == "mixed" else torch.empty((), dtype=hessian_dtype).element_size()
+    hbytes = 12 if isinstance(hessian_dtype, str) else torch.empty((), dtype=hessian_dtype).element_size()
     sbytes = torch.empty((), dtype=solve_dtype).element_size()
     hessian = g * d * d * hbytes
     square = d * d * sbytes
