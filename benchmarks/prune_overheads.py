@@ -28,7 +28,7 @@ STAGES = [
     ("Hessian accumulation (HessianAccumulator.add)", "hessian.py", "add"),
     ("allocation: curves (error_curve)", "costs.py", "error_curve"),
     ("allocation: one-pass costs (obs_scores)", "costs.py", "obs_scores"),
-    ("allocation: exact traces (greedy_trace)", "trace.py", "greedy_trace"),
+    ("allocation: exact traces (greedy_trace)", "exact.py", "greedy_trace"),
     ("solves (solve_layer)", "registry.py", "solve_layer"),
 ]
 
