@@ -288,7 +288,11 @@ class CalibrationOptions:
     """How layer-input Hessians are gathered.
 
     Attributes:
-        hessian_dtype: accumulation precision of H (float64 keeps long sums exact); the strings
+        hessian_dtype: accumulation precision of H. ``"mixed"`` (default): products in float32 (GEMM speed),
+            summed in float32 over at most 2,048 rows and then in float64, so long sums stay exact; H is float64.
+            ``torch.float64``: products and sum in float64 (the reference path, about twice the GEMM time).
+            ``torch.float32``: both in float32 (half the Hessians' memory; rounding grows with the row count).
+            BENCHMARKS.md, "Hessian precision", measures them on real activations. The strings
             ``"torch.float64"``/``"float32"`` (YAML) are read as the dtypes.
         max_chunk_elements: bound on conv patches unfolded at once (bounded extra memory).
         position_stride: keep every k-th conv output position (for very large maps).
@@ -296,15 +300,20 @@ class CalibrationOptions:
             Hessians plus the largest solve would need more; None = 80% of what is free.
     """
 
-    hessian_dtype: torch.dtype = torch.float64
+    hessian_dtype: Literal["mixed"] | torch.dtype = "mixed"
     max_chunk_elements: int = 1 << 24
     position_stride: int = 1
     memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "hessian_dtype", as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype")
-        )
+        if isinstance(self.hessian_dtype, str) and self.hessian_dtype.strip() == "mixed":
+            object.__setattr__(self, "hessian_dtype", "mixed")
+        else:
+            try:
+                dtype = as_float_dtype(self.hessian_dtype, "CalibrationOptions.hessian_dtype")
+            except ValueError as e:
+                raise ValueError(f"{e} Or 'mixed' (the default: float32 products, float64 sum).") from None
+            object.__setattr__(self, "hessian_dtype", dtype)
         set_positive_ints(self, ("max_chunk_elements", "position_stride"))
         if self.memory_budget_bytes is not None:
             budget = count_or_none(self.memory_budget_bytes)

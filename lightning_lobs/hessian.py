@@ -13,15 +13,26 @@ convolutions get one Hessian per group, so Hessians always have shape
 ``(groups, d, d)``.
 
 The Hessian is accumulated from forward pre-hooks in bounded-size chunks; raw
-activations are never stored.
+activations are never stored.  Three precisions (:data:`HessianPrecision`):
+
+* ``"mixed"`` (the default of :class:`~lightning_lobs.config.CalibrationOptions`): rows are multiplied in float32
+  (GEMM speed) into a float32 partial sum of at most :data:`MIXED_CHUNK_ROWS` rows (across batches), which then
+  joins a float64 running sum, so the float32 rounding is that of a sum of at most ``MIXED_CHUNK_ROWS`` terms however
+  many rows arrive (float64 inputs are multiplied in float64). The partial sum, ``(groups, d, d)`` float32, is held
+  only while it fills;
+* ``torch.float64``: rows cast to float64, products and sum in float64 (the reference; about 2x the GEMM time);
+* ``torch.float32``: products and sum in float32 (half the memory; the sum's rounding grows with the row count).
+
+BENCHMARKS.md ("Hessian precision") measures the three on real activations.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +49,15 @@ from .layers import (
     patch_view,
 )
 
-__all__ = ["HessianAccumulator", "HessianCollector"]
+__all__ = ["MIXED_CHUNK_ROWS", "HessianAccumulator", "HessianCollector", "HessianPrecision"]
+
+#: How H is accumulated: ``"mixed"`` (float32 products per chunk, float64 sum), or one dtype for both.
+HessianPrecision = Literal["mixed"] | torch.dtype
+
+#: ``"mixed"``: the most rows summed in float32 before their sum joins the float64 one. Short enough that the float32
+#: rounding stays within ``2048 eps_32`` of the entries' scale (``~sqrt(2048) eps_32`` typically), long enough that
+#: the float64 adds (``d^2`` each, memory-bound) cost a few percent of the ``2 * 2048 * d^2`` flops of the products.
+MIXED_CHUNK_ROWS = 2048
 
 #: The layer helpers this module exported before 0.3.0, now in :mod:`lightning_lobs.layers` (old name -> new home).
 _MOVED_TO_LAYERS = {
@@ -68,6 +87,20 @@ __getattr__ = moved_names_getattr(
 logger = logging.getLogger(__name__)
 
 
+@contextmanager
+def _full_float32_matmul() -> Iterator[None]:
+    """Full float32 products inside: TF32 / bf16 matmuls (often allowed for training speed) keep 10 or 7 bits."""
+    saved = torch.get_float32_matmul_precision()
+    if saved == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 # --------------------------------------------------------------------------- #
 # Accumulator
 # --------------------------------------------------------------------------- #
@@ -76,7 +109,9 @@ class HessianAccumulator:
 
     Args:
         module: a prunable layer (see :func:`lightning_lobs.layers.is_prunable`).
-        dtype: accumulation dtype (``torch.float64`` by default; ``torch.float32`` allowed).
+        dtype: accumulation precision: ``torch.float64`` (default: products and sum in float64), ``torch.float32``,
+            or ``"mixed"`` (float32 products of at most :data:`MIXED_CHUNK_ROWS` rows, float64 sum; ``sum`` and the
+            Hessian are float64).
         max_chunk_elements: upper bound on the number of elements of any patch chunk
             materialised at once; batches are processed in chunks over samples and, if a
             single sample is too large, over output positions.
@@ -88,30 +123,42 @@ class HessianAccumulator:
     def __init__(
         self,
         module: nn.Module,
-        dtype: torch.dtype = torch.float64,
+        dtype: HessianPrecision = torch.float64,
         max_chunk_elements: int = 2**24,
         position_stride: int = 1,
         name: str | None = None,
     ) -> None:
         shape = describe_layer(module)  # TypeError for a module that is not a prunable layer
-        if dtype not in (torch.float64, torch.float32):
-            raise ValueError(f"accumulation dtype must be float64 or float32, got {dtype}")
+        if not (isinstance(dtype, str) and dtype == "mixed") and dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"accumulation dtype must be torch.float64, torch.float32 or 'mixed', got {dtype!r}")
         if max_chunk_elements < 1:
             raise ValueError("max_chunk_elements must be >= 1")
         if position_stride < 1:
             raise ValueError("position_stride must be >= 1")
         self.module = module
         self.name = name if name is not None else type(module).__name__
-        self.dtype = dtype
+        self.mixed = dtype == "mixed"
+        #: dtype of the running sum and of the Hessian (float64 for ``"mixed"``)
+        self.dtype: torch.dtype = torch.float64 if self.mixed else cast(torch.dtype, dtype)
+        self._rows_dtype = self.dtype  # dtype the rows are multiplied in (set per input for "mixed")
         self.max_chunk_elements = int(max_chunk_elements)
         self.position_stride = int(position_stride)
         self._bias = shape.bias
         self._dw = shape.weight_cols
         self._groups = shape.groups
         device = cast(Tensor, module.weight).device
-        self.sum: Tensor = torch.zeros(self._groups, self.d, self.d, dtype=dtype, device=device)
+        self._sum = torch.zeros(self._groups, self.d, self.d, dtype=self.dtype, device=device)
+        # "mixed": float32 sum of the latest < MIXED_CHUNK_ROWS rows, added to ``_sum`` when full (or when read)
+        self._partial: Tensor | None = None
+        self._partial_rows = 0
         self.count: int = 0
         self.max_abs: float = 0.0  # largest input magnitude seen, to explain an overflowed sum
+
+    @property
+    def sum(self) -> Tensor:
+        """The running sum of ``x~ x~^T`` (``"mixed"``: with its pending float32 part added first)."""
+        self._flush()
+        return self._sum
 
     @property
     def d(self) -> int:
@@ -129,18 +176,46 @@ class HessianAccumulator:
         n = rows.shape[0]
         if n == 0:
             return
-        rows = rows.to(device=self.sum.device, dtype=self.dtype)
+        if self._rows_dtype != self.dtype:
+            start = 0
+            while start < n:  # pieces that fill the pending float32 part up to MIXED_CHUNK_ROWS
+                piece = rows[start : start + MIXED_CHUNK_ROWS - self._partial_rows]
+                self._accumulate_mixed(piece)
+                start += piece.shape[0]
+            return
+        rows = rows.to(device=self._sum.device, dtype=self.dtype)
         xg = rows.transpose(0, 1)  # (G, n, d_w)
         k = self._dw
         if self._bias:
-            self.sum[:, :k, :k].baddbmm_(xg.transpose(1, 2), xg)
+            self._sum[:, :k, :k].baddbmm_(xg.transpose(1, 2), xg)
             col = xg.sum(dim=1)  # (G, d_w)
-            self.sum[:, :k, k] += col
-            self.sum[:, k, :k] += col
-            self.sum[:, k, k] += n
+            self._sum[:, :k, k] += col
+            self._sum[:, k, :k] += col
+            self._sum[:, k, k] += n
         else:
-            self.sum.baddbmm_(xg.transpose(1, 2), xg)
+            self._sum.baddbmm_(xg.transpose(1, 2), xg)
         self.count += n
+
+    def _accumulate_mixed(self, rows: Tensor) -> None:
+        """``"mixed"``: add the float32 product of at most the rows the pending part lacks; flush it when full."""
+        xg = rows.to(device=self._sum.device, dtype=self._rows_dtype).transpose(0, 1)  # (G, n, d_w)
+        if self._bias:  # the ones column joins the product (counts <= 2048 are exact in float32)
+            xg = torch.cat([xg, xg.new_ones(xg.shape[0], xg.shape[1], 1)], dim=2)
+        with _full_float32_matmul():
+            if self._partial is None:
+                self._partial = torch.bmm(xg.transpose(1, 2), xg)
+            else:
+                self._partial.baddbmm_(xg.transpose(1, 2), xg)
+        self._partial_rows += rows.shape[0]
+        self.count += rows.shape[0]
+        if self._partial_rows >= MIXED_CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the pending float32 part to the float64 sum and free it."""
+        if self._partial is not None:
+            self._sum += self._partial.to(self._sum.dtype)  # converted first: ~2x faster than a mixed-dtype add
+            self._partial, self._partial_rows = None, 0
 
     def _add_linear(self, x: Tensor) -> None:
         rows = x.reshape(-1, self._dw)
@@ -172,7 +247,7 @@ class HessianAccumulator:
         if per_sample <= cap:
             step = max(1, cap // per_sample)
             for start in range(0, batch, step):
-                chunk = pad_input(m, xb[start : start + step].to(self.dtype))
+                chunk = pad_input(m, xb[start : start + step].to(self._rows_dtype))
                 view, oshape = patch_view(m, chunk)
                 b = chunk.shape[0]
                 if ps == 1:
@@ -187,7 +262,7 @@ class HessianAccumulator:
         # A single sample is too large: chunk over (kept) output positions.
         pos_step = max(1, cap // max(1, row_elems)) * ps
         for s_idx in range(batch):
-            sample = pad_input(m, xb[s_idx : s_idx + 1].to(self.dtype))
+            sample = pad_input(m, xb[s_idx : s_idx + 1].to(self._rows_dtype))
             view, oshape = patch_view(m, sample)
             for start in range(0, positions, pos_step):
                 idx = torch.arange(start, min(start + pos_step, positions), ps, device=view.device)
@@ -201,8 +276,10 @@ class HessianAccumulator:
             raise TypeError(f"layer {self.name!r}: expected a Tensor input, got {type(x).__name__}")
         with torch.no_grad():
             x = x.detach()
+            if self.mixed:  # float64 inputs keep their precision; anything else is multiplied in float32
+                self._rows_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             if not x.is_floating_point():
-                x = x.to(self.dtype)
+                x = x.to(self._rows_dtype)
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(
                     f"input to layer {self.name!r} contains non-finite values (NaN or inf); "
@@ -227,7 +304,8 @@ class HessianAccumulator:
         h = self.sum / self.count
         if not bool(torch.isfinite(h).all()):
             raise ValueError(
-                f"the Hessian of layer {self.name!r} overflowed {self.dtype} (its inputs reach {self.max_abs:.3g}, "
+                f"the Hessian of layer {self.name!r} overflowed {'float32 products' if self.mixed else self.dtype} "
+                f"(its inputs reach {self.max_abs:.3g}, "
                 f"squares up to {self.max_abs**2:.3g}); accumulate in CalibrationOptions(hessian_dtype=torch.float64) "
                 "or normalise the inputs."
             )
@@ -240,13 +318,14 @@ class HessianAccumulator:
         if not (dist.is_available() and dist.is_initialized()):
             return
         dist.all_reduce(self.sum, op=dist.ReduceOp.SUM, group=group)
-        count = torch.tensor([self.count], dtype=torch.int64, device=self.sum.device)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self._sum.device)
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
         self.count = int(count.item())
 
     def reset(self) -> None:
         """Zero the running sum and count."""
-        self.sum.zero_()
+        self._sum.zero_()
+        self._partial, self._partial_rows = None, 0
         self.count = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -256,21 +335,23 @@ class HessianAccumulator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
         s = state["sum"]
-        if tuple(s.shape) != tuple(self.sum.shape):
+        if tuple(s.shape) != tuple(self._sum.shape):
             raise ValueError(
-                f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self.sum.shape)}"
+                f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self._sum.shape)}"
             )
-        self.sum.copy_(s.to(device=self.sum.device, dtype=self.dtype))
+        self._sum.copy_(s.to(device=self._sum.device, dtype=self.dtype))
+        self._partial, self._partial_rows = None, 0
         self.count = int(state["count"])
 
     def memory_bytes(self) -> int:
-        """Bytes held by the running sum."""
-        return self.sum.numel() * self.sum.element_size()
+        """Bytes held by the running sum (and by ``"mixed"``'s pending float32 part while there is one)."""
+        held = [self._sum] if self._partial is None else [self._sum, self._partial]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def __repr__(self) -> str:
         return (
             f"HessianAccumulator(name={self.name!r}, groups={self.groups}, d={self.d}, "
-            f"count={self.count}, dtype={self.dtype})"
+            f"count={self.count}, dtype={'mixed' if self.mixed else self.dtype})"
         )
 
 
@@ -288,7 +369,7 @@ class HessianCollector:
     def __init__(
         self,
         modules: Mapping[str, nn.Module],
-        dtype: torch.dtype = torch.float64,
+        dtype: HessianPrecision = torch.float64,
         max_chunk_elements: int = 2**24,
         position_stride: int = 1,
     ) -> None:

@@ -36,7 +36,7 @@ def layer_memory(
     name: str,
     module: nn.Module,
     method: str,
-    hessian_dtype: torch.dtype,
+    hessian_dtype: torch.dtype | str,
     solve_dtype: torch.dtype,
     exact_max_bytes: int,
     refit: bool | None = None,
@@ -50,7 +50,8 @@ def layer_memory(
     """
     shape = describe_layer(module)
     g, d, rows = shape.groups, shape.matrix_cols, shape.rows
-    hbytes = torch.empty((), dtype=hessian_dtype).element_size()
+    # "mixed": a float64 sum, plus a float32 partial sum while fewer than 2,048 rows are pending
+    hbytes = 12 if isinstance(hessian_dtype, str) else torch.empty((), dtype=hessian_dtype).element_size()
     sbytes = torch.empty((), dtype=solve_dtype).element_size()
     hessian = g * d * d * hbytes
     square = d * d * sbytes

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lobs.hessian import HessianAccumulator, HessianCollector
+from lightning_lobs.config import CalibrationOptions
+from lightning_lobs.hessian import MIXED_CHUNK_ROWS, HessianAccumulator, HessianCollector
 from lightning_lobs.layers import (
     PRUNABLE_TYPES,
     has_bias,
@@ -287,6 +288,176 @@ def test_float32_accumulation_and_memory():
     assert torch.equal(h, h.transpose(1, 2))
     with pytest.raises(ValueError):
         HessianAccumulator(conv, dtype=torch.float16)
+
+
+U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of float32
+U64 = torch.finfo(torch.float64).eps / 2
+
+
+def _gamma(k: int, u: float) -> float:
+    """Higham's gamma_k = k u / (1 - k u): |fl(sum of k products) - exact| <= gamma_k * sum |products|, any order."""
+    return k * u / (1 - k * u)
+
+
+def _rounding_bounds(rows: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float64 brute-force H, |X~|^T |X~| / n, n) for float32 rows ``(n, d)``: H's reference and its entries' scale."""
+    xa = _augment(rows.double(), bias)
+    n = xa.shape[0]
+    return xa.T @ xa / n, xa.abs().T @ xa.abs() / n, n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_and_float32_within_their_rounding_bounds(threads, bias):
+    """float32: one float32 sum of all n products, error <= gamma_(n+1) of the entries' scale. "mixed": float32
+    sums of at most MIXED_CHUNK_ROWS products, then a float64 sum: <= gamma_(R+1) (float32) + gamma_n (float64),
+    whatever n. Inputs with a positive mean make every product one-signed, where rounding errors add up most."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(11)
+        n, d = 16 * MIXED_CHUNK_ROWS + 123, 12
+        x = torch.rand(n, d, generator=g) + 0.5
+        lin = nn.Linear(d, 3, bias=bias)
+        ref, scale, count = _rounding_bounds(x, bias)
+        sizes = [700, 5 * MIXED_CHUNK_ROWS + 1, n]  # batch boundaries inside and across the mixed chunks
+        got = {}
+        for dtype in ("mixed", torch.float32, torch.float64):
+            acc = HessianAccumulator(lin, dtype=dtype)
+            start = 0
+            for stop in sizes:
+                acc.add(x[start:stop])
+                start = stop
+            assert acc.count == n
+            got[dtype] = acc.hessian()[0]
+        assert got["mixed"].dtype == torch.float64 and got[torch.float32].dtype == torch.float32
+        R = MIXED_CHUNK_ROWS
+        # the final division by n and the symmetrisation add a few roundings of the result itself
+        bound_mixed = (_gamma(R + 1, U32) + _gamma(count, U64) + 4 * U64) * scale
+        bound_32 = (_gamma(count + 1, U32) + 4 * U32) * scale
+        err_mixed = (got["mixed"] - ref).abs()
+        err_32 = (got[torch.float32].double() - ref).abs()
+        assert bool((err_mixed <= bound_mixed).all()), float((err_mixed / bound_mixed).max())
+        assert bool((err_32 <= bound_32).all()), float((err_32 / bound_32).max())
+        assert float(bound_mixed.max()) < float(bound_32.max()) / 10  # the mixed bound does not grow with n
+        torch.testing.assert_close(got[torch.float64], ref, rtol=1e-12, atol=0)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_mixed_sum_stays_exact_across_partials_where_float32_stagnates():
+    """One row of 4096 (square 2^24), then single-row batches of ones: a float32 running sum stays at 2^24
+    (2^24 + 1 rounds back to it) and loses them all. "mixed" can lose only the ones that share the big square's
+    float32 partial sum (fewer than MIXED_CHUNK_ROWS); every later partial is exact and joins a float64 sum."""
+    lin = nn.Linear(1, 1, bias=False)
+    ones = 3 * MIXED_CHUNK_ROWS + 5
+    accs = {dtype: HessianAccumulator(lin, dtype=dtype) for dtype in ("mixed", torch.float32, torch.float64)}
+    for acc in accs.values():
+        acc.add(torch.tensor([[4096.0]]))
+        for _ in range(ones):
+            acc.add(torch.ones(1, 1))
+    exact = 2.0**24 + ones
+    assert float(accs[torch.float64].sum) == exact
+    assert float(accs[torch.float32].sum) == 2.0**24  # every one of the ones was lost
+    assert exact - (MIXED_CHUNK_ROWS - 1) <= float(accs["mixed"].sum) <= exact
+    assert accs["mixed"].count == ones + 1
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[6], CONV_CASES[13]], ids=["1d-g2", "2d-g2", "3d-g2"])
+def test_mixed_conv_matches_brute_force_rows(case):
+    """Grouped convolutions, with and without bias, chunked: "mixed" against the explicit patches in float64."""
+    conv, x = _make_conv(case)
+    rows = _brute_force_conv_rows(conv, x)  # (n, G, dw), float32
+    n = rows.shape[0]
+    for cap in (7, 10**9):
+        acc = HessianAccumulator(conv, dtype="mixed", max_chunk_elements=cap)
+        acc.add(x)
+        assert acc.count == n and acc.sum.dtype == torch.float64
+        h = acc.hessian()
+        for j in range(rows.shape[1]):
+            ref, scale, _ = _rounding_bounds(rows[:, j], conv.bias is not None)
+            bound = (_gamma(min(n, MIXED_CHUNK_ROWS) + 1, U32) + _gamma(n, U64) + 4 * U64) * scale
+            assert bool(((h[j] - ref).abs() <= bound).all())
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_products_in_full_float32_under_tf32(device):
+    """With ``set_float32_matmul_precision("high")`` (TF32 on CUDA: 10-bit products, errors ~1e-3 of the scale),
+    "mixed" still multiplies in full float32, within the float32 bound, and leaves the setting as it found it."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(3 * MIXED_CHUNK_ROWS, 64, generator=g) + 0.5
+    ref, scale, n = _rounding_bounds(x, True)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        acc = HessianAccumulator(nn.Linear(64, 2).to(device), dtype="mixed")
+        acc.add(x.to(device))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    bound = (_gamma(MIXED_CHUNK_ROWS + 1, U32) + _gamma(n, U64) + 4 * U64) * scale
+    assert bool(((acc.hessian()[0].cpu() - ref).abs() <= bound).all())
+
+
+def test_mixed_pending_partial_is_counted_read_and_dropped():
+    """A partial float32 sum is pending after a small batch: memory counts it, reading ``sum``/``hessian()``/
+    ``state_dict()`` flushes it into the float64 sum, ``reset``/``load_state_dict`` drop it."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.rand(300, 6, generator=g) + 0.5
+    lin = nn.Linear(6, 2)
+    acc = HessianAccumulator(lin, dtype="mixed")
+    acc.add(x[:100])
+    assert acc.count == 100 and acc.memory_bytes() == 7 * 7 * (8 + 4)
+    state = acc.state_dict()  # flushes
+    assert acc.memory_bytes() == 7 * 7 * 8 and state["count"] == 100
+    ref, scale, _ = _rounding_bounds(x[:100], True)
+    bound = (_gamma(MIXED_CHUNK_ROWS + 1, U32) + 4 * U64) * scale * 100
+    assert bool(((state["sum"][0] - ref * 100).abs() <= bound).all())
+    acc.add(x[100:])
+    other = HessianAccumulator(lin, dtype="mixed")
+    other.add(x[:50])
+    other.load_state_dict(state)  # the 50 pending rows go with the old state
+    other.add(x[100:])
+    assert other.count == acc.count == 300
+    torch.testing.assert_close(other.hessian(), acc.hessian(), rtol=0, atol=0)
+    acc.add(x[:10])
+    acc.reset()
+    assert acc.count == 0 and acc.memory_bytes() == 7 * 7 * 8 and float(acc.sum.abs().sum()) == 0.0
+
+
+def test_mixed_keeps_float64_inputs_in_float64():
+    g = torch.Generator().manual_seed(12)
+    lin = nn.Linear(5, 2).double()
+    x = torch.randn(3000, 5, generator=g, dtype=torch.float64) + 1.0
+    acc = HessianAccumulator(lin, dtype="mixed")
+    acc.add(x)
+    ref, _, _ = _rounding_bounds(x, True)
+    torch.testing.assert_close(acc.hessian()[0], ref, rtol=1e-12, atol=0)  # float32 products would miss by ~1e-7
+    assert "dtype=mixed" in repr(acc) and acc.memory_bytes() == 6 * 6 * 8
+
+
+def test_memory_estimate_counts_the_mixed_sum_and_its_partial():
+    from lightning_lobs.resources import layer_memory
+
+    est = {
+        dt: layer_memory("l", nn.Linear(128, 16), "fast", dt, torch.float32, 1 << 30).hessian_bytes
+        for dt in ("mixed", torch.float64, torch.float32)
+    }
+    assert est == {"mixed": 129**2 * 12, torch.float64: 129**2 * 8, torch.float32: 129**2 * 4}
+
+
+def test_calibration_options_hessian_dtype():
+    assert CalibrationOptions().hessian_dtype == "mixed"
+    assert CalibrationOptions(hessian_dtype=" mixed").hessian_dtype == "mixed"
+    assert CalibrationOptions(hessian_dtype="torch.float64").hessian_dtype is torch.float64
+    assert CalibrationOptions(hessian_dtype=torch.float32).hessian_dtype is torch.float32
+    with pytest.raises(ValueError, match="hessian_dtype.*'mixed'"):
+        CalibrationOptions(hessian_dtype="half")
+    with pytest.raises(ValueError, match="float64, torch.float32 or 'mixed'"):
+        HessianAccumulator(nn.Linear(2, 2), dtype="Mixed")
 
 
 def test_hessian_without_rows_raises():

@@ -244,7 +244,7 @@ def test_solver_options_defaults_are_the_documented_ones():
 
 def test_calibration_options_defaults_are_the_documented_ones():
     c = CalibrationOptions()
-    assert c.hessian_dtype == torch.float64
+    assert c.hessian_dtype == "mixed"
     assert c.max_chunk_elements == 2**24
     assert c.position_stride == 1
     assert c.memory_budget_bytes is None
