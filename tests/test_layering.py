@@ -33,6 +33,7 @@ LEVELS: dict[str, int] = {
     "_deprecated": 0,  # the helper behind the shims' module __getattr__
     "attention": 1,
     "layers": 2,
+    "blocks": 2,
     "hessian": 3,
     "solvers": 3,
     "solvers.*": 3,

@@ -1,30 +1,205 @@
-"""The sequential pipeline: each layer calibrated on the network with every layer before it already pruned.
+"""The sequential pipeline: each layer calibrated on the network with the layers before it already pruned.
 
-The order is the forward's; the global allocation (if any) sees the dense network, one layer's Hessian at a time;
-then layer by layer: calibrate on the partly pruned network, solve (on its owner rank), share, write its weights.
-A block-by-block pipeline (calibrate a transformer block's layers together) replaces the per-layer loop of
-:func:`run_sequential` with a per-block one; the stages it calls stay as they are.
+Block by block (SparseGPT's pipeline): the blocks (:mod:`lightning_lobs.blocks`, checked on one forward by
+:mod:`~.blocks`) chain, so one forward per calibration batch, stopped at the first block, catches the first block's
+inputs (positional and keyword: attention masks, position ids...). Then per block: run it on the caught inputs with
+Hessian hooks on its layers, solve them (each on its owner rank, then shared), write the weights, and run it again,
+pruned, to produce the next block's inputs. Only one block's Hessians are alive at a time. Selected layers before the
+first block (a CNN's stem) are calibrated and pruned first, on forwards stopped at the first block; layers after the
+last (an lm head, a classifier) on forwards whose blocks return the last block's pruned output instead of running.
+``sequential_unit="layer"``: inside a block too, each layer is calibrated after the layers before it were pruned.
+
+The global allocation needs every target before the first block is solved: its costs come from one dense block pass
+first (the same walk, nothing written), one block's Hessians at a time.
+
+A model whose blocks are not found (or do not chain) falls back to :func:`run_per_layer`: one forward over the
+batches per layer, in the forward's order (:func:`execution_order`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
+from ..blocks import check_block_names, find_blocks
+from ..distributed import assign_layers
 from ..layers import set_weight_matrix
 from .allocate import allocate
+from .blocks import Chain, catch_first, next_call, probe_chain, run_block, run_tail
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, share_solution
 from .context import RunContext
+from .plan import plan_cost
 from .records import Plan, Solution, Solved
 from .solve import begin_solve, solve_owned
 
-__all__ = ["execution_order", "run_sequential"]
+__all__ = ["execution_order", "find_chain", "run_blocks", "run_per_layer", "run_sequential"]
+
+log = logging.getLogger("lightning_lobs.pruner")
 
 
 def run_sequential(ctx: RunContext, plan: Plan) -> Solved:
-    """Calibrate, allocate and solve the layers one after another; their new weights are written as they go."""
+    """Block by block where the model's blocks chain, else layer by layer; new weights are written as they go."""
+    chain = find_chain(ctx, plan)
+    if isinstance(chain, str):
+        # logged, not warned: the per-layer path is as correct, only slower (a plain MLP has no blocks to find)
+        log.warning(
+            "sequential=True: %s, so the block-by-block pipeline does not apply; each layer is calibrated instead "
+            "on its own forward pass over the calibration batches (one pass per layer).",
+            chain,
+        )
+        return run_per_layer(ctx, plan)
+    return run_blocks(ctx, plan, chain)
+
+
+def find_chain(ctx: RunContext, plan: Plan) -> Chain | str:
+    """The blocks (named in ``options.blocks``, or found) checked on a forward of the first batch, or why none.
+
+    Named blocks that do not chain are an error; found ones that do not are a reason to fall back.
+    """
+    layers = {n: l.module for n, l in plan.layers.items()}
+    named = ctx.options.blocks
+    names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)
+    if not names:
+        return "no repeated blocks holding the selected layers were found in the model (blocks=[...] names them)"
+    chain = probe_chain(ctx.model, lambda: ctx.run_batch(ctx.batches[0]), names, layers)
+    if isinstance(chain, str) and named is not None:
+        raise ValueError(
+            f"blocks={list(named)} do not form a chain: {chain}; name modules the forward calls one after another, "
+            "each fed the previous one's output."
+        )
+    if isinstance(chain, str):
+        return f"the blocks found ({names[0]!r} ... {names[-1]!r}) do not chain: {chain}"
+    return chain
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One stretch of the walk: its selected layers and how to run it on calibration item ``j``."""
+
+    name: str
+    layers: tuple[str, ...]
+    run: Callable[[int], Any]
+
+
+@dataclass
+class _Found:
+    """What the block walk has solved so far."""
+
+    solutions: dict[str, Solution] = field(default_factory=dict)
+    positions: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+
+
+def _walk(ctx: RunContext, chain: Chain) -> Iterator[_Group]:
+    """The groups in forward order; after each is yielded (and pruned by the caller) its pruned outputs feed on."""
+    batches, items = ctx.batches, range(len(ctx.batches))
+
+    def head(j: int) -> Any:
+        return catch_first(chain.modules[0], lambda: ctx.run_batch(batches[j]))
+
+    if chain.prefix:
+        yield _Group("the layers before the first block", chain.prefix, head)
+    calls = _timed(ctx, lambda: [head(j) for j in items])
+    outs: list[Any] = []
+    for b, (block, layers) in enumerate(zip(chain.modules, chain.inside)):
+        run = lambda j, block=block, calls=calls: run_block(block, calls[j])  # noqa: E731
+        if layers:
+            yield _Group(f"block {chain.blocks[b]!r}", layers, run)
+        if b < len(chain.blocks) - 1:
+            calls = _timed(ctx, lambda run=run, calls=calls: [next_call(calls[j], run(j), chain.hidden) for j in items])
+        elif chain.suffix:
+            outs = _timed(ctx, lambda run=run: [run(j) for j in items])
+    if chain.suffix:
+        tail = lambda j: run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), outs[j])  # noqa: E731
+        yield _Group("the layers after the last block", chain.suffix, tail)
+
+
+def _timed(ctx: RunContext, work: Callable[[], list]) -> list:
+    t0 = time.perf_counter()
+    out = work()
+    ctx.timings.calibration += time.perf_counter() - t0
+    return out
+
+
+def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
+    """The block walk: calibrate each group (a block's layers together, or one layer at a time with
+    ``sequential_unit="layer"``) on the pruned network before it, solve, write, feed the next."""
+    order = [n for n in (*chain.prefix, *(n for g in chain.inside for n in g), *chain.suffix) if n in plan.layers]
+    if ctx.options.global_allocation is not None:
+        plan = _allocate_on_dense_blocks(ctx, plan, chain, order)
+    begin_solve(ctx, plan, order, {})
+    found = _Found()
+    for group in _walk(ctx, chain):
+        names = [n for n in group.layers if n in plan.layers]
+        units = [names] if ctx.options.sequential_unit == "block" else [[n] for n in names]
+        for unit in units:
+            if unit:
+                plan = _prune_unit(ctx, plan, unit, group, found)
+    done = tuple(n for n in order if n in found.solutions)
+    return Solved(plan, done, found.solutions, found.positions, found.scales, written=True)
+
+
+def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group, found: _Found) -> Plan:
+    """Calibrate ``names`` together by running ``group`` on its inputs, solve them on their owner ranks, share and
+    write the solutions. Their Hessians die on return."""
+    feed = (range(len(ctx.batches)), group.run)
+    plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
+    called = [n for n in names if n in calibration.hessians]
+    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in called}, ctx.rank.world_size)
+    t0 = time.perf_counter()
+    solved: dict[str, Solution] = {}
+    with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
+        for n in called:
+            solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], None, owners[n])
+            ctx.progress.step(n, n)
+    for n in called:
+        found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
+        set_weight_matrix(plan.layers[n].module, found.solutions[n].matrix)
+    ctx.timings.solve += time.perf_counter() - t0
+    found.positions.update(calibration.positions)
+    found.scales.update(calibration.scales)
+    return plan
+
+
+def _allocate_on_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str]) -> Plan:
+    """The global allocation's targets from costs on the dense network: one dense walk (nothing written), each
+    group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next."""
+    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
+    walk = _walk(ctx, chain)
+    held: dict[str, Tensor] = {}
+
+    def hessian_of(name: str) -> Tensor:
+        nonlocal plan
+        while name not in held:
+            group = next(walk, None)
+            names = [] if group is None else [n for n in group.layers if n in plan.layers]
+            if group is None or name in group.layers and name not in plan.layers:
+                raise RuntimeError(
+                    f"layer {name!r} was never called on the calibration batches, so a global allocation has no cost "
+                    "for it; exclude it, or use allocation='uniform'."
+                )
+            held.clear()
+            if names:
+                plan, calibration = calibrate(ctx, plan, names, report=False, feed=(range(len(ctx.batches)), group.run))
+                held.update(calibration.hessians)
+        return held[name]
+
+    try:
+        targets, _ = allocate(ctx, plan, order, owners, hessian_of, keep_traces=False)
+    finally:
+        walk.close()
+    return targets
+
+
+def run_per_layer(ctx: RunContext, plan: Plan) -> Solved:
+    """Calibrate, allocate and solve the layers one after another (one forward per layer); their new weights are
+    written as they go."""
     plan, order = execution_order(ctx, plan)
     owners = {n: i % ctx.rank.world_size for i, n in enumerate(order)}
     hessians: dict[str, Tensor] = {}
