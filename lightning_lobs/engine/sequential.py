@@ -94,6 +94,8 @@ class _Found:
     solutions: dict[str, Solution] = field(default_factory=dict)
     positions: dict[str, float] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
+    groups: int = 0
+    """Groups solved so far (turns the owner ranks)."""
 
 
 def _walk(ctx: RunContext, chain: Chain) -> Iterator[_Group]:
@@ -145,13 +147,20 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     return Solved(plan, done, found.solutions, found.positions, found.scales, written=True)
 
 
+def _costs(plan: Plan, names: Sequence[str]) -> dict[str, float]:
+    return {n: plan_cost(plan.layers[n]) for n in names}
+
+
 def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group, found: _Found) -> Plan:
     """Calibrate ``names`` together by running ``group`` on its inputs, solve them on their owner ranks, share and
     write the solutions. Their Hessians die on return."""
     feed = (range(len(ctx.batches)), group.run)
     plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
     called = [n for n in names if n in calibration.hessians]
-    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in called}, ctx.rank.world_size)
+    world = ctx.rank.world_size
+    # Balanced inside the group, and turned by one rank per group so that blocks of one layer spread over the ranks.
+    owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
+    found.groups += 1
     t0 = time.perf_counter()
     solved: dict[str, Solution] = {}
     with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
@@ -170,7 +179,7 @@ def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group
 def _allocate_on_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str]) -> Plan:
     """The global allocation's targets from costs on the dense network: one dense walk (nothing written), each
     group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next."""
-    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
+    owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
     walk = _walk(ctx, chain)
     held: dict[str, Tensor] = {}
 
