@@ -7,6 +7,7 @@ pruned model on every batch, stores the inputs of the block's layers, builds eac
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import weakref
@@ -16,11 +17,17 @@ import torch
 from torch import nn
 
 import lightning_lobs.engine.calibrate as calibrate_mod
+import lightning_lobs.engine.report as report_mod
 import lightning_lobs.engine.run as run_mod
 import lightning_lobs.engine.sequential as sequential_mod
 from lightning_lobs import MaskSet, PruneOptions, prune_model
+from lightning_lobs.attention import feeding, projections
 from lightning_lobs.blocks import find_blocks
 from lightning_lobs.config import SolverOptions
+from lightning_lobs.distributed import RankInfo
+from lightning_lobs.engine.commit import param_state
+from lightning_lobs.engine.forward import eval_no_grad
+from lightning_lobs.engine.report import measure
 from lightning_lobs.layers import is_prunable, set_weight_matrix, weight_matrix
 from lightning_lobs.solvers import solve_layer
 
@@ -146,16 +153,22 @@ def test_matches_brute_force_reference(unit, method):
 
 
 def test_one_pass_before_the_first_block(monkeypatch):
-    """Inside the pipeline the embedding runs once per batch (the catch) plus once for the chain check."""
-    batches = _tokens(4)
+    """Inside the pipeline the embedding runs once per batch to catch the first block's inputs, plus once for the
+    chain check; the only other forwards through it are the tails that measure the model's output (dense and
+    pruned, blocks skipped). Each block runs 3 times per batch: calibration, dense and pruned stream."""
+    batches, n = _tokens(4), 4
     model = _gpt2()
-    calls = {"wte": 0, "active": False}
+    calls = {"wte": 0, "h0": 0, "tail": 0, "active": False}
 
-    def count(module, args):
-        calls["wte"] += calls["active"]
+    def counter(key):
+        def count(*args):
+            calls[key] += calls["active"]
 
-    model.transformer.wte.register_forward_pre_hook(count)
-    inner = run_mod.run_sequential
+        return count
+
+    model.transformer.wte.register_forward_pre_hook(counter("wte"))
+    model.transformer.h[0].attn.c_attn.register_forward_pre_hook(counter("h0"))  # runs only when the block does
+    inner, tail = run_mod.run_sequential, sequential_mod.run_tail
 
     def wrapped(ctx, plan):
         calls["active"] = True
@@ -165,12 +178,16 @@ def test_one_pass_before_the_first_block(monkeypatch):
             calls["active"] = False
 
     monkeypatch.setattr(run_mod, "run_sequential", wrapped)
+    monkeypatch.setattr(sequential_mod, "run_tail", lambda *a: counter("tail")() or tail(*a))
     prune_model(model, batches, 0.5, "fast", allocation="uniform", sequential=True, forward_fn=_logits)
-    assert calls["wte"] == len(batches) + 1
-    # a global allocation's costs walk the dense blocks first: one more catch, stopped at the first block
-    calls["wte"] = 0
+    assert calls["tail"] == 2 * n
+    assert calls["wte"] == 1 + n + calls["tail"]
+    assert calls["h0"] == 1 + 3 * n
+    # a global allocation's costs walk the dense blocks first: one more catch, one more run of each block (its
+    # outputs on the calibration run feed the next block)
+    calls.update(wte=0, h0=0, tail=0)
     prune_model(model, batches, 0.5, "fast", allocation="global", sequential=True, forward_fn=_logits)
-    assert calls["wte"] == 2 * len(batches) + 1
+    assert calls["wte"] == 1 + 2 * n + 2 * n and calls["h0"] == 1 + 4 * n
 
 
 def _selected(model_fn, batches, forward, **kwargs):
@@ -332,3 +349,52 @@ def test_nm_pattern_and_earlier_masks():
         assert bool(w[zeros[n]].eq(0).all()), n
     assert second.sparsity == pytest.approx(0.6, abs=0.01)
     assert math.isfinite(second.model_output_error)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "encoder", "cnn"])
+@pytest.mark.parametrize("unit", ["block", "layer"])
+def test_output_errors_measured_inside_are_the_models(kind, unit, monkeypatch):
+    """The errors the walk measures as it goes equal the report's full measure (a dense and a pruned forward of the
+    whole model per batch) run afterwards on the pruned model against the dense weights; the prune itself never
+    runs that measure."""
+    monkeypatch.setattr(report_mod, "measure", lambda *a, **k: pytest.fail("measured by extra full forwards"))
+    g = torch.Generator().manual_seed(0)
+    if kind == "gpt2":
+        model, batches, forward = _gpt2(), _tokens(), _logits
+    elif kind == "encoder":
+        model, batches, forward = _Encoder(), [torch.randn(4, 5, 6, generator=g) for _ in range(3)], None
+    else:
+        model, batches, forward = _StagedCNN(), [torch.randn(4, 3, 8, 8, generator=g) for _ in range(3)], None
+    dense = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers left dense
+        report = prune_model(
+            model, batches, 0.5, "fast", sequential=True, sequential_unit=unit, forward_fn=forward, prune_head=True
+        )
+    named = {**dict(model.named_modules()), **projections(model)}
+    named_dense = {**dict(dense.named_modules()), **projections(dense)}
+    modules = {n: named[n] for n in report.layers}
+    snapshot = param_state({n: named_dense[n] for n in report.layers})
+    run = (lambda b: forward(model, b)) if forward else model
+    with eval_no_grad(model), feeding(model, modules):
+        errors, last, model_error, _ = measure(model, batches, modules, snapshot, {}, run, RankInfo())
+    # The same float32 operations on the same inputs: only the float64 sums of squared errors differ in order.
+    rel = 1e3 * torch.finfo(torch.float64).eps
+    for n in report.layers:
+        assert report.layers[n].output_error == pytest.approx(errors[n], rel=rel), n
+    assert report.output_error == pytest.approx(last, rel=rel)
+    assert report.model_output_error == pytest.approx(model_error, rel=rel)
+    assert math.isfinite(report.model_output_error)
+
+
+def test_batchnorm_reestimated_after_the_walk_is_measured_afterwards(monkeypatch):
+    """With BatchNorm statistics re-estimated after pruning, errors measured inside the walk would be stale: the
+    report measures them on the final model instead."""
+    calls = []
+    inner = report_mod.measure
+    monkeypatch.setattr(report_mod, "measure", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    model = _StagedCNN()
+    model.layer1.insert(1, nn.BatchNorm2d(6))
+    batches = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    report = prune_model(model, batches, 0.5, "fast", sequential=True)
+    assert calls == [1] and math.isfinite(report.model_output_error)

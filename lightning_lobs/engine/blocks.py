@@ -10,7 +10,7 @@ forward per batch, stopped at block 0 by a pre-hook, catches everything the bloc
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -46,6 +46,8 @@ class Chain:
     """Selected layers after the last block (an lm head, a classifier) and outside layers the probe did not see."""
     hidden: int | str
     """Where the hidden state goes in a block's call: 0 (the first positional argument) or a keyword's name."""
+    example: Any = None
+    """The model's positional input on the probed batch, when it takes one (for the bound's shape analysis)."""
 
 
 def _is_cache(value: Any) -> bool:
@@ -160,12 +162,17 @@ def probe_chain(
         return hook
 
     handles += [m.register_forward_pre_hook(first_call(n)) for n, m in layers.items()]
+    inputs: list[Any] = []
+    handles.append(
+        model.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]) if len(args) == 1 else None)
+    )
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    return _make_chain(blocks, modules, layers, (events, calls, outs, counts))
+    chain = _make_chain(blocks, modules, layers, (events, calls, outs, counts))
+    return chain if isinstance(chain, str) else replace(chain, example=inputs[0] if inputs else None)
 
 
 def _make_chain(

@@ -22,20 +22,24 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
 from ..distributed import assign_layers
 from ..layers import set_weight_matrix
 from .allocate import allocate
-from .blocks import Chain, catch_first, next_call, probe_chain, run_block, run_tail
+from .blocks import BlockCall, Chain, catch_first, next_call, probe_chain, run_block, run_tail
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, share_solution
 from .context import RunContext
 from .plan import plan_cost
 from .records import Plan, Solution, Solved
+from .report import Comparison
 from .solve import begin_solve, solve_owned
 
 __all__ = ["execution_order", "find_chain", "run_blocks", "run_per_layer", "run_sequential"]
@@ -98,28 +102,104 @@ class _Found:
     """Groups solved so far (turns the owner ranks)."""
 
 
-def _walk(ctx: RunContext, chain: Chain) -> Iterator[_Group]:
-    """The groups in forward order; after each is yielded (and pruned by the caller) its pruned outputs feed on."""
+class _Pairs:
+    """The output errors measured inside the walk: each stretch run twice per batch, the dense stream on the dense
+    weights, then the pruned stream on the pruned ones, a :class:`~.report.Comparison` hearing both (instead of a
+    dense and a pruned forward of the whole model per batch afterwards)."""
+
+    def __init__(self, plan: Plan, order: Sequence[str], found: _Found) -> None:
+        self.compare = Comparison(order)
+        self.compare.stop()
+        self.layers, self.found = plan.layers, found
+        self.handles = [
+            plan.layers[n].module.register_forward_hook(lambda mod, a, out, n=n: self.compare.layer_output(n, out))
+            for n in order
+        ]
+
+    def run(self, names: Sequence[str], dense_run: Callable[[], Any], pruned_run: Callable[[], Any]) -> tuple:
+        solved = [n for n in names if n in self.found.solutions]
+        for n in solved:
+            set_weight_matrix(self.layers[n].module, self.layers[n].dense)
+        self.compare.start(True, names)
+        dense = dense_run()
+        for n in solved:
+            _write(self.layers[n].module, self.found.solutions[n])
+        self.compare.start(False, names)
+        pruned = pruned_run()
+        self.compare.stop()
+        return dense, pruned
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _write(module: Any, solution: Solution) -> None:
+    """The solved weights, with exact zeros where the mask prunes (what the commit leaves)."""
+    set_weight_matrix(module, solution.matrix)
+    weight = module.weight
+    with torch.no_grad():
+        weight.masked_fill_(~solution.mask.to(weight.device), 0.0)
+
+
+def _walk(ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: bool = False) -> Iterator[_Group]:
+    """The groups in forward order; after each is yielded (and pruned by the caller) its pruned outputs feed on.
+    With ``pairs``, a dense stream runs beside the pruned one and every stretch's outputs are compared. ``reuse``
+    (nothing is written while walking: the allocation's dense walk): a block's outputs on its calibration runs
+    feed the next block, instead of a second run."""
     batches, items = ctx.batches, range(len(ctx.batches))
 
     def head(j: int) -> Any:
         return catch_first(chain.modules[0], lambda: ctx.run_batch(batches[j]))
 
+    def both(names: Sequence[str], dense_run: Callable, pruned_run: Callable) -> tuple[list | None, list]:
+        if pairs is None:
+            return None, _timed(ctx, lambda: [pruned_run(j) for j in items])
+        runs = _timed(ctx, lambda: [pairs.run(names, partial(dense_run, j), partial(pruned_run, j)) for j in items])
+        return [d for d, _ in runs], [p for _, p in runs]
+
     if chain.prefix:
         yield _Group("the layers before the first block", chain.prefix, head)
-    calls = _timed(ctx, lambda: [head(j) for j in items])
-    outs: list[Any] = []
+    if chain.prefix:
+        dense, calls = both(chain.prefix, head, head)
+    else:  # nothing pruned before the first block: the dense and the pruned streams start the same
+        calls = _timed(ctx, lambda: [head(j) for j in items])
+        dense = None if pairs is None else calls
+    dense_outs, outs = None, []
     for b, (block, layers) in enumerate(zip(chain.modules, chain.inside)):
-        run = lambda j, block=block, calls=calls: run_block(block, calls[j])  # noqa: E731
+        cache: dict[int, Any] = {}
+        run = partial(_run_on, block, calls, cache if reuse else None)
         if layers:
             yield _Group(f"block {chain.blocks[b]!r}", layers, run)
-        if b < len(chain.blocks) - 1:
-            calls = _timed(ctx, lambda run=run, calls=calls: [next_call(calls[j], run(j), chain.hidden) for j in items])
-        elif chain.suffix:
-            outs = _timed(ctx, lambda run=run: [run(j) for j in items])
+        if b == len(chain.blocks) - 1 and not chain.suffix and pairs is None:
+            break
+        if len(cache) == len(items):
+            d_out, outs = None, [cache.pop(j) for j in items]
+        else:
+            d_out, outs = both(layers, partial(_run_on, block, dense or [], None), run)
+        if dense is not None:
+            dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, d_out)], d_out
+        calls = [next_call(c, o, chain.hidden) for c, o in zip(calls, outs)]
+
+    def tail(last: list, j: int) -> Any:
+        return run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), last[j])
+
     if chain.suffix:
-        tail = lambda j: run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), outs[j])  # noqa: E731
-        yield _Group("the layers after the last block", chain.suffix, tail)
+        yield _Group("the layers after the last block", chain.suffix, partial(tail, outs))
+    if pairs is not None:  # the model's output: what follows the blocks, run on both streams' last outputs
+
+        def compare_tail(j: int) -> None:
+            dense_out, out = pairs.run(chain.suffix, partial(tail, dense_outs or [], j), partial(tail, outs, j))
+            pairs.compare.model_output(dense_out, out)
+
+        _timed(ctx, lambda: [compare_tail(j) for j in items])
+
+
+def _run_on(block: nn.Module, calls: Sequence[BlockCall], cache: dict[int, Any] | None, j: int) -> Any:
+    out = run_block(block, calls[j])
+    if cache is not None:
+        cache[j] = out
+    return out
 
 
 def _timed(ctx: RunContext, work: Callable[[], list]) -> list:
@@ -137,14 +217,22 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
         plan = _allocate_on_dense_blocks(ctx, plan, chain, order)
     begin_solve(ctx, plan, order, {})
     found = _Found()
-    for group in _walk(ctx, chain):
-        names = [n for n in group.layers if n in plan.layers]
-        units = [names] if ctx.options.sequential_unit == "block" else [[n] for n in names]
-        for unit in units:
-            if unit:
-                plan = _prune_unit(ctx, plan, unit, group, found)
+    # Measured inside the walk unless BatchNorm statistics are re-estimated afterwards (they change the outputs).
+    inside = not (ctx.options.recalibrate_bn and batchnorm_modules(ctx.model))
+    pairs = _Pairs(plan, order, found) if inside else None
+    try:
+        for group in _walk(ctx, chain, pairs):
+            names = [n for n in group.layers if n in plan.layers]
+            units = [names] if ctx.options.sequential_unit == "block" else [[n] for n in names]
+            for unit in units:
+                if unit:
+                    plan = _prune_unit(ctx, plan, unit, group, found)
+    finally:
+        if pairs is not None:
+            pairs.close()
     done = tuple(n for n in order if n in found.solutions)
-    return Solved(plan, done, found.solutions, found.positions, found.scales, written=True)
+    compared = None if pairs is None else pairs.compare
+    return Solved(plan, done, found.solutions, found.positions, found.scales, True, compared, chain.example)
 
 
 def _costs(plan: Plan, names: Sequence[str]) -> dict[str, float]:
@@ -169,7 +257,7 @@ def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group
             ctx.progress.step(n, n)
     for n in called:
         found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
-        set_weight_matrix(plan.layers[n].module, found.solutions[n].matrix)
+        _write(plan.layers[n].module, found.solutions[n])
     ctx.timings.solve += time.perf_counter() - t0
     found.positions.update(calibration.positions)
     found.scales.update(calibration.scales)
@@ -180,7 +268,7 @@ def _allocate_on_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain, order: 
     """The global allocation's targets from costs on the dense network: one dense walk (nothing written), each
     group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next."""
     owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
-    walk = _walk(ctx, chain)
+    walk = _walk(ctx, chain, reuse=True)
     held: dict[str, Tensor] = {}
 
     def hessian_of(name: str) -> Tensor:
