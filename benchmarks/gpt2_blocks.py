@@ -30,12 +30,12 @@ import torch
 RUNS = ("one-pass", "per-layer", "block", "layer")
 
 
-def _model(blocks: int, width: int):
+def _model(blocks: int, width: int, seed: int):
     import transformers
 
     heads = max(1, width // 64)
     config = transformers.GPT2Config(n_layer=blocks, n_embd=width, n_head=heads, n_positions=256)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -51,12 +51,12 @@ def _logits(model, batch):
 def one_run(args: argparse.Namespace) -> dict:
     """One configuration in this process."""
     import lightning_lobs.engine.sequential as sequential
-    from lightning_lobs import prune_model
+    from lightning_lobs import CalibrationOptions, prune_model
 
     torch.set_num_threads(1)
-    model = _model(args.blocks, args.width)
-    calib = _tokens(args.sequences, args.length, 1)
-    held_out = _tokens(4, args.length, 2)
+    model = _model(args.blocks, args.width, args.seed)
+    calib = _tokens(args.sequences, args.length, 1 + 10 * args.seed)
+    held_out = _tokens(4, args.length, 2 + 10 * args.seed)
     with torch.no_grad():
         dense = [_logits(model, b) for b in held_out]
     options = {"sequential": args.run != "one-pass"}
@@ -68,7 +68,14 @@ def one_run(args: argparse.Namespace) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = prune_model(
-            model, calib, args.sparsity, args.method, allocation=args.allocation, forward_fn=_logits, **options
+            model,
+            calib,
+            args.sparsity,
+            args.method,
+            allocation=args.allocation,
+            forward_fn=_logits,
+            calibration=CalibrationOptions(memory_budget_bytes=args.budget_gib * 2**30),
+            **options,
         )
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     with torch.no_grad():
@@ -78,6 +85,7 @@ def one_run(args: argparse.Namespace) -> dict:
         "run": args.run,
         "blocks": args.blocks,
         "width": args.width,
+        "seed": args.seed,
         "method": args.method,
         "allocation": args.allocation,
         "seconds": round(seconds, 2),
@@ -99,6 +107,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--method", default="fast")
+    parser.add_argument(
+        "--budget-gib",
+        type=int,
+        default=8,
+        help="memory budget (the default, 80%% of free memory, moves on a shared machine)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="model weights and token draws")
     parser.add_argument("--allocation", default="uniform")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # one run, in a child process

@@ -398,3 +398,15 @@ def test_batchnorm_reestimated_after_the_walk_is_measured_afterwards(monkeypatch
     batches = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
     report = prune_model(model, batches, 0.5, "fast", sequential=True)
     assert calls == [1] and math.isfinite(report.model_output_error)
+
+
+def test_block_options_are_checked_on_construction():
+    with pytest.raises(ValueError, match=r"sequential_unit must be one of \('block', 'layer'\), got 'row'"):
+        PruneOptions(sequential=True, sequential_unit="row")
+    with pytest.raises(ValueError, match="blocks must be a non-empty list of module names"):
+        PruneOptions(sequential=True, blocks=[1])
+    with pytest.raises(ValueError, match="blocks must be a non-empty list of module names"):
+        PruneOptions(sequential=True, blocks=[])
+    assert PruneOptions(sequential=True, blocks="encoder").blocks == ("encoder",)
+    assert PruneOptions(sequential=True, blocks=["a", "b"]).blocks == ("a", "b")
+    assert PruneOptions().sequential_unit == "block" and PruneOptions().blocks is None

@@ -9,6 +9,9 @@ first block (a CNN's stem) are calibrated and pruned first, on forwards stopped 
 last (an lm head, a classifier) on forwards whose blocks return the last block's pruned output instead of running.
 ``sequential_unit="layer"``: inside a block too, each layer is calibrated after the layers before it were pruned.
 
+The output errors of the report are measured inside the walk (:class:`_Pairs`): a dense stream runs beside the
+pruned one, so no dense and pruned forward of the whole model is needed afterwards.
+
 The global allocation needs every target before the first block is solved: its costs come from one dense block pass
 first (the same walk, nothing written), one block's Hessians at a time.
 
