@@ -104,11 +104,16 @@ def _reference_prune(model, batches, forward, groups, sparsity, method):
         for n in group:
             m = modules[n]
             x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[n]])
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)  # every layer here has a bias
-            H = x.T @ x / x.shape[0]
             W = weight_matrix(m).double()
-            res = solve_layer(W[:, :-1], H, sparsity, method, bias=W[:, -1], solver=S64)
-            set_weight_matrix(m, torch.cat([res.weight, res.bias[:, None]], dim=1).to(W.dtype))
+            if m.bias is not None:  # the constant input of the bias is the last column
+                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            H = x.T @ x / x.shape[0]
+            if m.bias is None:
+                res = solve_layer(W, H, sparsity, method, solver=S64)
+                set_weight_matrix(m, res.weight.to(W.dtype))
+            else:
+                res = solve_layer(W[:, :-1], H, sparsity, method, bias=W[:, -1], solver=S64)
+                set_weight_matrix(m, torch.cat([res.weight, res.bias[:, None]], dim=1).to(W.dtype))
             masks[n] = res.mask
     return masks
 
@@ -145,7 +150,8 @@ def test_matches_brute_force_reference(unit, method):
     pruned, reference = dict(model.named_modules()), dict(ref.named_modules())
     for n in report.layers:
         got, want = weight_matrix(pruned[n]).double(), weight_matrix(reference[n]).double()
-        assert torch.equal(got[:, :-1] != 0, ref_masks[n]), n
+        weights = got[:, :-1] if pruned[n].bias is not None else got
+        assert torch.equal(weights != 0, ref_masks[n]), n
         # float32 weights: one rounding of the written weight, grown through the blocks before (each layer's H
         # differs by float32 rounding of its inputs, which OBS amplifies by at most cond(H)); 3 blocks x 4 layers.
         tol = 1e3 * torch.finfo(torch.float32).eps * float(want.abs().max())
@@ -410,3 +416,40 @@ def test_block_options_are_checked_on_construction():
     assert PruneOptions(sequential=True, blocks="encoder").blocks == ("encoder",)
     assert PruneOptions(sequential=True, blocks=["a", "b"]).blocks == ("a", "b")
     assert PruneOptions().sequential_unit == "block" and PruneOptions().blocks is None
+
+
+def _llama(layers: int = 2) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_llama_blocks_get_their_rotary_embeddings_and_masks(caplog):
+    """A Llama decoder layer takes position embeddings and a mask as keywords: caught once at the first block and
+    given to every block, the result is the brute-force loop's (each layer's inputs from the whole model)."""
+    batches = _tokens()
+    model, ref = _llama(), _llama()
+    blocks = ["model.layers.0", "model.layers.1"]
+    assert find_blocks(model, [n for n, m in model.named_modules() if is_prunable(m)]) == blocks
+    groups = _block_layers(ref, blocks)
+    ref_masks = _reference_prune(ref, batches, _logits, groups, 0.5, "fast")
+    with caplog.at_level("WARNING", logger="lightning_lobs.pruner"):
+        report = prune_model(
+            model, batches, 0.5, "fast", allocation="uniform", sequential=True, solver=S64, forward_fn=_logits
+        )
+    assert not caplog.records  # no fall back
+    assert sorted(report.layers) == sorted(n for g in groups for n in g)
+    pruned, reference = dict(model.named_modules()), dict(ref.named_modules())
+    for n in report.layers:
+        got, want = pruned[n].weight.detach().double(), reference[n].weight.detach().double()
+        assert torch.equal(got != 0, ref_masks[n]), n
+        tol = 1e3 * torch.finfo(torch.float32).eps * float(want.abs().max())  # as in the GPT-2 reference test
+        assert float((got - want).abs().max()) <= tol, n
