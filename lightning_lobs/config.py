@@ -339,7 +339,7 @@ class PruneOptions:
             decoder layers of a transformer, a ResNet's stages: found from the module tree, or ``blocks``): one
             forward over the calibration batches up to the first block, then each block run on its caught inputs,
             its layers calibrated and solved, and run again pruned to feed the next. A model without repeated blocks
-            falls back to one forward pass per layer (with a warning).
+            falls back to one forward pass per layer (said once in the ``lightning_lobs.pruner`` log).
         sequential_unit: with ``sequential=True``: ``"block"`` (a block's layers calibrated together on the pruned
             blocks before it) or ``"layer"`` (SparseGPT's "true sequential": inside a block too, each layer sees the
             pruned layers before it; one more block run per layer).
