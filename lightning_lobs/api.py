@@ -98,8 +98,7 @@ def prune_model(
         sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
             ``allocation``, ``exclude``, ``sequential``, ``sequential_unit``, ``blocks``,
             ``solver``, ``calibration``, ``forward_fn``, ``recalibrate_bn``, ``prune_head``): see
-            there. Or pass
-            ``options=PruneOptions(...)``.
+            there. Or pass ``options=PruneOptions(...)``.
         calibration_batches: how many batches to calibrate on (all when None); an iterator that
             yields fewer gives a warning with the count.
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it
