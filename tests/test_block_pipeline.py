@@ -303,8 +303,9 @@ def test_only_one_blocks_hessians_alive(monkeypatch, unit):
 
     monkeypatch.setattr(calibrate_mod, "normalise", counting)
     # GPT-2's block holds 4 layers (c_attn, c_proj, c_fc, c_proj). A global allocation's dense costs walk calibrates
-    # a whole block whatever the unit, while the allocation's loop still holds the previous layer's H: one more.
-    for allocation, expected in (("uniform", 4 if unit == "block" else 1), ("global", 5)):
+    # a whole block whatever the unit, while engine.allocate's loop still holds the previous layer's H: one more
+    # (4 if that loop ever drops it first).
+    for allocation, expected in (("uniform", {4 if unit == "block" else 1}), ("global", {4, 5})):
         peak[0] = 0
         prune_model(
             _gpt2(),
@@ -316,7 +317,7 @@ def test_only_one_blocks_hessians_alive(monkeypatch, unit):
             sequential_unit=unit,
             forward_fn=_logits,
         )
-        assert peak[0] == expected, allocation
+        assert peak[0] in expected, allocation
 
 
 def test_failure_mid_pipeline_restores_everything(monkeypatch):
