@@ -96,9 +96,9 @@ def prune_model(
             (default: a tensor batch as is, the first item of a tuple, a mapping as
             ``model(**batch)`` limited to the keys the forward names).
         sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
-            ``allocation``, ``exclude``, ``sequential``, ``solver``, ``calibration``,
-            ``forward_fn``, ``recalibrate_bn``, ``prune_head``): see there. Or pass
-            ``options=PruneOptions(...)``.
+            ``allocation``, ``exclude``, ``sequential``, ``sequential_unit``, ``blocks``,
+            ``solver``, ``calibration``, ``forward_fn``, ``recalibrate_bn``, ``prune_head``): see
+            there. Or pass ``options=PruneOptions(...)``.
         calibration_batches: how many batches to calibrate on (all when None); an iterator that
             yields fewer gives a warning with the count.
         masks: a :class:`MaskSet` from an earlier step; its pruned weights stay pruned and it

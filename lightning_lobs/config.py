@@ -229,6 +229,7 @@ SparsitySpec = Union[float, Mapping[str, float], Callable[[str, nn.Module], floa
 ForwardFn = Callable[[nn.Module, Any], Any]
 Method = Literal["auto", "exact", "lobs", "fast", "admm"]
 AllocationName = Literal["global", "uniform"]
+SequentialUnit = Literal["block", "layer"]
 ProgressPhase = Literal["calibrate", "allocate", "solve", "measure"]
 
 ALL_METHODS: tuple[str, ...] = get_args(Method)
@@ -343,7 +344,16 @@ class PruneOptions:
             relative error costs), ``"uniform"`` (every layer at ``sparsity``), or a
             :class:`GlobalAllocation` with its own settings.
         exclude: fnmatch patterns of layers to keep dense.
-        sequential: calibrate each layer on inputs through the already pruned layers before it.
+        sequential: calibrate on inputs through the already pruned part of the network, block by block (the
+            decoder layers of a transformer, a ResNet's stages: found from the module tree, or ``blocks``): one
+            forward over the calibration batches up to the first block, then each block run on its caught inputs,
+            its layers calibrated and solved, and run again pruned to feed the next. A model without repeated blocks
+            falls back to one forward pass per layer (said once in the ``lightning_lobs.pruner`` log).
+        sequential_unit: with ``sequential=True``: ``"block"`` (a block's layers calibrated together on the pruned
+            blocks before it) or ``"layer"`` (SparseGPT's "true sequential": inside a block too, each layer sees the
+            pruned layers before it; one more block run per layer).
+        blocks: qualified names of the modules to treat as blocks (``sequential=True`` only), instead of the ones
+            found in the module tree; they must be called one after another, each fed the previous one's output.
         solver: :class:`SolverOptions` (damping, precision, block sizes, refit).
         calibration: :class:`CalibrationOptions` (Hessian precision, conv chunking, memory budget).
         forward_fn: ``(model, batch) -> output``; by default a tensor batch is fed as is, a
@@ -368,6 +378,8 @@ class PruneOptions:
     forward_fn: ForwardFn | None = None
     recalibrate_bn: bool = True
     prune_head: bool = False
+    sequential_unit: SequentialUnit = "block"
+    blocks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -390,6 +402,24 @@ class PruneOptions:
         set_("calibration", _as_options(self.calibration, CalibrationOptions, "calibration"))
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"forward_fn must be a callable (model, batch) -> output, got {self.forward_fn!r}.")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        if self.sequential_unit not in get_args(SequentialUnit):
+            raise ValueError(
+                f"sequential_unit must be one of {get_args(SequentialUnit)}, got {self.sequential_unit!r}."
+            )
+        if self.blocks is None:
+            return
+        blocks = (self.blocks,) if isinstance(self.blocks, str) else self.blocks
+        if not isinstance(blocks, Sequence) or not blocks or not all(isinstance(b, str) and b for b in blocks):
+            raise ValueError(
+                f"blocks must be a non-empty list of module names (str), e.g. ['encoder.0', 'encoder.1'], or None to "
+                f"find them, got {self.blocks!r}."
+            )
+        if not self.sequential:
+            raise ValueError("blocks only apply with sequential=True (the block-by-block pipeline); pass both.")
+        object.__setattr__(self, "blocks", tuple(blocks))
 
     @property
     def nm(self) -> NMPattern | None:

@@ -8,7 +8,7 @@ report's metrics.
 
     python tests/ddp_prune_script.py --out DIR [--strategy ddp|ddp_spawn] [--runs mlp-exact,cnn-fast,...]
 
-A run is ``<mlp|cnn>-<method>[-seq][-uni][-failbudget1|-failsolve1]``: ``seq`` calibrates sequentially,
+A run is ``<mlp|cnn|blk>-<method>[-seq][-uni][-failbudget1|-failsolve1]``: ``seq`` calibrates sequentially,
 ``uni`` prunes every layer to the same sparsity (default: global allocation);
 the ``fail`` options make rank 1 alone fail (memory check / layer solves), and every rank then
 records the error it raised instead of the pruning results. ``raw-<method>`` (``ddp`` only, after
@@ -81,7 +81,7 @@ if __name__ in ("__main__", "__mp_main__"):  # the launched script, or a ddp_spa
 
 def make_data(kind: str) -> TensorDataset:
     g = torch.Generator().manual_seed(123)
-    if kind == "mlp":
+    if kind in ("mlp", "blk"):
         x = torch.randn(N_SAMPLES, 16, generator=g)
         y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
     else:
@@ -93,6 +93,9 @@ def make_data(kind: str) -> TensorDataset:
 def make_net(kind: str) -> nn.Sequential:
     if kind == "mlp":  # three layers: with two ranks both must get a solve
         return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+    if kind == "blk":  # two blocks of one layer and a head: sequential=True prunes it block by block
+        blocks = (nn.Sequential(nn.Linear(16, 32), nn.ReLU()), nn.Sequential(nn.Linear(32, 24), nn.ReLU()))
+        return nn.Sequential(*blocks, nn.Linear(24, 4))
     return nn.Sequential(  # BatchNorm: re-estimated per rank, then averaged over ranks
         nn.Conv2d(3, 8, 3, padding=1),
         nn.BatchNorm2d(8),

@@ -30,7 +30,7 @@ from lightning_lobs.hessian import HessianCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_prune_script.py"
-DDP_RUNS = ("mlp-exact", "mlp-fast", "cnn-exact", "cnn-fast", "mlp-exact-seq", "cnn-admm")
+DDP_RUNS = ("mlp-exact", "mlp-fast", "cnn-exact", "cnn-fast", "mlp-exact-seq", "cnn-admm", "blk-fast-seq")
 # prune() called directly with RankInfo.current() on uneven shards (1 batch of 16 vs 3 of 32).
 RAW_RUNS = ("raw-exact",)
 # Rank 1 alone fails; run first, so the runs after them also show the process group is still usable.
@@ -211,6 +211,7 @@ def _check_matches_single_process(run: str, r0: dict, r1: dict) -> None:
     expected_positions = {
         "mlp": {"net.0": 1.0, "net.2": 1.0, "net.4": 1.0},
         "cnn": {"net.0": 64.0, "net.4": 16.0, "net.7": 1.0},
+        "blk": {"net.0.0": 1.0, "net.1.0": 1.0, "net.2": 1.0},
     }
     assert r0["positions"] == pytest.approx(expected_positions[kind])  # sample counts summed over ranks too
     # Hessians are float64 sums in a different order: masks must still agree (no ties here).

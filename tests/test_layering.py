@@ -34,6 +34,7 @@ LEVELS: dict[str, int] = {
     "attention": 1,
     "sharding": 1,  # DTensor helpers (fully_shard parameters): torch only
     "layers": 2,
+    "blocks": 2,
     "hessian": 3,
     "solvers": 3,
     "solvers.*": 3,

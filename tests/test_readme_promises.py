@@ -132,6 +132,7 @@ overlapping instances refused in setup (lightning.md)                     test_l
 LightningCLI: --print_config writes a config that runs (lightning.md)     test_lightning_cli.py::test_print_config_round_trips_and_the_saved_config_runs
 LightningCLI: method and allocation typed as Literal choices (lightning.md)  test_lightning_cli.py::test_help_shows_the_choices_of_method_and_allocation, test_lightning_cli.py::test_bad_choice_is_refused_by_the_cli
 bound with sequential=True uses the dense weights' norms (bound.md)       test_api.py::test_bound_is_the_chain_recursion
+sequential=True: one pass to the first block, then block by block (README, methods.md)  test_block_pipeline.py::test_one_pass_before_the_first_block, test_block_pipeline.py::test_matches_brute_force_reference
 progress after 2 s by default, in the bar or the log (lightning.md)       ::test_lobs_pruning_shows_progress_after_two_seconds_by_default, test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
 progress in TQDM's postfix, restored afterwards (lightning.md)            ::test_tqdm_train_bar_postfix_is_restored_after_the_prune (Rich: test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar)
 console progress: at most one line every 0.5 s (lightning.md)             ::test_console_progress_prints_at_most_one_line_every_half_second

@@ -24,22 +24,30 @@ from .records import Calibration, Plan
 __all__ = ["calibrate", "collect_hessians", "drop_uncalled", "normalise"]
 
 
-def calibrate(ctx: RunContext, plan: Plan, names: Sequence[str], report: bool = True) -> tuple[Plan, Calibration]:
+def calibrate(
+    ctx: RunContext,
+    plan: Plan,
+    names: Sequence[str],
+    report: bool = True,
+    feed: tuple[Sequence[Any], Callable[[Any], Any]] | None = None,
+) -> tuple[Plan, Calibration]:
     """Hessians (normalised, see :func:`normalise`) and positions of ``names``, and their call order.
 
     Layers the forward never called leave the plan (see :func:`drop_uncalled`). ``report=False`` inside another
     phase (sequential mode calibrates one layer at a time while allocating and solving, and those phases report
-    per layer).
+    per layer). ``feed=(items, run)`` runs ``run(item)`` for each item instead of the model on each batch (the block
+    pipeline runs one block on its caught inputs).
     """
     t0 = time.perf_counter()
+    items, run = feed if feed is not None else (ctx.batches, ctx.run_batch)
     progress = ctx.progress if report else PhaseProgress(None)
-    progress.begin("calibrate", {str(i): 1.0 for i in range(len(ctx.batches))})
+    progress.begin("calibrate", {str(i): 1.0 for i in range(len(items))})
     hessians, positions, order, missing = collect_hessians(
         ctx.model,
-        ctx.batches,
+        items,
         {n: plan.layers[n].module for n in names},
         ctx.options.calibration,
-        ctx.run_batch,
+        run,
         ctx.rank,
         progress,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -112,6 +113,11 @@ class Solved:
     scales: Mapping[str, float]
     written: bool
     """Whether the pipeline already wrote the new weights into the model (the sequential one does, layer by layer)."""
+    compared: Any = None
+    """The block pipeline's pruned-vs-dense output errors, measured as it went (a ``report.Comparison``); None:
+    the report measures them with a dense and a pruned forward per batch."""
+    example: Any = None
+    """With ``compared``: the model's positional input on the first batch (for the bound's shape analysis)."""
 
 
 @dataclass(frozen=True, eq=False)

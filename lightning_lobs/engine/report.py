@@ -23,7 +23,7 @@ from .context import RunContext
 from .forward import eval_no_grad, model_device
 from .records import LayerReport, Measurement, PruneReport, Solved
 
-__all__ = ["bound", "make_report", "measure", "parameter_counts", "recalibrate_bn"]
+__all__ = ["Comparison", "bound", "make_report", "measure", "parameter_counts", "recalibrate_bn"]
 
 log = logging.getLogger("lightning_lobs.pruner")  # the logger's name is what users filter on: kept from 0.2
 
@@ -66,16 +66,21 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
     d_terms = {n: math.sqrt(max(0.0, 2.0 * errors[n] * solved.positions[n])) for n in order}
     modules = {n: layers[n].module for n in order}
     with eval_no_grad(ctx.model), _attention.feeding(ctx.model, modules):
-        outputs, out_err, model_err, example = measure(
-            ctx.model,
-            ctx.batches,
-            modules,
-            {n: tx.params[n] for n in order},
-            tx.batchnorm,
-            ctx.run_batch,
-            ctx.rank,
-            lambda f: ctx.progress.advance("measure", f),
-        )
+        if solved.compared is not None and not bn_recalibrated:  # measured inside the block pipeline
+            outputs, _, model_err = solved.compared.results(ctx.rank, ctx.device)
+            out_err = outputs[order[-1]]
+            example = solved.example
+        else:
+            outputs, out_err, model_err, example = measure(
+                ctx.model,
+                ctx.batches,
+                modules,
+                {n: tx.params[n] for n in order},
+                tx.batchnorm,
+                ctx.run_batch,
+                ctx.rank,
+                lambda f: ctx.progress.advance("measure", f),
+            )
         dense = dense_matrices({n: layers[n] for n in order}, tx.params) if ctx.options.sequential else None
         fro, spec, note, norms = bound(ctx.model, modules, d_terms, example, bn_recalibrated, dense)
     ctx.progress.step("measure", "")
@@ -142,12 +147,14 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
     }
 
 
-class _Comparison:
+class Comparison:
     """Pruned-vs-dense RMS errors of every pruned layer's output and of the model's, one batch at a time.
 
     Dense outputs are kept for one batch; each pruned output is compared as it appears and the dense one
     freed, so at most one pruned layer output is held on top of the dense ones (a layer called twice in a
-    forward is compared on its first call).
+    forward is compared on its first call). :meth:`start` with ``only`` limits what is recorded to those layers
+    (the block pipeline compares one stretch of the network at a time); :meth:`stop` records nothing until the
+    next start.
     """
 
     def __init__(self, order: Sequence[str]) -> None:
@@ -156,14 +163,21 @@ class _Comparison:
         self.model_ok = True
         self.dense_outputs: dict[str, Tensor] = {}
         self.dense = True
+        self.only: frozenset[str] | None = None
 
-    def start(self, dense: bool) -> None:
+    def start(self, dense: bool, only: Sequence[str] | None = None) -> None:
         """The next forward runs the dense (True) or the pruned network."""
         if dense:
             self.dense_outputs.clear()
         self.dense = dense
+        self.only = None if only is None else frozenset(only)
+
+    def stop(self) -> None:
+        self.only = frozenset()
 
     def layer_output(self, name: str, out: Tensor) -> None:
+        if self.only is not None and name not in self.only:
+            return
         if self.dense:
             self.dense_outputs.setdefault(name, out.detach())
         elif name in self.dense_outputs:
@@ -174,6 +188,13 @@ class _Comparison:
             self.model.add(dense_out, out)
         else:
             self.model_ok = False
+
+    def results(self, rank: RankInfo, device: Any) -> tuple[dict[str, float], float, float]:
+        """Per-layer errors (summed over ranks), the last layer's, and the model output's (NaN if not a tensor)."""
+        reduce_errors([*self.layers.values(), self.model], rank, device)
+        errors = {n: a.value() for n, a in self.layers.items()}
+        last = errors[next(reversed(errors))] if errors else float("nan")
+        return errors, last, (self.model.value() if self.model_ok else float("nan"))
 
 
 def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
@@ -196,7 +217,7 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     order = list(modules)
     pruned_state = param_state(modules)
     bn_pruned = batchnorm_state(model)
-    compare = _Comparison(order)
+    compare = Comparison(order)
     handles = [
         modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order
     ]
@@ -225,10 +246,8 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
             h.remove()
         load_params(modules, pruned_state)
         load_batchnorm_state(model, bn_pruned)
-    reduce_errors([*compare.layers.values(), compare.model], rank, model_device(model))
-    errors = {n: compare.layers[n].value() for n in order}
-    example = inputs[0] if inputs else None
-    return errors, errors[order[-1]], (compare.model.value() if compare.model_ok else float("nan")), example
+    errors, last, model_error = compare.results(rank, model_device(model))
+    return errors, last, model_error, (inputs[0] if inputs else None)
 
 
 def bound(

@@ -1,30 +1,305 @@
-"""The sequential pipeline: each layer calibrated on the network with every layer before it already pruned.
+"""The sequential pipeline: each layer calibrated on the network with the layers before it already pruned.
 
-The order is the forward's; the global allocation (if any) sees the dense network, one layer's Hessian at a time;
-then layer by layer: calibrate on the partly pruned network, solve (on its owner rank), share, write its weights.
-A block-by-block pipeline (calibrate a transformer block's layers together) replaces the per-layer loop of
-:func:`run_sequential` with a per-block one; the stages it calls stay as they are.
+Block by block (SparseGPT's pipeline): the blocks (:mod:`lightning_lobs.blocks`, checked on one forward by
+:mod:`~.blocks`) chain, so one forward per calibration batch, stopped at the first block, catches the first block's
+inputs (positional and keyword: attention masks, position ids...). Then per block: run it on the caught inputs with
+Hessian hooks on its layers, solve them (each on its owner rank, then shared), write the weights, and run it again,
+pruned, to produce the next block's inputs. Only one block's Hessians are alive at a time. Selected layers before the
+first block (a CNN's stem) are calibrated and pruned first, on forwards stopped at the first block; layers after the
+last (an lm head, a classifier) on forwards whose blocks return the last block's pruned output instead of running.
+``sequential_unit="layer"``: inside a block too, each layer is calibrated after the layers before it were pruned.
+
+The output errors of the report are measured inside the walk (:class:`_Pairs`): a dense stream runs beside the
+pruned one, so no dense and pruned forward of the whole model is needed afterwards.
+
+The global allocation needs every target before the first block is solved: its costs come from one dense block pass
+first (the same walk, nothing written), one block's Hessians at a time.
+
+A model whose blocks are not found (or do not chain) falls back to :func:`run_per_layer`: one forward over the
+batches per layer, in the forward's order (:func:`execution_order`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from ..batchnorm import batchnorm_modules
+from ..blocks import check_block_names, find_blocks
+from ..distributed import assign_layers
 from ..layers import set_weight_matrix
 from .allocate import allocate
+from .blocks import BlockCall, Chain, catch_first, next_call, probe_chain, run_block, run_tail
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, gather_layer, share_solution
 from .context import RunContext
+from .plan import plan_cost
 from .records import Plan, Solution, Solved
+from .report import Comparison
 from .solve import begin_solve, solve_owned
 
-__all__ = ["execution_order", "run_sequential"]
+__all__ = ["execution_order", "find_chain", "run_blocks", "run_per_layer", "run_sequential"]
+
+log = logging.getLogger("lightning_lobs.pruner")
 
 
 def run_sequential(ctx: RunContext, plan: Plan) -> Solved:
-    """Calibrate, allocate and solve the layers one after another; their new weights are written as they go."""
+    """Block by block where the model's blocks chain, else layer by layer; new weights are written as they go."""
+    chain = find_chain(ctx, plan)
+    if isinstance(chain, str):
+        # logged, not warned: the per-layer path is as correct, only slower (a plain MLP has no blocks to find)
+        log.warning(
+            "sequential=True: %s, so the block-by-block pipeline does not apply; each layer is calibrated instead "
+            "on its own forward pass over the calibration batches (one pass per layer).",
+            chain,
+        )
+        return run_per_layer(ctx, plan)
+    return run_blocks(ctx, plan, chain)
+
+
+def find_chain(ctx: RunContext, plan: Plan) -> Chain | str:
+    """The blocks (named in ``options.blocks``, or found) checked on a forward of the first batch, or why none.
+
+    Named blocks that do not chain are an error; found ones that do not are a reason to fall back.
+    """
+    layers = {n: l.module for n, l in plan.layers.items()}
+    named = ctx.options.blocks
+    names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)
+    if not names:
+        return "no repeated blocks holding the selected layers were found in the model (blocks=[...] names them)"
+    chain = probe_chain(ctx.model, lambda: ctx.run_batch(ctx.batches[0]), names, layers)
+    if isinstance(chain, str) and named is not None:
+        raise ValueError(
+            f"blocks={list(named)} do not form a chain: {chain}; name modules the forward calls one after another, "
+            "each fed the previous one's output."
+        )
+    if isinstance(chain, str):
+        return f"the blocks found ({names[0]!r} ... {names[-1]!r}) do not chain: {chain}"
+    return chain
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One stretch of the walk: its selected layers and how to run it on calibration item ``j``."""
+
+    name: str
+    layers: tuple[str, ...]
+    run: Callable[[int], Any]
+
+
+@dataclass
+class _Found:
+    """What the block walk has solved so far."""
+
+    solutions: dict[str, Solution] = field(default_factory=dict)
+    positions: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    groups: int = 0
+    """Groups solved so far (turns the owner ranks)."""
+
+
+class _Pairs:
+    """The output errors measured inside the walk: each stretch run twice per batch, the dense stream on the dense
+    weights, then the pruned stream on the pruned ones, a :class:`~.report.Comparison` hearing both (instead of a
+    dense and a pruned forward of the whole model per batch afterwards)."""
+
+    def __init__(self, plan: Plan, order: Sequence[str], found: _Found) -> None:
+        self.compare = Comparison(order)
+        self.compare.stop()
+        self.layers, self.found = plan.layers, found
+        self.handles = [
+            plan.layers[n].module.register_forward_hook(lambda mod, a, out, n=n: self.compare.layer_output(n, out))
+            for n in order
+        ]
+
+    def run(self, names: Sequence[str], dense_run: Callable[[], Any], pruned_run: Callable[[], Any]) -> tuple:
+        solved = [n for n in names if n in self.found.solutions]
+        for n in solved:
+            set_weight_matrix(self.layers[n].module, self.layers[n].dense)
+        self.compare.start(True, names)
+        dense = dense_run()
+        for n in solved:
+            _write(self.layers[n].module, self.found.solutions[n])
+        self.compare.start(False, names)
+        pruned = pruned_run()
+        self.compare.stop()
+        return dense, pruned
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _write(module: Any, solution: Solution) -> None:
+    """The solved weights, with exact zeros where the mask prunes (what the commit leaves)."""
+    set_weight_matrix(module, solution.matrix)
+    weight = module.weight
+    with torch.no_grad():
+        weight.masked_fill_(~solution.mask.to(weight.device), 0.0)
+
+
+def _walk(ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: bool = False) -> Iterator[_Group]:
+    """The groups in forward order; after each is yielded (and pruned by the caller) its pruned outputs feed on.
+    With ``pairs``, a dense stream runs beside the pruned one and every stretch's outputs are compared. ``reuse``
+    (nothing is written while walking: the allocation's dense walk): a block's outputs on its calibration runs
+    feed the next block, instead of a second run."""
+    batches, items = ctx.batches, range(len(ctx.batches))
+
+    def head(j: int) -> Any:
+        return catch_first(chain.modules[0], lambda: ctx.run_batch(batches[j]))
+
+    def both(names: Sequence[str], dense_run: Callable, pruned_run: Callable) -> tuple[list | None, list]:
+        if pairs is None:
+            return None, _timed(ctx, lambda: [pruned_run(j) for j in items])
+        runs = _timed(ctx, lambda: [pairs.run(names, partial(dense_run, j), partial(pruned_run, j)) for j in items])
+        return [d for d, _ in runs], [p for _, p in runs]
+
+    if chain.prefix:
+        yield _Group("the layers before the first block", chain.prefix, head)
+    if chain.prefix:
+        dense, calls = both(chain.prefix, head, head)
+    else:  # nothing pruned before the first block: the dense and the pruned streams start the same
+        calls = _timed(ctx, lambda: [head(j) for j in items])
+        dense = None if pairs is None else calls
+    dense_outs, outs = None, []
+    for b, (block, layers) in enumerate(zip(chain.modules, chain.inside)):
+        cache: dict[int, Any] = {}
+        run = partial(_run_on, block, calls, cache if reuse else None)
+        if layers:
+            yield _Group(f"block {chain.blocks[b]!r}", layers, run)
+        if b == len(chain.blocks) - 1 and not chain.suffix and pairs is None:
+            break
+        if len(cache) == len(items):
+            d_out, outs = None, [cache.pop(j) for j in items]
+        else:
+            d_out, outs = both(layers, partial(_run_on, block, dense or [], None), run)
+        if dense is not None:
+            dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, d_out)], d_out
+        calls = [next_call(c, o, chain.hidden) for c, o in zip(calls, outs)]
+
+    def tail(last: list, j: int) -> Any:
+        return run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), last[j])
+
+    if chain.suffix:
+        yield _Group("the layers after the last block", chain.suffix, partial(tail, outs))
+    if pairs is not None:  # the model's output: what follows the blocks, run on both streams' last outputs
+
+        def compare_tail(j: int) -> None:
+            dense_out, out = pairs.run(chain.suffix, partial(tail, dense_outs or [], j), partial(tail, outs, j))
+            pairs.compare.model_output(dense_out, out)
+
+        _timed(ctx, lambda: [compare_tail(j) for j in items])
+
+
+def _run_on(block: nn.Module, calls: Sequence[BlockCall], cache: dict[int, Any] | None, j: int) -> Any:
+    out = run_block(block, calls[j])
+    if cache is not None:
+        cache[j] = out
+    return out
+
+
+def _timed(ctx: RunContext, work: Callable[[], list]) -> list:
+    t0 = time.perf_counter()
+    out = work()
+    ctx.timings.calibration += time.perf_counter() - t0
+    return out
+
+
+def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
+    """The block walk: calibrate each group (a block's layers together, or one layer at a time with
+    ``sequential_unit="layer"``) on the pruned network before it, solve, write, feed the next."""
+    order = [n for n in (*chain.prefix, *(n for g in chain.inside for n in g), *chain.suffix) if n in plan.layers]
+    if ctx.options.global_allocation is not None:
+        plan = _allocate_on_dense_blocks(ctx, plan, chain, order)
+    begin_solve(ctx, plan, order, {})
+    found = _Found()
+    # Measured inside the walk unless BatchNorm statistics are re-estimated afterwards (they change the outputs).
+    inside = not (ctx.options.recalibrate_bn and batchnorm_modules(ctx.model))
+    pairs = _Pairs(plan, order, found) if inside else None
+    try:
+        for group in _walk(ctx, chain, pairs):
+            names = [n for n in group.layers if n in plan.layers]
+            units = [names] if ctx.options.sequential_unit == "block" else [[n] for n in names]
+            for unit in units:
+                if unit:
+                    plan = _prune_unit(ctx, plan, unit, group, found)
+    finally:
+        if pairs is not None:
+            pairs.close()
+    done = tuple(n for n in order if n in found.solutions)
+    compared = None if pairs is None else pairs.compare
+    return Solved(plan, done, found.solutions, found.positions, found.scales, True, compared, chain.example)
+
+
+def _costs(plan: Plan, names: Sequence[str]) -> dict[str, float]:
+    return {n: plan_cost(plan.layers[n]) for n in names}
+
+
+def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group, found: _Found) -> Plan:
+    """Calibrate ``names`` together by running ``group`` on its inputs, solve them on their owner ranks, share and
+    write the solutions. Their Hessians die on return."""
+    feed = (range(len(ctx.batches)), group.run)
+    plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
+    called = [n for n in names if n in calibration.hessians]
+    world = ctx.rank.world_size
+    # Balanced inside the group, and turned by one rank per group so that blocks of one layer spread over the ranks.
+    owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
+    found.groups += 1
+    t0 = time.perf_counter()
+    solved: dict[str, Solution] = {}
+    with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
+        for n in called:
+            solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], None, owners[n])
+            ctx.progress.step(n, n)
+    for n in called:
+        found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
+        _write(plan.layers[n].module, found.solutions[n])
+    ctx.timings.solve += time.perf_counter() - t0
+    found.positions.update(calibration.positions)
+    found.scales.update(calibration.scales)
+    return plan
+
+
+def _allocate_on_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str]) -> Plan:
+    """The global allocation's targets from costs on the dense network: one dense walk (nothing written), each
+    group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next."""
+    owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
+    walk = _walk(ctx, chain, reuse=True)
+    held: dict[str, Tensor] = {}
+
+    def hessian_of(name: str) -> Tensor:
+        nonlocal plan
+        while name not in held:
+            group = next(walk, None)
+            names = [] if group is None else [n for n in group.layers if n in plan.layers]
+            if group is None or name in group.layers and name not in plan.layers:
+                raise RuntimeError(
+                    f"layer {name!r} was never called on the calibration batches, so a global allocation has no cost "
+                    "for it; exclude it, or use allocation='uniform'."
+                )
+            held.clear()
+            if names:
+                plan, calibration = calibrate(ctx, plan, names, report=False, feed=(range(len(ctx.batches)), group.run))
+                held.update(calibration.hessians)
+        return held[name]
+
+    try:
+        targets, _ = allocate(ctx, plan, order, owners, hessian_of, keep_traces=False)
+    finally:
+        walk.close()
+    return targets
+
+
+def run_per_layer(ctx: RunContext, plan: Plan) -> Solved:
+    """Calibrate, allocate and solve the layers one after another (one forward per layer); their new weights are
+    written as they go."""
     plan, order = execution_order(ctx, plan)
     owners = {n: i % ctx.rank.world_size for i, n in enumerate(order)}
     hessians: dict[str, Tensor] = {}
