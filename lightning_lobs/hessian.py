@@ -58,6 +58,16 @@ HessianPrecision = Literal["mixed"] | torch.dtype
 #: rounding stays within ``2048 eps_32`` of the entries' scale (``~sqrt(2048) eps_32`` typically), long enough that
 #: the float64 adds (``d^2`` each, memory-bound) cost a few percent of the ``2 * 2048 * d^2`` flops of the products.
 MIXED_CHUNK_ROWS = 2048
+#: ``"mixed"`` multiplies in float32 only while every input magnitude is within these bounds: a float32 partial sum of
+#: MIXED_CHUNK_ROWS squares then stays below a quarter of float32's largest value, and the squares stay well above its
+#: smallest normal number (about 1.2e-38); outside them it multiplies in float64.
+MIXED_MAX_ABS = math.sqrt(torch.finfo(torch.float32).max / (4 * MIXED_CHUNK_ROWS))
+MIXED_MIN_ABS = 1e-15
+
+
+def _float32_products_safe(max_abs: float) -> bool:
+    return max_abs == 0.0 or MIXED_MIN_ABS <= max_abs <= MIXED_MAX_ABS
+
 
 #: The layer helpers this module exported before 0.3.0, now in :mod:`lightning_lobs.layers` (old name -> new home).
 _MOVED_TO_LAYERS = {
@@ -153,6 +163,8 @@ class HessianAccumulator:
         self._partial_rows = 0
         self.count: int = 0
         self.max_abs: float = 0.0  # largest input magnitude seen, to explain an overflowed sum
+        #: ``"mixed"`` met inputs whose float32 products would overflow or underflow: float64 products since then
+        self.mixed_fallback = False
 
     @property
     def sum(self) -> Tensor:
@@ -287,6 +299,12 @@ class HessianAccumulator:
                 )
             if x.numel():
                 self.max_abs = max(self.max_abs, float(x.abs().max()))
+            if self.mixed and self._rows_dtype == torch.float32 and not _float32_products_safe(self.max_abs):
+                # Products this large (or small) would overflow (or underflow) in float32: this layer's rows are
+                # multiplied in float64 from here on, as hessian_dtype=torch.float64 would; the sum was float64.
+                self.mixed_fallback = True
+            if self.mixed_fallback:
+                self._rows_dtype = torch.float64
             # qualified: a bare ``is_linear_like`` here would bypass the old name's DeprecationWarning
             if layers.is_linear_like(self.module):
                 if x.shape[-1] != self._dw:
@@ -327,6 +345,7 @@ class HessianAccumulator:
         self._sum.zero_()
         self._partial, self._partial_rows = None, 0
         self.count = 0
+        self.max_abs, self.mixed_fallback = 0.0, False
 
     def state_dict(self) -> dict[str, Any]:
         """Serializable state: a copy of ``sum`` and ``count``."""

@@ -654,3 +654,29 @@ def test_collector_keyword_input_and_reentry():
     assert col.accumulators["lin"].count == 5
     assert len(lin._forward_pre_hooks) == 0
     assert col.memory_bytes() == 3 * 3 * 8
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_mixed_falls_back_to_float64_products_where_float32_would_overflow_or_underflow(scale):
+    # Inputs of 1e20 square to 1e40 (beyond float32), of 1e-20 to 1e-40 (below its normal range): "mixed" multiplies
+    # such a layer's rows in float64 from the first such batch on, and its H equals the float64 path's. (Tiny inputs
+    # matter only when all of a layer's inputs are tiny: beside ordinary ones their products are below float64's eps.)
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(12, 4).float()
+    ordinary = torch.randn(64, 12, generator=g) * (1.0 if scale > 1 else scale)
+    big = torch.randn(64, 12, generator=g) * scale
+    ref = HessianAccumulator(layer, dtype=torch.float64)
+    mixed = HessianAccumulator(layer, dtype="mixed")
+    for acc in (ref, mixed):
+        acc.add(ordinary)
+        acc.add(big)
+    assert mixed.mixed_fallback and not ref.mixed_fallback
+    h_ref, h_mix = ref.hessian(), mixed.hessian()
+    assert torch.isfinite(h_mix).all()
+    # the ordinary batch went through float32 products (rounding ~ eps32 of its entries); the big one is float64 exact
+    tol = 64 * torch.finfo(torch.float32).eps * float(ordinary.double().pow(2).sum(0).max()) / 128
+    torch.testing.assert_close(h_mix, h_ref, rtol=1e-12, atol=tol)
+    mixed.reset()
+    assert not mixed.mixed_fallback
+    mixed.add(torch.randn(64, 12, generator=g))
+    assert not mixed.mixed_fallback
