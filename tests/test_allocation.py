@@ -18,13 +18,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_lobs.allocation as alloc_mod
 import lightning_lobs.engine.allocate as engine_allocate
-from lightning_lobs import GlobalAllocation, MaskSet, SolverOptions, prune_model
+from lightning_lobs import CalibrationOptions, GlobalAllocation, MaskSet, SolverOptions, prune_model
 from lightning_lobs.allocation import allocate_global, split_budget
 from lightning_lobs.config import resolve_allocation
 from lightning_lobs.solvers import RowFloor, error_curve, output_energy, solve_layer
 
 F64 = torch.float64
 S64 = SolverOptions(dtype=F64)
+# float64 products too: the references below build H in float64 (the default 'mixed' rounds it to ~1e-8)
+C64 = CalibrationOptions(hessian_dtype=F64)
 
 
 def solve_tol(H: torch.Tensor, damp: float = 0.01) -> float:
@@ -374,7 +376,7 @@ def test_curve_allocation_is_the_best_split_over_the_grid(method, monkeypatch):
         )
         m2 = _MLP([10, 24, 16, 6], seed=2)
         seen.clear()
-        rep = prune_model(m2, _loader(x), s, method, allocation=cfg, solver=S64, prune_head=True)
+        rep = prune_model(m2, _loader(x), s, method, allocation=cfg, solver=S64, calibration=C64, prune_head=True)
         ((c_seen, e_seen, b_seen, split),) = seen
         assert b_seen == budget and [list(c) for c in c_seen] == counts
         for l in range(len(names)):  # the measured curves are the single-level solves' errors
