@@ -109,21 +109,30 @@ def configs(args: argparse.Namespace) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- the child: one pipeline
 
 
-def _run_pipeline(name: str, model: torch.nn.Module, batches: list[torch.Tensor], spec: dict[str, Any]) -> None:
+def _run_pipeline(
+    name: str, model: torch.nn.Module, batches: list[torch.Tensor], spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Run one pipeline; returns where its time went (the driver's phases, or the library's report)."""
     from lightning_lobs import prune_model
 
     if name == "dense":
         with torch.no_grad():
             for b in batches:
                 model(b)
-    elif name == "sparsegpt":
+        return {}
+    if name == "sparsegpt":
         module = load_sparsegpt(spec["sparsegpt_repo"])
-        prune_blocks(model, gpt2_blocks(model), batches, sparsegpt_solver(module, SPARSITY, None))
-    else:
-        kwargs = {"default": {}, "sequential": {"sequential": True}, "admm": {"method": "admm"}}[name]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*left dense.*")  # the tied lm_head, as intended
-            prune_model(model, batches, SPARSITY, **kwargs)
+        run = prune_blocks(model, gpt2_blocks(model), batches, sparsegpt_solver(module, SPARSITY, None))
+        return {"solve_seconds": run.solve_seconds, "calibration_seconds": run.calibrate_seconds}
+    kwargs = {"default": {}, "sequential": {"sequential": True}, "admm": {"method": "admm"}}[name]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*left dense.*")  # the tied lm_head, as intended
+        report = prune_model(model, batches, SPARSITY, **kwargs)
+    return {
+        "solve_seconds": report.solve_seconds,
+        "calibration_seconds": report.calibration_seconds,
+        "methods_used": {n: r.method for n, r in report.layers.items()},
+    }
 
 
 def child_main(spec_arg: str) -> None:
@@ -136,7 +145,7 @@ def child_main(spec_arg: str) -> None:
     batches: list[torch.Tensor] = list(data["calib"].split(spec["calibration_batch"]))
     rss_loaded = current_rss_gib()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    _run_pipeline(name, model, batches, spec)
+    phases = _run_pipeline(name, model, batches, spec)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     hidden = final_hidden(model, data["heldout"])
@@ -153,6 +162,7 @@ def child_main(spec_arg: str) -> None:
         "rss_loaded_gib": rss_loaded,
         "sparsity": block_layer_sparsity(gpt2_blocks(model)),
         "logits_error": error,
+        **phases,
     }
     print(json.dumps(out))
 
