@@ -67,7 +67,7 @@ OURS = ("auto", "fast", "admm", "auto_seq", "fast_seq", "admm_seq")
 PEERS = ("sparsegpt", "alps")
 BASELINES = ("wanda", "magnitude")
 METHODS = OURS + PEERS + BASELINES
-DEFAULT_METHODS = "auto,auto_seq,fast,admm,sparsegpt,alps,wanda,magnitude"
+DEFAULT_METHODS = "sparsegpt,alps,auto,fast,wanda,magnitude,admm,auto_seq"
 TARGETS: dict[str, tuple[float | None, tuple[int, int] | None]] = {
     "50%": (0.5, None),
     "70%": (0.7, None),
@@ -150,9 +150,16 @@ def _block_layer_names(module: nn.Module) -> list[str]:
     return list(prunable_layers(gpt2_blocks(module)))
 
 
-def compare(args: argparse.Namespace, dense: nn.Module, test: Tensor, calib: list[Tensor]) -> list[dict[str, Any]]:
-    """Every method at every target, each from the dense weights; one row per (method, target)."""
-    rows = []
+def compare(
+    args: argparse.Namespace,
+    dense: nn.Module,
+    test: Tensor,
+    calib: list[Tensor],
+    rows: list[dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Every method at every target, each from the dense weights; appends one row per (method, target) to
+    ``rows`` and calls ``save()`` after each (a long run keeps what it measured if it is stopped)."""
     for target in args.targets.split(","):
         for method in args.methods.split(","):
             module = copy.deepcopy(dense)
@@ -169,7 +176,7 @@ def compare(args: argparse.Namespace, dense: nn.Module, test: Tensor, calib: lis
                 row["prune_seconds"],
             )
             rows.append(row)
-    return rows
+            save()
 
 
 def table(results: dict[str, Any]) -> str:
@@ -223,12 +230,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "machine": machine_info(),
     }
-    results["rows"] = compare(args, dense, data.test, data.calib)
-    results["total_s"] = time.perf_counter() - t_total
-    results["loadavg_end"] = os.getloadavg()
+    results["rows"] = []
+
+    def save() -> None:
+        results["total_s"] = time.perf_counter() - t_total
+        results["loadavg_end"] = os.getloadavg()
+        if args.out:
+            write_json(args.out, results)
+
+    compare(args, dense, data.test, data.calib, results["rows"], save)
     print(table(results))
-    if args.out:
-        write_json(args.out, results)
     return results
 
 
