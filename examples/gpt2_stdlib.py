@@ -45,43 +45,22 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lobs_lab.harness import PeakRSS, figure, fit_quietly, machine_info, quiet_trainer, train_or_load, write_results
+from lobs_lab.byte_gpt2 import add_training_args, set_quick_training, stdlib_lm_data, train_byte_gpt2, wanda_block_masks
+from lobs_lab.harness import PeakRSS, figure, machine_info, write_results
 from lobs_lab.metrics import LN2, lm_metrics
 from lobs_lab.models import ByteLM, make_gpt2
 from lobs_lab.prune_retrain import (
     BASELINES,
     Setup,
     baseline_masks,
-    collect_input_norms,
     run_prune_retrain,
     strip_modules,
 )
 from lobs_lab.tables import perplexity_table
-from lobs_lab.text import RandomWindows, eval_windows, inputs_only, load_stdlib_corpus
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 log = logging.getLogger("lightning_lobs.examples.gpt2")
-
-
-class ValCurve(Callback):
-    """Validation NLL every ``every`` steps and at the end of training."""
-
-    def __init__(self, windows: Tensor, every: int) -> None:
-        self.windows, self.every = windows, every
-        self.curve: list[tuple[int, float, float]] = []  # (step, val nll, seconds since start)
-        self.t0 = time.perf_counter()
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step % self.every == 0 or step == trainer.max_steps:
-            nll = lm_metrics(pl_module, self.windows)["nll"]
-            self.curve.append((step, nll, time.perf_counter() - self.t0))
-            log.info("step %d: validation nll %.4f (%.2f bits/byte), %.0f s", step, nll, nll / LN2, self.curve[-1][2])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,25 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2, a few steps")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--val-windows", type=int, default=64)
-    p.add_argument("--test-windows", type=int, default=192)
-    p.add_argument("--calibration-windows", type=int, default=64, help="calibration sequences (of --context tokens)")
-    p.add_argument("--calibration-batch", type=int, default=16)
+    add_training_args(p)
     p.add_argument("--retrain-steps", type=int, default=16)
     p.add_argument("--retrain-lr", type=float, default=2e-4)
     p.add_argument("--methods", default="exact,fast,lobs," + ",".join(BASELINES))
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="run the memory/time probes")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "gpt2_stdlib"), help="writes <out>.json and <out>.png")
     p.add_argument(
         "--dense-cache",
@@ -118,9 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: "<kind>:<state file>"
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.width, args.heads, args.context, args.batch_size = 2, 64, 2, 32, 8
-        args.train_steps, args.warmup, args.val_every, args.val_windows, args.test_windows = 12, 2, 6, 8, 16
-        args.calibration_windows, args.calibration_batch, args.retrain_steps = 8, 4, 2
+        set_quick_training(args)
+        args.retrain_steps = 2
         args.memory = False  # three fresh interpreters cost more than the whole smoke run
     return args
 
@@ -190,56 +154,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pl.seed_everything(args.seed, workers=True)
     t_total = time.perf_counter()
 
-    corpus = load_stdlib_corpus()
+    data = stdlib_lm_data(args, retrain_steps=args.retrain_steps)
+    corpus, test, calib_windows, calib = data.corpus, data.test, data.calib_windows, data.calib
     log.info("stdlib corpus: %s", corpus.info())
     T = args.context
-    val = eval_windows(corpus.tokens["validation"], T, args.val_windows)
-    test = eval_windows(corpus.tokens["test"], T, args.test_windows)
-    train_ds = RandomWindows(corpus.tokens["train"], T, args.train_steps * args.batch_size, seed=args.seed)
-    retrain_ds = RandomWindows(corpus.tokens["train"], T, args.retrain_steps * args.batch_size, seed=args.seed + 1)
-    # Calibration: fixed random train windows (a third seed), inputs only.
-    calib_windows = inputs_only(
-        torch.stack(
-            [
-                RandomWindows(corpus.tokens["train"], T, args.calibration_windows, seed=args.seed + 2)[i]
-                for i in range(args.calibration_windows)
-            ]
-        )
-    )
-    calib = list(calib_windows.split(args.calibration_batch))
-
-    # ---------------------------------------------------------------- dense training
-    dense = ByteLM(
-        make_gpt2(args.layers, args.width, args.heads, T), lr=args.lr, warmup=args.warmup, total_steps=args.train_steps
-    )
-
-    def train() -> dict[str, Any]:
-        curve = ValCurve(val, args.val_every)
-        trainer = quiet_trainer(max_steps=args.train_steps, max_epochs=1, callbacks=[curve], gradient_clip_val=1.0)
-        seconds = fit_quietly(trainer, dense, DataLoader(train_ds, batch_size=args.batch_size, shuffle=False))
-        return {"dense_train_s": seconds, "val_curve": curve.curve}
-
-    training_key = {
-        k: getattr(args, k)
-        for k in (
-            "layers",
-            "width",
-            "heads",
-            "context",
-            "batch_size",
-            "train_steps",
-            "lr",
-            "warmup",
-            "val_every",
-            "val_windows",
-            "seed",
-        )
-    }
-    training = train_or_load(args.dense_cache, {**training_key, "corpus": corpus.info()}, dense, train)
+    dense, training = train_byte_gpt2(args, data, args.dense_cache)
     dense_test = lm_metrics(dense, test)
     log.info("dense GPT-2: test %s after %d steps (%.0f s)", dense_test, args.train_steps, training["dense_train_s"])
     names = [n for n, m in dense.named_modules() if type(m).__name__ == "Conv1D"]
-    retrain_loader = DataLoader(retrain_ds, batch_size=args.batch_size, shuffle=False)
+    retrain_loader = DataLoader(data.retrain, batch_size=args.batch_size, shuffle=False)
     rows = compare(args, dense, names, calib, retrain_loader, test)
 
     memory = memory_and_time(dense, calib, args) if args.memory else []
@@ -301,17 +224,7 @@ def compare(
     ) -> dict[str, Tensor]:
         if rule != "wanda":
             return baseline_masks(module, names, rule, sparsity, pattern)
-        masks: dict[str, Tensor] = {}
-        modules = dict(module.named_modules())
-        for i in range(args.layers):  # block by block, each on the outputs of the already pruned blocks
-            block = [n for n in names if n.startswith(f"model.transformer.h.{i}.")]
-            norms = collect_input_norms(module, block, calib, lambda b: module(b))
-            block_masks = baseline_masks(module, block, "wanda", sparsity, pattern, norms)
-            with torch.no_grad():
-                for n, m in block_masks.items():
-                    modules[n].weight.mul_(m.to(modules[n].weight.dtype))
-            masks.update(block_masks)
-        return masks
+        return wanda_block_masks(module, names, calib, sparsity, pattern)  # its paper's block-by-block setting
 
     setup = Setup(
         names=names,

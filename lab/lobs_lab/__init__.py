@@ -9,4 +9,8 @@
 - :mod:`lobs_lab.mnist_job`: the LeNet examples' driver (the README's main job).
 - :mod:`lobs_lab.tables`: the Markdown tables of the deep examples.
 - :mod:`lobs_lab.harness`: machine info, timers, memory peaks, JSON, figures, short training loops.
+- :mod:`lobs_lab.peers`: SparseGPT's and ALPS's own code loaded at run time, and a block-by-block driver for it.
+- :mod:`lobs_lab.gpt2`: GPT-2 from its config with seeded weights, bytes as GPT-2 tokens, the logits error.
+- :mod:`lobs_lab.byte_gpt2`: the byte-level GPT-2 of examples/gpt2_stdlib.py (data, training, dense cache, Wanda).
+- :mod:`lobs_lab.isolate`: one measurement in a child process under a resident-memory guard.
 """
