@@ -213,7 +213,8 @@ class HessianAccumulator:
         xg = rows.to(device=self._sum.device, dtype=self._rows_dtype).transpose(0, 1)  # (G, n, d_w)
         if self._bias:  # the ones column joins the product (counts <= 2048 are exact in float32)
             xg = torch.cat([xg, xg.new_ones(xg.shape[0], xg.shape[1], 1)], dim=2)
-        with _full_float32_matmul():
+        # autocast off: under bf16/16-mixed training it would run the product in half precision (and return it so)
+        with _full_float32_matmul(), torch.autocast(xg.device.type, enabled=False):
             if self._partial is None:
                 self._partial = torch.bmm(xg.transpose(1, 2), xg)
             else:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_lobs.engine.calibrate as _calibrate_mod  # noqa: E402
 import lightning_lobs.engine.solve as _solve_mod  # noqa: E402
 from lightning_lobs import LOBSPruning  # noqa: E402
-from lightning_lobs.config import PruneOptions  # noqa: E402
+from lightning_lobs.config import CalibrationOptions, PruneOptions  # noqa: E402
 from lightning_lobs.distributed import RankInfo  # noqa: E402
 from lightning_lobs.engine import prune  # noqa: E402
 
@@ -47,6 +47,9 @@ CALIBRATION_BATCHES = 4  # = 256 / 2 ranks / 32: each rank's whole DistributedSa
 # --------------------------------------------------------------------------- spies on the engine
 # Installed at import in the script and in ddp_spawn workers (which re-import this file as __mp_main__).
 
+# Float64 products: the tests compare these runs with one process on the union of the batches, bit for bit in the
+# Hessians; the default "mixed" rounds each rank's float32 partial sums differently from one process's.
+C64 = CalibrationOptions(hessian_dtype=torch.float64)
 SPY: dict[str, Any] = {"hessians": {}, "positions": {}, "solved": []}
 _orig_calibrate = _calibrate_mod.collect_hessians
 _orig_solve_one = _solve_mod.solve_one
@@ -219,6 +222,7 @@ def run(out: str, strategy: str, run_name: str) -> None:
         log_table=False,
         allocation="uniform" if "uni" in rest else "global",
         prune_head=True,
+        calibration=C64,
     )
     trainer = pl.Trainer(
         strategy=strategy,
@@ -269,7 +273,7 @@ def run_raw(out: str, method: str) -> None:
         model(raw_batches()[info.rank] * (1 + info.rank))
     dense = _clone(model.state_dict())
     mine = raw_batches()[:1] if info.rank == 0 else raw_batches()[1:]
-    report = prune(model, mine, PruneOptions(sparsity=0.6, method=method, prune_head=True), rank=info)
+    report = prune(model, mine, PruneOptions(sparsity=0.6, method=method, prune_head=True, calibration=C64), rank=info)
     record = dict(
         dense=dense,
         pruned=_clone(model.state_dict()),

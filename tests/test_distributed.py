@@ -198,7 +198,7 @@ def _reference(run: str, r0: dict, r1: dict):
                 model(x)
         model.train()
         hessians = collector.hessians()
-    report = prune_model(model, batches, 0.6, method, sequential="seq" in rest, prune_head=True)
+    report = prune_model(model, batches, 0.6, method, sequential="seq" in rest, prune_head=True, calibration=script.C64)
     return model, report, hessians
 
 
@@ -289,7 +289,7 @@ def test_prune_with_rank_info_on_uneven_shards_matches_single_process(ddp_out):
     # One process, all four batches, rank 0's dense model (its buffers are what every rank calibrates).
     model = script.LitNet("cnn")
     model.load_state_dict(r0["dense"])
-    report = prune_model(model, script.raw_batches(), 0.6, "exact", prune_head=True)
+    report = prune_model(model, script.raw_batches(), 0.6, "exact", prune_head=True, calibration=script.C64)
     for n in r0["masks"]:
         assert torch.equal(report.masks[n], r0["masks"][n]), n
     state = model.state_dict()

@@ -680,3 +680,22 @@ def test_mixed_falls_back_to_float64_products_where_float32_would_overflow_or_un
     assert not mixed.mixed_fallback
     mixed.add(torch.randn(64, 12, generator=g))
     assert not mixed.mixed_fallback
+
+
+def test_mixed_products_stay_float32_under_cpu_autocast():
+    # bf16-mixed training runs the forward under autocast: the float32 products must not become bfloat16.
+    g = torch.Generator().manual_seed(5)
+    layer = nn.Linear(6, 3)
+    x = torch.randn(40, 6, generator=g)
+    ref = HessianAccumulator(layer, dtype=torch.float64)
+    ref.add(x)
+    acc = HessianAccumulator(layer, dtype="mixed")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        acc.add(x)
+        acc.add(x)
+    ref.add(x)
+    h = acc.hessian()
+    assert h.dtype == torch.float64
+    torch.testing.assert_close(
+        h, ref.hessian(), rtol=0, atol=64 * torch.finfo(torch.float32).eps * float(x.pow(2).sum(0).max()) / 40
+    )
