@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -86,11 +86,12 @@ def _laid_out_like(mask: Tensor, ref: Tensor) -> Tensor:
     if not is_sharded(ref):
         return gather(mask).to(ref.device)
     if is_sharded(mask):
-        if mask.device_mesh == ref.device_mesh and tuple(mask.placements) == tuple(ref.placements):
+        m, r = cast(Any, mask), cast(Any, ref)  # DTensors: torch's stubs type them as plain Tensors
+        if m.device_mesh == r.device_mesh and tuple(m.placements) == tuple(r.placements):
             return mask if mask.device == ref.device else mask.to(ref.device)
-        if mask.device_mesh == ref.device_mesh:
-            return mask.redistribute(ref.device_mesh, ref.placements)
-        mask = mask.full_tensor()
+        if m.device_mesh == r.device_mesh:
+            return m.redistribute(r.device_mesh, r.placements)
+        mask = m.full_tensor()
     return shard_like(mask, ref)  # each rank keeps a copy of its slice, not a view holding the whole mask
 
 

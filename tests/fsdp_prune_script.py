@@ -251,7 +251,8 @@ def prune_steps(
     from lightning_lobs import CalibrationOptions, prune_model
 
     kwargs = dict(prune_head=True, sequential="seq" in rest, allocation="global" if "global" in rest else "uniform")
-    kwargs["calibration"] = CalibrationOptions(memory_budget_bytes=budget)
+    # float64 products: the tests compare the Hessians with one process's bit for bit ("mixed" rounds per rank)
+    kwargs["calibration"] = CalibrationOptions(memory_budget_bytes=budget, hessian_dtype=torch.float64)
     masks = None
     if "twice" in rest:
         masks = prune_model(net, batches, FIRST_SPARSITY, method, **kwargs).masks

@@ -198,10 +198,10 @@ def _make_chain(
     if between:
         return f"layers {between} run between the blocks but outside them"
     rank = {n: i for i, n in called}
-    inside = tuple(tuple(sorted(group, key=lambda n: rank.get(n, len(events)))) for group in inside)
+    ordered = tuple(tuple(sorted(group, key=lambda n: rank.get(n, len(events)))) for group in inside)
     suffix = tuple(n for n in layers if n not in in_blocks and n not in prefix)
     suffix = tuple(sorted(suffix, key=lambda n: rank.get(n, len(events))))
-    return Chain(tuple(order), tuple(modules[b] for b in order), prefix, inside, suffix, key)
+    return Chain(tuple(order), tuple(modules[b] for b in order), prefix, ordered, suffix, key)
 
 
 def catch_first(first: nn.Module, run: Callable[[], Any]) -> BlockCall:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -145,7 +145,9 @@ def _write(module: Any, solution: Solution) -> None:
         weight.masked_fill_(~solution.mask.to(weight.device), 0.0)
 
 
-def _walk(ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: bool = False) -> Iterator[_Group]:
+def _walk(
+    ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: bool = False
+) -> Generator[_Group, None, None]:
     """The groups in forward order; after each is yielded (and pruned by the caller) its pruned outputs feed on.
     With ``pairs``, a dense stream runs beside the pruned one and every stretch's outputs are compared. ``reuse``
     (nothing is written while walking: the allocation's dense walk): a block's outputs on its calibration runs
@@ -181,7 +183,7 @@ def _walk(ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: boo
         else:
             d_out, outs = both(layers, partial(_run_on, block, dense or [], None), run)
         if dense is not None:
-            dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, d_out)], d_out
+            dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, cast(list, d_out))], d_out
         calls = [next_call(c, o, chain.hidden) for c, o in zip(calls, outs)]
 
     def tail(last: list, j: int) -> Any:
@@ -195,7 +197,12 @@ def _walk(ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: boo
             dense_out, out = pairs.run(chain.suffix, partial(tail, dense_outs or [], j), partial(tail, outs, j))
             pairs.compare.model_output(dense_out, out)
 
-        _timed(ctx, lambda: [compare_tail(j) for j in items])
+        def compare_all() -> list:
+            for j in items:
+                compare_tail(j)
+            return []
+
+        _timed(ctx, compare_all)
 
 
 def _run_on(block: nn.Module, calls: Sequence[BlockCall], cache: dict[int, Any] | None, j: int) -> Any:
