@@ -47,6 +47,7 @@ from .config import (
     GlobalAllocation,
     Method,
     PruneOptions,
+    SequentialUnit,
     SolverOptions,
     SparsitySpec,
 )
@@ -148,7 +149,11 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         calibration_batches: batches used to build the Hessians.
         calibration_dataloader: where those batches come from (default: the train dataloader); a
             DataLoader or a list, replayed at each prune (a one-shot iterator only with one prune).
-        sequential: calibrate layer l on inputs through the already pruned layers before it.
+        sequential: calibrate each layer on inputs through the already pruned layers before it, block by block
+            (SparseGPT's pipeline: a transformer's decoder layers, a ResNet's stages).
+        sequential_unit: with ``sequential=True``: ``"block"`` (a block's layers calibrated together) or
+            ``"layer"`` (inside a block too, each layer on the pruned layers before it).
+        blocks: with ``sequential=True``: qualified names of the modules to walk as blocks instead of the ones found.
         solver: :class:`SolverOptions` (or a mapping of its fields).
         calibration: :class:`CalibrationOptions` (or a mapping of its fields).
         forward_fn: ``(model, batch) -> output``; default feeds a tensor batch, ``batch[0]`` or a
@@ -197,6 +202,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         calibration_batches: int = 32,
         calibration_dataloader: Any | None = None,
         sequential: bool = False,
+        sequential_unit: SequentialUnit = "block",
+        blocks: Sequence[str] | None = None,
         solver: SolverOptions | None = None,
         calibration: CalibrationOptions | None = None,
         forward_fn: ForwardFn | None = None,
@@ -225,6 +232,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             allocation=allocation,
             exclude=exclude,
             sequential=sequential,
+            sequential_unit=sequential_unit,
+            blocks=blocks,
             solver=solver,
             calibration=calibration,
             forward_fn=forward_fn,

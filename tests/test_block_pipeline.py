@@ -454,3 +454,56 @@ def test_llama_blocks_get_their_rotary_embeddings_and_masks(caplog):
         assert torch.equal(got != 0, ref_masks[n]), n
         tol = 1e3 * torch.finfo(torch.float32).eps * float(want.abs().max())  # as in the GPT-2 reference test
         assert float((got - want).abs().max()) <= tol, n
+
+
+def test_callback_takes_the_block_options_and_prunes_as_prune_model_does(tmp_path):
+    """LOBSPruning(sequential=True, sequential_unit=..., blocks=...) reaches the engine: the same masks as prune_model."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lobs import LOBSPruning
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _StagedCNN()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return self(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: the weights stay the pruned ones
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
+    options = dict(sequential=True, sequential_unit="layer", blocks=["layer1", "layer2"], allocation="uniform")
+    torch.manual_seed(5)
+    lit = Lit()
+    reference = copy.deepcopy(lit.net)
+    expected = prune_model(reference, batches, 0.5, "fast", **options)
+    # the callback prunes the LightningModule: its blocks are named from there
+    options["blocks"] = ["net.layer1", "net.layer2"]
+    callback = LOBSPruning(
+        0.5, prune_epoch=0, method="fast", calibration_dataloader=batches, log_table=False, **options
+    )
+    assert callback.options[0].sequential_unit == "layer" and callback.options[0].blocks == ("net.layer1", "net.layer2")
+    data = DataLoader(TensorDataset(torch.cat(batches)), batch_size=4)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(lit, data)
+    assert set(callback.masks) == {f"net.{n}" for n in expected.layers}
+    for n in expected.layers:
+        assert torch.equal(callback.masks[f"net.{n}"], expected.masks[n]), n
+    with pytest.raises(ValueError, match="sequential_unit must be one of"):
+        LOBSPruning(0.5, prune_epoch=0, sequential=True, sequential_unit="row")
