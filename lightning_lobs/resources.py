@@ -13,7 +13,7 @@ weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -118,12 +118,14 @@ def check_budget(
     budget: int | None,
     sequential: bool,
     device: torch.device,
+    groups: Sequence[Collection[str]] = (),
 ) -> dict[str, int]:
     """Raise ``MemoryError`` naming the layer and the remedy when the plan will not fit.
 
-    Dense calibration holds every Hessian at once; sequential calibration one at a time.
-    The solves run one layer at a time on top of the Hessians. ``budget`` None means
-    80% of the memory available on ``device`` now. Returns the totals it checked.
+    Dense calibration holds every Hessian at once; sequential calibration one at a time, or, with ``groups`` (the
+    selected layers of each block the block pipeline walks), one group's at a time. The solves run one layer at a
+    time on top of the Hessians. ``budget`` None means 80% of the memory available on ``device`` now. Returns the
+    totals it checked.
     """
     if budget is None:
         avail = available_memory(device)
@@ -132,11 +134,12 @@ def check_budget(
         budget = int(0.8 * avail)
     if not estimates:
         return {"budget": budget, "peak": 0}
-    held = (
-        max(e.hessian_bytes for e in estimates.values())
-        if sequential
-        else sum(e.hessian_bytes for e in estimates.values())
-    )
+    if sequential:
+        held = max(e.hessian_bytes for e in estimates.values())
+        for group in groups:
+            held = max(held, sum(estimates[n].hessian_bytes for n in group if n in estimates))
+    else:
+        held = sum(e.hessian_bytes for e in estimates.values())
     worst = max(estimates.values(), key=lambda e: e.solve_bytes)
     peak = held + worst.solve_bytes
     if peak > budget:
@@ -145,8 +148,9 @@ def check_budget(
             f"pruning needs about {_size(peak)} but the memory budget is {_size(budget)}: layer "
             f"'{biggest.name}' alone needs {_size(biggest.hessian_bytes)} for its Hessian and "
             f"{_size(biggest.solve_bytes)} to solve. Use method='fast' for it, "
-            f"CalibrationOptions(hessian_dtype=torch.float32), sequential=True (one Hessian at a time), "
-            f"exclude=['{biggest.name}'], or raise CalibrationOptions.memory_budget_bytes."
+            f"CalibrationOptions(hessian_dtype=torch.float32), sequential=True (one block's Hessians at a time; "
+            f"sequential_unit='layer': one), exclude=['{biggest.name}'], or raise "
+            "CalibrationOptions.memory_budget_bytes."
         )
     return {"budget": budget, "peak": peak}
 

@@ -94,6 +94,51 @@ def test_check_budget_sequential_holds_one_hessian():
     assert check_budget({}, 10, sequential=False, device=torch.device("cpu"))["peak"] == 0
 
 
+def test_check_budget_block_pipeline_holds_one_blocks_hessians():
+    est = {
+        n: LayerMemory(n, hessian_bytes=h, solve_bytes=s)
+        for n, h, s in (("h.0.a", 100, 30), ("h.0.b", 300, 10), ("h.1.a", 200, 50), ("head", 350, 5))
+    }
+    cpu = torch.device("cpu")
+    groups = [["h.0.a", "h.0.b"], ["h.1.a"]]
+    # the biggest block holds 100 + 300: more than the biggest single Hessian (350, the head outside the blocks)
+    assert check_budget(est, 10**6, True, cpu, groups)["peak"] == 400 + 50
+    assert check_budget(est, 10**6, True, cpu)["peak"] == 350 + 50  # one at a time (sequential_unit="layer")
+    with pytest.raises(MemoryError, match="one block's Hessians at a time"):
+        check_budget(est, 449, True, cpu, groups)
+
+
+def test_block_pipeline_memory_check_counts_a_whole_block():
+    """prune_model(sequential=True) refuses a budget that one layer's Hessian fits but one block's does not."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_lobs import PruneOptions
+    from lightning_lobs.engine.plan import pipeline_groups
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=50)
+    model = GPT2LMHeadModel(config).eval()
+    batches = [torch.randint(0, 50, (2, 8))]
+    block = [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    mem = {n: layer_memory(n, model.get_submodule(n), "fast", "mixed", torch.float32, 2**30) for n in block}
+    one_block = sum(m.hessian_bytes for m in mem.values())
+    biggest = max(m.hessian_bytes for m in mem.values())
+    solve = max(m.solve_bytes for m in mem.values())
+    budget = (biggest + one_block) // 2 + solve  # one Hessian fits, one block's do not
+    calibration = CalibrationOptions(memory_budget_bytes=budget)
+    with pytest.raises(MemoryError, match="one block's Hessians"):
+        prune_model(model, batches, 0.5, "fast", sequential=True, calibration=calibration)
+    report = prune_model(model, batches, 0.5, "fast", sequential=True, sequential_unit="layer", calibration=calibration)
+    assert report.sparsity > 0.4
+    second = [b.replace(".0.", ".1.") for b in block]
+    ctx = SimpleNamespace(model=model, options=PruneOptions(0.5, "fast", sequential=True))
+    assert pipeline_groups(ctx, dict.fromkeys(block + second)) == [block, second]
+    ctx.options = PruneOptions(0.5, "fast", sequential=True, sequential_unit="layer")
+    assert pipeline_groups(ctx, dict.fromkeys(block + second)) == []
+
+
 def _two_layer_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

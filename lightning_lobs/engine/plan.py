@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import attention as _attention
+from ..blocks import check_block_names, find_blocks, layers_in
 from ..config import NMPattern
 from ..layers import channel_last_perm, describe_layer, has_bias, num_groups, solve_cost, to_rows, weight_matrix
 from ..masks import MaskSet
@@ -198,8 +199,22 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
         )
         for n, l in layers.items()
     }
+    groups = pipeline_groups(ctx, layers)
     with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
-        check_budget(estimates, calibration.memory_budget_bytes, ctx.options.sequential, ctx.device)
+        check_budget(estimates, calibration.memory_budget_bytes, ctx.options.sequential, ctx.device, groups)
+
+
+def pipeline_groups(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> list[list[str]]:
+    """The layers whose Hessians the block pipeline holds together: each block's (``sequential_unit="block"``).
+
+    The blocks are those the pipeline would walk (named or found); whether they chain is checked later, on a forward,
+    and a fallback to one layer at a time only holds fewer.
+    """
+    if not ctx.options.sequential or ctx.options.sequential_unit != "block":
+        return []
+    named = ctx.options.blocks
+    names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)
+    return [layers_in(b, layers) for b in names]
 
 
 def dense_modules(plan: Plan) -> dict[str, nn.Module]:
