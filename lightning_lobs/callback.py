@@ -22,7 +22,7 @@ import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union, cast
 
 import torch
 from torch import nn
@@ -233,7 +233,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             exclude=exclude,
             sequential=sequential,
             sequential_unit=sequential_unit,
-            blocks=blocks,
+            blocks=cast(Any, blocks),  # PruneOptions checks it and makes it a tuple
             solver=solver,
             calibration=calibration,
             forward_fn=forward_fn,

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from .layers import is_hf_conv1d, is_maskable
 from .masks import MaskSet, resolve_weight
+from .sharding import sharded_parameters
 
 __all__ = [
     "CSRLinear",
@@ -170,6 +171,19 @@ class SparseFileInfo:
 
 
 # --------------------------------------------------------------------------- encoding helpers
+
+
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """``ValueError`` before any work when ``model`` has ``fully_shard`` (DTensor) parameters: each rank holds
+    only its shards, and a file or a sparse copy made from them would silently be part of the model."""
+    names = sharded_parameters(model)
+    if names:
+        raise ValueError(
+            f"{what} needs whole weights, but {len(names)} parameters of this model are sharded by fully_shard "
+            f"(FSDP2), e.g. {names[:3]}: each rank holds only its shards. Gather a full copy first, e.g. with "
+            "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True)) loaded into an unsharded model on one rank, then call it there."
+        )
 
 
 def _int_view(flat: Tensor) -> Tensor | None:
@@ -515,6 +529,7 @@ def save_sparse(
     """
     from safetensors.torch import save as st_save
 
+    refuse_sharded(model, "save_sparse")
     path = os.fspath(path)
     mask_map = _masks_mapping(masks)
     entries = _state_entries(model, mask_map)
@@ -972,6 +987,7 @@ def export_sparse(model: nn.Module, masks: MaskSet, layout: str = "csr") -> dict
     """
     if layout not in ("csr", "coo"):
         raise ValueError(f"layout must be 'csr' or 'coo', got {layout!r}")
+    refuse_sharded(model, "export_sparse")
     out: dict[str, Tensor] = {}
     for name, weight in masks._resolve_all(model).items():
         w2d = weight.detach().reshape(weight.shape[0], -1) if weight.dim() else weight.detach().reshape(1, 1)
@@ -1295,6 +1311,7 @@ def to_sparse_inference(
     one ``UserWarning`` lists every layer kept dense and why (too dense, slower when timed, an unsupported
     type), unless ``mode="dense"`` asked for none.
     """
+    refuse_sharded(model, "to_sparse_inference")
     if plan is None:
         plan = plan_sparse_inference(model, batch_size=batch_size, mode=mode, **plan_kwargs)
     target = model if inplace else copy.deepcopy(model)
