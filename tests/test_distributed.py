@@ -13,9 +13,6 @@ import itertools
 import math
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +24,7 @@ from torch import nn
 from lightning_lobs import LOBSPruning, prune_model
 from lightning_lobs.distributed import RankInfo, assign_layers, broadcast_floats, broadcast_tensors
 from lightning_lobs.hessian import HessianCollector
+from ranks import free_port, needs_gloo, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_prune_script.py"
@@ -39,11 +37,6 @@ SPAWN_RUNS = ("cnn-exact",)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references on one thread
 
-needs_gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed gloo",
-)
-
 
 def _script_module():
     """The helper script as a module (importing it does not patch the engine: only running it does)."""
@@ -53,35 +46,19 @@ def _script_module():
     return mod
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, strategy: str, runs) -> Path:
     env = dict(os.environ)
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK", "PL_GLOBAL_SEED"):
         env.pop(key, None)
     env.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         OMP_NUM_THREADS="1",
         PYTHONWARNINGS="ignore",
     )
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--strategy", strategy, "--runs", ",".join(runs)]
-    # Own session: on a hang (a rank waiting forever in a collective) every rank is killed, not just rank 0.
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung (killed after 300 s):\n{output[-6000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    run_ranks(cmd, ROOT, env)
     return out
 
 

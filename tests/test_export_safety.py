@@ -579,20 +579,15 @@ def test_one_model_always_gives_the_same_bytes(tmp_path):
 
 def test_sharded_models_are_refused_before_any_work(tmp_path):
     """A fully_shard model holds only this rank's shards: a file or sparse copy of them would be part of the model."""
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from lightning_lobs import MaskSet, export_sparse, save_sparse, to_sparse_inference
+    from ranks import free_port
 
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed and no process group already running")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
         fully_shard(model)

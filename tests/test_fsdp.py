@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from lightning_lobs.hessian import HessianCollector
 from lightning_lobs.resources import layer_memory
+from ranks import needs_gloo, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "fsdp_prune_script.py"
@@ -32,11 +31,6 @@ FAIL_RUNS = {
 RUNS = ("mlp-exact", "mlp-fast-global", "cnn-fast", "mlp-exact-seq", "gpt-fast", "mlp-fast-twice")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references on one thread
-
-needs_gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed gloo",
-)
 
 
 def _script_module():
@@ -59,17 +53,7 @@ def fsdp_out(tmp_path_factory) -> Path:
         PYTHONWARNINGS="ignore",
     )
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--runs", ",".join((*FAIL_RUNS, *RUNS))]
-    # Own session: on a hang (a rank waiting forever in a collective) every rank is killed, not just the parent.
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung (killed after 300 s):\n{output[-6000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    run_ranks(cmd, ROOT, env)
     return out
 
 

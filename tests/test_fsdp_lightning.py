@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,16 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lobs import LOBSPruning, MaskSet
+from ranks import free_port, needs_gloo, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "fsdp_lightning_script.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-needs_gloo = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed gloo",
-)
 
 
 def _script():
@@ -42,12 +35,6 @@ def _script():
     return mod
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, runs: str) -> Path:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")}
     env.update(
@@ -56,18 +43,8 @@ def _launch(out: Path, runs: str) -> Path:
         PYTHONWARNINGS="ignore",
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(_free_port()), str(SCRIPT), "--out", str(out), "--runs", runs]
-    # Own session: on a hang (a rank waiting forever in a collective) every rank is killed.
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung (killed after 300 s):\n{output[-6000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+    cmd += ["--master_port", str(free_port()), str(SCRIPT), "--out", str(out), "--runs", runs]
+    run_ranks(cmd, ROOT, env)
     return out
 
 
