@@ -88,7 +88,9 @@ FORMAT = "lightning-lobs-sparse"
 VERSION = 2
 _OLD_MAGIC = b"LOBSSPRS"  # format version 1, lightning-lobs 0.1.0's own layout
 _MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers, so no writer makes them
-_MAX_DIMS = 1024  # dimensions of a tensor in a file (torch tensors in practice have a handful)
+# Dimensions of a tensor in a file: a bound on the reader's work for a crafted header (math.prod over a shape of
+# millions of huge counts); torch tensors in practice have a handful, and save_sparse refuses more before writing.
+_MAX_DIMS = 1024
 _SHAPE_RULE = f"at most {_MAX_DIMS} dimensions, each below 2**63"
 # read_sparse's default bound on decoded bytes: 100x the file (float32 at 99% sparsity in CSR decodes to ~66x),
 # at least 1 MiB (small files with all-zero buffers); load_sparse is bounded by the model instead.
@@ -318,6 +320,29 @@ def _nonzero(flat: Tensor, ints: Tensor) -> Tensor:
     return flat != 0 if flat.is_floating_point() else ints != 0
 
 
+def _check_storable(key: str, value: Any) -> None:
+    """Refuse a ``state_dict`` entry the file cannot hold, or that the reader would refuse, naming the way out."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; save_sparse stores tensors only"
+        )
+    if value.layout != torch.strided or value.is_quantized or value.is_meta:
+        raise TypeError(
+            f"state_dict entry {key!r} is a {value.layout} / quantized / meta tensor; save_sparse stores dense "
+            "strided tensors (save before to_sparse_inference)"
+        )
+    if str(value.dtype) not in _FILE_DTYPES:
+        raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which save_sparse cannot store")
+    if value.dim() > _MAX_DIMS:
+        # The reader bounds a shape's length so that a crafted header cannot make it multiply millions of numbers;
+        # writing what it would refuse would give a file that cannot be loaded back.
+        raise ValueError(
+            f"state_dict entry {key!r} has {value.dim()} dimensions; a sparse file holds tensors of at most "
+            f"{_MAX_DIMS} (load_sparse refuses more): keep it with fewer dimensions in the state_dict (e.g. a "
+            "flattened buffer reshaped in forward), or save this model with torch.save"
+        )
+
+
 def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry]:
     state = model.state_dict()
     mask_of: dict[str, Tensor] = {}
@@ -330,17 +355,7 @@ def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry
     entries = []
     seen_storage: set[int] = set()
     for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; save_sparse stores tensors only"
-            )
-        if value.layout != torch.strided or value.is_quantized or value.is_meta:
-            raise TypeError(
-                f"state_dict entry {key!r} is a {value.layout} / quantized / meta tensor; save_sparse stores dense "
-                "strided tensors (save before to_sparse_inference)"
-            )
-        if str(value.dtype) not in _FILE_DTYPES:
-            raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which save_sparse cannot store")
+        _check_storable(key, value)
         t = value.detach().to("cpu").contiguous()
         if t.numel():
             # safetensors refuses tensors sharing memory (tied weights appear under two keys): copy the second
