@@ -95,7 +95,11 @@ def prune_model(
         dataloader: iterable of batches; ``forward_fn(model, batch)`` runs the model on one
             (default: a tensor batch as is, the first item of a tuple, a mapping as
             ``model(**batch)`` limited to the keys the forward names).
-        sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
+        method: ``"auto"`` (``exact`` where ``rows * d^3 <= 3e11``, else ``fast``), ``"exact"`` (OBC: the lowest error on
+            small layers), ``"fast"`` (SparseGPT's sweep and a CG refit: big layers), ``"admm"`` (mask reselection: the
+            lowest error on wide layers, several times ``fast``'s time; never picked by ``auto``) or ``"lobs"`` (the
+            paper's one ranking); README "Which method".
+        sparsity, **kwargs: the options of :class:`PruneOptions` (``pattern``,
             ``allocation``, ``exclude``, ``sequential``, ``sequential_unit``, ``blocks``,
             ``solver``, ``calibration``, ``forward_fn``, ``recalibrate_bn``, ``prune_head``): see
             there. Or pass ``options=PruneOptions(...)``.

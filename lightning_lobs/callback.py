@@ -142,9 +142,10 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             (default 0 unless ``prune_step`` is given).
         prune_step: instead of epochs, the global step(s) (optimizer steps) before which pruning
             happens, e.g. ``prune_step=[1000, 2000]``; mid-epoch is fine.
-        method: ``"auto"`` (``exact`` where it costs seconds, ``fast`` on very large layers),
-            ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's rule), ``"fast"`` (SparseGPT) or
-            ``"admm"`` (ADMM with mask reselection and a CG refit; never picked by ``auto``).
+        method: ``"auto"`` (``exact`` where ``rows * d^3 <= 3e11``, else ``fast``), ``"exact"`` (OBC: the lowest error on
+            small layers), ``"fast"`` (SparseGPT's sweep and a CG refit: big layers), ``"admm"`` (mask reselection: the
+            lowest error on wide layers, several times ``fast``'s time; never picked by ``auto``) or ``"lobs"`` (the
+            paper's one ranking); README "Which method".
         pattern: N:M pattern such as ``"2:4"`` instead of unstructured sparsity.
         exclude: fnmatch patterns of layers to keep dense.
         calibration_batches: batches used to build the Hessians.
