@@ -160,7 +160,7 @@ class SparseFileInfo:
     kept_weights: int
     total_weights: int
     encodings: dict[str, str] = field(default_factory=dict)
-    masks: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    masks: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)  # ==: the sizes, as before
 
     def mask_set(self) -> MaskSet:
         """The file's masks as a :class:`MaskSet`: ``info.mask_set().attach(model, optimizer)`` holds the pruned
