@@ -5,7 +5,7 @@
 1. ``prune_model(model, calibration_batches, sparsity, method, pattern="2:4")`` prunes a trained network in place
    (every 4 consecutive inputs of a row keep 2) and returns a ``PruneReport``.
 2. ``save_sparse(model, path, report.masks)`` writes only the kept weights and the masks; ``load_sparse`` reads them
-   into a network of the same architecture.
+   into a network of the same architecture and returns the masks (``info.mask_set()``, to retrain it with them held).
 3. ``to_sparse_inference(model)`` returns a copy whose layers run sparse kernels where that is faster.
 """
 
@@ -47,7 +47,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_sparse(model, args.out, report.masks)
     fresh = lenet300_100()
-    load_sparse(fresh, args.out)
+    info = load_sparse(fresh, args.out)  # info.mask_set().attach(fresh, optimizer) would hold them through retraining
+    masks_back = set(info.masks) == set(report.masks) and all(
+        torch.equal(info.masks[name], report.masks[name].cpu()) for name in report.masks
+    )
     fast = to_sparse_inference(fresh.eval())
     with torch.no_grad():
         same = torch.allclose(fast(splits.test_x[:256]), model(splits.test_x[:256]), atol=1e-5)
@@ -58,10 +61,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "sparsity": weight_sparsity(model),
         "file_bytes": os.path.getsize(args.out),
         "loaded_model_agrees": same,
+        "masks_back": masks_back,
     }
     print(
         f"dense {dense_acc:.4f} -> {args.pattern} {pruned_acc:.4f} (sparsity {result['sparsity']:.3f}); "
-        f"{args.out}: {result['file_bytes']:,} bytes; sparse inference agrees with the pruned model: {same}"
+        f"{args.out}: {result['file_bytes']:,} bytes; sparse inference agrees with the pruned model: {same}; "
+        f"the masks came back with the file: {masks_back}"
     )
     return result
 

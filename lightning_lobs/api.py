@@ -79,7 +79,7 @@ def take_batches(dataloader: Iterable[Any], calibration_batches: int | None) -> 
 def prune_model(
     model: nn.Module,
     dataloader: Iterable[Any],
-    sparsity: Any = 0.9,
+    sparsity: Any = None,
     method: str = "auto",
     *,
     calibration_batches: int | None = None,
@@ -95,7 +95,13 @@ def prune_model(
         dataloader: iterable of batches; ``forward_fn(model, batch)`` runs the model on one
             (default: a tensor batch as is, the first item of a tuple, a mapping as
             ``model(**batch)`` limited to the keys the forward names).
-        sparsity, method, **kwargs: the options of :class:`PruneOptions` (``pattern``,
+        method: ``"auto"`` (``exact`` where ``rows * d^3 <= 3e11``, else ``fast``), ``"exact"`` (OBC: the lowest error on
+            small layers), ``"fast"`` (SparseGPT's sweep and a CG refit: big layers), ``"admm"`` (mask reselection: the
+            lowest error on wide layers, several times ``fast``'s time; never picked by ``auto``) or ``"lobs"`` (the
+            paper's one ranking); README "Which method".
+        sparsity: the fraction to remove, a per-layer mapping or callable (:class:`PruneOptions`); default
+            (``None``) 0.9.
+        **kwargs: the other options of :class:`PruneOptions` (``pattern``,
             ``allocation``, ``exclude``, ``sequential``, ``sequential_unit``, ``blocks``,
             ``solver``, ``calibration``, ``forward_fn``, ``recalibrate_bn``, ``prune_head``): see
             there. Or pass ``options=PruneOptions(...)``.
@@ -113,9 +119,11 @@ def prune_model(
     and ``masks`` are as they were before the call.
     """
     if options is None:
-        options = PruneOptions.from_kwargs("prune_model()", sparsity=sparsity, method=method, **kwargs)
+        spec = PruneOptions.sparsity if sparsity is None else sparsity  # None: not given, PruneOptions' default
+        options = PruneOptions.from_kwargs("prune_model()", sparsity=spec, method=method, **kwargs)
     else:
-        extra = sorted(kwargs) + [k for k, v, d in (("sparsity", sparsity, 0.9), ("method", method, "auto")) if v != d]
+        # sparsity=None is "not given", so an explicit 0.9 beside options= is refused like any other value
+        extra = sorted(kwargs) + [k for k, v, d in (("sparsity", sparsity, None), ("method", method, "auto")) if v != d]
         if extra:
             raise TypeError(f"prune_model() got options=PruneOptions(...) and also {extra}; give one or the other.")
     if progress is True:

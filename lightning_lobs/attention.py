@@ -14,13 +14,15 @@ Hessian, cross-attention's k and v see the memory), and the attention output bef
 recomputed by the module's own forward with ``out_proj`` set to the identity (exact: ``x @ I`` adds
 only zeros), so key padding masks, attention masks, ``batch_first``, ``add_bias_kv`` and the rest are
 honoured as the module honours them. Masks are kept per Parameter (``<attn>.in_proj_weight``, or
-``<attn>.q_proj_weight`` ...), so :class:`~lightning_lobs.MaskSet` holds them through training.
+``<attn>.q_proj_weight`` ...), so :class:`~lightning_lobs.MaskSet` holds them through training. The
+attention's ``bias_k``/``bias_v`` (``add_bias_kv=True``) are not projections and stay dense, listed with the
+skipped modules (:func:`dense_parameters`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -30,6 +32,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "AttentionProjection",
     "attention_reason",
+    "dense_parameters",
     "feeding",
     "mask_weight_names",
     "projections",
@@ -99,6 +102,27 @@ def whole_module_reason(name: str) -> str:
     """What to name instead of an attention module itself."""
     parts = ", ".join(repr(_join(name, p)) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
     return f"it is pruned as its projections {parts}; name those, or {_join(name, '*')!r}"
+
+
+def dense_parameters(modules: Mapping[str, nn.Module], targets: Collection[str]) -> dict[str, str]:
+    """The attention Parameters left dense beside pruned projections, with why: ``bias_k`` / ``bias_v``.
+
+    ``modules``: the model's modules by name; ``targets``: the layers being pruned. Listed for every attention with
+    a projection among ``targets``, so the skip warning names them as it names every other dense weight.
+    """
+    out: dict[str, str] = {}
+    for name, mha in modules.items():
+        if not isinstance(mha, nn.MultiheadAttention):
+            continue
+        if not any(_join(name, f"{p}_proj") in targets for p in ("q", "k", "v", "out")):
+            continue
+        for attr, what in (("bias_k", "key"), ("bias_v", "value")):
+            if getattr(mha, attr, None) is not None:
+                out[_join(name, attr)] = (
+                    f"the learned {what} add_bias_kv=True appends to every sequence: attention's own Parameter, "
+                    "applied after the projections, not a weight matrix of one"
+                )
+    return out
 
 
 def mask_weight_names(model: nn.Module) -> list[str]:

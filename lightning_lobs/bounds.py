@@ -800,7 +800,9 @@ def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) 
 
 
 def _not_chain(reason: str) -> ChainInfo:
-    logger.info("not a chain: %s", reason)
+    # DEBUG: the reason is the result (the report's bound_note), and an HF model is never a chain; at INFO it was
+    # noise on every such prune (the block pipeline handles those models; its own fallback is a warning)
+    logger.debug("not a chain: %s", reason)
     return ChainInfo(links=(), is_chain=False, reason=reason)
 
 

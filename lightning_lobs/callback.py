@@ -136,14 +136,16 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
             list of ``prune_epoch``s, a list of such specs, one per epoch (iterative pruning;
             they must not decrease: a later step naming a layer exactly below an earlier step's
             known target for it is refused here; a layer that a global allocation already took
-            past a later target keeps its sparsity, with a warning at that prune).
+            past a later target keeps its sparsity, with a warning at that prune). Default (``None``): 0.9,
+            unless ``schedule`` is given; any sparsity beside a ``schedule`` is an error.
         prune_epoch: epoch (or strictly increasing list of epochs) at whose start pruning happens
             (default 0 unless ``prune_step`` is given).
         prune_step: instead of epochs, the global step(s) (optimizer steps) before which pruning
             happens, e.g. ``prune_step=[1000, 2000]``; mid-epoch is fine.
-        method: ``"auto"`` (``exact`` where it costs seconds, ``fast`` on very large layers),
-            ``"exact"`` (greedy OBS, OBC), ``"lobs"`` (the paper's rule), ``"fast"`` (SparseGPT) or
-            ``"admm"`` (ADMM with mask reselection and a CG refit; never picked by ``auto``).
+        method: ``"auto"`` (``exact`` where ``rows * d^3 <= 3e11``, else ``fast``), ``"exact"`` (OBC: the lowest error on
+            small layers), ``"fast"`` (SparseGPT's sweep and a CG refit: big layers), ``"admm"`` (mask reselection: the
+            lowest error on wide layers, several times ``fast``'s time; never picked by ``auto``) or ``"lobs"`` (the
+            paper's one ranking); README "Which method".
         pattern: N:M pattern such as ``"2:4"`` instead of unstructured sparsity.
         exclude: fnmatch patterns of layers to keep dense.
         calibration_batches: batches used to build the Hessians.
@@ -193,7 +195,7 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
     # with more than 8 parameters on purpose; the checks live in schedules, config.CallbackOptions and PruneOptions.
     def __init__(
         self,
-        sparsity: float | dict[str, float] | list[SparsityValue] | SparsityFn = 0.9,
+        sparsity: float | dict[str, float] | list[SparsityValue] | SparsityFn | None = None,
         prune_epoch: int | list[int] | None = None,
         method: Method = "auto",
         *,
@@ -218,11 +220,8 @@ class LOBSPruning(*CALLBACK_BASES):  # type: ignore[misc]  # a Callback of light
         schedule: PruneSchedule | None = None,
         prune_head: bool = False,
     ) -> None:
-        sparsity_given = not (isinstance(sparsity, float) and sparsity == 0.9)  # 0.9 is the signature's default
         uniform = allocation == "uniform" and pattern is None  # a float is then every layer's target (N:M sets its own)
-        schedule = schedule_from_args(
-            sparsity, prune_epoch, prune_step, schedule, sparsity_given=sparsity_given, uniform=uniform
-        )
+        schedule = schedule_from_args(sparsity, prune_epoch, prune_step, schedule, uniform=uniform)
         settings = CallbackOptions(calibration_batches, state_key, log_table, reset_monitors, progress_after)
         # PruneOptions is the one place that validates the pruning options; one instance per prune step.
         base = PruneOptions(

@@ -7,6 +7,7 @@
   own dtype and are copied as raw bits, so a load gives back every entry bit for bit (NaN payloads
   included), except that a zero loads as ``+0.0`` even where it was ``-0.0`` (equal under
   ``torch.equal``; weights pruned by multiplication hold ``-0.0`` and must not count as kept).
+  ``load_sparse`` also gives back the masks saved with the file (``SparseFileInfo.masks``), for retraining.
 * :func:`to_sparse_inference` swaps pruned ``nn.Linear`` and ``transformers`` ``Conv1D`` layers for ones that
   run on sparse kernels (CSR ``torch.sparse.mm``; on CUDA GPUs with 2:4 support,
   ``torch.sparse.to_sparse_semi_structured``) where a quick measurement says that is faster, and says which
@@ -87,7 +88,9 @@ FORMAT = "lightning-lobs-sparse"
 VERSION = 2
 _OLD_MAGIC = b"LOBSSPRS"  # format version 1, lightning-lobs 0.1.0's own layout
 _MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers, so no writer makes them
-_MAX_DIMS = 1024  # dimensions of a tensor in a file (torch tensors in practice have a handful)
+# Dimensions of a tensor in a file: a bound on the reader's work for a crafted header (math.prod over a shape of
+# millions of huge counts); torch tensors in practice have a handful, and save_sparse refuses more before writing.
+_MAX_DIMS = 1024
 _SHAPE_RULE = f"at most {_MAX_DIMS} dimensions, each below 2**63"
 # read_sparse's default bound on decoded bytes: 100x the file (float32 at 99% sparsity in CSR decodes to ~66x),
 # at least 1 MiB (small files with all-zero buffers); load_sparse is bounded by the model instead.
@@ -137,6 +140,12 @@ for _extra in (torch.complex128, torch.complex32):
 class SparseFileInfo:
     """What a sparse file holds and how much it saves (returned by :func:`save_sparse` and :func:`load_sparse`).
 
+    ``masks`` are the masks the file holds, ``{name: bool mask}`` on the CPU, named as a :class:`MaskSet`
+    names them (a module's name for its ``weight``, a Parameter's own name such as ``attn.in_proj_weight``):
+    those given to :func:`save_sparse`, or those :func:`load_sparse` read back (names relative to the model
+    loaded into), so a reloaded model can be retrained with its pruned weights held at 0
+    (:meth:`mask_set`). Empty for a file saved without masks.
+
     ``cr`` is the paper's compression ratio: kept weights / all weights, counted once per tensor over the
     ``weight`` of every ``nn.Linear`` / ``nn.ConvNd`` module and every masked tensor (a module's weight, or a
     Parameter such as an attention's ``in_proj_weight``; kept = the mask's ``True`` entries where a mask was
@@ -151,6 +160,14 @@ class SparseFileInfo:
     kept_weights: int
     total_weights: int
     encodings: dict[str, str] = field(default_factory=dict)
+    masks: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)  # ==: the sizes, as before
+
+    def mask_set(self) -> MaskSet:
+        """The file's masks as a :class:`MaskSet`: ``info.mask_set().attach(model, optimizer)`` holds the pruned
+        weights at 0 through retraining, as ``LOBSPruning`` does after a prune."""
+        masks = MaskSet()
+        masks.update(self.masks)
+        return masks
 
     @property
     def cr(self) -> float:
@@ -303,6 +320,29 @@ def _nonzero(flat: Tensor, ints: Tensor) -> Tensor:
     return flat != 0 if flat.is_floating_point() else ints != 0
 
 
+def _check_storable(key: str, value: Any) -> None:
+    """Refuse a ``state_dict`` entry the file cannot hold, or that the reader would refuse, naming the way out."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; save_sparse stores tensors only"
+        )
+    if value.layout != torch.strided or value.is_quantized or value.is_meta:
+        raise TypeError(
+            f"state_dict entry {key!r} is a {value.layout} / quantized / meta tensor; save_sparse stores dense "
+            "strided tensors (save before to_sparse_inference)"
+        )
+    if str(value.dtype) not in _FILE_DTYPES:
+        raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which save_sparse cannot store")
+    if value.dim() > _MAX_DIMS:
+        # The reader bounds a shape's length so that a crafted header cannot make it multiply millions of numbers;
+        # writing what it would refuse would give a file that cannot be loaded back.
+        raise ValueError(
+            f"state_dict entry {key!r} has {value.dim()} dimensions; a sparse file holds tensors of at most "
+            f"{_MAX_DIMS} (load_sparse refuses more): keep it with fewer dimensions in the state_dict (e.g. a "
+            "flattened buffer reshaped in forward), or save this model with torch.save"
+        )
+
+
 def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry]:
     state = model.state_dict()
     mask_of: dict[str, Tensor] = {}
@@ -315,17 +355,7 @@ def _state_entries(model: nn.Module, masks: Mapping[str, Tensor]) -> list[_Entry
     entries = []
     seen_storage: set[int] = set()
     for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; save_sparse stores tensors only"
-            )
-        if value.layout != torch.strided or value.is_quantized or value.is_meta:
-            raise TypeError(
-                f"state_dict entry {key!r} is a {value.layout} / quantized / meta tensor; save_sparse stores dense "
-                "strided tensors (save before to_sparse_inference)"
-            )
-        if str(value.dtype) not in _FILE_DTYPES:
-            raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which save_sparse cannot store")
+        _check_storable(key, value)
         t = value.detach().to("cpu").contiguous()
         if t.numel():
             # safetensors refuses tensors sharing memory (tied weights appear under two keys): copy the second
@@ -551,6 +581,7 @@ def save_sparse(
     blob = memoryview(st_save(tensors, metadata=metadata))
     _write_atomic(path, _sorted_header(blob))
     info = _info_from_metadata(metadata, records, path, len(blob))
+    info.masks = {name: mask.detach().to("cpu").bool() for name, mask in mask_map.items()}
     log.info("save_sparse %s: %s", path, info.summary())
     return info
 
@@ -784,8 +815,9 @@ def _read_data(header: _Header, f: Any) -> dict[str, Tensor]:
     return out
 
 
-def _decode(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str) -> Tensor:
-    """One entry as a new tensor, its structure validated first (``ValueError`` naming what is wrong)."""
+def _decode(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str) -> tuple[Tensor, Tensor | None]:
+    """One entry as a new tensor, its structure validated first (``ValueError`` naming what is wrong), and that
+    structure: the flat bool positions the file stores (for a masked entry, its mask), ``None`` for a dense one."""
     key, encoding = entry["key"], entry["encoding"]
     dtype = _FILE_DTYPES[entry["dtype"]]
     shape = tuple(entry["shape"])
@@ -799,7 +831,7 @@ def _decode(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str) 
         data = parts["data"]
         if dtype == torch.bool and bool((data.view(torch.uint8) > 1).any()):
             raise invalid("a bool byte other than 0 or 1")
-        return data.reshape(-1).clone().view(dtype).reshape(shape)  # clone first: a fresh, aligned buffer
+        return data.reshape(-1).clone().view(dtype).reshape(shape), None  # clone first: a fresh, aligned buffer
     values = parts["values"].view(_INT_VIEW[dtype.itemsize])
     if dtype == torch.bool and bool((values > 1).any()):
         raise invalid("a bool byte other than 0 or 1")
@@ -811,8 +843,9 @@ def _decode(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str) 
         population = int(_POPCOUNT[packed.long()].sum(dtype=torch.int64))  # ~10x faster than summing the bools
         if population != nnz:
             raise invalid(f"its bitmask has {population} bits set, the file holds {nnz} values")
+        structure = _unpack_bits(packed)[:numel]
         out = torch.zeros(numel, dtype=values.dtype)
-        out[_unpack_bits(packed)[:numel]] = values
+        out[structure] = values
     else:
         rows, cols = _csr_dims(shape)
         idx = torch.int32 if numel < 1 << 31 else torch.int64
@@ -830,9 +863,12 @@ def _decode(entry: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str) 
         flat = torch.repeat_interleave(torch.arange(rows, dtype=idx), counts.to(torch.int64)) * cols + col
         if nnz > 1 and not bool((flat.diff() > 0).all()):
             raise invalid("CSR column indices not increasing along a row")
+        positions = flat.long() if idx != torch.int64 else flat
         out = torch.zeros(numel, dtype=values.dtype)
-        out[flat.long() if idx != torch.int64 else flat] = values
-    return out.view(dtype).reshape(shape) if dtype != out.dtype else out.reshape(shape)
+        out[positions] = values
+        structure = torch.zeros(numel, dtype=torch.bool)
+        structure[positions] = True
+    return (out.view(dtype).reshape(shape) if dtype != out.dtype else out.reshape(shape)), structure
 
 
 # --------------------------------------------------------------------------- read / load
@@ -870,7 +906,7 @@ def read_sparse(path: str | os.PathLike[str], max_bytes: int | None = None) -> d
                 "pass read_sparse(path, max_bytes=...) for a file you trust, or load_sparse(model, path)"
             )
         tensors = _read_data(header, f)
-    return {e["key"]: _decode(e, tensors, path) for e in header.entries}
+    return {e["key"]: _decode(e, tensors, path)[0] for e in header.entries}
 
 
 def _find_prefixes(state_keys: list[str], file_keys: Mapping[str, Any]) -> list[str]:
@@ -942,6 +978,10 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str], prefix: str | No
     check (of the whole file's structure and CRC, and of the loaded entries against the model) happens
     before the first value is written, so a refused file leaves the model as it was. Values are copied onto
     the model's own devices.
+
+    The returned info's ``masks`` are the masks saved with the file (``save_sparse(..., masks=...)``,
+    ``LOBSPruning(save_sparse=...)``), named relative to ``model``; ``info.mask_set().attach(model, optimizer)``
+    holds the pruned weights at 0 while the reloaded model retrains.
     """
     path = os.fspath(path)
     if prefix is not None and not isinstance(prefix, str):
@@ -965,12 +1005,33 @@ def load_sparse(model: nn.Module, path: str | os.PathLike[str], prefix: str | No
                 raise ValueError(f"{where}: the file has no key starting with {lead!r}")
         _check_entries(state, in_file, where)
         tensors = _read_data(header, f)
-    decoded = {key: _decode(entry, tensors, path) for key, entry in in_file.items()}
+    decoded: dict[str, Tensor] = {}
+    masks: dict[str, Tensor] = {}
+    for key, entry in in_file.items():
+        decoded[key], structure = _decode(entry, tensors, path)
+        if entry["masked"]:  # a masked entry is never dense-encoded (save_sparse keeps its mask as its structure)
+            mask = structure if structure is not None else torch.ones(decoded[key].numel(), dtype=torch.bool)
+            masks[_mask_name(model, key)] = mask.view(decoded[key].shape)
     del tensors
     model.load_state_dict(decoded, strict=True)
     if prefix:
         log.info("load_sparse %s: loaded the entries under %r into the %s", path, prefix, type(model).__name__)
-    return _info_from_metadata(header.metadata, list(in_file.values()), path, header.file_bytes)
+    info = _info_from_metadata(header.metadata, list(in_file.values()), path, header.file_bytes)
+    info.masks = masks
+    return info
+
+
+def _mask_name(model: nn.Module, key: str) -> str:
+    """The MaskSet name of a masked ``state_dict`` key: ``<module>`` for ``<module>.weight``, else the key itself
+    (a Parameter such as ``attn.in_proj_weight``), as ``save_sparse`` maps names to keys."""
+    owner, _, attr = key.rpartition(".")
+    if attr == "weight" and owner:
+        try:
+            model.get_submodule(owner)
+            return owner
+        except AttributeError:
+            pass
+    return key
 
 
 # --------------------------------------------------------------------------- torch sparse export

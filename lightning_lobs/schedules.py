@@ -336,15 +336,21 @@ class PruneSchedule:
 SparsityValue = Union[float, dict[str, float]]
 
 
+DEFAULT_SPARSITY = 0.9
+"""``LOBSPruning``'s sparsity when neither ``sparsity`` nor ``schedule`` is given."""
+
+
 def schedule_from_args(
-    sparsity: Any, prune_epoch: Any, prune_step: Any, schedule: Any, *, sparsity_given: bool, uniform: bool
+    sparsity: Any, prune_epoch: Any, prune_step: Any, schedule: Any, *, uniform: bool
 ) -> PruneSchedule:
     """The schedule ``LOBSPruning``'s arguments describe: ``schedule`` itself, or one built from the lists.
 
-    ``sparsity_given``: ``sparsity`` is not the constructor's default (so it conflicts with ``schedule``).
-    ``uniform``: every float is every layer's target (a uniform allocation without an N:M pattern), so
-    a later mapping is also checked against the earlier floats.
+    ``sparsity`` ``None`` means not given: :data:`DEFAULT_SPARSITY` without a schedule; any other value beside a
+    ``schedule`` is an error (even 0.9: an explicit sparsity is never dropped silently). ``uniform``: every float
+    is every layer's target (a uniform allocation without an N:M pattern), so a later mapping is also checked
+    against the earlier floats.
     """
+    sparsity_given = sparsity is not None
     if schedule is not None:
         if not isinstance(schedule, PruneSchedule):
             raise ValueError(
@@ -370,7 +376,8 @@ def schedule_from_args(
                 f"give prune_epoch or prune_step, not both (got prune_epoch={prune_epoch!r}, prune_step={prune_step!r})."
             )
         value = prune_step if prune_step is not None else prune_epoch
-        schedule = PruneSchedule(0 if value is None else value, sparsity, "step" if prune_step is not None else "epoch")
+        spec = DEFAULT_SPARSITY if sparsity is None else sparsity
+        schedule = PruneSchedule(0 if value is None else value, spec, "step" if prune_step is not None else "epoch")
     if uniform:
         check_not_decreasing(list(schedule.sparsities), uniform=True, labels=schedule.labels)
     return schedule

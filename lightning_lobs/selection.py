@@ -144,6 +144,7 @@ def select_layers(
     if refused:  # zeros written to a computed weight would not hold: never leave that to a warning
         raise ValueError(f"cannot prune as asked: {_format(refused)}.")
     targets = _targets(chosen, excluded, explicit, modules, pattern, skipped)
+    skipped.update(_attention.dense_parameters(modules, targets))  # an attention's bias_k/bias_v: dense, so listed
     if warn:
         warn_skipped(skipped)
     _check_some_selected(targets, chosen, excluded, skipped)

@@ -430,3 +430,38 @@ def test_sparse_file_of_a_pruned_transformer_holds_the_attention_masks(tmp_path)
     load_sparse(fresh, tmp_path / "enc.lobs")
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+class _BiasKV(nn.Module):
+    """Two attentions with ``add_bias_kv`` and one without, then a Linear; the head is ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+        self.b = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+        self.c = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.a(x, x, x)[0]
+        x = self.b(x, x, x)[0]
+        return self.fc(self.c(x, x, x)[0])
+
+
+def test_bias_k_and_bias_v_are_left_dense_and_listed_in_the_skip_warning_and_report():
+    """``add_bias_kv``'s learned key and value are attention Parameters no projection holds: they stay as they were and
+    are named in the one skip warning and in ``report.skipped``, as every other dense weight is; an excluded
+    attention's are not (the user asked), nor those of an attention without them."""
+    torch.manual_seed(0)
+    model = _BiasKV()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("bias_k", "bias_v"))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune_model(model, [torch.randn(2, 5, 8)], 0.5, "fast", exclude=["b"])
+    listed = {"a.bias_k", "a.bias_v"}
+    assert listed <= set(report.skipped) and not {n for n in report.skipped if n.startswith(("b.", "c."))}
+    assert "add_bias_kv" in report.skipped["a.bias_k"] and "key" in report.skipped["a.bias_k"]
+    skip_warnings = [str(w.message) for w in caught if "left dense" in str(w.message)]
+    assert len(skip_warnings) == 1 and all(f"'{n}'" in skip_warnings[0] for n in listed)
+    assert "a.q_proj" in report.layers and "c.q_proj" in report.layers
+    assert all(torch.equal(p, model.get_parameter(n)) for n, p in before.items())

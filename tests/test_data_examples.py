@@ -452,6 +452,7 @@ def test_prune_and_deploy_round_trips_the_pruned_model(tmp_path, capsys):
     res = example.main(["--epochs", "1", "--out", str(tmp_path / "m.lobs")])
     assert res["sparsity"] == pytest.approx(0.5, abs=1e-9)  # 2:4 on every Linear, the head too
     assert res["loaded_model_agrees"] and res["file_bytes"] == (tmp_path / "m.lobs").stat().st_size
+    assert res["masks_back"]
     assert 0.5 < res["pruned_acc"] <= 1.0 and "2:4" in capsys.readouterr().out
 
 

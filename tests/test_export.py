@@ -644,3 +644,77 @@ def test_semi_structured_on_cuda(dtype):
     # half-precision outputs: rounding of each layer's output (eps) dominates float32 accumulation
     assert torch.all((got - ref64).abs() <= 4 * eps * terms + 2 * 257 * EPS32 * terms)
     assert math.isfinite(float(got.abs().max()))
+
+
+# --------------------------------------------------------------------------- the masks come back with a load
+
+
+class WithAttention(nn.Module):
+    """A Linear, a conv and an attention (whose masks live on the Parameter ``attn.in_proj_weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 2, batch_first=True)
+        self.conv = nn.Conv1d(64, 64, 3, padding=1)
+        self.fc = nn.Linear(64, 64)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.99])  # bitmask, then CSR encodings of the masked weights
+def test_load_sparse_returns_the_masks_saved_with_the_file(sparsity, tmp_path):
+    """``load_sparse`` gives back exactly the masks given to ``save_sparse`` (kept zeros included, so they are not
+    ``weight != 0``), named as the MaskSet named them, and they hold the pruned weights through retraining."""
+    torch.manual_seed(0)
+    model = WithAttention()
+    gen = torch.Generator().manual_seed(1)
+    masks = MaskSet()
+    for name in ("attn.in_proj_weight", "attn.out_proj", "conv", "fc"):
+        weight = lightning_lobs.masks.resolve_weight(model, name)
+        masks.set(name, torch.rand(weight.shape, generator=gen) >= sparsity)
+        with torch.no_grad():
+            weight[masks[name] & (torch.rand(weight.shape, generator=gen) < 0.2)] = 0.0  # kept weights that are 0
+    masks.apply(model)
+    saved = save_sparse(model, tmp_path / "m.lobs", masks=masks)
+    assert set(saved.masks) == set(masks.masks)
+    assert {saved.encodings[k] for k in ("attn.in_proj_weight", "conv.weight", "fc.weight")} == (
+        {"bitmask"} if sparsity == 0.5 else {"csr"}
+    )
+
+    other = fresh_like(model)
+    info = load_sparse(other, tmp_path / "m.lobs")
+    assert_state_equal(model, other)
+    assert set(info.masks) == set(masks.masks)
+    for name, mask in masks.masks.items():
+        assert info.masks[name].dtype == torch.bool and torch.equal(info.masks[name], mask), name
+    kept_zero = (lightning_lobs.masks.resolve_weight(other, "fc") == 0) & info.masks["fc"]
+    assert bool(kept_zero.any())  # the mask is the file's, not the weights' zeros
+
+    held = info.mask_set()
+    opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    held.attach(other, opt)
+    x = torch.randn(2, 5, 64)
+    for _ in range(3):
+        opt.zero_grad()
+        y, _ = other.attn(x, x, x)
+        (other.fc(other.conv(y.transpose(1, 2)).transpose(1, 2)) ** 2).sum().backward()
+        opt.step()
+    for name, mask in masks.masks.items():
+        weight = lightning_lobs.masks.resolve_weight(other, name)
+        assert bool((weight[~mask] == 0).all()) and bool((weight[mask] != 0).any()), name
+
+
+def test_load_sparse_of_a_file_without_masks_gives_none_and_names_are_relative_to_the_model(tmp_path):
+    """A file saved without masks gives ``info.masks == {}``; one saved from a wrapper loads into the inner model with
+    the inner model's names."""
+    torch.manual_seed(0)
+    inner = mlp()
+    save_sparse(inner, tmp_path / "a.lobs")
+    assert load_sparse(fresh_like(inner), tmp_path / "a.lobs").masks == {}
+
+    wrapper = nn.Module()
+    wrapper.model = inner
+    masks = random_masks(inner, 0.6)
+    save_sparse(wrapper, tmp_path / "b.lobs", masks={f"model.{n}": m for n, m in masks.masks.items()})
+    info = load_sparse(fresh_like(inner), tmp_path / "b.lobs")  # the "model." prefix is found
+    assert set(info.masks) == set(masks.masks) == {"0", "2", "4"}
+    assert all(torch.equal(info.masks[n], masks[n]) for n in masks.masks)
+    assert set(load_sparse(fresh_like(wrapper), tmp_path / "b.lobs").masks) == {"model.0", "model.2", "model.4"}

@@ -601,3 +601,20 @@ def test_sharded_models_are_refused_before_any_work(tmp_path):
             to_sparse_inference(model)
     finally:
         dist.destroy_process_group()
+
+
+def test_save_sparse_writes_what_the_reader_reads_and_refuses_more_dimensions_before_writing(tmp_path):
+    """The reader's bound on dimensions holds for the writer too: 1024 round-trips, 1025 is refused before any file
+    exists, with the way out (fewer dimensions, or torch.save)."""
+    model = nn.Linear(2, 2)
+    model.register_buffer("deep", torch.full([1] * 1024, 2.5))
+    save_sparse(model, tmp_path / "ok.lobs")
+    other = nn.Linear(2, 2)
+    other.register_buffer("deep", torch.zeros([1] * 1024))
+    load_sparse(other, tmp_path / "ok.lobs")
+    assert other.deep.dim() == 1024 and other.deep.item() == 2.5
+
+    model.register_buffer("deep", torch.full([1] * 1025, 2.5))
+    with pytest.raises(ValueError, match=r"'deep' has 1025 dimensions; .*at most 1024 .*fewer dimensions.*torch\.save"):
+        save_sparse(model, tmp_path / "deep.lobs")
+    assert list(tmp_path.iterdir()) == [tmp_path / "ok.lobs"]

@@ -70,9 +70,9 @@ report.sparsity / model_sparsity / parameter counts (options.md)          test_r
 lobs refits jointly by default, refit=False is literal (methods.md)       test_solvers.py::test_default_refit_is_least_squares_on_the_literal_mask, test_solvers.py::test_lobs_matches_loop_reference
 exact: lazy flushes do not change the greedy choice (methods.md)          test_solvers.py::test_exact_lazy_steps_do_not_change_result
 fast/lobs refit: direct where cheaper, else CG (options.md, methods.md)   test_solvers.py::test_refit_auto_is_direct_where_cheaper_else_cg, ::test_lobs_and_fast_refit_by_default_direct_on_small_layers_cg_on_big_ones, test_solvers_refit.py::test_fast_and_lobs_with_the_cg_refit_match_the_direct_refit
-auto: exact where rows*d^3 <= 3e11, else fast (methods.md)                test_engine_against_references.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_3e11
+auto: exact where rows*d^3 <= 3e11, else fast (README, methods.md)        test_engine_against_references.py::test_auto_picks_exact_below_the_threshold_and_fast_above, ::test_auto_uses_exact_where_rows_times_d_cubed_is_at_most_3e11
 auto: exact on every layer of LeNet-300-100 and LeNet-5 (methods.md)      ::test_auto_uses_exact_on_every_layer_of_lenet300_and_lenet5
-the report says each layer's method (methods.md)                          test_api.py::test_methods_run_and_report
+the report says each layer's method (README, methods.md)                  test_api.py::test_methods_run_and_report
 split invariant to rescaling between layers (allocation.md)               test_allocation.py::test_allocation_is_invariant_to_rescaling_between_layers
 GlobalAllocation defaults: cap 0.99, curves of 64 rows x 24 levels (allocation.md)  ::test_global_allocation_defaults_are_the_documented_ones
 floors; dead rows only when asked; unreachable names them (allocation.md)  test_allocation.py::test_layer_cap_and_no_dead_rows, test_allocation.py::test_dead_rows_only_when_asked, test_allocation.py::test_unreachable_sparsity_names_the_options
@@ -139,6 +139,8 @@ console progress: at most one line every 0.5 s (lightning.md)             ::test
 frozen layer masked at its first forward after unfreezing (lightning.md)  test_lightning_integration.py::test_layer_frozen_at_the_prune_gets_its_gradient_masked_after_unfreezing
 summary table with the nonzero parameter count (lightning.md)             test_lightning_integration.py::test_progress_and_table_through_the_trainers_bar
 RMS over samples of the whole output's norm (lightning.md)                test_bounds.py::test_rms_error_and_accumulator, test_engine_against_references.py::test_output_error_of_a_batchnorm_model_matches_an_independent_measurement
+attention's bias_k/bias_v listed as skipped (options.md)                  test_attention.py::test_bias_k_and_bias_v_are_left_dense_and_listed_in_the_skip_warning_and_report
+schedule= with any sparsity, 0.9 too, is an error (lightning.md)          test_schedules.py::test_an_explicit_sparsity_beside_a_schedule_is_refused_naming_both_even_the_default_value
 bound holds for chains; NaN with a reason otherwise (bound.md)            test_bounds.py::test_bound_holds_mlp, test_api.py::test_residual_model_has_no_bound, test_scale.py::test_residual_net_bound_is_nan_with_a_reason
 ========================================================================  ==========================================================================
 

@@ -467,7 +467,7 @@ def test_prune_model_takes_options_whole_or_as_keywords_not_both():
         model, _mlp_loader(), options=PruneOptions(sparsity=0.5, allocation="uniform", prune_head=True)
     )
     assert report.sparsity == pytest.approx(0.5, abs=0.05)
-    for kwargs in (dict(sparsity=0.7), dict(method="fast"), dict(exclude=["0"])):
+    for kwargs in (dict(sparsity=0.7), dict(sparsity=0.9), dict(method="fast"), dict(exclude=["0"])):
         with pytest.raises(TypeError, match="give one or the other"):
             prune_model(model, _mlp_loader(), options=PruneOptions(sparsity=0.5, prune_head=True), **kwargs)
 

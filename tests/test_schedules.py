@@ -221,21 +221,35 @@ def test_a_runs_checkpoint_form_round_trips_and_refuses_a_changed_schedule():
         ScheduleRun(PruneSchedule([1, 2], [0.6, 0.8])).from_state(state)
 
 
+def test_an_explicit_sparsity_beside_a_schedule_is_refused_naming_both_even_the_default_value():
+    """``LOBSPruning(sparsity=0.9, schedule=...)`` used to be taken for the default and the 0.9 dropped silently."""
+    g = GradualSchedule(initial=0.0, final=0.8, start=0, end=4, every=2)
+    for sparsity in (0.9, 0.5, [0.5, 0.8], {"net.*": 0.9}):
+        with pytest.raises(
+            ValueError, match=r"give schedule or sparsity, not both: the schedule sets the prune points"
+        ):
+            LOBSPruning(sparsity=sparsity, schedule=g)
+    assert LOBSPruning(schedule=g).schedule is g
+    assert LOBSPruning(sparsity=None, schedule=g).schedule is g  # what LightningCLI passes when sparsity is unset
+    default = LOBSPruning()
+    assert default.schedule.sparsities == (0.9,) and default.schedule.points == (0,)
+
+
 def test_schedule_from_the_callbacks_arguments():
-    built = schedule_from_args([0.5, 0.8], [1, 2], None, None, sparsity_given=True, uniform=False)
+    built = schedule_from_args([0.5, 0.8], [1, 2], None, None, uniform=False)
     assert built.points == (1, 2) and built.unit == "epoch" and built.sparsities == (0.5, 0.8)
-    assert schedule_from_args(0.5, None, [3, 9], None, sparsity_given=True, uniform=False).points == (3, 9)
-    assert schedule_from_args(0.9, None, None, None, sparsity_given=False, uniform=False).points == (0,)
+    assert schedule_from_args(0.5, None, [3, 9], None, uniform=False).points == (3, 9)
+    default = schedule_from_args(None, None, None, None, uniform=False)  # nothing given: 0.9 at epoch 0
+    assert default.points == (0,) and default.sparsities == (0.9,)
     g = GradualSchedule(end=4)
-    assert schedule_from_args(0.9, None, None, g, sparsity_given=False, uniform=False) is g
-    with pytest.raises(ValueError, match=r"give schedule or sparsity, not both"):
-        schedule_from_args(0.9, None, None, g, sparsity_given=True, uniform=False)
+    assert schedule_from_args(None, None, None, g, uniform=False) is g
+    for explicit in (0.9, 0.5):  # 0.9 too: it was once taken for the default and dropped silently
+        with pytest.raises(ValueError, match=r"give schedule or sparsity, not both"):
+            schedule_from_args(explicit, None, None, g, uniform=False)
     mixed = ([0.7, {"net.0": 0.6}], [1, 2], None, None)
-    schedule_from_args(
-        *mixed, sparsity_given=True, uniform=False
-    )  # a global allocation: net.0's share of 0.7 is unknown
+    schedule_from_args(*mixed, uniform=False)  # a global allocation: net.0's share of 0.7 is unknown
     with pytest.raises(ValueError, match=r"layer 'net.0' cannot reach sparsity\[1\] = 0.6"):
-        schedule_from_args(*mixed, sparsity_given=True, uniform=True)
+        schedule_from_args(*mixed, uniform=True)
 
 
 @pytest.mark.parametrize(
