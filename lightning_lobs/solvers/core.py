@@ -58,12 +58,10 @@ CG_REFIT_FIXED_WORK = 2e7
 #: error within 8e-5 (relative) of the direct solve's; the excess shrinks with the residual squared.
 FAST_REFIT_RTOL = 3e-3
 #: Most CG iterations of ``lobs``/``fast``'s refit (each one ``rows x d x d`` product): the cap, not the residual,
-#: usually ends it. On LLM-like layers (``benchmarks/admm_vs_peers.py``'s, seed 0) the layer error above the converged
-#: refit's was, for 4 / 6 / 8 iterations: 768 x 768 and 3072 x 768 at 50% and 2:4 2.7% / 0.64% / 0.15%, at 70%
-#: 0.24% / 0.02% / 0.00%, 768 x 3072 at 50% 8.2% / 2.8% / 0.94%. 6 (was 8 until 0.3) saves two of the refit's ten
-#: products (a tenth of ``fast``'s time on 768 x 3072) for at most 2.8% more error, still about 0.6x SparseGPT's
+#: usually ends it. 8 left the layer error within 1% of the direct solve's on 768 x 768, 3072 x 768 and 768 x 3072
+#: LLM-like layers at 50% and 2:4 (16: within 0.01%) and keeps ``fast`` near 2x SparseGPT's time on the widest
 #: (BENCHMARKS.md). CG lowers the layer error at every iteration, so a capped refit is still better than none.
-FAST_REFIT_ITERATIONS = 6
+FAST_REFIT_ITERATIONS = 8
 
 #: Progress counts choosing ``exact``'s mask from its trace (a bisection over every row's cost curve, then single
 #: moves between rows) as this much work per weight: about 0.5 s for a 512x1024 layer on one core.
