@@ -84,10 +84,10 @@ def error_curve(
     Runs on ``sample_rows`` evenly spaced rows (all rows when fewer), every level in one
     batched sweep over the columns with one Cholesky factor, and returns, per level, the
     sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
-    ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
-    Arguments as in :func:`~lightning_lobs.solvers.solve_layer`; the per-row minimum
-    ``solver.min_kept_per_row`` holds. ``tick`` (optional) is called with the fraction done, per block of columns
-    and per level's error.
+    ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0). Each level's error is
+    the sweep's accumulated OBS losses less the damping's share (no product per level), so in ``solver.dtype``'s
+    rounding. Arguments as in :func:`~lightning_lobs.solvers.solve_layer`; the per-row minimum
+    ``solver.min_kept_per_row`` holds. ``tick`` (optional) is called with the fraction done, per block of columns.
     """
     solver = solver or SolverOptions()
     levels = [float(v) for v in sparsities]
