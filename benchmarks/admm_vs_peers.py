@@ -25,8 +25,9 @@ Layers are LLM-like: ``n`` calibration tokens ``x = z (0.3 I + G / sqrt(d))`` wi
 (correlated inputs), then 1% of the input channels multiplied by 20 (outlier channels); ``W`` Gaussian with
 variance ``1/d``. The error is the relative layer error ``tr(D H D^T) / tr(W H W^T)`` with ``D = W^ - W`` and the
 undamped ``H = X^T X / n``, in float64 for every method (the solves are deterministic: every repeat gives the same
-error). Times are the median of ``--repeats`` interleaved runs; ``admm_over_alps_time`` is the median of the
-per-repeat ratios.
+error). Times (wall, and CPU time of the process: ``cpu_seconds``) are the median of ``--repeats`` interleaved runs;
+``admm_over_alps_time`` is the median of the per-repeat ratios; ``fast_over_sparsegpt_cpu`` the median of the
+per-repeat CPU-time ratios.
 """
 
 from __future__ import annotations
@@ -126,10 +127,11 @@ def run_alps(mod: types.ModuleType, W: Tensor, H: Tensor, sparsity: float | None
     return layer.weight.data.clone()
 
 
-def timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], Tensor]) -> tuple[float, float, Tensor]:
+    """``(wall s, CPU s, result)``: CPU time (this process, one thread) is the steadier number on a shared machine."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def measure(peers: tuple[Any, Any], shape: tuple[int, int], target: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -158,20 +160,29 @@ def measure(peers: tuple[Any, Any], shape: tuple[int, int], target: str, args: a
         "error": {},
         "sparsity": {},
         "all_seconds": {},
+        "cpu_seconds": {},
+        "all_cpu_seconds": {},
     }
     names = [name for name in args.methods if name in runs]
     for _ in range(args.repeats):  # interleaved, so that load from other processes hits every method alike
         for name in names:
-            seconds, new = timed(runs[name])
+            seconds, cpu, new = timed(runs[name])
             row["all_seconds"].setdefault(name, []).append(seconds)
+            row["all_cpu_seconds"].setdefault(name, []).append(cpu)
             row["error"][name] = 2 * layer_error(W, new, H) / energy
             row["sparsity"][name] = float((new == 0).double().mean())
     for name in names:
         row["seconds"][name] = statistics.median(row["all_seconds"][name])
+        row["cpu_seconds"][name] = statistics.median(row["all_cpu_seconds"][name])
         print(
-            f"{shape[0]}x{shape[1]} {target:4s} {name:9s} {row['seconds'][name]:8.2f} s  rel. error "
+            f"{shape[0]}x{shape[1]} {target:4s} {name:9s} {row['seconds'][name]:8.2f} s ({row['cpu_seconds'][name]:.2f} "
+            f"CPU s)  rel. error "
             f"{row['error'][name]:.4f}  sparsity {row['sparsity'][name]:.4f}",
             flush=True,
+        )
+    if "fast" in names and "sparsegpt" in names:
+        row["fast_over_sparsegpt_cpu"] = statistics.median(
+            a / b for a, b in zip(row["all_cpu_seconds"]["fast"], row["all_cpu_seconds"]["sparsegpt"])
         )
     if "admm" in names and "alps" in names:
         row["admm_over_alps_time"] = statistics.median(

@@ -16,6 +16,7 @@ import pstats
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,10 +73,17 @@ def run_once(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
 
 def curve_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     """Per GPT-2 layer shape: the allocation's error curve (its inverse, SparseGPT sweep and float64 error
-    evaluation, from cProfile) against the ``fast`` solve with and without the refit, on one H."""
+    evaluation, from cProfile) against the ``fast`` solve with and without the refit and SparseGPT's own code, on
+    one H; CPU seconds of this process (one thread: steadier than wall time on a shared machine)."""
     from lightning_lobs import SolverOptions
     from lightning_lobs.solvers import error_curve, solve_layer
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lobs_lab.peers import load_sparsegpt
+
+    from admm_vs_peers import run_sparsegpt  # noqa: E402 - the sibling benchmark's driver of SparseGPT's code
+
+    sparsegpt = load_sparsegpt()
     w_ = args.width
     shapes = [(3 * w_, w_), (w_, w_), (4 * w_, w_), (w_, 4 * w_)]
     grid = [1 - 0.01 ** (i / 23) for i in range(24)]  # GlobalAllocation's default 24 levels up to 0.99
@@ -86,12 +94,12 @@ def curve_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.randn(2048, d, generator=g) @ mix  # correlated inputs
         H = (x.T @ x / x.shape[0]).double()
         W = torch.randn(rows, d, generator=g) / d**0.5
-        prof = cProfile.Profile()
-        t0 = time.perf_counter()
+        prof = cProfile.Profile(time.process_time)
+        t0 = time.process_time()
         prof.enable()
         error_curve(W, H, grid, sample_rows=64)
         prof.disable()
-        rec = {"curve_s": time.perf_counter() - t0}
+        rec = {"curve_s": time.process_time() - t0}
         stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
         parts = (
             ("inverse_s", "core.py", "inverse_with_damping"),
@@ -101,9 +109,12 @@ def curve_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         for label, file_part, name in parts:
             rec[label] = sum(v[3] for k, v in stats.items() if k[0].endswith(file_part) and k[2] == name)
         for label, opts in (("fast_s", SolverOptions()), ("fast_no_refit_s", SolverOptions(refit=False))):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             solve_layer(W, H, args.sparsity, "fast", solver=opts)
-            rec[label] = time.perf_counter() - t0
+            rec[label] = time.process_time() - t0
+        t0 = time.process_time()
+        run_sparsegpt(sparsegpt, W, H, args.sparsity, None)
+        rec["sparsegpt_s"] = time.process_time() - t0
         out[f"{rows}x{d}"] = rec
         print(f"{rows}x{d}: " + ", ".join(f"{k} {v:.2f}" for k, v in rec.items()), flush=True)
     return out

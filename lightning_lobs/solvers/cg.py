@@ -66,36 +66,38 @@ def masked_cg(
     """
     keep = mask.to(weight.dtype)
     removed = weight * (1 - keep)
-    b = (removed @ hessian) * keep  # H symmetric: (H w_R)^T per row
-    delta = torch.zeros_like(weight) if x0 is None else (x0 - weight) * keep
-    r = b - (delta @ hessian) * keep if x0 is not None else b.clone()
+    b = (removed @ hessian).mul_(keep)  # H symmetric: (H w_R)^T per row
+    delta = torch.zeros_like(weight) if x0 is None else (x0 - weight).mul_(keep)
+    r = b - (delta @ hessian).mul_(keep) if x0 is not None else b.clone()
     dinv = keep / torch.diagonal(hessian, dim1=-2, dim2=-1).unsqueeze(-2)
-    limit = (rtol * b.norm(dim=-1, keepdim=True)) ** 2
+    limit = rtol * torch.linalg.vector_norm(b, dim=-1, keepdim=True)
     z = r * dinv
     p = z.clone()
-    rz = (r * z).sum(-1, keepdim=True)
+    rz = torch.linalg.vecdot(r, z).unsqueeze(-1)
     steps = hessian.shape[-1] if maxiter is None else maxiter
     # Rows per product chunk, a tick after each: chunked whether or not anyone listens, so a tick changes nothing.
     chunk = tick_rows(weight.shape[-2], 2.0 * hessian.shape[0] * hessian.shape[-1] ** 2 / GEMM_TICK_FACTOR)
+    # The (rows x D) passes are fused and in place (vecdot, addcmul_): beside the product they cost a third of
+    # an iteration on a 768 x 3072 layer when each made a temporary.
     for it in range(steps):
-        active = (r * r).sum(-1, keepdim=True) > limit
+        active = torch.linalg.vector_norm(r, dim=-1, keepdim=True) > limit
         if not bool(active.any()):
             break
         step_tick = sub_tick(tick, it / steps, 1.0 / steps)
-        Ap = _product(p, hessian, chunk, step_tick) * keep
-        pAp = (p * Ap).sum(-1, keepdim=True)
+        Ap = _product(p, hessian, chunk, step_tick).mul_(keep)
+        pAp = torch.linalg.vecdot(p, Ap).unsqueeze(-1)
         # Converged rows (and rows with nothing left to do, pAp = 0) take no step.
         alpha = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp)), 0.0)
-        delta.add_(alpha * p)
-        r.sub_(alpha * Ap)
-        z = r * dinv
-        rz_new = (r * z).sum(-1, keepdim=True)
+        delta.addcmul_(alpha, p)
+        r.addcmul_(alpha, Ap, value=-1.0)
+        torch.mul(r, dinv, out=z)
+        rz_new = torch.linalg.vecdot(r, z).unsqueeze(-1)
         beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
-        p = z + beta * p
+        p.mul_(beta).add_(z)
         rz = rz_new
         if step_tick is not None:  # the same expression as the chunks' last tick: fractions never go back
             step_tick(1.0)
-    return weight * keep + delta
+    return delta.add_(weight * keep)
 
 
 def _product(p: Tensor, hessian: Tensor, chunk: int, tick: Tick | None) -> Tensor:

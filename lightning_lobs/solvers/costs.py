@@ -17,6 +17,7 @@ from .core import (
     LayerInputs,
     RowFloor,
     Tick,
+    as_groups,
     inverse_with_damping,
     layer_error,
     prepare_inputs,
@@ -52,6 +53,14 @@ def output_energy(weight: Tensor, hessian: Tensor, *, bias: Tensor | None = None
     return layer_error(x.W, torch.zeros_like(x.W), x.H)  # the error of removing every weight
 
 
+def damping_shift(hessian: Tensor, damp: float) -> Tensor:
+    """``(groups, D)`` float64: what :func:`~lightning_lobs.solvers.core.damped_hessian` adds to each diagonal entry
+    of ``hessian`` (groups, D, D): the damping ``damp x mean(diag)``, plus 1 on dead inputs (zero diagonal)."""
+    diag = torch.diagonal(as_groups(hessian), dim1=-2, dim2=-1).double()
+    repaired = torch.where(diag <= 0, torch.ones_like(diag), diag)
+    return damp * repaired.mean(dim=-1, keepdim=True) + (repaired - diag)
+
+
 def sampled_rows(rows: int, count: int, device: torch.device) -> Tensor:
     """``count`` evenly spaced row indices (all rows when there are fewer), the same on every call."""
     if count >= rows:
@@ -75,10 +84,10 @@ def error_curve(
     Runs on ``sample_rows`` evenly spaced rows (all rows when fewer), every level in one
     batched sweep over the columns with one Cholesky factor, and returns, per level, the
     sampled rows' error ``1/2 sum (w^ - w) H (w^ - w)^T`` divided by their output energy
-    ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0).
-    Arguments as in :func:`~lightning_lobs.solvers.solve_layer`; the per-row minimum
-    ``solver.min_kept_per_row`` holds. ``tick`` (optional) is called with the fraction done, per block of columns
-    and per level's error.
+    ``1/2 sum w H w^T`` (float64, shape ``(len(sparsities),)``; zeros when that energy is 0). Each level's error is
+    the sweep's accumulated OBS losses less the damping's share (no product per level), so in ``solver.dtype``'s
+    rounding. Arguments as in :func:`~lightning_lobs.solvers.solve_layer`; the per-row minimum
+    ``solver.min_kept_per_row`` holds. ``tick`` (optional) is called with the fraction done, per block of columns.
     """
     solver = solver or SolverOptions()
     levels = [float(v) for v in sparsities]
@@ -97,9 +106,10 @@ class _Curve:
     def __init__(self, x: LayerInputs, solver: SolverOptions, levels: list[float], tick: Tick | None) -> None:
         self.x, self.solver, self.levels, self.tick = x, solver, levels, tick
         self.work = x.W.to(solver.dtype)
-        _, self.Hinv, _, self.dead = inverse_with_damping(x.H.to(self.work.device), solver, stacklevel=4)
+        _, self.Hinv, damp, self.dead = inverse_with_damping(x.H.to(self.work.device), solver, stacklevel=4)
         tick_if_long(tick, self.Hinv.shape[0] * self.Hinv.shape[-1] ** 3)
         self.Hd = x.H.to(device=self.work.device, dtype=torch.float64)
+        self.shift = damping_shift(self.Hd, damp)
         self.err = torch.zeros(len(levels), dtype=torch.float64)
         self.energy = 0.0
 
@@ -126,13 +136,15 @@ class _Curve:
         kept_by_floor = floor.kept_by_floor(costs, f_cols)
         limit = floor.most_removable(rs.numel(), columns, f_cols)
         totals = [min(int(round(v * rs.numel() * columns)), limit) for v in levels]
-        # The sweep and the float64 errors (2 K r d^2 flops each) take about equal shares of the group's time.
         sweep = ColumnSweep(None, x.bias_cols, solver.block_size, f, kept_by_floor)
-        new, _ = sweep.run(Wg, self.Hinv[g], self.dead[g], totals, sub_tick(tick, start, share / 2))
+        new, _ = sweep.run(Wg, self.Hinv[g], self.dead[g], totals, sub_tick(tick, start, share))
         delta = (new - Wg.unsqueeze(0)).double()
-        for k in range(len(levels)):  # one level at a time: a tick between levels
-            self.err[k] += 0.5 * float(torch.einsum("ri,ij,rj->", delta[k], self.Hd[g], delta[k]))
-            if tick is not None:
-                tick(start + share * (0.5 + 0.5 * (k + 1) / len(levels)))
+        # Each level's error is the sweep's own summed OBS losses (the error under the damped H) less the damping's
+        # share: no (K r) x d x d product. A level whose quota the sweep could not meet had weights pruned without
+        # compensation after it (ColumnSweep._fill_short): its error is evaluated directly.
+        err = sweep.losses - 0.5 * (delta.pow(2) * self.shift[g]).sum(dim=(1, 2))
+        for k in (k for k, filled in enumerate(sweep.filled) if filled):
+            err[k] = 0.5 * torch.einsum("ri,ij,rj->", delta[k], self.Hd[g], delta[k])
+        self.err += err.cpu()
         w64 = Wg.double()
         self.energy += 0.5 * float(torch.einsum("ri,ij,rj->", w64, self.Hd[g], w64))
