@@ -163,7 +163,13 @@ def compare(
     for target in args.targets.split(","):
         for method in args.methods.split(","):
             module = copy.deepcopy(dense)
-            row = {"method": method, "target": target, **prune_once(module, method, target, calib, args)}
+            try:
+                row = {"method": method, "target": target, **prune_once(module, method, target, calib, args)}
+            except MemoryError as e:  # the library's memory check refuses before any work; the other rows go on
+                log.warning("%s %s refused: %s", method, target, e)
+                rows.append({"method": method, "target": target, "error": f"MemoryError: {e}"})
+                save()
+                continue
             row["sparsity"] = block_layer_sparsity(gpt2_blocks(module))
             row.update(lm_metrics(module, test))
             log.info(
@@ -191,7 +197,7 @@ def table(results: dict[str, Any]) -> str:
         f"{r['ppl']:.4f} ({r['bpb']:.4f}) | {r['prune_seconds']:.1f} ({r.get('prune_cpu_seconds', math.nan):.1f})"
     )
     for m in methods:
-        by_target = {r["target"]: r for r in results["rows"] if r["method"] == m}
+        by_target = {r["target"]: r for r in results["rows"] if r["method"] == m and "error" not in r}
         lines.append(
             f"| {m} | " + " | ".join(cell(by_target[t]) if t in by_target else "- | -" for t in targets) + " |"
         )

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import math
@@ -65,7 +66,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lobs_lab import baselines as B
-from lobs_lab.harness import csv_list, machine_info
+from lobs_lab.harness import csv_list, machine_info, train_or_load
 from lobs_lab.metrics import prunable_layers, tensor_accuracy
 from lobs_lab.mnist import MNISTSplits, load_mnist
 from lobs_lab.mnist_job import allocate_sparsity
@@ -415,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=csv_list(str, allow_empty=True),
         default=["lobs_literal", "lobs", "exact", "fast", "obd", "wanda", "lw_iht", "lwc", "mp_l1_global"],
     )
+    p.add_argument(
+        "--dense-cache",
+        default=None,
+        metavar="DIR",
+        help="keep each dense net in DIR/<net>_s<seed>.pt and reload it when trained with the same settings",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_mnist.json"))
     p.add_argument(
@@ -479,7 +486,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for seed in args.seeds:
             torch.manual_seed(seed)
             dense = NETS[net_name]()
-            d = train_dense(dense, splits, epochs, args, seed)
+            cache = os.path.join(args.dense_cache, f"{net_name}_s{seed}.pt") if args.dense_cache else None
+            key = {"net": net_name, "seed": seed, "epochs": epochs, "lr": args.lr, "batch": args.batch_size}
+            train = functools.partial(train_dense, dense, splits, epochs, args, seed)
+            d = train_or_load(cache, {**key, "data": splits.source}, dense, train)
             dense_acc = test_accuracy(dense, splits)
             results["dense"].append(
                 {

@@ -15,8 +15,8 @@ Pruning, from the dense weights, of the 4 ``Conv1D`` layers of every block (``lm
 left dense, with the library's warning; embeddings are not pruned), at 50% unstructured and 2:4:
 
 * ``exact``, ``fast``, ``lobs``: ``LOBSPruning(prune_epoch=0, sequential=True, allocation="uniform")`` in a Trainer:
-  every layer at the target sparsity, each calibrated on inputs that pass through the already pruned layers before
-  it (the library goes layer by layer, which within a block is one step finer than SparseGPT's block by block);
+  every layer at the target sparsity, each block's layers calibrated together on inputs that pass through the
+  already pruned blocks before it (the block pipeline, as SparseGPT's ``opt.py``; layer by layer up to 0.3.0);
 * ``magnitude_global``, ``magnitude_layer`` and ``wanda`` from ``lobs_lab.baselines``; Wanda's input norms are
   taken block by block on the outputs of the already pruned blocks (its paper's setting), per output row;
 
