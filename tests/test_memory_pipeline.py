@@ -185,3 +185,26 @@ def test_failure_after_blocks_were_written_restores_the_model(monkeypatch, where
         prune_model(model, _tokens(), 0.5, "fast", allocation="uniform", forward_fn=_logits, sequential=sequential)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_a_forward_fn_that_needs_whole_batches_is_run_on_them():
+    """A forward_fn closing over a tensor of the batch's size gives a whole batch's output on a piece: the
+    comparison sees that on the first piece and runs whole batches, with the direct error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    dense = copy.deepcopy(model)
+    extra = torch.randn(6, 4)
+    batches = [torch.randn(6, 8) for _ in range(3)]
+    seen = []
+
+    def forward(m, x):
+        seen.append(len(x))
+        return m(x) + extra
+
+    report = prune_model(model, batches, 0.5, prune_head=True, forward_fn=forward)
+    assert 1 in seen  # the first piece was tried
+    with torch.no_grad():
+        total = sum(float((forward(model, b).double() - forward(dense, b).double()).square().sum()) for b in batches)
+        size = max(float(forward(dense, b).abs().max()) for b in batches)
+    direct = math.sqrt(total / 18)
+    assert report.model_output_error == pytest.approx(direct, rel=1e3 * torch.finfo(torch.float32).eps * size / direct)

@@ -25,6 +25,8 @@ __all__ = [
     "batch_rows",
     "default_forward",
     "first_sample",
+    "output_rows_match",
+    "sample_or_whole",
     "eval_no_grad",
     "is_empty_batch",
     "model_device",
@@ -172,6 +174,24 @@ def first_sample(batch: Any) -> Any:
     return batch if rows is None or rows <= 1 else slice_batch(batch, slice(0, 1))
 
 
+def sample_or_whole(run: Callable[[Any], Any], batch: Any) -> Any:
+    """``run`` on the batch's first sample; on the whole batch when that raises or its output is not one sample's
+    (a ``forward_fn`` that closes over tensors of the batch's size cannot run on a piece)."""
+    piece = first_sample(batch)
+    if piece is batch:
+        return run(batch)
+    try:
+        out = run(piece)
+    except Exception:  # noqa: BLE001 - the model cannot run on a piece: the whole batch, as before
+        return run(batch)
+    return out if output_rows_match(out, 1) else run(batch)
+
+
+def output_rows_match(output: Any, rows: int) -> bool:
+    """Whether every tensor of at least one dimension in a model output has ``rows`` samples (it ran on a piece)."""
+    return all(t.shape[0] == rows for t in _tensors(output) if t.dim())
+
+
 #: The model-output comparison runs batches in pieces of samples whose output (one copy) stays under this, so a
 #: language model's dense and pruned logits (16 x 128 x 50,257 float32 = 0.41 GB per batch for GPT-2) never exist
 #: whole, twice.
@@ -189,7 +209,7 @@ class PieceRows:
     def pieces(self, batch: Any) -> Iterator[slice] | None:
         """The pieces of ``batch``, each sized when it is reached; None when it cannot be cut (run it whole)."""
         total = batch_rows(batch)
-        return None if total is None or total <= 1 else self._cut(total)
+        return None if self.whole or total is None or total <= 1 else self._cut(total)
 
     def _cut(self, total: int) -> Iterator[slice]:
         start = 0
@@ -198,11 +218,28 @@ class PieceRows:
             yield slice(start, stop)
             start = stop
 
-    def learn(self, output: Any, rows: int) -> None:
-        """Size the pieces from one piece's output of ``rows`` samples (the first call only)."""
+    def learn(self, output: Any, rows: int) -> bool:
+        """Size the pieces from one piece's output of ``rows`` samples (the first call only); False (and no more
+        pieces) when that output is not ``rows`` samples' (the model runs on whole batches only)."""
         if self.rows is None:
+            if not output_rows_match(output, rows):
+                self.whole = True
+                return False
             size = sum(t.numel() * t.element_size() for t in _tensors(output))
             self.rows = max(1, int(self.limit * rows // max(size, 1)))
+        return True
+
+    def first(self, run: Callable[[], Any], rows: int) -> Any:
+        """The first piece's run, or None (no more pieces: run whole batches) when it raises or its output is not
+        ``rows`` samples'."""
+        try:
+            out = run()
+        except Exception:  # noqa: BLE001 - a forward_fn that cannot run on a piece: whole batches, as before
+            self.whole = True
+            return None
+        return out if self.learn(out, rows) else None
+
+    whole = False
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:

@@ -19,7 +19,7 @@ from ..selection import check_prior_masks, select_layers
 from ..sharding import gather, is_sharded, mesh_size
 from .collective import broadcast_buffers, fail_together
 from .context import RunContext
-from .forward import eval_no_grad, first_sample, output_heads
+from .forward import eval_no_grad, output_heads, sample_or_whole
 from .records import LayerPlan, Plan
 
 __all__ = [
@@ -114,7 +114,7 @@ def make_plan(ctx: RunContext) -> Plan:
     heads: dict[str, str] = {}
     if not opts.prune_head:
         with eval_no_grad(ctx.model):
-            heads = output_heads(ctx.model, lambda: ctx.run_batch(first_sample(ctx.batches[0])))
+            heads = output_heads(ctx.model, lambda: sample_or_whole(ctx.run_batch, ctx.batches[0]))
     selection = select_layers(ctx.model, opts.sparsity, opts.exclude, ctx.nm, keep_dense=heads)
     check_finite_parameters(ctx.model)
     modules = dict(ctx.model.named_modules())

@@ -248,14 +248,20 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
                     load_params(modules, snapshot)
                     load_batchnorm_state(model, bn_dense)
                     compare.start(dense=True)
-                    dense_out = run(part)
-                    if cuts is not None:
-                        rows.learn(dense_out, batch_rows(part) or 1)
+                    if part is batch or rows.rows is not None:
+                        dense_out = run(part)
+                    else:  # the first piece sizes the others, or shows that the model runs on whole batches only
+                        dense_out = rows.first(lambda part=part: run(part), batch_rows(part) or 1)
+                        if dense_out is None:
+                            compare.start(dense=True)
+                            dense_out, part = run(batch), batch
                     load_params(modules, pruned_state)
                     load_batchnorm_state(model, bn_pruned)
                     compare.start(dense=False)
                     compare.model_output(dense_out, run(part))
                     del dense_out
+                    if part is batch:
+                        break
     finally:
         for h in handles:
             h.remove()

@@ -41,7 +41,7 @@ from .blocks import BlockCall, Chain, catch_first, next_call, probe_chain, run_b
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, gather_layer, share_solution
 from .context import RunContext
-from .forward import PieceRows, batch_rows, first_sample, slice_batch
+from .forward import PieceRows, batch_rows, first_sample, output_rows_match, slice_batch
 from .plan import plan_cost
 from .records import Plan, Solution, Solved
 from .report import Comparison
@@ -76,7 +76,10 @@ def find_chain(ctx: RunContext, plan: Plan) -> Chain | str:
     names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)
     if not names:
         return "no repeated blocks holding the selected layers were found in the model (blocks=[...] names them)"
-    chain = probe_chain(ctx.model, lambda: ctx.run_batch(first_sample(ctx.batches[0])), names, layers)
+    try:  # on the first sample (no whole batch's logits); a forward_fn that cannot run on one: the whole batch
+        chain = probe_chain(ctx.model, lambda: _one_sample(ctx), names, layers)
+    except _NotOneSample:
+        chain = probe_chain(ctx.model, lambda: ctx.run_batch(ctx.batches[0]), names, layers)
     if isinstance(chain, str) and named is not None:
         raise ValueError(
             f"blocks={list(named)} do not form a chain: {chain}; name modules the forward calls one after another, "
@@ -85,6 +88,21 @@ def find_chain(ctx: RunContext, plan: Plan) -> Chain | str:
     if isinstance(chain, str):
         return f"the blocks found ({names[0]!r} ... {names[-1]!r}) do not chain: {chain}"
     return chain
+
+
+class _NotOneSample(Exception):  # noqa: N818 - not an error: the probe reruns on the whole batch
+    """The model cannot run on the first calibration batch's first sample alone."""
+
+
+def _one_sample(ctx: RunContext) -> Any:
+    piece = first_sample(ctx.batches[0])
+    try:
+        out = ctx.run_batch(piece)
+    except Exception as error:  # noqa: BLE001 - rerun on the whole batch by the caller
+        raise _NotOneSample from error
+    if piece is not ctx.batches[0] and not output_rows_match(out, 1):
+        raise _NotOneSample
+    return out
 
 
 @dataclass(frozen=True)
@@ -221,15 +239,24 @@ def _compare_tail(  # noqa: PLR0913 - the walk's state, passed rather than close
     for c in [None] if cuts is None else cuts:
         part = batch if c is None else slice_batch(batch, c)
         d_last, p_last = (dense_last, last) if c is None else (slice_batch(dense_last, c), slice_batch(last, c))
-        dense_out, out = pairs.run(
-            chain.suffix,
-            partial(run_tail, chain.modules, partial(ctx.run_batch, part), d_last),
-            partial(run_tail, chain.modules, partial(ctx.run_batch, part), p_last),
-        )
-        if c is not None:
-            rows.learn(dense_out, c.stop - c.start)
-        pairs.compare.model_output(dense_out, out)
-        del dense_out, out
+
+        def pair(part: Any = part, d_last: Any = d_last, p_last: Any = p_last) -> tuple:
+            return pairs.run(
+                chain.suffix,
+                partial(run_tail, chain.modules, partial(ctx.run_batch, part), d_last),
+                partial(run_tail, chain.modules, partial(ctx.run_batch, part), p_last),
+            )
+
+        if c is None or rows.rows is not None:
+            outs = pair()
+        else:  # the first piece sizes the others, or shows that the tail runs on whole batches only
+            outs = rows.first(pair, c.stop - c.start)
+            if outs is None:
+                outs, c = pair(batch, dense_last, last), None
+        pairs.compare.model_output(*outs)
+        del outs
+        if c is None:
+            break
 
 
 def _run_on(block: nn.Module, calls: Sequence[BlockCall], cache: dict[int, Any] | None, j: int) -> Any:
