@@ -238,30 +238,17 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
             inputs.append(args[0])
 
     handles.append(model.register_forward_pre_hook(keep_first_input))
+
+    def load(dense: bool) -> None:
+        load_params(modules, snapshot if dense else pruned_state)
+        load_batchnorm_state(model, bn_dense if dense else bn_pruned)
+
     try:
         with eval_no_grad(model):
             for i, batch in enumerate(batches):
                 if tick is not None and i:
                     tick(i / len(batches))
-                cuts = rows.pieces(batch)
-                for part in [batch] if cuts is None else (slice_batch(batch, c) for c in cuts):
-                    load_params(modules, snapshot)
-                    load_batchnorm_state(model, bn_dense)
-                    compare.start(dense=True)
-                    if part is batch or rows.rows is not None:
-                        dense_out = run(part)
-                    else:  # the first piece sizes the others, or shows that the model runs on whole batches only
-                        dense_out = rows.first(lambda part=part: run(part), batch_rows(part) or 1)
-                        if dense_out is None:
-                            compare.start(dense=True)
-                            dense_out, part = run(batch), batch
-                    load_params(modules, pruned_state)
-                    load_batchnorm_state(model, bn_pruned)
-                    compare.start(dense=False)
-                    compare.model_output(dense_out, run(part))
-                    del dense_out
-                    if part is batch:
-                        break
+                _compare_batch(batch, run, rows, compare, load)
     finally:
         for h in handles:
             h.remove()
@@ -269,6 +256,30 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
         load_batchnorm_state(model, bn_pruned)
     errors, last, model_error = compare.results(rank, model_device(model))
     return errors, last, model_error, (inputs[0] if inputs else None)
+
+
+def _compare_batch(
+    batch: Any, run: Callable[[Any], Any], rows: PieceRows, compare: Comparison, load: Callable[[bool], None]
+) -> None:
+    """One batch's dense and pruned forwards (``load(dense)`` swaps the weights in), in pieces of samples where the
+    batch can be cut and the model runs on them."""
+    cuts = rows.pieces(batch)
+    for part in [batch] if cuts is None else (slice_batch(batch, c) for c in cuts):
+        load(True)
+        compare.start(dense=True)
+        if part is batch or rows.rows is not None:
+            dense_out = run(part)
+        else:  # the first piece sizes the others, or shows that the model runs on whole batches only
+            dense_out = rows.first(lambda part=part: run(part), batch_rows(part) or 1)
+            if dense_out is None:
+                compare.start(dense=True)
+                dense_out, part = run(batch), batch
+        load(False)
+        compare.start(dense=False)
+        compare.model_output(dense_out, run(part))
+        del dense_out
+        if part is batch:
+            break
 
 
 def bound(
