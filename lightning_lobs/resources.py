@@ -5,7 +5,7 @@ times: the model's, the transaction's copy that undoes a failed prune, and the r
 while it compares dense and pruned outputs), plus the Hessians, plus ONE whole layer at a time: its gathered weight
 and its solution (and the solver's workspace on the rank that solves it). The Hessians are every selected
 layer's in the one-pass pipeline (each rank accumulates its own batches' sums for all of them before they are
-reduced) and one at a time with ``sequential=True``. :func:`layer_memory` counts the gathered layer; like the
+reduced: a sharded model is always pruned in one pass) and one at a time with ``sequential=True``. :func:`layer_memory` counts the gathered layer; like the
 unsharded check, :func:`check_budget` counts the prune's work memory (Hessians and solve), not the copies of the
 weights.
 """
@@ -122,8 +122,9 @@ def check_budget(
 ) -> dict[str, int]:
     """Raise ``MemoryError`` naming the layer and the remedy when the plan will not fit.
 
-    Dense calibration holds every Hessian at once; sequential calibration one at a time, or, with ``groups`` (the
-    selected layers of each block the block pipeline walks), one group's at a time. The solves run one layer at a
+    Calibrating in one pass holds every Hessian at once; walking (``sequential``: the sequential pipelines, and the
+    default one on a model with blocks) one at a time, or, with ``groups`` (the selected layers of each block the
+    walk takes, and those outside the blocks), one group's at a time. The solves run one layer at a
     time on top of the Hessians. ``budget`` None means 80% of the memory available on ``device`` now. Returns the
     totals it checked.
     """

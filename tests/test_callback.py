@@ -523,7 +523,8 @@ def test_forward_fn_used_by_callback():
         sparsity=0.5, prune_epoch=0, calibration_batches=2, forward_fn=fwd, log_table=False, prune_head=True
     )
     trainer(1, [lobs]).fit(model)
-    assert len(calls) >= 2 and all(c == 64 for c in calls)
+    # batches of 64, or the output comparison's pieces of the first one (its first sample alone, then the rest)
+    assert len(calls) >= 2 and all(c in (64, 1, 63) for c in calls) and calls.count(64) >= 2
     assert lobs.last_report.sparsity == pytest.approx(0.5, abs=2e-3)
 
 

@@ -74,7 +74,9 @@ def test_batchnorm_restored_after_a_failure_that_follows_its_re_estimation():
 
     with pytest.raises(RuntimeError, match="measurement failed"):
         prune_model(model, batches, 0.5, "fast", forward_fn=forward, prune_head=True)
-    assert calls["n"] == 2 * len(batches) + 1
+    # the measurement's first piece fails, then the whole batch it falls back to (a forward_fn that cannot run on a
+    # piece of a batch), which fails again and propagates
+    assert calls["n"] == 2 * len(batches) + 2
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not model.training

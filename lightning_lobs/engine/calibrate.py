@@ -56,7 +56,7 @@ def calibrate(
     scales: dict[str, float] = {}
     for n in names:
         if n in plan.layers:
-            normalised[n], scales[n] = normalise(hessians[n])
+            normalised[n], scales[n] = normalise(hessians.pop(n))  # one un-normalised copy alive at a time
             progress.step(n, n)
     ctx.timings.calibration += time.perf_counter() - t0
     calibration = Calibration(
@@ -149,9 +149,10 @@ def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, eac
     # Finishing the Hessians is d^2 work per layer (seconds in all for wide convolutions): counted per layer, as
     # a second stretch of the phase (the caller normalises them and finishes each layer's step).
     progress.begin("calibrate", {n: float(collector.accumulators[n].sum.numel()) for n in called})
+    positions = {n: collector.accumulators[n].count / samples[n] for n in called}
     hessians = {}
     for n in called:
         hessians[n] = collector.accumulators[n].hessian()
+        del collector.accumulators[n]  # its sums, before the next layer's Hessian is made
         progress.advance(n, 0.5, n)
-    positions = {n: collector.accumulators[n].count / samples[n] for n in called}
     return hessians, positions, order, missing

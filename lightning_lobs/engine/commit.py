@@ -4,12 +4,16 @@
 MaskSet's masks and attachment, and, when new masks are enforced, the optimizer state and gradients that zeroes);
 an exception anywhere inside it, a KeyboardInterrupt included, puts every saved piece back before it propagates.
 (Train/eval modes are restored by :func:`~lightning_lobs.engine.forward.eval_no_grad` around every forward.)
+
+The weights' undo copy is the plan's own copy of each layer's matrix (:attr:`~.records.LayerPlan.dense`, which no
+stage writes into), so the prune holds one copy of the dense weights, not two; only a sharded layer (whose plan
+holds no data) gets a copy of this rank's shards here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import TracebackType
 
 import torch
@@ -22,9 +26,11 @@ from ..sharding import local
 from .context import RunContext
 from .records import Solved
 
-__all__ = ["Transaction", "commit", "load_params", "param_state"]
+__all__ = ["DenseState", "Transaction", "commit", "load_params", "param_state"]
 
 ParamState = dict[str, tuple[Tensor, Tensor | None]]
+DenseState = Mapping[str, "Tensor | tuple[Tensor, Tensor | None]"]
+"""Per layer: its ``(rows, matrix_cols)`` matrix (the layout of ``layers.weight_matrix``), or a weight and bias."""
 
 
 def commit(ctx: RunContext, solved: Solved) -> None:
@@ -47,12 +53,26 @@ def commit(ctx: RunContext, solved: Solved) -> None:
 class Transaction:
     """A context manager around one prune: on an exception, the masks, weights and BatchNorm state as they were."""
 
-    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module], masks: MaskSet) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Mapping[str, nn.Module],
+        masks: MaskSet,
+        dense: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """``dense``: copies of the layers' matrices that nothing writes into until the transaction ends (the
+        plan's), kept as the undo copy instead of a second one; a meta tensor (a sharded layer) does not count."""
         self.model = model
         self.modules = dict(modules)
-        self.params = param_state(modules)  # attention projections: copies of their blocks
+        self.dense = {n: d for n, d in (dense or {}).items() if n in self.modules and d.device.type != "meta"}
+        # attention projections: copies of their blocks
+        self.params = param_state({n: m for n, m in self.modules.items() if n not in self.dense})
         self.batchnorm = batchnorm_state(model)
         self.mask_state = _MaskSetState(masks)
+
+    def dense_state(self, names: Collection[str]) -> dict[str, Tensor | tuple[Tensor, Tensor | None]]:
+        """The weights before the prune of ``names``, for :func:`load_params`."""
+        return {n: self.dense[n] if n in self.dense else self.params[n] for n in names}
 
     def __enter__(self) -> Transaction:
         return self
@@ -71,7 +91,7 @@ class Transaction:
         try:
             self.mask_state.restore()
         finally:
-            load_params(self.modules, self.params)
+            load_params(self.modules, self.dense_state(self.modules))
             load_batchnorm_state(self.model, self.batchnorm)
 
 
@@ -131,10 +151,15 @@ def param_state(modules: Mapping[str, nn.Module]) -> ParamState:
     }
 
 
-def load_params(modules: Mapping[str, nn.Module], state: Mapping[str, tuple[Tensor, Tensor | None]]) -> None:
-    """Copy ``state`` (from :func:`param_state`) back into the modules' weights and biases."""
+def load_params(modules: Mapping[str, nn.Module], state: DenseState) -> None:
+    """Copy ``state`` (from :func:`param_state`, or matrices as :func:`~lightning_lobs.layers.weight_matrix` gives)
+    back into the modules' weights and biases."""
     with torch.no_grad():
-        for n, (w, b) in state.items():
+        for n, value in state.items():
+            if isinstance(value, Tensor):
+                set_weight_matrix(modules[n], value)
+                continue
+            w, b = value
             modules[n].weight.copy_(w)
             if b is not None:
                 modules[n].bias.copy_(b)

@@ -20,12 +20,19 @@ from ..layers import is_prunable
 
 __all__ = [
     "HEAD_REASON",
+    "OUTPUT_PIECE_BYTES",
+    "PieceRows",
+    "batch_rows",
     "default_forward",
+    "first_sample",
+    "output_rows_match",
+    "sample_or_whole",
     "eval_no_grad",
     "is_empty_batch",
     "model_device",
     "move_batch",
     "output_heads",
+    "slice_batch",
 ]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
@@ -119,6 +126,120 @@ def is_empty_batch(batch: Any) -> bool:
     """A batch whose tensors all have 0 rows (the last batch of some samplers, a filtered shard)."""
     tensors = [t for t in _tensors(batch) if t.dim() > 0]
     return bool(tensors) and all(t.shape[0] == 0 for t in tensors)
+
+
+def _plain(batch: Any) -> bool:
+    """Made of tensors, mappings, lists and tuples (named ones too) and plain values only: what slice_batch rebuilds."""
+    if isinstance(batch, Tensor) or batch is None or isinstance(batch, (bool, int, float, complex, str, bytes)):
+        return True
+    if isinstance(batch, Mapping):
+        return all(_plain(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return all(_plain(v) for v in batch)
+    return False
+
+
+def batch_rows(batch: Any) -> int | None:
+    """The batch size along dim 0 when every tensor in ``batch`` has it (so the batch can be cut into pieces of
+    samples, :func:`slice_batch`), else None (a 0-d tensor, tensors of other lengths, an object not rebuilt)."""
+    tensors = list(_tensors(batch))
+    if not tensors or not _plain(batch) or any(t.dim() == 0 for t in tensors):
+        return None
+    rows = {t.shape[0] for t in tensors}
+    return rows.pop() if len(rows) == 1 else None
+
+
+def slice_batch(batch: Any, rows: slice, size: int | None = None) -> Any:
+    """``batch`` with every tensor of ``size`` rows (any tensor when None) cut to ``rows`` along dim 0; the
+    structure (mappings, named tuples, lists) and everything else as they are."""
+    if isinstance(batch, Tensor):
+        return batch[rows] if batch.dim() and (size is None or batch.shape[0] == size) else batch
+    if isinstance(batch, Mapping):
+        items = {k: slice_batch(v, rows, size) for k, v in batch.items()}
+        try:
+            return type(batch)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(slice_batch(v, rows, size) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, rows, size) for v in batch)
+    return batch
+
+
+def first_sample(batch: Any) -> Any:
+    """The batch cut to its first sample where it can be (:func:`batch_rows`): enough for the forwards that only
+    look at the model's structure (its output heads, whether its blocks chain), without a whole batch's logits."""
+    rows = batch_rows(batch)
+    return batch if rows is None or rows <= 1 else slice_batch(batch, slice(0, 1))
+
+
+def sample_or_whole(run: Callable[[Any], Any], batch: Any) -> Any:
+    """``run`` on the batch's first sample; on the whole batch when that raises or its output is not one sample's
+    (a ``forward_fn`` that closes over tensors of the batch's size cannot run on a piece)."""
+    piece = first_sample(batch)
+    if piece is batch:
+        return run(batch)
+    try:
+        out = run(piece)
+    except Exception:  # noqa: BLE001 - the model cannot run on a piece: the whole batch, as before
+        return run(batch)
+    return out if output_rows_match(out, 1) else run(batch)
+
+
+def output_rows_match(output: Any, rows: int) -> bool:
+    """Whether every tensor of at least one dimension in a model output has ``rows`` samples (it ran on a piece)."""
+    return all(t.shape[0] == rows for t in _tensors(output) if t.dim())
+
+
+#: The model-output comparison runs batches in pieces of samples whose output (one copy) stays under this, so a
+#: language model's dense and pruned logits (16 x 128 x 50,257 float32 = 0.41 GB per batch for GPT-2) never exist
+#: whole, twice.
+OUTPUT_PIECE_BYTES = 32 * 2**20
+
+
+class PieceRows:
+    """How many samples a piece of a batch gets: one for the first piece, then as many as keep one model output
+    under :data:`OUTPUT_PIECE_BYTES` (learned from that first piece's output by :meth:`learn`)."""
+
+    def __init__(self, limit: int = OUTPUT_PIECE_BYTES) -> None:
+        self.limit = limit
+        self.rows: int | None = None
+
+    def pieces(self, batch: Any) -> Iterator[slice] | None:
+        """The pieces of ``batch``, each sized when it is reached; None when it cannot be cut (run it whole)."""
+        total = batch_rows(batch)
+        return None if self.whole or total is None or total <= 1 else self._cut(total)
+
+    def _cut(self, total: int) -> Iterator[slice]:
+        start = 0
+        while start < total:
+            stop = min(total, start + (self.rows or 1))
+            yield slice(start, stop)
+            start = stop
+
+    def learn(self, output: Any, rows: int) -> bool:
+        """Size the pieces from one piece's output of ``rows`` samples (the first call only); False (and no more
+        pieces) when that output is not ``rows`` samples' (the model runs on whole batches only)."""
+        if self.rows is None:
+            if not output_rows_match(output, rows):
+                self.whole = True
+                return False
+            size = sum(t.numel() * t.element_size() for t in _tensors(output))
+            self.rows = max(1, int(self.limit * rows // max(size, 1)))
+        return True
+
+    def first(self, run: Callable[[], Any], rows: int) -> Any:
+        """The first piece's run, or None (no more pieces: run whole batches) when it raises or its output is not
+        ``rows`` samples'."""
+        try:
+            out = run()
+        except Exception:  # noqa: BLE001 - a forward_fn that cannot run on a piece: whole batches, as before
+            self.whole = True
+            return None
+        return out if self.learn(out, rows) else None
+
+    whole = False
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:

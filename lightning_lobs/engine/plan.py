@@ -19,7 +19,7 @@ from ..selection import check_prior_masks, select_layers
 from ..sharding import gather, is_sharded, mesh_size
 from .collective import broadcast_buffers, fail_together
 from .context import RunContext
-from .forward import eval_no_grad, output_heads
+from .forward import eval_no_grad, output_heads, sample_or_whole
 from .records import LayerPlan, Plan
 
 __all__ = [
@@ -114,7 +114,7 @@ def make_plan(ctx: RunContext) -> Plan:
     heads: dict[str, str] = {}
     if not opts.prune_head:
         with eval_no_grad(ctx.model):
-            heads = output_heads(ctx.model, lambda: ctx.run_batch(ctx.batches[0]))
+            heads = output_heads(ctx.model, lambda: sample_or_whole(ctx.run_batch, ctx.batches[0]))
     selection = select_layers(ctx.model, opts.sparsity, opts.exclude, ctx.nm, keep_dense=heads)
     check_finite_parameters(ctx.model)
     modules = dict(ctx.model.named_modules())
@@ -183,8 +183,11 @@ def warn_cost(method: str, layers: Mapping[str, LayerPlan]) -> None:
         )
 
 
-def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
-    """Refuse a prune whose Hessians and solver workspace would not fit, on any rank, before calibrating."""
+def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan], blocks: bool = True) -> None:
+    """Refuse a prune whose Hessians and solver workspace would not fit, on any rank, before calibrating.
+
+    ``blocks``: count one block's Hessians at a time where the model has blocks (both pipelines walk them); False
+    (the default pipeline found that they do not chain, and holds every layer's): all of them."""
     calibration, solver = ctx.options.calibration, ctx.solver
     estimates = {
         n: layer_memory(
@@ -199,22 +202,32 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> None:
         )
         for n, l in layers.items()
     }
-    groups = pipeline_groups(ctx, layers)
+    groups = pipeline_groups(ctx, layers) if blocks else []
+    sequential = ctx.options.sequential or bool(groups)
     with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
-        check_budget(estimates, calibration.memory_budget_bytes, ctx.options.sequential, ctx.device, groups)
+        check_budget(estimates, calibration.memory_budget_bytes, sequential, ctx.device, groups)
 
 
 def pipeline_groups(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> list[list[str]]:
-    """The layers whose Hessians the block pipeline holds together: each block's (``sequential_unit="block"``).
+    """The layers whose Hessians the block walk holds together: each block's (``sequential_unit="block"``, and the
+    default pipeline), and the layers outside the blocks (before the first, after the last) as one more group.
 
-    The blocks are those the pipeline would walk (named or found); whether they chain is checked later, on a forward,
-    and a fallback to one layer at a time only holds fewer.
+    The blocks are those the walk would take (named or found); whether they chain is checked later, on a forward.
+    Sequential mode's fallback to one layer at a time only holds fewer; the default pipeline's fallback to one pass
+    holds every layer's Hessian and checks again (``check_memory(..., blocks=False)``). No blocks, a sharded model
+    (always one pass) or ``sequential_unit="layer"``: none (one layer at a time, or every layer at once).
     """
-    if not ctx.options.sequential or ctx.options.sequential_unit != "block":
+    opts = ctx.options
+    if opts.sequential and opts.sequential_unit != "block":
         return []
-    named = ctx.options.blocks
+    if not opts.sequential and any(is_sharded(l.module.weight) for l in layers.values()):
+        return []
+    named = opts.blocks
     names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)
-    return [layers_in(b, layers) for b in names]
+    groups = [layers_in(b, layers) for b in names]
+    inside = {n for g in groups for n in g}
+    outside = [n for n in layers if n not in inside]
+    return [*groups, outside] if groups and outside else groups
 
 
 def dense_modules(plan: Plan) -> dict[str, nn.Module]:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import attention as _attention
@@ -15,15 +16,15 @@ from ..batchnorm import batchnorm_state, load_batchnorm_state, recalibrate_batch
 from ..checks import add_note
 from ..distributed import RankInfo
 from ..layers import weight_matrix
-from ..sharding import any_sharded, count
+from ..sharding import any_sharded, count, is_sharded
 from ..solvers import Tick
 from .collective import all_reduce_batchnorm, dense_matrices, reduce_errors
-from .commit import ParamState, Transaction, load_params, param_state
+from .commit import DenseState, Transaction, load_params, param_state
 from .context import RunContext
-from .forward import eval_no_grad, model_device
+from .forward import PieceRows, batch_rows, eval_no_grad, model_device, slice_batch
 from .records import LayerReport, Measurement, PruneReport, Solved
 
-__all__ = ["Comparison", "bound", "make_report", "measure", "parameter_counts", "recalibrate_bn"]
+__all__ = ["Comparison", "bound", "make_report", "measure", "nonzero", "parameter_counts", "recalibrate_bn"]
 
 log = logging.getLogger("lightning_lobs.pruner")  # the logger's name is what users filter on: kept from 0.2
 
@@ -75,7 +76,7 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
                 ctx.model,
                 ctx.batches,
                 modules,
-                {n: tx.params[n] for n in order},
+                tx.dense_state(order),
                 tx.batchnorm,
                 ctx.run_batch,
                 ctx.rank,
@@ -102,7 +103,7 @@ def _prune_report(
             shape=tuple(weight.shape),
             method=layer.method,
             target_sparsity=layer.target,
-            sparsity=count(weight == 0) / max(weight.numel(), 1),
+            sparsity=(weight.numel() - nonzero(weight)) / max(weight.numel(), 1),
             layer_error=errors[n],
             d_term=d_terms[n],
             norm_frobenius=norms[0],
@@ -113,7 +114,7 @@ def _prune_report(
             output_error=measured.output_errors[n],
         )
     weights = [solved.plan.layers[n].module.weight for n in solved.order]
-    zeros = sum(count(w == 0) for w in weights)  # over every shard (fully_shard) too
+    zeros = sum(w.numel() - nonzero(w) for w in weights)  # over every shard (fully_shard) too
     counts = parameter_counts(ctx.model)
     return PruneReport(
         layers=reports,
@@ -139,12 +140,18 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
     params = list(model.parameters())  # unique: tied parameters appear once
     weights = [p for p in params if p.dim() >= 2]
     total_w = sum(p.numel() for p in weights)
-    zeros_w = sum(count(p.detach() == 0) for p in weights)
+    zeros_w = sum(p.numel() - nonzero(p) for p in weights)
     return {
         "model_sparsity": zeros_w / total_w if total_w else float("nan"),
-        "nonzero_parameters": sum(count(p.detach() != 0) for p in params),
+        "nonzero_parameters": sum(nonzero(p) for p in params),
         "total_parameters": sum(p.numel() for p in params),
     }
+
+
+def nonzero(t: Tensor) -> int:
+    """Nonzero entries of ``t``, over every shard of a ``DTensor``; counted without a bool mask and its int64 sum
+    (a 0.3 GB temporary for GPT-2's embedding) where not sharded."""
+    return count(t.detach() != 0) if is_sharded(t) else int(torch.count_nonzero(t.detach()))
 
 
 class Comparison:
@@ -201,7 +208,7 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     model: nn.Module,
     batches: Sequence[Any],
     modules: Mapping[str, nn.Module],
-    snapshot: ParamState,
+    snapshot: DenseState,
     bn_dense: dict[str, Tensor],
     run: Callable[[Any], Any],
     rank: RankInfo,
@@ -210,7 +217,9 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     """RMS per-sample output errors (every pruned layer, the last one, and the model output), pruned vs dense.
 
     Dense and pruned weights (and BatchNorm statistics) are swapped in batch by batch, so
-    only one batch of layer outputs is held at a time. Errors are summed over ranks. Also
+    only one batch of layer outputs is held at a time; a batch whose tensors share their first dimension runs in
+    pieces of samples (:class:`~.forward.PieceRows`), so that a language model's dense and pruned logits never
+    exist whole. Errors are summed over ranks. Also
     returns the model's positional input for the first batch (for the bound's shape analysis).
     ``tick`` hears the fraction of batches done after each batch but the last.
     """
@@ -218,6 +227,7 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
     pruned_state = param_state(modules)
     bn_pruned = batchnorm_state(model)
     compare = Comparison(order)
+    rows = PieceRows()
     handles = [
         modules[n].register_forward_hook(lambda mod, args, out, n=n: compare.layer_output(n, out)) for n in order
     ]
@@ -228,19 +238,17 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
             inputs.append(args[0])
 
     handles.append(model.register_forward_pre_hook(keep_first_input))
+
+    def load(dense: bool) -> None:
+        load_params(modules, snapshot if dense else pruned_state)
+        load_batchnorm_state(model, bn_dense if dense else bn_pruned)
+
     try:
         with eval_no_grad(model):
             for i, batch in enumerate(batches):
                 if tick is not None and i:
                     tick(i / len(batches))
-                load_params(modules, snapshot)
-                load_batchnorm_state(model, bn_dense)
-                compare.start(dense=True)
-                dense_out = run(batch)
-                load_params(modules, pruned_state)
-                load_batchnorm_state(model, bn_pruned)
-                compare.start(dense=False)
-                compare.model_output(dense_out, run(batch))
+                _compare_batch(batch, run, rows, compare, load)
     finally:
         for h in handles:
             h.remove()
@@ -248,6 +256,30 @@ def measure(  # noqa: PLR0913 - the model, what to compare, and how to run it
         load_batchnorm_state(model, bn_pruned)
     errors, last, model_error = compare.results(rank, model_device(model))
     return errors, last, model_error, (inputs[0] if inputs else None)
+
+
+def _compare_batch(
+    batch: Any, run: Callable[[Any], Any], rows: PieceRows, compare: Comparison, load: Callable[[bool], None]
+) -> None:
+    """One batch's dense and pruned forwards (``load(dense)`` swaps the weights in), in pieces of samples where the
+    batch can be cut and the model runs on them."""
+    cuts = rows.pieces(batch)
+    for part in [batch] if cuts is None else (slice_batch(batch, c) for c in cuts):
+        load(True)
+        compare.start(dense=True)
+        if part is batch or rows.rows is not None:
+            dense_out = run(part)
+        else:  # the first piece sizes the others, or shows that the model runs on whole batches only
+            dense_out = rows.first(lambda part=part: run(part), batch_rows(part) or 1)
+            if dense_out is None:
+                compare.start(dense=True)
+                dense_out, part = run(batch), batch
+        load(False)
+        compare.start(dense=False)
+        compare.model_output(dense_out, run(part))
+        del dense_out
+        if part is batch:
+            break
 
 
 def bound(

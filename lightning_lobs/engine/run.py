@@ -11,15 +11,17 @@ from .. import attention as _attention
 from ..config import ProgressFn, PruneOptions
 from ..distributed import RankInfo, assign_layers
 from ..masks import MaskSet
+from ..sharding import is_sharded
 from .allocate import allocate
+from .blocks import Chain
 from .calibrate import calibrate
 from .commit import Transaction, commit
 from .context import RunContext
 from .forward import eval_no_grad
-from .plan import make_plan, plan_cost
+from .plan import check_memory, make_plan, plan_cost
 from .records import Plan, PruneReport, Solved
 from .report import make_report, recalibrate_bn
-from .sequential import run_sequential
+from .sequential import find_chain, run_dense_blocks, run_sequential
 from .solve import solve_all
 
 __all__ = ["prune", "run", "run_one_pass"]
@@ -64,7 +66,7 @@ def run(ctx: RunContext, then: Callable[[PruneReport], None] | None = None) -> P
     """
     plan = make_plan(ctx)
     modules = {n: l.module for n, l in plan.layers.items()}
-    with Transaction(ctx.model, modules, ctx.masks) as tx:
+    with Transaction(ctx.model, modules, ctx.masks, {n: l.dense for n, l in plan.layers.items()}) as tx:
         with eval_no_grad(ctx.model), _attention.feeding(ctx.model, modules):
             solved = run_sequential(ctx, plan) if ctx.options.sequential else run_one_pass(ctx, plan)
             commit(ctx, solved)
@@ -79,7 +81,14 @@ def run(ctx: RunContext, then: Callable[[PruneReport], None] | None = None) -> P
 
 
 def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
-    """Calibrate every layer on the dense network in one pass over the batches, allocate, solve."""
+    """Calibrate every layer on the dense network, allocate, solve: block by block where the model's blocks chain
+    (:func:`~.sequential.run_dense_blocks`: the same results, one block's Hessians alive at a time), else in one
+    pass over the batches with every layer's Hessian."""
+    sharded = any(is_sharded(l.module.weight) for l in plan.layers.values())
+    chain = "sharded" if sharded else find_chain(ctx, plan)
+    if isinstance(chain, Chain):
+        return run_dense_blocks(ctx, plan, chain)
+    check_memory(ctx, plan.layers, blocks=False)  # the plan's check counted one block's Hessians at a time
     plan, calibration = calibrate(ctx, plan, list(plan.layers))
     order = [n for n in calibration.order if n in plan.layers]
     owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
@@ -35,17 +35,19 @@ from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
 from ..distributed import assign_layers
 from ..layers import set_weight_matrix
+from ..solvers import GreedyTrace
 from .allocate import allocate
 from .blocks import BlockCall, Chain, catch_first, next_call, probe_chain, run_block, run_tail
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, gather_layer, share_solution
 from .context import RunContext
+from .forward import PieceRows, batch_rows, first_sample, output_rows_match, slice_batch
 from .plan import plan_cost
 from .records import Plan, Solution, Solved
 from .report import Comparison
 from .solve import begin_solve, solve_owned
 
-__all__ = ["execution_order", "find_chain", "run_blocks", "run_per_layer", "run_sequential"]
+__all__ = ["execution_order", "find_chain", "run_blocks", "run_dense_blocks", "run_per_layer", "run_sequential"]
 
 log = logging.getLogger("lightning_lobs.pruner")
 
@@ -74,7 +76,10 @@ def find_chain(ctx: RunContext, plan: Plan) -> Chain | str:
     names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)
     if not names:
         return "no repeated blocks holding the selected layers were found in the model (blocks=[...] names them)"
-    chain = probe_chain(ctx.model, lambda: ctx.run_batch(ctx.batches[0]), names, layers)
+    try:  # on the first sample (no whole batch's logits); a forward_fn that cannot run on one: the whole batch
+        chain = probe_chain(ctx.model, lambda: _one_sample(ctx), names, layers)
+    except _NotOneSample:
+        chain = probe_chain(ctx.model, lambda: ctx.run_batch(ctx.batches[0]), names, layers)
     if isinstance(chain, str) and named is not None:
         raise ValueError(
             f"blocks={list(named)} do not form a chain: {chain}; name modules the forward calls one after another, "
@@ -83,6 +88,21 @@ def find_chain(ctx: RunContext, plan: Plan) -> Chain | str:
     if isinstance(chain, str):
         return f"the blocks found ({names[0]!r} ... {names[-1]!r}) do not chain: {chain}"
     return chain
+
+
+class _NotOneSample(Exception):  # noqa: N818 - not an error: the probe reruns on the whole batch
+    """The model cannot run on the first calibration batch's first sample alone."""
+
+
+def _one_sample(ctx: RunContext) -> Any:
+    piece = first_sample(ctx.batches[0])
+    try:
+        out = ctx.run_batch(piece)
+    except Exception as error:  # noqa: BLE001 - rerun on the whole batch by the caller
+        raise _NotOneSample from error
+    if piece is not ctx.batches[0] and not output_rows_match(out, 1):
+        raise _NotOneSample
+    return out
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,14 @@ class _Pairs:
         self.compare.stop()
         return dense, pruned
 
+    def release(self, names: Sequence[str]) -> None:
+        """The stretch ``names`` is written and compared: its solutions' matrices (what the model now holds) go,
+        so the walk keeps one copy of the dense weights (the plan's) and no second copy of the pruned ones."""
+        for n in names:
+            if n in self.found.solutions:
+                sol = self.found.solutions[n]
+                self.found.solutions[n] = replace(sol, matrix=sol.matrix.new_empty((0, sol.matrix.shape[1])))
+
     def close(self) -> None:
         for h in self.handles:
             h.remove()
@@ -145,13 +173,14 @@ def _write(module: Any, solution: Solution) -> None:
         weight.masked_fill_(~solution.mask.to(weight.device), 0.0)
 
 
-def _walk(
-    ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: bool = False
+def _walk(  # noqa: C901 - one generator: the walk's streams stay in one place
+    ctx: RunContext, chain: Chain, pairs: _Pairs | None = None, reuse: bool = False, dense_feed: bool = False
 ) -> Generator[_Group, None, None]:
     """The groups in forward order; after each is yielded (and pruned by the caller) its pruned outputs feed on.
     With ``pairs``, a dense stream runs beside the pruned one and every stretch's outputs are compared. ``reuse``
     (nothing is written while walking: the allocation's dense walk): a block's outputs on its calibration runs
-    feed the next block, instead of a second run."""
+    feed the next block, instead of a second run. ``dense_feed`` (the default pipeline): each group is calibrated
+    on the dense stream (the dense network's inputs), the pruned stream only feeds the comparison."""
     batches, items = ctx.batches, range(len(ctx.batches))
 
     def head(j: int) -> Any:
@@ -161,6 +190,7 @@ def _walk(
         if pairs is None:
             return None, _timed(ctx, lambda: [pruned_run(j) for j in items])
         runs = _timed(ctx, lambda: [pairs.run(names, partial(dense_run, j), partial(pruned_run, j)) for j in items])
+        pairs.release(names)
         return [d for d, _ in runs], [p for _, p in runs]
 
     if chain.prefix:
@@ -173,15 +203,15 @@ def _walk(
     dense_outs, outs = None, []
     for b, (block, layers) in enumerate(zip(chain.modules, chain.inside)):
         cache: dict[int, Any] = {}
-        run = partial(_run_on, block, calls, cache if reuse else None)
+        fed = dense if dense_feed and dense is not None else calls
         if layers:
-            yield _Group(f"block {chain.blocks[b]!r}", layers, run)
+            yield _Group(f"block {chain.blocks[b]!r}", layers, partial(_run_on, block, fed, cache if reuse else None))
         if b == len(chain.blocks) - 1 and not chain.suffix and pairs is None:
             break
         if len(cache) == len(items):
             d_out, outs = None, [cache.pop(j) for j in items]
         else:
-            d_out, outs = both(layers, partial(_run_on, block, dense or [], None), run)
+            d_out, outs = both(layers, partial(_run_on, block, dense or [], None), partial(_run_on, block, calls, None))
         if dense is not None:
             dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, cast(list, d_out))], d_out
         calls = [next_call(c, o, chain.hidden) for c, o in zip(calls, outs)]
@@ -190,19 +220,43 @@ def _walk(
         return run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), last[j])
 
     if chain.suffix:
-        yield _Group("the layers after the last block", chain.suffix, partial(tail, outs))
+        fed_last = dense_outs if dense_feed and dense_outs is not None else outs
+        yield _Group("the layers after the last block", chain.suffix, partial(tail, fed_last))
     if pairs is not None:  # the model's output: what follows the blocks, run on both streams' last outputs
+        compare = partial(_compare_tail, ctx, chain, pairs, PieceRows())
+        _timed(ctx, lambda: [compare(j, (dense_outs or [])[j], outs[j]) for j in items])
+        pairs.release(chain.suffix)
 
-        def compare_tail(j: int) -> None:
-            dense_out, out = pairs.run(chain.suffix, partial(tail, dense_outs or [], j), partial(tail, outs, j))
-            pairs.compare.model_output(dense_out, out)
 
-        def compare_all() -> list:
-            for j in items:
-                compare_tail(j)
-            return []
+def _compare_tail(  # noqa: PLR0913 - the walk's state, passed rather than closed over
+    ctx: RunContext, chain: Chain, pairs: _Pairs, rows: PieceRows, j: int, dense_last: Any, last: Any
+) -> None:
+    """The model's output on batch ``j`` from both streams' last block outputs, compared in pieces of samples
+    where the batch and both outputs share their first dimension (so two whole logits tensors never exist)."""
+    batch = ctx.batches[j]
+    size = batch_rows(batch)
+    cuts = rows.pieces(batch) if size is not None and batch_rows(dense_last) == size == batch_rows(last) else None
+    for c in [None] if cuts is None else cuts:
+        part = batch if c is None else slice_batch(batch, c)
+        d_last, p_last = (dense_last, last) if c is None else (slice_batch(dense_last, c), slice_batch(last, c))
 
-        _timed(ctx, compare_all)
+        def pair(part: Any = part, d_last: Any = d_last, p_last: Any = p_last) -> tuple:
+            return pairs.run(
+                chain.suffix,
+                partial(run_tail, chain.modules, partial(ctx.run_batch, part), d_last),
+                partial(run_tail, chain.modules, partial(ctx.run_batch, part), p_last),
+            )
+
+        if c is None or rows.rows is not None:
+            outs = pair()
+        else:  # the first piece sizes the others, or shows that the tail runs on whole batches only
+            outs = rows.first(pair, c.stop - c.start)
+            if outs is None:
+                outs, c = pair(batch, dense_last, last), None
+        pairs.compare.model_output(*outs)
+        del outs
+        if c is None:
+            break
 
 
 def _run_on(block: nn.Module, calls: Sequence[BlockCall], cache: dict[int, Any] | None, j: int) -> Any:
@@ -222,9 +276,9 @@ def _timed(ctx: RunContext, work: Callable[[], list]) -> list:
 def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     """The block walk: calibrate each group (a block's layers together, or one layer at a time with
     ``sequential_unit="layer"``) on the pruned network before it, solve, write, feed the next."""
-    order = [n for n in (*chain.prefix, *(n for g in chain.inside for n in g), *chain.suffix) if n in plan.layers]
+    order = _chain_order(chain, plan)
     if ctx.options.global_allocation is not None:
-        plan = _allocate_on_dense_blocks(ctx, plan, chain, order)
+        plan, _ = _allocate_on_dense_blocks(ctx, plan, chain, order)
     begin_solve(ctx, plan, order, {})
     found = _Found()
     # Measured inside the walk unless BatchNorm statistics are re-estimated afterwards (they change the outputs).
@@ -249,34 +303,50 @@ def _costs(plan: Plan, names: Sequence[str]) -> dict[str, float]:
     return {n: plan_cost(plan.layers[n]) for n in names}
 
 
-def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group, found: _Found) -> Plan:
+def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeline differs
+    ctx: RunContext,
+    plan: Plan,
+    names: Sequence[str],
+    group: _Group,
+    found: _Found,
+    owners: Mapping[str, int] | None = None,
+    traces: dict[str, GreedyTrace] | None = None,
+    write: bool = True,
+) -> Plan:
     """Calibrate ``names`` together by running ``group`` on its inputs, solve them on their owner ranks, share and
-    write the solutions. Their Hessians die on return."""
+    (``write``) write the solutions. Their Hessians die on return. ``owners`` (the allocation's, whose ranks hold
+    the ``exact`` ``traces``): who solves each layer; else balanced inside the group."""
     feed = (range(len(ctx.batches)), group.run)
     plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
     called = [n for n in names if n in calibration.hessians]
     world = ctx.rank.world_size
-    # Balanced inside the group, and turned by one rank per group so that blocks of one layer spread over the ranks.
-    owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
+    if owners is None:
+        # Balanced inside the group, and turned by one rank per group so that blocks of one layer spread over ranks.
+        owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
     found.groups += 1
     t0 = time.perf_counter()
     solved: dict[str, Solution] = {}
     with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
         for n in called:
-            solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], None, owners[n])
+            trace = None if traces is None else traces.pop(n, None)
+            solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], trace, owners[n])
             ctx.progress.step(n, n)
     for n in called:
         found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
-        _write(plan.layers[n].module, found.solutions[n])
+        if write:
+            _write(plan.layers[n].module, found.solutions[n])
     ctx.timings.solve += time.perf_counter() - t0
     found.positions.update(calibration.positions)
     found.scales.update(calibration.scales)
     return plan
 
 
-def _allocate_on_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str]) -> Plan:
+def _allocate_on_dense_blocks(
+    ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str], keep_traces: bool = False
+) -> tuple[Plan, dict[str, GreedyTrace]]:
     """The global allocation's targets from costs on the dense network: one dense walk (nothing written), each
-    group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next."""
+    group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next.
+    ``keep_traces``: the ``exact`` layers' greedy traces too, for their solves (on the ranks that own them)."""
     owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
     walk = _walk(ctx, chain, reuse=True)
     held: dict[str, Tensor] = {}
@@ -298,10 +368,45 @@ def _allocate_on_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain, order: 
         return held[name]
 
     try:
-        targets, _ = allocate(ctx, plan, order, owners, hessian_of, keep_traces=False)
+        targets, traces = allocate(ctx, plan, order, owners, hessian_of, keep_traces=keep_traces)
     finally:
         walk.close()
-    return targets
+    return targets, traces
+
+
+def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
+    """The default (one-pass) pipeline on a model whose blocks chain, one block's Hessians alive at a time.
+
+    Every group is calibrated on the DENSE network's inputs, as the one-pass pipeline calibrates every layer, so
+    the masks and weights are the one-pass ones: with a global allocation, a first dense walk computes the costs
+    (:func:`_allocate_on_dense_blocks`), then a second one re-accumulates each group's Hessians, solves and writes
+    it, while a pruned stream beside it measures the output errors (:class:`_Pairs`). With BatchNorm re-estimated
+    afterwards nothing is written while walking (the commit writes, the report measures)."""
+    order = _chain_order(chain, plan)
+    owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
+    traces: dict[str, GreedyTrace] = {}
+    if ctx.options.global_allocation is not None:
+        plan, traces = _allocate_on_dense_blocks(ctx, plan, chain, order, keep_traces=True)
+    begin_solve(ctx, plan, order, traces)
+    found = _Found()
+    inside = not (ctx.options.recalibrate_bn and batchnorm_modules(ctx.model))
+    pairs = _Pairs(plan, order, found) if inside else None
+    try:
+        for group in _walk(ctx, chain, pairs, reuse=pairs is None, dense_feed=True):
+            names = [n for n in group.layers if n in plan.layers]
+            if names:
+                plan = _prune_unit(ctx, plan, names, group, found, owners, traces, write=inside)
+    finally:
+        if pairs is not None:
+            pairs.close()
+    done = tuple(n for n in order if n in found.solutions)
+    compared = None if pairs is None else pairs.compare
+    return Solved(plan, done, found.solutions, found.positions, found.scales, inside, compared, chain.example)
+
+
+def _chain_order(chain: Chain, plan: Plan) -> list[str]:
+    """The planned layers in the walk's order: before the blocks, block by block, after them."""
+    return [n for n in (*chain.prefix, *(n for g in chain.inside for n in g), *chain.suffix) if n in plan.layers]
 
 
 def run_per_layer(ctx: RunContext, plan: Plan) -> Solved:
