@@ -79,10 +79,14 @@ def run(ctx: RunContext, then: Callable[[PruneReport], None] | None = None) -> P
 
 
 def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
-    """Calibrate every layer on the dense network in one pass over the batches, allocate, solve."""
-    plan, calibration = calibrate(ctx, plan, list(plan.layers))
+    """Calibrate every layer on the dense network in one pass over the batches, allocate, solve.
+
+    The owners are assigned first, so that each Hessian is summed onto the rank that uses it (for its costs and its
+    solve) and no rank holds the others' after calibrating.
+    """
+    owners = assign_layers({n: plan_cost(l) for n, l in plan.layers.items()}, ctx.rank.world_size)
+    plan, calibration = calibrate(ctx, plan, list(plan.layers), owners=owners)
     order = [n for n in calibration.order if n in plan.layers]
-    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
     plan, traces = allocate(ctx, plan, order, owners, calibration.hessians.__getitem__, keep_traces=True)
     solutions = solve_all(ctx, plan, order, owners, calibration.hessians, traces)
     return Solved(plan, tuple(order), solutions, calibration.positions, calibration.scales, written=False)
