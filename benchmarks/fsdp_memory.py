@@ -228,6 +228,30 @@ def _single(args: argparse.Namespace) -> dict[str, Any]:
     return measure("single", 0, args)
 
 
+def table(paths: list[str]) -> None:
+    """BENCHMARKS.md's rows from result files: per way and rank, MiB above the resident memory before the model."""
+    print(
+        "| run | way | rank | model held | check | peak | RSS at calibrate / solve / measure / end | wall s | CPU s |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    for path in paths:
+        summary = json.load(open(path))
+        run = os.path.basename(path).removesuffix(".json")
+        for mode, ranks in summary["results"].items():
+            for r, res in enumerate(ranks):
+                if res["refused"]:
+                    check = res["check"].get("peak", 0) / MIB
+                    print(f"| {run} | {mode} | {r} | {res['held_bytes'] / MIB:.0f} | {check:.0f} | refused | | | |")
+                    continue
+                rss = {p["phase"]: p["rss_mib"] for p in res["phases"]}
+                seq = " / ".join(f"{rss[k]:.0f}" if k in rss else "-" for k in ("calibrate", "solve", "measure", "end"))
+                cpu = f"{res['cpu_seconds']:.1f}" if "cpu_seconds" in res else "-"
+                print(
+                    f"| {run} | {mode} | {r} | {res['held_bytes'] / MIB:.0f} | {res['check']['peak'] / MIB:.0f} | "
+                    f"{res['peak_added_bytes'] / MIB:.0f} | {seq} | {res['seconds']:.1f} | {cpu} |"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--width", type=int, default=1024)
@@ -235,8 +259,13 @@ def main() -> None:
     parser.add_argument("--pipeline", choices=["one-pass", "sequential"], default="one-pass")
     parser.add_argument("--budget-mib", type=float, default=None)
     parser.add_argument("--modes", nargs="+", default=["fsdp", "ddp", "single"])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--table", nargs="+", help="print BENCHMARKS.md's table from these result files, run nothing")
     args = parser.parse_args()
+    if args.table:
+        return table(args.table)
+    if not args.out:
+        parser.error("--out is required to run")
     import torch.multiprocessing as mp
 
     results: dict[str, Any] = {}
