@@ -73,6 +73,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .layers import conv_padding, describe_layer, is_conv, is_linear_like
+from .sharding import any_sharded, gather
 from .solvers import layer_error
 
 __all__ = [
@@ -546,7 +547,7 @@ def _module_factor(node: fx.Node, module: nn.Module) -> float:
     if isinstance(module, nn.ELU):
         return max(1.0, abs(float(module.alpha)))
     if isinstance(module, nn.PReLU):
-        return max(1.0, float(module.weight.detach().abs().max()))
+        return max(1.0, float(gather(module.weight.detach()).abs().max()))
     if isinstance(module, nn.RReLU):
         return max(1.0, abs(float(module.lower)), abs(float(module.upper)))
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
@@ -578,12 +579,12 @@ def _module_factor(node: fx.Node, module: nn.Module) -> float:
             raise _Unsupported(f"{type(module).__name__} without running statistics")
         scale = 1.0 / torch.sqrt(module.running_var.detach().double() + module.eps)
         if module.weight is not None:
-            scale = scale * module.weight.detach().double().abs()
+            scale = scale * gather(module.weight.detach()).double().abs()
         return float(scale.max()) if scale.numel() else 1.0
     if isinstance(module, nn.Linear) or is_conv(module):
         # an unpruned layer: identical in both networks, Lipschitz = its operator norm
-        return operator_norm(module, cast(Tensor, module.weight), "spectral")
-    raise _Unsupported(f"unknown op {type(module).__name__}")
+        return operator_norm(module, gather(cast(Tensor, module.weight).detach()), "spectral")
+    raise _Unsupported(f"unknown op {_wrapped_class(module).__name__}")
 
 
 def _scalar_factor(value: Any, gm: fx.GraphModule, invert: bool) -> float:
@@ -762,8 +763,38 @@ def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
+def _wrapped_class(module: nn.Module) -> type:
+    """The class a ``fully_shard`` (FSDP2) module had before sharding (FSDP2 makes a subclass of ``FSDPModule``
+    and it, defined in ``torch.distributed``), or the module's own class."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return type(module)
+    if not isinstance(module, FSDPModule):
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with a ``fully_shard`` layer a leaf as the layer it wraps would be: traced through, it would
+    read its sharded parameters (and FSDP's own hooks) instead of calling the layer."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        cls = _wrapped_class(m)
+        if cls is type(m):
+            return super().is_leaf_module(m, module_qualified_name)
+        return cls.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(cls, nn.Sequential)
+
+
+def _symbolic_trace(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
-    """``fx.symbolic_trace``; parameters with defaults are specialised to them when that works."""
+    """``fx.symbolic_trace`` (with ``fully_shard`` layers as leaves); parameters with defaults are specialised to
+    them when that works."""
     concrete: dict[str, Any] = {}
     try:
         params = list(inspect.signature(model.forward).parameters.values())
@@ -777,10 +808,10 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         concrete = {}
     if concrete:
         try:
-            return fx.symbolic_trace(model, concrete_args=concrete)
+            return _symbolic_trace(model, concrete_args=concrete)
         except Exception as exc:  # noqa: BLE001 - fall back to a plain trace
             logger.debug("tracing with concrete_args=%s failed (%s); retrying without", concrete, exc)
-    return fx.symbolic_trace(model)
+    return _symbolic_trace(model)
 
 
 def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_input: Any) -> None:
@@ -844,7 +875,7 @@ def _locate_pruned(
         except AttributeError:
             raise _NotAChain(f"layer '{name}' is not a submodule of the model") from None
         if not (isinstance(module, nn.Linear) or is_conv(module)):
-            raise _NotAChain(f"layer '{name}' is a {type(module).__name__}, not a Linear/ConvNd layer")
+            raise _NotAChain(f"layer '{name}' is a {_wrapped_class(module).__name__}, not a Linear/ConvNd layer")
         target = fx_modules.get(id(module))
         calls = [
             n
@@ -932,7 +963,8 @@ def _check_side_branches(
 def analyze_chain(model: nn.Module, layer_names: Sequence[str], example_input: Any | None = None) -> ChainInfo:
     """Check that the pruned layers form a chain and compute the Lipschitz factor between them.
 
-    The forward of ``model`` is traced with :func:`torch.fx.symbolic_trace`.  Walking back from the
+    The forward of ``model`` is traced with :func:`torch.fx.symbolic_trace` (``fully_shard`` layers are leaves, as
+    the layers they wrap; a sharded model's shapes are not propagated).  Walking back from the
     last pruned layer, the data path must be a single path of unary ops (no residual add / cat)
     through all pruned layers, every op on it between the first and the last pruned layer must
     have a known Lipschitz constant (activations, pooling, eval-mode dropout / batch norm, shape
@@ -950,7 +982,9 @@ def analyze_chain(model: nn.Module, layer_names: Sequence[str], example_input: A
         gm = _trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "cannot analyse"
         return _not_chain(f"torch.fx could not trace the model: {type(exc).__name__}: {exc}")
-    if example_input is not None:
+    # Not on a sharded model: running its layers gathers their weights (collectives), and a rank whose shape
+    # propagation failed would leave the others waiting in them. Only adaptive pooling needs the shapes.
+    if example_input is not None and not any_sharded(model.parameters()):
         _propagate_shapes(gm, model, example_input)
 
     graph_nodes = list(gm.graph.nodes)

@@ -1,7 +1,8 @@
 """Spreading layer solves across ranks of a torch.distributed group.
 
-Every rank holds the same all-reduced Hessians; each solves a share of the layers and
-broadcasts its results, so all ranks end with identical weights and masks.
+Each rank solves a share of the layers (:func:`assign_layers`), each layer's Hessian summed onto its owner (in the
+one-pass pipeline; every rank holds them in the sequential one), and broadcasts its results, so all ranks end with
+identical weights and masks.
 """
 
 from __future__ import annotations

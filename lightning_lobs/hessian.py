@@ -320,6 +320,11 @@ class HessianAccumulator:
         """Averaged Hessian ``sum / count`` of shape ``(groups, d, d)`` (exactly symmetrised)."""
         if self.count == 0:
             raise RuntimeError(f"no calibration rows reached layer {self.name!r}; was it called during calibration?")
+        if self.released:
+            raise RuntimeError(
+                f"the running sum of layer {self.name!r} was released (reduced to another rank, or its Hessian was "
+                "already taken); take the Hessian on the rank it was reduced to, before releasing it."
+            )
         h = self.sum / self.count
         if not bool(torch.isfinite(h).all()):
             raise ValueError(
@@ -331,19 +336,44 @@ class HessianAccumulator:
         h = h + h.transpose(1, 2)  # the quotient freed here, and halved in place: two d x d copies alive, not three
         return h.mul_(0.5)
 
-    def reduce(self, group: Any = None) -> None:
-        """Sum ``sum`` and ``count`` over all ranks if ``torch.distributed`` is initialised; no-op otherwise."""
+    def reduce(self, group: Any = None, dst: int | None = None) -> None:
+        """Sum ``sum`` and ``count`` over all ranks if ``torch.distributed`` is initialised; no-op otherwise.
+
+        ``dst`` (a rank of ``group``): only that rank receives the summed ``sum`` (``dist.reduce``), and every other
+        rank frees its own (:meth:`release`): the Hessian then lives on the one rank that solves the layer. The
+        count is summed on every rank either way (the output positions per sample are needed everywhere).
+        """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        dist.all_reduce(self.sum, op=dist.ReduceOp.SUM, group=group)
-        count = torch.tensor([self.count], dtype=torch.int64, device=self._sum.device)
+        device = self._sum.device
+        if dst is None:
+            dist.all_reduce(self.sum, op=dist.ReduceOp.SUM, group=group)
+        else:
+            dist.reduce(self.sum, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+            if dist.get_rank(group) != dst:
+                self.release()
+        count = torch.tensor([self.count], dtype=torch.int64, device=device)
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
         self.count = int(count.item())
 
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` freed the running sum (it is then a meta tensor of its shape: no data)."""
+        return self._sum.device.type == "meta"
+
+    def release(self) -> None:
+        """Free the running sum (and ``"mixed"``'s pending part), keeping its shape and the count: after a reduce to
+        another rank, or once :meth:`hessian` was taken. :meth:`hessian` raises afterwards; :meth:`reset` allocates
+        a new sum."""
+        self._sum = torch.empty(self._sum.shape, dtype=self._sum.dtype, device="meta")
+        self._partial, self._partial_rows = None, 0
+
     def reset(self) -> None:
         """Zero the running sum and count."""
+        if self.released:
+            self._sum = torch.zeros(self._sum.shape, dtype=self.dtype, device=cast(Tensor, self.module.weight).device)
         self._sum.zero_()
         self._partial, self._partial_rows = None, 0
         self.count = 0
@@ -360,12 +390,16 @@ class HessianAccumulator:
             raise ValueError(
                 f"layer {self.name!r}: state sum has shape {tuple(s.shape)}, expected {tuple(self._sum.shape)}"
             )
+        if self.released:
+            self._sum = torch.empty(self._sum.shape, dtype=self.dtype, device=cast(Tensor, self.module.weight).device)
         self._sum.copy_(s.to(device=self._sum.device, dtype=self.dtype))
         self._partial, self._partial_rows = None, 0
         self.count = int(state["count"])
 
     def memory_bytes(self) -> int:
         """Bytes held by the running sum (and by ``"mixed"``'s pending float32 part while there is one)."""
+        if self.released:
+            return 0
         held = [self._sum] if self._partial is None else [self._sum, self._partial]
         return sum(t.numel() * t.element_size() for t in held)
 
@@ -439,10 +473,12 @@ class HessianCollector:
         while self._handles:
             self._handles.pop().remove()
 
-    def reduce(self, group: Any = None) -> None:
-        """All-reduce every accumulator across ranks (no-op without ``torch.distributed``)."""
-        for acc in self.accumulators.values():
-            acc.reduce(group)
+    def reduce(self, group: Any = None, owners: Mapping[str, int | None] | None = None) -> None:
+        """All-reduce every accumulator across ranks (no-op without ``torch.distributed``); with ``owners`` (layer
+        name -> rank of ``group``; a layer it does not name, or names None, is all-reduced), reduce each one to its
+        owner only, freeing it on the others, one at a time (the memory held falls as the reduces go)."""
+        for name, acc in self.accumulators.items():
+            acc.reduce(group, None if owners is None else owners.get(name))
 
     def hessians(self) -> dict[str, Tensor]:
         """Averaged Hessians ``{name: (groups, d, d)}``."""

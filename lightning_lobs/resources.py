@@ -3,11 +3,12 @@
 The promise for a model sharded by ``fully_shard`` (FSDP2), per rank: its shards (the pruned layers' up to three
 times: the model's, the transaction's copy that undoes a failed prune, and the report's copy of the pruned weights
 while it compares dense and pruned outputs), plus the Hessians, plus ONE whole layer at a time: its gathered weight
-and its solution (and the solver's workspace on the rank that solves it). The Hessians are every selected
-layer's in the one-pass pipeline (each rank accumulates its own batches' sums for all of them before they are
-reduced: a sharded model is always pruned in one pass) and one at a time with ``sequential=True``. :func:`layer_memory` counts the gathered layer; like the
-unsharded check, :func:`check_budget` counts the prune's work memory (Hessians and solve), not the copies of the
-weights.
+and its solution (and the solver's workspace on the rank that solves it). The Hessians: while calibrating, each
+rank's own partial sums of every layer calibrated together (every selected layer's in the one-pass pipeline, one
+block's with ``sequential=True``); once they are summed over the ranks, only those of the layers the rank owns (in
+the one-pass pipeline each Hessian is reduced onto its owner and freed elsewhere). :func:`layer_memory` counts the
+gathered layer, :func:`check_budget` the two phases per rank; like the unsharded check it counts the prune's work
+memory (Hessians, gathered layer, solve), not the weights already resident nor their copies.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class LayerMemory:
     name: str
     hessian_bytes: int
     solve_bytes: int
+    gathered_bytes: int = 0
+    """Of ``solve_bytes``: the whole weight gathered from its shards and its whole solution (``fully_shard``), held
+    by every rank while the layer is solved, the rank that solves it or not."""
 
 
 def layer_memory(
@@ -75,9 +79,10 @@ def layer_memory(
             # at most: under 100 rows x d words) and the CG refit's ten rows x d tensors elsewhere (solvers.core.refit_plan).
             direct = min(exact_max_bytes, 2 * rows * square)
             extra += direct if refit else min(direct, 100 * rows * d * sbytes)
+    whole = 0
     if gathered:
-        extra += 2 * rows * d * torch.empty((), dtype=cast(torch.Tensor, module.weight).dtype).element_size()
-    return LayerMemory(name, hessian, base + extra)
+        whole = 2 * rows * d * torch.empty((), dtype=cast(torch.Tensor, module.weight).dtype).element_size()
+    return LayerMemory(name, hessian, base + extra + whole, whole)
 
 
 def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
@@ -119,6 +124,7 @@ def check_budget(
     sequential: bool,
     device: torch.device,
     groups: Sequence[Collection[str]] = (),
+    owned: Collection[str] | None = None,
 ) -> dict[str, int]:
     """Raise ``MemoryError`` naming the layer and the remedy when the plan will not fit.
 
@@ -127,6 +133,12 @@ def check_budget(
     walk takes, and those outside the blocks), one group's at a time. The solves run one layer at a
     time on top of the Hessians. ``budget`` None means 80% of the memory available on ``device`` now. Returns the
     totals it checked.
+
+    ``owned`` (in a group of ranks: the layers this rank solves, whose Hessians are summed onto it alone): while
+    calibrating, a rank holds its own partial sums of every layer calibrated together (as above); once they are
+    reduced, only its owned layers' Hessians, the workspace of its own solves, and the gathered whole weight and
+    solution (``gathered_bytes``) of a sharded layer another rank solves. The peak is the larger of the two phases.
+    None: this rank solves every layer.
     """
     if budget is None:
         avail = available_memory(device)
@@ -135,14 +147,10 @@ def check_budget(
         budget = int(0.8 * avail)
     if not estimates:
         return {"budget": budget, "peak": 0}
-    if sequential:
-        held = max(e.hessian_bytes for e in estimates.values())
-        for group in groups:
-            held = max(held, sum(estimates[n].hessian_bytes for n in group if n in estimates))
-    else:
-        held = sum(e.hessian_bytes for e in estimates.values())
-    worst = max(estimates.values(), key=lambda e: e.solve_bytes)
-    peak = held + worst.solve_bytes
+    held = _held(estimates, sequential, groups)
+    mine = {n: e for n, e in estimates.items() if owned is None or n in owned}
+    work = max([e.solve_bytes for e in mine.values()] + [e.gathered_bytes for e in estimates.values()])
+    peak = max(held, (_held(mine, sequential, groups) if mine else 0) + work)
     if peak > budget:
         biggest = max(estimates.values(), key=lambda e: e.hessian_bytes + e.solve_bytes)
         raise MemoryError(
@@ -154,6 +162,16 @@ def check_budget(
             "CalibrationOptions.memory_budget_bytes."
         )
     return {"budget": budget, "peak": peak}
+
+
+def _held(estimates: Mapping[str, LayerMemory], sequential: bool, groups: Sequence[Collection[str]]) -> int:
+    """Hessian bytes held at once: all of them, or (sequential) the largest one's or one group's."""
+    if not sequential:
+        return sum(e.hessian_bytes for e in estimates.values())
+    held = max(e.hessian_bytes for e in estimates.values())
+    for group in groups:
+        held = max(held, sum(estimates[n].hessian_bytes for n in group if n in estimates))
+    return held
 
 
 def _size(n: int) -> str:

@@ -57,7 +57,8 @@ _orig_solve_one = _solve_mod.solve_one
 
 def _spy_calibrate(*args: Any, **kwargs: Any):
     hessians, positions, order, missing = _orig_calibrate(*args, **kwargs)
-    SPY["hessians"].update({n: h.detach().clone().cpu() for n, h in hessians.items()})
+    # another rank's Hessian is a meta tensor here (summed onto its owner only): kept as it is
+    SPY["hessians"].update({n: h.detach().clone().to("meta" if h.is_meta else "cpu") for n, h in hessians.items()})
     SPY["positions"].update(positions)
     return hessians, positions, order, missing
 

@@ -12,6 +12,7 @@ A run is ``<mlp|cnn|gpt>-<method>[-seq][-global][-twice][-failsolve1]``: ``gpt``
 ``Conv1D`` layers (GPT-2's, weight ``(in, out)``: sharded along the input, not the rows), ``seq`` calibrates
 sequentially, ``global`` uses the global allocation (default: every layer at 0.6), ``twice`` prunes to 0.3 first and
 then to 0.6 keeping the first step's (sharded) masks, ``failsolve1`` makes rank 1's layer solves fail and ``failbudget1`` its memory check (a budget of one byte),
+``budget<N>`` gives every rank a memory budget of N bytes,
 and every rank records the error it raised and the model as it is after.
 
 The gather spy wraps ``DTensor.full_tensor`` and the engine's whole-matrix reads and follows every whole tensor they
@@ -143,6 +144,7 @@ def install_spies(spy: GatherSpy, record: dict[str, Any], fail_rank: int | None)
         (report_mod, "weight_matrix", report_mod.weight_matrix),
         (collective_mod._GatheredDense, "__getitem__", collective_mod._GatheredDense.__getitem__),
         (calibrate_mod, "collect_hessians", calibrate_mod.collect_hessians),
+        (calibrate_mod, "share_scales", calibrate_mod.share_scales),
         (solve_mod, "solve_one", solve_mod.solve_one),
     ]
     DTensor.full_tensor = spy.wrap(DTensor.full_tensor)
@@ -151,11 +153,18 @@ def install_spies(spy: GatherSpy, record: dict[str, Any], fail_rank: int | None)
     collective_mod._GatheredDense.__getitem__ = spy.wrap(collective_mod._GatheredDense.__getitem__)
     orig_calibrate, orig_solve = calibrate_mod.collect_hessians, solve_mod.solve_one
 
+    orig_share_scales = calibrate_mod.share_scales
+
     def calibrate(*args: Any, **kwargs: Any):
         hessians, positions, order, missing = orig_calibrate(*args, **kwargs)
         record["hessians"].update({n: h.detach().clone() for n, h in hessians.items()})
         record["positions"].update(positions)
         return hessians, positions, order, missing
+
+    def share_scales(*args: Any, **kwargs: Any):
+        scales = orig_share_scales(*args, **kwargs)
+        record["scales"].update(scales)
+        return scales
 
     def solve_one(layer: Any, *args: Any, **kwargs: Any):
         record["solved"].append(layer.name)
@@ -165,6 +174,7 @@ def install_spies(spy: GatherSpy, record: dict[str, Any], fail_rank: int | None)
         return orig_solve(layer, *args, **kwargs)
 
     calibrate_mod.collect_hessians = calibrate
+    calibrate_mod.share_scales = share_scales
     solve_mod.solve_one = solve_one
 
     def remove() -> None:
@@ -206,6 +216,7 @@ def run(run_name: str, rank: int) -> dict[str, Any]:
     shard(net)
     batches = rank_batches(kind, rank)
     record: dict[str, Any] = {"dense": dense, "batches": batches, "hessians": {}, "positions": {}, "solved": []}
+    record["scales"] = {}
     record["solve_input_is_whole"] = []
     record["sharded"] = {n: is_sharded(p) for n, p in net.named_parameters()}
     record["local_rows"] = {n: tuple(local(p).shape) for n, p in net.named_parameters()}
@@ -251,6 +262,8 @@ def prune_steps(
     from lightning_lobs import CalibrationOptions, prune_model
 
     kwargs = dict(prune_head=True, sequential="seq" in rest, allocation="global" if "global" in rest else "uniform")
+    given = [int(w[len("budget") :]) for w in rest if w.startswith("budget")]  # ``budget<N>``: every rank's, bytes
+    budget = given[0] if given else budget
     # float64 products: the tests compare the Hessians with one process's bit for bit ("mixed" rounds per rank)
     kwargs["calibration"] = CalibrationOptions(memory_budget_bytes=budget, hessian_dtype=torch.float64)
     masks = None

@@ -112,7 +112,7 @@ def _fail_after(monkeypatch, owner, name: str, exc: BaseException, *, calls: int
 def _fail_in_calibration(monkeypatch):
     original = calibrate_mod.collect_hessians
 
-    def wrapped(model, batches, modules, options, run, rank, progress):
+    def wrapped(model, batches, modules, options, run, rank, progress, *rest):
         seen = {"n": 0}
 
         def run_then_fail(batch):
@@ -121,7 +121,7 @@ def _fail_in_calibration(monkeypatch):
                 raise Injected("during calibration")
             return run(batch)
 
-        return original(model, batches, modules, options, run_then_fail, rank, progress)
+        return original(model, batches, modules, options, run_then_fail, rank, progress, *rest)
 
     monkeypatch.setattr(calibrate_mod, "collect_hessians", wrapped)
 

@@ -15,7 +15,7 @@ from ..distributed import RankInfo
 from ..hessian import HessianCollector
 from ..progress import PhaseProgress
 from ..selection import warn_skipped
-from .collective import fail_together, reduce_calibration
+from .collective import fail_together, reduce_calibration, share_scales
 from .context import RunContext
 from .forward import model_device
 from .plan import samples_in
@@ -30,13 +30,16 @@ def calibrate(
     names: Sequence[str],
     report: bool = True,
     feed: tuple[Sequence[Any], Callable[[Any], Any]] | None = None,
+    owners: Mapping[str, int] | None = None,
 ) -> tuple[Plan, Calibration]:
     """Hessians (normalised, see :func:`normalise`) and positions of ``names``, and their call order.
 
     Layers the forward never called leave the plan (see :func:`drop_uncalled`). ``report=False`` inside another
     phase (sequential mode calibrates one layer at a time while allocating and solving, and those phases report
     per layer). ``feed=(items, run)`` runs ``run(item)`` for each item instead of the model on each batch (the block
-    pipeline runs one block on its caught inputs).
+    pipeline runs one block on its caught inputs). ``owners`` (layer -> the rank that will solve it, in a group of
+    ranks): each Hessian is summed onto its owner only; on the other ranks :attr:`Calibration.hessians` holds a
+    meta tensor of its shape (no data) in its place. Without ``owners`` every rank holds every Hessian.
     """
     t0 = time.perf_counter()
     items, run = feed if feed is not None else (ctx.batches, ctx.run_batch)
@@ -50,14 +53,22 @@ def calibrate(
         run,
         ctx.rank,
         progress,
+        owners,
     )
     plan = drop_uncalled(plan, missing)
     normalised: dict[str, Tensor] = {}
     scales: dict[str, float] = {}
     for n in names:
         if n in plan.layers:
-            normalised[n], scales[n] = normalise(hessians.pop(n))  # one un-normalised copy alive at a time
+            hessian = hessians.pop(n)  # popped: the unnormalised one is freed as the normalised one is made
+            if hessian.is_meta:  # another rank's (owners): only its shape here
+                normalised[n] = hessian
+            else:
+                normalised[n], scales[n] = normalise(hessian)
+            del hessian
             progress.step(n, n)
+    if owners is not None:
+        scales = share_scales(scales, list(normalised), owners, ctx.rank, ctx.device)
     ctx.timings.calibration += time.perf_counter() - t0
     calibration = Calibration(
         hessians=normalised,
@@ -99,7 +110,7 @@ def drop_uncalled(plan: Plan, missing: Sequence[str]) -> Plan:
     return plan.without(reasons)
 
 
-def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, each used once
+def collect_hessians(  # noqa: PLR0913 - eight inputs of one streaming pass, each used once
     model: nn.Module,
     batches: Sequence[Any],
     modules: Mapping[str, nn.Module],
@@ -107,11 +118,13 @@ def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, eac
     run: Callable[[Any], Any],
     rank: RankInfo,
     progress: PhaseProgress,
+    owners: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float], list[str], list[str]]:
-    """Stream H for ``modules`` over ``batches`` (summed over ranks).
+    """Stream H for ``modules`` over ``batches`` (summed over ranks; with ``owners``, onto each layer's owner only).
 
     Returns the Hessians and output positions per sample of the layers that were called, the
-    call order, and the layers never called (on any rank).
+    call order, and the layers never called (on any rank). A Hessian another rank owns is a meta tensor of its
+    shape. Each accumulator's sum is freed as its Hessian is taken, so the two are not held at once.
     """
     samples: dict[str, float] = {n: 0 for n in modules}
     order: list[str] = []
@@ -143,7 +156,7 @@ def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, eac
         finally:
             for h in handles:
                 h.remove()
-    samples = reduce_calibration(collector, samples, rank, model_device(model))
+    samples = reduce_calibration(collector, samples, rank, model_device(model), owners)
     missing = [n for n in modules if samples[n] == 0]
     called = [n for n in modules if samples[n] > 0]
     # Finishing the Hessians is d^2 work per layer (seconds in all for wide convolutions): counted per layer, as
@@ -152,7 +165,9 @@ def collect_hessians(  # noqa: PLR0913 - seven inputs of one streaming pass, eac
     positions = {n: collector.accumulators[n].count / samples[n] for n in called}
     hessians = {}
     for n in called:
-        hessians[n] = collector.accumulators[n].hessian()
+        acc = collector.accumulators[n]
+        hessians[n] = acc.sum if acc.released else acc.hessian()  # released: reduced to its owner rank
+        acc.release()
         del collector.accumulators[n]  # its sums, before the next layer's Hessian is made
         progress.advance(n, 0.5, n)
     return hessians, positions, order, missing

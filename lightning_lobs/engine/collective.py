@@ -8,7 +8,7 @@ whose results :func:`share_solution` broadcasts from their owner).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import cast
 
@@ -31,6 +31,7 @@ __all__ = [
     "gather_layer",
     "reduce_calibration",
     "reduce_errors",
+    "share_scales",
     "share_solution",
 ]
 
@@ -131,15 +132,42 @@ def all_reduce_batchnorm(model: nn.Module, rank: RankInfo) -> None:
 
 
 def reduce_calibration(
-    collector: HessianCollector, samples: Mapping[str, float], rank: RankInfo, device: torch.device
+    collector: HessianCollector,
+    samples: Mapping[str, float],
+    rank: RankInfo,
+    device: torch.device,
+    owners: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
-    """Sum the Hessians (in ``collector``) and the per-layer sample counts over ranks; returns the summed counts."""
+    """Sum the Hessians (in ``collector``) and the per-layer sample counts over ranks; returns the summed counts.
+
+    ``owners`` (layer -> the rank that will solve it): each Hessian is summed onto its owner alone and freed on the
+    other ranks (:meth:`~lightning_lobs.hessian.HessianCollector.reduce`), so that after calibrating a rank holds
+    only the Hessians of the layers it owns. Layers ``owners`` does not name are summed onto every rank.
+    """
     if not rank.active:
         return dict(samples)
-    collector.reduce(rank.group)
+    if owners is None:
+        collector.reduce(rank.group)
+    else:
+        collector.reduce(rank.group, {n: owners.get(n) for n in collector.accumulators})
     counts = torch.tensor([float(samples[n]) for n in samples], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(counts, group=rank.group)
     return dict(zip(samples, counts.tolist()))
+
+
+def share_scales(
+    scales: Mapping[str, float], names: Sequence[str], owners: Mapping[str, int], rank: RankInfo, device: torch.device
+) -> dict[str, float]:
+    """Every layer's Hessian scale (its mean diagonal, :func:`~lightning_lobs.engine.calibrate.normalise`) on every
+    rank, from the rank that holds that Hessian (``scales`` has this rank's own; the report needs them all)."""
+    if not rank.active:
+        return {n: scales[n] for n in names}
+    # A layer no owner names is held on every rank, alike: rank 0's counts. Each entry is then one rank's value plus
+    # zeros, so the sum is exact.
+    mine = [float(scales[n]) if owners.get(n, 0) == rank.rank else 0.0 for n in names]
+    buf = torch.tensor(mine, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(buf, group=rank.group)
+    return dict(zip(names, buf.tolist()))
 
 
 def broadcast_costs(

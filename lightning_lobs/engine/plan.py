@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import attention as _attention
 from ..blocks import check_block_names, find_blocks, layers_in
 from ..config import NMPattern
+from ..distributed import assign_layers
 from ..layers import channel_last_perm, describe_layer, has_bias, num_groups, solve_cost, to_rows, weight_matrix
 from ..masks import MaskSet
 from ..resources import check_budget, layer_memory
@@ -204,8 +205,12 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan], blocks: bool 
     }
     groups = pipeline_groups(ctx, layers) if blocks else []
     sequential = ctx.options.sequential or bool(groups)
+    owned = None  # the one-pass pipeline sums each Hessian onto its owner (run.run_one_pass: the same assignment)
+    if ctx.rank.active and not sequential:
+        owners = assign_layers({n: plan_cost(l) for n, l in layers.items()}, ctx.rank.world_size)
+        owned = {n for n, r in owners.items() if r == ctx.rank.rank}
     with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
-        check_budget(estimates, calibration.memory_budget_bytes, sequential, ctx.device, groups)
+        check_budget(estimates, calibration.memory_budget_bytes, sequential, ctx.device, groups, owned)
 
 
 def pipeline_groups(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> list[list[str]]:

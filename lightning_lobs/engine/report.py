@@ -16,7 +16,7 @@ from ..batchnorm import batchnorm_state, load_batchnorm_state, recalibrate_batch
 from ..checks import add_note
 from ..distributed import RankInfo
 from ..layers import weight_matrix
-from ..sharding import any_sharded, count, is_sharded
+from ..sharding import count, is_sharded
 from ..solvers import Tick
 from .collective import all_reduce_batchnorm, dense_matrices, reduce_errors
 from .commit import DenseState, Transaction, load_params, param_state
@@ -305,8 +305,6 @@ def bound(
             "dense network's BatchNorm; pass recalibrate_bn=False to get it)",
             {},
         )
-    if any_sharded(m.weight for m in modules.values()):
-        return nan, nan, "bound not applicable: torch.fx cannot trace fully_shard (FSDP2) modules", {}
     order = list(modules)
     chain = _bounds.analyze_chain(model, order, example_input=example)
     if not chain.is_chain:

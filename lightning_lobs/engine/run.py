@@ -89,9 +89,10 @@ def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
     if isinstance(chain, Chain):
         return run_dense_blocks(ctx, plan, chain)
     check_memory(ctx, plan.layers, blocks=False)  # the plan's check counted one block's Hessians at a time
-    plan, calibration = calibrate(ctx, plan, list(plan.layers))
+    # Owners first: each Hessian is summed onto the rank that uses it (costs and solve), freed on the others.
+    owners = assign_layers({n: plan_cost(l) for n, l in plan.layers.items()}, ctx.rank.world_size)
+    plan, calibration = calibrate(ctx, plan, list(plan.layers), owners=owners)
     order = [n for n in calibration.order if n in plan.layers]
-    owners = assign_layers({n: plan_cost(plan.layers[n]) for n in order}, ctx.rank.world_size)
     plan, traces = allocate(ctx, plan, order, owners, calibration.hessians.__getitem__, keep_traces=True)
     solutions = solve_all(ctx, plan, order, owners, calibration.hessians, traces)
     return Solved(plan, tuple(order), solutions, calibration.positions, calibration.scales, written=False)
