@@ -35,15 +35,17 @@ from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
 from ..distributed import assign_layers
 from ..layers import set_weight_matrix
+from ..sharding import is_sharded
 from .allocate import allocate
 from .blocks import BlockCall, Chain, catch_first, next_call, probe_chain, run_block, run_tail
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, gather_layer, share_solution
+from .commit import load_params, param_state
 from .context import RunContext
 from .plan import plan_cost
 from .records import Plan, Solution, Solved
 from .report import Comparison
-from .solve import begin_solve, solve_owned
+from .solve import begin_solve, solve_owned, solve_sharded
 
 __all__ = ["execution_order", "find_chain", "run_blocks", "run_per_layer", "run_sequential"]
 
@@ -114,6 +116,8 @@ class _Pairs:
         self.compare = Comparison(order)
         self.compare.stop()
         self.layers, self.found = plan.layers, found
+        # fully_shard layers: their plans hold no dense matrix, so this rank's dense shards are kept to restore
+        self.shards = param_state({n: plan.layers[n].module for n in order if is_sharded(plan.layers[n].module.weight)})
         self.handles = [
             plan.layers[n].module.register_forward_hook(lambda mod, a, out, n=n: self.compare.layer_output(n, out))
             for n in order
@@ -122,7 +126,10 @@ class _Pairs:
     def run(self, names: Sequence[str], dense_run: Callable[[], Any], pruned_run: Callable[[], Any]) -> tuple:
         solved = [n for n in names if n in self.found.solutions]
         for n in solved:
-            set_weight_matrix(self.layers[n].module, self.layers[n].dense)
+            if n in self.shards:
+                load_params({n: self.layers[n].module}, {n: self.shards[n]})
+            else:
+                set_weight_matrix(self.layers[n].module, self.layers[n].dense)
         self.compare.start(True, names)
         dense = dense_run()
         for n in solved:
@@ -260,13 +267,18 @@ def _prune_unit(ctx: RunContext, plan: Plan, names: Sequence[str], group: _Group
     owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
     found.groups += 1
     t0 = time.perf_counter()
-    solved: dict[str, Solution] = {}
-    with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
+    if any(is_sharded(plan.layers[n].module.weight) for n in called):  # fully_shard: one layer gathered at a time
+        found.solutions.update(solve_sharded(ctx, plan, called, owners, calibration.hessians, {}))
+        t0 = time.perf_counter()  # solve_sharded counted its own time
+    else:
+        solved: dict[str, Solution] = {}
+        with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
+            for n in called:
+                solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], None, owners[n])
+                ctx.progress.step(n, n)
         for n in called:
-            solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], None, owners[n])
-            ctx.progress.step(n, n)
+            found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
     for n in called:
-        found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
         _write(plan.layers[n].module, found.solutions[n])
     ctx.timings.solve += time.perf_counter() - t0
     found.positions.update(calibration.positions)
