@@ -161,3 +161,89 @@ def test_gpt2_fully_shard_one_rank_prunes_as_unsharded(one_rank_group, sequentia
     for k, v in sharded.state_dict().items():
         assert torch.equal(gather(v), state[k]), k
     assert got.metrics() == pytest.approx(want.metrics(), rel=0, abs=0)
+
+
+# --------------------------------------------------------------------------- LOBSPruning under ModelParallelStrategy
+
+LIGHTNING_SCRIPT = ROOT / "tests" / "fsdp_lightning_gpt2_script.py"
+LIGHTNING_RUNS = ("fit", "fit-seq")
+
+
+@pytest.fixture(scope="module")
+def lightning_out(tmp_path_factory) -> Path:
+    from ranks import free_port
+
+    out = tmp_path_factory.mktemp("fsdp_lightning_gpt2")
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(free_port()), str(LIGHTNING_SCRIPT), "--out", str(out)]
+    run_ranks([*cmd, "--runs", ",".join(LIGHTNING_RUNS)], ROOT, env)
+    return out
+
+
+@pytest.mark.slow  # one 2-rank Trainer launch per run: about a minute of wall time on 2 shared cores
+@pytest.mark.parametrize("run", LIGHTNING_RUNS)
+def test_lobs_pruning_gpt2_under_model_parallel_matches_one_process(lightning_out, run):
+    """``LOBSPruning`` on a GPT-2 sharded in ``configure_model``: the masks ``prune_model`` gives in one process on
+    the dense weights at the prune and both ranks' calibration batches (dicts of ``input_ids`` and ``labels``),
+    held at exact zeros through the AdamW epochs after it, the logged sparsity read from every shard."""
+    from lightning_lobs import prune_model
+
+    spec = importlib.util.spec_from_file_location("fsdp_lightning_gpt2_script", LIGHTNING_SCRIPT)
+    s = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(s)
+    r0, r1 = (torch.load(lightning_out / f"{run}_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["pruned_points"] == r1["pruned_points"] == [s.PRUNE_EPOCH]
+    assert set(r0["sharded"].values()) == {"DTensor"}
+    assert not torch.equal(r0["batches"][0]["input_ids"], r1["batches"][0]["input_ids"])  # each rank its shard
+    for k, v in r0["final"].items():
+        assert torch.equal(v, r1["final"][k]), k
+    lit = s.lit_classes()[1]()
+    lit.load_state_dict(r0["dense"])
+    with pytest.warns(UserWarning, match="'model.lm_head'.*tied"):
+        report = prune_model(lit, list(r0["batches"]) + list(r1["batches"]), 0.5, **s.callback_options(run))
+    masks = report.masks.state_dict()
+    assert sorted(masks) == sorted(f"model.transformer.h.{b}.{m}" for b in range(2) for m in _conv1d_names())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    for record in (r0, r1):
+        after = [e for e in record["epochs"] if e["masks"]]
+        assert len(after) == s.EPOCHS - s.PRUNE_EPOCH
+        for epoch in after:
+            assert epoch["masks"].keys() == masks.keys()
+            for n, m in masks.items():
+                mism = int((epoch["masks"][n] != m).sum())
+                assert mism == 0, f"{n}: {mism} mask entries differ from the one-process prune"
+                assert epoch["at_pruned"][n] == 0.0, n
+            assert epoch["logged"] == pytest.approx(pruned / sum(m.numel() for m in masks.values()), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- the benchmark in its quick mode
+
+
+@pytest.mark.examples
+@pytest.mark.slow  # three child processes, one of them 2 ranks: a minute or two on 2 shared cores
+def test_gpt2_fsdp_benchmark_quick(tmp_path: Path) -> None:
+    from script_loader import load_benchmark
+
+    bench = load_benchmark("gpt2_fsdp")
+    out = tmp_path / "f.json"
+    res = bench.main(["--quick", "--out", str(out)])
+    assert out.is_file()
+    cfg = res["config"]
+    ranks = cfg["fsdp"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # Both ranks hold the same pruned model: the same logits error; every row a real 50% prune.
+    assert ranks[0]["logits_error"] == ranks[1]["logits_error"]
+    for r in (cfg["single"], *ranks):
+        assert r["sparsity"] == 0.5
+        assert 0.0 < r["logits_error"] < 1.0
+        assert r["peak_rss_gib"] >= r["rss_loaded_gib"] > 0
+    # Every Conv1D weight entry of the 2 x 64 GPT-2 compared (4 layers per block: 3 + 1 + 4 + 4 times 64 x 64).
+    assert ranks[0]["mask_entries"] == 2 * 12 * 64 * 64
+    assert 0 <= ranks[0]["mask_mismatches"] <= ranks[0]["mask_entries"]
+    assert "| 2 x 64 | FSDP2 rank 1 of 2 |" in bench.table(cfg)
