@@ -60,6 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-batch", type=int, default=8, help="windows per batch (a rank gets half the windows)")
     p.add_argument("--heldout", type=int, default=16, help="held-out windows for the logits error")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hessian-dtype",
+        choices=("mixed", "float64"),
+        default="mixed",
+        help="CalibrationOptions.hessian_dtype (mixed: the default; float64: sums that differ only by their order)",
+    )
     p.add_argument("--rss-limit-gib", type=float, default=12.0, help="kill a child above this resident memory")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="kill a child running longer (seconds)")
     p.add_argument("--out", default=None, help="JSON results (e.g. benchmarks/results/gpt2_fsdp_4x768.json)")
@@ -80,19 +86,22 @@ def _model(spec: dict[str, Any]) -> torch.nn.Module:
     return random_gpt2(spec["blocks"], spec["width"], spec["heads"], spec["context"], spec["seed"])
 
 
-def _prune(model: torch.nn.Module, batches: list[torch.Tensor]) -> Any:
-    from lightning_lobs import prune_model
+def _prune(model: torch.nn.Module, batches: list[torch.Tensor], hessian_dtype: str) -> Any:
+    from lightning_lobs import CalibrationOptions, prune_model
 
+    kwargs = {}
+    if hessian_dtype != "mixed":  # the default otherwise: prune_model(model, batches, 0.5) exactly
+        kwargs["calibration"] = CalibrationOptions(hessian_dtype=getattr(torch, hessian_dtype))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*left dense.*")  # the tied lm_head and embeddings, as intended
-        return prune_model(model, batches, SPARSITY)
+        return prune_model(model, batches, SPARSITY, **kwargs)
 
 
-def _measured(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[Any, dict[str, float]]:
+def _measured(model: torch.nn.Module, batches: list[torch.Tensor], spec: dict[str, Any]) -> tuple[Any, dict]:
     """The prune, with its wall and CPU time and this process's peak RSS."""
     loaded = current_rss_gib()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    report = _prune(model, batches)
+    report = _prune(model, batches, spec.get("hessian_dtype", "mixed"))
     stats = {
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - cpu0,
@@ -130,7 +139,7 @@ def dense_child(spec: dict[str, Any]) -> dict[str, Any]:
 def single_child(spec: dict[str, Any]) -> dict[str, Any]:
     model = _model(spec)
     data = torch.load(spec["data"])
-    report, stats = _measured(model, list(data["calib"].split(spec["calibration_batch"])))
+    report, stats = _measured(model, list(data["calib"].split(spec["calibration_batch"])), spec)
     hidden = final_hidden(model, data["heldout"])
     error = logits_relative_error(hidden, torch.load(spec["reference"]), model.lm_head.weight)
     masks = {n: m.clone() for n, m in report.masks.masks.items()}
@@ -179,7 +188,7 @@ def rank_main(rank: int, port: int, spec: dict[str, Any]) -> None:
         _shard(model)
         data = torch.load(spec["data"])
         mine = data["calib"].chunk(RANKS)[rank]  # this rank's half of the windows
-        report, stats = _measured(model, list(mine.split(spec["calibration_batch"])))
+        report, stats = _measured(model, list(mine.split(spec["calibration_batch"])), spec)
         hidden = _root_hidden(model, data["heldout"])
         from lightning_lobs.sharding import gather
 
@@ -232,10 +241,12 @@ def run_children(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         "context": args.context,
         "seed": args.seed,
         "calibration_batch": args.calibration_batch,
+        "hessian_dtype": args.hessian_dtype,
         **{k: os.path.join(tmp, f"{k}.pt") for k in ("data", "reference", "single_result")},
         "fsdp_result": os.path.join(tmp, "fsdp.json"),
     }
     record: dict[str, Any] = {"blocks": args.blocks, "width": args.width, "heads": spec["heads"]}
+    record["hessian_dtype"] = args.hessian_dtype
     record.update(prepare_data(args, spec["data"]))
     spec_path = os.path.join(tmp, "spec.json")
     Path(spec_path).write_text(json.dumps(spec))
