@@ -35,17 +35,19 @@ from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
 from ..distributed import assign_layers
 from ..layers import set_weight_matrix
+from ..sharding import is_sharded
 from ..solvers import GreedyTrace
 from .allocate import allocate
 from .blocks import BlockCall, Chain, catch_first, next_call, probe_chain, run_block, run_tail
 from .calibrate import calibrate, drop_uncalled
 from .collective import fail_together, gather_layer, share_solution
+from .commit import load_params, param_state
 from .context import RunContext
 from .forward import PieceRows, batch_rows, first_sample, output_rows_match, slice_batch
 from .plan import plan_cost
 from .records import Plan, Solution, Solved
 from .report import Comparison
-from .solve import begin_solve, solve_owned
+from .solve import begin_solve, solve_owned, solve_sharded
 
 __all__ = ["execution_order", "find_chain", "run_blocks", "run_dense_blocks", "run_per_layer", "run_sequential"]
 
@@ -134,6 +136,8 @@ class _Pairs:
         self.compare = Comparison(order)
         self.compare.stop()
         self.layers, self.found = plan.layers, found
+        # fully_shard layers: their plans hold no dense matrix, so this rank's dense shards are kept to restore
+        self.shards = param_state({n: plan.layers[n].module for n in order if is_sharded(plan.layers[n].module.weight)})
         self.handles = [
             plan.layers[n].module.register_forward_hook(lambda mod, a, out, n=n: self.compare.layer_output(n, out))
             for n in order
@@ -142,7 +146,10 @@ class _Pairs:
     def run(self, names: Sequence[str], dense_run: Callable[[], Any], pruned_run: Callable[[], Any]) -> tuple:
         solved = [n for n in names if n in self.found.solutions]
         for n in solved:
-            set_weight_matrix(self.layers[n].module, self.layers[n].dense)
+            if n in self.shards:
+                load_params({n: self.layers[n].module}, {n: self.shards[n]})
+            else:
+                set_weight_matrix(self.layers[n].module, self.layers[n].dense)
         self.compare.start(True, names)
         dense = dense_run()
         for n in solved:
@@ -325,20 +332,43 @@ def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeli
         owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
     found.groups += 1
     t0 = time.perf_counter()
-    solved: dict[str, Solution] = {}
-    with fail_together(ctx.rank, ctx.device, f"solving the layers of {group.name}"):
+    if _solve_group(ctx, plan, called, owners, calibration.hessians, traces, found, group.name):
+        t0 = time.perf_counter()  # solve_sharded counted its own time
+    if write:
         for n in called:
-            trace = None if traces is None else traces.pop(n, None)
-            solved[n] = solve_owned(ctx, plan.layers[n], calibration.hessians[n], trace, owners[n])
-            ctx.progress.step(n, n)
-    for n in called:
-        found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
-        if write:
             _write(plan.layers[n].module, found.solutions[n])
     ctx.timings.solve += time.perf_counter() - t0
     found.positions.update(calibration.positions)
     found.scales.update(calibration.scales)
     return plan
+
+
+def _solve_group(  # noqa: PLR0913 - one group's solve inputs, split out of the walk's step
+    ctx: RunContext,
+    plan: Plan,
+    called: Sequence[str],
+    owners: Mapping[str, int],
+    hessians: Mapping[str, Tensor],
+    traces: dict[str, GreedyTrace] | None,
+    found: _Found,
+    name: str,
+) -> bool:
+    """Solve ``called`` on their owner ranks and share the solutions into ``found`` (not written yet); a group
+    with ``fully_shard`` layers gathers one layer at a time (:func:`~.solve.solve_sharded`, which counts its own
+    time: then True)."""
+    if any(is_sharded(plan.layers[n].module.weight) for n in called):
+        own = {} if traces is None else {n: traces.pop(n) for n in called if n in traces}
+        found.solutions.update(solve_sharded(ctx, plan, called, owners, hessians, own))
+        return True
+    solved: dict[str, Solution] = {}
+    with fail_together(ctx.rank, ctx.device, f"solving the layers of {name}"):
+        for n in called:
+            trace = None if traces is None else traces.pop(n, None)
+            solved[n] = solve_owned(ctx, plan.layers[n], hessians[n], trace, owners[n])
+            ctx.progress.step(n, n)
+    for n in called:
+        found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
+    return False
 
 
 def _allocate_on_dense_blocks(
