@@ -140,7 +140,9 @@ def one_rank_group():
 def test_gpt2_fully_shard_one_rank_prunes_as_unsharded(one_rank_group, sequential, caplog):
     """The fast check (no child processes): GPT-2 sharded on a 1-rank mesh (DTensor Conv1D weights, the tied head
     and the embeddings sharded with the root, the block pipeline writing DTensor shards) pruned exactly as the
-    same GPT-2 unsharded: one process, the same batches and the same sums, so no rounding difference at all."""
+    same GPT-2 unsharded: one process, the same batches and the same sums, so the same masks and weights bit for
+    bit. The errors may differ by float64 summation order only: the unsharded default walks the blocks and measures
+    each layer's error inside the walk, the sharded one measures after the one pass (the same float32 outputs)."""
     from lightning_lobs.sharding import gather, is_sharded
 
     script = _script_module()
@@ -160,7 +162,8 @@ def test_gpt2_fully_shard_one_rank_prunes_as_unsharded(one_rank_group, sequentia
     state = plain.state_dict()
     for k, v in sharded.state_dict().items():
         assert torch.equal(gather(v), state[k]), k
-    assert got.metrics() == pytest.approx(want.metrics(), rel=0, abs=0)
+    terms = sum(b["input_ids"].numel() for b in batches) * max(script.VOCAB, 4 * 32)  # the widest output per token
+    assert got.metrics() == pytest.approx(want.metrics(), rel=terms * torch.finfo(torch.float64).eps, abs=0)
 
 
 # --------------------------------------------------------------------------- LOBSPruning under ModelParallelStrategy

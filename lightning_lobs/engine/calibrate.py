@@ -167,7 +167,6 @@ def collect_hessians(  # noqa: PLR0913 - eight inputs of one streaming pass, eac
     for n in called:
         acc = collector.accumulators[n]
         hessians[n] = acc.sum if acc.released else acc.hessian()  # released: reduced to its owner rank
-        acc.release()
-        del collector.accumulators[n]  # its sums, before the next layer's Hessian is made
+        acc.release()  # its sums, before the next layer's Hessian is made
         progress.advance(n, 0.5, n)
     return hessians, positions, order, missing
