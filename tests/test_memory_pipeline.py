@@ -210,3 +210,52 @@ def test_a_forward_fn_that_needs_whole_batches_is_run_on_them():
         size = max(float(forward(dense, b).abs().max()) for b in batches)
     direct = math.sqrt(total / 18)
     assert report.model_output_error == pytest.approx(direct, rel=1e3 * torch.finfo(torch.float32).eps * size / direct)
+
+
+class _BlockWithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.unused = nn.Linear(16, 16)  # never called by forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a(x)) + x
+
+
+class _NetWithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(_BlockWithUnused() for _ in range(3))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_never_called_layers_in_blocks_are_left_dense_with_a_warning(monkeypatch, sequential):
+    """The block walks with a global allocation warn and skip a layer the forward never calls, as the one-pass
+    pipeline does (they used to raise); the default walk still gives the one-pass results."""
+    torch.manual_seed(0)
+    walked = _NetWithUnused()
+    one_pass = copy.deepcopy(walked)
+    batches = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.warns(UserWarning, match="never called"):
+        report = prune_model(walked, batches, 0.5, sequential=sequential)
+    unused = {f"blocks.{i}.unused" for i in range(3)}
+    assert not unused & set(report.layers) and {f"blocks.{i}.a" for i in range(3)} <= set(report.layers)
+    for name in unused:
+        assert torch.equal(walked.get_submodule(name).weight, one_pass.get_submodule(name).weight)
+    if sequential:
+        return
+    monkeypatch.setattr(run_mod, "find_chain", lambda ctx, plan: "forced one pass")
+    with pytest.warns(UserWarning, match="never called"):
+        want = prune_model(one_pass, batches, 0.5)
+    assert list(report.layers) == list(want.layers)
+    for n in want.layers:
+        assert report.layers[n].target_sparsity == want.layers[n].target_sparsity, n
+        assert torch.equal(walked.get_submodule(n).weight == 0, one_pass.get_submodule(n).weight == 0), n

@@ -285,7 +285,8 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     ``sequential_unit="layer"``) on the pruned network before it, solve, write, feed the next."""
     order = _chain_order(chain, plan)
     if ctx.options.global_allocation is not None:
-        plan, _ = _allocate_on_dense_blocks(ctx, plan, chain, order)
+        plan, _, _ = _allocate_on_dense_blocks(ctx, plan, chain, order)
+        order = [n for n in order if n in plan.layers]  # without those never called
     begin_solve(ctx, plan, order, {})
     found = _Found()
     # Measured inside the walk unless BatchNorm statistics are re-estimated afterwards (they change the outputs).
@@ -371,12 +372,32 @@ def _solve_group(  # noqa: PLR0913 - one group's solve inputs, split out of the 
     return False
 
 
+class _Uncalled(Exception):
+    """The allocation asked for a layer that its group's calibration found never called (and left dense)."""
+
+
 def _allocate_on_dense_blocks(
     ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str], keep_traces: bool = False
-) -> tuple[Plan, dict[str, GreedyTrace]]:
+) -> tuple[Plan, dict[str, GreedyTrace], dict[str, int]]:
     """The global allocation's targets from costs on the dense network: one dense walk (nothing written), each
     group calibrated when the allocation first asks for one of its layers, its Hessians dropped at the next.
-    ``keep_traces``: the ``exact`` layers' greedy traces too, for their solves (on the ranks that own them)."""
+    ``keep_traces``: the ``exact`` layers' greedy traces too, for their solves (on the ranks that own them: the
+    owners returned).
+
+    A layer never called on the calibration batches is left dense with calibrate's warning, as the one-pass
+    pipeline does; the allocation needs every layer's cost before it decides, so it starts again without it."""
+    while True:
+        try:
+            return _allocation_walk(ctx, plan, chain, order, keep_traces)
+        except _Uncalled as gone:
+            plan = gone.args[0]
+            order = [n for n in order if n in plan.layers]
+
+
+def _allocation_walk(
+    ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str], keep_traces: bool
+) -> tuple[Plan, dict[str, GreedyTrace], dict[str, int]]:
+    """One try of :func:`_allocate_on_dense_blocks`; raises ``_Uncalled(plan without the layer)``."""
     owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
     walk = _walk(ctx, chain, reuse=True)
     held: dict[str, Tensor] = {}
@@ -384,13 +405,12 @@ def _allocate_on_dense_blocks(
     def hessian_of(name: str) -> Tensor:
         nonlocal plan
         while name not in held:
+            if name not in plan.layers:
+                raise _Uncalled(plan)
             group = next(walk, None)
-            names = [] if group is None else [n for n in group.layers if n in plan.layers]
-            if group is None or name in group.layers and name not in plan.layers:
-                raise RuntimeError(
-                    f"layer {name!r} was never called on the calibration batches, so a global allocation has no cost "
-                    "for it; exclude it, or use allocation='uniform'."
-                )
+            if group is None:
+                raise RuntimeError(f"layer {name!r} is in none of the walked blocks")  # _chain_order forbids it
+            names = [n for n in group.layers if n in plan.layers]
             held.clear()
             if names:
                 plan, calibration = calibrate(ctx, plan, names, report=False, feed=(range(len(ctx.batches)), group.run))
@@ -401,7 +421,7 @@ def _allocate_on_dense_blocks(
         targets, traces = allocate(ctx, plan, order, owners, hessian_of, keep_traces=keep_traces)
     finally:
         walk.close()
-    return targets, traces
+    return targets, traces, owners
 
 
 def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
@@ -416,7 +436,8 @@ def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
     traces: dict[str, GreedyTrace] = {}
     if ctx.options.global_allocation is not None:
-        plan, traces = _allocate_on_dense_blocks(ctx, plan, chain, order, keep_traces=True)
+        plan, traces, owners = _allocate_on_dense_blocks(ctx, plan, chain, order, keep_traces=True)
+        order = [n for n in order if n in plan.layers]  # without those never called
     begin_solve(ctx, plan, order, traces)
     found = _Found()
     inside = not (ctx.options.recalibrate_bn and batchnorm_modules(ctx.model))
