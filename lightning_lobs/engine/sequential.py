@@ -324,14 +324,15 @@ def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeli
     """Calibrate ``names`` together by running ``group`` on its inputs, solve them on their owner ranks, share and
     (``write``) write the solutions. Their Hessians die on return. ``owners`` (the allocation's, whose ranks hold
     the ``exact`` ``traces``): who solves each layer; else balanced inside the group."""
-    feed = (range(len(ctx.batches)), group.run)
-    plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
-    called = [n for n in names if n in calibration.hessians]
     world = ctx.rank.world_size
     if owners is None:
         # Balanced inside the group, and turned by one rank per group so that blocks of one layer spread over ranks.
-        owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, called), world).items()}
+        owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, names), world).items()}
     found.groups += 1
+    feed = (range(len(ctx.batches)), group.run)
+    # Owners known before calibrating: each Hessian is summed onto the rank that solves it, freed on the others.
+    plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed, owners=owners)
+    called = [n for n in names if n in calibration.hessians]
     t0 = time.perf_counter()
     if _solve_group(ctx, plan, called, owners, calibration.hessians, traces, found, group.name):
         t0 = time.perf_counter()  # solve_sharded counted its own time
@@ -413,7 +414,8 @@ def _allocation_walk(
             names = [n for n in group.layers if n in plan.layers]
             held.clear()
             if names:
-                plan, calibration = calibrate(ctx, plan, names, report=False, feed=(range(len(ctx.batches)), group.run))
+                feed = (range(len(ctx.batches)), group.run)
+                plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed, owners=owners)
                 held.update(calibration.hessians)
         return held[name]
 
@@ -471,7 +473,7 @@ def run_per_layer(ctx: RunContext, plan: Plan) -> Solved:
 
     def calibrate_one(name: str) -> Tensor:
         nonlocal plan
-        plan, calibration = calibrate(ctx, plan, [name], report=False)
+        plan, calibration = calibrate(ctx, plan, [name], report=False, owners=owners)
         hessians.update(calibration.hessians)
         positions.update(calibration.positions)
         scales.update(calibration.scales)
