@@ -157,7 +157,7 @@ def slice_batch(batch: Any, rows: slice, size: int | None = None) -> Any:
     if isinstance(batch, Mapping):
         items = {k: slice_batch(v, rows, size) for k, v in batch.items()}
         try:
-            return type(batch)(items)
+            return type(batch)(items)  # type: ignore[call-arg]  # Mapping is abstract; the batch's type is not
         except TypeError:  # a mapping type that cannot be built from a dict
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
@@ -254,7 +254,7 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         items = {k: move_batch(v, device) for k, v in batch.items()}
         try:
-            return type(batch)(items)
+            return type(batch)(items)  # type: ignore[call-arg]  # Mapping is abstract; the batch's type is not
         except TypeError:  # a mapping type that cannot be built from a dict
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ def make_report(ctx: RunContext, solved: Solved, tx: Transaction, bn_recalibrate
     order, layers = solved.order, solved.plan.layers
     errors: dict[str, float] = {}
     for n in order:
-        weight = layers[n].module.weight.detach()
+        weight = cast(Tensor, layers[n].module.weight).detach()
         pruned = weight.masked_fill(solved.solutions[n].mask.to(weight.device), 0.0)  # DTensors too (fully_shard)
         if count(pruned != 0):  # the model must hold the masks
             raise AssertionError(
@@ -95,7 +96,7 @@ def _prune_report(
     reports: dict[str, LayerReport] = {}
     for n in solved.order:
         layer, solution = solved.plan.layers[n], solved.solutions[n]
-        weight = layer.module.weight.detach()
+        weight = cast(Tensor, layer.module.weight).detach()
         norms = measured.norms.get(n, (float("nan"), float("nan")))
         reports[n] = LayerReport(
             name=n,
@@ -113,7 +114,7 @@ def _prune_report(
             seconds=solution.seconds,
             output_error=measured.output_errors[n],
         )
-    weights = [solved.plan.layers[n].module.weight for n in solved.order]
+    weights = [cast(Tensor, solved.plan.layers[n].module.weight) for n in solved.order]
     zeros = sum(w.numel() - nonzero(w) for w in weights)  # over every shard (fully_shard) too
     counts = parameter_counts(ctx.model)
     return PruneReport(
@@ -270,7 +271,7 @@ def _compare_batch(
         if part is batch or rows.rows is not None:
             dense_out = run(part)
         else:  # the first piece sizes the others, or shows that the model runs on whole batches only
-            dense_out = rows.first(lambda part=part: run(part), batch_rows(part) or 1)
+            dense_out = rows.first(functools.partial(run, part), batch_rows(part) or 1)
             if dense_out is None:
                 compare.start(dense=True)
                 dense_out, part = run(batch), batch
