@@ -35,6 +35,7 @@ from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
 from ..distributed import assign_layers
 from ..layers import set_weight_matrix
+from ..resources import release_freed_memory
 from ..sharding import is_sharded
 from ..solvers import GreedyTrace
 from .allocate import allocate
@@ -222,6 +223,7 @@ def _walk(  # noqa: C901 - one generator: the walk's streams stay in one place
         if dense is not None:
             dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, cast(list, d_out))], d_out
         calls = [next_call(c, o, chain.hidden) for c, o in zip(calls, outs)]
+        release_freed_memory()  # the block's activations and its inputs are freed: their pages go back
 
     def tail(last: list, j: int) -> Any:
         return run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), last[j])
@@ -299,6 +301,7 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
             for unit in units:
                 if unit:
                     plan = _prune_unit(ctx, plan, unit, group, found)
+            release_freed_memory()  # the group's Hessians and solver workspace died in _prune_unit
     finally:
         if pairs is not None:
             pairs.close()
@@ -412,6 +415,7 @@ def _allocation_walk(
                 raise RuntimeError(f"layer {name!r} is in none of the walked blocks")  # _chain_order forbids it
             names = [n for n in group.layers if n in plan.layers]
             held.clear()
+            release_freed_memory()  # the previous group's Hessians, before this group's are accumulated
             if names:
                 plan, calibration = calibrate(ctx, plan, names, report=False, feed=(range(len(ctx.batches)), group.run))
                 held.update(calibration.hessians)
@@ -447,6 +451,7 @@ def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
             names = [n for n in group.layers if n in plan.layers]
             if names:
                 plan = _prune_unit(ctx, plan, names, group, found, owners, traces, write=inside)
+                release_freed_memory()  # the group's Hessians and solver workspace died in _prune_unit
     finally:
         if pairs is not None:
             pairs.close()
