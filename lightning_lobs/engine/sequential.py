@@ -301,7 +301,7 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
             for unit in units:
                 if unit:
                     plan = _prune_unit(ctx, plan, unit, group, found)
-            release_freed_memory()  # the group's Hessians and solver workspace died in _prune_unit
+                    release_freed_memory()  # the unit's Hessians and solver workspace died in _prune_unit
     finally:
         if pairs is not None:
             pairs.close()
@@ -391,10 +391,13 @@ def _allocate_on_dense_blocks(
     pipeline does; the allocation needs every layer's cost before it decides, so it starts again without it."""
     while True:
         try:
-            return _allocation_walk(ctx, plan, chain, order, keep_traces)
+            found = _allocation_walk(ctx, plan, chain, order, keep_traces)
+            break
         except _Uncalled as gone:
             plan = gone.args[0]
             order = [n for n in order if n in plan.layers]
+    release_freed_memory()  # the last group's Hessians died with the walk, before the solving walk's first
+    return found
 
 
 def _allocation_walk(
