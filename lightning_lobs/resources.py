@@ -192,8 +192,9 @@ def release_freed_memory() -> bool:
     top of each heap), so a process's resident size stays near its highest point: between the blocks of a walk
     that is a few hundred MiB of GPT-2 124M's peak. ``malloc_trim(0)`` hands those pages back. Linux with glibc
     only; elsewhere (musl, macOS, Windows) a no-op returning False. Never raises, and changes no malloc setting
-    of the process (no ``mallopt``): it only returns pages already free. Costs about a millisecond per call on a
-    GPT-2 124M prune's heap (BENCHMARKS.md), so the block walks call it once per block, not per layer.
+    of the process (no ``mallopt``): it only returns pages already free. A call costs tens of milliseconds on a
+    GPT-2 prune's heap (median 18 ms in a 2 x 768 prune, BENCHMARKS.md), against seconds of solving per block: the
+    block walks call it once per group (a block, or a layer with ``sequential_unit="layer"``), not inside a solve.
     """
     trim = _malloc_trim()
     if trim is None:
