@@ -329,6 +329,7 @@ def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeli
     the ``exact`` ``traces``): who solves each layer; else balanced inside the group."""
     feed = (range(len(ctx.batches)), group.run)
     plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
+    release_freed_memory()  # the activations and the Hessians' finishing copies, before the solves' workspace
     called = [n for n in names if n in calibration.hessians]
     world = ctx.rank.world_size
     if owners is None:
@@ -369,6 +370,7 @@ def _solve_group(  # noqa: PLR0913 - one group's solve inputs, split out of the 
         for n in called:
             trace = None if traces is None else traces.pop(n, None)
             solved[n] = solve_owned(ctx, plan.layers[n], hessians[n], trace, owners[n])
+            release_freed_memory()  # this solve's workspace, before the next layer's
             ctx.progress.step(n, n)
     for n in called:
         found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
