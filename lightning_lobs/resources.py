@@ -13,11 +13,8 @@ memory (Hessians, gathered layer, solve), not the weights already resident nor t
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -183,38 +180,3 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} bytes"
-
-
-def release_freed_memory() -> bool:
-    """Give the heap memory freed so far back to the operating system; True where that was tried.
-
-    glibc keeps memory that torch frees (the arenas' free pages, which it returns only above a threshold at the
-    top of each heap), so a process's resident size stays near its highest point: between the blocks of a walk
-    that is a few hundred MiB of GPT-2 124M's peak. ``malloc_trim(0)`` hands those pages back. Linux with glibc
-    only; elsewhere (musl, macOS, Windows) a no-op returning False. Never raises, and changes no malloc setting
-    of the process (no ``mallopt``): it only returns pages already free. A call costs tens of milliseconds on a
-    GPT-2 prune's heap (median 18 ms in a 2 x 768 prune, BENCHMARKS.md), against seconds of solving per block: the
-    block walks call it once per group (a block, or a layer with ``sequential_unit="layer"``), not inside a solve.
-    """
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    try:
-        trim(0)
-    except Exception:  # noqa: BLE001 - only a chance to save memory: never a reason to fail a prune
-        return False
-    return True
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` through ctypes, looked up once; None off Linux/glibc or without the symbol."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-        trim.argtypes = [ctypes.c_size_t]
-        trim.restype = ctypes.c_int
-    except Exception:  # noqa: BLE001 - no libc.so.6 (musl), no such symbol, or not a C function: no trimming
-        return None
-    return cast(Callable[[int], int], trim)

@@ -11,7 +11,6 @@ from .. import attention as _attention
 from ..config import ProgressFn, PruneOptions
 from ..distributed import RankInfo, assign_layers
 from ..masks import MaskSet
-from ..resources import release_freed_memory
 from ..sharding import is_sharded
 from .allocate import allocate
 from .blocks import Chain
@@ -95,6 +94,5 @@ def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
     plan, calibration = calibrate(ctx, plan, list(plan.layers), owners=owners)
     order = [n for n in calibration.order if n in plan.layers]
     plan, traces = allocate(ctx, plan, order, owners, calibration.hessians.__getitem__, keep_traces=True)
-    release_freed_memory()  # the allocation's curves and workspace, before the solves
     solutions = solve_all(ctx, plan, order, owners, calibration.hessians, traces)
     return Solved(plan, tuple(order), solutions, calibration.positions, calibration.scales, written=False)

@@ -35,7 +35,6 @@ from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
 from ..distributed import assign_layers
 from ..layers import set_weight_matrix
-from ..resources import release_freed_memory
 from ..sharding import is_sharded
 from ..solvers import GreedyTrace
 from .allocate import allocate
@@ -223,7 +222,6 @@ def _walk(  # noqa: C901 - one generator: the walk's streams stay in one place
         if dense is not None:
             dense, dense_outs = [next_call(c, o, chain.hidden) for c, o in zip(dense, cast(list, d_out))], d_out
         calls = [next_call(c, o, chain.hidden) for c, o in zip(calls, outs)]
-        release_freed_memory()  # the block's activations and its inputs are freed: their pages go back
 
     def tail(last: list, j: int) -> Any:
         return run_tail(chain.modules, lambda: ctx.run_batch(batches[j]), last[j])
@@ -301,7 +299,6 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
             for unit in units:
                 if unit:
                     plan = _prune_unit(ctx, plan, unit, group, found)
-                    release_freed_memory()  # the unit's Hessians and solver workspace died in _prune_unit
     finally:
         if pairs is not None:
             pairs.close()
@@ -329,7 +326,6 @@ def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeli
     the ``exact`` ``traces``): who solves each layer; else balanced inside the group."""
     feed = (range(len(ctx.batches)), group.run)
     plan, calibration = calibrate(ctx, plan, names, report=False, feed=feed)
-    release_freed_memory()  # the activations and the Hessians' finishing copies, before the solves' workspace
     called = [n for n in names if n in calibration.hessians]
     world = ctx.rank.world_size
     if owners is None:
@@ -370,7 +366,6 @@ def _solve_group(  # noqa: PLR0913 - one group's solve inputs, split out of the 
         for n in called:
             trace = None if traces is None else traces.pop(n, None)
             solved[n] = solve_owned(ctx, plan.layers[n], hessians[n], trace, owners[n])
-            release_freed_memory()  # this solve's workspace, before the next layer's
             ctx.progress.step(n, n)
     for n in called:
         found.solutions[n] = share_solution(solved[n], owners[n], ctx.rank, ctx.device)
@@ -393,13 +388,10 @@ def _allocate_on_dense_blocks(
     pipeline does; the allocation needs every layer's cost before it decides, so it starts again without it."""
     while True:
         try:
-            found = _allocation_walk(ctx, plan, chain, order, keep_traces)
-            break
+            return _allocation_walk(ctx, plan, chain, order, keep_traces)
         except _Uncalled as gone:
             plan = gone.args[0]
             order = [n for n in order if n in plan.layers]
-    release_freed_memory()  # the last group's Hessians died with the walk, before the solving walk's first
-    return found
 
 
 def _allocation_walk(
@@ -420,7 +412,6 @@ def _allocation_walk(
                 raise RuntimeError(f"layer {name!r} is in none of the walked blocks")  # _chain_order forbids it
             names = [n for n in group.layers if n in plan.layers]
             held.clear()
-            release_freed_memory()  # the previous group's Hessians, before this group's are accumulated
             if names:
                 plan, calibration = calibrate(ctx, plan, names, report=False, feed=(range(len(ctx.batches)), group.run))
                 held.update(calibration.hessians)
@@ -456,7 +447,6 @@ def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
             names = [n for n in group.layers if n in plan.layers]
             if names:
                 plan = _prune_unit(ctx, plan, names, group, found, owners, traces, write=inside)
-                release_freed_memory()  # the group's Hessians and solver workspace died in _prune_unit
     finally:
         if pairs is not None:
             pairs.close()
