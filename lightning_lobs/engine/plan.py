@@ -244,18 +244,22 @@ def fit_chunk_bound(check: Callable[[int], None], max_bytes: int, floor: int | N
     """The largest row-chunk bound up to ``max_bytes`` that ``check`` (raising ``MemoryError``) accepts.
 
     ``max_bytes`` itself when it passes; else, where ``floor`` (:func:`chunk_floor`) passes, the bisected largest
-    bound between them (the estimates grow with the bound); else ``check``'s error for ``max_bytes``.
+    bound between them (the estimates grow with the bound); else ``check``'s error for ``floor`` (what the prune
+    needs at the least, the number a user can act on), saying so.
     """
     try:
         check(max_bytes)
         return max_bytes
-    except MemoryError as error:
+    except MemoryError:
         if floor is None or floor >= max_bytes:
             raise
         try:
             check(floor)
-        except MemoryError:
-            raise error from None
+        except MemoryError as error:
+            raise MemoryError(
+                f"{error} (This counts exact's and the direct refit's row chunks at their smallest: "
+                f"SolverOptions.max_memory_bytes={floor}.)"
+            ) from None
     lo, hi = floor, max_bytes  # lo passes, hi fails
     while hi - lo > max(1, lo // 64):  # within 1.6% of the largest that fits
         mid = (lo + hi) // 2
