@@ -211,8 +211,12 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan], blocks: bool 
         }
         check_budget(estimates, calibration.memory_budget_bytes, sequential, ctx.device, groups, owned)
 
+    # Not on fully_shard models: reading a sharded layer's shape is a collective, and one rank's extra checks while
+    # the others wait in fail_together's all_reduce would hang them all (tests/test_fsdp.py's failbudget1 run did).
+    sharded = any(is_sharded(l.module.weight) for l in layers.values())
+    floor = None if sharded else chunk_floor(layers, ctx.solver)
     with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
-        bound = fit_chunk_bound(check, ctx.solver.max_memory_bytes, chunk_floor(layers, ctx.solver))
+        bound = fit_chunk_bound(check, ctx.solver.max_memory_bytes, floor)
     if bound != ctx.solver.max_memory_bytes:
         log.info(
             "lowered SolverOptions.max_memory_bytes from %d to %d bytes for this prune, so that exact's and the "
