@@ -68,7 +68,9 @@ class SolverOptions:
             ``"torch.float32"``/``"float64"`` (YAML) are read as the dtypes.
         block_size: ``fast``: columns per lazy-update block.
         lazy_steps: ``exact``: removals between batched downdates of ``H^-1``.
-        max_memory_bytes: ``exact``/refit: bound on the per-row matrices held at once.
+        max_memory_bytes: ``exact``/direct refit: bound on the per-row matrices held at once (rows are solved
+            in chunks; the results do not depend on it beyond float rounding). ``prune_model`` lowers it for
+            one prune, with an INFO note, where it alone would exceed ``CalibrationOptions.memory_budget_bytes``.
         max_damp_tries: how many times damping is multiplied by 10 when H is singular.
         refit: ``lobs``/``fast``: after the mask is chosen, move the kept weights to the
             least-squares optimum for it (``exact`` always does). None (default): by one Cholesky

@@ -21,7 +21,15 @@ from typing import cast
 import torch
 from torch import nn
 
+from .config import SolverOptions
 from .layers import describe_layer
+from .solvers.core import refit_workspace_bytes
+from .solvers.exact import exact_workspace_bytes
+
+#: ``exact``'s workspace beyond its row chunks and the common ``base``, in ``d x d`` words of the solve dtype (the
+#: float64 copies of H that rescaling and the refit make, the trace's per-row state): the part of the measured peaks
+#: (in :func:`layer_memory`) that does not grow with the chunk was 17-21 words, of which ``base`` counts 6.
+EXACT_FIXED_WORDS = 15
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,14 @@ def layer_memory(
     module: nn.Module,
     method: str,
     hessian_dtype: torch.dtype | str,
-    solve_dtype: torch.dtype,
-    exact_max_bytes: int,
-    refit: bool | None = None,
+    solver: SolverOptions,
     gathered: bool = False,
 ) -> LayerMemory:
     """Estimate the memory of calibrating and solving one layer with ``method``.
 
-    ``refit``: ``SolverOptions.refit`` of ``lobs``/``fast``: True the direct refit, None the cheaper of it and CG.
+    ``solver``: its dtype, ``max_memory_bytes`` (``exact``'s and the direct refit's row chunks), ``lazy_steps``
+    (``exact``'s chunks are also bounded by its work between two ticks) and ``refit`` (of ``lobs``/``fast``: True
+    the direct refit, None the cheaper of it and CG).
     ``gathered``: the layer's weight is sharded (``fully_shard``), so solving it first gathers it whole and then
     receives its whole solution on every rank: two ``rows x matrix_cols`` matrices in the weight's dtype on top.
     """
@@ -56,7 +64,8 @@ def layer_memory(
     g, d, rows = shape.groups, shape.matrix_cols, shape.rows
     # "mixed": a float64 sum, plus a float32 partial sum while fewer than 2,048 rows are pending
     hbytes = 12 if isinstance(hessian_dtype, str) else torch.empty((), dtype=hessian_dtype).element_size()
-    sbytes = torch.empty((), dtype=solve_dtype).element_size()
+    sbytes = torch.empty((), dtype=solver.dtype).element_size()
+    max_bytes, refit = solver.max_memory_bytes, solver.refit
     hessian = g * d * d * hbytes
     square = d * d * sbytes
     # Damped H, its factor and inverse (a few d x d copies) in the solve dtype, per group, plus the float64
@@ -68,16 +77,20 @@ def layer_memory(
         # right-hand side, residual, direction and product in the CG refit (admm.py, cg.py).
         extra = 3 * g * square + 12 * rows * d * sbytes
     elif method == "exact":
-        # Per-row H^-1 copies (bounded by max_memory_bytes), plus the refit's batched systems.
-        chunk = max(1, min(rows, exact_max_bytes // max(1, square)))
-        extra = 3 * chunk * square
+        # The trace's chunk of per-row H^-1 copies, then the refit's chunk of batched systems (the chunks as the
+        # solver sizes them: max_memory_bytes and the ticks), plus the float64 copies of H that rescaling makes and
+        # the trace's per-row state. Measured peak RSS of a 500 x 801 float32 trace over its start: 53 MiB in chunks
+        # of 1 row, 57 with 6, 149-151 with 48 (the default's), 303 with 104: 1.0 d^2 words per chunk row. This
+        # counted 3 x max_memory_bytes (3 GiB) until 0.3, which refused LeNet-5 where 2.3 GiB were free.
+        extra = exact_workspace_bytes(rows, d, sbytes, max_bytes, solver.lazy_steps) + EXACT_FIXED_WORDS * g * square
     else:
         extra = 4 * rows * d * sbytes
         if refit is not False:
-            # The direct refit: batched (kept x kept) systems and their Cholesky factors, rows chunked so that three
-            # such words per entry fit in max_memory_bytes. refit=None uses it only on tiny layers (about 48 columns
-            # at most: under 100 rows x d words) and the CG refit's ten rows x d tensors elsewhere (solvers.core.refit_plan).
-            direct = min(exact_max_bytes, 2 * rows * square)
+            # The direct refit: batched (kept x kept) systems and their Cholesky factors, rows chunked by
+            # max_memory_bytes and the ticks (solvers.core.refit_chunk). refit=None uses it only on tiny layers
+            # (about 48 columns at most: under 100 rows x d words) and the CG refit's ten rows x d tensors elsewhere
+            # (solvers.core.refit_plan).
+            direct = refit_workspace_bytes(rows, d, sbytes, max_bytes)
             extra += direct if refit else min(direct, 100 * rows * d * sbytes)
     whole = 0
     if gathered:

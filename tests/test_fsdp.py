@@ -71,7 +71,7 @@ def _budget_between() -> tuple[int, int, int]:
     opts = SolverOptions()
 
     def estimate(gathered: bool) -> dict:
-        args = ("fast", torch.float64, opts.dtype, opts.max_memory_bytes, opts.refit)
+        args = ("fast", torch.float64, opts)
         return {n: layer_memory(n, m, *args, gathered=gathered) for n, m in layers.items()}
 
     one, sharded = estimate(False), estimate(True)
@@ -251,7 +251,7 @@ def test_fsdp_failure_on_one_rank_fails_both_and_restores(fsdp_out, run):
 
 def test_memory_estimate_counts_one_gathered_layer():
     layer = torch.nn.Linear(300, 200)
-    args = ("l", layer, "fast", torch.float64, torch.float32, 1 << 30)
+    args = ("l", layer, "fast", torch.float64, SolverOptions())
     plain, gathered = layer_memory(*args), layer_memory(*args, gathered=True)
     assert gathered.hessian_bytes == plain.hessian_bytes
     # the whole weight matrix (bias column included) and its solution, float32: 2 * 200 * 301 * 4 bytes

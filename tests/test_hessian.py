@@ -440,10 +440,11 @@ def test_mixed_keeps_float64_inputs_in_float64():
 
 
 def test_memory_estimate_counts_the_mixed_sum_and_its_partial():
+    from lightning_lobs import SolverOptions
     from lightning_lobs.resources import layer_memory
 
     est = {
-        dt: layer_memory("l", nn.Linear(128, 16), "fast", dt, torch.float32, 1 << 30).hessian_bytes
+        dt: layer_memory("l", nn.Linear(128, 16), "fast", dt, SolverOptions()).hessian_bytes
         for dt in ("mixed", torch.float64, torch.float32)
     }
     assert est == {"mixed": 129**2 * 12, torch.float64: 129**2 * 8, torch.float32: 129**2 * 4}

@@ -145,8 +145,8 @@ def test_admm_estimates_count_its_eigendecomposition_and_iterations():
     assert 2 * solve_cost(conv, "admm") == pytest.approx(admm_work(128, 32 * 9 + 1, groups=2))
     assert solve_cost(linear, "admm") > 10 * solve_cost(linear, "fast")  # tens of row passes, not one
     assert admm_work(3072, 768, iterations=ADMM_ITERATIONS) > admm_work(3072, 768)
-    fp32 = layer_memory("l", linear, "admm", torch.float64, torch.float32, 2**30)
-    fast = layer_memory("l", linear, "fast", torch.float64, torch.float32, 2**30, refit=False)
+    fp32 = layer_memory("l", linear, "admm", torch.float64, SolverOptions())
+    fast = layer_memory("l", linear, "fast", torch.float64, SolverOptions(refit=False))
     assert fp32.hessian_bytes == fast.hessian_bytes == 769 * 769 * 8
     assert fp32.solve_bytes >= 12 * 3072 * 769 * 4 + 7 * 769 * 769 * 4  # a dozen rows x d tensors, d x d copies
 

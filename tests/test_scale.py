@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lobs import CalibrationOptions, LOBSPruning, SolverOptions, prune_model
 from lightning_lobs import hessian as hessian_mod
+from lightning_lobs.engine.plan import CHUNK_FLOOR_ROWS
 from lightning_lobs.hessian import HessianCollector
 from lightning_lobs.layers import unfold_input
 from lightning_lobs.resources import LayerMemory, check_budget, layer_memory
@@ -27,6 +28,13 @@ pytestmark = [
 
 F64, F32 = torch.float64, torch.float32
 GIB = 1 << 30
+
+
+def _memory(name: str, layer: nn.Module, method: str, hessian_dtype, dtype, cap: int, refit=None) -> LayerMemory:
+    """``layer_memory`` with the solver options it reads."""
+    return layer_memory(
+        name, layer, method, hessian_dtype, SolverOptions(dtype=dtype, max_memory_bytes=cap, refit=refit)
+    )
 
 
 def _state(model: nn.Module):
@@ -44,38 +52,38 @@ def _assert_state_equal(a, b) -> None:
 
 def test_layer_memory_grows_with_d_squared():
     sizes = (64, 128, 256, 512)
-    mems = [layer_memory("l", nn.Linear(d, 16), "exact", F64, F32, GIB) for d in sizes]
+    mems = [_memory("l", nn.Linear(d, 16), "exact", F64, F32, GIB) for d in sizes]
     for d, m in zip(sizes, mems):
         assert m.hessian_bytes == (d + 1) ** 2 * 8  # one float64 (d+1)^2 Hessian (bias column)
     for small, big in zip(mems, mems[1:]):
         assert 3.9 < big.hessian_bytes / small.hessian_bytes < 4.1
         assert 3.9 < big.solve_bytes / small.solve_bytes < 4.1  # rows fixed: d x d workspaces dominate
     # Precision and groups enter as they should.
-    assert layer_memory("l", nn.Linear(128, 16), "exact", F32, F32, GIB).hessian_bytes == 129**2 * 4
-    assert layer_memory("l", nn.Linear(128, 16, bias=False), "fast", F64, F32, GIB).hessian_bytes == 128**2 * 8
+    assert _memory("l", nn.Linear(128, 16), "exact", F32, F32, GIB).hessian_bytes == 129**2 * 4
+    assert _memory("l", nn.Linear(128, 16, bias=False), "fast", F64, F32, GIB).hessian_bytes == 128**2 * 8
     conv = nn.Conv2d(8, 8, 3, groups=4)  # 4 Hessians of side 2*9 + 1
-    assert layer_memory("c", conv, "fast", F64, F32, GIB).hessian_bytes == 4 * 19**2 * 8
+    assert _memory("c", conv, "fast", F64, F32, GIB).hessian_bytes == 4 * 19**2 * 8
     # Workspaces in the solve dtype double with it; the float64 copy of H for the layer error does not.
     h64 = 4 * 19**2 * 8
-    s64 = layer_memory("c", conv, "fast", F64, F64, GIB).solve_bytes
-    s32 = layer_memory("c", conv, "fast", F64, F32, GIB).solve_bytes
+    s64 = _memory("c", conv, "fast", F64, F64, GIB).solve_bytes
+    s32 = _memory("c", conv, "fast", F64, F32, GIB).solve_bytes
     assert s64 - h64 == 2 * (s32 - h64)
 
 
 def test_exact_needs_more_memory_than_fast_on_wide_layers():
     for d, rows in ((256, 64), (1024, 256), (4096, 512)):
         layer = nn.Linear(d, rows)
-        exact = layer_memory("w", layer, "exact", F64, F32, GIB)
-        fast = layer_memory("w", layer, "fast", F64, F32, GIB, refit=False)
+        exact = _memory("w", layer, "exact", F64, F32, GIB)
+        fast = _memory("w", layer, "fast", F64, F32, GIB, refit=False)
         assert exact.hessian_bytes == fast.hessian_bytes
-        assert exact.solve_bytes > 4 * fast.solve_bytes, (d, exact, fast)
+        assert exact.solve_bytes > fast.solve_bytes, (d, exact, fast)  # its chunk of d x d inverses on top
         # the refit of fast's mask costs extra, but stays below exact's per-row inverses
-        refitting = layer_memory("w", layer, "fast", F64, F32, GIB)
+        refitting = _memory("w", layer, "fast", F64, F32, GIB)
         assert fast.solve_bytes < refitting.solve_bytes < exact.solve_bytes, (d, refitting, exact)
     # The per-row H^-1 copies of exact are bounded by SolverOptions.max_memory_bytes.
     layer = nn.Linear(1024, 4096)
-    small_cap = layer_memory("w", layer, "exact", F64, F32, 64 << 20).solve_bytes
-    assert small_cap < layer_memory("w", layer, "exact", F64, F32, GIB).solve_bytes
+    small_cap = _memory("w", layer, "exact", F64, F32, 64 << 20).solve_bytes
+    assert small_cap < _memory("w", layer, "exact", F64, F32, GIB).solve_bytes
     assert small_cap < 8 * (64 << 20)
 
 
@@ -122,7 +130,7 @@ def test_block_pipeline_memory_check_counts_a_whole_block():
     model = GPT2LMHeadModel(config).eval()
     batches = [torch.randint(0, 50, (2, 8))]
     block = [f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    mem = {n: layer_memory(n, model.get_submodule(n), "fast", "mixed", torch.float32, 2**30) for n in block}
+    mem = {n: _memory(n, model.get_submodule(n), "fast", "mixed", F32, GIB) for n in block}
     one_block = sum(m.hessian_bytes for m in mem.values())
     biggest = max(m.hessian_bytes for m in mem.values())
     solve = max(m.solve_bytes for m in mem.values())
@@ -190,17 +198,32 @@ def test_fast_fits_a_budget_exact_does_not():
     model = nn.Sequential(OrderedDict(wide=nn.Linear(512, 128)))
     before = _state(model)
     batches = [torch.randn(64, 512) for _ in range(4)]
-    budget = CalibrationOptions(memory_budget_bytes=100 << 20)
+
+    def peak(method: str, cap: int, refit=None) -> int:
+        est = _memory("wide", model.wide, method, F64, F32, cap, refit)
+        return est.hessian_bytes + est.solve_bytes
+
+    floor = CHUNK_FLOOR_ROWS * 513**2 * 4  # exact's and the direct refit's smallest row chunks
+    assert peak("fast", GIB, refit=False) < peak("fast", floor, refit=True) < peak("exact", floor)
+    # Between what the direct refit needs at its smallest chunks and what exact needs at its own
+    budget = CalibrationOptions(memory_budget_bytes=(peak("fast", floor, refit=True) + peak("exact", floor)) // 2)
+    assert peak("fast", GIB, refit=True) > budget.memory_budget_bytes  # so the refit's chunks must shrink
     with pytest.raises(MemoryError, match="'wide'"):
         prune_model(model, batches, 0.5, "exact", calibration=budget, prune_head=True)
     _assert_state_equal(before, _state(model))
-    with pytest.raises(MemoryError, match="'wide'"):  # the direct refit of fast's mask does not fit either...
-        prune_model(model, batches, 0.5, "fast", calibration=budget, solver=SolverOptions(refit=True), prune_head=True)
-    report = prune_model(
-        model, batches, 0.5, "fast", calibration=budget, prune_head=True
-    )  # ...the default (CG) refit does, as SparseGPT alone does
-    assert report.layers["wide"].method == "fast"
-    assert report.layers["wide"].sparsity == pytest.approx(0.5, abs=0.01)
+    # The direct refit of fast's mask fits in smaller row chunks; SparseGPT alone fits as it is
+    for refit in (True, False):
+        report = prune_model(
+            copy.deepcopy(model),
+            batches,
+            0.5,
+            "fast",
+            calibration=budget,
+            solver=SolverOptions(refit=refit),
+            prune_head=True,
+        )
+        assert report.layers["wide"].method == "fast"
+        assert report.layers["wide"].sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_sequential_fits_a_budget_that_dense_calibration_does_not():
@@ -208,9 +231,7 @@ def test_sequential_fits_a_budget_that_dense_calibration_does_not():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
 
-    est = {
-        n: layer_memory(n, m, "fast", F64, F32, GIB) for n, m in model().named_children() if isinstance(m, nn.Linear)
-    }
+    est = {n: _memory(n, m, "fast", F64, F32, GIB) for n, m in model().named_children() if isinstance(m, nn.Linear)}
     dense_peak = check_budget(est, 1 << 40, False, torch.device("cpu"))["peak"]
     seq_peak = check_budget(est, 1 << 40, True, torch.device("cpu"))["peak"]
     assert seq_peak < dense_peak
@@ -226,8 +247,8 @@ def test_sequential_fits_a_budget_that_dense_calibration_does_not():
 def test_float32_hessians_halve_the_estimate_and_fit():
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(a=nn.Linear(256, 64), r=nn.ReLU(), b=nn.Linear(64, 8)))
-    est64 = {n: layer_memory(n, model.get_submodule(n), "fast", F64, F32, GIB) for n in ("a", "b")}
-    est32 = {n: layer_memory(n, model.get_submodule(n), "fast", F32, F32, GIB) for n in ("a", "b")}
+    est64 = {n: _memory(n, model.get_submodule(n), "fast", F64, F32, GIB) for n in ("a", "b")}
+    est32 = {n: _memory(n, model.get_submodule(n), "fast", F32, F32, GIB) for n in ("a", "b")}
     p64 = check_budget(est64, 1 << 40, False, torch.device("cpu"))["peak"]
     p32 = check_budget(est32, 1 << 40, False, torch.device("cpu"))["peak"]
     assert p32 < p64

@@ -26,6 +26,14 @@ class Timings:
     """Per layer: time spent on it before its solve (its trace or curve, its calibration in sequential mode)."""
 
 
+@dataclass
+class Adjusted:
+    """Options the plan changed for this run only (the user's stay as given)."""
+
+    solver: SolverOptions | None = None
+    """``SolverOptions`` with ``max_memory_bytes`` lowered to fit the memory budget (``plan.check_memory``)."""
+
+
 @dataclass(frozen=True, eq=False)
 class RunContext:
     """The inputs of one prune, fixed once it starts."""
@@ -41,6 +49,7 @@ class RunContext:
     run_batch: Callable[[Any], Any]
     progress: PhaseProgress
     timings: Timings
+    adjusted: Adjusted = field(default_factory=Adjusted)
 
     @classmethod
     def build(
@@ -70,7 +79,8 @@ class RunContext:
 
     @property
     def solver(self) -> SolverOptions:
-        return self.options.solver
+        """The run's solver options: the user's, or those the plan adjusted (:class:`Adjusted`)."""
+        return self.adjusted.solver or self.options.solver
 
     @property
     def nm(self) -> NMPattern | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import cast
 
 import torch
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import attention as _attention
 from ..blocks import check_block_names, find_blocks, layers_in
-from ..config import NMPattern
+from ..config import NMPattern, SolverOptions
 from ..distributed import assign_layers
 from ..layers import channel_last_perm, describe_layer, has_bias, num_groups, solve_cost, to_rows, weight_matrix
 from ..masks import MaskSet
@@ -31,6 +33,8 @@ __all__ = [
     "resolve_method",
     "plan_cost",
 ]
+
+log = logging.getLogger("lightning_lobs.pruner")  # the name users filter on (engine/report.py)
 
 #: ``auto`` uses ``exact`` where rows * d^3 is at most this (at most about 10 s on one core at
 #: :data:`EXACT_COST_PER_SECOND`; every layer of LeNet-300-100 and LeNet-5, 2.6e11 at most), else ``fast``. It was 1e12 until
@@ -187,30 +191,88 @@ def warn_cost(method: str, layers: Mapping[str, LayerPlan]) -> None:
 def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan], blocks: bool = True) -> None:
     """Refuse a prune whose Hessians and solver workspace would not fit, on any rank, before calibrating.
 
+    Where only ``exact``'s and the direct refit's row chunks (``SolverOptions.max_memory_bytes``) stand in the way,
+    their bound is lowered to the largest that fits (:func:`fit_chunk_bound`) for this run instead, said once at INFO.
     ``blocks``: count one block's Hessians at a time where the model has blocks (both pipelines walk them); False
     (the default pipeline found that they do not chain, and holds every layer's): all of them."""
-    calibration, solver = ctx.options.calibration, ctx.solver
-    estimates = {
-        n: layer_memory(
-            n,
-            l.module,
-            l.method,
-            calibration.hessian_dtype,
-            solver.dtype,
-            solver.max_memory_bytes,
-            solver.refit,
-            gathered=is_sharded(l.module.weight),
-        )
-        for n, l in layers.items()
-    }
+    calibration = ctx.options.calibration
     groups = pipeline_groups(ctx, layers) if blocks else []
     sequential = ctx.options.sequential or bool(groups)
     owned = None  # the one-pass pipeline sums each Hessian onto its owner (run.run_one_pass: the same assignment)
     if ctx.rank.active and not sequential:
         owners = assign_layers({n: plan_cost(l) for n, l in layers.items()}, ctx.rank.world_size)
         owned = {n for n, r in owners.items() if r == ctx.rank.rank}
-    with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
+
+    def check(max_bytes: int) -> None:
+        solver = replace(ctx.solver, max_memory_bytes=max_bytes)
+        estimates = {
+            n: layer_memory(n, l.module, l.method, calibration.hessian_dtype, solver, is_sharded(l.module.weight))
+            for n, l in layers.items()
+        }
         check_budget(estimates, calibration.memory_budget_bytes, sequential, ctx.device, groups, owned)
+
+    # Not on fully_shard models: reading a sharded layer's shape is a collective, and one rank's extra checks while
+    # the others wait in fail_together's all_reduce would hang them all (tests/test_fsdp.py's failbudget1 run did).
+    sharded = any(is_sharded(l.module.weight) for l in layers.values())
+    floor = None if sharded else chunk_floor(layers, ctx.solver)
+    with fail_together(ctx.rank, ctx.device, "the memory check"):  # free memory differs between ranks
+        bound = fit_chunk_bound(check, ctx.solver.max_memory_bytes, floor)
+    if bound != ctx.solver.max_memory_bytes:
+        log.info(
+            "lowered SolverOptions.max_memory_bytes from %d to %d bytes for this prune, so that exact's and the "
+            "refit's row chunks fit the memory budget (the same masks, weights up to float rounding; slower).",
+            ctx.solver.max_memory_bytes,
+            bound,
+        )
+        ctx.adjusted.solver = replace(ctx.solver, max_memory_bytes=bound)
+
+
+#: The smallest row chunks :func:`check_memory` lowers ``max_memory_bytes`` to: this many ``d x d`` matrices of the
+#: widest layer that ``exact`` or the direct refit solves. Fewer rows per chunk leave the work to per-step overhead
+#: (a 500 x 801 ``exact`` solve took 31 s in chunks of 6 rows against 10 s in its default 48, one shared core).
+CHUNK_FLOOR_ROWS = 4
+
+
+def chunk_floor(layers: Mapping[str, LayerPlan], solver: SolverOptions) -> int | None:
+    """The least ``max_memory_bytes`` the memory check may lower to, or None when no layer's solve is chunked by it."""
+    chunked = [
+        l.module for l in layers.values() if l.method == "exact" or (l.method in ("lobs", "fast") and solver.refit)
+    ]
+    if not chunked:
+        return None
+    size = torch.empty((), dtype=solver.dtype).element_size()
+    return CHUNK_FLOOR_ROWS * size * max(describe_layer(m).matrix_cols for m in chunked) ** 2
+
+
+def fit_chunk_bound(check: Callable[[int], None], max_bytes: int, floor: int | None) -> int:
+    """The largest row-chunk bound up to ``max_bytes`` that ``check`` (raising ``MemoryError``) accepts.
+
+    ``max_bytes`` itself when it passes; else, where ``floor`` (:func:`chunk_floor`) passes, the bisected largest
+    bound between them (the estimates grow with the bound); else ``check``'s error for ``floor`` (what the prune
+    needs at the least, the number a user can act on), saying so.
+    """
+    try:
+        check(max_bytes)
+        return max_bytes
+    except MemoryError:
+        if floor is None or floor >= max_bytes:
+            raise
+        try:
+            check(floor)
+        except MemoryError as error:
+            raise MemoryError(
+                f"{error} (This counts exact's and the direct refit's row chunks at their smallest: "
+                f"SolverOptions.max_memory_bytes={floor}.)"
+            ) from None
+    lo, hi = floor, max_bytes  # lo passes, hi fails
+    while hi - lo > max(1, lo // 64):  # within 1.6% of the largest that fits
+        mid = (lo + hi) // 2
+        try:
+            check(mid)
+            lo = mid
+        except MemoryError:
+            hi = mid
+    return lo
 
 
 def pipeline_groups(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> list[list[str]]:

@@ -280,6 +280,31 @@ def row_chunk(rows: int, width: int, element_size: int, max_bytes: int, copies: 
     return max(1, min(rows, max_bytes // max(1, copies * width * width * element_size)))
 
 
+#: The direct refit holds about this many ``k x k`` words per row of a chunk: the gathered block ``A``, its Cholesky
+#: factor and the gather's temporary (RSS of a 500 x 801 float32 refit at 50%: 169 MiB over its start for chunks
+#: of 90 rows keeping about 400 columns, where three such words per entry are 165 MiB).
+REFIT_COPIES = 3
+
+
+def refit_chunk(rows: int, kept: int, element_size: int, max_bytes: int) -> int:
+    """Rows per chunk of the direct refit when the chunk's rows keep at most ``kept`` columns: ``REFIT_COPIES``
+    ``(kept, kept)`` matrices per row within ``max_bytes``, and a tick between chunks (:data:`PROGRESS_TICK_FLOPS`)."""
+    chunk = row_chunk(rows, kept, element_size, max_bytes, REFIT_COPIES)
+    return min(chunk, tick_rows(rows, kept**3 / 3 + 2 * kept * kept))  # Cholesky and the gather, per row
+
+
+def refit_workspace_bytes(rows: int, width: int, element_size: int, max_bytes: int) -> int:
+    """Most bytes one chunk of :func:`refit` holds on a ``rows x width`` layer, whatever the mask: the largest
+    chunk over every kept count (a chunk's rows may keep anything from 1 to ``width`` columns)."""
+    # refit_chunk for every kept count at once (the budget check calls this for every layer, many times).
+    kept = torch.arange(1, width + 1, dtype=torch.int64)
+    square = REFIT_COPIES * kept * kept
+    by_memory = (max_bytes // (square * element_size)).clamp(1, rows)
+    flops = kept.double().pow(3) / 3 + 2 * kept.double().pow(2)
+    by_tick = torch.floor(PROGRESS_TICK_FLOPS / flops.clamp_min(1.0)).clamp(1, rows).long()
+    return int((torch.minimum(by_memory, by_tick) * square).max()) * element_size
+
+
 # --------------------------------------------------------------------------- the refit
 
 
@@ -318,8 +343,7 @@ def refit(
         k = int(counts[by_count[start]])
         if k == 0:
             break
-        chunk = max(1, solver.max_memory_bytes // (3 * k * k * W.element_size()))
-        chunk = min(chunk, tick_rows(rows, k**3 / 3 + 2 * k * k))  # Cholesky and the gather, per row
+        chunk = refit_chunk(rows, k, W.element_size(), solver.max_memory_bytes)
         sel = by_count[start : start + chunk]
         start += chunk
         out[sel] = _refit_rows(H, gidx[sel], HW[sel], kept[sel], counts[sel], k)

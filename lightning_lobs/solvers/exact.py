@@ -29,6 +29,7 @@ from .core import (
     inverse_with_damping,
     prepare_inputs,
     refit,
+    refit_workspace_bytes,
     row_chunk,
     row_groups,
     sub_tick,
@@ -229,9 +230,7 @@ def exact_trace(
         empty = torch.empty(rows, 0, device=W.device)
         return empty.long(), empty.to(W.dtype)
     gidx = row_groups(rows, Hinv.shape[0], W.device)
-    chunk = row_chunk(rows, width, W.element_size(), options.max_memory_bytes)
-    # One flush of R rows costs 2 R lazy d^2 flops: bounded so that the ticks between flushes come often enough.
-    chunk = min(chunk, tick_rows(rows, 2.0 * options.lazy_steps * width * width))
+    chunk = trace_chunk(rows, width, W.element_size(), options.max_memory_bytes, options.lazy_steps)
     orders, incs = [], []
     # One buffer for every chunk: a fresh (R, d, d) allocation per chunk costs about as much in page faults as
     # a flush. The trace downdates its chunk's copy in place.
@@ -248,6 +247,21 @@ def exact_trace(
         if tick is not None and start + idx.numel() < rows:
             tick((start + idx.numel()) / rows)
     return torch.cat(orders), torch.cat(incs)
+
+
+def trace_chunk(rows: int, width: int, element_size: int, max_bytes: int, lazy: int) -> int:
+    """Rows whose ``H^-1`` copies :func:`exact_trace` holds at once: as many as fit in ``max_bytes`` (one
+    ``(width, width)`` matrix each), and few enough that the ticks between flushes come often enough (one flush of
+    R rows costs ``2 R lazy width^2`` flops)."""
+    chunk = row_chunk(rows, width, element_size, max_bytes)
+    return min(chunk, tick_rows(rows, 2.0 * lazy * width * width))
+
+
+def exact_workspace_bytes(rows: int, width: int, element_size: int, max_bytes: int, lazy: int) -> int:
+    """Most bytes of per-row matrices ``exact`` holds at once on a ``rows x width`` layer: its trace's chunk of
+    ``H^-1`` copies, or later its refit's chunk of systems (:func:`~.core.refit_workspace_bytes`), not both."""
+    trace = trace_chunk(rows, width, element_size, max_bytes, lazy) * width * width * element_size
+    return max(trace, refit_workspace_bytes(rows, width, element_size, max_bytes))
 
 
 def _dead_first(
