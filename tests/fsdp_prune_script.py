@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import weakref
 from collections import Counter
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ranks import free_port  # tests/ is sys.path[0] when this script runs
 
 N_SAMPLES = 64  # per rank
 BATCH = 16
@@ -284,12 +285,6 @@ def worker(rank: int, port: int, out: str, runs: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
@@ -297,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(_free_port(), args.out, args.runs.split(",")), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), args.out, args.runs.split(",")), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

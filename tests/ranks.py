@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -47,3 +49,27 @@ def run_ranks(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: fl
         output, _ = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} hung (killed after {timeout:.0f} s):\n{output[-6000:]}")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
+
+
+def rank_env(root: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a child that starts ranks: no torch.distributed / Lightning rank variables
+    inherited (the child picks its own rendezvous), ``root`` first on ``PYTHONPATH``, one thread, warnings quiet."""
+    env = dict(os.environ)
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
+    env.update(extra)
+    return env
+
+
+def script_module(path: Path) -> ModuleType:
+    """A rank script loaded as a module (importing one starts nothing), for its helpers and constants."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None, path
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

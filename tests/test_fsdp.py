@@ -7,9 +7,7 @@ unsharded model and the union of the ranks' calibration batches.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from lightning_lobs.distributed import assign_layers
 from lightning_lobs.hessian import HessianCollector
 from lightning_lobs.layers import solve_cost
 from lightning_lobs.resources import LayerMemory, check_budget, layer_memory
-from ranks import needs_gloo, run_ranks
+from ranks import needs_gloo, rank_env, run_ranks, script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "fsdp_prune_script.py"
@@ -37,24 +35,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references on o
 
 
 def _script_module():
-    """The helper script as a module (importing it starts nothing and patches nothing)."""
-    spec = importlib.util.spec_from_file_location("fsdp_prune_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The helper script as a module (importing it starts nothing)."""
+    return script_module(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def fsdp_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ)
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
+    env = rank_env(ROOT)
     runs = (*FAIL_RUNS, *RUNS, _budget_run())
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--runs", ",".join(runs)]
     run_ranks(cmd, ROOT, env)

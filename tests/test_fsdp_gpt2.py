@@ -10,7 +10,6 @@ sharded with the root, attention, dict batches of ``input_ids``, and the block p
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ranks import needs_gloo, run_ranks
+from ranks import needs_gloo, rank_env, run_ranks, script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "fsdp_gpt2_script.py"
@@ -29,23 +28,13 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.distributed, ne
 
 def _script_module():
     """The helper script as a module (importing it starts nothing)."""
-    spec = importlib.util.spec_from_file_location("fsdp_gpt2_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script_module(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def gpt2_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp_gpt2")
-    env = dict(os.environ)
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
+    env = rank_env(ROOT)
     run_ranks([sys.executable, str(SCRIPT), "--out", str(out), "--runs", ",".join(RUNS)], ROOT, env)
     return out
 
@@ -197,9 +186,7 @@ def test_lobs_pruning_gpt2_under_model_parallel_matches_one_process(lightning_ou
     held at exact zeros through the AdamW epochs after it, the logged sparsity read from every shard."""
     from lightning_lobs import prune_model
 
-    spec = importlib.util.spec_from_file_location("fsdp_lightning_gpt2_script", LIGHTNING_SCRIPT)
-    s = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(s)
+    s = script_module(LIGHTNING_SCRIPT)
     r0, r1 = (torch.load(lightning_out / f"{run}_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["pruned_points"] == r1["pruned_points"] == [s.PRUNE_EPOCH]
     assert set(r0["sharded"].values()) == {"DTensor"}
