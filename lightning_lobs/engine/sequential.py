@@ -302,9 +302,16 @@ def run_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     finally:
         if pairs is not None:
             pairs.close()
+    return _solved(plan, order, found, pairs, True, chain)
+
+
+def _solved(  # noqa: PLR0913 - what a walk leaves behind
+    plan: Plan, order: Sequence[str], found: _Found, pairs: _Pairs | None, written: bool, chain: Chain
+) -> Solved:
+    """A walk's result: the layers it solved, in ``order``, and the comparison made inside it (``pairs``)."""
     done = tuple(n for n in order if n in found.solutions)
     compared = None if pairs is None else pairs.compare
-    return Solved(plan, done, found.solutions, found.positions, found.scales, True, compared, chain.example)
+    return Solved(plan, done, found.solutions, found.positions, found.scales, written, compared, chain.example)
 
 
 def _costs(plan: Plan, names: Sequence[str]) -> dict[str, float]:
@@ -452,9 +459,7 @@ def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     finally:
         if pairs is not None:
             pairs.close()
-    done = tuple(n for n in order if n in found.solutions)
-    compared = None if pairs is None else pairs.compare
-    return Solved(plan, done, found.solutions, found.positions, found.scales, inside, compared, chain.example)
+    return _solved(plan, order, found, pairs, inside, chain)
 
 
 def _chain_order(chain: Chain, plan: Plan) -> list[str]:
