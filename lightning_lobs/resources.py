@@ -5,8 +5,8 @@ times: the model's, the transaction's copy that undoes a failed prune, and the r
 while it compares dense and pruned outputs), plus the Hessians, plus ONE whole layer at a time: its gathered weight
 and its solution (and the solver's workspace on the rank that solves it). The Hessians: while calibrating, each
 rank's own partial sums of every layer calibrated together (every selected layer's in the one-pass pipeline, one
-block's with ``sequential=True``); once they are summed over the ranks, only those of the layers the rank owns (in
-the one-pass pipeline each Hessian is reduced onto its owner and freed elsewhere). :func:`layer_memory` counts the
+block's when the model's blocks are walked: by default and with ``sequential=True``); once they are summed over the
+ranks, only those of the layers the rank owns (each Hessian is reduced onto its owner and freed elsewhere). :func:`layer_memory` counts the
 gathered layer, :func:`check_budget` the two phases per rank; like the unsharded check it counts the prune's work
 memory (Hessians, gathered layer, solve), not the weights already resident nor their copies.
 """

@@ -126,7 +126,7 @@ def one_rank_group():
 
 
 @pytest.mark.parametrize("sequential", [False, True])
-def test_gpt2_fully_shard_one_rank_prunes_as_unsharded(one_rank_group, sequential, caplog):
+def test_gpt2_fully_shard_one_rank_prunes_as_unsharded(one_rank_group, sequential, caplog, monkeypatch):
     """The fast check (no child processes): GPT-2 sharded on a 1-rank mesh (DTensor Conv1D weights, the tied head
     and the embeddings sharded with the root, the block pipeline writing DTensor shards) pruned exactly as the
     same GPT-2 unsharded: one process, the same batches and the same sums, so the same masks and weights bit for
@@ -140,8 +140,14 @@ def test_gpt2_fully_shard_one_rank_prunes_as_unsharded(one_rank_group, sequentia
     assert all(is_sharded(p) for p in sharded.parameters())
     batches = script.rank_batches(0)
     run = "seq" if sequential else "default"
+    import lightning_lobs.engine.run as run_mod
+
+    walked = []  # the default walks a sharded model's blocks too (one block's Hessians at a time)
+    dense_walk = run_mod.run_dense_blocks
+    monkeypatch.setattr(run_mod, "run_dense_blocks", lambda *a: walked.append(1) or dense_walk(*a))
     with pytest.warns(UserWarning, match="'lm_head'.*tied"):
         got = script.prune(sharded, batches, run)
+    assert walked == ([] if sequential else [1])
     with pytest.warns(UserWarning, match="'lm_head'.*tied"):
         want = script.prune(plain, batches, run)
     assert "does not apply" not in caplog.text  # sequential: the block pipeline, not the per-layer fallback

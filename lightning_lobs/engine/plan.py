@@ -281,13 +281,11 @@ def pipeline_groups(ctx: RunContext, layers: Mapping[str, LayerPlan]) -> list[li
 
     The blocks are those the walk would take (named or found); whether they chain is checked later, on a forward.
     Sequential mode's fallback to one layer at a time only holds fewer; the default pipeline's fallback to one pass
-    holds every layer's Hessian and checks again (``check_memory(..., blocks=False)``). No blocks, a sharded model
-    (always one pass) or ``sequential_unit="layer"``: none (one layer at a time, or every layer at once).
+    holds every layer's Hessian and checks again (``check_memory(..., blocks=False)``). No blocks or
+    ``sequential_unit="layer"``: none (one layer at a time, or every layer at once).
     """
     opts = ctx.options
     if opts.sequential and opts.sequential_unit != "block":
-        return []
-    if not opts.sequential and any(is_sharded(l.module.weight) for l in layers.values()):
         return []
     named = opts.blocks
     names = check_block_names(ctx.model, named, layers) if named is not None else find_blocks(ctx.model, layers)

@@ -11,7 +11,6 @@ from .. import attention as _attention
 from ..config import ProgressFn, PruneOptions
 from ..distributed import RankInfo, assign_layers
 from ..masks import MaskSet
-from ..sharding import is_sharded
 from .allocate import allocate
 from .blocks import Chain
 from .calibrate import calibrate
@@ -84,8 +83,7 @@ def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
     """Calibrate every layer on the dense network, allocate, solve: block by block where the model's blocks chain
     (:func:`~.sequential.run_dense_blocks`: the same results, one block's Hessians alive at a time), else in one
     pass over the batches with every layer's Hessian."""
-    sharded = any(is_sharded(l.module.weight) for l in plan.layers.values())
-    chain = "sharded" if sharded else find_chain(ctx, plan)
+    chain = find_chain(ctx, plan)
     if isinstance(chain, Chain):
         return run_dense_blocks(ctx, plan, chain)
     check_memory(ctx, plan.layers, blocks=False)  # the plan's check counted one block's Hessians at a time
