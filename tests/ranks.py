@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -53,9 +54,19 @@ def run_ranks(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: fl
 
 def rank_env(root: Path, **extra: str) -> dict[str, str]:
     """This process's environment for a child that starts ranks: no torch.distributed / Lightning rank variables
-    inherited (the child picks its own rendezvous), ``root`` first on ``PYTHONPATH``, one thread, warnings quiet."""
+    and no Lightning seed inherited (the child picks its own rendezvous and seeds), ``root`` first on
+    ``PYTHONPATH``, one thread, warnings quiet; ``extra`` on top."""
     env = dict(os.environ)
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in (
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "WORLD_SIZE",
+        "GROUP_RANK",
+        "RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "PL_GLOBAL_SEED",
+    ):
         env.pop(key, None)
     env.update(
         PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -73,3 +84,9 @@ def script_module(path: Path) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def torchrun(script: Path, *args: str) -> list[str]:
+    """The command that starts ``script`` on 2 local ranks with ``torch.distributed.run`` (a free rendezvous port)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    return [*cmd, "--master_port", str(free_port()), str(script), *args]

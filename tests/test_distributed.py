@@ -8,10 +8,8 @@ on the union of the ranks' calibration batches.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -24,7 +22,7 @@ from torch import nn
 from lightning_lobs import LOBSPruning, prune_model
 from lightning_lobs.distributed import RankInfo, assign_layers, broadcast_floats, broadcast_tensors
 from lightning_lobs.hessian import HessianCollector
-from ranks import free_port, needs_gloo, run_ranks
+from ranks import free_port, needs_gloo, rank_env, run_ranks, script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_prune_script.py"
@@ -40,23 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # in-process references on o
 
 def _script_module():
     """The helper script as a module (importing it does not patch the engine: only running it does)."""
-    spec = importlib.util.spec_from_file_location("ddp_prune_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script_module(SCRIPT)
 
 
 def _launch(out: Path, strategy: str, runs) -> Path:
-    env = dict(os.environ)
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(key, None)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
+    env = rank_env(ROOT, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--strategy", strategy, "--runs", ",".join(runs)]
     run_ranks(cmd, ROOT, env)
     return out

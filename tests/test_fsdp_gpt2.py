@@ -10,14 +10,13 @@ sharded with the root, attention, dict batches of ``input_ids``, and the block p
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ranks import needs_gloo, rank_env, run_ranks, script_module
+from ranks import needs_gloo, rank_env, run_ranks, script_module, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "fsdp_gpt2_script.py"
@@ -169,18 +168,9 @@ LIGHTNING_RUNS = ("fit", "fit-seq")
 
 @pytest.fixture(scope="module")
 def lightning_out(tmp_path_factory) -> Path:
-    from ranks import free_port
-
     out = tmp_path_factory.mktemp("fsdp_lightning_gpt2")
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(free_port()), str(LIGHTNING_SCRIPT), "--out", str(out)]
-    run_ranks([*cmd, "--runs", ",".join(LIGHTNING_RUNS)], ROOT, env)
+    cmd = torchrun(LIGHTNING_SCRIPT, "--out", str(out))
+    run_ranks([*cmd, "--runs", ",".join(LIGHTNING_RUNS)], ROOT, rank_env(ROOT))
     return out
 
 

@@ -7,9 +7,6 @@ with the same training in one process without sharding.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lobs import LOBSPruning, MaskSet
-from ranks import free_port, needs_gloo, run_ranks
+from ranks import needs_gloo, rank_env, run_ranks, script_module, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "fsdp_lightning_script.py"
@@ -29,22 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _script():
     """The helper script as a module (its model, masks and batches for the in-process references)."""
-    spec = importlib.util.spec_from_file_location("fsdp_lightning_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script_module(SCRIPT)
 
 
 def _launch(out: Path, runs: str) -> Path:
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(free_port()), str(SCRIPT), "--out", str(out), "--runs", runs]
-    run_ranks(cmd, ROOT, env)
+    run_ranks(torchrun(SCRIPT, "--out", str(out), "--runs", runs), ROOT, rank_env(ROOT))
     return out
 
 

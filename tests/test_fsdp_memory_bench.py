@@ -4,13 +4,12 @@ one process), and what it records is what the section in BENCHMARKS.md reads."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from ranks import needs_gloo, run_ranks
+from ranks import needs_gloo, rank_env, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @needs_gloo
 def test_fsdp_memory_benchmark_quick_run(tmp_path):
     out = tmp_path / "fsdp.json"
-    env = dict(os.environ)
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = rank_env(ROOT)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fsdp_memory.py"), "--width", "64", "--layers", "4"]
     run_ranks([*cmd, "--out", str(out)], ROOT, env)
     summary = json.loads(out.read_text())
