@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import cast
 
@@ -100,6 +100,15 @@ def layer_plan(
 def plan_cost(layer: LayerPlan) -> float:
     """:func:`lightning_lobs.layers.solve_cost` of a planned layer, with its resolved method."""
     return solve_cost(layer.module, layer.method)
+
+
+def assign_owners(
+    ctx: RunContext, layers: Mapping[str, LayerPlan], names: Sequence[str] | None = None
+) -> dict[str, int]:
+    """The rank that solves each of ``names`` (default: every layer), balanced by estimated cost. The memory check,
+    the one pass and the walks call this one function, so they agree on whose Hessians each rank holds."""
+    names = list(layers) if names is None else names
+    return assign_layers({n: plan_cost(layers[n]) for n in names}, ctx.rank.world_size)
 
 
 def make_plan(ctx: RunContext) -> Plan:
@@ -200,7 +209,7 @@ def check_memory(ctx: RunContext, layers: Mapping[str, LayerPlan], blocks: bool 
     sequential = ctx.options.sequential or bool(groups)
     owned = None  # the one-pass pipeline sums each Hessian onto its owner (run.run_one_pass: the same assignment)
     if ctx.rank.active and not sequential:
-        owners = assign_layers({n: plan_cost(l) for n, l in layers.items()}, ctx.rank.world_size)
+        owners = assign_owners(ctx, layers)
         owned = {n for n, r in owners.items() if r == ctx.rank.rank}
 
     def check(max_bytes: int) -> None:

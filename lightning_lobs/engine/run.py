@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import attention as _attention
 from ..config import ProgressFn, PruneOptions
-from ..distributed import RankInfo, assign_layers
+from ..distributed import RankInfo
 from ..masks import MaskSet
 from .allocate import allocate
 from .blocks import Chain
@@ -17,7 +17,7 @@ from .calibrate import calibrate
 from .commit import Transaction, commit
 from .context import RunContext
 from .forward import eval_no_grad
-from .plan import check_memory, make_plan, plan_cost
+from .plan import assign_owners, check_memory, make_plan
 from .records import Plan, PruneReport, Solved
 from .report import make_report, recalibrate_bn
 from .sequential import find_chain, run_dense_blocks, run_sequential
@@ -88,7 +88,7 @@ def run_one_pass(ctx: RunContext, plan: Plan) -> Solved:
         return run_dense_blocks(ctx, plan, chain)
     check_memory(ctx, plan.layers, blocks=False)  # the plan's check counted one block's Hessians at a time
     # Owners first: each Hessian is summed onto the rank that uses it (costs and solve), freed on the others.
-    owners = assign_layers({n: plan_cost(l) for n, l in plan.layers.items()}, ctx.rank.world_size)
+    owners = assign_owners(ctx, plan.layers)
     plan, calibration = calibrate(ctx, plan, list(plan.layers), owners=owners)
     order = [n for n in calibration.order if n in plan.layers]
     plan, traces = allocate(ctx, plan, order, owners, calibration.hessians.__getitem__, keep_traces=True)

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from ..batchnorm import batchnorm_modules
 from ..blocks import check_block_names, find_blocks
-from ..distributed import assign_layers
 from ..layers import set_weight_matrix
 from ..sharding import is_sharded
 from ..solvers import GreedyTrace
@@ -44,7 +43,7 @@ from .collective import fail_together, gather_layer, share_solution
 from .commit import load_params, param_state
 from .context import RunContext
 from .forward import PieceRows, batch_rows, first_sample, output_rows_match, slice_batch
-from .plan import plan_cost
+from .plan import assign_owners
 from .records import Plan, Solution, Solved
 from .report import Comparison
 from .solve import begin_solve, solve_owned, solve_sharded
@@ -314,10 +313,6 @@ def _solved(  # noqa: PLR0913 - what a walk leaves behind
     return Solved(plan, done, found.solutions, found.positions, found.scales, written, compared, chain.example)
 
 
-def _costs(plan: Plan, names: Sequence[str]) -> dict[str, float]:
-    return {n: plan_cost(plan.layers[n]) for n in names}
-
-
 def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeline differs
     ctx: RunContext,
     plan: Plan,
@@ -334,7 +329,7 @@ def _prune_unit(  # noqa: PLR0913 - the walk's state, and how the default pipeli
     world = ctx.rank.world_size
     if owners is None:
         # Balanced inside the group, and turned by one rank per group so that blocks of one layer spread over ranks.
-        owners = {n: (r + found.groups) % world for n, r in assign_layers(_costs(plan, names), world).items()}
+        owners = {n: (r + found.groups) % world for n, r in assign_owners(ctx, plan.layers, names).items()}
     found.groups += 1
     feed = (range(len(ctx.batches)), group.run)
     # Owners known before calibrating: each Hessian is summed onto the rank that solves it, freed on the others.
@@ -406,7 +401,7 @@ def _allocation_walk(
     ctx: RunContext, plan: Plan, chain: Chain, order: Sequence[str], keep_traces: bool
 ) -> tuple[Plan, dict[str, GreedyTrace], dict[str, int]]:
     """One try of :func:`_allocate_on_dense_blocks`; raises ``_Uncalled(plan without the layer)``."""
-    owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
+    owners = assign_owners(ctx, plan.layers, order)
     walk = _walk(ctx, chain, reuse=True)
     held: dict[str, Tensor] = {}
 
@@ -442,7 +437,7 @@ def run_dense_blocks(ctx: RunContext, plan: Plan, chain: Chain) -> Solved:
     it, while a pruned stream beside it measures the output errors (:class:`_Pairs`). With BatchNorm re-estimated
     afterwards nothing is written while walking (the commit writes, the report measures)."""
     order = _chain_order(chain, plan)
-    owners = assign_layers(_costs(plan, order), ctx.rank.world_size)
+    owners = assign_owners(ctx, plan.layers, order)
     traces: dict[str, GreedyTrace] = {}
     if ctx.options.global_allocation is not None:
         plan, traces, owners = _allocate_on_dense_blocks(ctx, plan, chain, order, keep_traces=True)
